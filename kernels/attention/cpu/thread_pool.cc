@@ -1,0 +1,79 @@
+#include "kernels/attention/cpu/thread_pool.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace dilattn::attention::cpu {
+
+absl::StatusOr<std::unique_ptr<ThreadPool>> ThreadPool::Create(int num_threads) {
+  if (num_threads < 1 || num_threads > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("thread count must be in [1, 4096], got ", num_threads));
+  }
+  return std::unique_ptr<ThreadPool>(new ThreadPool(num_threads));
+}
+
+ThreadPool::ThreadPool(int num_threads) {
+  threads_.reserve(static_cast<size_t>(num_threads - 1));
+  for (int w = 1; w < num_threads; ++w) threads_.emplace_back([this, w] { WorkerLoop(w); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  for (std::thread& t : threads_) t.join();
+}
+
+void ThreadPool::Drain(int worker) {
+  for (int64_t i = next_item_.fetch_add(1, std::memory_order_relaxed); i < job_count_;
+       i = next_item_.fetch_add(1, std::memory_order_relaxed)) {
+    (*job_)(i, worker);
+  }
+}
+
+void ThreadPool::WorkerLoop(int worker) {
+  uint64_t seen = 0;
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      struct Wake {
+        ThreadPool* pool;
+        uint64_t seen;
+      } wake{this, seen};
+      mu_.Await(absl::Condition(
+          +[](Wake* w) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return w->pool->stop_ || w->pool->generation_ != w->seen;
+          },
+          &wake));
+      if (stop_) return;
+      seen = generation_;
+    }
+    Drain(worker);
+    absl::MutexLock lock(&mu_);
+    --busy_workers_;
+  }
+}
+
+void ThreadPool::ParallelFor(int64_t count, absl::FunctionRef<void(int64_t, int)> fn) {
+  if (count <= 0) return;
+  if (threads_.empty() || count == 1) {
+    for (int64_t i = 0; i < count; ++i) fn(i, 0);
+    return;
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    job_ = &fn;
+    job_count_ = count;
+    next_item_.store(0, std::memory_order_relaxed);
+    busy_workers_ = static_cast<int>(threads_.size());
+    ++generation_;
+  }
+  Drain(0);
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(
+      +[](int* busy) { return *busy == 0; }, &busy_workers_));
+  job_ = nullptr;
+}
+
+}  // namespace dilattn::attention::cpu

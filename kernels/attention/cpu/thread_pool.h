@@ -1,0 +1,51 @@
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace dilattn::attention::cpu {
+
+// A fixed set of workers for fork-join loops. The calling thread works too, as worker 0, so a
+// pool of size 1 has no extra thread at all. Items are claimed one at a time from a shared
+// counter, which balances items of uneven cost.
+class ThreadPool {
+ public:
+  static absl::StatusOr<std::unique_ptr<ThreadPool>> Create(int num_threads);
+  ~ThreadPool();
+
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+
+  // Calls fn(item, worker) for every item in [0, count) and returns when all calls have. worker is
+  // in [0, size()) and no two concurrent calls share one, so it can index per-worker scratch.
+  // One ParallelFor at a time per pool (the engine thread that owns it).
+  void ParallelFor(int64_t count, absl::FunctionRef<void(int64_t, int)> fn);
+
+ private:
+  explicit ThreadPool(int num_threads);
+  void WorkerLoop(int worker);
+  void Drain(int worker);
+
+  absl::Mutex mu_;
+  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int busy_workers_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // The current job; written under mu_ before generation_ is bumped, read by workers after they
+  // observe the new generation under mu_.
+  const absl::FunctionRef<void(int64_t, int)>* job_ = nullptr;
+  int64_t job_count_ = 0;
+  std::atomic<int64_t> next_item_{0};
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace dilattn::attention::cpu

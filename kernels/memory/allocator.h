@@ -1,0 +1,38 @@
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/common/device.h"
+
+namespace dilattn::memory {
+
+// Raw memory of one kind. Thread-safe. Allocation failure is RESOURCE_EXHAUSTED, never an abort.
+class Allocator {
+ public:
+  virtual ~Allocator() = default;
+  virtual DeviceLoc location() const = 0;
+  virtual std::string name() const = 0;  // "host", "pinned-host", "cuda:0"
+  virtual absl::StatusOr<void*> Allocate(size_t bytes) = 0;
+  virtual void Free(void* ptr, size_t bytes) = 0;
+};
+
+// Pageable host memory, 256-byte aligned.
+std::unique_ptr<Allocator> NewHostAllocator();
+
+// Page-locked host memory through the CUDA runtime (fast, asynchronous copies). FAILED_PRECONDITION
+// when this build or machine has no CUDA device.
+absl::StatusOr<std::unique_ptr<Allocator>> NewPinnedHostAllocator();
+
+// Device memory on one GPU. FAILED_PRECONDITION without CUDA or without that device.
+absl::StatusOr<std::unique_ptr<Allocator>> NewCudaDeviceAllocator(int device);
+
+// Pinned when a CUDA device is present, pageable otherwise.
+std::unique_ptr<Allocator> NewStagingHostAllocator();
+
+// Number of CUDA devices this process can use; 0 in a build without CUDA or on a machine without.
+int CudaDeviceCount();
+
+}  // namespace dilattn::memory

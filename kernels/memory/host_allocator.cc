@@ -1,0 +1,41 @@
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/memory/allocator.h"
+
+namespace dilattn::memory {
+namespace {
+
+constexpr size_t kHostAlignment = 256;
+
+class HostAllocator final : public Allocator {
+ public:
+  DeviceLoc location() const override { return DeviceLoc::Host(); }
+  std::string name() const override { return "host"; }
+
+  absl::StatusOr<void*> Allocate(size_t bytes) override {
+    const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
+    if (rounded < bytes) return absl::ResourceExhaustedError("host allocation size overflows");
+    void* p = std::aligned_alloc(kHostAlignment, rounded);
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("out of host memory allocating ", bytes,
+                                                       " bytes"));
+    }
+    return p;
+  }
+  void Free(void* ptr, size_t) override { std::free(ptr); }
+};
+
+}  // namespace
+
+std::unique_ptr<Allocator> NewHostAllocator() { return std::make_unique<HostAllocator>(); }
+
+std::unique_ptr<Allocator> NewStagingHostAllocator() {
+  if (CudaDeviceCount() > 0) {
+    absl::StatusOr<std::unique_ptr<Allocator>> pinned = NewPinnedHostAllocator();
+    if (pinned.ok()) return *std::move(pinned);
+  }
+  return NewHostAllocator();
+}
+
+}  // namespace dilattn::memory

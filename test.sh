@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole test suite. Run ./setup.sh --no-serve (or ./setup.sh) once first; this script brings
+# the builds up to date itself.
+#
+#   1. release build: unit, conformance and GPU kernel tests (the last skip without a GPU)
+#   2. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit + conformance
+#   3. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool)
+#
+# Prints each stage's CTest summary; exits non-zero on the first failing stage.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+jobs=$(nproc)
+build=${DILATTN_BUILD_DIR:-$root/build}
+
+stage() { printf '\n== %s\n' "$*"; }
+
+configure_and_build() {
+  local dir=$1
+  shift
+  cmake -S "$root" -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null
+  cmake --build "$dir" -j"$jobs"
+}
+
+stage "release build: unit, conformance, kernels"
+configure_and_build "$build"
+ctest --test-dir "$build" --output-on-failure -j"$jobs" -L 'unit|conformance|kernels'
+
+stage "ASan + UBSan + LSan build: unit, conformance"
+configure_and_build "$root/build-asan" -DDILATTN_SANITIZE=address,undefined \
+  -DDILATTN_WITH_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
+UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir "$root/build-asan" --output-on-failure -j"$jobs" -L 'unit|conformance'
+
+stage "TSan build: concurrency tests"
+# shellcheck source=scripts/deps.sh
+source "$root/scripts/deps.sh"
+fetch_abseil_source "$root/third_party/abseil-src"
+configure_and_build "$root/build-tsan" -DDILATTN_SANITIZE=thread \
+  -DDILATTN_ABSL_SOURCE_DIR="$root/third_party/abseil-src" \
+  -DDILATTN_WITH_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/sanitizers/tsan.supp" \
+  ctest --test-dir "$root/build-tsan" --output-on-failure -j"$jobs" -R 'BufferPool|ThreadPool'
+
+stage "all test stages passed"

@@ -1,0 +1,270 @@
+// Buffer pool: size classes, exact statistics, exhaustion with deadlines, eviction, RAII on every
+// path, allocation failures, and many threads at once (run under ThreadSanitizer by test.sh).
+
+#include <atomic>
+#include <cstring>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/memory/buffer_pool.h"
+
+namespace dilattn::memory {
+namespace {
+
+using ::testing::HasSubstr;
+
+// Counts what is live so a test can prove that nothing leaks, and can be told to fail.
+class CountingAllocator final : public Allocator {
+ public:
+  struct Counters {
+    std::atomic<int64_t> live_bytes{0};
+    std::atomic<int64_t> live_buffers{0};
+    std::atomic<int64_t> allocations{0};
+    std::atomic<bool> fail{false};
+  };
+  explicit CountingAllocator(Counters* c) : c_(c), host_(NewHostAllocator()) {}
+
+  DeviceLoc location() const override { return DeviceLoc::Host(); }
+  std::string name() const override { return "counting"; }
+  absl::StatusOr<void*> Allocate(size_t bytes) override {
+    if (c_->fail) return absl::ResourceExhaustedError("planted allocation failure");
+    absl::StatusOr<void*> p = host_->Allocate(bytes);
+    if (p.ok()) {
+      c_->live_bytes += static_cast<int64_t>(bytes);
+      ++c_->live_buffers;
+      ++c_->allocations;
+    }
+    return p;
+  }
+  void Free(void* p, size_t bytes) override {
+    c_->live_bytes -= static_cast<int64_t>(bytes);
+    --c_->live_buffers;
+    host_->Free(p, bytes);
+  }
+
+ private:
+  Counters* c_;
+  std::unique_ptr<Allocator> host_;
+};
+
+std::unique_ptr<BufferPool> MakePool(CountingAllocator::Counters* c, size_t cap) {
+  auto pool = BufferPool::Create({"test", cap}, std::make_unique<CountingAllocator>(c));
+  EXPECT_TRUE(pool.ok());
+  return *std::move(pool);
+}
+
+TEST(BufferPool, SizeClassesAreWithinAQuarter) {
+  EXPECT_EQ(BufferPool::SizeClass(1), 256u);
+  EXPECT_EQ(BufferPool::SizeClass(256), 256u);
+  EXPECT_EQ(BufferPool::SizeClass(257), 320u);
+  EXPECT_EQ(BufferPool::SizeClass(600), 640u);
+  EXPECT_EQ(BufferPool::SizeClass(1000), 1024u);
+  EXPECT_EQ(BufferPool::SizeClass(1025), 1280u);
+  for (size_t b = 1; b < (size_t{1} << 22); b = b * 3 / 2 + 7) {
+    const size_t c = BufferPool::SizeClass(b);
+    ASSERT_GE(c, b);
+    ASSERT_LE(c, std::max<size_t>(256, b + b / 4 + 1)) << b;
+    ASSERT_EQ(BufferPool::SizeClass(c), c) << "classes are fixed points";
+  }
+  EXPECT_EQ(BufferPool::SizeClass(~size_t{0} - 5), 0u) << "overflow is reported as 0";
+}
+
+TEST(BufferPool, ReusesAndCountsExactly) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 1 << 20);
+  {
+    absl::StatusOr<Buffer> a = pool->Acquire(1000);
+    ASSERT_TRUE(a.ok());
+    EXPECT_EQ(a->size(), 1000u);
+    EXPECT_EQ(a->capacity(), 1024u);
+    std::memset(a->data(), 0x5a, a->size());
+    absl::StatusOr<Buffer> b = pool->Acquire(3000);
+    ASSERT_TRUE(b.ok());
+    const BufferPoolStats s = pool->stats();
+    EXPECT_EQ(s.bytes_in_use, 1024u + 3072u);
+    EXPECT_EQ(s.bytes_held, 1024u + 3072u);
+    EXPECT_EQ(s.leases_outstanding, 2u);
+    EXPECT_EQ(s.misses, 2u);
+    EXPECT_EQ(s.hits, 0u);
+  }
+  BufferPoolStats s = pool->stats();
+  EXPECT_EQ(s.bytes_in_use, 0u);
+  EXPECT_EQ(s.bytes_held, 4096u);
+  EXPECT_EQ(s.high_water_bytes, 4096u);
+  EXPECT_EQ(s.leases_outstanding, 0u);
+
+  absl::StatusOr<Buffer> again = pool->Acquire(900);  // same class as 1000
+  ASSERT_TRUE(again.ok());
+  s = pool->stats();
+  EXPECT_EQ(s.hits, 1u);
+  EXPECT_EQ(s.misses, 2u);
+  EXPECT_EQ(c.allocations.load(), 2);
+  again->Release();
+  EXPECT_FALSE(*again);
+  EXPECT_EQ(pool->stats().bytes_in_use, 0u);
+
+  pool->Trim();
+  EXPECT_EQ(pool->stats().bytes_held, 0u);
+  EXPECT_EQ(c.live_bytes.load(), 0);
+}
+
+TEST(BufferPool, MovesTransferTheLease) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 1 << 20);
+  Buffer outer;
+  {
+    absl::StatusOr<Buffer> a = pool->Acquire(512);
+    ASSERT_TRUE(a.ok());
+    Buffer moved = *std::move(a);
+    outer = std::move(moved);
+  }
+  EXPECT_EQ(pool->stats().leases_outstanding, 1u);
+  outer = Buffer();
+  EXPECT_EQ(pool->stats().leases_outstanding, 0u);
+}
+
+TEST(BufferPool, RejectsZeroAndOversizedRequests) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 4096);
+  EXPECT_EQ(pool->Acquire(0).status().code(), absl::StatusCode::kInvalidArgument);
+  const absl::Status s = pool->Acquire(5000).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("exceeds its cap of 4096"));
+}
+
+TEST(BufferPool, ExhaustionHonoursTheDeadlineThenFails) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 4096);
+  absl::StatusOr<Buffer> held = pool->Acquire(4096);
+  ASSERT_TRUE(held.ok());
+
+  // No deadline: fails at once.
+  absl::Time start = absl::Now();
+  EXPECT_EQ(pool->Acquire(1024).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_LT(absl::Now() - start, absl::Milliseconds(50));
+
+  // A deadline: waits that long, not less, not much more.
+  start = absl::Now();
+  const absl::Status s = pool->Acquire(1024, start + absl::Milliseconds(80)).status();
+  const absl::Duration waited = absl::Now() - start;
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("exhausted"));
+  EXPECT_GE(waited, absl::Milliseconds(80));
+  EXPECT_LT(waited, absl::Milliseconds(1000));
+  const BufferPoolStats stats = pool->stats();
+  EXPECT_EQ(stats.timeouts, 2u);
+  EXPECT_EQ(stats.waits, 2u);
+
+  // A return during the wait satisfies it.
+  std::thread releaser([&] {
+    absl::SleepFor(absl::Milliseconds(30));
+    held->Release();
+  });
+  absl::StatusOr<Buffer> got = pool->Acquire(2048, absl::Now() + absl::Seconds(10));
+  releaser.join();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_LE(pool->stats().bytes_held, 4096u);
+}
+
+TEST(BufferPool, EvictsCachedBuffersOfOtherClassesToFit) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 8192);
+  ASSERT_TRUE(pool->Acquire(4096).ok());  // cached after release
+  ASSERT_TRUE(pool->Acquire(2048).ok());
+  EXPECT_EQ(pool->stats().bytes_held, 6144u);
+  absl::StatusOr<Buffer> big = pool->Acquire(8192);
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_EQ(pool->stats().evictions, 2u);
+  EXPECT_EQ(c.live_bytes.load(), 8192);
+}
+
+TEST(BufferPool, AllocationFailureLeavesNoTrace) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 1 << 20);
+  c.fail = true;
+  const absl::Status s = pool->Acquire(1000).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("planted"));
+  const BufferPoolStats stats = pool->stats();
+  EXPECT_EQ(stats.bytes_held, 0u);
+  EXPECT_EQ(stats.bytes_in_use, 0u);
+  EXPECT_EQ(stats.leases_outstanding, 0u);
+  EXPECT_EQ(stats.allocation_failures, 1u);
+  c.fail = false;
+  EXPECT_TRUE(pool->Acquire(1000).ok());
+}
+
+TEST(BufferPool, LeaseMayOutliveThePool) {
+  CountingAllocator::Counters c;
+  Buffer survivor;
+  {
+    auto pool = MakePool(&c, 1 << 20);
+    absl::StatusOr<Buffer> b = pool->Acquire(777);
+    ASSERT_TRUE(b.ok());
+    survivor = *std::move(b);
+    ASSERT_TRUE(pool->Acquire(100).ok());
+  }
+  EXPECT_EQ(c.live_buffers.load(), 2);
+  std::memset(survivor.data(), 1, survivor.size());
+  survivor.Release();
+  EXPECT_EQ(c.live_buffers.load(), 0) << "the last lease frees the pool's memory";
+  EXPECT_EQ(c.live_bytes.load(), 0);
+}
+
+TEST(BufferPool, ManyThreadsNeverExceedTheCapOrShareABuffer) {
+  constexpr int kThreads = 16;
+  constexpr int kCycles = 10000;
+  constexpr size_t kCap = 64 * 1024;
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, kCap);
+  absl::Mutex mu;
+  std::set<void*> live;  // buffers leased right now, across threads
+  std::atomic<int> overlaps{0};
+  std::atomic<int64_t> over_cap{0};
+  std::atomic<int64_t> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kCycles; ++i) {
+        const size_t bytes = 256 + static_cast<size_t>((t * 7919 + i * 104729) % 8192);
+        absl::StatusOr<Buffer> b = pool->Acquire(bytes, absl::Now() + absl::Seconds(30));
+        if (!b.ok()) {
+          ++failures;
+          continue;
+        }
+        {
+          absl::MutexLock lock(&mu);
+          if (!live.insert(b->data()).second) ++overlaps;
+        }
+        static_cast<unsigned char*>(b->data())[0] = static_cast<unsigned char>(t);
+        static_cast<unsigned char*>(b->data())[b->size() - 1] = static_cast<unsigned char>(i);
+        if (c.live_bytes.load() > static_cast<int64_t>(kCap)) ++over_cap;
+        {
+          absl::MutexLock lock(&mu);
+          live.erase(b->data());
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(overlaps.load(), 0);
+  EXPECT_EQ(over_cap.load(), 0);
+  EXPECT_EQ(failures.load(), 0);
+  const BufferPoolStats s = pool->stats();
+  EXPECT_EQ(s.hits + s.misses, static_cast<uint64_t>(kThreads) * kCycles);
+  EXPECT_EQ(s.bytes_in_use, 0u);
+  EXPECT_EQ(s.leases_outstanding, 0u);
+  EXPECT_LE(s.high_water_bytes, kCap);
+  EXPECT_EQ(static_cast<int64_t>(s.bytes_held), c.live_bytes.load());
+  pool.reset();
+  EXPECT_EQ(c.live_bytes.load(), 0);
+  EXPECT_EQ(c.live_buffers.load(), 0);
+}
+
+}  // namespace
+}  // namespace dilattn::memory

@@ -1,0 +1,146 @@
+// Every rejection of DESIGN.md section 1: INVALID_ARGUMENT, with the field and its values named.
+
+#include <limits>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/attention/attention.h"
+#include "tests/common/run_util.h"
+#include "tests/common/test_util.h"
+
+namespace dilattn::attention {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::HasSubstr;
+
+AttentionOptions Options(std::vector<int64_t> w, std::vector<int64_t> r) {
+  AttentionOptions o;
+  o.segment_lengths = std::move(w);
+  o.dilation_rates = std::move(r);
+  return o;
+}
+
+void ExpectInvalid(const AttentionOptions& o, const ProblemShape& s,
+                   const ::testing::Matcher<std::string>& message) {
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(o, s);
+  ASSERT_FALSE(plan.ok());
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument) << plan.status();
+  EXPECT_THAT(std::string(plan.status().message()), message);
+}
+
+const ProblemShape kShape = DenseShape(DType::kFloat32, 2, 64, 4, 16);
+
+TEST(Validation, AcceptsAValidConfiguration) {
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(Options({16, 32}, {1, 2}), kShape);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->tensor_bytes, 2u * 64 * 4 * 16 * 4);
+  EXPECT_EQ(plan->seq_offsets, (std::vector<int64_t>{0, 64, 128}));
+  EXPECT_FLOAT_EQ(plan->params.scale, 0.25f);
+}
+
+TEST(Validation, BranchLists) {
+  ExpectInvalid(Options({}, {}), kShape, HasSubstr("non-empty"));
+  ExpectInvalid(Options({16, 32}, {1}), kShape,
+                AllOf(HasSubstr("segment_lengths has 2"), HasSubstr("dilation_rates has 1")));
+  ExpectInvalid(Options(std::vector<int64_t>(17, 4), std::vector<int64_t>(17, 1)), kShape,
+                HasSubstr("at most 16 branches"));
+  ExpectInvalid(Options({16, 0}, {1, 1}), kShape, HasSubstr("segment_lengths[1]=0"));
+  ExpectInvalid(Options({16, -3}, {1, 1}), kShape, HasSubstr("segment_lengths[1]=-3"));
+  ExpectInvalid(Options({16, 4}, {1, 8}), kShape,
+                AllOf(HasSubstr("dilation_rates[1]=8"), HasSubstr("segment_lengths[1]=4")));
+  ExpectInvalid(Options({16}, {0}), kShape, HasSubstr("dilation_rates[0]=0"));
+}
+
+TEST(Validation, HeadGroupsNeedEnoughHeads) {
+  AttentionOptions o = Options({16, 32, 64}, {1, 2, 4});
+  o.mode = Mode::kHeadGroups;
+  ExpectInvalid(o, DenseShape(DType::kFloat32, 1, 64, 2, 16),
+                AllOf(HasSubstr("head_groups"), HasSubstr("num_heads=2"), HasSubstr("3 branches")));
+}
+
+TEST(Validation, Dimensions) {
+  ExpectInvalid(Options({16}, {1}), DenseShape(DType::kFloat32, 0, 64, 4, 16),
+                HasSubstr("batch size (B) must be >= 1"));
+  ExpectInvalid(Options({16}, {1}), DenseShape(DType::kFloat32, 1, 0, 4, 16),
+                HasSubstr("sequence length (N) must be >= 1, got 0"));
+  ExpectInvalid(Options({16}, {1}), DenseShape(DType::kFloat32, 1, 64, 0, 16),
+                HasSubstr("num_heads (H)"));
+  ExpectInvalid(Options({16}, {1}), DenseShape(DType::kFloat32, 1, 64, 4, 0),
+                HasSubstr("head_dim (D)"));
+  ExpectInvalid(Options({16}, {1}), DenseShape(DType::kFloat32, 1, int64_t{1} << 40, 1 << 20, 1 << 20),
+                HasSubstr("overflows"));
+}
+
+TEST(Validation, Scale) {
+  AttentionOptions o = Options({16}, {1});
+  for (double bad : {0.0, -1.0, std::numeric_limits<double>::infinity(),
+                     std::numeric_limits<double>::quiet_NaN()}) {
+    o.softmax_scale = bad;
+    ExpectInvalid(o, kShape, HasSubstr("softmax_scale"));
+  }
+  o.softmax_scale = 1e-300;  // positive, but zero in fp32
+  ExpectInvalid(o, kShape, HasSubstr("softmax_scale"));
+}
+
+TEST(Validation, TensorBytesAndLocation) {
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(Options({16}, {1}), kShape);
+  ASSERT_TRUE(plan.ok());
+  testing::TypedBuffer good(DType::kFloat32, 2 * 64 * 4 * 16);
+  testing::TypedBuffer short_buffer(DType::kFloat32, 2 * 64 * 4 * 16 - 1);
+  testing::TypedBuffer out(DType::kFloat32, 2 * 64 * 4 * 16);
+  absl::Status s = CheckTensors(*plan, {good.cref(), short_buffer.cref(), good.cref(), out.ref()},
+                                DeviceLoc::Host());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), AllOf(HasSubstr("K holds 32764 bytes"),
+                                              HasSubstr("needs 32768")));
+  ConstTensorRef on_gpu = good.cref();
+  on_gpu.location = DeviceLoc::Cuda(0);
+  s = CheckTensors(*plan, {on_gpu, good.cref(), good.cref(), out.ref()}, DeviceLoc::Host());
+  EXPECT_THAT(std::string(s.message()), AllOf(HasSubstr("Q lives on cuda:0"), HasSubstr("host")));
+}
+
+TEST(Validation, CpuBackendRejectsHugeHeadDim) {
+  auto backend = CreateCpuBackend({1, "generic"});
+  ASSERT_TRUE(backend.ok());
+  absl::StatusOr<AttentionPlan> plan =
+      PlanAttention(Options({16}, {1}), DenseShape(DType::kFloat32, 1, 16, 1, 300));
+  ASSERT_TRUE(plan.ok());
+  const absl::Status s = (*backend)->Supports(*plan);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("head_dim D=300"));
+  testing::TypedBuffer t(DType::kFloat32, 16 * 300);
+  EXPECT_EQ(testing::RunWithWorkspace(**backend, *plan, {t.cref(), t.cref(), t.cref(), t.ref()})
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Validation, CpuBackendOptions) {
+  EXPECT_EQ(CreateCpuBackend({1, "sse9"}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CreateCpuBackend({-2, "auto"}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Validation, ParseNames) {
+  EXPECT_EQ(*ParseMode("longnet"), Mode::kLongNet);
+  EXPECT_EQ(*ParseMode("HEAD_GROUPS"), Mode::kHeadGroups);
+  EXPECT_THAT(std::string(ParseMode("ring").status().message()), HasSubstr("'ring'"));
+  EXPECT_EQ(*ParseDType("FP16"), DType::kFloat16);
+  EXPECT_EQ(*ParseDType("bf16"), DType::kBFloat16);
+  EXPECT_EQ(ParseDType("INT8").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Validation, FlopsFollowTheDesignFormula) {
+  AttentionOptions o = Options({512, 1024}, {1, 2});
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(o, DenseShape(DType::kFloat16, 1, 2048, 8, 64));
+  ASSERT_TRUE(plan.ok());
+  EXPECT_DOUBLE_EQ(plan->flops, 8.0 * (4.0 * 2048 * 512 * 64 + 4.0 * 2048 * 1024 * 64 / 4));
+  o.causal = true;
+  o.mode = Mode::kHeadGroups;
+  plan = PlanAttention(o, DenseShape(DType::kFloat16, 1, 2048, 3, 64));  // groups of 2 and 1
+  ASSERT_TRUE(plan.ok());
+  EXPECT_DOUBLE_EQ(plan->flops, (2.0 * 4 * 2048 * 512 * 64 + 4.0 * 2048 * 1024 * 64 / 4) / 2);
+}
+
+}  // namespace
+}  // namespace dilattn::attention
