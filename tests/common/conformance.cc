@@ -5,15 +5,11 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "google/protobuf/struct.pb.h"
-#include "google/protobuf/util/json_util.h"
+#include "tests/common/json.h"
 #include "tests/common/test_util.h"
 
 namespace dilattn::testing {
 namespace {
-
-using google::protobuf::Struct;
-using google::protobuf::Value;
 
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -23,9 +19,9 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ss.str();
 }
 
-std::vector<int64_t> IntList(const Value& v) {
+std::vector<int64_t> IntList(const Json& v) {
   std::vector<int64_t> out;
-  for (const Value& x : v.list_value().values()) out.push_back(static_cast<int64_t>(x.number_value()));
+  for (const Json& x : v.array) out.push_back(static_cast<int64_t>(x.number));
   return out;
 }
 
@@ -40,34 +36,34 @@ absl::StatusOr<std::vector<ConformanceCase>> LoadConformanceCases() {
   const std::string path = ConformanceDir() + "/cases.json";
   absl::StatusOr<std::string> text = ReadFile(path);
   if (!text.ok()) return text.status();
-  Struct root;
-  if (auto s = google::protobuf::util::JsonStringToMessage(*text, &root); !s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", s.ToString()));
+  absl::StatusOr<Json> root = JsonParser::Parse(*text);
+  if (!root.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", root.status().message()));
   }
   std::vector<ConformanceCase> cases;
-  for (const Value& item : root.fields().at("cases").list_value().values()) {
-    const auto& f = item.struct_value().fields();
+  for (const Json& f : (*root)["cases"].array) {
     ConformanceCase c;
-    c.name = f.at("name").string_value();
-    const std::vector<int64_t> shape = IntList(f.at("shape"));
+    c.name = f["name"].string;
+    const std::vector<int64_t> shape = IntList(f["shape"]);
     if (shape.size() != 4) return absl::InvalidArgumentError(c.name + ": shape needs 4 dims");
     c.batch = shape[0];
     c.seq_len = shape[1];
     c.heads = shape[2];
     c.head_dim = shape[3];
-    c.options.segment_lengths = IntList(f.at("segment_lengths"));
-    c.options.dilation_rates = IntList(f.at("dilation_rates"));
-    absl::StatusOr<attention::Mode> mode = attention::ParseMode(f.at("mode").string_value());
+    c.options.segment_lengths = IntList(f["segment_lengths"]);
+    c.options.dilation_rates = IntList(f["dilation_rates"]);
+    absl::StatusOr<attention::Mode> mode = attention::ParseMode(f["mode"].string);
     if (!mode.ok()) return mode.status();
     c.options.mode = *mode;
-    c.options.causal = f.at("causal").bool_value();
-    if (f.contains("softmax_scale")) c.options.softmax_scale = f.at("softmax_scale").number_value();
-    c.seed = static_cast<uint64_t>(f.at("seed").number_value());
-    c.input_scale = static_cast<float>(f.at("input_scale").number_value());
-    if (f.contains("output_file")) c.output_file = f.at("output_file").string_value();
-    if (f.contains("expect_error")) c.expect_error = f.at("expect_error").string_value();
+    c.options.causal = f["causal"].boolean;
+    if (f.Has("softmax_scale")) c.options.softmax_scale = f["softmax_scale"].number;
+    c.seed = static_cast<uint64_t>(f["seed"].number);
+    c.input_scale = static_cast<float>(f["input_scale"].number);
+    c.output_file = f["output_file"].string;
+    c.expect_error = f["expect_error"].string;
     cases.push_back(std::move(c));
   }
+  if (cases.empty()) return absl::InvalidArgumentError(path + " lists no cases");
   return cases;
 }
 
