@@ -1,85 +1,41 @@
-// The multithreaded CPU backend. Work is cut into tiles of kept queries (tile_kernel.h) and
-// spread over the thread pool. longnet mode runs one pass per branch over a running softmax state
-// per (token, head) row, so branches share a single softmax without a merge step; head_groups
-// mode and single-branch problems need no state and run as one pass writing the output directly.
+// The multithreaded CPU backend for dilated attention. Work is cut into tiles of kept queries
+// (tile_kernel.h) and spread over the thread pool. longnet mode runs one pass per branch over a
+// running softmax state per (token, head) row, so branches share a single softmax without a merge
+// step; head_groups mode and single-branch problems need no state and run as one pass writing the
+// output directly.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/attention.h"
-#include "kernels/attention/cpu/thread_pool.h"
-#include "kernels/attention/cpu/tile_kernel.h"
+#include "kernels/attention/cpu/tile_runner.h"
 
 namespace dilattn::attention {
 namespace {
 
+using cpu::KeySpan;
+using cpu::kScratchAlign;
 using cpu::kTileQ;
 using cpu::RowState;
 using cpu::TileContext;
-using cpu::TileFn;
+using cpu::TileParams;
 using cpu::TileTask;
 
 constexpr int kMaxCpuHeadDim = 256;
 constexpr int64_t kTokensPerChunk = 256;  // rows per item of the element-wise passes
-constexpr size_t kAlign = 64;
 
-size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
-
-struct Isa {
-  const char* name;
-  TileFn (*kernel)();
-  bool (*available)();
-};
-
-#if defined(__x86_64__)
-bool HasAvx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-bool HasAvx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
-#endif
-bool Always() { return true; }
-
-// Widest first: "auto" takes the first this CPU runs.
-constexpr Isa kIsas[] = {
-#if defined(__x86_64__)
-    {"avx512", &cpu::Avx512TileKernel, &HasAvx512},
-    {"avx2", &cpu::Avx2TileKernel, &HasAvx2},
-#endif
-    {"generic", &cpu::GenericTileKernel, &Always},
-};
-
-absl::StatusOr<const Isa*> FindIsa(const std::string& name) {
-  for (const Isa& isa : kIsas) {
-    if (name == "auto" ? isa.available() : name == isa.name) {
-      if (!isa.available()) {
-        return absl::FailedPreconditionError(
-            absl::StrCat("CPU instruction set '", name, "' is not supported by this processor"));
-      }
-      return &isa;
-    }
-  }
-  std::string known = "auto";
-  for (const Isa& isa : kIsas) absl::StrAppend(&known, ", ", isa.name);
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown CPU instruction set '", name, "' (known: ", known, ")"));
-}
+size_t AlignUp(size_t x) { return (x + kScratchAlign - 1) / kScratchAlign * kScratchAlign; }
 
 // How a plan runs on the CPU. The one selector: Supports(), WorkspaceBytes() and Run() all ask it.
 struct CpuStrategy {
-  bool multi_pass;      // longnet with several branches: running state across passes
-  bool acc_in_output;   // the fp32 output doubles as the state's accumulator
-  bool zero_output;     // single pass that may leave (position, head) rows uncovered
+  bool multi_pass;     // longnet with several branches: running state across passes
+  bool acc_in_output;  // the fp32 output doubles as the state's accumulator
+  bool zero_output;    // single pass that may leave (position, head) rows uncovered
 };
 
 absl::StatusOr<CpuStrategy> SelectStrategy(const AttentionPlan& plan) {
@@ -98,16 +54,14 @@ absl::StatusOr<CpuStrategy> SelectStrategy(const AttentionPlan& plan) {
 }
 
 struct WorkspaceLayout {
-  size_t scratch_per_worker = 0;  // bytes
   size_t m_offset = 0, l_offset = 0, acc_offset = 0;
   size_t total = 0;
 };
 
-WorkspaceLayout Layout(const AttentionPlan& plan, const CpuStrategy& s, int workers) {
+WorkspaceLayout Layout(const AttentionPlan& plan, const CpuStrategy& s, size_t scratch_bytes) {
   const DilatedAttentionParams& p = plan.params;
   WorkspaceLayout w;
-  w.scratch_per_worker = AlignUp(cpu::TileScratchFloats(p.head_dim) * sizeof(float));
-  size_t at = w.scratch_per_worker * static_cast<size_t>(workers);
+  size_t at = AlignUp(scratch_bytes);
   if (s.multi_pass) {
     const size_t rows = static_cast<size_t>(p.total_tokens) * static_cast<size_t>(p.num_heads);
     w.m_offset = at;
@@ -125,8 +79,8 @@ WorkspaceLayout Layout(const AttentionPlan& plan, const CpuStrategy& s, int work
 
 class CpuBackend final : public AttentionBackend {
  public:
-  CpuBackend(std::unique_ptr<cpu::ThreadPool> pool, const Isa* isa)
-      : pool_(std::move(pool)), tile_(isa->kernel()), name_(absl::StrCat("cpu-", isa->name)) {}
+  explicit CpuBackend(std::unique_ptr<cpu::TileRunner> runner)
+      : runner_(std::move(runner)), name_(absl::StrCat("cpu-", runner_->isa())) {}
 
   absl::string_view name() const override { return name_; }
   DeviceLoc location() const override { return DeviceLoc::Host(); }
@@ -137,21 +91,20 @@ class CpuBackend final : public AttentionBackend {
 
   size_t WorkspaceBytes(const AttentionPlan& plan) const override {
     absl::StatusOr<CpuStrategy> s = SelectStrategy(plan);
-    return s.ok() ? Layout(plan, *s, pool_->size()).total : 0;
+    return s.ok() ? Layout(plan, *s, runner_->ScratchBytes(plan.params.head_dim)).total : 0;
   }
 
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& tensors,
                    TensorRef workspace) override;
 
  private:
-  // Appends the tiles of `branch` over the heads that use it.
+  // Appends the tiles (and their key spans) of `branch` over the heads that use it.
   void AddTasks(const AttentionPlan& plan, int branch);
-  void RunPass(const TileContext& ctx, std::byte* scratch, size_t scratch_stride);
 
-  std::unique_ptr<cpu::ThreadPool> pool_;
-  TileFn tile_;
+  std::unique_ptr<cpu::TileRunner> runner_;
   std::string name_;
   std::vector<TileTask> tasks_;  // reused across runs
+  std::vector<KeySpan> spans_;
 };
 
 void CpuBackend::AddTasks(const AttentionPlan& plan, int branch) {
@@ -174,29 +127,17 @@ void CpuBackend::AddTasks(const AttentionPlan& plan, int branch) {
         const int64_t length = std::min(w, n - start);
         if (offset >= length) continue;  // a short last segment may keep nothing
         const int64_t kept = (length - offset + rate - 1) / rate;
+        const int64_t first_row = base + start + offset;
+        const int32_t span = static_cast<int32_t>(spans_.size());
+        spans_.push_back(KeySpan{first_row, kept});
         for (int64_t q0 = 0; q0 < kept; q0 += kTileQ) {
-          tasks_.push_back(TileTask{static_cast<int32_t>(seq), head, branch,
+          tasks_.push_back(TileTask{first_row + q0 * rate, rate, head,
                                     static_cast<int32_t>(std::min<int64_t>(kTileQ, kept - q0)),
-                                    base + start + offset, kept, q0});
+                                    span, 1});
         }
       }
     }
   }
-}
-
-void CpuBackend::RunPass(const TileContext& ctx, std::byte* scratch, size_t scratch_stride) {
-  // Costliest tiles first, so the last ones to finish are short (causal tiles differ by up to
-  // the segment's kept length).
-  auto cost = [causal = ctx.params->causal](const TileTask& t) {
-    const int64_t keys = causal ? t.q_begin + t.q_count : t.n_kept;
-    return keys * t.q_count;
-  };
-  std::stable_sort(tasks_.begin(), tasks_.end(),
-                   [&](const TileTask& a, const TileTask& b) { return cost(a) > cost(b); });
-  pool_->ParallelFor(static_cast<int64_t>(tasks_.size()), [&](int64_t i, int worker) {
-    tile_(ctx, tasks_[static_cast<size_t>(i)],
-          reinterpret_cast<float*>(scratch + scratch_stride * static_cast<size_t>(worker)));
-  });
 }
 
 absl::Status CpuBackend::Run(const AttentionPlan& plan, const AttentionTensors& tensors,
@@ -204,25 +145,26 @@ absl::Status CpuBackend::Run(const AttentionPlan& plan, const AttentionTensors& 
   absl::StatusOr<CpuStrategy> strategy = SelectStrategy(plan);
   if (!strategy.ok()) return strategy.status();
   if (absl::Status s = CheckTensors(plan, tensors, DeviceLoc::Host()); !s.ok()) return s;
-  const WorkspaceLayout layout = Layout(plan, *strategy, pool_->size());
+  const DilatedAttentionParams& p = plan.params;
+  const size_t scratch_bytes = runner_->ScratchBytes(p.head_dim);
+  const WorkspaceLayout layout = Layout(plan, *strategy, scratch_bytes);
   if (workspace.bytes < layout.total || !workspace.location.is_host() ||
-      (layout.total > 0 && workspace.data == nullptr)) {
+      workspace.data == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(
         "cpu workspace too small or not in host memory: ", workspace.bytes, " bytes on ",
         workspace.location.ToString(), ", need ", layout.total));
   }
-  if (reinterpret_cast<uintptr_t>(workspace.data) % kAlign != 0) {
+  if (reinterpret_cast<uintptr_t>(workspace.data) % kScratchAlign != 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("cpu workspace must be ", kAlign, "-byte aligned"));
+        absl::StrCat("cpu workspace must be ", kScratchAlign, "-byte aligned"));
   }
 
-  DilatedAttentionParams p = plan.params;
-  p.q = tensors.q.data;
-  p.k = tensors.k.data;
-  p.v = tensors.v.data;
-  p.o = tensors.o.data;
-  p.seq_offsets = plan.seq_offsets.data();
+  const TileParams tp{tensors.q.data, tensors.k.data, tensors.v.data, tensors.o.data,
+                      p.q_row_stride, p.k_row_stride, p.v_row_stride, p.o_row_stride,
+                      p.num_heads,    p.head_dim,     p.dtype,        p.causal,
+                      p.scale};
   std::byte* ws = static_cast<std::byte*>(workspace.data);
+  void* scratch = ws;
   const int64_t heads = p.num_heads;
   const int64_t dim = p.head_dim;
   const int64_t chunks = (p.total_tokens + kTokensPerChunk - 1) / kTokensPerChunk;
@@ -231,28 +173,30 @@ absl::Status CpuBackend::Run(const AttentionPlan& plan, const AttentionTensors& 
     return std::pair<int64_t, int64_t>(begin * heads,
                                        std::min(begin + kTokensPerChunk, p.total_tokens) * heads);
   };
+  cpu::ThreadPool& pool = runner_->pool();
 
   if (!strategy->multi_pass) {
     if (strategy->zero_output) {
       const size_t row_bytes = static_cast<size_t>(dim) * DTypeSize(p.dtype);
-      pool_->ParallelFor(chunks, [&](int64_t c, int) {
+      pool.ParallelFor(chunks, [&](int64_t c, int) {
         auto [begin, end] = chunk_rows(c);
-        std::memset(static_cast<std::byte*>(p.o) + static_cast<size_t>(begin) * row_bytes, 0,
-                    static_cast<size_t>(end - begin) * row_bytes);
+        std::memset(static_cast<std::byte*>(tensors.o.data) + static_cast<size_t>(begin) * row_bytes,
+                    0, static_cast<size_t>(end - begin) * row_bytes);
       });
     }
     tasks_.clear();
+    spans_.clear();
     for (int b = 0; b < p.num_branches; ++b) AddTasks(plan, b);
-    RunPass(TileContext{&p, RowState{}, /*fresh=*/true, /*final=*/true}, ws,
-            layout.scratch_per_worker);
+    runner_->Run(TileContext{&tp, spans_.data(), RowState{}, /*fresh=*/true, /*final=*/true},
+                 tasks_, scratch);
     return absl::OkStatus();
   }
 
-  RowState state{strategy->acc_in_output ? static_cast<float*>(p.o)
+  RowState state{strategy->acc_in_output ? static_cast<float*>(tensors.o.data)
                                          : reinterpret_cast<float*>(ws + layout.acc_offset),
                  reinterpret_cast<float*>(ws + layout.m_offset),
                  reinterpret_cast<float*>(ws + layout.l_offset)};
-  pool_->ParallelFor(chunks, [&](int64_t c, int) {
+  pool.ParallelFor(chunks, [&](int64_t c, int) {
     auto [begin, end] = chunk_rows(c);
     std::fill(state.m + begin, state.m + end, -std::numeric_limits<float>::infinity());
     std::fill(state.l + begin, state.l + end, 0.0f);
@@ -260,17 +204,18 @@ absl::Status CpuBackend::Run(const AttentionPlan& plan, const AttentionTensors& 
   });
   for (int b = 0; b < p.num_branches; ++b) {
     tasks_.clear();
+    spans_.clear();
     AddTasks(plan, b);
-    RunPass(TileContext{&p, state, /*fresh=*/false, /*final=*/false}, ws,
-            layout.scratch_per_worker);
+    runner_->Run(TileContext{&tp, spans_.data(), state, /*fresh=*/false, /*final=*/false},
+                 tasks_, scratch);
   }
-  pool_->ParallelFor(chunks, [&](int64_t c, int) {
+  pool.ParallelFor(chunks, [&](int64_t c, int) {
     auto [begin, end] = chunk_rows(c);
     for (int64_t row = begin; row < end; ++row) {
       const float inv = state.l[row] > 0 ? 1.0f / state.l[row] : 0.0f;
       const float* acc = state.acc + row * dim;
       for (int64_t d = 0; d < dim; ++d) {
-        StoreFromFloat(p.o, p.dtype, static_cast<size_t>(row * dim + d), acc[d] * inv);
+        StoreFromFloat(tensors.o.data, p.dtype, static_cast<size_t>(row * dim + d), acc[d] * inv);
       }
     }
   });
@@ -281,13 +226,10 @@ absl::Status CpuBackend::Run(const AttentionPlan& plan, const AttentionTensors& 
 
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackend(
     const CpuBackendOptions& options) {
-  absl::StatusOr<const Isa*> isa = FindIsa(options.isa);
-  if (!isa.ok()) return isa.status();
-  int threads = options.num_threads;
-  if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  absl::StatusOr<std::unique_ptr<cpu::ThreadPool>> pool = cpu::ThreadPool::Create(threads);
-  if (!pool.ok()) return pool.status();
-  return std::unique_ptr<AttentionBackend>(new CpuBackend(std::move(*pool), *isa));
+  absl::StatusOr<std::unique_ptr<cpu::TileRunner>> runner =
+      cpu::TileRunner::Create(options.num_threads, options.isa);
+  if (!runner.ok()) return runner.status();
+  return std::unique_ptr<AttentionBackend>(new CpuBackend(*std::move(runner)));
 }
 
 }  // namespace dilattn::attention

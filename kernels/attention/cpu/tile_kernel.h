@@ -1,9 +1,11 @@
 #pragma once
 
-// The CPU path's unit of work: a tile of up to kTileQ kept queries of one (sequence, head,
-// branch, segment), run as a small dense attention over that segment's kept keys, kTileK at a
-// time, with an online softmax. The same source is compiled once per instruction set
-// (tile_kernel_<isa>.cc); cpu_backend.cc picks one at run time.
+// The CPU path's unit of work: a tile of up to kTileQ queries of one head, evenly spaced in
+// the packed token rows, attending to keys given as spans of evenly spaced rows, kTileK keys at a
+// time, with an online softmax. Dilated attention makes one tile per (sequence, head, branch,
+// segment, 64 kept queries) with one span (the segment's kept keys); block-sparse attention makes
+// one per (sequence, head, query block) with a span per selected key block. The same source is
+// compiled once per instruction set (tile_kernel_<isa>.cc); the backend picks one at run time.
 
 #include <cstddef>
 #include <cstdint>
@@ -17,14 +19,19 @@ inline constexpr int kTileK = 64;
 // Head dims are padded to this many floats in the tile scratch: the widest vector (AVX-512).
 inline constexpr int kDimPad = 16;
 
+// Keys at packed token rows first_row, first_row + stride, ... (count of them).
+struct KeySpan {
+  int64_t first_row;
+  int64_t count;
+};
+
 struct TileTask {
-  int32_t seq;
+  int64_t q_first_row;  // packed token row of the tile's first query
+  int64_t stride;       // rows between consecutive queries, and between keys of a span
   int32_t head;
-  int32_t branch;
-  int32_t q_count;    // queries in this tile, <= kTileQ
-  int64_t first_row;  // token row (packed index) of the segment's first kept position
-  int64_t n_kept;     // kept positions in the segment
-  int64_t q_begin;    // kept index of the tile's first query
+  int32_t q_count;      // queries in this tile, <= kTileQ
+  int32_t span_begin;   // the tile's key spans: TileContext::spans[span_begin, + span_count)
+  int32_t span_count;
 };
 
 // The running softmax state of every (token, head) row, kept between the passes of longnet mode:
@@ -36,12 +43,32 @@ struct RowState {
   float* l;
 };
 
+// What every tile of a call shares: the tensors and the softmax options.
+struct TileParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  int64_t q_row_stride;  // elements between consecutive token rows
+  int64_t k_row_stride;
+  int64_t v_row_stride;
+  int64_t o_row_stride;
+  int32_t num_heads;
+  int32_t head_dim;
+  DType dtype;
+  bool causal;
+  float scale;
+};
+
 struct TileContext {
-  const DilatedAttentionParams* params;
+  const TileParams* params;
+  const KeySpan* spans;
   RowState state;
   bool fresh;  // the rows start empty instead of from `state`
   bool final;  // write normalised output to params->o instead of back to `state`
 };
+// With causal, a key at a packed row after the query's row is masked. Rows of one sequence are
+// consecutive, so row order is position order; a tile never mixes sequences.
 
 // Floats of per-worker scratch a tile needs for this head dim.
 constexpr size_t TileScratchFloats(int head_dim) {

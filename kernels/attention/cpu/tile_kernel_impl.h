@@ -231,12 +231,12 @@ inline void ValueBlock(const float* p, const float* v, int dim_pad, int keys, fl
 }
 
 void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
-  const DilatedAttentionParams& p = *ctx.params;
+  const TileParams& p = *ctx.params;
   const int dim = p.head_dim;
   const int dim_pad = RoundUp(dim, kDimPad);
   const int64_t heads = p.num_heads;
-  const int64_t rate = p.dilation_rate[task.branch];
-  const int head_offset = task.head * dim;
+  const int64_t stride = task.stride;
+  const int64_t head_offset = static_cast<int64_t>(task.head) * dim;
   const int rows = RoundUp(task.q_count, DILATTN_ROWS);  // whole register blocks
 
   float* q = scratch;                  // [kTileQ, dim_pad], pre-scaled into the log2 domain
@@ -247,13 +247,11 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
   float* m = acc + kTileQ * dim_pad;   // [kTileQ]
   float* l = m + kTileQ;               // [kTileQ]
 
-  auto token_of = [&](int64_t kept_index) { return task.first_row + kept_index * rate; };
   const float q_scale = p.scale * kLog2e;
   for (int i = 0; i < rows; ++i) {
     float* q_row = q + i * dim_pad;
     float* acc_row = acc + i * dim_pad;
-    const int64_t token = token_of(task.q_begin + i);
-    const int64_t state_row = token * heads + task.head;
+    const int64_t token = task.q_first_row + i * stride;
     if (i < task.q_count) {
       LoadRow(p.q, p.dtype, token * p.q_row_stride + head_offset, dim, q_scale, q_row);
     } else {
@@ -265,6 +263,7 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
       l[i] = 0;
       for (int d = 0; d < dim_pad; ++d) acc_row[d] = 0;
     } else {
+      const int64_t state_row = token * heads + task.head;
       m[i] = ctx.state.m[state_row];
       l[i] = ctx.state.l[state_row];
       const float* src = ctx.state.acc + state_row * dim;
@@ -273,77 +272,88 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
     }
   }
 
-  // With causal, a query at kept index i sees kept keys 0..i of its segment: same segment, same
-  // offset and stride, so kept-index order is global-position order.
-  const int64_t q_last = task.q_begin + task.q_count - 1;
-  const int64_t key_end = p.causal ? q_last + 1 : task.n_kept;
-  for (int64_t k0 = 0; k0 < key_end; k0 += kTileK) {
-    const int keys = static_cast<int>(Min64(kTileK, key_end - k0));
-    for (int j = 0; j < keys; ++j) {
-      const int64_t token = token_of(k0 + j);
-      float* v_row = v + j * dim_pad;
-      LoadRow(p.k, p.dtype, token * p.k_row_stride + head_offset, dim, 1.0f, v_row);
-      for (int d = 0; d < dim; ++d) kt[d * kTileK + j] = v_row[d];
-      LoadRow(p.v, p.dtype, token * p.v_row_stride + head_offset, dim, 1.0f, v_row);
-      for (int d = dim; d < dim_pad; ++d) v_row[d] = 0;
+  const int64_t q_first = task.q_first_row;
+  const int64_t q_last = task.q_first_row + (task.q_count - 1) * stride;
+  for (int sp = 0; sp < task.span_count; ++sp) {
+    const KeySpan span = ctx.spans[task.span_begin + sp];
+    int64_t span_keys = span.count;
+    if (p.causal) {
+      // Keys after the tile's last query are masked for every row: do not load them.
+      if (span.first_row > q_last) continue;
+      span_keys = Min64(span_keys, (q_last - span.first_row) / stride + 1);
     }
-    for (int j = keys; j < kTileK; ++j) {
-      for (int d = 0; d < dim; ++d) kt[d * kTileK + j] = 0;
-      for (int d = 0; d < dim_pad; ++d) v[j * dim_pad + d] = 0;
-    }
+    for (int64_t k0 = 0; k0 < span_keys; k0 += kTileK) {
+      const int keys = static_cast<int>(Min64(kTileK, span_keys - k0));
+      const int64_t key_first = span.first_row + k0 * stride;
+      for (int j = 0; j < keys; ++j) {
+        const int64_t token = key_first + j * stride;
+        float* v_row = v + j * dim_pad;
+        LoadRow(p.k, p.dtype, token * p.k_row_stride + head_offset, dim, 1.0f, v_row);
+        for (int d = 0; d < dim; ++d) kt[d * kTileK + j] = v_row[d];
+        LoadRow(p.v, p.dtype, token * p.v_row_stride + head_offset, dim, 1.0f, v_row);
+        for (int d = dim; d < dim_pad; ++d) v_row[d] = 0;
+      }
+      for (int j = keys; j < kTileK; ++j) {
+        for (int d = 0; d < dim; ++d) kt[d * kTileK + j] = 0;
+        for (int d = 0; d < dim_pad; ++d) v[j * dim_pad + d] = 0;
+      }
 
-    for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
-      for (int j0 = 0; j0 < kTileK; j0 += DILATTN_QK_VECS * kVec) {
-        ScoreBlock<DILATTN_ROWS, DILATTN_QK_VECS>(q, dim_pad, kt, dim, s, i0, j0);
+      for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
+        for (int j0 = 0; j0 < kTileK; j0 += DILATTN_QK_VECS * kVec) {
+          ScoreBlock<DILATTN_ROWS, DILATTN_QK_VECS>(q, dim_pad, kt, dim, s, i0, j0);
+        }
       }
-    }
 
-    const bool diagonal = p.causal && k0 + kTileK - 1 > task.q_begin;
-    for (int i = 0; i < rows; ++i) {
-      float* s_row = s + i * kTileK;
-      for (int j = keys; j < kTileK; ++j) s_row[j] = kNegInf;
-      if (diagonal) {
-        const int64_t visible = task.q_begin + i - k0 + 1;  // keys j < visible are <= query
-        for (int64_t j = visible < 0 ? 0 : visible; j < keys; ++j) s_row[j] = kNegInf;
+      const int64_t key_last = key_first + (keys - 1) * stride;
+      const bool masked = p.causal && key_last > q_first;
+      for (int i = 0; i < rows; ++i) {
+        float* s_row = s + i * kTileK;
+        for (int j = keys; j < kTileK; ++j) s_row[j] = kNegInf;
+        if (masked) {
+          const int64_t query = task.q_first_row + i * stride;
+          for (int j = 0; j < keys; ++j) {
+            if (key_first + j * stride > query) s_row[j] = kNegInf;
+          }
+        }
+        Vf vmax = Splat(kNegInf);
+        for (int j = 0; j < kTileK; j += kVec) vmax = Max(vmax, Load(s_row + j));
+        const float tile_max = HorizontalMax(vmax);
+        const float m_new = tile_max > m[i] ? tile_max : m[i];
+        if (m_new == kNegInf) {
+          for (int j = 0; j < kTileK; ++j) s_row[j] = 0;
+          continue;
+        }
+        const Vf m_splat = Splat(m_new);
+        Vf vsum = Splat(0.0f);
+        for (int j = 0; j < kTileK; j += kVec) {
+          const Vf e = Exp2(Load(s_row + j) - m_splat);
+          Store(s_row + j, e);
+          vsum += e;
+        }
+        const float alpha = Exp2(Splat(m[i] - m_new))[0];
+        l[i] = l[i] * alpha + HorizontalSum(vsum);
+        m[i] = m_new;
+        if (alpha != 1.0f) {
+          float* acc_row = acc + i * dim_pad;
+          const Vf a = Splat(alpha);
+          for (int d = 0; d < dim_pad; d += kVec) Store(acc_row + d, Load(acc_row + d) * a);
+        }
       }
-      Vf vmax = Splat(kNegInf);
-      for (int j = 0; j < kTileK; j += kVec) vmax = Max(vmax, Load(s_row + j));
-      const float tile_max = HorizontalMax(vmax);
-      const float m_new = tile_max > m[i] ? tile_max : m[i];
-      if (m_new == kNegInf) {
-        for (int j = 0; j < kTileK; ++j) s_row[j] = 0;
-        continue;
-      }
-      const Vf m_splat = Splat(m_new);
-      Vf vsum = Splat(0.0f);
-      for (int j = 0; j < kTileK; j += kVec) {
-        const Vf e = Exp2(Load(s_row + j) - m_splat);
-        Store(s_row + j, e);
-        vsum += e;
-      }
-      const float alpha = Exp2(Splat(m[i] - m_new))[0];
-      l[i] = l[i] * alpha + HorizontalSum(vsum);
-      m[i] = m_new;
-      if (alpha != 1.0f) {
-        float* acc_row = acc + i * dim_pad;
-        const Vf a = Splat(alpha);
-        for (int d = 0; d < dim_pad; d += kVec) Store(acc_row + d, Load(acc_row + d) * a);
-      }
-    }
 
-    for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
-      int d0 = 0;
-      for (; d0 + DILATTN_PV_VECS * kVec <= dim_pad; d0 += DILATTN_PV_VECS * kVec) {
-        ValueBlock<DILATTN_ROWS, DILATTN_PV_VECS>(s, v, dim_pad, keys, acc, i0, d0);
-      }
-      for (; d0 < dim_pad; d0 += kVec) {
-        ValueBlock<DILATTN_ROWS, 1>(s, v, dim_pad, keys, acc, i0, d0);
+      for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
+        int d0 = 0;
+        for (; d0 + DILATTN_PV_VECS * kVec <= dim_pad; d0 += DILATTN_PV_VECS * kVec) {
+          ValueBlock<DILATTN_ROWS, DILATTN_PV_VECS>(s, v, dim_pad, keys, acc, i0, d0);
+        }
+        for (; d0 < dim_pad; d0 += kVec) {
+          ValueBlock<DILATTN_ROWS, 1>(s, v, dim_pad, keys, acc, i0, d0);
+        }
       }
     }
   }
 
   for (int i = 0; i < task.q_count; ++i) {
-    const int64_t token = token_of(task.q_begin + i);
+    const int64_t token = task.q_first_row + i * stride;
     const float* acc_row = acc + i * dim_pad;
     if (ctx.final) {
       const float inv = l[i] > 0 ? 1.0f / l[i] : 0.0f;
