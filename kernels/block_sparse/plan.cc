@@ -1,0 +1,236 @@
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "kernels/block_sparse/block_sparse.h"
+
+namespace dilattn::block_sparse {
+namespace {
+
+uint64_t Mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+constexpr int64_t kMaxBlocks = int64_t{1} << 24;  // per sequence; layouts are built on the host
+
+absl::Status CheckOptions(const BlockSparseOptions& o) {
+  if (o.block_size < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("block_size must be >= 1, got ", o.block_size));
+  }
+  switch (o.pattern) {
+    case Pattern::kLocalWindow:
+      if (o.window < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("window must be >= 0, got ", o.window));
+      }
+      break;
+    case Pattern::kDilatedSparse:
+      if (o.rates.empty()) {
+        return absl::InvalidArgumentError("pattern dilated_sparse needs at least one rate");
+      }
+      for (size_t i = 0; i < o.rates.size(); ++i) {
+        if (o.rates[i] < 1) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("rates[", i, "]=", o.rates[i], " must be >= 1"));
+        }
+      }
+      break;
+    case Pattern::kGlobalLocal:
+      if (o.global_blocks < 0 || o.window < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("global_local needs global_blocks >= 0 and window >= 0, got ",
+                         o.global_blocks, " and ", o.window));
+      }
+      break;
+    case Pattern::kStrided:
+      if (o.stride < 1) {
+        return absl::InvalidArgumentError(absl::StrCat("stride must be >= 1, got ", o.stride));
+      }
+      break;
+    case Pattern::kRandom:
+      if (!(o.density >= 0 && o.density <= 1)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("density must be in [0, 1], got ", o.density));
+      }
+      break;
+    case Pattern::kExplicit:
+      if (o.pairs.empty()) {
+        return absl::InvalidArgumentError("pattern explicit needs at least one (i, j) pair");
+      }
+      break;
+  }
+  if (o.softmax_scale.has_value() &&
+      !(std::isfinite(*o.softmax_scale) && *o.softmax_scale > 0 &&
+        static_cast<float>(*o.softmax_scale) > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("softmax_scale must be finite and > 0, got ", *o.softmax_scale));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n) {
+  BlockLayout layout;
+  layout.seq_len = n;
+  layout.num_blocks = (n + o.block_size - 1) / o.block_size;
+  const int64_t nb = layout.num_blocks;
+  if (nb > kMaxBlocks) {
+    return absl::InvalidArgumentError(absl::StrCat("sequence of ", n, " tokens makes ", nb,
+                                                   " blocks of ", o.block_size,
+                                                   "; at most ", kMaxBlocks, " are supported"));
+  }
+  std::vector<std::vector<int32_t>> rows(static_cast<size_t>(nb));
+  auto add = [&](int64_t i, int64_t j) {
+    if (j < 0 || j >= nb || (o.causal && j > i)) return;
+    rows[static_cast<size_t>(i)].push_back(static_cast<int32_t>(j));
+  };
+  switch (o.pattern) {
+    case Pattern::kLocalWindow:
+      for (int64_t i = 0; i < nb; ++i) {
+        for (int64_t j = std::max<int64_t>(0, i - o.window); j <= std::min(nb - 1, i + o.window); ++j) add(i, j);
+      }
+      break;
+    case Pattern::kDilatedSparse:
+      for (int64_t i = 0; i < nb; ++i) {
+        add(i, i);
+        for (int64_t r : o.rates) {
+          add(i, i - r);
+          add(i, i + r);
+        }
+      }
+      break;
+    case Pattern::kStrided:
+      for (int64_t i = 0; i < nb; ++i) {
+        for (int64_t j = i % o.stride; j < nb; j += o.stride) add(i, j);
+      }
+      break;
+    case Pattern::kGlobalLocal:
+    case Pattern::kRandom:
+      for (int64_t i = 0; i < nb; ++i) {
+        for (int64_t j = 0; j < nb; ++j) {
+          if (PairKept(o, i, j, nb)) add(i, j);
+        }
+      }
+      break;
+    case Pattern::kExplicit:
+      for (const auto& [i, j] : o.pairs) {
+        if (i < 0 || j < 0 || i >= nb || j >= nb) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "explicit pair (", i, ", ", j, ") is outside the ", nb, " blocks of a ", n,
+              "-token sequence with block_size ", o.block_size));
+        }
+        add(i, j);
+      }
+      break;
+  }
+  layout.row_begin.reserve(static_cast<size_t>(nb) + 1);
+  layout.row_begin.push_back(0);
+  for (auto& r : rows) {
+    std::sort(r.begin(), r.end());
+    r.erase(std::unique(r.begin(), r.end()), r.end());
+    layout.cols.insert(layout.cols.end(), r.begin(), r.end());
+    layout.row_begin.push_back(static_cast<int64_t>(layout.cols.size()));
+  }
+  return layout;
+}
+
+}  // namespace
+
+absl::StatusOr<Pattern> ParsePattern(absl::string_view name) {
+  const std::string lower = absl::AsciiStrToLower(name);
+  for (Pattern p : {Pattern::kLocalWindow, Pattern::kDilatedSparse, Pattern::kGlobalLocal,
+                    Pattern::kStrided, Pattern::kRandom, Pattern::kExplicit}) {
+    if (lower == PatternName(p)) return p;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "pattern '", name,
+      "' is not one of local_window, dilated_sparse, global_local, strided, random, explicit"));
+}
+
+absl::string_view PatternName(Pattern pattern) {
+  switch (pattern) {
+    case Pattern::kLocalWindow: return "local_window";
+    case Pattern::kDilatedSparse: return "dilated_sparse";
+    case Pattern::kGlobalLocal: return "global_local";
+    case Pattern::kStrided: return "strided";
+    case Pattern::kRandom: return "random";
+    case Pattern::kExplicit: return "explicit";
+  }
+  return "unknown";
+}
+
+bool PairKept(const BlockSparseOptions& o, int64_t i, int64_t j, int64_t num_blocks) {
+  if (i < 0 || j < 0 || i >= num_blocks || j >= num_blocks) return false;
+  const int64_t distance = i > j ? i - j : j - i;
+  switch (o.pattern) {
+    case Pattern::kLocalWindow: return distance <= o.window;
+    case Pattern::kDilatedSparse:
+      return distance == 0 || std::find(o.rates.begin(), o.rates.end(), distance) != o.rates.end();
+    case Pattern::kGlobalLocal:
+      return i < o.global_blocks || j < o.global_blocks || distance <= o.window;
+    case Pattern::kStrided: return distance % o.stride == 0;
+    case Pattern::kRandom: {
+      if (i == j) return true;
+      const uint64_t key = (static_cast<uint64_t>(i) << 32) | static_cast<uint64_t>(j);
+      const uint64_t z = Mix(o.seed ^ Mix(key));
+      return static_cast<double>(z >> 11) * 0x1p-53 < o.density;
+    }
+    case Pattern::kExplicit:
+      return std::find(o.pairs.begin(), o.pairs.end(), std::make_pair(i, j)) != o.pairs.end();
+  }
+  return false;
+}
+
+absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& options,
+                                                const attention::ProblemShape& shape) {
+  if (absl::Status s = CheckOptions(options); !s.ok()) return s;
+  // Shape, overflow and byte checks are the dilated operator's; one branch of the block size
+  // stands in for the branch list.
+  attention::AttentionOptions stand_in;
+  stand_in.segment_lengths = {options.block_size};
+  stand_in.dilation_rates = {1};
+  stand_in.softmax_scale = options.softmax_scale;
+  absl::StatusOr<attention::AttentionPlan> base = attention::PlanAttention(stand_in, shape);
+  if (!base.ok()) return base.status();
+
+  BlockSparsePlan plan;
+  plan.options = options;
+  plan.shape = shape;
+  plan.seq_offsets = base->seq_offsets;
+  plan.tensor_bytes = base->tensor_bytes;
+  plan.scale = base->params.scale;
+  std::map<int64_t, int32_t> by_length;
+  for (int64_t n : shape.seq_lengths) {
+    auto [it, inserted] = by_length.try_emplace(n, static_cast<int32_t>(plan.layouts.size()));
+    if (inserted) {
+      absl::StatusOr<BlockLayout> layout = BuildLayout(options, n);
+      if (!layout.ok()) return layout.status();
+      plan.layouts.push_back(*std::move(layout));
+    }
+    plan.seq_layout.push_back(it->second);
+  }
+  const double per_pair = 4.0 * static_cast<double>(shape.head_dim) *
+                          static_cast<double>(shape.num_heads);
+  for (int32_t index : plan.seq_layout) {
+    const BlockLayout& layout = plan.layouts[static_cast<size_t>(index)];
+    const int64_t bs = options.block_size;
+    auto block_len = [&](int64_t b) { return std::min(bs, layout.seq_len - b * bs); };
+    for (int64_t i = 0; i < layout.num_blocks; ++i) {
+      for (int64_t c = layout.row_begin[i]; c < layout.row_begin[i + 1]; ++c) {
+        const int64_t j = layout.cols[static_cast<size_t>(c)];
+        const double qi = static_cast<double>(block_len(i));
+        const double visible = options.causal && j == i
+                                   ? qi * (qi + 1) / 2
+                                   : qi * static_cast<double>(block_len(j));
+        plan.flops += per_pair * visible;
+        ++plan.kept_pairs;
+      }
+    }
+  }
+  return plan;
+}
+
+}  // namespace dilattn::block_sparse

@@ -1,0 +1,234 @@
+// Block-sparse attention: the CPU backend and the reference against a naive implementation that
+// asks the pattern predicate about every (query, key) token pair; layout and validation checks.
+
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/block_sparse/block_sparse.h"
+#include "tests/common/random_config.h"
+#include "tests/common/test_util.h"
+
+namespace dilattn::block_sparse {
+namespace {
+
+using attention::DType;
+using testing::RelativeError;
+using testing::SplitMix64;
+using testing::TypedBuffer;
+using ::testing::HasSubstr;
+
+std::vector<double> Naive(const BlockSparsePlan& plan, const TypedBuffer& q, const TypedBuffer& k,
+                          const TypedBuffer& v) {
+  const auto& o = plan.options;
+  const int64_t heads = plan.shape.num_heads;
+  const int64_t dim = plan.shape.head_dim;
+  const double scale =
+      o.softmax_scale.value_or(1.0 / std::sqrt(static_cast<double>(plan.shape.head_dim)));
+  std::vector<double> out(q.count(), 0.0);
+  int64_t base = 0;
+  for (int64_t n : plan.shape.seq_lengths) {
+    const int64_t nb = (n + o.block_size - 1) / o.block_size;
+    for (int64_t h = 0; h < heads; ++h) {
+      auto at = [&](int64_t t, int64_t d) {
+        return static_cast<size_t>(((base + t) * heads + h) * dim + d);
+      };
+      for (int64_t p = 0; p < n; ++p) {
+        std::vector<int64_t> keys;
+        for (int64_t key = 0; key < n; ++key) {
+          if (o.causal && key > p) continue;
+          if (PairKept(o, p / o.block_size, key / o.block_size, nb)) keys.push_back(key);
+        }
+        if (keys.empty()) continue;
+        std::vector<double> w(keys.size());
+        double mx = -INFINITY;
+        for (size_t i = 0; i < keys.size(); ++i) {
+          double dot = 0;
+          for (int64_t d = 0; d < dim; ++d) dot += double{q.Get(at(p, d))} * k.Get(at(keys[i], d));
+          w[i] = dot * scale;
+          mx = std::max(mx, w[i]);
+        }
+        double den = 0;
+        for (double& x : w) den += (x = std::exp(x - mx));
+        for (int64_t d = 0; d < dim; ++d) {
+          double acc = 0;
+          for (size_t i = 0; i < keys.size(); ++i) acc += w[i] * v.Get(at(keys[i], d));
+          out[at(p, d)] = acc / den;
+        }
+      }
+    }
+    base += n;
+  }
+  return out;
+}
+
+BlockSparseOptions DrawOptions(SplitMix64& rng) {
+  BlockSparseOptions o;
+  o.block_size = rng.Uniform(1, 48);
+  o.pattern = static_cast<Pattern>(rng.Uniform(0, 5));
+  o.causal = rng.Uniform(0, 1) == 1;
+  o.window = rng.Uniform(0, 3);
+  o.global_blocks = rng.Uniform(0, 2);
+  o.stride = rng.Uniform(1, 4);
+  o.density = 0.1 * static_cast<double>(rng.Uniform(0, 10));
+  o.seed = rng.Next();
+  for (int64_t i = rng.Uniform(1, 3); i > 0; --i) o.rates.push_back(rng.Uniform(1, 5));
+  for (int64_t i = rng.Uniform(1, 6); i > 0; --i) o.pairs.emplace_back(rng.Uniform(0, 2), rng.Uniform(0, 2));
+  if (rng.Uniform(0, 3) == 0) o.softmax_scale = 0.1 + 0.01 * rng.Uniform(0, 50);
+  return o;
+}
+
+TEST(BlockSparseRandom, MatchesNaiveImplementation) {
+  const uint64_t seed = testing::TestSeed();
+  SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
+  SplitMix64 rng(seed);
+  auto backend = CreateCpuBlockSparseBackend({3, "auto"});
+  ASSERT_TRUE(backend.ok());
+  for (int c = 0; c < 150; ++c) {
+    const BlockSparseOptions o = DrawOptions(rng);
+    attention::ProblemShape shape;
+    shape.dtype = std::vector<DType>{DType::kFloat32, DType::kFloat16, DType::kBFloat16}
+        [static_cast<size_t>(rng.Uniform(0, 2))];
+    shape.num_heads = rng.Uniform(1, 4);
+    shape.head_dim = std::vector<int64_t>{1, 8, 16, 33, 64}[static_cast<size_t>(rng.Uniform(0, 4))];
+    // Explicit pairs name blocks 0..2, so sequences hold at least 3 blocks.
+    const int64_t min_len = o.pattern == Pattern::kExplicit ? 3 * o.block_size : 1;
+    for (int64_t s = rng.Uniform(1, 3); s > 0; --s) {
+      shape.seq_lengths.push_back(rng.Uniform(min_len, std::max<int64_t>(min_len, 150)));
+    }
+    SCOPED_TRACE(absl::StrCat("config ", c, ": ", PatternName(o.pattern), " bs=", o.block_size,
+                              o.causal ? " causal " : " ", attention::DescribeShape(shape)));
+    absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, shape);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const size_t n = plan->tensor_bytes / attention::DTypeSize(shape.dtype);
+    TypedBuffer q(shape.dtype, n), k(shape.dtype, n), v(shape.dtype, n), out(shape.dtype, n);
+    for (TypedBuffer* t : {&q, &k, &v}) {
+      for (size_t i = 0; i < n; ++i) t->Set(i, rng.NextFloat(1.0f));
+    }
+    const std::vector<double> expected = Naive(*plan, q, k, v);
+    const attention::AttentionTensors tensors{q.cref(), k.cref(), v.cref(), out.ref()};
+    const double tol = testing::Tolerance(shape.dtype);
+
+    out.Poison();
+    ASSERT_TRUE(ReferenceBlockSparse(*plan, tensors).ok());
+    auto err = RelativeError(out.ToFloats(), expected);
+    ASSERT_TRUE(err.ok(tol)) << "reference rel " << err.relative << " nan " << err.nan_count;
+
+    out.Poison();
+    std::vector<unsigned char> ws((*backend)->WorkspaceBytes(*plan) + 64);
+    void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
+    ASSERT_TRUE((*backend)->Run(*plan, tensors, {aligned, ws.size() - 64, DeviceLoc::Host()}).ok());
+    err = RelativeError(out.ToFloats(), expected);
+    ASSERT_TRUE(err.ok(tol)) << "cpu rel " << err.relative << " nan " << err.nan_count;
+  }
+}
+
+TEST(BlockSparse, CausalMasksAcrossBlocks) {
+  // Block 0 is told to attend to block 1; with causal every key there lies after every query of
+  // block 0, so the pair must vanish from the layout and block 0 keeps only its own past.
+  BlockSparseOptions o;
+  o.block_size = 4;
+  o.pattern = Pattern::kExplicit;
+  o.pairs = {{0, 1}, {1, 0}, {1, 1}};
+  o.causal = true;
+  absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, attention::DenseShape(DType::kFloat32, 1, 8, 1, 4));
+  ASSERT_TRUE(plan.ok());
+  const BlockLayout& layout = plan->layouts[0];
+  EXPECT_EQ(layout.row_begin, (std::vector<int64_t>{0, 0, 2}));
+  EXPECT_EQ(layout.cols, (std::vector<int32_t>{0, 1}));
+  // Block 0 keeps no pair, so its rows are exactly zero.
+  TypedBuffer q(DType::kFloat32, 32), out(DType::kFloat32, 32);
+  for (size_t i = 0; i < 32; ++i) q.Set(i, 0.1f * static_cast<float>(i % 7));
+  auto backend = CreateCpuBlockSparseBackend({1, "generic"});
+  ASSERT_TRUE(backend.ok());
+  out.Poison();
+  std::vector<float> ws((*backend)->WorkspaceBytes(*plan) / 4 + 16);
+  ASSERT_TRUE((*backend)->Run(*plan, {q.cref(), q.cref(), q.cref(), out.ref()},
+                              {ws.data(), ws.size() * 4, DeviceLoc::Host()}).ok());
+  for (size_t i = 0; i < 16; ++i) EXPECT_EQ(out.Get(i), 0.0f);
+  for (size_t i = 16; i < 32; ++i) EXPECT_FALSE(std::isnan(out.Get(i)));
+}
+
+TEST(BlockSparse, RandomPatternIsDeterministicAndKeepsTheDiagonal) {
+  BlockSparseOptions o;
+  o.pattern = Pattern::kRandom;
+  o.seed = 42;
+  o.density = 0.0;
+  for (int64_t i = 0; i < 50; ++i) {
+    for (int64_t j = 0; j < 50; ++j) ASSERT_EQ(PairKept(o, i, j, 50), i == j);
+  }
+  o.density = 1.0;
+  for (int64_t i = 0; i < 50; ++i) {
+    for (int64_t j = 0; j < 50; ++j) ASSERT_TRUE(PairKept(o, i, j, 50));
+  }
+  o.density = 0.3;
+  int kept = 0;
+  for (int64_t i = 0; i < 200; ++i) {
+    for (int64_t j = 0; j < 200; ++j) kept += PairKept(o, i, j, 200) && i != j;
+  }
+  EXPECT_NEAR(kept / (200.0 * 199.0), 0.3, 0.02);
+  BlockSparseOptions other = o;
+  other.seed = 43;
+  int same = 0;
+  for (int64_t j = 0; j < 200; ++j) same += PairKept(o, 7, j, 200) == PairKept(other, 7, j, 200);
+  EXPECT_LT(same, 200) << "a different seed gives a different pattern";
+}
+
+TEST(BlockSparse, Validation) {
+  const auto shape = attention::DenseShape(DType::kFloat32, 1, 64, 2, 16);
+  auto expect = [&](const BlockSparseOptions& o, const char* text) {
+    absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, shape);
+    ASSERT_FALSE(plan.ok()) << text;
+    EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(plan.status().message()), HasSubstr(text));
+  };
+  BlockSparseOptions o;
+  o.block_size = 0;
+  expect(o, "block_size must be >= 1, got 0");
+  o = {};
+  o.window = -1;
+  expect(o, "window must be >= 0, got -1");
+  o = {};
+  o.pattern = Pattern::kDilatedSparse;
+  expect(o, "at least one rate");
+  o.rates = {2, 0};
+  expect(o, "rates[1]=0");
+  o = {};
+  o.pattern = Pattern::kStrided;
+  expect(o, "stride must be >= 1");
+  o = {};
+  o.pattern = Pattern::kRandom;
+  o.density = 1.5;
+  expect(o, "density must be in [0, 1], got 1.5");
+  o = {};
+  o.pattern = Pattern::kExplicit;
+  expect(o, "at least one (i, j) pair");
+  o.block_size = 16;
+  o.pairs = {{0, 4}};
+  expect(o, "explicit pair (0, 4) is outside the 4 blocks");
+  o = {};
+  o.softmax_scale = -1;
+  expect(o, "softmax_scale");
+  EXPECT_THAT(std::string(ParsePattern("diagonal").status().message()), HasSubstr("'diagonal'"));
+  EXPECT_EQ(*ParsePattern("GLOBAL_LOCAL"), Pattern::kGlobalLocal);
+}
+
+TEST(BlockSparse, FlopsCountVisiblePairs) {
+  BlockSparseOptions o;
+  o.block_size = 4;
+  o.window = 0;
+  absl::StatusOr<BlockSparsePlan> plan =
+      PlanBlockSparse(o, attention::DenseShape(DType::kFloat32, 1, 10, 2, 8));
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(plan->kept_pairs, 3);
+  EXPECT_DOUBLE_EQ(plan->flops, 4.0 * 8 * 2 * (16 + 16 + 4));
+  o.causal = true;
+  plan = PlanBlockSparse(o, attention::DenseShape(DType::kFloat32, 1, 10, 2, 8));
+  ASSERT_TRUE(plan.ok());
+  EXPECT_DOUBLE_EQ(plan->flops, 4.0 * 8 * 2 * (10 + 10 + 3));
+}
+
+}  // namespace
+}  // namespace dilattn::block_sparse
