@@ -6,7 +6,7 @@ DILATTN_ROOT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DILATTN_DEBIAN_PACKAGES=(
   build-essential cmake pkg-config ccache git python3 python3-venv python3-pip
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libcivetweb-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcivetweb-dev civetweb
   libcurl4-openssl-dev zlib1g-dev libopenblas-dev
   prometheus
 )

@@ -1,0 +1,248 @@
+#include "server/grpc/infer_parser.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "server/engine.h"
+
+namespace dilattn::server {
+namespace {
+
+using inference::ModelInferRequest;
+
+absl::Status Invalid(absl::string_view message) {
+  return absl::InvalidArgumentError(message);
+}
+
+absl::StatusOr<ParamValue> ToParamValue(const inference::InferParameter& p) {
+  switch (p.parameter_choice_case()) {
+    case inference::InferParameter::kBoolParam: return ParamValue(p.bool_param());
+    case inference::InferParameter::kInt64Param: return ParamValue(p.int64_param());
+    case inference::InferParameter::kUint64Param: return ParamValue(p.uint64_param());
+    case inference::InferParameter::kDoubleParam: return ParamValue(p.double_param());
+    case inference::InferParameter::kStringParam: return ParamValue(p.string_param());
+    default: return absl::InvalidArgumentError("parameter has no value");
+  }
+}
+
+std::string ShapeText(const google::protobuf::RepeatedField<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+}  // namespace
+
+const char* DatatypeName(attention::DType dtype) {
+  switch (dtype) {
+    case attention::DType::kFloat32: return "FP32";
+    case attention::DType::kFloat16: return "FP16";
+    case attention::DType::kBFloat16: return "BF16";
+  }
+  return "INVALID";
+}
+
+absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
+    const ModelInferRequest& req, const ModelRegistry& registry, absl::Time arrival,
+    absl::Time rpc_deadline, inference::ModelInferResponse* response) {
+  absl::StatusOr<Model*> found = registry.Find(req.model_name(), req.model_version());
+  if (!found.ok()) return found.status();
+  Model* model = *found;
+  const ModelSpec& spec = model->spec();
+  auto r = std::make_unique<InferenceRequest>();
+  r->model = model;
+  r->id = req.id();
+  r->arrival = arrival;
+  r->options = spec.defaults;
+  r->priority = spec.batching.default_priority;
+
+  // Inputs: exactly Q, K and V, one datatype, one shape [B, N, H, D].
+  const ModelInferRequest::InferInputTensor* by_name[3] = {nullptr, nullptr, nullptr};
+  int index_of[3] = {-1, -1, -1};
+  static constexpr const char* kNames[3] = {"Q", "K", "V"};
+  for (int i = 0; i < req.inputs_size(); ++i) {
+    const auto& in = req.inputs(i);
+    const auto* slot = std::find_if(std::begin(kNames), std::end(kNames),
+                                    [&](const char* n) { return in.name() == n; });
+    if (slot == std::end(kNames)) {
+      return Invalid(absl::StrCat("unexpected input '", in.name(), "' for model '",
+                                  spec.name, "': inputs are Q, K and V"));
+    }
+    const int at = static_cast<int>(slot - std::begin(kNames));
+    if (by_name[at] != nullptr) return Invalid(absl::StrCat("input '", in.name(), "' given twice"));
+    by_name[at] = &in;
+    index_of[at] = i;
+    for (const auto& [key, value] : in.parameters()) {
+      if (key == "binary_data_size") continue;  // HTTP's framing hint, meaningless here
+      return Invalid(absl::StrCat("input '", in.name(), "' parameter '", key,
+                                  "' is not supported (shared memory and other tensor options "
+                                  "are not offered)"));
+    }
+  }
+  for (int i = 0; i < 3; ++i) {
+    if (by_name[i] == nullptr) {
+      return Invalid(absl::StrCat("missing input '", kNames[i], "' for model '", spec.name,
+                                  "': inputs are Q, K and V"));
+    }
+  }
+  absl::StatusOr<attention::DType> dtype = attention::ParseDType(by_name[0]->datatype());
+  if (!dtype.ok() || by_name[0]->datatype() != DatatypeName(*dtype)) {
+    return Invalid(absl::StrCat("input 'Q' has datatype '", by_name[0]->datatype(),
+                                "'; supported: FP32, FP16, BF16"));
+  }
+  r->dtype = *dtype;
+  const auto& shape = by_name[0]->shape();
+  for (int i = 0; i < 3; ++i) {
+    if (by_name[i]->datatype() != by_name[0]->datatype()) {
+      return Invalid(absl::StrCat("input '", kNames[i], "' has datatype '",
+                                  by_name[i]->datatype(), "' but 'Q' has '",
+                                  by_name[0]->datatype(), "'; Q, K and V must share one datatype"));
+    }
+    if (by_name[i]->shape_size() != 4) {
+      return Invalid(absl::StrCat("input '", kNames[i], "' has shape ",
+                                  ShapeText(by_name[i]->shape()), "; expected [B, N, H, D]"));
+    }
+    if (!std::equal(shape.begin(), shape.end(), by_name[i]->shape().begin(),
+                    by_name[i]->shape().end())) {
+      return Invalid(absl::StrCat("input '", kNames[i], "' has shape ",
+                                  ShapeText(by_name[i]->shape()), " but 'Q' has ",
+                                  ShapeText(shape), "; Q, K and V must have one shape"));
+    }
+  }
+  static constexpr const char* kDims[4] = {"B", "N", "H", "D"};
+  for (int d = 0; d < 4; ++d) {
+    if (shape[d] < 1) {
+      return Invalid(absl::StrCat("input 'Q' dim ", kDims[d], "=", shape[d], " in shape ",
+                                  ShapeText(shape), " must be >= 1"));
+    }
+    if (d > 0 && spec.dims[static_cast<size_t>(d - 1)] != -1 &&
+        shape[d] != spec.dims[static_cast<size_t>(d - 1)]) {
+      return Invalid(absl::StrCat("input 'Q' dim ", kDims[d], "=", shape[d], " but model '",
+                                  spec.name, "' requires ",
+                                  spec.dims[static_cast<size_t>(d - 1)]));
+    }
+  }
+  r->batch = shape[0];
+  r->seq_len = shape[1];
+  r->heads = shape[2];
+  r->head_dim = shape[3];
+  if (spec.batching.max_batch_size > 0 && r->batch > spec.batching.max_batch_size) {
+    return Invalid(absl::StrCat("batch size B=", r->batch, " exceeds max_batch_size ",
+                                spec.batching.max_batch_size, " of model '", spec.name, "'"));
+  }
+  int64_t bytes = static_cast<int64_t>(attention::DTypeSize(r->dtype));
+  for (int64_t dim : shape) {
+    if (__builtin_mul_overflow(bytes, dim, &bytes)) {
+      return Invalid(absl::StrCat("shape ", ShapeText(shape), " of ", by_name[0]->datatype(),
+                                  " overflows a byte count"));
+    }
+  }
+  r->tensor_bytes = static_cast<size_t>(bytes);
+
+  // Data: raw_input_contents (what tritonclient sends), or typed fp32 contents.
+  absl::string_view* views[3] = {&r->q, &r->k, &r->v};
+  if (req.raw_input_contents_size() > 0) {
+    if (req.raw_input_contents_size() != req.inputs_size()) {
+      return Invalid(absl::StrCat("request has ", req.inputs_size(), " inputs but ",
+                                  req.raw_input_contents_size(), " raw_input_contents"));
+    }
+    for (int i = 0; i < 3; ++i) {
+      const std::string& raw = req.raw_input_contents(index_of[i]);
+      if (raw.size() != r->tensor_bytes) {
+        return Invalid(absl::StrCat("input '", kNames[i], "' has ", raw.size(),
+                                    " bytes of data but shape ", ShapeText(shape), " of ",
+                                    by_name[0]->datatype(), " needs ", r->tensor_bytes));
+      }
+      *views[i] = raw;
+    }
+  } else {
+    for (int i = 0; i < 3; ++i) {
+      const auto& contents = by_name[i]->contents().fp32_contents();
+      if (r->dtype != attention::DType::kFloat32 ||
+          static_cast<size_t>(contents.size()) * sizeof(float) != r->tensor_bytes) {
+        return Invalid(absl::StrCat(
+            "input '", kNames[i], "' carries ", contents.size(),
+            " fp32_contents values but shape ", ShapeText(shape), " of ", by_name[0]->datatype(),
+            " needs ", r->tensor_bytes, " bytes; send tensors in raw_input_contents"));
+      }
+      r->owned[i].resize(r->tensor_bytes);
+      std::memcpy(r->owned[i].data(), contents.data(), r->tensor_bytes);
+      *views[i] = r->owned[i];
+    }
+  }
+
+  for (const auto& out : req.outputs()) {
+    if (out.name() != "O") {
+      return Invalid(absl::StrCat("requested output '", out.name(), "' does not exist; model '",
+                                  spec.name, "' has one output, 'O'"));
+    }
+    for (const auto& [key, value] : out.parameters()) {
+      if (key == "binary_data") continue;
+      return Invalid(absl::StrCat("output parameter '", key, "' is not supported"));
+    }
+  }
+
+  // Parameters: Triton's scheduling ones, then the operator's overrides.
+  absl::Time deadline = rpc_deadline;
+  bool timeout_given = false;
+  for (const auto& [key, value] : req.parameters()) {
+    absl::StatusOr<ParamValue> v = ToParamValue(value);
+    if (!v.ok()) return Invalid(absl::StrCat("request parameter '", key, "' has no value"));
+    if (key == "priority") {
+      const uint64_t* u = std::get_if<uint64_t>(&*v);
+      const int64_t* i = std::get_if<int64_t>(&*v);
+      if (u == nullptr && (i == nullptr || *i < 0)) {
+        return Invalid("request parameter 'priority' must be an unsigned integer");
+      }
+      const uint64_t level = u != nullptr ? *u : static_cast<uint64_t>(*i);
+      // As Triton: 0 or a level beyond the model's means the default level.
+      if (level >= 1 && level <= static_cast<uint64_t>(spec.batching.priority_levels)) {
+        r->priority = static_cast<int>(level);
+      }
+    } else if (key == "timeout") {
+      const int64_t* us = std::get_if<int64_t>(&*v);
+      const uint64_t* uus = std::get_if<uint64_t>(&*v);
+      if ((us == nullptr || *us < 0) && uus == nullptr) {
+        return Invalid("request parameter 'timeout' must be a non-negative integer (microseconds)");
+      }
+      const int64_t micros = us != nullptr ? *us
+                                           : static_cast<int64_t>(std::min<uint64_t>(
+                                                 *uus, std::numeric_limits<int64_t>::max()));
+      if (spec.batching.allow_timeout_override && micros > 0) {
+        deadline = std::min(deadline, arrival + absl::Microseconds(micros));
+        timeout_given = true;
+      }
+    } else if (key == "binary_data_output") {
+      continue;
+    } else if (key == "sequence_id" || key == "sequence_start" || key == "sequence_end") {
+      return Invalid(absl::StrCat("request parameter '", key,
+                                  "': sequence batching is not supported"));
+    } else {
+      absl::Status s = ApplyOperatorParameter(key, *v, "request parameter", &r->options);
+      if (!s.ok()) return s;
+    }
+  }
+  if (spec.batching.default_timeout > absl::ZeroDuration() && !timeout_given) {
+    deadline = std::min(deadline, arrival + spec.batching.default_timeout);
+  }
+  r->deadline = deadline;
+
+  // The operator's own validation and the engine's support check: the same selector the
+  // execution uses, so nothing accepted here can be refused later for its configuration.
+  if (absl::Status s = model->engine().Supports(*r); !s.ok()) return s;
+  r->batch_key = absl::StrCat(OperatorKey(r->options), "|", DatatypeName(r->dtype), "|",
+                              r->heads, "|", r->head_dim);
+
+  response->set_model_name(spec.name);
+  response->set_model_version(spec.version);
+  response->set_id(req.id());
+  auto* out = response->add_outputs();
+  out->set_name("O");
+  out->set_datatype(DatatypeName(r->dtype));
+  for (int64_t d : shape) out->add_shape(d);
+  r->output = response->add_raw_output_contents();
+  return r;
+}
+
+}  // namespace dilattn::server

@@ -1,0 +1,305 @@
+#include "server/grpc/inference_service.h"
+
+#include <deque>
+#include <memory>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "server/grpc/infer_parser.h"
+
+namespace dilattn::server {
+namespace {
+
+using inference::ModelInferRequest;
+using inference::ModelStreamInferResponse;
+
+constexpr const char* kServerName = "dilattn";
+constexpr const char* kServerVersion = "0.1.0";
+
+grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* ctx, const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+// Completes a unary ModelInfer when the engine (or the scheduler) is done with its request.
+class InferReactor final : public grpc::ServerUnaryReactor {
+ public:
+  std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+
+  void OnCancel() override { cancelled->store(true); }
+  void OnDone() override { delete this; }
+};
+
+// ModelStreamInfer: every request read is parsed and enqueued as it arrives; responses (or
+// error_message responses, as Triton sends them) are written in completion order, one write in
+// flight at a time. The stream finishes once the client is done writing and every request has
+// been answered.
+class StreamReactor final
+    : public grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse> {
+ public:
+  StreamReactor(grpc::CallbackServerContext* ctx, ModelRegistry* registry)
+      : ctx_(ctx), registry_(registry) {
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      bool finish;
+      {
+        absl::MutexLock lock(&mu_);
+        reads_done_ = true;
+        finish = ShouldFinishLocked();
+      }
+      if (finish) FinishStream();
+      return;
+    }
+    auto item = std::make_unique<Item>();
+    item->request.Swap(&incoming_);
+    StartRead(&incoming_);
+    inference::ModelInferResponse* response = item->response.mutable_infer_response();
+    absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed = ParseInferRequest(
+        item->request, *registry_, absl::Now(), RpcDeadline(*ctx_), response);
+    if (!parsed.ok()) {
+      SetError(item.get(), parsed.status());
+      Write(item.release());
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;
+    }
+    InferenceRequest& r = **parsed;
+    r.cancelled = cancelled_;
+    r.done = [this, item = item.release()](const absl::Status& s, const RequestTimings&) {
+      if (!s.ok()) SetError(item, s);
+      {
+        absl::MutexLock lock(&mu_);
+        --pending_;
+      }
+      Write(item);
+    };
+    Model* model = r.model;
+    model->scheduler().Enqueue(*std::move(parsed));
+  }
+
+  void OnWriteDone(bool) override {
+    Item* next = nullptr;
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      delete writes_.front();
+      writes_.pop_front();
+      if (!writes_.empty()) {
+        next = writes_.front();
+      } else {
+        writing_ = false;
+        finish = ShouldFinishLocked();
+      }
+    }
+    if (next != nullptr) {
+      StartWrite(&next->response);
+    } else if (finish) {
+      FinishStream();
+    }
+  }
+
+  void OnCancel() override { cancelled_->store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  struct Item {
+    ModelInferRequest request;
+    ModelStreamInferResponse response;
+  };
+
+  static void SetError(Item* item, const absl::Status& s) {
+    inference::ModelInferResponse* r = item->response.mutable_infer_response();
+    const std::string model = item->request.model_name();
+    r->Clear();
+    r->set_model_name(model);
+    r->set_model_version(item->request.model_version());
+    r->set_id(item->request.id());
+    item->response.set_error_message(std::string(s.message()));
+  }
+
+  void Write(Item* item) {
+    bool start;
+    {
+      absl::MutexLock lock(&mu_);
+      writes_.push_back(item);
+      start = !writing_;
+      writing_ = true;
+    }
+    if (start) StartWrite(&item->response);
+  }
+
+  bool ShouldFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!reads_done_ || pending_ > 0 || writing_ || finished_) return false;
+    finished_ = true;
+    return true;
+  }
+
+  void FinishStream() {
+    Finish(cancelled_->load() ? grpc::Status::CANCELLED : grpc::Status::OK);
+  }
+
+  grpc::CallbackServerContext* ctx_;
+  ModelRegistry* registry_;
+  ModelInferRequest incoming_;
+  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+  absl::Mutex mu_;
+  std::deque<Item*> writes_ ABSL_GUARDED_BY(mu_);  // front is being written
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+void TensorMetadata(const inference::ModelInput& in, bool batched,
+                    inference::ModelMetadataResponse::TensorMetadata* out) {
+  out->set_name(in.name());
+  const std::string type = inference::DataType_Name(in.data_type());
+  out->set_datatype(type.substr(5));  // TYPE_FP32 -> FP32
+  if (batched) out->add_shape(-1);
+  for (int64_t d : in.dims()) out->add_shape(d);
+}
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+absl::Time RpcDeadline(const grpc::CallbackServerContext& ctx) {
+  const auto deadline = ctx.deadline();
+  // gRPC reports "no deadline" as a time point centuries away.
+  if (deadline >= std::chrono::system_clock::now() + std::chrono::hours(24 * 365 * 100)) {
+    return absl::InfiniteFuture();
+  }
+  return absl::FromChrono(deadline);
+}
+
+grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerContext* ctx,
+                                                       const inference::ServerLiveRequest*,
+                                                       inference::ServerLiveResponse* resp) {
+  resp->set_live(true);
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::ServerReady(grpc::CallbackServerContext* ctx,
+                                                        const inference::ServerReadyRequest*,
+                                                        inference::ServerReadyResponse* resp) {
+  resp->set_ready(state_->ready.load());
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::ModelReady(grpc::CallbackServerContext* ctx,
+                                                       const inference::ModelReadyRequest* req,
+                                                       inference::ModelReadyResponse* resp) {
+  absl::StatusOr<Model*> model = registry_->Find(req->name(), req->version());
+  if (!model.ok()) return Reply(ctx, model.status());
+  resp->set_ready(state_->ready.load());
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::ServerMetadata(
+    grpc::CallbackServerContext* ctx, const inference::ServerMetadataRequest*,
+    inference::ServerMetadataResponse* resp) {
+  resp->set_name(kServerName);
+  resp->set_version(kServerVersion);
+  for (const char* e : {"model_configuration", "schedule_policy", "parameters", "statistics",
+                        "binary_tensor_data"}) {
+    resp->add_extensions(e);
+  }
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::ModelMetadata(
+    grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
+    inference::ModelMetadataResponse* resp) {
+  absl::StatusOr<Model*> model = registry_->Find(req->name(), req->version());
+  if (!model.ok()) return Reply(ctx, model.status());
+  const ModelSpec& spec = (*model)->spec();
+  resp->set_name(spec.name);
+  resp->add_versions(spec.version);
+  resp->set_platform("dilattn");
+  const bool batched = spec.config.max_batch_size() > 0;
+  for (const auto& in : spec.config.input()) TensorMetadata(in, batched, resp->add_inputs());
+  for (const auto& out : spec.config.output()) {
+    inference::ModelInput as_input;
+    as_input.set_name(out.name());
+    as_input.set_data_type(out.data_type());
+    *as_input.mutable_dims() = out.dims();
+    TensorMetadata(as_input, batched, resp->add_outputs());
+  }
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::ModelConfig(grpc::CallbackServerContext* ctx,
+                                                        const inference::ModelConfigRequest* req,
+                                                        inference::ModelConfigResponse* resp) {
+  absl::StatusOr<Model*> model = registry_->Find(req->name(), req->version());
+  if (!model.ok()) return Reply(ctx, model.status());
+  *resp->mutable_config() = (*model)->spec().config;
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::ModelStatistics(
+    grpc::CallbackServerContext* ctx, const inference::ModelStatisticsRequest* req,
+    inference::ModelStatisticsResponse* resp) {
+  if (!req->name().empty()) {
+    absl::StatusOr<Model*> model = registry_->Find(req->name(), req->version());
+    if (!model.ok()) return Reply(ctx, model.status());
+  }
+  for (const auto& m : registry_->models()) {
+    if (!req->name().empty() && m->name() != req->name()) continue;
+    inference::ModelStatistics* s = resp->add_model_stats();
+    s->set_name(m->name());
+    s->set_version(m->spec().version);
+    m->stats().Fill(s);
+  }
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::RepositoryIndex(
+    grpc::CallbackServerContext* ctx, const inference::RepositoryIndexRequest*,
+    inference::RepositoryIndexResponse* resp) {
+  for (const auto& m : registry_->models()) {
+    auto* index = resp->add_models();
+    index->set_name(m->name());
+    index->set_version(m->spec().version);
+    index->set_state(state_->ready.load() ? "READY" : "UNAVAILABLE");
+  }
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerContext* ctx,
+                                                       const inference::ModelInferRequest* req,
+                                                       inference::ModelInferResponse* resp) {
+  auto* reactor = new InferReactor();
+  absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
+      ParseInferRequest(*req, *registry_, absl::Now(), RpcDeadline(*ctx), resp);
+  if (!parsed.ok()) {
+    reactor->Finish(ToGrpcStatus(parsed.status()));
+    return reactor;
+  }
+  InferenceRequest& r = **parsed;
+  r.cancelled = reactor->cancelled;
+  r.done = [reactor](const absl::Status& s, const RequestTimings&) {
+    reactor->Finish(ToGrpcStatus(s));
+  };
+  Model* model = r.model;
+  model->scheduler().Enqueue(*std::move(parsed));
+  return reactor;
+}
+
+grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse>*
+InferenceService::ModelStreamInfer(grpc::CallbackServerContext* ctx) {
+  return new StreamReactor(ctx, registry_);
+}
+
+}  // namespace dilattn::server

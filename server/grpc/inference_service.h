@@ -1,0 +1,66 @@
+#pragma once
+
+// inference.GRPCInferenceService on gRPC's callback API. Handlers parse, validate and enqueue;
+// they never wait for a result: the engine thread completes the RPC when the request is done.
+
+#include <atomic>
+#include <string>
+
+#include "inference/grpc_service.grpc.pb.h"
+#include "server/engine.h"
+#include "server/model_registry.h"
+
+namespace dilattn::server {
+
+struct ServerState {
+  std::atomic<bool> ready{false};
+};
+
+class InferenceService final : public inference::GRPCInferenceService::CallbackService {
+ public:
+  InferenceService(ModelRegistry* registry, ServerState* state)
+      : registry_(registry), state_(state) {}
+
+  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx,
+                                       const inference::ServerLiveRequest* req,
+                                       inference::ServerLiveResponse* resp) override;
+  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx,
+                                        const inference::ServerReadyRequest* req,
+                                        inference::ServerReadyResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* ctx,
+                                       const inference::ModelReadyRequest* req,
+                                       inference::ModelReadyResponse* resp) override;
+  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx,
+                                           const inference::ServerMetadataRequest* req,
+                                           inference::ServerMetadataResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* ctx,
+                                          const inference::ModelMetadataRequest* req,
+                                          inference::ModelMetadataResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* ctx,
+                                        const inference::ModelConfigRequest* req,
+                                        inference::ModelConfigResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx,
+                                            const inference::ModelStatisticsRequest* req,
+                                            inference::ModelStatisticsResponse* resp) override;
+  grpc::ServerUnaryReactor* RepositoryIndex(grpc::CallbackServerContext* ctx,
+                                            const inference::RepositoryIndexRequest* req,
+                                            inference::RepositoryIndexResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
+                                       const inference::ModelInferRequest* req,
+                                       inference::ModelInferResponse* resp) override;
+  grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse>*
+  ModelStreamInfer(grpc::CallbackServerContext* ctx) override;
+
+  ModelRegistry& registry() { return *registry_; }
+
+ private:
+  ModelRegistry* registry_;
+  ServerState* state_;
+};
+
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+// The RPC's deadline as an absl::Time (InfiniteFuture when the client set none).
+absl::Time RpcDeadline(const grpc::CallbackServerContext& ctx);
+
+}  // namespace dilattn::server

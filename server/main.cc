@@ -1,0 +1,139 @@
+// dilattn-server: serves dilated and block-sparse attention over KServe v2 gRPC.
+//
+// Flags are spelled with dashes (--grpc-port), as scripts outside this repository call them;
+// --flag=value and --flag value both work.
+
+#include <csignal>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "server/log.h"
+#include "server/server.h"
+
+namespace {
+
+using dilattn::server::ServerOptions;
+
+constexpr const char* kUsage = R"(usage: dilattn-server [flags]
+  --grpc-port N             gRPC port: KServe v2 inference, health, reflection (8001; 0 picks one)
+  --metrics-port N          Prometheus /metrics port (8002; 0 picks one; -1 disables)
+  --bind-address A          address both ports bind to (0.0.0.0)
+  --model-repository DIR    directory of <model>/config.pbtxt (default: the built-in models)
+  --device D                auto (a GPU when there is one), cpu or cuda (auto)
+  --cpu-threads N           CPU backend threads (0: one per hardware thread)
+  --host-pool-mib N         cap of the host buffer pool in MiB (16384)
+  --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
+  --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
+)";
+
+// Parses argv into options; an error message on failure.
+std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
+  int64_t host_pool_mib = 16384;
+  int64_t grace = 30;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") {
+      *help = true;
+      return "";
+    }
+    if (arg.rfind("--", 0) != 0) return absl::StrCat("unexpected argument '", arg, "'");
+    std::string name = arg.substr(2);
+    std::string value;
+    if (const size_t eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    } else if (i + 1 < argc) {
+      value = argv[++i];
+    } else {
+      return absl::StrCat("flag --", name, " needs a value");
+    }
+    auto integer = [&](auto* out) {
+      return absl::SimpleAtoi(value, out) ? std::string()
+                                          : absl::StrCat("flag --", name, "='", value,
+                                                         "' is not an integer");
+    };
+    std::string error;
+    if (name == "grpc-port") {
+      error = integer(&o->grpc_port);
+    } else if (name == "metrics-port") {
+      error = integer(&o->metrics_port);
+    } else if (name == "bind-address") {
+      o->bind_address = value;
+    } else if (name == "model-repository") {
+      o->model_repository = value;
+    } else if (name == "device") {
+      o->engine.device = value;
+    } else if (name == "cpu-threads") {
+      error = integer(&o->engine.cpu_threads);
+    } else if (name == "host-pool-mib") {
+      error = integer(&host_pool_mib);
+    } else if (name == "max-message-bytes") {
+      error = integer(&o->max_message_bytes);
+    } else if (name == "grace-period-seconds") {
+      error = integer(&grace);
+    } else {
+      return absl::StrCat("unknown flag --", name);
+    }
+    if (!error.empty()) return error;
+  }
+  if (o->grpc_port < 0 || o->grpc_port > 65535 || o->metrics_port < -1 ||
+      o->metrics_port > 65535) {
+    return "ports must be in [0, 65535] (metrics: -1 disables)";
+  }
+  if (o->max_message_bytes < 1 || host_pool_mib < 1 || grace < 0 || o->engine.cpu_threads < 0) {
+    return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds and "
+           "--cpu-threads >= 0";
+  }
+  o->engine.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;
+  o->grace_period = absl::Seconds(grace);
+  return "";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using dilattn::server::LogError;
+  using dilattn::server::LogInfo;
+  ServerOptions options;
+  bool help = false;
+  if (std::string error = ParseFlags(argc, argv, &options, &help); !error.empty()) {
+    std::cerr << "dilattn-server: " << error << "\n" << kUsage;
+    return 2;
+  }
+  if (help) {
+    std::cout << kUsage;
+    return 0;
+  }
+
+  // Block the stop signals in every thread; one thread takes them with sigwait.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  absl::StatusOr<std::unique_ptr<dilattn::server::Server>> server =
+      dilattn::server::Server::Start(options);
+  if (!server.ok()) {
+    LogError("dilattn-server: %s", server.status().ToString());
+    return 1;
+  }
+  // Tests and scripts read the chosen ports from this line.
+  std::cout << "dilattn-server listening grpc_port=" << (*server)->grpc_port()
+            << " metrics_port=" << (*server)->metrics_port() << std::endl;
+
+  std::thread signals([&] {
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    LogInfo("dilattn-server: signal %d, finishing in-flight requests", signal);
+    (*server)->Shutdown();
+  });
+  (*server)->Wait();
+  signals.join();
+  return 0;
+}

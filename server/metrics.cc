@@ -1,0 +1,153 @@
+#include "server/metrics.h"
+
+#include "absl/strings/str_cat.h"
+#include "prometheus/collectable.h"
+#include "prometheus/metric_family.h"
+
+namespace dilattn::server {
+namespace {
+
+const prometheus::Histogram::BucketBoundaries kSecondsBuckets = {
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1,    0.25,    0.5,    1.0,   2.5,    5.0,   10.0, 30.0,  60.0};
+const prometheus::Histogram::BucketBoundaries kBatchBuckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+
+const char* const kReasons[4] = {"REJECTED", "CANCELED", "BACKEND", "OTHER"};
+
+}  // namespace
+
+// Reads every registered pool's statistics when Prometheus scrapes, so the numbers are exact at
+// that moment without a background updater.
+class Metrics::PoolCollector : public prometheus::Collectable {
+ public:
+  void Add(const memory::BufferPool* pool) {
+    absl::MutexLock lock(&mu_);
+    pools_.push_back(pool);
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    prometheus::MetricFamily bytes{"dilattn_buffer_pool_bytes",
+                                   "Bytes of a buffer pool by state: in_use (leased), held "
+                                   "(leased plus cached), high_water (max in_use), cap",
+                                   prometheus::MetricType::Gauge, {}};
+    prometheus::MetricFamily leases{"dilattn_buffer_pool_leases",
+                                    "Buffers currently leased from a pool",
+                                    prometheus::MetricType::Gauge, {}};
+    prometheus::MetricFamily events{"dilattn_buffer_pool_events_total",
+                                    "Buffer pool events: hit, miss, wait, timeout, eviction, "
+                                    "allocation_failure",
+                                    prometheus::MetricType::Counter, {}};
+    absl::MutexLock lock(&mu_);
+    for (const memory::BufferPool* pool : pools_) {
+      const memory::BufferPoolStats s = pool->stats();
+      auto gauge = [&](prometheus::MetricFamily& f, const char* state, double v) {
+        prometheus::ClientMetric m;
+        m.label = {{"pool", pool->name()}};
+        if (state != nullptr) m.label.push_back({"state", state});
+        m.gauge.value = v;
+        f.metric.push_back(m);
+      };
+      gauge(bytes, "in_use", static_cast<double>(s.bytes_in_use));
+      gauge(bytes, "held", static_cast<double>(s.bytes_held));
+      gauge(bytes, "high_water", static_cast<double>(s.high_water_bytes));
+      gauge(bytes, "cap", static_cast<double>(pool->byte_cap()));
+      gauge(leases, nullptr, static_cast<double>(s.leases_outstanding));
+      auto counter = [&](const char* event, uint64_t v) {
+        prometheus::ClientMetric m;
+        m.label = {{"pool", pool->name()}, {"event", event}};
+        m.counter.value = static_cast<double>(v);
+        events.metric.push_back(m);
+      };
+      counter("hit", s.hits);
+      counter("miss", s.misses);
+      counter("wait", s.waits);
+      counter("timeout", s.timeouts);
+      counter("eviction", s.evictions);
+      counter("allocation_failure", s.allocation_failures);
+    }
+    return {bytes, leases, events};
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<const memory::BufferPool*> pools_ ABSL_GUARDED_BY(mu_);
+};
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind_address) {
+  std::unique_ptr<Metrics> m(new Metrics());
+  m->registry_ = std::make_shared<prometheus::Registry>();
+  m->pools_ = std::make_shared<PoolCollector>();
+  prometheus::Registry& r = *m->registry_;
+  auto counter = [&](const char* name, const char* help) {
+    return &prometheus::BuildCounter().Name(name).Help(help).Register(r);
+  };
+  m->success_ = counter("nv_inference_request_success", "Number of successful inference requests, all batch sizes");
+  m->failure_ = counter("nv_inference_request_failure", "Number of failed inference requests, all batch sizes");
+  m->inference_count_ = counter("nv_inference_count", "Number of inferences performed (a request of batch B counts B)");
+  m->exec_count_ = counter("nv_inference_exec_count", "Number of model executions performed (batches)");
+  m->request_us_ = counter("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds");
+  m->queue_us_ = counter("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds");
+  m->compute_input_us_ = counter("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds");
+  m->compute_infer_us_ = counter("nv_inference_compute_infer_duration_us", "Cumulative compute inference duration in microseconds");
+  m->compute_output_us_ = counter("nv_inference_compute_output_duration_us", "Cumulative inference compute output duration in microseconds");
+  m->pending_ = &prometheus::BuildGauge()
+                     .Name("nv_inference_pending_request_count")
+                     .Help("Instantaneous number of pending requests awaiting execution per-model")
+                     .Register(r);
+  auto histogram = [&](const char* name, const char* help) {
+    return &prometheus::BuildHistogram().Name(name).Help(help).Register(r);
+  };
+  m->request_seconds_ = histogram("dilattn_request_duration_seconds", "Server-side time of successful requests, arrival to response");
+  m->queue_seconds_ = histogram("dilattn_queue_duration_seconds", "Time requests wait in the model's queue");
+  m->compute_seconds_ = histogram("dilattn_compute_duration_seconds", "Time of each execution: copies in, kernel, copies out");
+  m->batch_size_ = histogram("dilattn_batch_size", "Sequences per execution");
+  if (!bind_address.empty()) {
+    try {
+      m->exposer_ = std::make_unique<prometheus::Exposer>(bind_address);
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot serve metrics on ", bind_address, ": ", e.what()));
+    }
+    m->exposer_->RegisterCollectable(m->registry_);
+    m->exposer_->RegisterCollectable(m->pools_);
+  }
+  return m;
+}
+
+Metrics::~Metrics() = default;
+
+int Metrics::port() const {
+  if (exposer_ == nullptr) return 0;
+  const std::vector<int> ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
+
+void Metrics::AddPool(const memory::BufferPool* pool) { pools_->Add(pool); }
+
+ModelMetrics* Metrics::ForModel(const std::string& model, const std::string& version) {
+  const prometheus::Labels labels = {{"model", model}, {"version", version}};
+  auto mm = std::make_unique<ModelMetrics>();
+  mm->success = &success_->Add(labels);
+  for (int i = 0; i < 4; ++i) {
+    prometheus::Labels with_reason = labels;
+    with_reason["reason"] = kReasons[i];
+    mm->failure[i] = &failure_->Add(with_reason);
+  }
+  mm->inference_count = &inference_count_->Add(labels);
+  mm->exec_count = &exec_count_->Add(labels);
+  mm->request_us = &request_us_->Add(labels);
+  mm->queue_us = &queue_us_->Add(labels);
+  mm->compute_input_us = &compute_input_us_->Add(labels);
+  mm->compute_infer_us = &compute_infer_us_->Add(labels);
+  mm->compute_output_us = &compute_output_us_->Add(labels);
+  mm->pending = &pending_->Add(labels);
+  mm->request_seconds = &request_seconds_->Add(labels, kSecondsBuckets);
+  mm->queue_seconds = &queue_seconds_->Add(labels, kSecondsBuckets);
+  mm->compute_seconds = &compute_seconds_->Add(labels, kSecondsBuckets);
+  mm->batch_size = &batch_size_->Add(labels, kBatchBuckets);
+  absl::MutexLock lock(&mu_);
+  models_.push_back(std::move(mm));
+  return models_.back().get();
+}
+
+}  // namespace dilattn::server

@@ -1,0 +1,82 @@
+#pragma once
+
+// Prometheus metrics: Triton's nv_inference_* names with model/version labels where Triton has
+// the metric, histograms of request, queue and compute time and of batch size, and buffer-pool
+// gauges read at scrape time. Served in the text format on /metrics.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "kernels/memory/buffer_pool.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace dilattn::server {
+
+// Failure reasons, as Triton labels nv_inference_request_failure.
+enum class FailureReason { kRejected, kCanceled, kBackend, kOther };
+
+struct ModelMetrics {
+  prometheus::Counter* success;
+  prometheus::Counter* failure[4];  // by FailureReason
+  prometheus::Counter* inference_count;
+  prometheus::Counter* exec_count;
+  prometheus::Counter* request_us;
+  prometheus::Counter* queue_us;
+  prometheus::Counter* compute_input_us;
+  prometheus::Counter* compute_infer_us;
+  prometheus::Counter* compute_output_us;
+  prometheus::Gauge* pending;
+  prometheus::Histogram* request_seconds;
+  prometheus::Histogram* queue_seconds;
+  prometheus::Histogram* compute_seconds;
+  prometheus::Histogram* batch_size;
+};
+
+class Metrics {
+ public:
+  // Serves /metrics on bind_address ("0.0.0.0:8002"; port 0 picks a free one). Empty: registry
+  // only, nothing served (tests).
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& bind_address);
+  ~Metrics();
+
+  int port() const;  // 0 when not serving
+  ModelMetrics* ForModel(const std::string& model, const std::string& version);
+  void AddPool(const memory::BufferPool* pool);
+  prometheus::Registry& registry() { return *registry_; }
+
+ private:
+  Metrics() = default;
+  class PoolCollector;
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<PoolCollector> pools_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<ModelMetrics>> models_ ABSL_GUARDED_BY(mu_);
+
+  prometheus::Family<prometheus::Counter>* success_ = nullptr;
+  prometheus::Family<prometheus::Counter>* failure_ = nullptr;
+  prometheus::Family<prometheus::Counter>* inference_count_ = nullptr;
+  prometheus::Family<prometheus::Counter>* exec_count_ = nullptr;
+  prometheus::Family<prometheus::Counter>* request_us_ = nullptr;
+  prometheus::Family<prometheus::Counter>* queue_us_ = nullptr;
+  prometheus::Family<prometheus::Counter>* compute_input_us_ = nullptr;
+  prometheus::Family<prometheus::Counter>* compute_infer_us_ = nullptr;
+  prometheus::Family<prometheus::Counter>* compute_output_us_ = nullptr;
+  prometheus::Family<prometheus::Gauge>* pending_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* request_seconds_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* queue_seconds_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* compute_seconds_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* batch_size_ = nullptr;
+};
+
+}  // namespace dilattn::server

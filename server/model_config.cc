@@ -1,0 +1,329 @@
+#include "server/model_config.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+
+namespace dilattn::server {
+namespace {
+
+using inference::DataType;
+
+class CollectErrors : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int line, int column, const std::string& message) override {
+    if (first_.empty()) first_ = absl::StrCat("line ", line + 1, ", column ", column + 1, ": ", message);
+  }
+  void AddWarning(int, int, const std::string&) override {}
+  const std::string& first() const { return first_; }
+
+ private:
+  std::string first_;
+};
+
+absl::StatusOr<attention::DType> FromConfigType(DataType t, absl::string_view what) {
+  switch (t) {
+    case inference::TYPE_FP32: return attention::DType::kFloat32;
+    case inference::TYPE_FP16: return attention::DType::kFloat16;
+    case inference::TYPE_BF16: return attention::DType::kBFloat16;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " has data_type ", inference::DataType_Name(t),
+          "; only TYPE_FP32, TYPE_FP16 and TYPE_BF16 are supported"));
+  }
+}
+
+absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
+  inference::ModelConfig& c = spec->config;
+  const bool batched = c.max_batch_size() > 0;
+  const int rank = batched ? 3 : 4;  // with a batch dimension the config lists [N, H, D]
+  if (c.input_size() == 0) {
+    for (const char* name : {"Q", "K", "V"}) {
+      inference::ModelInput* in = c.add_input();
+      in->set_name(name);
+      in->set_data_type(inference::TYPE_FP32);
+      for (int i = 0; i < rank; ++i) in->add_dims(-1);
+    }
+  }
+  if (c.output_size() == 0) {
+    inference::ModelOutput* out = c.add_output();
+    out->set_name("O");
+    out->set_data_type(c.input(0).data_type());
+    for (int i = 0; i < rank; ++i) out->add_dims(-1);
+  }
+  std::set<std::string> names;
+  for (const inference::ModelInput& in : c.input()) names.insert(in.name());
+  if (c.input_size() != 3 || names != std::set<std::string>{"Q", "K", "V"}) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": inputs must be exactly Q, K and V"));
+  }
+  if (c.output_size() != 1 || c.output(0).name() != "O") {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": the one output must be O"));
+  }
+  const DataType type = c.input(0).data_type();
+  absl::StatusOr<attention::DType> dtype = FromConfigType(type, "input Q");
+  if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", dtype.status().message()));
+  spec->declared_dtype = *dtype;
+  for (const inference::ModelInput& in : c.input()) {
+    if (in.data_type() != type) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": inputs Q, K and V must share one data_type"));
+    }
+    if (in.dims_size() != rank) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          source, ": input ", in.name(), " has ", in.dims_size(), " dims; with max_batch_size ",
+          c.max_batch_size(), " it needs ", rank, batched ? " ([N, H, D])" : " ([B, N, H, D])"));
+    }
+    for (int i = 0; i < rank; ++i) {
+      if (in.dims(i) == 0 || in.dims(i) < -1) {
+        return absl::InvalidArgumentError(absl::StrCat(source, ": input ", in.name(), " dim ", i,
+                                                       " is ", in.dims(i), " (want -1 or >= 1)"));
+      }
+      if (in.dims(i) != c.input(0).dims(i)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": inputs Q, K and V must declare the same dims"));
+      }
+    }
+  }
+  const int first = batched ? 0 : 1;
+  if (!batched && c.input(0).dims(0) != -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": the batch dim B must be -1 (variable)"));
+  }
+  for (int i = 0; i < 3; ++i) spec->dims[static_cast<size_t>(i)] = c.input(0).dims(first + i);
+  if (c.output(0).data_type() != type) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": output O must have the inputs' data_type"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckBatching(ModelSpec* spec, absl::string_view source) {
+  const inference::ModelConfig& c = spec->config;
+  BatchingPolicy& b = spec->batching;
+  if (c.max_batch_size() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": max_batch_size must be >= 0"));
+  }
+  b.max_batch_size = c.max_batch_size();
+  if (!c.has_dynamic_batching()) return absl::OkStatus();
+  const inference::ModelDynamicBatching& d = c.dynamic_batching();
+  if (b.max_batch_size == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": dynamic_batching needs max_batch_size > 0"));
+  }
+  for (int p : d.preferred_batch_size()) {
+    if (p < 1 || p > b.max_batch_size) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": preferred_batch_size ", p,
+                                                     " is outside [1, max_batch_size=",
+                                                     b.max_batch_size, "]"));
+    }
+    b.preferred_batch_sizes.push_back(p);
+  }
+  std::sort(b.preferred_batch_sizes.begin(), b.preferred_batch_sizes.end());
+  b.max_queue_delay = absl::Microseconds(static_cast<int64_t>(d.max_queue_delay_microseconds()));
+  if (d.priority_levels() > 64) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": at most 64 priority_levels"));
+  }
+  b.priority_levels = d.priority_levels() == 0 ? 1 : static_cast<int>(d.priority_levels());
+  b.default_priority = d.default_priority_level() == 0
+                           ? (b.priority_levels + 1) / 2
+                           : static_cast<int>(d.default_priority_level());
+  if (b.default_priority < 1 || b.default_priority > b.priority_levels) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": default_priority_level ",
+                                                   b.default_priority, " is outside [1, ",
+                                                   b.priority_levels, "]"));
+  }
+  if (!d.priority_queue_policy().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": priority_queue_policy is not supported; use default_queue_policy"));
+  }
+  const inference::ModelQueuePolicy& q = d.default_queue_policy();
+  if (q.timeout_action() != inference::ModelQueuePolicy::REJECT) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": timeout_action DELAY is not supported (expired requests are "
+                             "rejected and never computed)"));
+  }
+  b.max_queue_size = q.max_queue_size();
+  b.default_timeout = absl::Microseconds(static_cast<int64_t>(q.default_timeout_microseconds()));
+  b.allow_timeout_override = q.allow_timeout_override() || q.default_timeout_microseconds() == 0;
+  return absl::OkStatus();
+}
+
+// Checks the operator defaults the same way requests are checked, on the smallest shape that
+// satisfies them, so that a broken config fails at start-up rather than on every request.
+absl::Status CheckOperator(const ModelSpec& spec, absl::string_view source) {
+  const OperatorOptions& o = spec.defaults;
+  attention::ProblemShape shape = attention::DenseShape(attention::DType::kFloat32, 1, 1, 1, 1);
+  absl::Status s;
+  if (o.kind == OperatorKind::kDilatedAttention) {
+    shape.num_heads = std::max<int64_t>(1, static_cast<int64_t>(o.dilated.segment_lengths.size()));
+    s = attention::PlanAttention(o.dilated, shape).status();
+  } else if (o.sparse.pattern != block_sparse::Pattern::kExplicit) {
+    s = block_sparse::PlanBlockSparse(o.sparse, shape).status();
+  }
+  if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", s.message()));
+  return absl::OkStatus();
+}
+
+constexpr const char* kDilatedConfig = R"pb(
+name: "dilated_attention"
+backend: "dilattn"
+max_batch_size: 64
+input { name: "Q" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+input { name: "K" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+input { name: "V" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+output { name: "O" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+dynamic_batching {
+  max_queue_delay_microseconds: 0
+  default_queue_policy { max_queue_size: 4096 }
+}
+parameters { key: "operator" value { string_value: "dilated_attention" } }
+parameters { key: "mode" value { string_value: "longnet" } }
+parameters { key: "segment_lengths" value { string_value: "2048,4096,8192,16384,32768" } }
+parameters { key: "dilation_rates" value { string_value: "1,2,4,8,16" } }
+parameters { key: "causal" value { string_value: "false" } }
+)pb";
+
+constexpr const char* kHeadGroupsConfig = R"pb(
+name: "dilated_attention_head_groups"
+backend: "dilattn"
+max_batch_size: 64
+input { name: "Q" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+input { name: "K" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+input { name: "V" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+output { name: "O" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+dynamic_batching {
+  max_queue_delay_microseconds: 0
+  default_queue_policy { max_queue_size: 4096 }
+}
+parameters { key: "operator" value { string_value: "dilated_attention" } }
+parameters { key: "mode" value { string_value: "head_groups" } }
+parameters { key: "segment_lengths" value { string_value: "2048,4096,8192" } }
+parameters { key: "dilation_rates" value { string_value: "1,2,4" } }
+parameters { key: "causal" value { string_value: "false" } }
+)pb";
+
+constexpr const char* kBlockSparseConfig = R"pb(
+name: "block_sparse_attention"
+backend: "dilattn"
+max_batch_size: 64
+input { name: "Q" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+input { name: "K" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+input { name: "V" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+output { name: "O" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+dynamic_batching {
+  max_queue_delay_microseconds: 0
+  default_queue_policy { max_queue_size: 4096 }
+}
+parameters { key: "operator" value { string_value: "block_sparse" } }
+parameters { key: "block_size" value { string_value: "64" } }
+parameters { key: "pattern" value { string_value: "local_window" } }
+parameters { key: "window" value { string_value: "1" } }
+parameters { key: "causal" value { string_value: "false" } }
+)pb";
+
+}  // namespace
+
+absl::StatusOr<ModelSpec> ParseModelConfig(absl::string_view text, absl::string_view source,
+                                           absl::string_view directory_name) {
+  ModelSpec spec;
+  google::protobuf::TextFormat::Parser parser;
+  CollectErrors errors;
+  parser.RecordErrorsTo(&errors);
+  if (!parser.ParseFromString(std::string(text), &spec.config)) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", errors.first()));
+  }
+  inference::ModelConfig& c = spec.config;
+  if (c.name().empty()) c.set_name(std::string(directory_name));
+  if (c.name().empty()) return absl::InvalidArgumentError(absl::StrCat(source, ": no model name"));
+  if (!directory_name.empty() && c.name() != directory_name) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": name '", c.name(),
+                                                   "' differs from its directory '",
+                                                   directory_name, "'"));
+  }
+  if (!c.backend().empty() && c.backend() != "dilattn") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": backend '", c.backend(), "' is not 'dilattn'"));
+  }
+  c.set_backend("dilattn");
+  spec.name = c.name();
+
+  auto op = c.parameters().find("operator");
+  const std::string kind = op == c.parameters().end() ? "dilated_attention" : op->second.string_value();
+  if (kind == "dilated_attention") {
+    spec.defaults.kind = OperatorKind::kDilatedAttention;
+  } else if (kind == "block_sparse") {
+    spec.defaults.kind = OperatorKind::kBlockSparse;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": parameter operator='", kind, "' is not 'dilated_attention' or 'block_sparse'"));
+  }
+  for (const auto& [key, value] : c.parameters()) {
+    if (key == "operator") continue;
+    if (key == "max_batch_tokens") {
+      if (!absl::SimpleAtoi(value.string_value(), &spec.batching.max_batch_tokens) ||
+          spec.batching.max_batch_tokens < 1) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            source, ": parameter max_batch_tokens='", value.string_value(),
+            "' is not an integer >= 1"));
+      }
+      continue;
+    }
+    absl::Status s = ApplyOperatorParameter(key, ParamValue(value.string_value()),
+                                            absl::StrCat(source, ": config parameter"),
+                                            &spec.defaults);
+    if (!s.ok()) return s;
+  }
+  if (absl::Status s = CheckTensors(&spec, source); !s.ok()) return s;
+  if (absl::Status s = CheckBatching(&spec, source); !s.ok()) return s;
+  if (absl::Status s = CheckOperator(spec, source); !s.ok()) return s;
+  return spec;
+}
+
+absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model repository '", dir, "' is not a directory"));
+  }
+  std::vector<fs::path> model_dirs;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    if (e.is_directory() && fs::exists(e.path() / "config.pbtxt")) model_dirs.push_back(e.path());
+  }
+  std::sort(model_dirs.begin(), model_dirs.end());
+  if (model_dirs.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model repository '", dir, "' holds no <model>/config.pbtxt"));
+  }
+  std::vector<ModelSpec> specs;
+  for (const fs::path& p : model_dirs) {
+    std::ifstream in(p / "config.pbtxt");
+    std::stringstream text;
+    text << in.rdbuf();
+    absl::StatusOr<ModelSpec> spec =
+        ParseModelConfig(text.str(), (p / "config.pbtxt").string(), p.filename().string());
+    if (!spec.ok()) return spec.status();
+    specs.push_back(*std::move(spec));
+  }
+  return specs;
+}
+
+std::vector<ModelSpec> DefaultModels() {
+  std::vector<ModelSpec> specs;
+  for (const char* text : {kDilatedConfig, kHeadGroupsConfig, kBlockSparseConfig}) {
+    absl::StatusOr<ModelSpec> spec = ParseModelConfig(text, "built-in config", "");
+    // The built-in configs are tested; a failure here is a programming error caught by tests.
+    if (spec.ok()) specs.push_back(*std::move(spec));
+  }
+  return specs;
+}
+
+}  // namespace dilattn::server

@@ -1,0 +1,58 @@
+#pragma once
+
+// One accepted inference request on its way from a gRPC handler through a model's scheduler to
+// an engine. The handler has validated it completely; the tensors are views into the RPC's own
+// message, which stays alive until `done` runs.
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "kernels/attention/attention.h"
+#include "server/operator_options.h"
+
+namespace dilattn::server {
+
+class Model;
+
+// Durations of one request for statistics (the batch's compute phases are shared by its members).
+struct RequestTimings {
+  absl::Duration queue;
+  absl::Duration compute_input;
+  absl::Duration compute_infer;
+  absl::Duration compute_output;
+};
+
+struct InferenceRequest {
+  Model* model = nullptr;
+  std::string id;
+
+  OperatorOptions options;
+  std::string batch_key;  // requests with equal keys may share one execution
+  attention::DType dtype = attention::DType::kFloat32;
+  int64_t batch = 0, seq_len = 0, heads = 0, head_dim = 0;
+  size_t tensor_bytes = 0;
+
+  absl::string_view q, k, v;
+  std::string owned[3];  // Q, K, V bytes when they came as typed contents instead of raw bytes
+  std::string* output = nullptr;  // the response's raw output, sized and filled by the engine
+
+  int priority = 1;  // 1 is served first
+  absl::Time arrival;
+  absl::Time deadline = absl::InfiniteFuture();
+  // Set by the RPC layer when the client cancels or the call's deadline passes.
+  std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+
+  // Called exactly once, with OK after the output is written or with the reason it never will
+  // be. Runs on a scheduler or engine thread, or on the handler's thread for rejections.
+  absl::AnyInvocable<void(const absl::Status&, const RequestTimings&)> done;
+
+  int64_t tokens() const { return batch * seq_len; }
+};
+
+}  // namespace dilattn::server

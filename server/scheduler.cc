@@ -1,0 +1,198 @@
+#include "server/scheduler.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "server/engine.h"
+#include "server/model.h"
+
+namespace dilattn::server {
+namespace {
+
+// How often a batcher waiting for the engine looks at its queue for expired requests.
+constexpr absl::Duration kSweepInterval = absl::Milliseconds(5);
+
+}  // namespace
+
+Scheduler::Scheduler(Model* model, const BatchingPolicy& policy, Engine* engine)
+    : model_(model), policy_(policy), engine_(engine) {
+  queues_.resize(static_cast<size_t>(std::max(1, policy_.priority_levels)));
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() { Shutdown(); }
+
+size_t Scheduler::queued() const {
+  absl::MutexLock lock(&mu_);
+  return queued_;
+}
+
+void Scheduler::Enqueue(std::unique_ptr<InferenceRequest> request) {
+  absl::Status rejection;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) {
+      rejection = absl::UnavailableError("server is shutting down");
+    } else if (policy_.max_queue_size > 0 && queued_ >= policy_.max_queue_size) {
+      rejection = absl::UnavailableError("Exceeds maximum queue size");
+    } else {
+      const int level = std::clamp(request->priority, 1, policy_.priority_levels);
+      queues_[static_cast<size_t>(level - 1)].push_back(std::move(request));
+      ++queued_;
+      model_->stats().AddPending(1);
+      arrived_.Signal();
+    }
+  }
+  if (!rejection.ok()) CompleteRequest(std::move(request), rejection);
+}
+
+void Scheduler::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_ && !thread_.joinable()) return;
+    stopping_ = true;
+    arrived_.SignalAll();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+InferenceRequest* Scheduler::HeadLocked() {
+  for (auto& q : queues_) {
+    if (!q.empty()) return q.front().get();
+  }
+  return nullptr;
+}
+
+absl::Time Scheduler::SweepLocked(std::vector<std::unique_ptr<InferenceRequest>>* dropped) {
+  const absl::Time now = absl::Now();
+  absl::Time earliest = absl::InfiniteFuture();
+  for (auto& q : queues_) {
+    for (auto it = q.begin(); it != q.end();) {
+      InferenceRequest& r = **it;
+      if (r.cancelled->load() || r.deadline <= now) {
+        dropped->push_back(std::move(*it));
+        it = q.erase(it);
+        --queued_;
+      } else {
+        earliest = std::min(earliest, r.deadline);
+        ++it;
+      }
+    }
+  }
+  return earliest;
+}
+
+void Scheduler::FinishDropped(std::vector<std::unique_ptr<InferenceRequest>>& dropped) {
+  for (auto& r : dropped) {
+    model_->stats().AddPending(-1);
+    const bool cancelled = r->cancelled->load();
+    CompleteRequest(std::move(r),
+                    cancelled ? absl::CancelledError("request cancelled; it was not computed")
+                              : absl::DeadlineExceededError(
+                                    "request timeout expired before execution; it was not "
+                                    "computed"));
+  }
+  dropped.clear();
+}
+
+void Scheduler::Loop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](Scheduler* s) ABSL_NO_THREAD_SAFETY_ANALYSIS { return s->queued_ > 0 || s->stopping_; },
+          this));
+      if (queued_ == 0 && stopping_) return;
+    }
+    // Form the batch only once the engine can take it, so that requests arriving meanwhile join.
+    // While waiting, keep rejecting requests whose time runs out.
+    bool have_slot = false;
+    while (!have_slot) {
+      have_slot = engine_->AcquireSlot(absl::Now() + kSweepInterval);
+      std::vector<std::unique_ptr<InferenceRequest>> dropped;
+      bool empty;
+      {
+        absl::MutexLock lock(&mu_);
+        SweepLocked(&dropped);
+        empty = queued_ == 0;
+      }
+      FinishDropped(dropped);
+      if (empty) {
+        if (have_slot) engine_->ReleaseSlot();
+        have_slot = false;
+        break;
+      }
+    }
+    if (!have_slot) {
+      absl::MutexLock lock(&mu_);
+      if (queued_ == 0 && stopping_) return;
+      continue;
+    }
+
+    Batch batch;
+    batch.model = model_;
+    std::vector<std::unique_ptr<InferenceRequest>> dropped;
+    {
+      absl::MutexLock lock(&mu_);
+      while (true) {
+        const absl::Time earliest_deadline = SweepLocked(&dropped);
+        InferenceRequest* head = HeadLocked();
+        if (head == nullptr) break;
+        // Walk the queues in service order, taking requests that share the head's key.
+        int64_t sequences = 0;
+        int64_t tokens = 0;
+        bool limited = false;
+        for (auto& q : queues_) {
+          for (auto& r : q) {
+            if (r->batch_key != head->batch_key) continue;
+            const bool first = sequences == 0;
+            if (!first && (policy_.max_batch_size == 0 ||
+                           sequences + r->batch > policy_.max_batch_size ||
+                           tokens + r->tokens() > policy_.max_batch_tokens)) {
+              limited = true;
+              break;
+            }
+            sequences += r->batch;
+            tokens += r->tokens();
+          }
+          if (limited) break;
+        }
+        const bool at_max = limited || policy_.max_batch_size == 0 ||
+                            sequences >= policy_.max_batch_size;
+        const bool preferred =
+            !policy_.preferred_batch_sizes.empty() && sequences >= policy_.preferred_batch_sizes.back();
+        const absl::Time delay_end = head->arrival + policy_.max_queue_delay;
+        if (!(at_max || preferred || stopping_ || absl::Now() >= delay_end)) {
+          arrived_.WaitWithDeadline(&mu_, std::min(delay_end, earliest_deadline));
+          continue;
+        }
+        // Take them: the same walk, now moving the requests out.
+        const std::string key = head->batch_key;
+        int64_t taken_sequences = 0;
+        for (auto& q : queues_) {
+          for (auto it = q.begin(); it != q.end() && taken_sequences < sequences;) {
+            if ((*it)->batch_key != key) {
+              ++it;
+              continue;
+            }
+            taken_sequences += (*it)->batch;
+            batch.requests.push_back(std::move(*it));
+            it = q.erase(it);
+            --queued_;
+          }
+        }
+        break;
+      }
+    }
+    FinishDropped(dropped);
+    if (batch.requests.empty()) {
+      engine_->ReleaseSlot();
+      continue;
+    }
+    model_->stats().AddPending(-static_cast<int64_t>(batch.requests.size()));
+    engine_->Submit(std::move(batch));
+  }
+}
+
+}  // namespace dilattn::server

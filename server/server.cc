@@ -1,0 +1,89 @@
+#include "server/server.h"
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/server_builder.h"
+#include "server/log.h"
+
+namespace dilattn::server {
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
+  std::unique_ptr<Server> s(new Server());
+  s->options_ = options;
+
+  std::vector<ModelSpec> specs;
+  if (options.model_repository.empty()) {
+    specs = DefaultModels();
+  } else {
+    absl::StatusOr<std::vector<ModelSpec>> loaded = LoadModelRepository(options.model_repository);
+    if (!loaded.ok()) return loaded.status();
+    specs = *std::move(loaded);
+  }
+
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
+      options.metrics_port < 0 ? ""
+                               : absl::StrCat(options.bind_address, ":", options.metrics_port));
+  if (!metrics.ok()) return metrics.status();
+  s->metrics_ = *std::move(metrics);
+
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options.engine);
+  if (!engine.ok()) return engine.status();
+  s->engine_ = *std::move(engine);
+  for (const memory::BufferPool* pool : s->engine_->pools()) s->metrics_->AddPool(pool);
+
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry =
+      ModelRegistry::Create(std::move(specs), s->engine_.get(), s->metrics_.get());
+  if (!registry.ok()) return registry.status();
+  s->registry_ = *std::move(registry);
+  s->service_ = std::make_unique<InferenceService>(s->registry_.get(), &s->state_);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(absl::StrCat(options.bind_address, ":", options.grpc_port),
+                           grpc::InsecureServerCredentials(), &s->grpc_port_);
+  builder.SetMaxReceiveMessageSize(options.max_message_bytes);
+  builder.SetMaxSendMessageSize(options.max_message_bytes);
+  builder.RegisterService(s->service_.get());
+  s->grpc_ = builder.BuildAndStart();
+  if (s->grpc_ == nullptr || s->grpc_port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ",
+                                               options.bind_address, ":", options.grpc_port));
+  }
+  grpc::HealthCheckServiceInterface* health = s->grpc_->GetHealthCheckService();
+  health->SetServingStatus(true);
+  for (const auto& m : s->registry_->models()) health->SetServingStatus(m->name(), true);
+  s->state_.ready.store(true);
+  LogInfo("dilattn-server: backend %s, %d models, gRPC on %s:%d, metrics on port %d",
+          s->engine_->backend_name(), static_cast<int>(s->registry_->models().size()),
+          options.bind_address, s->grpc_port_, s->metrics_->port());
+  return s;
+}
+
+Server::~Server() { Shutdown(); }
+
+void Server::Wait() {
+  if (grpc_ != nullptr) grpc_->Wait();
+}
+
+void Server::Shutdown() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  state_.ready.store(false);
+  if (grpc_ != nullptr) {
+    grpc_->GetHealthCheckService()->SetServingStatus(false);
+    // Stops accepting RPCs at once; waits for in-flight ones (which the schedulers and the
+    // engine keep serving) until the grace period ends, then cancels what is left.
+    grpc_->Shutdown(std::chrono::system_clock::now() +
+                    absl::ToChronoSeconds(options_.grace_period));
+  }
+  if (registry_ != nullptr) registry_->Shutdown();
+  if (engine_ != nullptr) engine_->Shutdown();
+  LogInfo("dilattn-server: shut down");
+}
+
+}  // namespace dilattn::server

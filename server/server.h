@@ -1,0 +1,60 @@
+#pragma once
+
+// The assembled service: engine, models, metrics, and the gRPC server with the inference,
+// health and reflection services.
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/server.h"
+#include "server/engine.h"
+#include "server/grpc/inference_service.h"
+#include "server/metrics.h"
+#include "server/model_registry.h"
+
+namespace dilattn::server {
+
+struct ServerOptions {
+  std::string bind_address = "0.0.0.0";
+  int grpc_port = 8001;     // 0 picks a free port
+  int metrics_port = 8002;  // 0 picks a free port; -1 serves no metrics
+  std::string model_repository;  // empty: the built-in models
+  EngineOptions engine;
+  int max_message_bytes = 2147483647;
+  absl::Duration grace_period = absl::Seconds(30);
+};
+
+class Server {
+ public:
+  static absl::StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options);
+  ~Server();
+
+  int grpc_port() const { return grpc_port_; }
+  int metrics_port() const { return metrics_->port(); }
+  const ModelRegistry& registry() const { return *registry_; }
+  const Engine& engine() const { return *engine_; }
+
+  // Blocks until Shutdown() has finished.
+  void Wait();
+  // Health NOT_SERVING, no new RPCs, in-flight ones finish within the grace period, then the
+  // schedulers and the engine stop. Safe from any thread, once.
+  void Shutdown();
+
+ private:
+  Server() = default;
+
+  ServerOptions options_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<ModelRegistry> registry_;
+  ServerState state_;
+  std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<grpc::Server> grpc_;
+  int grpc_port_ = 0;
+  absl::Mutex mu_;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace dilattn::server
