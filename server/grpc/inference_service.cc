@@ -7,6 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "grpcpp/support/proto_buffer_reader.h"
+#include "grpcpp/support/proto_buffer_writer.h"
 #include "server/grpc/infer_parser.h"
 
 namespace dilattn::server {
@@ -24,21 +26,56 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* ctx, const absl::St
   return reactor;
 }
 
-// Completes a unary ModelInfer when the engine (or the scheduler) is done with its request.
+// Parses a request message; INVALID_ARGUMENT when the bytes are not one.
+absl::Status ParseMessage(const grpc::ByteBuffer& bytes, google::protobuf::Message* out) {
+  grpc::ByteBuffer copy(bytes);  // shares the slices; the reader consumes its own buffer
+  grpc::ProtoBufferReader reader(&copy);
+  if (!out->ParseFromZeroCopyStream(&reader)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "request is not a valid ", out->GetTypeName(), " (malformed or truncated protobuf)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SerializeMessage(const google::protobuf::Message& message, grpc::ByteBuffer* out) {
+  bool own = false;
+  grpc::ByteBuffer bytes;
+  grpc::Status s = grpc::GenericSerialize<grpc::ProtoBufferWriter, google::protobuf::Message>(
+      message, &bytes, &own);
+  if (!s.ok()) {
+    return absl::InternalError(absl::StrCat("cannot serialize the response: ", s.error_message()));
+  }
+  out->Swap(&bytes);
+  return absl::OkStatus();
+}
+
+// A unary ModelInfer: owns the parsed request (the engine reads its tensors in place) and the
+// response, serialized when the engine (or the scheduler) completes the request.
 class InferReactor final : public grpc::ServerUnaryReactor {
  public:
+  explicit InferReactor(grpc::ByteBuffer* out) : out_(out) {}
+
+  inference::ModelInferRequest request;
+  inference::ModelInferResponse response;
   std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
 
+  void Complete(const absl::Status& status) {
+    absl::Status s = status;
+    if (s.ok()) s = SerializeMessage(response, out_);
+    Finish(ToGrpcStatus(s));
+  }
   void OnCancel() override { cancelled->store(true); }
   void OnDone() override { delete this; }
+
+ private:
+  grpc::ByteBuffer* out_;
 };
 
 // ModelStreamInfer: every request read is parsed and enqueued as it arrives; responses (or
 // error_message responses, as Triton sends them) are written in completion order, one write in
 // flight at a time. The stream finishes once the client is done writing and every request has
 // been answered.
-class StreamReactor final
-    : public grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse> {
+class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   StreamReactor(grpc::CallbackServerContext* ctx, ModelRegistry* registry)
       : ctx_(ctx), registry_(registry) {
@@ -57,11 +94,14 @@ class StreamReactor final
       return;
     }
     auto item = std::make_unique<Item>();
-    item->request.Swap(&incoming_);
+    const absl::Status message = ParseMessage(incoming_, &item->request);
+    incoming_.Clear();
     StartRead(&incoming_);
     inference::ModelInferResponse* response = item->response.mutable_infer_response();
-    absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed = ParseInferRequest(
-        item->request, *registry_, absl::Now(), RpcDeadline(*ctx_), response);
+    absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
+        message.ok() ? ParseInferRequest(item->request, *registry_, absl::Now(),
+                                         RpcDeadline(*ctx_), response)
+                     : absl::StatusOr<std::unique_ptr<InferenceRequest>>(message);
     if (!parsed.ok()) {
       SetError(item.get(), parsed.status());
       Write(item.release());
@@ -100,7 +140,7 @@ class StreamReactor final
       }
     }
     if (next != nullptr) {
-      StartWrite(&next->response);
+      StartWrite(&next->bytes);
     } else if (finish) {
       FinishStream();
     }
@@ -113,6 +153,7 @@ class StreamReactor final
   struct Item {
     ModelInferRequest request;
     ModelStreamInferResponse response;
+    grpc::ByteBuffer bytes;  // the serialized response while it is written
   };
 
   static void SetError(Item* item, const absl::Status& s) {
@@ -126,6 +167,10 @@ class StreamReactor final
   }
 
   void Write(Item* item) {
+    if (absl::Status s = SerializeMessage(item->response, &item->bytes); !s.ok()) {
+      SetError(item, s);
+      (void)SerializeMessage(item->response, &item->bytes);
+    }
     bool start;
     {
       absl::MutexLock lock(&mu_);
@@ -133,7 +178,7 @@ class StreamReactor final
       start = !writing_;
       writing_ = true;
     }
-    if (start) StartWrite(&item->response);
+    if (start) StartWrite(&item->bytes);
   }
 
   bool ShouldFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -148,7 +193,7 @@ class StreamReactor final
 
   grpc::CallbackServerContext* ctx_;
   ModelRegistry* registry_;
-  ModelInferRequest incoming_;
+  grpc::ByteBuffer incoming_;
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
   absl::Mutex mu_;
   std::deque<Item*> writes_ ABSL_GUARDED_BY(mu_);  // front is being written
@@ -278,27 +323,30 @@ grpc::ServerUnaryReactor* InferenceService::RepositoryIndex(
 }
 
 grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerContext* ctx,
-                                                       const inference::ModelInferRequest* req,
-                                                       inference::ModelInferResponse* resp) {
-  auto* reactor = new InferReactor();
-  absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
-      ParseInferRequest(*req, *registry_, absl::Now(), RpcDeadline(*ctx), resp);
+                                                       const grpc::ByteBuffer* request,
+                                                       grpc::ByteBuffer* response) {
+  const absl::Time arrival = absl::Now();
+  auto* reactor = new InferReactor(response);
+  if (absl::Status s = ParseMessage(*request, &reactor->request); !s.ok()) {
+    reactor->Complete(s);
+    return reactor;
+  }
+  absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed = ParseInferRequest(
+      reactor->request, *registry_, arrival, RpcDeadline(*ctx), &reactor->response);
   if (!parsed.ok()) {
-    reactor->Finish(ToGrpcStatus(parsed.status()));
+    reactor->Complete(parsed.status());
     return reactor;
   }
   InferenceRequest& r = **parsed;
   r.cancelled = reactor->cancelled;
-  r.done = [reactor](const absl::Status& s, const RequestTimings&) {
-    reactor->Finish(ToGrpcStatus(s));
-  };
+  r.done = [reactor](const absl::Status& s, const RequestTimings&) { reactor->Complete(s); };
   Model* model = r.model;
   model->scheduler().Enqueue(*std::move(parsed));
   return reactor;
 }
 
-grpc::ServerBidiReactor<ModelInferRequest, ModelStreamInferResponse>*
-InferenceService::ModelStreamInfer(grpc::CallbackServerContext* ctx) {
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* InferenceService::ModelStreamInfer(
+    grpc::CallbackServerContext* ctx) {
   return new StreamReactor(ctx, registry_);
 }
 

@@ -16,7 +16,20 @@ struct ServerState {
   std::atomic<bool> ready{false};
 };
 
-class InferenceService final : public inference::GRPCInferenceService::CallbackService {
+// ModelInfer and ModelStreamInfer take raw bytes and parse them here, so that a malformed or
+// truncated message is answered INVALID_ARGUMENT with a reason (gRPC's own parse failure answers
+// UNIMPLEMENTED without one).
+namespace internal {
+using G = inference::GRPCInferenceService;
+// Every other method on the callback API (the unimplemented ones answer UNIMPLEMENTED).
+using CallbackMethods =
+    G::WithCallbackMethod_ServerLive<G::WithCallbackMethod_ServerReady<G::WithCallbackMethod_ModelReady<G::WithCallbackMethod_ServerMetadata<G::WithCallbackMethod_ModelMetadata<G::WithCallbackMethod_ModelConfig<G::WithCallbackMethod_ModelStatistics<G::WithCallbackMethod_RepositoryIndex<G::WithCallbackMethod_RepositoryModelLoad<G::WithCallbackMethod_RepositoryModelUnload<G::WithCallbackMethod_SystemSharedMemoryStatus<G::WithCallbackMethod_SystemSharedMemoryRegister<G::WithCallbackMethod_SystemSharedMemoryUnregister<G::WithCallbackMethod_CudaSharedMemoryStatus<G::WithCallbackMethod_CudaSharedMemoryRegister<G::WithCallbackMethod_CudaSharedMemoryUnregister<G::WithCallbackMethod_TraceSetting<G::WithCallbackMethod_LogSettings<G::Service>>>>>>>>>>>>>>>>>>;
+}  // namespace internal
+using InferenceServiceBase = inference::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<
+    inference::GRPCInferenceService::WithRawCallbackMethod_ModelStreamInfer<
+        internal::CallbackMethods>>;
+
+class InferenceService final : public InferenceServiceBase {
  public:
   InferenceService(ModelRegistry* registry, ServerState* state)
       : registry_(registry), state_(state) {}
@@ -46,10 +59,10 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
                                             const inference::RepositoryIndexRequest* req,
                                             inference::RepositoryIndexResponse* resp) override;
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
-                                       const inference::ModelInferRequest* req,
-                                       inference::ModelInferResponse* resp) override;
-  grpc::ServerBidiReactor<inference::ModelInferRequest, inference::ModelStreamInferResponse>*
-  ModelStreamInfer(grpc::CallbackServerContext* ctx) override;
+                                       const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(
+      grpc::CallbackServerContext* ctx) override;
 
   ModelRegistry& registry() { return *registry_; }
 

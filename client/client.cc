@@ -1,0 +1,200 @@
+#include "client/client.h"
+
+#include <climits>
+
+#include "absl/strings/str_cat.h"
+#include "grpcpp/create_channel.h"
+
+namespace dilattn::client {
+namespace {
+
+const char* Datatype(attention::DType t) {
+  switch (t) {
+    case attention::DType::kFloat32: return "FP32";
+    case attention::DType::kFloat16: return "FP16";
+    case attention::DType::kBFloat16: return "BF16";
+  }
+  return "";
+}
+
+void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
+  if (timeout != absl::InfiniteDuration()) {
+    ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoMicroseconds(timeout));
+  }
+}
+
+}  // namespace
+
+absl::Status FromGrpc(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+Tensor RandomTensor(attention::DType dtype, const std::array<int64_t, 4>& shape, uint64_t seed) {
+  Tensor t;
+  t.dtype = dtype;
+  t.shape = shape;
+  const size_t n = static_cast<size_t>(shape[0] * shape[1] * shape[2] * shape[3]);
+  t.bytes.resize(n * attention::DTypeSize(dtype));
+  uint64_t state = seed;
+  for (size_t i = 0; i < n; ++i) {
+    state += 0x9E3779B97F4A7C15ull;
+    uint64_t z = state;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(static_cast<double>(z >> 40) / 16777216.0 * 2 - 1);
+    attention::StoreFromFloat(t.bytes.data(), dtype, i, u);
+  }
+  return t;
+}
+
+inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const Tensor& q,
+                                              const Tensor& k, const Tensor& v) {
+  inference::ModelInferRequest req;
+  req.set_model_name(options.model);
+  req.set_id(options.id);
+  for (const auto& [key, value] : options.parameters) {
+    (*req.mutable_parameters())[key].set_string_param(value);
+  }
+  const std::pair<const char*, const Tensor*> inputs[] = {{"Q", &q}, {"K", &k}, {"V", &v}};
+  for (const auto& [name, t] : inputs) {
+    auto* in = req.add_inputs();
+    in->set_name(name);
+    in->set_datatype(Datatype(t->dtype));
+    for (int64_t d : t->shape) in->add_shape(d);
+    req.add_raw_input_contents(t->bytes);
+  }
+  req.add_outputs()->set_name("O");
+  return req;
+}
+
+absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& response) {
+  for (int i = 0; i < response.outputs_size(); ++i) {
+    const auto& out = response.outputs(i);
+    if (out.name() != "O") continue;
+    if (i >= response.raw_output_contents_size() || out.shape_size() != 4) {
+      return absl::InvalidArgumentError("response output O has no raw data or a bad shape");
+    }
+    Tensor t;
+    absl::StatusOr<attention::DType> dtype = attention::ParseDType(out.datatype());
+    if (!dtype.ok()) return dtype.status();
+    t.dtype = *dtype;
+    for (int d = 0; d < 4; ++d) t.shape[static_cast<size_t>(d)] = out.shape(d);
+    t.bytes = response.raw_output_contents(i);
+    return t;
+  }
+  return absl::InvalidArgumentError("response has no output O");
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(INT_MAX);
+  args.SetMaxSendMessageSize(INT_MAX);
+  auto c = std::unique_ptr<Client>(new Client());
+  c->channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  if (c->channel_ == nullptr) return absl::InvalidArgumentError("cannot create a channel to " + target);
+  c->stub_ = inference::GRPCInferenceService::NewStub(c->channel_);
+  c->health_ = grpc::health::v1::Health::NewStub(c->channel_);
+  return c;
+}
+
+absl::StatusOr<bool> Client::ServerLive() {
+  grpc::ClientContext ctx;
+  inference::ServerLiveResponse resp;
+  if (grpc::Status s = stub_->ServerLive(&ctx, {}, &resp); !s.ok()) return FromGrpc(s);
+  return resp.live();
+}
+
+absl::StatusOr<bool> Client::ServerReady() {
+  grpc::ClientContext ctx;
+  inference::ServerReadyResponse resp;
+  if (grpc::Status s = stub_->ServerReady(&ctx, {}, &resp); !s.ok()) return FromGrpc(s);
+  return resp.ready();
+}
+
+absl::StatusOr<bool> Client::ModelReady(const std::string& model) {
+  grpc::ClientContext ctx;
+  inference::ModelReadyRequest req;
+  req.set_name(model);
+  inference::ModelReadyResponse resp;
+  if (grpc::Status s = stub_->ModelReady(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
+  return resp.ready();
+}
+
+absl::StatusOr<std::string> Client::Health(const std::string& service) {
+  grpc::ClientContext ctx;
+  grpc::health::v1::HealthCheckRequest req;
+  req.set_service(service);
+  grpc::health::v1::HealthCheckResponse resp;
+  if (grpc::Status s = health_->Check(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
+  return grpc::health::v1::HealthCheckResponse::ServingStatus_Name(resp.status());
+}
+
+absl::StatusOr<inference::ServerMetadataResponse> Client::ServerMetadata() {
+  grpc::ClientContext ctx;
+  inference::ServerMetadataResponse resp;
+  if (grpc::Status s = stub_->ServerMetadata(&ctx, {}, &resp); !s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+absl::StatusOr<inference::ModelMetadataResponse> Client::ModelMetadata(const std::string& model) {
+  grpc::ClientContext ctx;
+  inference::ModelMetadataRequest req;
+  req.set_name(model);
+  inference::ModelMetadataResponse resp;
+  if (grpc::Status s = stub_->ModelMetadata(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+absl::StatusOr<inference::ModelStatisticsResponse> Client::ModelStatistics(
+    const std::string& model) {
+  grpc::ClientContext ctx;
+  inference::ModelStatisticsRequest req;
+  req.set_name(model);
+  inference::ModelStatisticsResponse resp;
+  if (grpc::Status s = stub_->ModelStatistics(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
+  return resp;
+}
+
+absl::StatusOr<Tensor> Client::Infer(const InferOptions& options, const Tensor& q,
+                                     const Tensor& k, const Tensor& v) {
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options.timeout);
+  inference::ModelInferResponse resp;
+  const inference::ModelInferRequest req = MakeInferRequest(options, q, k, v);
+  if (grpc::Status s = stub_->ModelInfer(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
+  return OutputFromResponse(resp);
+}
+
+absl::StatusOr<std::unique_ptr<Client::Stream>> Client::OpenStream() {
+  auto stream = std::unique_ptr<Stream>(new Stream());
+  stream->stream_ = stub_->ModelStreamInfer(&stream->context_);
+  if (stream->stream_ == nullptr) return absl::UnavailableError("cannot open ModelStreamInfer");
+  return stream;
+}
+
+absl::Status Client::Stream::Send(const inference::ModelInferRequest& request) {
+  if (!stream_->Write(request)) return FromGrpc(stream_->Finish());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<inference::ModelInferResponse> Client::Stream::Receive() {
+  inference::ModelStreamInferResponse resp;
+  if (!stream_->Read(&resp)) {
+    const absl::Status end = FromGrpc(stream_->Finish());
+    return end.ok() ? absl::OutOfRangeError("stream ended") : end;
+  }
+  if (!resp.error_message().empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request '", resp.infer_response().id(), "': ", resp.error_message()));
+  }
+  return std::move(*resp.mutable_infer_response());
+}
+
+absl::Status Client::Stream::CloseSend() {
+  if (!stream_->WritesDone()) return absl::UnavailableError("stream closed by the server");
+  return absl::OkStatus();
+}
+
+}  // namespace dilattn::client

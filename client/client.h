@@ -1,0 +1,92 @@
+#pragma once
+
+// C++ client of dilattn-server (any KServe v2 server): health, metadata, unary and streaming
+// inference of the attention models' Q, K, V -> O.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/channel.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/support/sync_stream.h"
+#include "inference/grpc_service.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "kernels/attention/attention.h"
+
+namespace dilattn::client {
+
+// A (B, N, H, D) tensor as raw little-endian bytes.
+struct Tensor {
+  attention::DType dtype = attention::DType::kFloat32;
+  std::array<int64_t, 4> shape = {0, 0, 0, 0};
+  std::string bytes;
+};
+
+// Fills a tensor of this shape with uniform values in [-1, 1) from `seed`.
+Tensor RandomTensor(attention::DType dtype, const std::array<int64_t, 4>& shape, uint64_t seed);
+
+struct InferOptions {
+  std::string model = "dilated_attention";
+  std::string id;
+  // Request parameters as strings ("segment_lengths" -> "2048,4096", "causal" -> "true"); the
+  // server accepts string values for every parameter.
+  std::map<std::string, std::string> parameters;
+  absl::Duration timeout = absl::InfiniteDuration();  // the RPC deadline
+};
+
+// Builds the KServe request for Q, K, V.
+inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const Tensor& q,
+                                              const Tensor& k, const Tensor& v);
+// O from a response; INVALID_ARGUMENT when the response does not hold one.
+absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& response);
+
+absl::Status FromGrpc(const grpc::Status& status);
+
+class Client {
+ public:
+  static absl::StatusOr<std::unique_ptr<Client>> Create(const std::string& target);
+
+  absl::StatusOr<bool> ServerLive();
+  absl::StatusOr<bool> ServerReady();
+  absl::StatusOr<bool> ModelReady(const std::string& model);
+  // grpc.health.v1 status of a service ("" for the whole server, or a model name).
+  absl::StatusOr<std::string> Health(const std::string& service);
+  absl::StatusOr<inference::ServerMetadataResponse> ServerMetadata();
+  absl::StatusOr<inference::ModelMetadataResponse> ModelMetadata(const std::string& model);
+  absl::StatusOr<inference::ModelStatisticsResponse> ModelStatistics(const std::string& model);
+
+  absl::StatusOr<Tensor> Infer(const InferOptions& options, const Tensor& q, const Tensor& k,
+                               const Tensor& v);
+
+  // A ModelStreamInfer stream: Send any number of requests, Receive their responses in
+  // completion order, CloseSend when done.
+  class Stream {
+   public:
+    absl::Status Send(const inference::ModelInferRequest& request);
+    // A response, or an error: the stream's status at its end, or error_message for one request.
+    absl::StatusOr<inference::ModelInferResponse> Receive();
+    absl::Status CloseSend();
+
+   private:
+    friend class Client;
+    grpc::ClientContext context_;
+    std::unique_ptr<grpc::ClientReaderWriter<inference::ModelInferRequest,
+                                             inference::ModelStreamInferResponse>>
+        stream_;
+  };
+  absl::StatusOr<std::unique_ptr<Stream>> OpenStream();
+
+  inference::GRPCInferenceService::Stub& stub() { return *stub_; }
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+}  // namespace dilattn::client

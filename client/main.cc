@@ -1,0 +1,285 @@
+// dilattn-client: health, metadata, one inference, or a load benchmark against dilattn-server.
+//
+//   dilattn-client health   [--url localhost:8001]
+//   dilattn-client metadata [--url ...] [--model M]
+//   dilattn-client infer    [--url ...] [--model M] [--shape B,N,H,D] [--dtype fp32|fp16|bf16]
+//                           [--param key=value ...]
+//   dilattn-client bench    (infer's flags) [--concurrency C] [--duration SECONDS] [--stream]
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "client/client.h"
+
+namespace {
+
+using dilattn::client::Client;
+using dilattn::client::InferOptions;
+using dilattn::client::Tensor;
+
+struct Flags {
+  std::string command;
+  std::string url = "localhost:8001";
+  std::string model = "dilated_attention";
+  std::array<int64_t, 4> shape = {1, 4096, 8, 64};
+  dilattn::attention::DType dtype = dilattn::attention::DType::kFloat32;
+  std::map<std::string, std::string> params;
+  int concurrency = 1;
+  double duration = 10;
+  bool stream = false;
+};
+
+constexpr const char* kUsage = R"(usage: dilattn-client COMMAND [flags]
+commands:
+  health     server liveness, readiness and grpc.health.v1 status of every model
+  metadata   server metadata, or a model's (--model)
+  infer      one request of random tensors; prints latency and an output checksum
+  bench      load for --duration seconds from --concurrency clients; live progress,
+             then throughput and latency percentiles
+flags:
+  --url HOST:PORT        server (localhost:8001)
+  --model NAME           model (dilated_attention)
+  --shape B,N,H,D        tensor shape (1,4096,8,64)
+  --dtype fp32|fp16|bf16 tensor type (fp32)
+  --param KEY=VALUE      request parameter, repeatable (segment_lengths=2048,4096)
+  --concurrency C        bench: concurrent clients (1)
+  --duration SECONDS     bench: how long (10)
+  --stream               bench: each client uses one ModelStreamInfer stream
+)";
+
+std::string Parse(int argc, char** argv, Flags* f) {
+  if (argc < 2) return "missing COMMAND";
+  f->command = argv[1];
+  for (int i = 2; i < argc; ++i) {
+    const std::string name = argv[i];
+    if (name == "--stream") {
+      f->stream = true;
+      continue;
+    }
+    if (i + 1 >= argc) return absl::StrCat(name, " needs a value");
+    const std::string value = argv[++i];
+    if (name == "--url") {
+      f->url = value;
+    } else if (name == "--model") {
+      f->model = value;
+    } else if (name == "--shape") {
+      std::vector<std::string> parts = absl::StrSplit(value, ',');
+      if (parts.size() != 4) return "--shape needs B,N,H,D";
+      for (size_t d = 0; d < 4; ++d) {
+        if (!absl::SimpleAtoi(parts[d], &f->shape[d]) || f->shape[d] < 1) {
+          return absl::StrCat("--shape: '", parts[d], "' is not a positive integer");
+        }
+      }
+    } else if (name == "--dtype") {
+      auto t = dilattn::attention::ParseDType(value);
+      if (!t.ok()) return std::string(t.status().message());
+      f->dtype = *t;
+    } else if (name == "--param") {
+      const size_t eq = value.find('=');
+      if (eq == std::string::npos) return "--param needs KEY=VALUE";
+      f->params[value.substr(0, eq)] = value.substr(eq + 1);
+    } else if (name == "--concurrency") {
+      if (!absl::SimpleAtoi(value, &f->concurrency) || f->concurrency < 1) return "bad --concurrency";
+    } else if (name == "--duration") {
+      if (!absl::SimpleAtod(value, &f->duration) || f->duration <= 0) return "bad --duration";
+    } else {
+      return absl::StrCat("unknown flag ", name);
+    }
+  }
+  return "";
+}
+
+double Percentile(std::vector<double>& v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * static_cast<double>(v.size())));
+  return v[i];
+}
+
+int Health(Client& c, const Flags&) {
+  auto live = c.ServerLive();
+  auto ready = c.ServerReady();
+  if (!live.ok()) {
+    std::cerr << "server unreachable: " << live.status() << "\n";
+    return 1;
+  }
+  std::cout << "live: " << *live << "\nready: " << (ready.ok() && *ready) << "\n";
+  auto overall = c.Health("");
+  std::cout << "health: " << (overall.ok() ? *overall : overall.status().ToString()) << "\n";
+  grpc::ClientContext ctx;
+  inference::RepositoryIndexResponse index;
+  if (c.stub().RepositoryIndex(&ctx, {}, &index).ok()) {
+    for (const auto& m : index.models()) {
+      auto h = c.Health(m.name());
+      std::cout << "model " << m.name() << ": " << m.state() << ", health "
+                << (h.ok() ? *h : h.status().ToString()) << "\n";
+    }
+  }
+  return *live && ready.ok() && *ready ? 0 : 1;
+}
+
+int Metadata(Client& c, const Flags& f, bool model_given) {
+  if (!model_given) {
+    auto m = c.ServerMetadata();
+    if (!m.ok()) {
+      std::cerr << m.status() << "\n";
+      return 1;
+    }
+    std::cout << m->DebugString();
+    return 0;
+  }
+  auto m = c.ModelMetadata(f.model);
+  if (!m.ok()) {
+    std::cerr << m.status() << "\n";
+    return 1;
+  }
+  std::cout << m->DebugString();
+  return 0;
+}
+
+int InferOnce(Client& c, const Flags& f) {
+  const Tensor q = dilattn::client::RandomTensor(f.dtype, f.shape, 1);
+  const Tensor k = dilattn::client::RandomTensor(f.dtype, f.shape, 2);
+  const Tensor v = dilattn::client::RandomTensor(f.dtype, f.shape, 3);
+  InferOptions o;
+  o.model = f.model;
+  o.parameters = f.params;
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Tensor> out = c.Infer(o, q, k, v);
+  const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+  if (!out.ok()) {
+    std::cerr << "infer failed: " << out.status() << "\n";
+    return 1;
+  }
+  double sum = 0;
+  const size_t n = out->bytes.size() / dilattn::attention::DTypeSize(out->dtype);
+  for (size_t i = 0; i < n; ++i) sum += dilattn::attention::LoadAsFloat(out->bytes.data(), out->dtype, i);
+  std::printf("O [%lld,%lld,%lld,%lld] %s in %.3f ms, sum %.6g\n",
+              static_cast<long long>(out->shape[0]), static_cast<long long>(out->shape[1]),
+              static_cast<long long>(out->shape[2]), static_cast<long long>(out->shape[3]),
+              std::string(dilattn::attention::DTypeName(out->dtype)).c_str(), ms, sum);
+  return 0;
+}
+
+int Bench(const Flags& f) {
+  const Tensor q = dilattn::client::RandomTensor(f.dtype, f.shape, 1);
+  const Tensor k = dilattn::client::RandomTensor(f.dtype, f.shape, 2);
+  const Tensor v = dilattn::client::RandomTensor(f.dtype, f.shape, 3);
+  InferOptions o;
+  o.model = f.model;
+  o.parameters = f.params;
+  const inference::ModelInferRequest request = dilattn::client::MakeInferRequest(o, q, k, v);
+
+  std::mutex mu;
+  std::vector<double> latencies_ms;
+  std::map<std::string, int64_t> errors;
+  std::atomic<int64_t> done{0};
+  std::atomic<bool> stop{false};
+  const auto start = std::chrono::steady_clock::now();
+  auto record = [&](double ms, const absl::Status& s) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (s.ok()) {
+      latencies_ms.push_back(ms);
+      ++done;
+    } else {
+      ++errors[std::string(absl::StatusCodeToString(s.code()))];
+    }
+  };
+  std::vector<std::thread> workers;
+  for (int w = 0; w < f.concurrency; ++w) {
+    workers.emplace_back([&] {
+      auto c = Client::Create(f.url);
+      if (!c.ok()) return record(0, c.status());
+      if (!f.stream) {
+        while (!stop.load()) {
+          grpc::ClientContext ctx;
+          inference::ModelInferResponse resp;
+          const auto t0 = std::chrono::steady_clock::now();
+          const grpc::Status s = (*c)->stub().ModelInfer(&ctx, request, &resp);
+          const std::chrono::duration<double, std::milli> dt = std::chrono::steady_clock::now() - t0;
+          record(dt.count(), dilattn::client::FromGrpc(s));
+        }
+        return;
+      }
+      auto stream = (*c)->OpenStream();
+      if (!stream.ok()) return record(0, stream.status());
+      while (!stop.load()) {
+        const auto t0 = std::chrono::steady_clock::now();
+        absl::Status s = (*stream)->Send(request);
+        if (s.ok()) s = (*stream)->Receive().status();
+        const std::chrono::duration<double, std::milli> dt = std::chrono::steady_clock::now() - t0;
+        record(dt.count(), s);
+        if (!s.ok()) break;
+      }
+      (void)(*stream)->CloseSend();
+    });
+  }
+  const double tokens_per_request = static_cast<double>(f.shape[0] * f.shape[1]);
+  while (true) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+    const int64_t n = done.load();
+    std::fprintf(stderr, "\r%6.1fs  %8lld requests  %9.1f req/s  %12.0f tokens/s   ",
+                 elapsed.count(), static_cast<long long>(n), static_cast<double>(n) / elapsed.count(),
+                 static_cast<double>(n) * tokens_per_request / elapsed.count());
+    if (elapsed.count() >= f.duration) break;
+  }
+  stop.store(true);
+  for (std::thread& t : workers) t.join();
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  std::fprintf(stderr, "\n");
+  std::lock_guard<std::mutex> lock(mu);
+  const double n = static_cast<double>(latencies_ms.size());
+  std::printf("model %s, shape [%lld,%lld,%lld,%lld] %s, concurrency %d%s, %.1f s\n",
+              f.model.c_str(), static_cast<long long>(f.shape[0]),
+              static_cast<long long>(f.shape[1]), static_cast<long long>(f.shape[2]),
+              static_cast<long long>(f.shape[3]),
+              std::string(dilattn::attention::DTypeName(f.dtype)).c_str(), f.concurrency,
+              f.stream ? " (streaming)" : "", elapsed.count());
+  std::printf("throughput: %.1f req/s, %.0f tokens/s\n", n / elapsed.count(),
+              n * tokens_per_request / elapsed.count());
+  const double p50 = Percentile(latencies_ms, 50);
+  const double p90 = Percentile(latencies_ms, 90);
+  const double p99 = Percentile(latencies_ms, 99);
+  const double max = latencies_ms.empty() ? 0.0 : latencies_ms.back();  // sorted by Percentile
+  std::printf("latency ms: p50 %.3f  p90 %.3f  p99 %.3f  max %.3f\n", p50, p90, p99, max);
+  for (const auto& [code, count] : errors) {
+    std::printf("errors %s: %lld\n", code.c_str(), static_cast<long long>(count));
+  }
+  return errors.empty() ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags f;
+  if (std::string error = Parse(argc, argv, &f); !error.empty()) {
+    std::cerr << "dilattn-client: " << error << "\n" << kUsage;
+    return 2;
+  }
+  bool model_given = false;
+  for (int i = 2; i < argc; ++i) model_given |= std::string(argv[i]) == "--model";
+  if (f.command == "bench") return Bench(f);
+  auto c = Client::Create(f.url);
+  if (!c.ok()) {
+    std::cerr << c.status() << "\n";
+    return 1;
+  }
+  if (f.command == "health") return Health(**c, f);
+  if (f.command == "metadata") return Metadata(**c, f, model_given);
+  if (f.command == "infer") return InferOnce(**c, f);
+  std::cerr << "dilattn-client: unknown command '" << f.command << "'\n" << kUsage;
+  return 2;
+}

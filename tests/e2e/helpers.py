@@ -1,0 +1,33 @@
+"""Building requests with tritonclient the way users do."""
+
+import ml_dtypes
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+NUMPY_DTYPE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def to_wire(x, datatype):
+    """The values the server will see for `x` sent as `datatype`."""
+    return np.asarray(x, dtype=np.float32).astype(NUMPY_DTYPE[datatype]).astype(np.float32)
+
+
+def make_inputs(q, k, v, datatype="FP32"):
+    inputs = []
+    for name, x in zip("QKV", (q, k, v)):
+        t = grpcclient.InferInput(name, list(x.shape), datatype)
+        t.set_data_from_numpy(np.asarray(x, dtype=NUMPY_DTYPE[datatype]))
+        inputs.append(t)
+    return inputs
+
+
+def case_parameters(case):
+    params = {
+        "segment_lengths": ",".join(str(w) for w in case["segment_lengths"]),
+        "dilation_rates": ",".join(str(r) for r in case["dilation_rates"]),
+        "mode": case["mode"],
+        "causal": bool(case["causal"]),
+    }
+    if "softmax_scale" in case:
+        params["softmax_scale"] = float(case["softmax_scale"])
+    return params

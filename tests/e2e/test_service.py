@@ -1,0 +1,104 @@
+"""Liveness, readiness, metadata, config, statistics, repository index, health and reflection."""
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from helpers import make_inputs
+
+MODELS = ["dilated_attention", "dilated_attention_head_groups", "block_sparse_attention"]
+
+
+def test_live_and_ready(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    for m in MODELS:
+        assert client.is_model_ready(m)
+
+
+def test_server_metadata(client):
+    meta = client.get_server_metadata()
+    assert meta.name == "dilattn"
+    assert "statistics" in meta.extensions
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_model_metadata_and_config(client, model):
+    meta = client.get_model_metadata(model)
+    assert meta.name == model
+    assert [i.name for i in meta.inputs] == ["Q", "K", "V"]
+    assert [o.name for o in meta.outputs] == ["O"]
+    assert list(meta.inputs[0].shape) == [-1, -1, -1, -1]
+    config = client.get_model_config(model).config
+    assert config.name == model
+    assert config.max_batch_size > 0
+    assert "operator" in config.parameters
+
+
+def test_repository_index(client):
+    index = client.get_model_repository_index()
+    assert sorted(m.name for m in index.models) == sorted(MODELS)
+    assert all(m.state == "READY" for m in index.models)
+
+
+def test_statistics_count_requests(client):
+    before = client.get_inference_statistics("dilated_attention").model_stats[0]
+    q = np.random.default_rng(0).standard_normal((2, 64, 2, 16)).astype(np.float32)
+    client.infer("dilated_attention", make_inputs(q, q, q),
+                 parameters={"segment_lengths": "16,32", "dilation_rates": "1,2"})
+    after = client.get_inference_statistics("dilated_attention").model_stats[0]
+    assert after.inference_count == before.inference_count + 2
+    assert after.execution_count == before.execution_count + 1
+    assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    all_stats = client.get_inference_statistics()
+    assert sorted(s.name for s in all_stats.model_stats) == sorted(MODELS)
+
+
+def test_unknown_model_metadata_is_not_found(client):
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_metadata("no_such_model")
+    assert "NOT_FOUND" in str(e.value.status())
+    assert "no_such_model" in e.value.message()
+
+
+def _raw_call(server, method, payload):
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        return call(payload, timeout=10)
+
+
+def _encode_string_field(number, text):
+    data = text.encode()
+    return bytes([number << 3 | 2, len(data)]) + data
+
+
+def test_grpc_health_overall_and_per_model(server):
+    # grpc.health.v1.HealthCheckResponse{status: SERVING} is the two bytes 08 01.
+    assert _raw_call(server, "/grpc.health.v1.Health/Check", b"") == b"\x08\x01"
+    for m in MODELS:
+        reply = _raw_call(server, "/grpc.health.v1.Health/Check", _encode_string_field(1, m))
+        assert reply == b"\x08\x01", m
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_call(server, "/grpc.health.v1.Health/Check", _encode_string_field(1, "nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_server_reflection_lists_the_services(server):
+    # ServerReflectionRequest{list_services: ""} on the bidirectional reflection stream.
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=None, response_deserializer=None)
+        replies = list(call(iter([_encode_string_field(7, "")]), timeout=10))
+    assert replies
+    assert b"inference.GRPCInferenceService" in replies[0]
+    assert b"grpc.health.v1.Health" in replies[0]
+
+
+def test_unimplemented_rpcs_answer_unimplemented(client):
+    with pytest.raises(InferenceServerException) as e:
+        client.load_model("dilated_attention")
+    assert "UNIMPLEMENTED" in str(e.value.status())
+    assert client.is_server_live()
