@@ -24,6 +24,7 @@ source "$root/scripts/deps.sh"
 install_debian_packages
 install_prometheus_cpp "$root/third_party/prometheus-cpp"
 install_python_env "$root/.venv"
+install_perf_analyzer "$root/third_party/perf_analyzer"
 
 echo "== building into $build_dir"
 cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >/dev/null

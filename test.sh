@@ -3,8 +3,11 @@
 # the builds up to date itself.
 #
 #   1. release build: unit, conformance and GPU kernel tests (the last skip without a GPU)
-#   2. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit + conformance
-#   3. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool)
+#   2. end-to-end: the real server binary with tritonclient, perf_analyzer, Prometheus (pytest)
+#   3. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit, conformance,
+#      and the server under the end-to-end error, conformance and shutdown tests (a leak at exit
+#      fails them)
+#   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool)
 #
 # Prints each stage's CTest summary; exits non-zero on the first failing stage.
 set -euo pipefail
@@ -26,12 +29,21 @@ stage "release build: unit, conformance, kernels"
 configure_and_build "$build"
 ctest --test-dir "$build" --output-on-failure -j"$jobs" -L 'unit|conformance|kernels'
 
-stage "ASan + UBSan + LSan build: unit, conformance"
+stage "end-to-end: dilattn-server with tritonclient, perf_analyzer, Prometheus"
+DILATTN_SERVER_BIN="$build/server/dilattn-server" \
+  "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e"
+
+stage "ASan + UBSan + LSan build: unit, conformance, server end-to-end"
 configure_and_build "$root/build-asan" -DDILATTN_SANITIZE=address,undefined \
   -DDILATTN_WITH_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
-ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 \
-UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir "$root/build-asan" --output-on-failure -j"$jobs" -L 'unit|conformance'
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+ctest --test-dir "$root/build-asan" --output-on-failure -j"$jobs" -L 'unit|conformance'
+DILATTN_SERVER_BIN="$root/build-asan/server/dilattn-server" \
+DILATTN_E2E_RESULTS="$root/build-asan/e2e-results" \
+  "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e/test_errors.py" \
+  "$root/tests/e2e/test_conformance.py" "$root/tests/e2e/test_sigterm.py"
+unset ASAN_OPTIONS UBSAN_OPTIONS
 
 stage "TSan build: concurrency tests"
 # shellcheck source=scripts/deps.sh
@@ -39,7 +51,7 @@ source "$root/scripts/deps.sh"
 fetch_abseil_source "$root/third_party/abseil-src"
 configure_and_build "$root/build-tsan" -DDILATTN_SANITIZE=thread \
   -DDILATTN_ABSL_SOURCE_DIR="$root/third_party/abseil-src" \
-  -DDILATTN_WITH_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  -DDILATTN_WITH_BENCHMARKS=OFF -DDILATTN_WITH_SERVER=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/sanitizers/tsan.supp" \
   ctest --test-dir "$root/build-tsan" --output-on-failure -j"$jobs" -R 'BufferPool|ThreadPool'
 

@@ -11,8 +11,10 @@ if(DILATTN_SANITIZE)
   if(DILATTN_SANITIZE MATCHES "undefined")
     list(APPEND _san -fno-sanitize-recover=all)
   endif()
+  # GCC 12's -Wmaybe-uninitialized misfires on std::variant under sanitizer instrumentation.
+  list(APPEND _san $<$<COMPILE_LANGUAGE:CXX>:-Wno-maybe-uninitialized>)
   add_compile_options(${_san})
-  add_link_options(${_san})
+  add_link_options(-fsanitize=${DILATTN_SANITIZE})
 endif()
 
 # Marks an object library or target as ours: warnings, include root.

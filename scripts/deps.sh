@@ -8,7 +8,7 @@ DILATTN_DEBIAN_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcivetweb-dev civetweb
   libcurl4-openssl-dev zlib1g-dev libopenblas-dev
-  prometheus
+  prometheus libb64-0d unzip
 )
 
 # prometheus-cpp is packaged from Debian 13 on; core and pull need nothing Debian 12 lacks, so the
@@ -131,6 +131,37 @@ EOS
   rm -rf "$dest"
   mkdir -p "$dest"
   tar -xzf "$work"/src/abseil_*.orig.tar.gz -C "$dest" --strip-components=1
+  rm -rf "$work"
+  touch "$dest/.complete"
+}
+
+# Triton's perf_analyzer. The PyPI package "perf-analyzer" is an empty placeholder; tritonclient's
+# x86-64 wheels carried the real binary up to 2.60, and 2.51.0 is the newest whose binary runs on
+# Debian 12's glibc. It links the CUDA 12 runtime (libcudart.so.12, from NVIDIA's PyPI wheel; no
+# GPU is needed to load it) and libb64 (Debian). Only the binary and that library are unpacked.
+DILATTN_PERF_ANALYZER_WHEELS=(tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79)
+
+install_perf_analyzer() {
+  local dest=$1
+  if [[ -f $dest/.complete ]]; then
+    return 0
+  fi
+  if [[ $(uname -m) != x86_64 ]]; then
+    echo "== perf_analyzer: no wheel for $(uname -m); its test will fail" >&2
+    return 0
+  fi
+  echo "== fetching perf_analyzer into $dest"
+  local work
+  work=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --python-version 3.11 \
+    -d "$work" "${DILATTN_PERF_ANALYZER_WHEELS[@]}"
+  rm -rf "$dest"
+  mkdir -p "$dest/bin" "$dest/lib"
+  unzip -q -j -o "$work"/tritonclient-*.whl '*/data/bin/perf_analyzer' -d "$dest/bin"
+  unzip -q -j -o "$work"/nvidia_cuda_runtime_cu12-*.whl 'nvidia/cuda_runtime/lib/libcudart.so.12' \
+    -d "$dest/lib"
+  chmod +x "$dest/bin/perf_analyzer"
   rm -rf "$work"
   touch "$dest/.complete"
 }

@@ -74,14 +74,15 @@ void Server::Shutdown() {
     shut_down_ = true;
   }
   state_.ready.store(false);
+  if (grpc_ != nullptr) grpc_->GetHealthCheckService()->SetServingStatus(false);
+  // Schedulers first: they refuse new requests (UNAVAILABLE) and hand everything queued to the
+  // engine without waiting for batching delays. Then gRPC stops accepting calls and waits, up to
+  // the grace period, for the in-flight ones, which the engine is completing meanwhile.
+  if (registry_ != nullptr) registry_->Shutdown();
   if (grpc_ != nullptr) {
-    grpc_->GetHealthCheckService()->SetServingStatus(false);
-    // Stops accepting RPCs at once; waits for in-flight ones (which the schedulers and the
-    // engine keep serving) until the grace period ends, then cancels what is left.
     grpc_->Shutdown(std::chrono::system_clock::now() +
                     absl::ToChronoSeconds(options_.grace_period));
   }
-  if (registry_ != nullptr) registry_->Shutdown();
   if (engine_ != nullptr) engine_->Shutdown();
   LogInfo("dilattn-server: shut down");
 }

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "server/engine.h"
 
@@ -186,6 +187,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   // Parameters: Triton's scheduling ones, then the operator's overrides.
   absl::Time deadline = rpc_deadline;
   bool timeout_given = false;
+  bool final_flag = false;
   for (const auto& [key, value] : req.parameters()) {
     absl::StatusOr<ParamValue> v = ToParamValue(value);
     if (!v.ok()) return Invalid(absl::StrCat("request parameter '", key, "' has no value"));
@@ -213,8 +215,11 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
         deadline = std::min(deadline, arrival + absl::Microseconds(micros));
         timeout_given = true;
       }
-    } else if (key == "binary_data_output") {
-      continue;
+    } else if (key == "triton_enable_empty_final_response") {
+      // Every response of these models is final; say so, as Triton does for clients that ask.
+      final_flag = std::holds_alternative<bool>(*v) && std::get<bool>(*v);
+    } else if (key == "binary_data_output" || absl::StartsWith(key, "triton_")) {
+      continue;  // client-protocol hints (Triton reserves the prefix); nothing to do here
     } else if (key == "sequence_id" || key == "sequence_start" || key == "sequence_end") {
       return Invalid(absl::StrCat("request parameter '", key,
                                   "': sequence batching is not supported"));
@@ -237,6 +242,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   response->set_model_name(spec.name);
   response->set_model_version(spec.version);
   response->set_id(req.id());
+  if (final_flag) (*response->mutable_parameters())["triton_final_response"].set_bool_param(true);
   auto* out = response->add_outputs();
   out->set_name("O");
   out->set_datatype(DatatypeName(r->dtype));

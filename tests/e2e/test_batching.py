@@ -1,0 +1,40 @@
+"""Concurrent clients with mixed lengths: every answer correct, and the batcher really batched."""
+
+import concurrent.futures
+
+import numpy as np
+
+import reference
+from helpers import make_inputs
+
+PARAMS = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
+LENGTHS = [48, 64, 100, 128, 200]
+
+
+def _client_run(server, index):
+    c = server.client()
+    rng = np.random.default_rng(1000 + index)
+    worst = 0.0
+    for i in range(20):
+        n = LENGTHS[(index + i) % len(LENGTHS)]
+        q, k, v = (rng.uniform(-1, 1, (1, n, 4, 32)).astype(np.float32) for _ in range(3))
+        out = c.infer("dilated_attention", make_inputs(q, k, v), parameters=PARAMS).as_numpy("O")
+        expected = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
+        worst = max(worst, reference.relative_error(out, expected))
+    return worst
+
+
+def test_32_clients_20_requests_each_mixed_lengths(server):
+    count_before = server.metric("nv_inference_count", model="dilated_attention")
+    exec_before = server.metric("nv_inference_exec_count", model="dilated_attention")
+    singles_before = server.metric("dilattn_batch_size_bucket", model="dilated_attention", le="1")
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        worst = list(pool.map(lambda i: _client_run(server, i), range(32)))
+    assert max(worst) <= 1e-5, worst
+    count = server.metric("nv_inference_count", model="dilated_attention") - count_before
+    executions = server.metric("nv_inference_exec_count", model="dilated_attention") - exec_before
+    assert count == 32 * 20
+    assert executions < count, f"{executions} executions for {count} inferences: nothing batched"
+    # Mixed lengths were packed together: some executions held more than one sequence.
+    singles = server.metric("dilattn_batch_size_bucket", model="dilated_attention", le="1")
+    assert singles - singles_before < executions

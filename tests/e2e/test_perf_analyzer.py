@@ -1,0 +1,36 @@
+"""Triton's perf_analyzer, unmodified, against dilattn-server; its latency report is saved."""
+
+import csv
+import os
+import pathlib
+import subprocess
+
+from conftest import ROOT, results_dir
+
+
+def perf_analyzer():
+    home = pathlib.Path(os.environ.get("DILATTN_PERF_ANALYZER_HOME",
+                                       ROOT / "third_party" / "perf_analyzer"))
+    binary = home / "bin" / "perf_analyzer"
+    assert binary.exists(), f"{binary} is missing; run ./setup.sh"
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{home / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    return str(binary), env
+
+
+def test_perf_analyzer_runs_and_reports(server):
+    binary, env = perf_analyzer()
+    report = results_dir() / "perf_analyzer.csv"
+    cmd = [binary, "-m", "dilated_attention", "-u", server.url, "-i", "grpc",
+           "--shape", "Q:256,4,32", "--shape", "K:256,4,32", "--shape", "V:256,4,32",
+           "--concurrency-range", "1:4:3", "--measurement-interval", "1000",
+           "--max-trials", "4", "--stability-percentage", "100", "-f", str(report)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    (results_dir() / "perf_analyzer.txt").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Throughput" in r.stdout
+    with open(report) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["Concurrency"] for row in rows) == ["1", "4"]
+    for row in rows:
+        assert float(row["Inferences/Second"]) > 0
+        assert int(row["p99 latency"]) >= int(row["p50 latency"]) > 0

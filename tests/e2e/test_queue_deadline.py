@@ -1,0 +1,141 @@
+"""Queue limits, timeouts, deadlines, cancellation and priorities. Rejected, expired and cancelled
+requests are never computed: the execution and inference counters do not move for them."""
+
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from conftest import ServerProcess, wait_until
+from helpers import make_inputs
+
+WAITING_MODEL = """
+name: "waiting"
+max_batch_size: 64
+dynamic_batching {
+  preferred_batch_size: [ 64 ]
+  max_queue_delay_microseconds: 1500000
+  default_queue_policy { max_queue_size: 2 }
+}
+parameters { key: "segment_lengths" value { string_value: "16" } }
+parameters { key: "dilation_rates" value { string_value: "1" } }
+"""
+
+PRIORITY_MODEL = """
+name: "prioritised"
+max_batch_size: 1
+dynamic_batching { priority_levels: 2 default_priority_level: 2 }
+parameters { key: "segment_lengths" value { string_value: "4096" } }
+parameters { key: "dilation_rates" value { string_value: "1" } }
+"""
+
+X = np.full((1, 32, 2, 8), 0.25, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def repo_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    for name, text in (("waiting", WAITING_MODEL), ("prioritised", PRIORITY_MODEL)):
+        (repo / name).mkdir()
+        (repo / name / "config.pbtxt").write_text(text)
+    s = ServerProcess("--model-repository", str(repo), name="custom-repository")
+    yield s
+    assert s.stop() == 0, s.log_path.read_text()
+
+
+def _stats(client, model):
+    s = client.get_inference_statistics(model).model_stats[0]
+    return s.inference_count, s.execution_count
+
+
+def test_queue_full_is_rejected_and_never_computed(repo_server):
+    c = repo_server.client()
+    before = _stats(c, "waiting")
+    rejected_before = repo_server.metric("nv_inference_request_failure", model="waiting",
+                                         reason="REJECTED")
+    done = queue.Queue()
+    for _ in range(2):
+        c.async_infer("waiting", make_inputs(X, X, X), callback=lambda result, error: done.put((result, error)))
+    assert wait_until(lambda: repo_server.metric("nv_inference_pending_request_count",
+                                                 model="waiting") == 2)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("waiting", make_inputs(X, X, X))
+    assert "UNAVAILABLE" in str(e.value.status())
+    assert "Exceeds maximum queue size" in e.value.message()
+    for _ in range(2):
+        result, error = done.get(timeout=30)
+        assert error is None, error
+        assert np.allclose(result.as_numpy("O"), 0.25)
+    after = _stats(c, "waiting")
+    assert after == (before[0] + 2, before[1] + 1), "two computed together, the third never"
+    assert repo_server.metric("nv_inference_request_failure", model="waiting",
+                              reason="REJECTED") == rejected_before + 1
+
+
+def test_expired_deadline_is_never_computed(repo_server):
+    c = repo_server.client()
+    before = _stats(c, "waiting")
+    start = time.time()
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("waiting", make_inputs(X, X, X), client_timeout=0.3)
+    assert "DEADLINE_EXCEEDED" in str(e.value.status())
+    assert time.time() - start < 1.4
+    # Past the batcher's 1.5 s delay, by when the request would have run.
+    time.sleep(2.0)
+    assert _stats(c, "waiting") == before
+
+
+def test_timeout_parameter_expires_in_the_queue(repo_server):
+    c = repo_server.client()
+    before = _stats(c, "waiting")
+    start = time.time()
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("waiting", make_inputs(X, X, X), timeout=200000)  # microseconds, Triton's unit
+    elapsed = time.time() - start
+    assert "DEADLINE_EXCEEDED" in str(e.value.status())
+    assert "not computed" in e.value.message()
+    assert 0.15 < elapsed < 1.4
+    time.sleep(1.6)
+    assert _stats(c, "waiting") == before
+
+
+def test_cancelled_request_is_never_computed(repo_server):
+    c = repo_server.client()
+    before = _stats(c, "waiting")
+    done = queue.Queue()
+    ctx = c.async_infer("waiting", make_inputs(X, X, X), callback=lambda result, error: done.put((result, error)))
+    assert wait_until(lambda: repo_server.metric("nv_inference_pending_request_count",
+                                                 model="waiting") == 1)
+    ctx.cancel()
+    result, error = done.get(timeout=10)
+    assert error is not None and "CANCELLED" in str(error.status())
+    time.sleep(1.8)
+    assert _stats(c, "waiting") == before
+    assert repo_server.metric("nv_inference_pending_request_count", model="waiting") == 0
+
+
+def test_high_priority_overtakes_queued_low_priority(repo_server):
+    c = repo_server.client()
+    rng = np.random.default_rng(3)
+    big = rng.uniform(-1, 1, (1, 4096, 8, 64)).astype(np.float32)
+    finished = []
+    lock = threading.Lock()
+
+    def record(tag):
+        def callback(result, error):
+            assert error is None, error
+            with lock:
+                finished.append(tag)
+        return callback
+
+    c.async_infer("prioritised", make_inputs(big, big, big), callback=record("blocker"))
+    time.sleep(0.05)  # the blocker is computing; the next ones queue behind it
+    c.async_infer("prioritised", make_inputs(X, X, X), callback=record("low-1"), priority=2)
+    c.async_infer("prioritised", make_inputs(X, X, X), callback=record("low-2"), priority=2)
+    c.async_infer("prioritised", make_inputs(X, X, X), callback=record("high"), priority=1)
+    assert wait_until(lambda: len(finished) == 4, timeout=60)
+    assert finished.index("high") < finished.index("low-2"), finished
