@@ -10,6 +10,10 @@ namespace {
 const prometheus::Histogram::BucketBoundaries kSecondsBuckets = {
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1,    0.25,    0.5,    1.0,   2.5,    5.0,   10.0, 30.0,  60.0};
+// Server overhead is tens to hundreds of microseconds: finer buckets there.
+const prometheus::Histogram::BucketBoundaries kOverheadBuckets = {
+    0.000025, 0.00005, 0.000075, 0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005,
+    0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0};
 const prometheus::Histogram::BucketBoundaries kBatchBuckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
 
 const char* const kReasons[4] = {"REJECTED", "CANCELED", "BACKEND", "OTHER"};
@@ -100,6 +104,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind
   m->request_seconds_ = histogram("dilattn_request_duration_seconds", "Server-side time of successful requests, arrival to response");
   m->queue_seconds_ = histogram("dilattn_queue_duration_seconds", "Time requests wait in the model's queue");
   m->compute_seconds_ = histogram("dilattn_compute_duration_seconds", "Time of each execution: copies in, kernel, copies out");
+  m->overhead_seconds_ = histogram("dilattn_request_overhead_seconds", "Server-side time of successful requests outside the kernel: request minus compute-infer time");
   m->batch_size_ = histogram("dilattn_batch_size", "Sequences per execution");
   if (!bind_address.empty()) {
     try {
@@ -144,6 +149,7 @@ ModelMetrics* Metrics::ForModel(const std::string& model, const std::string& ver
   mm->request_seconds = &request_seconds_->Add(labels, kSecondsBuckets);
   mm->queue_seconds = &queue_seconds_->Add(labels, kSecondsBuckets);
   mm->compute_seconds = &compute_seconds_->Add(labels, kSecondsBuckets);
+  mm->overhead_seconds = &overhead_seconds_->Add(labels, kOverheadBuckets);
   mm->batch_size = &batch_size_->Add(labels, kBatchBuckets);
   absl::MutexLock lock(&mu_);
   models_.push_back(std::move(mm));

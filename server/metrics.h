@@ -38,6 +38,7 @@ struct ModelMetrics {
   prometheus::Histogram* request_seconds;
   prometheus::Histogram* queue_seconds;
   prometheus::Histogram* compute_seconds;
+  prometheus::Histogram* overhead_seconds;
   prometheus::Histogram* batch_size;
 };
 
@@ -76,6 +77,7 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>* request_seconds_ = nullptr;
   prometheus::Family<prometheus::Histogram>* queue_seconds_ = nullptr;
   prometheus::Family<prometheus::Histogram>* compute_seconds_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* overhead_seconds_ = nullptr;
   prometheus::Family<prometheus::Histogram>* batch_size_ = nullptr;
 };
 

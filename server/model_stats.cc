@@ -36,6 +36,7 @@ void ModelStats::RequestSucceeded(absl::Duration total, const RequestTimings& t,
   metrics_->compute_output_us->Increment(Micros(t.compute_output));
   metrics_->request_seconds->Observe(Seconds(total));
   metrics_->queue_seconds->Observe(Seconds(t.queue));
+  metrics_->overhead_seconds->Observe(Seconds(total - t.compute_infer));
 }
 
 void ModelStats::RequestFailed(absl::Duration total, FailureReason reason) {

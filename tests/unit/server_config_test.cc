@@ -1,0 +1,131 @@
+// Model configs and operator parameters: the built-in models parse, every config mistake is
+// rejected at start-up with its reason, and parameter values convert as documented.
+
+#include <cmath>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/model_config.h"
+#include "server/operator_options.h"
+
+namespace dilattn::server {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ModelConfig, BuiltInModels) {
+  const std::vector<ModelSpec> models = DefaultModels();
+  ASSERT_EQ(models.size(), 3u);
+  EXPECT_EQ(models[0].name, "dilated_attention");
+  EXPECT_EQ(models[0].defaults.dilated.mode, attention::Mode::kLongNet);
+  EXPECT_EQ(models[0].defaults.dilated.segment_lengths,
+            (std::vector<int64_t>{2048, 4096, 8192, 16384, 32768}));
+  EXPECT_EQ(models[1].name, "dilated_attention_head_groups");
+  EXPECT_EQ(models[1].defaults.dilated.mode, attention::Mode::kHeadGroups);
+  EXPECT_EQ(models[2].name, "block_sparse_attention");
+  EXPECT_EQ(models[2].defaults.kind, OperatorKind::kBlockSparse);
+  for (const ModelSpec& m : models) {
+    EXPECT_EQ(m.config.input_size(), 3);
+    EXPECT_EQ(m.config.output(0).name(), "O");
+    EXPECT_GT(m.batching.max_batch_size, 0);
+  }
+}
+
+TEST(ModelConfig, DefaultsFillInputsAndBatching) {
+  absl::StatusOr<ModelSpec> spec = ParseModelConfig(R"pb(
+    max_batch_size: 8
+    dynamic_batching { preferred_batch_size: [4, 2] max_queue_delay_microseconds: 300
+                       priority_levels: 3 default_queue_policy { max_queue_size: 7 } }
+    parameters { key: "segment_lengths" value { string_value: "64, 128" } }
+    parameters { key: "dilation_rates" value { string_value: "1,2" } }
+  )pb", "test", "mine");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->name, "mine");
+  EXPECT_EQ(spec->config.input(1).name(), "K");
+  EXPECT_EQ(spec->dims, (std::array<int64_t, 3>{-1, -1, -1}));
+  EXPECT_EQ(spec->batching.preferred_batch_sizes, (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(spec->batching.max_queue_delay, absl::Microseconds(300));
+  EXPECT_EQ(spec->batching.priority_levels, 3);
+  EXPECT_EQ(spec->batching.default_priority, 2);
+  EXPECT_EQ(spec->batching.max_queue_size, 7u);
+}
+
+void ExpectRejected(const std::string& text, const std::string& needle) {
+  absl::StatusOr<ModelSpec> spec = ParseModelConfig(text, "cfg.pbtxt", "m");
+  ASSERT_FALSE(spec.ok()) << text;
+  EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(spec.status().message()), HasSubstr(needle));
+}
+
+TEST(ModelConfig, Rejections) {
+  ExpectRejected("optimization { }", "line 1");
+  ExpectRejected("name: \"other\"", "differs from its directory 'm'");
+  ExpectRejected("backend: \"onnxruntime\"", "backend 'onnxruntime'");
+  ExpectRejected("parameters { key: \"operator\" value { string_value: \"conv\" } }",
+                 "operator='conv'");
+  ExpectRejected("parameters { key: \"segment_lengths\" value { string_value: \"8,x\" } }",
+                 "'segment_lengths'='8,x'");
+  ExpectRejected("parameters { key: \"segment_lengths\" value { string_value: \"4\" } }\n"
+                 "parameters { key: \"dilation_rates\" value { string_value: \"8\" } }",
+                 "dilation_rates[0]=8");
+  ExpectRejected("parameters { key: \"max_batch_tokens\" value { string_value: \"0\" } }",
+                 "max_batch_tokens");
+  ExpectRejected("dynamic_batching { }", "needs max_batch_size > 0");
+  ExpectRejected("max_batch_size: 4 dynamic_batching { preferred_batch_size: [8] }",
+                 "preferred_batch_size 8");
+  ExpectRejected("max_batch_size: 4 dynamic_batching { default_queue_policy { timeout_action: DELAY } }",
+                 "DELAY is not supported");
+  ExpectRejected("max_batch_size: 4 input { name: \"Q\" data_type: TYPE_FP32 dims: [-1,-1,-1] }",
+                 "exactly Q, K and V");
+  ExpectRejected(R"pb(max_batch_size: 4
+      input { name: "Q" data_type: TYPE_INT8 dims: [-1, -1, -1] }
+      input { name: "K" data_type: TYPE_INT8 dims: [-1, -1, -1] }
+      input { name: "V" data_type: TYPE_INT8 dims: [-1, -1, -1] })pb",
+                 "TYPE_INT8");
+  ExpectRejected(R"pb(max_batch_size: 4
+      input { name: "Q" data_type: TYPE_FP16 dims: [-1, 8, 64] }
+      input { name: "K" data_type: TYPE_FP16 dims: [-1, 8, 64] }
+      input { name: "V" data_type: TYPE_FP16 dims: [-1, 8] })pb",
+                 "has 2 dims");
+}
+
+TEST(OperatorOptions, ParameterForms) {
+  OperatorOptions o;
+  EXPECT_TRUE(ApplyOperatorParameter("segment_lengths", ParamValue(int64_t{512}), "p", &o).ok());
+  EXPECT_EQ(o.dilated.segment_lengths, (std::vector<int64_t>{512}));
+  EXPECT_TRUE(ApplyOperatorParameter("causal", ParamValue(std::string("TRUE")), "p", &o).ok());
+  EXPECT_TRUE(o.dilated.causal);
+  EXPECT_TRUE(ApplyOperatorParameter("softmax_scale", ParamValue(std::string("0.125")), "p", &o).ok());
+  EXPECT_EQ(*o.dilated.softmax_scale, 0.125);
+  EXPECT_TRUE(ApplyOperatorParameter("mode", ParamValue(std::string("head_groups")), "p", &o).ok());
+  EXPECT_EQ(o.dilated.mode, attention::Mode::kHeadGroups);
+  absl::Status s = ApplyOperatorParameter("mode", ParamValue(true), "request parameter", &o);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("request parameter 'mode'=true is not a string"));
+  s = ApplyOperatorParameter("pattern", ParamValue(std::string("strided")), "p", &o);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("not known for dilated attention"));
+
+  OperatorOptions sparse;
+  sparse.kind = OperatorKind::kBlockSparse;
+  EXPECT_TRUE(ApplyOperatorParameter("pairs", ParamValue(std::string("0:1, 2:3")), "p", &sparse).ok());
+  EXPECT_EQ(sparse.sparse.pairs, (std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {2, 3}}));
+  EXPECT_TRUE(ApplyOperatorParameter("seed", ParamValue(uint64_t{1} << 63), "p", &sparse).ok());
+  EXPECT_EQ(sparse.sparse.seed, uint64_t{1} << 63);
+  EXPECT_FALSE(ApplyOperatorParameter("density", ParamValue(std::string("lots")), "p", &sparse).ok());
+}
+
+TEST(OperatorOptions, KeysSeparateEveryDifference) {
+  OperatorOptions a, b;
+  a.dilated.segment_lengths = b.dilated.segment_lengths = {64};
+  a.dilated.dilation_rates = b.dilated.dilation_rates = {1};
+  EXPECT_EQ(OperatorKey(a), OperatorKey(b));
+  a.dilated.softmax_scale = 0.1;
+  b.dilated.softmax_scale = std::nextafter(0.1, 1.0);
+  EXPECT_NE(OperatorKey(a), OperatorKey(b)) << "scales one ulp apart must not batch together";
+  b = a;
+  b.dilated.causal = true;
+  EXPECT_NE(OperatorKey(a), OperatorKey(b));
+}
+
+}  // namespace
+}  // namespace dilattn::server
