@@ -215,7 +215,7 @@ void Engine::Execute(Batch& batch) {
   for (const auto& r : live) sequences += r->batch;
   batch.model->stats().Executed(sequences, copied_in - start, computed - copied_in, end - computed);
   for (auto& r : live) {
-    const RequestTimings t{start - r->arrival, copied_in - start, computed - copied_in,
+    const RequestTimings t{start - r->enqueued, copied_in - start, computed - copied_in,
                            end - computed};
     CompleteRequest(std::move(r), absl::OkStatus(), t);
   }

@@ -43,7 +43,8 @@ struct InferenceRequest {
   std::string* output = nullptr;  // the response's raw output, sized and filled by the engine
 
   int priority = 1;  // 1 is served first
-  absl::Time arrival;
+  absl::Time arrival;   // the handler received the message (before parsing it)
+  absl::Time enqueued;  // it entered the model's queue
   absl::Time deadline = absl::InfiniteFuture();
   // Set by the RPC layer when the client cancels or the call's deadline passes.
   std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);

@@ -38,6 +38,7 @@ void Scheduler::Enqueue(std::unique_ptr<InferenceRequest> request) {
       rejection = absl::UnavailableError("Exceeds maximum queue size");
     } else {
       const int level = std::clamp(request->priority, 1, policy_.priority_levels);
+      request->enqueued = absl::Now();
       queues_[static_cast<size_t>(level - 1)].push_back(std::move(request));
       ++queued_;
       model_->stats().AddPending(1);
@@ -162,7 +163,7 @@ void Scheduler::Loop() {
                             sequences >= policy_.max_batch_size;
         const bool preferred =
             !policy_.preferred_batch_sizes.empty() && sequences >= policy_.preferred_batch_sizes.back();
-        const absl::Time delay_end = head->arrival + policy_.max_queue_delay;
+        const absl::Time delay_end = head->enqueued + policy_.max_queue_delay;
         if (!(at_max || preferred || stopping_ || absl::Now() >= delay_end)) {
           arrived_.WaitWithDeadline(&mu_, std::min(delay_end, earliest_deadline));
           continue;
