@@ -120,4 +120,16 @@ struct CpuBackendOptions {
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackend(
     const CpuBackendOptions& options);
 
+struct CudaBackendOptions {
+  int device = 0;
+  void* stream = nullptr;  // a cudaStream_t; null is the legacy default stream
+};
+
+// The fused GPU kernel. Run() enqueues on the backend's stream and returns: the caller orders
+// later work (copies of O) after it on that stream. Tensors and workspace must be device memory
+// of `device`; dtype fp16 or bf16. FAILED_PRECONDITION in a build without CUDA or without the
+// device.
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(
+    const CudaBackendOptions& options);
+
 }  // namespace dilattn::attention

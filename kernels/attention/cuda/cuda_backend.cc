@@ -1,0 +1,182 @@
+// The CUDA backend: plans the tile list on the host, uploads it with the sequence offsets into
+// the caller's device workspace, and launches the fused kernel on its stream. Host compiler
+// only: the kernels are reached through launch.h.
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/cuda/launch.h"
+#include "kernels/attention/gpu_tiles.h"
+
+namespace dilattn::attention {
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  const std::string message =
+      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
+  return absl::InternalError(message);
+}
+
+struct Layout {
+  size_t offsets_bytes;
+  size_t tiles_offset;
+  size_t total;
+};
+
+Layout WorkspaceLayout(const AttentionPlan& plan, int64_t tiles) {
+  Layout l;
+  l.offsets_bytes = sizeof(int64_t) * plan.seq_offsets.size();
+  l.tiles_offset = AlignUp(l.offsets_bytes);
+  l.total = l.tiles_offset + sizeof(GpuTile) * static_cast<size_t>(tiles);
+  return l;
+}
+
+class CudaBackend final : public AttentionBackend {
+ public:
+  CudaBackend(int device, cudaStream_t stream, std::string name)
+      : device_(device), stream_(stream), name_(std::move(name)) {}
+  ~CudaBackend() override {
+    if (upload_done_ != nullptr) {
+      cudaEventSynchronize(upload_done_);
+      cudaEventDestroy(upload_done_);
+    }
+    if (staging_ != nullptr) cudaFreeHost(staging_);
+  }
+
+  absl::string_view name() const override { return name_; }
+  DeviceLoc location() const override { return DeviceLoc::Cuda(device_); }
+
+  // The one selector: Supports, WorkspaceBytes and Run all go through it.
+  absl::Status Supports(const AttentionPlan& plan) const override {
+    const DilatedAttentionParams& p = plan.params;
+    if (p.dtype == DType::kFloat32) {
+      return absl::InvalidArgumentError(
+          "the cuda backend computes on fp16 or bf16 tensors (the server converts fp32 "
+          "requests to fp16)");
+    }
+    if (!cuda::FusedForwardSupportsHeadDim(p.head_dim)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "head_dim D=", p.head_dim, " is not supported by the cuda backend (16, 32, 64, 128, 256)"));
+    }
+    if (p.max_seq_len > kGpuMaxSeqLen || p.num_heads > kGpuMaxHeads) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend takes sequences of at most ", kGpuMaxSeqLen, " tokens and at most ",
+          kGpuMaxHeads, " heads, got N=", p.max_seq_len, " and H=", p.num_heads));
+    }
+    return absl::OkStatus();
+  }
+
+  size_t WorkspaceBytes(const AttentionPlan& plan) const override {
+    if (!Supports(plan).ok()) return 0;
+    return WorkspaceLayout(plan, CountGpuTiles(plan, cuda::kFusedBlockM)).total;
+  }
+
+  absl::Status Run(const AttentionPlan& plan, const AttentionTensors& tensors,
+                   TensorRef workspace) override {
+    if (absl::Status s = Supports(plan); !s.ok()) return s;
+    if (absl::Status s = CheckTensors(plan, tensors, location()); !s.ok()) return s;
+    if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+    if (absl::Status s = BuildGpuTiles(plan, cuda::kFusedBlockM, &tiles_); !s.ok()) return s;
+    const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(tiles_.size()));
+    if (workspace.bytes < layout.total || !(workspace.location == location())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cuda workspace must hold ", layout.total, " bytes on ", location().ToString(),
+          ", got ", workspace.bytes, " on ", workspace.location.ToString()));
+    }
+    // The upload reads pinned staging asynchronously: the previous one must be done with it.
+    if (upload_done_ != nullptr) {
+      if (absl::Status s = CudaStatus(cudaEventSynchronize(upload_done_), "previous upload");
+          !s.ok()) {
+        return s;
+      }
+    } else if (absl::Status s = CudaStatus(
+                   cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming), "event");
+               !s.ok()) {
+      return s;
+    }
+    if (staging_bytes_ < layout.total) {
+      if (staging_ != nullptr) cudaFreeHost(staging_);
+      staging_ = nullptr;
+      staging_bytes_ = 0;
+      if (absl::Status s = CudaStatus(cudaHostAlloc(&staging_, layout.total, 0), "pinned staging");
+          !s.ok()) {
+        return s;
+      }
+      staging_bytes_ = layout.total;
+    }
+    auto* host = static_cast<unsigned char*>(staging_);
+    std::memcpy(host, plan.seq_offsets.data(), layout.offsets_bytes);
+    std::memcpy(host + layout.tiles_offset, tiles_.data(), sizeof(GpuTile) * tiles_.size());
+    auto* device = static_cast<unsigned char*>(workspace.data);
+    if (absl::Status s = CudaStatus(cudaMemcpyAsync(device, host, layout.total,
+                                                    cudaMemcpyHostToDevice, stream_),
+                                    "tile list upload");
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = CudaStatus(cudaEventRecord(upload_done_, stream_), "event"); !s.ok()) {
+      return s;
+    }
+    cuda::FusedForwardParams params{};
+    params.attn = plan.params;
+    params.attn.q = tensors.q.data;
+    params.attn.k = tensors.k.data;
+    params.attn.v = tensors.v.data;
+    params.attn.o = tensors.o.data;
+    params.attn.seq_offsets = reinterpret_cast<const int64_t*>(device);
+    params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset);
+    params.num_tiles = static_cast<int64_t>(tiles_.size());
+    params.scale_log2 = plan.params.scale * 1.4426950408889634f;
+    return CudaStatus(static_cast<cudaError_t>(cuda::LaunchFusedForward(params, stream_)),
+                      "fused forward launch");
+  }
+
+ private:
+  int device_;
+  cudaStream_t stream_;
+  std::string name_;
+  std::vector<GpuTile> tiles_;
+  void* staging_ = nullptr;
+  size_t staging_bytes_ = 0;
+  cudaEvent_t upload_done_ = nullptr;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(
+    const CudaBackendOptions& options) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    count = 0;
+  }
+  if (options.device < 0 || options.device >= count) {
+    return absl::FailedPreconditionError(absl::StrCat("CUDA device ", options.device,
+                                                      " does not exist (", count, " found)"));
+  }
+  cudaDeviceProp prop{};
+  if (absl::Status s = CudaStatus(cudaGetDeviceProperties(&prop, options.device), "device query");
+      !s.ok()) {
+    return s;
+  }
+  if (prop.major < 8) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "CUDA device ", options.device, " (", prop.name, ") is sm_", prop.major, prop.minor,
+        "; the kernels need sm_80 or newer"));
+  }
+  return std::unique_ptr<AttentionBackend>(
+      new CudaBackend(options.device, static_cast<cudaStream_t>(options.stream),
+                      absl::StrCat("cuda-sm", prop.major, prop.minor)));
+}
+
+}  // namespace dilattn::attention

@@ -1,0 +1,399 @@
+#pragma once
+
+// The fused dilated-attention forward kernel (tensor cores through mma.sync m16n8k16, sm_80 and
+// newer). One CTA per tile of the work list (gpu_tiles.h): up to 64 evenly spaced query rows of
+// one (sequence, head) that share one key set. The CTA walks the key spans of every branch the
+// tile's rows take part in, 64 keys at a time, with one online softmax across all of them, so
+// longnet's union-of-keys softmax needs no merge pass. Dilated rows are gathered straight from
+// the (tokens, H, D) tensors with cp.async; K/V tiles are double-buffered in shared memory.
+//
+// Warp w owns query rows 16w..16w+15. Each thread keeps two rows' softmax state (rows lane/4
+// and lane/4 + 8 of its warp's 16) and its slice of the 16 x D accumulator in registers.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kernels/attention/cuda/kernel_params.h"
+#include "kernels/attention/tile_spans.h"
+
+namespace dilattn::attention::cuda {
+
+inline constexpr int kBlockM = 64;
+inline constexpr int kBlockN = 64;
+inline constexpr int kWarps = 4;
+inline constexpr int kThreads = kWarps * 32;
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__half> {
+  __device__ static uint32_t Pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaType<__nv_bfloat16> {
+  __device__ static uint32_t Pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ static void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  // src-size 0 fills the 16 bytes with zeros: rows past a span's end read nothing.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Shared-memory tiles are [rows][D] of 16-byte chunks, XOR-swizzled so that the 8 rows an
+// ldmatrix phase reads at one column land in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
+  constexpr int kChunks = D / 8;
+  const int x = kChunks >= 8 ? (row & 7) : kChunks == 4 ? ((row >> 1) & 3) : ((row >> 2) & 1);
+  return row * D + ((chunk ^ x) << 3);
+}
+
+template <int D, typename T>
+struct FusedForwardKernel {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr int kDTiles = D / 8;  // 8-wide output column tiles per warp row block
+  static constexpr int kKSteps = D / 16;
+  static constexpr bool kQInRegisters = D <= 128;
+  static constexpr int kSmemElements = kBlockM * D + 4 * kBlockN * D;  // Q, K[2], V[2]
+  static constexpr int kSmemBytes = kSmemElements * static_cast<int>(sizeof(T));
+
+  // Gathers `rows` rows of one head into a swizzled tile: row i is packed token row
+  // base_row + i * row_step; rows at or past `valid` are zero-filled.
+  __device__ static void LoadRows(T* tile, const T* tensor, int64_t row_stride, int64_t head_off,
+                                  int64_t base_row, int64_t row_step, int valid, int rows) {
+    const uint32_t smem = SharedAddress(tile);
+    for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
+      const int row = i / kChunks;
+      const int chunk = i % kChunks;
+      const bool ok = row < valid;
+      const T* src = ok ? tensor + (base_row + row * row_step) * row_stride + head_off + chunk * 8
+                        : tensor;
+      CpAsync16(smem + SwizzledOffset<D>(row, chunk) * static_cast<int>(sizeof(T)), src, ok);
+    }
+  }
+
+  __device__ static void Run(const FusedForwardParams& params) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    T* sq = reinterpret_cast<T*>(smem_raw);
+    T* sk = sq + kBlockM * D;          // [2][kBlockN][D]
+    T* sv = sk + 2 * kBlockN * D;      // [2][kBlockN][D]
+
+    const DilatedAttentionParams& p = params.attn;
+    const GpuTile tile = params.tiles[blockIdx.x];
+    const int64_t seq_base = p.seq_offsets[tile.seq];
+    const int64_t seq_len = p.seq_offsets[tile.seq + 1] - seq_base;
+    const int head = tile.head;
+    const int64_t head_off = static_cast<int64_t>(head) * D;
+    const int64_t q_stride = tile.q_stride;
+    const int64_t q_first = tile.q_pos;
+    const int64_t q_last = q_first + (tile.count - 1) * q_stride;
+    const T* q = static_cast<const T*>(p.q);
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+
+    // The tile's key spans: one per branch its rows take part in, clipped to the last query
+    // when causal (later keys are masked for every row).
+    __shared__ int64_t span_first[kMaxBranches];
+    __shared__ int64_t span_rate[kMaxBranches];
+    __shared__ int64_t span_count[kMaxBranches];
+    __shared__ int span_tiles_end[kMaxBranches];
+    __shared__ int num_spans;
+    if (threadIdx.x == 0) {
+      int n = 0;
+      int tiles = 0;
+      for (int b = 0; b < p.num_branches; ++b) {
+        int64_t first = 0, count = 0;
+        if (!BranchKeySpan(p, b, head, seq_len, q_first, &first, &count)) continue;
+        const int64_t rate = p.dilation_rate[b];
+        if (p.causal) {
+          if (first > q_last) continue;
+          const int64_t visible = (q_last - first) / rate + 1;
+          count = count < visible ? count : visible;
+        }
+        span_first[n] = first;
+        span_rate[n] = rate;
+        span_count[n] = count;
+        tiles += static_cast<int>((count + kBlockN - 1) / kBlockN);
+        span_tiles_end[n] = tiles;
+        ++n;
+      }
+      num_spans = n;
+    }
+    __syncthreads();
+    const int total_tiles = num_spans > 0 ? span_tiles_end[num_spans - 1] : 0;
+
+    // Key tile t: span index and first key index within the span.
+    auto locate = [&](int t, int* span, int64_t* k0) {
+      int s = 0;
+      while (span_tiles_end[s] <= t) ++s;
+      const int begin = s == 0 ? 0 : span_tiles_end[s - 1];
+      *span = s;
+      *k0 = static_cast<int64_t>(t - begin) * kBlockN;
+    };
+    auto load_kv = [&](int t, int stage) {
+      int s;
+      int64_t k0;
+      locate(t, &s, &k0);
+      const int valid = static_cast<int>(Min64(kBlockN, span_count[s] - k0));
+      const int64_t row0 = seq_base + span_first[s] + k0 * span_rate[s];
+      LoadRows(sk + stage * kBlockN * D, k, p.k_row_stride, head_off, row0, span_rate[s], valid,
+               kBlockN);
+      LoadRows(sv + stage * kBlockN * D, v, p.v_row_stride, head_off, row0, span_rate[s], valid,
+               kBlockN);
+    };
+
+    LoadRows(sq, q, p.q_row_stride, head_off, seq_base + q_first, q_stride, tile.count, kBlockM);
+    CpAsyncCommit();
+    if (total_tiles > 0) load_kv(0, 0);
+    CpAsyncCommit();
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int row_a = warp * 16 + lane / 4;  // this thread's two rows within the tile
+    const int row_b = row_a + 8;
+    const int64_t pos_a = q_first + row_a * q_stride;
+    const int64_t pos_b = q_first + row_b * q_stride;
+
+    float acc[kDTiles][4];
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    }
+    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+
+    // ldmatrix lane addressing: lane supplies row (lane % 8) of matrix (lane / 8).
+    const int lm_row = lane % 8;
+    const int lm_mat = lane / 8;
+    uint32_t q_frag[kQInRegisters ? kKSteps : 1][4];
+
+    auto load_q_frag = [&](int ks, uint32_t* frag) {
+      // A operand 16x16: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+      // (rows 8-15, k 8-15).
+      const int row = warp * 16 + (lm_mat % 2) * 8 + lm_row;
+      const int chunk = ks * 2 + lm_mat / 2;
+      LdMatrixX4(frag, SharedAddress(sq + SwizzledOffset<D>(row, chunk)));
+    };
+
+    for (int t = 0; t < total_tiles; ++t) {
+      const int stage = t % 2;
+      if (t + 1 < total_tiles) load_kv(t + 1, stage ^ 1);
+      CpAsyncCommit();
+      CpAsyncWait<1>();
+      __syncthreads();
+      if (kQInRegisters && t == 0) {
+#pragma unroll
+        for (int ks = 0; ks < kKSteps; ++ks) load_q_frag(ks, q_frag[ks]);
+      }
+
+      const T* tk = sk + stage * kBlockN * D;
+      const T* tv = sv + stage * kBlockN * D;
+
+      // S = Q K^T for this warp's 16 rows x 64 keys: 8 column tiles of 8 keys.
+      float s[8][4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+      }
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t a_local[4];
+        const uint32_t* a = q_frag[kQInRegisters ? ks : 0];
+        if (!kQInRegisters) {
+          load_q_frag(ks, a_local);
+          a = a_local;
+        }
+#pragma unroll
+        for (int jp = 0; jp < 4; ++jp) {
+          // B operand for key tiles 2jp and 2jp+1: matrices (keys 0-7, k 0-7), (keys 0-7,
+          // k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15).
+          uint32_t b[4];
+          const int key = jp * 16 + (lm_mat / 2) * 8 + lm_row;
+          const int chunk = ks * 2 + lm_mat % 2;
+          LdMatrixX4(b, SharedAddress(tk + SwizzledOffset<D>(key, chunk)));
+          MmaType<T>::Mma(s[2 * jp], a, b[0], b[1]);
+          MmaType<T>::Mma(s[2 * jp + 1], a, b[2], b[3]);
+        }
+      }
+
+      // Scale into the log2 domain and mask: keys past the span, and with causal keys after
+      // the row's own position.
+      int span;
+      int64_t k0;
+      locate(t, &span, &k0);
+      const int valid = static_cast<int>(Min64(kBlockN, span_count[span] - k0));
+      const int64_t key_pos0 = span_first[span] + k0 * span_rate[span];
+      const int64_t key_rate = span_rate[span];
+      const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > q_first;
+      float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = j * 8 + 2 * (lane % 4) + (e & 1);
+          const bool row_is_b = e >= 2;
+          float x = s[j][e] * params.scale_log2;
+          bool masked = col >= valid;
+          if (need_causal) {
+            masked |= key_pos0 + col * key_rate > (row_is_b ? pos_b : pos_a);
+          }
+          x = masked ? -INFINITY : x;
+          s[j][e] = x;
+          if (row_is_b) {
+            tile_max_b = fmaxf(tile_max_b, x);
+          } else {
+            tile_max_a = fmaxf(tile_max_a, x);
+          }
+        }
+      }
+#pragma unroll
+      for (int offset = 1; offset <= 2; offset <<= 1) {
+        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, offset));
+        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, offset));
+      }
+      const float new_a = fmaxf(m_a, tile_max_a);
+      const float new_b = fmaxf(m_b, tile_max_b);
+      // A row with nothing visible yet keeps max -inf; exponents then use 0 so they give 0.
+      const float use_a = new_a == -INFINITY ? 0.f : new_a;
+      const float use_b = new_b == -INFINITY ? 0.f : new_b;
+      const float alpha_a = exp2f(m_a - use_a);
+      const float alpha_b = exp2f(m_b - use_b);
+      m_a = new_a;
+      m_b = new_b;
+      float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        s[j][0] = exp2f(s[j][0] - use_a);
+        s[j][1] = exp2f(s[j][1] - use_a);
+        s[j][2] = exp2f(s[j][2] - use_b);
+        s[j][3] = exp2f(s[j][3] - use_b);
+        sum_a += s[j][0] + s[j][1];
+        sum_b += s[j][2] + s[j][3];
+      }
+      l_a = l_a * alpha_a + sum_a;
+      l_b = l_b * alpha_b + sum_b;
+#pragma unroll
+      for (int i = 0; i < kDTiles; ++i) {
+        acc[i][0] *= alpha_a;
+        acc[i][1] *= alpha_a;
+        acc[i][2] *= alpha_b;
+        acc[i][3] *= alpha_b;
+      }
+
+      // O += P V: P's accumulator layout is the A-operand layout of the next mma, two key tiles
+      // (16 keys) per k-step.
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        a[0] = MmaType<T>::Pack(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = MmaType<T>::Pack(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = MmaType<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = MmaType<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
+          // B operand (keys x d) from row-major V with .trans: matrices (keys 0-7, d 0-7),
+          // (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15).
+          uint32_t b[4];
+          const int key = kk * 16 + (lm_mat % 2) * 8 + lm_row;
+          const int chunk = dp * 2 + lm_mat / 2;
+          LdMatrixX4Trans(b, SharedAddress(tv + SwizzledOffset<D>(key, chunk)));
+          MmaType<T>::Mma(acc[2 * dp], a, b[0], b[1]);
+          MmaType<T>::Mma(acc[2 * dp + 1], a, b[2], b[3]);
+        }
+      }
+      __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    }
+    CpAsyncWait<0>();
+
+#pragma unroll
+    for (int offset = 1; offset <= 2; offset <<= 1) {
+      l_a += __shfl_xor_sync(0xffffffffu, l_a, offset);
+      l_b += __shfl_xor_sync(0xffffffffu, l_b, offset);
+    }
+    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
+    const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
+    T* o = static_cast<T*>(p.o);
+    const bool write_a = row_a < tile.count;
+    const bool write_b = row_b < tile.count;
+    T* out_a = o + (seq_base + pos_a) * p.o_row_stride + head_off + 2 * (lane % 4);
+    T* out_b = o + (seq_base + pos_b) * p.o_row_stride + head_off + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < kDTiles; ++i) {
+      if (write_a) {
+        *reinterpret_cast<uint32_t*>(out_a + i * 8) =
+            MmaType<T>::Pack(acc[i][0] * inv_a, acc[i][1] * inv_a);
+      }
+      if (write_b) {
+        *reinterpret_cast<uint32_t*>(out_b + i * 8) =
+            MmaType<T>::Pack(acc[i][2] * inv_b, acc[i][3] * inv_b);
+      }
+    }
+  }
+};
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads) FusedForward(const __grid_constant__ FusedForwardParams params) {
+  FusedForwardKernel<D, T>::Run(params);
+}
+
+template <int D, typename T>
+int LaunchFusedForwardFor(const FusedForwardParams& params, cudaStream_t stream) {
+  using K = FusedForwardKernel<D, T>;
+  if (params.num_tiles == 0) return 0;
+  cudaError_t err = cudaFuncSetAttribute(FusedForward<D, T>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  // The tile list is walked by blockIdx.x, which reaches 2^31 - 1.
+  FusedForward<D, T><<<static_cast<unsigned>(params.num_tiles), kThreads, K::kSmemBytes,
+                       stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace dilattn::attention::cuda

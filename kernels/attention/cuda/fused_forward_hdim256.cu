@@ -1,0 +1,7 @@
+// Explicit instantiations of the fused forward kernel for head dim 256.
+#include "kernels/attention/cuda/fused_forward.cuh"
+
+namespace dilattn::attention::cuda {
+template int LaunchFusedForwardFor<256, __half>(const FusedForwardParams&, cudaStream_t);
+template int LaunchFusedForwardFor<256, __nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
+}  // namespace dilattn::attention::cuda

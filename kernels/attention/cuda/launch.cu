@@ -1,0 +1,94 @@
+// The one dispatch from runtime options (head dim, dtype) to compiled kernel instances, and the
+// small element-wise kernels the engine needs around it.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/attention/cuda/fused_forward.cuh"
+#include "kernels/attention/cuda/launch.h"
+
+namespace dilattn::attention::cuda {
+
+template <int D, typename T>
+int LaunchFusedForwardFor(const FusedForwardParams& params, cudaStream_t stream);
+
+#define DILATTN_DECLARE(D)                                                               \
+  extern template int LaunchFusedForwardFor<D, __half>(const FusedForwardParams&,        \
+                                                       cudaStream_t);                   \
+  extern template int LaunchFusedForwardFor<D, __nv_bfloat16>(const FusedForwardParams&, \
+                                                              cudaStream_t);
+DILATTN_DECLARE(16)
+DILATTN_DECLARE(32)
+DILATTN_DECLARE(64)
+DILATTN_DECLARE(128)
+DILATTN_DECLARE(256)
+#undef DILATTN_DECLARE
+
+bool FusedForwardSupportsHeadDim(int head_dim) {
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 ||
+         head_dim == 256;
+}
+
+int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const bool bf16 = params.attn.dtype == DType::kBFloat16;
+  if (params.attn.dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  switch (params.attn.head_dim) {
+    case 16:
+      return bf16 ? LaunchFusedForwardFor<16, __nv_bfloat16>(params, stream)
+                  : LaunchFusedForwardFor<16, __half>(params, stream);
+    case 32:
+      return bf16 ? LaunchFusedForwardFor<32, __nv_bfloat16>(params, stream)
+                  : LaunchFusedForwardFor<32, __half>(params, stream);
+    case 64:
+      return bf16 ? LaunchFusedForwardFor<64, __nv_bfloat16>(params, stream)
+                  : LaunchFusedForwardFor<64, __half>(params, stream);
+    case 128:
+      return bf16 ? LaunchFusedForwardFor<128, __nv_bfloat16>(params, stream)
+                  : LaunchFusedForwardFor<128, __half>(params, stream);
+    case 256:
+      return bf16 ? LaunchFusedForwardFor<256, __nv_bfloat16>(params, stream)
+                  : LaunchFusedForwardFor<256, __half>(params, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+namespace {
+
+__global__ void FloatToHalfKernel(const float* in, __half* out, int64_t n, int* overflow) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float x = in[i];
+    if (fabsf(x) > 65504.f && isfinite(x)) atomicExch(overflow, 1);
+    out[i] = __float2half_rn(x);
+  }
+}
+
+__global__ void HalfToFloatKernel(const __half* in, float* out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = __half2float(in[i]);
+  }
+}
+
+unsigned GridFor(int64_t n) {
+  const int64_t blocks = (n + 255) / 256;
+  return static_cast<unsigned>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+}  // namespace
+
+int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* overflow, void* stream) {
+  FloatToHalfKernel<<<GridFor(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      in, static_cast<__half*>(out), n, overflow);
+  return cudaGetLastError();
+}
+
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, void* stream) {
+  HalfToFloatKernel<<<GridFor(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      static_cast<const __half*>(in), out, n);
+  return cudaGetLastError();
+}
+
+}  // namespace dilattn::attention::cuda

@@ -1,0 +1,25 @@
+#pragma once
+
+// Host entry points of the CUDA kernels. The stream is an opaque cudaStream_t so that this
+// header stays free of CUDA types; the error is a cudaError_t value (0 is success).
+
+#include "kernels/attention/cuda/kernel_params.h"
+
+namespace dilattn::attention::cuda {
+
+// Head dims with a compiled kernel.
+bool FusedForwardSupportsHeadDim(int head_dim);
+
+// Rows per tile the kernel expects in the tile list.
+inline constexpr int kFusedBlockM = 64;
+
+// Launches the fused forward kernel for params.attn.dtype (fp16 or bf16) and head_dim.
+int LaunchFusedForward(const FusedForwardParams& params, void* stream);
+
+// out[i] = fp16(in[i]) for n fp32 values; sets *overflow (device int) when a finite input is
+// out of fp16 range, so the caller can refuse instead of computing with infinities.
+int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* overflow, void* stream);
+// out[i] = float(in[i]) for n fp16 values.
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, void* stream);
+
+}  // namespace dilattn::attention::cuda

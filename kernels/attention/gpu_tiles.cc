@@ -1,0 +1,146 @@
+#include "kernels/attention/gpu_tiles.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/attention/tile_spans.h"
+
+namespace dilattn::attention {
+namespace {
+
+// lcm(a, b), or 0 when it exceeds any sequence length (then every query is a tile of its own).
+int64_t Lcm(int64_t a, int64_t b) {
+  if (a == 0) return 0;
+  const int64_t q = a / std::gcd(a, b);
+  if (q > kGpuMaxSeqLen / b) return 0;
+  return q * b;
+}
+
+// Cost estimate of a tile: queries times the keys they can see.
+double TileCost(const DilatedAttentionParams& p, int64_t n, int head, int64_t q_pos,
+                int64_t stride, int count) {
+  double keys = 0;
+  const int64_t q_last = q_pos + (count - 1) * stride;
+  for (int b = 0; b < p.num_branches; ++b) {
+    int64_t first = 0, span = 0;
+    if (!BranchKeySpan(p, b, head, n, q_pos, &first, &span)) continue;
+    if (p.causal) {
+      // On average a query sees the keys up to itself: half the way from q_pos to q_last.
+      const int64_t visible_last = std::min(first + (span - 1) * p.dilation_rate[b],
+                                            (q_pos + q_last) / 2);
+      span = visible_last < first ? 1 : (visible_last - first) / p.dilation_rate[b] + 1;
+    }
+    keys += static_cast<double>(span);
+  }
+  return keys * count;
+}
+
+// Calls visit(seq, q_pos, stride, rows, head_begin, head_end) for every (cell, residue) group of
+// every sequence and head class; the group's rows are then cut into tiles of block_m.
+template <typename Visit>
+void ForEachGroup(const AttentionPlan& plan, Visit visit) {
+  const DilatedAttentionParams& p = plan.params;
+  // Head classes: heads sharing the set of branches they take part in.
+  struct HeadClass {
+    int head_begin, head_end;
+    std::vector<int> branches;
+  };
+  std::vector<HeadClass> classes;
+  if (p.mode == Mode::kLongNet) {
+    HeadClass c{0, p.num_heads, {}};
+    for (int b = 0; b < p.num_branches; ++b) c.branches.push_back(b);
+    classes.push_back(c);
+  } else {
+    for (int b = 0; b < p.num_branches; ++b) {
+      classes.push_back(HeadClass{p.group_head_begin[b], p.group_head_begin[b + 1], {b}});
+    }
+  }
+  std::vector<int64_t> bounds;
+  for (int64_t s = 0; s < p.num_seqs; ++s) {
+    const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
+    for (const HeadClass& c : classes) {
+      int64_t modulus = 1;
+      bounds.assign({0, n});
+      for (int b : c.branches) {
+        modulus = Lcm(modulus, p.dilation_rate[b]);
+        const int64_t w = std::min(p.segment_length[b], n);
+        for (int64_t x = w; x < n; x += w) bounds.push_back(x);
+      }
+      std::sort(bounds.begin(), bounds.end());
+      bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
+      for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
+        const int64_t c0 = bounds[cell];
+        const int64_t len = bounds[cell + 1] - c0;
+        const int64_t stride = modulus == 0 ? len : std::min(modulus, len);
+        for (int64_t a = 0; a < stride; ++a) {
+          visit(s, c0 + a, stride, (len - a + stride - 1) / stride, c.head_begin, c.head_end);
+        }
+      }
+    }
+  }
+}
+
+absl::Status CheckLimits(const DilatedAttentionParams& p, int block_m) {
+  if (block_m < 1 || block_m > 32767) {
+    return absl::InvalidArgumentError(absl::StrCat("tile height ", block_m, " out of range"));
+  }
+  if (p.max_seq_len > kGpuMaxSeqLen || p.num_heads > kGpuMaxHeads) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the GPU path takes sequences of at most ", kGpuMaxSeqLen, " tokens and at most ",
+        kGpuMaxHeads, " heads, got N=", p.max_seq_len, " and H=", p.num_heads));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int64_t CountGpuTiles(const AttentionPlan& plan, int block_m) {
+  if (!CheckLimits(plan.params, block_m).ok()) return 0;
+  int64_t count = 0;
+  ForEachGroup(plan, [&](int64_t, int64_t, int64_t, int64_t rows, int head_begin, int head_end) {
+    count += (rows + block_m - 1) / block_m * (head_end - head_begin);
+  });
+  return count;
+}
+
+absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles) {
+  const DilatedAttentionParams& p = plan.params;
+  if (absl::Status s = CheckLimits(p, block_m); !s.ok()) return s;
+  struct Costed {
+    GpuTile tile;
+    double cost;
+  };
+  std::vector<Costed> all;
+  ForEachGroup(plan, [&](int64_t s, int64_t q_pos0, int64_t stride, int64_t rows, int head_begin,
+                         int head_end) {
+    const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
+    for (int64_t j0 = 0; j0 < rows; j0 += block_m) {
+      const int count = static_cast<int>(std::min<int64_t>(block_m, rows - j0));
+      const int64_t q_pos = q_pos0 + j0 * stride;
+      for (int h = head_begin; h < head_end; ++h) {
+        GpuTile t{static_cast<int32_t>(s), static_cast<int32_t>(q_pos),
+                  static_cast<int32_t>(stride), static_cast<int16_t>(h),
+                  static_cast<int16_t>(count)};
+        all.push_back({t, TileCost(p, n, h, q_pos, stride, count)});
+      }
+    }
+  });
+  // Costliest first, by quarter-octave buckets of cost: a counting sort, linear in the tiles.
+  constexpr int kBuckets = 256;
+  auto bucket = [](double cost) {
+    const int b = cost < 1 ? 0 : static_cast<int>(std::log2(cost) * 4) + 1;
+    return kBuckets - 1 - std::min(kBuckets - 1, b);
+  };
+  std::vector<int64_t> start(kBuckets + 1, 0);
+  for (const Costed& c : all) ++start[static_cast<size_t>(bucket(c.cost)) + 1];
+  for (int b = 0; b < kBuckets; ++b) start[b + 1] += start[b];
+  tiles->resize(all.size());
+  for (const Costed& c : all) {
+    (*tiles)[static_cast<size_t>(start[static_cast<size_t>(bucket(c.cost))]++)] = c.tile;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dilattn::attention

@@ -1,0 +1,39 @@
+#pragma once
+
+// The work list of the fused GPU kernel. Positions of one (sequence, head) are grouped so that
+// every group shares one key set: within a cell (a stretch where no branch's segment boundary
+// falls) and one residue modulo M = lcm of the branches' rates, every position is kept by the
+// same branches, in the same segments. A tile is up to block_m such positions, evenly spaced by
+// M; the kernel runs one online softmax per tile over the union of its branches' key spans. Each
+// (position, head) lies in exactly one tile, so the output is written once, with no merge pass
+// and no per-branch temporaries. Pure C++: planned on the host, tested without a GPU.
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/attention/attention.h"
+
+namespace dilattn::attention {
+
+struct GpuTile {
+  int32_t seq;       // sequence index
+  int32_t q_pos;     // position of the first query within the sequence
+  int32_t q_stride;  // positions between consecutive queries
+  int16_t head;
+  int16_t count;     // queries in the tile, 1..block_m
+};
+static_assert(sizeof(GpuTile) == 16, "one 16-byte load per tile");
+
+// Largest sequence, head count and tile height the tile fields can describe.
+inline constexpr int64_t kGpuMaxSeqLen = (int64_t{1} << 31) - 1;
+inline constexpr int64_t kGpuMaxHeads = 32767;
+
+// Number of tiles BuildGpuTiles makes, without making them.
+int64_t CountGpuTiles(const AttentionPlan& plan, int block_m);
+
+// Fills `tiles` for every (sequence, head) of the plan, costliest first (by an estimate of
+// queries x visible keys), so that a grid walking the list in order ends on short tiles.
+absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles);
+
+}  // namespace dilattn::attention

@@ -1,0 +1,212 @@
+// The fused CUDA kernel against the shared conformance outputs and against the CPU backend on
+// random configurations. Skipped (not failed) on machines without a CUDA device.
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/gpu_tiles.h"
+#include "tests/common/conformance.h"
+#include "tests/common/random_config.h"
+#include "tests/common/run_util.h"
+#include "tests/common/test_util.h"
+
+namespace dilattn::testing {
+namespace {
+
+using attention::DType;
+
+bool HaveDevice() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+}
+
+#define REQUIRE_GPU()                                          \
+  do {                                                         \
+    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device here"; \
+  } while (0)
+
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  explicit DeviceBuffer(size_t n) : bytes(n) {
+    if (n > 0 && cudaMalloc(&ptr, n) != cudaSuccess) ptr = nullptr;
+  }
+  ~DeviceBuffer() {
+    if (ptr != nullptr) cudaFree(ptr);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+};
+
+// Runs the CUDA backend on host tensors: uploads Q, K, V, poisons O with NaN bytes, runs,
+// downloads O into `out`.
+absl::Status RunOnGpu(attention::AttentionBackend& gpu, const attention::AttentionPlan& plan,
+                      const TypedBuffer& q, const TypedBuffer& k, const TypedBuffer& v,
+                      TypedBuffer* out) {
+  const size_t bytes = plan.tensor_bytes;
+  DeviceBuffer dq(bytes), dk(bytes), dv(bytes), dout(bytes);
+  DeviceBuffer ws(std::max<size_t>(1, gpu.WorkspaceBytes(plan)));
+  if (dq.ptr == nullptr || dk.ptr == nullptr || dv.ptr == nullptr || dout.ptr == nullptr ||
+      ws.ptr == nullptr) {
+    return absl::ResourceExhaustedError("cudaMalloc failed");
+  }
+  cudaMemcpy(dq.ptr, const_cast<TypedBuffer&>(q).data(), bytes, cudaMemcpyHostToDevice);
+  cudaMemcpy(dk.ptr, const_cast<TypedBuffer&>(k).data(), bytes, cudaMemcpyHostToDevice);
+  cudaMemcpy(dv.ptr, const_cast<TypedBuffer&>(v).data(), bytes, cudaMemcpyHostToDevice);
+  cudaMemset(dout.ptr, 0xff, bytes);  // all-ones bits: NaN in fp16 and bf16
+  const DeviceLoc dev = gpu.location();
+  absl::Status s = gpu.Run(plan,
+                           {{dq.ptr, bytes, dev}, {dk.ptr, bytes, dev}, {dv.ptr, bytes, dev},
+                            {dout.ptr, bytes, dev}},
+                           {ws.ptr, ws.bytes, dev});
+  if (!s.ok()) return s;
+  if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
+    return absl::InternalError(cudaGetErrorString(e));
+  }
+  if (cudaError_t e = cudaMemcpy(out->data(), dout.ptr, bytes, cudaMemcpyDeviceToHost);
+      e != cudaSuccess) {
+    return absl::InternalError(cudaGetErrorString(e));
+  }
+  return absl::OkStatus();
+}
+
+std::unique_ptr<attention::AttentionBackend> Gpu() {
+  auto b = attention::CreateCudaBackend({0, nullptr});
+  return b.ok() ? *std::move(b) : nullptr;
+}
+
+TEST(FusedForward, ConformanceCases) {
+  REQUIRE_GPU();
+  auto gpu = Gpu();
+  ASSERT_NE(gpu, nullptr);
+  absl::StatusOr<std::vector<ConformanceCase>> cases = LoadConformanceCases();
+  ASSERT_TRUE(cases.ok()) << cases.status();
+  for (const ConformanceCase& c : *cases) {
+    if (!c.expect_error.empty()) continue;
+    const std::vector<float> expected = *LoadExpectedOutput(c);
+    const CaseInputs in = MakeCaseInputs(c);
+    for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+      auto plan = attention::PlanAttention(
+          c.options, attention::DenseShape(dtype, c.batch, c.seq_len, c.heads, c.head_dim));
+      ASSERT_TRUE(plan.ok());
+      const TypedBuffer q = TypedBuffer::FromFloats(dtype, in.q);
+      const TypedBuffer k = TypedBuffer::FromFloats(dtype, in.k);
+      const TypedBuffer v = TypedBuffer::FromFloats(dtype, in.v);
+      TypedBuffer out(dtype, in.q.size());
+      ASSERT_TRUE(RunOnGpu(*gpu, *plan, q, k, v, &out).ok()) << c.name;
+      const ErrorReport err = RelativeError(out.ToFloats(), expected);
+      EXPECT_TRUE(err.ok(Tolerance(dtype)))
+          << c.name << " " << attention::DTypeName(dtype) << ": rel " << err.relative
+          << " non-finite " << err.nan_count;
+    }
+  }
+}
+
+void CompareRandom(int configs, const RandomCaseLimits& limits) {
+  auto gpu = Gpu();
+  ASSERT_NE(gpu, nullptr);
+  auto cpu = attention::CreateCpuBackend({0, "auto"});
+  ASSERT_TRUE(cpu.ok());
+  const uint64_t seed = TestSeed();
+  SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
+  SplitMix64 rng(seed);
+  int failures = 0;
+  for (int i = 0; i < configs && failures < 5; ++i) {
+    const RandomCase c = DrawCase(rng, limits);
+    SCOPED_TRACE(absl::StrCat("config ", i, ": ", c.Describe()));
+    auto plan = attention::PlanAttention(c.options, c.shape);
+    ASSERT_TRUE(plan.ok());
+    const RandomInputs in = DrawInputs(rng, *plan, c.input_scale);
+    TypedBuffer expected(c.shape.dtype, in.q.count());
+    expected.Poison();
+    ASSERT_TRUE(RunWithWorkspace(**cpu, *plan, {in.q.cref(), in.k.cref(), in.v.cref(),
+                                                expected.ref()}).ok());
+    TypedBuffer out(c.shape.dtype, in.q.count());
+    const absl::Status s = RunOnGpu(*gpu, *plan, in.q, in.k, in.v, &out);
+    ASSERT_TRUE(s.ok()) << s;
+    const ErrorReport err = RelativeError(out.ToFloats(), expected.ToFloats());
+    if (!err.ok(Tolerance(c.shape.dtype))) ++failures;
+    EXPECT_TRUE(err.ok(Tolerance(c.shape.dtype)))
+        << "rel " << err.relative << " non-finite " << err.nan_count;
+  }
+}
+
+RandomCaseLimits GpuLimits() {
+  RandomCaseLimits l;
+  l.max_seq_len = 300;
+  l.head_dims = {16, 32, 64, 64, 128, 256};
+  l.dtypes = {DType::kFloat16, DType::kBFloat16};
+  return l;
+}
+
+TEST(FusedForward, RandomConfigurationsMatchTheCpuPath) {
+  REQUIRE_GPU();
+  CompareRandom(520, GpuLimits());
+}
+
+// Long sequences with LongNet-like branches: many tiles, long key walks, both modes.
+TEST(FusedForward, LongSequencesMatchTheCpuPath) {
+  REQUIRE_GPU();
+  RandomCaseLimits l = GpuLimits();
+  l.max_seq_len = 4096;
+  l.max_heads = 4;
+  l.head_dims = {64, 128};
+  CompareRandom(12, l);
+}
+
+// Kept small on purpose: run under compute-sanitizer (memcheck, racecheck) by the device script.
+TEST(FusedForward, SanitizerSet) {
+  REQUIRE_GPU();
+  RandomCaseLimits l = GpuLimits();
+  l.max_seq_len = 160;
+  CompareRandom(6, l);
+}
+
+TEST(FusedForward, RejectsWhatItCannotRun) {
+  REQUIRE_GPU();
+  auto gpu = Gpu();
+  ASSERT_NE(gpu, nullptr);
+  attention::AttentionOptions o;
+  o.segment_lengths = {16};
+  o.dilation_rates = {1};
+  auto plan = attention::PlanAttention(o, attention::DenseShape(DType::kFloat16, 1, 16, 2, 48));
+  ASSERT_TRUE(plan.ok());
+  EXPECT_THAT(std::string(gpu->Supports(*plan).message()), ::testing::HasSubstr("D=48"));
+  plan = attention::PlanAttention(o, attention::DenseShape(DType::kFloat32, 1, 16, 2, 64));
+  EXPECT_EQ(gpu->Supports(*plan).code(), absl::StatusCode::kInvalidArgument);
+  plan = attention::PlanAttention(o, attention::DenseShape(DType::kFloat16, 1, 16, 2, 64));
+  TypedBuffer host(DType::kFloat16, 16 * 2 * 64);
+  const absl::Status s = gpu->Run(*plan, {host.cref(), host.cref(), host.cref(), host.ref()},
+                                  {host.data(), host.bytes(), DeviceLoc::Host()});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), ::testing::HasSubstr("lives on host"));
+}
+
+// Beyond Q, K, V and O the kernel needs only its tile list: well under 1% of the tensors.
+TEST(FusedForward, WorkspaceIsUnderOnePercent) {
+  attention::AttentionOptions o;
+  o.segment_lengths = {2048, 4096, 8192, 16384, 32768};
+  o.dilation_rates = {1, 2, 4, 8, 16};
+  for (int64_t n : {int64_t{32768}, int64_t{1} << 20}) {
+    auto plan = attention::PlanAttention(o, attention::DenseShape(DType::kBFloat16, 1, n, 16, 64));
+    ASSERT_TRUE(plan.ok());
+    const double tiles = static_cast<double>(attention::CountGpuTiles(*plan, 64));
+    const double workspace = tiles * sizeof(attention::GpuTile) + 8.0 * 2;
+    EXPECT_LT(workspace, 0.01 * 4 * static_cast<double>(plan->tensor_bytes)) << "N=" << n;
+  }
+}
+
+}  // namespace
+}  // namespace dilattn::testing
