@@ -78,7 +78,7 @@ class CudaBackend final : public AttentionBackend {
 
   size_t WorkspaceBytes(const AttentionPlan& plan) const override {
     if (!Supports(plan).ok()) return 0;
-    return WorkspaceLayout(plan, CountGpuTiles(plan, cuda::kFusedBlockM)).total;
+    return WorkspaceLayout(plan, CountGpuTiles(plan, cuda::FusedBlockM(plan.params.head_dim))).total;
   }
 
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& tensors,
@@ -86,7 +86,7 @@ class CudaBackend final : public AttentionBackend {
     if (absl::Status s = Supports(plan); !s.ok()) return s;
     if (absl::Status s = CheckTensors(plan, tensors, location()); !s.ok()) return s;
     if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
-    if (absl::Status s = BuildGpuTiles(plan, cuda::kFusedBlockM, &tiles_); !s.ok()) return s;
+    if (absl::Status s = BuildGpuTiles(plan, cuda::FusedBlockM(plan.params.head_dim), &tiles_); !s.ok()) return s;
     const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(tiles_.size()));
     if (workspace.bytes < layout.total || !(workspace.location == location())) {
       return absl::InvalidArgumentError(absl::StrCat(

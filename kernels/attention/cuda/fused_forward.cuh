@@ -1,14 +1,15 @@
 #pragma once
 
 // The fused dilated-attention forward kernel (tensor cores through mma.sync m16n8k16, sm_80 and
-// newer). One CTA per tile of the work list (gpu_tiles.h): up to 64 evenly spaced query rows of
-// one (sequence, head) that share one key set. The CTA walks the key spans of every branch the
+// newer). One CTA per tile of the work list (gpu_tiles.h): up to kBlockM (128, or 64 for
+// D = 256) evenly spaced query rows of one (sequence, head) that share one key set. The CTA walks the key spans of every branch the
 // tile's rows take part in, 64 keys at a time, with one online softmax across all of them, so
 // longnet's union-of-keys softmax needs no merge pass. Dilated rows are gathered straight from
 // the (tokens, H, D) tensors with cp.async; K/V tiles are double-buffered in shared memory.
 //
-// Warp w owns query rows 16w..16w+15. Each thread keeps two rows' softmax state (rows lane/4
-// and lane/4 + 8 of its warp's 16) and its slice of the 16 x D accumulator in registers.
+// Warp w owns 16 * kMTiles consecutive query rows, in m16 tiles. Per m-tile each thread keeps two
+// rows' softmax state (rows lane/4 and lane/4 + 8) and its slice of the 16 x D accumulator in
+// registers.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -16,11 +17,11 @@
 #include <cstdint>
 
 #include "kernels/attention/cuda/kernel_params.h"
+#include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/tile_spans.h"
 
 namespace dilattn::attention::cuda {
 
-inline constexpr int kBlockM = 64;
 inline constexpr int kBlockN = 64;
 inline constexpr int kWarps = 4;
 inline constexpr int kThreads = kWarps * 32;
@@ -95,10 +96,14 @@ __device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
 
 template <int D, typename T>
 struct FusedForwardKernel {
+  // Query rows per warp: 32 (two m16 tiles) where registers allow, so each K/V fragment read
+  // from shared memory feeds two mma instructions; 16 for D = 256.
+  static constexpr int kMTiles = D <= 128 ? 2 : 1;
+  static constexpr int kBlockM = kWarps * 16 * kMTiles;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static constexpr int kDTiles = D / 8;  // 8-wide output column tiles per warp row block
+  static constexpr int kDTiles = D / 8;  // 8-wide output column tiles
   static constexpr int kKSteps = D / 16;
-  static constexpr bool kQInRegisters = D <= 128;
+  static constexpr bool kQInRegisters = D <= 64;
   static constexpr int kSmemElements = kBlockM * D + 4 * kBlockN * D;  // Q, K[2], V[2]
   static constexpr int kSmemBytes = kSmemElements * static_cast<int>(sizeof(T));
 
@@ -194,28 +199,40 @@ struct FusedForwardKernel {
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int row_a = warp * 16 + lane / 4;  // this thread's two rows within the tile
-    const int row_b = row_a + 8;
-    const int64_t pos_a = q_first + row_a * q_stride;
-    const int64_t pos_b = q_first + row_b * q_stride;
-
-    float acc[kDTiles][4];
+    const int warp_row = warp * 16 * kMTiles;
+    // This thread's rows: m-tile mt, half h (0: lane/4, 1: lane/4 + 8).
+    int64_t pos[kMTiles][2];
 #pragma unroll
-    for (int i = 0; i < kDTiles; ++i) {
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+      for (int h = 0; h < 2; ++h) pos[mt][h] = q_first + (warp_row + mt * 16 + lane / 4 + h * 8) * q_stride;
     }
-    float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+
+    float acc[kMTiles][kDTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int i = 0; i < kDTiles; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[mt][i][j] = 0.f;
+      }
+    }
+    float row_max[kMTiles][2], row_sum[kMTiles][2];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      row_max[mt][0] = row_max[mt][1] = -INFINITY;
+      row_sum[mt][0] = row_sum[mt][1] = 0.f;
+    }
 
     // ldmatrix lane addressing: lane supplies row (lane % 8) of matrix (lane / 8).
     const int lm_row = lane % 8;
     const int lm_mat = lane / 8;
-    uint32_t q_frag[kQInRegisters ? kKSteps : 1][4];
+    uint32_t q_frag[kQInRegisters ? kMTiles : 1][kQInRegisters ? kKSteps : 1][4];
 
-    auto load_q_frag = [&](int ks, uint32_t* frag) {
+    auto load_q_frag = [&](int mt, int ks, uint32_t* frag) {
       // A operand 16x16: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
       // (rows 8-15, k 8-15).
-      const int row = warp * 16 + (lm_mat % 2) * 8 + lm_row;
+      const int row = warp_row + mt * 16 + (lm_mat % 2) * 8 + lm_row;
       const int chunk = ks * 2 + lm_mat / 2;
       LdMatrixX4(frag, SharedAddress(sq + SwizzledOffset<D>(row, chunk)));
     };
@@ -226,28 +243,35 @@ struct FusedForwardKernel {
       CpAsyncCommit();
       CpAsyncWait<1>();
       __syncthreads();
-      if (kQInRegisters && t == 0) {
+      if constexpr (kQInRegisters) {
+        if (t == 0) {
 #pragma unroll
-        for (int ks = 0; ks < kKSteps; ++ks) load_q_frag(ks, q_frag[ks]);
+          for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+            for (int ks = 0; ks < kKSteps; ++ks) load_q_frag(mt, ks, q_frag[mt][ks]);
+          }
+        }
       }
 
       const T* tk = sk + stage * kBlockN * D;
       const T* tv = sv + stage * kBlockN * D;
 
-      // S = Q K^T for this warp's 16 rows x 64 keys: 8 column tiles of 8 keys.
-      float s[8][4];
+      // S = Q K^T: per m-tile, 16 rows x 64 keys in 8 column tiles of 8 keys.
+      float s[kMTiles][8][4];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+        }
       }
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t a_local[4];
-        const uint32_t* a = q_frag[kQInRegisters ? ks : 0];
-        if (!kQInRegisters) {
-          load_q_frag(ks, a_local);
-          a = a_local;
+        uint32_t a_local[kQInRegisters ? 1 : kMTiles][4];
+        if constexpr (!kQInRegisters) {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
         }
 #pragma unroll
         for (int jp = 0; jp < 4; ++jp) {
@@ -257,8 +281,13 @@ struct FusedForwardKernel {
           const int key = jp * 16 + (lm_mat / 2) * 8 + lm_row;
           const int chunk = ks * 2 + lm_mat % 2;
           LdMatrixX4(b, SharedAddress(tk + SwizzledOffset<D>(key, chunk)));
-          MmaType<T>::Mma(s[2 * jp], a, b[0], b[1]);
-          MmaType<T>::Mma(s[2 * jp + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            const uint32_t* a = kQInRegisters ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
+                                              : a_local[kQInRegisters ? 0 : mt];
+            MmaType<T>::Mma(s[mt][2 * jp], a, b[0], b[1]);
+            MmaType<T>::Mma(s[mt][2 * jp + 1], a, b[2], b[3]);
+          }
         }
       }
 
@@ -271,70 +300,60 @@ struct FusedForwardKernel {
       const int64_t key_pos0 = span_first[span] + k0 * span_rate[span];
       const int64_t key_rate = span_rate[span];
       const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > q_first;
-      float tile_max_a = -INFINITY, tile_max_b = -INFINITY;
+      const bool need_bounds = valid < kBlockN;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = j * 8 + 2 * (lane % 4) + (e & 1);
-          const bool row_is_b = e >= 2;
-          float x = s[j][e] * params.scale_log2;
-          bool masked = col >= valid;
-          if (need_causal) {
-            masked |= key_pos0 + col * key_rate > (row_is_b ? pos_b : pos_a);
-          }
-          x = masked ? -INFINITY : x;
-          s[j][e] = x;
-          if (row_is_b) {
-            tile_max_b = fmaxf(tile_max_b, x);
-          } else {
-            tile_max_a = fmaxf(tile_max_a, x);
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = j * 8 + 2 * (lane % 4) + (e & 1);
+            const int h = e >> 1;
+            float x = s[mt][j][e] * params.scale_log2;
+            if (need_bounds && col >= valid) x = -INFINITY;
+            if (need_causal && key_pos0 + col * key_rate > pos[mt][h]) x = -INFINITY;
+            s[mt][j][e] = x;
+            tile_max[h] = fmaxf(tile_max[h], x);
           }
         }
-      }
 #pragma unroll
-      for (int offset = 1; offset <= 2; offset <<= 1) {
-        tile_max_a = fmaxf(tile_max_a, __shfl_xor_sync(0xffffffffu, tile_max_a, offset));
-        tile_max_b = fmaxf(tile_max_b, __shfl_xor_sync(0xffffffffu, tile_max_b, offset));
-      }
-      const float new_a = fmaxf(m_a, tile_max_a);
-      const float new_b = fmaxf(m_b, tile_max_b);
-      // A row with nothing visible yet keeps max -inf; exponents then use 0 so they give 0.
-      const float use_a = new_a == -INFINITY ? 0.f : new_a;
-      const float use_b = new_b == -INFINITY ? 0.f : new_b;
-      const float alpha_a = exp2f(m_a - use_a);
-      const float alpha_b = exp2f(m_b - use_b);
-      m_a = new_a;
-      m_b = new_b;
-      float sum_a = 0.f, sum_b = 0.f;
+        for (int h = 0; h < 2; ++h) {
+          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
+          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
+          const float new_max = fmaxf(row_max[mt][h], tile_max[h]);
+          // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
+          const float use = new_max == -INFINITY ? 0.f : new_max;
+          const float alpha = exp2f(row_max[mt][h] - use);
+          row_max[mt][h] = new_max;
+          float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        s[j][0] = exp2f(s[j][0] - use_a);
-        s[j][1] = exp2f(s[j][1] - use_a);
-        s[j][2] = exp2f(s[j][2] - use_b);
-        s[j][3] = exp2f(s[j][3] - use_b);
-        sum_a += s[j][0] + s[j][1];
-        sum_b += s[j][2] + s[j][3];
-      }
-      l_a = l_a * alpha_a + sum_a;
-      l_b = l_b * alpha_b + sum_b;
+          for (int j = 0; j < 8; ++j) {
+            s[mt][j][2 * h] = exp2f(s[mt][j][2 * h] - use);
+            s[mt][j][2 * h + 1] = exp2f(s[mt][j][2 * h + 1] - use);
+            sum += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
+          }
+          row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
 #pragma unroll
-      for (int i = 0; i < kDTiles; ++i) {
-        acc[i][0] *= alpha_a;
-        acc[i][1] *= alpha_a;
-        acc[i][2] *= alpha_b;
-        acc[i][3] *= alpha_b;
+          for (int i = 0; i < kDTiles; ++i) {
+            acc[mt][i][2 * h] *= alpha;
+            acc[mt][i][2 * h + 1] *= alpha;
+          }
+        }
       }
 
       // O += P V: P's accumulator layout is the A-operand layout of the next mma, two key tiles
       // (16 keys) per k-step.
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[4];
-        a[0] = MmaType<T>::Pack(s[2 * kk][0], s[2 * kk][1]);
-        a[1] = MmaType<T>::Pack(s[2 * kk][2], s[2 * kk][3]);
-        a[2] = MmaType<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        a[3] = MmaType<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        uint32_t a[kMTiles][4];
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          a[mt][0] = MmaType<T>::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          a[mt][1] = MmaType<T>::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          a[mt][2] = MmaType<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          a[mt][3] = MmaType<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < kDTiles / 2; ++dp) {
           // B operand (keys x d) from row-major V with .trans: matrices (keys 0-7, d 0-7),
@@ -343,35 +362,34 @@ struct FusedForwardKernel {
           const int key = kk * 16 + (lm_mat % 2) * 8 + lm_row;
           const int chunk = dp * 2 + lm_mat / 2;
           LdMatrixX4Trans(b, SharedAddress(tv + SwizzledOffset<D>(key, chunk)));
-          MmaType<T>::Mma(acc[2 * dp], a, b[0], b[1]);
-          MmaType<T>::Mma(acc[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            MmaType<T>::Mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
+            MmaType<T>::Mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+          }
         }
       }
       __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
     CpAsyncWait<0>();
 
-#pragma unroll
-    for (int offset = 1; offset <= 2; offset <<= 1) {
-      l_a += __shfl_xor_sync(0xffffffffu, l_a, offset);
-      l_b += __shfl_xor_sync(0xffffffffu, l_b, offset);
-    }
-    const float inv_a = l_a > 0.f ? 1.f / l_a : 0.f;
-    const float inv_b = l_b > 0.f ? 1.f / l_b : 0.f;
     T* o = static_cast<T*>(p.o);
-    const bool write_a = row_a < tile.count;
-    const bool write_b = row_b < tile.count;
-    T* out_a = o + (seq_base + pos_a) * p.o_row_stride + head_off + 2 * (lane % 4);
-    T* out_b = o + (seq_base + pos_b) * p.o_row_stride + head_off + 2 * (lane % 4);
 #pragma unroll
-    for (int i = 0; i < kDTiles; ++i) {
-      if (write_a) {
-        *reinterpret_cast<uint32_t*>(out_a + i * 8) =
-            MmaType<T>::Pack(acc[i][0] * inv_a, acc[i][1] * inv_a);
-      }
-      if (write_b) {
-        *reinterpret_cast<uint32_t*>(out_b + i * 8) =
-            MmaType<T>::Pack(acc[i][2] * inv_b, acc[i][3] * inv_b);
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float l = row_sum[mt][h];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int row = warp_row + mt * 16 + lane / 4 + h * 8;
+        if (row >= tile.count) continue;
+        T* out = o + (seq_base + pos[mt][h]) * p.o_row_stride + head_off + 2 * (lane % 4);
+#pragma unroll
+        for (int i = 0; i < kDTiles; ++i) {
+          *reinterpret_cast<uint32_t*>(out + i * 8) =
+              MmaType<T>::Pack(acc[mt][i][2 * h] * inv, acc[mt][i][2 * h + 1] * inv);
+        }
       }
     }
   }
@@ -385,6 +403,7 @@ __global__ void __launch_bounds__(kThreads) FusedForward(const __grid_constant__
 template <int D, typename T>
 int LaunchFusedForwardFor(const FusedForwardParams& params, cudaStream_t stream) {
   using K = FusedForwardKernel<D, T>;
+  static_assert(K::kBlockM == FusedBlockM(D), "tile list and kernel disagree on tile height");
   if (params.num_tiles == 0) return 0;
   cudaError_t err = cudaFuncSetAttribute(FusedForward<D, T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,

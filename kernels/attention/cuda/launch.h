@@ -10,8 +10,8 @@ namespace dilattn::attention::cuda {
 // Head dims with a compiled kernel.
 bool FusedForwardSupportsHeadDim(int head_dim);
 
-// Rows per tile the kernel expects in the tile list.
-inline constexpr int kFusedBlockM = 64;
+// Rows per tile the kernel for this head dim expects in the tile list.
+constexpr int FusedBlockM(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 
 // Launches the fused forward kernel for params.attn.dtype (fp16 or bf16) and head_dim.
 int LaunchFusedForward(const FusedForwardParams& params, void* stream);
