@@ -9,6 +9,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -17,6 +18,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "kernels/attention/attention.h"
+#include "kernels/attention/gpu_tiles.h"
 
 namespace {
 
@@ -88,7 +90,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", backend.status().ToString().c_str());
     return 1;
   }
-  std::printf("kernel,mode,causal,dtype,N,H,D,ms,tflops\n");
+  std::printf("kernel,mode,causal,dtype,N,H,D,ms,tflops,host_plan_ms\n");
   for (int64_t n : ns) {
     dilattn::attention::AttentionOptions o;
     o.segment_lengths = segments;
@@ -134,9 +136,15 @@ int main(int argc, char** argv) {
     }
     std::sort(ms.begin(), ms.end());
     const double median = ms[ms.size() / 2];
-    std::printf("dilattn,%s,%d,%s,%lld,%lld,%lld,%.4f,%.1f\n", mode.c_str(), causal ? 1 : 0,
+    // The host's share of a run: planning the tile list (it precedes the upload and the launch).
+    std::vector<dilattn::attention::GpuTile> tiles;
+    const auto t0 = std::chrono::steady_clock::now();
+    (void)dilattn::attention::BuildGpuTiles(*plan, dim <= 128 ? 128 : 64, &tiles);
+    const std::chrono::duration<double, std::milli> host = std::chrono::steady_clock::now() - t0;
+    std::printf("dilattn,%s,%d,%s,%lld,%lld,%lld,%.4f,%.1f,%.3f\n", mode.c_str(), causal ? 1 : 0,
                 dtype.c_str(), static_cast<long long>(n), static_cast<long long>(heads),
-                static_cast<long long>(dim), median, plan->flops / (median * 1e-3) / 1e12);
+                static_cast<long long>(dim), median, plan->flops / (median * 1e-3) / 1e12,
+                host.count());
     std::fflush(stdout);
     cudaFree(q);
     cudaFree(k);

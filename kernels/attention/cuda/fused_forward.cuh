@@ -5,7 +5,8 @@
 // D = 256) evenly spaced query rows of one (sequence, head) that share one key set. The CTA walks the key spans of every branch the
 // tile's rows take part in, 64 keys at a time, with one online softmax across all of them, so
 // longnet's union-of-keys softmax needs no merge pass. Dilated rows are gathered straight from
-// the (tokens, H, D) tensors with cp.async; K/V tiles are double-buffered in shared memory.
+// the (tokens, H, D) tensors with cp.async; K/V tiles stream through a kStages-deep ring in
+// shared memory.
 //
 // Warp w owns 16 * kMTiles consecutive query rows, in m16 tiles. Per m-tile each thread keeps two
 // rows' softmax state (rows lane/4 and lane/4 + 8) and its slice of the 16 x D accumulator in
@@ -35,8 +36,7 @@ struct MmaType<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -49,8 +49,7 @@ struct MmaType<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -58,6 +57,13 @@ struct MmaType<__nv_bfloat16> {
 };
 
 __device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// 2^x by the SFU (relative error 2^-22); 2^-inf is +0, which masked scores rely on.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 __device__ __forceinline__ uint32_t SharedAddress(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -104,7 +110,9 @@ struct FusedForwardKernel {
   static constexpr int kDTiles = D / 8;  // 8-wide output column tiles
   static constexpr int kKSteps = D / 16;
   static constexpr bool kQInRegisters = D <= 64;
-  static constexpr int kSmemElements = kBlockM * D + 4 * kBlockN * D;  // Q, K[2], V[2]
+  // K/V tiles in flight: loads of a tile have kStages - 1 tiles of compute to arrive.
+  static constexpr int kStages = D <= 64 ? 3 : 2;
+  static constexpr int kSmemElements = kBlockM * D + 2 * kStages * kBlockN * D;  // Q, K[], V[]
   static constexpr int kSmemBytes = kSmemElements * static_cast<int>(sizeof(T));
 
   // Gathers `rows` rows of one head into a swizzled tile: row i is packed token row
@@ -125,8 +133,8 @@ struct FusedForwardKernel {
   __device__ static void Run(const FusedForwardParams& params) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     T* sq = reinterpret_cast<T*>(smem_raw);
-    T* sk = sq + kBlockM * D;          // [2][kBlockN][D]
-    T* sv = sk + 2 * kBlockN * D;      // [2][kBlockN][D]
+    T* sk = sq + kBlockM * D;                // [kStages][kBlockN][D]
+    T* sv = sk + kStages * kBlockN * D;      // [kStages][kBlockN][D]
 
     const DilatedAttentionParams& p = params.attn;
     const GpuTile tile = params.tiles[blockIdx.x];
@@ -194,8 +202,11 @@ struct FusedForwardKernel {
 
     LoadRows(sq, q, p.q_row_stride, head_off, seq_base + q_first, q_stride, tile.count, kBlockM);
     CpAsyncCommit();
-    if (total_tiles > 0) load_kv(0, 0);
-    CpAsyncCommit();
+#pragma unroll
+    for (int st = 0; st + 1 < kStages; ++st) {
+      if (st < total_tiles) load_kv(st, st);
+      CpAsyncCommit();
+    }
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -238,10 +249,10 @@ struct FusedForwardKernel {
     };
 
     for (int t = 0; t < total_tiles; ++t) {
-      const int stage = t % 2;
-      if (t + 1 < total_tiles) load_kv(t + 1, stage ^ 1);
+      const int stage = t % kStages;
+      if (t + kStages - 1 < total_tiles) load_kv(t + kStages - 1, (t + kStages - 1) % kStages);
       CpAsyncCommit();
-      CpAsyncWait<1>();
+      CpAsyncWait<kStages - 1>();  // Q and key tiles 0..t have landed
       __syncthreads();
       if constexpr (kQInRegisters) {
         if (t == 0) {
@@ -273,20 +284,24 @@ struct FusedForwardKernel {
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
         }
+        // B operands for key tiles 0..7 (matrices (keys 0-7, k 0-7), (keys 0-7, k 8-15),
+        // (keys 8-15, k 0-7), (keys 8-15, k 8-15) per pair), all loaded before the mmas: the
+        // asm statements keep program order, so interleaving would stall on every ldmatrix.
+        uint32_t b[4][4];
 #pragma unroll
         for (int jp = 0; jp < 4; ++jp) {
-          // B operand for key tiles 2jp and 2jp+1: matrices (keys 0-7, k 0-7), (keys 0-7,
-          // k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15).
-          uint32_t b[4];
           const int key = jp * 16 + (lm_mat / 2) * 8 + lm_row;
           const int chunk = ks * 2 + lm_mat % 2;
-          LdMatrixX4(b, SharedAddress(tk + SwizzledOffset<D>(key, chunk)));
+          LdMatrixX4(b[jp], SharedAddress(tk + SwizzledOffset<D>(key, chunk)));
+        }
+#pragma unroll
+        for (int jp = 0; jp < 4; ++jp) {
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
             const uint32_t* a = kQInRegisters ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
                                               : a_local[kQInRegisters ? 0 : mt];
-            MmaType<T>::Mma(s[mt][2 * jp], a, b[0], b[1]);
-            MmaType<T>::Mma(s[mt][2 * jp + 1], a, b[2], b[3]);
+            MmaType<T>::Mma(s[mt][2 * jp], a, b[jp][0], b[jp][1]);
+            MmaType<T>::Mma(s[mt][2 * jp + 1], a, b[jp][2], b[jp][3]);
           }
         }
       }
@@ -324,13 +339,13 @@ struct FusedForwardKernel {
           const float new_max = fmaxf(row_max[mt][h], tile_max[h]);
           // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
           const float use = new_max == -INFINITY ? 0.f : new_max;
-          const float alpha = exp2f(row_max[mt][h] - use);
+          const float alpha = Exp2(row_max[mt][h] - use);
           row_max[mt][h] = new_max;
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            s[mt][j][2 * h] = exp2f(s[mt][j][2 * h] - use);
-            s[mt][j][2 * h + 1] = exp2f(s[mt][j][2 * h + 1] - use);
+            s[mt][j][2 * h] = Exp2(s[mt][j][2 * h] - use);
+            s[mt][j][2 * h + 1] = Exp2(s[mt][j][2 * h + 1] - use);
             sum += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
           }
           row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
@@ -354,18 +369,21 @@ struct FusedForwardKernel {
           a[mt][2] = MmaType<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
           a[mt][3] = MmaType<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
         }
+        // B operands (keys x d) from row-major V with .trans: matrices (keys 0-7, d 0-7),
+        // (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15) per pair of d tiles.
+        uint32_t b[kDTiles / 2][4];
 #pragma unroll
         for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          // B operand (keys x d) from row-major V with .trans: matrices (keys 0-7, d 0-7),
-          // (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15).
-          uint32_t b[4];
           const int key = kk * 16 + (lm_mat % 2) * 8 + lm_row;
           const int chunk = dp * 2 + lm_mat / 2;
-          LdMatrixX4Trans(b, SharedAddress(tv + SwizzledOffset<D>(key, chunk)));
+          LdMatrixX4Trans(b[dp], SharedAddress(tv + SwizzledOffset<D>(key, chunk)));
+        }
+#pragma unroll
+        for (int dp = 0; dp < kDTiles / 2; ++dp) {
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
-            MmaType<T>::Mma(acc[mt][2 * dp], a[mt], b[0], b[1]);
-            MmaType<T>::Mma(acc[mt][2 * dp + 1], a[mt], b[2], b[3]);
+            MmaType<T>::Mma(acc[mt][2 * dp], a[mt], b[dp][0], b[dp][1]);
+            MmaType<T>::Mma(acc[mt][2 * dp + 1], a[mt], b[dp][2], b[dp][3]);
           }
         }
       }
