@@ -115,18 +115,22 @@ struct FusedForwardKernel {
   static constexpr int kSmemElements = kBlockM * D + 2 * kStages * kBlockN * D;  // Q, K[], V[]
   static constexpr int kSmemBytes = kSmemElements * static_cast<int>(sizeof(T));
 
-  // Gathers `rows` rows of one head into a swizzled tile: row i is packed token row
-  // base_row + i * row_step; rows at or past `valid` are zero-filled.
-  __device__ static void LoadRows(T* tile, const T* tensor, int64_t row_stride, int64_t head_off,
-                                  int64_t base_row, int64_t row_step, int valid, int rows) {
-    const uint32_t smem = SharedAddress(tile);
-    for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
-      const int row = i / kChunks;
-      const int chunk = i % kChunks;
+  // Row gathers: thread tid copies 16-byte chunk (tid % kChunks) of rows tid / kChunks + j *
+  // kRowsPerPass of the tile, so its source pointer advances by a fixed step per pass and its
+  // shared-memory offsets are fixed for the whole kernel.
+  static constexpr int kRowsPerPass = kThreads / kChunks;
+
+  // Issues the copies of a `rows`-row tile whose row i is at src_row0 + i * step (src_row0 is
+  // already at this thread's row and chunk); rows at or past `valid` are zero-filled.
+  template <int kRows>
+  __device__ static void LoadRows(uint32_t smem_tile, int thread_row, int chunk, const T* src,
+                                  int64_t step, int valid, const T* any_valid) {
+#pragma unroll
+    for (int j = 0; j < kRows / kRowsPerPass; ++j) {
+      const int row = thread_row + j * kRowsPerPass;
       const bool ok = row < valid;
-      const T* src = ok ? tensor + (base_row + row * row_step) * row_stride + head_off + chunk * 8
-                        : tensor;
-      CpAsync16(smem + SwizzledOffset<D>(row, chunk) * static_cast<int>(sizeof(T)), src, ok);
+      CpAsync16(smem_tile + SwizzledOffset<D>(row, chunk) * static_cast<int>(sizeof(T)),
+                ok ? src + j * kRowsPerPass * step : any_valid, ok);
     }
   }
 
@@ -135,6 +139,10 @@ struct FusedForwardKernel {
     T* sq = reinterpret_cast<T*>(smem_raw);
     T* sk = sq + kBlockM * D;                // [kStages][kBlockN][D]
     T* sv = sk + kStages * kBlockN * D;      // [kStages][kBlockN][D]
+    const uint32_t sq_addr = SharedAddress(sq);
+    const uint32_t sk_addr = SharedAddress(sk);
+    const uint32_t sv_addr = SharedAddress(sv);
+    constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));
 
     const DilatedAttentionParams& p = params.attn;
     const GpuTile tile = params.tiles[blockIdx.x];
@@ -180,6 +188,8 @@ struct FusedForwardKernel {
     __syncthreads();
     const int total_tiles = num_spans > 0 ? span_tiles_end[num_spans - 1] : 0;
 
+    const int thread_row = threadIdx.x / kChunks;
+    const int thread_chunk = threadIdx.x % kChunks;
     // Key tile t: span index and first key index within the span.
     auto locate = [&](int t, int* span, int64_t* k0) {
       int s = 0;
@@ -193,14 +203,20 @@ struct FusedForwardKernel {
       int64_t k0;
       locate(t, &s, &k0);
       const int valid = static_cast<int>(Min64(kBlockN, span_count[s] - k0));
-      const int64_t row0 = seq_base + span_first[s] + k0 * span_rate[s];
-      LoadRows(sk + stage * kBlockN * D, k, p.k_row_stride, head_off, row0, span_rate[s], valid,
-               kBlockN);
-      LoadRows(sv + stage * kBlockN * D, v, p.v_row_stride, head_off, row0, span_rate[s], valid,
-               kBlockN);
+      const int64_t first = seq_base + span_first[s] + (k0 + thread_row) * span_rate[s];
+      const int64_t step_k = span_rate[s] * p.k_row_stride;
+      const int64_t step_v = span_rate[s] * p.v_row_stride;
+      const int64_t col = head_off + thread_chunk * 8;
+      LoadRows<kBlockN>(sk_addr + stage * kTileBytes, thread_row, thread_chunk,
+                        k + first * p.k_row_stride + col, step_k, valid, k);
+      LoadRows<kBlockN>(sv_addr + stage * kTileBytes, thread_row, thread_chunk,
+                        v + first * p.v_row_stride + col, step_v, valid, v);
     };
 
-    LoadRows(sq, q, p.q_row_stride, head_off, seq_base + q_first, q_stride, tile.count, kBlockM);
+    LoadRows<kBlockM>(sq_addr, thread_row, thread_chunk,
+                      q + (seq_base + q_first + thread_row * q_stride) * p.q_row_stride +
+                          head_off + thread_chunk * 8,
+                      q_stride * p.q_row_stride, tile.count, q);
     CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st + 1 < kStages; ++st) {
@@ -216,7 +232,9 @@ struct FusedForwardKernel {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) pos[mt][h] = q_first + (warp_row + mt * 16 + lane / 4 + h * 8) * q_stride;
+      for (int h = 0; h < 2; ++h) {
+        pos[mt][h] = q_first + (warp_row + mt * 16 + lane / 4 + h * 8) * q_stride;
+      }
     }
 
     float acc[kMTiles][kDTiles][4];
@@ -228,24 +246,35 @@ struct FusedForwardKernel {
         for (int j = 0; j < 4; ++j) acc[mt][i][j] = 0.f;
       }
     }
+    // Running max in raw score units (scaled only inside the exponent) and running sum.
     float row_max[kMTiles][2], row_sum[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
       row_max[mt][0] = row_max[mt][1] = -INFINITY;
       row_sum[mt][0] = row_sum[mt][1] = 0.f;
     }
+    const float scale_log2 = params.scale_log2;
 
-    // ldmatrix lane addressing: lane supplies row (lane % 8) of matrix (lane / 8).
+    // ldmatrix lane addressing: lane supplies row (lane % 8) of matrix (lane / 8). Every row a
+    // lane addresses is congruent to lm_row modulo 8, so its swizzle term is fixed per lane.
     const int lm_row = lane % 8;
     const int lm_mat = lane / 8;
-    uint32_t q_frag[kQInRegisters ? kMTiles : 1][kQInRegisters ? kKSteps : 1][4];
+    const int lane_swizzle = SwizzledOffset<D>(lm_row, 0) ^ (lm_row * D);  // (0 ^ x) << 3
+    auto chunk_off = [&](int chunk) { return ((chunk << 3) ^ lane_swizzle); };
+    // K as the B operand of S = Q K^T: per key pair, matrices (keys 0-7, k 0-7),
+    // (keys 0-7, k 8-15), (keys 8-15, k 0-7), (keys 8-15, k 8-15).
+    const int k_lane_row = ((lm_mat >> 1) * 8 + lm_row) * D;
+    const int k_lane_chunk = lm_mat & 1;
+    // V (row-major keys x d) as the B operand of O += P V through .trans: per d pair, matrices
+    // (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15). Q as the
+    // A operand: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+    const int v_lane_row = ((lm_mat & 1) * 8 + lm_row) * D;
+    const int v_lane_chunk = lm_mat >> 1;
+    const int q_lane_row = (warp_row + (lm_mat & 1) * 8 + lm_row) * D;
 
+    uint32_t q_frag[kQInRegisters ? kMTiles : 1][kQInRegisters ? kKSteps : 1][4];
     auto load_q_frag = [&](int mt, int ks, uint32_t* frag) {
-      // A operand 16x16: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
-      // (rows 8-15, k 8-15).
-      const int row = warp_row + mt * 16 + (lm_mat % 2) * 8 + lm_row;
-      const int chunk = ks * 2 + lm_mat / 2;
-      LdMatrixX4(frag, SharedAddress(sq + SwizzledOffset<D>(row, chunk)));
+      LdMatrixX4(frag, sq_addr + 2 * (q_lane_row + mt * 16 * D + chunk_off(ks * 2 + v_lane_chunk)));
     };
 
     for (int t = 0; t < total_tiles; ++t) {
@@ -263,9 +292,8 @@ struct FusedForwardKernel {
           }
         }
       }
-
-      const T* tk = sk + stage * kBlockN * D;
-      const T* tv = sv + stage * kBlockN * D;
+      const uint32_t tk = sk_addr + stage * kTileBytes;
+      const uint32_t tv = sv_addr + stage * kTileBytes;
 
       // S = Q K^T: per m-tile, 16 rows x 64 keys in 8 column tiles of 8 keys.
       float s[kMTiles][8][4];
@@ -284,15 +312,13 @@ struct FusedForwardKernel {
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
         }
-        // B operands for key tiles 0..7 (matrices (keys 0-7, k 0-7), (keys 0-7, k 8-15),
-        // (keys 8-15, k 0-7), (keys 8-15, k 8-15) per pair), all loaded before the mmas: the
-        // asm statements keep program order, so interleaving would stall on every ldmatrix.
+        // All of the k-step's K fragments before its mmas: the asm statements keep program
+        // order, so interleaving would stall on every ldmatrix.
         uint32_t b[4][4];
+        const int koff = chunk_off(ks * 2 + k_lane_chunk);
 #pragma unroll
         for (int jp = 0; jp < 4; ++jp) {
-          const int key = jp * 16 + (lm_mat / 2) * 8 + lm_row;
-          const int chunk = ks * 2 + lm_mat % 2;
-          LdMatrixX4(b[jp], SharedAddress(tk + SwizzledOffset<D>(key, chunk)));
+          LdMatrixX4(b[jp], tk + 2 * (k_lane_row + jp * 16 * D + koff));
         }
 #pragma unroll
         for (int jp = 0; jp < 4; ++jp) {
@@ -306,8 +332,8 @@ struct FusedForwardKernel {
         }
       }
 
-      // Scale into the log2 domain and mask: keys past the span, and with causal keys after
-      // the row's own position.
+      // Masking only where it can matter: a span's last, partial tile, and with causal the
+      // tiles that reach past the first query.
       int span;
       int64_t k0;
       locate(t, &span, &k0);
@@ -315,37 +341,42 @@ struct FusedForwardKernel {
       const int64_t key_pos0 = span_first[span] + k0 * span_rate[span];
       const int64_t key_rate = span_rate[span];
       const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > q_first;
-      const bool need_bounds = valid < kBlockN;
+      if (valid < kBlockN || need_causal) {
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        float tile_max[2] = {-INFINITY, -INFINITY};
+        for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+          for (int j = 0; j < 8; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = j * 8 + 2 * (lane % 4) + (e & 1);
-            const int h = e >> 1;
-            float x = s[mt][j][e] * params.scale_log2;
-            if (need_bounds && col >= valid) x = -INFINITY;
-            if (need_causal && key_pos0 + col * key_rate > pos[mt][h]) x = -INFINITY;
-            s[mt][j][e] = x;
-            tile_max[h] = fmaxf(tile_max[h], x);
+            for (int e = 0; e < 4; ++e) {
+              const int col = j * 8 + 2 * (lane % 4) + (e & 1);
+              const bool hidden =
+                  col >= valid || (need_causal && key_pos0 + col * key_rate > pos[mt][e >> 1]);
+              if (hidden) s[mt][j][e] = -INFINITY;
+            }
           }
         }
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
-          tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-          const float new_max = fmaxf(row_max[mt][h], tile_max[h]);
+          float tile_max = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            tile_max = fmaxf(tile_max, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
+          }
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+          const float new_max = fmaxf(row_max[mt][h], tile_max);
           // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
-          const float use = new_max == -INFINITY ? 0.f : new_max;
-          const float alpha = Exp2(row_max[mt][h] - use);
+          const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+          const float alpha = Exp2(row_max[mt][h] * scale_log2 - use);
           row_max[mt][h] = new_max;
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
-            s[mt][j][2 * h] = Exp2(s[mt][j][2 * h] - use);
-            s[mt][j][2 * h + 1] = Exp2(s[mt][j][2 * h + 1] - use);
+            s[mt][j][2 * h] = Exp2(fmaf(s[mt][j][2 * h], scale_log2, -use));
+            s[mt][j][2 * h + 1] = Exp2(fmaf(s[mt][j][2 * h + 1], scale_log2, -use));
             sum += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
           }
           row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
@@ -369,14 +400,10 @@ struct FusedForwardKernel {
           a[mt][2] = MmaType<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
           a[mt][3] = MmaType<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
         }
-        // B operands (keys x d) from row-major V with .trans: matrices (keys 0-7, d 0-7),
-        // (keys 8-15, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 8-15) per pair of d tiles.
         uint32_t b[kDTiles / 2][4];
 #pragma unroll
         for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          const int key = kk * 16 + (lm_mat % 2) * 8 + lm_row;
-          const int chunk = dp * 2 + lm_mat / 2;
-          LdMatrixX4Trans(b[dp], SharedAddress(tv + SwizzledOffset<D>(key, chunk)));
+          LdMatrixX4Trans(b[dp], tv + 2 * (v_lane_row + kk * 16 * D + chunk_off(dp * 2 + v_lane_chunk)));
         }
 #pragma unroll
         for (int dp = 0; dp < kDTiles / 2; ++dp) {
