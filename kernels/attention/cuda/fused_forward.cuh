@@ -24,8 +24,13 @@
 namespace dilattn::attention::cuda {
 
 inline constexpr int kBlockN = 64;
-inline constexpr int kWarps = 4;
-inline constexpr int kThreads = kWarps * 32;
+// Warps per CTA and m16 tiles per warp (the build can override them for tuning experiments).
+#ifndef DILATTN_FUSED_WARPS
+#define DILATTN_FUSED_WARPS 4
+#endif
+#ifndef DILATTN_FUSED_MTILES
+#define DILATTN_FUSED_MTILES 2
+#endif
 
 template <typename T>
 struct MmaType;
@@ -104,7 +109,11 @@ template <int D, typename T>
 struct FusedForwardKernel {
   // Query rows per warp: 32 (two m16 tiles) where registers allow, so each K/V fragment read
   // from shared memory feeds two mma instructions; 16 for D = 256.
-  static constexpr int kMTiles = D <= 128 ? 2 : 1;
+  static constexpr int kWarps = D <= 128 ? DILATTN_FUSED_WARPS : 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMTiles = D <= 128 ? DILATTN_FUSED_MTILES : 1;
+  // Eight single-tile warps must fit twice per SM to keep enough warps resident.
+  static constexpr int kMinBlocks = kWarps == 8 && kMTiles == 1 ? 2 : 1;
   static constexpr int kBlockM = kWarps * 16 * kMTiles;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kDTiles = D / 8;  // 8-wide output column tiles
@@ -237,6 +246,13 @@ struct FusedForwardKernel {
       }
     }
 
+    // With causal, a warp skips key tiles that lie wholly after its last row, and masks only
+    // tiles that reach past its first row: rows of a tile are spread across a cell, so each key
+    // tile is diagonal for at most one or two warps, not for the whole CTA.
+    const int warp_last_row = min(warp_row + 16 * kMTiles, static_cast<int>(tile.count)) - 1;
+    const int64_t warp_first_pos = q_first + warp_row * q_stride;
+    const int64_t warp_last_pos = q_first + warp_last_row * q_stride;
+
     float acc[kMTiles][kDTiles][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
@@ -292,125 +308,130 @@ struct FusedForwardKernel {
           }
         }
       }
-      const uint32_t tk = sk_addr + stage * kTileBytes;
-      const uint32_t tv = sv_addr + stage * kTileBytes;
-
-      // S = Q K^T: per m-tile, 16 rows x 64 keys in 8 column tiles of 8 keys.
-      float s[kMTiles][8][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
-        }
-      }
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t a_local[kQInRegisters ? 1 : kMTiles][4];
-        if constexpr (!kQInRegisters) {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
-        }
-        // All of the k-step's K fragments before its mmas: the asm statements keep program
-        // order, so interleaving would stall on every ldmatrix.
-        uint32_t b[4][4];
-        const int koff = chunk_off(ks * 2 + k_lane_chunk);
-#pragma unroll
-        for (int jp = 0; jp < 4; ++jp) {
-          LdMatrixX4(b[jp], tk + 2 * (k_lane_row + jp * 16 * D + koff));
-        }
-#pragma unroll
-        for (int jp = 0; jp < 4; ++jp) {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            const uint32_t* a = kQInRegisters ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
-                                              : a_local[kQInRegisters ? 0 : mt];
-            MmaType<T>::Mma(s[mt][2 * jp], a, b[jp][0], b[jp][1]);
-            MmaType<T>::Mma(s[mt][2 * jp + 1], a, b[jp][2], b[jp][3]);
-          }
-        }
-      }
-
-      // Masking only where it can matter: a span's last, partial tile, and with causal the
-      // tiles that reach past the first query.
       int span;
       int64_t k0;
       locate(t, &span, &k0);
       const int valid = static_cast<int>(Min64(kBlockN, span_count[span] - k0));
       const int64_t key_pos0 = span_first[span] + k0 * span_rate[span];
       const int64_t key_rate = span_rate[span];
-      const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > q_first;
-      if (valid < kBlockN || need_causal) {
-#pragma unroll
+      if (!(p.causal && key_pos0 > warp_last_pos)) {
+        const uint32_t tk = sk_addr + stage * kTileBytes;
+        const uint32_t tv = sv_addr + stage * kTileBytes;
+
+        // S = Q K^T: per m-tile, 16 rows x 64 keys in 8 column tiles of 8 keys.
+        float s[kMTiles][8][4];
+  #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
+  #pragma unroll
           for (int j = 0; j < 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int col = j * 8 + 2 * (lane % 4) + (e & 1);
-              const bool hidden =
-                  col >= valid || (need_causal && key_pos0 + col * key_rate > pos[mt][e >> 1]);
-              if (hidden) s[mt][j][e] = -INFINITY;
+  #pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+          }
+        }
+  #pragma unroll
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          uint32_t a_local[kQInRegisters ? 1 : kMTiles][4];
+          if constexpr (!kQInRegisters) {
+  #pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
+          }
+          // All of the k-step's K fragments before its mmas: the asm statements keep program
+          // order, so interleaving would stall on every ldmatrix.
+          uint32_t b[4][4];
+          const int koff = chunk_off(ks * 2 + k_lane_chunk);
+  #pragma unroll
+          for (int jp = 0; jp < 4; ++jp) {
+            LdMatrixX4(b[jp], tk + 2 * (k_lane_row + jp * 16 * D + koff));
+          }
+  #pragma unroll
+          for (int jp = 0; jp < 4; ++jp) {
+  #pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              const uint32_t* a = kQInRegisters ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
+                                                : a_local[kQInRegisters ? 0 : mt];
+              MmaType<T>::Mma(s[mt][2 * jp], a, b[jp][0], b[jp][1]);
+              MmaType<T>::Mma(s[mt][2 * jp + 1], a, b[jp][2], b[jp][3]);
             }
           }
         }
-      }
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float tile_max = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            tile_max = fmaxf(tile_max, fmaxf(s[mt][j][2 * h], s[mt][j][2 * h + 1]));
-          }
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-          const float new_max = fmaxf(row_max[mt][h], tile_max);
-          // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
-          const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-          const float alpha = Exp2(row_max[mt][h] * scale_log2 - use);
-          row_max[mt][h] = new_max;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            s[mt][j][2 * h] = Exp2(fmaf(s[mt][j][2 * h], scale_log2, -use));
-            s[mt][j][2 * h + 1] = Exp2(fmaf(s[mt][j][2 * h + 1], scale_log2, -use));
-            sum += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
-          }
-          row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
-#pragma unroll
-          for (int i = 0; i < kDTiles; ++i) {
-            acc[mt][i][2 * h] *= alpha;
-            acc[mt][i][2 * h + 1] *= alpha;
-          }
-        }
-      }
 
-      // O += P V: P's accumulator layout is the A-operand layout of the next mma, two key tiles
-      // (16 keys) per k-step.
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[kMTiles][4];
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          a[mt][0] = MmaType<T>::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          a[mt][1] = MmaType<T>::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          a[mt][2] = MmaType<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          a[mt][3] = MmaType<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
-        uint32_t b[kDTiles / 2][4];
-#pragma unroll
-        for (int dp = 0; dp < kDTiles / 2; ++dp) {
-          LdMatrixX4Trans(b[dp], tv + 2 * (v_lane_row + kk * 16 * D + chunk_off(dp * 2 + v_lane_chunk)));
-        }
-#pragma unroll
-        for (int dp = 0; dp < kDTiles / 2; ++dp) {
-#pragma unroll
+        // Masking only where it can matter: a span's last, partial tile, and with causal the
+        // tiles that reach past the warp's first row.
+        const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > warp_first_pos;
+        if (valid < kBlockN || need_causal) {
+  #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
-            MmaType<T>::Mma(acc[mt][2 * dp], a[mt], b[dp][0], b[dp][1]);
-            MmaType<T>::Mma(acc[mt][2 * dp + 1], a[mt], b[dp][2], b[dp][3]);
+  #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+  #pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int col = j * 8 + 2 * (lane % 4) + (e & 1);
+                const bool hidden =
+                    col >= valid || (need_causal && key_pos0 + col * key_rate > pos[mt][e >> 1]);
+                if (hidden) s[mt][j][e] = -INFINITY;
+              }
+            }
+          }
+        }
+  #pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+  #pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float m4[4];
+  #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              m4[j] = fmaxf(fmaxf(s[mt][2 * j][2 * h], s[mt][2 * j][2 * h + 1]),
+                            fmaxf(s[mt][2 * j + 1][2 * h], s[mt][2 * j + 1][2 * h + 1]));
+            }
+            float tile_max = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            const float new_max = fmaxf(row_max[mt][h], tile_max);
+            // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
+            const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+            const float alpha = Exp2(row_max[mt][h] * scale_log2 - use);
+            row_max[mt][h] = new_max;
+            float part[4] = {0.f, 0.f, 0.f, 0.f};
+  #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              s[mt][j][2 * h] = Exp2(fmaf(s[mt][j][2 * h], scale_log2, -use));
+              s[mt][j][2 * h + 1] = Exp2(fmaf(s[mt][j][2 * h + 1], scale_log2, -use));
+              part[j % 4] += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
+            }
+            const float sum = (part[0] + part[1]) + (part[2] + part[3]);
+            row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
+  #pragma unroll
+            for (int i = 0; i < kDTiles; ++i) {
+              acc[mt][i][2 * h] *= alpha;
+              acc[mt][i][2 * h + 1] *= alpha;
+            }
+          }
+        }
+
+        // O += P V: P's accumulator layout is the A-operand layout of the next mma, two key tiles
+        // (16 keys) per k-step.
+  #pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t a[kMTiles][4];
+  #pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            a[mt][0] = MmaType<T>::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            a[mt][1] = MmaType<T>::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            a[mt][2] = MmaType<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            a[mt][3] = MmaType<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+          }
+          uint32_t b[kDTiles / 2][4];
+  #pragma unroll
+          for (int dp = 0; dp < kDTiles / 2; ++dp) {
+            LdMatrixX4Trans(b[dp], tv + 2 * (v_lane_row + kk * 16 * D + chunk_off(dp * 2 + v_lane_chunk)));
+          }
+  #pragma unroll
+          for (int dp = 0; dp < kDTiles / 2; ++dp) {
+  #pragma unroll
+            for (int mt = 0; mt < kMTiles; ++mt) {
+              MmaType<T>::Mma(acc[mt][2 * dp], a[mt], b[dp][0], b[dp][1]);
+              MmaType<T>::Mma(acc[mt][2 * dp + 1], a[mt], b[dp][2], b[dp][3]);
+            }
           }
         }
       }
@@ -441,7 +462,9 @@ struct FusedForwardKernel {
 };
 
 template <int D, typename T>
-__global__ void __launch_bounds__(kThreads) FusedForward(const __grid_constant__ FusedForwardParams params) {
+__global__ void __launch_bounds__(FusedForwardKernel<D, T>::kThreads,
+                                  FusedForwardKernel<D, T>::kMinBlocks)
+    FusedForward(const __grid_constant__ FusedForwardParams params) {
   FusedForwardKernel<D, T>::Run(params);
 }
 
@@ -455,7 +478,7 @@ int LaunchFusedForwardFor(const FusedForwardParams& params, cudaStream_t stream)
                                          K::kSmemBytes);
   if (err != cudaSuccess) return err;
   // The tile list is walked by blockIdx.x, which reaches 2^31 - 1.
-  FusedForward<D, T><<<static_cast<unsigned>(params.num_tiles), kThreads, K::kSmemBytes,
+  FusedForward<D, T><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
                        stream>>>(params);
   return cudaGetLastError();
 }
