@@ -24,7 +24,8 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --metrics-port N          Prometheus /metrics port (8002; 0 picks one; -1 disables)
   --bind-address A          address both ports bind to (0.0.0.0)
   --model-repository DIR    directory of <model>/config.pbtxt (default: the built-in models)
-  --device D                auto (a GPU when there is one), cpu or cuda (auto)
+  --device D                auto (GPU 0 when there is one), cpu, cuda or cuda:N (auto)
+  --device-pool-mib N       cap of the GPU buffer pool (0: 90% of the free memory)
   --cpu-threads N           CPU backend threads (0: one per hardware thread)
   --host-pool-mib N         cap of the host buffer pool in MiB (16384)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
@@ -34,6 +35,7 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
 // Parses argv into options; an error message on failure.
 std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
   int64_t host_pool_mib = 16384;
+  int64_t device_pool_mib = 0;
   int64_t grace = 30;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -69,7 +71,9 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
     } else if (name == "device") {
       o->engine.device = value;
     } else if (name == "cpu-threads") {
-      error = integer(&o->engine.cpu_threads);
+      error = integer(&o->engine.executor.cpu_threads);
+    } else if (name == "device-pool-mib") {
+      error = integer(&device_pool_mib);
     } else if (name == "host-pool-mib") {
       error = integer(&host_pool_mib);
     } else if (name == "max-message-bytes") {
@@ -85,11 +89,13 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       o->metrics_port > 65535) {
     return "ports must be in [0, 65535] (metrics: -1 disables)";
   }
-  if (o->max_message_bytes < 1 || host_pool_mib < 1 || grace < 0 || o->engine.cpu_threads < 0) {
-    return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds and "
-           "--cpu-threads >= 0";
+  if (o->max_message_bytes < 1 || host_pool_mib < 1 || grace < 0 ||
+      o->engine.executor.cpu_threads < 0 || device_pool_mib < 0) {
+    return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds, "
+           "--cpu-threads and --device-pool-mib >= 0";
   }
-  o->engine.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;
+  o->engine.executor.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;
+  o->engine.executor.device_pool_bytes = static_cast<size_t>(device_pool_mib) << 20;
   o->grace_period = absl::Seconds(grace);
   return "";
 }

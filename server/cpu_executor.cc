@@ -1,0 +1,140 @@
+// The CPU executor: one request runs straight on its message's memory; several are packed into
+// leased host buffers. Start() does the whole job; Wait() has nothing left to wait for.
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kernels/memory/allocator.h"
+#include "server/executor.h"
+
+namespace dilattn::server {
+namespace {
+
+class CpuExecutor final : public Executor {
+ public:
+  CpuExecutor(const ExecutorOptions& options,
+              std::unique_ptr<attention::AttentionBackend> dilated,
+              std::unique_ptr<block_sparse::BlockSparseBackend> sparse,
+              std::unique_ptr<memory::BufferPool> pool)
+      : options_(options),
+        dilated_(std::move(dilated)),
+        sparse_(std::move(sparse)),
+        pool_(std::move(pool)) {}
+
+  std::string name() const override { return std::string(dilated_->name()); }
+  std::vector<const memory::BufferPool*> pools() const override { return {pool_.get()}; }
+
+  absl::Status Supports(const InferenceRequest& r) const override {
+    const attention::ProblemShape shape =
+        attention::DenseShape(r.dtype, r.batch, r.seq_len, r.heads, r.head_dim);
+    if (r.options.kind == OperatorKind::kDilatedAttention) {
+      absl::StatusOr<attention::AttentionPlan> plan =
+          attention::PlanAttention(r.options.dilated, shape);
+      return plan.ok() ? dilated_->Supports(*plan) : plan.status();
+    }
+    absl::StatusOr<block_sparse::BlockSparsePlan> plan =
+        block_sparse::PlanBlockSparse(r.options.sparse, shape);
+    return plan.ok() ? sparse_->Supports(*plan) : plan.status();
+  }
+
+  absl::Status Start(Job& job) override { return RunOnHost(job); }
+  absl::Status Wait(Job&) override { return absl::OkStatus(); }
+
+  // Also the CUDA executor's path for what its GPU kernels do not cover.
+  absl::Status RunOnHost(Job& job) {
+    job.on_host = true;
+    JobPlans plans = PlanJob(job, job.shape.dtype);
+    const bool dilated = job.requests.front()->options.kind == OperatorKind::kDilatedAttention;
+    if (dilated && !plans.dilated.ok()) return plans.dilated.status();
+    if (!dilated && !plans.sparse.ok()) return plans.sparse.status();
+    const size_t bytes = dilated ? plans.dilated->tensor_bytes : plans.sparse->tensor_bytes;
+    const size_t ws_bytes = dilated ? dilated_->WorkspaceBytes(*plans.dilated)
+                                    : sparse_->WorkspaceBytes(*plans.sparse);
+    const absl::Time deadline = job.start + options_.pool_wait;
+    absl::StatusOr<memory::Buffer> ws = pool_->Acquire(std::max<size_t>(1, ws_bytes), deadline);
+    if (!ws.ok()) return ws.status();
+    const DeviceLoc host = DeviceLoc::Host();
+    attention::AttentionTensors t;
+    const bool packed = job.requests.size() > 1;
+    memory::Buffer q, k, v, o;
+    if (packed) {
+      for (memory::Buffer* b : {&q, &k, &v, &o}) {
+        absl::StatusOr<memory::Buffer> leased = pool_->Acquire(bytes, deadline);
+        if (!leased.ok()) return leased.status();
+        *b = *std::move(leased);
+      }
+      size_t at = 0;
+      for (const auto& r : job.requests) {
+        std::memcpy(static_cast<std::byte*>(q.data()) + at, r->q.data(), r->tensor_bytes);
+        std::memcpy(static_cast<std::byte*>(k.data()) + at, r->k.data(), r->tensor_bytes);
+        std::memcpy(static_cast<std::byte*>(v.data()) + at, r->v.data(), r->tensor_bytes);
+        at += r->tensor_bytes;
+      }
+      t = {{q.data(), bytes, host}, {k.data(), bytes, host}, {v.data(), bytes, host},
+           {o.data(), bytes, host}};
+    } else {
+      InferenceRequest& r = *job.requests.front();
+      r.output->resize(bytes);
+      t = {{r.q.data(), bytes, host}, {r.k.data(), bytes, host}, {r.v.data(), bytes, host},
+           {r.output->data(), bytes, host}};
+    }
+    const absl::Time copied_in = absl::Now();
+    job.compute_input = copied_in - job.start;
+    const attention::TensorRef workspace{ws->data(), ws->size(), host};
+    absl::Status run = dilated ? dilated_->Run(*plans.dilated, t, workspace)
+                               : sparse_->Run(*plans.sparse, t, workspace);
+    const absl::Time computed = absl::Now();
+    job.compute_infer = computed - copied_in;
+    if (!run.ok()) return run;
+    if (packed) {
+      size_t at = 0;
+      for (const auto& r : job.requests) {
+        r->output->assign(static_cast<const char*>(o.data()) + at, r->tensor_bytes);
+        at += r->tensor_bytes;
+      }
+    }
+    job.compute_output = absl::Now() - computed;
+    return absl::OkStatus();
+  }
+
+ private:
+  ExecutorOptions options_;
+  std::unique_ptr<attention::AttentionBackend> dilated_;
+  std::unique_ptr<block_sparse::BlockSparseBackend> sparse_;
+  std::unique_ptr<memory::BufferPool> pool_;
+};
+
+}  // namespace
+
+Job::~Job() = default;
+
+JobPlans PlanJob(const Job& job, attention::DType dtype) {
+  JobPlans plans;
+  attention::ProblemShape shape = job.shape;
+  shape.dtype = dtype;
+  const OperatorOptions& o = job.requests.front()->options;
+  if (o.kind == OperatorKind::kDilatedAttention) {
+    plans.dilated = attention::PlanAttention(o.dilated, shape);
+  } else {
+    plans.sparse = block_sparse::PlanBlockSparse(o.sparse, shape);
+  }
+  return plans;
+}
+
+absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(const ExecutorOptions& options) {
+  attention::CpuBackendOptions cpu{options.cpu_threads, "auto"};
+  absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> dilated =
+      attention::CreateCpuBackend(cpu);
+  if (!dilated.ok()) return dilated.status();
+  absl::StatusOr<std::unique_ptr<block_sparse::BlockSparseBackend>> sparse =
+      block_sparse::CreateCpuBlockSparseBackend(cpu);
+  if (!sparse.ok()) return sparse.status();
+  absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool = memory::BufferPool::Create(
+      {"host", options.host_pool_bytes}, memory::NewStagingHostAllocator());
+  if (!pool.ok()) return pool.status();
+  return std::unique_ptr<Executor>(new CpuExecutor(options, *std::move(dilated),
+                                                   *std::move(sparse), *std::move(pool)));
+}
+
+}  // namespace dilattn::server

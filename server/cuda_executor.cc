@@ -1,0 +1,291 @@
+// The GPU executor: dilated attention in fp16/bf16 on the fused kernel (fp32 requests are
+// converted to fp16 on the device, refused if a value overflows fp16), everything the kernel
+// does not cover on the CPU path. Two streams alternate between consecutive jobs, so a job's
+// host-to-device copies overlap the previous job's kernel; buffers come from a device pool and a
+// pinned staging pool.
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kernels/attention/cuda/launch.h"
+#include "kernels/memory/allocator.h"
+#include "server/executor.h"
+#include "server/log.h"
+
+namespace dilattn::server {
+namespace {
+
+absl::Status Cuda(cudaError_t err, absl::string_view what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  cudaGetLastError();
+  const std::string message =
+      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
+  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
+  return absl::InternalError(message);
+}
+
+// The device-side state of one job (Job::device_state).
+struct GpuJob {
+  cudaEvent_t begin = nullptr, copied = nullptr, computed = nullptr, done = nullptr;
+  int* overflow_host = nullptr;  // pinned
+  memory::Buffer pinned_out;
+  size_t in_bytes = 0;
+  absl::Duration host_copy_in;
+  ~GpuJob() {
+    for (cudaEvent_t e : {begin, copied, computed, done}) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+  }
+};
+
+class CudaExecutor final : public Executor {
+ public:
+  CudaExecutor(int device, const ExecutorOptions& options) : device_(device), options_(options) {}
+  ~CudaExecutor() override {
+    cudaSetDevice(device_);
+    for (cudaStream_t s : streams_) {
+      if (s != nullptr) {
+        cudaStreamSynchronize(s);
+        cudaStreamDestroy(s);
+      }
+    }
+  }
+
+  absl::Status Init() {
+    if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+    for (int i = 0; i < 2; ++i) {
+      if (absl::Status s = Cuda(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking),
+                                "stream");
+          !s.ok()) {
+        return s;
+      }
+      absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> gpu =
+          attention::CreateCudaBackend({device_, streams_[i]});
+      if (!gpu.ok()) return gpu.status();
+      gpu_[i] = *std::move(gpu);
+    }
+    absl::StatusOr<std::unique_ptr<Executor>> cpu = CreateCpuExecutor(options_);
+    if (!cpu.ok()) return cpu.status();
+    cpu_ = *std::move(cpu);
+    size_t free_bytes = 0, total_bytes = 0;
+    if (absl::Status s = Cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+        !s.ok()) {
+      return s;
+    }
+    const size_t device_cap =
+        options_.device_pool_bytes > 0 ? options_.device_pool_bytes : free_bytes / 10 * 9;
+    absl::StatusOr<std::unique_ptr<memory::Allocator>> device_alloc =
+        memory::NewCudaDeviceAllocator(device_);
+    if (!device_alloc.ok()) return device_alloc.status();
+    absl::StatusOr<std::unique_ptr<memory::BufferPool>> device_pool = memory::BufferPool::Create(
+        {absl::StrCat("cuda:", device_), device_cap}, *std::move(device_alloc));
+    if (!device_pool.ok()) return device_pool.status();
+    device_pool_ = *std::move(device_pool);
+    absl::StatusOr<std::unique_ptr<memory::Allocator>> pinned = memory::NewPinnedHostAllocator();
+    if (!pinned.ok()) return pinned.status();
+    absl::StatusOr<std::unique_ptr<memory::BufferPool>> pinned_pool = memory::BufferPool::Create(
+        {"pinned", options_.host_pool_bytes}, *std::move(pinned));
+    if (!pinned_pool.ok()) return pinned_pool.status();
+    pinned_pool_ = *std::move(pinned_pool);
+    LogInfo("cuda executor: device %d, %s, device pool cap %d MiB", device_,
+            std::string(gpu_[0]->name()), static_cast<int>(device_cap >> 20));
+    return absl::OkStatus();
+  }
+
+  std::string name() const override {
+    return absl::StrCat(gpu_[0]->name(), " (cuda:", device_, "), ", cpu_->name(), " fallback");
+  }
+
+  std::vector<const memory::BufferPool*> pools() const override {
+    std::vector<const memory::BufferPool*> out = {device_pool_.get(), pinned_pool_.get()};
+    for (const memory::BufferPool* p : cpu_->pools()) out.push_back(p);
+    return out;
+  }
+
+  // The one selector: the fused kernel when it takes the request, else the CPU path.
+  absl::StatusOr<bool> OnGpu(const InferenceRequest& r) const {
+    if (r.options.kind == OperatorKind::kDilatedAttention) {
+      absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
+          r.options.dilated,
+          attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim));
+      if (!plan.ok()) return plan.status();
+      if (gpu_[0]->Supports(*plan).ok()) return true;
+    }
+    if (absl::Status s = cpu_->Supports(r); !s.ok()) return s;
+    return false;
+  }
+
+  absl::Status Supports(const InferenceRequest& r) const override { return OnGpu(r).status(); }
+
+  absl::Status Start(Job& job) override {
+    absl::StatusOr<bool> gpu = OnGpu(*job.requests.front());
+    if (!gpu.ok()) return gpu.status();
+    if (!*gpu) return cpu_->Start(job);
+    if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+
+    const attention::DType in_type = job.shape.dtype;
+    const attention::DType compute = ComputeType(in_type);
+    const bool convert = in_type != compute;
+    JobPlans plans = PlanJob(job, compute);
+    if (!plans.dilated.ok()) return plans.dilated.status();
+    const attention::AttentionPlan& plan = *plans.dilated;
+    const size_t dev_bytes = plan.tensor_bytes;
+    const size_t in_bytes = dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
+    const absl::Time deadline = job.start + options_.pool_wait;
+
+    auto state = std::make_unique<GpuJob>();
+    state->in_bytes = in_bytes;
+    // Pinned staging: Q, K, V side by side, then O; device: Q, K, V, O, the workspace, and for
+    // fp32 requests one fp32 tensor to convert through and the overflow flag.
+    absl::StatusOr<memory::Buffer> pinned_in = pinned_pool_->Acquire(3 * in_bytes + 64, deadline);
+    if (!pinned_in.ok()) return pinned_in.status();
+    absl::StatusOr<memory::Buffer> pinned_out = pinned_pool_->Acquire(in_bytes, deadline);
+    if (!pinned_out.ok()) return pinned_out.status();
+    std::vector<memory::Buffer> dev;
+    for (size_t bytes : {dev_bytes, dev_bytes, dev_bytes, dev_bytes,
+                         std::max<size_t>(1, gpu_[0]->WorkspaceBytes(plan)),
+                         convert ? in_bytes : size_t{1}, size_t{sizeof(int)}}) {
+      absl::StatusOr<memory::Buffer> b = device_pool_->Acquire(bytes, deadline);
+      if (!b.ok()) return b.status();
+      dev.push_back(*std::move(b));
+    }
+
+    // Host side: pack the requests' tensors into pinned memory.
+    auto* staging = static_cast<unsigned char*>(pinned_in->data());
+    size_t at = 0;
+    for (const auto& r : job.requests) {
+      std::memcpy(staging + at, r->q.data(), r->tensor_bytes);
+      std::memcpy(staging + in_bytes + at, r->k.data(), r->tensor_bytes);
+      std::memcpy(staging + 2 * in_bytes + at, r->v.data(), r->tensor_bytes);
+      at += r->tensor_bytes;
+    }
+    state->overflow_host = reinterpret_cast<int*>(staging + 3 * in_bytes);
+    *state->overflow_host = 0;
+    state->host_copy_in = absl::Now() - job.start;
+
+    job.stream = next_stream_;
+    next_stream_ ^= 1;
+    cudaStream_t stream = streams_[job.stream];
+    for (cudaEvent_t* e : {&state->begin, &state->copied, &state->computed, &state->done}) {
+      if (absl::Status s = Cuda(cudaEventCreate(e), "event"); !s.ok()) return s;
+    }
+    absl::Status s = Cuda(cudaEventRecord(state->begin, stream), "event");
+    int* overflow_dev = static_cast<int*>(dev[6].data());
+    if (s.ok() && convert) s = Cuda(cudaMemsetAsync(overflow_dev, 0, sizeof(int), stream), "memset");
+    for (int t = 0; t < 3 && s.ok(); ++t) {
+      if (!convert) {
+        s = Cuda(cudaMemcpyAsync(dev[t].data(), staging + t * in_bytes, in_bytes,
+                                 cudaMemcpyHostToDevice, stream),
+                 "copy to device");
+        continue;
+      }
+      s = Cuda(cudaMemcpyAsync(dev[5].data(), staging + t * in_bytes, in_bytes,
+                               cudaMemcpyHostToDevice, stream),
+               "copy to device");
+      if (s.ok()) {
+        s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
+                     static_cast<const float*>(dev[5].data()), dev[t].data(),
+                     static_cast<int64_t>(in_bytes / sizeof(float)), overflow_dev, stream)),
+                 "fp32 to fp16");
+      }
+    }
+    if (s.ok()) s = Cuda(cudaEventRecord(state->copied, stream), "event");
+    const DeviceLoc loc = DeviceLoc::Cuda(device_);
+    if (s.ok()) {
+      s = gpu_[job.stream]->Run(
+          plan,
+          {{dev[0].data(), dev_bytes, loc}, {dev[1].data(), dev_bytes, loc},
+           {dev[2].data(), dev_bytes, loc}, {dev[3].data(), dev_bytes, loc}},
+          {dev[4].data(), dev[4].size(), loc});
+    }
+    if (s.ok()) s = Cuda(cudaEventRecord(state->computed, stream), "event");
+    if (s.ok() && convert) {
+      s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
+                   dev[3].data(), static_cast<float*>(dev[5].data()),
+                   static_cast<int64_t>(in_bytes / sizeof(float)), stream)),
+               "fp16 to fp32");
+    }
+    if (s.ok()) {
+      s = Cuda(cudaMemcpyAsync(pinned_out->data(), convert ? dev[5].data() : dev[3].data(),
+                               in_bytes, cudaMemcpyDeviceToHost, stream),
+               "copy to host");
+    }
+    if (s.ok() && convert) {
+      s = Cuda(cudaMemcpyAsync(state->overflow_host, overflow_dev, sizeof(int),
+                               cudaMemcpyDeviceToHost, stream),
+               "copy to host");
+    }
+    if (s.ok()) s = Cuda(cudaEventRecord(state->done, stream), "event");
+    // Whatever happens, the buffers stay leased until the stream is past them.
+    state->pinned_out = *std::move(pinned_out);
+    job.leases.push_back(*std::move(pinned_in));
+    for (memory::Buffer& b : dev) job.leases.push_back(std::move(b));
+    job.device_state = std::shared_ptr<GpuJob>(std::move(state));
+    if (!s.ok()) {
+      cudaStreamSynchronize(stream);
+      return s;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Wait(Job& job) override {
+    if (job.on_host) return cpu_->Wait(job);
+    auto* state = static_cast<GpuJob*>(job.device_state.get());
+    if (state == nullptr) return absl::InternalError("GPU job without device state");
+    if (absl::Status s = Cuda(cudaEventSynchronize(state->done), "GPU job"); !s.ok()) {
+      LogError("GPU job failed: %s", s.ToString());
+      return s;
+    }
+    if (*state->overflow_host != 0) {
+      return absl::InvalidArgumentError(
+          "an FP32 input holds a value beyond fp16's range (|x| > 65504); the GPU computes in "
+          "fp16 for FP32 requests: send FP16 or BF16, or scale the inputs");
+    }
+    float copy_ms = 0, kernel_ms = 0, out_ms = 0;
+    cudaEventElapsedTime(&copy_ms, state->begin, state->copied);
+    cudaEventElapsedTime(&kernel_ms, state->copied, state->computed);
+    cudaEventElapsedTime(&out_ms, state->computed, state->done);
+    const absl::Time copy_out_start = absl::Now();
+    const auto* out = static_cast<const char*>(state->pinned_out.data());
+    size_t at = 0;
+    for (const auto& r : job.requests) {
+      r->output->assign(out + at, r->tensor_bytes);
+      at += r->tensor_bytes;
+    }
+    job.compute_input = state->host_copy_in + absl::Milliseconds(copy_ms);
+    job.compute_infer = absl::Milliseconds(kernel_ms);
+    job.compute_output = absl::Milliseconds(out_ms) + (absl::Now() - copy_out_start);
+    return absl::OkStatus();
+  }
+
+ private:
+  static attention::DType ComputeType(attention::DType t) {
+    return t == attention::DType::kFloat32 ? attention::DType::kFloat16 : t;
+  }
+
+  const int device_;
+  const ExecutorOptions options_;
+  cudaStream_t streams_[2] = {nullptr, nullptr};
+  std::unique_ptr<attention::AttentionBackend> gpu_[2];
+  std::unique_ptr<Executor> cpu_;
+  std::unique_ptr<memory::BufferPool> device_pool_;
+  std::unique_ptr<memory::BufferPool> pinned_pool_;
+  int next_stream_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Executor>> CreateCudaExecutor(const ExecutorOptions& options,
+                                                             int device) {
+  if (memory::CudaDeviceCount() <= device) {
+    return absl::FailedPreconditionError(absl::StrCat("no CUDA device ", device));
+  }
+  auto e = std::make_unique<CudaExecutor>(device, options);
+  if (absl::Status s = e->Init(); !s.ok()) return s;
+  return std::unique_ptr<Executor>(std::move(e));
+}
+
+}  // namespace dilattn::server

@@ -1,0 +1,68 @@
+#pragma once
+
+// How one device runs batches. The engine thread drives an executor in two steps so that the
+// next batch's copies can be issued while the previous batch computes: Start() plans the batch,
+// leases its buffers and issues its work (a CPU executor simply does it all); Wait() blocks
+// until the outputs are in the requests' responses. Only the engine thread calls them.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "kernels/attention/attention.h"
+#include "kernels/block_sparse/block_sparse.h"
+#include "kernels/memory/buffer_pool.h"
+#include "server/request.h"
+
+namespace dilattn::server {
+
+class Model;
+
+// One batch on its way through an executor.
+struct Job {
+  Model* model = nullptr;
+  std::vector<std::unique_ptr<InferenceRequest>> requests;  // all share one batch key
+  attention::ProblemShape shape;  // the packed problem, in the requests' dtype
+  absl::Time start;  // the engine began the job
+  // The job's phases, shared by its requests in their statistics.
+  absl::Duration compute_input, compute_infer, compute_output;
+  std::vector<memory::Buffer> leases;  // returned to their pools when the job is destroyed
+  int stream = 0;                      // which of the executor's streams it runs on
+  bool on_host = false;                // ran on the CPU path (no device work to wait for)
+  std::shared_ptr<void> device_state;  // the executor's own per-job state
+  ~Job();
+};
+
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  virtual std::string name() const = 0;
+  // Whether `r` can run here, by the same selector Start() uses. Any thread.
+  virtual absl::Status Supports(const InferenceRequest& r) const = 0;
+  virtual std::vector<const memory::BufferPool*> pools() const = 0;
+  virtual absl::Status Start(Job& job) = 0;
+  virtual absl::Status Wait(Job& job) = 0;
+};
+
+struct ExecutorOptions {
+  int cpu_threads = 0;
+  size_t host_pool_bytes = size_t{16} << 30;
+  size_t device_pool_bytes = 0;  // 0: 90% of the device memory free at start-up
+  absl::Duration pool_wait = absl::Seconds(10);
+};
+
+absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(const ExecutorOptions& options);
+// FAILED_PRECONDITION without CUDA or without the device.
+absl::StatusOr<std::unique_ptr<Executor>> CreateCudaExecutor(const ExecutorOptions& options,
+                                                             int device);
+
+// Plans `job.shape` for the requests' operator (their first request's options).
+struct JobPlans {
+  absl::StatusOr<attention::AttentionPlan> dilated = absl::UnknownError("unset");
+  absl::StatusOr<block_sparse::BlockSparsePlan> sparse = absl::UnknownError("unset");
+};
+JobPlans PlanJob(const Job& job, attention::DType dtype);
+
+}  // namespace dilattn::server
