@@ -36,7 +36,7 @@ def test_patterns(client, pattern, params, extra, causal):
     out = client.infer("block_sparse_attention", make_inputs(q, k, v),
                        parameters=request).as_numpy("O")
     expected = reference.block_sparse_attention(q, k, v, 32, _kept(pattern, **extra), causal)
-    assert reference.relative_error(out, expected) <= 1e-5
+    assert reference.relative_error(out, expected) <= 1e-5  # block-sparse runs on the CPU path on every device
 
 
 def test_explicit_pairs_and_empty_rows(client):
@@ -48,5 +48,5 @@ def test_explicit_pairs_and_empty_rows(client):
                                    "pairs": "1:0,2:2,0:2", "causal": True}).as_numpy("O")
     expected = reference.block_sparse_attention(q, k, v, 32, lambda i, j, nb: (i, j) in pairs,
                                                 causal=True)
-    assert reference.relative_error(out, expected) <= 1e-5
+    assert reference.relative_error(out, expected) <= 1e-5  # block-sparse runs on the CPU path on every device
     assert np.all(out[0, :32] == 0)  # block 0 keeps only (0, 2), which causal removes

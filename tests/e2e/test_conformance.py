@@ -69,7 +69,7 @@ def test_model_stream_infer_all_cases(server):
         result = by_id[case["name"]]
         assert not isinstance(result, Exception), result
         err = reference.relative_error(result.as_numpy("O"), reference.expected_output(case))
-        assert err <= 1e-5, f"{case['name']}: {err}"
+        assert err <= reference.FP32, f"{case['name']}: {err}"
 
 
 def _error_id(error):

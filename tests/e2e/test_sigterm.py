@@ -41,7 +41,7 @@ def test_sigterm_finishes_accepted_requests(tmp_path):
         result, error = results.get(timeout=60)
         assert error is None, error
         rid = result.get_response().id
-        assert reference.relative_error(result.as_numpy("O"), expected[rid]) <= 1e-5
+        assert reference.relative_error(result.as_numpy("O"), expected[rid]) <= reference.FP32
     assert s.stop(timeout=60) == 0
     log = s.log_path.read_text()
     assert "finishing in-flight requests" in log and "shut down" in log

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Server-side time of one large request against its kernel time, through the real server.
+
+Starts dilattn-server, sends FP16 requests of (1, N, 16, 64) to the default longnet model one at
+a time, and reads the statistics RPC: the server-side request time (from the moment the message
+has arrived, so the wire is excluded, to the response), and its split into queue, input (unpack,
+copies to the device), kernel (CUDA events around the launch) and output.
+
+  python3 bench/server_overhead.py [--server build/server/dilattn-server] [--device cuda]
+                                   [--ns 32768,131072] [--reps 3]
+"""
+
+import argparse
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", default=str(ROOT / "build" / "server" / "dilattn-server"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--ns", default="32768,131072")
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    proc = subprocess.Popen([args.server, "--grpc-port", "0", "--metrics-port", "-1",
+                             "--bind-address", "127.0.0.1", "--device", args.device],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    port = int(re.search(r"grpc_port=(\d+)", proc.stdout.readline()).group(1))
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    print("| N | request ms (server) | queue | input | kernel | output | unaccounted | server / kernel | client ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    try:
+        for n in (int(x) for x in args.ns.split(",")):
+            x = np.random.default_rng(0).uniform(-1, 1, (1, n, 16, 64)).astype(np.float16)
+            inputs = []
+            for name in "QKV":
+                t = grpcclient.InferInput(name, list(x.shape), "FP16")
+                t.set_data_from_numpy(x)
+                inputs.append(t)
+            c.infer("dilated_attention", inputs)  # warm-up: pools, module load
+            rows = []
+            for _ in range(args.reps):
+                s0 = c.get_inference_statistics("dilated_attention").model_stats[0].inference_stats
+                t0 = time.perf_counter()
+                c.infer("dilated_attention", inputs)
+                client = (time.perf_counter() - t0) * 1e3
+                s1 = c.get_inference_statistics("dilated_attention").model_stats[0].inference_stats
+                d = lambda f: (getattr(s1, f).ns - getattr(s0, f).ns) / 1e6
+                rows.append((d("success"), d("queue"), d("compute_input"), d("compute_infer"),
+                             d("compute_output"), client))
+            r = sorted(rows)[len(rows) // 2]
+            rest = r[0] - sum(r[1:5])
+            print(f"| {n} | {r[0]:.2f} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | "
+                  f"{rest:.2f} | {r[0] / r[3]:.2f} | {r[5]:.1f} |", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
