@@ -26,6 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 import tritonclient.grpc as grpcclient  # noqa: E402
+from test_perf_analyzer import write_input_data  # noqa: E402
 
 
 def start_server(binary, device, log):
@@ -103,6 +104,10 @@ def main():
                            "-u", f"127.0.0.1:{port}", "--concurrency-range", str(c),
                            "--measurement-interval", str(args.window_ms), "--max-trials", "6",
                            "--stability-percentage", "50", "-f", str(report)]
+                    data = pathlib.Path(tmp) / f"inputs_{n}_{h}_{d}"
+                    if not data.exists():
+                        write_input_data(data, (1, n, h, d))
+                    cmd += ["--input-data", str(data)]
                     for t in "QKV":
                         cmd += ["--shape", f"{t}:{n},{h},{d}"]
                     if args.dtype != "FP32":

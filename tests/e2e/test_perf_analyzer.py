@@ -5,6 +5,8 @@ import os
 import pathlib
 import subprocess
 
+import numpy as np
+
 from conftest import ROOT, results_dir
 
 
@@ -17,10 +19,22 @@ def perf_analyzer():
     return str(binary), env
 
 
-def test_perf_analyzer_runs_and_reports(server):
+def write_input_data(directory, shape, seed=0):
+    """perf_analyzer's default random data is random bytes (NaN and 1e38 among them); real
+    attention inputs are moderate floats. A directory of raw files named after the inputs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in "QKV":
+        rng.uniform(-1, 1, shape).astype(np.float32).tofile(directory / name)
+    return directory
+
+
+def test_perf_analyzer_runs_and_reports(server, tmp_path):
     binary, env = perf_analyzer()
     report = results_dir() / "perf_analyzer.csv"
+    data = write_input_data(tmp_path / "inputs", (1, 256, 4, 32))
     cmd = [binary, "-m", "dilated_attention", "-u", server.url, "-i", "grpc",
+           "--input-data", str(data),
            "--shape", "Q:256,4,32", "--shape", "K:256,4,32", "--shape", "V:256,4,32",
            "--concurrency-range", "1:4:3", "--measurement-interval", "1000",
            "--max-trials", "4", "--stability-percentage", "100", "-f", str(report)]
