@@ -359,16 +359,23 @@ struct FusedForwardKernel {
         // tiles that reach past the warp's first row.
         const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > warp_first_pos;
         if (valid < kBlockN || need_causal) {
+          // Per row, the last visible column: keys past the span, and with causal keys after
+          // the row's position, are hidden. One division per row, then 32-bit compares.
+          const int tcol = 2 * (lane % 4);
   #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt) {
   #pragma unroll
-            for (int j = 0; j < 8; ++j) {
+            for (int h = 0; h < 2; ++h) {
+              int last = valid - 1;
+              if (need_causal) {
+                const int64_t ahead = pos[mt][h] - key_pos0;  // < 2^31 within one sequence
+                const int seen = ahead < 0 ? -1 : static_cast<int>(ahead) / static_cast<int>(key_rate);
+                last = seen < last ? seen : last;
+              }
   #pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int col = j * 8 + 2 * (lane % 4) + (e & 1);
-                const bool hidden =
-                    col >= valid || (need_causal && key_pos0 + col * key_rate > pos[mt][e >> 1]);
-                if (hidden) s[mt][j][e] = -INFINITY;
+              for (int j = 0; j < 8; ++j) {
+                if (j * 8 + tcol > last) s[mt][j][2 * h] = -INFINITY;
+                if (j * 8 + tcol + 1 > last) s[mt][j][2 * h + 1] = -INFINITY;
               }
             }
           }
