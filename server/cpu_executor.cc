@@ -24,6 +24,7 @@ class CpuExecutor final : public Executor {
 
   std::string name() const override { return std::string(dilated_->name()); }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_.get()}; }
+  memory::BufferPool& staging_pool() override { return *pool_; }
 
   absl::Status Supports(const InferenceRequest& r) const override {
     const attention::ProblemShape shape =
@@ -75,9 +76,11 @@ class CpuExecutor final : public Executor {
            {o.data(), bytes, host}};
     } else {
       InferenceRequest& r = *job.requests.front();
-      r.output->resize(bytes);
+      absl::StatusOr<memory::Buffer> out = pool_->Acquire(bytes, deadline);
+      if (!out.ok()) return out.status();
+      r.output = *std::move(out);
       t = {{r.q.data(), bytes, host}, {r.k.data(), bytes, host}, {r.v.data(), bytes, host},
-           {r.output->data(), bytes, host}};
+           {r.output.data(), bytes, host}};
     }
     const absl::Time copied_in = absl::Now();
     job.compute_input = copied_in - job.start;
@@ -90,7 +93,10 @@ class CpuExecutor final : public Executor {
     if (packed) {
       size_t at = 0;
       for (const auto& r : job.requests) {
-        r->output->assign(static_cast<const char*>(o.data()) + at, r->tensor_bytes);
+        absl::StatusOr<memory::Buffer> out = pool_->Acquire(r->tensor_bytes, deadline);
+        if (!out.ok()) return out.status();
+        r->output = *std::move(out);
+        std::memcpy(r->output.data(), static_cast<const char*>(o.data()) + at, r->tensor_bytes);
         at += r->tensor_bytes;
       }
     }

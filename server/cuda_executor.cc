@@ -31,9 +31,7 @@ absl::Status Cuda(cudaError_t err, absl::string_view what) {
 struct GpuJob {
   cudaEvent_t begin = nullptr, copied = nullptr, computed = nullptr, done = nullptr;
   int* overflow_host = nullptr;  // pinned
-  memory::Buffer pinned_out;
-  size_t in_bytes = 0;
-  absl::Duration host_copy_in;
+  absl::Duration host_work;
   ~GpuJob() {
     for (cudaEvent_t e : {begin, copied, computed, done}) {
       if (e != nullptr) cudaEventDestroy(e);
@@ -99,6 +97,8 @@ class CudaExecutor final : public Executor {
     return absl::StrCat(gpu_[0]->name(), " (cuda:", device_, "), ", cpu_->name(), " fallback");
   }
 
+  memory::BufferPool& staging_pool() override { return *pinned_pool_; }
+
   std::vector<const memory::BufferPool*> pools() const override {
     std::vector<const memory::BufferPool*> out = {device_pool_.get(), pinned_pool_.get()};
     for (const memory::BufferPool* p : cpu_->pools()) out.push_back(p);
@@ -133,17 +133,16 @@ class CudaExecutor final : public Executor {
     if (!plans.dilated.ok()) return plans.dilated.status();
     const attention::AttentionPlan& plan = *plans.dilated;
     const size_t dev_bytes = plan.tensor_bytes;
-    const size_t in_bytes = dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
+    const size_t in_bytes =
+        dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     const absl::Time deadline = job.start + options_.pool_wait;
 
     auto state = std::make_unique<GpuJob>();
-    state->in_bytes = in_bytes;
-    // Pinned staging: Q, K, V side by side, then O; device: Q, K, V, O, the workspace, and for
-    // fp32 requests one fp32 tensor to convert through and the overflow flag.
-    absl::StatusOr<memory::Buffer> pinned_in = pinned_pool_->Acquire(3 * in_bytes + 64, deadline);
-    if (!pinned_in.ok()) return pinned_in.status();
-    absl::StatusOr<memory::Buffer> pinned_out = pinned_pool_->Acquire(in_bytes, deadline);
-    if (!pinned_out.ok()) return pinned_out.status();
+    // Device: Q, K, V, O, the workspace, and for fp32 requests one fp32 tensor to convert
+    // through and the overflow flag. Host: each request's output lease (pinned), which the
+    // response sends without another copy; the inputs are already staged in pinned leases.
+    absl::StatusOr<memory::Buffer> flag = pinned_pool_->Acquire(sizeof(int), deadline);
+    if (!flag.ok()) return flag.status();
     std::vector<memory::Buffer> dev;
     for (size_t bytes : {dev_bytes, dev_bytes, dev_bytes, dev_bytes,
                          std::max<size_t>(1, gpu_[0]->WorkspaceBytes(plan)),
@@ -152,19 +151,13 @@ class CudaExecutor final : public Executor {
       if (!b.ok()) return b.status();
       dev.push_back(*std::move(b));
     }
-
-    // Host side: pack the requests' tensors into pinned memory.
-    auto* staging = static_cast<unsigned char*>(pinned_in->data());
-    size_t at = 0;
     for (const auto& r : job.requests) {
-      std::memcpy(staging + at, r->q.data(), r->tensor_bytes);
-      std::memcpy(staging + in_bytes + at, r->k.data(), r->tensor_bytes);
-      std::memcpy(staging + 2 * in_bytes + at, r->v.data(), r->tensor_bytes);
-      at += r->tensor_bytes;
+      absl::StatusOr<memory::Buffer> out = pinned_pool_->Acquire(r->tensor_bytes, deadline);
+      if (!out.ok()) return out.status();
+      r->output = *std::move(out);
     }
-    state->overflow_host = reinterpret_cast<int*>(staging + 3 * in_bytes);
+    state->overflow_host = static_cast<int*>(flag->data());
     *state->overflow_host = 0;
-    state->host_copy_in = absl::Now() - job.start;
 
     job.stream = next_stream_;
     next_stream_ ^= 1;
@@ -175,17 +168,20 @@ class CudaExecutor final : public Executor {
     absl::Status s = Cuda(cudaEventRecord(state->begin, stream), "event");
     int* overflow_dev = static_cast<int*>(dev[6].data());
     if (s.ok() && convert) s = Cuda(cudaMemsetAsync(overflow_dev, 0, sizeof(int), stream), "memset");
+    // Each request's tensors go straight to their place in the packed device tensors (through
+    // the fp32 buffer when converting).
     for (int t = 0; t < 3 && s.ok(); ++t) {
-      if (!convert) {
-        s = Cuda(cudaMemcpyAsync(dev[t].data(), staging + t * in_bytes, in_bytes,
-                                 cudaMemcpyHostToDevice, stream),
+      auto* dst = static_cast<unsigned char*>(convert ? dev[5].data() : dev[t].data());
+      size_t at = 0;
+      for (const auto& r : job.requests) {
+        const absl::string_view src = t == 0 ? r->q : t == 1 ? r->k : r->v;
+        s = Cuda(cudaMemcpyAsync(dst + at, src.data(), src.size(), cudaMemcpyHostToDevice,
+                                 stream),
                  "copy to device");
-        continue;
+        if (!s.ok()) break;
+        at += src.size();
       }
-      s = Cuda(cudaMemcpyAsync(dev[5].data(), staging + t * in_bytes, in_bytes,
-                               cudaMemcpyHostToDevice, stream),
-               "copy to device");
-      if (s.ok()) {
+      if (s.ok() && convert) {
         s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
                      static_cast<const float*>(dev[5].data()), dev[t].data(),
                      static_cast<int64_t>(in_bytes / sizeof(float)), overflow_dev, stream)),
@@ -208,10 +204,16 @@ class CudaExecutor final : public Executor {
                    static_cast<int64_t>(in_bytes / sizeof(float)), stream)),
                "fp16 to fp32");
     }
-    if (s.ok()) {
-      s = Cuda(cudaMemcpyAsync(pinned_out->data(), convert ? dev[5].data() : dev[3].data(),
-                               in_bytes, cudaMemcpyDeviceToHost, stream),
-               "copy to host");
+    {
+      const auto* src = static_cast<const unsigned char*>(convert ? dev[5].data() : dev[3].data());
+      size_t at = 0;
+      for (const auto& r : job.requests) {
+        if (!s.ok()) break;
+        s = Cuda(cudaMemcpyAsync(r->output.data(), src + at, r->tensor_bytes,
+                                 cudaMemcpyDeviceToHost, stream),
+                 "copy to host");
+        at += r->tensor_bytes;
+      }
     }
     if (s.ok() && convert) {
       s = Cuda(cudaMemcpyAsync(state->overflow_host, overflow_dev, sizeof(int),
@@ -220,9 +222,9 @@ class CudaExecutor final : public Executor {
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->done, stream), "event");
     // Whatever happens, the buffers stay leased until the stream is past them.
-    state->pinned_out = *std::move(pinned_out);
-    job.leases.push_back(*std::move(pinned_in));
+    job.leases.push_back(*std::move(flag));
     for (memory::Buffer& b : dev) job.leases.push_back(std::move(b));
+    state->host_work = absl::Now() - job.start;
     job.device_state = std::shared_ptr<GpuJob>(std::move(state));
     if (!s.ok()) {
       cudaStreamSynchronize(stream);
@@ -248,16 +250,9 @@ class CudaExecutor final : public Executor {
     cudaEventElapsedTime(&copy_ms, state->begin, state->copied);
     cudaEventElapsedTime(&kernel_ms, state->copied, state->computed);
     cudaEventElapsedTime(&out_ms, state->computed, state->done);
-    const absl::Time copy_out_start = absl::Now();
-    const auto* out = static_cast<const char*>(state->pinned_out.data());
-    size_t at = 0;
-    for (const auto& r : job.requests) {
-      r->output->assign(out + at, r->tensor_bytes);
-      at += r->tensor_bytes;
-    }
-    job.compute_input = state->host_copy_in + absl::Milliseconds(copy_ms);
+    job.compute_input = state->host_work + absl::Milliseconds(copy_ms);
     job.compute_infer = absl::Milliseconds(kernel_ms);
-    job.compute_output = absl::Milliseconds(out_ms) + (absl::Now() - copy_out_start);
+    job.compute_output = absl::Milliseconds(out_ms);
     return absl::OkStatus();
   }
 

@@ -36,6 +36,7 @@ class Engine {
 
   std::string backend_name() const { return executor_->name(); }
   std::vector<const memory::BufferPool*> pools() const { return executor_->pools(); }
+  memory::BufferPool& staging_pool() { return executor_->staging_pool(); }
 
   // Whether this engine can run `r`, asked of the same selector execution uses. Any thread.
   absl::Status Supports(const InferenceRequest& r) const { return executor_->Supports(r); }

@@ -42,6 +42,8 @@ class Executor {
   // Whether `r` can run here, by the same selector Start() uses. Any thread.
   virtual absl::Status Supports(const InferenceRequest& r) const = 0;
   virtual std::vector<const memory::BufferPool*> pools() const = 0;
+  // Where request tensors are staged (pinned on a GPU) and outputs are leased from. Any thread.
+  virtual memory::BufferPool& staging_pool() = 0;
   virtual absl::Status Start(Job& job) = 0;
   virtual absl::Status Wait(Job& job) = 0;
 };

@@ -37,7 +37,7 @@ void CompleteRequest(std::unique_ptr<InferenceRequest> request, const absl::Stat
       stats.RequestFailed(total, ReasonFor(status.code()));
     }
   }
-  if (request->done) request->done(status, timings);
+  if (request->done) request->done(*request, status, timings);
 }
 
 }  // namespace dilattn::server

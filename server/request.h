@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "kernels/attention/attention.h"
+#include "kernels/memory/buffer_pool.h"
 #include "server/operator_options.h"
 
 namespace dilattn::server {
@@ -39,8 +40,9 @@ struct InferenceRequest {
   size_t tensor_bytes = 0;
 
   absl::string_view q, k, v;
-  std::string owned[3];  // Q, K, V bytes when they came as typed contents instead of raw bytes
-  std::string* output = nullptr;  // the response's raw output, sized and filled by the engine
+  memory::Buffer input;  // Q, K, V side by side, leased from the engine's staging pool
+  std::string owned[3];  // or Q, K, V on the heap (typed contents, or the pool was full)
+  memory::Buffer output;  // O, leased and filled by the engine; tensor_bytes long
 
   int priority = 1;  // 1 is served first
   absl::Time arrival;   // the handler received the message (before parsing it)
@@ -51,7 +53,9 @@ struct InferenceRequest {
 
   // Called exactly once, with OK after the output is written or with the reason it never will
   // be. Runs on a scheduler or engine thread, or on the handler's thread for rejections.
-  absl::AnyInvocable<void(const absl::Status&, const RequestTimings&)> done;
+  absl::AnyInvocable<void(InferenceRequest& request, const absl::Status& status,
+                          const RequestTimings& timings)>
+      done;
 
   int64_t tokens() const { return batch * seq_len; }
 };

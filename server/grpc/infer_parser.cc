@@ -45,8 +45,8 @@ const char* DatatypeName(attention::DType dtype) {
 }
 
 absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
-    const ModelInferRequest& req, const ModelRegistry& registry, absl::Time arrival,
-    absl::Time rpc_deadline, inference::ModelInferResponse* response) {
+    const ModelInferRequest& req, const RequestBytes& raw, const ModelRegistry& registry,
+    absl::Time arrival, absl::Time rpc_deadline, inference::ModelInferResponse* response) {
   absl::StatusOr<Model*> found = registry.Find(req.model_name(), req.model_version());
   if (!found.ok()) return found.status();
   Model* model = *found;
@@ -141,21 +141,21 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   }
   r->tensor_bytes = static_cast<size_t>(bytes);
 
-  // Data: raw_input_contents (what tritonclient sends), or typed fp32 contents.
+  // Data: raw_input_contents (what tritonclient sends), or typed fp32 contents. Sizes are all
+  // checked before anything is allocated.
   absl::string_view* views[3] = {&r->q, &r->k, &r->v};
-  if (req.raw_input_contents_size() > 0) {
-    if (req.raw_input_contents_size() != req.inputs_size()) {
+  if (raw.raw_count() > 0) {
+    if (raw.raw_count() != static_cast<size_t>(req.inputs_size())) {
       return Invalid(absl::StrCat("request has ", req.inputs_size(), " inputs but ",
-                                  req.raw_input_contents_size(), " raw_input_contents"));
+                                  raw.raw_count(), " raw_input_contents"));
     }
     for (int i = 0; i < 3; ++i) {
-      const std::string& raw = req.raw_input_contents(index_of[i]);
-      if (raw.size() != r->tensor_bytes) {
-        return Invalid(absl::StrCat("input '", kNames[i], "' has ", raw.size(),
+      const size_t size = raw.raw_size(static_cast<size_t>(index_of[i]));
+      if (size != r->tensor_bytes) {
+        return Invalid(absl::StrCat("input '", kNames[i], "' has ", size,
                                     " bytes of data but shape ", ShapeText(shape), " of ",
                                     by_name[0]->datatype(), " needs ", r->tensor_bytes));
       }
-      *views[i] = raw;
     }
   } else {
     for (int i = 0; i < 3; ++i) {
@@ -167,8 +167,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
             " fp32_contents values but shape ", ShapeText(shape), " of ", by_name[0]->datatype(),
             " needs ", r->tensor_bytes, " bytes; send tensors in raw_input_contents"));
       }
-      r->owned[i].resize(r->tensor_bytes);
-      std::memcpy(r->owned[i].data(), contents.data(), r->tensor_bytes);
+      r->owned[i].assign(reinterpret_cast<const char*>(contents.data()), r->tensor_bytes);
       *views[i] = r->owned[i];
     }
   }
@@ -236,6 +235,24 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   // The operator's own validation and the engine's support check: the same selector the
   // execution uses, so nothing accepted here can be refused later for its configuration.
   if (absl::Status s = model->engine().Supports(*r); !s.ok()) return s;
+
+  if (raw.raw_count() > 0) {
+    // One copy, from gRPC's buffers into staging memory (pinned on a GPU server). A full pool
+    // does not hold the request up: the heap takes it instead.
+    absl::StatusOr<memory::Buffer> lease = model->engine().staging_pool().Acquire(3 * r->tensor_bytes);
+    for (int i = 0; i < 3; ++i) {
+      char* dst;
+      if (lease.ok()) {
+        dst = static_cast<char*>(lease->data()) + i * r->tensor_bytes;
+      } else {
+        r->owned[i].resize(r->tensor_bytes);
+        dst = r->owned[i].data();
+      }
+      raw.CopyRaw(static_cast<size_t>(index_of[i]), dst);
+      *views[i] = absl::string_view(dst, r->tensor_bytes);
+    }
+    if (lease.ok()) r->input = *std::move(lease);
+  }
   r->batch_key = absl::StrCat(OperatorKey(r->options), "|", DatatypeName(r->dtype), "|",
                               r->heads, "|", r->head_dim);
 
@@ -247,7 +264,6 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   out->set_name("O");
   out->set_datatype(DatatypeName(r->dtype));
   for (int64_t d : shape) out->add_shape(d);
-  r->output = response->add_raw_output_contents();
   return r;
 }
 

@@ -10,16 +10,19 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "inference/grpc_service.pb.h"
+#include "server/grpc/wire.h"
 #include "server/model_registry.h"
 #include "server/request.h"
 
 namespace dilattn::server {
 
-// `response` receives the header (model, version, id, output metadata) and an empty raw output
-// that the engine fills; both it and `request` must outlive the returned request's completion.
+// `request` is the message without its raw tensors, which `raw` holds; they are copied once, into
+// a lease from `staging` (or the heap when it is full). `response` receives the header (model,
+// version, id, output metadata); the engine's output lease is appended when the request completes.
 absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
-    const inference::ModelInferRequest& request, const ModelRegistry& registry,
-    absl::Time arrival, absl::Time rpc_deadline, inference::ModelInferResponse* response);
+    const inference::ModelInferRequest& request, const RequestBytes& raw,
+    const ModelRegistry& registry, absl::Time arrival, absl::Time rpc_deadline,
+    inference::ModelInferResponse* response);
 
 const char* DatatypeName(attention::DType dtype);
 

@@ -7,9 +7,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "grpcpp/support/proto_buffer_reader.h"
 #include "grpcpp/support/proto_buffer_writer.h"
 #include "server/grpc/infer_parser.h"
+#include "server/grpc/wire.h"
 
 namespace dilattn::server {
 namespace {
@@ -26,17 +26,6 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* ctx, const absl::St
   return reactor;
 }
 
-// Parses a request message; INVALID_ARGUMENT when the bytes are not one.
-absl::Status ParseMessage(const grpc::ByteBuffer& bytes, google::protobuf::Message* out) {
-  grpc::ByteBuffer copy(bytes);  // shares the slices; the reader consumes its own buffer
-  grpc::ProtoBufferReader reader(&copy);
-  if (!out->ParseFromZeroCopyStream(&reader)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "request is not a valid ", out->GetTypeName(), " (malformed or truncated protobuf)"));
-  }
-  return absl::OkStatus();
-}
-
 absl::Status SerializeMessage(const google::protobuf::Message& message, grpc::ByteBuffer* out) {
   bool own = false;
   grpc::ByteBuffer bytes;
@@ -49,8 +38,9 @@ absl::Status SerializeMessage(const google::protobuf::Message& message, grpc::By
   return absl::OkStatus();
 }
 
-// A unary ModelInfer: owns the parsed request (the engine reads its tensors in place) and the
-// response, serialized when the engine (or the scheduler) completes the request.
+// A unary ModelInfer: owns the message's small fields (the engine reads the tensors from the
+// request's staging lease) and the response header; the output lease is appended, without a
+// copy, when the engine (or the scheduler) completes the request.
 class InferReactor final : public grpc::ServerUnaryReactor {
  public:
   explicit InferReactor(grpc::ByteBuffer* out) : out_(out) {}
@@ -59,10 +49,10 @@ class InferReactor final : public grpc::ServerUnaryReactor {
   inference::ModelInferResponse response;
   std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
 
-  void Complete(const absl::Status& status) {
-    absl::Status s = status;
-    if (s.ok()) s = SerializeMessage(response, out_);
-    Finish(ToGrpcStatus(s));
+  void Complete(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  void Complete(InferenceRequest& r, const absl::Status& status) {
+    if (status.ok()) *out_ = InferResponseBytes(response, std::move(r.output), r.tensor_bytes);
+    Finish(ToGrpcStatus(status));
   }
   void OnCancel() override { cancelled->store(true); }
   void OnDone() override { delete this; }
@@ -94,14 +84,15 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       return;
     }
     auto item = std::make_unique<Item>();
-    const absl::Status message = ParseMessage(incoming_, &item->request);
+    const absl::Time arrival = absl::Now();
+    absl::StatusOr<RequestBytes> raw = RequestBytes::Split(incoming_, &item->request);
     incoming_.Clear();
     StartRead(&incoming_);
     inference::ModelInferResponse* response = item->response.mutable_infer_response();
     absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
-        message.ok() ? ParseInferRequest(item->request, *registry_, absl::Now(),
-                                         RpcDeadline(*ctx_), response)
-                     : absl::StatusOr<std::unique_ptr<InferenceRequest>>(message);
+        raw.ok() ? ParseInferRequest(item->request, *raw, *registry_, arrival, RpcDeadline(*ctx_),
+                                     response)
+                 : absl::StatusOr<std::unique_ptr<InferenceRequest>>(raw.status());
     if (!parsed.ok()) {
       SetError(item.get(), parsed.status());
       Write(item.release());
@@ -113,8 +104,13 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     }
     InferenceRequest& r = **parsed;
     r.cancelled = cancelled_;
-    r.done = [this, item = item.release()](const absl::Status& s, const RequestTimings&) {
-      if (!s.ok()) SetError(item, s);
+    r.done = [this, item = item.release()](InferenceRequest& req, const absl::Status& s,
+                                           const RequestTimings&) {
+      if (s.ok()) {
+        item->bytes = StreamResponseBytes(item->response, std::move(req.output), req.tensor_bytes);
+      } else {
+        SetError(item, s);
+      }
       {
         absl::MutexLock lock(&mu_);
         --pending_;
@@ -153,7 +149,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   struct Item {
     ModelInferRequest request;
     ModelStreamInferResponse response;
-    grpc::ByteBuffer bytes;  // the serialized response while it is written
+    grpc::ByteBuffer bytes;  // the serialized response while it is written (empty until set)
   };
 
   static void SetError(Item* item, const absl::Status& s) {
@@ -167,9 +163,11 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   }
 
   void Write(Item* item) {
-    if (absl::Status s = SerializeMessage(item->response, &item->bytes); !s.ok()) {
-      SetError(item, s);
-      (void)SerializeMessage(item->response, &item->bytes);
+    if (item->bytes.Length() == 0) {  // an error response: no output to append
+      if (absl::Status s = SerializeMessage(item->response, &item->bytes); !s.ok()) {
+        SetError(item, s);
+        (void)SerializeMessage(item->response, &item->bytes);
+      }
     }
     bool start;
     {
@@ -327,19 +325,22 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
                                                        grpc::ByteBuffer* response) {
   const absl::Time arrival = absl::Now();
   auto* reactor = new InferReactor(response);
-  if (absl::Status s = ParseMessage(*request, &reactor->request); !s.ok()) {
-    reactor->Complete(s);
+  absl::StatusOr<RequestBytes> raw = RequestBytes::Split(*request, &reactor->request);
+  if (!raw.ok()) {
+    reactor->Complete(raw.status());
     return reactor;
   }
   absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed = ParseInferRequest(
-      reactor->request, *registry_, arrival, RpcDeadline(*ctx), &reactor->response);
+      reactor->request, *raw, *registry_, arrival, RpcDeadline(*ctx), &reactor->response);
   if (!parsed.ok()) {
     reactor->Complete(parsed.status());
     return reactor;
   }
   InferenceRequest& r = **parsed;
   r.cancelled = reactor->cancelled;
-  r.done = [reactor](const absl::Status& s, const RequestTimings&) { reactor->Complete(s); };
+  r.done = [reactor](InferenceRequest& req, const absl::Status& s, const RequestTimings&) {
+    reactor->Complete(req, s);
+  };
   Model* model = r.model;
   model->scheduler().Enqueue(*std::move(parsed));
   return reactor;

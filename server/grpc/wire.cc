@@ -1,0 +1,179 @@
+#include "server/grpc/wire.h"
+
+#include <cstring>
+#include <utility>
+
+namespace dilattn::server {
+namespace {
+
+constexpr int kRawInputContentsField = 7;    // ModelInferRequest.raw_input_contents
+constexpr int kRawOutputContentsField = 6;   // ModelInferResponse.raw_output_contents
+constexpr int kInferResponseField = 2;       // ModelStreamInferResponse.infer_response
+constexpr int kLengthDelimited = 2;
+
+void AppendVarint(std::string* out, uint64_t v) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>(v | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+
+// Reads across the slices of a received message.
+class Cursor {
+ public:
+  explicit Cursor(const std::vector<grpc::Slice>& slices) : slices_(slices) { Settle(); }
+
+  bool done() const { return index_ == slices_.size(); }
+  size_t index() const { return index_; }
+  size_t offset() const { return offset_; }
+
+  bool Byte(uint8_t* b) {
+    if (done()) return false;
+    *b = slices_[index_].begin()[offset_++];
+    Settle();
+    return true;
+  }
+  bool Varint(uint64_t* v) {
+    *v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      uint8_t b;
+      if (!Byte(&b)) return false;
+      *v |= static_cast<uint64_t>(b & 0x7f) << shift;
+      if ((b & 0x80) == 0) return true;
+    }
+    return false;
+  }
+  // Advances n bytes, appending them to `out` unless it is null.
+  bool Take(size_t n, std::string* out) {
+    while (n > 0) {
+      if (done()) return false;
+      const size_t here = std::min(n, slices_[index_].size() - offset_);
+      if (out != nullptr) {
+        out->append(reinterpret_cast<const char*>(slices_[index_].begin()) + offset_, here);
+      }
+      offset_ += here;
+      n -= here;
+      Settle();
+    }
+    return true;
+  }
+
+ private:
+  void Settle() {
+    while (index_ < slices_.size() && offset_ == slices_[index_].size()) {
+      ++index_;
+      offset_ = 0;
+    }
+  }
+  const std::vector<grpc::Slice>& slices_;
+  size_t index_ = 0;
+  size_t offset_ = 0;
+};
+
+// Owns an output lease until gRPC lets go of the slice that points into it.
+void ReleaseLease(void* lease) { delete static_cast<memory::Buffer*>(lease); }
+
+grpc::ByteBuffer WithOutput(std::string prefix, memory::Buffer output, size_t bytes) {
+  grpc::Slice head(prefix);
+  if (bytes == 0) return grpc::ByteBuffer(&head, 1);
+  void* data = output.data();
+  auto* owner = new memory::Buffer(std::move(output));
+  grpc::Slice body(data, bytes, &ReleaseLease, owner);
+  grpc::Slice parts[2] = {std::move(head), std::move(body)};
+  return grpc::ByteBuffer(parts, 2);
+}
+
+}  // namespace
+
+absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message,
+                                                 inference::ModelInferRequest* header) {
+  RequestBytes r;
+  if (!message.Dump(&r.slices_).ok()) {
+    return absl::InvalidArgumentError("request message could not be read");
+  }
+  const absl::Status malformed = absl::InvalidArgumentError(
+      "request is not a valid inference.ModelInferRequest (malformed or truncated protobuf)");
+  std::string small;
+  Cursor c(r.slices_);
+  while (!c.done()) {
+    uint64_t tag;
+    if (!c.Varint(&tag) || (tag >> 3) == 0) return malformed;
+    const uint64_t field = tag >> 3;
+    const int wire = static_cast<int>(tag & 7);
+    if (field == kRawInputContentsField && wire == kLengthDelimited) {
+      uint64_t length;
+      if (!c.Varint(&length)) return malformed;
+      const Field f{c.index(), c.offset(), static_cast<size_t>(length)};
+      if (!c.Take(static_cast<size_t>(length), nullptr)) return malformed;
+      r.raw_.push_back(f);
+      continue;
+    }
+    AppendVarint(&small, tag);
+    switch (wire) {
+      case 0: {
+        uint64_t v;
+        if (!c.Varint(&v)) return malformed;
+        AppendVarint(&small, v);
+        break;
+      }
+      case 1:
+        if (!c.Take(8, &small)) return malformed;
+        break;
+      case 2: {
+        uint64_t length;
+        if (!c.Varint(&length)) return malformed;
+        AppendVarint(&small, length);
+        if (!c.Take(static_cast<size_t>(length), &small)) return malformed;
+        break;
+      }
+      case 5:
+        if (!c.Take(4, &small)) return malformed;
+        break;
+      default:
+        return malformed;  // groups do not exist in proto3 messages
+    }
+  }
+  if (!header->ParseFromString(small)) return malformed;
+  return r;
+}
+
+void RequestBytes::CopyRaw(size_t i, void* dst) const {
+  const Field& f = raw_[i];
+  auto* out = static_cast<unsigned char*>(dst);
+  size_t index = f.slice;
+  size_t offset = f.offset;
+  size_t left = f.length;
+  while (left > 0) {
+    const size_t here = std::min(left, slices_[index].size() - offset);
+    std::memcpy(out, slices_[index].begin() + offset, here);
+    out += here;
+    left -= here;
+    ++index;
+    offset = 0;
+  }
+}
+
+grpc::ByteBuffer InferResponseBytes(const inference::ModelInferResponse& header,
+                                    memory::Buffer output, size_t bytes) {
+  std::string prefix = header.SerializeAsString();
+  AppendVarint(&prefix, (kRawOutputContentsField << 3) | kLengthDelimited);
+  AppendVarint(&prefix, bytes);
+  return WithOutput(std::move(prefix), std::move(output), bytes);
+}
+
+grpc::ByteBuffer StreamResponseBytes(const inference::ModelStreamInferResponse& header,
+                                     memory::Buffer output, size_t bytes) {
+  inference::ModelStreamInferResponse outer = header;
+  outer.clear_infer_response();
+  std::string prefix = outer.SerializeAsString();
+  std::string inner = header.infer_response().SerializeAsString();
+  AppendVarint(&inner, (kRawOutputContentsField << 3) | kLengthDelimited);
+  AppendVarint(&inner, bytes);
+  AppendVarint(&prefix, (kInferResponseField << 3) | kLengthDelimited);
+  AppendVarint(&prefix, inner.size() + bytes);
+  prefix += inner;
+  return WithOutput(std::move(prefix), std::move(output), bytes);
+}
+
+}  // namespace dilattn::server
