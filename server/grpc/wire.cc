@@ -1,6 +1,8 @@
 #include "server/grpc/wire.h"
 
+#include <algorithm>
 #include <cstring>
+#include <thread>
 #include <utility>
 
 namespace dilattn::server {
@@ -10,6 +12,8 @@ constexpr int kRawInputContentsField = 7;    // ModelInferRequest.raw_input_cont
 constexpr int kRawOutputContentsField = 6;   // ModelInferResponse.raw_output_contents
 constexpr int kInferResponseField = 2;       // ModelStreamInferResponse.infer_response
 constexpr int kLengthDelimited = 2;
+constexpr size_t kMaxCopyThreads = 8;
+constexpr size_t kBytesPerCopyThread = size_t{32} << 20;
 
 void AppendVarint(std::string* out, uint64_t v) {
   while (v >= 0x80) {
@@ -139,19 +143,43 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
 }
 
 void RequestBytes::CopyRaw(size_t i, void* dst) const {
+  struct Piece {
+    const unsigned char* src;
+    unsigned char* dst;
+    size_t bytes;
+  };
   const Field& f = raw_[i];
+  std::vector<Piece> pieces;
   auto* out = static_cast<unsigned char*>(dst);
   size_t index = f.slice;
   size_t offset = f.offset;
   size_t left = f.length;
   while (left > 0) {
     const size_t here = std::min(left, slices_[index].size() - offset);
-    std::memcpy(out, slices_[index].begin() + offset, here);
+    pieces.push_back({slices_[index].begin() + offset, out, here});
     out += here;
     left -= here;
     ++index;
     offset = 0;
   }
+  auto copy = [&](size_t begin, size_t end) {
+    for (size_t p = begin; p < end; ++p) std::memcpy(pieces[p].dst, pieces[p].src, pieces[p].bytes);
+  };
+  // One thread copies at a fraction of memory bandwidth: tensors of hundreds of megabytes are
+  // spread over a few threads, by runs of whole slices.
+  const size_t threads =
+      std::min<size_t>(kMaxCopyThreads, f.length / kBytesPerCopyThread + 1);
+  if (threads <= 1 || pieces.size() < threads) {
+    copy(0, pieces.size());
+    return;
+  }
+  std::vector<std::thread> workers;
+  const size_t per = (pieces.size() + threads - 1) / threads;
+  for (size_t t = 1; t < threads; ++t) {
+    workers.emplace_back(copy, std::min(pieces.size(), t * per), std::min(pieces.size(), (t + 1) * per));
+  }
+  copy(0, std::min(pieces.size(), per));
+  for (std::thread& w : workers) w.join();
 }
 
 grpc::ByteBuffer InferResponseBytes(const inference::ModelInferResponse& header,
