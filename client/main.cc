@@ -149,15 +149,24 @@ int Metadata(Client& c, const Flags& f, bool model_given) {
   return 0;
 }
 
+// Random Q, K, V of the flags' shape and dtype, and the request options they go with.
+struct Inputs {
+  Tensor q, k, v;
+  InferOptions options;
+};
+Inputs MakeInputs(const Flags& f) {
+  Inputs in{dilattn::client::RandomTensor(f.dtype, f.shape, 1),
+            dilattn::client::RandomTensor(f.dtype, f.shape, 2),
+            dilattn::client::RandomTensor(f.dtype, f.shape, 3), {}};
+  in.options.model = f.model;
+  in.options.parameters = f.params;
+  return in;
+}
+
 int InferOnce(Client& c, const Flags& f) {
-  const Tensor q = dilattn::client::RandomTensor(f.dtype, f.shape, 1);
-  const Tensor k = dilattn::client::RandomTensor(f.dtype, f.shape, 2);
-  const Tensor v = dilattn::client::RandomTensor(f.dtype, f.shape, 3);
-  InferOptions o;
-  o.model = f.model;
-  o.parameters = f.params;
+  const Inputs in = MakeInputs(f);
   const absl::Time start = absl::Now();
-  absl::StatusOr<Tensor> out = c.Infer(o, q, k, v);
+  absl::StatusOr<Tensor> out = c.Infer(in.options, in.q, in.k, in.v);
   const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
   if (!out.ok()) {
     std::cerr << "infer failed: " << out.status() << "\n";
@@ -174,13 +183,9 @@ int InferOnce(Client& c, const Flags& f) {
 }
 
 int Bench(const Flags& f) {
-  const Tensor q = dilattn::client::RandomTensor(f.dtype, f.shape, 1);
-  const Tensor k = dilattn::client::RandomTensor(f.dtype, f.shape, 2);
-  const Tensor v = dilattn::client::RandomTensor(f.dtype, f.shape, 3);
-  InferOptions o;
-  o.model = f.model;
-  o.parameters = f.params;
-  const inference::ModelInferRequest request = dilattn::client::MakeInferRequest(o, q, k, v);
+  const Inputs in = MakeInputs(f);
+  const inference::ModelInferRequest request =
+      dilattn::client::MakeInferRequest(in.options, in.q, in.k, in.v);
 
   std::mutex mu;
   std::vector<double> latencies_ms;

@@ -172,8 +172,9 @@ absl::Status CheckOperator(const ModelSpec& spec, absl::string_view source) {
   return absl::OkStatus();
 }
 
-constexpr const char* kDilatedConfig = R"pb(
-name: "dilated_attention"
+// What the built-in models share: FP32-declared tensors of any [N, H, D] (all three dtypes are
+// accepted), batches of up to 64 sequences formed whenever the engine is busy.
+constexpr const char* kBuiltInCommon = R"pb(
 backend: "dilattn"
 max_batch_size: 64
 input { name: "Q" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
@@ -184,6 +185,10 @@ dynamic_batching {
   max_queue_delay_microseconds: 0
   default_queue_policy { max_queue_size: 4096 }
 }
+)pb";
+
+constexpr const char* kDilatedConfig = R"pb(
+name: "dilated_attention"
 parameters { key: "operator" value { string_value: "dilated_attention" } }
 parameters { key: "mode" value { string_value: "longnet" } }
 parameters { key: "segment_lengths" value { string_value: "2048,4096,8192,16384,32768" } }
@@ -193,16 +198,6 @@ parameters { key: "causal" value { string_value: "false" } }
 
 constexpr const char* kHeadGroupsConfig = R"pb(
 name: "dilated_attention_head_groups"
-backend: "dilattn"
-max_batch_size: 64
-input { name: "Q" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-input { name: "K" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-input { name: "V" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-output { name: "O" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-dynamic_batching {
-  max_queue_delay_microseconds: 0
-  default_queue_policy { max_queue_size: 4096 }
-}
 parameters { key: "operator" value { string_value: "dilated_attention" } }
 parameters { key: "mode" value { string_value: "head_groups" } }
 parameters { key: "segment_lengths" value { string_value: "2048,4096,8192" } }
@@ -212,16 +207,6 @@ parameters { key: "causal" value { string_value: "false" } }
 
 constexpr const char* kBlockSparseConfig = R"pb(
 name: "block_sparse_attention"
-backend: "dilattn"
-max_batch_size: 64
-input { name: "Q" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-input { name: "K" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-input { name: "V" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-output { name: "O" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
-dynamic_batching {
-  max_queue_delay_microseconds: 0
-  default_queue_policy { max_queue_size: 4096 }
-}
 parameters { key: "operator" value { string_value: "block_sparse" } }
 parameters { key: "block_size" value { string_value: "64" } }
 parameters { key: "pattern" value { string_value: "local_window" } }
@@ -319,7 +304,8 @@ absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& di
 std::vector<ModelSpec> DefaultModels() {
   std::vector<ModelSpec> specs;
   for (const char* text : {kDilatedConfig, kHeadGroupsConfig, kBlockSparseConfig}) {
-    absl::StatusOr<ModelSpec> spec = ParseModelConfig(text, "built-in config", "");
+    absl::StatusOr<ModelSpec> spec =
+        ParseModelConfig(absl::StrCat(kBuiltInCommon, text), "built-in config", "");
     // The built-in configs are tested; a failure here is a programming error caught by tests.
     if (spec.ok()) specs.push_back(*std::move(spec));
   }
