@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# Packs binaries built here, their shared libraries (all but glibc and the C++ runtime, which the
-# GPU machine has in newer versions) and the conformance data into .device/ (git-ignored), for
-# the lent GPU machine, which has no gRPC or Abseil of its own.
-#   scripts/device_bundle.sh BINARY...
+# Packs what the lent GPU machine needs into .device/ (git-ignored; pass `carry: [".device"]`):
+# binaries built here with their shared libraries (all but glibc and the C++ runtime, which that
+# machine has in newer versions), the conformance data, and with --e2e the end-to-end tools
+# (perf_analyzer, Prometheus and promtool xz-compressed, tritonclient wheels for Python 3.12).
+#   scripts/device_bundle.sh [--e2e] BINARY...
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out="$root/.device"
+e2e=0
+if [[ ${1:-} == --e2e ]]; then
+  e2e=1
+  shift
+fi
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
 for bin in "$@"; do
@@ -18,4 +24,14 @@ for bin in "$@"; do
   done
 done
 cp -r "$root/../shared/conformance" "$out/conformance"
+if [[ $e2e == 1 ]]; then
+  mkdir -p "$out/perf_analyzer/bin" "$out/perf_analyzer/lib" "$out/tools" "$out/wheels"
+  cp "$root"/third_party/perf_analyzer/lib/* "$out/perf_analyzer/lib/"
+  cp -L "$(ldconfig -p | awk '/libb64.so.0d/ {print $NF; exit}')" "$out/perf_analyzer/lib/"
+  xz -T0 -6 -c "$root/third_party/perf_analyzer/bin/perf_analyzer" > "$out/perf_analyzer/bin/perf_analyzer.xz"
+  for t in prometheus promtool; do xz -T0 -6 -c "$(command -v $t)" > "$out/tools/$t.xz"; done
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 -d "$out/wheels" \
+    tritonclient==2.73.0 python-rapidjson==1.25
+fi
 du -sh "$out"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, after
+#   scripts/device_bundle.sh --e2e build/tests/kernel_tests build/bench/cuda_attention_bench \
+#     build/server/dilattn-server
+# ran here: kernel tests, compute-sanitizer, the end-to-end suite on the GPU backend, and the
+# server-side overhead table. Logs go to $OUT.
+set -uo pipefail
+out=${OUT:-/tmp}
+export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+export DILATTN_CONFORMANCE_DIR="$PWD/.device/conformance"
+mkdir -p /tmp/tools
+for t in prometheus promtool; do xz -dc ".device/tools/$t.xz" > "/tmp/tools/$t"; chmod +x "/tmp/tools/$t"; done
+xz -dkf .device/perf_analyzer/bin/perf_analyzer.xz && chmod +x .device/perf_analyzer/bin/perf_analyzer
+export PATH="/tmp/tools:$PATH"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl
+export PYTHONPATH=/tmp/site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+./.device/bin/kernel_tests --gtest_brief=1 2>&1 | tail -1
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 9 ./.device/bin/kernel_tests \
+    --gtest_filter='FusedForward.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
+  echo "compute-sanitizer $tool: exit $?; $(grep -h 'SUMMARY' "$out/sanitizer_$tool.log")"
+done
+DILATTN_E2E_DEVICE=cuda DILATTN_SERVER_BIN="$PWD/.device/bin/dilattn-server" \
+DILATTN_PERF_ANALYZER_HOME="$PWD/.device/perf_analyzer" DILATTN_E2E_RESULTS="$out/e2e" \
+  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tail -3
+python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 2>&1 | tail -4
