@@ -31,6 +31,12 @@ inline constexpr int kBlockN = 64;
 #ifndef DILATTN_FUSED_MTILES
 #define DILATTN_FUSED_MTILES 2
 #endif
+#ifndef DILATTN_FUSED_MIN_BLOCKS
+#define DILATTN_FUSED_MIN_BLOCKS 0  // 0: as the warp layout implies
+#endif
+#ifndef DILATTN_FUSED_Q_IN_REGISTERS
+#define DILATTN_FUSED_Q_IN_REGISTERS 1
+#endif
 
 template <typename T>
 struct MmaType;
@@ -113,12 +119,14 @@ struct FusedForwardKernel {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMTiles = D <= 128 ? DILATTN_FUSED_MTILES : 1;
   // Eight single-tile warps must fit twice per SM to keep enough warps resident.
-  static constexpr int kMinBlocks = kWarps == 8 && kMTiles == 1 ? 2 : 1;
+  static constexpr int kMinBlocks = DILATTN_FUSED_MIN_BLOCKS > 0 && D <= 64
+                                        ? DILATTN_FUSED_MIN_BLOCKS
+                                        : (kWarps == 8 && kMTiles == 1 ? 2 : 1);
   static constexpr int kBlockM = kWarps * 16 * kMTiles;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kDTiles = D / 8;  // 8-wide output column tiles
   static constexpr int kKSteps = D / 16;
-  static constexpr bool kQInRegisters = D <= 64;
+  static constexpr bool kQInRegisters = D <= 64 && DILATTN_FUSED_Q_IN_REGISTERS;
   // K/V tiles in flight: loads of a tile have kStages - 1 tiles of compute to arrive.
   static constexpr int kStages = D <= 64 ? 3 : 2;
   static constexpr int kSmemElements = kBlockM * D + 2 * kStages * kBlockN * D;  // Q, K[], V[]
