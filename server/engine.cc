@@ -29,6 +29,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   absl::StatusOr<std::unique_ptr<Executor>> executor =
       cuda_device >= 0 ? CreateCudaExecutor(options.executor, cuda_device)
                        : CreateCpuExecutor(options.executor);
+  if (!executor.ok() && d == "auto" && cuda_device >= 0) {
+    // "auto" means the best device that works: a GPU the kernels cannot use leaves the CPU.
+    LogWarning("GPU %d unusable (%s); serving on the CPU", cuda_device,
+               executor.status().ToString());
+    executor = CreateCpuExecutor(options.executor);
+  }
   if (!executor.ok()) return executor.status();
   e->executor_ = *std::move(executor);
   e->thread_ = std::thread([engine = e.get()] { engine->Loop(); });
