@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -43,8 +44,9 @@ Layout WorkspaceLayout(const AttentionPlan& plan, int64_t tiles) {
 
 class CudaBackend final : public AttentionBackend {
  public:
-  CudaBackend(int device, cudaStream_t stream, std::string name)
-      : device_(device), stream_(stream), name_(std::move(name)) {}
+  CudaBackend(int device, cudaStream_t stream, int major, bool force_mma, std::string name)
+      : device_(device), stream_(stream), major_(major), force_mma_(force_mma),
+        name_(std::move(name)) {}
   ~CudaBackend() override {
     if (upload_done_ != nullptr) {
       cudaEventSynchronize(upload_done_);
@@ -137,6 +139,8 @@ class CudaBackend final : public AttentionBackend {
     params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset);
     params.num_tiles = static_cast<int64_t>(tiles_.size());
     params.scale_log2 = plan.params.scale * 1.4426950408889634f;
+    params.variant = force_mma_ ? cuda::FusedVariant::kMmaSync
+                                : cuda::SelectFusedVariant(major_, plan.params.head_dim);
     return CudaStatus(static_cast<cudaError_t>(cuda::LaunchFusedForward(params, stream_)),
                       "fused forward launch");
   }
@@ -163,6 +167,8 @@ class CudaBackend final : public AttentionBackend {
 
   int device_;
   cudaStream_t stream_;
+  int major_;
+  bool force_mma_;  // DILATTN_CUDA_KERNEL=mma: the mma.sync variant everywhere (comparisons)
   std::string name_;
   std::vector<GpuTile> tiles_;
   std::string tiles_fingerprint_;
@@ -194,9 +200,11 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(
         "CUDA device ", options.device, " (", prop.name, ") is sm_", prop.major, prop.minor,
         "; the kernels need sm_80 or newer"));
   }
+  const char* kernel = std::getenv("DILATTN_CUDA_KERNEL");
+  const bool force_mma = kernel != nullptr && std::string(kernel) == "mma";
   return std::unique_ptr<AttentionBackend>(
-      new CudaBackend(options.device, static_cast<cudaStream_t>(options.stream),
-                      absl::StrCat("cuda-sm", prop.major, prop.minor)));
+      new CudaBackend(options.device, static_cast<cudaStream_t>(options.stream), prop.major,
+                      force_mma, absl::StrCat("cuda-sm", prop.major, prop.minor)));
 }
 
 }  // namespace dilattn::attention

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/attention/cuda/fused_forward.cuh"
+#include "kernels/attention/cuda/fused_forward_sm90.cuh"
 #include "kernels/attention/cuda/launch.h"
 
 namespace dilattn::attention::cuda {
@@ -23,6 +24,14 @@ DILATTN_DECLARE(64)
 DILATTN_DECLARE(128)
 DILATTN_DECLARE(256)
 #undef DILATTN_DECLARE
+template <typename T>
+int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream);
+extern template int LaunchHopperForward<__half>(const FusedForwardParams&, cudaStream_t);
+extern template int LaunchHopperForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
+
+FusedVariant SelectFusedVariant(int major, int head_dim) {
+  return major == 9 && head_dim == 64 ? FusedVariant::kWgmma : FusedVariant::kMmaSync;
+}
 
 bool FusedForwardSupportsHeadDim(int head_dim) {
   return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 ||
@@ -33,6 +42,11 @@ int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
   const bool bf16 = params.attn.dtype == DType::kBFloat16;
   if (params.attn.dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  if (params.variant == FusedVariant::kWgmma) {
+    if (params.attn.head_dim != 64) return cudaErrorInvalidValue;
+    return bf16 ? LaunchHopperForward<__nv_bfloat16>(params, stream)
+                : LaunchHopperForward<__half>(params, stream);
+  }
   switch (params.attn.head_dim) {
     case 16:
       return bf16 ? LaunchFusedForwardFor<16, __nv_bfloat16>(params, stream)

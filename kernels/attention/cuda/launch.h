@@ -10,6 +10,9 @@ namespace dilattn::attention::cuda {
 // Head dims with a compiled kernel.
 bool FusedForwardSupportsHeadDim(int head_dim);
 
+// The variant for a device of compute capability `major` and a head dim: the one selector.
+FusedVariant SelectFusedVariant(int major, int head_dim);
+
 // Rows per tile the kernel for this head dim expects in the tile list.
 constexpr int FusedBlockM(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 
