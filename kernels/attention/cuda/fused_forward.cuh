@@ -2,9 +2,9 @@
 
 // The fused dilated-attention forward kernel (tensor cores through mma.sync m16n8k16, sm_80 and
 // newer). One CTA per tile of the work list (gpu_tiles.h): up to kBlockM (128, or 64 for
-// D = 256) evenly spaced query rows of one (sequence, head) that share one key set. The CTA walks the key spans of every branch the
-// tile's rows take part in, 64 keys at a time, with one online softmax across all of them, so
-// longnet's union-of-keys softmax needs no merge pass. Dilated rows are gathered straight from
+// D = 256) evenly spaced query rows of one (sequence, head) that share one key set. The CTA
+// walks the key spans of every branch the tile's rows take part in, 64 keys at a time, with one
+// online softmax across all of them, so longnet's union-of-keys softmax needs no merge pass. Dilated rows are gathered straight from
 // the (tokens, H, D) tensors with cp.async; K/V tiles stream through a kStages-deep ring in
 // shared memory.
 //
@@ -111,6 +111,175 @@ __device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
   return row * D + ((chunk ^ x) << 3);
 }
 
+// The key spans of one tile, in shared memory: one per branch the tile's rows take part in,
+// clipped to the last query when causal (later keys are masked for every row), with the running
+// count of 64-key tiles.
+struct KeySpans {
+  int64_t first[kMaxBranches];
+  int64_t rate[kMaxBranches];
+  int64_t count[kMaxBranches];
+  int tiles_end[kMaxBranches];
+  int num;
+  __device__ int total_tiles() const { return num > 0 ? tiles_end[num - 1] : 0; }
+};
+
+// One thread fills the table.
+__device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, int head,
+                                             int64_t seq_len, int64_t q_first, int64_t q_last,
+                                             KeySpans* spans) {
+  int n = 0;
+  int tiles = 0;
+  for (int b = 0; b < p.num_branches; ++b) {
+    int64_t first = 0, count = 0;
+    if (!BranchKeySpan(p, b, head, seq_len, q_first, &first, &count)) continue;
+    const int64_t rate = p.dilation_rate[b];
+    if (p.causal) {
+      if (first > q_last) continue;
+      const int64_t visible = (q_last - first) / rate + 1;
+      count = count < visible ? count : visible;
+    }
+    spans->first[n] = first;
+    spans->rate[n] = rate;
+    spans->count[n] = count;
+    tiles += static_cast<int>((count + kBlockN - 1) / kBlockN);
+    spans->tiles_end[n] = tiles;
+    ++n;
+  }
+  spans->num = n;
+}
+
+// Key tile t of a tile's walk: its span, first key index in the span, valid keys, and the
+// position and spacing of its keys.
+struct KeyTile {
+  int span;
+  int64_t k0;
+  int valid;
+  int64_t pos0;
+  int64_t rate;
+};
+
+__device__ __forceinline__ KeyTile KeyTileAt(const KeySpans& spans, int t) {
+  KeyTile kt;
+  kt.span = 0;
+  while (spans.tiles_end[kt.span] <= t) ++kt.span;
+  const int begin = kt.span == 0 ? 0 : spans.tiles_end[kt.span - 1];
+  kt.k0 = static_cast<int64_t>(t - begin) * kBlockN;
+  kt.valid = static_cast<int>(Min64(kBlockN, spans.count[kt.span] - kt.k0));
+  kt.rate = spans.rate[kt.span];
+  kt.pos0 = spans.first[kt.span] + kt.k0 * kt.rate;
+  return kt;
+}
+
+// Row gathers: thread tid copies 16-byte chunk (tid % (D / 8)) of rows tid / (D / 8) + j * pass
+// of a kRows-row tile, so its source pointer advances by a fixed step per pass and its
+// shared-memory offsets are fixed. `src` is already at this thread's first row and chunk; row i
+// of the tile is at src + (i - thread_row) * step; rows at or past `valid` are zero-filled.
+template <int D, int kThreads, int kRows, typename T>
+__device__ __forceinline__ void GatherRows(uint32_t smem_tile, int thread_row, int chunk,
+                                           const T* src, int64_t step, int valid,
+                                           const T* any_valid) {
+  constexpr int kRowsPerPass = kThreads / (D / 8);
+#pragma unroll
+  for (int j = 0; j < kRows / kRowsPerPass; ++j) {
+    const int row = thread_row + j * kRowsPerPass;
+    const bool ok = row < valid;
+    CpAsync16(smem_tile + SwizzledOffset<D>(row, chunk) * static_cast<int>(sizeof(T)),
+              ok ? src + j * kRowsPerPass * step : any_valid, ok);
+  }
+}
+
+// Folds one 64-key tile of a 16-row slice into the running softmax. `s` holds the slice's 32
+// raw scores as 8 column tiles of 4 (the mma accumulator layout: rows lane / 4 and lane / 4 + 8,
+// columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. `acc` (kAccTiles x 4, same
+// layout over the output columns) is rescaled; row_max is kept in raw score units.
+template <int kAccTiles>
+__device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max, float* row_sum,
+                                            int lane, const KeyTile& kt, bool need_causal,
+                                            const int64_t* pos, float scale_log2) {
+  // Masking only where it can matter: a span's last, partial tile, and with causal the tiles
+  // that reach past the slice's rows. Per row, the last visible column: one division, then
+  // 32-bit compares.
+  if (kt.valid < kBlockN || need_causal) {
+    const int tcol = 2 * (lane % 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int last = kt.valid - 1;
+      if (need_causal) {
+        const int64_t ahead = pos[h] - kt.pos0;  // < 2^31 within one sequence
+        const int seen = ahead < 0 ? -1 : static_cast<int>(ahead) / static_cast<int>(kt.rate);
+        last = seen < last ? seen : last;
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (j * 8 + tcol > last) s[4 * j + 2 * h] = -INFINITY;
+        if (j * 8 + tcol + 1 > last) s[4 * j + 2 * h + 1] = -INFINITY;
+      }
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float m4[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      m4[j] = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
+                    fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 4 + 2 * h + 1]));
+    }
+    float tile_max = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float new_max = fmaxf(row_max[h], tile_max);
+    // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
+    const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+    const float alpha = Exp2(row_max[h] * scale_log2 - use);
+    row_max[h] = new_max;
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
+      s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
+      part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+    }
+    row_sum[h] = row_sum[h] * alpha + ((part[0] + part[1]) + (part[2] + part[3]));
+#pragma unroll
+    for (int i = 0; i < kAccTiles; ++i) {
+      acc[4 * i + 2 * h] *= alpha;
+      acc[4 * i + 2 * h + 1] *= alpha;
+    }
+  }
+}
+
+// The A operand (16 rows x 16 keys) of O += P V for keys 16kk..16kk+15: the accumulator layout
+// of two column tiles is the A-operand layout.
+template <typename T>
+__device__ __forceinline__ void PackProbabilities(const float* s, int kk, uint32_t* a) {
+  a[0] = MmaType<T>::Pack(s[8 * kk + 0], s[8 * kk + 1]);
+  a[1] = MmaType<T>::Pack(s[8 * kk + 2], s[8 * kk + 3]);
+  a[2] = MmaType<T>::Pack(s[8 * kk + 4], s[8 * kk + 5]);
+  a[3] = MmaType<T>::Pack(s[8 * kk + 6], s[8 * kk + 7]);
+}
+
+// Normalises and writes a 16-row slice's output rows (those below `count`).
+template <int D, typename T>
+__device__ __forceinline__ void StoreRows(const float* acc, const float* row_sum, int slice_row,
+                                          int count, const int64_t* pos, T* o,
+                                          int64_t seq_base, int64_t o_row_stride,
+                                          int64_t head_off, int lane) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float l = row_sum[h];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (slice_row + lane / 4 + h * 8 >= count) continue;
+    T* out = o + (seq_base + pos[h]) * o_row_stride + head_off + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<uint32_t*>(out + i * 8) =
+          MmaType<T>::Pack(acc[4 * i + 2 * h] * inv, acc[4 * i + 2 * h + 1] * inv);
+    }
+  }
+}
+
 template <int D, typename T>
 struct FusedForwardKernel {
   // Query rows per warp: 32 (two m16 tiles) where registers allow, so each K/V fragment read
@@ -131,25 +300,6 @@ struct FusedForwardKernel {
   static constexpr int kStages = D <= 64 ? 3 : 2;
   static constexpr int kSmemElements = kBlockM * D + 2 * kStages * kBlockN * D;  // Q, K[], V[]
   static constexpr int kSmemBytes = kSmemElements * static_cast<int>(sizeof(T));
-
-  // Row gathers: thread tid copies 16-byte chunk (tid % kChunks) of rows tid / kChunks + j *
-  // kRowsPerPass of the tile, so its source pointer advances by a fixed step per pass and its
-  // shared-memory offsets are fixed for the whole kernel.
-  static constexpr int kRowsPerPass = kThreads / kChunks;
-
-  // Issues the copies of a `rows`-row tile whose row i is at src_row0 + i * step (src_row0 is
-  // already at this thread's row and chunk); rows at or past `valid` are zero-filled.
-  template <int kRows>
-  __device__ static void LoadRows(uint32_t smem_tile, int thread_row, int chunk, const T* src,
-                                  int64_t step, int valid, const T* any_valid) {
-#pragma unroll
-    for (int j = 0; j < kRows / kRowsPerPass; ++j) {
-      const int row = thread_row + j * kRowsPerPass;
-      const bool ok = row < valid;
-      CpAsync16(smem_tile + SwizzledOffset<D>(row, chunk) * static_cast<int>(sizeof(T)),
-                ok ? src + j * kRowsPerPass * step : any_valid, ok);
-    }
-  }
 
   __device__ static void Run(const FusedForwardParams& params) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -174,66 +324,29 @@ struct FusedForwardKernel {
     const T* k = static_cast<const T*>(p.k);
     const T* v = static_cast<const T*>(p.v);
 
-    // The tile's key spans: one per branch its rows take part in, clipped to the last query
-    // when causal (later keys are masked for every row).
-    __shared__ int64_t span_first[kMaxBranches];
-    __shared__ int64_t span_rate[kMaxBranches];
-    __shared__ int64_t span_count[kMaxBranches];
-    __shared__ int span_tiles_end[kMaxBranches];
-    __shared__ int num_spans;
-    if (threadIdx.x == 0) {
-      int n = 0;
-      int tiles = 0;
-      for (int b = 0; b < p.num_branches; ++b) {
-        int64_t first = 0, count = 0;
-        if (!BranchKeySpan(p, b, head, seq_len, q_first, &first, &count)) continue;
-        const int64_t rate = p.dilation_rate[b];
-        if (p.causal) {
-          if (first > q_last) continue;
-          const int64_t visible = (q_last - first) / rate + 1;
-          count = count < visible ? count : visible;
-        }
-        span_first[n] = first;
-        span_rate[n] = rate;
-        span_count[n] = count;
-        tiles += static_cast<int>((count + kBlockN - 1) / kBlockN);
-        span_tiles_end[n] = tiles;
-        ++n;
-      }
-      num_spans = n;
-    }
+    __shared__ KeySpans spans;
+    if (threadIdx.x == 0) PlanKeySpans(p, head, seq_len, q_first, q_last, &spans);
     __syncthreads();
-    const int total_tiles = num_spans > 0 ? span_tiles_end[num_spans - 1] : 0;
+    const int total_tiles = spans.total_tiles();
 
     const int thread_row = threadIdx.x / kChunks;
     const int thread_chunk = threadIdx.x % kChunks;
-    // Key tile t: span index and first key index within the span.
-    auto locate = [&](int t, int* span, int64_t* k0) {
-      int s = 0;
-      while (span_tiles_end[s] <= t) ++s;
-      const int begin = s == 0 ? 0 : span_tiles_end[s - 1];
-      *span = s;
-      *k0 = static_cast<int64_t>(t - begin) * kBlockN;
-    };
     auto load_kv = [&](int t, int stage) {
-      int s;
-      int64_t k0;
-      locate(t, &s, &k0);
-      const int valid = static_cast<int>(Min64(kBlockN, span_count[s] - k0));
-      const int64_t first = seq_base + span_first[s] + (k0 + thread_row) * span_rate[s];
-      const int64_t step_k = span_rate[s] * p.k_row_stride;
-      const int64_t step_v = span_rate[s] * p.v_row_stride;
+      const KeyTile kt = KeyTileAt(spans, t);
+      const int64_t first = seq_base + kt.pos0 + thread_row * kt.rate;
       const int64_t col = head_off + thread_chunk * 8;
-      LoadRows<kBlockN>(sk_addr + stage * kTileBytes, thread_row, thread_chunk,
-                        k + first * p.k_row_stride + col, step_k, valid, k);
-      LoadRows<kBlockN>(sv_addr + stage * kTileBytes, thread_row, thread_chunk,
-                        v + first * p.v_row_stride + col, step_v, valid, v);
+      GatherRows<D, kThreads, kBlockN>(sk_addr + stage * kTileBytes, thread_row, thread_chunk,
+                                       k + first * p.k_row_stride + col,
+                                       kt.rate * p.k_row_stride, kt.valid, k);
+      GatherRows<D, kThreads, kBlockN>(sv_addr + stage * kTileBytes, thread_row, thread_chunk,
+                                       v + first * p.v_row_stride + col,
+                                       kt.rate * p.v_row_stride, kt.valid, v);
     };
 
-    LoadRows<kBlockM>(sq_addr, thread_row, thread_chunk,
-                      q + (seq_base + q_first + thread_row * q_stride) * p.q_row_stride +
-                          head_off + thread_chunk * 8,
-                      q_stride * p.q_row_stride, tile.count, q);
+    GatherRows<D, kThreads, kBlockM>(sq_addr, thread_row, thread_chunk,
+                                     q + (seq_base + q_first + thread_row * q_stride) *
+                                             p.q_row_stride + head_off + thread_chunk * 8,
+                                     q_stride * p.q_row_stride, tile.count, q);
     CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st + 1 < kStages; ++st) {
@@ -261,14 +374,11 @@ struct FusedForwardKernel {
     const int64_t warp_first_pos = q_first + warp_row * q_stride;
     const int64_t warp_last_pos = q_first + warp_last_row * q_stride;
 
-    float acc[kMTiles][kDTiles][4];
+    float acc[kMTiles][kDTiles * 4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int i = 0; i < kDTiles; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[mt][i][j] = 0.f;
-      }
+      for (int i = 0; i < kDTiles * 4; ++i) acc[mt][i] = 0.f;
     }
     // Running max in raw score units (scaled only inside the exponent) and running sum.
     float row_max[kMTiles][2], row_sum[kMTiles][2];
@@ -277,7 +387,6 @@ struct FusedForwardKernel {
       row_max[mt][0] = row_max[mt][1] = -INFINITY;
       row_sum[mt][0] = row_sum[mt][1] = 0.f;
     }
-    const float scale_log2 = params.scale_log2;
 
     // ldmatrix lane addressing: lane supplies row (lane % 8) of matrix (lane / 8). Every row a
     // lane addresses is congruent to lm_row modulo 8, so its swizzle term is fixed per lane.
@@ -298,7 +407,8 @@ struct FusedForwardKernel {
 
     uint32_t q_frag[kQInRegisters ? kMTiles : 1][kQInRegisters ? kKSteps : 1][4];
     auto load_q_frag = [&](int mt, int ks, uint32_t* frag) {
-      LdMatrixX4(frag, sq_addr + 2 * (q_lane_row + mt * 16 * D + chunk_off(ks * 2 + v_lane_chunk)));
+      LdMatrixX4(frag,
+                 sq_addr + 2 * (q_lane_row + mt * 16 * D + chunk_off(ks * 2 + v_lane_chunk)));
     };
 
     for (int t = 0; t < total_tiles; ++t) {
@@ -316,136 +426,72 @@ struct FusedForwardKernel {
           }
         }
       }
-      int span;
-      int64_t k0;
-      locate(t, &span, &k0);
-      const int valid = static_cast<int>(Min64(kBlockN, span_count[span] - k0));
-      const int64_t key_pos0 = span_first[span] + k0 * span_rate[span];
-      const int64_t key_rate = span_rate[span];
-      if (!(p.causal && key_pos0 > warp_last_pos)) {
+      const KeyTile kt = KeyTileAt(spans, t);
+      if (!(p.causal && kt.pos0 > warp_last_pos)) {
         const uint32_t tk = sk_addr + stage * kTileBytes;
         const uint32_t tv = sv_addr + stage * kTileBytes;
 
         // S = Q K^T: per m-tile, 16 rows x 64 keys in 8 column tiles of 8 keys.
-        float s[kMTiles][8][4];
-  #pragma unroll
+        float s[kMTiles][32];
+#pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-  #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-  #pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
-          }
+#pragma unroll
+          for (int e = 0; e < 32; ++e) s[mt][e] = 0.f;
         }
-  #pragma unroll
+#pragma unroll
         for (int ks = 0; ks < kKSteps; ++ks) {
           uint32_t a_local[kQInRegisters ? 1 : kMTiles][4];
           if constexpr (!kQInRegisters) {
-  #pragma unroll
+#pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
           }
           // All of the k-step's K fragments before its mmas: the asm statements keep program
           // order, so interleaving would stall on every ldmatrix.
           uint32_t b[4][4];
           const int koff = chunk_off(ks * 2 + k_lane_chunk);
-  #pragma unroll
+#pragma unroll
           for (int jp = 0; jp < 4; ++jp) {
             LdMatrixX4(b[jp], tk + 2 * (k_lane_row + jp * 16 * D + koff));
           }
-  #pragma unroll
+#pragma unroll
           for (int jp = 0; jp < 4; ++jp) {
-  #pragma unroll
+#pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
-              const uint32_t* a = kQInRegisters ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
-                                                : a_local[kQInRegisters ? 0 : mt];
-              MmaType<T>::Mma(s[mt][2 * jp], a, b[jp][0], b[jp][1]);
-              MmaType<T>::Mma(s[mt][2 * jp + 1], a, b[jp][2], b[jp][3]);
+              const uint32_t* a = kQInRegisters
+                                      ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
+                                      : a_local[kQInRegisters ? 0 : mt];
+              MmaType<T>::Mma(&s[mt][8 * jp], a, b[jp][0], b[jp][1]);
+              MmaType<T>::Mma(&s[mt][8 * jp + 4], a, b[jp][2], b[jp][3]);
             }
           }
         }
 
-        // Masking only where it can matter: a span's last, partial tile, and with causal the
-        // tiles that reach past the warp's first row.
-        const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > warp_first_pos;
-        if (valid < kBlockN || need_causal) {
-          // Per row, the last visible column: keys past the span, and with causal keys after
-          // the row's position, are hidden. One division per row, then 32-bit compares.
-          const int tcol = 2 * (lane % 4);
-  #pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-  #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              int last = valid - 1;
-              if (need_causal) {
-                const int64_t ahead = pos[mt][h] - key_pos0;  // < 2^31 within one sequence
-                const int seen = ahead < 0 ? -1 : static_cast<int>(ahead) / static_cast<int>(key_rate);
-                last = seen < last ? seen : last;
-              }
-  #pragma unroll
-              for (int j = 0; j < 8; ++j) {
-                if (j * 8 + tcol > last) s[mt][j][2 * h] = -INFINITY;
-                if (j * 8 + tcol + 1 > last) s[mt][j][2 * h + 1] = -INFINITY;
-              }
-            }
-          }
-        }
-  #pragma unroll
+        const bool need_causal =
+            p.causal && kt.pos0 + (kt.valid - 1) * kt.rate > warp_first_pos;
+#pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-  #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float m4[4];
-  #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              m4[j] = fmaxf(fmaxf(s[mt][2 * j][2 * h], s[mt][2 * j][2 * h + 1]),
-                            fmaxf(s[mt][2 * j + 1][2 * h], s[mt][2 * j + 1][2 * h + 1]));
-            }
-            float tile_max = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-            const float new_max = fmaxf(row_max[mt][h], tile_max);
-            // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
-            const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-            const float alpha = Exp2(row_max[mt][h] * scale_log2 - use);
-            row_max[mt][h] = new_max;
-            float part[4] = {0.f, 0.f, 0.f, 0.f};
-  #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              s[mt][j][2 * h] = Exp2(fmaf(s[mt][j][2 * h], scale_log2, -use));
-              s[mt][j][2 * h + 1] = Exp2(fmaf(s[mt][j][2 * h + 1], scale_log2, -use));
-              part[j % 4] += s[mt][j][2 * h] + s[mt][j][2 * h + 1];
-            }
-            const float sum = (part[0] + part[1]) + (part[2] + part[3]);
-            row_sum[mt][h] = row_sum[mt][h] * alpha + sum;
-  #pragma unroll
-            for (int i = 0; i < kDTiles; ++i) {
-              acc[mt][i][2 * h] *= alpha;
-              acc[mt][i][2 * h + 1] *= alpha;
-            }
-          }
+          SoftmaxStep<kDTiles>(s[mt], acc[mt], row_max[mt], row_sum[mt], lane, kt, need_causal,
+                               pos[mt], params.scale_log2);
         }
 
-        // O += P V: P's accumulator layout is the A-operand layout of the next mma, two key tiles
-        // (16 keys) per k-step.
-  #pragma unroll
+        // O += P V, two key tiles (16 keys) per k-step.
+#pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
           uint32_t a[kMTiles][4];
-  #pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            a[mt][0] = MmaType<T>::Pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-            a[mt][1] = MmaType<T>::Pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-            a[mt][2] = MmaType<T>::Pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-            a[mt][3] = MmaType<T>::Pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-          }
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) PackProbabilities<T>(s[mt], kk, a[mt]);
           uint32_t b[kDTiles / 2][4];
-  #pragma unroll
+#pragma unroll
           for (int dp = 0; dp < kDTiles / 2; ++dp) {
-            LdMatrixX4Trans(b[dp], tv + 2 * (v_lane_row + kk * 16 * D + chunk_off(dp * 2 + v_lane_chunk)));
+            LdMatrixX4Trans(b[dp], tv + 2 * (v_lane_row + kk * 16 * D +
+                                             chunk_off(dp * 2 + v_lane_chunk)));
           }
-  #pragma unroll
+#pragma unroll
           for (int dp = 0; dp < kDTiles / 2; ++dp) {
-  #pragma unroll
+#pragma unroll
             for (int mt = 0; mt < kMTiles; ++mt) {
-              MmaType<T>::Mma(acc[mt][2 * dp], a[mt], b[dp][0], b[dp][1]);
-              MmaType<T>::Mma(acc[mt][2 * dp + 1], a[mt], b[dp][2], b[dp][3]);
+              MmaType<T>::Mma(&acc[mt][8 * dp], a[mt], b[dp][0], b[dp][1]);
+              MmaType<T>::Mma(&acc[mt][8 * dp + 4], a[mt], b[dp][2], b[dp][3]);
             }
           }
         }
@@ -454,24 +500,10 @@ struct FusedForwardKernel {
     }
     CpAsyncWait<0>();
 
-    T* o = static_cast<T*>(p.o);
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float l = row_sum[mt][h];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int row = warp_row + mt * 16 + lane / 4 + h * 8;
-        if (row >= tile.count) continue;
-        T* out = o + (seq_base + pos[mt][h]) * p.o_row_stride + head_off + 2 * (lane % 4);
-#pragma unroll
-        for (int i = 0; i < kDTiles; ++i) {
-          *reinterpret_cast<uint32_t*>(out + i * 8) =
-              MmaType<T>::Pack(acc[mt][i][2 * h] * inv, acc[mt][i][2 * h + 1] * inv);
-        }
-      }
+      StoreRows<D, T>(acc[mt], row_sum[mt], warp_row + mt * 16, tile.count, pos[mt],
+                      static_cast<T*>(p.o), seq_base, p.o_row_stride, head_off, lane);
     }
   }
 };

@@ -92,21 +92,8 @@ struct HopperForwardKernel {
   static constexpr int kBlockM = 128;
   static constexpr int kChunks = D / 8;
   static constexpr int kStages = 3;
-  static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));  // 8 KiB
   static constexpr int kSmemBytes = kBlockM * D * 2 + 2 * kStages * kTileBytes + 1024;
-
-  template <int kRows>
-  __device__ static void LoadRows(uint32_t smem_tile, int thread_row, int chunk, const T* src,
-                                  int64_t step, int valid, const T* any_valid) {
-#pragma unroll
-    for (int j = 0; j < kRows / kRowsPerPass; ++j) {
-      const int row = thread_row + j * kRowsPerPass;
-      const bool ok = row < valid;
-      CpAsync16(smem_tile + SwizzledOffset<D>(row, chunk) * 2,
-                ok ? src + j * kRowsPerPass * step : any_valid, ok);
-    }
-  }
 
   __device__ static void Run(const FusedForwardParams& params) {
 #if defined(DILATTN_HAVE_WGMMA)
@@ -131,61 +118,29 @@ struct HopperForwardKernel {
     const T* k = static_cast<const T*>(p.k);
     const T* v = static_cast<const T*>(p.v);
 
-    __shared__ int64_t span_first[kMaxBranches];
-    __shared__ int64_t span_rate[kMaxBranches];
-    __shared__ int64_t span_count[kMaxBranches];
-    __shared__ int span_tiles_end[kMaxBranches];
-    __shared__ int num_spans;
-    if (threadIdx.x == 0) {
-      int n = 0;
-      int tiles = 0;
-      for (int b = 0; b < p.num_branches; ++b) {
-        int64_t first = 0, count = 0;
-        if (!BranchKeySpan(p, b, head, seq_len, q_first, &first, &count)) continue;
-        const int64_t rate = p.dilation_rate[b];
-        if (p.causal) {
-          if (first > q_last) continue;
-          const int64_t visible = (q_last - first) / rate + 1;
-          count = count < visible ? count : visible;
-        }
-        span_first[n] = first;
-        span_rate[n] = rate;
-        span_count[n] = count;
-        tiles += static_cast<int>((count + kBlockN - 1) / kBlockN);
-        span_tiles_end[n] = tiles;
-        ++n;
-      }
-      num_spans = n;
-    }
+    __shared__ KeySpans spans;
+    if (threadIdx.x == 0) PlanKeySpans(p, head, seq_len, q_first, q_last, &spans);
     __syncthreads();
-    const int total_tiles = num_spans > 0 ? span_tiles_end[num_spans - 1] : 0;
+    const int total_tiles = spans.total_tiles();
 
     const int thread_row = threadIdx.x / kChunks;
     const int thread_chunk = threadIdx.x % kChunks;
-    auto locate = [&](int t, int* span, int64_t* k0) {
-      int s = 0;
-      while (span_tiles_end[s] <= t) ++s;
-      const int begin = s == 0 ? 0 : span_tiles_end[s - 1];
-      *span = s;
-      *k0 = static_cast<int64_t>(t - begin) * kBlockN;
-    };
     auto load_kv = [&](int t, int stage) {
-      int s;
-      int64_t k0;
-      locate(t, &s, &k0);
-      const int valid = static_cast<int>(Min64(kBlockN, span_count[s] - k0));
-      const int64_t first = seq_base + span_first[s] + (k0 + thread_row) * span_rate[s];
+      const KeyTile kt = KeyTileAt(spans, t);
+      const int64_t first = seq_base + kt.pos0 + thread_row * kt.rate;
       const int64_t col = head_off + thread_chunk * 8;
-      LoadRows<kBlockN>(sk_addr + stage * kTileBytes, thread_row, thread_chunk,
-                        k + first * p.k_row_stride + col, span_rate[s] * p.k_row_stride, valid, k);
-      LoadRows<kBlockN>(sv_addr + stage * kTileBytes, thread_row, thread_chunk,
-                        v + first * p.v_row_stride + col, span_rate[s] * p.v_row_stride, valid, v);
+      GatherRows<D, kThreads, kBlockN>(sk_addr + stage * kTileBytes, thread_row, thread_chunk,
+                                       k + first * p.k_row_stride + col,
+                                       kt.rate * p.k_row_stride, kt.valid, k);
+      GatherRows<D, kThreads, kBlockN>(sv_addr + stage * kTileBytes, thread_row, thread_chunk,
+                                       v + first * p.v_row_stride + col,
+                                       kt.rate * p.v_row_stride, kt.valid, v);
     };
 
-    LoadRows<kBlockM>(sq_addr, thread_row, thread_chunk,
-                      q + (seq_base + q_first + thread_row * q_stride) * p.q_row_stride +
-                          head_off + thread_chunk * 8,
-                      q_stride * p.q_row_stride, tile.count, q);
+    GatherRows<D, kThreads, kBlockM>(sq_addr, thread_row, thread_chunk,
+                                     q + (seq_base + q_first + thread_row * q_stride) *
+                                             p.q_row_stride + head_off + thread_chunk * 8,
+                                     q_stride * p.q_row_stride, tile.count, q);
     CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st + 1 < kStages; ++st) {
@@ -209,7 +164,6 @@ struct HopperForwardKernel {
     for (int i = 0; i < 32; ++i) acc[i] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};
-    const float scale_log2 = params.scale_log2;
     // The warpgroup's 64 Q rows start 8 KiB into the Q tile; a k16 step is 32 bytes along a row.
     const uint32_t q_group = sq_addr + group * 64 * D * 2;
 
@@ -221,17 +175,12 @@ struct HopperForwardKernel {
       FenceProxyAsync();
       __syncthreads();
 
-      int span;
-      int64_t k0;
-      locate(t, &span, &k0);
-      const int valid = static_cast<int>(Min64(kBlockN, span_count[span] - k0));
-      const int64_t key_pos0 = span_first[span] + k0 * span_rate[span];
-      const int64_t key_rate = span_rate[span];
+      const KeyTile kt = KeyTileAt(spans, t);
       // Warpgroup-uniform: all 4 warps of a group issue wgmma together or not at all.
-      if (!(p.causal && key_pos0 > group_last_pos)) {
+      if (!(p.causal && kt.pos0 > group_last_pos)) {
         const uint32_t k_tile = sk_addr + stage * kTileBytes;
         const uint32_t v_tile = sv_addr + stage * kTileBytes;
-        float s[32];
+        float s[32];  // this warp's 16 rows x 64 keys, mma accumulator layout
         WgmmaFence();
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
@@ -241,61 +190,13 @@ struct HopperForwardKernel {
         WgmmaCommit();
         WgmmaWait0();
 
-        const bool need_causal = p.causal && key_pos0 + (valid - 1) * key_rate > group_first_pos;
-        if (valid < kBlockN || need_causal) {
-          const int tcol = 2 * (lane % 4);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            int last = valid - 1;
-            if (need_causal) {
-              const int64_t ahead = pos[h] - key_pos0;
-              const int seen = ahead < 0 ? -1 : static_cast<int>(ahead) / static_cast<int>(key_rate);
-              last = seen < last ? seen : last;
-            }
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              if (j * 8 + tcol > last) s[4 * j + 2 * h] = -INFINITY;
-              if (j * 8 + tcol + 1 > last) s[4 * j + 2 * h + 1] = -INFINITY;
-            }
-          }
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float m4[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            m4[j] = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
-                          fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 4 + 2 * h + 1]));
-          }
-          float tile_max = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-          const float new_max = fmaxf(row_max[h], tile_max);
-          const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-          const float alpha = Exp2(row_max[h] * scale_log2 - use);
-          row_max[h] = new_max;
-          float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
-            s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
-            part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-          }
-          row_sum[h] = row_sum[h] * alpha + ((part[0] + part[1]) + (part[2] + part[3]));
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            acc[4 * j + 2 * h] *= alpha;
-            acc[4 * j + 2 * h + 1] *= alpha;
-          }
-        }
+        const bool need_causal =
+            p.causal && kt.pos0 + (kt.valid - 1) * kt.rate > group_first_pos;
+        SoftmaxStep<D / 8>(s, acc, row_max, row_sum, lane, kt, need_causal, pos,
+                           params.scale_log2);
         uint32_t a[4][4];
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          a[kk][0] = MmaType<T>::Pack(s[8 * kk + 0], s[8 * kk + 1]);
-          a[kk][1] = MmaType<T>::Pack(s[8 * kk + 2], s[8 * kk + 3]);
-          a[kk][2] = MmaType<T>::Pack(s[8 * kk + 4], s[8 * kk + 5]);
-          a[kk][3] = MmaType<T>::Pack(s[8 * kk + 6], s[8 * kk + 7]);
-        }
+        for (int kk = 0; kk < 4; ++kk) PackProbabilities<T>(s, kk, a[kk]);
         WgmmaFence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -309,22 +210,8 @@ struct HopperForwardKernel {
     }
     CpAsyncWait<0>();
 
-    T* o = static_cast<T*>(p.o);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float l = row_sum[h];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int row = warp_row + lane / 4 + h * 8;
-      if (row >= tile.count) continue;
-      T* out = o + (seq_base + pos[h]) * p.o_row_stride + head_off + 2 * (lane % 4);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        *reinterpret_cast<uint32_t*>(out + j * 8) =
-            MmaType<T>::Pack(acc[4 * j + 2 * h] * inv, acc[4 * j + 2 * h + 1] * inv);
-      }
-    }
+    StoreRows<D, T>(acc, row_sum, warp_row, tile.count, pos, static_cast<T*>(p.o), seq_base,
+                    p.o_row_stride, head_off, lane);
 #endif
   }
 };
