@@ -6,8 +6,12 @@ a time, and reads the statistics RPC: the server-side request time (from the mom
 has arrived, so the wire is excluded, to the response), and its split into queue, input (unpack,
 copies to the device), kernel (CUDA events around the launch) and output.
 
+With --shm cuda the client keeps Q, K, V and O in one CUDA allocation that it shares with the
+server through Triton's CUDA shared-memory extension (a model server on the same host does this),
+so no tensor crosses the message or the PCIe bus.
+
   python3 bench/server_overhead.py [--server build/server/dilattn-server] [--device cuda]
-                                   [--ns 32768,131072] [--reps 3]
+                                   [--ns 32768,131072] [--reps 3] [--shm none|cuda]
 """
 
 import argparse
@@ -21,6 +25,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+import cuda_ipc  # noqa: E402  (the client side of CUDA shared memory, by ctypes)
 
 
 def main():
@@ -29,28 +35,47 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--ns", default="32768,131072")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--shm", choices=["none", "cuda"], default="none")
     args = p.parse_args()
+    cudart = cuda_ipc.load_cudart() if args.shm == "cuda" else None
+    if args.shm == "cuda" and cudart is None:
+        sys.exit("--shm cuda needs the CUDA runtime library (libcudart) on the library path")
     proc = subprocess.Popen([args.server, "--grpc-port", "0", "--metrics-port", "-1",
                              "--bind-address", "127.0.0.1", "--device", args.device],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     port = int(re.search(r"grpc_port=(\d+)", proc.stdout.readline()).group(1))
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    print(f"tensors: {'in the gRPC messages' if args.shm == 'none' else 'in CUDA shared memory'}")
     print("| N | request ms (server) | queue | input | kernel | output | unaccounted | server / kernel | client ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for n in (int(x) for x in args.ns.split(",")):
             x = np.random.default_rng(0).uniform(-1, 1, (1, n, 16, 64)).astype(np.float16)
             inputs = []
-            for name in "QKV":
+            outputs = None
+            buf = None
+            if args.shm == "cuda":
+                nbytes = x.nbytes
+                buf = cuda_ipc.DeviceBuffer(cudart, 4 * nbytes)
+                for i in range(3):
+                    buf.write(x, offset=i * nbytes)
+                c.register_cuda_shared_memory(f"bench{n}", buf.raw_handle(), 0, 4 * nbytes)
+                out = grpcclient.InferRequestedOutput("O")
+                out.set_shared_memory(f"bench{n}", nbytes, offset=3 * nbytes)
+                outputs = [out]
+            for i, name in enumerate("QKV"):
                 t = grpcclient.InferInput(name, list(x.shape), "FP16")
-                t.set_data_from_numpy(x)
+                if buf is not None:
+                    t.set_shared_memory(f"bench{n}", x.nbytes, offset=i * x.nbytes)
+                else:
+                    t.set_data_from_numpy(x)
                 inputs.append(t)
-            c.infer("dilated_attention", inputs)  # warm-up: pools, module load
+            c.infer("dilated_attention", inputs, outputs=outputs)  # warm-up: pools, module load
             rows = []
             for _ in range(args.reps):
                 s0 = c.get_inference_statistics("dilated_attention").model_stats[0].inference_stats
                 t0 = time.perf_counter()
-                c.infer("dilated_attention", inputs)
+                c.infer("dilated_attention", inputs, outputs=outputs)
                 client = (time.perf_counter() - t0) * 1e3
                 s1 = c.get_inference_statistics("dilated_attention").model_stats[0].inference_stats
                 d = lambda f: (getattr(s1, f).ns - getattr(s0, f).ns) / 1e6
@@ -60,6 +85,9 @@ def main():
             rest = r[0] - sum(r[1:5])
             print(f"| {n} | {r[0]:.2f} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | "
                   f"{rest:.2f} | {r[0] / r[3]:.2f} | {r[5]:.1f} |", flush=True)
+            if buf is not None:
+                c.unregister_cuda_shared_memory(f"bench{n}")
+                buf.free()
     finally:
         proc.terminate()
         proc.wait(timeout=60)

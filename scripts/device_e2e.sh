@@ -23,5 +23,6 @@ for tool in memcheck racecheck; do
 done
 DILATTN_E2E_DEVICE=cuda DILATTN_SERVER_BIN="$PWD/.device/bin/dilattn-server" \
 DILATTN_PERF_ANALYZER_HOME="$PWD/.device/perf_analyzer" DILATTN_E2E_RESULTS="$out/e2e" \
-  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/e2e 2>&1 | tail -3
+  timeout 400 python3 -m pytest -q -p no:cacheprovider -rfE tests/e2e 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15
 python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 2>&1 | tail -4
+python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 --shm cuda 2>&1 | tail -4

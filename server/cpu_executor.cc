@@ -27,6 +27,12 @@ class CpuExecutor final : public Executor {
   memory::BufferPool& staging_pool() override { return *pool_; }
 
   absl::Status Supports(const InferenceRequest& r) const override {
+    if (r.touches_device_memory()) {
+      return absl::InvalidArgumentError(
+          "a tensor is in CUDA shared memory, but this request runs on the CPU (the server has "
+          "no GPU, or no GPU kernel covers the model's operator and shape): use system shared "
+          "memory or send the tensors in the message");
+    }
     const attention::ProblemShape shape =
         attention::DenseShape(r.dtype, r.batch, r.seq_len, r.heads, r.head_dim);
     if (r.options.kind == OperatorKind::kDilatedAttention) {
@@ -76,11 +82,15 @@ class CpuExecutor final : public Executor {
            {o.data(), bytes, host}};
     } else {
       InferenceRequest& r = *job.requests.front();
-      absl::StatusOr<memory::Buffer> out = pool_->Acquire(bytes, deadline);
-      if (!out.ok()) return out.status();
-      r.output = *std::move(out);
+      void* o_data = r.output_target.data;
+      if (o_data == nullptr) {
+        absl::StatusOr<memory::Buffer> out = pool_->Acquire(bytes, deadline);
+        if (!out.ok()) return out.status();
+        r.output = *std::move(out);
+        o_data = r.output.data();
+      }
       t = {{r.q.data(), bytes, host}, {r.k.data(), bytes, host}, {r.v.data(), bytes, host},
-           {r.output.data(), bytes, host}};
+           {o_data, bytes, host}};
     }
     const absl::Time copied_in = absl::Now();
     job.compute_input = copied_in - job.start;
@@ -93,10 +103,14 @@ class CpuExecutor final : public Executor {
     if (packed) {
       size_t at = 0;
       for (const auto& r : job.requests) {
-        absl::StatusOr<memory::Buffer> out = pool_->Acquire(r->tensor_bytes, deadline);
-        if (!out.ok()) return out.status();
-        r->output = *std::move(out);
-        std::memcpy(r->output.data(), static_cast<const char*>(o.data()) + at, r->tensor_bytes);
+        void* dst = r->output_target.data;
+        if (dst == nullptr) {
+          absl::StatusOr<memory::Buffer> out = pool_->Acquire(r->tensor_bytes, deadline);
+          if (!out.ok()) return out.status();
+          r->output = *std::move(out);
+          dst = r->output.data();
+        }
+        std::memcpy(dst, static_cast<const char*>(o.data()) + at, r->tensor_bytes);
         at += r->tensor_bytes;
       }
     }

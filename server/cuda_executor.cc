@@ -97,6 +97,7 @@ class CudaExecutor final : public Executor {
     return absl::StrCat(gpu_[0]->name(), " (cuda:", device_, "), ", cpu_->name(), " fallback");
   }
 
+  int cuda_device() const override { return device_; }
   memory::BufferPool& staging_pool() override { return *pinned_pool_; }
 
   std::vector<const memory::BufferPool*> pools() const override {
@@ -152,6 +153,7 @@ class CudaExecutor final : public Executor {
       dev.push_back(*std::move(b));
     }
     for (const auto& r : job.requests) {
+      if (r->output_target.data != nullptr) continue;  // written straight to shared memory
       absl::StatusOr<memory::Buffer> out = pinned_pool_->Acquire(r->tensor_bytes, deadline);
       if (!out.ok()) return out.status();
       r->output = *std::move(out);
@@ -169,14 +171,14 @@ class CudaExecutor final : public Executor {
     int* overflow_dev = static_cast<int*>(dev[6].data());
     if (s.ok() && convert) s = Cuda(cudaMemsetAsync(overflow_dev, 0, sizeof(int), stream), "memset");
     // Each request's tensors go straight to their place in the packed device tensors (through
-    // the fp32 buffer when converting).
+    // the fp32 buffer when converting). cudaMemcpyDefault lets the pointers say where they are:
+    // the pinned staging lease, a system shared-memory region, or a CUDA one on any device.
     for (int t = 0; t < 3 && s.ok(); ++t) {
       auto* dst = static_cast<unsigned char*>(convert ? dev[5].data() : dev[t].data());
       size_t at = 0;
       for (const auto& r : job.requests) {
         const absl::string_view src = t == 0 ? r->q : t == 1 ? r->k : r->v;
-        s = Cuda(cudaMemcpyAsync(dst + at, src.data(), src.size(), cudaMemcpyHostToDevice,
-                                 stream),
+        s = Cuda(cudaMemcpyAsync(dst + at, src.data(), src.size(), cudaMemcpyDefault, stream),
                  "copy to device");
         if (!s.ok()) break;
         at += src.size();
@@ -209,9 +211,10 @@ class CudaExecutor final : public Executor {
       size_t at = 0;
       for (const auto& r : job.requests) {
         if (!s.ok()) break;
-        s = Cuda(cudaMemcpyAsync(r->output.data(), src + at, r->tensor_bytes,
-                                 cudaMemcpyDeviceToHost, stream),
-                 "copy to host");
+        void* dst = r->output_target.data != nullptr ? static_cast<void*>(r->output_target.data)
+                                                     : r->output.data();
+        s = Cuda(cudaMemcpyAsync(dst, src + at, r->tensor_bytes, cudaMemcpyDefault, stream),
+                 "copy out");
         at += r->tensor_bytes;
       }
     }

@@ -35,6 +35,7 @@ class Engine {
   ~Engine();
 
   std::string backend_name() const { return executor_->name(); }
+  int cuda_device() const { return executor_->cuda_device(); }  // -1 on the CPU
   std::vector<const memory::BufferPool*> pools() const { return executor_->pools(); }
   memory::BufferPool& staging_pool() { return executor_->staging_pool(); }
 

@@ -39,6 +39,7 @@ class Executor {
  public:
   virtual ~Executor() = default;
   virtual std::string name() const = 0;
+  virtual int cuda_device() const { return -1; }  // the GPU it runs on; -1 for the CPU
   // Whether `r` can run here, by the same selector Start() uses. Any thread.
   virtual absl::Status Supports(const InferenceRequest& r) const = 0;
   virtual std::vector<const memory::BufferPool*> pools() const = 0;

@@ -30,6 +30,7 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --host-pool-mib N         cap of the host buffer pool in MiB (16384)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
   --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
+  --shared-memory on|off    accept Triton's system and CUDA shared-memory regions (on)
 )";
 
 // Parses argv into options; an error message on failure.
@@ -80,6 +81,11 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       error = integer(&o->max_message_bytes);
     } else if (name == "grace-period-seconds") {
       error = integer(&grace);
+    } else if (name == "shared-memory") {
+      if (value != "on" && value != "off") {
+        return absl::StrCat("flag --shared-memory='", value, "' is not on or off");
+      }
+      o->shared_memory.enabled = value == "on";
     } else {
       return absl::StrCat("unknown flag --", name);
     }

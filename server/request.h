@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
@@ -16,6 +17,7 @@
 #include "kernels/attention/attention.h"
 #include "kernels/memory/buffer_pool.h"
 #include "server/operator_options.h"
+#include "server/shared_memory.h"
 
 namespace dilattn::server {
 
@@ -44,6 +46,18 @@ struct InferenceRequest {
   std::string owned[3];  // or Q, K, V on the heap (typed contents, or the pool was full)
   memory::Buffer output;  // O, leased and filled by the engine; tensor_bytes long
 
+  // Tensors in registered shared memory (Triton's extension). An input there is viewed in place:
+  // where input_device[i] >= 0 its view holds a device pointer on that CUDA device, which only a
+  // GPU executor may touch. An output there is written to output_target, and no `output` is
+  // leased.
+  int input_device[3] = {-1, -1, -1};
+  struct OutputTarget {
+    std::byte* data = nullptr;
+    int device = -1;  // -1: host memory
+  };
+  OutputTarget output_target;
+  std::vector<std::shared_ptr<const SharedMemoryRegion>> regions;  // kept mapped until done
+
   int priority = 1;  // 1 is served first
   absl::Time arrival;   // the handler received the message (before parsing it)
   absl::Time enqueued;  // it entered the model's queue
@@ -58,6 +72,10 @@ struct InferenceRequest {
       done;
 
   int64_t tokens() const { return batch * seq_len; }
+  bool touches_device_memory() const {
+    return input_device[0] >= 0 || input_device[1] >= 0 || input_device[2] >= 0 ||
+           output_target.device >= 0;
+  }
 };
 
 }  // namespace dilattn::server

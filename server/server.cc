@@ -36,7 +36,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
       ModelRegistry::Create(std::move(specs), s->engine_.get(), s->metrics_.get());
   if (!registry.ok()) return registry.status();
   s->registry_ = *std::move(registry);
-  s->service_ = std::make_unique<InferenceService>(s->registry_.get(), &s->state_);
+  SharedMemoryOptions shm = options.shared_memory;
+  shm.pin_for_device = s->engine_->cuda_device();
+  s->shared_memory_ = std::make_unique<SharedMemoryManager>(shm);
+  s->service_ = std::make_unique<InferenceService>(s->registry_.get(), s->shared_memory_.get(),
+                                                   &s->state_);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

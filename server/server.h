@@ -13,6 +13,7 @@
 #include "server/grpc/inference_service.h"
 #include "server/metrics.h"
 #include "server/model_registry.h"
+#include "server/shared_memory.h"
 
 namespace dilattn::server {
 
@@ -22,6 +23,7 @@ struct ServerOptions {
   int metrics_port = 8002;  // 0 picks a free port; -1 serves no metrics
   std::string model_repository;  // empty: the built-in models
   EngineOptions engine;
+  SharedMemoryOptions shared_memory;  // pin_for_device is set from the engine's device
   int max_message_bytes = 2147483647;
   absl::Duration grace_period = absl::Seconds(30);
 };
@@ -46,6 +48,7 @@ class Server {
   Server() = default;
 
   ServerOptions options_;
+  std::unique_ptr<SharedMemoryManager> shared_memory_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<ModelRegistry> registry_;

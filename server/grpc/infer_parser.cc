@@ -29,6 +29,68 @@ absl::StatusOr<ParamValue> ToParamValue(const inference::InferParameter& p) {
   }
 }
 
+// A tensor's place in shared memory, from Triton's shared_memory_* tensor parameters.
+struct SharedRef {
+  bool set = false;
+  std::string region;
+  int64_t byte_size = -1;
+  int64_t offset = 0;
+};
+
+absl::StatusOr<int64_t> NonNegative(const inference::InferParameter& p, absl::string_view what) {
+  if (p.parameter_choice_case() == inference::InferParameter::kInt64Param &&
+      p.int64_param() >= 0) {
+    return p.int64_param();
+  }
+  if (p.parameter_choice_case() == inference::InferParameter::kUint64Param &&
+      p.uint64_param() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return static_cast<int64_t>(p.uint64_param());
+  }
+  return Invalid(absl::StrCat(what, " must be a non-negative integer"));
+}
+
+// `what` is "input 'Q'" or "output 'O'"; `framing` the one other key the HTTP-minded clients
+// send there, which means nothing on gRPC.
+absl::StatusOr<SharedRef> TensorParameters(
+    const google::protobuf::Map<std::string, inference::InferParameter>& params,
+    absl::string_view what, absl::string_view framing) {
+  SharedRef ref;
+  bool size_given = false, offset_given = false;
+  for (const auto& [key, value] : params) {
+    if (key == framing) continue;
+    if (key == "shared_memory_region") {
+      if (value.parameter_choice_case() != inference::InferParameter::kStringParam) {
+        return Invalid(absl::StrCat(what, " parameter 'shared_memory_region' must be a string"));
+      }
+      ref.set = true;
+      ref.region = value.string_param();
+    } else if (key == "shared_memory_byte_size") {
+      absl::StatusOr<int64_t> v =
+          NonNegative(value, absl::StrCat(what, " parameter 'shared_memory_byte_size'"));
+      if (!v.ok()) return v.status();
+      ref.byte_size = *v;
+      size_given = true;
+    } else if (key == "shared_memory_offset") {
+      absl::StatusOr<int64_t> v =
+          NonNegative(value, absl::StrCat(what, " parameter 'shared_memory_offset'"));
+      if (!v.ok()) return v.status();
+      ref.offset = *v;
+      offset_given = true;
+    } else {
+      return Invalid(absl::StrCat(what, " parameter '", key, "' is not supported"));
+    }
+  }
+  if (!ref.set && (size_given || offset_given)) {
+    return Invalid(absl::StrCat(what, " gives shared_memory_byte_size or shared_memory_offset "
+                                      "without shared_memory_region"));
+  }
+  if (ref.set && !size_given) {
+    return Invalid(absl::StrCat(what, " names shared_memory_region '", ref.region,
+                                "' without shared_memory_byte_size"));
+  }
+  return ref;
+}
+
 std::string ShapeText(const google::protobuf::RepeatedField<int64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
 }
@@ -46,7 +108,8 @@ const char* DatatypeName(attention::DType dtype) {
 
 absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     const ModelInferRequest& req, const RequestBytes& raw, const ModelRegistry& registry,
-    absl::Time arrival, absl::Time rpc_deadline, inference::ModelInferResponse* response) {
+    const SharedMemoryManager& shared_memory, absl::Time arrival, absl::Time rpc_deadline,
+    inference::ModelInferResponse* response) {
   absl::StatusOr<Model*> found = registry.Find(req.model_name(), req.model_version());
   if (!found.ok()) return found.status();
   Model* model = *found;
@@ -60,7 +123,10 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
 
   // Inputs: exactly Q, K and V, one datatype, one shape [B, N, H, D].
   const ModelInferRequest::InferInputTensor* by_name[3] = {nullptr, nullptr, nullptr};
-  int index_of[3] = {-1, -1, -1};
+  SharedRef shared[3];
+  // raw_input_contents hold the inputs that are not in shared memory, in input order.
+  int raw_index_of[3] = {-1, -1, -1};
+  int raw_inputs = 0;
   static constexpr const char* kNames[3] = {"Q", "K", "V"};
   for (int i = 0; i < req.inputs_size(); ++i) {
     const auto& in = req.inputs(i);
@@ -73,13 +139,12 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     const int at = static_cast<int>(slot - std::begin(kNames));
     if (by_name[at] != nullptr) return Invalid(absl::StrCat("input '", in.name(), "' given twice"));
     by_name[at] = &in;
-    index_of[at] = i;
-    for (const auto& [key, value] : in.parameters()) {
-      if (key == "binary_data_size") continue;  // HTTP's framing hint, meaningless here
-      return Invalid(absl::StrCat("input '", in.name(), "' parameter '", key,
-                                  "' is not supported (shared memory and other tensor options "
-                                  "are not offered)"));
-    }
+    absl::StatusOr<SharedRef> ref =
+        TensorParameters(in.parameters(), absl::StrCat("input '", in.name(), "'"),
+                         "binary_data_size");
+    if (!ref.ok()) return ref.status();
+    shared[at] = *std::move(ref);
+    if (!shared[at].set) raw_index_of[at] = raw_inputs++;
   }
   for (int i = 0; i < 3; ++i) {
     if (by_name[i] == nullptr) {
@@ -141,16 +206,36 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   }
   r->tensor_bytes = static_cast<size_t>(bytes);
 
-  // Data: raw_input_contents (what tritonclient sends), or typed fp32 contents. Sizes are all
-  // checked before anything is allocated.
+  // Data: registered shared memory, raw_input_contents (what tritonclient sends), or typed fp32
+  // contents. Sizes are all checked before anything is allocated.
   absl::string_view* views[3] = {&r->q, &r->k, &r->v};
+  for (int i = 0; i < 3; ++i) {
+    if (!shared[i].set) continue;
+    const std::string what = absl::StrCat("input '", kNames[i], "'");
+    if (static_cast<uint64_t>(shared[i].byte_size) != r->tensor_bytes) {
+      return Invalid(absl::StrCat(what, " has shared_memory_byte_size ", shared[i].byte_size,
+                                  " but shape ", ShapeText(shape), " of ",
+                                  by_name[0]->datatype(), " needs ", r->tensor_bytes));
+    }
+    if (by_name[i]->has_contents()) {
+      return Invalid(absl::StrCat(what, " is in shared memory and also carries contents"));
+    }
+    absl::StatusOr<SharedTensor> t =
+        shared_memory.Resolve(shared[i].region, shared[i].offset, shared[i].byte_size, what);
+    if (!t.ok()) return t.status();
+    *views[i] = absl::string_view(reinterpret_cast<const char*>(t->data), r->tensor_bytes);
+    r->input_device[i] = t->device;
+    r->regions.push_back(std::move(t->region));
+  }
   if (raw.raw_count() > 0) {
-    if (raw.raw_count() != static_cast<size_t>(req.inputs_size())) {
-      return Invalid(absl::StrCat("request has ", req.inputs_size(), " inputs but ",
-                                  raw.raw_count(), " raw_input_contents"));
+    if (raw.raw_count() != static_cast<size_t>(raw_inputs)) {
+      return Invalid(absl::StrCat("request has ", raw_inputs, " inputs",
+                                  raw_inputs < req.inputs_size() ? " outside shared memory" : "",
+                                  " but ", raw.raw_count(), " raw_input_contents"));
     }
     for (int i = 0; i < 3; ++i) {
-      const size_t size = raw.raw_size(static_cast<size_t>(index_of[i]));
+      if (shared[i].set) continue;
+      const size_t size = raw.raw_size(static_cast<size_t>(raw_index_of[i]));
       if (size != r->tensor_bytes) {
         return Invalid(absl::StrCat("input '", kNames[i], "' has ", size,
                                     " bytes of data but shape ", ShapeText(shape), " of ",
@@ -159,6 +244,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     }
   } else {
     for (int i = 0; i < 3; ++i) {
+      if (shared[i].set) continue;
       const auto& contents = by_name[i]->contents().fp32_contents();
       if (r->dtype != attention::DType::kFloat32 ||
           static_cast<size_t>(contents.size()) * sizeof(float) != r->tensor_bytes) {
@@ -172,15 +258,31 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     }
   }
 
+  SharedRef output_ref;
+  if (req.outputs_size() > 1) {
+    return Invalid(absl::StrCat(req.outputs_size(), " outputs requested; model '", spec.name,
+                                "' has one output, 'O'"));
+  }
   for (const auto& out : req.outputs()) {
     if (out.name() != "O") {
       return Invalid(absl::StrCat("requested output '", out.name(), "' does not exist; model '",
                                   spec.name, "' has one output, 'O'"));
     }
-    for (const auto& [key, value] : out.parameters()) {
-      if (key == "binary_data") continue;
-      return Invalid(absl::StrCat("output parameter '", key, "' is not supported"));
+    absl::StatusOr<SharedRef> ref = TensorParameters(out.parameters(), "output 'O'", "binary_data");
+    if (!ref.ok()) return ref.status();
+    output_ref = *std::move(ref);
+  }
+  if (output_ref.set) {
+    if (static_cast<uint64_t>(output_ref.byte_size) < r->tensor_bytes) {
+      return Invalid(absl::StrCat("output 'O' has shared_memory_byte_size ", output_ref.byte_size,
+                                  " but shape ", ShapeText(shape), " of ",
+                                  by_name[0]->datatype(), " needs ", r->tensor_bytes));
     }
+    absl::StatusOr<SharedTensor> t = shared_memory.Resolve(
+        output_ref.region, output_ref.offset, output_ref.byte_size, "output 'O'");
+    if (!t.ok()) return t.status();
+    r->output_target = {t->data, t->device};
+    r->regions.push_back(std::move(t->region));
   }
 
   // Parameters: Triton's scheduling ones, then the operator's overrides.
@@ -239,16 +341,19 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   if (raw.raw_count() > 0) {
     // One copy, from gRPC's buffers into staging memory (pinned on a GPU server). A full pool
     // does not hold the request up: the heap takes it instead.
-    absl::StatusOr<memory::Buffer> lease = model->engine().staging_pool().Acquire(3 * r->tensor_bytes);
+    absl::StatusOr<memory::Buffer> lease = model->engine().staging_pool().Acquire(
+        static_cast<size_t>(raw_inputs) * r->tensor_bytes);
     for (int i = 0; i < 3; ++i) {
+      if (shared[i].set) continue;
       char* dst;
       if (lease.ok()) {
-        dst = static_cast<char*>(lease->data()) + i * r->tensor_bytes;
+        dst = static_cast<char*>(lease->data()) +
+              static_cast<size_t>(raw_index_of[i]) * r->tensor_bytes;
       } else {
         r->owned[i].resize(r->tensor_bytes);
         dst = r->owned[i].data();
       }
-      raw.CopyRaw(static_cast<size_t>(index_of[i]), dst);
+      raw.CopyRaw(static_cast<size_t>(raw_index_of[i]), dst);
       *views[i] = absl::string_view(dst, r->tensor_bytes);
     }
     if (lease.ok()) r->input = *std::move(lease);
@@ -264,6 +369,12 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   out->set_name("O");
   out->set_datatype(DatatypeName(r->dtype));
   for (int64_t d : shape) out->add_shape(d);
+  if (output_ref.set) {
+    auto& params = *out->mutable_parameters();
+    params["shared_memory_region"].set_string_param(output_ref.region);
+    params["shared_memory_byte_size"].set_int64_param(static_cast<int64_t>(r->tensor_bytes));
+    params["shared_memory_offset"].set_int64_param(output_ref.offset);
+  }
   return r;
 }
 

@@ -13,15 +13,18 @@
 #include "server/grpc/wire.h"
 #include "server/model_registry.h"
 #include "server/request.h"
+#include "server/shared_memory.h"
 
 namespace dilattn::server {
 
 // `request` is the message without its raw tensors, which `raw` holds; they are copied once, into
-// a lease from `staging` (or the heap when it is full). `response` receives the header (model,
+// a lease from `staging` (or the heap when it is full). Tensors that the request places in
+// registered shared memory are viewed there, without a copy. `response` receives the header (model,
 // version, id, output metadata); the engine's output lease is appended when the request completes.
 absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     const inference::ModelInferRequest& request, const RequestBytes& raw,
-    const ModelRegistry& registry, absl::Time arrival, absl::Time rpc_deadline,
+    const ModelRegistry& registry, const SharedMemoryManager& shared_memory, absl::Time arrival,
+    absl::Time rpc_deadline,
     inference::ModelInferResponse* response);
 
 const char* DatatypeName(attention::DType dtype);

@@ -51,7 +51,10 @@ class InferReactor final : public grpc::ServerUnaryReactor {
 
   void Complete(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
   void Complete(InferenceRequest& r, const absl::Status& status) {
-    if (status.ok()) *out_ = InferResponseBytes(response, std::move(r.output), r.tensor_bytes);
+    if (status.ok()) {
+      const size_t bytes = r.output ? r.tensor_bytes : 0;  // 0: O is in shared memory
+      *out_ = InferResponseBytes(response, std::move(r.output), bytes);
+    }
     Finish(ToGrpcStatus(status));
   }
   void OnCancel() override { cancelled->store(true); }
@@ -67,8 +70,9 @@ class InferReactor final : public grpc::ServerUnaryReactor {
 // been answered.
 class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  StreamReactor(grpc::CallbackServerContext* ctx, ModelRegistry* registry)
-      : ctx_(ctx), registry_(registry) {
+  StreamReactor(grpc::CallbackServerContext* ctx, ModelRegistry* registry,
+                const SharedMemoryManager* shared_memory)
+      : ctx_(ctx), registry_(registry), shared_memory_(shared_memory) {
     StartRead(&incoming_);
   }
 
@@ -90,8 +94,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     StartRead(&incoming_);
     inference::ModelInferResponse* response = item->response.mutable_infer_response();
     absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
-        raw.ok() ? ParseInferRequest(item->request, *raw, *registry_, arrival, RpcDeadline(*ctx_),
-                                     response)
+        raw.ok() ? ParseInferRequest(item->request, *raw, *registry_, *shared_memory_, arrival,
+                                     RpcDeadline(*ctx_), response)
                  : absl::StatusOr<std::unique_ptr<InferenceRequest>>(raw.status());
     if (!parsed.ok()) {
       SetError(item.get(), parsed.status());
@@ -107,7 +111,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     r.done = [this, item = item.release()](InferenceRequest& req, const absl::Status& s,
                                            const RequestTimings&) {
       if (s.ok()) {
-        item->bytes = StreamResponseBytes(item->response, std::move(req.output), req.tensor_bytes);
+        const size_t bytes = req.output ? req.tensor_bytes : 0;  // 0: O is in shared memory
+        item->bytes = StreamResponseBytes(item->response, std::move(req.output), bytes);
       } else {
         SetError(item, s);
       }
@@ -191,6 +196,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
 
   grpc::CallbackServerContext* ctx_;
   ModelRegistry* registry_;
+  const SharedMemoryManager* shared_memory_;
   grpc::ByteBuffer incoming_;
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
   absl::Mutex mu_;
@@ -258,6 +264,10 @@ grpc::ServerUnaryReactor* InferenceService::ServerMetadata(
                         "binary_tensor_data"}) {
     resp->add_extensions(e);
   }
+  if (shared_memory_->enabled()) {
+    resp->add_extensions("system_shared_memory");
+    resp->add_extensions("cuda_shared_memory");
+  }
   return Reply(ctx, absl::OkStatus());
 }
 
@@ -320,6 +330,63 @@ grpc::ServerUnaryReactor* InferenceService::RepositoryIndex(
   return Reply(ctx, absl::OkStatus());
 }
 
+grpc::ServerUnaryReactor* InferenceService::SystemSharedMemoryStatus(
+    grpc::CallbackServerContext* ctx, const inference::SystemSharedMemoryStatusRequest* req,
+    inference::SystemSharedMemoryStatusResponse* resp) {
+  absl::StatusOr<std::vector<SharedMemoryRegion::Info>> regions =
+      shared_memory_->Status(RegionKind::kSystem, req->name());
+  if (!regions.ok()) return Reply(ctx, regions.status());
+  for (const SharedMemoryRegion::Info& info : *regions) {
+    auto& status = (*resp->mutable_regions())[info.name];
+    status.set_name(info.name);
+    status.set_key(info.key);
+    status.set_offset(info.offset);
+    status.set_byte_size(info.byte_size);
+  }
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::SystemSharedMemoryRegister(
+    grpc::CallbackServerContext* ctx, const inference::SystemSharedMemoryRegisterRequest* req,
+    inference::SystemSharedMemoryRegisterResponse*) {
+  return Reply(ctx, shared_memory_->RegisterSystem(req->name(), req->key(), req->offset(),
+                                                   req->byte_size()));
+}
+
+grpc::ServerUnaryReactor* InferenceService::SystemSharedMemoryUnregister(
+    grpc::CallbackServerContext* ctx, const inference::SystemSharedMemoryUnregisterRequest* req,
+    inference::SystemSharedMemoryUnregisterResponse*) {
+  return Reply(ctx, shared_memory_->Unregister(RegionKind::kSystem, req->name()));
+}
+
+grpc::ServerUnaryReactor* InferenceService::CudaSharedMemoryStatus(
+    grpc::CallbackServerContext* ctx, const inference::CudaSharedMemoryStatusRequest* req,
+    inference::CudaSharedMemoryStatusResponse* resp) {
+  absl::StatusOr<std::vector<SharedMemoryRegion::Info>> regions =
+      shared_memory_->Status(RegionKind::kCuda, req->name());
+  if (!regions.ok()) return Reply(ctx, regions.status());
+  for (const SharedMemoryRegion::Info& info : *regions) {
+    auto& status = (*resp->mutable_regions())[info.name];
+    status.set_name(info.name);
+    status.set_device_id(static_cast<uint64_t>(info.device));
+    status.set_byte_size(info.byte_size);
+  }
+  return Reply(ctx, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* InferenceService::CudaSharedMemoryRegister(
+    grpc::CallbackServerContext* ctx, const inference::CudaSharedMemoryRegisterRequest* req,
+    inference::CudaSharedMemoryRegisterResponse*) {
+  return Reply(ctx, shared_memory_->RegisterCuda(req->name(), req->raw_handle(),
+                                                 req->device_id(), req->byte_size()));
+}
+
+grpc::ServerUnaryReactor* InferenceService::CudaSharedMemoryUnregister(
+    grpc::CallbackServerContext* ctx, const inference::CudaSharedMemoryUnregisterRequest* req,
+    inference::CudaSharedMemoryUnregisterResponse*) {
+  return Reply(ctx, shared_memory_->Unregister(RegionKind::kCuda, req->name()));
+}
+
 grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerContext* ctx,
                                                        const grpc::ByteBuffer* request,
                                                        grpc::ByteBuffer* response) {
@@ -330,8 +397,9 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
     reactor->Complete(raw.status());
     return reactor;
   }
-  absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed = ParseInferRequest(
-      reactor->request, *raw, *registry_, arrival, RpcDeadline(*ctx), &reactor->response);
+  absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
+      ParseInferRequest(reactor->request, *raw, *registry_, *shared_memory_, arrival,
+                        RpcDeadline(*ctx), &reactor->response);
   if (!parsed.ok()) {
     reactor->Complete(parsed.status());
     return reactor;
@@ -348,7 +416,7 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* InferenceService::ModelStreamInfer(
     grpc::CallbackServerContext* ctx) {
-  return new StreamReactor(ctx, registry_);
+  return new StreamReactor(ctx, registry_, shared_memory_);
 }
 
 }  // namespace dilattn::server

@@ -9,6 +9,7 @@
 #include "inference/grpc_service.grpc.pb.h"
 #include "server/engine.h"
 #include "server/model_registry.h"
+#include "server/shared_memory.h"
 
 namespace dilattn::server {
 
@@ -31,8 +32,9 @@ using InferenceServiceBase = inference::GRPCInferenceService::WithRawCallbackMet
 
 class InferenceService final : public InferenceServiceBase {
  public:
-  InferenceService(ModelRegistry* registry, ServerState* state)
-      : registry_(registry), state_(state) {}
+  InferenceService(ModelRegistry* registry, SharedMemoryManager* shared_memory,
+                   ServerState* state)
+      : registry_(registry), shared_memory_(shared_memory), state_(state) {}
 
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx,
                                        const inference::ServerLiveRequest* req,
@@ -58,6 +60,24 @@ class InferenceService final : public InferenceServiceBase {
   grpc::ServerUnaryReactor* RepositoryIndex(grpc::CallbackServerContext* ctx,
                                             const inference::RepositoryIndexRequest* req,
                                             inference::RepositoryIndexResponse* resp) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryStatus(
+      grpc::CallbackServerContext* ctx, const inference::SystemSharedMemoryStatusRequest* req,
+      inference::SystemSharedMemoryStatusResponse* resp) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryRegister(
+      grpc::CallbackServerContext* ctx, const inference::SystemSharedMemoryRegisterRequest* req,
+      inference::SystemSharedMemoryRegisterResponse* resp) override;
+  grpc::ServerUnaryReactor* SystemSharedMemoryUnregister(
+      grpc::CallbackServerContext* ctx, const inference::SystemSharedMemoryUnregisterRequest* req,
+      inference::SystemSharedMemoryUnregisterResponse* resp) override;
+  grpc::ServerUnaryReactor* CudaSharedMemoryStatus(
+      grpc::CallbackServerContext* ctx, const inference::CudaSharedMemoryStatusRequest* req,
+      inference::CudaSharedMemoryStatusResponse* resp) override;
+  grpc::ServerUnaryReactor* CudaSharedMemoryRegister(
+      grpc::CallbackServerContext* ctx, const inference::CudaSharedMemoryRegisterRequest* req,
+      inference::CudaSharedMemoryRegisterResponse* resp) override;
+  grpc::ServerUnaryReactor* CudaSharedMemoryUnregister(
+      grpc::CallbackServerContext* ctx, const inference::CudaSharedMemoryUnregisterRequest* req,
+      inference::CudaSharedMemoryUnregisterResponse* resp) override;
   grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx,
                                        const grpc::ByteBuffer* request,
                                        grpc::ByteBuffer* response) override;
@@ -68,6 +88,7 @@ class InferenceService final : public InferenceServiceBase {
 
  private:
   ModelRegistry* registry_;
+  SharedMemoryManager* shared_memory_;
   ServerState* state_;
 };
 

@@ -40,7 +40,9 @@ class RequestBytes {
 };
 
 // `header` (whose raw_output_contents must be empty) with `bytes` of `output` appended as
-// raw_output_contents[0]; the lease lives until gRPC releases the message.
+// raw_output_contents[0]; the lease lives until gRPC releases the message. An output that went
+// to shared memory is sent as an empty raw_output_contents[0] (bytes 0), as Triton does: its C++
+// client reads one entry per output.
 grpc::ByteBuffer InferResponseBytes(const inference::ModelInferResponse& header,
                                     memory::Buffer output, size_t bytes);
 // The same inside a ModelStreamInferResponse (infer_response holds the header).

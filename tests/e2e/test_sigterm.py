@@ -13,7 +13,7 @@ from helpers import make_inputs
 HELD_MODEL = """
 name: "held"
 max_batch_size: 64
-dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 5000000 }
+dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 30000000 }
 parameters { key: "segment_lengths" value { string_value: "32,64" } }
 parameters { key: "dilation_rates" value { string_value: "1,2" } }
 """
@@ -34,7 +34,7 @@ def test_sigterm_finishes_accepted_requests(tmp_path):
         expected[str(i)] = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
         c.async_infer("held", make_inputs(q, k, v), request_id=str(i),
                       callback=lambda result, error: results.put((result, error)))
-    # All 24 are queued (held by the 5 s batching delay) when the signal arrives.
+    # All 24 are queued (held by the 30 s batching delay) when the signal arrives.
     assert wait_until(lambda: s.metric("nv_inference_pending_request_count", model="held") == 24)
     s.proc.send_signal(signal.SIGTERM)
     for _ in range(24):

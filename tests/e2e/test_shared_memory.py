@@ -1,0 +1,358 @@
+"""Triton's shared-memory extension with tritonclient's own helpers: tensors in registered
+system (POSIX) regions, and on a GPU server in CUDA IPC regions; registration, status and
+unregistration; every bad reference answered INVALID_ARGUMENT naming it."""
+
+import base64
+import os
+import queue
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+import cuda_ipc
+import reference
+from conftest import ServerProcess, wait_until
+from helpers import NUMPY_DTYPE, to_wire
+
+MODEL = "dilated_attention"
+PARAMS = {"segment_lengths": "16,32", "dilation_rates": "1,2"}
+SHAPE = (1, 64, 2, 16)
+
+
+def _unique(prefix):
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def region():
+    """A fresh system region of a given size; destroyed (and unregistered) afterwards."""
+    made = []
+
+    def make(client, byte_size, register=True):
+        name, key = _unique("r"), "/" + _unique("dilattn_test")
+        handle = shm.create_shared_memory_region(name, key, byte_size)
+        made.append((client, name, handle))
+        if register:
+            client.register_system_shared_memory(name, key, byte_size)
+        return name, key, handle
+
+    yield make
+    for client, name, handle in made:
+        try:
+            client.unregister_system_shared_memory(name)
+        except InferenceServerException:
+            pass
+        shm.destroy_shared_memory_region(handle)
+
+
+def _qkv(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, SHAPE).astype(np.float32) for _ in range(3)]
+
+
+def _expected(q, k, v, datatype):
+    return reference.dilated_attention(*(to_wire(x, datatype) for x in (q, k, v)), [16, 32], [1, 2])
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16"])
+def test_inputs_and_output_in_one_region(client, region, datatype):
+    q, k, v = _qkv()
+    wire = [x.astype(NUMPY_DTYPE[datatype]) for x in (q, k, v)]
+    n = wire[0].nbytes
+    name, _, handle = region(client, 4 * n)
+    shm.set_shared_memory_region(handle, wire)  # Q, K, V back to back
+    poison = np.full(SHAPE, np.nan, dtype=NUMPY_DTYPE[datatype])
+    shm.set_shared_memory_region(handle, [poison], offset=3 * n)
+    inputs = []
+    for i, label in enumerate("QKV"):
+        t = grpcclient.InferInput(label, list(SHAPE), datatype)
+        t.set_shared_memory(name, n, offset=i * n)
+        inputs.append(t)
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(name, n, offset=3 * n)
+    result = client.infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+    response = result.get_response()
+    assert list(response.raw_output_contents) == [b""]  # the tensor is in the region
+    assert response.outputs[0].parameters["shared_memory_region"].string_param == name
+    o = shm.get_contents_as_numpy(handle, NUMPY_DTYPE[datatype], list(SHAPE), offset=3 * n)
+    o = o.astype(np.float32)
+    assert not np.isnan(o).any()
+    err = reference.relative_error(o, _expected(q, k, v, datatype))
+    assert err <= reference.TOLERANCE[datatype], err
+
+
+def test_mixed_shared_and_raw_inputs(client, region):
+    q, k, v = _qkv(1)
+    name, _, handle = region(client, q.nbytes)
+    shm.set_shared_memory_region(handle, [k])
+    inputs = []
+    for label, x in zip("QKV", (q, k, v)):
+        t = grpcclient.InferInput(label, list(SHAPE), "FP32")
+        if label == "K":
+            t.set_shared_memory(name, x.nbytes)
+        else:
+            t.set_data_from_numpy(x)
+        inputs.append(t)
+    o = client.infer(MODEL, inputs, parameters=PARAMS).as_numpy("O")
+    assert reference.relative_error(o, _expected(q, k, v, "FP32")) <= reference.FP32
+
+
+def test_stream_infer_with_shared_memory(server, region):
+    c = server.client()
+    q, k, v = _qkv(2)
+    n = q.nbytes
+    name, _, handle = region(c, 4 * n)
+    shm.set_shared_memory_region(handle, [q, k, v])
+    results = queue.Queue()
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        inputs = []
+        for i, label in enumerate("QKV"):
+            t = grpcclient.InferInput(label, list(SHAPE), "FP32")
+            t.set_shared_memory(name, n, offset=i * n)
+            inputs.append(t)
+        out = grpcclient.InferRequestedOutput("O")
+        out.set_shared_memory(name, n, offset=3 * n)
+        c.async_stream_infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+        result, error = results.get(timeout=60)
+        assert error is None, error
+    finally:
+        c.stop_stream()
+    o = shm.get_contents_as_numpy(handle, np.float32, list(SHAPE), offset=3 * n)
+    assert reference.relative_error(o, _expected(q, k, v, "FP32")) <= reference.FP32
+
+
+def test_register_status_unregister(client, region):
+    name, key, _ = region(client, 4096)
+    status = client.get_system_shared_memory_status(name)
+    assert status.regions[name].key == key and status.regions[name].byte_size == 4096
+    assert name in client.get_system_shared_memory_status().regions
+    with pytest.raises(InferenceServerException) as e:
+        client.register_system_shared_memory(name, key, 4096)
+    assert "ALREADY_EXISTS" in str(e.value.status()) and name in e.value.message()
+    client.unregister_system_shared_memory(name)
+    assert name not in client.get_system_shared_memory_status().regions
+    client.unregister_system_shared_memory(name)  # idempotent
+    with pytest.raises(InferenceServerException) as e:
+        client.get_system_shared_memory_status(name)
+    assert "NOT_FOUND" in str(e.value.status())
+    assert "system_shared_memory" in client.get_server_metadata().extensions
+
+
+def test_unregister_all(client, region):
+    names = [region(client, 1024)[0] for _ in range(3)]
+    assert set(names) <= set(client.get_system_shared_memory_status().regions)
+    client.unregister_system_shared_memory()
+    assert not set(names) & set(client.get_system_shared_memory_status().regions)
+
+
+@pytest.mark.parametrize("key, needle", [
+    ("/../../etc/passwd", "not a POSIX shared-memory object name"),
+    ("/a/b", "not a POSIX shared-memory object name"),
+    ("", "not a POSIX shared-memory object name"),
+    ("/dilattn_no_such_object", "cannot open shared memory object"),
+])
+def test_register_bad_key(client, key, needle):
+    with pytest.raises(InferenceServerException) as e:
+        client.register_system_shared_memory(_unique("bad"), key, 1024)
+    assert "INVALID_ARGUMENT" in str(e.value.status())
+    assert needle in e.value.message(), e.value.message()
+
+
+def test_register_range_beyond_object(client, region):
+    name, key, _ = region(client, 4096, register=False)
+    with pytest.raises(InferenceServerException) as e:
+        client.register_system_shared_memory(name, key, 4096, offset=1)
+    assert "INVALID_ARGUMENT" in str(e.value.status())
+    assert "fewer than offset 1 + byte_size 4096" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.register_system_shared_memory(name, key, 0)
+    assert "byte_size is 0" in e.value.message()
+    client.register_system_shared_memory(name, key, 1024, offset=3000)  # an unaligned offset maps
+
+
+def _infer_expect(client, needle, inputs, outputs=None):
+    with pytest.raises(InferenceServerException) as e:
+        client.infer(MODEL, inputs, outputs=outputs, parameters=PARAMS)
+    assert "INVALID_ARGUMENT" in str(e.value.status()), e.value
+    assert needle in e.value.message(), e.value.message()
+    assert client.is_server_live()
+
+
+def _shm_inputs(name, n, offsets=(0, None, None), size=None):
+    q, k, v = _qkv()
+    inputs = []
+    for label, x, off in zip("QKV", (q, k, v), offsets):
+        t = grpcclient.InferInput(label, list(SHAPE), "FP32")
+        if off is None:
+            t.set_data_from_numpy(x)
+        else:
+            t.set_shared_memory(name, size if size is not None else n, offset=off)
+        inputs.append(t)
+    return inputs
+
+
+def test_bad_references(client, region):
+    n = int(np.prod(SHAPE)) * 4
+    name, _, handle = region(client, 2 * n)
+    shm.set_shared_memory_region(handle, [np.zeros(2 * n // 4, dtype=np.float32)])
+    _infer_expect(client, "region 'nope' is not registered", _shm_inputs("nope", n))
+    _infer_expect(client, "shared_memory_byte_size 100 but shape [1,64,2,16] of FP32 needs 8192",
+                  _shm_inputs(name, n, size=100))
+    _infer_expect(client, f"offset {2 * n} + byte_size {n} lies outside",
+                  _shm_inputs(name, n, offsets=(2 * n, None, None)))
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(name, 16)
+    _infer_expect(client, "output 'O' has shared_memory_byte_size 16", _shm_inputs(name, n), [out])
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(name, n, offset=n + 1)
+    _infer_expect(client, "lies outside shared memory region", _shm_inputs(name, n), [out])
+    # Half a reference: a size without a region.
+    inputs = _shm_inputs(name, n, offsets=(None, None, None))
+    inputs[0]._input.parameters["shared_memory_byte_size"].int64_param = n
+    _infer_expect(client, "without shared_memory_region", inputs)
+    inputs = _shm_inputs(name, n, offsets=(None, None, None))
+    inputs[2]._input.parameters["shared_memory_region"].string_param = name
+    _infer_expect(client, "without shared_memory_byte_size", inputs)
+
+
+def test_object_shrunk_after_registration(client, region):
+    n = int(np.prod(SHAPE)) * 4
+    name, key, _ = region(client, n)
+    fd = os.open("/dev/shm/" + key.lstrip("/"), os.O_RDWR)
+    try:
+        os.ftruncate(fd, 100)
+    finally:
+        os.close(fd)
+    _infer_expect(client, "has shrunk below the registered range", _shm_inputs(name, n))
+
+
+def test_unregister_while_in_flight(client, region):
+    """A request keeps its regions mapped: unregistering (and the client unlinking the object)
+    right after sending cannot pull memory from under it."""
+    q, k, v = _qkv(3)
+    n = q.nbytes
+    name, _, handle = region(client, 4 * n)
+    shm.set_shared_memory_region(handle, [q, k, v])
+    results = []
+    inputs = []
+    for i, label in enumerate("QKV"):
+        t = grpcclient.InferInput(label, list(SHAPE), "FP32")
+        t.set_shared_memory(name, n, offset=i * n)
+        inputs.append(t)
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(name, n, offset=3 * n)
+    for _ in range(8):
+        client.async_infer(MODEL, inputs, outputs=[out], parameters=PARAMS,
+                           callback=lambda result, error: results.append((result, error)))
+    client.unregister_system_shared_memory(name)
+    assert wait_until(lambda: len(results) == 8, timeout=60)
+    for result, error in results:
+        # Each request either resolved the region before it went (and completed) or after
+        # (and was refused); none crashed the server.
+        assert error is None or "is not registered" in error.message(), error
+    assert client.is_server_live()
+
+
+def test_switched_off():
+    s = ServerProcess("--shared-memory", "off", name="shm-off")
+    try:
+        c = s.client()
+        handle = shm.create_shared_memory_region("x", "/" + _unique("dilattn_off"), 1024)
+        try:
+            with pytest.raises(InferenceServerException) as e:
+                c.register_system_shared_memory("x", "/whatever", 1024)
+            assert "UNAVAILABLE" in str(e.value.status())
+            assert "system_shared_memory" not in c.get_server_metadata().extensions
+        finally:
+            shm.destroy_shared_memory_region(handle)
+    finally:
+        assert s.stop() == 0
+
+
+def test_cuda_region_refused_without_gpu(client):
+    if cuda_ipc.on_gpu():
+        pytest.skip("this server has a GPU")
+    with pytest.raises(InferenceServerException) as e:
+        client.register_cuda_shared_memory("c", base64.b64encode(b"\0" * 64), 0, 1024)
+    assert "INVALID_ARGUMENT" in str(e.value.status()) or "FAILED_PRECONDITION" in str(
+        e.value.status())
+    assert "CUDA" in e.value.message()
+    assert "c" not in client.get_cuda_shared_memory_status().regions
+
+
+@pytest.fixture
+def cudart():
+    if not cuda_ipc.on_gpu():
+        pytest.skip("CUDA shared memory needs a GPU server (DILATTN_E2E_DEVICE=cuda)")
+    lib = cuda_ipc.load_cudart()
+    if lib is None:
+        pytest.skip("no CUDA runtime library for the client side")
+    return lib
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32"])
+def test_cuda_inputs_and_output(client, cudart, datatype):
+    q, k, v = _qkv(4)
+    wire = [x.astype(NUMPY_DTYPE[datatype]) for x in (q, k, v)]
+    n = wire[0].nbytes
+    buf = cuda_ipc.DeviceBuffer(cudart, 4 * n)
+    name = _unique("cuda")
+    try:
+        buf.fill(0xFF)  # NaN in both FP16 and FP32: an unwritten output cannot pass
+        for i, x in enumerate(wire):
+            buf.write(x, offset=i * n)
+        client.register_cuda_shared_memory(name, buf.raw_handle(), 0, 4 * n)
+        assert client.get_cuda_shared_memory_status(name).regions[name].byte_size == 4 * n
+        inputs = []
+        for i, label in enumerate("QKV"):
+            t = grpcclient.InferInput(label, list(SHAPE), datatype)
+            t.set_shared_memory(name, n, offset=i * n)
+            inputs.append(t)
+        out = grpcclient.InferRequestedOutput("O")
+        out.set_shared_memory(name, n, offset=3 * n)
+        result = client.infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+        assert list(result.get_response().raw_output_contents) == [b""]
+        o = buf.read(NUMPY_DTYPE[datatype], SHAPE, offset=3 * n).astype(np.float32)
+        assert not np.isnan(o).any()
+        err = reference.relative_error(o, _expected(q, k, v, datatype))
+        assert err <= reference.TOLERANCE[datatype], err
+    finally:
+        client.unregister_cuda_shared_memory(name)
+        buf.free()
+
+
+def test_cuda_region_errors(client, cudart):
+    buf = cuda_ipc.DeviceBuffer(cudart, 4096)
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            client.register_cuda_shared_memory(_unique("big"), buf.raw_handle(), 0, 1 << 30)
+        assert "exceeds the shared CUDA allocation" in e.value.message(), e.value.message()
+        with pytest.raises(InferenceServerException) as e:
+            client.register_cuda_shared_memory(_unique("short"), base64.b64encode(b"\1" * 10), 0,
+                                              1024)
+        assert "raw_handle has 10 bytes" in e.value.message()
+        with pytest.raises(InferenceServerException) as e:
+            client.register_cuda_shared_memory(_unique("dev"), buf.raw_handle(), 99, 1024)
+        assert "device_id 99 does not exist" in e.value.message()
+    finally:
+        buf.free()
+    # Block-sparse runs on the CPU path, which cannot read device memory: refused, by name.
+    n = int(np.prod(SHAPE)) * 4
+    buf = cuda_ipc.DeviceBuffer(cudart, n)
+    name = _unique("cpu_path")
+    try:
+        client.register_cuda_shared_memory(name, buf.raw_handle(), 0, n)
+        t = [grpcclient.InferInput(label, list(SHAPE), "FP32") for label in "QKV"]
+        for x in t:
+            x.set_shared_memory(name, n)
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("block_sparse_attention", t)
+        assert "CUDA shared memory" in e.value.message() and "CPU" in e.value.message()
+    finally:
+        client.unregister_cuda_shared_memory(name)
+        buf.free()
