@@ -5,8 +5,8 @@
 #   1. release build: unit, conformance and GPU kernel tests (the last skip without a GPU)
 #   2. end-to-end: the real server binary with tritonclient, perf_analyzer, Prometheus (pytest)
 #   3. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit, conformance,
-#      and the server under the end-to-end error, conformance and shutdown tests (a leak at exit
-#      fails them)
+#      and the server under the end-to-end error, conformance, shutdown and shared-memory tests
+#      (a leak at exit fails them)
 #   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool)
 #
 # Prints each stage's CTest summary; exits non-zero on the first failing stage.
