@@ -191,11 +191,14 @@ __device__ __forceinline__ void GatherRows(uint32_t smem_tile, int thread_row, i
 // Folds one 64-key tile of a 16-row slice into the running softmax. `s` holds the slice's 32
 // raw scores as 8 column tiles of 4 (the mma accumulator layout: rows lane / 4 and lane / 4 + 8,
 // columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. `acc` (kAccTiles x 4, same
-// layout over the output columns) is rescaled; row_max is kept in raw score units.
+// layout over the output columns) is rescaled; row_max is kept in raw score units. With
+// kAccTiles = 0 the rescale factors go to `alpha` instead, for a caller whose accumulator is
+// still being written by an asynchronous product.
 template <int kAccTiles>
 __device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max, float* row_sum,
                                             int lane, const KeyTile& kt, bool need_causal,
-                                            const int64_t* pos, float scale_log2) {
+                                            const int64_t* pos, float scale_log2,
+                                            float* alpha = nullptr) {
   // Masking only where it can matter: a span's last, partial tile, and with causal the tiles
   // that reach past the slice's rows. Per row, the last visible column: one division, then
   // 32-bit compares.
@@ -230,7 +233,8 @@ __device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max
     const float new_max = fmaxf(row_max[h], tile_max);
     // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
     const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-    const float alpha = Exp2(row_max[h] * scale_log2 - use);
+    const float scale = Exp2(row_max[h] * scale_log2 - use);
+    if (alpha != nullptr) alpha[h] = scale;
     row_max[h] = new_max;
     float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -239,11 +243,11 @@ __device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max
       s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
       part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
     }
-    row_sum[h] = row_sum[h] * alpha + ((part[0] + part[1]) + (part[2] + part[3]));
+    row_sum[h] = row_sum[h] * scale + ((part[0] + part[1]) + (part[2] + part[3]));
 #pragma unroll
     for (int i = 0; i < kAccTiles; ++i) {
-      acc[4 * i + 2 * h] *= alpha;
-      acc[4 * i + 2 * h + 1] *= alpha;
+      acc[4 * i + 2 * h] *= scale;
+      acc[4 * i + 2 * h + 1] *= scale;
     }
   }
 }

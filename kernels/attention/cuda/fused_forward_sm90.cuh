@@ -3,9 +3,12 @@
 // The Hopper (sm_90a) variant of the fused kernel for D = 64: the same tiles, gathers and online
 // softmax as fused_forward.cuh, with both products on wgmma. Two warpgroups each own 64 of the
 // tile's 128 query rows. S = Q K^T reads Q and K straight from shared memory through matrix
-// descriptors; O += P V takes P from registers and V from shared memory (transposed). The shared
-// tiles' 16-byte XOR swizzle by row % 8 over 128-byte rows is exactly the hardware's 128-byte
-// swizzle, so the loaders are unchanged; tiles are 1024-byte aligned as that swizzle requires.
+// descriptors; O += P V takes P from registers and V from shared memory (transposed). Within a
+// warpgroup the softmax of key tile t + 1 runs while O += P_t V_t is on the tensor cores (see
+// Run); at 128 registers two CTAs, four warpgroups, share an SM.
+// The shared tiles' 16-byte XOR swizzle by row % 8 over 128-byte rows is exactly the hardware's
+// 128-byte swizzle, so the loaders are unchanged; tiles are 1024-byte aligned as that swizzle
+// requires.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -78,6 +81,9 @@ __device__ __forceinline__ void WgmmaCommit() {
 __device__ __forceinline__ void WgmmaWait0() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+__device__ __forceinline__ void WgmmaWait1() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
 // cp.async writes shared memory through the generic proxy; wgmma reads it through the async
 // proxy.
 __device__ __forceinline__ void FenceProxyAsync() {
@@ -91,7 +97,10 @@ struct HopperForwardKernel {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 128;
   static constexpr int kChunks = D / 8;
-  static constexpr int kStages = 3;
+  // Key tiles are loaded three ahead; the stage refilled at tile t is tile t - 1's, whose
+  // products completed in the previous iteration.
+  static constexpr int kPrefetch = 3;
+  static constexpr int kStages = kPrefetch + 1;
   static constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));  // 8 KiB
   static constexpr int kSmemBytes = kBlockM * D * 2 + 2 * kStages * kTileBytes + 1024;
 
@@ -143,7 +152,7 @@ struct HopperForwardKernel {
                                      q_stride * p.q_row_stride, tile.count, q);
     CpAsyncCommit();
 #pragma unroll
-    for (int st = 0; st + 1 < kStages; ++st) {
+    for (int st = 0; st < kPrefetch; ++st) {
       if (st < total_tiles) load_kv(st, st);
       CpAsyncCommit();
     }
@@ -155,9 +164,7 @@ struct HopperForwardKernel {
     int64_t pos[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) pos[h] = q_first + (warp_row + lane / 4 + h * 8) * q_stride;
-    const int group_last_row = min(group * 64 + 64, static_cast<int>(tile.count)) - 1;
     const int64_t group_first_pos = q_first + group * 64 * q_stride;
-    const int64_t group_last_pos = q_first + group_last_row * q_stride;
 
     float acc[32];
 #pragma unroll
@@ -167,46 +174,84 @@ struct HopperForwardKernel {
     // The warpgroup's 64 Q rows start 8 KiB into the Q tile; a k16 step is 32 bytes along a row.
     const uint32_t q_group = sq_addr + group * 64 * D * 2;
 
-    for (int t = 0; t < total_tiles; ++t) {
-      const int stage = t % kStages;
-      if (t + kStages - 1 < total_tiles) load_kv(t + kStages - 1, (t + kStages - 1) % kStages);
-      CpAsyncCommit();
-      CpAsyncWait<kStages - 1>();
+    // Per key tile t, in one warpgroup: the scores of tile t + 1 and O += P_t V_t are issued
+    // together, and the softmax of tile t + 1 runs while O += P_t V_t is still on the tensor
+    // cores; its rescale factors are applied to O once that product is done. Nothing is in
+    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, key tiles
+    // that lie wholly after a warpgroup's rows are computed anyway and masked to zero weight:
+    // skipping them takes branches around the asynchronous products, which measured slower in
+    // both the causal and the full case (BENCHMARKS.md).
+    float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
+    uint32_t probs[4][4];  // P_t, packed as the A operand of O += P V
+    auto issue_scores = [&](int stage) {
+      const uint32_t k_tile = sk_addr + stage * kTileBytes;
+      WgmmaFence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        Wgmma<T>::SS(s, WgmmaDescriptor(q_group + ks * 32, 16, 1024),
+                     WgmmaDescriptor(k_tile + ks * 32, 16, 1024), ks > 0);
+      }
+      WgmmaCommit();
+    };
+    auto issue_pv = [&](int stage) {
+      const uint32_t v_tile = sv_addr + stage * kTileBytes;
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
+        Wgmma<T>::RS(acc, probs[kk], WgmmaDescriptor(v_tile + kk * 2048, 16, 1024));
+      }
+      WgmmaCommit();
+    };
+    // Softmax of the scores in `s` for tile t; the factors that rescale O go to `alpha`.
+    auto softmax = [&](int t, float* alpha) {
+      const KeyTile kt = KeyTileAt(spans, t);
+      const bool need_causal =
+          p.causal && kt.pos0 + (kt.valid - 1) * kt.rate > group_first_pos;
+      SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal, pos,
+                     params.scale_log2, alpha);
+    };
+    // P into the A operand's registers; only once the product reading them is done.
+    auto pack = [&] {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) PackProbabilities<T>(s, kk, probs[kk]);
+    };
+
+    if (total_tiles > 0) {
+      CpAsyncWait<kPrefetch - 1>();  // Q and tile 0
       FenceProxyAsync();
       __syncthreads();
-
-      const KeyTile kt = KeyTileAt(spans, t);
-      // Warpgroup-uniform: all 4 warps of a group issue wgmma together or not at all.
-      if (!(p.causal && kt.pos0 > group_last_pos)) {
-        const uint32_t k_tile = sk_addr + stage * kTileBytes;
-        const uint32_t v_tile = sv_addr + stage * kTileBytes;
-        float s[32];  // this warp's 16 rows x 64 keys, mma accumulator layout
-        WgmmaFence();
+      float alpha[2];
+      issue_scores(0);
+      WgmmaWait0();
+      softmax(0, alpha);  // O is still zero: nothing to rescale
+      pack();
+    }
+    for (int t = 0; t + 1 < total_tiles; ++t) {
+      CpAsyncWait<kPrefetch - 2>();  // tile t + 1 has landed (this thread's part)
+      FenceProxyAsync();
+      __syncthreads();  // ... everyone's; and every warpgroup is done with tile t - 1
+      if (t + kPrefetch < total_tiles) load_kv(t + kPrefetch, (t + kPrefetch) % kStages);
+      CpAsyncCommit();
+      issue_scores((t + 1) % kStages);
+      issue_pv(t % kStages);
+      WgmmaWait1();  // the scores; O += P_t V_t may still run
+      float alpha[2];
+      softmax(t + 1, alpha);
+      WgmmaWait0();
 #pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          Wgmma<T>::SS(s, WgmmaDescriptor(q_group + ks * 32, 16, 1024),
-                       WgmmaDescriptor(k_tile + ks * 32, 16, 1024), ks > 0);
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          acc[4 * j + 2 * h] *= alpha[h];
+          acc[4 * j + 2 * h + 1] *= alpha[h];
         }
-        WgmmaCommit();
-        WgmmaWait0();
-
-        const bool need_causal =
-            p.causal && kt.pos0 + (kt.valid - 1) * kt.rate > group_first_pos;
-        SoftmaxStep<D / 8>(s, acc, row_max, row_sum, lane, kt, need_causal, pos,
-                           params.scale_log2);
-        uint32_t a[4][4];
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) PackProbabilities<T>(s, kk, a[kk]);
-        WgmmaFence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
-          Wgmma<T>::RS(acc, a[kk], WgmmaDescriptor(v_tile + kk * 2048, 16, 1024));
-        }
-        WgmmaCommit();
-        WgmmaWait0();
       }
-      __syncthreads();
+      pack();
+    }
+    if (total_tiles > 0) {
+      issue_pv((total_tiles - 1) % kStages);
+      WgmmaWait0();
     }
     CpAsyncWait<0>();
 
@@ -217,7 +262,7 @@ struct HopperForwardKernel {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(HopperForwardKernel<T>::kThreads)
+__global__ void __launch_bounds__(HopperForwardKernel<T>::kThreads, 2)
     HopperForward(const __grid_constant__ FusedForwardParams params) {
   HopperForwardKernel<T>::Run(params);
 }
