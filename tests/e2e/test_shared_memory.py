@@ -58,6 +58,18 @@ def _expected(q, k, v, datatype):
     return reference.dilated_attention(*(to_wire(x, datatype) for x in (q, k, v)), [16, 32], [1, 2])
 
 
+def _packed_tensors(name, n, datatype="FP32"):
+    """Q, K, V at offsets 0, n, 2n of region `name` and the output O at 3n: (inputs, outputs)."""
+    inputs = []
+    for i, label in enumerate("QKV"):
+        t = grpcclient.InferInput(label, list(SHAPE), datatype)
+        t.set_shared_memory(name, n, offset=i * n)
+        inputs.append(t)
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(name, n, offset=3 * n)
+    return inputs, [out]
+
+
 @pytest.mark.parametrize("datatype", ["FP32", "FP16"])
 def test_inputs_and_output_in_one_region(client, region, datatype):
     q, k, v = _qkv()
@@ -67,14 +79,8 @@ def test_inputs_and_output_in_one_region(client, region, datatype):
     shm.set_shared_memory_region(handle, wire)  # Q, K, V back to back
     poison = np.full(SHAPE, np.nan, dtype=NUMPY_DTYPE[datatype])
     shm.set_shared_memory_region(handle, [poison], offset=3 * n)
-    inputs = []
-    for i, label in enumerate("QKV"):
-        t = grpcclient.InferInput(label, list(SHAPE), datatype)
-        t.set_shared_memory(name, n, offset=i * n)
-        inputs.append(t)
-    out = grpcclient.InferRequestedOutput("O")
-    out.set_shared_memory(name, n, offset=3 * n)
-    result = client.infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+    inputs, outputs = _packed_tensors(name, n, datatype)
+    result = client.infer(MODEL, inputs, outputs=outputs, parameters=PARAMS)
     response = result.get_response()
     assert list(response.raw_output_contents) == [b""]  # the tensor is in the region
     assert response.outputs[0].parameters["shared_memory_region"].string_param == name
@@ -110,14 +116,8 @@ def test_stream_infer_with_shared_memory(server, region):
     results = queue.Queue()
     c.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
-        inputs = []
-        for i, label in enumerate("QKV"):
-            t = grpcclient.InferInput(label, list(SHAPE), "FP32")
-            t.set_shared_memory(name, n, offset=i * n)
-            inputs.append(t)
-        out = grpcclient.InferRequestedOutput("O")
-        out.set_shared_memory(name, n, offset=3 * n)
-        c.async_stream_infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+        inputs, outputs = _packed_tensors(name, n)
+        c.async_stream_infer(MODEL, inputs, outputs=outputs, parameters=PARAMS)
         result, error = results.get(timeout=60)
         assert error is None, error
     finally:
@@ -239,15 +239,9 @@ def test_unregister_while_in_flight(client, region):
     name, _, handle = region(client, 4 * n)
     shm.set_shared_memory_region(handle, [q, k, v])
     results = []
-    inputs = []
-    for i, label in enumerate("QKV"):
-        t = grpcclient.InferInput(label, list(SHAPE), "FP32")
-        t.set_shared_memory(name, n, offset=i * n)
-        inputs.append(t)
-    out = grpcclient.InferRequestedOutput("O")
-    out.set_shared_memory(name, n, offset=3 * n)
+    inputs, outputs = _packed_tensors(name, n)
     for _ in range(8):
-        client.async_infer(MODEL, inputs, outputs=[out], parameters=PARAMS,
+        client.async_infer(MODEL, inputs, outputs=outputs, parameters=PARAMS,
                            callback=lambda result, error: results.append((result, error)))
     client.unregister_system_shared_memory(name)
     assert wait_until(lambda: len(results) == 8, timeout=60)
@@ -308,14 +302,8 @@ def test_cuda_inputs_and_output(client, cudart, datatype):
             buf.write(x, offset=i * n)
         client.register_cuda_shared_memory(name, buf.raw_handle(), 0, 4 * n)
         assert client.get_cuda_shared_memory_status(name).regions[name].byte_size == 4 * n
-        inputs = []
-        for i, label in enumerate("QKV"):
-            t = grpcclient.InferInput(label, list(SHAPE), datatype)
-            t.set_shared_memory(name, n, offset=i * n)
-            inputs.append(t)
-        out = grpcclient.InferRequestedOutput("O")
-        out.set_shared_memory(name, n, offset=3 * n)
-        result = client.infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+        inputs, outputs = _packed_tensors(name, n, datatype)
+        result = client.infer(MODEL, inputs, outputs=outputs, parameters=PARAMS)
         assert list(result.get_response().raw_output_contents) == [b""]
         o = buf.read(NUMPY_DTYPE[datatype], SHAPE, offset=3 * n).astype(np.float32)
         assert not np.isnan(o).any()
