@@ -15,6 +15,22 @@ std::string Describe(cudaError_t err) {
   return absl::StrCat(cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
 }
 
+// Makes `device` current for the scope's lifetime and then restores the caller's device: these
+// calls run on gRPC and engine threads whose current device is not ours to change.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    cudaGetDevice(&previous_);
+    cudaSetDevice(device);
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 // The extent of the allocation holding `p`, from the driver: the runtime does not say it. Looked
 // up through the runtime so that the binary does not link libcuda and still starts on machines
 // without a driver.
@@ -53,22 +69,18 @@ absl::StatusOr<void*> CudaIpcOpen(absl::string_view raw_handle, int device, size
         absl::StrCat("device_id ", device, " does not exist here (", count, " CUDA devices)"));
   }
   std::memcpy(&handle, raw_handle.data(), sizeof(handle));
-  int previous = 0;
-  cudaGetDevice(&previous);
-  cudaSetDevice(device);
+  DeviceScope scope(device);
   void* pointer = nullptr;
   const cudaError_t err =
       cudaIpcOpenMemHandle(&pointer, handle, cudaIpcMemLazyEnablePeerAccess);
-  CUdeviceptr base = 0;
-  size_t size = 0;
-  const CUresult range =
-      err == cudaSuccess ? AllocationRange(pointer, &base, &size) : CUDA_ERROR_INVALID_VALUE;
-  cudaSetDevice(previous);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return absl::InvalidArgumentError(
         absl::StrCat("cannot open the CUDA IPC handle on device ", device, ": ", Describe(err)));
   }
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  const CUresult range = AllocationRange(pointer, &base, &size);
   const size_t available =
       range == CUDA_SUCCESS ? base + size - reinterpret_cast<CUdeviceptr>(pointer) : 0;
   if (range != CUDA_SUCCESS || available < byte_size) {
@@ -84,20 +96,14 @@ absl::StatusOr<void*> CudaIpcOpen(absl::string_view raw_handle, int device, size
 }
 
 void CudaIpcClose(void* device_pointer, int device) {
-  int previous = 0;
-  cudaGetDevice(&previous);
-  cudaSetDevice(device);
+  DeviceScope scope(device);
   cudaIpcCloseMemHandle(device_pointer);
   cudaGetLastError();
-  cudaSetDevice(previous);
 }
 
 absl::Status CudaHostPin(void* data, size_t bytes, int device) {
-  int previous = 0;
-  cudaGetDevice(&previous);
-  cudaSetDevice(device);
+  DeviceScope scope(device);
   const cudaError_t err = cudaHostRegister(data, bytes, cudaHostRegisterPortable);
-  cudaSetDevice(previous);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return absl::InternalError(absl::StrCat("cudaHostRegister: ", Describe(err)));
@@ -106,12 +112,9 @@ absl::Status CudaHostPin(void* data, size_t bytes, int device) {
 }
 
 void CudaHostUnpin(void* data, int device) {
-  int previous = 0;
-  cudaGetDevice(&previous);
-  cudaSetDevice(device);
+  DeviceScope scope(device);
   cudaHostUnregister(data);
   cudaGetLastError();
-  cudaSetDevice(previous);
 }
 
 }  // namespace dilattn::server

@@ -87,9 +87,10 @@ absl::Status SharedMemoryManager::RegisterSystem(absl::string_view name, absl::s
                                 "': ", std::strerror(errno)));
   }
   struct stat st;
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) ||
+  const bool stat_ok = fstat(fd, &st) == 0;
+  if (!stat_ok || !S_ISREG(st.st_mode) ||
       static_cast<uint64_t>(st.st_size) < offset + byte_size) {
-    const int64_t size = fstat(fd, &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+    const int64_t size = stat_ok ? static_cast<int64_t>(st.st_size) : -1;
     close(fd);
     return Invalid(absl::StrCat("region '", name, "': shared memory object '", key, "' has ",
                                 size, " bytes, fewer than offset ", offset, " + byte_size ",
