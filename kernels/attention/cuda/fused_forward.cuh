@@ -188,6 +188,61 @@ __device__ __forceinline__ void GatherRows(uint32_t smem_tile, int thread_row, i
   }
 }
 
+// Where a CTA's tile is and the gathers that fill its shared tiles; both kernels start here.
+// Thread tid gathers 16-byte chunk tid % (D / 8) of rows tid / (D / 8) + j * (kThreads / (D / 8)).
+template <int D, int kThreads, typename T>
+struct TileGather {
+  const DilatedAttentionParams& p;
+  GpuTile tile;
+  int64_t seq_base;  // the tile's sequence starts at this token
+  int64_t head_off;  // element offset of the tile's head within a token row
+  int thread_row;
+  int thread_chunk;
+
+  __device__ explicit TileGather(const FusedForwardParams& params)
+      : p(params.attn),
+        tile(params.tiles[blockIdx.x]),
+        seq_base(p.seq_offsets[tile.seq]),
+        head_off(static_cast<int64_t>(tile.head) * D),
+        thread_row(threadIdx.x / (D / 8)),
+        thread_chunk(threadIdx.x % (D / 8)) {}
+
+  // Thread 0 plans the tile's key spans; every thread waits for them.
+  __device__ void PlanSpans(KeySpans* spans) const {
+    if (threadIdx.x == 0) {
+      const int64_t seq_len = p.seq_offsets[tile.seq + 1] - seq_base;
+      const int64_t q_last = tile.q_pos + (tile.count - 1) * tile.q_stride;
+      PlanKeySpans(p, tile.head, seq_len, tile.q_pos, q_last, spans);
+    }
+    __syncthreads();
+  }
+
+  // The tile's (up to) kRows query rows into the shared tile at `sq`.
+  template <int kRows>
+  __device__ void LoadQ(uint32_t sq) const {
+    const T* q = static_cast<const T*>(p.q);
+    GatherRows<D, kThreads, kRows>(sq, thread_row, thread_chunk,
+                                   q + (seq_base + tile.q_pos + thread_row * tile.q_stride) *
+                                           p.q_row_stride + head_off + thread_chunk * 8,
+                                   tile.q_stride * p.q_row_stride, tile.count, q);
+  }
+
+  // Key tile t of the walk into one K and one V ring stage.
+  __device__ void LoadKV(const KeySpans& spans, int t, uint32_t sk, uint32_t sv) const {
+    const T* k = static_cast<const T*>(p.k);
+    const T* v = static_cast<const T*>(p.v);
+    const KeyTile kt = KeyTileAt(spans, t);
+    const int64_t first = seq_base + kt.pos0 + thread_row * kt.rate;
+    const int64_t col = head_off + thread_chunk * 8;
+    GatherRows<D, kThreads, kBlockN>(sk, thread_row, thread_chunk,
+                                     k + first * p.k_row_stride + col, kt.rate * p.k_row_stride,
+                                     kt.valid, k);
+    GatherRows<D, kThreads, kBlockN>(sv, thread_row, thread_chunk,
+                                     v + first * p.v_row_stride + col, kt.rate * p.v_row_stride,
+                                     kt.valid, v);
+  }
+};
+
 // Folds one 64-key tile of a 16-row slice into the running softmax. `s` holds the slice's 32
 // raw scores as 8 column tiles of 4 (the mma accumulator layout: rows lane / 4 and lane / 4 + 8,
 // columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. `acc` (kAccTiles x 4, same
@@ -296,7 +351,6 @@ struct FusedForwardKernel {
                                         ? DILATTN_FUSED_MIN_BLOCKS
                                         : (kWarps == 8 && kMTiles == 1 ? 2 : 1);
   static constexpr int kBlockM = kWarps * 16 * kMTiles;
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kDTiles = D / 8;  // 8-wide output column tiles
   static constexpr int kKSteps = D / 16;
   static constexpr bool kQInRegisters = D <= 64 && DILATTN_FUSED_Q_IN_REGISTERS;
@@ -315,42 +369,22 @@ struct FusedForwardKernel {
     const uint32_t sv_addr = SharedAddress(sv);
     constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));
 
+    const TileGather<D, kThreads, T> gather(params);
     const DilatedAttentionParams& p = params.attn;
-    const GpuTile tile = params.tiles[blockIdx.x];
-    const int64_t seq_base = p.seq_offsets[tile.seq];
-    const int64_t seq_len = p.seq_offsets[tile.seq + 1] - seq_base;
-    const int head = tile.head;
-    const int64_t head_off = static_cast<int64_t>(head) * D;
+    const GpuTile& tile = gather.tile;
+    const int64_t seq_base = gather.seq_base;
+    const int64_t head_off = gather.head_off;
     const int64_t q_stride = tile.q_stride;
     const int64_t q_first = tile.q_pos;
-    const int64_t q_last = q_first + (tile.count - 1) * q_stride;
-    const T* q = static_cast<const T*>(p.q);
-    const T* k = static_cast<const T*>(p.k);
-    const T* v = static_cast<const T*>(p.v);
 
     __shared__ KeySpans spans;
-    if (threadIdx.x == 0) PlanKeySpans(p, head, seq_len, q_first, q_last, &spans);
-    __syncthreads();
+    gather.PlanSpans(&spans);
     const int total_tiles = spans.total_tiles();
-
-    const int thread_row = threadIdx.x / kChunks;
-    const int thread_chunk = threadIdx.x % kChunks;
     auto load_kv = [&](int t, int stage) {
-      const KeyTile kt = KeyTileAt(spans, t);
-      const int64_t first = seq_base + kt.pos0 + thread_row * kt.rate;
-      const int64_t col = head_off + thread_chunk * 8;
-      GatherRows<D, kThreads, kBlockN>(sk_addr + stage * kTileBytes, thread_row, thread_chunk,
-                                       k + first * p.k_row_stride + col,
-                                       kt.rate * p.k_row_stride, kt.valid, k);
-      GatherRows<D, kThreads, kBlockN>(sv_addr + stage * kTileBytes, thread_row, thread_chunk,
-                                       v + first * p.v_row_stride + col,
-                                       kt.rate * p.v_row_stride, kt.valid, v);
+      gather.LoadKV(spans, t, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
     };
 
-    GatherRows<D, kThreads, kBlockM>(sq_addr, thread_row, thread_chunk,
-                                     q + (seq_base + q_first + thread_row * q_stride) *
-                                             p.q_row_stride + head_off + thread_chunk * 8,
-                                     q_stride * p.q_row_stride, tile.count, q);
+    gather.template LoadQ<kBlockM>(sq_addr);
     CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st + 1 < kStages; ++st) {

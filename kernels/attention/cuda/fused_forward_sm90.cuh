@@ -96,7 +96,6 @@ struct HopperForwardKernel {
   static constexpr int kWarps = 8;  // two warpgroups
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 128;
-  static constexpr int kChunks = D / 8;
   // Key tiles are loaded three ahead; the stage refilled at tile t is tile t - 1's, whose
   // products completed in the previous iteration.
   static constexpr int kPrefetch = 3;
@@ -114,42 +113,22 @@ struct HopperForwardKernel {
     const uint32_t sk_addr = sq_addr + kBlockM * D * 2;
     const uint32_t sv_addr = sk_addr + kStages * kTileBytes;
 
+    const TileGather<D, kThreads, T> gather(params);
     const DilatedAttentionParams& p = params.attn;
-    const GpuTile tile = params.tiles[blockIdx.x];
-    const int64_t seq_base = p.seq_offsets[tile.seq];
-    const int64_t seq_len = p.seq_offsets[tile.seq + 1] - seq_base;
-    const int head = tile.head;
-    const int64_t head_off = static_cast<int64_t>(head) * D;
+    const GpuTile& tile = gather.tile;
+    const int64_t seq_base = gather.seq_base;
+    const int64_t head_off = gather.head_off;
     const int64_t q_stride = tile.q_stride;
     const int64_t q_first = tile.q_pos;
-    const int64_t q_last = q_first + (tile.count - 1) * q_stride;
-    const T* q = static_cast<const T*>(p.q);
-    const T* k = static_cast<const T*>(p.k);
-    const T* v = static_cast<const T*>(p.v);
 
     __shared__ KeySpans spans;
-    if (threadIdx.x == 0) PlanKeySpans(p, head, seq_len, q_first, q_last, &spans);
-    __syncthreads();
+    gather.PlanSpans(&spans);
     const int total_tiles = spans.total_tiles();
-
-    const int thread_row = threadIdx.x / kChunks;
-    const int thread_chunk = threadIdx.x % kChunks;
     auto load_kv = [&](int t, int stage) {
-      const KeyTile kt = KeyTileAt(spans, t);
-      const int64_t first = seq_base + kt.pos0 + thread_row * kt.rate;
-      const int64_t col = head_off + thread_chunk * 8;
-      GatherRows<D, kThreads, kBlockN>(sk_addr + stage * kTileBytes, thread_row, thread_chunk,
-                                       k + first * p.k_row_stride + col,
-                                       kt.rate * p.k_row_stride, kt.valid, k);
-      GatherRows<D, kThreads, kBlockN>(sv_addr + stage * kTileBytes, thread_row, thread_chunk,
-                                       v + first * p.v_row_stride + col,
-                                       kt.rate * p.v_row_stride, kt.valid, v);
+      gather.LoadKV(spans, t, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
     };
 
-    GatherRows<D, kThreads, kBlockM>(sq_addr, thread_row, thread_chunk,
-                                     q + (seq_base + q_first + thread_row * q_stride) *
-                                             p.q_row_stride + head_off + thread_chunk * 8,
-                                     q_stride * p.q_row_stride, tile.count, q);
+    gather.template LoadQ<kBlockM>(sq_addr);
     CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st < kPrefetch; ++st) {
