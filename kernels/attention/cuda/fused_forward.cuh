@@ -67,8 +67,6 @@ struct MmaType<__nv_bfloat16> {
   }
 };
 
-__device__ __forceinline__ int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 // 2^x by the SFU (relative error 2^-22); 2^-inf is +0, which masked scores rely on.
 __device__ __forceinline__ float Exp2(float x) {
   float y;
@@ -113,11 +111,11 @@ __device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
 
 // The key spans of one tile, in shared memory: one per branch the tile's rows take part in,
 // clipped to the last query when causal (later keys are masked for every row), with the running
-// count of 64-key tiles.
+// count of 64-key tiles. Positions, rates and counts are within one sequence (< 2^31).
 struct KeySpans {
-  int64_t first[kMaxBranches];
-  int64_t rate[kMaxBranches];
-  int64_t count[kMaxBranches];
+  int first[kMaxBranches];
+  int rate[kMaxBranches];
+  int count[kMaxBranches];
   int tiles_end[kMaxBranches];
   int num;
   __device__ int total_tiles() const { return num > 0 ? tiles_end[num - 1] : 0; }
@@ -138,9 +136,9 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, in
       const int64_t visible = (q_last - first) / rate + 1;
       count = count < visible ? count : visible;
     }
-    spans->first[n] = first;
-    spans->rate[n] = rate;
-    spans->count[n] = count;
+    spans->first[n] = static_cast<int>(first);
+    spans->rate[n] = static_cast<int>(rate);
+    spans->count[n] = static_cast<int>(count);
     tiles += static_cast<int>((count + kBlockN - 1) / kBlockN);
     spans->tiles_end[n] = tiles;
     ++n;
@@ -148,26 +146,33 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, in
   spans->num = n;
 }
 
-// Key tile t of a tile's walk: its span, first key index in the span, valid keys, and the
-// position and spacing of its keys.
+// A cursor over a tile's walk of key tiles, span by span. The walk only ever moves one tile on,
+// so the span table is read when a span starts, not per tile.
 struct KeyTile {
-  int span;
-  int64_t k0;
-  int valid;
-  int64_t pos0;
-  int64_t rate;
+  int span;       // == spans.num once past the last tile
+  int remaining;  // keys of the span from this tile's first key on
+  int pos0;       // position of the tile's first key in its sequence
+  int rate;       // positions between consecutive keys
+  __device__ int valid() const { return remaining < kBlockN ? remaining : kBlockN; }
 };
 
-__device__ __forceinline__ KeyTile KeyTileAt(const KeySpans& spans, int t) {
-  KeyTile kt;
-  kt.span = 0;
-  while (spans.tiles_end[kt.span] <= t) ++kt.span;
-  const int begin = kt.span == 0 ? 0 : spans.tiles_end[kt.span - 1];
-  kt.k0 = static_cast<int64_t>(t - begin) * kBlockN;
-  kt.valid = static_cast<int>(Min64(kBlockN, spans.count[kt.span] - kt.k0));
-  kt.rate = spans.rate[kt.span];
-  kt.pos0 = spans.first[kt.span] + kt.k0 * kt.rate;
+__device__ __forceinline__ KeyTile SpanStart(const KeySpans& spans, int span) {
+  KeyTile kt{span, 0, 0, 1};
+  if (span < spans.num) {
+    kt.remaining = spans.count[span];
+    kt.pos0 = spans.first[span];
+    kt.rate = spans.rate[span];
+  }
   return kt;
+}
+
+__device__ __forceinline__ void NextKeyTile(const KeySpans& spans, KeyTile* kt) {
+  kt->remaining -= kBlockN;
+  if (kt->remaining > 0) {
+    kt->pos0 += kBlockN * kt->rate;
+  } else {
+    *kt = SpanStart(spans, kt->span + 1);
+  }
 }
 
 // Row gathers: thread tid copies 16-byte chunk (tid % (D / 8)) of rows tid / (D / 8) + j * pass
@@ -227,19 +232,19 @@ struct TileGather {
                                    tile.q_stride * p.q_row_stride, tile.count, q);
   }
 
-  // Key tile t of the walk into one K and one V ring stage.
-  __device__ void LoadKV(const KeySpans& spans, int t, uint32_t sk, uint32_t sv) const {
+  // One key tile into one K and one V ring stage.
+  __device__ void LoadKV(const KeyTile& kt, uint32_t sk, uint32_t sv) const {
     const T* k = static_cast<const T*>(p.k);
     const T* v = static_cast<const T*>(p.v);
-    const KeyTile kt = KeyTileAt(spans, t);
     const int64_t first = seq_base + kt.pos0 + thread_row * kt.rate;
     const int64_t col = head_off + thread_chunk * 8;
+    const int64_t rate = kt.rate;
     GatherRows<D, kThreads, kBlockN>(sk, thread_row, thread_chunk,
-                                     k + first * p.k_row_stride + col, kt.rate * p.k_row_stride,
-                                     kt.valid, k);
+                                     k + first * p.k_row_stride + col, rate * p.k_row_stride,
+                                     kt.valid(), k);
     GatherRows<D, kThreads, kBlockN>(sv, thread_row, thread_chunk,
-                                     v + first * p.v_row_stride + col, kt.rate * p.v_row_stride,
-                                     kt.valid, v);
+                                     v + first * p.v_row_stride + col, rate * p.v_row_stride,
+                                     kt.valid(), v);
   }
 };
 
@@ -257,14 +262,14 @@ __device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max
   // Masking only where it can matter: a span's last, partial tile, and with causal the tiles
   // that reach past the slice's rows. Per row, the last visible column: one division, then
   // 32-bit compares.
-  if (kt.valid < kBlockN || need_causal) {
+  if (kt.remaining < kBlockN || need_causal) {
     const int tcol = 2 * (lane % 4);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      int last = kt.valid - 1;
+      int last = kt.valid() - 1;
       if (need_causal) {
         const int64_t ahead = pos[h] - kt.pos0;  // < 2^31 within one sequence
-        const int seen = ahead < 0 ? -1 : static_cast<int>(ahead) / static_cast<int>(kt.rate);
+        const int seen = ahead < 0 ? -1 : static_cast<int>(ahead) / kt.rate;
         last = seen < last ? seen : last;
       }
 #pragma unroll
@@ -380,15 +385,17 @@ struct FusedForwardKernel {
     __shared__ KeySpans spans;
     gather.PlanSpans(&spans);
     const int total_tiles = spans.total_tiles();
-    auto load_kv = [&](int t, int stage) {
-      gather.LoadKV(spans, t, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
+    KeyTile load_tile = SpanStart(spans, 0);  // the next key tile to load
+    auto load_kv = [&](int stage) {
+      gather.LoadKV(load_tile, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
+      NextKeyTile(spans, &load_tile);
     };
 
     gather.template LoadQ<kBlockM>(sq_addr);
     CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st + 1 < kStages; ++st) {
-      if (st < total_tiles) load_kv(st, st);
+      if (st < total_tiles) load_kv(st);
       CpAsyncCommit();
     }
 
@@ -449,9 +456,10 @@ struct FusedForwardKernel {
                  sq_addr + 2 * (q_lane_row + mt * 16 * D + chunk_off(ks * 2 + v_lane_chunk)));
     };
 
-    for (int t = 0; t < total_tiles; ++t) {
+    KeyTile kt = SpanStart(spans, 0);
+    for (int t = 0; t < total_tiles; ++t, NextKeyTile(spans, &kt)) {
       const int stage = t % kStages;
-      if (t + kStages - 1 < total_tiles) load_kv(t + kStages - 1, (t + kStages - 1) % kStages);
+      if (t + kStages - 1 < total_tiles) load_kv((t + kStages - 1) % kStages);
       CpAsyncCommit();
       CpAsyncWait<kStages - 1>();  // Q and key tiles 0..t have landed
       __syncthreads();
@@ -464,7 +472,6 @@ struct FusedForwardKernel {
           }
         }
       }
-      const KeyTile kt = KeyTileAt(spans, t);
       if (!(p.causal && kt.pos0 > warp_last_pos)) {
         const uint32_t tk = sk_addr + stage * kTileBytes;
         const uint32_t tv = sv_addr + stage * kTileBytes;
@@ -505,7 +512,7 @@ struct FusedForwardKernel {
         }
 
         const bool need_causal =
-            p.causal && kt.pos0 + (kt.valid - 1) * kt.rate > warp_first_pos;
+            p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > warp_first_pos;
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           SoftmaxStep<kDTiles>(s[mt], acc[mt], row_max[mt], row_sum[mt], lane, kt, need_causal,

@@ -124,15 +124,17 @@ struct HopperForwardKernel {
     __shared__ KeySpans spans;
     gather.PlanSpans(&spans);
     const int total_tiles = spans.total_tiles();
-    auto load_kv = [&](int t, int stage) {
-      gather.LoadKV(spans, t, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
+    KeyTile load_tile = SpanStart(spans, 0);  // the next key tile to load
+    auto load_kv = [&](int stage) {
+      gather.LoadKV(load_tile, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
+      NextKeyTile(spans, &load_tile);
     };
 
     gather.template LoadQ<kBlockM>(sq_addr);
     CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st < kPrefetch; ++st) {
-      if (st < total_tiles) load_kv(st, st);
+      if (st < total_tiles) load_kv(st);
       CpAsyncCommit();
     }
 
@@ -182,11 +184,10 @@ struct HopperForwardKernel {
       }
       WgmmaCommit();
     };
-    // Softmax of the scores in `s` for tile t; the factors that rescale O go to `alpha`.
-    auto softmax = [&](int t, float* alpha) {
-      const KeyTile kt = KeyTileAt(spans, t);
+    // Softmax of the scores in `s` for key tile kt; the factors that rescale O go to `alpha`.
+    auto softmax = [&](const KeyTile& kt, float* alpha) {
       const bool need_causal =
-          p.causal && kt.pos0 + (kt.valid - 1) * kt.rate > group_first_pos;
+          p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > group_first_pos;
       SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal, pos,
                      params.scale_log2, alpha);
     };
@@ -203,20 +204,22 @@ struct HopperForwardKernel {
       float alpha[2];
       issue_scores(0);
       WgmmaWait0();
-      softmax(0, alpha);  // O is still zero: nothing to rescale
+      softmax(SpanStart(spans, 0), alpha);  // O is still zero: nothing to rescale
       pack();
     }
+    KeyTile next_tile = SpanStart(spans, 0);  // tile t + 1 below
     for (int t = 0; t + 1 < total_tiles; ++t) {
+      NextKeyTile(spans, &next_tile);
       CpAsyncWait<kPrefetch - 2>();  // tile t + 1 has landed (this thread's part)
       FenceProxyAsync();
       __syncthreads();  // ... everyone's; and every warpgroup is done with tile t - 1
-      if (t + kPrefetch < total_tiles) load_kv(t + kPrefetch, (t + kPrefetch) % kStages);
+      if (t + kPrefetch < total_tiles) load_kv((t + kPrefetch) % kStages);
       CpAsyncCommit();
       issue_scores((t + 1) % kStages);
       issue_pv(t % kStages);
       WgmmaWait1();  // the scores; O += P_t V_t may still run
       float alpha[2];
-      softmax(t + 1, alpha);
+      softmax(next_tile, alpha);
       WgmmaWait0();
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
