@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -74,6 +75,13 @@ class CudaBackend final : public AttentionBackend {
       return absl::InvalidArgumentError(absl::StrCat(
           "the cuda backend takes sequences of at most ", kGpuMaxSeqLen, " tokens and at most ",
           kGpuMaxHeads, " heads, got N=", p.max_seq_len, " and H=", p.num_heads));
+    }
+    // The kernels form key-row offsets as 32-bit products; contiguous tensors have H * D.
+    constexpr int64_t kMaxRowStride = std::numeric_limits<int32_t>::max();
+    if (p.k_row_stride > kMaxRowStride || p.v_row_stride > kMaxRowStride) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend takes K and V row strides of at most ", kMaxRowStride,
+          " elements, got ", p.k_row_stride, " and ", p.v_row_stride));
     }
     return absl::OkStatus();
   }

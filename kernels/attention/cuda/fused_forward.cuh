@@ -203,6 +203,11 @@ struct TileGather {
   int64_t head_off;  // element offset of the tile's head within a token row
   int thread_row;
   int thread_chunk;
+  // This thread's 16-byte chunk of the sequence's first K and V rows, and the row strides.
+  const T* k_row;
+  const T* v_row;
+  int k_stride;
+  int v_stride;
 
   __device__ explicit TileGather(const FusedForwardParams& params)
       : p(params.attn),
@@ -210,7 +215,13 @@ struct TileGather {
         seq_base(p.seq_offsets[tile.seq]),
         head_off(static_cast<int64_t>(tile.head) * D),
         thread_row(threadIdx.x / (D / 8)),
-        thread_chunk(threadIdx.x % (D / 8)) {}
+        thread_chunk(threadIdx.x % (D / 8)),
+        k_row(static_cast<const T*>(p.k) + seq_base * p.k_row_stride + head_off +
+              thread_chunk * 8),
+        v_row(static_cast<const T*>(p.v) + seq_base * p.v_row_stride + head_off +
+              thread_chunk * 8),
+        k_stride(static_cast<int>(p.k_row_stride)),
+        v_stride(static_cast<int>(p.v_row_stride)) {}
 
   // Thread 0 plans the tile's key spans; every thread waits for them.
   __device__ void PlanSpans(KeySpans* spans) const {
@@ -232,19 +243,20 @@ struct TileGather {
                                    tile.q_stride * p.q_row_stride, tile.count, q);
   }
 
-  // One key tile into one K and one V ring stage.
+  // One key tile into one K and one V ring stage. Offsets within the sequence are 32-bit
+  // products widened once (rows < 2^31, row strides < 2^31 elements: the selector checks).
   __device__ void LoadKV(const KeyTile& kt, uint32_t sk, uint32_t sv) const {
-    const T* k = static_cast<const T*>(p.k);
-    const T* v = static_cast<const T*>(p.v);
-    const int64_t first = seq_base + kt.pos0 + thread_row * kt.rate;
-    const int64_t col = head_off + thread_chunk * 8;
-    const int64_t rate = kt.rate;
-    GatherRows<D, kThreads, kBlockN>(sk, thread_row, thread_chunk,
-                                     k + first * p.k_row_stride + col, rate * p.k_row_stride,
-                                     kt.valid(), k);
-    GatherRows<D, kThreads, kBlockN>(sv, thread_row, thread_chunk,
-                                     v + first * p.v_row_stride + col, rate * p.v_row_stride,
-                                     kt.valid(), v);
+    constexpr int kRowsPerPass = kThreads / (D / 8);
+    const int valid = kt.valid();
+#pragma unroll
+    for (int j = 0; j < kBlockN / kRowsPerPass; ++j) {
+      const int row = thread_row + j * kRowsPerPass;
+      const bool ok = row < valid;
+      const int pos = ok ? kt.pos0 + row * kt.rate : 0;
+      const uint32_t dst = SwizzledOffset<D>(row, thread_chunk) * static_cast<int>(sizeof(T));
+      CpAsync16(sk + dst, k_row + static_cast<int64_t>(pos) * k_stride, ok);
+      CpAsync16(sv + dst, v_row + static_cast<int64_t>(pos) * v_stride, ok);
+    }
   }
 };
 
