@@ -254,20 +254,27 @@ struct TileGather {
       const bool ok = row < valid;
       const int pos = ok ? kt.pos0 + row * kt.rate : 0;
       const uint32_t dst = SwizzledOffset<D>(row, thread_chunk) * static_cast<int>(sizeof(T));
-      CpAsync16(sk + dst, k_row + static_cast<int64_t>(pos) * k_stride, ok);
-      CpAsync16(sv + dst, v_row + static_cast<int64_t>(pos) * v_stride, ok);
+      // Both factors are non-negative: one 32 x 32 -> 64-bit multiply each.
+      const uint32_t upos = static_cast<uint32_t>(pos);
+      CpAsync16(sk + dst, k_row + static_cast<uint64_t>(upos) * static_cast<uint32_t>(k_stride), ok);
+      CpAsync16(sv + dst, v_row + static_cast<uint64_t>(upos) * static_cast<uint32_t>(v_stride), ok);
     }
   }
 };
 
 // Folds one 64-key tile of a 16-row slice into the running softmax. `s` holds the slice's 32
 // raw scores as 8 column tiles of 4 (the mma accumulator layout: rows lane / 4 and lane / 4 + 8,
-// columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. `acc` (kAccTiles x 4, same
-// layout over the output columns) is rescaled; row_max is kept in raw score units. With
-// kAccTiles = 0 the rescale factors go to `alpha` instead, for a caller whose accumulator is
-// still being written by an asynchronous product.
+// columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. row_max is the exponent's
+// reference in raw score units. It is raised only when some row of the warp would otherwise see
+// probabilities above 2^kMaxGrowthLog2: O and the row sum share the reference, so a stale one is
+// exact once O is divided by the sum, and most tiles skip the rescale of O. Returns whether this
+// tile rescaled (warp-uniform); then `acc` (kAccTiles x 4, same layout over the output columns)
+// has been rescaled, or with kAccTiles = 0 the factors are in `alpha` for a caller whose
+// accumulator is still being written by an asynchronous product.
+inline constexpr float kMaxGrowthLog2 = 8.f;
+
 template <int kAccTiles>
-__device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max, float* row_sum,
+__device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max, float* row_sum,
                                             int lane, const KeyTile& kt, bool need_causal,
                                             const int64_t* pos, float scale_log2,
                                             float* alpha = nullptr) {
@@ -291,6 +298,8 @@ __device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max
       }
     }
   }
+  float tile_max[2];
+  bool grow = false;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float m4[4];
@@ -299,15 +308,30 @@ __device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max
       m4[j] = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
                     fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 4 + 2 * h + 1]));
     }
-    float tile_max = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-    const float new_max = fmaxf(row_max[h], tile_max);
-    // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
-    const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-    const float scale = Exp2(row_max[h] * scale_log2 - use);
-    if (alpha != nullptr) alpha[h] = scale;
-    row_max[h] = new_max;
+    float m = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    tile_max[h] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    // A first visible key always grows a max of -inf; a fully masked tile (-inf) never grows.
+    grow |= (tile_max[h] - row_max[h]) * scale_log2 > kMaxGrowthLog2;
+  }
+  grow = __any_sync(0xffffffffu, grow);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (grow) {
+      const float new_max = fmaxf(row_max[h], tile_max[h]);
+      // A row with nothing visible yet keeps max -inf; exponents then use 0 and give 0.
+      const float use = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+      const float scale = Exp2(row_max[h] * scale_log2 - use);
+      if (alpha != nullptr) alpha[h] = scale;
+      row_max[h] = new_max;
+      row_sum[h] *= scale;
+#pragma unroll
+      for (int i = 0; i < kAccTiles; ++i) {
+        acc[4 * i + 2 * h] *= scale;
+        acc[4 * i + 2 * h + 1] *= scale;
+      }
+    }
+    const float use = row_max[h] == -INFINITY ? 0.f : row_max[h] * scale_log2;
     float part[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -315,13 +339,9 @@ __device__ __forceinline__ void SoftmaxStep(float* s, float* acc, float* row_max
       s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
       part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
     }
-    row_sum[h] = row_sum[h] * scale + ((part[0] + part[1]) + (part[2] + part[3]));
-#pragma unroll
-    for (int i = 0; i < kAccTiles; ++i) {
-      acc[4 * i + 2 * h] *= scale;
-      acc[4 * i + 2 * h + 1] *= scale;
-    }
+    row_sum[h] += (part[0] + part[1]) + (part[2] + part[3]);
   }
+  return grow;
 }
 
 // The A operand (16 rows x 16 keys) of O += P V for keys 16kk..16kk+15: the accumulator layout

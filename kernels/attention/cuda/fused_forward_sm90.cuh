@@ -164,32 +164,37 @@ struct HopperForwardKernel {
     // both the causal and the full case (BENCHMARKS.md).
     float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
     uint32_t probs[4][4];  // P_t, packed as the A operand of O += P V
+    // Descriptors are built once: the address field is (address >> 4) in the low bits, so an
+    // offset within shared memory is added to the descriptor as offset >> 4.
+    const uint64_t q_desc = WgmmaDescriptor(q_group, 16, 1024);
+    const uint64_t k_desc = WgmmaDescriptor(sk_addr, 16, 1024);
+    const uint64_t v_desc = WgmmaDescriptor(sv_addr, 16, 1024);
     auto issue_scores = [&](int stage) {
-      const uint32_t k_tile = sk_addr + stage * kTileBytes;
+      const uint64_t k_tile = k_desc + ((stage * kTileBytes) >> 4);
       WgmmaFence();
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        Wgmma<T>::SS(s, WgmmaDescriptor(q_group + ks * 32, 16, 1024),
-                     WgmmaDescriptor(k_tile + ks * 32, 16, 1024), ks > 0);
+        Wgmma<T>::SS(s, q_desc + ((ks * 32) >> 4), k_tile + ((ks * 32) >> 4), ks > 0);
       }
       WgmmaCommit();
     };
     auto issue_pv = [&](int stage) {
-      const uint32_t v_tile = sv_addr + stage * kTileBytes;
+      const uint64_t v_tile = v_desc + ((stage * kTileBytes) >> 4);
       WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
-        Wgmma<T>::RS(acc, probs[kk], WgmmaDescriptor(v_tile + kk * 2048, 16, 1024));
+        Wgmma<T>::RS(acc, probs[kk], v_tile + ((kk * 2048) >> 4));
       }
       WgmmaCommit();
     };
-    // Softmax of the scores in `s` for key tile kt; the factors that rescale O go to `alpha`.
+    // Softmax of the scores in `s` for key tile kt; when it returns true, the factors that
+    // rescale O are in `alpha`.
     auto softmax = [&](const KeyTile& kt, float* alpha) {
       const bool need_causal =
           p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > group_first_pos;
-      SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal, pos,
-                     params.scale_log2, alpha);
+      return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal, pos,
+                            params.scale_log2, alpha);
     };
     // P into the A operand's registers; only once the product reading them is done.
     auto pack = [&] {
@@ -219,14 +224,16 @@ struct HopperForwardKernel {
       issue_pv(t % kStages);
       WgmmaWait1();  // the scores; O += P_t V_t may still run
       float alpha[2];
-      softmax(next_tile, alpha);
+      const bool rescale = softmax(next_tile, alpha);
       WgmmaWait0();
+      if (rescale) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < 2; ++h) {
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          acc[4 * j + 2 * h] *= alpha[h];
-          acc[4 * j + 2 * h + 1] *= alpha[h];
+          for (int j = 0; j < 8; ++j) {
+            acc[4 * j + 2 * h] *= alpha[h];
+            acc[4 * j + 2 * h + 1] *= alpha[h];
+          }
         }
       }
       pack();
