@@ -187,6 +187,10 @@ TEST(FusedForward, RejectsWhatItCannotRun) {
   plan = attention::PlanAttention(o, attention::DenseShape(DType::kFloat32, 1, 16, 2, 64));
   EXPECT_EQ(gpu->Supports(*plan).code(), absl::StatusCode::kInvalidArgument);
   plan = attention::PlanAttention(o, attention::DenseShape(DType::kFloat16, 1, 16, 2, 64));
+  attention::AttentionPlan wide = *plan;
+  wide.params.v_row_stride = int64_t{1} << 31;  // key-row offsets are 32-bit products
+  EXPECT_EQ(gpu->Supports(wide).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(gpu->Supports(wide).message()), ::testing::HasSubstr("row strides"));
   TypedBuffer host(DType::kFloat16, 16 * 2 * 64);
   const absl::Status s = gpu->Run(*plan, {host.cref(), host.cref(), host.cref(), host.ref()},
                                   {host.data(), host.bytes(), DeviceLoc::Host()});

@@ -68,8 +68,9 @@ class CudaBackend final : public AttentionBackend {
           "requests to fp16)");
     }
     if (!cuda::FusedForwardSupportsHeadDim(p.head_dim)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "head_dim D=", p.head_dim, " is not supported by the cuda backend (16, 32, 64, 128, 256)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("head_dim D=", p.head_dim,
+                       " is not supported by the cuda backend (16, 32, 64, 128, 256)"));
     }
     if (p.max_seq_len > kGpuMaxSeqLen || p.num_heads > kGpuMaxHeads) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -88,7 +89,8 @@ class CudaBackend final : public AttentionBackend {
 
   size_t WorkspaceBytes(const AttentionPlan& plan) const override {
     if (!Supports(plan).ok()) return 0;
-    return WorkspaceLayout(plan, CountGpuTiles(plan, cuda::FusedBlockM(plan.params.head_dim))).total;
+    const int block_m = cuda::FusedBlockM(plan.params.head_dim);
+    return WorkspaceLayout(plan, CountGpuTiles(plan, block_m)).total;
   }
 
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& tensors,
@@ -157,7 +159,8 @@ class CudaBackend final : public AttentionBackend {
   // The tile list depends only on the problem's shape and options: repeated shapes (benchmarks,
   // steady serving traffic) reuse the last one instead of planning again on the host.
   absl::Status PlanTiles(const AttentionPlan& plan) {
-    DilatedAttentionParams key = plan.params;  // value-initialised by PlanAttention: no stray padding
+    // Value-initialised by PlanAttention: no stray padding bytes in the fingerprint.
+    DilatedAttentionParams key = plan.params;
     key.q = key.k = key.v = key.o = nullptr;
     key.seq_offsets = nullptr;
     std::string fingerprint(reinterpret_cast<const char*>(&key), sizeof(key));

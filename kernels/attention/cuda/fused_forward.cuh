@@ -4,9 +4,9 @@
 // newer). One CTA per tile of the work list (gpu_tiles.h): up to kBlockM (128, or 64 for
 // D = 256) evenly spaced query rows of one (sequence, head) that share one key set. The CTA
 // walks the key spans of every branch the tile's rows take part in, 64 keys at a time, with one
-// online softmax across all of them, so longnet's union-of-keys softmax needs no merge pass. Dilated rows are gathered straight from
-// the (tokens, H, D) tensors with cp.async; K/V tiles stream through a kStages-deep ring in
-// shared memory.
+// online softmax across all of them, so longnet's union-of-keys softmax needs no merge pass.
+// Dilated rows are gathered straight from the (tokens, H, D) tensors with cp.async; K/V tiles
+// stream through a kStages-deep ring in shared memory.
 //
 // Warp w owns 16 * kMTiles consecutive query rows, in m16 tiles. Per m-tile each thread keeps two
 // rows' softmax state (rows lane/4 and lane/4 + 8) and its slice of the 16 x D accumulator in
@@ -255,9 +255,9 @@ struct TileGather {
       const int pos = ok ? kt.pos0 + row * kt.rate : 0;
       const uint32_t dst = SwizzledOffset<D>(row, thread_chunk) * static_cast<int>(sizeof(T));
       // Both factors are non-negative: one 32 x 32 -> 64-bit multiply each.
-      const uint32_t upos = static_cast<uint32_t>(pos);
-      CpAsync16(sk + dst, k_row + static_cast<uint64_t>(upos) * static_cast<uint32_t>(k_stride), ok);
-      CpAsync16(sv + dst, v_row + static_cast<uint64_t>(upos) * static_cast<uint32_t>(v_stride), ok);
+      const uint64_t upos = static_cast<uint32_t>(pos);
+      CpAsync16(sk + dst, k_row + upos * static_cast<uint32_t>(k_stride), ok);
+      CpAsync16(sv + dst, v_row + upos * static_cast<uint32_t>(v_stride), ok);
     }
   }
 };

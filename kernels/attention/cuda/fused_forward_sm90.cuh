@@ -4,8 +4,8 @@
 // softmax as fused_forward.cuh, with both products on wgmma. Two warpgroups each own 64 of the
 // tile's 128 query rows. S = Q K^T reads Q and K straight from shared memory through matrix
 // descriptors; O += P V takes P from registers and V from shared memory (transposed). Within a
-// warpgroup the softmax of key tile t + 1 runs while O += P_t V_t is on the tensor cores (see
-// Run); at 128 registers two CTAs, four warpgroups, share an SM.
+// warpgroup the scores of key tile t + 1 and O += P_t V_t are issued together (see Run); at 128
+// registers two CTAs, four warpgroups, share an SM and fill each other's gaps.
 // The shared tiles' 16-byte XOR swizzle by row % 8 over 128-byte rows is exactly the hardware's
 // 128-byte swizzle, so the loaders are unchanged; tiles are 1024-byte aligned as that swizzle
 // requires.
@@ -74,7 +74,9 @@ DILATTN_DEFINE_WGMMA(__half, "f16")
 DILATTN_DEFINE_WGMMA(__nv_bfloat16, "bf16")
 #undef DILATTN_DEFINE_WGMMA
 
-__device__ __forceinline__ void WgmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void WgmmaFence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
 __device__ __forceinline__ void WgmmaCommit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
@@ -156,8 +158,9 @@ struct HopperForwardKernel {
     const uint32_t q_group = sq_addr + group * 64 * D * 2;
 
     // Per key tile t, in one warpgroup: the scores of tile t + 1 and O += P_t V_t are issued
-    // together, and the softmax of tile t + 1 runs while O += P_t V_t is still on the tensor
-    // cores; its rescale factors are applied to O once that product is done. Nothing is in
+    // together, and the softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas
+    // places the wait for it before the exponentials; forcing them ahead of it measured slower:
+    // BENCHMARKS.md); its rescale factors are applied to O once that product is done. Nothing is in
     // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, key tiles
     // that lie wholly after a warpgroup's rows are computed anyway and masked to zero weight:
     // skipping them takes branches around the asynchronous products, which measured slower in
