@@ -142,7 +142,9 @@ struct HopperForwardKernel {
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int group = warp / 4;              // warpgroup: query rows 64 * group ...
+    // Read back from lane 0 so that ptxas can treat it as the same for the whole warp (its Q
+    // descriptor then stays in uniform registers).
+    const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // query rows 64 * group ...
     const int warp_row = warp * 16;          // this warp's 16 rows within the tile
     int64_t pos[2];
 #pragma unroll
