@@ -203,11 +203,14 @@ struct TileGather {
   int64_t head_off;  // element offset of the tile's head within a token row
   int thread_row;
   int thread_chunk;
-  // This thread's 16-byte chunk of the sequence's first K and V rows, and the row strides.
-  const T* k_row;
-  const T* v_row;
-  int k_stride;
-  int v_stride;
+  // This thread's 16-byte chunk of the sequence's first K and V rows and the row strides, in
+  // bytes: a row's address is then one widening multiply-add. Strides < 2^31 elements (the
+  // selector checks) are < 2^32 bytes.
+  const char* k_row;
+  const char* v_row;
+  uint32_t k_stride;
+  uint32_t v_stride;
+  uint32_t kv_dst;  // byte offset of this thread's chunk of its first row in a K or V tile
 
   __device__ explicit TileGather(const FusedForwardParams& params)
       : p(params.attn),
@@ -216,12 +219,15 @@ struct TileGather {
         head_off(static_cast<int64_t>(tile.head) * D),
         thread_row(threadIdx.x / (D / 8)),
         thread_chunk(threadIdx.x % (D / 8)),
-        k_row(static_cast<const T*>(p.k) + seq_base * p.k_row_stride + head_off +
-              thread_chunk * 8),
-        v_row(static_cast<const T*>(p.v) + seq_base * p.v_row_stride + head_off +
-              thread_chunk * 8),
-        k_stride(static_cast<int>(p.k_row_stride)),
-        v_stride(static_cast<int>(p.v_row_stride)) {}
+        k_row(reinterpret_cast<const char*>(static_cast<const T*>(p.k) +
+                                            seq_base * p.k_row_stride + head_off +
+                                            thread_chunk * 8)),
+        v_row(reinterpret_cast<const char*>(static_cast<const T*>(p.v) +
+                                            seq_base * p.v_row_stride + head_off +
+                                            thread_chunk * 8)),
+        k_stride(static_cast<uint32_t>(p.k_row_stride * sizeof(T))),
+        v_stride(static_cast<uint32_t>(p.v_row_stride * sizeof(T))),
+        kv_dst(SwizzledOffset<D>(thread_row, thread_chunk) * sizeof(T)) {}
 
   // Thread 0 plans the tile's key spans; every thread waits for them.
   __device__ void PlanSpans(KeySpans* spans) const {
@@ -253,11 +259,15 @@ struct TileGather {
       const int row = thread_row + j * kRowsPerPass;
       const bool ok = row < valid;
       const int pos = ok ? kt.pos0 + row * kt.rate : 0;
-      const uint32_t dst = SwizzledOffset<D>(row, thread_chunk) * static_cast<int>(sizeof(T));
-      // Both factors are non-negative: one 32 x 32 -> 64-bit multiply each.
+      // Whole 8-row swizzle periods per pass keep this thread's swizzle term.
+      const uint32_t dst =
+          kRowsPerPass % 8 == 0
+              ? kv_dst + j * kRowsPerPass * D * static_cast<int>(sizeof(T))
+              : SwizzledOffset<D>(row, thread_chunk) * static_cast<int>(sizeof(T));
+      // Both factors are non-negative: one 32 x 32 -> 64-bit multiply-add each.
       const uint64_t upos = static_cast<uint32_t>(pos);
-      CpAsync16(sk + dst, k_row + upos * static_cast<uint32_t>(k_stride), ok);
-      CpAsync16(sv + dst, v_row + upos * static_cast<uint32_t>(v_stride), ok);
+      CpAsync16(sk + dst, k_row + upos * k_stride, ok);
+      CpAsync16(sv + dst, v_row + upos * v_stride, ok);
     }
   }
 };
