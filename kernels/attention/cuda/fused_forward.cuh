@@ -272,25 +272,11 @@ struct TileGather {
   }
 };
 
-// Folds one 64-key tile of a 16-row slice into the running softmax. `s` holds the slice's 32
-// raw scores as 8 column tiles of 4 (the mma accumulator layout: rows lane / 4 and lane / 4 + 8,
-// columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. row_max is the exponent's
-// reference in raw score units. It is raised only when some row of the warp would otherwise see
-// probabilities above 2^kMaxGrowthLog2: O and the row sum share the reference, so a stale one is
-// exact once O is divided by the sum, and most tiles skip the rescale of O. Returns whether this
-// tile rescaled (warp-uniform); then `acc` (kAccTiles x 4, same layout over the output columns)
-// has been rescaled, or with kAccTiles = 0 the factors are in `alpha` for a caller whose
-// accumulator is still being written by an asynchronous product.
-inline constexpr float kMaxGrowthLog2 = 8.f;
-
-template <int kAccTiles>
-__device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max, float* row_sum,
-                                            int lane, const KeyTile& kt, bool need_causal,
-                                            const int64_t* pos, float scale_log2,
-                                            float* alpha = nullptr) {
-  // Masking only where it can matter: a span's last, partial tile, and with causal the tiles
-  // that reach past the slice's rows. Per row, the last visible column: one division, then
-  // 32-bit compares.
+// Sets the scores of invisible keys to -inf: only where it can matter, a span's last, partial
+// tile, and with causal the tiles that reach past the slice's rows. Per row, the last visible
+// column: one division, then 32-bit compares. (Layout as in SoftmaxStep below.)
+__device__ __forceinline__ void MaskScores(float* s, int lane, const KeyTile& kt, bool need_causal,
+                                           const int64_t* pos) {
   if (kt.remaining < kBlockN || need_causal) {
     const int tcol = 2 * (lane % 4);
 #pragma unroll
@@ -308,6 +294,25 @@ __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max
       }
     }
   }
+}
+
+// Folds one 64-key tile of a 16-row slice into the running softmax. `s` holds the slice's 32
+// raw scores as 8 column tiles of 4 (the mma accumulator layout: rows lane / 4 and lane / 4 + 8,
+// columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. row_max is the exponent's
+// reference in raw score units. It is raised only when some row of the warp would otherwise see
+// probabilities above 2^kMaxGrowthLog2: O and the row sum share the reference, so a stale one is
+// exact once O is divided by the sum, and most tiles skip the rescale of O. Returns whether this
+// tile rescaled (warp-uniform); then `acc` (kAccTiles x 4, same layout over the output columns)
+// has been rescaled, or with kAccTiles = 0 the factors are in `alpha` for a caller whose
+// accumulator is still being written by an asynchronous product.
+inline constexpr float kMaxGrowthLog2 = 8.f;
+
+template <int kAccTiles>
+__device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max, float* row_sum,
+                                            int lane, const KeyTile& kt, bool need_causal,
+                                            const int64_t* pos, float scale_log2,
+                                            float* alpha = nullptr) {
+  MaskScores(s, lane, kt, need_causal, pos);
   float tile_max[2];
   bool grow = false;
 #pragma unroll
@@ -352,6 +357,37 @@ __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max
     row_sum[h] += (part[0] + part[1]) + (part[2] + part[3]);
   }
   return grow;
+}
+
+// The common case of SoftmaxStep without the tile's max: exponents against the current reference
+// row_max, accepted when none exceeds 2^kMaxStaleLog2, which each thread sees in its partial sums
+// (positive terms; a -inf reference or an overflow fails the test as inf or NaN). `s` then holds
+// the probabilities and `sums` this thread's part of the tile's row sums, for the caller to add
+// once everyone who shares the products succeeded; otherwise the caller recomputes the scores
+// and takes SoftmaxStep.
+inline constexpr float kMaxStaleLog2 = 12.f;
+
+__device__ __forceinline__ bool SoftmaxAgainstStaleMax(float* s, const float* row_max,
+                                                       float* sums, int lane,
+                                                       const KeyTile& kt, bool need_causal,
+                                                       const int64_t* pos, float scale_log2) {
+  MaskScores(s, lane, kt, need_causal, pos);
+  constexpr float kLimit = 4096.f;  // 2^kMaxStaleLog2
+  bool ok = true;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float use = row_max[h] * scale_log2;
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
+      s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
+      part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+    }
+    sums[h] = (part[0] + part[1]) + (part[2] + part[3]);
+    ok = ok && sums[h] <= kLimit;  // false for NaN and inf
+  }
+  return ok;
 }
 
 // The A operand (16 rows x 16 keys) of O += P V for keys 16kk..16kk+15: the accumulator layout

@@ -201,6 +201,27 @@ struct HopperForwardKernel {
       return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal, pos,
                             params.scale_log2, alpha);
     };
+    // The common case: exponents against the current max, no max reduction (see
+    // SoftmaxAgainstStaleMax). The warpgroup agrees on the outcome, since a recomputation of
+    // the scores is a product all four warps issue.
+    auto softmax_stale = [&](const KeyTile& kt) {
+      const bool need_causal =
+          p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > group_first_pos;
+      float sums[2];
+      const bool ok = SoftmaxAgainstStaleMax(s, row_max, sums, lane, kt, need_causal, pos,
+                                             params.scale_log2);
+      int any_failed;
+      asm volatile(
+          "{\n.reg .pred failed, any;\nsetp.eq.u32 failed, %1, 0;\n"
+          "bar.red.or.pred any, %2, 128, failed;\nselp.u32 %0, 1, 0, any;\n}\n"
+          : "=r"(any_failed)
+          : "r"(static_cast<int>(ok)), "r"(1 + group)
+          : "memory");
+      if (any_failed != 0) return false;
+      row_sum[0] += sums[0];
+      row_sum[1] += sums[1];
+      return true;
+    };
     // P into the A operand's registers; only once the product reading them is done.
     auto pack = [&] {
 #pragma unroll
@@ -228,9 +249,15 @@ struct HopperForwardKernel {
       issue_scores((t + 1) % kStages);
       issue_pv(t % kStages);
       WgmmaWait1();  // the scores; O += P_t V_t may still run
-      float alpha[2];
-      const bool rescale = softmax(next_tile, alpha);
+      const bool settled = softmax_stale(next_tile);
       WgmmaWait0();
+      float alpha[2];
+      bool rescale = false;
+      if (!settled) {  // some score rose too far above the max: again, with the tile's max
+        issue_scores((t + 1) % kStages);
+        WgmmaWait0();
+        rescale = softmax(next_tile, alpha);
+      }
       if (rescale) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
