@@ -556,45 +556,66 @@ struct FusedForwardKernel {
 
         // S = Q K^T: per m-tile, 16 rows x 64 keys in 8 column tiles of 8 keys.
         float s[kMTiles][32];
+        auto scores = [&] {
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
+          for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-          for (int e = 0; e < 32; ++e) s[mt][e] = 0.f;
-        }
-#pragma unroll
-        for (int ks = 0; ks < kKSteps; ++ks) {
-          uint32_t a_local[kQInRegisters ? 1 : kMTiles][4];
-          if constexpr (!kQInRegisters) {
-#pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
-          }
-          // All of the k-step's K fragments before its mmas: the asm statements keep program
-          // order, so interleaving would stall on every ldmatrix.
-          uint32_t b[4][4];
-          const int koff = chunk_off(ks * 2 + k_lane_chunk);
-#pragma unroll
-          for (int jp = 0; jp < 4; ++jp) {
-            LdMatrixX4(b[jp], tk + 2 * (k_lane_row + jp * 16 * D + koff));
+            for (int e = 0; e < 32; ++e) s[mt][e] = 0.f;
           }
 #pragma unroll
-          for (int jp = 0; jp < 4; ++jp) {
+          for (int ks = 0; ks < kKSteps; ++ks) {
+            uint32_t a_local[kQInRegisters ? 1 : kMTiles][4];
+            if constexpr (!kQInRegisters) {
 #pragma unroll
-            for (int mt = 0; mt < kMTiles; ++mt) {
-              const uint32_t* a = kQInRegisters
-                                      ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
-                                      : a_local[kQInRegisters ? 0 : mt];
-              MmaType<T>::Mma(&s[mt][8 * jp], a, b[jp][0], b[jp][1]);
-              MmaType<T>::Mma(&s[mt][8 * jp + 4], a, b[jp][2], b[jp][3]);
+              for (int mt = 0; mt < kMTiles; ++mt) load_q_frag(mt, ks, a_local[mt]);
+            }
+            // All of the k-step's K fragments before its mmas: the asm statements keep program
+            // order, so interleaving would stall on every ldmatrix.
+            uint32_t b[4][4];
+            const int koff = chunk_off(ks * 2 + k_lane_chunk);
+#pragma unroll
+            for (int jp = 0; jp < 4; ++jp) {
+              LdMatrixX4(b[jp], tk + 2 * (k_lane_row + jp * 16 * D + koff));
+            }
+#pragma unroll
+            for (int jp = 0; jp < 4; ++jp) {
+#pragma unroll
+              for (int mt = 0; mt < kMTiles; ++mt) {
+                const uint32_t* a = kQInRegisters
+                                        ? q_frag[kQInRegisters ? mt : 0][kQInRegisters ? ks : 0]
+                                        : a_local[kQInRegisters ? 0 : mt];
+                MmaType<T>::Mma(&s[mt][8 * jp], a, b[jp][0], b[jp][1]);
+                MmaType<T>::Mma(&s[mt][8 * jp + 4], a, b[jp][2], b[jp][3]);
+              }
             }
           }
-        }
+        };
+        scores();
 
+        // The common case against the current max (SoftmaxAgainstStaleMax); if a row rose too
+        // far above it, the warp recomputes the scores and takes the full step.
         const bool need_causal =
             p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > warp_first_pos;
+        bool settled = true;
+        float sums[kMTiles][2];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          SoftmaxStep<kDTiles>(s[mt], acc[mt], row_max[mt], row_sum[mt], lane, kt, need_causal,
-                               pos[mt], params.scale_log2);
+          settled = SoftmaxAgainstStaleMax(s[mt], row_max[mt], sums[mt], lane, kt, need_causal,
+                                           pos[mt], params.scale_log2) && settled;
+        }
+        if (__all_sync(0xffffffffu, settled)) {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            row_sum[mt][0] += sums[mt][0];
+            row_sum[mt][1] += sums[mt][1];
+          }
+        } else {
+          scores();
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            SoftmaxStep<kDTiles>(s[mt], acc[mt], row_max[mt], row_sum[mt], lane, kt, need_causal,
+                                 pos[mt], params.scale_log2);
+          }
         }
 
         // O += P V, two key tiles (16 keys) per k-step.
