@@ -296,6 +296,19 @@ __device__ __forceinline__ void MaskScores(float* s, int lane, const KeyTile& kt
   }
 }
 
+// Row h (0: lane / 4, 1: lane / 4 + 8) of a 64-key score tile to 2^(s * scale_log2 - use), in
+// place; returns this thread's part of the row's sum.
+__device__ __forceinline__ float RowExp2(float* s, int h, float scale_log2, float use) {
+  float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
+    s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
+    part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+  }
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 // Folds one 64-key tile of a 16-row slice into the running softmax. `s` holds the slice's 32
 // raw scores as 8 column tiles of 4 (the mma accumulator layout: rows lane / 4 and lane / 4 + 8,
 // columns 8j + 2 (lane % 4) + {0, 1}); on return, the probabilities. row_max is the exponent's
@@ -347,45 +360,29 @@ __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max
       }
     }
     const float use = row_max[h] == -INFINITY ? 0.f : row_max[h] * scale_log2;
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
-      s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
-      part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-    }
-    row_sum[h] += (part[0] + part[1]) + (part[2] + part[3]);
+    row_sum[h] += RowExp2(s, h, scale_log2, use);
   }
   return grow;
 }
 
 // The common case of SoftmaxStep without the tile's max: exponents against the current reference
-// row_max, accepted when none exceeds 2^kMaxStaleLog2, which each thread sees in its partial sums
+// row_max, accepted when none exceeds kMaxStaleSum, which each thread sees in its partial sums
 // (positive terms; a -inf reference or an overflow fails the test as inf or NaN). `s` then holds
 // the probabilities and `sums` this thread's part of the tile's row sums, for the caller to add
 // once everyone who shares the products succeeded; otherwise the caller recomputes the scores
 // and takes SoftmaxStep.
-inline constexpr float kMaxStaleLog2 = 12.f;
+inline constexpr float kMaxStaleSum = 4096.f;  // 2^12: fp16 P stays finite
 
 __device__ __forceinline__ bool SoftmaxAgainstStaleMax(float* s, const float* row_max,
                                                        float* sums, int lane,
                                                        const KeyTile& kt, bool need_causal,
                                                        const int64_t* pos, float scale_log2) {
   MaskScores(s, lane, kt, need_causal, pos);
-  constexpr float kLimit = 4096.f;  // 2^kMaxStaleLog2
   bool ok = true;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const float use = row_max[h] * scale_log2;
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
-      s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
-      part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
-    }
-    sums[h] = (part[0] + part[1]) + (part[2] + part[3]);
-    ok = ok && sums[h] <= kLimit;  // false for NaN and inf
+    sums[h] = RowExp2(s, h, scale_log2, row_max[h] * scale_log2);
+    ok = ok && sums[h] <= kMaxStaleSum;  // false for NaN and inf
   }
   return ok;
 }
