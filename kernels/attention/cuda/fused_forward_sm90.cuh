@@ -195,20 +195,20 @@ struct HopperForwardKernel {
     };
     // Softmax of the scores in `s` for key tile kt; when it returns true, the factors that
     // rescale O are in `alpha`.
+    // With causal, whether a key tile reaches past the warpgroup's first row (needs a mask).
+    auto need_causal = [&](const KeyTile& kt) {
+      return p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > group_first_pos;
+    };
     auto softmax = [&](const KeyTile& kt, float* alpha) {
-      const bool need_causal =
-          p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > group_first_pos;
-      return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal, pos,
+      return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal(kt), pos,
                             params.scale_log2, alpha);
     };
     // The common case: exponents against the current max, no max reduction (see
     // SoftmaxAgainstStaleMax). The warpgroup agrees on the outcome, since a recomputation of
     // the scores is a product all four warps issue.
     auto softmax_stale = [&](const KeyTile& kt) {
-      const bool need_causal =
-          p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > group_first_pos;
       float sums[2];
-      const bool ok = SoftmaxAgainstStaleMax(s, row_max, sums, lane, kt, need_causal, pos,
+      const bool ok = SoftmaxAgainstStaleMax(s, row_max, sums, lane, kt, need_causal(kt), pos,
                                              params.scale_log2);
       int any_failed;
       asm volatile(
