@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/tile_spans.h"
@@ -37,27 +40,65 @@ double TileCost(const DilatedAttentionParams& p, int64_t n, int head, int64_t q_
   return keys * count;
 }
 
-// Calls visit(seq, q_pos, stride, rows, head_begin, head_end) for every (cell, residue) group of
-// every sequence and head class; the group's rows are then cut into tiles of block_m.
+// Cosets {a : a = a0 (mod d)} of Z/M, d dividing M, that partition the residues of a cell into
+// classes of equal key sets (mask[a]: the branches that keep residue a), each as wide as it can
+// be: positions that share a key set but were split by residue would span the whole cell in one
+// tile, and with causal every such tile reaches to the cell's last key.
+std::vector<std::pair<int64_t, int64_t>> CosetsOfEqualMasks(const std::vector<uint32_t>& mask) {
+  const int64_t m = static_cast<int64_t>(mask.size());
+  std::vector<bool> taken(mask.size(), false);
+  std::vector<std::pair<int64_t, int64_t>> cosets;
+  for (int64_t d = 1; d <= m; ++d) {
+    if (m % d != 0) continue;
+    for (int64_t a0 = 0; a0 < d; ++a0) {
+      bool fits = !taken[a0];
+      for (int64_t a = a0 + d; fits && a < m; a += d) fits = !taken[a] && mask[a] == mask[a0];
+      if (!fits) continue;
+      for (int64_t a = a0; a < m; a += d) taken[a] = true;
+      cosets.emplace_back(a0, d);
+    }
+  }
+  return cosets;
+}
+
+// Moduli up to this get their residues grouped by key set; beyond it (rates with a huge lcm)
+// each residue is a group of its own, as grouping would cost O(M) per cell.
+constexpr int64_t kMaxGroupedModulus = 4096;
+
+// Calls visit(seq, q_pos, stride, rows, head_begin, head_end) for every group of positions that
+// share one key set and form one arithmetic progression within a cell (a stretch where no
+// branch's segment boundary falls); the group's rows are then cut into tiles of block_m.
 template <typename Visit>
 void ForEachGroup(const AttentionPlan& plan, Visit visit) {
   const DilatedAttentionParams& p = plan.params;
-  // Head classes: heads sharing the set of branches they take part in.
+  // Head classes: consecutive heads that take part in the same branches at the same offsets, so
+  // they keep the same positions (longnet offsets h / divisor never decrease with h).
   struct HeadClass {
     int head_begin, head_end;
     std::vector<int> branches;
   };
   std::vector<HeadClass> classes;
   if (p.mode == Mode::kLongNet) {
-    HeadClass c{0, p.num_heads, {}};
-    for (int b = 0; b < p.num_branches; ++b) c.branches.push_back(b);
-    classes.push_back(c);
+    std::vector<int> all(static_cast<size_t>(p.num_branches));
+    std::iota(all.begin(), all.end(), 0);
+    for (int h = 0; h < p.num_heads; ++h) {
+      bool same = !classes.empty();
+      for (int b = 0; same && b < p.num_branches; ++b) {
+        same = h / p.offset_divisor[b] == classes.back().head_begin / p.offset_divisor[b];
+      }
+      if (same) {
+        classes.back().head_end = h + 1;
+      } else {
+        classes.push_back(HeadClass{h, h + 1, all});
+      }
+    }
   } else {
     for (int b = 0; b < p.num_branches; ++b) {
       classes.push_back(HeadClass{p.group_head_begin[b], p.group_head_begin[b + 1], {b}});
     }
   }
   std::vector<int64_t> bounds;
+  std::vector<uint32_t> mask;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
     for (const HeadClass& c : classes) {
@@ -70,12 +111,40 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
       }
       std::sort(bounds.begin(), bounds.end());
       bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
+      // Which branches keep residue a of a cell depends only on the cell's phase against each
+      // branch's segment start (modulo its rate), so cells of one phase share their cosets.
+      std::map<std::vector<int64_t>, std::vector<std::pair<int64_t, int64_t>>> cosets_by_phase;
+      std::vector<int64_t> phase;
       for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
         const int64_t c0 = bounds[cell];
         const int64_t len = bounds[cell + 1] - c0;
-        const int64_t stride = modulus == 0 ? len : std::min(modulus, len);
-        for (int64_t a = 0; a < stride; ++a) {
-          visit(s, c0 + a, stride, (len - a + stride - 1) / stride, c.head_begin, c.head_end);
+        if (modulus == 0 || modulus > kMaxGroupedModulus || len < modulus) {
+          const int64_t stride = modulus == 0 ? len : std::min(modulus, len);
+          for (int64_t a = 0; a < stride; ++a) {
+            visit(s, c0 + a, stride, (len - a + stride - 1) / stride, c.head_begin, c.head_end);
+          }
+          continue;
+        }
+        phase.clear();
+        for (int b : c.branches) {
+          const int64_t w = std::min(p.segment_length[b], n);
+          phase.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
+        }
+        auto [it, fresh] = cosets_by_phase.try_emplace(phase);
+        if (fresh) {
+          mask.assign(static_cast<size_t>(modulus), 0);
+          for (int64_t a = 0; a < modulus; ++a) {
+            for (int b : c.branches) {
+              int64_t first = 0, count = 0;
+              if (BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) {
+                mask[static_cast<size_t>(a)] |= uint32_t{1} << b;
+              }
+            }
+          }
+          it->second = CosetsOfEqualMasks(mask);
+        }
+        for (const auto& [a0, d] : it->second) {
+          visit(s, c0 + a0, d, (len - a0 + d - 1) / d, c.head_begin, c.head_end);
         }
       }
     }

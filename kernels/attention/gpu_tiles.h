@@ -2,9 +2,11 @@
 
 // The work list of the fused GPU kernel. Positions of one (sequence, head) are grouped so that
 // every group shares one key set: within a cell (a stretch where no branch's segment boundary
-// falls) and one residue modulo M = lcm of the branches' rates, every position is kept by the
-// same branches, in the same segments. A tile is up to block_m such positions, evenly spaced by
-// M; the kernel runs one online softmax per tile over the union of its branches' key spans. Each
+// falls), which branches keep a position, and so its key set, depends only on its residue modulo
+// M = lcm of the branches' rates. Residues with equal key sets are merged into the widest
+// progressions a0 + d k (d dividing M), so a tile of up to block_m positions spaced by d spans as
+// little of the cell as it can (with causal, a tile computes keys up to its last row). The
+// kernel runs one online softmax per tile over the union of its branches' key spans. Each
 // (position, head) lies in exactly one tile, so the output is written once, with no merge pass
 // and no per-branch temporaries. Pure C++: planned on the host, tested without a GPU.
 

@@ -2,6 +2,7 @@
 // every query of a tile attending to exactly the key spans of the tile's first query.
 
 #include <map>
+#include <utility>
 #include <set>
 #include <tuple>
 #include <vector>
@@ -73,10 +74,44 @@ TEST(GpuTiles, LongNetConfigMakesFullTiles) {
   ASSERT_TRUE(plan.ok());
   std::vector<GpuTile> tiles;
   ASSERT_TRUE(BuildGpuTiles(*plan, 64, &tiles).ok());
-  // Cells of 2048 positions, 4 residues, 512 queries each: 8 full tiles per (cell, residue, head).
-  EXPECT_EQ(tiles.size(), 4u * 4 * 8 * 4);
-  for (const GpuTile& t : tiles) EXPECT_EQ(t.count, 64);
+  // Cells of 2048 positions; per head, the four residues modulo 4 form three key sets (r = 1
+  // alone keeps two residues of one parity; the other two each add r = 2 or r = 2 and 4): one
+  // progression of stride 2 (16 full tiles) and two of stride 4 (8 each) per (cell, head).
+  EXPECT_EQ(tiles.size(), 4u * 4 * 32);
+  std::map<std::pair<int, int>, int64_t> rows_by_head_stride;
+  for (const GpuTile& t : tiles) {
+    EXPECT_EQ(t.count, 64);
+    rows_by_head_stride[{t.head, t.q_stride}] += t.count;
+  }
+  for (int h = 0; h < 4; ++h) {
+    EXPECT_EQ((rows_by_head_stride[{h, 2}]), 4096) << "head " << h;
+    EXPECT_EQ((rows_by_head_stride[{h, 4}]), 4096) << "head " << h;
+  }
   CheckPlan(*plan, 64);
+}
+
+// Rates 1, 2, 4, 8 over 8 heads: head 0 keeps residues modulo 8 as {odd: r = 1 alone}, {2, 6},
+// {0}, {4}; head 1 (offsets 0, 0, 1 for r = 2, 4, 8) as {0, 4}, {2, 6}, {1}, and r = 1 alone at
+// {3, 7} and {5}: one key set that is no single progression, so it takes two, and no tile may
+// mix key sets (CheckPlan).
+TEST(GpuTiles, SplitsKeySetsIntoProgressions) {
+  AttentionOptions o;
+  o.segment_lengths = {1024, 2048, 4096, 8192};
+  o.dilation_rates = {1, 2, 4, 8};
+  o.causal = true;
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(o, DenseShape(DType::kFloat16, 1, 8192, 8, 64));
+  ASSERT_TRUE(plan.ok());
+  CheckPlan(*plan, 128);
+  std::vector<GpuTile> tiles;
+  ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles).ok());
+  std::map<std::pair<int, int>, int64_t> rows;  // (head, stride) -> queries
+  for (const GpuTile& t : tiles) rows[{t.head, t.q_stride}] += t.count;
+  EXPECT_EQ((rows[{0, 2}]), 4096);
+  EXPECT_EQ((rows[{0, 4}]), 2048);
+  EXPECT_EQ((rows[{0, 8}]), 2048);
+  EXPECT_EQ((rows[{1, 2}]), 0);
+  EXPECT_EQ((rows[{1, 4}]), 6144);
+  EXPECT_EQ((rows[{1, 8}]), 2048);
 }
 
 TEST(GpuTiles, RejectsWhatTheFieldsCannotHold) {
