@@ -149,7 +149,8 @@ struct HopperForwardKernel {
     int64_t pos[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) pos[h] = q_first + (warp_row + lane / 4 + h * 8) * q_stride;
-    const int64_t group_first_pos = q_first + group * 64 * q_stride;
+    // Positions within a sequence fit 32 bits (kGpuMaxSeqLen).
+    const int warp_first_pos = static_cast<int>(q_first + warp_row * q_stride);
 
     float acc[32];
 #pragma unroll
@@ -163,10 +164,10 @@ struct HopperForwardKernel {
     // together, and the softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas
     // places the wait for it before the exponentials; forcing them ahead of it measured slower:
     // BENCHMARKS.md); its rescale factors are applied to O once that product is done. Nothing is in
-    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, key tiles
-    // that lie wholly after a warpgroup's rows are computed anyway and masked to zero weight:
-    // skipping them takes branches around the asynchronous products, which measured slower in
-    // both the causal and the full case (BENCHMARKS.md).
+    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, the products
+    // of key tiles that lie wholly after a warpgroup's rows still run (skipping them takes
+    // branches around the asynchronous products, which measured slower in both the causal and
+    // the full case: BENCHMARKS.md); a warp only skips their softmax.
     float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
     uint32_t probs[4][4];  // P_t, packed as the A operand of O += P V
     // Descriptors are built once: the address field is (address >> 4) in the low bits, so an
@@ -195,9 +196,11 @@ struct HopperForwardKernel {
     };
     // Softmax of the scores in `s` for key tile kt; when it returns true, the factors that
     // rescale O are in `alpha`.
-    // With causal, whether a key tile reaches past the warpgroup's first row (needs a mask).
+    // With causal, whether a key tile reaches past the warp's first row (needs a mask), and
+    // whether it lies wholly after the warp's last row (hidden: its probabilities are zero, and
+    // the warp skips the exponentials; the products still run, warpgroup-wide).
     auto need_causal = [&](const KeyTile& kt) {
-      return p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > group_first_pos;
+      return p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > warp_first_pos;
     };
     auto softmax = [&](const KeyTile& kt, float* alpha) {
       return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal(kt), pos,
