@@ -164,10 +164,10 @@ struct HopperForwardKernel {
     // together, and the softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas
     // places the wait for it before the exponentials; forcing them ahead of it measured slower:
     // BENCHMARKS.md); its rescale factors are applied to O once that product is done. Nothing is in
-    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, the products
-    // of key tiles that lie wholly after a warpgroup's rows still run (skipping them takes
-    // branches around the asynchronous products, which measured slower in both the causal and
-    // the full case: BENCHMARKS.md); a warp only skips their softmax.
+    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, key tiles
+    // that lie wholly after a warpgroup's rows are computed anyway and masked to zero weight:
+    // skipping them takes branches around the asynchronous products, which measured slower in
+    // both the causal and the full case (BENCHMARKS.md).
     float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
     uint32_t probs[4][4];  // P_t, packed as the A operand of O += P V
     // Descriptors are built once: the address field is (address >> 4) in the low bits, so an
@@ -196,9 +196,8 @@ struct HopperForwardKernel {
     };
     // Softmax of the scores in `s` for key tile kt; when it returns true, the factors that
     // rescale O are in `alpha`.
-    // With causal, whether a key tile reaches past the warp's first row (needs a mask), and
-    // whether it lies wholly after the warp's last row (hidden: its probabilities are zero, and
-    // the warp skips the exponentials; the products still run, warpgroup-wide).
+    // With causal, whether a key tile reaches past the warp's first row (needs a mask; a
+    // warp's 16 rows span less of the cell than the warpgroup's 64, so fewer tiles need one).
     auto need_causal = [&](const KeyTile& kt) {
       return p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > warp_first_pos;
     };
