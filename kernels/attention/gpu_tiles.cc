@@ -44,10 +44,15 @@ double TileCost(const DilatedAttentionParams& p, int64_t n, int head, int64_t q_
 // classes of equal key sets (mask[a]: the branches that keep residue a), each as wide as it can
 // be: positions that share a key set but were split by residue would span the whole cell in one
 // tile, and with causal every such tile reaches to the cell's last key.
-std::vector<std::pair<int64_t, int64_t>> CosetsOfEqualMasks(const std::vector<uint32_t>& mask) {
+struct Coset {
+  int64_t a0, d;
+  bool keyless;  // no branch keeps these positions
+};
+
+std::vector<Coset> CosetsOfEqualMasks(const std::vector<uint32_t>& mask) {
   const int64_t m = static_cast<int64_t>(mask.size());
   std::vector<bool> taken(mask.size(), false);
-  std::vector<std::pair<int64_t, int64_t>> cosets;
+  std::vector<Coset> cosets;
   for (int64_t d = 1; d <= m; ++d) {
     if (m % d != 0) continue;
     for (int64_t a0 = 0; a0 < d; ++a0) {
@@ -55,7 +60,7 @@ std::vector<std::pair<int64_t, int64_t>> CosetsOfEqualMasks(const std::vector<ui
       for (int64_t a = a0 + d; fits && a < m; a += d) fits = !taken[a] && mask[a] == mask[a0];
       if (!fits) continue;
       for (int64_t a = a0; a < m; a += d) taken[a] = true;
-      cosets.emplace_back(a0, d);
+      cosets.push_back(Coset{a0, d, mask[a0] == 0});
     }
   }
   return cosets;
@@ -65,9 +70,9 @@ std::vector<std::pair<int64_t, int64_t>> CosetsOfEqualMasks(const std::vector<ui
 // each residue is a group of its own, as grouping would cost O(M) per cell.
 constexpr int64_t kMaxGroupedModulus = 4096;
 
-// Calls visit(seq, q_pos, stride, rows, head_begin, head_end) for every group of positions that
-// share one key set and form one arithmetic progression within a cell (a stretch where no
-// branch's segment boundary falls); the group's rows are then cut into tiles of block_m.
+// Calls visit(seq, q_pos, stride, rows, head_begin, head_end, keyless) for every group of
+// positions that share one key set and form one arithmetic progression within a cell (a stretch
+// where no branch's segment boundary falls); the group's rows are then cut into tiles.
 template <typename Visit>
 void ForEachGroup(const AttentionPlan& plan, Visit visit) {
   const DilatedAttentionParams& p = plan.params;
@@ -113,7 +118,7 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
       bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
       // Which branches keep residue a of a cell depends only on the cell's phase against each
       // branch's segment start (modulo its rate), so cells of one phase share their cosets.
-      std::map<std::vector<int64_t>, std::vector<std::pair<int64_t, int64_t>>> cosets_by_phase;
+      std::map<std::vector<int64_t>, std::vector<Coset>> cosets_by_phase;
       std::vector<int64_t> phase;
       for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
         const int64_t c0 = bounds[cell];
@@ -121,7 +126,8 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
         if (modulus == 0 || modulus > kMaxGroupedModulus || len < modulus) {
           const int64_t stride = modulus == 0 ? len : std::min(modulus, len);
           for (int64_t a = 0; a < stride; ++a) {
-            visit(s, c0 + a, stride, (len - a + stride - 1) / stride, c.head_begin, c.head_end);
+            visit(s, c0 + a, stride, (len - a + stride - 1) / stride, c.head_begin, c.head_end,
+                  false);
           }
           continue;
         }
@@ -143,8 +149,9 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
           }
           it->second = CosetsOfEqualMasks(mask);
         }
-        for (const auto& [a0, d] : it->second) {
-          visit(s, c0 + a0, d, (len - a0 + d - 1) / d, c.head_begin, c.head_end);
+        for (const Coset& co : it->second) {
+          visit(s, c0 + co.a0, co.d, (len - co.a0 + co.d - 1) / co.d, c.head_begin, c.head_end,
+                co.keyless);
         }
       }
     }
@@ -168,13 +175,16 @@ absl::Status CheckLimits(const DilatedAttentionParams& p, int block_m) {
 int64_t CountGpuTiles(const AttentionPlan& plan, int block_m) {
   if (!CheckLimits(plan.params, block_m).ok()) return 0;
   int64_t count = 0;
-  ForEachGroup(plan, [&](int64_t, int64_t, int64_t, int64_t rows, int head_begin, int head_end) {
-    count += (rows + block_m - 1) / block_m * (head_end - head_begin);
+  ForEachGroup(plan, [&](int64_t, int64_t, int64_t, int64_t rows, int head_begin, int head_end,
+                         bool keyless) {
+    const int64_t height = keyless ? KeylessTileRows(block_m) : block_m;
+    count += (rows + height - 1) / height * (head_end - head_begin);
   });
   return count;
 }
 
-absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles) {
+absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles,
+                           int64_t* num_keyless) {
   const DilatedAttentionParams& p = plan.params;
   if (absl::Status s = CheckLimits(p, block_m); !s.ok()) return s;
   struct Costed {
@@ -183,10 +193,11 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
   };
   std::vector<Costed> all;
   ForEachGroup(plan, [&](int64_t s, int64_t q_pos0, int64_t stride, int64_t rows, int head_begin,
-                         int head_end) {
+                         int head_end, bool keyless) {
+    const int64_t height = keyless ? KeylessTileRows(block_m) : block_m;
     const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
-    for (int64_t j0 = 0; j0 < rows; j0 += block_m) {
-      const int count = static_cast<int>(std::min<int64_t>(block_m, rows - j0));
+    for (int64_t j0 = 0; j0 < rows; j0 += height) {
+      const int count = static_cast<int>(std::min<int64_t>(height, rows - j0));
       const int64_t q_pos = q_pos0 + j0 * stride;
       for (int h = head_begin; h < head_end; ++h) {
         GpuTile t{static_cast<int32_t>(s), static_cast<int32_t>(q_pos),
@@ -197,13 +208,15 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
     }
   });
   // Costliest first, by quarter-octave buckets of cost: a counting sort, linear in the tiles.
+  // A tile with keys costs at least 1; the last bucket holds exactly the keyless ones.
   constexpr int kBuckets = 256;
   auto bucket = [](double cost) {
     const int b = cost < 1 ? 0 : static_cast<int>(std::log2(cost) * 4) + 1;
-    return kBuckets - 1 - std::min(kBuckets - 1, b);
+    return kBuckets - 1 - std::min(kBuckets - 2, b);
   };
   std::vector<int64_t> start(kBuckets + 1, 0);
   for (const Costed& c : all) ++start[static_cast<size_t>(bucket(c.cost)) + 1];
+  if (num_keyless != nullptr) *num_keyless = start[kBuckets];
   for (int b = 0; b < kBuckets; ++b) start[b + 1] += start[b];
   tiles->resize(all.size());
   for (const Costed& c : all) {

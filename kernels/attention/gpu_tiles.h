@@ -23,9 +23,13 @@ struct GpuTile {
   int32_t q_pos;     // position of the first query within the sequence
   int32_t q_stride;  // positions between consecutive queries
   int16_t head;
-  int16_t count;     // queries in the tile, 1..block_m
+  int16_t count;     // queries in the tile, 1..block_m (1..KeylessTileRows for keyless)
 };
 static_assert(sizeof(GpuTile) == 16, "one 16-byte load per tile");
+
+// Positions that attend to no key (head_groups positions that no branch keeps) get zeros: their
+// tiles are up to this many rows, as only zeros are written for them. Within the int16 count.
+constexpr int KeylessTileRows(int block_m) { return block_m <= 2047 ? 16 * block_m : 32767; }
 
 // Largest sequence, head count and tile height the tile fields can describe.
 inline constexpr int64_t kGpuMaxSeqLen = (int64_t{1} << 31) - 1;
@@ -35,7 +39,10 @@ inline constexpr int64_t kGpuMaxHeads = 32767;
 int64_t CountGpuTiles(const AttentionPlan& plan, int block_m);
 
 // Fills `tiles` for every (sequence, head) of the plan, costliest first (by an estimate of
-// queries x visible keys), so that a grid walking the list in order ends on short tiles.
-absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles);
+// queries x visible keys), so that a grid walking the list in order ends on short tiles. Tiles
+// whose positions attend to no key come last; *num_keyless (if not null) says how many, so that
+// the launch can write their zeros without the attention kernel.
+absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles,
+                           int64_t* num_keyless = nullptr);
 
 }  // namespace dilattn::attention

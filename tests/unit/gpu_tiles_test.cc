@@ -29,16 +29,23 @@ Spans SpansOf(const DilatedAttentionParams& p, int64_t n, int head, int64_t pos)
 
 void CheckPlan(const AttentionPlan& plan, int block_m) {
   std::vector<GpuTile> tiles;
-  ASSERT_TRUE(BuildGpuTiles(plan, block_m, &tiles).ok());
+  int64_t num_keyless = -1;
+  ASSERT_TRUE(BuildGpuTiles(plan, block_m, &tiles, &num_keyless).ok());
+  ASSERT_GE(num_keyless, 0);
+  ASSERT_LE(num_keyless, static_cast<int64_t>(tiles.size()));
+  ASSERT_EQ(CountGpuTiles(plan, block_m), static_cast<int64_t>(tiles.size()));
   const DilatedAttentionParams& p = plan.params;
   std::vector<int> seen(static_cast<size_t>(p.total_tokens * p.num_heads), 0);
-  for (const GpuTile& t : tiles) {
-    ASSERT_GE(t.count, 1);
-    ASSERT_LE(t.count, block_m);
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const GpuTile& t = tiles[i];
     ASSERT_GE(t.q_stride, 1);
     const int64_t base = plan.seq_offsets[t.seq];
     const int64_t n = plan.seq_offsets[t.seq + 1] - base;
     const Spans first = SpansOf(p, n, t.head, t.q_pos);
+    ASSERT_GE(t.count, 1);
+    ASSERT_LE(t.count, first.empty() ? KeylessTileRows(block_m) : block_m);
+    // Exactly the last num_keyless tiles attend to no key.
+    ASSERT_EQ(first.empty(), i + static_cast<size_t>(num_keyless) >= tiles.size()) << "tile " << i;
     for (int j = 0; j < t.count; ++j) {
       const int64_t pos = t.q_pos + static_cast<int64_t>(j) * t.q_stride;
       ASSERT_LT(pos, n);
@@ -112,6 +119,30 @@ TEST(GpuTiles, SplitsKeySetsIntoProgressions) {
   EXPECT_EQ((rows[{1, 2}]), 0);
   EXPECT_EQ((rows[{1, 4}]), 6144);
   EXPECT_EQ((rows[{1, 8}]), 2048);
+}
+
+// head_groups: a head of the r = 8 group keeps one residue in eight; the other seven are
+// keyless, gathered into tall tiles at the end of the list, which the launch only zeroes.
+TEST(GpuTiles, KeylessPositionsTakeTallTilesAtTheEnd) {
+  AttentionOptions o;
+  o.mode = Mode::kHeadGroups;
+  o.segment_lengths = {2048, 16384};
+  o.dilation_rates = {1, 8};
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(o, DenseShape(DType::kBFloat16, 1, 16384, 4, 64));
+  ASSERT_TRUE(plan.ok());
+  CheckPlan(*plan, 128);
+  std::vector<GpuTile> tiles;
+  int64_t num_keyless = 0;
+  ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles, &num_keyless).ok());
+  // Heads 2 and 3 (r = 8, offset 1): keyless residues 0 mod 2 (8192 rows), 3 mod 4 (4096) and
+  // 5 mod 8 (2048), in tiles of up to 2048 rows: 4 + 2 + 1 per head.
+  EXPECT_EQ(num_keyless, 14);
+  int64_t keyless_rows = 0;
+  for (size_t i = tiles.size() - static_cast<size_t>(num_keyless); i < tiles.size(); ++i) {
+    EXPECT_GE(tiles[i].head, 2);
+    keyless_rows += tiles[i].count;
+  }
+  EXPECT_EQ(keyless_rows, 2 * 16384 * 7 / 8);
 }
 
 TEST(GpuTiles, RejectsWhatTheFieldsCannotHold) {
