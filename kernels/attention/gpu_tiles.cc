@@ -207,16 +207,17 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
       }
     }
   });
-  // Costliest first, by quarter-octave buckets of cost: a counting sort, linear in the tiles.
-  // A tile with keys costs at least 1; the last bucket holds exactly the keyless ones.
+  // Keyless tiles (cost 0: a tile with keys costs at least 1) first, as they are quick and
+  // short of the attention work's tail; then costliest first, by quarter-octave buckets of cost:
+  // a counting sort, linear in the tiles.
   constexpr int kBuckets = 256;
   auto bucket = [](double cost) {
-    const int b = cost < 1 ? 0 : static_cast<int>(std::log2(cost) * 4) + 1;
-    return kBuckets - 1 - std::min(kBuckets - 2, b);
+    if (cost < 1) return 0;
+    return kBuckets - 1 - std::min(kBuckets - 2, static_cast<int>(std::log2(cost) * 4));
   };
   std::vector<int64_t> start(kBuckets + 1, 0);
   for (const Costed& c : all) ++start[static_cast<size_t>(bucket(c.cost)) + 1];
-  if (num_keyless != nullptr) *num_keyless = start[kBuckets];
+  if (num_keyless != nullptr) *num_keyless = start[1];
   for (int b = 0; b < kBuckets; ++b) start[b + 1] += start[b];
   tiles->resize(all.size());
   for (const Costed& c : all) {

@@ -40,8 +40,8 @@ int64_t CountGpuTiles(const AttentionPlan& plan, int block_m);
 
 // Fills `tiles` for every (sequence, head) of the plan, costliest first (by an estimate of
 // queries x visible keys), so that a grid walking the list in order ends on short tiles. Tiles
-// whose positions attend to no key come last; *num_keyless (if not null) says how many, so that
-// the launch can write their zeros without the attention kernel.
+// whose positions attend to no key come before them all; *num_keyless (if not null) says how
+// many, so that the kernel writes their zeros without starting the attention code.
 absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles,
                            int64_t* num_keyless = nullptr);
 

@@ -44,8 +44,8 @@ void CheckPlan(const AttentionPlan& plan, int block_m) {
     const Spans first = SpansOf(p, n, t.head, t.q_pos);
     ASSERT_GE(t.count, 1);
     ASSERT_LE(t.count, first.empty() ? KeylessTileRows(block_m) : block_m);
-    // Exactly the last num_keyless tiles attend to no key.
-    ASSERT_EQ(first.empty(), i + static_cast<size_t>(num_keyless) >= tiles.size()) << "tile " << i;
+    // Exactly the first num_keyless tiles attend to no key.
+    ASSERT_EQ(first.empty(), i < static_cast<size_t>(num_keyless)) << "tile " << i;
     for (int j = 0; j < t.count; ++j) {
       const int64_t pos = t.q_pos + static_cast<int64_t>(j) * t.q_stride;
       ASSERT_LT(pos, n);
@@ -122,8 +122,8 @@ TEST(GpuTiles, SplitsKeySetsIntoProgressions) {
 }
 
 // head_groups: a head of the r = 8 group keeps one residue in eight; the other seven are
-// keyless, gathered into tall tiles at the end of the list, which the launch only zeroes.
-TEST(GpuTiles, KeylessPositionsTakeTallTilesAtTheEnd) {
+// keyless, gathered into tall tiles at the start of the list, which the kernel only zeroes.
+TEST(GpuTiles, KeylessPositionsTakeTallTilesFirst) {
   AttentionOptions o;
   o.mode = Mode::kHeadGroups;
   o.segment_lengths = {2048, 16384};
@@ -138,7 +138,7 @@ TEST(GpuTiles, KeylessPositionsTakeTallTilesAtTheEnd) {
   // 5 mod 8 (2048), in tiles of up to 2048 rows: 4 + 2 + 1 per head.
   EXPECT_EQ(num_keyless, 14);
   int64_t keyless_rows = 0;
-  for (size_t i = tiles.size() - static_cast<size_t>(num_keyless); i < tiles.size(); ++i) {
+  for (size_t i = 0; i < static_cast<size_t>(num_keyless); ++i) {
     EXPECT_GE(tiles[i].head, 2);
     keyless_rows += tiles[i].count;
   }

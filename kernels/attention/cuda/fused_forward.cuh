@@ -419,6 +419,25 @@ __device__ __forceinline__ void StoreRows(const float* acc, const float* row_sum
   }
 }
 
+// Tiles whose rows attend to no key (head_groups positions no branch keeps) open the list, up to
+// KeylessTileRows rows each. Their CTAs only write zeros; they decide so from blockIdx before any
+// of the attention code, which keeps its register allocation. First in the grid, they are done
+// long before the attention work's tail (last, they lengthened it at N = 32K).
+template <int kThreads>
+__device__ __forceinline__ bool ZeroedKeylessTile(const FusedForwardParams& params) {
+  if (blockIdx.x >= params.num_keyless) return false;
+  const DilatedAttentionParams& p = params.attn;
+  const GpuTile tile = params.tiles[blockIdx.x];
+  const int pairs = p.head_dim / 2;  // 4-byte stores, the alignment StoreRows assumes
+  uint16_t* o = static_cast<uint16_t*>(p.o) + p.seq_offsets[tile.seq] * p.o_row_stride +
+                static_cast<int64_t>(tile.head) * p.head_dim;
+  for (int i = threadIdx.x; i < tile.count * pairs; i += kThreads) {
+    const int64_t pos = tile.q_pos + static_cast<int64_t>(i / pairs) * tile.q_stride;
+    *reinterpret_cast<uint32_t*>(o + pos * p.o_row_stride + 2 * (i % pairs)) = 0u;
+  }
+  return true;
+}
+
 template <int D, typename T>
 struct FusedForwardKernel {
   // Query rows per warp: 32 (two m16 tiles) where registers allow, so each K/V fragment read
@@ -653,6 +672,7 @@ template <int D, typename T>
 __global__ void __launch_bounds__(FusedForwardKernel<D, T>::kThreads,
                                   FusedForwardKernel<D, T>::kMinBlocks)
     FusedForward(const __grid_constant__ FusedForwardParams params) {
+  if (ZeroedKeylessTile<FusedForwardKernel<D, T>::kThreads>(params)) return;
   FusedForwardKernel<D, T>::Run(params);
 }
 

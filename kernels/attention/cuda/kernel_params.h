@@ -18,7 +18,7 @@ struct FusedForwardParams {
   DilatedAttentionParams attn;  // q, k, v, o and seq_offsets are device pointers
   const GpuTile* tiles;         // device, num_tiles entries, costliest first
   int64_t num_tiles;
-  int64_t num_keyless;          // the list's last tiles, whose rows attend to no key: zeros
+  int64_t num_keyless;          // the list's first tiles, whose rows attend to no key: zeros
   float scale_log2;             // attn.scale * log2(e): scores go straight to exp2
   FusedVariant variant;
 };

@@ -38,25 +38,13 @@ bool FusedForwardSupportsHeadDim(int head_dim) {
          head_dim == 256;
 }
 
-namespace {
-
-// Tiles whose rows attend to no key (head_groups positions no branch keeps) are zeros, up to
-// KeylessTileRows rows each: written here, so the attention kernels never start a CTA for them.
-__global__ void __launch_bounds__(256)
-    ZeroKeylessTiles(const __grid_constant__ FusedForwardParams params) {
-  const DilatedAttentionParams& p = params.attn;
-  const GpuTile tile = params.tiles[params.num_tiles - params.num_keyless + blockIdx.x];
-  const int pairs = p.head_dim / 2;  // 4-byte stores, the alignment the kernels' stores assume
-  uint16_t* o = static_cast<uint16_t*>(p.o) + p.seq_offsets[tile.seq] * p.o_row_stride +
-                static_cast<int64_t>(tile.head) * p.head_dim;
-  for (int i = threadIdx.x; i < tile.count * pairs; i += blockDim.x) {
-    const int64_t pos = tile.q_pos + static_cast<int64_t>(i / pairs) * tile.q_stride;
-    *reinterpret_cast<uint32_t*>(o + pos * p.o_row_stride + 2 * (i % pairs)) = 0u;
-  }
-}
-
-int LaunchAttention(const FusedForwardParams& params, cudaStream_t stream) {
+int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
   const bool bf16 = params.attn.dtype == DType::kBFloat16;
+  if (params.attn.dtype == DType::kFloat32 || params.num_keyless < 0 ||
+      params.num_keyless > params.num_tiles) {
+    return cudaErrorInvalidValue;
+  }
   if (params.variant == FusedVariant::kWgmma) {
     if (params.attn.head_dim != 64) return cudaErrorInvalidValue;
     return bf16 ? LaunchHopperForward<__nv_bfloat16>(params, stream)
@@ -81,22 +69,6 @@ int LaunchAttention(const FusedForwardParams& params, cudaStream_t stream) {
     default:
       return cudaErrorInvalidValue;
   }
-}
-
-}  // namespace
-
-int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
-  const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  if (params.attn.dtype == DType::kFloat32 || params.num_keyless < 0 ||
-      params.num_keyless > params.num_tiles) {
-    return cudaErrorInvalidValue;
-  }
-  FusedForwardParams with_keys = params;
-  with_keys.num_tiles -= params.num_keyless;
-  if (const int err = LaunchAttention(with_keys, stream); err != 0) return err;
-  if (params.num_keyless == 0) return 0;
-  ZeroKeylessTiles<<<static_cast<unsigned>(params.num_keyless), 256, 0, stream>>>(params);
-  return cudaGetLastError();
 }
 
 namespace {
