@@ -2,10 +2,12 @@
 // converted to fp16 on the device, refused if a value overflows fp16), everything the kernel
 // does not cover on the CPU path. Two streams alternate between consecutive jobs, so a job's
 // host-to-device copies overlap the previous job's kernel; buffers come from a device pool and a
-// pinned staging pool.
+// pinned staging pool. A lone request whose tensors all lie in CUDA shared memory on this device
+// runs in place, on the client's ranges.
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -137,15 +139,18 @@ class CudaExecutor final : public Executor {
     const size_t in_bytes =
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     const absl::Time deadline = job.start + options_.pool_wait;
+    const bool in_place = RunsInPlace(job, convert);
+    const size_t tensor_lease = in_place ? size_t{1} : dev_bytes;
 
     auto state = std::make_unique<GpuJob>();
-    // Device: Q, K, V, O, the workspace, and for fp32 requests one fp32 tensor to convert
-    // through and the overflow flag. Host: each request's output lease (pinned), which the
-    // response sends without another copy; the inputs are already staged in pinned leases.
+    // Device: Q, K, V, O (unless the job runs in place), the workspace, and for fp32 requests
+    // one fp32 tensor to convert through and the overflow flag. Host: each request's output
+    // lease (pinned), which the response sends without another copy; the inputs are already
+    // staged in pinned leases.
     absl::StatusOr<memory::Buffer> flag = pinned_pool_->Acquire(sizeof(int), deadline);
     if (!flag.ok()) return flag.status();
     std::vector<memory::Buffer> dev;
-    for (size_t bytes : {dev_bytes, dev_bytes, dev_bytes, dev_bytes,
+    for (size_t bytes : {tensor_lease, tensor_lease, tensor_lease, tensor_lease,
                          std::max<size_t>(1, gpu_[0]->WorkspaceBytes(plan)),
                          convert ? in_bytes : size_t{1}, size_t{sizeof(int)}}) {
       absl::StatusOr<memory::Buffer> b = device_pool_->Acquire(bytes, deadline);
@@ -173,7 +178,7 @@ class CudaExecutor final : public Executor {
     // Each request's tensors go straight to their place in the packed device tensors (through
     // the fp32 buffer when converting). cudaMemcpyDefault lets the pointers say where they are:
     // the pinned staging lease, a system shared-memory region, or a CUDA one on any device.
-    for (int t = 0; t < 3 && s.ok(); ++t) {
+    for (int t = 0; t < 3 && s.ok() && !in_place; ++t) {
       auto* dst = static_cast<unsigned char*>(convert ? dev[5].data() : dev[t].data());
       size_t at = 0;
       for (const auto& r : job.requests) {
@@ -193,10 +198,16 @@ class CudaExecutor final : public Executor {
     if (s.ok()) s = Cuda(cudaEventRecord(state->copied, stream), "event");
     const DeviceLoc loc = DeviceLoc::Cuda(device_);
     if (s.ok()) {
+      const InferenceRequest& r = *job.requests.front();
+      auto tensor = [&](int t) -> void* {
+        if (!in_place) return dev[t].data();
+        if (t == 3) return r.output_target.data;
+        return const_cast<char*>((t == 0 ? r.q : t == 1 ? r.k : r.v).data());
+      };
       s = gpu_[job.stream]->Run(
           plan,
-          {{dev[0].data(), dev_bytes, loc}, {dev[1].data(), dev_bytes, loc},
-           {dev[2].data(), dev_bytes, loc}, {dev[3].data(), dev_bytes, loc}},
+          {{tensor(0), dev_bytes, loc}, {tensor(1), dev_bytes, loc},
+           {tensor(2), dev_bytes, loc}, {tensor(3), dev_bytes, loc}},
           {dev[4].data(), dev[4].size(), loc});
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->computed, stream), "event");
@@ -210,7 +221,7 @@ class CudaExecutor final : public Executor {
       const auto* src = static_cast<const unsigned char*>(convert ? dev[5].data() : dev[3].data());
       size_t at = 0;
       for (const auto& r : job.requests) {
-        if (!s.ok()) break;
+        if (!s.ok() || in_place) break;
         void* dst = r->output_target.data != nullptr ? static_cast<void*>(r->output_target.data)
                                                      : r->output.data();
         s = Cuda(cudaMemcpyAsync(dst, src + at, r->tensor_bytes, cudaMemcpyDefault, stream),
@@ -262,6 +273,32 @@ class CudaExecutor final : public Executor {
  private:
   static attention::DType ComputeType(attention::DType t) {
     return t == attention::DType::kFloat32 ? attention::DType::kFloat16 : t;
+  }
+
+  // A lone request whose Q, K, V and output all lie in CUDA shared memory on this device, in
+  // the computed dtype, runs in place: the kernel reads the client's ranges and writes O into
+  // its output range, with no device-to-device copies (four tensors' worth of traffic, 0.7 ms
+  // at N = 128K). The ranges must be 16-byte aligned (the kernel's loads), and O must not
+  // overlap an input, since O is written while other CTAs still read keys; otherwise the job
+  // copies as any other.
+  bool RunsInPlace(const Job& job, bool convert) const {
+    if (convert || job.requests.size() != 1) return false;
+    const InferenceRequest& r = *job.requests.front();
+    const std::byte* o = r.output_target.data;
+    if (o == nullptr || r.output_target.device != device_ ||
+        reinterpret_cast<uintptr_t>(o) % 16 != 0) {
+      return false;
+    }
+    const absl::string_view in[3] = {r.q, r.k, r.v};
+    for (int i = 0; i < 3; ++i) {
+      const auto* b = reinterpret_cast<const std::byte*>(in[i].data());
+      if (r.input_device[i] != device_ || reinterpret_cast<uintptr_t>(b) % 16 != 0 ||
+          in[i].size() != r.tensor_bytes) {
+        return false;
+      }
+      if (b < o + r.tensor_bytes && o < b + in[i].size()) return false;
+    }
+    return true;
   }
 
   const int device_;

@@ -314,6 +314,34 @@ def test_cuda_inputs_and_output(client, cudart, datatype):
         buf.free()
 
 
+@pytest.mark.parametrize("over_q", [True, False])
+def test_cuda_output_over_an_input_or_unaligned(client, cudart, over_q):
+    """O written over Q, or 2 bytes past an aligned offset: the kernel cannot run in place on
+    those ranges, so the server copies through its own buffers, and the result is still right."""
+    q, k, v = _qkv(5)
+    wire = [x.astype(np.float16) for x in (q, k, v)]
+    n = wire[0].nbytes
+    buf = cuda_ipc.DeviceBuffer(cudart, 4 * n + 16)
+    name = _unique("cuda_alias")
+    at = 0 if over_q else 3 * n + 2
+    try:
+        buf.fill(0xFF)
+        for i, x in enumerate(wire):
+            buf.write(x, offset=i * n)
+        client.register_cuda_shared_memory(name, buf.raw_handle(), 0, 4 * n + 16)
+        inputs, _ = _packed_tensors(name, n, "FP16")
+        out = grpcclient.InferRequestedOutput("O")
+        out.set_shared_memory(name, n, offset=at)
+        client.infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+        o = buf.read(np.uint8, (n,), offset=at).view(np.float16).reshape(SHAPE).astype(np.float32)
+        assert not np.isnan(o).any()
+        err = reference.relative_error(o, _expected(q, k, v, "FP16"))
+        assert err <= reference.TOLERANCE["FP16"], err
+    finally:
+        client.unregister_cuda_shared_memory(name)
+        buf.free()
+
+
 def test_cuda_region_errors(client, cudart):
     buf = cuda_ipc.DeviceBuffer(cudart, 4096)
     try:
