@@ -121,29 +121,34 @@ struct KeySpans {
   __device__ int total_tiles() const { return num > 0 ? tiles_end[num - 1] : 0; }
 };
 
-// One thread fills the table.
+// One warp fills the table, lane b planning branch b (kMaxBranches <= 32), so the 64-bit
+// divisions of the branches run side by side instead of one after another in one thread.
 __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, int head,
                                              int64_t seq_len, int64_t q_first, int64_t q_last,
-                                             KeySpans* spans) {
-  int n = 0;
-  int tiles = 0;
-  for (int b = 0; b < p.num_branches; ++b) {
-    int64_t first = 0, count = 0;
-    if (!BranchKeySpan(p, b, head, seq_len, q_first, &first, &count)) continue;
-    const int64_t rate = p.dilation_rate[b];
-    if (p.causal) {
-      if (first > q_last) continue;
-      const int64_t visible = (q_last - first) / rate + 1;
-      count = count < visible ? count : visible;
-    }
-    spans->first[n] = static_cast<int>(first);
-    spans->rate[n] = static_cast<int>(rate);
-    spans->count[n] = static_cast<int>(count);
-    tiles += static_cast<int>((count + kBlockN - 1) / kBlockN);
-    spans->tiles_end[n] = tiles;
-    ++n;
+                                             KeySpans* spans, int lane) {
+  int64_t first = 0, count = 0;
+  bool kept = lane < p.num_branches &&
+              BranchKeySpan(p, lane, head, seq_len, q_first, &first, &count);
+  if (kept && p.causal) {
+    kept = first <= q_last;
+    const int64_t visible = (q_last - first) / p.dilation_rate[lane] + 1;
+    count = count < visible ? count : visible;
   }
-  spans->num = n;
+  const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
+  const int n = __popc(kept_mask & ((1u << lane) - 1));  // place among the kept branches
+  int tiles = kept ? static_cast<int>((count + kBlockN - 1) / kBlockN) : 0;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {  // inclusive prefix sum over lanes: the running tile count
+    const int below = __shfl_up_sync(0xffffffffu, tiles, d);
+    if (lane >= d) tiles += below;
+  }
+  if (kept) {
+    spans->first[n] = static_cast<int>(first);
+    spans->rate[n] = static_cast<int>(p.dilation_rate[lane]);
+    spans->count[n] = static_cast<int>(count);
+    spans->tiles_end[n] = tiles;
+  }
+  if (lane == 0) spans->num = __popc(kept_mask);
 }
 
 // A cursor over a tile's walk of key tiles, span by span. The walk only ever moves one tile on,
@@ -229,12 +234,12 @@ struct TileGather {
         v_stride(static_cast<uint32_t>(p.v_row_stride * sizeof(T))),
         kv_dst(SwizzledOffset<D>(thread_row, thread_chunk) * sizeof(T)) {}
 
-  // Thread 0 plans the tile's key spans; every thread waits for them.
+  // Warp 0 plans the tile's key spans; every thread waits for them.
   __device__ void PlanSpans(KeySpans* spans) const {
-    if (threadIdx.x == 0) {
+    if (threadIdx.x < 32) {
       const int64_t seq_len = p.seq_offsets[tile.seq + 1] - seq_base;
       const int64_t q_last = tile.q_pos + (tile.count - 1) * tile.q_stride;
-      PlanKeySpans(p, tile.head, seq_len, tile.q_pos, q_last, spans);
+      PlanKeySpans(p, tile.head, seq_len, tile.q_pos, q_last, spans, threadIdx.x);
     }
     __syncthreads();
   }
@@ -476,6 +481,9 @@ struct FusedForwardKernel {
     const int64_t q_stride = tile.q_stride;
     const int64_t q_first = tile.q_pos;
 
+    // Q is on its way while the key spans are planned.
+    gather.template LoadQ<kBlockM>(sq_addr);
+    CpAsyncCommit();
     __shared__ KeySpans spans;
     gather.PlanSpans(&spans);
     const int total_tiles = spans.total_tiles();
@@ -484,9 +492,6 @@ struct FusedForwardKernel {
       gather.LoadKV(load_tile, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
       NextKeyTile(spans, &load_tile);
     };
-
-    gather.template LoadQ<kBlockM>(sq_addr);
-    CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st + 1 < kStages; ++st) {
       if (st < total_tiles) load_kv(st);

@@ -123,6 +123,9 @@ struct HopperForwardKernel {
     const int64_t q_stride = tile.q_stride;
     const int64_t q_first = tile.q_pos;
 
+    // Q is on its way while the key spans are planned.
+    gather.template LoadQ<kBlockM>(sq_addr);
+    CpAsyncCommit();
     __shared__ KeySpans spans;
     gather.PlanSpans(&spans);
     const int total_tiles = spans.total_tiles();
@@ -131,9 +134,6 @@ struct HopperForwardKernel {
       gather.LoadKV(load_tile, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
       NextKeyTile(spans, &load_tile);
     };
-
-    gather.template LoadQ<kBlockM>(sq_addr);
-    CpAsyncCommit();
 #pragma unroll
     for (int st = 0; st < kPrefetch; ++st) {
       if (st < total_tiles) load_kv(st);
