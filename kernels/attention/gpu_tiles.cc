@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <utility>
@@ -208,12 +210,29 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
     }
   });
   // Keyless tiles (cost 0: a tile with keys costs at least 1) first, as they are quick and
-  // short of the attention work's tail; then costliest first, by quarter-octave buckets of cost:
-  // a counting sort, linear in the tiles.
+  // short of the attention work's tail. Then the tiles costlier than the median (at most half)
+  // in the order they were made (sequence, head, cell, progression), so that tiles reading the
+  // same keys run together: with causal, costs vary along each segment, and a strict
+  // costliest-first order scattered those tiles (L2 hit rate 34% against 79% without causal;
+  // 512K causal ran 6% slower). Last the rest, costliest first by quarter-octave buckets of
+  // cost, so the grid still ends on short tiles. A counting sort, linear in the tiles.
+  double threshold = std::numeric_limits<double>::infinity();
+  {
+    std::vector<double> costs;
+    for (const Costed& c : all) {
+      if (c.cost >= 1) costs.push_back(c.cost);
+    }
+    if (!costs.empty()) {
+      const auto median = costs.begin() + static_cast<std::ptrdiff_t>(costs.size() / 2);
+      std::nth_element(costs.begin(), median, costs.end());
+      threshold = *median;
+    }
+  }
   constexpr int kBuckets = 256;
-  auto bucket = [](double cost) {
+  auto bucket = [threshold](double cost) {
     if (cost < 1) return 0;
-    return kBuckets - 1 - std::min(kBuckets - 2, static_cast<int>(std::log2(cost) * 4));
+    if (cost > threshold) return 1;  // strictly: ties at the median stay in the sorted half
+    return kBuckets - 1 - std::min(kBuckets - 3, static_cast<int>(std::log2(cost) * 4));
   };
   std::vector<int64_t> start(kBuckets + 1, 0);
   for (const Costed& c : all) ++start[static_cast<size_t>(bucket(c.cost)) + 1];
