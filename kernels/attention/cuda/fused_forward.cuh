@@ -277,6 +277,40 @@ struct TileGather {
   }
 };
 
+// The K/V ring's loader: the cursor of the next key tile to load and the ring's stages.
+template <typename Gather>
+struct KeyTileLoader {
+  const Gather& gather;
+  const KeySpans& spans;
+  KeyTile next;
+  uint32_t sk, sv;  // stage 0 of the K and V rings
+  int stage_bytes;
+  __device__ void Load(int stage) {
+    gather.LoadKV(next, sk + stage * stage_bytes, sv + stage * stage_bytes);
+    NextKeyTile(spans, &next);
+  }
+};
+
+// Both kernels start a tile alike: Q on its way while warp 0 plans the key spans, then the
+// first kPrefetch key tiles into the ring, one commit group each (empty past the last tile).
+template <int kRows, int kPrefetch, typename Gather>
+__device__ __forceinline__ KeyTileLoader<Gather> StartTile(const Gather& gather,
+                                                           KeySpans* spans, uint32_t sq,
+                                                           uint32_t sk, uint32_t sv,
+                                                           int stage_bytes) {
+  gather.template LoadQ<kRows>(sq);
+  CpAsyncCommit();
+  gather.PlanSpans(spans);
+  KeyTileLoader<Gather> loader{gather, *spans, SpanStart(*spans, 0), sk, sv, stage_bytes};
+  const int total_tiles = spans->total_tiles();
+#pragma unroll
+  for (int st = 0; st < kPrefetch; ++st) {
+    if (st < total_tiles) loader.Load(st);
+    CpAsyncCommit();
+  }
+  return loader;
+}
+
 // Sets the scores of invisible keys to -inf: only where it can matter, a span's last, partial
 // tile, and with causal the tiles that reach past the slice's rows. Per row, the last visible
 // column: one division, then 32-bit compares. (Layout as in SoftmaxStep below.)
@@ -481,22 +515,10 @@ struct FusedForwardKernel {
     const int64_t q_stride = tile.q_stride;
     const int64_t q_first = tile.q_pos;
 
-    // Q is on its way while the key spans are planned.
-    gather.template LoadQ<kBlockM>(sq_addr);
-    CpAsyncCommit();
     __shared__ KeySpans spans;
-    gather.PlanSpans(&spans);
+    auto loader = StartTile<kBlockM, kStages - 1>(gather, &spans, sq_addr, sk_addr, sv_addr,
+                                                  kTileBytes);
     const int total_tiles = spans.total_tiles();
-    KeyTile load_tile = SpanStart(spans, 0);  // the next key tile to load
-    auto load_kv = [&](int stage) {
-      gather.LoadKV(load_tile, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
-      NextKeyTile(spans, &load_tile);
-    };
-#pragma unroll
-    for (int st = 0; st + 1 < kStages; ++st) {
-      if (st < total_tiles) load_kv(st);
-      CpAsyncCommit();
-    }
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -558,7 +580,7 @@ struct FusedForwardKernel {
     KeyTile kt = SpanStart(spans, 0);
     for (int t = 0; t < total_tiles; ++t, NextKeyTile(spans, &kt)) {
       const int stage = t % kStages;
-      if (t + kStages - 1 < total_tiles) load_kv((t + kStages - 1) % kStages);
+      if (t + kStages - 1 < total_tiles) loader.Load((t + kStages - 1) % kStages);
       CpAsyncCommit();
       CpAsyncWait<kStages - 1>();  // Q and key tiles 0..t have landed
       __syncthreads();

@@ -123,22 +123,10 @@ struct HopperForwardKernel {
     const int64_t q_stride = tile.q_stride;
     const int64_t q_first = tile.q_pos;
 
-    // Q is on its way while the key spans are planned.
-    gather.template LoadQ<kBlockM>(sq_addr);
-    CpAsyncCommit();
     __shared__ KeySpans spans;
-    gather.PlanSpans(&spans);
+    auto loader = StartTile<kBlockM, kPrefetch>(gather, &spans, sq_addr, sk_addr, sv_addr,
+                                                kTileBytes);
     const int total_tiles = spans.total_tiles();
-    KeyTile load_tile = SpanStart(spans, 0);  // the next key tile to load
-    auto load_kv = [&](int stage) {
-      gather.LoadKV(load_tile, sk_addr + stage * kTileBytes, sv_addr + stage * kTileBytes);
-      NextKeyTile(spans, &load_tile);
-    };
-#pragma unroll
-    for (int st = 0; st < kPrefetch; ++st) {
-      if (st < total_tiles) load_kv(st);
-      CpAsyncCommit();
-    }
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -246,7 +234,7 @@ struct HopperForwardKernel {
       CpAsyncWait<kPrefetch - 2>();  // tile t + 1 has landed (this thread's part)
       FenceProxyAsync();
       __syncthreads();  // ... everyone's; and every warpgroup is done with tile t - 1
-      if (t + kPrefetch < total_tiles) load_kv((t + kPrefetch) % kStages);
+      if (t + kPrefetch < total_tiles) loader.Load((t + kPrefetch) % kStages);
       CpAsyncCommit();
       issue_scores((t + 1) % kStages);
       issue_pv(t % kStages);
