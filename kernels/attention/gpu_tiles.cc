@@ -1,6 +1,7 @@
 #include "kernels/attention/gpu_tiles.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -23,19 +24,38 @@ int64_t Lcm(int64_t a, int64_t b) {
   return q * b;
 }
 
+// The key spans of a group's positions, the same for every position and every head of its
+// class: planned once per group rather than per tile.
+struct GroupSpans {
+  struct Span {
+    int64_t first, count, rate;
+  };
+  std::array<Span, kMaxBranches> span;
+  int num = 0;
+};
+
+GroupSpans SpansOfGroup(const DilatedAttentionParams& p, int64_t n, int head, int64_t q_pos) {
+  GroupSpans g;
+  for (int b = 0; b < p.num_branches; ++b) {
+    int64_t first = 0, count = 0;
+    if (BranchKeySpan(p, b, head, n, q_pos, &first, &count)) {
+      g.span[static_cast<size_t>(g.num++)] = {first, count, p.dilation_rate[b]};
+    }
+  }
+  return g;
+}
+
 // Cost estimate of a tile: queries times the keys they can see.
-double TileCost(const DilatedAttentionParams& p, int64_t n, int head, int64_t q_pos,
-                int64_t stride, int count) {
+double TileCost(const GroupSpans& g, bool causal, int64_t q_pos, int64_t stride, int count) {
   double keys = 0;
   const int64_t q_last = q_pos + (count - 1) * stride;
-  for (int b = 0; b < p.num_branches; ++b) {
-    int64_t first = 0, span = 0;
-    if (!BranchKeySpan(p, b, head, n, q_pos, &first, &span)) continue;
-    if (p.causal) {
+  for (int i = 0; i < g.num; ++i) {
+    const GroupSpans::Span& sp = g.span[static_cast<size_t>(i)];
+    int64_t span = sp.count;
+    if (causal) {
       // On average a query sees the keys up to itself: half the way from q_pos to q_last.
-      const int64_t visible_last = std::min(first + (span - 1) * p.dilation_rate[b],
-                                            (q_pos + q_last) / 2);
-      span = visible_last < first ? 1 : (visible_last - first) / p.dilation_rate[b] + 1;
+      const int64_t visible_last = std::min(sp.first + (span - 1) * sp.rate, (q_pos + q_last) / 2);
+      span = visible_last < sp.first ? 1 : (visible_last - sp.first) / sp.rate + 1;
     }
     keys += static_cast<double>(span);
   }
@@ -198,14 +218,16 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
                          int head_end, bool keyless) {
     const int64_t height = keyless ? KeylessTileRows(block_m) : block_m;
     const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
+    const GroupSpans spans = SpansOfGroup(p, n, head_begin, q_pos0);
     for (int64_t j0 = 0; j0 < rows; j0 += height) {
       const int count = static_cast<int>(std::min<int64_t>(height, rows - j0));
       const int64_t q_pos = q_pos0 + j0 * stride;
+      const double cost = TileCost(spans, p.causal, q_pos, stride, count);
       for (int h = head_begin; h < head_end; ++h) {
         GpuTile t{static_cast<int32_t>(s), static_cast<int32_t>(q_pos),
                   static_cast<int32_t>(stride), static_cast<int16_t>(h),
                   static_cast<int16_t>(count)};
-        all.push_back({t, TileCost(p, n, h, q_pos, stride, count)});
+        all.push_back({t, cost});
       }
     }
   });
@@ -234,13 +256,17 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
     if (cost > threshold) return 1;  // strictly: ties at the median stay in the sorted half
     return kBuckets - 1 - std::min(kBuckets - 3, static_cast<int>(std::log2(cost) * 4));
   };
+  std::vector<uint8_t> buckets(all.size());
   std::vector<int64_t> start(kBuckets + 1, 0);
-  for (const Costed& c : all) ++start[static_cast<size_t>(bucket(c.cost)) + 1];
+  for (size_t i = 0; i < all.size(); ++i) {
+    buckets[i] = static_cast<uint8_t>(bucket(all[i].cost));
+    ++start[buckets[i] + size_t{1}];
+  }
   if (num_keyless != nullptr) *num_keyless = start[1];
   for (int b = 0; b < kBuckets; ++b) start[b + 1] += start[b];
   tiles->resize(all.size());
-  for (const Costed& c : all) {
-    (*tiles)[static_cast<size_t>(start[static_cast<size_t>(bucket(c.cost))]++)] = c.tile;
+  for (size_t i = 0; i < all.size(); ++i) {
+    (*tiles)[static_cast<size_t>(start[buckets[i]]++)] = all[i].tile;
   }
   return absl::OkStatus();
 }
