@@ -91,6 +91,10 @@ std::vector<Coset> CosetsOfEqualMasks(const std::vector<uint32_t>& mask) {
 // Moduli up to this get their residues grouped by key set; beyond it (rates with a huge lcm)
 // each residue is a group of its own, as grouping would cost O(M) per cell.
 constexpr int64_t kMaxGroupedModulus = 4096;
+// Residue x branch evaluations a whole plan may spend on grouping (about 40 ms): many head
+// classes with a large lcm (thousands of heads, rates in the thousands) would otherwise take
+// seconds; cells past the budget are planned a residue per group, which is always valid.
+constexpr int64_t kMaxMaskEvaluations = int64_t{1} << 21;
 
 // Calls visit(seq, q_pos, stride, rows, head_begin, head_end, keyless) for every group of
 // positions that share one key set and form one arithmetic progression within a cell (a stretch
@@ -126,9 +130,16 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
   }
   std::vector<int64_t> bounds;
   std::vector<uint32_t> mask;
+  // Which branches keep residue a of a cell depends only on the head class, the branches'
+  // segment lengths (clipped to the sequence) and the cell's phase against each branch's segment
+  // start (modulo its rate): cells, and sequences, alike in those share their cosets.
+  std::map<std::vector<int64_t>, std::vector<Coset>> cosets_of;
+  std::vector<int64_t> key;
+  int64_t mask_budget = kMaxMaskEvaluations;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
-    for (const HeadClass& c : classes) {
+    for (size_t ci = 0; ci < classes.size(); ++ci) {
+      const HeadClass& c = classes[ci];
       int64_t modulus = 1;
       bounds.assign({0, n});
       for (int b : c.branches) {
@@ -138,38 +149,40 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
       }
       std::sort(bounds.begin(), bounds.end());
       bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
-      // Which branches keep residue a of a cell depends only on the cell's phase against each
-      // branch's segment start (modulo its rate), so cells of one phase share their cosets.
-      std::map<std::vector<int64_t>, std::vector<Coset>> cosets_by_phase;
-      std::vector<int64_t> phase;
       for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
         const int64_t c0 = bounds[cell];
         const int64_t len = bounds[cell + 1] - c0;
-        if (modulus == 0 || modulus > kMaxGroupedModulus || len < modulus) {
+        key.assign({static_cast<int64_t>(ci)});
+        for (int b : c.branches) {
+          const int64_t w = std::min(p.segment_length[b], n);
+          key.push_back(w);
+          key.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
+        }
+        auto it = cosets_of.end();
+        if (modulus != 0 && modulus <= kMaxGroupedModulus && len >= modulus) {
+          it = cosets_of.find(key);
+          const int64_t evaluations = modulus * static_cast<int64_t>(c.branches.size());
+          if (it == cosets_of.end() && evaluations <= mask_budget) {
+            mask_budget -= evaluations;
+            mask.assign(static_cast<size_t>(modulus), 0);
+            for (int64_t a = 0; a < modulus; ++a) {
+              for (int b : c.branches) {
+                int64_t first = 0, count = 0;
+                if (BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) {
+                  mask[static_cast<size_t>(a)] |= uint32_t{1} << b;
+                }
+              }
+            }
+            it = cosets_of.emplace(key, CosetsOfEqualMasks(mask)).first;
+          }
+        }
+        if (it == cosets_of.end()) {
           const int64_t stride = modulus == 0 ? len : std::min(modulus, len);
           for (int64_t a = 0; a < stride; ++a) {
             visit(s, c0 + a, stride, (len - a + stride - 1) / stride, c.head_begin, c.head_end,
                   false);
           }
           continue;
-        }
-        phase.clear();
-        for (int b : c.branches) {
-          const int64_t w = std::min(p.segment_length[b], n);
-          phase.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
-        }
-        auto [it, fresh] = cosets_by_phase.try_emplace(phase);
-        if (fresh) {
-          mask.assign(static_cast<size_t>(modulus), 0);
-          for (int64_t a = 0; a < modulus; ++a) {
-            for (int b : c.branches) {
-              int64_t first = 0, count = 0;
-              if (BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) {
-                mask[static_cast<size_t>(a)] |= uint32_t{1} << b;
-              }
-            }
-          }
-          it->second = CosetsOfEqualMasks(mask);
         }
         for (const Coset& co : it->second) {
           visit(s, c0 + co.a0, co.d, (len - co.a0 + co.d - 1) / co.d, c.head_begin, c.head_end,

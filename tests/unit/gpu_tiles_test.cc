@@ -179,6 +179,28 @@ TEST(GpuTiles, CausalTilesComputeFewKeysTheirRowsDoNotSee) {
   EXPECT_LT(computed / needed, 1.3) << computed / needed;
 }
 
+// 1024 heads, each its own class (offsets h for r = 1024), and an lcm of 1024 over three
+// branches: grouping every class would evaluate 3 M residue-branch pairs, past the planner's
+// budget of 2 M, so the last classes are planned a residue per group (stride 1024). Both kinds
+// must still cover every row once with uniform keys.
+TEST(GpuTiles, GroupingPastItsBudgetStaysCorrect) {
+  AttentionOptions o;
+  o.segment_lengths = {1024, 2048, 4096};
+  o.dilation_rates = {1, 2, 1024};
+  absl::StatusOr<AttentionPlan> plan =
+      PlanAttention(o, DenseShape(DType::kFloat16, 1, 4096, 1024, 16));
+  ASSERT_TRUE(plan.ok());
+  CheckPlan(*plan, 128);
+  std::vector<GpuTile> tiles;
+  ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles).ok());
+  std::set<int> grouped;  // heads with a progression wider than one residue
+  for (const GpuTile& t : tiles) {
+    if (t.q_stride < 1024) grouped.insert(t.head);
+  }
+  EXPECT_GT(grouped.size(), 0u);
+  EXPECT_LT(grouped.size(), 1024u);
+}
+
 TEST(GpuTiles, RejectsWhatTheFieldsCannotHold) {
   AttentionOptions o;
   o.segment_lengths = {16};
