@@ -1,6 +1,8 @@
 // The CPU executor: one request runs straight on its message's memory; several are packed into
 // leased host buffers. Start() does the whole job; Wait() has nothing left to wait for.
 
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -128,6 +130,26 @@ class CpuExecutor final : public Executor {
 }  // namespace
 
 Job::~Job() = default;
+
+bool RunsInPlace(const Job& job, bool convert, int device) {
+  if (convert || job.requests.size() != 1) return false;
+  const InferenceRequest& r = *job.requests.front();
+  const std::byte* o = r.output_target.data;
+  if (o == nullptr || r.output_target.device != device ||
+      reinterpret_cast<uintptr_t>(o) % 16 != 0) {
+    return false;
+  }
+  const absl::string_view in[3] = {r.q, r.k, r.v};
+  for (int i = 0; i < 3; ++i) {
+    const auto* b = reinterpret_cast<const std::byte*>(in[i].data());
+    if (r.input_device[i] != device || reinterpret_cast<uintptr_t>(b) % 16 != 0 ||
+        in[i].size() != r.tensor_bytes) {
+      return false;
+    }
+    if (b < o + r.tensor_bytes && o < b + in[i].size()) return false;
+  }
+  return true;
+}
 
 JobPlans PlanJob(const Job& job, attention::DType dtype) {
   JobPlans plans;

@@ -7,7 +7,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <cstdint>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -139,7 +138,7 @@ class CudaExecutor final : public Executor {
     const size_t in_bytes =
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     const absl::Time deadline = job.start + options_.pool_wait;
-    const bool in_place = RunsInPlace(job, convert);
+    const bool in_place = RunsInPlace(job, convert, device_);
     const size_t tensor_lease = in_place ? size_t{1} : dev_bytes;
 
     auto state = std::make_unique<GpuJob>();
@@ -273,32 +272,6 @@ class CudaExecutor final : public Executor {
  private:
   static attention::DType ComputeType(attention::DType t) {
     return t == attention::DType::kFloat32 ? attention::DType::kFloat16 : t;
-  }
-
-  // A lone request whose Q, K, V and output all lie in CUDA shared memory on this device, in
-  // the computed dtype, runs in place: the kernel reads the client's ranges and writes O into
-  // its output range, with no device-to-device copies (four tensors' worth of traffic, 0.7 ms
-  // at N = 128K). The ranges must be 16-byte aligned (the kernel's loads), and O must not
-  // overlap an input, since O is written while other CTAs still read keys; otherwise the job
-  // copies as any other.
-  bool RunsInPlace(const Job& job, bool convert) const {
-    if (convert || job.requests.size() != 1) return false;
-    const InferenceRequest& r = *job.requests.front();
-    const std::byte* o = r.output_target.data;
-    if (o == nullptr || r.output_target.device != device_ ||
-        reinterpret_cast<uintptr_t>(o) % 16 != 0) {
-      return false;
-    }
-    const absl::string_view in[3] = {r.q, r.k, r.v};
-    for (int i = 0; i < 3; ++i) {
-      const auto* b = reinterpret_cast<const std::byte*>(in[i].data());
-      if (r.input_device[i] != device_ || reinterpret_cast<uintptr_t>(b) % 16 != 0 ||
-          in[i].size() != r.tensor_bytes) {
-        return false;
-      }
-      if (b < o + r.tensor_bytes && o < b + in[i].size()) return false;
-    }
-    return true;
   }
 
   const int device_;

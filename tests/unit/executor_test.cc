@@ -1,0 +1,74 @@
+// When the GPU executor may run a job in place on the client's CUDA shared memory: checked on
+// pointers alone (nothing is dereferenced), so it runs without a GPU.
+
+#include <cstddef>
+#include <memory>
+
+#include "gtest/gtest.h"
+#include "server/executor.h"
+
+namespace dilattn::server {
+namespace {
+
+constexpr size_t kBytes = 4096;  // one tensor
+
+// A job of one request with Q, K, V and O at the given byte offsets of one "device" range.
+class InPlace : public ::testing::Test {
+ protected:
+  alignas(64) std::byte region_[8 * kBytes];
+
+  std::unique_ptr<Job> MakeJob(size_t q, size_t k, size_t v, size_t o, int device = 0) {
+    auto job = std::make_unique<Job>();
+    auto r = std::make_unique<InferenceRequest>();
+    r->tensor_bytes = kBytes;
+    const char* base = reinterpret_cast<const char*>(region_);
+    r->q = absl::string_view(base + q, kBytes);
+    r->k = absl::string_view(base + k, kBytes);
+    r->v = absl::string_view(base + v, kBytes);
+    for (int& d : r->input_device) d = device;
+    r->output_target = {region_ + o, device};
+    job->requests.push_back(std::move(r));
+    return job;
+  }
+};
+
+TEST_F(InPlace, LoneAlignedRequestOnTheDevice) {
+  EXPECT_TRUE(RunsInPlace(*MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes), false, 0));
+  // O right after V touches it without overlapping; inputs may share a range (K = V).
+  EXPECT_TRUE(RunsInPlace(*MakeJob(0, kBytes, kBytes, 2 * kBytes), false, 0));
+  EXPECT_TRUE(RunsInPlace(*MakeJob(kBytes, kBytes, kBytes, 5 * kBytes, 3), false, 3));
+}
+
+TEST_F(InPlace, CopiesOtherwise) {
+  // FP32 requests convert through the executor's own buffers.
+  EXPECT_FALSE(RunsInPlace(*MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes), true, 0));
+  // Another device than the executor's.
+  EXPECT_FALSE(RunsInPlace(*MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes, 1), false, 0));
+  // O over an input, or overlapping one by a byte.
+  EXPECT_FALSE(RunsInPlace(*MakeJob(0, kBytes, 2 * kBytes, 0), false, 0));
+  EXPECT_FALSE(RunsInPlace(*MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes - 16), false, 0));
+  // Not 16-byte aligned: O, or an input.
+  EXPECT_FALSE(RunsInPlace(*MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes + 2), false, 0));
+  EXPECT_FALSE(RunsInPlace(*MakeJob(8, 2 * kBytes, 3 * kBytes, 4 * kBytes), false, 0));
+
+  auto one_input_on_host = MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes);
+  one_input_on_host->requests[0]->input_device[1] = -1;
+  EXPECT_FALSE(RunsInPlace(*one_input_on_host, false, 0));
+
+  auto output_in_a_lease = MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes);
+  output_in_a_lease->requests[0]->output_target = {};
+  EXPECT_FALSE(RunsInPlace(*output_in_a_lease, false, 0));
+
+  auto short_input = MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes);
+  short_input->requests[0]->v = short_input->requests[0]->v.substr(0, kBytes / 2);
+  EXPECT_FALSE(RunsInPlace(*short_input, false, 0));
+
+  // Two requests: their tensors are packed into one problem, so they are copied.
+  auto two = MakeJob(0, kBytes, 2 * kBytes, 3 * kBytes);
+  auto other = MakeJob(4 * kBytes, 5 * kBytes, 6 * kBytes, 7 * kBytes);
+  two->requests.push_back(std::move(other->requests[0]));
+  EXPECT_FALSE(RunsInPlace(*two, false, 0));
+}
+
+}  // namespace
+}  // namespace dilattn::server
