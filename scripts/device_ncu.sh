@@ -20,6 +20,8 @@ metrics=(
   smsp__inst_executed_pipe_alu.sum
   smsp__inst_executed_pipe_lsu.sum
   sm__cycles_elapsed.avg
+  lts__t_sector_hit_rate.pct
+  dram__throughput.avg.pct_of_peak_sustained_elapsed
 )
 stalls='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
 metric_list="$(IFS=,; echo "${metrics[*]}"),$stalls"
