@@ -142,21 +142,23 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
       const HeadClass& c = classes[ci];
       int64_t modulus = 1;
       bounds.assign({0, n});
+      key.assign({static_cast<int64_t>(ci)});  // then each branch's clipped segment length
       for (int b : c.branches) {
         modulus = Lcm(modulus, p.dilation_rate[b]);
         const int64_t w = std::min(p.segment_length[b], n);
+        key.push_back(w);
         for (int64_t x = w; x < n; x += w) bounds.push_back(x);
       }
+      const size_t key_prefix = key.size();
       std::sort(bounds.begin(), bounds.end());
       bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
       for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
         const int64_t c0 = bounds[cell];
         const int64_t len = bounds[cell + 1] - c0;
-        key.assign({static_cast<int64_t>(ci)});
-        for (int b : c.branches) {
-          const int64_t w = std::min(p.segment_length[b], n);
-          key.push_back(w);
-          key.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
+        key.resize(key_prefix);  // and the cell's phase against each branch's segments
+        for (size_t i = 0; i < c.branches.size(); ++i) {
+          const int64_t w = key[1 + i];
+          key.push_back((c0 - c0 / w * w) % p.dilation_rate[c.branches[i]]);
         }
         auto it = cosets_of.end();
         if (modulus != 0 && modulus <= kMaxGroupedModulus && len >= modulus) {
