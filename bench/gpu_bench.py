@@ -2,19 +2,29 @@
 """GPU benchmark: dilattn's fused kernel against dense SDPA and both peers' algorithms.
 
 One command on a GPU machine; prints one table and writes a CSV and a PNG plot. Every
-implementation computes the same operator (bf16, B = 1, attention core only) and is timed with
+implementation runs on the same inputs (bf16, B = 1, attention core only) and is timed with
 CUDA events (median of repeated runs after warm-up) in the same process run:
 
-  dilattn      build/bench/cuda_attention_bench (the fused kernel, one launch for all branches)
-  torchscale   Microsoft torchscale's LongNet algorithm in PyTorch: per branch, gather each
-               head group's strided rows of every segment, dense attention (torch SDPA's flash
-               kernel, returning the log-sum-exp), scatter back, then merge the branches by their
-               softmax denominators (longnet mode only)
-  dap          dilated-attention-pytorch's algorithm: each head group gathers its branch's
-               strided rows, torch SDPA stands in for xformers/flash-attn, scatter back
-               (head_groups mode only; its output normalisation bug is not reproduced)
-  sdpa_dense   torch SDPA on the whole sequence (the dense attention roofline), N <= 128K only:
-               its rate does not depend on N and larger N take minutes
+  dilattn          build/bench/cuda_attention_bench (the fused kernel, one launch for all
+                   branches)
+  torchscale       Microsoft torchscale's LongNet forward pass (DilatedAttention), operation for
+                   operation: per branch, gather every segment's dilated rows for all heads at
+                   once (pad, reshape, diagonal), one dense attention call returning the
+                   log-sum-exp (torch SDPA's flash kernel standing in for flash-attn), scatter
+                   back through diag_embed, then merge the branches weighted by their softmax
+                   denominators (longnet mode only)
+  dap              dilated-attention-pytorch 0.2.0's forward pass, operation for operation: each
+                   head group gathers its branch's rows, attention (torch SDPA standing in for
+                   xformers), its normalisation by x.sum, += into the output, the final division
+                   (head_groups mode only; its output is wrong, but this is its cost)
+  torchscale_lean  the same algorithms restated for speed rather than fidelity (slices instead
+  dap_lean         of diagonal / diag_embed; no normalisation passes): what a careful PyTorch
+                   user could get from either algorithm
+  sdpa_dense       torch SDPA on the whole sequence (the dense attention roofline), N <= 128K
+                   only: its rate does not depend on N and larger N take minutes
+
+Before timing, the torchscale port and its lean restatement are run on the first N and must agree
+(the bench stops otherwise).
 
 Effective TFLOP/s use DESIGN.md's formula, 4 * N * w * D / r^2 per branch and head (halved
 with causal), for every implementation, dense included (4 * N^2 * D per head).
@@ -66,15 +76,122 @@ def time_cuda(fn, reps):
     return times[len(times) // 2]
 
 
-def flash_with_lse(q, k, v, causal):
-    """SDPA's flash kernel on (B, L, H, D) returning (out (B, L, H, D), lse (B, H, L))."""
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    out = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, causal)
-    return out[0].transpose(1, 2), out[1]
+def sdpa_with_lse(q, k, v, causal):
+    """SDPA's flash kernel on (B, H, L, D) views: (out (B, H, L, D) view of (B, L, H, D) memory,
+    lse (B, H, L) float32), what flash_attn_func(return_attn_probs=True) gives the peers."""
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
+    return out[0], out[1]
+
+
+# The peers as published. Each function below issues the same sequence of tensor operations, with
+# the same shapes and the same copies, as the package's forward pass (torchscale: the
+# DilatedAttention module of microsoft/torchscale; dap: DilatedAttention of the PyPI package
+# dilated-attention-pytorch 0.2.0), with torch SDPA standing in for flash-attn / xformers. The
+# einops rearranges are spelled as view / permute / reshape, which is what einops itself runs:
+# a reshape of a permuted tensor copies exactly when einops' does.
 
 
 def torchscale_longnet(q, k, v, causal):
-    """torchscale's LongNet algorithm: branch by branch, then a merge weighted by lse."""
+    """torchscale's LongNet forward pass from (B, N, H, D) q, k, v to the attention output."""
+    b, n, h, d = q.shape
+
+    def dense_to_sparse(x, r):  # (bn, g, h, d) -> (bn, g / r, h, d): head block j keeps offset j
+        bn, g = x.shape[:2]
+        pad, head_pad = -g % r, -h % r
+        if pad or head_pad:
+            x = F.pad(x, (0, 0, 0, head_pad, 0, pad))
+        hh = x.shape[2] // r
+        x = x.view(bn, x.shape[1] // r, r, r, hh, d).permute(0, 1, 4, 5, 2, 3)
+        x = torch.diagonal(x, 0, 4, 5)                     # (bn, l, hh, d, r)
+        x = x.permute(0, 1, 4, 2, 3).reshape(bn, -1, r * hh, d)
+        return x[:, :, :h] if head_pad else x
+
+    def gathering(x, r, sl):  # (b, n, h, d) -> ((b n h), l, d)
+        sl = min(sl, x.shape[1])
+        pad = -x.shape[1] % sl
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        x = x.view(b * (x.shape[1] // sl), sl, h, d)
+        x = dense_to_sparse(x, r)
+        return x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], d)
+
+    def sparse_to_dense(o, lse, r):  # o (bn, l, h, d), lse (bn, h, l)
+        head_pad = -h % r
+        if head_pad:
+            o = F.pad(o, (0, 0, 0, head_pad))
+            lse = F.pad(lse, (0, 0, 0, head_pad), value=-1e8)
+        bn, l, hp = o.shape[:3]
+        o = o.view(bn, l, r, hp // r, d).permute(0, 1, 3, 4, 2)
+        o = torch.diag_embed(o, 0, 4, 5)                   # (bn, l, hh, d, r, r)
+        o = o.permute(0, 5, 2, 1, 4, 3).reshape(bn, hp, l * r, d)
+        lse = lse.view(bn, r, hp // r, l).permute(0, 3, 2, 1)
+        lse = torch.diag_embed(lse, 0, 3, 4)               # (bn, l, hh, r, r)
+        lse = lse.masked_fill_(lse == 0, -1e8)
+        lse = lse.permute(0, 4, 2, 1, 3).reshape(bn, hp, l * r, 1)
+        return (o[:, :h], lse[:, :h]) if head_pad else (o, lse)
+
+    outs, lses = [], []
+    for sl, r in zip(SEGMENTS, RATES):
+        ki, vi, qi = (gathering(x, r, sl) for x in (k, v, q))
+        l = qi.shape[1]
+        # attention_ops: (b h) l d -> b l h d views for flash-attn, which reads strides.
+        o, lse = sdpa_with_lse(*(x.view(-1, h, l, d) for x in (qi, ki, vi)), causal)
+        outs.append(o.transpose(1, 2).reshape(-1, l, h * d))
+        lses.append(lse)
+    all_outs, all_lses = [], []
+    for r, o, lse in zip(RATES, outs, lses):  # scattering
+        o, lse = sparse_to_dense(o.view(o.shape[0], o.shape[1], h, d), lse, r)
+        nseg = o.shape[0] // b
+        o = o.view(b, nseg, h, -1, d).permute(0, 2, 1, 3, 4).reshape(b * h, -1, d)
+        lse = lse.view(b, nseg, h, -1, 1).permute(0, 2, 1, 3, 4).reshape(b * h, -1, 1)
+        all_outs.append(o[:, :n])
+        all_lses.append(lse[:, :n])
+    with torch.no_grad():
+        max_lse = torch.stack(all_lses, dim=0).max(0)[0]
+        all_lses = [torch.exp(lse - max_lse) for lse in all_lses]
+        lse_sum = torch.stack(all_lses, dim=0).sum(0)
+        all_lses = [lse / lse_sum for lse in all_lses]
+    out = 0
+    for o, lse in zip(all_outs, all_lses):
+        out += o * lse.type_as(o)
+    return out.view(b, h, n, d).permute(0, 2, 1, 3).reshape(b, n, h * d).view(b, n, h, d)
+
+
+def dap_head_groups(q, k, v, causal):
+    """dilated-attention-pytorch's forward pass (head groups, one branch each), including its
+    per-branch normalisation x / x.sum(dim=(1, 2)), the += into the output and the final division
+    by the number of groups (which make its output wrong, but are its cost)."""
+    b, n, h, d = q.shape
+    out = torch.zeros_like(q)
+    num_groups = len(HEADG_RATES)
+    sizes = [h // num_groups + (1 if i < h % num_groups else 0) for i in range(num_groups)]
+    for i, (g, r, s) in enumerate(zip(sizes, HEADG_RATES, HEADG_SEGMENTS)):
+        offset, hmin, hmax = i % r, i * g, (i + 1) * g
+
+        def split(x):
+            x = x.view(b, -1, s, h, d)[:, :, offset::r, hmin:hmax, :]
+            return x.reshape(-1, x.shape[2], x.shape[3], d)   # (b n) s h d: a copy
+
+        qi, ki, vi = split(q), split(k), split(v)
+        # xformers.ops.memory_efficient_attention on (B, M, H, K): SDPA on the transposed views.
+        x = F.scaled_dot_product_attention(qi.transpose(1, 2), ki.transpose(1, 2),
+                                           vi.transpose(1, 2), is_causal=causal).transpose(1, 2)
+        x = x.reshape(b, -1, x.shape[1], x.shape[2], d)
+        x = x / x.sum(dim=(1, 2), keepdim=True)
+        out = out.view(b, -1, s, h, d)
+        out[:, :, offset::r, hmin:hmax, :] += x
+        out = out.view(b, -1, h, d)
+    return out / num_groups
+
+
+# Lean restatements of the same two algorithms, written for speed rather than fidelity: one
+# dense call per (branch, head block) on slices instead of torchscale's diagonal / diag_embed
+# reshuffles, and dilated-attention-pytorch without its normalisation passes. They bound what a
+# careful PyTorch user could get from either algorithm; the targets are read against the packages.
+
+
+def torchscale_lean(q, k, v, causal):
+    """torchscale's algorithm, lean: per branch and head block, gather, attend, scatter; merge."""
     b, n, h, d = q.shape
     outs, lses = [], []
     for w, r in zip(SEGMENTS, RATES):
@@ -93,7 +210,8 @@ def torchscale_longnet(q, k, v, causal):
                     x = F.pad(x, (0, 0, 0, 0, 0, pad))
                 x = x.reshape(b, -1, w, x.shape[2], d)[:, :, g::r]
                 return x.reshape(-1, x.shape[2], x.shape[3], d)
-            o, l = flash_with_lse(gather(q), gather(k), gather(v), causal)
+            o, l = sdpa_with_lse(*(gather(x).transpose(1, 2) for x in (q, k, v)), causal)
+            o = o.transpose(1, 2)
             nseg = (n + pad) // w
             full = torch.zeros(b, nseg, w, o.shape[2], d, device=q.device, dtype=q.dtype)
             full[:, :, g::r] = o.reshape(b, nseg, -1, o.shape[2], d)
@@ -107,8 +225,8 @@ def torchscale_longnet(q, k, v, causal):
     return (torch.stack(outs).float() * weights.unsqueeze(-1)).sum(0).to(q.dtype)
 
 
-def dap_head_groups(q, k, v, causal):
-    """dilated-attention-pytorch's algorithm (head groups, one branch each)."""
+def dap_lean(q, k, v, causal):
+    """dilated-attention-pytorch's algorithm, lean: gather, attend, scatter; no normalisation."""
     b, n, h, d = q.shape
     out = torch.zeros_like(q)
     groups = len(HEADG_SEGMENTS)
@@ -128,6 +246,24 @@ def dap_head_groups(q, k, v, causal):
         view = out[:, : nseg * w, heads].view(b, nseg, w, size, d)
         view[:, :, off::r] = o.reshape(b, nseg, -1, size, d)
     return out
+
+
+PEERS = {
+    "longnet": (("torchscale", torchscale_longnet), ("torchscale_lean", torchscale_lean)),
+    "head_groups": (("dap", dap_head_groups), ("dap_lean", dap_lean)),
+}
+
+
+def check_same_operator(q, k, v, causal):
+    """The port of torchscale and the lean restatement are written independently (diagonal and
+    diag_embed reshuffles against slices); they must agree, or a table row times something else."""
+    a = torchscale_longnet(q, k, v, causal).float()
+    b = torchscale_lean(q, k, v, causal).float()
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    if not err <= 2e-2:  # torchscale merges the branches in bf16
+        sys.exit(f"torchscale port and lean restatement disagree: relative error {err:.3g}")
+    print(f"# torchscale port vs lean restatement (causal={int(causal)}): relative max "
+          f"difference {err:.2e}", flush=True)
 
 
 def run_ours(binary, ns, mode, causal, iters):
@@ -168,16 +304,17 @@ def main():
                 torch.manual_seed(0)
                 q, k, v = (torch.randn(1, n, heads, dim, device=dev, dtype=torch.bfloat16)
                            for _ in range(3))
-                peer = torchscale_longnet if mode == "longnet" else dap_head_groups
-                name = "torchscale" if mode == "longnet" else "dap"
-                try:
-                    ms = time_cuda(lambda: peer(q, k, v, causal), max(3, reps // 2))
+                peers = PEERS[mode]
+                if n == ns[0] and mode == "longnet":
+                    check_same_operator(q, k, v, causal)
+                for name, peer in peers:
+                    try:
+                        ms = time_cuda(lambda: peer(q, k, v, causal), max(3, reps // 2))
+                    except torch.OutOfMemoryError:
+                        ms = float("nan")
                     rows.append(dict(mode=mode, causal=int(causal), N=n, impl=name, ms=ms,
                                      tflops=f / ms / 1e9))
-                except torch.OutOfMemoryError:
-                    rows.append(dict(mode=mode, causal=int(causal), N=n, impl=name,
-                                     ms=float("nan"), tflops=float("nan")))
-                torch.cuda.empty_cache()
+                    torch.cuda.empty_cache()
                 if mode == "longnet" and n <= 131072:
                     fd = 4.0 * n * n * dim * heads / (2 if causal else 1)
                     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -212,7 +349,8 @@ def main():
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for (mode, causal), style in {("longnet", 0): "-", ("head_groups", 0): "--",
                                       ("longnet", 1): ":", ("head_groups", 1): "-."}.items():
-            for impl, color in (("dilattn", "C0"), ("torchscale", "C1"), ("dap", "C2")):
+            for impl, color in (("dilattn", "C0"), ("torchscale", "C1"), ("dap", "C2"),
+                                ("torchscale_lean", "C3"), ("dap_lean", "C4")):
                 pts = [r for r in rows if r["impl"] == impl and r["mode"] == mode
                        and r["causal"] == causal]
                 if not pts:
