@@ -338,12 +338,15 @@ __device__ __forceinline__ void MaskScores(float* s, int lane, const KeyTile& kt
 // Row h (0: lane / 4, 1: lane / 4 + 8) of a 64-key score tile to 2^(s * scale_log2 - use), in
 // place; returns this thread's part of the row's sum.
 __device__ __forceinline__ float RowExp2(float* s, int h, float scale_log2, float use) {
-  float part[4] = {0.f, 0.f, 0.f, 0.f};
+  // Four partial sums, each started from its first pair: 0 + x is not x for x = -0, so ptxas
+  // keeps an addition of zero for every partial sum that starts at 0.
+  float part[4];
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
     s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
-    part[j % 4] += s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+    const float pair = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
+    part[j % 4] = j < 4 ? pair : part[j % 4] + pair;
   }
   return (part[0] + part[1]) + (part[2] + part[3]);
 }

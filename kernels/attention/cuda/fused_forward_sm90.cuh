@@ -23,16 +23,15 @@ namespace dilattn::attention::cuda {
 #define DILATTN_HAVE_WGMMA 1
 #endif
 
-// A wgmma matrix descriptor for a 128-byte-swizzled tile: start address, leading and stride
-// byte offsets (16-byte units) and the swizzle mode in bits 62-63.
-__device__ __forceinline__ uint64_t WgmmaDescriptor(uint32_t smem_address, uint32_t lead_bytes,
-                                                    uint32_t stride_bytes) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((smem_address & 0x3ffff) >> 4);
-  d |= static_cast<uint64_t>((lead_bytes >> 4) & 0x3fff) << 16;
-  d |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3fff) << 32;
-  d |= static_cast<uint64_t>(1) << 62;  // 128-byte swizzle
-  return d;
+// A wgmma matrix descriptor for a 128-byte-swizzled tile with 16-byte leading and 1024-byte
+// stride offsets is (address >> 4) | (1 << 16) in its low word and a constant high word (the
+// stride, 64, and the 128-byte swizzle mode in bits 62-63). The kernels keep only the low words:
+// offsets within shared memory (< 2^18 bytes, so the 14-bit address field never carries) are then
+// one 32-bit add, where 64-bit descriptors cost an add with carry and two moves to uniform
+// registers per product.
+inline constexpr uint32_t kWgmmaDescHigh = (1024u >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t WgmmaDescriptorLow(uint32_t smem_address) {
+  return ((smem_address & 0x3ffff) >> 4) | (1u << 16);
 }
 
 template <typename T>
@@ -52,21 +51,24 @@ struct Wgmma;
 #define DILATTN_DEFINE_WGMMA(TYPE, PTX)                                                        \
   template <>                                                                                  \
   struct Wgmma<TYPE> {                                                                         \
-    /* d[32] (+)= A(smem, K-major) B(smem, K-major): m64 n64 k16. */                           \
-    __device__ static void SS(float* d, uint64_t a, uint64_t b, int accumulate) {              \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                \
+    /* d[32] (+)= A(smem, K-major) B(smem, K-major): m64 n64 k16; descriptors' low words. */   \
+    __device__ static void SS(float* d, uint32_t a, uint32_t b, int accumulate) {              \
+      asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %34, 0;\n"             \
+                   "mov.b64 da, {%32, %35};\nmov.b64 db, {%33, %35};\n"                        \
                    "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " "               \
-                   DILATTN_WGMMA_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                      \
+                   DILATTN_WGMMA_REGS32 ", da, db, p, 1, 1, 0, 0;\n}\n"                        \
                    : DILATTN_WGMMA_ACC32                                                       \
-                   : "l"(a), "l"(b), "r"(accumulate));                                         \
+                   : "r"(a), "r"(b), "r"(accumulate), "n"(kWgmmaDescHigh));                    \
     }                                                                                          \
     /* d[32] += A(registers) B(smem, transposed: N contiguous): m64 n64 k16. */                \
-    __device__ static void RS(float* d, const uint32_t* a, uint64_t b) {                       \
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                \
+    __device__ static void RS(float* d, const uint32_t* a, uint32_t b) {                       \
+      asm volatile("{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, 1, 0;\n"                   \
+                   "mov.b64 db, {%36, %37};\n"                                                 \
                    "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " "               \
-                   DILATTN_WGMMA_REGS32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"        \
+                   DILATTN_WGMMA_REGS32 ", {%32, %33, %34, %35}, db, p, 1, 1, 1;\n}\n"         \
                    : DILATTN_WGMMA_ACC32                                                       \
-                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                      \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b),                       \
+                     "n"(kWgmmaDescHigh));                                                     \
     }                                                                                          \
   };
 
@@ -158,13 +160,13 @@ struct HopperForwardKernel {
     // both the causal and the full case (BENCHMARKS.md).
     float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
     uint32_t probs[4][4];  // P_t, packed as the A operand of O += P V
-    // Descriptors are built once: the address field is (address >> 4) in the low bits, so an
-    // offset within shared memory is added to the descriptor as offset >> 4.
-    const uint64_t q_desc = WgmmaDescriptor(q_group, 16, 1024);
-    const uint64_t k_desc = WgmmaDescriptor(sk_addr, 16, 1024);
-    const uint64_t v_desc = WgmmaDescriptor(sv_addr, 16, 1024);
+    // Descriptors (their low words) are built once: the address field is (address >> 4) in the
+    // low bits, so an offset within shared memory is added as offset >> 4.
+    const uint32_t q_desc = WgmmaDescriptorLow(q_group);
+    const uint32_t k_desc = WgmmaDescriptorLow(sk_addr);
+    const uint32_t v_desc = WgmmaDescriptorLow(sv_addr);
     auto issue_scores = [&](int stage) {
-      const uint64_t k_tile = k_desc + ((stage * kTileBytes) >> 4);
+      const uint32_t k_tile = k_desc + ((stage * kTileBytes) >> 4);
       WgmmaFence();
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
@@ -173,7 +175,7 @@ struct HopperForwardKernel {
       WgmmaCommit();
     };
     auto issue_pv = [&](int stage) {
-      const uint64_t v_tile = v_desc + ((stage * kTileBytes) >> 4);
+      const uint32_t v_tile = v_desc + ((stage * kTileBytes) >> 4);
       WgmmaFence();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
@@ -236,15 +238,19 @@ struct HopperForwardKernel {
       __syncthreads();  // ... everyone's; and every warpgroup is done with tile t - 1
       if (t + kPrefetch < total_tiles) loader.Load((t + kPrefetch) % kStages);
       CpAsyncCommit();
-      issue_scores((t + 1) % kStages);
-      issue_pv(t % kStages);
+      // The stages through lane 0, so that ptxas keeps the descriptors in uniform registers.
+      const int stage = static_cast<int>(__shfl_sync(0xffffffffu, static_cast<unsigned>(t), 0) %
+                                         static_cast<unsigned>(kStages));
+      const int next_stage = (stage + 1) % kStages;
+      issue_scores(next_stage);
+      issue_pv(stage);
       WgmmaWait1();  // the scores; O += P_t V_t may still run
       const bool settled = softmax_stale(next_tile);
       WgmmaWait0();
       float alpha[2];
       bool rescale = false;
       if (!settled) {  // some score rose too far above the max: again, with the tile's max
-        issue_scores((t + 1) % kStages);
+        issue_scores(next_stage);
         WgmmaWait0();
         rescale = softmax(next_tile, alpha);
       }

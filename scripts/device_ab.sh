@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On the GPU machine: two builds of cuda_attention_bench, run alternately (A B A B) on the same
+# card over the configurations the issue's targets name, so that clock drift between runs hits
+# both alike. Prints one line per run: build, config, then the bench's CSV row.
+#   scripts/device_ab.sh .device/bin/bench_a .device/bin/bench_b [--n 32768,131072]
+set -uo pipefail
+export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+a=$1
+b=$2
+shift 2
+ns=32768,131072
+if [[ ${1:-} == --n ]]; then ns=$2; fi
+hg=(--mode head_groups --segments 2048,4096,8192,16384,32768 --rates 1,2,4,8,16)
+for round in 1 2; do
+  for bin in "$a" "$b"; do
+    for cfg in "longnet 0" "longnet 1" "head_groups 0" "head_groups 1"; do
+      set -- $cfg
+      extra=()
+      [[ $1 == head_groups ]] && extra=("${hg[@]}")
+      "$bin" --n "$ns" --causal "$2" --iters 20 "${extra[@]}" | tail -n +2 |
+        sed "s|^|$(basename "$bin"),r$round,|"
+    done
+  done
+done
