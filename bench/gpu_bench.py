@@ -31,6 +31,7 @@ with causal), for every implementation, dense included (4 * N^2 * D per head).
 
   python3 bench/gpu_bench.py [--binary build/bench/cuda_attention_bench] [--ns 32768,...]
                              [--out-dir docs] [--quick]
+  python3 bench/gpu_bench.py --from-csv docs/gpu_bench.csv   (table and plot again, no GPU)
 """
 
 import argparse
@@ -41,8 +42,11 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # --from-csv needs neither
+    torch = F = None
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEGMENTS = [2048, 4096, 8192, 16384, 32768]
@@ -285,7 +289,14 @@ def main():
     p.add_argument("--ns", default="32768,131072,524288,2097152")
     p.add_argument("--out-dir", default=str(ROOT / "docs"))
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--from-csv", help="print the table and draw the plot of an earlier run's CSV")
     args = p.parse_args()
+    if args.from_csv:
+        with open(args.from_csv, newline="") as f:
+            rows = [dict(r, N=int(r["N"]), causal=int(r["causal"]), ms=float(r["ms"]),
+                         tflops=float(r["tflops"])) for r in csv.DictReader(f)]
+        report(rows, pathlib.Path(args.out_dir), write_csv=False)
+        return
     ns = [int(x) for x in args.ns.split(",")]
     reps = 5 if args.quick else 10
     heads, dim = 16, 64
@@ -326,12 +337,19 @@ def main():
                 torch.cuda.empty_cache()
                 print(f"done {mode} causal={int(causal)} N={n}", file=sys.stderr, flush=True)
 
-    out_dir = pathlib.Path(args.out_dir)
+    for r in rows:
+        r["card"] = gpu
+    report(rows, pathlib.Path(args.out_dir))
+
+
+def report(rows, out_dir, write_csv=True):
+    """The table on stdout; the CSV and the plot into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "gpu_bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    if write_csv:
+        with open(out_dir / "gpu_bench.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     print("| mode | causal | N | impl | ms | TFLOP/s | dilattn speed-up |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -346,36 +364,40 @@ def main():
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for (mode, causal), style in {("longnet", 0): "-", ("head_groups", 0): "--",
-                                      ("longnet", 1): ":", ("head_groups", 1): "-."}.items():
-            for impl, color in (("dilattn", "C0"), ("torchscale", "C1"), ("dap", "C2"),
-                                ("torchscale_lean", "C3"), ("dap_lean", "C4")):
-                pts = [r for r in rows if r["impl"] == impl and r["mode"] == mode
-                       and r["causal"] == causal]
-                if not pts:
-                    continue
-                label = f"{impl} {mode}{' causal' if causal else ''}"
-                axes[0].plot([r["N"] for r in pts], [r["tflops"] for r in pts], style, color=color,
-                             marker="o", label=label)
-                axes[1].plot([r["N"] for r in pts], [r["ms"] for r in pts], style, color=color,
-                             marker="o", label=label)
-        dense = [r for r in rows if r["impl"] == "sdpa_dense" and r["causal"] == 0]
-        if dense:
-            axes[0].axhline(sum(r["tflops"] for r in dense) / len(dense), color="k", lw=0.8,
-                            label="dense SDPA (flash)")
-        for ax, label in ((axes[0], "effective TFLOP/s"), (axes[1], "ms")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("N (tokens), B=1, H=16, D=64, bf16")
-            ax.set_ylabel(label)
-            ax.grid(True, alpha=0.3)
-        axes[1].set_yscale("log")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"dilated attention on {gpu}")
-        fig.tight_layout()
-        fig.savefig(out_dir / "gpu_bench.png", dpi=120)
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    # Columns: the two modes; rows: rate and time. Colour per implementation, dashed with causal.
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
+    colors = {"dilattn": "C0", "torchscale": "C1", "torchscale_lean": "C3", "dap": "C2",
+              "dap_lean": "C4", "sdpa_dense": "k"}
+    for col, mode in enumerate(("longnet", "head_groups")):
+        for impl, color in colors.items():
+            for causal, style in ((0, "-"), (1, "--")):
+                want = "dense" if impl == "sdpa_dense" else mode
+                if impl == "sdpa_dense" and mode != "longnet":
+                    continue
+                pts = [r for r in rows if r["impl"] == impl and r["mode"] == want
+                       and int(r["causal"]) == causal]
+                if not pts:
+                    continue
+                label = f"{impl}{' causal' if causal else ''}"
+                for row, key in ((0, "tflops"), (1, "ms")):
+                    axes[row][col].plot([r["N"] for r in pts], [r[key] for r in pts], style,
+                                        color=color, marker="o", ms=4, label=label)
+        axes[0][col].set_title(mode)
+        axes[0][col].set_ylabel("effective TFLOP/s")
+        axes[1][col].set_ylabel("ms")
+        axes[1][col].set_yscale("log")
+        axes[1][col].set_xlabel("N (tokens), B = 1, H = 16, D = 64, bf16")
+        for row in (0, 1):
+            axes[row][col].set_xscale("log", base=2)
+            axes[row][col].grid(True, alpha=0.3)
+        axes[0][col].legend(fontsize=7, loc="center right", ncol=2)
+    card = rows[0].get("card", "")
+    fig.suptitle(f"dilated attention{' on ' + card if card else ''}")
+    fig.tight_layout()
+    fig.savefig(out_dir / "gpu_bench.png", dpi=110)
 
 
 if __name__ == "__main__":
