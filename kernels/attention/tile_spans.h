@@ -18,21 +18,31 @@ namespace dilattn::attention {
 // If `head` takes part in `branch` and keeps position `pos` (0-based within a sequence of
 // `seq_len` tokens), sets the branch's key span for it: positions first, first + stride, ...
 // (count of them), the kept positions of pos's segment. Returns false otherwise.
+// The host plans in int64_t; the kernel instantiates uint32_t, whose divisions are a few
+// instructions where 64-bit ones are a subroutine each, on the start of every CTA's path. Every
+// value is a position or length within one sequence (< 2^31 tokens on the GPU path), except
+// segment lengths and rates, which are clamped: a segment never exceeds the sequence, and rates
+// beyond every position keep one position per segment whatever their value, so both instances
+// give the same spans for every sequence the kernel accepts.
+template <typename Int = int64_t>
 DILATTN_HOST_DEVICE bool BranchKeySpan(const DilatedAttentionParams& p, int branch, int head,
-                                       int64_t seq_len, int64_t pos, int64_t* first,
-                                       int64_t* count) {
-  const int64_t rate = p.dilation_rate[branch];
-  int64_t offset;
+                                       Int seq_len, Int pos, Int* first, Int* count) {
+  constexpr int64_t kIntMax = sizeof(Int) >= 8 ? INT64_MAX : 0x7fffffff;
+  const int64_t rate64 = p.dilation_rate[branch];
+  const Int rate = static_cast<Int>(rate64 < kIntMax ? rate64 : kIntMax);
+  Int offset;
   if (p.mode == Mode::kLongNet) {
-    offset = head / p.offset_divisor[branch];
+    offset = static_cast<Int>(head / p.offset_divisor[branch]);
   } else {
     if (head < p.group_head_begin[branch] || head >= p.group_head_begin[branch + 1]) return false;
-    offset = branch % rate;
+    offset = static_cast<Int>(branch) % rate;
   }
-  const int64_t w = p.segment_length[branch] < seq_len ? p.segment_length[branch] : seq_len;
-  const int64_t start = pos / w * w;
+  const int64_t segment = p.segment_length[branch];
+  const Int w = segment < static_cast<int64_t>(seq_len) ? static_cast<Int>(segment) : seq_len;
+  const Int start = pos / w * w;
   if ((pos - start) % rate != offset) return false;
-  const int64_t end = start + w < seq_len ? start + w : seq_len;
+  // first <= pos < end, and every term is below 2^31 for Int = uint32_t: nothing wraps.
+  const Int end = start + w < seq_len ? start + w : seq_len;
   *first = start + offset;
   *count = (end - *first + rate - 1) / rate;
   return true;

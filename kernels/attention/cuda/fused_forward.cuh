@@ -121,18 +121,25 @@ struct KeySpans {
   __device__ int total_tiles() const { return num > 0 ? tiles_end[num - 1] : 0; }
 };
 
-// One warp fills the table, lane b planning branch b (kMaxBranches <= 32), so the 64-bit
-// divisions of the branches run side by side instead of one after another in one thread.
+// One warp fills the table, lane b planning branch b (kMaxBranches <= 32), so the divisions of
+// the branches run side by side instead of one after another in one thread. Positions within a
+// sequence are < 2^31 (the selector checks): 32-bit unsigned divisions.
 __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, int head,
-                                             int64_t seq_len, int64_t q_first, int64_t q_last,
+                                             uint32_t seq_len, uint32_t q_first, uint32_t q_last,
                                              KeySpans* spans, int lane) {
-  int64_t first = 0, count = 0;
+  uint32_t first = 0, count = 0;
   bool kept = lane < p.num_branches &&
-              BranchKeySpan(p, lane, head, seq_len, q_first, &first, &count);
+              BranchKeySpan<uint32_t>(p, lane, head, seq_len, q_first, &first, &count);
+  // Rates beyond every position (up to segment lengths, which may exceed the sequence) act as
+  // 2^31 - 1: the span then has one key, and the causal mask divides by this rate.
+  const int64_t rate64 = lane < p.num_branches ? p.dilation_rate[lane] : 1;
+  const int rate = rate64 < 0x7fffffff ? static_cast<int>(rate64) : 0x7fffffff;
   if (kept && p.causal) {
     kept = first <= q_last;
-    const int64_t visible = (q_last - first) / p.dilation_rate[lane] + 1;
-    count = count < visible ? count : visible;
+    if (kept) {
+      const uint32_t visible = (q_last - first) / static_cast<uint32_t>(rate) + 1;
+      count = count < visible ? count : visible;
+    }
   }
   const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
   const int n = __popc(kept_mask & ((1u << lane) - 1));  // place among the kept branches
@@ -144,7 +151,7 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, in
   }
   if (kept) {
     spans->first[n] = static_cast<int>(first);
-    spans->rate[n] = static_cast<int>(p.dilation_rate[lane]);
+    spans->rate[n] = rate;
     spans->count[n] = static_cast<int>(count);
     spans->tiles_end[n] = tiles;
   }
@@ -237,9 +244,10 @@ struct TileGather {
   // Warp 0 plans the tile's key spans; every thread waits for them.
   __device__ void PlanSpans(KeySpans* spans) const {
     if (threadIdx.x < 32) {
-      const int64_t seq_len = p.seq_offsets[tile.seq + 1] - seq_base;
-      const int64_t q_last = tile.q_pos + (tile.count - 1) * tile.q_stride;
-      PlanKeySpans(p, tile.head, seq_len, tile.q_pos, q_last, spans, threadIdx.x);
+      const auto seq_len = static_cast<uint32_t>(p.seq_offsets[tile.seq + 1] - seq_base);
+      const auto q_last = static_cast<uint32_t>(tile.q_pos + (tile.count - 1) * tile.q_stride);
+      PlanKeySpans(p, tile.head, seq_len, static_cast<uint32_t>(tile.q_pos), q_last, spans,
+                   threadIdx.x);
     }
     __syncthreads();
   }
