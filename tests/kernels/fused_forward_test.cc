@@ -52,30 +52,33 @@ struct DeviceBuffer {
 
 // Runs the CUDA backend on host tensors: uploads Q, K, V, poisons O with NaN bytes, runs,
 // downloads O into `out`.
+// `o_offset` bytes into its allocation, O may be placed off the 16-byte alignment.
 absl::Status RunOnGpu(attention::AttentionBackend& gpu, const attention::AttentionPlan& plan,
                       const TypedBuffer& q, const TypedBuffer& k, const TypedBuffer& v,
-                      TypedBuffer* out) {
+                      TypedBuffer* out, size_t o_offset = 0) {
   const size_t bytes = plan.tensor_bytes;
-  DeviceBuffer dq(bytes), dk(bytes), dv(bytes), dout(bytes);
+  DeviceBuffer dq(bytes), dk(bytes), dv(bytes), dout_alloc(bytes + 16);
+  void* const dout =
+      dout_alloc.ptr == nullptr ? nullptr : static_cast<unsigned char*>(dout_alloc.ptr) + o_offset;
   DeviceBuffer ws(std::max<size_t>(1, gpu.WorkspaceBytes(plan)));
-  if (dq.ptr == nullptr || dk.ptr == nullptr || dv.ptr == nullptr || dout.ptr == nullptr ||
+  if (dq.ptr == nullptr || dk.ptr == nullptr || dv.ptr == nullptr || dout == nullptr ||
       ws.ptr == nullptr) {
     return absl::ResourceExhaustedError("cudaMalloc failed");
   }
   cudaMemcpy(dq.ptr, const_cast<TypedBuffer&>(q).data(), bytes, cudaMemcpyHostToDevice);
   cudaMemcpy(dk.ptr, const_cast<TypedBuffer&>(k).data(), bytes, cudaMemcpyHostToDevice);
   cudaMemcpy(dv.ptr, const_cast<TypedBuffer&>(v).data(), bytes, cudaMemcpyHostToDevice);
-  cudaMemset(dout.ptr, 0xff, bytes);  // all-ones bits: NaN in fp16 and bf16
+  cudaMemset(dout, 0xff, bytes);  // all-ones bits: NaN in fp16 and bf16
   const DeviceLoc dev = gpu.location();
   absl::Status s = gpu.Run(plan,
                            {{dq.ptr, bytes, dev}, {dk.ptr, bytes, dev}, {dv.ptr, bytes, dev},
-                            {dout.ptr, bytes, dev}},
+                            {dout, bytes, dev}},
                            {ws.ptr, ws.bytes, dev});
   if (!s.ok()) return s;
   if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
     return absl::InternalError(cudaGetErrorString(e));
   }
-  if (cudaError_t e = cudaMemcpy(out->data(), dout.ptr, bytes, cudaMemcpyDeviceToHost);
+  if (cudaError_t e = cudaMemcpy(out->data(), dout, bytes, cudaMemcpyDeviceToHost);
       e != cudaSuccess) {
     return absl::InternalError(cudaGetErrorString(e));
   }
@@ -116,7 +119,7 @@ TEST(FusedForward, ConformanceCases) {
 
 // One case on both paths with fresh inputs; returns whether the GPU's output matched.
 bool CompareCase(attention::AttentionBackend& gpu, attention::AttentionBackend& cpu,
-                 SplitMix64& rng, const RandomCase& c) {
+                 SplitMix64& rng, const RandomCase& c, size_t o_offset = 0) {
   SCOPED_TRACE(c.Describe());
   auto plan = attention::PlanAttention(c.options, c.shape);
   EXPECT_TRUE(plan.ok()) << plan.status();
@@ -128,7 +131,7 @@ bool CompareCase(attention::AttentionBackend& gpu, attention::AttentionBackend& 
       RunWithWorkspace(cpu, *plan, {in.q.cref(), in.k.cref(), in.v.cref(), expected.ref()});
   EXPECT_TRUE(cs.ok()) << cs;
   TypedBuffer out(c.shape.dtype, in.q.count());
-  const absl::Status s = RunOnGpu(gpu, *plan, in.q, in.k, in.v, &out);
+  const absl::Status s = RunOnGpu(gpu, *plan, in.q, in.k, in.v, &out, o_offset);
   EXPECT_TRUE(s.ok()) << s;
   if (!cs.ok() || !s.ok()) return false;
   const ErrorReport err = RelativeError(out.ToFloats(), expected.ToFloats());
@@ -198,6 +201,24 @@ TEST(FusedForward, RatesBeyondTheSequence) {
   }
 }
 
+// An output only 4-byte aligned: the zeros of keyless rows (head_groups) take 4-byte stores.
+TEST(FusedForward, OutputOffTheSixteenByteAlignment) {
+  REQUIRE_GPU();
+  auto gpu = Gpu();
+  ASSERT_NE(gpu, nullptr);
+  auto cpu = attention::CreateCpuBackend({0, "auto"});
+  ASSERT_TRUE(cpu.ok());
+  SplitMix64 rng(TestSeed());
+  for (int64_t dim : {32, 64, 128}) {
+    RandomCase c;
+    c.options.mode = attention::Mode::kHeadGroups;
+    c.options.segment_lengths = {64, 128, 256};
+    c.options.dilation_rates = {1, 2, 4};
+    c.shape = attention::DenseShape(DType::kFloat16, 2, 520, 6, dim);
+    CompareCase(*gpu, **cpu, rng, c, /*o_offset=*/4);
+  }
+}
+
 // Kept small on purpose: run under compute-sanitizer (memcheck, racecheck) by the device script.
 TEST(FusedForward, SanitizerSet) {
   REQUIRE_GPU();
@@ -223,6 +244,19 @@ TEST(FusedForward, RejectsWhatItCannotRun) {
   wide.params.v_row_stride = int64_t{1} << 31;  // key-row offsets are 32-bit products
   EXPECT_EQ(gpu->Supports(wide).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(gpu->Supports(wide).message()), ::testing::HasSubstr("row strides"));
+  {
+    DeviceBuffer a(plan->tensor_bytes + 16), b(plan->tensor_bytes);
+    ASSERT_NE(a.ptr, nullptr);
+    const DeviceLoc dev = gpu->location();
+    void* off = static_cast<unsigned char*>(a.ptr) + 8;
+    DeviceBuffer ws(std::max<size_t>(1, gpu->WorkspaceBytes(*plan)));
+    const absl::Status m =
+        gpu->Run(*plan, {{off, plan->tensor_bytes, dev}, {b.ptr, plan->tensor_bytes, dev},
+                         {b.ptr, plan->tensor_bytes, dev}, {a.ptr, plan->tensor_bytes, dev}},
+                 {ws.ptr, ws.bytes, dev});
+    EXPECT_EQ(m.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(m.message()), ::testing::HasSubstr("16-byte aligned"));
+  }
   TypedBuffer host(DType::kFloat16, 16 * 2 * 64);
   const absl::Status s = gpu->Run(*plan, {host.cref(), host.cref(), host.cref(), host.ref()},
                                   {host.data(), host.bytes(), DeviceLoc::Host()});

@@ -84,6 +84,14 @@ class CudaBackend final : public AttentionBackend {
           "the cuda backend takes K and V row strides of at most ", kMaxRowStride,
           " elements, got ", p.k_row_stride, " and ", p.v_row_stride));
     }
+    // Q, K and V rows are read in 16-byte pieces, O written in 4-byte (or 16-byte) pieces.
+    if (p.q_row_stride % 8 != 0 || p.k_row_stride % 8 != 0 || p.v_row_stride % 8 != 0 ||
+        p.o_row_stride % 2 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the cuda backend takes Q, K and V row strides that are multiples of 8 elements and O "
+          "row strides that are multiples of 2, got ", p.q_row_stride, ", ", p.k_row_stride, ", ",
+          p.v_row_stride, " and ", p.o_row_stride));
+    }
     return absl::OkStatus();
   }
 
@@ -97,6 +105,16 @@ class CudaBackend final : public AttentionBackend {
                    TensorRef workspace) override {
     if (absl::Status s = Supports(plan); !s.ok()) return s;
     if (absl::Status s = CheckTensors(plan, tensors, location()); !s.ok()) return s;
+    // A misaligned address would fault inside the kernel and poison the CUDA context for every
+    // later request: refuse it here instead.
+    auto aligned = [](const void* ptr, uintptr_t to) {
+      return reinterpret_cast<uintptr_t>(ptr) % to == 0;
+    };
+    if (!aligned(tensors.q.data, 16) || !aligned(tensors.k.data, 16) ||
+        !aligned(tensors.v.data, 16) || !aligned(tensors.o.data, 4)) {
+      return absl::InvalidArgumentError(
+          "the cuda backend needs Q, K and V 16-byte aligned and O 4-byte aligned");
+    }
     if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
     if (absl::Status s = PlanTiles(plan); !s.ok()) return s;
     const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(tiles_.size()));

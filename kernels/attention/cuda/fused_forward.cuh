@@ -472,18 +472,35 @@ __device__ __forceinline__ void StoreRows(const float* acc, const float* row_sum
 // Tiles whose rows attend to no key (head_groups positions no branch keeps) open the list, up to
 // KeylessTileRows rows each. Their CTAs only write zeros; they decide so from blockIdx before any
 // of the attention code, which keeps its register allocation. First in the grid, they are done
-// long before the attention work's tail (last, they lengthened it at N = 32K).
-template <int kThreads>
+// long before the attention work's tail (last, they lengthened it at N = 32K). A thread stores a
+// fixed chunk of every kThreads / chunks-th row: 16-byte chunks where the output's rows allow
+// (4-byte otherwise, the alignment StoreRows assumes), with no division per store; these CTAs
+// write most of head_groups' output, and per-element index arithmetic cost them as much issue
+// time as an attention tile.
+template <int kThreads, int D>
 __device__ __forceinline__ bool ZeroedKeylessTile(const FusedForwardParams& params) {
   if (blockIdx.x >= params.num_keyless) return false;
   const DilatedAttentionParams& p = params.attn;
   const GpuTile tile = params.tiles[blockIdx.x];
-  const int pairs = p.head_dim / 2;  // 4-byte stores, the alignment StoreRows assumes
-  uint16_t* o = static_cast<uint16_t*>(p.o) + p.seq_offsets[tile.seq] * p.o_row_stride +
-                static_cast<int64_t>(tile.head) * p.head_dim;
-  for (int i = threadIdx.x; i < tile.count * pairs; i += kThreads) {
-    const int64_t pos = tile.q_pos + static_cast<int64_t>(i / pairs) * tile.q_stride;
-    *reinterpret_cast<uint32_t*>(o + pos * p.o_row_stride + 2 * (i % pairs)) = 0u;
+  unsigned char* o = static_cast<unsigned char*>(p.o) +
+                     (p.seq_offsets[tile.seq] * p.o_row_stride + int64_t{tile.head} * D) * 2;
+  const int64_t row_bytes = p.o_row_stride * tile.q_stride * 2;  // between the tile's rows
+  auto zero_rows = [&](auto chunk_zero) {
+    constexpr int kChunkBytes = static_cast<int>(sizeof(chunk_zero));
+    constexpr int kChunks = D * 2 / kChunkBytes;
+    constexpr int kRowsPerPass = kThreads / kChunks;
+    static_assert(kThreads % kChunks == 0, "whole rows per pass");
+    unsigned char* dst = o + tile.q_pos * p.o_row_stride * 2 +
+                         (threadIdx.x / kChunks) * row_bytes + (threadIdx.x % kChunks) * kChunkBytes;
+    for (int r = threadIdx.x / kChunks; r < tile.count; r += kRowsPerPass) {
+      *reinterpret_cast<decltype(chunk_zero)*>(dst) = chunk_zero;
+      dst += kRowsPerPass * row_bytes;
+    }
+  };
+  if (D % 8 == 0 && (reinterpret_cast<uintptr_t>(p.o) & 15) == 0 && p.o_row_stride % 8 == 0) {
+    zero_rows(make_uint4(0, 0, 0, 0));
+  } else {
+    zero_rows(0u);
   }
   return true;
 }
@@ -710,7 +727,7 @@ template <int D, typename T>
 __global__ void __launch_bounds__(FusedForwardKernel<D, T>::kThreads,
                                   FusedForwardKernel<D, T>::kMinBlocks)
     FusedForward(const __grid_constant__ FusedForwardParams params) {
-  if (ZeroedKeylessTile<FusedForwardKernel<D, T>::kThreads>(params)) return;
+  if (ZeroedKeylessTile<FusedForwardKernel<D, T>::kThreads, D>(params)) return;
   FusedForwardKernel<D, T>::Run(params);
 }
 

@@ -281,7 +281,7 @@ struct HopperForwardKernel {
 template <typename T>
 __global__ void __launch_bounds__(HopperForwardKernel<T>::kThreads, 2)
     HopperForward(const __grid_constant__ FusedForwardParams params) {
-  if (ZeroedKeylessTile<HopperForwardKernel<T>::kThreads>(params)) return;
+  if (ZeroedKeylessTile<HopperForwardKernel<T>::kThreads, 64>(params)) return;
   HopperForwardKernel<T>::Run(params);
 }
 
