@@ -179,44 +179,46 @@ TEST(FusedForward, LongSequencesMatchTheCpuPath) {
   CompareRandom(12, l);
 }
 
-// Segments and rates far beyond the sequence (the kernel plans spans in 32 bits, clamping them):
-// one kept position per segment, a key seen by causal rows at or after it.
-TEST(FusedForward, RatesBeyondTheSequence) {
-  REQUIRE_GPU();
+// Fixed cases on both paths, fresh inputs each; O placed `o_offset` bytes into its allocation.
+void CompareCases(const std::vector<RandomCase>& cases, size_t o_offset = 0) {
   auto gpu = Gpu();
   ASSERT_NE(gpu, nullptr);
   auto cpu = attention::CreateCpuBackend({0, "auto"});
   ASSERT_TRUE(cpu.ok());
   SplitMix64 rng(TestSeed());
+  for (const RandomCase& c : cases) CompareCase(*gpu, **cpu, rng, c, o_offset);
+}
+
+// Segments and rates far beyond the sequence (the kernel plans spans in 32 bits, clamping them):
+// one kept position per segment, a key seen by causal rows at or after it.
+TEST(FusedForward, RatesBeyondTheSequence) {
+  REQUIRE_GPU();
+  std::vector<RandomCase> cases;
   for (attention::Mode mode : {attention::Mode::kLongNet, attention::Mode::kHeadGroups}) {
     for (bool causal : {false, true}) {
-      RandomCase c;
+      RandomCase& c = cases.emplace_back();
       c.options.mode = mode;
       c.options.causal = causal;
       c.options.segment_lengths = {int64_t{1} << 40, 96, int64_t{1} << 33};
       c.options.dilation_rates = {int64_t{1} << 35, 3, (int64_t{1} << 32) + 7};
       c.shape = attention::DenseShape(DType::kBFloat16, 2, 300, 3, 64);
-      CompareCase(*gpu, **cpu, rng, c);
     }
   }
+  CompareCases(cases);
 }
 
 // An output only 4-byte aligned: the zeros of keyless rows (head_groups) take 4-byte stores.
 TEST(FusedForward, OutputOffTheSixteenByteAlignment) {
   REQUIRE_GPU();
-  auto gpu = Gpu();
-  ASSERT_NE(gpu, nullptr);
-  auto cpu = attention::CreateCpuBackend({0, "auto"});
-  ASSERT_TRUE(cpu.ok());
-  SplitMix64 rng(TestSeed());
+  std::vector<RandomCase> cases;
   for (int64_t dim : {32, 64, 128}) {
-    RandomCase c;
+    RandomCase& c = cases.emplace_back();
     c.options.mode = attention::Mode::kHeadGroups;
     c.options.segment_lengths = {64, 128, 256};
     c.options.dilation_rates = {1, 2, 4};
     c.shape = attention::DenseShape(DType::kFloat16, 2, 520, 6, dim);
-    CompareCase(*gpu, **cpu, rng, c, /*o_offset=*/4);
   }
+  CompareCases(cases, /*o_offset=*/4);
 }
 
 // Kept small on purpose: run under compute-sanitizer (memcheck, racecheck) by the device script.
