@@ -36,7 +36,6 @@ with causal), for every implementation, dense included (4 * N^2 * D per head).
 
 import argparse
 import csv
-import os
 import pathlib
 import subprocess
 import sys

@@ -38,11 +38,23 @@ inline constexpr int64_t kGpuMaxHeads = 32767;
 // Number of tiles BuildGpuTiles makes, without making them.
 int64_t CountGpuTiles(const AttentionPlan& plan, int block_m);
 
+// Where the tiles whose positions attend to no key sit in the list: the j-th of them (j < count)
+// at index j * period. The kernel only writes their zeros, deciding so from its block index.
+struct KeylessPlacement {
+  int64_t count = 0;
+  int64_t period = 1;
+};
+
+inline bool IsKeylessSlot(const KeylessPlacement& keyless, int64_t index) {
+  return index % keyless.period == 0 && index / keyless.period < keyless.count;
+}
+
 // Fills `tiles` for every (sequence, head) of the plan, costliest first (by an estimate of
-// queries x visible keys), so that a grid walking the list in order ends on short tiles. Tiles
-// whose positions attend to no key come before them all; *num_keyless (if not null) says how
-// many, so that the kernel writes their zeros without starting the attention code.
+// queries x visible keys), so that a grid walking the list in order ends on short tiles. Keyless
+// tiles are spread evenly over the list's first half (*keyless, if not null, says where): their
+// CTAs write zeros, bound by memory, while the CTAs beside them on an SM compute, and none is
+// left for the tail.
 absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles,
-                           int64_t* num_keyless = nullptr);
+                           KeylessPlacement* keyless = nullptr);
 
 }  // namespace dilattn::attention

@@ -15,6 +15,15 @@
 
 namespace dilattn::attention {
 
+// A branch's rate as Int: rates beyond every position (allowed, up to segment lengths that may
+// exceed the sequence) act alike, so uint32_t's instance takes them as 2^31 - 1.
+template <typename Int>
+DILATTN_HOST_DEVICE Int ClampedRate(const DilatedAttentionParams& p, int branch) {
+  constexpr int64_t kIntMax = sizeof(Int) >= 8 ? INT64_MAX : 0x7fffffff;
+  const int64_t rate = p.dilation_rate[branch];
+  return static_cast<Int>(rate < kIntMax ? rate : kIntMax);
+}
+
 // If `head` takes part in `branch` and keeps position `pos` (0-based within a sequence of
 // `seq_len` tokens), sets the branch's key span for it: positions first, first + stride, ...
 // (count of them), the kept positions of pos's segment. Returns false otherwise.
@@ -27,9 +36,7 @@ namespace dilattn::attention {
 template <typename Int = int64_t>
 DILATTN_HOST_DEVICE bool BranchKeySpan(const DilatedAttentionParams& p, int branch, int head,
                                        Int seq_len, Int pos, Int* first, Int* count) {
-  constexpr int64_t kIntMax = sizeof(Int) >= 8 ? INT64_MAX : 0x7fffffff;
-  const int64_t rate64 = p.dilation_rate[branch];
-  const Int rate = static_cast<Int>(rate64 < kIntMax ? rate64 : kIntMax);
+  const Int rate = ClampedRate<Int>(p, branch);
   Int offset;
   if (p.mode == Mode::kLongNet) {
     offset = static_cast<Int>(head / p.offset_divisor[branch]);

@@ -30,10 +30,17 @@ Spans SpansOf(const DilatedAttentionParams& p, int64_t n, int head, int64_t pos)
 
 void CheckPlan(const AttentionPlan& plan, int block_m) {
   std::vector<GpuTile> tiles;
-  int64_t num_keyless = -1;
-  ASSERT_TRUE(BuildGpuTiles(plan, block_m, &tiles, &num_keyless).ok());
-  ASSERT_GE(num_keyless, 0);
-  ASSERT_LE(num_keyless, static_cast<int64_t>(tiles.size()));
+  KeylessPlacement keyless{-1, -1};
+  ASSERT_TRUE(BuildGpuTiles(plan, block_m, &tiles, &keyless).ok());
+  ASSERT_GE(keyless.count, 0);
+  ASSERT_GE(keyless.period, 1);
+  if (keyless.count > 0) {
+    // All within the list, and none in its second half unless they outnumber the others.
+    ASSERT_LT((keyless.count - 1) * keyless.period, static_cast<int64_t>(tiles.size()));
+    if (keyless.period > 1) {
+      ASSERT_LT((keyless.count - 1) * keyless.period, static_cast<int64_t>(tiles.size()) / 2);
+    }
+  }
   ASSERT_EQ(CountGpuTiles(plan, block_m), static_cast<int64_t>(tiles.size()));
   const DilatedAttentionParams& p = plan.params;
   std::vector<int> seen(static_cast<size_t>(p.total_tokens * p.num_heads), 0);
@@ -45,8 +52,8 @@ void CheckPlan(const AttentionPlan& plan, int block_m) {
     const Spans first = SpansOf(p, n, t.head, t.q_pos);
     ASSERT_GE(t.count, 1);
     ASSERT_LE(t.count, first.empty() ? KeylessTileRows(block_m) : block_m);
-    // Exactly the first num_keyless tiles attend to no key.
-    ASSERT_EQ(first.empty(), i < static_cast<size_t>(num_keyless)) << "tile " << i;
+    // Exactly the tiles at the keyless slots attend to no key.
+    ASSERT_EQ(first.empty(), IsKeylessSlot(keyless, static_cast<int64_t>(i))) << "tile " << i;
     for (int j = 0; j < t.count; ++j) {
       const int64_t pos = t.q_pos + static_cast<int64_t>(j) * t.q_stride;
       ASSERT_LT(pos, n);
@@ -123,8 +130,9 @@ TEST(GpuTiles, SplitsKeySetsIntoProgressions) {
 }
 
 // head_groups: a head of the r = 8 group keeps one residue in eight; the other seven are
-// keyless, gathered into tall tiles at the start of the list, which the kernel only zeroes.
-TEST(GpuTiles, KeylessPositionsTakeTallTilesFirst) {
+// keyless, gathered into tall tiles, which the kernel only zeroes, spread over the list's first
+// half between the tiles with keys.
+TEST(GpuTiles, KeylessPositionsTakeTallTilesSpreadOverTheFirstHalf) {
   AttentionOptions o;
   o.mode = Mode::kHeadGroups;
   o.segment_lengths = {2048, 16384};
@@ -133,17 +141,25 @@ TEST(GpuTiles, KeylessPositionsTakeTallTilesFirst) {
   ASSERT_TRUE(plan.ok());
   CheckPlan(*plan, 128);
   std::vector<GpuTile> tiles;
-  int64_t num_keyless = 0;
-  ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles, &num_keyless).ok());
+  KeylessPlacement keyless;
+  ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles, &keyless).ok());
   // Heads 2 and 3 (r = 8, offset 1): keyless residues 0 mod 2 (8192 rows), 3 mod 4 (4096) and
-  // 5 mod 8 (2048), in tiles of up to 2048 rows: 4 + 2 + 1 per head.
-  EXPECT_EQ(num_keyless, 14);
+  // 5 mod 8 (2048), in tiles of up to 2048 rows: 4 + 2 + 1 per head. Heads 0 and 1 (r = 1) take
+  // 128 tiles each, heads 2 and 3 (2048 rows of stride 8) 16 each: 302 tiles, so a keyless one
+  // every 302 / 2 / 14 = 10.
+  EXPECT_EQ(keyless.count, 14);
+  ASSERT_EQ(tiles.size(), 302u);
+  EXPECT_EQ(keyless.period, 10);
   int64_t keyless_rows = 0;
-  for (size_t i = 0; i < static_cast<size_t>(num_keyless); ++i) {
-    EXPECT_GE(tiles[i].head, 2);
-    keyless_rows += tiles[i].count;
+  for (int64_t j = 0; j < keyless.count; ++j) {
+    const GpuTile& t = tiles[static_cast<size_t>(j * keyless.period)];
+    EXPECT_GE(t.head, 2);
+    keyless_rows += t.count;
   }
   EXPECT_EQ(keyless_rows, 2 * 16384 * 7 / 8);
+  // Between them, the tiles with keys keep their order: the costliest (r = 1, 2048 keys per
+  // row at most) first.
+  EXPECT_EQ(tiles[1].head, 0);
 }
 
 // With causal, a tile computes each branch's keys up to its last row, in 64-key tiles for all of

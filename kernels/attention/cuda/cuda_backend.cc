@@ -166,7 +166,8 @@ class CudaBackend final : public AttentionBackend {
     params.attn.seq_offsets = reinterpret_cast<const int64_t*>(device);
     params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset);
     params.num_tiles = static_cast<int64_t>(tiles_.size());
-    params.num_keyless = num_keyless_;
+    params.num_keyless = keyless_.count;
+    params.keyless_period = keyless_.period;
     params.scale_log2 = plan.params.scale * 1.4426950408889634f;
     params.variant = force_mma_ ? cuda::FusedVariant::kMmaSync
                                 : cuda::SelectFusedVariant(major_, plan.params.head_dim);
@@ -188,7 +189,7 @@ class CudaBackend final : public AttentionBackend {
     if (fingerprint == tiles_fingerprint_) return absl::OkStatus();
     tiles_fingerprint_.clear();
     if (absl::Status s = BuildGpuTiles(plan, cuda::FusedBlockM(plan.params.head_dim), &tiles_,
-                                       &num_keyless_);
+                                       &keyless_);
         !s.ok()) {
       return s;
     }
@@ -202,7 +203,7 @@ class CudaBackend final : public AttentionBackend {
   bool force_mma_;  // DILATTN_CUDA_KERNEL=mma: the mma.sync variant everywhere (comparisons)
   std::string name_;
   std::vector<GpuTile> tiles_;
-  int64_t num_keyless_ = 0;
+  KeylessPlacement keyless_;
   std::string tiles_fingerprint_;
   void* staging_ = nullptr;
   size_t staging_bytes_ = 0;

@@ -130,14 +130,12 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, in
   uint32_t first = 0, count = 0;
   bool kept = lane < p.num_branches &&
               BranchKeySpan<uint32_t>(p, lane, head, seq_len, q_first, &first, &count);
-  // Rates beyond every position (up to segment lengths, which may exceed the sequence) act as
-  // 2^31 - 1: the span then has one key, and the causal mask divides by this rate.
-  const int64_t rate64 = lane < p.num_branches ? p.dilation_rate[lane] : 1;
-  const int rate = rate64 < 0x7fffffff ? static_cast<int>(rate64) : 0x7fffffff;
+  // As BranchKeySpan clamps it: the causal mask divides by this rate.
+  const uint32_t rate = lane < p.num_branches ? ClampedRate<uint32_t>(p, lane) : 1;
   if (kept && p.causal) {
     kept = first <= q_last;
     if (kept) {
-      const uint32_t visible = (q_last - first) / static_cast<uint32_t>(rate) + 1;
+      const uint32_t visible = (q_last - first) / rate + 1;
       count = count < visible ? count : visible;
     }
   }
@@ -151,7 +149,7 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, in
   }
   if (kept) {
     spans->first[n] = static_cast<int>(first);
-    spans->rate[n] = rate;
+    spans->rate[n] = static_cast<int>(rate);
     spans->count[n] = static_cast<int>(count);
     spans->tiles_end[n] = tiles;
   }
@@ -469,17 +467,19 @@ __device__ __forceinline__ void StoreRows(const float* acc, const float* row_sum
   }
 }
 
-// Tiles whose rows attend to no key (head_groups positions no branch keeps) open the list, up to
-// KeylessTileRows rows each. Their CTAs only write zeros; they decide so from blockIdx before any
-// of the attention code, which keeps its register allocation. First in the grid, they are done
-// long before the attention work's tail (last, they lengthened it at N = 32K). A thread stores a
-// fixed chunk of every kThreads / chunks-th row: 16-byte chunks where the output's rows allow
-// (4-byte otherwise, the alignment StoreRows assumes), with no division per store; these CTAs
-// write most of head_groups' output, and per-element index arithmetic cost them as much issue
-// time as an attention tile.
+// Tiles whose rows attend to no key (head_groups positions no branch keeps) sit every
+// keyless_period entries over the list's first half (BuildGpuTiles), up to KeylessTileRows rows
+// each. Their CTAs only write zeros; they decide so from blockIdx before any of the attention
+// code, which keeps its register allocation. A thread stores a fixed chunk of every
+// kThreads / chunks-th row: 16-byte chunks where the output's rows allow (4-byte otherwise, the
+// alignment StoreRows assumes), with no division per store; these CTAs write most of
+// head_groups' output, and per-element index arithmetic cost them as much issue time as an
+// attention tile.
 template <int kThreads, int D>
 __device__ __forceinline__ bool ZeroedKeylessTile(const FusedForwardParams& params) {
-  if (blockIdx.x >= params.num_keyless) return false;
+  if (params.num_keyless == 0) return false;
+  const uint32_t period = static_cast<uint32_t>(params.keyless_period);
+  if (blockIdx.x % period != 0 || blockIdx.x / period >= params.num_keyless) return false;
   const DilatedAttentionParams& p = params.attn;
   const GpuTile tile = params.tiles[blockIdx.x];
   unsigned char* o = static_cast<unsigned char*>(p.o) +
