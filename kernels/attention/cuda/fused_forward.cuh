@@ -337,8 +337,12 @@ __device__ __forceinline__ void MaskScores(float* s, int lane, const KeyTile& kt
     for (int h = 0; h < 2; ++h) {
       int last = kt.valid() - 1;
       if (need_causal) {
-        const int64_t ahead = pos[h] - kt.pos0;  // < 2^31 within one sequence
-        const int seen = ahead < 0 ? -1 : static_cast<int>(ahead) / kt.rate;
+        // Positions within one sequence are < 2^31: the difference fits 32 bits, and the
+        // division, unsigned, takes none of the sign fix-ups of a signed one.
+        const int ahead = static_cast<int>(pos[h]) - kt.pos0;
+        const int seen = ahead < 0 ? -1
+                                   : static_cast<int>(static_cast<uint32_t>(ahead) /
+                                                      static_cast<uint32_t>(kt.rate));
         last = seen < last ? seen : last;
       }
 #pragma unroll
