@@ -247,9 +247,10 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
     }
   });
   // Keyless tiles (cost 0: a tile with keys costs at least 1) go one every `period` entries over
-  // the list's first half. Gathered at its start, they wrote zeros on every SM at once with the
-  // tensor cores idle (head_groups, most of whose output they are, and 3.5% of its causal time);
-  // at its end they lengthened the tail (N = 32K). The others: first the tiles costlier than the
+  // the list's first half, so that they write zeros beside CTAs that compute. Gathered at its
+  // start, they wrote on every SM at once with the tensor cores idle (head_groups, most of whose
+  // output they are: spreading them gained 1-2% there, 3.5% with causal at 128K-512K); at its
+  // end they lengthened the tail (N = 32K). The others: first the tiles costlier than the
   // median (at most half) in the order they were made (sequence, head, cell, progression), so
   // that tiles reading the same keys run together: with causal, costs vary along each segment,
   // and a strict costliest-first order scattered those tiles (L2 hit rate 34% against 79%
