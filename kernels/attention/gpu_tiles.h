@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "kernels/attention/attention.h"
+#include "kernels/attention/tile_spans.h"
 
 namespace dilattn::attention {
 
@@ -45,8 +46,12 @@ struct KeylessPlacement {
   int64_t period = 1;
 };
 
-inline bool IsKeylessSlot(const KeylessPlacement& keyless, int64_t index) {
-  return index % keyless.period == 0 && index / keyless.period < keyless.count;
+// Whether list entry `index` is a keyless tile. The kernel instantiates uint32_t (its block
+// index; the launch checks that the period fits), whose division is a few instructions.
+template <typename Int = int64_t>
+DILATTN_HOST_DEVICE bool IsKeylessSlot(const KeylessPlacement& keyless, Int index) {
+  const auto period = static_cast<Int>(keyless.period);
+  return index % period == 0 && index / period < keyless.count;
 }
 
 // Fills `tiles` for every (sequence, head) of the plan, costliest first (by an estimate of

@@ -166,8 +166,7 @@ class CudaBackend final : public AttentionBackend {
     params.attn.seq_offsets = reinterpret_cast<const int64_t*>(device);
     params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset);
     params.num_tiles = static_cast<int64_t>(tiles_.size());
-    params.num_keyless = keyless_.count;
-    params.keyless_period = keyless_.period;
+    params.keyless = keyless_;
     params.scale_log2 = plan.params.scale * 1.4426950408889634f;
     params.variant = force_mma_ ? cuda::FusedVariant::kMmaSync
                                 : cuda::SelectFusedVariant(major_, plan.params.head_dim);

@@ -481,7 +481,7 @@ __device__ __forceinline__ void StoreRows(const float* acc, const float* row_sum
 }
 
 // Tiles whose rows attend to no key (head_groups positions no branch keeps) sit every
-// keyless_period entries over the list's first half (BuildGpuTiles), up to KeylessTileRows rows
+// keyless.period entries over the list's first half (BuildGpuTiles), up to KeylessTileRows rows
 // each. Their CTAs only write zeros; they decide so from blockIdx before any of the attention
 // code, which keeps its register allocation. A thread stores a fixed chunk of every
 // kThreads / chunks-th row: 16-byte chunks where the output's rows allow (4-byte otherwise, the
@@ -490,9 +490,9 @@ __device__ __forceinline__ void StoreRows(const float* acc, const float* row_sum
 // attention tile.
 template <int kThreads, int D>
 __device__ __forceinline__ bool ZeroedKeylessTile(const FusedForwardParams& params) {
-  if (params.num_keyless == 0) return false;
-  const uint32_t period = static_cast<uint32_t>(params.keyless_period);
-  if (blockIdx.x % period != 0 || blockIdx.x / period >= params.num_keyless) return false;
+  if (params.keyless.count == 0 || !IsKeylessSlot<uint32_t>(params.keyless, blockIdx.x)) {
+    return false;
+  }
   const DilatedAttentionParams& p = params.attn;
   const GpuTile tile = params.tiles[blockIdx.x];
   unsigned char* o = static_cast<unsigned char*>(p.o) +

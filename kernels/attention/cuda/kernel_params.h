@@ -18,8 +18,7 @@ struct FusedForwardParams {
   DilatedAttentionParams attn;  // q, k, v, o and seq_offsets are device pointers
   const GpuTile* tiles;         // device, num_tiles entries, costliest first
   int64_t num_tiles;
-  int64_t num_keyless;          // tiles whose rows attend to no key: zeros ...
-  int64_t keyless_period;       // ... the j-th of them at tiles[j * keyless_period]
+  KeylessPlacement keyless;     // where the tiles whose rows attend to no key (zeros) sit
   float scale_log2;             // attn.scale * log2(e): scores go straight to exp2
   FusedVariant variant;
 };

@@ -41,11 +41,10 @@ bool FusedForwardSupportsHeadDim(int head_dim) {
 int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
   const bool bf16 = params.attn.dtype == DType::kBFloat16;
-  if (params.attn.dtype == DType::kFloat32 || params.num_keyless < 0 ||
-      params.num_keyless > params.num_tiles || params.keyless_period < 1 ||
-      params.keyless_period > UINT32_MAX ||
-      (params.num_keyless > 0 &&
-       (params.num_keyless - 1) * params.keyless_period >= params.num_tiles)) {
+  const KeylessPlacement& keyless = params.keyless;
+  if (params.attn.dtype == DType::kFloat32 || keyless.count < 0 ||
+      keyless.count > params.num_tiles || keyless.period < 1 || keyless.period > UINT32_MAX ||
+      (keyless.count > 0 && (keyless.count - 1) * keyless.period >= params.num_tiles)) {
     return cudaErrorInvalidValue;
   }
   if (params.variant == FusedVariant::kWgmma) {
