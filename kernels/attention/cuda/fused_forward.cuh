@@ -112,48 +112,81 @@ __device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
 // The key spans of one tile, in shared memory: one per branch the tile's rows take part in,
 // clipped to the last query when causal (later keys are masked for every row), with the running
 // count of 64-key tiles. Positions, rates and counts are within one sequence (< 2^31).
+// With causal, each span is walked in two parts: first every span's tiles that reach the split
+// row (the last row of the Hopper kernel's first warpgroup), then the rest of every span, which
+// only rows after the split see. The first warpgroup stops after `split_tiles`; without causal,
+// or without a split, the second parts are empty.
 struct KeySpans {
-  int first[kMaxBranches];
-  int rate[kMaxBranches];
-  int count[kMaxBranches];
-  int tiles_end[kMaxBranches];
+  int first[2 * kMaxBranches];
+  int rate[2 * kMaxBranches];
+  int count[2 * kMaxBranches];
+  int tiles_end[2 * kMaxBranches];
   int num;
+  int split_tiles;
   __device__ int total_tiles() const { return num > 0 ? tiles_end[num - 1] : 0; }
 };
 
+// Inclusive prefix sum over the warp's lanes.
+__device__ __forceinline__ int WarpInclusiveSum(int x, int lane) {
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int below = __shfl_up_sync(0xffffffffu, x, d);
+    if (lane >= d) x += below;
+  }
+  return x;
+}
+
 // One warp fills the table, lane b planning branch b (kMaxBranches <= 32), so the divisions of
 // the branches run side by side instead of one after another in one thread. Positions within a
-// sequence are < 2^31 (the selector checks): 32-bit unsigned divisions.
+// sequence are < 2^31 (the selector checks): 32-bit unsigned divisions. q_first <= q_split <=
+// q_last are query positions of the tile.
 __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, int head,
-                                             uint32_t seq_len, uint32_t q_first, uint32_t q_last,
-                                             KeySpans* spans, int lane) {
+                                             uint32_t seq_len, uint32_t q_first, uint32_t q_split,
+                                             uint32_t q_last, KeySpans* spans, int lane) {
   uint32_t first = 0, count = 0;
   bool kept = lane < p.num_branches &&
               BranchKeySpan<uint32_t>(p, lane, head, seq_len, q_first, &first, &count);
   // As BranchKeySpan clamps it: the causal mask divides by this rate.
   const uint32_t rate = lane < p.num_branches ? ClampedRate<uint32_t>(p, lane) : 1;
+  uint32_t head_count = count;  // keys of the first part: whole tiles up to the split row's
   if (kept && p.causal) {
     kept = first <= q_last;
     if (kept) {
       const uint32_t visible = (q_last - first) / rate + 1;
       count = count < visible ? count : visible;
+      // q_first is kept by the branch, so first <= q_split: the first part is never empty.
+      const uint32_t split_tiles = ((q_split - first) / rate + kBlockN) / kBlockN;
+      head_count = split_tiles * kBlockN < count ? split_tiles * kBlockN : count;
     }
   }
-  const unsigned kept_mask = __ballot_sync(0xffffffffu, kept);
-  const int n = __popc(kept_mask & ((1u << lane) - 1));  // place among the kept branches
-  int tiles = kept ? static_cast<int>((count + kBlockN - 1) / kBlockN) : 0;
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {  // inclusive prefix sum over lanes: the running tile count
-    const int below = __shfl_up_sync(0xffffffffu, tiles, d);
-    if (lane >= d) tiles += below;
-  }
+  const uint32_t tail_count = kept ? count - head_count : 0;
+  const unsigned below = (1u << lane) - 1;
+  const unsigned head_mask = __ballot_sync(0xffffffffu, kept);
+  const unsigned tail_mask = __ballot_sync(0xffffffffu, tail_count > 0);
+  const int num_heads = __popc(head_mask);
+  const int head_tiles =
+      WarpInclusiveSum(kept ? static_cast<int>((head_count + kBlockN - 1) / kBlockN) : 0, lane);
+  const int split = __shfl_sync(0xffffffffu, head_tiles, 31);
+  const int tail_tiles =
+      split + WarpInclusiveSum(static_cast<int>((tail_count + kBlockN - 1) / kBlockN), lane);
   if (kept) {
+    const int n = __popc(head_mask & below);
     spans->first[n] = static_cast<int>(first);
     spans->rate[n] = static_cast<int>(rate);
-    spans->count[n] = static_cast<int>(count);
-    spans->tiles_end[n] = tiles;
+    spans->count[n] = static_cast<int>(head_count);
+    spans->tiles_end[n] = head_tiles;
   }
-  if (lane == 0) spans->num = __popc(kept_mask);
+  if (tail_count > 0) {
+    const int n = num_heads + __popc(tail_mask & below);
+    spans->first[n] = static_cast<int>(first + head_count * rate);
+    spans->rate[n] = static_cast<int>(rate);
+    spans->count[n] = static_cast<int>(tail_count);
+    spans->tiles_end[n] = tail_tiles;
+  }
+  if (lane == 0) {
+    spans->num = num_heads + __popc(tail_mask);
+    spans->split_tiles = split;
+  }
 }
 
 // A cursor over a tile's walk of key tiles, span by span. The walk only ever moves one tile on,
@@ -249,12 +282,18 @@ struct TileGather {
         v_stride(static_cast<uint32_t>(p.v_row_stride * sizeof(T))),
         kv_dst(SwizzledOffset<D>(thread_row, thread_chunk) * sizeof(T)) {}
 
-  // Warp 0 plans the tile's key spans; every thread waits for them.
-  __device__ void PlanSpans(KeySpans* spans) const {
+  // Warp 0 plans the tile's key spans, split after the first `split_rows` rows; every thread
+  // waits for them.
+  __device__ void PlanSpans(KeySpans* spans, int split_rows) const {
     if (threadIdx.x < 32) {
       const auto seq_len = static_cast<uint32_t>(p.seq_offsets[tile.seq + 1] - seq_base);
-      const auto q_last = static_cast<uint32_t>(tile.q_pos + (tile.count - 1) * tile.q_stride);
-      PlanKeySpans(p, tile.head, seq_len, static_cast<uint32_t>(tile.q_pos), q_last, spans,
+      // Position of the last of the tile's first `rows` rows.
+      const auto last_of = [&](int rows) {
+        return static_cast<uint32_t>(tile.q_pos + (rows - 1) * tile.q_stride);
+      };
+      const int count = tile.count;
+      PlanKeySpans(p, tile.head, seq_len, static_cast<uint32_t>(tile.q_pos),
+                   last_of(split_rows < count ? split_rows : count), last_of(count), spans,
                    threadIdx.x);
     }
     __syncthreads();
@@ -306,16 +345,17 @@ struct KeyTileLoader {
   }
 };
 
-// Both kernels start a tile alike: Q on its way while warp 0 plans the key spans, then the
-// first kPrefetch key tiles into the ring, one commit group each (empty past the last tile).
-template <int kRows, int kPrefetch, typename Gather>
+// Both kernels start a tile alike: Q on its way while warp 0 plans the key spans (split after
+// kSplitRows rows), then the first kPrefetch key tiles into the ring, one commit group each
+// (empty past the last tile).
+template <int kRows, int kSplitRows, int kPrefetch, typename Gather>
 __device__ __forceinline__ KeyTileLoader<Gather> StartTile(const Gather& gather,
                                                            KeySpans* spans, uint32_t sq,
                                                            uint32_t sk, uint32_t sv,
                                                            int stage_bytes) {
   gather.template LoadQ<kRows>(sq);
   CpAsyncCommit();
-  gather.PlanSpans(spans);
+  gather.PlanSpans(spans, kSplitRows);
   KeyTileLoader<Gather> loader{gather, *spans, SpanStart(*spans, 0), sk, sv, stage_bytes};
   const int total_tiles = spans->total_tiles();
 #pragma unroll
@@ -557,7 +597,7 @@ struct FusedForwardKernel {
     const int64_t q_first = tile.q_pos;
 
     __shared__ KeySpans spans;
-    auto loader = StartTile<kBlockM, kStages - 1>(gather, &spans, sq_addr, sk_addr, sv_addr,
+    auto loader = StartTile<kBlockM, kBlockM, kStages - 1>(gather, &spans, sq_addr, sk_addr, sv_addr,
                                                   kTileBytes);
     const int total_tiles = spans.total_tiles();
 

@@ -126,8 +126,8 @@ struct HopperForwardKernel {
     const int64_t q_first = tile.q_pos;
 
     __shared__ KeySpans spans;
-    auto loader = StartTile<kBlockM, kPrefetch>(gather, &spans, sq_addr, sk_addr, sv_addr,
-                                                kTileBytes);
+    auto loader = StartTile<kBlockM, kBlockM / 2, kPrefetch>(gather, &spans, sq_addr, sk_addr,
+                                                             sv_addr, kTileBytes);
     const int total_tiles = spans.total_tiles();
 
     const int warp = threadIdx.x / 32;
@@ -136,6 +136,11 @@ struct HopperForwardKernel {
     // descriptor then stays in uniform registers).
     const int group = __shfl_sync(0xffffffffu, warp / 4, 0);  // query rows 64 * group ...
     const int warp_row = warp * 16;          // this warp's 16 rows within the tile
+    // The key tiles this warpgroup computes: with causal, the first stops once no key is left
+    // that its rows see (KeySpans), and the second has nothing to do in a tile of 64 rows or
+    // fewer. It keeps loading and syncing with the other until the walk ends.
+    const int group_tiles =
+        group == 0 ? spans.split_tiles : (tile.count > kBlockM / 2 ? total_tiles : 0);
     int64_t pos[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) pos[h] = q_first + (warp_row + lane / 4 + h * 8) * q_stride;
@@ -224,6 +229,8 @@ struct HopperForwardKernel {
       CpAsyncWait<kPrefetch - 1>();  // Q and tile 0
       FenceProxyAsync();
       __syncthreads();
+    }
+    if (group_tiles > 0) {
       float alpha[2];
       issue_scores(0);
       WgmmaWait0();
@@ -231,7 +238,7 @@ struct HopperForwardKernel {
       pack();
     }
     KeyTile next_tile = SpanStart(spans, 0);  // tile t + 1 below
-    for (int t = 0; t + 1 < total_tiles; ++t) {
+    for (int t = 0; t + 1 < group_tiles; ++t) {
       NextKeyTile(spans, &next_tile);
       CpAsyncWait<kPrefetch - 2>();  // tile t + 1 has landed (this thread's part)
       FenceProxyAsync();
@@ -266,9 +273,18 @@ struct HopperForwardKernel {
       }
       pack();
     }
-    if (total_tiles > 0) {
-      issue_pv((total_tiles - 1) % kStages);
+    if (group_tiles > 0) {
+      issue_pv((group_tiles - 1) % kStages);
       WgmmaWait0();
+    }
+    // The same waits, fences, barriers and loads as the loop above, for the rest of the walk:
+    // the other warpgroup's products read what this one's threads copy.
+    for (int t = group_tiles > 0 ? group_tiles - 1 : 0; t + 1 < total_tiles; ++t) {
+      CpAsyncWait<kPrefetch - 2>();
+      FenceProxyAsync();
+      __syncthreads();
+      if (t + kPrefetch < total_tiles) loader.Load((t + kPrefetch) % kStages);
+      CpAsyncCommit();
     }
     CpAsyncWait<0>();
 
