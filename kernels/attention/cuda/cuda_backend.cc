@@ -123,30 +123,39 @@ class CudaBackend final : public AttentionBackend {
           "cuda workspace must hold ", layout.total, " bytes on ", location().ToString(),
           ", got ", workspace.bytes, " on ", workspace.location.ToString()));
     }
-    // The upload reads pinned staging asynchronously: the previous one must be done with it.
-    if (upload_done_ != nullptr) {
-      if (absl::Status s = CudaStatus(cudaEventSynchronize(upload_done_), "previous upload");
+    // Staging keeps the last tile list: a repeated shape uploads it again without rewriting it.
+    if (!staged_) {
+      // The upload reads pinned staging asynchronously: the previous one must be done with it.
+      if (upload_done_ != nullptr) {
+        if (absl::Status s = CudaStatus(cudaEventSynchronize(upload_done_), "previous upload");
+            !s.ok()) {
+          return s;
+        }
+      }
+      if (staging_bytes_ < layout.total) {
+        if (staging_ != nullptr) cudaFreeHost(staging_);
+        staging_ = nullptr;
+        staging_bytes_ = 0;
+        if (absl::Status s =
+                CudaStatus(cudaHostAlloc(&staging_, layout.total, 0), "pinned staging");
+            !s.ok()) {
+          return s;
+        }
+        staging_bytes_ = layout.total;
+      }
+      auto* host = static_cast<unsigned char*>(staging_);
+      std::memcpy(host, plan.seq_offsets.data(), layout.offsets_bytes);
+      std::memcpy(host + layout.tiles_offset, tiles_.data(), sizeof(GpuTile) * tiles_.size());
+      staged_ = true;
+    }
+    if (upload_done_ == nullptr) {
+      if (absl::Status s = CudaStatus(
+              cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming), "event");
           !s.ok()) {
         return s;
       }
-    } else if (absl::Status s = CudaStatus(
-                   cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming), "event");
-               !s.ok()) {
-      return s;
     }
-    if (staging_bytes_ < layout.total) {
-      if (staging_ != nullptr) cudaFreeHost(staging_);
-      staging_ = nullptr;
-      staging_bytes_ = 0;
-      if (absl::Status s = CudaStatus(cudaHostAlloc(&staging_, layout.total, 0), "pinned staging");
-          !s.ok()) {
-        return s;
-      }
-      staging_bytes_ = layout.total;
-    }
-    auto* host = static_cast<unsigned char*>(staging_);
-    std::memcpy(host, plan.seq_offsets.data(), layout.offsets_bytes);
-    std::memcpy(host + layout.tiles_offset, tiles_.data(), sizeof(GpuTile) * tiles_.size());
+    const auto* host = static_cast<const unsigned char*>(staging_);
     auto* device = static_cast<unsigned char*>(workspace.data);
     if (absl::Status s = CudaStatus(cudaMemcpyAsync(device, host, layout.total,
                                                     cudaMemcpyHostToDevice, stream_),
@@ -187,6 +196,7 @@ class CudaBackend final : public AttentionBackend {
                        plan.seq_offsets.size() * sizeof(int64_t));
     if (fingerprint == tiles_fingerprint_) return absl::OkStatus();
     tiles_fingerprint_.clear();
+    staged_ = false;
     if (absl::Status s = BuildGpuTiles(plan, cuda::FusedBlockM(plan.params.head_dim), &tiles_,
                                        &keyless_);
         !s.ok()) {
@@ -207,6 +217,7 @@ class CudaBackend final : public AttentionBackend {
   void* staging_ = nullptr;
   size_t staging_bytes_ = 0;
   cudaEvent_t upload_done_ = nullptr;
+  bool staged_ = false;  // staging_ holds the tile list of tiles_fingerprint_
 };
 
 }  // namespace

@@ -159,10 +159,10 @@ struct HopperForwardKernel {
     // together, and the softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas
     // places the wait for it before the exponentials; forcing them ahead of it measured slower:
     // BENCHMARKS.md); its rescale factors are applied to O once that product is done. Nothing is in
-    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, key tiles
-    // that lie wholly after a warpgroup's rows are computed anyway and masked to zero weight:
-    // skipping them takes branches around the asynchronous products, which measured slower in
-    // both the causal and the full case (BENCHMARKS.md).
+    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, the first
+    // warpgroup's walk ends early instead (the spans put the tiles only the second sees last):
+    // skipping tiles inside the walk would take branches around the asynchronous products,
+    // which measured slower in both the causal and the full case (BENCHMARKS.md).
     float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
     uint32_t probs[4][4];  // P_t, packed as the A operand of O += P V
     // Descriptors (their low words) are built once: the address field is (address >> 4) in the
