@@ -228,11 +228,21 @@ __device__ __forceinline__ uint64_t MulWide(uint32_t a, uint32_t b) {
   return r;
 }
 
+// Element offset of 16-byte chunk `chunk` of row `row` in a kRows-row shared tile stored as
+// column panels of kPanel elements: panel after panel, each [kRows][kPanel] and swizzled. The
+// mma.sync kernel keeps whole rows (kPanel = D); the wgmma kernel needs 128-byte rows, the
+// width of the hardware swizzle, so with D = 128 it takes two 64-column panels.
+template <int kPanel, int kRows>
+__device__ __forceinline__ int PanelOffset(int row, int chunk) {
+  constexpr int kPanelChunks = kPanel / 8;
+  return (chunk / kPanelChunks) * kRows * kPanel + SwizzledOffset<kPanel>(row, chunk % kPanelChunks);
+}
+
 // Row gathers: thread tid copies 16-byte chunk (tid % (D / 8)) of rows tid / (D / 8) + j * pass
 // of a kRows-row tile, so its source pointer advances by a fixed step per pass and its
 // shared-memory offsets are fixed. `src` is already at this thread's first row and chunk; row i
 // of the tile is at src + (i - thread_row) * step; rows at or past `valid` are zero-filled.
-template <int D, int kThreads, int kRows, typename T>
+template <int D, int kPanel, int kThreads, int kRows, typename T>
 __device__ __forceinline__ void GatherRows(uint32_t smem_tile, int thread_row, int chunk,
                                            const T* src, int64_t step, int valid,
                                            const T* any_valid) {
@@ -241,14 +251,15 @@ __device__ __forceinline__ void GatherRows(uint32_t smem_tile, int thread_row, i
   for (int j = 0; j < kRows / kRowsPerPass; ++j) {
     const int row = thread_row + j * kRowsPerPass;
     const bool ok = row < valid;
-    CpAsync16(smem_tile + SwizzledOffset<D>(row, chunk) * static_cast<int>(sizeof(T)),
+    CpAsync16(smem_tile + PanelOffset<kPanel, kRows>(row, chunk) * static_cast<int>(sizeof(T)),
               ok ? src + j * kRowsPerPass * step : any_valid, ok);
   }
 }
 
-// Where a CTA's tile is and the gathers that fill its shared tiles; both kernels start here.
-// Thread tid gathers 16-byte chunk tid % (D / 8) of rows tid / (D / 8) + j * (kThreads / (D / 8)).
-template <int D, int kThreads, typename T>
+// Where a CTA's tile is and the gathers that fill its shared tiles (column panels of kPanel
+// elements, PanelOffset); both kernels start here. Thread tid gathers 16-byte chunk
+// tid % (D / 8) of rows tid / (D / 8) + j * (kThreads / (D / 8)).
+template <int D, int kThreads, typename T, int kPanel = D>
 struct TileGather {
   const DilatedAttentionParams& p;
   GpuTile tile;
@@ -280,7 +291,7 @@ struct TileGather {
                                             thread_chunk * 8)),
         k_stride(static_cast<uint32_t>(p.k_row_stride * sizeof(T))),
         v_stride(static_cast<uint32_t>(p.v_row_stride * sizeof(T))),
-        kv_dst(SwizzledOffset<D>(thread_row, thread_chunk) * sizeof(T)) {}
+        kv_dst(PanelOffset<kPanel, kBlockN>(thread_row, thread_chunk) * sizeof(T)) {}
 
   // Warp 0 plans the tile's key spans, split after the first `split_rows` rows; every thread
   // waits for them.
@@ -303,7 +314,7 @@ struct TileGather {
   template <int kRows>
   __device__ void LoadQ(uint32_t sq) const {
     const T* q = static_cast<const T*>(p.q);
-    GatherRows<D, kThreads, kRows>(sq, thread_row, thread_chunk,
+    GatherRows<D, kPanel, kThreads, kRows>(sq, thread_row, thread_chunk,
                                    q + (seq_base + tile.q_pos + thread_row * tile.q_stride) *
                                            p.q_row_stride + head_off + thread_chunk * 8,
                                    tile.q_stride * p.q_row_stride, tile.count, q);
@@ -322,8 +333,8 @@ struct TileGather {
       // Whole 8-row swizzle periods per pass keep this thread's swizzle term.
       const uint32_t dst =
           kRowsPerPass % 8 == 0
-              ? kv_dst + j * kRowsPerPass * D * static_cast<int>(sizeof(T))
-              : SwizzledOffset<D>(row, thread_chunk) * static_cast<int>(sizeof(T));
+              ? kv_dst + j * kRowsPerPass * kPanel * static_cast<int>(sizeof(T))
+              : PanelOffset<kPanel, kBlockN>(row, thread_chunk) * static_cast<int>(sizeof(T));
       // Both factors are non-negative: one 32 x 32 -> 64-bit multiply-add each (MulWide).
       CpAsync16(sk + dst, k_row + MulWide(static_cast<uint32_t>(pos), k_stride), ok);
       CpAsync16(sv + dst, v_row + MulWide(static_cast<uint32_t>(pos), v_stride), ok);

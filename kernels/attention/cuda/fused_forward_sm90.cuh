@@ -94,9 +94,9 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <typename T>
+template <typename T, int D>
 struct HopperForwardKernel {
-  static constexpr int D = 64;
+  static_assert(D == 64 || D == 128, "64-column panels, one or two");
   static constexpr int kWarps = 8;  // two warpgroups
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 128;
@@ -104,8 +104,15 @@ struct HopperForwardKernel {
   // products completed in the previous iteration.
   static constexpr int kPrefetch = 3;
   static constexpr int kStages = kPrefetch + 1;
-  static constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));  // 8 KiB
+  // Shared tiles are column panels of 64 elements (128-byte rows, the swizzle's width).
+  static constexpr int kPanels = D / 64;
+  static constexpr int kQPanelBytes = kBlockM * 64 * 2;                        // 16 KiB
+  static constexpr int kKVPanelBytes = kBlockN * 64 * 2;                       // 8 KiB
+  static constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));  // 8 / 16 KiB
   static constexpr int kSmemBytes = kBlockM * D * 2 + 2 * kStages * kTileBytes + 1024;
+  // D = 64: 81 KiB and 128 registers, two CTAs per SM. D = 128: 161 KiB, one CTA per SM, and
+  // the O accumulator alone is 64 registers.
+  static constexpr int kMinBlocks = D == 64 ? 2 : 1;
 
   __device__ static void Run(const FusedForwardParams& params) {
 #if defined(DILATTN_HAVE_WGMMA)
@@ -117,7 +124,7 @@ struct HopperForwardKernel {
     const uint32_t sk_addr = sq_addr + kBlockM * D * 2;
     const uint32_t sv_addr = sk_addr + kStages * kTileBytes;
 
-    const TileGather<D, kThreads, T> gather(params);
+    const TileGather<D, kThreads, T, 64> gather(params);
     const DilatedAttentionParams& p = params.attn;
     const GpuTile& tile = gather.tile;
     const int64_t seq_base = gather.seq_base;
@@ -147,13 +154,14 @@ struct HopperForwardKernel {
     // Positions within a sequence fit 32 bits (kGpuMaxSeqLen).
     const int warp_first_pos = static_cast<int>(q_first + warp_row * q_stride);
 
-    float acc[32];
+    float acc[32 * kPanels];  // O: 16 rows x D per warp, one m64n64 accumulator per panel
 #pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
+    for (int i = 0; i < 32 * kPanels; ++i) acc[i] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};
-    // The warpgroup's 64 Q rows start 8 KiB into the Q tile; a k16 step is 32 bytes along a row.
-    const uint32_t q_group = sq_addr + group * 64 * D * 2;
+    // The warpgroup's 64 Q rows start 8 KiB into each Q panel; a k16 step is 32 bytes along a
+    // row, four of them a panel.
+    const uint32_t q_group = sq_addr + group * 64 * 64 * 2;
 
     // Per key tile t, in one warpgroup: the scores of tile t + 1 and O += P_t V_t are issued
     // together, and the softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas
@@ -175,7 +183,9 @@ struct HopperForwardKernel {
       WgmmaFence();
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        Wgmma<T>::SS(s, q_desc + ((ks * 32) >> 4), k_tile + ((ks * 32) >> 4), ks > 0);
+        const int q_off = (ks / 4) * kQPanelBytes + (ks % 4) * 32;
+        const int k_off = (ks / 4) * kKVPanelBytes + (ks % 4) * 32;
+        Wgmma<T>::SS(s, q_desc + (q_off >> 4), k_tile + (k_off >> 4), ks > 0);
       }
       WgmmaCommit();
     };
@@ -183,9 +193,13 @@ struct HopperForwardKernel {
       const uint32_t v_tile = v_desc + ((stage * kTileBytes) >> 4);
       WgmmaFence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
-        Wgmma<T>::RS(acc, probs[kk], v_tile + ((kk * 2048) >> 4));
+      for (int panel = 0; panel < kPanels; ++panel) {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V panel.
+          Wgmma<T>::RS(acc + 32 * panel, probs[kk],
+                       v_tile + ((panel * kKVPanelBytes + kk * 2048) >> 4));
+        }
       }
       WgmmaCommit();
     };
@@ -265,7 +279,7 @@ struct HopperForwardKernel {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
+          for (int j = 0; j < 8 * kPanels; ++j) {
             acc[4 * j + 2 * h] *= alpha[h];
             acc[4 * j + 2 * h + 1] *= alpha[h];
           }
@@ -294,24 +308,25 @@ struct HopperForwardKernel {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(HopperForwardKernel<T>::kThreads, 2)
+template <typename T, int D>
+__global__ void __launch_bounds__(HopperForwardKernel<T, D>::kThreads,
+                                  HopperForwardKernel<T, D>::kMinBlocks)
     HopperForward(const __grid_constant__ FusedForwardParams params) {
-  if (ZeroedKeylessTile<HopperForwardKernel<T>::kThreads, 64>(params)) return;
-  HopperForwardKernel<T>::Run(params);
+  if (ZeroedKeylessTile<HopperForwardKernel<T, D>::kThreads, D>(params)) return;
+  HopperForwardKernel<T, D>::Run(params);
 }
 
-template <typename T>
+template <typename T, int D>
 int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream) {
-  using K = HopperForwardKernel<T>;
-  static_assert(K::kBlockM == FusedBlockM(64), "tile list and kernel disagree on tile height");
+  using K = HopperForwardKernel<T, D>;
+  static_assert(K::kBlockM == FusedBlockM(D), "tile list and kernel disagree on tile height");
   if (params.num_tiles == 0) return 0;
-  cudaError_t err = cudaFuncSetAttribute(HopperForward<T>,
+  cudaError_t err = cudaFuncSetAttribute(HopperForward<T, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  HopperForward<T><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
-                     stream>>>(params);
+  HopperForward<T, D><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
+                        stream>>>(params);
   return cudaGetLastError();
 }
 

@@ -24,13 +24,20 @@ DILATTN_DECLARE(64)
 DILATTN_DECLARE(128)
 DILATTN_DECLARE(256)
 #undef DILATTN_DECLARE
-template <typename T>
+template <typename T, int D>
 int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream);
-extern template int LaunchHopperForward<__half>(const FusedForwardParams&, cudaStream_t);
-extern template int LaunchHopperForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
+#define DILATTN_DECLARE(D)                                                                \
+  extern template int LaunchHopperForward<__half, D>(const FusedForwardParams&,           \
+                                                     cudaStream_t);                      \
+  extern template int LaunchHopperForward<__nv_bfloat16, D>(const FusedForwardParams&,    \
+                                                            cudaStream_t);
+DILATTN_DECLARE(64)
+DILATTN_DECLARE(128)
+#undef DILATTN_DECLARE
 
 FusedVariant SelectFusedVariant(int major, int head_dim) {
-  return major == 9 && head_dim == 64 ? FusedVariant::kWgmma : FusedVariant::kMmaSync;
+  return major == 9 && (head_dim == 64 || head_dim == 128) ? FusedVariant::kWgmma
+                                                           : FusedVariant::kMmaSync;
 }
 
 bool FusedForwardSupportsHeadDim(int head_dim) {
@@ -48,9 +55,16 @@ int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
     return cudaErrorInvalidValue;
   }
   if (params.variant == FusedVariant::kWgmma) {
-    if (params.attn.head_dim != 64) return cudaErrorInvalidValue;
-    return bf16 ? LaunchHopperForward<__nv_bfloat16>(params, stream)
-                : LaunchHopperForward<__half>(params, stream);
+    switch (params.attn.head_dim) {
+      case 64:
+        return bf16 ? LaunchHopperForward<__nv_bfloat16, 64>(params, stream)
+                    : LaunchHopperForward<__half, 64>(params, stream);
+      case 128:
+        return bf16 ? LaunchHopperForward<__nv_bfloat16, 128>(params, stream)
+                    : LaunchHopperForward<__half, 128>(params, stream);
+      default:
+        return cudaErrorInvalidValue;
+    }
   }
   switch (params.attn.head_dim) {
     case 16:
