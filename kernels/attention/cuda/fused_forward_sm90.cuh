@@ -48,6 +48,10 @@ struct Wgmma;
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 
+#define DILATTN_WGMMA_ACC64 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
+#define DILATTN_WGMMA_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
 #define DILATTN_DEFINE_WGMMA(TYPE, PTX)                                                        \
   template <>                                                                                  \
   struct Wgmma<TYPE> {                                                                         \
@@ -59,6 +63,16 @@ struct Wgmma;
                    DILATTN_WGMMA_REGS32 ", da, db, p, 1, 1, 0, 0;\n}\n"                        \
                    : DILATTN_WGMMA_ACC32                                                       \
                    : "r"(a), "r"(b), "r"(accumulate), "n"(kWgmmaDescHigh));                    \
+    }                                                                                          \
+    /* d[64] += A(registers) B(smem, transposed, two 64-column panels): m64 n128 k16. */       \
+    __device__ static void RS128(float* d, const uint32_t* a, uint32_t b) {                    \
+      asm volatile("{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, 1, 0;\n"                   \
+                   "mov.b64 db, {%68, %69};\n"                                                 \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " "              \
+                   DILATTN_WGMMA_REGS64 ", {%64, %65, %66, %67}, db, p, 1, 1, 1;\n}\n"     \
+                   : DILATTN_WGMMA_ACC64                                                       \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b),                       \
+                     "n"(kWgmmaDescHigh));                                                     \
     }                                                                                          \
     /* d[32] += A(registers) B(smem, transposed: N contiguous): m64 n64 k16. */                \
     __device__ static void RS(float* d, const uint32_t* a, uint32_t b) {                       \
@@ -192,13 +206,19 @@ struct HopperForwardKernel {
     auto issue_pv = [&](int stage) {
       const uint32_t v_tile = v_desc + ((stage * kTileBytes) >> 4);
       WgmmaFence();
-#pragma unroll
-      for (int panel = 0; panel < kPanels; ++panel) {
+      if constexpr (kPanels == 2) {
+        // One n128 product per k-step: the descriptor's leading byte offset steps from one
+        // 64-column panel to the next.
+        const uint32_t v_tile128 = v_tile - (1u << 16) + ((kKVPanelBytes >> 4) << 16);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-          // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V panel.
-          Wgmma<T>::RS(acc + 32 * panel, probs[kk],
-                       v_tile + ((panel * kKVPanelBytes + kk * 2048) >> 4));
+          Wgmma<T>::RS128(acc, probs[kk], v_tile128 + ((kk * 2048) >> 4));
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
+          Wgmma<T>::RS(acc, probs[kk], v_tile + ((kk * 2048) >> 4));
         }
       }
       WgmmaCommit();
