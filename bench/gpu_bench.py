@@ -30,7 +30,7 @@ Effective TFLOP/s use DESIGN.md's formula, 4 * N * w * D / r^2 per branch and he
 with causal), for every implementation, dense included (4 * N^2 * D per head).
 
   python3 bench/gpu_bench.py [--binary build/bench/cuda_attention_bench] [--ns 32768,...]
-                             [--out-dir docs] [--quick]
+                             [--dim 64] [--out-dir docs] [--quick]
   python3 bench/gpu_bench.py --from-csv docs/gpu_bench.csv   (table and plot again, no GPU)
 """
 
@@ -269,8 +269,8 @@ def check_same_operator(q, k, v, causal):
           f"difference {err:.2e}", flush=True)
 
 
-def run_ours(binary, ns, mode, causal, iters):
-    cmd = [binary, "--n", ",".join(map(str, ns)), "--heads", "16", "--dim", "64", "--dtype",
+def run_ours(binary, ns, dim, mode, causal, iters):
+    cmd = [binary, "--n", ",".join(map(str, ns)), "--heads", "16", "--dim", str(dim), "--dtype",
            "bf16", "--mode", mode, "--causal", "1" if causal else "0", "--iters", str(iters)]
     if mode == "head_groups":
         cmd += ["--segments", ",".join(map(str, HEADG_SEGMENTS)),
@@ -287,6 +287,7 @@ def main():
     p.add_argument("--binary", default=str(ROOT / "build" / "bench" / "cuda_attention_bench"))
     p.add_argument("--ns", default="32768,131072,524288,2097152")
     p.add_argument("--out-dir", default=str(ROOT / "docs"))
+    p.add_argument("--dim", type=int, default=64, help="head dim (the issue's targets are at 64)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--from-csv", help="print the table and draw the plot of an earlier run's CSV")
     args = p.parse_args()
@@ -294,11 +295,11 @@ def main():
         with open(args.from_csv, newline="") as f:
             rows = [dict(r, N=int(r["N"]), causal=int(r["causal"]), ms=float(r["ms"]),
                          tflops=float(r["tflops"])) for r in csv.DictReader(f)]
-        report(rows, pathlib.Path(args.out_dir), write_csv=False)
+        report(rows, pathlib.Path(args.out_dir), args.dim, write_csv=False)
         return
     ns = [int(x) for x in args.ns.split(",")]
     reps = 5 if args.quick else 10
-    heads, dim = 16, 64
+    heads, dim = 16, args.dim
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
@@ -306,7 +307,7 @@ def main():
     for causal in (False, True):
         for mode in ("longnet", "head_groups"):
             segs, rts = (SEGMENTS, RATES) if mode == "longnet" else (HEADG_SEGMENTS, HEADG_RATES)
-            ours = run_ours(args.binary, ns, mode, causal, reps * 2)
+            ours = run_ours(args.binary, ns, dim, mode, causal, reps * 2)
             for n in ns:
                 f = flops(n, heads, dim, segs, rts, mode, causal)
                 rows.append(dict(mode=mode, causal=int(causal), N=n, impl="dilattn",
@@ -338,10 +339,10 @@ def main():
 
     for r in rows:
         r["card"] = gpu
-    report(rows, pathlib.Path(args.out_dir))
+    report(rows, pathlib.Path(args.out_dir), dim)
 
 
-def report(rows, out_dir, write_csv=True):
+def report(rows, out_dir, dim, write_csv=True):
     """The table on stdout; the CSV and the plot into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if write_csv:
@@ -388,7 +389,7 @@ def report(rows, out_dir, write_csv=True):
         axes[0][col].set_ylabel("effective TFLOP/s")
         axes[1][col].set_ylabel("ms")
         axes[1][col].set_yscale("log")
-        axes[1][col].set_xlabel("N (tokens), B = 1, H = 16, D = 64, bf16")
+        axes[1][col].set_xlabel(f"N (tokens), B = 1, H = 16, D = {dim}, bf16")
         for row in (0, 1):
             axes[row][col].set_xscale("log", base=2)
             axes[row][col].grid(True, alpha=0.3)

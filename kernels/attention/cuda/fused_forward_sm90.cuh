@@ -1,14 +1,15 @@
 #pragma once
 
-// The Hopper (sm_90a) variant of the fused kernel for D = 64: the same tiles, gathers and online
-// softmax as fused_forward.cuh, with both products on wgmma. Two warpgroups each own 64 of the
-// tile's 128 query rows. S = Q K^T reads Q and K straight from shared memory through matrix
+// The Hopper (sm_90a) variant of the fused kernel for D = 64 and 128: the same tiles, gathers and
+// online softmax as fused_forward.cuh, with both products on wgmma. Two warpgroups each own 64 of
+// the tile's 128 query rows. S = Q K^T reads Q and K straight from shared memory through matrix
 // descriptors; O += P V takes P from registers and V from shared memory (transposed). Within a
-// warpgroup the scores of key tile t + 1 and O += P_t V_t are issued together (see Run); at 128
-// registers two CTAs, four warpgroups, share an SM and fill each other's gaps.
-// The shared tiles' 16-byte XOR swizzle by row % 8 over 128-byte rows is exactly the hardware's
-// 128-byte swizzle, so the loaders are unchanged; tiles are 1024-byte aligned as that swizzle
-// requires.
+// warpgroup the scores of key tile t + 1 and O += P_t V_t are issued together (see Run). D = 64:
+// at 128 registers two CTAs, four warpgroups, share an SM and fill each other's gaps. D = 128:
+// one CTA per SM (161 KiB of shared memory), O += P V as n128 products.
+// Shared tiles are panels of 64 columns (PanelOffset): their 16-byte XOR swizzle by row % 8 over
+// 128-byte rows is exactly the hardware's 128-byte swizzle, so the loaders only place the
+// panels; tiles are 1024-byte aligned as that swizzle requires.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

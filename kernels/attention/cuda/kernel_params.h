@@ -11,7 +11,7 @@
 namespace dilattn::attention::cuda {
 
 // Which implementation of the fused kernel runs: mma.sync (sm_80 and newer, every head dim) or
-// wgmma (sm_90a, D = 64).
+// wgmma (sm_90a, D = 64 and 128).
 enum class FusedVariant : int32_t { kMmaSync = 0, kWgmma = 1 };
 
 struct FusedForwardParams {
