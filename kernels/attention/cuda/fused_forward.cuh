@@ -276,13 +276,14 @@ struct TileGather {
   uint32_t v_stride;
   uint32_t kv_dst;  // byte offset of this thread's chunk of its first row in a K or V tile
 
-  __device__ explicit TileGather(const FusedForwardParams& params)
+  // `thread`: this thread's index among the kThreads that gather (all of the CTA's by default).
+  __device__ explicit TileGather(const FusedForwardParams& params, int thread = threadIdx.x)
       : p(params.attn),
         tile(params.tiles[blockIdx.x]),
         seq_base(p.seq_offsets[tile.seq]),
         head_off(static_cast<int64_t>(tile.head) * D),
-        thread_row(threadIdx.x / (D / 8)),
-        thread_chunk(threadIdx.x % (D / 8)),
+        thread_row(thread / (D / 8)),
+        thread_chunk(thread % (D / 8)),
         k_row(reinterpret_cast<const char*>(static_cast<const T*>(p.k) +
                                             seq_base * p.k_row_stride + head_off +
                                             thread_chunk * 8)),

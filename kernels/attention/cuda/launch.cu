@@ -32,8 +32,11 @@ int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream);
   extern template int LaunchHopperForward<__nv_bfloat16, D>(const FusedForwardParams&,    \
                                                             cudaStream_t);
 DILATTN_DECLARE(64)
-DILATTN_DECLARE(128)
 #undef DILATTN_DECLARE
+template <typename T>
+int LaunchHopperWsForward(const FusedForwardParams& params, cudaStream_t stream);
+extern template int LaunchHopperWsForward<__half>(const FusedForwardParams&, cudaStream_t);
+extern template int LaunchHopperWsForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
 
 FusedVariant SelectFusedVariant(int major, int head_dim) {
   return major == 9 && (head_dim == 64 || head_dim == 128) ? FusedVariant::kWgmma
@@ -60,8 +63,8 @@ int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
         return bf16 ? LaunchHopperForward<__nv_bfloat16, 64>(params, stream)
                     : LaunchHopperForward<__half, 64>(params, stream);
       case 128:
-        return bf16 ? LaunchHopperForward<__nv_bfloat16, 128>(params, stream)
-                    : LaunchHopperForward<__half, 128>(params, stream);
+        return bf16 ? LaunchHopperWsForward<__nv_bfloat16>(params, stream)
+                    : LaunchHopperWsForward<__half>(params, stream);
       default:
         return cudaErrorInvalidValue;
     }
