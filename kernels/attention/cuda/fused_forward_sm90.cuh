@@ -1,15 +1,15 @@
 #pragma once
 
-// The Hopper (sm_90a) variant of the fused kernel for D = 64 and 128: the same tiles, gathers and
-// online softmax as fused_forward.cuh, with both products on wgmma. Two warpgroups each own 64 of
-// the tile's 128 query rows. S = Q K^T reads Q and K straight from shared memory through matrix
+// The Hopper (sm_90a) variant of the fused kernel for D = 64: the same tiles, gathers and online
+// softmax as fused_forward.cuh, with both products on wgmma. Two warpgroups each own 64 of the
+// tile's 128 query rows. S = Q K^T reads Q and K straight from shared memory through matrix
 // descriptors; O += P V takes P from registers and V from shared memory (transposed). Within a
-// warpgroup the scores of key tile t + 1 and O += P_t V_t are issued together (see Run). D = 64:
-// at 128 registers two CTAs, four warpgroups, share an SM and fill each other's gaps. D = 128:
-// one CTA per SM (161 KiB of shared memory), O += P V as n128 products.
-// Shared tiles are panels of 64 columns (PanelOffset): their 16-byte XOR swizzle by row % 8 over
-// 128-byte rows is exactly the hardware's 128-byte swizzle, so the loaders only place the
-// panels; tiles are 1024-byte aligned as that swizzle requires.
+// warpgroup the scores of key tile t + 1 and O += P_t V_t are issued together (see Run); at 128
+// registers two CTAs, four warpgroups, share an SM and fill each other's gaps. D = 128 runs
+// fused_forward_sm90_ws.cuh, with these wgmma wrappers.
+// Shared tiles are panels of 64 columns (PanelOffset; one at D = 64): their 16-byte XOR swizzle
+// by row % 8 over 128-byte rows is exactly the hardware's 128-byte swizzle, so the loaders only
+// place the panels; tiles are 1024-byte aligned as that swizzle requires.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -111,7 +111,9 @@ __device__ __forceinline__ void FenceProxyAsync() {
 
 template <typename T, int D>
 struct HopperForwardKernel {
-  static_assert(D == 64 || D == 128, "64-column panels, one or two");
+  // D = 128 has its own kernel (fused_forward_sm90_ws.cuh): one CTA of this kind per SM held its
+  // warpgroups in step.
+  static_assert(D == 64, "one 64-column panel");
   static constexpr int kWarps = 8;  // two warpgroups
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 128;
@@ -119,15 +121,10 @@ struct HopperForwardKernel {
   // products completed in the previous iteration.
   static constexpr int kPrefetch = 3;
   static constexpr int kStages = kPrefetch + 1;
-  // Shared tiles are column panels of 64 elements (128-byte rows, the swizzle's width).
-  static constexpr int kPanels = D / 64;
-  static constexpr int kQPanelBytes = kBlockM * 64 * 2;                        // 16 KiB
-  static constexpr int kKVPanelBytes = kBlockN * 64 * 2;                       // 8 KiB
-  static constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));  // 8 / 16 KiB
+  static constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));  // 8 KiB
+  // 81 KiB and 128 registers: two CTAs per SM.
   static constexpr int kSmemBytes = kBlockM * D * 2 + 2 * kStages * kTileBytes + 1024;
-  // D = 64: 81 KiB and 128 registers, two CTAs per SM. D = 128: 161 KiB, one CTA per SM, and
-  // the O accumulator alone is 64 registers.
-  static constexpr int kMinBlocks = D == 64 ? 2 : 1;
+  static constexpr int kMinBlocks = 2;
 
   __device__ static void Run(const FusedForwardParams& params) {
 #if defined(DILATTN_HAVE_WGMMA)
@@ -169,14 +166,13 @@ struct HopperForwardKernel {
     // Positions within a sequence fit 32 bits (kGpuMaxSeqLen).
     const int warp_first_pos = static_cast<int>(q_first + warp_row * q_stride);
 
-    float acc[32 * kPanels];  // O: 16 rows x D per warp, one m64n64 accumulator per panel
+    float acc[32];  // O: 16 rows x 64 per warp, the m64n64 accumulator
 #pragma unroll
-    for (int i = 0; i < 32 * kPanels; ++i) acc[i] = 0.f;
+    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};
-    // The warpgroup's 64 Q rows start 8 KiB into each Q panel; a k16 step is 32 bytes along a
-    // row, four of them a panel.
-    const uint32_t q_group = sq_addr + group * 64 * 64 * 2;
+    // The warpgroup's 64 Q rows start 8 KiB into the Q tile; a k16 step is 32 bytes along a row.
+    const uint32_t q_group = sq_addr + group * 64 * D * 2;
 
     // Per key tile t, in one warpgroup: the scores of tile t + 1 and O += P_t V_t are issued
     // together, and the softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas
@@ -198,29 +194,17 @@ struct HopperForwardKernel {
       WgmmaFence();
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
-        const int q_off = (ks / 4) * kQPanelBytes + (ks % 4) * 32;
-        const int k_off = (ks / 4) * kKVPanelBytes + (ks % 4) * 32;
-        Wgmma<T>::SS(s, q_desc + (q_off >> 4), k_tile + (k_off >> 4), ks > 0);
+        Wgmma<T>::SS(s, q_desc + ((ks * 32) >> 4), k_tile + ((ks * 32) >> 4), ks > 0);
       }
       WgmmaCommit();
     };
     auto issue_pv = [&](int stage) {
       const uint32_t v_tile = v_desc + ((stage * kTileBytes) >> 4);
       WgmmaFence();
-      if constexpr (kPanels == 2) {
-        // One n128 product per k-step: the descriptor's leading byte offset steps from one
-        // 64-column panel to the next.
-        const uint32_t v_tile128 = v_tile - (1u << 16) + ((kKVPanelBytes >> 4) << 16);
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          Wgmma<T>::RS128(acc, probs[kk], v_tile128 + ((kk * 2048) >> 4));
-        }
-      } else {
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
-          Wgmma<T>::RS(acc, probs[kk], v_tile + ((kk * 2048) >> 4));
-        }
+      for (int kk = 0; kk < 4; ++kk) {
+        // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
+        Wgmma<T>::RS(acc, probs[kk], v_tile + ((kk * 2048) >> 4));
       }
       WgmmaCommit();
     };
@@ -300,7 +284,7 @@ struct HopperForwardKernel {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
 #pragma unroll
-          for (int j = 0; j < 8 * kPanels; ++j) {
+          for (int j = 0; j < 8; ++j) {
             acc[4 * j + 2 * h] *= alpha[h];
             acc[4 * j + 2 * h + 1] *= alpha[h];
           }
