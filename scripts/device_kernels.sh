@@ -8,7 +8,7 @@ export DILATTN_CONFORMANCE_DIR="$PWD/.device/conformance"
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 ./.device/bin/kernel_tests --gtest_brief=1 2>&1 | tee "$out/kernel_tests.log" | tail -5
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 ./.device/bin/kernel_tests \
     --gtest_filter='FusedForward.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool: exit $?; $(grep -h 'SUMMARY' "$out/sanitizer_$tool.log")"

@@ -109,6 +109,11 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// The CTA barrier of the key-tile loops: with causal the first warpgroup reaches it from its own
+// loop once its walk ends, so it is the non-aligned form, which may be executed at different
+// places (__syncthreads is barrier.sync.aligned, which may not).
+__device__ __forceinline__ void CtaBarrier() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
+
 template <typename T, int D>
 struct HopperForwardKernel {
   // D = 128 has its own kernel (fused_forward_sm90_ws.cuh): one CTA of this kind per SM held its
@@ -261,7 +266,7 @@ struct HopperForwardKernel {
       NextKeyTile(spans, &next_tile);
       CpAsyncWait<kPrefetch - 2>();  // tile t + 1 has landed (this thread's part)
       FenceProxyAsync();
-      __syncthreads();  // ... everyone's; and every warpgroup is done with tile t - 1
+      CtaBarrier();  // ... everyone's; and every warpgroup is done with tile t - 1
       if (t + kPrefetch < total_tiles) loader.Load((t + kPrefetch) % kStages);
       CpAsyncCommit();
       // The stages through lane 0, so that ptxas keeps the descriptors in uniform registers.
@@ -301,7 +306,7 @@ struct HopperForwardKernel {
     for (int t = group_tiles > 0 ? group_tiles - 1 : 0; t + 1 < total_tiles; ++t) {
       CpAsyncWait<kPrefetch - 2>();
       FenceProxyAsync();
-      __syncthreads();
+      CtaBarrier();
       if (t + kPrefetch < total_tiles) loader.Load((t + kPrefetch) % kStages);
       CpAsyncCommit();
     }
