@@ -109,6 +109,160 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// A consumer warp's share of a warpgroup's 64 query rows, for both Hopper kernels: its scores,
+// probabilities, O accumulator (kAcc floats: 16 rows x kAcc / 2 columns) and online softmax
+// state, and the step that folds one key tile in. The kernels supply how the products are
+// issued. Per key tile t: the scores of tile t + 1 and O += P_t V_t are issued together, and the
+// softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas places the wait for it
+// before the exponentials; forcing them ahead of it measured slower: BENCHMARKS.md); its
+// rescale factors are applied to O once that product is done. Nothing is in flight across
+// iterations, so ptxas keeps every wgmma asynchronous.
+template <typename T, int kAcc>
+struct WarpgroupRows {
+  float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
+  uint32_t probs[4][4];  // P, packed as the A operand of O += P V
+  float acc[kAcc];
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};
+  int64_t pos[2];      // positions of this thread's rows lane / 4 and lane / 4 + 8
+  int warp_first_pos;  // positions within a sequence fit 32 bits (kGpuMaxSeqLen)
+  int lane;
+  int vote_barrier;    // the warpgroup's named barrier (128 threads) for the stale-max vote
+  bool causal;
+  float scale_log2;
+
+  __device__ WarpgroupRows(const FusedForwardParams& params, const GpuTile& tile, int warp_row,
+                           int lane_index, int barrier)
+      : lane(lane_index),
+        vote_barrier(barrier),
+        causal(params.attn.causal),
+        scale_log2(params.scale_log2) {
+    const int64_t q_first = tile.q_pos;
+    const int64_t q_stride = tile.q_stride;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pos[h] = q_first + (warp_row + lane / 4 + h * 8) * q_stride;
+    warp_first_pos = static_cast<int>(q_first + warp_row * q_stride);
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.f;
+  }
+
+  // With causal, whether a key tile reaches past the warp's first row (needs a mask; a warp's
+  // 16 rows span less of the cell than the warpgroup's 64, so fewer tiles need one).
+  __device__ bool NeedCausal(const KeyTile& kt) const {
+    return causal && kt.pos0 + (kt.valid() - 1) * kt.rate > warp_first_pos;
+  }
+  // The full step; when it returns true, the factors that rescale O are in `alpha`.
+  __device__ bool Full(const KeyTile& kt, float* alpha) {
+    return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, NeedCausal(kt), pos,
+                          scale_log2, alpha);
+  }
+  // The common case: exponents against the current max, no max reduction (see
+  // SoftmaxAgainstStaleMax). The warpgroup agrees on the outcome, since a recomputation of the
+  // scores is a product all four warps issue.
+  __device__ bool Stale(const KeyTile& kt) {
+    float sums[2];
+    const bool ok =
+        SoftmaxAgainstStaleMax(s, row_max, sums, lane, kt, NeedCausal(kt), pos, scale_log2);
+    int any_failed;
+    asm volatile(
+        "{\n.reg .pred failed, any;\nsetp.eq.u32 failed, %1, 0;\n"
+        "bar.red.or.pred any, %2, 128, failed;\nselp.u32 %0, 1, 0, any;\n}\n"
+        : "=r"(any_failed)
+        : "r"(static_cast<int>(ok)), "r"(vote_barrier)
+        : "memory");
+    if (any_failed != 0) return false;
+    row_sum[0] += sums[0];
+    row_sum[1] += sums[1];
+    return true;
+  }
+  // S = Q K^T for the warpgroup's 64 rows and a 64-key tile, D / 16 k-steps of 32 bytes along
+  // 64-column panels (Q's panels are kQPanelBytes apart, K's 8 KiB); descriptors' low words.
+  template <int D, int kQPanelBytes>
+  __device__ void IssueScores(uint32_t q_desc, uint32_t k_desc) {
+    WgmmaFence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const int q_off = (ks / 4) * kQPanelBytes + (ks % 4) * 32;
+      const int k_off = (ks / 4) * kBlockN * 64 * 2 + (ks % 4) * 32;
+      Wgmma<T>::SS(s, q_desc + (q_off >> 4), k_desc + (k_off >> 4), ks > 0);
+    }
+    WgmmaCommit();
+  }
+  // O += P V: per 16 keys (two 8-row swizzle atoms, 2 KiB further into V) one product over all
+  // of O's columns (n128: the descriptor's leading byte offset steps between V's two panels).
+  __device__ void IssuePv(uint32_t v_desc) {
+    WgmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if constexpr (kAcc == 64) {
+        Wgmma<T>::RS128(acc, probs[kk], v_desc + ((kk * 2048) >> 4));
+      } else {
+        Wgmma<T>::RS(acc, probs[kk], v_desc + ((kk * 2048) >> 4));
+      }
+    }
+    WgmmaCommit();
+  }
+  // P into the A operand's registers; only once the product reading them is done.
+  __device__ void Pack() {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) PackProbabilities<T>(s, kk, probs[kk]);
+  }
+
+  // The walk's first key tile: its scores alone (O is still zero: nothing to rescale).
+  template <class IssueScores>
+  __device__ void First(const KeyTile& kt, IssueScores&& issue_scores) {
+    float alpha[2];
+    issue_scores();
+    WgmmaWait0();
+    Full(kt, alpha);
+    Pack();
+  }
+  // Scores of `next` with O += P V of the previous tile; `done` runs once both products are.
+  template <class IssueScores, class IssuePv, class Done>
+  __device__ void Step(const KeyTile& next, IssueScores&& issue_scores, IssuePv&& issue_pv,
+                       Done&& done) {
+    issue_scores();
+    issue_pv();
+    WgmmaWait1();  // the scores; O += P V may still run
+    const bool settled = Stale(next);
+    WgmmaWait0();
+    done();
+    float alpha[2];
+    bool rescale = false;
+    if (!settled) {  // some score rose too far above the max: again, with the tile's max
+      issue_scores();
+      WgmmaWait0();
+      rescale = Full(next, alpha);
+    }
+    if (rescale) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < kAcc / 4; ++j) {
+          acc[4 * j + 2 * h] *= alpha[h];
+          acc[4 * j + 2 * h + 1] *= alpha[h];
+        }
+      }
+    }
+    Pack();
+  }
+};
+
+// Shared memory of the Hopper kernels: Q, then the K ring, then the V ring, from a 1024-byte
+// boundary (the 128-byte swizzle's atoms are 1024 bytes); `end` is past the V ring.
+struct HopperSmem {
+  uint32_t q, k, v, end;
+};
+template <int kQBytes, int kRingBytes>
+__device__ __forceinline__ HopperSmem LayoutHopperSmem(const void* smem_raw) {
+  HopperSmem m;
+  m.q = (SharedAddress(smem_raw) + 1023u) & ~1023u;
+  m.k = m.q + kQBytes;
+  m.v = m.k + kRingBytes;
+  m.end = m.v + kRingBytes;
+  return m;
+}
+
 // The CTA barrier of the key-tile loops: with causal the first warpgroup reaches it from its own
 // loop once its walk ends, so it is the non-aligned form, which may be executed at different
 // places (__syncthreads is barrier.sync.aligned, which may not).
@@ -134,24 +288,17 @@ struct HopperForwardKernel {
   __device__ static void Run(const FusedForwardParams& params) {
 #if defined(DILATTN_HAVE_WGMMA)
     extern __shared__ unsigned char smem_raw[];
-    // 128-byte swizzle atoms are 1024 bytes: align the tiles to that.
-    const uint32_t raw_addr = SharedAddress(smem_raw);
-    const uint32_t base = (raw_addr + 1023u) & ~1023u;
-    const uint32_t sq_addr = base;
-    const uint32_t sk_addr = sq_addr + kBlockM * D * 2;
-    const uint32_t sv_addr = sk_addr + kStages * kTileBytes;
+    const HopperSmem smem = LayoutHopperSmem<kBlockM * D * 2, kStages * kTileBytes>(smem_raw);
 
     const TileGather<D, kThreads, T, 64> gather(params);
     const DilatedAttentionParams& p = params.attn;
     const GpuTile& tile = gather.tile;
     const int64_t seq_base = gather.seq_base;
     const int64_t head_off = gather.head_off;
-    const int64_t q_stride = tile.q_stride;
-    const int64_t q_first = tile.q_pos;
 
     __shared__ KeySpans spans;
-    auto loader = StartTile<kBlockM, kBlockM / 2, kPrefetch>(gather, &spans, sq_addr, sk_addr,
-                                                             sv_addr, kTileBytes);
+    auto loader = StartTile<kBlockM, kBlockM / 2, kPrefetch>(gather, &spans, smem.q, smem.k,
+                                                             smem.v, kTileBytes);
     const int total_tiles = spans.total_tiles();
 
     const int warp = threadIdx.x / 32;
@@ -165,102 +312,30 @@ struct HopperForwardKernel {
     // fewer. It keeps loading and syncing with the other until the walk ends.
     const int group_tiles =
         group == 0 ? spans.split_tiles : (tile.count > kBlockM / 2 ? total_tiles : 0);
-    int64_t pos[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) pos[h] = q_first + (warp_row + lane / 4 + h * 8) * q_stride;
-    // Positions within a sequence fit 32 bits (kGpuMaxSeqLen).
-    const int warp_first_pos = static_cast<int>(q_first + warp_row * q_stride);
-
-    float acc[32];  // O: 16 rows x 64 per warp, the m64n64 accumulator
-#pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.f, 0.f};
+    WarpgroupRows<T, 32> rows(params, tile, warp_row, lane, 1 + group);
     // The warpgroup's 64 Q rows start 8 KiB into the Q tile; a k16 step is 32 bytes along a row.
-    const uint32_t q_group = sq_addr + group * 64 * D * 2;
+    const uint32_t q_group = smem.q + group * 64 * D * 2;
 
-    // Per key tile t, in one warpgroup: the scores of tile t + 1 and O += P_t V_t are issued
-    // together, and the softmax of tile t + 1 starts while O += P_t V_t may still run (ptxas
-    // places the wait for it before the exponentials; forcing them ahead of it measured slower:
-    // BENCHMARKS.md); its rescale factors are applied to O once that product is done. Nothing is in
-    // flight across iterations, so ptxas keeps every wgmma asynchronous. With causal, the first
-    // warpgroup's walk ends early instead (the spans put the tiles only the second sees last):
-    // skipping tiles inside the walk would take branches around the asynchronous products,
-    // which measured slower in both the causal and the full case (BENCHMARKS.md).
-    float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
-    uint32_t probs[4][4];  // P_t, packed as the A operand of O += P V
+    // With causal, the first warpgroup's walk ends early (the spans put the tiles only the
+    // second sees last): skipping tiles inside the walk would take branches around the
+    // asynchronous products, which measured slower in both the causal and the full case
+    // (BENCHMARKS.md).
     // Descriptors (their low words) are built once: the address field is (address >> 4) in the
     // low bits, so an offset within shared memory is added as offset >> 4.
     const uint32_t q_desc = WgmmaDescriptorLow(q_group);
-    const uint32_t k_desc = WgmmaDescriptorLow(sk_addr);
-    const uint32_t v_desc = WgmmaDescriptorLow(sv_addr);
+    const uint32_t k_desc = WgmmaDescriptorLow(smem.k);
+    const uint32_t v_desc = WgmmaDescriptorLow(smem.v);
     auto issue_scores = [&](int stage) {
-      const uint32_t k_tile = k_desc + ((stage * kTileBytes) >> 4);
-      WgmmaFence();
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        Wgmma<T>::SS(s, q_desc + ((ks * 32) >> 4), k_tile + ((ks * 32) >> 4), ks > 0);
-      }
-      WgmmaCommit();
+      rows.template IssueScores<D, kBlockM * D * 2>(q_desc, k_desc + ((stage * kTileBytes) >> 4));
     };
-    auto issue_pv = [&](int stage) {
-      const uint32_t v_tile = v_desc + ((stage * kTileBytes) >> 4);
-      WgmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        // 16 keys are two 8-row swizzle atoms: 2 KiB further into the V tile.
-        Wgmma<T>::RS(acc, probs[kk], v_tile + ((kk * 2048) >> 4));
-      }
-      WgmmaCommit();
-    };
-    // Softmax of the scores in `s` for key tile kt; when it returns true, the factors that
-    // rescale O are in `alpha`.
-    // With causal, whether a key tile reaches past the warp's first row (needs a mask; a
-    // warp's 16 rows span less of the cell than the warpgroup's 64, so fewer tiles need one).
-    auto need_causal = [&](const KeyTile& kt) {
-      return p.causal && kt.pos0 + (kt.valid() - 1) * kt.rate > warp_first_pos;
-    };
-    auto softmax = [&](const KeyTile& kt, float* alpha) {
-      return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, need_causal(kt), pos,
-                            params.scale_log2, alpha);
-    };
-    // The common case: exponents against the current max, no max reduction (see
-    // SoftmaxAgainstStaleMax). The warpgroup agrees on the outcome, since a recomputation of
-    // the scores is a product all four warps issue.
-    auto softmax_stale = [&](const KeyTile& kt) {
-      float sums[2];
-      const bool ok = SoftmaxAgainstStaleMax(s, row_max, sums, lane, kt, need_causal(kt), pos,
-                                             params.scale_log2);
-      int any_failed;
-      asm volatile(
-          "{\n.reg .pred failed, any;\nsetp.eq.u32 failed, %1, 0;\n"
-          "bar.red.or.pred any, %2, 128, failed;\nselp.u32 %0, 1, 0, any;\n}\n"
-          : "=r"(any_failed)
-          : "r"(static_cast<int>(ok)), "r"(1 + group)
-          : "memory");
-      if (any_failed != 0) return false;
-      row_sum[0] += sums[0];
-      row_sum[1] += sums[1];
-      return true;
-    };
-    // P into the A operand's registers; only once the product reading them is done.
-    auto pack = [&] {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) PackProbabilities<T>(s, kk, probs[kk]);
-    };
+    auto issue_pv = [&](int stage) { rows.IssuePv(v_desc + ((stage * kTileBytes) >> 4)); };
 
     if (total_tiles > 0) {
       CpAsyncWait<kPrefetch - 1>();  // Q and tile 0
       FenceProxyAsync();
       __syncthreads();
     }
-    if (group_tiles > 0) {
-      float alpha[2];
-      issue_scores(0);
-      WgmmaWait0();
-      softmax(SpanStart(spans, 0), alpha);  // O is still zero: nothing to rescale
-      pack();
-    }
+    if (group_tiles > 0) rows.First(SpanStart(spans, 0), [&] { issue_scores(0); });
     KeyTile next_tile = SpanStart(spans, 0);  // tile t + 1 below
     for (int t = 0; t + 1 < group_tiles; ++t) {
       NextKeyTile(spans, &next_tile);
@@ -273,29 +348,8 @@ struct HopperForwardKernel {
       const int stage = static_cast<int>(__shfl_sync(0xffffffffu, static_cast<unsigned>(t), 0) %
                                          static_cast<unsigned>(kStages));
       const int next_stage = (stage + 1) % kStages;
-      issue_scores(next_stage);
-      issue_pv(stage);
-      WgmmaWait1();  // the scores; O += P_t V_t may still run
-      const bool settled = softmax_stale(next_tile);
-      WgmmaWait0();
-      float alpha[2];
-      bool rescale = false;
-      if (!settled) {  // some score rose too far above the max: again, with the tile's max
-        issue_scores(next_stage);
-        WgmmaWait0();
-        rescale = softmax(next_tile, alpha);
-      }
-      if (rescale) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            acc[4 * j + 2 * h] *= alpha[h];
-            acc[4 * j + 2 * h + 1] *= alpha[h];
-          }
-        }
-      }
-      pack();
+      rows.Step(
+          next_tile, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); }, [] {});
     }
     if (group_tiles > 0) {
       issue_pv((group_tiles - 1) % kStages);
@@ -312,8 +366,8 @@ struct HopperForwardKernel {
     }
     CpAsyncWait<0>();
 
-    StoreRows<D, T>(acc, row_sum, warp_row, tile.count, pos, static_cast<T*>(p.o), seq_base,
-                    p.o_row_stride, head_off, lane);
+    StoreRows<D, T>(rows.acc, rows.row_sum, warp_row, tile.count, rows.pos, static_cast<T*>(p.o),
+                    seq_base, p.o_row_stride, head_off, lane);
 #endif
   }
 };
