@@ -207,6 +207,29 @@ TEST(FusedForward, RatesBeyondTheSequence) {
   CompareCases(cases);
 }
 
+// The backend keeps the last tile list staged and re-stages it only when the shape changes:
+// repeated shapes, shapes that alternate, and packed batches that differ only in their
+// sequence lengths (same token count) must each run on their own tile list.
+TEST(FusedForward, RepeatedAndAlternatingShapesMatchTheCpuPath) {
+  REQUIRE_GPU();
+  auto with_lengths = [](std::vector<int64_t> lengths, int64_t dim, bool causal) {
+    RandomCase c;
+    c.options.segment_lengths = {64, 128, 256};
+    c.options.dilation_rates = {1, 2, 4};
+    c.options.causal = causal;
+    c.shape.dtype = DType::kBFloat16;
+    c.shape.num_heads = 3;
+    c.shape.head_dim = dim;
+    c.shape.seq_lengths = std::move(lengths);
+    return c;
+  };
+  const RandomCase a = with_lengths({300, 212}, 64, false);
+  const RandomCase b = with_lengths({212, 300}, 64, false);   // same tokens, other offsets
+  const RandomCase c = with_lengths({300, 212}, 64, true);    // same shape, other options
+  const RandomCase d = with_lengths({300, 212}, 128, false);  // the other Hopper kernel
+  CompareCases({a, a, b, a, c, a, d, d, a});
+}
+
 // An output only 4-byte aligned: the zeros of keyless rows (head_groups) take 4-byte stores.
 TEST(FusedForward, OutputOffTheSixteenByteAlignment) {
   REQUIRE_GPU();
