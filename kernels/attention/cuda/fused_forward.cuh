@@ -257,9 +257,10 @@ __device__ __forceinline__ void GatherRows(uint32_t smem_tile, int thread_row, i
 }
 
 // Where a CTA's tile is and the gathers that fill its shared tiles (column panels of kPanel
-// elements, PanelOffset); both kernels start here. Thread tid gathers 16-byte chunk
-// tid % (D / 8) of rows tid / (D / 8) + j * (kThreads / (D / 8)).
-template <int D, int kThreads, typename T, int kPanel = D>
+// elements, PanelOffset; a K/V stage's panels hold kStageRows rows, one or two key tiles);
+// both kernels start here. Thread tid gathers 16-byte chunk tid % (D / 8) of rows
+// tid / (D / 8) + j * (kThreads / (D / 8)).
+template <int D, int kThreads, typename T, int kPanel = D, int kStageRows = kBlockN>
 struct TileGather {
   const DilatedAttentionParams& p;
   GpuTile tile;
@@ -292,7 +293,7 @@ struct TileGather {
                                             thread_chunk * 8)),
         k_stride(static_cast<uint32_t>(p.k_row_stride * sizeof(T))),
         v_stride(static_cast<uint32_t>(p.v_row_stride * sizeof(T))),
-        kv_dst(PanelOffset<kPanel, kBlockN>(thread_row, thread_chunk) * sizeof(T)) {}
+        kv_dst(PanelOffset<kPanel, kStageRows>(thread_row, thread_chunk) * sizeof(T)) {}
 
   // Warp 0 plans the tile's key spans, split after the first `split_rows` rows; every thread
   // waits for them.
@@ -335,7 +336,7 @@ struct TileGather {
       const uint32_t dst =
           kRowsPerPass % 8 == 0
               ? kv_dst + j * kRowsPerPass * kPanel * static_cast<int>(sizeof(T))
-              : PanelOffset<kPanel, kBlockN>(row, thread_chunk) * static_cast<int>(sizeof(T));
+              : PanelOffset<kPanel, kStageRows>(row, thread_chunk) * static_cast<int>(sizeof(T));
       // Both factors are non-negative: one 32 x 32 -> 64-bit multiply-add each (MulWide).
       CpAsync16(sk + dst, k_row + MulWide(static_cast<uint32_t>(pos), k_stride), ok);
       CpAsync16(sv + dst, v_row + MulWide(static_cast<uint32_t>(pos), v_stride), ok);
@@ -406,14 +407,15 @@ __device__ __forceinline__ void MaskScores(float* s, int lane, const KeyTile& kt
   }
 }
 
-// Row h (0: lane / 4, 1: lane / 4 + 8) of a 64-key score tile to 2^(s * scale_log2 - use), in
-// place; returns this thread's part of the row's sum.
+// Row h (0: lane / 4, 1: lane / 4 + 8) of a score tile of kTiles 8-key column tiles (8: 64
+// keys) to 2^(s * scale_log2 - use), in place; returns this thread's part of the row's sum.
+template <int kTiles = 8>
 __device__ __forceinline__ float RowExp2(float* s, int h, float scale_log2, float use) {
   // Four partial sums, each started from its first pair: 0 + x is not x for x = -0, so ptxas
   // keeps an addition of zero for every partial sum that starts at 0.
   float part[4];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < kTiles; ++j) {
     s[4 * j + 2 * h] = Exp2(fmaf(s[4 * j + 2 * h], scale_log2, -use));
     s[4 * j + 2 * h + 1] = Exp2(fmaf(s[4 * j + 2 * h + 1], scale_log2, -use));
     const float pair = s[4 * j + 2 * h] + s[4 * j + 2 * h + 1];
@@ -430,15 +432,19 @@ __device__ __forceinline__ float RowExp2(float* s, int h, float scale_log2, floa
 // exact once O is divided by the sum, and most tiles skip the rescale of O. Returns whether this
 // tile rescaled (warp-uniform); then `acc` (kAccTiles x 4, same layout over the output columns)
 // has been rescaled, or with kAccTiles = 0 the factors are in `alpha` for a caller whose
-// accumulator is still being written by an asynchronous product.
+// accumulator is still being written by an asynchronous product. With kTiles = 16 the scores
+// are two 64-key tiles side by side: columns 64.. are `kt_hi`'s (masked by it).
 inline constexpr float kMaxGrowthLog2 = 8.f;
 
-template <int kAccTiles>
+template <int kAccTiles, int kTiles = 8>
 __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max, float* row_sum,
                                             int lane, const KeyTile& kt, bool need_causal,
                                             const int64_t* pos, float scale_log2,
-                                            float* alpha = nullptr) {
+                                            float* alpha = nullptr,
+                                            const KeyTile* kt_hi = nullptr,
+                                            bool need_causal_hi = false) {
   MaskScores(s, lane, kt, need_causal, pos);
+  if constexpr (kTiles == 16) MaskScores(s + 32, lane, *kt_hi, need_causal_hi, pos);
   float tile_max[2];
   bool grow = false;
 #pragma unroll
@@ -448,6 +454,10 @@ __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max
     for (int j = 0; j < 4; ++j) {
       m4[j] = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
                     fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 4 + 2 * h + 1]));
+      if constexpr (kTiles == 16) {
+        m4[j] = fmaxf(m4[j], fmaxf(fmaxf(s[32 + 8 * j + 2 * h], s[32 + 8 * j + 2 * h + 1]),
+                                   fmaxf(s[32 + 8 * j + 4 + 2 * h], s[32 + 8 * j + 4 + 2 * h + 1])));
+      }
     }
     float m = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
@@ -473,7 +483,7 @@ __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max
       }
     }
     const float use = row_max[h] == -INFINITY ? 0.f : row_max[h] * scale_log2;
-    row_sum[h] += RowExp2(s, h, scale_log2, use);
+    row_sum[h] += RowExp2<kTiles>(s, h, scale_log2, use);
   }
   return grow;
 }
@@ -486,15 +496,19 @@ __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max
 // and takes SoftmaxStep.
 inline constexpr float kMaxStaleSum = 4096.f;  // 2^12: fp16 P stays finite
 
+template <int kTiles = 8>
 __device__ __forceinline__ bool SoftmaxAgainstStaleMax(float* s, const float* row_max,
                                                        float* sums, int lane,
                                                        const KeyTile& kt, bool need_causal,
-                                                       const int64_t* pos, float scale_log2) {
+                                                       const int64_t* pos, float scale_log2,
+                                                       const KeyTile* kt_hi = nullptr,
+                                                       bool need_causal_hi = false) {
   MaskScores(s, lane, kt, need_causal, pos);
+  if constexpr (kTiles == 16) MaskScores(s + 32, lane, *kt_hi, need_causal_hi, pos);
   bool ok = true;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    sums[h] = RowExp2(s, h, scale_log2, row_max[h] * scale_log2);
+    sums[h] = RowExp2<kTiles>(s, h, scale_log2, row_max[h] * scale_log2);
     ok = ok && sums[h] <= kMaxStaleSum;  // false for NaN and inf
   }
   return ok;

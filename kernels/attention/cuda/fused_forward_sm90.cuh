@@ -65,6 +65,15 @@ struct Wgmma;
                    : DILATTN_WGMMA_ACC32                                                       \
                    : "r"(a), "r"(b), "r"(accumulate), "n"(kWgmmaDescHigh));                    \
     }                                                                                          \
+    /* d[64] (+)= A(smem, K-major) B(smem, K-major, 128 rows): m64 n128 k16. */                 \
+    __device__ static void SS128(float* d, uint32_t a, uint32_t b, int accumulate) {           \
+      asm volatile("{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"             \
+                   "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"                        \
+                   "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " "              \
+                   DILATTN_WGMMA_REGS64 ", da, db, p, 1, 1, 0, 0;\n}\n"                        \
+                   : DILATTN_WGMMA_ACC64                                                       \
+                   : "r"(a), "r"(b), "r"(accumulate), "n"(kWgmmaDescHigh));                    \
+    }                                                                                          \
     /* d[64] += A(registers) B(smem, transposed, two 64-column panels): m64 n128 k16. */       \
     __device__ static void RS128(float* d, const uint32_t* a, uint32_t b) {                    \
       asm volatile("{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, 1, 0;\n"                   \
@@ -117,10 +126,12 @@ __device__ __forceinline__ void FenceProxyAsync() {
 // before the exponentials; forcing them ahead of it measured slower: BENCHMARKS.md); its
 // rescale factors are applied to O once that product is done. Nothing is in flight across
 // iterations, so ptxas keeps every wgmma asynchronous.
-template <typename T, int kAcc>
+template <typename T, int kAcc, int kKeyTiles = 1>
 struct WarpgroupRows {
-  float s[32];           // this warp's 16 rows x 64 scores, mma accumulator layout
-  uint32_t probs[4][4];  // P, packed as the A operand of O += P V
+  // kKeyTiles 64-key tiles per step (two: one n128 product for the scores).
+  static constexpr int kKeys = 64 * kKeyTiles;
+  float s[kKeys / 2];            // this warp's 16 rows x kKeys scores, mma accumulator layout
+  uint32_t probs[kKeys / 16][4];  // P, packed as the A operand of O += P V
   float acc[kAcc];
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -151,18 +162,20 @@ struct WarpgroupRows {
   __device__ bool NeedCausal(const KeyTile& kt) const {
     return causal && kt.pos0 + (kt.valid() - 1) * kt.rate > warp_first_pos;
   }
-  // The full step; when it returns true, the factors that rescale O are in `alpha`.
-  __device__ bool Full(const KeyTile& kt, float* alpha) {
-    return SoftmaxStep<0>(s, nullptr, row_max, row_sum, lane, kt, NeedCausal(kt), pos,
-                          scale_log2, alpha);
+  // The full step; when it returns true, the factors that rescale O are in `alpha`. With two
+  // key tiles, `hi` is the second.
+  __device__ bool Full(const KeyTile& kt, const KeyTile& hi, float* alpha) {
+    return SoftmaxStep<0, kKeys / 8>(s, nullptr, row_max, row_sum, lane, kt, NeedCausal(kt), pos,
+                                     scale_log2, alpha, &hi, kKeyTiles == 2 && NeedCausal(hi));
   }
   // The common case: exponents against the current max, no max reduction (see
   // SoftmaxAgainstStaleMax). The warpgroup agrees on the outcome, since a recomputation of the
   // scores is a product all four warps issue.
-  __device__ bool Stale(const KeyTile& kt) {
+  __device__ bool Stale(const KeyTile& kt, const KeyTile& hi) {
     float sums[2];
-    const bool ok =
-        SoftmaxAgainstStaleMax(s, row_max, sums, lane, kt, NeedCausal(kt), pos, scale_log2);
+    const bool ok = SoftmaxAgainstStaleMax<kKeys / 8>(s, row_max, sums, lane, kt, NeedCausal(kt),
+                                                      pos, scale_log2, &hi,
+                                                      kKeyTiles == 2 && NeedCausal(hi));
     int any_failed;
     asm volatile(
         "{\n.reg .pred failed, any;\nsetp.eq.u32 failed, %1, 0;\n"
@@ -183,8 +196,12 @@ struct WarpgroupRows {
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       const int q_off = (ks / 4) * kQPanelBytes + (ks % 4) * 32;
-      const int k_off = (ks / 4) * kBlockN * 64 * 2 + (ks % 4) * 32;
-      Wgmma<T>::SS(s, q_desc + (q_off >> 4), k_desc + (k_off >> 4), ks > 0);
+      const int k_off = (ks / 4) * kKeys * 64 * 2 + (ks % 4) * 32;
+      if constexpr (kKeyTiles == 2) {
+        Wgmma<T>::SS128(s, q_desc + (q_off >> 4), k_desc + (k_off >> 4), ks > 0);
+      } else {
+        Wgmma<T>::SS(s, q_desc + (q_off >> 4), k_desc + (k_off >> 4), ks > 0);
+      }
     }
     WgmmaCommit();
   }
@@ -193,7 +210,7 @@ struct WarpgroupRows {
   __device__ void IssuePv(uint32_t v_desc) {
     WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
       if constexpr (kAcc == 64) {
         Wgmma<T>::RS128(acc, probs[kk], v_desc + ((kk * 2048) >> 4));
       } else {
@@ -205,26 +222,26 @@ struct WarpgroupRows {
   // P into the A operand's registers; only once the product reading them is done.
   __device__ void Pack() {
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) PackProbabilities<T>(s, kk, probs[kk]);
+    for (int kk = 0; kk < kKeys / 16; ++kk) PackProbabilities<T>(s, kk, probs[kk]);
   }
 
   // The walk's first key tile: its scores alone (O is still zero: nothing to rescale).
   template <class IssueScores>
-  __device__ void First(const KeyTile& kt, IssueScores&& issue_scores) {
+  __device__ void First(const KeyTile& kt, const KeyTile& hi, IssueScores&& issue_scores) {
     float alpha[2];
     issue_scores();
     WgmmaWait0();
-    Full(kt, alpha);
+    Full(kt, hi, alpha);
     Pack();
   }
   // Scores of `next` with O += P V of the previous tile; `done` runs once both products are.
   template <class IssueScores, class IssuePv, class Done>
-  __device__ void Step(const KeyTile& next, IssueScores&& issue_scores, IssuePv&& issue_pv,
-                       Done&& done) {
+  __device__ void Step(const KeyTile& next, const KeyTile& next_hi, IssueScores&& issue_scores,
+                       IssuePv&& issue_pv, Done&& done) {
     issue_scores();
     issue_pv();
     WgmmaWait1();  // the scores; O += P V may still run
-    const bool settled = Stale(next);
+    const bool settled = Stale(next, next_hi);
     WgmmaWait0();
     done();
     float alpha[2];
@@ -232,7 +249,7 @@ struct WarpgroupRows {
     if (!settled) {  // some score rose too far above the max: again, with the tile's max
       issue_scores();
       WgmmaWait0();
-      rescale = Full(next, alpha);
+      rescale = Full(next, next_hi, alpha);
     }
     if (rescale) {
 #pragma unroll
@@ -335,7 +352,9 @@ struct HopperForwardKernel {
       FenceProxyAsync();
       __syncthreads();
     }
-    if (group_tiles > 0) rows.First(SpanStart(spans, 0), [&] { issue_scores(0); });
+    if (group_tiles > 0) {
+      rows.First(SpanStart(spans, 0), SpanStart(spans, 0), [&] { issue_scores(0); });
+    }
     KeyTile next_tile = SpanStart(spans, 0);  // tile t + 1 below
     for (int t = 0; t + 1 < group_tiles; ++t) {
       NextKeyTile(spans, &next_tile);
@@ -349,7 +368,8 @@ struct HopperForwardKernel {
                                          static_cast<unsigned>(kStages));
       const int next_stage = (stage + 1) % kStages;
       rows.Step(
-          next_tile, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); }, [] {});
+          next_tile, next_tile, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); },
+          [] {});
     }
     if (group_tiles > 0) {
       issue_pv((group_tiles - 1) % kStages);

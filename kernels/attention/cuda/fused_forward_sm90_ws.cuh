@@ -51,10 +51,13 @@ struct HopperWsForwardKernel {
   static constexpr int kProducerThreads = 128;  // one warpgroup: Q and the K/V ring
   static constexpr int kThreads = kConsumerThreads + kProducerThreads;
   static constexpr int kBlockM = 128;
-  static constexpr int kStages = 4;
-  static constexpr int kQPanelBytes = kBlockM * 64 * 2;                        // 16 KiB
-  static constexpr int kKVPanelBytes = kBlockN * 64 * 2;                       // 8 KiB
-  static constexpr int kTileBytes = kBlockN * D * static_cast<int>(sizeof(T));  // 16 KiB
+  // Each stage holds two key tiles (128 keys): the scores are one n128 product per k-step.
+  static constexpr int kKeyTiles = 2;
+  static constexpr int kStageKeys = kBlockN * kKeyTiles;
+  static constexpr int kStages = 3;
+  static constexpr int kQPanelBytes = kBlockM * 64 * 2;                           // 16 KiB
+  static constexpr int kKVPanelBytes = kStageKeys * 64 * 2;                       // 16 KiB
+  static constexpr int kTileBytes = kStageKeys * D * static_cast<int>(sizeof(T));  // 32 KiB
   // Barriers: Q, then full and empty per stage.
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
   static constexpr int kSmemBytes =
@@ -78,7 +81,8 @@ struct HopperWsForwardKernel {
     const int lane = threadIdx.x % 32;
     // Warps 0-3 produce; 4-11 consume. The producer's gathers spread over its 128 threads.
     const bool producer = warp < 4;
-    const TileGather<D, kProducerThreads, T, 64> gather(params, threadIdx.x % kProducerThreads);
+    const TileGather<D, kProducerThreads, T, 64, kStageKeys> gather(
+        params, threadIdx.x % kProducerThreads);
     const GpuTile& tile = gather.tile;
     if (threadIdx.x == 0) {
       MbarrierInit(q_full, kProducerThreads);
@@ -93,24 +97,36 @@ struct HopperWsForwardKernel {
     const int total_tiles = spans.total_tiles();
     // Key tiles per consumer warpgroup, as in HopperForwardKernel: with causal the first stops
     // after the last key its rows see; the second has nothing to do in a tile of <= 64 rows.
-    const int walk0 = spans.split_tiles;
-    const int walk1 = tile.count > kBlockM / 2 ? total_tiles : 0;
+    // Counted in stages (pairs of key tiles): a pair's second tile past a warpgroup's walk is
+    // masked out for it (past the last key, or after its rows: causal).
+    const int walk0 = (spans.split_tiles + 1) / 2;
+    const int walk1 = tile.count > kBlockM / 2 ? (total_tiles + 1) / 2 : 0;
     const int walk_max = walk0 > walk1 ? walk0 : walk1;
     const int walk_min = walk0 < walk1 ? walk0 : walk1;
 
     if (producer) {
+      // The producer needs few registers; the consumers take them (setmaxnreg: 128 x 40 +
+      // 256 x 232 is the launch's 384 x 168).
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
       KeyTile next = SpanStart(spans, 0);
       for (int t = 0; t < walk_max; ++t) {
         const int stage = t % kStages;
         if (t >= kStages) MbarrierWait(empty(stage), (t / kStages - 1) & 1);
-        gather.LoadKV(next, smem.k + stage * kTileBytes, smem.v + stage * kTileBytes);
+#pragma unroll
+        for (int half = 0; half < kKeyTiles; ++half) {
+          // Keys 64 * half.. of the stage: 64 rows further into each 128-row panel.
+          const uint32_t row_off = half * kBlockN * 64 * 2;
+          gather.LoadKV(next, smem.k + stage * kTileBytes + row_off,
+                        smem.v + stage * kTileBytes + row_off);
+          NextKeyTile(spans, &next);
+        }
         CpAsyncArriveOn(full(stage));
-        NextKeyTile(spans, &next);
       }
       CpAsyncWait<0>();
       return;
     }
 
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
     const int group = __shfl_sync(0xffffffffu, (warp - 4) / 4, 0);  // query rows 64 * group ...
     const int warp_row = (warp - 4) * 16;  // this warp's 16 rows within the tile
     const int walk = group == 0 ? walk0 : walk1;
@@ -119,7 +135,7 @@ struct HopperWsForwardKernel {
     auto release = [&](int t) {
       if (lane == 0) MbarrierArrive(empty(t % kStages), t < walk_min ? 1 : 2);
     };
-    WarpgroupRows<T, 64> rows(params, tile, warp_row, lane, 1 + group);
+    WarpgroupRows<T, 64, kKeyTiles> rows(params, tile, warp_row, lane, 1 + group);
     const uint32_t q_desc = WgmmaDescriptorLow(smem.q + group * 64 * 64 * 2);
     const uint32_t k_desc = WgmmaDescriptorLow(smem.k);
     // V as the B operand of n128 products: the leading byte offset steps between its panels.
@@ -135,20 +151,25 @@ struct HopperWsForwardKernel {
       FenceProxyAsync();
     };
 
+    KeyTile lo = SpanStart(spans, 0);  // the stage's two key tiles
+    KeyTile hi = lo;
+    NextKeyTile(spans, &hi);
     if (walk > 0) {
       MbarrierWait(q_full, 0);
       wait_full(0);
-      rows.First(SpanStart(spans, 0), [&] { issue_scores(0); });
+      rows.First(lo, hi, [&] { issue_scores(0); });
     }
-    KeyTile next_tile = SpanStart(spans, 0);
     for (int t = 0; t + 1 < walk; ++t) {
-      NextKeyTile(spans, &next_tile);
+      lo = hi;
+      NextKeyTile(spans, &lo);
+      hi = lo;
+      NextKeyTile(spans, &hi);
       wait_full(t + 1);
       const int stage = static_cast<int>(__shfl_sync(0xffffffffu, static_cast<unsigned>(t), 0) %
                                          static_cast<unsigned>(kStages));
       const int next_stage = (stage + 1) % kStages;
       rows.Step(
-          next_tile, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); },
+          lo, hi, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); },
           [&] { release(t); });
     }
     if (walk > 0) {
