@@ -7,6 +7,8 @@
 // barrier held its two compute warpgroups in step: both issued their products at once, then
 // both ran their exponentials while the tensor cores waited. Without it each consumer
 // warpgroup runs at its own pace, and the loads' instructions leave the consumers' issue slots.
+// A stage holds two key tiles, so both products are n128; the consumers' registers for that
+// (232 each) come from the producer's through setmaxnreg.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
