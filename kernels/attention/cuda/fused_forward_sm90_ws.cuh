@@ -67,6 +67,16 @@ struct HopperWsForwardKernel {
   // Arrivals that free a stage: lane 0 of each of the eight consumer warps, once per tile it
   // computed; a warpgroup whose walk is longer than the other's counts for both.
   static constexpr uint32_t kEmptyArrivals = 8;
+  // Registers per thread: the launch gives every thread kLaunchRegs (the most 384 threads can
+  // have); setmaxnreg then moves them from the producer to the consumers. A consumer's
+  // setmaxnreg.inc waits until the CTA's pool holds its request, so a build whose kernel got
+  // fewer than kLaunchRegs would hang: the launch checks (LaunchHopperWsForward).
+  static constexpr int kLaunchRegs = 168;
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <=
+                    kThreads * kLaunchRegs,
+                "setmaxnreg asks for more registers than the launch holds");
 
   __device__ static void Run(const FusedForwardParams& params) {
 #if defined(DILATTN_HAVE_WGMMA)
@@ -107,9 +117,8 @@ struct HopperWsForwardKernel {
     const int walk_min = walk0 < walk1 ? walk0 : walk1;
 
     if (producer) {
-      // The producer needs few registers; the consumers take them (setmaxnreg: 128 x 40 +
-      // 256 x 232 is the launch's 384 x 168).
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+      // The producer needs few registers; the consumers take them.
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs) : "memory");
       KeyTile next = SpanStart(spans, 0);
       for (int t = 0; t < walk_max; ++t) {
         const int stage = t % kStages;
@@ -128,7 +137,7 @@ struct HopperWsForwardKernel {
       return;
     }
 
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs) : "memory");
     const int group = __shfl_sync(0xffffffffu, (warp - 4) / 4, 0);  // query rows 64 * group ...
     const int warp_row = (warp - 4) * 16;  // this warp's 16 rows within the tile
     const int walk = group == 0 ? walk0 : walk1;
@@ -197,6 +206,11 @@ int LaunchHopperWsForward(const FusedForwardParams& params, cudaStream_t stream)
   using K = HopperWsForwardKernel<T>;
   static_assert(K::kBlockM == FusedBlockM(128), "tile list and kernel disagree on tile height");
   if (params.num_tiles == 0) return 0;
+  static const int regs = [] {
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, HopperWsForward<T>) == cudaSuccess ? attr.numRegs : 0;
+  }();
+  if (regs < K::kLaunchRegs) return cudaErrorInvalidKernelImage;  // setmaxnreg could not be met
   cudaError_t err = cudaFuncSetAttribute(HopperWsForward<T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          K::kSmemBytes);
