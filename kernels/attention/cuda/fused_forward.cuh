@@ -235,7 +235,8 @@ __device__ __forceinline__ uint64_t MulWide(uint32_t a, uint32_t b) {
 template <int kPanel, int kRows>
 __device__ __forceinline__ int PanelOffset(int row, int chunk) {
   constexpr int kPanelChunks = kPanel / 8;
-  return (chunk / kPanelChunks) * kRows * kPanel + SwizzledOffset<kPanel>(row, chunk % kPanelChunks);
+  return (chunk / kPanelChunks) * kRows * kPanel +
+         SwizzledOffset<kPanel>(row, chunk % kPanelChunks);
 }
 
 // Row gathers: thread tid copies 16-byte chunk (tid % (D / 8)) of rows tid / (D / 8) + j * pass
@@ -449,15 +450,12 @@ __device__ __forceinline__ bool SoftmaxStep(float* s, float* acc, float* row_max
   bool grow = false;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float m4[4];
+    float m4[4];  // four partial maxima over pairs of column tiles
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      m4[j] = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
-                    fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 4 + 2 * h + 1]));
-      if constexpr (kTiles == 16) {
-        m4[j] = fmaxf(m4[j], fmaxf(fmaxf(s[32 + 8 * j + 2 * h], s[32 + 8 * j + 2 * h + 1]),
-                                   fmaxf(s[32 + 8 * j + 4 + 2 * h], s[32 + 8 * j + 4 + 2 * h + 1])));
-      }
+    for (int j = 0; j < kTiles / 2; ++j) {
+      const float m = fmaxf(fmaxf(s[8 * j + 2 * h], s[8 * j + 2 * h + 1]),
+                            fmaxf(s[8 * j + 4 + 2 * h], s[8 * j + 4 + 2 * h + 1]));
+      m4[j % 4] = j < 4 ? m : fmaxf(m4[j % 4], m);
     }
     float m = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
@@ -569,8 +567,8 @@ __device__ __forceinline__ bool ZeroedKeylessTile(const FusedForwardParams& para
     constexpr int kChunks = D * 2 / kChunkBytes;
     constexpr int kRowsPerPass = kThreads / kChunks;
     static_assert(kThreads % kChunks == 0, "whole rows per pass");
-    unsigned char* dst = o + tile.q_pos * p.o_row_stride * 2 +
-                         (threadIdx.x / kChunks) * row_bytes + (threadIdx.x % kChunks) * kChunkBytes;
+    unsigned char* dst = o + tile.q_pos * p.o_row_stride * 2 + (threadIdx.x / kChunks) * row_bytes +
+                         (threadIdx.x % kChunks) * kChunkBytes;
     for (int r = threadIdx.x / kChunks; r < tile.count; r += kRowsPerPass) {
       *reinterpret_cast<decltype(chunk_zero)*>(dst) = chunk_zero;
       dst += kRowsPerPass * row_bytes;
@@ -623,8 +621,8 @@ struct FusedForwardKernel {
     const int64_t q_first = tile.q_pos;
 
     __shared__ KeySpans spans;
-    auto loader = StartTile<kBlockM, kBlockM, kStages - 1>(gather, &spans, sq_addr, sk_addr, sv_addr,
-                                                  kTileBytes);
+    auto loader = StartTile<kBlockM, kBlockM, kStages - 1>(gather, &spans, sq_addr, sk_addr,
+                                                           sv_addr, kTileBytes);
     const int total_tiles = spans.total_tiles();
 
     const int warp = threadIdx.x / 32;

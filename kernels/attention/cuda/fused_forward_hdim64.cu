@@ -5,6 +5,6 @@
 namespace dilattn::attention::cuda {
 template int LaunchFusedForwardFor<64, __half>(const FusedForwardParams&, cudaStream_t);
 template int LaunchFusedForwardFor<64, __nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
-template int LaunchHopperForward<__half, 64>(const FusedForwardParams&, cudaStream_t);
-template int LaunchHopperForward<__nv_bfloat16, 64>(const FusedForwardParams&, cudaStream_t);
+template int LaunchHopperForward<__half>(const FusedForwardParams&, cudaStream_t);
+template int LaunchHopperForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
 }  // namespace dilattn::attention::cuda

@@ -49,9 +49,24 @@ struct Wgmma;
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
   "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 
-#define DILATTN_WGMMA_ACC64 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define DILATTN_WGMMA_ACC64 \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), \
+      "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), \
+      "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), \
+      "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), \
+      "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), \
+      "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), \
+      "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), \
+      "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), \
+      "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 
-#define DILATTN_WGMMA_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define DILATTN_WGMMA_REGS64 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
 #define DILATTN_DEFINE_WGMMA(TYPE, PTX)                                                        \
   template <>                                                                                  \
@@ -285,11 +300,11 @@ __device__ __forceinline__ HopperSmem LayoutHopperSmem(const void* smem_raw) {
 // places (__syncthreads is barrier.sync.aligned, which may not).
 __device__ __forceinline__ void CtaBarrier() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
 
-template <typename T, int D>
+template <typename T>
 struct HopperForwardKernel {
   // D = 128 has its own kernel (fused_forward_sm90_ws.cuh): one CTA of this kind per SM held its
   // warpgroups in step.
-  static_assert(D == 64, "one 64-column panel");
+  static constexpr int D = 64;
   static constexpr int kWarps = 8;  // two warpgroups
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 128;
@@ -392,24 +407,24 @@ struct HopperForwardKernel {
   }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(HopperForwardKernel<T, D>::kThreads,
-                                  HopperForwardKernel<T, D>::kMinBlocks)
+template <typename T>
+__global__ void __launch_bounds__(HopperForwardKernel<T>::kThreads,
+                                  HopperForwardKernel<T>::kMinBlocks)
     HopperForward(const __grid_constant__ FusedForwardParams params) {
-  if (ZeroedKeylessTile<HopperForwardKernel<T, D>::kThreads, D>(params)) return;
-  HopperForwardKernel<T, D>::Run(params);
+  if (ZeroedKeylessTile<HopperForwardKernel<T>::kThreads, 64>(params)) return;
+  HopperForwardKernel<T>::Run(params);
 }
 
-template <typename T, int D>
+template <typename T>
 int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream) {
-  using K = HopperForwardKernel<T, D>;
-  static_assert(K::kBlockM == FusedBlockM(D), "tile list and kernel disagree on tile height");
+  using K = HopperForwardKernel<T>;
+  static_assert(K::kBlockM == FusedBlockM(K::D), "tile list and kernel disagree on tile height");
   if (params.num_tiles == 0) return 0;
-  cudaError_t err = cudaFuncSetAttribute(HopperForward<T, D>,
+  cudaError_t err = cudaFuncSetAttribute(HopperForward<T>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          K::kSmemBytes);
   if (err != cudaSuccess) return err;
-  HopperForward<T, D><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
+  HopperForward<T><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
                         stream>>>(params);
   return cudaGetLastError();
 }

@@ -24,17 +24,12 @@ DILATTN_DECLARE(64)
 DILATTN_DECLARE(128)
 DILATTN_DECLARE(256)
 #undef DILATTN_DECLARE
-template <typename T, int D>
-int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream);
-#define DILATTN_DECLARE(D)                                                                \
-  extern template int LaunchHopperForward<__half, D>(const FusedForwardParams&,           \
-                                                     cudaStream_t);                      \
-  extern template int LaunchHopperForward<__nv_bfloat16, D>(const FusedForwardParams&,    \
-                                                            cudaStream_t);
-DILATTN_DECLARE(64)
-#undef DILATTN_DECLARE
 template <typename T>
-int LaunchHopperWsForward(const FusedForwardParams& params, cudaStream_t stream);
+int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream);  // D = 64
+extern template int LaunchHopperForward<__half>(const FusedForwardParams&, cudaStream_t);
+extern template int LaunchHopperForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
+template <typename T>
+int LaunchHopperWsForward(const FusedForwardParams& params, cudaStream_t stream);  // D = 128
 extern template int LaunchHopperWsForward<__half>(const FusedForwardParams&, cudaStream_t);
 extern template int LaunchHopperWsForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
 
@@ -60,8 +55,8 @@ int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
   if (params.variant == FusedVariant::kWgmma) {
     switch (params.attn.head_dim) {
       case 64:
-        return bf16 ? LaunchHopperForward<__nv_bfloat16, 64>(params, stream)
-                    : LaunchHopperForward<__half, 64>(params, stream);
+        return bf16 ? LaunchHopperForward<__nv_bfloat16>(params, stream)
+                    : LaunchHopperForward<__half>(params, stream);
       case 128:
         return bf16 ? LaunchHopperWsForward<__nv_bfloat16>(params, stream)
                     : LaunchHopperWsForward<__half>(params, stream);
