@@ -584,6 +584,7 @@ __device__ __forceinline__ bool ZeroedKeylessTile(const FusedForwardParams& para
 
 template <int D, typename T>
 struct FusedForwardKernel {
+  static constexpr int kHeadDim = D;
   // Query rows per warp: 32 (two m16 tiles) where registers allow, so each K/V fragment read
   // from shared memory feeds two mma instructions; 16 for D = 256.
   static constexpr int kWarps = D <= 128 ? DILATTN_FUSED_WARPS : 4;
@@ -800,27 +801,33 @@ struct FusedForwardKernel {
   }
 };
 
-template <int D, typename T>
-__global__ void __launch_bounds__(FusedForwardKernel<D, T>::kThreads,
-                                  FusedForwardKernel<D, T>::kMinBlocks)
-    FusedForward(const __grid_constant__ FusedForwardParams params) {
-  if (ZeroedKeylessTile<FusedForwardKernel<D, T>::kThreads, D>(params)) return;
-  FusedForwardKernel<D, T>::Run(params);
+// The entry of each fused kernel K, one CTA per entry of the tile list: keyless tiles write
+// their zeros and leave before any of K's code.
+template <typename K>
+__global__ void __launch_bounds__(K::kThreads, K::kMinBlocks)
+    FusedForwardOverTiles(const __grid_constant__ FusedForwardParams params) {
+  if (ZeroedKeylessTile<K::kThreads, K::kHeadDim>(params)) return;
+  K::Run(params);
+}
+
+// Launches K over the tile list, which blockIdx.x walks (up to 2^31 - 1 tiles).
+template <typename K>
+int LaunchOverTiles(const FusedForwardParams& params, cudaStream_t stream) {
+  static_assert(K::kBlockM == FusedBlockM(K::kHeadDim),
+                "tile list and kernel disagree on tile height");
+  if (params.num_tiles == 0) return 0;
+  cudaError_t err = cudaFuncSetAttribute(FusedForwardOverTiles<K>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         K::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  FusedForwardOverTiles<K><<<static_cast<unsigned>(params.num_tiles), K::kThreads,
+                             K::kSmemBytes, stream>>>(params);
+  return cudaGetLastError();
 }
 
 template <int D, typename T>
 int LaunchFusedForwardFor(const FusedForwardParams& params, cudaStream_t stream) {
-  using K = FusedForwardKernel<D, T>;
-  static_assert(K::kBlockM == FusedBlockM(D), "tile list and kernel disagree on tile height");
-  if (params.num_tiles == 0) return 0;
-  cudaError_t err = cudaFuncSetAttribute(FusedForward<D, T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         K::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  // The tile list is walked by blockIdx.x, which reaches 2^31 - 1.
-  FusedForward<D, T><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
-                       stream>>>(params);
-  return cudaGetLastError();
+  return LaunchOverTiles<FusedForwardKernel<D, T>>(params, stream);
 }
 
 }  // namespace dilattn::attention::cuda

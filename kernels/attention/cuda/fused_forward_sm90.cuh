@@ -305,6 +305,7 @@ struct HopperForwardKernel {
   // D = 128 has its own kernel (fused_forward_sm90_ws.cuh): one CTA of this kind per SM held its
   // warpgroups in step.
   static constexpr int D = 64;
+  static constexpr int kHeadDim = D;
   static constexpr int kWarps = 8;  // two warpgroups
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 128;
@@ -408,25 +409,8 @@ struct HopperForwardKernel {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(HopperForwardKernel<T>::kThreads,
-                                  HopperForwardKernel<T>::kMinBlocks)
-    HopperForward(const __grid_constant__ FusedForwardParams params) {
-  if (ZeroedKeylessTile<HopperForwardKernel<T>::kThreads, 64>(params)) return;
-  HopperForwardKernel<T>::Run(params);
-}
-
-template <typename T>
 int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream) {
-  using K = HopperForwardKernel<T>;
-  static_assert(K::kBlockM == FusedBlockM(K::D), "tile list and kernel disagree on tile height");
-  if (params.num_tiles == 0) return 0;
-  cudaError_t err = cudaFuncSetAttribute(HopperForward<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         K::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  HopperForward<T><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
-                        stream>>>(params);
-  return cudaGetLastError();
+  return LaunchOverTiles<HopperForwardKernel<T>>(params, stream);
 }
 
 }  // namespace dilattn::attention::cuda

@@ -49,6 +49,8 @@ __device__ __forceinline__ void CpAsyncArriveOn(uint32_t bar) {
 template <typename T>
 struct HopperWsForwardKernel {
   static constexpr int D = 128;
+  static constexpr int kHeadDim = D;
+  static constexpr int kMinBlocks = 1;  // 224 KiB of shared memory
   static constexpr int kConsumerThreads = 256;  // two warpgroups, 64 query rows each
   static constexpr int kProducerThreads = 128;  // one warpgroup: Q and the K/V ring
   static constexpr int kThreads = kConsumerThreads + kProducerThreads;
@@ -195,29 +197,16 @@ struct HopperWsForwardKernel {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(HopperWsForwardKernel<T>::kThreads, 1)
-    HopperWsForward(const __grid_constant__ FusedForwardParams params) {
-  if (ZeroedKeylessTile<HopperWsForwardKernel<T>::kThreads, 128>(params)) return;
-  HopperWsForwardKernel<T>::Run(params);
-}
-
-template <typename T>
 int LaunchHopperWsForward(const FusedForwardParams& params, cudaStream_t stream) {
   using K = HopperWsForwardKernel<T>;
-  static_assert(K::kBlockM == FusedBlockM(128), "tile list and kernel disagree on tile height");
   if (params.num_tiles == 0) return 0;
   static const int regs = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, HopperWsForward<T>) == cudaSuccess ? attr.numRegs : 0;
+    return cudaFuncGetAttributes(&attr, FusedForwardOverTiles<K>) == cudaSuccess ? attr.numRegs
+                                                                                 : 0;
   }();
   if (regs < K::kLaunchRegs) return cudaErrorInvalidKernelImage;  // setmaxnreg could not be met
-  cudaError_t err = cudaFuncSetAttribute(HopperWsForward<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         K::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  HopperWsForward<T><<<static_cast<unsigned>(params.num_tiles), K::kThreads, K::kSmemBytes,
-                       stream>>>(params);
-  return cudaGetLastError();
+  return LaunchOverTiles<K>(params, stream);
 }
 
 }  // namespace dilattn::attention::cuda
