@@ -41,6 +41,7 @@ void Scheduler::Enqueue(std::unique_ptr<InferenceRequest> request) {
       request->enqueued = absl::Now();
       queues_[static_cast<size_t>(level - 1)].push_back(std::move(request));
       ++queued_;
+      // The gauge moves under mu_ with the queue, so a scrape reads the queue as it is.
       model_->stats().AddPending(1);
       arrived_.Signal();
     }
@@ -75,6 +76,7 @@ absl::Time Scheduler::SweepLocked(std::vector<std::unique_ptr<InferenceRequest>>
         dropped->push_back(std::move(*it));
         it = q.erase(it);
         --queued_;
+        model_->stats().AddPending(-1);
       } else {
         earliest = std::min(earliest, r.deadline);
         ++it;
@@ -86,7 +88,6 @@ absl::Time Scheduler::SweepLocked(std::vector<std::unique_ptr<InferenceRequest>>
 
 void Scheduler::FinishDropped(std::vector<std::unique_ptr<InferenceRequest>>& dropped) {
   for (auto& r : dropped) {
-    model_->stats().AddPending(-1);
     const bool cancelled = r->cancelled->load();
     CompleteRequest(std::move(r),
                     cancelled ? absl::CancelledError("request cancelled; it was not computed")
@@ -183,6 +184,7 @@ void Scheduler::Loop() {
             --queued_;
           }
         }
+        model_->stats().AddPending(-static_cast<int64_t>(batch.requests.size()));
         break;
       }
     }
@@ -191,7 +193,6 @@ void Scheduler::Loop() {
       engine_->ReleaseSlot();
       continue;
     }
-    model_->stats().AddPending(-static_cast<int64_t>(batch.requests.size()));
     engine_->Submit(std::move(batch));
   }
 }

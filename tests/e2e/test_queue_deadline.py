@@ -2,7 +2,6 @@
 requests are never computed: the execution and inference counters do not move for them."""
 
 import queue
-import threading
 import time
 
 import grpc
@@ -10,7 +9,6 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-import reference
 from conftest import ServerProcess, wait_until
 from helpers import make_inputs
 
@@ -28,9 +26,14 @@ parameters { key: "dilation_rates" value { string_value: "1" } }
 
 PRIORITY_MODEL = """
 name: "prioritised"
-max_batch_size: 1
-dynamic_batching { priority_levels: 2 default_priority_level: 2 }
-parameters { key: "segment_lengths" value { string_value: "4096" } }
+max_batch_size: 4
+dynamic_batching {
+  preferred_batch_size: [ 4 ]
+  max_queue_delay_microseconds: 1000000
+  priority_levels: 2
+  default_priority_level: 2
+}
+parameters { key: "segment_lengths" value { string_value: "16" } }
 parameters { key: "dilation_rates" value { string_value: "1" } }
 """
 
@@ -119,26 +122,28 @@ def test_cancelled_request_is_never_computed(repo_server):
     assert repo_server.metric("nv_inference_pending_request_count", model="waiting") == 0
 
 
-@pytest.mark.skipif(reference.ON_GPU, reason="the blocker must keep the engine busy for tens "
-                    "of milliseconds; scheduling is device-independent and tested on the CPU")
 def test_high_priority_overtakes_queued_low_priority(repo_server):
+    # The batcher holds every request for up to a second while it waits for a batch of four, so
+    # all three are queued together whatever the machine's speed. The high-priority request has
+    # other heads and so cannot join the low ones' batch: it must run as a batch of its own,
+    # before theirs, though it arrived last.
     c = repo_server.client()
-    rng = np.random.default_rng(3)
-    big = rng.uniform(-1, 1, (1, 4096, 8, 64)).astype(np.float32)
-    finished = []
-    lock = threading.Lock()
+    before = _stats(c, "prioritised")
+    wide = np.full((1, 32, 4, 8), 0.5, dtype=np.float32)
+    finished = queue.Queue()
 
     def record(tag):
-        def callback(result, error):
-            assert error is None, error
-            with lock:
-                finished.append(tag)
-        return callback
+        return lambda result, error: finished.put((tag, result, error))
 
-    c.async_infer("prioritised", make_inputs(big, big, big), callback=record("blocker"))
-    time.sleep(0.05)  # the blocker is computing; the next ones queue behind it
     c.async_infer("prioritised", make_inputs(X, X, X), callback=record("low-1"), priority=2)
     c.async_infer("prioritised", make_inputs(X, X, X), callback=record("low-2"), priority=2)
-    c.async_infer("prioritised", make_inputs(X, X, X), callback=record("high"), priority=1)
-    assert wait_until(lambda: len(finished) == 4, timeout=60)
-    assert finished.index("high") < finished.index("low-2"), finished
+    c.async_infer("prioritised", make_inputs(wide, wide, wide), callback=record("high"), priority=1)
+    order = []
+    for _ in range(3):
+        tag, result, error = finished.get(timeout=30)
+        assert error is None, error
+        assert np.allclose(result.as_numpy("O"), 0.5 if tag == "high" else 0.25)
+        order.append(tag)
+    assert order[0] == "high", order
+    after = _stats(c, "prioritised")
+    assert after == (before[0] + 3, before[1] + 2), "high alone, then the two low ones together"
