@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/common/quote.h"
 
 namespace dilattn::server {
 
@@ -27,16 +28,17 @@ absl::StatusOr<Model*> ModelRegistry::Find(absl::string_view name,
   for (const auto& m : models_) {
     if (m->name() != name) continue;
     if (!version.empty() && version != m->spec().version) {
-      return absl::NotFoundError(absl::StrCat("model '", name, "' has no version '", version,
-                                              "' (served: '", m->spec().version, "')"));
+      return absl::NotFoundError(absl::StrCat("model ", Quote(name), " has no version ",
+                                              Quote(version), " (served: '", m->spec().version,
+                                              "')"));
     }
     return m.get();
   }
   std::vector<std::string> served;
   for (const auto& m : models_) served.push_back(m->name());
-  return absl::NotFoundError(absl::StrCat("Request for unknown model: '", name,
-                                          "' is not found (served: ",
-                                          absl::StrJoin(served, ", "), ")"));
+  return absl::NotFoundError(absl::StrCat("Request for unknown model: ", Quote(name),
+                                          " is not found (served: ", absl::StrJoin(served, ", "),
+                                          ")"));
 }
 
 void ModelRegistry::Shutdown() {

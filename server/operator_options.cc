@@ -11,15 +11,15 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "kernels/common/quote.h"
 
 namespace dilattn::server {
 namespace {
 
 absl::Status Bad(absl::string_view where, absl::string_view name, const ParamValue& value,
                  absl::string_view expected) {
-  return absl::InvalidArgumentError(absl::StrCat(where, " '", name, "'=",
-                                                 ParamValueToString(value), " is not ",
-                                                 expected));
+  return absl::InvalidArgumentError(
+      absl::StrCat(where, " ", Quote(name), "=", ParamValueToString(value), " is not ", expected));
 }
 
 absl::StatusOr<int64_t> AsInt64(const ParamValue& v) {
@@ -133,7 +133,7 @@ std::string ParamValueToString(const ParamValue& value) {
         if constexpr (std::is_same_v<T, bool>) {
           return v ? "true" : "false";
         } else if constexpr (std::is_same_v<T, std::string>) {
-          return absl::StrCat("'", v.size() > 64 ? v.substr(0, 64) + "..." : v, "'");
+          return Quote(v);
         } else {
           return absl::StrCat(v);
         }
@@ -159,7 +159,7 @@ absl::Status ApplyOperatorParameter(absl::string_view name, const ParamValue& va
   auto bad = [&](absl::string_view expected) { return Bad(where, name, value, expected); };
   if (!IsOperatorParameter(o->kind, name)) {
     return absl::InvalidArgumentError(absl::StrCat(
-        where, " '", name, "' is not known for ",
+        where, " ", Quote(name), " is not known for ",
         o->kind == OperatorKind::kDilatedAttention ? "dilated attention" : "block-sparse attention",
         " (known: ",
         o->kind == OperatorKind::kDilatedAttention ? absl::StrJoin(kDilatedNames, ", ")

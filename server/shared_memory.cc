@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/common/quote.h"
 #include "server/cuda_ipc.h"
 #include "server/log.h"
 
@@ -36,8 +37,8 @@ absl::Status CheckKey(absl::string_view key) {
   while (!rest.empty() && rest.front() == '/') rest.remove_prefix(1);
   if (rest.empty() || rest.size() > 255 || rest == "." || rest == ".." ||
       rest.find('/') != absl::string_view::npos || rest.find('\0') != absl::string_view::npos) {
-    return Invalid(absl::StrCat("shared memory key '", key,
-                                "' is not a POSIX shared-memory object name ('/name', one path "
+    return Invalid(absl::StrCat("shared memory key ", Quote(key),
+                                " is not a POSIX shared-memory object name ('/name', one path "
                                 "component of at most 255 bytes)"));
   }
   return absl::OkStatus();
@@ -66,25 +67,25 @@ absl::Status SharedMemoryManager::RegisterSystem(absl::string_view name, absl::s
   if (!options_.enabled) return absl::UnavailableError("shared memory is switched off here");
   if (absl::Status s = CheckName(name); !s.ok()) return s;
   if (absl::Status s = CheckKey(key); !s.ok()) return s;
-  if (byte_size == 0) return Invalid(absl::StrCat("region '", name, "': byte_size is 0"));
+  if (byte_size == 0) return Invalid(absl::StrCat("region ", Quote(name), ": byte_size is 0"));
   if (offset > std::numeric_limits<uint64_t>::max() - byte_size ||
       offset + byte_size > static_cast<uint64_t>(std::numeric_limits<off_t>::max()) ||
       byte_size > std::numeric_limits<size_t>::max() / 2) {
-    return Invalid(absl::StrCat("region '", name, "': offset ", offset, " + byte_size ",
+    return Invalid(absl::StrCat("region ", Quote(name), ": offset ", offset, " + byte_size ",
                                 byte_size, " overflows"));
   }
   {
     absl::MutexLock lock(&mu_);
     if (regions_.contains(name)) {
       return absl::AlreadyExistsError(
-          absl::StrCat("shared memory region '", name, "' is already registered"));
+          absl::StrCat("shared memory region ", Quote(name), " is already registered"));
     }
   }
   const std::string key_string(key);
   const int fd = shm_open(key_string.c_str(), O_RDWR, 0);
   if (fd < 0) {
-    return Invalid(absl::StrCat("region '", name, "': cannot open shared memory object '", key,
-                                "': ", std::strerror(errno)));
+    return Invalid(absl::StrCat("region ", Quote(name), ": cannot open shared memory object ",
+                                Quote(key), ": ", std::strerror(errno)));
   }
   struct stat st;
   const bool stat_ok = fstat(fd, &st) == 0;
@@ -92,9 +93,9 @@ absl::Status SharedMemoryManager::RegisterSystem(absl::string_view name, absl::s
       static_cast<uint64_t>(st.st_size) < offset + byte_size) {
     const int64_t size = stat_ok ? static_cast<int64_t>(st.st_size) : -1;
     close(fd);
-    return Invalid(absl::StrCat("region '", name, "': shared memory object '", key, "' has ",
-                                size, " bytes, fewer than offset ", offset, " + byte_size ",
-                                byte_size));
+    return Invalid(absl::StrCat("region ", Quote(name), ": shared memory object ", Quote(key),
+                                " has ", size, " bytes, fewer than offset ", offset,
+                                " + byte_size ", byte_size));
   }
   // mmap wants a page-aligned file offset: map from the page holding `offset`.
   const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
@@ -105,8 +106,8 @@ absl::Status SharedMemoryManager::RegisterSystem(absl::string_view name, absl::s
   if (base == MAP_FAILED) {
     const int err = errno;
     close(fd);
-    return Invalid(absl::StrCat("region '", name, "': cannot map shared memory object '", key,
-                                "': ", std::strerror(err)));
+    return Invalid(absl::StrCat("region ", Quote(name), ": cannot map shared memory object ",
+                                Quote(key), ": ", std::strerror(err)));
   }
   SharedMemoryRegion::Info info;
   info.kind = RegionKind::kSystem;
@@ -138,25 +139,26 @@ absl::Status SharedMemoryManager::RegisterCuda(absl::string_view name,
                                                uint64_t byte_size) {
   if (!options_.enabled) return absl::UnavailableError("shared memory is switched off here");
   if (absl::Status s = CheckName(name); !s.ok()) return s;
-  if (byte_size == 0) return Invalid(absl::StrCat("region '", name, "': byte_size is 0"));
+  if (byte_size == 0) return Invalid(absl::StrCat("region ", Quote(name), ": byte_size is 0"));
   if (byte_size > std::numeric_limits<size_t>::max() / 2) {
-    return Invalid(absl::StrCat("region '", name, "': byte_size ", byte_size, " is too large"));
+    return Invalid(
+        absl::StrCat("region ", Quote(name), ": byte_size ", byte_size, " is too large"));
   }
   if (device < 0 || device > std::numeric_limits<int>::max()) {
-    return Invalid(absl::StrCat("region '", name, "': device_id ", device, " is invalid"));
+    return Invalid(absl::StrCat("region ", Quote(name), ": device_id ", device, " is invalid"));
   }
   {
     absl::MutexLock lock(&mu_);
     if (regions_.contains(name)) {
       return absl::AlreadyExistsError(
-          absl::StrCat("shared memory region '", name, "' is already registered"));
+          absl::StrCat("shared memory region ", Quote(name), " is already registered"));
     }
   }
   const int dev = static_cast<int>(device);
   absl::StatusOr<void*> pointer = CudaIpcOpen(raw_handle, dev, static_cast<size_t>(byte_size));
   if (!pointer.ok()) {
     return absl::Status(pointer.status().code(),
-                        absl::StrCat("region '", name, "': ", pointer.status().message()));
+                        absl::StrCat("region ", Quote(name), ": ", pointer.status().message()));
   }
   SharedMemoryRegion::Info info;
   info.kind = RegionKind::kCuda;
@@ -178,7 +180,7 @@ absl::Status SharedMemoryManager::Add(std::shared_ptr<SharedMemoryRegion> region
   const std::string name = region->info().name;
   region.reset();
   return absl::AlreadyExistsError(
-      absl::StrCat("shared memory region '", name, "' is already registered"));
+      absl::StrCat("shared memory region ", Quote(name), " is already registered"));
 }
 
 absl::Status SharedMemoryManager::Unregister(RegionKind kind, absl::string_view name) {
@@ -208,8 +210,8 @@ absl::StatusOr<std::vector<SharedMemoryRegion::Info>> SharedMemoryManager::Statu
     out.push_back(region->info());
   }
   if (!name.empty() && out.empty()) {
-    return absl::NotFoundError(
-        absl::StrCat("no ", KindName(kind), " shared memory region '", name, "' is registered"));
+    return absl::NotFoundError(absl::StrCat("no ", KindName(kind), " shared memory region ",
+                                            Quote(name), " is registered"));
   }
   return out;
 }
@@ -218,8 +220,8 @@ absl::StatusOr<SharedTensor> SharedMemoryManager::Resolve(absl::string_view name
                                                           int64_t byte_size,
                                                           absl::string_view what) const {
   if (!options_.enabled) {
-    return Invalid(absl::StrCat(what, " names shared memory region '", name,
-                                "', but shared memory is switched off here"));
+    return Invalid(absl::StrCat(what, " names shared memory region ", Quote(name),
+                                ", but shared memory is switched off here"));
   }
   std::shared_ptr<const SharedMemoryRegion> region;
   {
@@ -228,18 +230,19 @@ absl::StatusOr<SharedTensor> SharedMemoryManager::Resolve(absl::string_view name
     if (it != regions_.end()) region = it->second;
   }
   if (region == nullptr) {
-    return Invalid(absl::StrCat(what, ": shared memory region '", name, "' is not registered"));
+    return Invalid(
+        absl::StrCat(what, ": shared memory region ", Quote(name), " is not registered"));
   }
   const uint64_t size = region->info().byte_size;
   if (offset < 0 || byte_size < 0 || static_cast<uint64_t>(offset) > size ||
       static_cast<uint64_t>(byte_size) > size - static_cast<uint64_t>(offset)) {
     return Invalid(absl::StrCat(what, ": offset ", offset, " + byte_size ", byte_size,
-                                " lies outside shared memory region '", name, "' (", size,
+                                " lies outside shared memory region ", Quote(name), " (", size,
                                 " bytes)"));
   }
   if (!region->StillBacked()) {
-    return Invalid(absl::StrCat(what, ": the shared memory object behind region '", name,
-                                "' has shrunk below the registered range; register it again"));
+    return Invalid(absl::StrCat(what, ": the shared memory object behind region ", Quote(name),
+                                " has shrunk below the registered range; register it again"));
   }
   SharedTensor t;
   t.data = region->data() + offset;

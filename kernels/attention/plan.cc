@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/attention/attention.h"
+#include "kernels/common/quote.h"
 
 namespace dilattn::attention {
 namespace {
@@ -78,7 +79,7 @@ absl::StatusOr<Mode> ParseMode(absl::string_view name) {
   if (lower == "longnet") return Mode::kLongNet;
   if (lower == "head_groups") return Mode::kHeadGroups;
   return absl::InvalidArgumentError(
-      absl::StrCat("mode '", name, "' is not one of 'longnet', 'head_groups'"));
+      absl::StrCat("mode ", Quote(name), " is not one of 'longnet', 'head_groups'"));
 }
 
 absl::string_view ModeName(Mode mode) {
@@ -91,7 +92,7 @@ absl::StatusOr<DType> ParseDType(absl::string_view name) {
   if (lower == "fp16" || lower == "float16" || lower == "type_fp16") return DType::kFloat16;
   if (lower == "bf16" || lower == "bfloat16" || lower == "type_bf16") return DType::kBFloat16;
   return absl::InvalidArgumentError(
-      absl::StrCat("datatype '", name, "' is not one of FP32, FP16, BF16"));
+      absl::StrCat("datatype ", Quote(name), " is not one of FP32, FP16, BF16"));
 }
 
 double BranchFlops(int64_t seq_len, int64_t segment_length, int64_t dilation_rate,

@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/block_sparse/block_sparse.h"
+#include "kernels/common/quote.h"
 
 namespace dilattn::block_sparse {
 namespace {
@@ -146,8 +147,8 @@ absl::StatusOr<Pattern> ParsePattern(absl::string_view name) {
     if (lower == PatternName(p)) return p;
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "pattern '", name,
-      "' is not one of local_window, dilated_sparse, global_local, strided, random, explicit"));
+      "pattern ", Quote(name),
+      " is not one of local_window, dilated_sparse, global_local, strided, random, explicit"));
 }
 
 absl::string_view PatternName(Pattern pattern) {

@@ -4,9 +4,10 @@
 #include <cstring>
 #include <limits>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/common/quote.h"
 #include "server/engine.h"
 
 namespace dilattn::server {
@@ -77,7 +78,7 @@ absl::StatusOr<SharedRef> TensorParameters(
       ref.offset = *v;
       offset_given = true;
     } else {
-      return Invalid(absl::StrCat(what, " parameter '", key, "' is not supported"));
+      return Invalid(absl::StrCat(what, " parameter ", Quote(key), " is not supported"));
     }
   }
   if (!ref.set && (size_given || offset_given)) {
@@ -85,8 +86,8 @@ absl::StatusOr<SharedRef> TensorParameters(
                                       "without shared_memory_region"));
   }
   if (ref.set && !size_given) {
-    return Invalid(absl::StrCat(what, " names shared_memory_region '", ref.region,
-                                "' without shared_memory_byte_size"));
+    return Invalid(absl::StrCat(what, " names shared_memory_region ", Quote(ref.region),
+                                " without shared_memory_byte_size"));
   }
   return ref;
 }
@@ -133,15 +134,16 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     const auto* slot = std::find_if(std::begin(kNames), std::end(kNames),
                                     [&](const char* n) { return in.name() == n; });
     if (slot == std::end(kNames)) {
-      return Invalid(absl::StrCat("unexpected input '", in.name(), "' for model '",
-                                  spec.name, "': inputs are Q, K and V"));
+      return Invalid(absl::StrCat("unexpected input ", Quote(in.name()), " for model '", spec.name,
+                                  "': inputs are Q, K and V"));
     }
     const int at = static_cast<int>(slot - std::begin(kNames));
-    if (by_name[at] != nullptr) return Invalid(absl::StrCat("input '", in.name(), "' given twice"));
+    if (by_name[at] != nullptr) {
+      return Invalid(absl::StrCat("input ", Quote(in.name()), " given twice"));
+    }
     by_name[at] = &in;
-    absl::StatusOr<SharedRef> ref =
-        TensorParameters(in.parameters(), absl::StrCat("input '", in.name(), "'"),
-                         "binary_data_size");
+    absl::StatusOr<SharedRef> ref = TensorParameters(
+        in.parameters(), absl::StrCat("input ", Quote(in.name())), "binary_data_size");
     if (!ref.ok()) return ref.status();
     shared[at] = *std::move(ref);
     if (!shared[at].set) raw_index_of[at] = raw_inputs++;
@@ -154,16 +156,16 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   }
   absl::StatusOr<attention::DType> dtype = attention::ParseDType(by_name[0]->datatype());
   if (!dtype.ok() || by_name[0]->datatype() != DatatypeName(*dtype)) {
-    return Invalid(absl::StrCat("input 'Q' has datatype '", by_name[0]->datatype(),
-                                "'; supported: FP32, FP16, BF16"));
+    return Invalid(absl::StrCat("input 'Q' has datatype ", Quote(by_name[0]->datatype()),
+                                "; supported: FP32, FP16, BF16"));
   }
   r->dtype = *dtype;
   const auto& shape = by_name[0]->shape();
   for (int i = 0; i < 3; ++i) {
     if (by_name[i]->datatype() != by_name[0]->datatype()) {
-      return Invalid(absl::StrCat("input '", kNames[i], "' has datatype '",
-                                  by_name[i]->datatype(), "' but 'Q' has '",
-                                  by_name[0]->datatype(), "'; Q, K and V must share one datatype"));
+      return Invalid(absl::StrCat(
+          "input '", kNames[i], "' has datatype ", Quote(by_name[i]->datatype()), " but 'Q' has ",
+          Quote(by_name[0]->datatype()), "; Q, K and V must share one datatype"));
     }
     if (by_name[i]->shape_size() != 4) {
       return Invalid(absl::StrCat("input '", kNames[i], "' has shape ",
@@ -265,8 +267,8 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   }
   for (const auto& out : req.outputs()) {
     if (out.name() != "O") {
-      return Invalid(absl::StrCat("requested output '", out.name(), "' does not exist; model '",
-                                  spec.name, "' has one output, 'O'"));
+      return Invalid(absl::StrCat("requested output ", Quote(out.name()),
+                                  " does not exist; model '", spec.name, "' has one output, 'O'"));
     }
     absl::StatusOr<SharedRef> ref = TensorParameters(out.parameters(), "output 'O'", "binary_data");
     if (!ref.ok()) return ref.status();
@@ -291,7 +293,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   bool final_flag = false;
   for (const auto& [key, value] : req.parameters()) {
     absl::StatusOr<ParamValue> v = ToParamValue(value);
-    if (!v.ok()) return Invalid(absl::StrCat("request parameter '", key, "' has no value"));
+    if (!v.ok()) return Invalid(absl::StrCat("request parameter ", Quote(key), " has no value"));
     if (key == "priority") {
       const uint64_t* u = std::get_if<uint64_t>(&*v);
       const int64_t* i = std::get_if<int64_t>(&*v);
@@ -322,8 +324,8 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     } else if (key == "binary_data_output" || absl::StartsWith(key, "triton_")) {
       continue;  // client-protocol hints (Triton reserves the prefix); nothing to do here
     } else if (key == "sequence_id" || key == "sequence_start" || key == "sequence_end") {
-      return Invalid(absl::StrCat("request parameter '", key,
-                                  "': sequence batching is not supported"));
+      return Invalid(
+          absl::StrCat("request parameter ", Quote(key), ": sequence batching is not supported"));
     } else {
       absl::Status s = ApplyOperatorParameter(key, *v, "request parameter", &r->options);
       if (!s.ok()) return s;

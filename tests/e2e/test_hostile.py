@@ -1,0 +1,279 @@
+"""Hostile and mangled messages, in bulk: seeded random mutations of valid requests, byte by byte
+and field by field, unary and on one stream. Every answer is a result or a clean error with a
+message; the server never crashes and keeps serving; a message protobuf itself cannot parse is
+never computed. Run under ASan/UBSan/LSan too (test.sh), where any memory error or leak on these
+paths fails the run."""
+
+import queue
+import random
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2
+
+import reference
+
+SHAPE = (1, 48, 2, 8)
+SMALL = {"segment_lengths": "16,32", "dilation_rates": "1,2"}
+CLEAN_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.UNAVAILABLE}
+# Seeded: a failure reproduces from its case number.
+BYTE_CASES = 600
+FIELD_CASES = 500
+STREAM_CASES = 200
+
+
+def _inputs(rng):
+    return [rng.uniform(-1, 1, SHAPE).astype(np.float32) for _ in range(3)]
+
+
+def _request(q, k, v):
+    req = service_pb2.ModelInferRequest(model_name="dilated_attention", id="hostile")
+    for name, x in zip("QKV", (q, k, v)):
+        t = req.inputs.add(name=name, datatype="FP32")
+        t.shape.extend(x.shape)
+        req.raw_input_contents.append(x.tobytes())
+    for key, value in SMALL.items():
+        req.parameters[key].string_param = value
+    return req
+
+
+def _check_output(reply, q, k, v):
+    assert len(reply.raw_output_contents) == 1
+    out = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32).reshape(SHAPE)
+    ref = reference.dilated_attention(q, k, v, [16, 32], [1, 2])
+    assert reference.relative_error(out, ref) < reference.TOLERANCE["FP32"]
+
+
+def _mutate_bytes(data, rnd):
+    data = bytearray(data)
+    for _ in range(rnd.randint(1, 4)):
+        kind = rnd.randrange(6)
+        at = rnd.randrange(len(data) + 1)
+        if kind == 0 and data:  # flip bits of one byte
+            data[at % len(data)] ^= 1 << rnd.randrange(8)
+        elif kind == 1 and data:  # overwrite with a byte that often starts a tag or a varint
+            data[at % len(data)] = rnd.choice([0x00, 0x08, 0x0A, 0x3A, 0x7F, 0x80, 0xFF])
+        elif kind == 2:  # truncate
+            del data[at:]
+        elif kind == 3:  # insert a run of varint continuation bytes or a huge length
+            data[at:at] = rnd.choice([b"\xff" * rnd.randint(1, 12),
+                                      b"\x3a\xff\xff\xff\xff\x0f",
+                                      b"\x12\x80\x80\x80\x80\x80\x80\x80\x80\x01"])
+        elif kind == 4 and data:  # drop a span
+            del data[at:at + rnd.randint(1, 16)]
+        else:  # duplicate a span
+            data[at:at] = data[at:at + rnd.randint(1, 32)]
+    return bytes(data)
+
+
+def _parses(data):
+    try:
+        service_pb2.ModelInferRequest.FromString(data)
+        return True
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and its upb variants
+        return False
+
+
+def _mutate_fields(req, rnd):
+    """Edits one to three fields of a valid request the way a broken or hostile client might."""
+    huge = [-2**63, -1, 0, 1, 7, 47, 48, 49, 2**31, 2**32 + 48, 2**62, 2**63 - 1]
+    for _ in range(rnd.randint(1, 3)):
+        kind = rnd.randrange(12)
+        t = req.inputs[rnd.randrange(len(req.inputs))] if req.inputs else None
+        if kind == 0 and t is not None:
+            t.shape[rnd.randrange(len(t.shape))] = rnd.choice(huge)
+        elif kind == 1 and t is not None:
+            del t.shape[:]
+            t.shape.extend(rnd.choice(huge) for _ in range(rnd.randrange(7)))
+        elif kind == 2 and t is not None:
+            t.datatype = rnd.choice(["FP16", "BF16", "INT8", "BYTES", "fp32", "", "FP32\x00",
+                                     "F" * 300])
+        elif kind == 3 and t is not None:
+            t.name = rnd.choice(["Q", "K", "V", "O", "", "q", "QQ", "\u00e9"])
+        elif kind == 4 and req.raw_input_contents:
+            i = rnd.randrange(len(req.raw_input_contents))
+            raw = req.raw_input_contents[i]
+            req.raw_input_contents[i] = rnd.choice([b"", raw[:-1], raw + b"\x00", raw[:7]])
+        elif kind == 5:
+            if rnd.random() < 0.5 and req.raw_input_contents:
+                del req.raw_input_contents[-1]
+            else:
+                req.raw_input_contents.append(b"\x00" * rnd.choice([0, 4, 3072]))
+        elif kind == 6:
+            key = rnd.choice(["segment_lengths", "dilation_rates", "mode", "causal",
+                              "softmax_scale", "priority", "timeout", "sequence_id",
+                              "binary_data_output", "unknown_key", ""])
+            p = req.parameters[key]
+            which = rnd.randrange(5)
+            if which == 0:
+                p.string_param = rnd.choice(["", "16", "1,2,3", "-1", "0", "16,,32", "1e9",
+                                             "18446744073709551617", "longnet", "x" * 4096])
+            elif which == 1:
+                p.int64_param = rnd.choice(huge)
+            elif which == 2:
+                p.bool_param = rnd.random() < 0.5
+            elif which == 3:
+                p.double_param = rnd.choice([0.0, -1.0, float("nan"), float("inf"), 1e-300,
+                                             1e300, 0.125])
+            else:
+                p.uint64_param = rnd.choice([0, 1, 2**64 - 1])
+        elif kind == 7 and t is not None:
+            # Typed contents beside or instead of the raw ones.
+            t.contents.fp32_contents.extend([0.5] * rnd.choice([0, 1, 768]))
+            if rnd.random() < 0.3:
+                t.contents.int_contents.extend([1, 2, 3])
+        elif kind == 8 and t is not None:
+            key = rnd.choice(["shared_memory_region", "shared_memory_offset",
+                              "shared_memory_byte_size", "binary_data_size"])
+            if key == "shared_memory_region":
+                t.parameters[key].string_param = rnd.choice(["", "nope", "../etc/passwd"])
+            else:
+                t.parameters[key].int64_param = rnd.choice(huge)
+        elif kind == 9:
+            out = req.outputs.add(name=rnd.choice(["O", "P", ""]))
+            if rnd.random() < 0.5:
+                out.parameters["shared_memory_region"].string_param = "nope"
+                out.parameters["shared_memory_byte_size"].int64_param = rnd.choice(huge)
+        elif kind == 10:
+            req.model_name = rnd.choice(["", "dilated_attention_head_groups",
+                                         "block_sparse_attention", "x" * 1000, "dilated"])
+            req.model_version = rnd.choice(["", "1", "2", "-1", "01"])
+        else:
+            dup = req.inputs.add()
+            dup.CopyFrom(req.inputs[rnd.randrange(len(req.inputs))] if req.inputs else dup)
+    return req
+
+
+def _unary(channel):
+    return channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                               request_serializer=None, response_deserializer=None)
+
+
+def _classify(call, payload):
+    """The status code of one call and its reply bytes (None unless OK)."""
+    try:
+        return grpc.StatusCode.OK, call(payload, timeout=30)
+    except grpc.RpcError as e:
+        assert e.code() in CLEAN_ERRORS, (e.code(), e.details())
+        assert e.details(), e.code()
+        return e.code(), None
+
+
+def _still_serves(channel, rng):
+    q, k, v = _inputs(rng)
+    reply = service_pb2.ModelInferResponse.FromString(
+        _unary(channel)(_request(q, k, v).SerializeToString(), timeout=30))
+    _check_output(reply, q, k, v)
+
+
+def test_mutated_bytes(server, client):
+    rng = np.random.default_rng(11)
+    rnd = random.Random(11)
+    codes = {}
+    with grpc.insecure_channel(server.url) as channel:
+        call = _unary(channel)
+        valid = [_request(*_inputs(rng)).SerializeToString() for _ in range(4)]
+        for case in range(BYTE_CASES):
+            payload = _mutate_bytes(valid[case % len(valid)], rnd)
+            code, reply = _classify(call, payload)
+            codes[code] = codes.get(code, 0) + 1
+            if not _parses(payload):
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (case, code)
+            if reply is not None:
+                service_pb2.ModelInferResponse.FromString(reply)
+        _still_serves(channel, rng)
+    # The mutations must reach past the framing: some still run, most are refused.
+    assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > BYTE_CASES // 4, codes
+    assert client.is_server_live() and client.is_server_ready()
+
+
+def test_mutated_fields(server, client):
+    rng = np.random.default_rng(12)
+    rnd = random.Random(12)
+    codes = {}
+    with grpc.insecure_channel(server.url) as channel:
+        call = _unary(channel)
+        for case in range(FIELD_CASES):
+            q, k, v = _inputs(rng)
+            req = _mutate_fields(_request(q, k, v), rnd)
+            code, reply = _classify(call, req.SerializeToString())
+            codes[code] = codes.get(code, 0) + 1
+            if reply is not None:
+                out = service_pb2.ModelInferResponse.FromString(reply)
+                assert [o.name for o in out.outputs] == ["O"], (case, out.outputs)
+                assert len(out.raw_output_contents[0]) == int(np.prod(out.outputs[0].shape)) * {
+                    "FP32": 4, "FP16": 2, "BF16": 2}[out.outputs[0].datatype], case
+        _still_serves(channel, rng)
+    assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > FIELD_CASES // 2, codes
+    assert codes.get(grpc.StatusCode.OK, 0) > 0, codes
+    assert client.is_server_live() and client.is_server_ready()
+
+
+def test_mutated_requests_on_one_stream(server, client):
+    # Each bad request is answered on the stream with its error_message; the stream stays open
+    # and the valid request sent last is computed.
+    rng = np.random.default_rng(13)
+    rnd = random.Random(13)
+    sent = queue.Queue()
+    requests = []
+    for case in range(STREAM_CASES):
+        req = _mutate_fields(_request(*_inputs(rng)), rnd)
+        req.id = f"case-{case}"
+        requests.append(req)
+    q, k, v = _inputs(rng)
+    last = _request(q, k, v)
+    last.id = "last"
+    requests.append(last)
+    for r in requests:
+        sent.put(r.SerializeToString())
+
+    def messages():
+        while not sent.empty():
+            yield sent.get()
+
+    with grpc.insecure_channel(server.url) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=None, response_deserializer=None)
+        answers = {}
+        for raw in stream(messages(), timeout=120):
+            msg = service_pb2.ModelStreamInferResponse.FromString(raw)
+            answers[msg.infer_response.id if not msg.error_message else len(answers)] = msg
+            if msg.infer_response.id == "last":
+                _check_output(msg.infer_response, q, k, v)
+                break
+    assert "last" in answers
+    errors = [m for m in answers.values() if m.error_message]
+    assert errors and all(m.error_message.strip() for m in errors)
+    assert client.is_server_live() and client.is_server_ready()
+
+
+@pytest.mark.parametrize("payload", [b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256)), b"\x3a"])
+def test_garbage_on_a_stream(server, client, payload):
+    with grpc.insecure_channel(server.url) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=None, response_deserializer=None)
+        try:
+            for raw in stream(iter([payload]), timeout=30):
+                msg = service_pb2.ModelStreamInferResponse.FromString(raw)
+                assert msg.error_message, msg
+        except grpc.RpcError as e:
+            assert e.code() in CLEAN_ERRORS, (e.code(), e.details())
+    assert client.is_server_live() and client.is_server_ready()
+
+
+def test_echoed_client_text_is_bounded_and_escaped(server):
+    req = _request(*_inputs(np.random.default_rng(14)))
+    req.model_name = "m" * 5000
+    with grpc.insecure_channel(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            _unary(channel)(req.SerializeToString(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "(5000 bytes)" in e.value.details() and len(e.value.details()) < 400
+        req.model_name = "dilated_attention"
+        req.inputs[0].datatype = "FP32\x01\n"
+        with pytest.raises(grpc.RpcError) as e:
+            _unary(channel)(req.SerializeToString(), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "datatype 'FP32\\x01\\n'" in e.value.details(), e.value.details()
