@@ -1,5 +1,7 @@
-// The CPU executor: one request runs straight on its message's memory; several are packed into
-// leased host buffers. Start() does the whole job; Wait() has nothing left to wait for.
+// The CPU executor: one request runs straight on its message's memory (or its shared-memory
+// region) where the kernels can take it as it is; otherwise, and for several requests, the
+// tensors are packed into leased host buffers. Start() does the whole job; Wait() has nothing
+// left to wait for.
 
 #include <cstddef>
 #include <cstdint>
@@ -65,7 +67,7 @@ class CpuExecutor final : public Executor {
     if (!ws.ok()) return ws.status();
     const DeviceLoc host = DeviceLoc::Host();
     attention::AttentionTensors t;
-    const bool packed = job.requests.size() > 1;
+    const bool packed = !RunsInPlaceOnHost(job);
     memory::Buffer q, k, v, o;
     if (packed) {
       for (memory::Buffer* b : {&q, &k, &v, &o}) {
@@ -130,6 +132,22 @@ class CpuExecutor final : public Executor {
 }  // namespace
 
 Job::~Job() = default;
+
+bool RunsInPlaceOnHost(const Job& job) {
+  if (job.requests.size() != 1) return false;
+  const InferenceRequest& r = *job.requests.front();
+  // Shared-memory tensors sit at whatever offsets the client chose: the kernels need whole
+  // elements, and O must not overlap an input it is computed from.
+  const size_t element = attention::DTypeSize(r.dtype);
+  const std::byte* o = r.output_target.data;
+  if (o != nullptr && reinterpret_cast<uintptr_t>(o) % element != 0) return false;
+  for (absl::string_view in : {r.q, r.k, r.v}) {
+    const auto* b = reinterpret_cast<const std::byte*>(in.data());
+    if (reinterpret_cast<uintptr_t>(b) % element != 0) return false;
+    if (o != nullptr && b < o + r.tensor_bytes && o < b + in.size()) return false;
+  }
+  return true;
+}
 
 bool RunsInPlace(const Job& job, bool convert, int device) {
   if (convert || job.requests.size() != 1) return false;

@@ -76,4 +76,9 @@ JobPlans PlanJob(const Job& job, attention::DType dtype);
 // written while other CTAs still read keys; otherwise the job copies as any other.
 bool RunsInPlace(const Job& job, bool convert, int device);
 
+// Whether the CPU path may run the job on the requests' own memory: one request whose tensors
+// are aligned to their elements and whose output range, when the client gave one, overlaps no
+// input; otherwise its tensors are copied into leased buffers first.
+bool RunsInPlaceOnHost(const Job& job);
+
 }  // namespace dilattn::server

@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -228,6 +229,20 @@ absl::Status CheckTensors(const AttentionPlan& plan, const AttentionTensors& t, 
       return absl::InvalidArgumentError(absl::StrCat(n.name, " lives on ", n.location.ToString(),
                                                      " but the backend runs on ",
                                                      where.ToString()));
+    }
+    const size_t element = DTypeSize(plan.shape.dtype);
+    if (reinterpret_cast<uintptr_t>(n.data) % element != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          n.name, " at address ", absl::Hex(reinterpret_cast<uintptr_t>(n.data), absl::kZeroPad16),
+          " is not aligned to its ", element, "-byte elements"));
+    }
+  }
+  // The output is written while the inputs are read; inputs may share memory (K = V).
+  const auto* o = static_cast<const std::byte*>(t.o.data);
+  for (int i = 0; i < 3; ++i) {
+    const auto* in = static_cast<const std::byte*>(all[i].data);
+    if (in < o + t.o.bytes && o < in + all[i].bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("O overlaps ", all[i].name));
     }
   }
   return absl::OkStatus();

@@ -91,6 +91,31 @@ def test_inputs_and_output_in_one_region(client, region, datatype):
     assert err <= reference.TOLERANCE[datatype], err
 
 
+@pytest.mark.parametrize("datatype", ["FP32", "BF16"])
+def test_unaligned_tensors_and_output_over_an_input(client, region, datatype):
+    # Offsets are the client's to choose: tensors off their element alignment are computed (the
+    # server copies them first), and so is an output placed over an input it is computed from.
+    q, k, v = _qkv(7)
+    wire = [x.astype(NUMPY_DTYPE[datatype]) for x in (q, k, v)]
+    n = wire[0].nbytes
+    name, _, handle = region(client, 3 * n + 8)
+    at = (1, n + 3, 2 * n + 5)
+    for x, off in zip(wire, at):
+        shm.set_shared_memory_region(handle, [x], offset=off)
+    inputs = []
+    for label, off in zip("QKV", at):
+        t = grpcclient.InferInput(label, list(SHAPE), datatype)
+        t.set_shared_memory(name, n, offset=off)
+        inputs.append(t)
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(name, n, offset=1)  # exactly over Q
+    client.infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+    raw = shm.get_contents_as_numpy(handle, np.uint8, [3 * n + 8])
+    o = np.frombuffer(raw[1:1 + n].tobytes(), dtype=NUMPY_DTYPE[datatype]).reshape(SHAPE)
+    err = reference.relative_error(o.astype(np.float32), _expected(q, k, v, datatype))
+    assert err <= reference.TOLERANCE[datatype], err
+
+
 def test_mixed_shared_and_raw_inputs(client, region):
     q, k, v = _qkv(1)
     name, _, handle = region(client, q.nbytes)

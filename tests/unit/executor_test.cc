@@ -70,5 +70,31 @@ TEST_F(InPlace, CopiesOtherwise) {
   EXPECT_FALSE(RunsInPlace(*two, false, 0));
 }
 
+TEST_F(InPlace, OnTheHostNeedsWholeElementsAndNoOverlap) {
+  // Host tensors in a system shared-memory region: the CPU path runs on them where it can.
+  auto host = [&](size_t q, size_t k, size_t v, size_t o, attention::DType dtype) {
+    auto job = MakeJob(q, k, v, o, -1);
+    job->requests[0]->dtype = dtype;
+    return job;
+  };
+  using attention::DType;
+  EXPECT_TRUE(RunsInPlaceOnHost(*host(0, kBytes, kBytes, 2 * kBytes, DType::kFloat32)));
+  EXPECT_TRUE(RunsInPlaceOnHost(*host(4, kBytes + 4, 2 * kBytes + 4, 3 * kBytes + 4,
+                                      DType::kFloat32)));
+  EXPECT_TRUE(RunsInPlaceOnHost(*host(2, kBytes + 2, 2 * kBytes + 2, 3 * kBytes + 2,
+                                      DType::kBFloat16)));
+  EXPECT_FALSE(RunsInPlaceOnHost(*host(2, kBytes, 2 * kBytes, 3 * kBytes, DType::kFloat32)));
+  EXPECT_FALSE(RunsInPlaceOnHost(*host(0, kBytes, 2 * kBytes, 3 * kBytes + 1, DType::kFloat16)));
+  EXPECT_FALSE(RunsInPlaceOnHost(*host(0, kBytes, 2 * kBytes, 2 * kBytes - 4, DType::kFloat32)));
+  // No output range given: the output is leased.
+  auto leased = host(0, kBytes, 2 * kBytes, 0, DType::kFloat32);
+  leased->requests[0]->output_target = {};
+  EXPECT_TRUE(RunsInPlaceOnHost(*leased));
+  auto two = host(0, kBytes, 2 * kBytes, 3 * kBytes, DType::kFloat32);
+  two->requests.push_back(std::move(host(0, kBytes, 2 * kBytes, 3 * kBytes,
+                                         DType::kFloat32)->requests[0]));
+  EXPECT_FALSE(RunsInPlaceOnHost(*two));
+}
+
 }  // namespace
 }  // namespace dilattn::server

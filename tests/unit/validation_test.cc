@@ -101,6 +101,34 @@ TEST(Validation, TensorBytesAndLocation) {
   EXPECT_THAT(std::string(s.message()), AllOf(HasSubstr("Q lives on cuda:0"), HasSubstr("host")));
 }
 
+TEST(Validation, TensorAlignmentAndOverlap) {
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(Options({16}, {1}), kShape);
+  ASSERT_TRUE(plan.ok());
+  const size_t bytes = plan->tensor_bytes;
+  testing::TypedBuffer good(DType::kFloat32, 2 * 64 * 4 * 16);
+  testing::TypedBuffer out(DType::kFloat32, 2 * 64 * 4 * 16);
+  testing::TypedBuffer wide(DType::kFloat32, 2 * 2 * 64 * 4 * 16);
+  // K = V is fine: inputs may share memory.
+  EXPECT_TRUE(CheckTensors(*plan, {good.cref(), good.cref(), good.cref(), out.ref()},
+                           DeviceLoc::Host())
+                  .ok());
+  const auto* base = static_cast<const char*>(wide.cref().data);
+  const ConstTensorRef odd{base + 2, bytes, DeviceLoc::Host()};
+  absl::Status s =
+      CheckTensors(*plan, {good.cref(), odd, good.cref(), out.ref()}, DeviceLoc::Host());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()),
+              AllOf(HasSubstr("K at address"), HasSubstr("not aligned to its 4-byte elements")));
+  // O over an input, also by one element.
+  const TensorRef o_over_q{const_cast<char*>(base) + bytes - 4, bytes, DeviceLoc::Host()};
+  const ConstTensorRef q{base, bytes, DeviceLoc::Host()};
+  s = CheckTensors(*plan, {q, good.cref(), good.cref(), o_over_q}, DeviceLoc::Host());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("O overlaps Q"));
+  const TensorRef o_after_q{const_cast<char*>(base) + bytes, bytes, DeviceLoc::Host()};
+  EXPECT_TRUE(CheckTensors(*plan, {q, good.cref(), good.cref(), o_after_q}, DeviceLoc::Host()).ok());
+}
+
 TEST(Validation, CpuBackendRejectsHugeHeadDim) {
   auto backend = CreateCpuBackend({1, "generic"});
   ASSERT_TRUE(backend.ok());
