@@ -82,7 +82,7 @@ def _mutate_fields(req, rnd):
     for _ in range(rnd.randint(1, 3)):
         kind = rnd.randrange(12)
         t = req.inputs[rnd.randrange(len(req.inputs))] if req.inputs else None
-        if kind == 0 and t is not None:
+        if kind == 0 and t is not None and t.shape:
             t.shape[rnd.randrange(len(t.shape))] = rnd.choice(huge)
         elif kind == 1 and t is not None:
             del t.shape[:]
