@@ -87,6 +87,12 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       if (finish) FinishStream();
       return;
     }
+    // Counted before the next read starts: reactions run concurrently, and the stream must not
+    // finish (and this reactor go) while this message is still on its way to a response.
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;
+    }
     auto item = std::make_unique<Item>();
     const absl::Time arrival = absl::Now();
     absl::StatusOr<RequestBytes> raw = RequestBytes::Split(incoming_, &item->request);
@@ -100,11 +106,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     if (!parsed.ok()) {
       SetError(item.get(), parsed.status());
       Write(item.release());
+      Answered();
       return;
-    }
-    {
-      absl::MutexLock lock(&mu_);
-      ++pending_;
     }
     InferenceRequest& r = **parsed;
     r.cancelled = cancelled_;
@@ -116,11 +119,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       } else {
         SetError(item, s);
       }
-      {
-        absl::MutexLock lock(&mu_);
-        --pending_;
-      }
       Write(item);
+      Answered();
     };
     Model* model = r.model;
     model->scheduler().Enqueue(*std::move(parsed));
@@ -182,6 +182,17 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       writing_ = true;
     }
     if (start) StartWrite(&item->bytes);
+  }
+
+  // A message's response is queued for writing: it no longer holds the stream open.
+  void Answered() {
+    bool finish;
+    {
+      absl::MutexLock lock(&mu_);
+      --pending_;
+      finish = ShouldFinishLocked();
+    }
+    if (finish) FinishStream();
   }
 
   bool ShouldFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {

@@ -249,6 +249,23 @@ def test_mutated_requests_on_one_stream(server, client):
     assert client.is_server_live() and client.is_server_ready()
 
 
+def test_every_message_on_a_stream_is_answered(server, client):
+    # Regression: a stream whose client closed right after its last message could finish before
+    # that message was counted, dropping its response and completing it on a deleted stream.
+    rng = np.random.default_rng(17)
+    good = _request(*_inputs(rng))
+    bad = _request(*_inputs(rng))
+    bad.inputs[0].datatype = "INT8"
+    with grpc.insecure_channel(server.url) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=None, response_deserializer=None)
+        for round_ in range(40):
+            sent = [bad.SerializeToString()] * 30 + [good.SerializeToString()]
+            answers = list(stream(iter(sent), timeout=60))
+            assert len(answers) == len(sent), (round_, len(answers))
+    assert client.is_server_live()
+
+
 @pytest.mark.parametrize("payload", [b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256)), b"\x3a"])
 def test_garbage_on_a_stream(server, client, payload):
     with grpc.insecure_channel(server.url) as channel:
