@@ -43,7 +43,8 @@ DILATTN_SERVER_BIN="$root/build-asan/server/dilattn-server" \
 DILATTN_E2E_RESULTS="$root/build-asan/e2e-results" \
   "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e/test_errors.py" \
   "$root/tests/e2e/test_conformance.py" "$root/tests/e2e/test_sigterm.py" \
-  "$root/tests/e2e/test_shared_memory.py" "$root/tests/e2e/test_hostile.py"
+  "$root/tests/e2e/test_shared_memory.py" "$root/tests/e2e/test_hostile.py" \
+  "$root/tests/e2e/test_attend.py"
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
 stage "TSan build: concurrency tests"

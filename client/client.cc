@@ -1,6 +1,9 @@
 #include "client/client.h"
 
+#include <algorithm>
 #include <climits>
+#include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "grpcpp/create_channel.h"
@@ -96,6 +99,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target
   if (c->channel_ == nullptr) return absl::InvalidArgumentError("cannot create a channel to " + target);
   c->stub_ = inference::GRPCInferenceService::NewStub(c->channel_);
   c->health_ = grpc::health::v1::Health::NewStub(c->channel_);
+  c->attend_ = dilattn::v1::DilatedAttention::NewStub(c->channel_);
   return c;
 }
 
@@ -190,6 +194,93 @@ absl::StatusOr<inference::ModelInferResponse> Client::Stream::Receive() {
         absl::StrCat("request '", resp.infer_response().id(), "': ", resp.error_message()));
   }
   return std::move(*resp.mutable_infer_response());
+}
+
+absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor& q,
+                                      const Tensor& k, const Tensor& v, AttendStats* stats) {
+  const Tensor* in[3] = {&q, &k, &v};
+  for (const Tensor* t : in) {
+    if (t->shape != q.shape || t->dtype != q.dtype || t->bytes.size() != q.bytes.size()) {
+      return absl::InvalidArgumentError("Q, K and V must share one shape, dtype and size");
+    }
+  }
+  const int64_t tokens = q.shape[0] * q.shape[1];
+  if (tokens < 1 || q.bytes.size() % static_cast<size_t>(tokens) != 0) {
+    return absl::InvalidArgumentError("Q's bytes do not match its shape");
+  }
+  const size_t token_bytes = q.bytes.size() / static_cast<size_t>(tokens);
+  const int64_t per_chunk =
+      std::max<int64_t>(1, static_cast<int64_t>(options.chunk_bytes / token_bytes));
+
+  grpc::ClientContext ctx;
+  SetDeadline(&ctx, options.timeout);
+  auto stream = attend_->Attend(&ctx);
+  const absl::Time start = absl::Now();
+  Tensor out;
+  out.dtype = q.dtype;
+  out.shape = q.shape;
+  out.bytes.resize(q.bytes.size());
+  absl::Status read_status;
+  AttendStats seen;
+  // The reader runs beside the writer: the server streams O back before the input is complete.
+  std::thread reader([&] {
+    dilattn::v1::AttendResponse r;
+    int64_t at = 0;
+    while (stream->Read(&r)) {
+      if (r.has_accepted()) {
+        seen.stretch_tokens = r.accepted().stretch_tokens();
+        continue;
+      }
+      const auto& chunk = r.output();
+      if (at == 0) seen.first_output = absl::Now() - start;
+      if (chunk.token() != at || chunk.data().size() % token_bytes != 0 ||
+          chunk.data().size() > out.bytes.size() - static_cast<size_t>(at) * token_bytes) {
+        read_status = absl::InternalError(absl::StrCat("output chunk at token ", chunk.token(),
+                                                       " out of order or size; expected ", at));
+        ctx.TryCancel();
+        return;
+      }
+      std::memcpy(out.bytes.data() + static_cast<size_t>(at) * token_bytes, chunk.data().data(),
+                  chunk.data().size());
+      at += static_cast<int64_t>(chunk.data().size() / token_bytes);
+    }
+    if (at != tokens && read_status.ok()) {
+      read_status = absl::InternalError(
+          absl::StrCat("the output ended after ", at, " of ", tokens, " tokens"));
+    }
+  });
+
+  dilattn::v1::AttendRequest msg;
+  dilattn::v1::Header* h = msg.mutable_header();
+  h->set_model(options.model);
+  h->set_id(options.id);
+  h->set_priority(options.priority);
+  h->set_datatype(q.dtype == attention::DType::kFloat32   ? dilattn::v1::FP32
+                  : q.dtype == attention::DType::kFloat16 ? dilattn::v1::FP16
+                                                          : dilattn::v1::BF16);
+  for (int64_t d : q.shape) h->add_shape(d);
+  for (const auto& [key, value] : options.parameters) (*h->mutable_parameters())[key] = value;
+  bool writing = stream->Write(msg);
+  for (int64_t first = 0; writing && first < tokens; first += per_chunk) {
+    const int64_t n = std::min(per_chunk, tokens - first);
+    for (int t = 0; t < 3 && writing; ++t) {
+      msg.Clear();
+      dilattn::v1::Chunk* c = msg.mutable_chunk();
+      c->set_tensor(static_cast<dilattn::v1::Tensor>(dilattn::v1::Q + t));
+      c->set_token(first);
+      c->set_data(in[t]->bytes.data() + static_cast<size_t>(first) * token_bytes,
+                  static_cast<size_t>(n) * token_bytes);
+      writing = stream->Write(msg);
+    }
+  }
+  if (writing) stream->WritesDone();
+  reader.join();
+  const grpc::Status end = stream->Finish();
+  if (!end.ok()) return FromGrpc(end);
+  if (!read_status.ok()) return read_status;
+  seen.total = absl::Now() - start;
+  if (stats != nullptr) *stats = seen;
+  return out;
 }
 
 absl::Status Client::Stream::CloseSend() {

@@ -1,7 +1,8 @@
 #pragma once
 
 // C++ client of dilattn-server (any KServe v2 server): health, metadata, unary and streaming
-// inference of the attention models' Q, K, V -> O.
+// inference of the attention models' Q, K, V -> O, and dilattn's native chunked stream for
+// sequences larger than one message.
 
 #include <array>
 #include <cstdint>
@@ -11,11 +12,12 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "dilattn/v1/attention.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/channel.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/support/sync_stream.h"
 #include "inference/grpc_service.grpc.pb.h"
-#include "grpc/health/v1/health.grpc.pb.h"
 #include "kernels/attention/attention.h"
 
 namespace dilattn::client {
@@ -46,6 +48,22 @@ inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const
 absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& response);
 
 absl::Status FromGrpc(const grpc::Status& status);
+
+struct AttendOptions {
+  std::string model = "dilated_attention";
+  std::string id;
+  std::map<std::string, std::string> parameters;  // as InferOptions
+  uint32_t priority = 0;                          // 0: the model's default level
+  size_t chunk_bytes = (size_t{4} << 20) - 1024;  // data per input chunk (whole tokens)
+  absl::Duration timeout = absl::InfiniteDuration();
+};
+
+// What the server said of a native stream, and when.
+struct AttendStats {
+  int64_t stretch_tokens = 0;
+  absl::Duration first_output;  // from the header's send to the first output chunk
+  absl::Duration total;
+};
 
 class Client {
  public:
@@ -81,12 +99,19 @@ class Client {
   };
   absl::StatusOr<std::unique_ptr<Stream>> OpenStream();
 
+  // One problem through dilattn.v1.DilatedAttention/Attend: Q, K and V go out in chunks while
+  // another thread collects O, which the server returns stretch by stretch as the input arrives.
+  // No message holds more than a chunk, so N is bounded by memory, not by gRPC's message limit.
+  absl::StatusOr<Tensor> Attend(const AttendOptions& options, const Tensor& q, const Tensor& k,
+                                const Tensor& v, AttendStats* stats = nullptr);
+
   inference::GRPCInferenceService::Stub& stub() { return *stub_; }
 
  private:
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<inference::GRPCInferenceService::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  std::unique_ptr<dilattn::v1::DilatedAttention::Stub> attend_;
 };
 
 }  // namespace dilattn::client

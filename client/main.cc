@@ -5,6 +5,7 @@
 //   dilattn-client infer    [--url ...] [--model M] [--shape B,N,H,D] [--dtype fp32|fp16|bf16]
 //                           [--param key=value ...]
 //   dilattn-client bench    (infer's flags) [--concurrency C] [--duration SECONDS] [--stream]
+//   dilattn-client attend   (infer's flags) [--chunk-mib M]
 
 #include <algorithm>
 #include <atomic>
@@ -39,6 +40,7 @@ struct Flags {
   int concurrency = 1;
   double duration = 10;
   bool stream = false;
+  double chunk_mib = 4;
 };
 
 constexpr const char* kUsage = R"(usage: dilattn-client COMMAND [flags]
@@ -46,6 +48,8 @@ commands:
   health     server liveness, readiness and grpc.health.v1 status of every model
   metadata   server metadata, or a model's (--model)
   infer      one request of random tensors; prints latency and an output checksum
+  attend     infer's problem through the native chunked stream (dilattn.v1), for sequences
+             beyond one message; prints the stretch, first-output and total times
   bench      load for --duration seconds from --concurrency clients; live progress,
              then throughput and latency percentiles
 flags:
@@ -57,6 +61,7 @@ flags:
   --concurrency C        bench: concurrent clients (1)
   --duration SECONDS     bench: how long (10)
   --stream               bench: each client uses one ModelStreamInfer stream
+  --chunk-mib M          attend: MiB of data per input chunk (4)
 )";
 
 std::string Parse(int argc, char** argv, Flags* f) {
@@ -94,6 +99,10 @@ std::string Parse(int argc, char** argv, Flags* f) {
       if (!absl::SimpleAtoi(value, &f->concurrency) || f->concurrency < 1) return "bad --concurrency";
     } else if (name == "--duration") {
       if (!absl::SimpleAtod(value, &f->duration) || f->duration <= 0) return "bad --duration";
+    } else if (name == "--chunk-mib") {
+      if (!absl::SimpleAtod(value, &f->chunk_mib) || f->chunk_mib <= 0 || f->chunk_mib > 1024) {
+        return "bad --chunk-mib";
+      }
     } else {
       return absl::StrCat("unknown flag ", name);
     }
@@ -179,6 +188,34 @@ int InferOnce(Client& c, const Flags& f) {
               static_cast<long long>(out->shape[0]), static_cast<long long>(out->shape[1]),
               static_cast<long long>(out->shape[2]), static_cast<long long>(out->shape[3]),
               std::string(dilattn::attention::DTypeName(out->dtype)).c_str(), ms, sum);
+  return 0;
+}
+
+int AttendOnce(Client& c, const Flags& f) {
+  const Inputs in = MakeInputs(f);
+  dilattn::client::AttendOptions options;
+  options.model = f.model;
+  options.parameters = f.params;
+  // Leave room in each message for its framing.
+  options.chunk_bytes = static_cast<size_t>(f.chunk_mib * (1 << 20)) - 1024;
+  dilattn::client::AttendStats stats;
+  absl::StatusOr<Tensor> out = c.Attend(options, in.q, in.k, in.v, &stats);
+  if (!out.ok()) {
+    std::cerr << "attend failed: " << out.status() << "\n";
+    return 1;
+  }
+  double sum = 0;
+  const size_t n = out->bytes.size() / dilattn::attention::DTypeSize(out->dtype);
+  for (size_t i = 0; i < n; ++i)
+    sum += dilattn::attention::LoadAsFloat(out->bytes.data(), out->dtype, i);
+  std::printf(
+      "O [%lld,%lld,%lld,%lld] %s: stretches of %lld tokens, first output after %.3f ms, "
+      "all in %.3f ms, sum %.6g\n",
+      static_cast<long long>(out->shape[0]), static_cast<long long>(out->shape[1]),
+      static_cast<long long>(out->shape[2]), static_cast<long long>(out->shape[3]),
+      std::string(dilattn::attention::DTypeName(out->dtype)).c_str(),
+      static_cast<long long>(stats.stretch_tokens), absl::ToDoubleMilliseconds(stats.first_output),
+      absl::ToDoubleMilliseconds(stats.total), sum);
   return 0;
 }
 
@@ -285,6 +322,7 @@ int main(int argc, char** argv) {
   if (f.command == "health") return Health(**c, f);
   if (f.command == "metadata") return Metadata(**c, f, model_given);
   if (f.command == "infer") return InferOnce(**c, f);
+  if (f.command == "attend") return AttendOnce(**c, f);
   std::cerr << "dilattn-client: unknown command '" << f.command << "'\n" << kUsage;
   return 2;
 }

@@ -2,7 +2,8 @@
 # Packs what the lent GPU machine needs into .device/ (git-ignored; pass `carry: [".device"]`):
 # binaries built here with their shared libraries (all but glibc and the C++ runtime, which that
 # machine has in newer versions), the conformance data, and with --e2e the end-to-end tools
-# (perf_analyzer, Prometheus and promtool xz-compressed, tritonclient wheels for Python 3.12).
+# (perf_analyzer, Prometheus and promtool xz-compressed, tritonclient wheels for Python 3.12,
+# dilattn-client and the native API's Python messages).
 #   scripts/device_bundle.sh [--e2e] BINARY...
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +26,9 @@ for bin in "$@"; do
 done
 cp -r "$root/../shared/conformance" "$out/conformance"
 if [[ $e2e == 1 ]]; then
+  # The native stream's Python messages and the C++ client (tests/e2e/test_attend.py).
+  cp -r "$root/build/python" "$out/python"
+  cp "$root/build/client/dilattn-client" "$out/bin/"
   mkdir -p "$out/perf_analyzer/bin" "$out/perf_analyzer/lib" "$out/tools" "$out/wheels"
   cp "$root"/third_party/perf_analyzer/lib/* "$out/perf_analyzer/lib/"
   cp -L "$(ldconfig -p | awk '/libb64.so.0d/ {print $NF; exit}')" "$out/perf_analyzer/lib/"

@@ -22,6 +22,7 @@ for tool in memcheck racecheck synccheck; do
   echo "compute-sanitizer $tool: exit $?; $(grep -h 'SUMMARY' "$out/sanitizer_$tool.log")"
 done
 DILATTN_E2E_DEVICE=cuda DILATTN_SERVER_BIN="$PWD/.device/bin/dilattn-server" \
+DILATTN_CLIENT_BIN="$PWD/.device/bin/dilattn-client" DILATTN_PYTHON_PROTO="$PWD/.device/python" \
 DILATTN_PERF_ANALYZER_HOME="$PWD/.device/perf_analyzer" DILATTN_E2E_RESULTS="$out/e2e" \
   timeout 400 python3 -m pytest -q -p no:cacheprovider -rfE tests/e2e 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15
 python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 2>&1 | tail -4

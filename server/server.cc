@@ -41,6 +41,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->shared_memory_ = std::make_unique<SharedMemoryManager>(shm);
   s->service_ = std::make_unique<InferenceService>(s->registry_.get(), s->shared_memory_.get(),
                                                    &s->state_);
+  s->attend_ = std::make_unique<AttendService>(s->registry_.get(),
+                                               static_cast<size_t>(options.max_message_bytes));
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -50,6 +52,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(s->service_.get());
+  builder.RegisterService(s->attend_.get());
   s->grpc_ = builder.BuildAndStart();
   if (s->grpc_ == nullptr || s->grpc_port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ",

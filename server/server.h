@@ -10,6 +10,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/server.h"
 #include "server/engine.h"
+#include "server/grpc/attend_service.h"
 #include "server/grpc/inference_service.h"
 #include "server/metrics.h"
 #include "server/model_registry.h"
@@ -54,6 +55,7 @@ class Server {
   std::unique_ptr<ModelRegistry> registry_;
   ServerState state_;
   std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<AttendService> attend_;
   std::unique_ptr<grpc::Server> grpc_;
   int grpc_port_ = 0;
   absl::Mutex mu_;

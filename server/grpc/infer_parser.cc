@@ -107,6 +107,11 @@ const char* DatatypeName(attention::DType dtype) {
   return "INVALID";
 }
 
+std::string BatchKey(const InferenceRequest& r) {
+  return absl::StrCat(OperatorKey(r.options), "|", DatatypeName(r.dtype), "|", r.heads, "|",
+                      r.head_dim);
+}
+
 absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     const ModelInferRequest& req, const RequestBytes& raw, const ModelRegistry& registry,
     const SharedMemoryManager& shared_memory, absl::Time arrival, absl::Time rpc_deadline,
@@ -360,8 +365,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     }
     if (lease.ok()) r->input = *std::move(lease);
   }
-  r->batch_key = absl::StrCat(OperatorKey(r->options), "|", DatatypeName(r->dtype), "|",
-                              r->heads, "|", r->head_dim);
+  r->batch_key = BatchKey(*r);
 
   response->set_model_name(spec.name);
   response->set_model_version(spec.version);

@@ -29,4 +29,8 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
 
 const char* DatatypeName(attention::DType dtype);
 
+// Requests with equal keys (operator, datatype, heads, head dim) may share one execution; their
+// sequence lengths may differ.
+std::string BatchKey(const InferenceRequest& r);
+
 }  // namespace dilattn::server

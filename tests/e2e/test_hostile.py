@@ -338,3 +338,66 @@ def test_mutated_shared_memory_references(server, client):
         shm.destroy_shared_memory_region(handle)
     assert computed > 0
     assert client.is_server_live() and client.is_server_ready()
+
+
+def _mutated_attend_stream(rnd, rng):
+    import attend
+
+    shape = [1, rnd.choice([16, 48, 64]), 2, 8]
+    x = rng.uniform(-1, 1, shape).astype(np.float32)
+    messages = [attend.header("dilated_attention", shape, "FP32",
+                              {"segment_lengths": "16,32", "dilation_rates": "1,2"})]
+    messages += attend.chunks(x, x, x, "FP32", rnd.choice([1, 5, 16]))
+    for _ in range(rnd.randint(1, 3)):
+        if not messages:
+            break
+        i = rnd.randrange(len(messages))
+        m = attend.pb.AttendRequest()
+        m.CopyFrom(messages[i])
+        kind = rnd.randrange(7)
+        if kind == 0:
+            del messages[i]
+        elif kind == 1:
+            messages.insert(i, m)  # a repeat
+        elif kind == 2 and m.HasField("chunk"):
+            m.chunk.token = rnd.choice([-1, 0, 1, 2**62, shape[1] - 1])
+            messages[i] = m
+        elif kind == 3 and m.HasField("chunk"):
+            m.chunk.data = m.chunk.data[:rnd.randrange(len(m.chunk.data) + 1)]
+            messages[i] = m
+        elif kind == 4 and m.HasField("chunk"):
+            m.chunk.tensor = rnd.choice([0, 1, 2, 3, 4, 99])
+            messages[i] = m
+        elif kind == 5 and m.HasField("header"):
+            del m.header.shape[:]
+            m.header.shape.extend(rnd.choice([[1, 64, 2, 8], [2**62, 2, 2, 8], [1, 64, 2],
+                                              [1, 64, 2, 8, 1], [-1, 64, 2, 8]]))
+            m.header.datatype = rnd.choice([0, 1, 2, 3, 77])
+            messages[i] = m
+        else:
+            messages = messages[:i]  # the client stops early
+    return messages
+
+
+def test_mutated_attend_streams(server, client):
+    import attend
+
+    rng = np.random.default_rng(16)
+    rnd = random.Random(16)
+    codes = {}
+    with grpc.insecure_channel(server.url) as channel:
+        for _ in range(150):
+            messages = _mutated_attend_stream(rnd, rng)
+            try:
+                for _ in attend.stream(channel)(iter(messages), timeout=30):
+                    pass
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                code = e.code()
+                assert code in CLEAN_ERRORS | {grpc.StatusCode.RESOURCE_EXHAUSTED}, (
+                    code, e.details())
+                assert e.details()
+            codes[code] = codes.get(code, 0) + 1
+    assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0 and codes.get(
+        grpc.StatusCode.OK, 0) > 0, codes
+    assert client.is_server_live() and client.is_server_ready()

@@ -1,0 +1,421 @@
+#include "server/grpc/attend_service.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "kernels/common/quote.h"
+#include "server/grpc/infer_parser.h"
+#include "server/grpc/inference_service.h"
+#include "server/model.h"
+#include "server/request.h"
+
+namespace dilattn::server {
+namespace {
+
+namespace v1 = ::dilattn::v1;
+
+absl::Status Invalid(absl::string_view message) { return absl::InvalidArgumentError(message); }
+
+// Everything the header fixes for the stream's requests.
+struct Problem {
+  Model* model = nullptr;
+  std::string id;
+  OperatorOptions options;
+  attention::DType dtype = attention::DType::kFloat32;
+  int64_t batch = 0, seq_len = 0, heads = 0, head_dim = 0;
+  int priority = 1;
+  size_t token_bytes = 0;   // one token of one tensor: H * D elements
+  size_t tensor_bytes = 0;  // B * N tokens
+  int64_t stretch = 0;      // tokens per stretch
+};
+
+// A request of the model for tokens [first, first + len) of one sequence, with no data yet.
+std::unique_ptr<InferenceRequest> StretchRequest(const Problem& p, int64_t len) {
+  auto r = std::make_unique<InferenceRequest>();
+  r->model = p.model;
+  r->id = p.id;
+  r->options = p.options;
+  r->dtype = p.dtype;
+  r->batch = 1;
+  r->seq_len = len;
+  r->heads = p.heads;
+  r->head_dim = p.head_dim;
+  r->tensor_bytes = static_cast<size_t>(len) * p.token_bytes;
+  r->priority = p.priority;
+  r->batch_key = BatchKey(*r);
+  return r;
+}
+
+absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& registry) {
+  absl::StatusOr<Model*> found = registry.Find(h.model(), "");
+  if (!found.ok()) return found.status();
+  Problem p;
+  p.model = *found;
+  const ModelSpec& spec = p.model->spec();
+  p.id = h.id();
+  p.options = spec.defaults;
+  switch (h.datatype()) {
+    case v1::FP32:
+      p.dtype = attention::DType::kFloat32;
+      break;
+    case v1::FP16:
+      p.dtype = attention::DType::kFloat16;
+      break;
+    case v1::BF16:
+      p.dtype = attention::DType::kBFloat16;
+      break;
+    default:
+      return Invalid(absl::StrCat("header: datatype ", static_cast<int>(h.datatype()), " (",
+                                  v1::DataType_Name(h.datatype()), ") is not FP32, FP16 or BF16"));
+  }
+  const std::string shape_text = absl::StrCat("[", absl::StrJoin(h.shape(), ","), "]");
+  if (h.shape_size() != 4) {
+    return Invalid(absl::StrCat("header: shape ", shape_text, " has ", h.shape_size(),
+                                " dims; expected [B, N, H, D]"));
+  }
+  static constexpr const char* kDims[4] = {"B", "N", "H", "D"};
+  for (int d = 0; d < 4; ++d) {
+    if (h.shape(d) < 1) {
+      return Invalid(absl::StrCat("header: dim ", kDims[d], "=", h.shape(d), " in shape ",
+                                  shape_text, " must be >= 1"));
+    }
+    if (d > 0 && spec.dims[static_cast<size_t>(d - 1)] != -1 &&
+        h.shape(d) != spec.dims[static_cast<size_t>(d - 1)]) {
+      return Invalid(absl::StrCat("header: dim ", kDims[d], "=", h.shape(d), " but model '",
+                                  spec.name, "' requires ", spec.dims[static_cast<size_t>(d - 1)]));
+    }
+  }
+  p.batch = h.shape(0);
+  p.seq_len = h.shape(1);
+  p.heads = h.shape(2);
+  p.head_dim = h.shape(3);
+  // Four tensors (Q, K, V and O) share one lease: their bytes together must not overflow.
+  int64_t token = static_cast<int64_t>(attention::DTypeSize(p.dtype));
+  int64_t four = 0;
+  if (__builtin_mul_overflow(token, p.heads, &token) ||
+      __builtin_mul_overflow(token, p.head_dim, &token) ||
+      __builtin_mul_overflow(token, p.batch, &four) ||
+      __builtin_mul_overflow(four, p.seq_len, &four) ||
+      __builtin_mul_overflow(four, int64_t{4}, &four)) {
+    return Invalid(absl::StrCat("header: shape ", shape_text, " overflows a byte count"));
+  }
+  p.token_bytes = static_cast<size_t>(token);
+  p.tensor_bytes = static_cast<size_t>(four / 4);
+  if (h.priority() >= 1 && h.priority() <= static_cast<uint32_t>(spec.batching.priority_levels)) {
+    p.priority = static_cast<int>(h.priority());
+  } else {
+    p.priority = spec.batching.default_priority;
+  }
+  for (const auto& [key, value] : h.parameters()) {
+    if (absl::Status s =
+            ApplyOperatorParameter(key, ParamValue(value), "header parameter", &p.options);
+        !s.ok()) {
+      return s;
+    }
+  }
+  p.stretch = StretchTokens(p.options, p.seq_len);
+  // The operator's validation and the engine's support check on every stretch length the
+  // stream will send, so that nothing accepted now is refused later.
+  for (int64_t len : {p.stretch, p.seq_len % p.stretch}) {
+    if (len == 0) continue;
+    if (absl::Status s = p.model->engine().Supports(*StretchRequest(p, len)); !s.ok()) return s;
+  }
+  return p;
+}
+
+class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+ public:
+  AttendReactor(grpc::CallbackServerContext* ctx, ModelRegistry* registry, size_t chunk_bytes)
+      : ctx_(ctx), registry_(registry), chunk_bytes_(chunk_bytes) {
+    StartRead(&incoming_);
+  }
+
+  void OnReadDone(bool ok) override {
+    absl::Status status;
+    bool read_more = false;
+    std::vector<std::unique_ptr<InferenceRequest>> ready;
+    {
+      absl::MutexLock lock(&mu_);
+      in_read_ = true;  // no Finish until this reaction has decided on its next read
+    }
+    if (ok) {
+      status = incoming_.has_header()  ? OnHeader(incoming_.header())
+               : incoming_.has_chunk() ? OnChunk(incoming_.chunk(), &ready)
+                                       : Invalid("a message with neither header nor chunk");
+      incoming_.Clear();
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      if (!ok) {
+        reads_done_ = true;
+        if (error_.ok() && !cancelled_->load()) {
+          if (!header_seen_) {
+            error_ = Invalid("the stream ended before its header");
+          } else if (const int64_t least = *std::min_element(arrived_, arrived_ + 3);
+                     least < total_tokens_) {
+            error_ = Invalid(absl::StrCat("the stream ended after tokens Q ", arrived_[0], ", K ",
+                                          arrived_[1], ", V ", arrived_[2], " of ", total_tokens_));
+          }
+        }
+      } else if (!status.ok()) {
+        FailLocked(status);
+      } else {
+        outstanding_ += static_cast<int64_t>(ready.size());
+        read_more = error_.ok();
+      }
+    }
+    // A rejection completes the request (and takes mu_) on this thread.
+    for (auto& r : ready) {
+      Model* model = r->model;
+      model->scheduler().Enqueue(std::move(r));
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      read_more = read_more && error_.ok();
+      in_read_ = false;
+    }
+    if (read_more) StartRead(&incoming_);
+    Progress();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      if (!ok) FailLocked(absl::CancelledError("the client stopped reading the output"));
+    }
+    Progress();
+  }
+
+  void OnCancel() override {
+    cancelled_->store(true);
+    {
+      absl::MutexLock lock(&mu_);
+      FailLocked(absl::CancelledError("stream cancelled"));
+    }
+    Progress();
+  }
+
+  void OnDone() override { Unref(); }
+
+ private:
+  absl::Status OnHeader(const v1::Header& header) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (header_seen_) return Invalid("a second header; one stream carries one problem");
+    }
+    absl::StatusOr<Problem> p = ParseHeader(header, *registry_);
+    if (!p.ok()) return p.status();
+    absl::StatusOr<memory::Buffer> lease =
+        p->model->engine().staging_pool().Acquire(4 * p->tensor_bytes);
+    if (!lease.ok()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "Q, K, V and O of shape [", p->batch, ",", p->seq_len, ",", p->heads, ",", p->head_dim,
+          "] need ", 4 * p->tensor_bytes, " bytes of staging memory: ", lease.status().message()));
+    }
+    absl::MutexLock lock(&mu_);
+    problem_ = *std::move(p);
+    lease_ = *std::move(lease);
+    header_seen_ = true;
+    total_tokens_ = problem_.batch * problem_.seq_len;
+    chunk_tokens_ = std::max<int64_t>(1, static_cast<int64_t>(chunk_bytes_ / problem_.token_bytes));
+    deadline_ = RpcDeadline(*ctx_);
+    accepted_pending_ = true;
+    return absl::OkStatus();
+  }
+
+  absl::Status OnChunk(const v1::Chunk& chunk,
+                       std::vector<std::unique_ptr<InferenceRequest>>* ready) {
+    absl::MutexLock lock(&mu_);
+    if (!header_seen_) return Invalid("a chunk before the header");
+    const int t = static_cast<int>(chunk.tensor()) - 1;
+    if (t < 0 || t > 2) {
+      return Invalid(
+          absl::StrCat("chunk: tensor ", static_cast<int>(chunk.tensor()), " is not Q, K or V"));
+    }
+    static constexpr char kNames[] = "QKV";
+    const std::string what =
+        absl::StrCat("chunk of ", std::string(1, kNames[t]), " at token ", chunk.token());
+    if (chunk.token() != arrived_[t]) {
+      return Invalid(absl::StrCat(what, ": expected token ", arrived_[t],
+                                  " (each tensor's "
+                                  "chunks come in order, without gaps)"));
+    }
+    const size_t bytes = chunk.data().size();
+    if (bytes == 0 || bytes % problem_.token_bytes != 0) {
+      return Invalid(absl::StrCat(what, ": ", bytes,
+                                  " bytes is not a positive whole number of "
+                                  "tokens of ",
+                                  problem_.token_bytes, " bytes"));
+    }
+    const int64_t tokens = static_cast<int64_t>(bytes / problem_.token_bytes);
+    if (tokens > total_tokens_ - arrived_[t]) {
+      return Invalid(absl::StrCat(what, ": ", tokens, " tokens run past the ", total_tokens_,
+                                  " of the header's shape"));
+    }
+    std::memcpy(Tensor(t) + static_cast<size_t>(arrived_[t]) * problem_.token_bytes,
+                chunk.data().data(), bytes);
+    arrived_[t] += tokens;
+    // Every stretch whose tokens have now all arrived becomes a request.
+    const int64_t have = *std::min_element(arrived_, arrived_ + 3);
+    while (next_stretch_ < total_tokens_) {
+      const int64_t in_seq = next_stretch_ % problem_.seq_len;
+      const int64_t len = std::min(problem_.stretch, problem_.seq_len - in_seq);
+      if (next_stretch_ + len > have) break;
+      ready->push_back(MakeRequestLocked(next_stretch_, len));
+      next_stretch_ += len;
+    }
+    return absl::OkStatus();
+  }
+
+  std::byte* Tensor(int t) {
+    return static_cast<std::byte*>(lease_.data()) + static_cast<size_t>(t) * problem_.tensor_bytes;
+  }
+
+  std::unique_ptr<InferenceRequest> MakeRequestLocked(int64_t first, int64_t len)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::unique_ptr<InferenceRequest> r = StretchRequest(problem_, len);
+    const size_t at = static_cast<size_t>(first) * problem_.token_bytes;
+    absl::string_view* views[3] = {&r->q, &r->k, &r->v};
+    for (int i = 0; i < 3; ++i) {
+      *views[i] = absl::string_view(reinterpret_cast<const char*>(Tensor(i) + at), r->tensor_bytes);
+    }
+    r->output_target = {Tensor(3) + at, -1};
+    r->arrival = absl::Now();
+    r->deadline = deadline_;
+    r->cancelled = cancelled_;
+    ++refs_;  // the request's completion may run after gRPC is done with the stream
+    r->done = [this, first, len](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
+      {
+        absl::MutexLock lock(&mu_);
+        --outstanding_;
+        if (s.ok()) {
+          computed_[first] = first + len;
+          for (auto it = computed_.find(computed_until_); it != computed_.end();
+               it = computed_.find(computed_until_)) {
+            computed_until_ = it->second;
+            computed_.erase(it);
+          }
+        } else {
+          FailLocked(s);
+        }
+      }
+      Progress();
+      Unref();
+    };
+    return r;
+  }
+
+  void Unref() {
+    bool last;
+    {
+      absl::MutexLock lock(&mu_);
+      last = --refs_ == 0;
+    }
+    if (last) delete this;
+  }
+
+  // The first error ends the stream once nothing of it is in flight; the stretches still queued
+  // are dropped uncomputed.
+  void FailLocked(const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (error_.ok()) error_ = s;
+    cancelled_->store(true);
+  }
+
+  // Starts the next write or finishes the stream, whichever is due.
+  void Progress() {
+    enum { kNothing, kWrite, kFinish } action = kNothing;
+    grpc::Status final_status;
+    {
+      absl::MutexLock lock(&mu_);
+      if (finished_ || writing_) return;
+      if (error_.ok() && accepted_pending_) {
+        outgoing_.Clear();
+        v1::Accepted* a = outgoing_.mutable_accepted();
+        a->set_stretch_tokens(problem_.stretch);
+        a->set_max_chunk_bytes(chunk_tokens_ * static_cast<int64_t>(problem_.token_bytes));
+        accepted_pending_ = false;
+        action = kWrite;
+      } else if (error_.ok() && sent_until_ < computed_until_) {
+        const int64_t n = std::min(chunk_tokens_, computed_until_ - sent_until_);
+        outgoing_.Clear();
+        v1::OutputChunk* out = outgoing_.mutable_output();
+        out->set_token(sent_until_);
+        out->set_data(reinterpret_cast<const char*>(Tensor(3)) +
+                          static_cast<size_t>(sent_until_) * problem_.token_bytes,
+                      static_cast<size_t>(n) * problem_.token_bytes);
+        sent_until_ += n;
+        action = kWrite;
+      } else if (outstanding_ == 0 && !in_read_ &&
+                 (!error_.ok() || (reads_done_ && header_seen_ && sent_until_ == total_tokens_))) {
+        finished_ = true;
+        final_status = ToGrpcStatus(error_);
+        action = kFinish;
+      }
+      if (action == kWrite) writing_ = true;
+    }
+    if (action == kWrite) StartWrite(&outgoing_);
+    if (action == kFinish) Finish(final_status);
+  }
+
+  grpc::CallbackServerContext* ctx_;
+  ModelRegistry* registry_;
+  const size_t chunk_bytes_;  // the most data an output message carries
+  v1::AttendRequest incoming_;
+  v1::AttendResponse outgoing_;  // the message being written
+  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+
+  absl::Mutex mu_;
+  bool header_seen_ ABSL_GUARDED_BY(mu_) = false;
+  Problem problem_ ABSL_GUARDED_BY(mu_);
+  memory::Buffer lease_ ABSL_GUARDED_BY(mu_);  // Q, K, V, O, each tensor_bytes long
+  absl::Time deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  int64_t total_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t chunk_tokens_ ABSL_GUARDED_BY(mu_) = 1;
+  int64_t arrived_[3] ABSL_GUARDED_BY(mu_) = {0, 0, 0};
+  int64_t next_stretch_ ABSL_GUARDED_BY(mu_) = 0;             // first token not yet requested
+  int64_t outstanding_ ABSL_GUARDED_BY(mu_) = 0;              // requests not yet completed
+  std::map<int64_t, int64_t> computed_ ABSL_GUARDED_BY(mu_);  // completed out of order
+  int64_t computed_until_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t sent_until_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Status error_ ABSL_GUARDED_BY(mu_);
+  bool accepted_pending_ ABSL_GUARDED_BY(mu_) = false;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool in_read_ ABSL_GUARDED_BY(mu_) = false;
+  int refs_ ABSL_GUARDED_BY(mu_) = 1;  // gRPC's, dropped in OnDone, and one per request
+};
+
+}  // namespace
+
+int64_t StretchTokens(const OperatorOptions& options, int64_t n) {
+  if (options.kind != OperatorKind::kDilatedAttention || n < 1) return n;
+  int64_t stretch = 1;
+  for (int64_t w : options.dilated.segment_lengths) {
+    stretch = std::lcm(stretch, std::clamp<int64_t>(w, 1, n));
+    if (stretch >= n) return n;
+  }
+  return stretch;
+}
+
+grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* AttendService::Attend(
+    grpc::CallbackServerContext* ctx) {
+  const size_t message = std::min(kAttendMessageBytes, max_message_bytes_);
+  return new AttendReactor(
+      ctx, registry_,
+      message > 2 * kAttendFramingBytes ? message - kAttendFramingBytes : message / 2);
+}
+
+}  // namespace dilattn::server

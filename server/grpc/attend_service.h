@@ -1,0 +1,44 @@
+#pragma once
+
+// dilattn.v1.DilatedAttention: one problem per stream, for sequences too long for one KServe
+// message. Q, K and V arrive in chunks straight into one staging lease (with room for O); each
+// stretch of a sequence whose tokens have all arrived becomes an ordinary request of the model,
+// scheduled, batched and computed like any other, with its output written into the lease; O
+// streams back in token order while later chunks are still arriving.
+
+#include <cstddef>
+#include <cstdint>
+
+#include "dilattn/v1/attention.grpc.pb.h"
+#include "server/model_registry.h"
+#include "server/operator_options.h"
+
+namespace dilattn::server {
+
+// An output message is at most this large, or the server's message limit if that is lower:
+// gRPC clients accept 4 MiB by default.
+inline constexpr size_t kAttendMessageBytes = size_t{4} << 20;
+// Room left in a message for everything but the chunk's data.
+inline constexpr size_t kAttendFramingBytes = 1024;
+
+// Tokens per stretch of a sequence of n tokens: the least common multiple of the branches'
+// segment lengths (each capped at n), itself capped at n; n for block-sparse operators, whose
+// patterns span the whole sequence. A stretch starts on a segment boundary of every branch, so
+// it is an independent problem of the same operator and its output is exact.
+int64_t StretchTokens(const OperatorOptions& options, int64_t n);
+
+class AttendService final : public dilattn::v1::DilatedAttention::CallbackService {
+ public:
+  // `max_message_bytes`: the server's limit on a message it sends.
+  AttendService(ModelRegistry* registry, size_t max_message_bytes)
+      : registry_(registry), max_message_bytes_(max_message_bytes) {}
+
+  grpc::ServerBidiReactor<dilattn::v1::AttendRequest, dilattn::v1::AttendResponse>* Attend(
+      grpc::CallbackServerContext* ctx) override;
+
+ private:
+  ModelRegistry* registry_;
+  size_t max_message_bytes_;
+};
+
+}  // namespace dilattn::server

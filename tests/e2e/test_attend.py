@@ -1,0 +1,229 @@
+"""The native streaming API (dilattn.v1.DilatedAttention/Attend): Q, K and V in chunks, O back in
+chunks; stretches computed as their tokens arrive; problems larger than one message; every bad
+stream ended with a status naming the problem."""
+
+import queue
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+import attend
+import reference
+from conftest import ServerProcess, wait_until
+from helpers import make_inputs, to_wire
+
+SMALL = {"segment_lengths": "16,32,64", "dilation_rates": "1,2,4"}
+
+
+def _qkv(shape, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3)]
+
+
+def _run(server, messages, shape, datatype, timeout=60):
+    with grpc.insecure_channel(server.url) as channel:
+        return attend.collect(attend.stream(channel)(iter(messages), timeout=timeout), shape,
+                              datatype)
+
+
+@pytest.mark.parametrize("model,datatype,params,stretch", [
+    ("dilated_attention", "FP32", SMALL, 64),
+    ("dilated_attention", "BF16", {**SMALL, "causal": "true"}, 64),
+    ("dilated_attention_head_groups", "FP16", {**SMALL, "segment_lengths": "16,48,24"}, 48),
+    ("dilated_attention", "FP32", {"segment_lengths": "500", "dilation_rates": "2"}, 200),
+])
+def test_stream_matches_the_reference(server, model, datatype, params, stretch):
+    shape = (2, 200, 4, 16)  # stretches of 64: 64, 64, 64 and a short 8 per sequence
+    q, k, v = _qkv(shape, 1)
+    messages = [attend.header(model, shape, datatype, params)]
+    messages += attend.chunks(q, k, v, datatype, tokens_per_chunk=24)
+    accepted, o = _run(server, messages, shape, datatype)
+    assert accepted.stretch_tokens == stretch
+    mode = "head_groups" if model.endswith("head_groups") else "longnet"
+    ref = reference.dilated_attention(
+        *(to_wire(x, datatype) for x in (q, k, v)),
+        [int(w) for w in params["segment_lengths"].split(",")],
+        [int(r) for r in params["dilation_rates"].split(",")], mode=mode,
+        causal=params.get("causal") == "true")
+    err = reference.relative_error(o, ref)
+    assert err <= reference.TOLERANCE[datatype], err
+
+
+def test_block_sparse_stream_equals_unary(server, client):
+    shape = (1, 256, 2, 16)
+    q, k, v = _qkv(shape, 2)
+    params = {"block_size": "32", "pattern": "global_local", "global_blocks": "1", "window": "1"}
+    messages = [attend.header("block_sparse_attention", shape, "FP32", params)]
+    messages += attend.chunks(q, k, v, "FP32", tokens_per_chunk=100)
+    accepted, o = _run(server, messages, shape, "FP32")
+    assert accepted.stretch_tokens == 256  # patterns span the sequence: one stretch
+    unary = client.infer("block_sparse_attention", make_inputs(q, k, v),
+                         parameters={**params, "block_size": 32, "global_blocks": 1,
+                                     "window": 1}).as_numpy("O")
+    assert np.array_equal(o, unary)
+
+
+def test_output_streams_while_input_still_arrives(server):
+    # The client holds back everything after the first stretch until that stretch's output has
+    # come back: a server that waited for the whole input would never answer (the test's timeout).
+    shape = (1, 512, 2, 8)
+    q, k, v = _qkv(shape, 3)
+    params = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
+    first_output = threading.Event()
+    outbox = queue.Queue()
+    for m in [attend.header("dilated_attention", shape, "FP32", params)] + attend.chunks(
+            q, k, v, "FP32", 64, first=0, last=64):
+        outbox.put(m)
+
+    def messages():
+        while True:
+            m = outbox.get()
+            if m is None:
+                return
+            yield m
+
+    def responses(it):
+        for r in it:
+            if r.HasField("output") and not first_output.is_set():
+                first_output.set()
+                assert r.output.token == 0
+                for m in attend.chunks(q, k, v, "FP32", 64, first=64):
+                    outbox.put(m)
+                outbox.put(None)
+            yield r
+
+    with grpc.insecure_channel(server.url) as channel:
+        call = attend.stream(channel)(messages(), timeout=30)
+        _, o = attend.collect(responses(call), shape, "FP32")
+    assert first_output.is_set()
+    ref = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
+    assert reference.relative_error(o, ref) <= reference.TOLERANCE["FP32"]
+
+
+def test_problem_larger_than_any_message():
+    # Messages are capped at 256 KiB here; Q, K and V hold 6 MiB, O 2 MiB.
+    s = ServerProcess("--max-message-bytes", str(256 << 10), name="small-messages")
+    try:
+        shape = (1, 4096, 4, 32)
+        q, k, v = _qkv(shape, 4)
+        params = {"segment_lengths": "1024,2048", "dilation_rates": "1,4"}
+        messages = [attend.header("dilated_attention", shape, "FP32", params)]
+        messages += attend.chunks(q, k, v, "FP32", tokens_per_chunk=256)  # 128 KiB each
+        accepted, o = _run(s, messages, shape, "FP32")
+        assert accepted.max_chunk_bytes <= 256 << 10
+        ref = reference.dilated_attention(q, k, v, [1024, 2048], [1, 4])
+        assert reference.relative_error(o, ref) <= reference.TOLERANCE["FP32"]
+        c = s.client()
+        with pytest.raises(Exception):
+            c.infer("dilated_attention", make_inputs(q, k, v), parameters=params)
+    finally:
+        assert s.stop() == 0
+
+
+def _expect_error(server, messages, code, needle):
+    with grpc.insecure_channel(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in attend.stream(channel)(iter(messages), timeout=30):
+                pass
+    assert e.value.code() == code, (e.value.code(), e.value.details())
+    assert needle in e.value.details(), e.value.details()
+
+
+SHAPE = (1, 64, 2, 8)
+X = np.zeros(SHAPE, dtype=np.float32)
+HEADER = attend.header("dilated_attention", SHAPE, "FP32", SMALL)
+TOKEN = 2 * 8 * 4
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("messages,code,needle", [
+    ([], INVALID, "the stream ended before its header"),
+    ([attend.chunk(attend.pb.Q, 0, b"\0" * TOKEN)], INVALID, "a chunk before the header"),
+    ([attend.header("nope", SHAPE)], grpc.StatusCode.NOT_FOUND, "'nope'"),
+    ([attend.header("dilated_attention", (64, 2, 8))], INVALID,
+     "shape [64,2,8] has 3 dims; expected [B, N, H, D]"),
+    ([attend.header("dilated_attention", (1, 0, 2, 8))], INVALID, "dim N=0"),
+    ([attend.pb.AttendRequest(header=attend.pb.Header(model="dilated_attention",
+                                                      shape=list(SHAPE)))], INVALID,
+     "datatype 0 (DATA_TYPE_UNSPECIFIED) is not FP32, FP16 or BF16"),
+    ([attend.header("dilated_attention", (1, 2**40, 2**20, 2**20))], INVALID, "overflows"),
+    ([attend.header("dilated_attention", (1, 2**30, 64, 64))], grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "bytes of staging memory"),
+    ([attend.header("dilated_attention", SHAPE, "FP32", {"segment_lengths": "16"})], INVALID,
+     "segment_lengths has 1 entries but dilation_rates has 5"),
+    ([attend.header("dilated_attention", SHAPE, "FP32", {"nope": "1"})], INVALID,
+     "header parameter 'nope' is not known"),
+    ([HEADER, HEADER], INVALID, "a second header"),
+    ([HEADER, attend.chunk(attend.pb.Q, 8, b"\0" * TOKEN)], INVALID,
+     "chunk of Q at token 8: expected token 0"),
+    ([HEADER, attend.chunk(attend.pb.K, 0, b"\0" * (TOKEN + 4))], INVALID,
+     "is not a positive whole number of tokens of 64 bytes"),
+    ([HEADER, attend.chunk(attend.pb.V, 0, b"\0" * (65 * TOKEN))], INVALID,
+     "65 tokens run past the 64"),
+    ([HEADER, attend.chunk(attend.pb.TENSOR_UNSPECIFIED, 0, b"\0" * TOKEN)], INVALID,
+     "tensor 0 is not Q, K or V"),
+    ([HEADER, attend.pb.AttendRequest()], INVALID, "neither header nor chunk"),
+    ([HEADER] + attend.chunks(X, X, X, "FP32", 16, last=32), INVALID,
+     "the stream ended after tokens Q 32, K 32, V 32 of 64"),
+])
+def test_bad_streams(server, client, messages, code, needle):
+    _expect_error(server, messages, code, needle)
+    assert client.is_server_live() and client.is_server_ready()
+
+
+def test_cancelled_stream_leaves_nothing_behind(server, client):
+    shape = (1, 4096, 8, 64)
+    q, k, v = _qkv(shape, 5)
+    outbox = queue.Queue()
+    params = {"segment_lengths": "512,1024", "dilation_rates": "1,2"}  # stretches of 1024
+    for m in [attend.header("dilated_attention", shape, "FP32", params)] + attend.chunks(
+            q, k, v, "FP32", 512, last=2048):
+        outbox.put(m)
+
+    def messages():
+        while True:
+            m = outbox.get()
+            if m is None:
+                return
+            yield m
+
+    with grpc.insecure_channel(server.url) as channel:
+        call = attend.stream(channel)(messages(), timeout=30)
+        first = next(call)
+        assert first.HasField("accepted")
+        call.cancel()
+        outbox.put(None)
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+    assert client.is_server_live()
+    # The pool's leases all come back once the stream's stretches have drained.
+    assert wait_until(lambda: server.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
+    assert server.metric("nv_inference_pending_request_count") == 0
+
+
+def test_cli_attend_equals_unary_infer(server):
+    # dilattn-client's attend command (the C++ client library's chunked stream) and its infer
+    # command send the same random tensors: their outputs' checksums agree.
+    import os
+    import pathlib
+    import re
+    import subprocess
+
+    binary = os.environ.get("DILATTN_CLIENT_BIN", str(
+        pathlib.Path(__file__).resolve().parents[2] / "build" / "client" / "dilattn-client"))
+    common = ["--url", server.url, "--shape", "2,3000,4,32", "--param",
+              "segment_lengths=512,1024", "--param", "dilation_rates=1,2"]
+    sums = {}
+    for command in ("infer", "attend"):
+        extra = ["--chunk-mib", "0.25"] if command == "attend" else []
+        out = subprocess.run([binary, command, *common, *extra], capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        sums[command] = float(re.search(r"sum (\S+)", out).group(1))
+        if command == "attend":
+            assert "stretches of 1024 tokens" in out, out
+    assert sums["attend"] == pytest.approx(sums["infer"], rel=1e-6, abs=1e-6), sums
