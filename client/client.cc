@@ -20,6 +20,17 @@ const char* Datatype(attention::DType t) {
   return "";
 }
 
+// protobuf cannot serialize a message of 2 GiB or more (and gRPC aborts on the attempt).
+absl::Status CheckMessageSize(const google::protobuf::Message& m) {
+  const size_t bytes = m.ByteSizeLong();
+  if (bytes > static_cast<size_t>(INT_MAX)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the request needs ", bytes, " bytes, more than one message can carry (2 GiB); "
+                     "send it through Attend (dilattn.v1), which streams it in chunks"));
+  }
+  return absl::OkStatus();
+}
+
 void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
   if (timeout != absl::InfiniteDuration()) {
     ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoMicroseconds(timeout));
@@ -167,6 +178,7 @@ absl::StatusOr<Tensor> Client::Infer(const InferOptions& options, const Tensor& 
   SetDeadline(&ctx, options.timeout);
   inference::ModelInferResponse resp;
   const inference::ModelInferRequest req = MakeInferRequest(options, q, k, v);
+  if (absl::Status s = CheckMessageSize(req); !s.ok()) return s;
   if (grpc::Status s = stub_->ModelInfer(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
   return OutputFromResponse(resp);
 }
@@ -179,6 +191,7 @@ absl::StatusOr<std::unique_ptr<Client::Stream>> Client::OpenStream() {
 }
 
 absl::Status Client::Stream::Send(const inference::ModelInferRequest& request) {
+  if (absl::Status s = CheckMessageSize(request); !s.ok()) return s;
   if (!stream_->Write(request)) return FromGrpc(stream_->Finish());
   return absl::OkStatus();
 }

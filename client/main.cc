@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 #include <iostream>
 #include <map>
@@ -223,6 +224,11 @@ int Bench(const Flags& f) {
   const Inputs in = MakeInputs(f);
   const inference::ModelInferRequest request =
       dilattn::client::MakeInferRequest(in.options, in.q, in.k, in.v);
+  if (request.ByteSizeLong() > static_cast<size_t>(INT_MAX)) {
+    std::cerr << "bench: a request of this shape needs " << request.ByteSizeLong()
+              << " bytes, more than one message can carry (2 GiB)\n";
+    return 1;
+  }
 
   std::mutex mu;
   std::vector<double> latencies_ms;
