@@ -41,6 +41,10 @@ absl::StatusOr<Model*> ModelRegistry::Find(absl::string_view name,
                                           ")"));
 }
 
+void ModelRegistry::Flush() {
+  for (auto& m : models_) m->scheduler().Flush();
+}
+
 void ModelRegistry::Shutdown() {
   for (auto& m : models_) m->scheduler().Shutdown();
 }

@@ -19,6 +19,8 @@ class ModelRegistry {
   absl::StatusOr<Model*> Find(absl::string_view name, absl::string_view version) const;
   const std::vector<std::unique_ptr<Model>>& models() const { return models_; }
 
+  // Every scheduler dispatches without batching delays from now on (Scheduler::Flush).
+  void Flush();
   // Stops every scheduler after it has dispatched what it holds.
   void Shutdown();
 

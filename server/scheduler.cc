@@ -49,6 +49,12 @@ void Scheduler::Enqueue(std::unique_ptr<InferenceRequest> request) {
   if (!rejection.ok()) CompleteRequest(std::move(request), rejection);
 }
 
+void Scheduler::Flush() {
+  absl::MutexLock lock(&mu_);
+  flushing_ = true;
+  arrived_.SignalAll();
+}
+
 void Scheduler::Shutdown() {
   {
     absl::MutexLock lock(&mu_);
@@ -165,7 +171,7 @@ void Scheduler::Loop() {
         const bool preferred =
             !policy_.preferred_batch_sizes.empty() && sequences >= policy_.preferred_batch_sizes.back();
         const absl::Time delay_end = head->enqueued + policy_.max_queue_delay;
-        if (!(at_max || preferred || stopping_ || absl::Now() >= delay_end)) {
+        if (!(at_max || preferred || stopping_ || flushing_ || absl::Now() >= delay_end)) {
           arrived_.WaitWithDeadline(&mu_, std::min(delay_end, earliest_deadline));
           continue;
         }

@@ -31,6 +31,10 @@ class Scheduler {
   // completes it at once.
   void Enqueue(std::unique_ptr<InferenceRequest> request);
 
+  // From now on batches form without waiting for a preferred size or the queue delay; requests
+  // are still taken (the server's first step on SIGTERM: in-flight streams keep sending).
+  void Flush();
+
   // Stops taking requests, dispatches every queued one without further delay, joins the thread.
   void Shutdown();
 
@@ -54,6 +58,7 @@ class Scheduler {
   std::vector<std::deque<std::unique_ptr<InferenceRequest>>> queues_ ABSL_GUARDED_BY(mu_);
   size_t queued_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool flushing_ ABSL_GUARDED_BY(mu_) = false;
   std::thread thread_;
 };
 

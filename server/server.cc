@@ -82,14 +82,17 @@ void Server::Shutdown() {
   }
   state_.ready.store(false);
   if (grpc_ != nullptr) grpc_->GetHealthCheckService()->SetServingStatus(false);
-  // Schedulers first: they refuse new requests (UNAVAILABLE) and hand everything queued to the
-  // engine without waiting for batching delays. Then gRPC stops accepting calls and waits, up to
-  // the grace period, for the in-flight ones, which the engine is completing meanwhile.
-  if (registry_ != nullptr) registry_->Shutdown();
+  // Schedulers stop waiting for batching delays. gRPC then refuses new calls and waits, up to
+  // the grace period, for the in-flight ones, which the engine completes meanwhile; streams
+  // among them (a native stream's later stretches, a ModelStreamInfer client's next request)
+  // are still scheduled. Past the grace period gRPC cancels what is left, and the schedulers,
+  // then the engine, stop once everything they hold is done.
+  if (registry_ != nullptr) registry_->Flush();
   if (grpc_ != nullptr) {
     grpc_->Shutdown(std::chrono::system_clock::now() +
                     absl::ToChronoSeconds(options_.grace_period));
   }
+  if (registry_ != nullptr) registry_->Shutdown();
   if (engine_ != nullptr) engine_->Shutdown();
   LogInfo("dilattn-server: shut down");
 }

@@ -45,3 +45,52 @@ def test_sigterm_finishes_accepted_requests(tmp_path):
     assert s.stop(timeout=60) == 0
     log = s.log_path.read_text()
     assert "finishing in-flight requests" in log and "shut down" in log
+
+
+def test_sigterm_lets_an_open_stream_finish():
+    # A native stream half sent when the signal arrives still gets its whole output: its later
+    # stretches are scheduled during the grace period.
+    import threading
+
+    import grpc
+
+    import attend
+
+    s = ServerProcess("--grace-period-seconds", "60", name="sigterm-stream")
+    shape = (1, 1024, 2, 16)
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3))
+    params = {"segment_lengths": "64,128", "dilation_rates": "1,2"}
+    outbox = queue.Queue()
+    for m in [attend.header("dilated_attention", shape, "FP32", params)] + attend.chunks(
+            q, k, v, "FP32", 128, last=512):
+        outbox.put(m)
+    first_output = threading.Event()
+
+    def messages():
+        while (m := outbox.get()) is not None:
+            yield m
+
+    def responses(it):
+        for r in it:
+            if r.HasField("output"):
+                first_output.set()
+            yield r
+
+    def finish_after_signal():
+        assert first_output.wait(30)
+        s.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "finishing in-flight requests" in s.log_path.read_text())
+        for m in attend.chunks(q, k, v, "FP32", 128, first=512):
+            outbox.put(m)
+        outbox.put(None)
+
+    sender = threading.Thread(target=finish_after_signal)
+    sender.start()
+    with grpc.insecure_channel(s.url) as channel:
+        _, o = attend.collect(responses(attend.stream(channel)(messages(), timeout=60)), shape,
+                              "FP32")
+    sender.join()
+    ref = reference.dilated_attention(q, k, v, [64, 128], [1, 2])
+    assert reference.relative_error(o, ref) <= reference.FP32
+    assert s.stop(timeout=60) == 0
