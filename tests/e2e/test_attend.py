@@ -227,3 +227,24 @@ def test_cli_attend_equals_unary_infer(server):
         if command == "attend":
             assert "stretches of 1024 tokens" in out, out
     assert sums["attend"] == pytest.approx(sums["infer"], rel=1e-6, abs=1e-6), sums
+
+
+def test_python_client_attend(server):
+    # The shipped client's one-call API, with bf16 arrays and chunks smaller than a stretch.
+    import ml_dtypes
+
+    shape = (1, 700, 4, 32)
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in _qkv(shape, 6))
+    params = {"segment_lengths": "128,256", "dilation_rates": "1,2", "causal": "true"}
+    with grpc.insecure_channel(server.url) as channel:
+        o = attend.dilattn_stream.attend(channel, q, k, v, parameters=params,
+                                         chunk_bytes=100 * 4 * 32 * 2, timeout=60)
+        with pytest.raises(ValueError):
+            attend.dilattn_stream.attend(channel, q.astype(np.float64), k, v)
+        with pytest.raises(grpc.RpcError) as e:
+            attend.dilattn_stream.attend(channel, q, k, v, model="nope")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert o.dtype == ml_dtypes.bfloat16 and o.shape == shape
+    ref = reference.dilated_attention(*(x.astype(np.float32) for x in (q, k, v)), [128, 256],
+                                      [1, 2], causal=True)
+    assert reference.relative_error(o.astype(np.float32), ref) <= reference.TOLERANCE["BF16"]
