@@ -2,6 +2,7 @@
 dilattn_stream.py; its messages come from build/python, DILATTN_PYTHON_PROTO overrides)."""
 
 import pathlib
+import queue
 import sys
 
 import numpy as np
@@ -25,3 +26,23 @@ def collect(responses, shape, datatype):
     """(Accepted, O as float32), checked by the client: token order, no gaps, every token."""
     accepted, o = dilattn_stream.collect(responses, shape, datatype)
     return accepted, o.astype(np.float32)
+
+
+class Outbox:
+    """Messages a test releases over time: the call's generator blocks until each is put, and
+    ends at close()."""
+
+    def __init__(self, messages=()):
+        self._queue = queue.Queue()
+        for m in messages:
+            self.put(m)
+
+    def put(self, message):
+        self._queue.put(message)
+
+    def close(self):
+        self._queue.put(None)
+
+    def __iter__(self):
+        while (m := self._queue.get()) is not None:
+            yield m

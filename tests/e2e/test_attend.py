@@ -2,7 +2,6 @@
 chunks; stretches computed as their tokens arrive; problems larger than one message; every bad
 stream ended with a status naming the problem."""
 
-import queue
 import threading
 
 import grpc
@@ -73,17 +72,8 @@ def test_output_streams_while_input_still_arrives(server):
     q, k, v = _qkv(shape, 3)
     params = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
     first_output = threading.Event()
-    outbox = queue.Queue()
-    for m in [attend.header("dilated_attention", shape, "FP32", params)] + attend.chunks(
-            q, k, v, "FP32", 64, first=0, last=64):
-        outbox.put(m)
-
-    def messages():
-        while True:
-            m = outbox.get()
-            if m is None:
-                return
-            yield m
+    outbox = attend.Outbox([attend.header("dilated_attention", shape, "FP32", params)] +
+                           attend.chunks(q, k, v, "FP32", 64, first=0, last=64))
 
     def responses(it):
         for r in it:
@@ -92,11 +82,11 @@ def test_output_streams_while_input_still_arrives(server):
                 assert r.output.token == 0
                 for m in attend.chunks(q, k, v, "FP32", 64, first=64):
                     outbox.put(m)
-                outbox.put(None)
+                outbox.close()
             yield r
 
     with grpc.insecure_channel(server.url) as channel:
-        call = attend.stream(channel)(messages(), timeout=30)
+        call = attend.stream(channel)(iter(outbox), timeout=30)
         _, o = attend.collect(responses(call), shape, "FP32")
     assert first_output.is_set()
     ref = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
@@ -177,25 +167,16 @@ def test_bad_streams(server, client, messages, code, needle):
 def test_cancelled_stream_leaves_nothing_behind(server, client):
     shape = (1, 4096, 8, 64)
     q, k, v = _qkv(shape, 5)
-    outbox = queue.Queue()
     params = {"segment_lengths": "512,1024", "dilation_rates": "1,2"}  # stretches of 1024
-    for m in [attend.header("dilated_attention", shape, "FP32", params)] + attend.chunks(
-            q, k, v, "FP32", 512, last=2048):
-        outbox.put(m)
-
-    def messages():
-        while True:
-            m = outbox.get()
-            if m is None:
-                return
-            yield m
+    outbox = attend.Outbox([attend.header("dilated_attention", shape, "FP32", params)] +
+                           attend.chunks(q, k, v, "FP32", 512, last=2048))
 
     with grpc.insecure_channel(server.url) as channel:
-        call = attend.stream(channel)(messages(), timeout=30)
+        call = attend.stream(channel)(iter(outbox), timeout=30)
         first = next(call)
         assert first.HasField("accepted")
         call.cancel()
-        outbox.put(None)
+        outbox.close()
         with pytest.raises(grpc.RpcError) as e:
             for _ in call:
                 pass

@@ -61,15 +61,9 @@ def test_sigterm_lets_an_open_stream_finish():
     rng = np.random.default_rng(12)
     q, k, v = (rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3))
     params = {"segment_lengths": "64,128", "dilation_rates": "1,2"}
-    outbox = queue.Queue()
-    for m in [attend.header("dilated_attention", shape, "FP32", params)] + attend.chunks(
-            q, k, v, "FP32", 128, last=512):
-        outbox.put(m)
+    outbox = attend.Outbox([attend.header("dilated_attention", shape, "FP32", params)] +
+                           attend.chunks(q, k, v, "FP32", 128, last=512))
     first_output = threading.Event()
-
-    def messages():
-        while (m := outbox.get()) is not None:
-            yield m
 
     def responses(it):
         for r in it:
@@ -83,12 +77,12 @@ def test_sigterm_lets_an_open_stream_finish():
         assert wait_until(lambda: "finishing in-flight requests" in s.log_path.read_text())
         for m in attend.chunks(q, k, v, "FP32", 128, first=512):
             outbox.put(m)
-        outbox.put(None)
+        outbox.close()
 
     sender = threading.Thread(target=finish_after_signal)
     sender.start()
     with grpc.insecure_channel(s.url) as channel:
-        _, o = attend.collect(responses(attend.stream(channel)(messages(), timeout=60)), shape,
+        _, o = attend.collect(responses(attend.stream(channel)(iter(outbox), timeout=60)), shape,
                               "FP32")
     sender.join()
     ref = reference.dilated_attention(q, k, v, [64, 128], [1, 2])
