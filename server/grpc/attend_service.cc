@@ -84,18 +84,7 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
     return Invalid(absl::StrCat("header: shape ", shape_text, " has ", h.shape_size(),
                                 " dims; expected [B, N, H, D]"));
   }
-  static constexpr const char* kDims[4] = {"B", "N", "H", "D"};
-  for (int d = 0; d < 4; ++d) {
-    if (h.shape(d) < 1) {
-      return Invalid(absl::StrCat("header: dim ", kDims[d], "=", h.shape(d), " in shape ",
-                                  shape_text, " must be >= 1"));
-    }
-    if (d > 0 && spec.dims[static_cast<size_t>(d - 1)] != -1 &&
-        h.shape(d) != spec.dims[static_cast<size_t>(d - 1)]) {
-      return Invalid(absl::StrCat("header: dim ", kDims[d], "=", h.shape(d), " but model '",
-                                  spec.name, "' requires ", spec.dims[static_cast<size_t>(d - 1)]));
-    }
-  }
+  if (absl::Status s = CheckDims(spec, h.shape(), "header"); !s.ok()) return s;
   p.batch = h.shape(0);
   p.seq_len = h.shape(1);
   p.heads = h.shape(2);

@@ -107,6 +107,24 @@ const char* DatatypeName(attention::DType dtype) {
   return "INVALID";
 }
 
+absl::Status CheckDims(const ModelSpec& spec, const google::protobuf::RepeatedField<int64_t>& shape,
+                       absl::string_view what) {
+  static constexpr const char* kDims[4] = {"B", "N", "H", "D"};
+  for (int d = 0; d < 4; ++d) {
+    if (shape[d] < 1) {
+      return Invalid(absl::StrCat(what, " dim ", kDims[d], "=", shape[d], " in shape ",
+                                  ShapeText(shape), " must be >= 1"));
+    }
+    if (d > 0 && spec.dims[static_cast<size_t>(d - 1)] != -1 &&
+        shape[d] != spec.dims[static_cast<size_t>(d - 1)]) {
+      return Invalid(absl::StrCat(what, " dim ", kDims[d], "=", shape[d], " but model '",
+                                  spec.name, "' requires ",
+                                  spec.dims[static_cast<size_t>(d - 1)]));
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::string BatchKey(const InferenceRequest& r) {
   return absl::StrCat(OperatorKey(r.options), "|", DatatypeName(r.dtype), "|", r.heads, "|",
                       r.head_dim);
@@ -183,19 +201,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
                                   ShapeText(shape), "; Q, K and V must have one shape"));
     }
   }
-  static constexpr const char* kDims[4] = {"B", "N", "H", "D"};
-  for (int d = 0; d < 4; ++d) {
-    if (shape[d] < 1) {
-      return Invalid(absl::StrCat("input 'Q' dim ", kDims[d], "=", shape[d], " in shape ",
-                                  ShapeText(shape), " must be >= 1"));
-    }
-    if (d > 0 && spec.dims[static_cast<size_t>(d - 1)] != -1 &&
-        shape[d] != spec.dims[static_cast<size_t>(d - 1)]) {
-      return Invalid(absl::StrCat("input 'Q' dim ", kDims[d], "=", shape[d], " but model '",
-                                  spec.name, "' requires ",
-                                  spec.dims[static_cast<size_t>(d - 1)]));
-    }
-  }
+  if (absl::Status s = CheckDims(spec, shape, "input 'Q'"); !s.ok()) return s;
   r->batch = shape[0];
   r->seq_len = shape[1];
   r->heads = shape[2];

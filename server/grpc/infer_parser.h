@@ -29,6 +29,11 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
 
 const char* DatatypeName(attention::DType dtype);
 
+// A [B, N, H, D] shape (4 dims) against the model: every dim >= 1, and N, H, D as the model fixes
+// them. `what` names the shape's owner in messages ("input 'Q'").
+absl::Status CheckDims(const ModelSpec& spec, const google::protobuf::RepeatedField<int64_t>& shape,
+                       absl::string_view what);
+
 // Requests with equal keys (operator, datatype, heads, head dim) may share one execution; their
 // sequence lengths may differ.
 std::string BatchKey(const InferenceRequest& r);
