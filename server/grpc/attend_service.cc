@@ -226,35 +226,40 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
 
   absl::Status OnChunk(const v1::Chunk& chunk,
                        std::vector<std::unique_ptr<InferenceRequest>>* ready) {
-    absl::MutexLock lock(&mu_);
-    if (!header_seen_) return Invalid("a chunk before the header");
     const int t = static_cast<int>(chunk.tensor()) - 1;
-    if (t < 0 || t > 2) {
-      return Invalid(
-          absl::StrCat("chunk: tensor ", static_cast<int>(chunk.tensor()), " is not Q, K or V"));
-    }
-    static constexpr char kNames[] = "QKV";
-    const std::string what =
-        absl::StrCat("chunk of ", std::string(1, kNames[t]), " at token ", chunk.token());
-    if (chunk.token() != arrived_[t]) {
-      return Invalid(absl::StrCat(what, ": expected token ", arrived_[t],
-                                  " (each tensor's "
-                                  "chunks come in order, without gaps)"));
-    }
     const size_t bytes = chunk.data().size();
-    if (bytes == 0 || bytes % problem_.token_bytes != 0) {
-      return Invalid(absl::StrCat(what, ": ", bytes,
-                                  " bytes is not a positive whole number of "
-                                  "tokens of ",
-                                  problem_.token_bytes, " bytes"));
+    int64_t tokens = 0;
+    std::byte* dst = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!header_seen_) return Invalid("a chunk before the header");
+      if (t < 0 || t > 2) {
+        return Invalid(
+            absl::StrCat("chunk: tensor ", static_cast<int>(chunk.tensor()), " is not Q, K or V"));
+      }
+      static constexpr char kNames[] = "QKV";
+      const std::string what =
+          absl::StrCat("chunk of ", std::string(1, kNames[t]), " at token ", chunk.token());
+      if (chunk.token() != arrived_[t]) {
+        return Invalid(absl::StrCat(what, ": expected token ", arrived_[t],
+                                    " (each tensor's chunks come in order, without gaps)"));
+      }
+      if (bytes == 0 || bytes % problem_.token_bytes != 0) {
+        return Invalid(absl::StrCat(what, ": ", bytes,
+                                    " bytes is not a positive whole number of tokens of ",
+                                    problem_.token_bytes, " bytes"));
+      }
+      tokens = static_cast<int64_t>(bytes / problem_.token_bytes);
+      if (tokens > total_tokens_ - arrived_[t]) {
+        return Invalid(absl::StrCat(what, ": ", tokens, " tokens run past the ", total_tokens_,
+                                    " of the header's shape"));
+      }
+      dst = Tensor(t) + static_cast<size_t>(arrived_[t]) * problem_.token_bytes;
     }
-    const int64_t tokens = static_cast<int64_t>(bytes / problem_.token_bytes);
-    if (tokens > total_tokens_ - arrived_[t]) {
-      return Invalid(absl::StrCat(what, ": ", tokens, " tokens run past the ", total_tokens_,
-                                  " of the header's shape"));
-    }
-    std::memcpy(Tensor(t) + static_cast<size_t>(arrived_[t]) * problem_.token_bytes,
-                chunk.data().data(), bytes);
+    // Outside the lock: completions on the engine thread need it, and nothing else writes
+    // these bytes (reads are handled one at a time) or reads them before they are published.
+    std::memcpy(dst, chunk.data().data(), bytes);
+    absl::MutexLock lock(&mu_);
     arrived_[t] += tokens;
     // Every stretch whose tokens have now all arrived becomes a request.
     const int64_t have = *std::min_element(arrived_, arrived_ + 3);
@@ -326,6 +331,8 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
   void Progress() {
     enum { kNothing, kWrite, kFinish } action = kNothing;
     grpc::Status final_status;
+    const char* data = nullptr;  // output to copy into the message, outside the lock
+    size_t data_bytes = 0;
     {
       absl::MutexLock lock(&mu_);
       if (finished_ || writing_) return;
@@ -339,11 +346,10 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
       } else if (error_.ok() && sent_until_ < computed_until_) {
         const int64_t n = std::min(chunk_tokens_, computed_until_ - sent_until_);
         outgoing_.Clear();
-        v1::OutputChunk* out = outgoing_.mutable_output();
-        out->set_token(sent_until_);
-        out->set_data(reinterpret_cast<const char*>(Tensor(3)) +
-                          static_cast<size_t>(sent_until_) * problem_.token_bytes,
-                      static_cast<size_t>(n) * problem_.token_bytes);
+        outgoing_.mutable_output()->set_token(sent_until_);
+        data = reinterpret_cast<const char*>(Tensor(3)) +
+               static_cast<size_t>(sent_until_) * problem_.token_bytes;
+        data_bytes = static_cast<size_t>(n) * problem_.token_bytes;
         sent_until_ += n;
         action = kWrite;
       } else if (outstanding_ == 0 && !in_read_ &&
@@ -354,6 +360,8 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
       }
       if (action == kWrite) writing_ = true;
     }
+    // Only the one write in flight touches outgoing_, and computed output no longer changes.
+    if (data != nullptr) outgoing_.mutable_output()->set_data(data, data_bytes);
     if (action == kWrite) StartWrite(&outgoing_);
     if (action == kFinish) Finish(final_status);
   }
