@@ -30,6 +30,8 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --host-pool-mib N         cap of the host buffer pool in MiB (16384)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
   --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
+  --stream-idle-seconds N   end a native stream that sends nothing this long before its input
+                            is complete, releasing its memory (60; 0: never)
   --shared-memory on|off    accept Triton's system and CUDA shared-memory regions (on)
 )";
 
@@ -38,6 +40,7 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
   int64_t host_pool_mib = 16384;
   int64_t device_pool_mib = 0;
   int64_t grace = 30;
+  int64_t stream_idle = 60;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
@@ -81,6 +84,8 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       error = integer(&o->max_message_bytes);
     } else if (name == "grace-period-seconds") {
       error = integer(&grace);
+    } else if (name == "stream-idle-seconds") {
+      error = integer(&stream_idle);
     } else if (name == "shared-memory") {
       if (value != "on" && value != "off") {
         return absl::StrCat("flag --shared-memory='", value, "' is not on or off");
@@ -95,14 +100,15 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       o->metrics_port > 65535) {
     return "ports must be in [0, 65535] (metrics: -1 disables)";
   }
-  if (o->max_message_bytes < 1 || host_pool_mib < 1 || grace < 0 ||
+  if (o->max_message_bytes < 1 || host_pool_mib < 1 || grace < 0 || stream_idle < 0 ||
       o->engine.executor.cpu_threads < 0 || device_pool_mib < 0) {
     return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds, "
-           "--cpu-threads and --device-pool-mib >= 0";
+           "--stream-idle-seconds, --cpu-threads and --device-pool-mib >= 0";
   }
   o->engine.executor.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;
   o->engine.executor.device_pool_bytes = static_cast<size_t>(device_pool_mib) << 20;
   o->grace_period = absl::Seconds(grace);
+  o->stream_idle = absl::Seconds(stream_idle);
   return "";
 }
 

@@ -27,6 +27,8 @@ struct ServerOptions {
   SharedMemoryOptions shared_memory;  // pin_for_device is set from the engine's device
   int max_message_bytes = 2147483647;
   absl::Duration grace_period = absl::Seconds(30);
+  // A native stream with input still to come that sends nothing this long is ended (zero: never).
+  absl::Duration stream_idle = absl::Seconds(60);
 };
 
 class Server {

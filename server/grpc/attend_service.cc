@@ -123,11 +123,41 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
   return p;
 }
 
+}  // namespace
+
+namespace internal {
+
 class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
  public:
-  AttendReactor(grpc::CallbackServerContext* ctx, ModelRegistry* registry, size_t chunk_bytes)
-      : ctx_(ctx), registry_(registry), chunk_bytes_(chunk_bytes) {
+  AttendReactor(grpc::CallbackServerContext* ctx, AttendService* service, ModelRegistry* registry,
+                size_t chunk_bytes)
+      : ctx_(ctx), service_(service), registry_(registry), chunk_bytes_(chunk_bytes) {
+    service_->Register(this);
     StartRead(&incoming_);
+  }
+  ~AttendReactor() override { service_->Unregister(this); }
+
+  // For the idle watchdog: true when the stream still waits for input and has received nothing
+  // since `cutoff`, and a reference was taken (the caller then calls AbortIdle).
+  bool RefIfIdleSince(absl::Time cutoff) {
+    absl::MutexLock lock(&mu_);
+    if (refs_ == 0 || finished_ || !error_.ok() || reads_done_ || last_read_ >= cutoff) {
+      return false;
+    }
+    if (header_seen_ && *std::min_element(arrived_, arrived_ + 3) == total_tokens_) return false;
+    ++refs_;
+    return true;
+  }
+
+  void AbortIdle(absl::Duration idle) {
+    {
+      absl::MutexLock lock(&mu_);
+      FailLocked(absl::DeadlineExceededError(absl::StrCat(
+          "the stream sent nothing for ", absl::FormatDuration(idle),
+          " before its input was complete (--stream-idle-seconds); its memory is released")));
+    }
+    Progress();
+    Unref();
   }
 
   void OnReadDone(bool ok) override {
@@ -137,6 +167,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
     {
       absl::MutexLock lock(&mu_);
       in_read_ = true;  // no Finish until this reaction has decided on its next read
+      last_read_ = absl::Now();
     }
     if (ok) {
       status = incoming_.has_header()  ? OnHeader(incoming_.header())
@@ -367,6 +398,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
   }
 
   grpc::CallbackServerContext* ctx_;
+  AttendService* service_;
   ModelRegistry* registry_;
   const size_t chunk_bytes_;  // the most data an output message carries
   v1::AttendRequest incoming_;
@@ -393,9 +425,10 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool in_read_ ABSL_GUARDED_BY(mu_) = false;
   int refs_ ABSL_GUARDED_BY(mu_) = 1;  // gRPC's, dropped in OnDone, and one per request
+  absl::Time last_read_ ABSL_GUARDED_BY(mu_) = absl::Now();
 };
 
-}  // namespace
+}  // namespace internal
 
 int64_t StretchTokens(const OperatorOptions& options, int64_t n) {
   if (options.kind != OperatorKind::kDilatedAttention || n < 1) return n;
@@ -407,12 +440,56 @@ int64_t StretchTokens(const OperatorOptions& options, int64_t n) {
   return stretch;
 }
 
+AttendService::AttendService(ModelRegistry* registry, size_t max_message_bytes,
+                             absl::Duration idle_timeout)
+    : registry_(registry), max_message_bytes_(max_message_bytes), idle_timeout_(idle_timeout) {
+  if (idle_timeout_ > absl::ZeroDuration()) watchdog_ = std::thread([this] { WatchIdleStreams(); });
+}
+
+AttendService::~AttendService() {
+  {
+    absl::MutexLock lock(&watch_mu_);
+    stopping_ = true;
+  }
+  if (watchdog_.joinable()) watchdog_.join();
+}
+
 grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* AttendService::Attend(
     grpc::CallbackServerContext* ctx) {
   const size_t message = std::min(kAttendMessageBytes, max_message_bytes_);
-  return new AttendReactor(
-      ctx, registry_,
+  return new internal::AttendReactor(
+      ctx, this, registry_,
       message > 2 * kAttendFramingBytes ? message - kAttendFramingBytes : message / 2);
+}
+
+void AttendService::Register(internal::AttendReactor* r) {
+  absl::MutexLock lock(&watch_mu_);
+  streams_.insert(r);
+}
+
+void AttendService::Unregister(internal::AttendReactor* r) {
+  absl::MutexLock lock(&watch_mu_);
+  streams_.erase(r);
+}
+
+void AttendService::WatchIdleStreams() {
+  const absl::Duration tick = std::min(absl::Seconds(1), idle_timeout_ / 4);
+  while (true) {
+    std::vector<internal::AttendReactor*> idle;
+    {
+      absl::MutexLock lock(&watch_mu_);
+      auto stop = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_; };
+      if (watch_mu_.AwaitWithTimeout(absl::Condition(&stop), tick)) return;
+      // A reactor leaves the set in its destructor, under this lock, so every one here is
+      // alive; the reference taken keeps it so after the lock is released.
+      const absl::Time cutoff = absl::Now() - idle_timeout_;
+      for (internal::AttendReactor* r : streams_) {
+        if (r->RefIfIdleSince(cutoff)) idle.push_back(r);
+      }
+    }
+    // Outside the lock: finishing a stream may delete its reactor, which takes the lock.
+    for (internal::AttendReactor* r : idle) r->AbortIdle(idle_timeout_);
+  }
 }
 
 }  // namespace dilattn::server

@@ -8,6 +8,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 
 #include "dilattn/v1/attention.grpc.pb.h"
 #include "server/model_registry.h"
@@ -27,18 +33,34 @@ inline constexpr size_t kAttendFramingBytes = 1024;
 // it is an independent problem of the same operator and its output is exact.
 int64_t StretchTokens(const OperatorOptions& options, int64_t n);
 
+namespace internal {
+class AttendReactor;
+}  // namespace internal
+
 class AttendService final : public dilattn::v1::DilatedAttention::CallbackService {
  public:
-  // `max_message_bytes`: the server's limit on a message it sends.
-  AttendService(ModelRegistry* registry, size_t max_message_bytes)
-      : registry_(registry), max_message_bytes_(max_message_bytes) {}
+  // `max_message_bytes`: the server's limit on a message it sends. A stream whose input is not
+  // complete and that sends nothing for `idle_timeout` ends with DEADLINE_EXCEEDED, which
+  // returns its staging memory (zero: never).
+  AttendService(ModelRegistry* registry, size_t max_message_bytes, absl::Duration idle_timeout);
+  ~AttendService() override;
 
   grpc::ServerBidiReactor<dilattn::v1::AttendRequest, dilattn::v1::AttendResponse>* Attend(
       grpc::CallbackServerContext* ctx) override;
 
  private:
+  friend class internal::AttendReactor;
+  void Register(internal::AttendReactor* r);
+  void Unregister(internal::AttendReactor* r);
+  void WatchIdleStreams();
+
   ModelRegistry* registry_;
   size_t max_message_bytes_;
+  absl::Duration idle_timeout_;
+  absl::Mutex watch_mu_;
+  absl::flat_hash_set<internal::AttendReactor*> streams_ ABSL_GUARDED_BY(watch_mu_);
+  bool stopping_ ABSL_GUARDED_BY(watch_mu_) = false;
+  std::thread watchdog_;
 };
 
 }  // namespace dilattn::server

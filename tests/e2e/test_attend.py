@@ -229,3 +229,49 @@ def test_python_client_attend(server):
     ref = reference.dilated_attention(*(x.astype(np.float32) for x in (q, k, v)), [128, 256],
                                       [1, 2], causal=True)
     assert reference.relative_error(o.astype(np.float32), ref) <= reference.TOLERANCE["BF16"]
+
+
+def test_idle_stream_is_ended_and_its_memory_released():
+    # A client that stops sending before its input is complete holds a lease of four tensors;
+    # after --stream-idle-seconds the server ends the stream and takes the lease back. A client
+    # that sends slowly but steadily, or that has sent everything and waits for O, is not idle.
+    import time
+
+    s = ServerProcess("--stream-idle-seconds", "1", name="stream-idle")
+    try:
+        shape = (1, 512, 2, 8)
+        q, k, v = _qkv(shape, 7)
+        params = {"segment_lengths": "64", "dilation_rates": "1"}
+        first = [attend.header("dilated_attention", shape, "FP32", params)]
+        outbox = attend.Outbox(first + attend.chunks(q, k, v, "FP32", 64, last=128))
+        with grpc.insecure_channel(s.url) as channel:
+            start = time.time()
+            with pytest.raises(grpc.RpcError) as e:
+                for _ in attend.stream(channel)(iter(outbox), timeout=30):
+                    pass
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+            assert "sent nothing for 1s" in e.value.details()
+            assert 1 <= time.time() - start < 10
+            outbox.close()
+            assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
+
+            def slow():
+                yield first[0]
+                for m in attend.chunks(q, k, v, "FP32", 64):
+                    time.sleep(0.1)  # 24 messages over 2.4 s, never 1 s apart
+                    yield m
+
+            _, o = attend.collect(attend.stream(channel)(slow(), timeout=30), shape, "FP32")
+            ref = reference.dilated_attention(q, k, v, [64], [1])
+            assert reference.relative_error(o, ref) <= reference.TOLERANCE["FP32"]
+
+            # All input sent at once, then a computation that may well outlast the idle limit
+            # (about 1.5 s on two cores): the stream is waiting for the server, not idle.
+            big = (1, 32768, 8, 64)
+            bq, bk, bv = _qkv(big, 8)
+            _, o = attend.collect(attend.stream(channel)(iter(
+                [attend.header("dilated_attention", big, "FP32")] +
+                attend.chunks(bq, bk, bv, "FP32", 4096)), timeout=120), big, "FP32")
+            assert np.isfinite(o).all()
+    finally:
+        assert s.stop() == 0
