@@ -2,6 +2,8 @@
 // rejected at start-up with its reason, and parameter values convert as documented.
 
 #include <cmath>
+#include <cstdint>
+#include <iterator>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -88,6 +90,56 @@ TEST(ModelConfig, Rejections) {
       input { name: "K" data_type: TYPE_FP16 dims: [-1, 8, 64] }
       input { name: "V" data_type: TYPE_FP16 dims: [-1, 8] })pb",
                  "has 2 dims");
+}
+
+// Mangled config.pbtxt text, seeded: each parse gives a model or an error with a reason, never a
+// crash (this test also runs under ASan and UBSan).
+TEST(ModelConfig, MangledConfigsAreParsedOrRejectedWithAReason) {
+  const std::string valid = R"pb(
+    name: "m"
+    max_batch_size: 8
+    input [ { name: "Q" data_type: TYPE_FP16 dims: [ -1, 4, 64 ] },
+            { name: "K" data_type: TYPE_FP16 dims: [ -1, 4, 64 ] },
+            { name: "V" data_type: TYPE_FP16 dims: [ -1, 4, 64 ] } ]
+    dynamic_batching { preferred_batch_size: [4, 2] max_queue_delay_microseconds: 300
+                       priority_levels: 3 default_queue_policy { max_queue_size: 7 } }
+    parameters { key: "segment_lengths" value { string_value: "64,128" } }
+    parameters { key: "dilation_rates" value { string_value: "1,2" } }
+    parameters { key: "mode" value { string_value: "head_groups" } }
+  )pb";
+  const char* const kTokens[] = {"{", "}", "[", "]", ":", "\"", "-1", "0", "9223372036854775807",
+                                 "99999999999999999999", "1e400", "nan", "TYPE_FP32", "name",
+                                 "parameters", "dims", "max_batch_size", "\\", "\n", "#"};
+  ASSERT_TRUE(ParseModelConfig(valid, "config.pbtxt", "").ok());
+  uint64_t state = 12345;
+  auto next = [&state](uint64_t bound) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return (state >> 33) % bound;
+  };
+  int parsed = 0, rejected = 0;
+  for (int round = 0; round < 20000; ++round) {
+    std::string text = valid;
+    for (uint64_t edits = 1 + next(4); edits > 0 && !text.empty(); --edits) {
+      const size_t at = next(text.size());
+      switch (next(4)) {
+        case 0: text[at] = static_cast<char>(next(256)); break;
+        case 1: text.erase(at, 1 + next(8)); break;
+        case 2: text.insert(at, kTokens[next(std::size(kTokens))]); break;
+        default: text.resize(at); break;
+      }
+    }
+    absl::StatusOr<ModelSpec> spec = ParseModelConfig(text, "config.pbtxt", "");
+    if (spec.ok()) {
+      ++parsed;
+    } else {
+      ++rejected;
+      EXPECT_EQ(spec.status().code(), absl::StatusCode::kInvalidArgument) << spec.status();
+      EXPECT_FALSE(spec.status().message().empty());
+    }
+  }
+  // Most edits break the text; some leave a valid model.
+  EXPECT_GT(rejected, 10000);
+  EXPECT_GT(parsed, 100);
 }
 
 TEST(OperatorOptions, ParameterForms) {
