@@ -401,3 +401,57 @@ def test_mutated_attend_streams(server, client):
     assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 0 and codes.get(
         grpc.StatusCode.OK, 0) > 0, codes
     assert client.is_server_live() and client.is_server_ready()
+
+
+def test_mutated_shared_memory_registrations(server, client):
+    # Registration RPCs with random names, keys, offsets, sizes and CUDA handles: each is
+    # registered or refused cleanly, and whatever was registered unregisters.
+    import uuid
+
+    import tritonclient.utils.shared_memory as shm
+
+    rnd = random.Random(18)
+    key = "/dilattn_hostile_reg_" + uuid.uuid4().hex[:8]
+    handle = shm.create_shared_memory_region("hostile_reg", key, 8192)
+    names = ["", "r", "x" * 300, "a/b", "\u00e9", "dup"]
+    keys = [key, "", "/", "//", key + "x", "/../" + key[1:], key[1:], "/" + "k" * 300]
+    numbers = [0, 1, 4096, 8192, 8193, 2**31, 2**63 - 1]
+    registered = set()
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            sys_register = channel.unary_unary(
+                "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+                request_serializer=service_pb2.SystemSharedMemoryRegisterRequest.SerializeToString,
+                response_deserializer=service_pb2.SystemSharedMemoryRegisterResponse.FromString)
+            cuda_register = channel.unary_unary(
+                "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+                request_serializer=service_pb2.CudaSharedMemoryRegisterRequest.SerializeToString,
+                response_deserializer=service_pb2.CudaSharedMemoryRegisterResponse.FromString)
+            for case in range(200):
+                name = rnd.choice(names) + (str(case) if rnd.random() < 0.5 else "")
+                try:
+                    if rnd.random() < 0.8:
+                        sys_register(service_pb2.SystemSharedMemoryRegisterRequest(
+                            name=name, key=rnd.choice(keys), offset=rnd.choice(numbers),
+                            byte_size=rnd.choice(numbers)), timeout=10)
+                    else:
+                        cuda_register(service_pb2.CudaSharedMemoryRegisterRequest(
+                            name=name, raw_handle=bytes(rnd.randrange(256) for _ in range(
+                                rnd.choice([0, 8, 64, 65]))),
+                            device_id=rnd.choice([-1, 0, 7, 2**62]),
+                            byte_size=rnd.choice(numbers)), timeout=10)
+                    registered.add(name)
+                except grpc.RpcError as e:
+                    # FAILED_PRECONDITION: a server built without CUDA refuses every CUDA region.
+                    assert e.code() in CLEAN_ERRORS | {grpc.StatusCode.ALREADY_EXISTS,
+                                                       grpc.StatusCode.FAILED_PRECONDITION}, (
+                        case, e.code(), e.details())
+                    assert e.details()
+        assert registered, "no registration went through"
+    finally:
+        for name in registered:
+            client.unregister_system_shared_memory(name)
+            client.unregister_cuda_shared_memory(name)
+        shm.destroy_shared_memory_region(handle)
+    assert not client.get_system_shared_memory_status().regions
+    assert client.is_server_live() and client.is_server_ready()
