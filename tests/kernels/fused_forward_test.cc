@@ -270,14 +270,14 @@ TEST(FusedForward, RejectsWhatItCannotRun) {
   EXPECT_EQ(gpu->Supports(wide).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(gpu->Supports(wide).message()), ::testing::HasSubstr("row strides"));
   {
-    DeviceBuffer a(plan->tensor_bytes + 16), b(plan->tensor_bytes);
+    DeviceBuffer a(plan->tensor_bytes + 16), b(plan->tensor_bytes), c(plan->tensor_bytes);
     ASSERT_NE(a.ptr, nullptr);
     const DeviceLoc dev = gpu->location();
-    void* off = static_cast<unsigned char*>(a.ptr) + 8;
+    void* off = static_cast<unsigned char*>(a.ptr) + 8;  // whole elements, but not 16 bytes
     DeviceBuffer ws(std::max<size_t>(1, gpu->WorkspaceBytes(*plan)));
     const absl::Status m =
         gpu->Run(*plan, {{off, plan->tensor_bytes, dev}, {b.ptr, plan->tensor_bytes, dev},
-                         {b.ptr, plan->tensor_bytes, dev}, {a.ptr, plan->tensor_bytes, dev}},
+                         {b.ptr, plan->tensor_bytes, dev}, {c.ptr, plan->tensor_bytes, dev}},
                  {ws.ptr, ws.bytes, dev});
     EXPECT_EQ(m.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_THAT(std::string(m.message()), ::testing::HasSubstr("16-byte aligned"));
