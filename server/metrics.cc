@@ -106,6 +106,15 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind
   m->compute_seconds_ = histogram("dilattn_compute_duration_seconds", "Time of each execution: copies in, kernel, copies out");
   m->overhead_seconds_ = histogram("dilattn_request_overhead_seconds", "Server-side time of successful requests outside the kernel: request minus compute-infer time");
   m->batch_size_ = histogram("dilattn_batch_size", "Sequences per execution");
+  m->streams_.open = &prometheus::BuildGauge()
+                          .Name("dilattn_native_streams_open")
+                          .Help("dilattn.v1 Attend streams open now")
+                          .Register(r)
+                          .Add({});
+  prometheus::Family<prometheus::Counter>* stream_bytes = counter(
+      "dilattn_native_stream_bytes_total", "Tensor bytes carried by dilattn.v1 Attend streams");
+  m->streams_.bytes_in = &stream_bytes->Add({{"direction", "in"}});
+  m->streams_.bytes_out = &stream_bytes->Add({{"direction", "out"}});
   if (!bind_address.empty()) {
     try {
       m->exposer_ = std::make_unique<prometheus::Exposer>(bind_address);

@@ -42,6 +42,13 @@ struct ModelMetrics {
   prometheus::Histogram* batch_size;
 };
 
+// The native stream (dilattn.v1): streams open now, and the tensor bytes they carried.
+struct StreamMetrics {
+  prometheus::Gauge* open;
+  prometheus::Counter* bytes_in;
+  prometheus::Counter* bytes_out;
+};
+
 class Metrics {
  public:
   // Serves /metrics on bind_address ("0.0.0.0:8002"; port 0 picks a free one). Empty: registry
@@ -52,6 +59,7 @@ class Metrics {
   int port() const;  // 0 when not serving
   ModelMetrics* ForModel(const std::string& model, const std::string& version);
   void AddPool(const memory::BufferPool* pool);
+  StreamMetrics* streams() { return &streams_; }
   prometheus::Registry& registry() { return *registry_; }
 
  private:
@@ -63,6 +71,7 @@ class Metrics {
   std::unique_ptr<prometheus::Exposer> exposer_;
   absl::Mutex mu_;
   std::vector<std::unique_ptr<ModelMetrics>> models_ ABSL_GUARDED_BY(mu_);
+  StreamMetrics streams_{};
 
   prometheus::Family<prometheus::Counter>* success_ = nullptr;
   prometheus::Family<prometheus::Counter>* failure_ = nullptr;

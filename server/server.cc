@@ -42,7 +42,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->service_ = std::make_unique<InferenceService>(s->registry_.get(), s->shared_memory_.get(),
                                                    &s->state_);
   s->attend_ = std::make_unique<AttendService>(
-      s->registry_.get(), static_cast<size_t>(options.max_message_bytes), options.stream_idle);
+      s->registry_.get(), s->metrics_->streams(), static_cast<size_t>(options.max_message_bytes),
+      options.stream_idle);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

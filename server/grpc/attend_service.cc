@@ -290,6 +290,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
     // Outside the lock: completions on the engine thread need it, and nothing else writes
     // these bytes (reads are handled one at a time) or reads them before they are published.
     std::memcpy(dst, chunk.data().data(), bytes);
+    service_->metrics_->bytes_in->Increment(static_cast<double>(bytes));
     absl::MutexLock lock(&mu_);
     arrived_[t] += tokens;
     // Every stretch whose tokens have now all arrived becomes a request.
@@ -392,7 +393,10 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
       if (action == kWrite) writing_ = true;
     }
     // Only the one write in flight touches outgoing_, and computed output no longer changes.
-    if (data != nullptr) outgoing_.mutable_output()->set_data(data, data_bytes);
+    if (data != nullptr) {
+      outgoing_.mutable_output()->set_data(data, data_bytes);
+      service_->metrics_->bytes_out->Increment(static_cast<double>(data_bytes));
+    }
     if (action == kWrite) StartWrite(&outgoing_);
     if (action == kFinish) Finish(final_status);
   }
@@ -440,9 +444,12 @@ int64_t StretchTokens(const OperatorOptions& options, int64_t n) {
   return stretch;
 }
 
-AttendService::AttendService(ModelRegistry* registry, size_t max_message_bytes,
-                             absl::Duration idle_timeout)
-    : registry_(registry), max_message_bytes_(max_message_bytes), idle_timeout_(idle_timeout) {
+AttendService::AttendService(ModelRegistry* registry, StreamMetrics* metrics,
+                             size_t max_message_bytes, absl::Duration idle_timeout)
+    : registry_(registry),
+      metrics_(metrics),
+      max_message_bytes_(max_message_bytes),
+      idle_timeout_(idle_timeout) {
   if (idle_timeout_ > absl::ZeroDuration()) watchdog_ = std::thread([this] { WatchIdleStreams(); });
 }
 
@@ -463,11 +470,13 @@ grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* AttendService::A
 }
 
 void AttendService::Register(internal::AttendReactor* r) {
+  metrics_->open->Increment();
   absl::MutexLock lock(&watch_mu_);
   streams_.insert(r);
 }
 
 void AttendService::Unregister(internal::AttendReactor* r) {
+  metrics_->open->Decrement();
   absl::MutexLock lock(&watch_mu_);
   streams_.erase(r);
 }

@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 
 #include "dilattn/v1/attention.grpc.pb.h"
+#include "server/metrics.h"
 #include "server/model_registry.h"
 #include "server/operator_options.h"
 
@@ -42,7 +43,8 @@ class AttendService final : public dilattn::v1::DilatedAttention::CallbackServic
   // `max_message_bytes`: the server's limit on a message it sends. A stream whose input is not
   // complete and that sends nothing for `idle_timeout` ends with DEADLINE_EXCEEDED, which
   // returns its staging memory (zero: never).
-  AttendService(ModelRegistry* registry, size_t max_message_bytes, absl::Duration idle_timeout);
+  AttendService(ModelRegistry* registry, StreamMetrics* metrics, size_t max_message_bytes,
+                absl::Duration idle_timeout);
   ~AttendService() override;
 
   grpc::ServerBidiReactor<dilattn::v1::AttendRequest, dilattn::v1::AttendResponse>* Attend(
@@ -55,6 +57,7 @@ class AttendService final : public dilattn::v1::DilatedAttention::CallbackServic
   void WatchIdleStreams();
 
   ModelRegistry* registry_;
+  StreamMetrics* metrics_;
   size_t max_message_bytes_;
   absl::Duration idle_timeout_;
   absl::Mutex watch_mu_;

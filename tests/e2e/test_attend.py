@@ -275,3 +275,19 @@ def test_idle_stream_is_ended_and_its_memory_released():
             assert np.isfinite(o).all()
     finally:
         assert s.stop() == 0
+
+
+def test_stream_metrics(server):
+    shape = (1, 300, 2, 8)
+    q, k, v = _qkv(shape, 9)
+    before_in = server.metric("dilattn_native_stream_bytes_total", direction="in")
+    before_out = server.metric("dilattn_native_stream_bytes_total", direction="out")
+    messages = [attend.header("dilated_attention", shape, "FP32", SMALL)]
+    messages += attend.chunks(q, k, v, "FP32", tokens_per_chunk=50)
+    _run(server, messages, shape, "FP32")
+    tensor = 300 * 2 * 8 * 4
+    assert server.metric("dilattn_native_stream_bytes_total", direction="in") == (
+        before_in + 3 * tensor)
+    assert server.metric("dilattn_native_stream_bytes_total", direction="out") == (
+        before_out + tensor)
+    assert wait_until(lambda: server.metric("dilattn_native_streams_open") == 0)
