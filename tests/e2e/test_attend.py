@@ -291,3 +291,31 @@ def test_stream_metrics(server):
     assert server.metric("dilattn_native_stream_bytes_total", direction="out") == (
         before_out + tensor)
     assert wait_until(lambda: server.metric("dilattn_native_streams_open") == 0)
+
+
+def test_concurrent_streams_batch_together_and_stay_exact(server, client):
+    # Stretches of several streams share the model's batcher: they are packed into one execution
+    # with each other (the statistics show fewer executions than inferences), and every stream
+    # still gets exactly its own output.
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
+    shapes = [(1, n, 2, 8) for n in (200, 333, 512, 640, 1000, 1024, 64, 129)]
+    inputs = [_qkv(shape, 20 + i) for i, shape in enumerate(shapes)]
+    before = client.get_inference_statistics("dilated_attention").model_stats[0]
+
+    def one(i):
+        q, k, v = inputs[i]
+        messages = [attend.header("dilated_attention", shapes[i], "FP32", params)]
+        messages += attend.chunks(q, k, v, "FP32", tokens_per_chunk=37)
+        return _run(server, messages, shapes[i], "FP32")[1]
+
+    with ThreadPoolExecutor(len(shapes)) as pool:
+        outputs = list(pool.map(one, range(len(shapes))))
+    for (q, k, v), o in zip(inputs, outputs):
+        ref = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
+        assert reference.relative_error(o, ref) <= reference.TOLERANCE["FP32"]
+    after = client.get_inference_statistics("dilated_attention").model_stats[0]
+    stretches = sum(-(-shape[1] // 64) for shape in shapes)
+    assert after.inference_count - before.inference_count == stretches
+    assert after.execution_count - before.execution_count <= stretches
