@@ -17,6 +17,7 @@
 #include "kernels/common/quote.h"
 #include "server/grpc/infer_parser.h"
 #include "server/grpc/inference_service.h"
+#include "server/grpc/wire.h"
 #include "server/model.h"
 #include "server/request.h"
 
@@ -127,7 +128,7 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
 
 namespace internal {
 
-class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   AttendReactor(grpc::CallbackServerContext* ctx, AttendService* service, ModelRegistry* registry,
                 size_t chunk_bytes)
@@ -170,8 +171,10 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
       last_read_ = absl::Now();
     }
     if (ok) {
-      status = incoming_.has_header()  ? OnHeader(incoming_.header())
-               : incoming_.has_chunk() ? OnChunk(incoming_.chunk(), &ready)
+      absl::StatusOr<AttendBytes> message = AttendBytes::Parse(incoming_);
+      status = !message.ok()          ? message.status()
+               : message->has_header() ? OnHeader(message->header())
+               : message->has_chunk()  ? OnChunk(*message, &ready)
                                        : Invalid("a message with neither header nor chunk");
       incoming_.Clear();
     }
@@ -246,7 +249,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
     }
     absl::MutexLock lock(&mu_);
     problem_ = *std::move(p);
-    lease_ = *std::move(lease);
+    lease_ = std::make_shared<memory::Buffer>(*std::move(lease));
     header_seen_ = true;
     total_tokens_ = problem_.batch * problem_.seq_len;
     chunk_tokens_ = std::max<int64_t>(1, static_cast<int64_t>(chunk_bytes_ / problem_.token_bytes));
@@ -255,10 +258,10 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
     return absl::OkStatus();
   }
 
-  absl::Status OnChunk(const v1::Chunk& chunk,
+  absl::Status OnChunk(const AttendBytes& chunk,
                        std::vector<std::unique_ptr<InferenceRequest>>* ready) {
-    const int t = static_cast<int>(chunk.tensor()) - 1;
-    const size_t bytes = chunk.data().size();
+    const int64_t t = static_cast<int64_t>(chunk.tensor()) - 1;
+    const size_t bytes = chunk.data_size();
     int64_t tokens = 0;
     std::byte* dst = nullptr;
     {
@@ -289,7 +292,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
     }
     // Outside the lock: completions on the engine thread need it, and nothing else writes
     // these bytes (reads are handled one at a time) or reads them before they are published.
-    std::memcpy(dst, chunk.data().data(), bytes);
+    chunk.CopyData(dst);  // from gRPC's receive buffers, the one copy
     service_->metrics_->bytes_in->Increment(static_cast<double>(bytes));
     absl::MutexLock lock(&mu_);
     arrived_[t] += tokens;
@@ -306,7 +309,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
   }
 
   std::byte* Tensor(int t) {
-    return static_cast<std::byte*>(lease_.data()) + static_cast<size_t>(t) * problem_.tensor_bytes;
+    return static_cast<std::byte*>(lease_->data()) + static_cast<size_t>(t) * problem_.tensor_bytes;
   }
 
   std::unique_ptr<InferenceRequest> MakeRequestLocked(int64_t first, int64_t len)
@@ -363,25 +366,24 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
   void Progress() {
     enum { kNothing, kWrite, kFinish } action = kNothing;
     grpc::Status final_status;
-    const char* data = nullptr;  // output to copy into the message, outside the lock
-    size_t data_bytes = 0;
+    int64_t output_token = -1;  // the output chunk to frame, outside the lock
+    size_t output_offset = 0, output_bytes = 0;
+    v1::AttendResponse accepted;
     {
       absl::MutexLock lock(&mu_);
       if (finished_ || writing_) return;
       if (error_.ok() && accepted_pending_) {
-        outgoing_.Clear();
-        v1::Accepted* a = outgoing_.mutable_accepted();
+        v1::Accepted* a = accepted.mutable_accepted();
         a->set_stretch_tokens(problem_.stretch);
         a->set_max_chunk_bytes(chunk_tokens_ * static_cast<int64_t>(problem_.token_bytes));
         accepted_pending_ = false;
         action = kWrite;
       } else if (error_.ok() && sent_until_ < computed_until_) {
         const int64_t n = std::min(chunk_tokens_, computed_until_ - sent_until_);
-        outgoing_.Clear();
-        outgoing_.mutable_output()->set_token(sent_until_);
-        data = reinterpret_cast<const char*>(Tensor(3)) +
-               static_cast<size_t>(sent_until_) * problem_.token_bytes;
-        data_bytes = static_cast<size_t>(n) * problem_.token_bytes;
+        output_token = sent_until_;
+        output_offset = 3 * problem_.tensor_bytes +
+                        static_cast<size_t>(sent_until_) * problem_.token_bytes;
+        output_bytes = static_cast<size_t>(n) * problem_.token_bytes;
         sent_until_ += n;
         action = kWrite;
       } else if (outstanding_ == 0 && !in_read_ &&
@@ -392,10 +394,14 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
       }
       if (action == kWrite) writing_ = true;
     }
-    // Only the one write in flight touches outgoing_, and computed output no longer changes.
-    if (data != nullptr) {
-      outgoing_.mutable_output()->set_data(data, data_bytes);
-      service_->metrics_->bytes_out->Increment(static_cast<double>(data_bytes));
+    // Only the one write in flight touches outgoing_, and computed output no longer changes; its
+    // message refers to the lease without a copy (lease_ is set once, before any output).
+    if (output_token >= 0) {
+      outgoing_ = AttendOutputBytes(output_token, lease_, output_offset, output_bytes);
+      service_->metrics_->bytes_out->Increment(static_cast<double>(output_bytes));
+    } else if (action == kWrite) {
+      grpc::Slice bytes(accepted.SerializeAsString());
+      outgoing_ = grpc::ByteBuffer(&bytes, 1);
     }
     if (action == kWrite) StartWrite(&outgoing_);
     if (action == kFinish) Finish(final_status);
@@ -405,14 +411,15 @@ class AttendReactor final : public grpc::ServerBidiReactor<v1::AttendRequest, v1
   AttendService* service_;
   ModelRegistry* registry_;
   const size_t chunk_bytes_;  // the most data an output message carries
-  v1::AttendRequest incoming_;
-  v1::AttendResponse outgoing_;  // the message being written
+  grpc::ByteBuffer incoming_;
+  grpc::ByteBuffer outgoing_;  // the message being written
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
 
   absl::Mutex mu_;
   bool header_seen_ ABSL_GUARDED_BY(mu_) = false;
   Problem problem_ ABSL_GUARDED_BY(mu_);
-  memory::Buffer lease_ ABSL_GUARDED_BY(mu_);  // Q, K, V, O, each tensor_bytes long
+  // Q, K, V, O, each tensor_bytes long; output messages in flight share it.
+  std::shared_ptr<memory::Buffer> lease_;
   absl::Time deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   int64_t total_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t chunk_tokens_ ABSL_GUARDED_BY(mu_) = 1;
@@ -461,7 +468,7 @@ AttendService::~AttendService() {
   if (watchdog_.joinable()) watchdog_.join();
 }
 
-grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* AttendService::Attend(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttendService::Attend(
     grpc::CallbackServerContext* ctx) {
   const size_t message = std::min(kAttendMessageBytes, max_message_bytes_);
   return new internal::AttendReactor(

@@ -38,7 +38,10 @@ namespace internal {
 class AttendReactor;
 }  // namespace internal
 
-class AttendService final : public dilattn::v1::DilatedAttention::CallbackService {
+// Messages are taken as raw bytes (grpc/wire.h): chunk data goes from gRPC's receive buffers
+// straight into the stream's lease, and output chunks are sent from the lease without a copy.
+class AttendService final : public dilattn::v1::DilatedAttention::WithRawCallbackMethod_Attend<
+                                dilattn::v1::DilatedAttention::Service> {
  public:
   // `max_message_bytes`: the server's limit on a message it sends. A stream whose input is not
   // complete and that sends nothing for `idle_timeout` ends with DEADLINE_EXCEEDED, which
@@ -47,7 +50,7 @@ class AttendService final : public dilattn::v1::DilatedAttention::CallbackServic
                 absl::Duration idle_timeout);
   ~AttendService() override;
 
-  grpc::ServerBidiReactor<dilattn::v1::AttendRequest, dilattn::v1::AttendResponse>* Attend(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Attend(
       grpc::CallbackServerContext* ctx) override;
 
  private:

@@ -11,6 +11,15 @@ namespace {
 constexpr int kRawInputContentsField = 7;    // ModelInferRequest.raw_input_contents
 constexpr int kRawOutputContentsField = 6;   // ModelInferResponse.raw_output_contents
 constexpr int kInferResponseField = 2;       // ModelStreamInferResponse.infer_response
+constexpr int kAttendHeaderField = 1;        // dilattn.v1.AttendRequest.header
+constexpr int kAttendChunkField = 2;         // dilattn.v1.AttendRequest.chunk
+constexpr int kChunkTensorField = 1;         // dilattn.v1.Chunk.tensor
+constexpr int kChunkTokenField = 2;          // dilattn.v1.Chunk.token
+constexpr int kChunkDataField = 3;           // dilattn.v1.Chunk.data
+constexpr int kAttendOutputField = 2;        // dilattn.v1.AttendResponse.output
+constexpr int kOutputTokenField = 1;         // dilattn.v1.OutputChunk.token
+constexpr int kOutputDataField = 2;          // dilattn.v1.OutputChunk.data
+constexpr int kVarint = 0;
 constexpr int kLengthDelimited = 2;
 constexpr size_t kMaxCopyThreads = 8;
 constexpr size_t kBytesPerCopyThread = size_t{32} << 20;
@@ -31,10 +40,12 @@ class Cursor {
   bool done() const { return index_ == slices_.size(); }
   size_t index() const { return index_; }
   size_t offset() const { return offset_; }
+  size_t consumed() const { return consumed_; }
 
   bool Byte(uint8_t* b) {
     if (done()) return false;
     *b = slices_[index_].begin()[offset_++];
+    ++consumed_;
     Settle();
     return true;
   }
@@ -57,6 +68,7 @@ class Cursor {
         out->append(reinterpret_cast<const char*>(slices_[index_].begin()) + offset_, here);
       }
       offset_ += here;
+      consumed_ += here;
       n -= here;
       Settle();
     }
@@ -73,7 +85,60 @@ class Cursor {
   const std::vector<grpc::Slice>& slices_;
   size_t index_ = 0;
   size_t offset_ = 0;
+  size_t consumed_ = 0;
 };
+
+// Skips one field's value of wire type `wire`; false when the bytes end first or the type is
+// not one of proto3's.
+bool SkipValue(Cursor& c, int wire) {
+  uint64_t v;
+  switch (wire) {
+    case 0: return c.Varint(&v);
+    case 1: return c.Take(8, nullptr);
+    case 2: return c.Varint(&v) && c.Take(static_cast<size_t>(v), nullptr);
+    case 5: return c.Take(4, nullptr);
+    default: return false;  // groups do not exist in proto3 messages
+  }
+}
+
+// Copies a run of a message's slices to dst; runs of hundreds of megabytes are spread over a
+// few threads, by whole slices, since one thread copies at a fraction of memory bandwidth.
+void CopySlices(const std::vector<grpc::Slice>& slices, const SliceRange& f, void* dst) {
+  struct Piece {
+    const unsigned char* src;
+    unsigned char* dst;
+    size_t bytes;
+  };
+  std::vector<Piece> pieces;
+  auto* out = static_cast<unsigned char*>(dst);
+  size_t index = f.slice;
+  size_t offset = f.offset;
+  size_t left = f.length;
+  while (left > 0) {
+    const size_t here = std::min(left, slices[index].size() - offset);
+    pieces.push_back({slices[index].begin() + offset, out, here});
+    out += here;
+    left -= here;
+    ++index;
+    offset = 0;
+  }
+  auto copy = [&](size_t begin, size_t end) {
+    for (size_t p = begin; p < end; ++p) std::memcpy(pieces[p].dst, pieces[p].src, pieces[p].bytes);
+  };
+  const size_t threads = std::min<size_t>(kMaxCopyThreads, f.length / kBytesPerCopyThread + 1);
+  if (threads <= 1 || pieces.size() < threads) {
+    copy(0, pieces.size());
+    return;
+  }
+  std::vector<std::thread> workers;
+  const size_t per = (pieces.size() + threads - 1) / threads;
+  for (size_t t = 1; t < threads; ++t) {
+    workers.emplace_back(copy, std::min(pieces.size(), t * per),
+                         std::min(pieces.size(), (t + 1) * per));
+  }
+  copy(0, std::min(pieces.size(), per));
+  for (std::thread& w : workers) w.join();
+}
 
 // Owns an output lease until gRPC lets go of the slice that points into it.
 void ReleaseLease(void* lease) { delete static_cast<memory::Buffer*>(lease); }
@@ -108,7 +173,7 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
     if (field == kRawInputContentsField && wire == kLengthDelimited) {
       uint64_t length;
       if (!c.Varint(&length)) return malformed;
-      const Field f{c.index(), c.offset(), static_cast<size_t>(length)};
+      const SliceRange f{c.index(), c.offset(), static_cast<size_t>(length)};
       if (!c.Take(static_cast<size_t>(length), nullptr)) return malformed;
       r.raw_.push_back(f);
       continue;
@@ -142,44 +207,99 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
   return r;
 }
 
-void RequestBytes::CopyRaw(size_t i, void* dst) const {
-  struct Piece {
-    const unsigned char* src;
-    unsigned char* dst;
-    size_t bytes;
-  };
-  const Field& f = raw_[i];
-  std::vector<Piece> pieces;
-  auto* out = static_cast<unsigned char*>(dst);
-  size_t index = f.slice;
-  size_t offset = f.offset;
-  size_t left = f.length;
-  while (left > 0) {
-    const size_t here = std::min(left, slices_[index].size() - offset);
-    pieces.push_back({slices_[index].begin() + offset, out, here});
-    out += here;
-    left -= here;
-    ++index;
-    offset = 0;
+void RequestBytes::CopyRaw(size_t i, void* dst) const { CopySlices(slices_, raw_[i], dst); }
+
+absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) {
+  AttendBytes r;
+  if (!message.Dump(&r.slices_).ok()) {
+    return absl::InvalidArgumentError("message could not be read");
   }
-  auto copy = [&](size_t begin, size_t end) {
-    for (size_t p = begin; p < end; ++p) std::memcpy(pieces[p].dst, pieces[p].src, pieces[p].bytes);
-  };
-  // One thread copies at a fraction of memory bandwidth: tensors of hundreds of megabytes are
-  // spread over a few threads, by runs of whole slices.
-  const size_t threads =
-      std::min<size_t>(kMaxCopyThreads, f.length / kBytesPerCopyThread + 1);
-  if (threads <= 1 || pieces.size() < threads) {
-    copy(0, pieces.size());
-    return;
+  const absl::Status malformed = absl::InvalidArgumentError(
+      "message is not a valid dilattn.v1.AttendRequest (malformed or truncated protobuf)");
+  std::string header;  // every occurrence, concatenated: protobuf merges them so
+  Cursor c(r.slices_);
+  while (!c.done()) {
+    uint64_t tag;
+    if (!c.Varint(&tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF) return malformed;
+    const uint64_t field = tag >> 3;
+    const int wire = static_cast<int>(tag & 7);
+    if (field == kAttendHeaderField && wire == kLengthDelimited) {
+      uint64_t length;
+      std::string occurrence;
+      if (!c.Varint(&length) || !c.Take(static_cast<size_t>(length), &occurrence)) {
+        return malformed;
+      }
+      // Each occurrence must parse on its own, as protobuf parses it even when a later chunk
+      // replaces it.
+      if (dilattn::v1::Header alone; !alone.ParseFromString(occurrence)) return malformed;
+      header += occurrence;
+      if (r.which_ != Which::kHeader) {  // the oneof switches: the chunk's fields are dropped
+        r.tensor_ = 0;
+        r.token_ = 0;
+        r.data_ = {};
+      }
+      r.which_ = Which::kHeader;
+    } else if (field == kAttendChunkField && wire == kLengthDelimited) {
+      uint64_t length;
+      if (!c.Varint(&length)) return malformed;
+      if (r.which_ != Which::kChunk) header.clear();
+      r.which_ = Which::kChunk;
+      const size_t end = c.consumed() + static_cast<size_t>(length);
+      if (end < c.consumed()) return malformed;
+      while (c.consumed() < end) {
+        uint64_t inner;
+        if (!c.Varint(&inner) || (inner >> 3) == 0 || (inner >> 3) > 0x1FFFFFFF) return malformed;
+        const uint64_t f = inner >> 3;
+        const int w = static_cast<int>(inner & 7);
+        uint64_t v;
+        if (f == kChunkTensorField && w == kVarint) {
+          if (!c.Varint(&v)) return malformed;
+          r.tensor_ = static_cast<int32_t>(v);  // an int32 enum: the low 32 bits, as protobuf
+        } else if (f == kChunkTokenField && w == kVarint) {
+          if (!c.Varint(&v)) return malformed;
+          r.token_ = static_cast<int64_t>(v);
+        } else if (f == kChunkDataField && w == kLengthDelimited) {
+          if (!c.Varint(&v)) return malformed;
+          r.data_ = {c.index(), c.offset(), static_cast<size_t>(v)};
+          if (!c.Take(static_cast<size_t>(v), nullptr)) return malformed;
+        } else if (!SkipValue(c, w)) {
+          return malformed;
+        }
+        if (c.consumed() > end) return malformed;  // a field ran past the chunk
+      }
+    } else if (!SkipValue(c, wire)) {
+      return malformed;
+    }
   }
-  std::vector<std::thread> workers;
-  const size_t per = (pieces.size() + threads - 1) / threads;
-  for (size_t t = 1; t < threads; ++t) {
-    workers.emplace_back(copy, std::min(pieces.size(), t * per), std::min(pieces.size(), (t + 1) * per));
-  }
-  copy(0, std::min(pieces.size(), per));
-  for (std::thread& w : workers) w.join();
+  if (r.which_ == Which::kHeader && !r.header_.ParseFromString(header)) return malformed;
+  return r;
+}
+
+void AttendBytes::CopyData(void* dst) const { CopySlices(slices_, data_, dst); }
+
+namespace {
+void ReleaseSharedLease(void* lease) {
+  delete static_cast<std::shared_ptr<const memory::Buffer>*>(lease);
+}
+}  // namespace
+
+grpc::ByteBuffer AttendOutputBytes(int64_t token, std::shared_ptr<const memory::Buffer> lease,
+                                   size_t offset, size_t bytes) {
+  std::string chunk;  // OutputChunk up to its data's bytes
+  AppendVarint(&chunk, (kOutputTokenField << 3) | kVarint);
+  AppendVarint(&chunk, static_cast<uint64_t>(token));
+  AppendVarint(&chunk, (kOutputDataField << 3) | kLengthDelimited);
+  AppendVarint(&chunk, bytes);
+  std::string prefix;
+  AppendVarint(&prefix, (kAttendOutputField << 3) | kLengthDelimited);
+  AppendVarint(&prefix, chunk.size() + bytes);
+  prefix += chunk;
+  grpc::Slice head(prefix);
+  const char* data = static_cast<const char*>(lease->data()) + offset;
+  grpc::Slice body(const_cast<char*>(data), bytes, &ReleaseSharedLease,
+                   new std::shared_ptr<const memory::Buffer>(std::move(lease)));
+  grpc::Slice parts[2] = {std::move(head), std::move(body)};
+  return grpc::ByteBuffer(parts, 2);
 }
 
 grpc::ByteBuffer InferResponseBytes(const inference::ModelInferResponse& header,
