@@ -207,7 +207,9 @@ def test_cli_attend_equals_unary_infer(server):
         sums[command] = float(re.search(r"sum (\S+)", out).group(1))
         if command == "attend":
             assert "stretches of 1024 tokens" in out, out
-    assert sums["attend"] == pytest.approx(sums["infer"], rel=1e-6, abs=1e-6), sums
+    # On the GPU the fp32 tensors are computed in fp16, as stretches or as one problem.
+    tolerance = 1e-3 if reference.ON_GPU else 1e-6
+    assert sums["attend"] == pytest.approx(sums["infer"], rel=tolerance, abs=tolerance), sums
 
 
 def test_python_client_attend(server):
