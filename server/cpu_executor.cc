@@ -133,40 +133,40 @@ class CpuExecutor final : public Executor {
 
 Job::~Job() = default;
 
-bool RunsInPlaceOnHost(const Job& job) {
-  if (job.requests.size() != 1) return false;
-  const InferenceRequest& r = *job.requests.front();
-  // Shared-memory tensors sit at whatever offsets the client chose: the kernels need whole
-  // elements, and O must not overlap an input it is computed from.
-  const size_t element = attention::DTypeSize(r.dtype);
+namespace {
+
+// Whether Q, K, V and the output range (when the request gives one) all start on `align`-byte
+// boundaries and the output overlaps no input: O is written while the inputs are still read.
+bool AlignedWithoutOverlap(const InferenceRequest& r, size_t align) {
   const std::byte* o = r.output_target.data;
-  if (o != nullptr && reinterpret_cast<uintptr_t>(o) % element != 0) return false;
+  if (o != nullptr && reinterpret_cast<uintptr_t>(o) % align != 0) return false;
   for (absl::string_view in : {r.q, r.k, r.v}) {
     const auto* b = reinterpret_cast<const std::byte*>(in.data());
-    if (reinterpret_cast<uintptr_t>(b) % element != 0) return false;
+    if (reinterpret_cast<uintptr_t>(b) % align != 0) return false;
     if (o != nullptr && b < o + r.tensor_bytes && o < b + in.size()) return false;
   }
   return true;
 }
 
+}  // namespace
+
+bool RunsInPlaceOnHost(const Job& job) {
+  // Shared-memory tensors sit at whatever offsets the client chose: the kernels need whole
+  // elements.
+  return job.requests.size() == 1 &&
+         AlignedWithoutOverlap(*job.requests.front(),
+                               attention::DTypeSize(job.requests.front()->dtype));
+}
+
 bool RunsInPlace(const Job& job, bool convert, int device) {
   if (convert || job.requests.size() != 1) return false;
   const InferenceRequest& r = *job.requests.front();
-  const std::byte* o = r.output_target.data;
-  if (o == nullptr || r.output_target.device != device ||
-      reinterpret_cast<uintptr_t>(o) % 16 != 0) {
-    return false;
-  }
+  if (r.output_target.data == nullptr || r.output_target.device != device) return false;
   const absl::string_view in[3] = {r.q, r.k, r.v};
   for (int i = 0; i < 3; ++i) {
-    const auto* b = reinterpret_cast<const std::byte*>(in[i].data());
-    if (r.input_device[i] != device || reinterpret_cast<uintptr_t>(b) % 16 != 0 ||
-        in[i].size() != r.tensor_bytes) {
-      return false;
-    }
-    if (b < o + r.tensor_bytes && o < b + in[i].size()) return false;
+    if (r.input_device[i] != device || in[i].size() != r.tensor_bytes) return false;
   }
-  return true;
+  return AlignedWithoutOverlap(r, 16);  // the kernel's 16-byte loads and stores
 }
 
 JobPlans PlanJob(const Job& job, attention::DType dtype) {
