@@ -11,10 +11,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "kernels/common/quote.h"
 #include "server/grpc/infer_parser.h"
 #include "server/grpc/inference_service.h"
 #include "server/grpc/wire.h"
@@ -80,7 +78,7 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
       return Invalid(absl::StrCat("header: datatype ", static_cast<int>(h.datatype()), " (",
                                   v1::DataType_Name(h.datatype()), ") is not FP32, FP16 or BF16"));
   }
-  const std::string shape_text = absl::StrCat("[", absl::StrJoin(h.shape(), ","), "]");
+  const std::string shape_text = ShapeText(h.shape());
   if (h.shape_size() != 4) {
     return Invalid(absl::StrCat("header: shape ", shape_text, " has ", h.shape_size(),
                                 " dims; expected [B, N, H, D]"));
@@ -102,11 +100,7 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
   }
   p.token_bytes = static_cast<size_t>(token);
   p.tensor_bytes = static_cast<size_t>(four / 4);
-  if (h.priority() >= 1 && h.priority() <= static_cast<uint32_t>(spec.batching.priority_levels)) {
-    p.priority = static_cast<int>(h.priority());
-  } else {
-    p.priority = spec.batching.default_priority;
-  }
+  p.priority = PriorityLevel(spec, h.priority());
   for (const auto& [key, value] : h.parameters()) {
     if (absl::Status s =
             ApplyOperatorParameter(key, ParamValue(value), "header parameter", &p.options);
@@ -271,22 +265,23 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
         return Invalid(
             absl::StrCat("chunk: tensor ", static_cast<int>(chunk.tensor()), " is not Q, K or V"));
       }
-      static constexpr char kNames[] = "QKV";
-      const std::string what =
-          absl::StrCat("chunk of ", std::string(1, kNames[t]), " at token ", chunk.token());
+      // The message is built only for a bad chunk, not for every good one.
+      auto bad = [&](const auto&... why) {
+        static constexpr char kNames[] = "QKV";
+        return Invalid(absl::StrCat("chunk of ", absl::string_view(&kNames[t], 1), " at token ",
+                                    chunk.token(), ": ", why...));
+      };
       if (chunk.token() != arrived_[t]) {
-        return Invalid(absl::StrCat(what, ": expected token ", arrived_[t],
-                                    " (each tensor's chunks come in order, without gaps)"));
+        return bad("expected token ", arrived_[t],
+                   " (each tensor's chunks come in order, without gaps)");
       }
       if (bytes == 0 || bytes % problem_.token_bytes != 0) {
-        return Invalid(absl::StrCat(what, ": ", bytes,
-                                    " bytes is not a positive whole number of tokens of ",
-                                    problem_.token_bytes, " bytes"));
+        return bad(bytes, " bytes is not a positive whole number of tokens of ",
+                   problem_.token_bytes, " bytes");
       }
       tokens = static_cast<int64_t>(bytes / problem_.token_bytes);
       if (tokens > total_tokens_ - arrived_[t]) {
-        return Invalid(absl::StrCat(what, ": ", tokens, " tokens run past the ", total_tokens_,
-                                    " of the header's shape"));
+        return bad(tokens, " tokens run past the ", total_tokens_, " of the header's shape");
       }
       dst = Tensor(t) + static_cast<size_t>(arrived_[t]) * problem_.token_bytes;
     }
@@ -368,14 +363,16 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     grpc::Status final_status;
     int64_t output_token = -1;  // the output chunk to frame, outside the lock
     size_t output_offset = 0, output_bytes = 0;
-    v1::AttendResponse accepted;
+    std::string accepted;  // the serialized Accepted message, when that is the one due
     {
       absl::MutexLock lock(&mu_);
       if (finished_ || writing_) return;
       if (error_.ok() && accepted_pending_) {
-        v1::Accepted* a = accepted.mutable_accepted();
-        a->set_stretch_tokens(problem_.stretch);
-        a->set_max_chunk_bytes(chunk_tokens_ * static_cast<int64_t>(problem_.token_bytes));
+        v1::AttendResponse message;
+        message.mutable_accepted()->set_stretch_tokens(problem_.stretch);
+        message.mutable_accepted()->set_max_chunk_bytes(chunk_tokens_ *
+                                                        static_cast<int64_t>(problem_.token_bytes));
+        accepted = message.SerializeAsString();
         accepted_pending_ = false;
         action = kWrite;
       } else if (error_.ok() && sent_until_ < computed_until_) {
@@ -400,7 +397,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       outgoing_ = AttendOutputBytes(output_token, lease_, output_offset, output_bytes);
       service_->metrics_->bytes_out->Increment(static_cast<double>(output_bytes));
     } else if (action == kWrite) {
-      grpc::Slice bytes(accepted.SerializeAsString());
+      grpc::Slice bytes(accepted);
       outgoing_ = grpc::ByteBuffer(&bytes, 1);
     }
     if (action == kWrite) StartWrite(&outgoing_);

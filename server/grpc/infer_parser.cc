@@ -92,10 +92,6 @@ absl::StatusOr<SharedRef> TensorParameters(
   return ref;
 }
 
-std::string ShapeText(const google::protobuf::RepeatedField<int64_t>& shape) {
-  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
-}
-
 }  // namespace
 
 const char* DatatypeName(attention::DType dtype) {
@@ -105,6 +101,17 @@ const char* DatatypeName(attention::DType dtype) {
     case attention::DType::kBFloat16: return "BF16";
   }
   return "INVALID";
+}
+
+std::string ShapeText(const google::protobuf::RepeatedField<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+int PriorityLevel(const ModelSpec& spec, uint64_t requested) {
+  // As Triton: 0 or a level beyond the model's means the default level.
+  return requested >= 1 && requested <= static_cast<uint64_t>(spec.batching.priority_levels)
+             ? static_cast<int>(requested)
+             : spec.batching.default_priority;
 }
 
 absl::Status CheckDims(const ModelSpec& spec, const google::protobuf::RepeatedField<int64_t>& shape,
@@ -311,11 +318,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
       if (u == nullptr && (i == nullptr || *i < 0)) {
         return Invalid("request parameter 'priority' must be an unsigned integer");
       }
-      const uint64_t level = u != nullptr ? *u : static_cast<uint64_t>(*i);
-      // As Triton: 0 or a level beyond the model's means the default level.
-      if (level >= 1 && level <= static_cast<uint64_t>(spec.batching.priority_levels)) {
-        r->priority = static_cast<int>(level);
-      }
+      r->priority = PriorityLevel(spec, u != nullptr ? *u : static_cast<uint64_t>(*i));
     } else if (key == "timeout") {
       const int64_t* us = std::get_if<int64_t>(&*v);
       const uint64_t* uus = std::get_if<uint64_t>(&*v);

@@ -29,6 +29,12 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
 
 const char* DatatypeName(attention::DType dtype);
 
+// "[1,4096,8,64]", for messages.
+std::string ShapeText(const google::protobuf::RepeatedField<int64_t>& shape);
+
+// The priority level a request asking for `requested` gets.
+int PriorityLevel(const ModelSpec& spec, uint64_t requested);
+
 // A [B, N, H, D] shape (4 dims) against the model: every dim >= 1, and N, H, D as the model fixes
 // them. `what` names the shape's owner in messages ("input 'Q'").
 absl::Status CheckDims(const ModelSpec& spec, const google::protobuf::RepeatedField<int64_t>& shape,

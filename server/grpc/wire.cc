@@ -216,7 +216,6 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
   }
   const absl::Status malformed = absl::InvalidArgumentError(
       "message is not a valid dilattn.v1.AttendRequest (malformed or truncated protobuf)");
-  std::string header;  // every occurrence, concatenated: protobuf merges them so
   Cursor c(r.slices_);
   while (!c.done()) {
     uint64_t tag;
@@ -229,20 +228,19 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
       if (!c.Varint(&length) || !c.Take(static_cast<size_t>(length), &occurrence)) {
         return malformed;
       }
-      // Each occurrence must parse on its own, as protobuf parses it even when a later chunk
-      // replaces it.
-      if (dilattn::v1::Header alone; !alone.ParseFromString(occurrence)) return malformed;
-      header += occurrence;
       if (r.which_ != Which::kHeader) {  // the oneof switches: the chunk's fields are dropped
         r.tensor_ = 0;
         r.token_ = 0;
         r.data_ = {};
       }
       r.which_ = Which::kHeader;
+      // Occurrences merge, as protobuf merges them; each must parse, also one that a later
+      // chunk replaces.
+      if (!r.header_.MergeFromString(occurrence)) return malformed;
     } else if (field == kAttendChunkField && wire == kLengthDelimited) {
       uint64_t length;
       if (!c.Varint(&length)) return malformed;
-      if (r.which_ != Which::kChunk) header.clear();
+      if (r.which_ != Which::kChunk) r.header_.Clear();
       r.which_ = Which::kChunk;
       const size_t end = c.consumed() + static_cast<size_t>(length);
       if (end < c.consumed()) return malformed;
@@ -271,7 +269,6 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
       return malformed;
     }
   }
-  if (r.which_ == Which::kHeader && !r.header_.ParseFromString(header)) return malformed;
   return r;
 }
 
