@@ -268,9 +268,9 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
   h->set_model(options.model);
   h->set_id(options.id);
   h->set_priority(options.priority);
-  h->set_datatype(q.dtype == attention::DType::kFloat32   ? dilattn::v1::FP32
-                  : q.dtype == attention::DType::kFloat16 ? dilattn::v1::FP16
-                                                          : dilattn::v1::BF16);
+  dilattn::v1::DataType datatype = dilattn::v1::DATA_TYPE_UNSPECIFIED;
+  dilattn::v1::DataType_Parse(Datatype(q.dtype), &datatype);  // the enum's names are KServe's
+  h->set_datatype(datatype);
   for (int64_t d : q.shape) h->add_shape(d);
   for (const auto& [key, value] : options.parameters) (*h->mutable_parameters())[key] = value;
   bool writing = stream->Write(msg);
