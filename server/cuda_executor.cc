@@ -1,9 +1,9 @@
-// The GPU executor: dilated attention in fp16/bf16 on the fused kernel (fp32 requests are
-// converted to fp16 on the device, refused if a value overflows fp16), everything the kernel
-// does not cover on the CPU path. Two streams alternate between consecutive jobs, so a job's
-// host-to-device copies overlap the previous job's kernel; buffers come from a device pool and a
-// pinned staging pool. A lone request whose tensors all lie in CUDA shared memory on this device
-// runs in place, on the client's ranges.
+// The GPU executor: dilated and block-sparse attention in fp16/bf16 on the fused kernels (fp32
+// requests are converted to fp16 on the device, refused if a value overflows fp16), everything
+// the kernels do not cover on the CPU path. Two streams alternate between consecutive jobs, so a
+// job's host-to-device copies overlap the previous job's kernel; buffers come from a device pool
+// and a pinned staging pool. A lone request whose tensors all lie in CUDA shared memory on this
+// device runs in place, on the client's ranges.
 
 #include <cuda_runtime_api.h>
 
@@ -65,6 +65,10 @@ class CudaExecutor final : public Executor {
           attention::CreateCudaBackend({device_, streams_[i]});
       if (!gpu.ok()) return gpu.status();
       gpu_[i] = *std::move(gpu);
+      absl::StatusOr<std::unique_ptr<block_sparse::BlockSparseBackend>> sparse =
+          block_sparse::CreateCudaBlockSparseBackend({device_, streams_[i]});
+      if (!sparse.ok()) return sparse.status();
+      sparse_gpu_[i] = *std::move(sparse);
     }
     absl::StatusOr<std::unique_ptr<Executor>> cpu = CreateCpuExecutor(options_);
     if (!cpu.ok()) return cpu.status();
@@ -107,14 +111,20 @@ class CudaExecutor final : public Executor {
     return out;
   }
 
-  // The one selector: the fused kernel when it takes the request, else the CPU path.
+  // The one selector: the fused kernels when they take the request, else the CPU path.
   absl::StatusOr<bool> OnGpu(const InferenceRequest& r) const {
+    const attention::ProblemShape shape =
+        attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim);
     if (r.options.kind == OperatorKind::kDilatedAttention) {
-      absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
-          r.options.dilated,
-          attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim));
+      absl::StatusOr<attention::AttentionPlan> plan =
+          attention::PlanAttention(r.options.dilated, shape);
       if (!plan.ok()) return plan.status();
       if (gpu_[0]->Supports(*plan).ok()) return true;
+    } else {
+      absl::StatusOr<block_sparse::BlockSparsePlan> plan =
+          block_sparse::PlanBlockSparse(r.options.sparse, shape);
+      if (!plan.ok()) return plan.status();
+      if (sparse_gpu_[0]->Supports(*plan).ok()) return true;
     }
     if (absl::Status s = cpu_->Supports(r); !s.ok()) return s;
     return false;
@@ -132,9 +142,13 @@ class CudaExecutor final : public Executor {
     const attention::DType compute = ComputeType(in_type);
     const bool convert = in_type != compute;
     JobPlans plans = PlanJob(job, compute);
-    if (!plans.dilated.ok()) return plans.dilated.status();
-    const attention::AttentionPlan& plan = *plans.dilated;
-    const size_t dev_bytes = plan.tensor_bytes;
+    const bool sparse = job.requests.front()->options.kind == OperatorKind::kBlockSparse;
+    if (absl::Status s = sparse ? plans.sparse.status() : plans.dilated.status(); !s.ok()) {
+      return s;
+    }
+    const size_t dev_bytes = sparse ? plans.sparse->tensor_bytes : plans.dilated->tensor_bytes;
+    const size_t workspace_bytes = sparse ? sparse_gpu_[0]->WorkspaceBytes(*plans.sparse)
+                                          : gpu_[0]->WorkspaceBytes(*plans.dilated);
     const size_t in_bytes =
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     const absl::Time deadline = job.start + options_.pool_wait;
@@ -150,8 +164,8 @@ class CudaExecutor final : public Executor {
     if (!flag.ok()) return flag.status();
     std::vector<memory::Buffer> dev;
     for (size_t bytes : {tensor_lease, tensor_lease, tensor_lease, tensor_lease,
-                         std::max<size_t>(1, gpu_[0]->WorkspaceBytes(plan)),
-                         convert ? in_bytes : size_t{1}, size_t{sizeof(int)}}) {
+                         std::max<size_t>(1, workspace_bytes), convert ? in_bytes : size_t{1},
+                         size_t{sizeof(int)}}) {
       absl::StatusOr<memory::Buffer> b = device_pool_->Acquire(bytes, deadline);
       if (!b.ok()) return b.status();
       dev.push_back(*std::move(b));
@@ -203,11 +217,13 @@ class CudaExecutor final : public Executor {
         if (t == 3) return r.output_target.data;
         return const_cast<char*>((t == 0 ? r.q : t == 1 ? r.k : r.v).data());
       };
-      s = gpu_[job.stream]->Run(
-          plan,
-          {{tensor(0), dev_bytes, loc}, {tensor(1), dev_bytes, loc},
-           {tensor(2), dev_bytes, loc}, {tensor(3), dev_bytes, loc}},
-          {dev[4].data(), dev[4].size(), loc});
+      const attention::AttentionTensors tensors{{tensor(0), dev_bytes, loc},
+                                                {tensor(1), dev_bytes, loc},
+                                                {tensor(2), dev_bytes, loc},
+                                                {tensor(3), dev_bytes, loc}};
+      const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
+      s = sparse ? sparse_gpu_[job.stream]->Run(*plans.sparse, tensors, workspace)
+                 : gpu_[job.stream]->Run(*plans.dilated, tensors, workspace);
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->computed, stream), "event");
     if (s.ok() && convert) {
@@ -278,6 +294,7 @@ class CudaExecutor final : public Executor {
   const ExecutorOptions options_;
   cudaStream_t streams_[2] = {nullptr, nullptr};
   std::unique_ptr<attention::AttentionBackend> gpu_[2];
+  std::unique_ptr<block_sparse::BlockSparseBackend> sparse_gpu_[2];
   std::unique_ptr<Executor> cpu_;
   std::unique_ptr<memory::BufferPool> device_pool_;
   std::unique_ptr<memory::BufferPool> pinned_pool_;

@@ -68,6 +68,9 @@ struct BlockSparsePlan {
   std::vector<int32_t> seq_layout;   // layout index of each sequence
   size_t tensor_bytes = 0;
   float scale = 0;
+  // Sizes, strides, dtype, causal and scale as the GPU kernels take them (pointers unset; the
+  // branch fields are a stand-in branch of the block size, unused).
+  attention::DilatedAttentionParams params{};
   double flops = 0;          // 4 * D per visible (query, key) pair and head
   int64_t kept_pairs = 0;    // (query block, key block) pairs over all sequences, per head
 };
@@ -89,6 +92,12 @@ class BlockSparseBackend {
 
 absl::StatusOr<std::unique_ptr<BlockSparseBackend>> CreateCpuBlockSparseBackend(
     const attention::CpuBackendOptions& options);
+
+// The fused GPU kernels over the pattern's key runs (fp16 and bf16; the head dims
+// cuda::BlockSparseSupportsHeadDim lists). Run() enqueues on the options' stream and returns.
+// FAILED_PRECONDITION in a build without CUDA or without the device.
+absl::StatusOr<std::unique_ptr<BlockSparseBackend>> CreateCudaBlockSparseBackend(
+    const attention::CudaBackendOptions& options);
 
 // Float64, one explicit softmax per query over its visible keys. Host memory only.
 absl::Status ReferenceBlockSparse(const BlockSparsePlan& plan,

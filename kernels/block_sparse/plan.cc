@@ -203,6 +203,8 @@ absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& option
   plan.seq_offsets = base->seq_offsets;
   plan.tensor_bytes = base->tensor_bytes;
   plan.scale = base->params.scale;
+  plan.params = base->params;
+  plan.params.causal = options.causal;
   std::map<int64_t, int32_t> by_length;
   for (int64_t n : shape.seq_lengths) {
     auto [it, inserted] = by_length.try_emplace(n, static_cast<int32_t>(plan.layouts.size()));

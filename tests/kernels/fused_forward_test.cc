@@ -14,6 +14,7 @@
 #include "kernels/attention/attention.h"
 #include "kernels/attention/gpu_tiles.h"
 #include "tests/common/conformance.h"
+#include "tests/common/gpu_test_util.h"
 #include "tests/common/random_config.h"
 #include "tests/common/run_util.h"
 #include "tests/common/test_util.h"
@@ -23,66 +24,12 @@ namespace {
 
 using attention::DType;
 
-bool HaveDevice() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return n > 0;
-}
-
-#define REQUIRE_GPU()                                          \
-  do {                                                         \
-    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device here"; \
-  } while (0)
-
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  explicit DeviceBuffer(size_t n) : bytes(n) {
-    if (n > 0 && cudaMalloc(&ptr, n) != cudaSuccess) ptr = nullptr;
-  }
-  ~DeviceBuffer() {
-    if (ptr != nullptr) cudaFree(ptr);
-  }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
-
-// Runs the CUDA backend on host tensors: uploads Q, K, V, poisons O with NaN bytes, runs,
-// downloads O into `out`.
-// `o_offset` bytes into its allocation, O may be placed off the 16-byte alignment.
+// Uploads Q, K, V, poisons O with NaN bytes, runs, downloads O into `out`; O placed `o_offset`
+// bytes into its allocation (off the 16-byte alignment for some tests).
 absl::Status RunOnGpu(attention::AttentionBackend& gpu, const attention::AttentionPlan& plan,
                       const TypedBuffer& q, const TypedBuffer& k, const TypedBuffer& v,
                       TypedBuffer* out, size_t o_offset = 0) {
-  const size_t bytes = plan.tensor_bytes;
-  DeviceBuffer dq(bytes), dk(bytes), dv(bytes), dout_alloc(bytes + 16);
-  void* const dout =
-      dout_alloc.ptr == nullptr ? nullptr : static_cast<unsigned char*>(dout_alloc.ptr) + o_offset;
-  DeviceBuffer ws(std::max<size_t>(1, gpu.WorkspaceBytes(plan)));
-  if (dq.ptr == nullptr || dk.ptr == nullptr || dv.ptr == nullptr || dout == nullptr ||
-      ws.ptr == nullptr) {
-    return absl::ResourceExhaustedError("cudaMalloc failed");
-  }
-  cudaMemcpy(dq.ptr, const_cast<TypedBuffer&>(q).data(), bytes, cudaMemcpyHostToDevice);
-  cudaMemcpy(dk.ptr, const_cast<TypedBuffer&>(k).data(), bytes, cudaMemcpyHostToDevice);
-  cudaMemcpy(dv.ptr, const_cast<TypedBuffer&>(v).data(), bytes, cudaMemcpyHostToDevice);
-  cudaMemset(dout, 0xff, bytes);  // all-ones bits: NaN in fp16 and bf16
-  const DeviceLoc dev = gpu.location();
-  absl::Status s = gpu.Run(plan,
-                           {{dq.ptr, bytes, dev}, {dk.ptr, bytes, dev}, {dv.ptr, bytes, dev},
-                            {dout, bytes, dev}},
-                           {ws.ptr, ws.bytes, dev});
-  if (!s.ok()) return s;
-  if (cudaError_t e = cudaDeviceSynchronize(); e != cudaSuccess) {
-    return absl::InternalError(cudaGetErrorString(e));
-  }
-  if (cudaError_t e = cudaMemcpy(out->data(), dout, bytes, cudaMemcpyDeviceToHost);
-      e != cudaSuccess) {
-    return absl::InternalError(cudaGetErrorString(e));
-  }
-  return absl::OkStatus();
+  return RunOnDevice(gpu, plan, plan.tensor_bytes, q, k, v, out, o_offset);
 }
 
 std::unique_ptr<attention::AttentionBackend> Gpu() {

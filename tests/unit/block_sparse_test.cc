@@ -1,13 +1,16 @@
 // Block-sparse attention: the CPU backend and the reference against a naive implementation that
 // asks the pattern predicate about every (query, key) token pair; layout and validation checks.
 
+#include "kernels/block_sparse/block_sparse.h"
+
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/block_sparse/block_sparse.h"
+#include "kernels/block_sparse/gpu_work.h"
 #include "tests/common/random_config.h"
 #include "tests/common/test_util.h"
 
@@ -228,6 +231,96 @@ TEST(BlockSparse, FlopsCountVisiblePairs) {
   plan = PlanBlockSparse(o, attention::DenseShape(DType::kFloat32, 1, 10, 2, 8));
   ASSERT_TRUE(plan.ok());
   EXPECT_DOUBLE_EQ(plan->flops, 4.0 * 8 * 2 * (10 + 10 + 3));
+}
+
+// The GPU work list: every (sequence, head, position) in exactly one tile of consecutive rows
+// within one query block, each tile's runs exactly its block's selected keys (adjacent blocks
+// merged, ascending, none empty), lead_tiles the 64-key tiles of all runs but the last, costlier
+// tiles first, and the sizes CountBlockSparseGpuWork predicts.
+TEST(BlockSparseGpuWork, TilesCoverEveryQueryOnceWithExactlyItsBlocksKeys) {
+  const uint64_t seed = testing::TestSeed();
+  SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
+  SplitMix64 rng(seed);
+  for (int c = 0; c < 200; ++c) {
+    const BlockSparseOptions o = DrawOptions(rng);
+    attention::ProblemShape shape;
+    shape.dtype = DType::kBFloat16;
+    shape.num_heads = rng.Uniform(1, 3);
+    shape.head_dim = 64;
+    const int64_t min_len = o.pattern == Pattern::kExplicit ? 3 * o.block_size : 1;
+    for (int64_t s = rng.Uniform(1, 3); s > 0; --s) {
+      shape.seq_lengths.push_back(rng.Uniform(min_len, std::max<int64_t>(min_len, 400)));
+    }
+    const int block_m = rng.Uniform(0, 1) == 0 ? 64 : 128;
+    SCOPED_TRACE(absl::StrCat("config ", c, ": ", PatternName(o.pattern), " bs=", o.block_size,
+                              " block_m=", block_m, " ", attention::DescribeShape(shape)));
+    absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, shape);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    BlockSparseGpuWork work;
+    ASSERT_TRUE(BuildBlockSparseGpuWork(*plan, block_m, &work).ok());
+    const BlockSparseGpuWorkSizes sizes = CountBlockSparseGpuWork(*plan, block_m);
+    EXPECT_EQ(sizes.tiles, static_cast<int64_t>(work.tiles.size()));
+    EXPECT_EQ(sizes.rows, static_cast<int64_t>(work.rows.size()));
+    EXPECT_EQ(sizes.runs, static_cast<int64_t>(work.runs.size()));
+    ASSERT_EQ(work.tile_row.size(), work.tiles.size());
+
+    std::vector<int> seen(static_cast<size_t>(plan->seq_offsets.back() * shape.num_heads), 0);
+    int64_t last_cost = INT64_MAX;
+    for (size_t t = 0; t < work.tiles.size(); ++t) {
+      const attention::GpuTile& tile = work.tiles[t];
+      const BlockLayout& layout = plan->layouts[static_cast<size_t>(plan->seq_layout[tile.seq])];
+      ASSERT_EQ(tile.q_stride, 1);
+      ASSERT_GE(tile.count, 1);
+      ASSERT_LE(tile.count, block_m);
+      const int64_t block = tile.q_pos / o.block_size;
+      ASSERT_EQ(block, (tile.q_pos + tile.count - 1) / o.block_size) << "tile crosses a block";
+      ASSERT_LE(tile.q_pos + tile.count, layout.seq_len);
+      for (int r = 0; r < tile.count; ++r) {
+        ++seen[static_cast<size_t>(
+            (plan->seq_offsets[tile.seq] + tile.q_pos + r) * shape.num_heads + tile.head)];
+      }
+      std::vector<int64_t> want;
+      for (int64_t i = layout.row_begin[block]; i < layout.row_begin[block + 1]; ++i) {
+        const int64_t j = layout.cols[static_cast<size_t>(i)];
+        for (int64_t key = j * o.block_size; key < std::min((j + 1) * o.block_size, layout.seq_len);
+             ++key) {
+          want.push_back(key);
+        }
+      }
+      const attention::cuda::KeyRunRow& row = work.rows[static_cast<size_t>(work.tile_row[t])];
+      std::vector<int64_t> got;
+      int64_t lead_tiles = 0;
+      for (int32_t r = 0; r < row.num_runs; ++r) {
+        const attention::cuda::KeyRun& run = work.runs[static_cast<size_t>(row.run_begin + r)];
+        ASSERT_GT(run.count, 0);
+        if (!got.empty()) {
+          ASSERT_GT(run.first, got.back() + 1) << "adjacent runs not merged";
+        }
+        for (int32_t k = 0; k < run.count; ++k) got.push_back(run.first + k);
+        if (r + 1 < row.num_runs) lead_tiles += (run.count + 63) / 64;
+      }
+      EXPECT_EQ(got, want) << "tile " << t;
+      EXPECT_EQ(row.lead_tiles, lead_tiles);
+      const int64_t cost = tile.count * static_cast<int64_t>(want.size());
+      EXPECT_LE(cost, last_cost) << "tile " << t << " costlier than the one before";
+      last_cost = cost;
+    }
+    EXPECT_TRUE(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }));
+  }
+}
+
+TEST(BlockSparseGpuWork, RefusesTablesBeyondThirtyTwoBits) {
+  BlockSparseOptions o;
+  o.block_size = 1;
+  o.window = 0;
+  absl::StatusOr<BlockSparsePlan> plan =
+      PlanBlockSparse(o, attention::DenseShape(DType::kBFloat16, 1, 4, 1, 64));
+  ASSERT_TRUE(plan.ok());
+  plan->params.max_seq_len = attention::kGpuMaxSeqLen + 1;
+  BlockSparseGpuWork work;
+  const absl::Status s = BuildBlockSparseGpuWork(*plan, 128, &work);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("too large for the GPU tables"));
 }
 
 }  // namespace

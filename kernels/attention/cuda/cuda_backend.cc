@@ -12,7 +12,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/attention.h"
+#include "kernels/attention/cuda/checks.h"
 #include "kernels/attention/cuda/launch.h"
+#include "kernels/attention/cuda/staged_upload.h"
 #include "kernels/attention/gpu_tiles.h"
 
 namespace dilattn::attention {
@@ -22,11 +24,7 @@ constexpr size_t kAlign = 256;
 size_t AlignUp(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
 absl::Status CudaStatus(cudaError_t err, absl::string_view what) {
-  if (err == cudaSuccess) return absl::OkStatus();
-  const std::string message =
-      absl::StrCat(what, ": ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ")");
-  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
-  return absl::InternalError(message);
+  return cuda::CudaErrorStatus(err, what);
 }
 
 struct Layout {
@@ -46,15 +44,11 @@ Layout WorkspaceLayout(const AttentionPlan& plan, int64_t tiles) {
 class CudaBackend final : public AttentionBackend {
  public:
   CudaBackend(int device, cudaStream_t stream, int major, bool force_mma, std::string name)
-      : device_(device), stream_(stream), major_(major), force_mma_(force_mma),
+      : device_(device),
+        stream_(stream),
+        major_(major),
+        force_mma_(force_mma),
         name_(std::move(name)) {}
-  ~CudaBackend() override {
-    if (upload_done_ != nullptr) {
-      cudaEventSynchronize(upload_done_);
-      cudaEventDestroy(upload_done_);
-    }
-    if (staging_ != nullptr) cudaFreeHost(staging_);
-  }
 
   absl::string_view name() const override { return name_; }
   DeviceLoc location() const override { return DeviceLoc::Cuda(device_); }
@@ -62,37 +56,12 @@ class CudaBackend final : public AttentionBackend {
   // The one selector: Supports, WorkspaceBytes and Run all go through it.
   absl::Status Supports(const AttentionPlan& plan) const override {
     const DilatedAttentionParams& p = plan.params;
-    if (p.dtype == DType::kFloat32) {
-      return absl::InvalidArgumentError(
-          "the cuda backend computes on fp16 or bf16 tensors (the server converts fp32 "
-          "requests to fp16)");
-    }
-    if (!cuda::FusedForwardSupportsHeadDim(p.head_dim)) {
+    if (!cuda::FusedForwardSupportsHeadDim(p.head_dim) && p.dtype != DType::kFloat32) {
       return absl::InvalidArgumentError(
           absl::StrCat("head_dim D=", p.head_dim,
                        " is not supported by the cuda backend (16, 32, 64, 128, 256)"));
     }
-    if (p.max_seq_len > kGpuMaxSeqLen || p.num_heads > kGpuMaxHeads) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the cuda backend takes sequences of at most ", kGpuMaxSeqLen, " tokens and at most ",
-          kGpuMaxHeads, " heads, got N=", p.max_seq_len, " and H=", p.num_heads));
-    }
-    // The kernels form key-row offsets as 32-bit products; contiguous tensors have H * D.
-    constexpr int64_t kMaxRowStride = std::numeric_limits<int32_t>::max();
-    if (p.k_row_stride > kMaxRowStride || p.v_row_stride > kMaxRowStride) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the cuda backend takes K and V row strides of at most ", kMaxRowStride,
-          " elements, got ", p.k_row_stride, " and ", p.v_row_stride));
-    }
-    // Q, K and V rows are read in 16-byte pieces, O written in 4-byte (or 16-byte) pieces.
-    if (p.q_row_stride % 8 != 0 || p.k_row_stride % 8 != 0 || p.v_row_stride % 8 != 0 ||
-        p.o_row_stride % 2 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the cuda backend takes Q, K and V row strides that are multiples of 8 elements and O "
-          "row strides that are multiples of 2, got ", p.q_row_stride, ", ", p.k_row_stride, ", ",
-          p.v_row_stride, " and ", p.o_row_stride));
-    }
-    return absl::OkStatus();
+    return cuda::CheckCudaProblem(p);
   }
 
   size_t WorkspaceBytes(const AttentionPlan& plan) const override {
@@ -105,16 +74,7 @@ class CudaBackend final : public AttentionBackend {
                    TensorRef workspace) override {
     if (absl::Status s = Supports(plan); !s.ok()) return s;
     if (absl::Status s = CheckTensors(plan, tensors, location()); !s.ok()) return s;
-    // A misaligned address would fault inside the kernel and poison the CUDA context for every
-    // later request: refuse it here instead.
-    auto aligned = [](const void* ptr, uintptr_t to) {
-      return reinterpret_cast<uintptr_t>(ptr) % to == 0;
-    };
-    if (!aligned(tensors.q.data, 16) || !aligned(tensors.k.data, 16) ||
-        !aligned(tensors.v.data, 16) || !aligned(tensors.o.data, 4)) {
-      return absl::InvalidArgumentError(
-          "the cuda backend needs Q, K and V 16-byte aligned and O 4-byte aligned");
-    }
+    if (absl::Status s = cuda::CheckCudaTensorAlignment(tensors); !s.ok()) return s;
     if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
     if (absl::Status s = PlanTiles(plan); !s.ok()) return s;
     const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(tiles_.size()));
@@ -125,47 +85,14 @@ class CudaBackend final : public AttentionBackend {
     }
     // Staging keeps the last tile list: a repeated shape uploads it again without rewriting it.
     if (!staged_) {
-      // The upload reads pinned staging asynchronously: the previous one must be done with it.
-      if (upload_done_ != nullptr) {
-        if (absl::Status s = CudaStatus(cudaEventSynchronize(upload_done_), "previous upload");
-            !s.ok()) {
-          return s;
-        }
-      }
-      if (staging_bytes_ < layout.total) {
-        if (staging_ != nullptr) cudaFreeHost(staging_);
-        staging_ = nullptr;
-        staging_bytes_ = 0;
-        if (absl::Status s =
-                CudaStatus(cudaHostAlloc(&staging_, layout.total, 0), "pinned staging");
-            !s.ok()) {
-          return s;
-        }
-        staging_bytes_ = layout.total;
-      }
-      auto* host = static_cast<unsigned char*>(staging_);
-      std::memcpy(host, plan.seq_offsets.data(), layout.offsets_bytes);
-      std::memcpy(host + layout.tiles_offset, tiles_.data(), sizeof(GpuTile) * tiles_.size());
+      absl::StatusOr<unsigned char*> host = staging_.Reserve(layout.total);
+      if (!host.ok()) return host.status();
+      std::memcpy(*host, plan.seq_offsets.data(), layout.offsets_bytes);
+      std::memcpy(*host + layout.tiles_offset, tiles_.data(), sizeof(GpuTile) * tiles_.size());
       staged_ = true;
     }
-    if (upload_done_ == nullptr) {
-      if (absl::Status s = CudaStatus(
-              cudaEventCreateWithFlags(&upload_done_, cudaEventDisableTiming), "event");
-          !s.ok()) {
-        return s;
-      }
-    }
-    const auto* host = static_cast<const unsigned char*>(staging_);
     auto* device = static_cast<unsigned char*>(workspace.data);
-    if (absl::Status s = CudaStatus(cudaMemcpyAsync(device, host, layout.total,
-                                                    cudaMemcpyHostToDevice, stream_),
-                                    "tile list upload");
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = CudaStatus(cudaEventRecord(upload_done_, stream_), "event"); !s.ok()) {
-      return s;
-    }
+    if (absl::Status s = staging_.Upload(device, layout.total, stream_); !s.ok()) return s;
     cuda::FusedForwardParams params{};
     params.attn = plan.params;
     params.attn.q = tensors.q.data;
@@ -214,13 +141,58 @@ class CudaBackend final : public AttentionBackend {
   std::vector<GpuTile> tiles_;
   KeylessPlacement keyless_;
   std::string tiles_fingerprint_;
-  void* staging_ = nullptr;
-  size_t staging_bytes_ = 0;
-  cudaEvent_t upload_done_ = nullptr;
+  cuda::StagedUpload staging_;
   bool staged_ = false;  // staging_ holds the tile list of tiles_fingerprint_
 };
 
 }  // namespace
+
+namespace cuda {
+
+absl::Status CheckCudaProblem(const DilatedAttentionParams& p) {
+  if (p.dtype == DType::kFloat32) {
+    return absl::InvalidArgumentError(
+        "the cuda backend computes on fp16 or bf16 tensors (the server converts fp32 "
+        "requests to fp16)");
+  }
+  if (p.max_seq_len > kGpuMaxSeqLen || p.num_heads > kGpuMaxHeads) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the cuda backend takes sequences of at most ", kGpuMaxSeqLen, " tokens and at most ",
+        kGpuMaxHeads, " heads, got N=", p.max_seq_len, " and H=", p.num_heads));
+  }
+  // The kernels form key-row offsets as 32-bit products; contiguous tensors have H * D.
+  constexpr int64_t kMaxRowStride = std::numeric_limits<int32_t>::max();
+  if (p.k_row_stride > kMaxRowStride || p.v_row_stride > kMaxRowStride) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the cuda backend takes K and V row strides of at most ", kMaxRowStride,
+                     " elements, got ", p.k_row_stride, " and ", p.v_row_stride));
+  }
+  // Q, K and V rows are read in 16-byte pieces, O written in 4-byte (or 16-byte) pieces.
+  if (p.q_row_stride % 8 != 0 || p.k_row_stride % 8 != 0 || p.v_row_stride % 8 != 0 ||
+      p.o_row_stride % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the cuda backend takes Q, K and V row strides that are multiples of 8 elements and O "
+        "row strides that are multiples of 2, got ",
+        p.q_row_stride, ", ", p.k_row_stride, ", ", p.v_row_stride, " and ", p.o_row_stride));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckCudaTensorAlignment(const AttentionTensors& tensors) {
+  // A misaligned address would fault inside the kernel and poison the CUDA context for every
+  // later request: refuse it here instead.
+  auto aligned = [](const void* ptr, uintptr_t to) {
+    return reinterpret_cast<uintptr_t>(ptr) % to == 0;
+  };
+  if (!aligned(tensors.q.data, 16) || !aligned(tensors.k.data, 16) ||
+      !aligned(tensors.v.data, 16) || !aligned(tensors.o.data, 4)) {
+    return absl::InvalidArgumentError(
+        "the cuda backend needs Q, K and V 16-byte aligned and O 4-byte aligned");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace cuda
 
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(
     const CudaBackendOptions& options) {

@@ -209,7 +209,10 @@ __device__ __forceinline__ KeyTile SpanStart(const KeySpans& spans, int span) {
   return kt;
 }
 
-__device__ __forceinline__ void NextKeyTile(const KeySpans& spans, KeyTile* kt) {
+// The walk's next tile; `Spans` is KeySpans or another table with a SpanStart (block-sparse's
+// key runs), found by argument-dependent lookup.
+template <class Spans>
+__device__ __forceinline__ void NextKeyTile(const Spans& spans, KeyTile* kt) {
   kt->remaining -= kBlockN;
   if (kt->remaining > 0) {
     kt->pos0 += kBlockN * kt->rate;
@@ -263,6 +266,7 @@ __device__ __forceinline__ void GatherRows(uint32_t smem_tile, int thread_row, i
 // tid / (D / 8) + j * (kThreads / (D / 8)).
 template <int D, int kThreads, typename T, int kPanel = D, int kStageRows = kBlockN>
 struct TileGather {
+  const FusedForwardParams& params;
   const DilatedAttentionParams& p;
   GpuTile tile;
   int64_t seq_base;  // the tile's sequence starts at this token
@@ -279,19 +283,18 @@ struct TileGather {
   uint32_t kv_dst;  // byte offset of this thread's chunk of its first row in a K or V tile
 
   // `thread`: this thread's index among the kThreads that gather (all of the CTA's by default).
-  __device__ explicit TileGather(const FusedForwardParams& params, int thread = threadIdx.x)
-      : p(params.attn),
-        tile(params.tiles[blockIdx.x]),
+  __device__ explicit TileGather(const FusedForwardParams& fused, int thread = threadIdx.x)
+      : params(fused),
+        p(fused.attn),
+        tile(fused.tiles[blockIdx.x]),
         seq_base(p.seq_offsets[tile.seq]),
         head_off(static_cast<int64_t>(tile.head) * D),
         thread_row(thread / (D / 8)),
         thread_chunk(thread % (D / 8)),
-        k_row(reinterpret_cast<const char*>(static_cast<const T*>(p.k) +
-                                            seq_base * p.k_row_stride + head_off +
-                                            thread_chunk * 8)),
-        v_row(reinterpret_cast<const char*>(static_cast<const T*>(p.v) +
-                                            seq_base * p.v_row_stride + head_off +
-                                            thread_chunk * 8)),
+        k_row(reinterpret_cast<const char*>(static_cast<const T*>(p.k) + seq_base * p.k_row_stride +
+                                            head_off + thread_chunk * 8)),
+        v_row(reinterpret_cast<const char*>(static_cast<const T*>(p.v) + seq_base * p.v_row_stride +
+                                            head_off + thread_chunk * 8)),
         k_stride(static_cast<uint32_t>(p.k_row_stride * sizeof(T))),
         v_stride(static_cast<uint32_t>(p.v_row_stride * sizeof(T))),
         kv_dst(PanelOffset<kPanel, kStageRows>(thread_row, thread_chunk) * sizeof(T)) {}
@@ -345,11 +348,18 @@ struct TileGather {
   }
 };
 
-// The K/V ring's loader: the cursor of the next key tile to load and the ring's stages.
+// Warp 0 plans the branch spans (the dilated operator); other span tables overload this.
 template <typename Gather>
+__device__ __forceinline__ void PlanTileSpans(const Gather& gather, KeySpans* spans,
+                                              int split_rows) {
+  gather.PlanSpans(spans, split_rows);
+}
+
+// The K/V ring's loader: the cursor of the next key tile to load and the ring's stages.
+template <typename Gather, typename Spans>
 struct KeyTileLoader {
   const Gather& gather;
-  const KeySpans& spans;
+  const Spans& spans;
   KeyTile next;
   uint32_t sk, sv;  // stage 0 of the K and V rings
   int stage_bytes;
@@ -362,15 +372,15 @@ struct KeyTileLoader {
 // Both kernels start a tile alike: Q on its way while warp 0 plans the key spans (split after
 // kSplitRows rows), then the first kPrefetch key tiles into the ring, one commit group each
 // (empty past the last tile).
-template <int kRows, int kSplitRows, int kPrefetch, typename Gather>
-__device__ __forceinline__ KeyTileLoader<Gather> StartTile(const Gather& gather,
-                                                           KeySpans* spans, uint32_t sq,
-                                                           uint32_t sk, uint32_t sv,
-                                                           int stage_bytes) {
+template <int kRows, int kSplitRows, int kPrefetch, typename Gather, typename Spans>
+__device__ __forceinline__ KeyTileLoader<Gather, Spans> StartTile(const Gather& gather,
+                                                                  Spans* spans, uint32_t sq,
+                                                                  uint32_t sk, uint32_t sv,
+                                                                  int stage_bytes) {
   gather.template LoadQ<kRows>(sq);
   CpAsyncCommit();
-  gather.PlanSpans(spans, kSplitRows);
-  KeyTileLoader<Gather> loader{gather, *spans, SpanStart(*spans, 0), sk, sv, stage_bytes};
+  PlanTileSpans(gather, spans, kSplitRows);
+  KeyTileLoader<Gather, Spans> loader{gather, *spans, SpanStart(*spans, 0), sk, sv, stage_bytes};
   const int total_tiles = spans->total_tiles();
 #pragma unroll
   for (int st = 0; st < kPrefetch; ++st) {
@@ -582,7 +592,9 @@ __device__ __forceinline__ bool ZeroedKeylessTile(const FusedForwardParams& para
   return true;
 }
 
-template <int D, typename T>
+// `Spans`: where a tile's keys come from (KeySpans: the dilated branches; block-sparse passes its
+// key-run table).
+template <int D, typename T, class Spans = KeySpans>
 struct FusedForwardKernel {
   static constexpr int kHeadDim = D;
   // Query rows per warp: 32 (two m16 tiles) where registers allow, so each K/V fragment read
@@ -621,7 +633,7 @@ struct FusedForwardKernel {
     const int64_t q_stride = tile.q_stride;
     const int64_t q_first = tile.q_pos;
 
-    __shared__ KeySpans spans;
+    __shared__ Spans spans;
     auto loader = StartTile<kBlockM, kBlockM, kStages - 1>(gather, &spans, sq_addr, sk_addr,
                                                            sv_addr, kTileBytes);
     const int total_tiles = spans.total_tiles();
@@ -825,9 +837,9 @@ int LaunchOverTiles(const FusedForwardParams& params, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <int D, typename T>
+template <int D, typename T, class Spans = KeySpans>
 int LaunchFusedForwardFor(const FusedForwardParams& params, cudaStream_t stream) {
-  return LaunchOverTiles<FusedForwardKernel<D, T>>(params, stream);
+  return LaunchOverTiles<FusedForwardKernel<D, T, Spans>>(params, stream);
 }
 
 }  // namespace dilattn::attention::cuda

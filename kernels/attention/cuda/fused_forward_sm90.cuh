@@ -300,7 +300,7 @@ __device__ __forceinline__ HopperSmem LayoutHopperSmem(const void* smem_raw) {
 // places (__syncthreads is barrier.sync.aligned, which may not).
 __device__ __forceinline__ void CtaBarrier() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
 
-template <typename T>
+template <typename T, class Spans = KeySpans>
 struct HopperForwardKernel {
   // D = 128 has its own kernel (fused_forward_sm90_ws.cuh): one CTA of this kind per SM held its
   // warpgroups in step.
@@ -329,7 +329,7 @@ struct HopperForwardKernel {
     const int64_t seq_base = gather.seq_base;
     const int64_t head_off = gather.head_off;
 
-    __shared__ KeySpans spans;
+    __shared__ Spans spans;
     auto loader = StartTile<kBlockM, kBlockM / 2, kPrefetch>(gather, &spans, smem.q, smem.k,
                                                              smem.v, kTileBytes);
     const int total_tiles = spans.total_tiles();
@@ -408,9 +408,9 @@ struct HopperForwardKernel {
   }
 };
 
-template <typename T>
+template <typename T, class Spans = KeySpans>
 int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream) {
-  return LaunchOverTiles<HopperForwardKernel<T>>(params, stream);
+  return LaunchOverTiles<HopperForwardKernel<T, Spans>>(params, stream);
 }
 
 }  // namespace dilattn::attention::cuda

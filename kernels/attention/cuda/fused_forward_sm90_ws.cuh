@@ -46,7 +46,7 @@ __device__ __forceinline__ void CpAsyncArriveOn(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-template <typename T>
+template <typename T, class Spans = KeySpans>
 struct HopperWsForwardKernel {
   static constexpr int D = 128;
   static constexpr int kHeadDim = D;
@@ -90,7 +90,7 @@ struct HopperWsForwardKernel {
     auto empty = [&](int stage) { return bar_addr + 8 * (1 + kStages + stage); };
 
     const DilatedAttentionParams& p = params.attn;
-    __shared__ KeySpans spans;
+    __shared__ Spans spans;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     // Warps 0-3 produce; 4-11 consume. The producer's gathers spread over its 128 threads.
@@ -106,7 +106,8 @@ struct HopperWsForwardKernel {
       }
     }
     if (producer) gather.template LoadQ<kBlockM>(smem.q);
-    gather.PlanSpans(&spans, kBlockM / 2);  // warp 0 plans; its barrier also publishes the inits
+    // Warp 0 plans; its barrier also publishes the inits.
+    PlanTileSpans(gather, &spans, kBlockM / 2);
     if (producer) CpAsyncArriveOn(q_full);  // once the barrier is initialised: after the above
     const int total_tiles = spans.total_tiles();
     // Key tiles per consumer warpgroup, as in HopperForwardKernel: with causal the first stops
@@ -196,9 +197,9 @@ struct HopperWsForwardKernel {
   }
 };
 
-template <typename T>
+template <typename T, class Spans = KeySpans>
 int LaunchHopperWsForward(const FusedForwardParams& params, cudaStream_t stream) {
-  using K = HopperWsForwardKernel<T>;
+  using K = HopperWsForwardKernel<T, Spans>;
   if (params.num_tiles == 0) return 0;
   static const int regs = [] {
     cudaFuncAttributes attr{};

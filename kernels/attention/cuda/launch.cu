@@ -6,12 +6,10 @@
 
 #include "kernels/attention/cuda/fused_forward.cuh"
 #include "kernels/attention/cuda/fused_forward_sm90.cuh"
+#include "kernels/attention/cuda/fused_forward_sm90_ws.cuh"
 #include "kernels/attention/cuda/launch.h"
 
 namespace dilattn::attention::cuda {
-
-template <int D, typename T>
-int LaunchFusedForwardFor(const FusedForwardParams& params, cudaStream_t stream);
 
 #define DILATTN_DECLARE(D)                                                               \
   extern template int LaunchFusedForwardFor<D, __half>(const FusedForwardParams&,        \
@@ -24,12 +22,9 @@ DILATTN_DECLARE(64)
 DILATTN_DECLARE(128)
 DILATTN_DECLARE(256)
 #undef DILATTN_DECLARE
-template <typename T>
-int LaunchHopperForward(const FusedForwardParams& params, cudaStream_t stream);  // D = 64
+// D = 64 (LaunchHopperForward) and D = 128 (LaunchHopperWsForward) on sm_90a.
 extern template int LaunchHopperForward<__half>(const FusedForwardParams&, cudaStream_t);
 extern template int LaunchHopperForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
-template <typename T>
-int LaunchHopperWsForward(const FusedForwardParams& params, cudaStream_t stream);  // D = 128
 extern template int LaunchHopperWsForward<__half>(const FusedForwardParams&, cudaStream_t);
 extern template int LaunchHopperWsForward<__nv_bfloat16>(const FusedForwardParams&, cudaStream_t);
 
