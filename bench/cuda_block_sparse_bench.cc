@@ -203,7 +203,8 @@ int main(int argc, char** argv) {
         return sparse->Run(plan, t, {ws, ws_bytes, dev});
       });
       cudaFree(ws);
-      std::printf("dilattn,%s,%d,%s,%lld,%lld,%lld,%lld,%lld,%.3f,%.4f,%.3f,%.1f\n", name.c_str(),
+      // The pattern's name holds commas: quoted, as CSV quotes a field.
+      std::printf("dilattn,\"%s\",%d,%s,%lld,%lld,%lld,%lld,%lld,%.3f,%.4f,%.3f,%.1f\n", name.c_str(),
                   causal ? 1 : 0, dtype.c_str(), static_cast<long long>(n),
                   static_cast<long long>(heads), static_cast<long long>(dim),
                   static_cast<long long>(block), static_cast<long long>(plan.kept_pairs),
