@@ -18,6 +18,11 @@ uint64_t Mix(uint64_t z) {
 }
 
 constexpr int64_t kMaxBlocks = int64_t{1} << 24;  // per sequence; layouts are built on the host
+// Layouts live in host memory (4 bytes a kept pair) and are built per request: a pattern that
+// keeps more pairs than this, or a random pattern over more block pairs than kMaxRandomPairs
+// (it draws every pair), is refused rather than left to exhaust memory or time.
+constexpr int64_t kMaxKeptPairs = int64_t{1} << 26;
+constexpr int64_t kMaxRandomPairs = int64_t{1} << 30;
 
 absl::Status CheckOptions(const BlockSparseOptions& o) {
   if (o.block_size < 1) {
@@ -76,41 +81,69 @@ absl::Status CheckOptions(const BlockSparseOptions& o) {
 absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n) {
   BlockLayout layout;
   layout.seq_len = n;
-  layout.num_blocks = (n + o.block_size - 1) / o.block_size;
+  layout.num_blocks = n / o.block_size + (n % o.block_size != 0 ? 1 : 0);  // no n + bs overflow
   const int64_t nb = layout.num_blocks;
   if (nb > kMaxBlocks) {
     return absl::InvalidArgumentError(absl::StrCat("sequence of ", n, " tokens makes ", nb,
                                                    " blocks of ", o.block_size,
                                                    "; at most ", kMaxBlocks, " are supported"));
   }
+  if (o.pattern == Pattern::kRandom && nb > kMaxRandomPairs / nb) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pattern random draws every block pair: ", nb, " blocks of ", o.block_size,
+        " make more than ", kMaxRandomPairs, " pairs; use larger blocks"));
+  }
   std::vector<std::vector<int32_t>> rows(static_cast<size_t>(nb));
+  int64_t kept = 0;
   auto add = [&](int64_t i, int64_t j) {
     if (j < 0 || j >= nb || (o.causal && j > i)) return;
     rows[static_cast<size_t>(i)].push_back(static_cast<int32_t>(j));
+    ++kept;
   };
+  // Checked after each query block, so a pattern stops within one block's pairs of the cap.
+  auto too_many = [&] { return kept > kMaxKeptPairs; };
   switch (o.pattern) {
     case Pattern::kLocalWindow:
-      for (int64_t i = 0; i < nb; ++i) {
-        for (int64_t j = std::max<int64_t>(0, i - o.window); j <= std::min(nb - 1, i + o.window); ++j) add(i, j);
+      for (int64_t i = 0; i < nb && !too_many(); ++i) {
+        const int64_t last = o.window >= nb ? nb - 1 : std::min(nb - 1, i + o.window);
+        for (int64_t j = std::max<int64_t>(0, i - o.window); j <= last; ++j) add(i, j);
       }
       break;
     case Pattern::kDilatedSparse:
-      for (int64_t i = 0; i < nb; ++i) {
+      for (int64_t i = 0; i < nb && !too_many(); ++i) {
         add(i, i);
         for (int64_t r : o.rates) {
+          if (r >= nb) continue;  // no pair that far (and i + r must not overflow)
           add(i, i - r);
           add(i, i + r);
         }
       }
       break;
     case Pattern::kStrided:
-      for (int64_t i = 0; i < nb; ++i) {
-        for (int64_t j = i % o.stride; j < nb; j += o.stride) add(i, j);
+      for (int64_t i = 0; i < nb && !too_many(); ++i) {
+        for (int64_t j = i % o.stride; j < nb; j = o.stride >= nb - j ? nb : j + o.stride) {
+          add(i, j);
+        }
       }
       break;
     case Pattern::kGlobalLocal:
+      // The kept pairs only (PairKept's rule): every key block for a global query block, else
+      // the global key blocks and the window.
+      for (int64_t i = 0; i < nb && !too_many(); ++i) {
+        if (i < o.global_blocks) {
+          for (int64_t j = 0; j < nb; ++j) add(i, j);
+          continue;
+        }
+        const int64_t globals = std::min(o.global_blocks, nb);
+        const int64_t first = o.window >= i ? 0 : i - o.window;
+        const int64_t last = o.window >= nb ? nb - 1 : std::min(nb - 1, i + o.window);
+        for (int64_t j = 0; j < std::min(globals, first); ++j) add(i, j);
+        for (int64_t j = first; j <= last; ++j) add(i, j);
+        for (int64_t j = std::max(last + 1, first); j < globals; ++j) add(i, j);
+      }
+      break;
     case Pattern::kRandom:
-      for (int64_t i = 0; i < nb; ++i) {
+      for (int64_t i = 0; i < nb && !too_many(); ++i) {
         for (int64_t j = 0; j < nb; ++j) {
           if (PairKept(o, i, j, nb)) add(i, j);
         }
@@ -126,6 +159,12 @@ absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n) 
         add(i, j);
       }
       break;
+  }
+  if (too_many()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pattern ", PatternName(o.pattern), " keeps more than ", kMaxKeptPairs,
+        " block pairs in a sequence of ", n, " tokens with block_size ", o.block_size,
+        "; use larger blocks or a sparser pattern"));
   }
   layout.row_begin.reserve(static_cast<size_t>(nb) + 1);
   layout.row_begin.push_back(0);

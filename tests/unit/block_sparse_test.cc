@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -216,6 +217,60 @@ TEST(BlockSparse, Validation) {
   expect(o, "softmax_scale");
   EXPECT_THAT(std::string(ParsePattern("diagonal").status().message()), HasSubstr("'diagonal'"));
   EXPECT_EQ(*ParsePattern("GLOBAL_LOCAL"), Pattern::kGlobalLocal);
+}
+
+// Layouts are built per request on the host: patterns that would keep too many pairs, or make a
+// random pattern draw too many, are refused quickly by name; parameters at the ends of int64
+// neither overflow (UBSan in CI) nor keep pairs that are not there.
+TEST(BlockSparse, RefusesLayoutsTooLargeAndTakesExtremeParameters) {
+  const auto shape = attention::DenseShape(DType::kFloat16, 1, 40000, 1, 8);
+  BlockSparseOptions o;
+  o.block_size = 1;
+  o.window = 40000;
+  absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, shape);
+  EXPECT_EQ(plan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(plan.status().message()), HasSubstr("keeps more than 67108864"));
+  o.pattern = Pattern::kGlobalLocal;
+  o.global_blocks = 40000;
+  EXPECT_THAT(std::string(PlanBlockSparse(o, shape).status().message()),
+              HasSubstr("keeps more than"));
+  o.pattern = Pattern::kRandom;
+  o.density = 0;
+  EXPECT_THAT(std::string(PlanBlockSparse(o, shape).status().message()),
+              HasSubstr("draws every block pair"));
+
+  const auto small = attention::DenseShape(DType::kFloat16, 1, 100, 1, 8);
+  constexpr int64_t kHuge = std::numeric_limits<int64_t>::max();
+  o = {};
+  o.block_size = kHuge;  // one block
+  plan = PlanBlockSparse(o, small);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->kept_pairs, 1);
+  o.block_size = 10;
+  o.window = kHuge;
+  plan = PlanBlockSparse(o, small);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->kept_pairs, 100);
+  o.pattern = Pattern::kGlobalLocal;
+  o.global_blocks = kHuge;
+  plan = PlanBlockSparse(o, small);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->kept_pairs, 100);
+  o.window = 1;
+  o.global_blocks = 2;  // rows 0, 1 keep all 10; the others 2 globals + up to 3 window blocks
+  plan = PlanBlockSparse(o, small);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->kept_pairs, 20 + /*i=2*/ 4 + /*3..8*/ 6 * 5 + /*i=9*/ 4);
+  o.pattern = Pattern::kStrided;
+  o.stride = kHuge;
+  plan = PlanBlockSparse(o, small);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->kept_pairs, 10);  // the diagonal only
+  o.pattern = Pattern::kDilatedSparse;
+  o.rates = {kHuge, 3};
+  plan = PlanBlockSparse(o, small);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->kept_pairs, 10 + 2 * 7);
 }
 
 TEST(BlockSparse, FlopsCountVisiblePairs) {
