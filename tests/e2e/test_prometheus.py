@@ -1,6 +1,7 @@
 """/metrics scraped by Debian's real Prometheus server, and checked by promtool."""
 
 import json
+import pathlib
 import re
 import shutil
 import socket
@@ -27,38 +28,110 @@ def _query(port, expr):
         return json.load(r)["data"]["result"]
 
 
-def test_prometheus_scrapes_the_request_counter(server, client, tmp_path):
+DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    """Debian's real Prometheus scraping the server every second, evaluating the alert and
+    recording rules of deploy/prometheus every second; yields its API port."""
     binary = shutil.which("prometheus")
     assert binary, "Debian's prometheus package is missing; run ./setup.sh"
-    x = np.ones((1, 32, 2, 8), dtype=np.float32)
-    client.infer("dilated_attention", make_inputs(x, x, x),
-                 parameters={"segment_lengths": "16", "dilation_rates": "1"})
+    tmp = tmp_path_factory.mktemp("prometheus")
     port = _free_port()
-    config = tmp_path / "prometheus.yml"
+    config = tmp / "prometheus.yml"
     config.write_text(
-        "global:\n  scrape_interval: 1s\n"
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {DEPLOY / 'prometheus' / 'dilattn_rules.yml'}\n"
         "scrape_configs:\n  - job_name: dilattn\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{server.metrics_port}']\n")
     log = open(results_dir() / "prometheus.log", "w")
     proc = subprocess.Popen([binary, f"--config.file={config}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--storage.tsdb.path={tmp / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        def scraped():
-            try:
-                result = _query(port, 'nv_inference_request_success{model="dilated_attention"}')
-            except OSError:
-                return False
-            return bool(result) and float(result[0]["value"][1]) >= 1
-        assert wait_until(scraped, timeout=60, interval=0.5), "Prometheus never saw the counter"
-        up = _query(port, 'up{job="dilattn"}')
-        assert up and up[0]["value"][1] == "1"
-        assert _query(port, "dilattn_buffer_pool_bytes")
+        yield port
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def _api(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}", timeout=5) as r:
+        return json.load(r)
+
+
+def test_prometheus_scrapes_the_request_counter(server, client, prometheus):
+    x = np.ones((1, 32, 2, 8), dtype=np.float32)
+    client.infer("dilated_attention", make_inputs(x, x, x),
+                 parameters={"segment_lengths": "16", "dilation_rates": "1"})
+
+    def scraped():
+        try:
+            result = _query(prometheus, 'nv_inference_request_success{model="dilated_attention"}')
+        except OSError:
+            return False
+        return bool(result) and float(result[0]["value"][1]) >= 1
+    assert wait_until(scraped, timeout=60, interval=0.5), "Prometheus never saw the counter"
+    up = _query(prometheus, 'up{job="dilattn"}')
+    assert up and up[0]["value"][1] == "1"
+    assert _query(prometheus, "dilattn_buffer_pool_bytes")
+
+
+# Metric names a rule or panel refers to (not the recorded ones, which hold a colon).
+METRIC_NAME = re.compile(r"(?<![:\w])(?:nv_inference|dilattn)_[a-z_]+\b(?!:)")
+
+
+def _names_on_server(text):
+    """Every series name the exposition holds (histograms with their _bucket, _sum, _count)."""
+    return {line.split("{")[0].split()[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_promtool_passes_the_deploy_rules():
+    """The shipped configuration and rules are valid, and the rules' unit tests pass: each alert
+    fires on the series that should raise it and stays quiet otherwise."""
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "dilattn_rules.yml"],
+                 ["test", "rules", "dilattn_rules_test.yml"]):
+        r = subprocess.run(["promtool", *args], cwd=DEPLOY / "prometheus", capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, f"promtool {' '.join(args)}:\n{r.stdout}{r.stderr}"
+
+
+def test_deploy_rules_and_dashboard_run_against_the_server(server, client, prometheus):
+    """Prometheus evaluates every shipped rule on the live server's metrics without error, every
+    Grafana panel's query runs, and every metric they name is one the server exports."""
+    x = np.ones((1, 32, 2, 8), dtype=np.float32)
+    client.infer("dilated_attention", make_inputs(x, x, x),
+                 parameters={"segment_lengths": "16", "dilation_rates": "1"})
+
+    def evaluated():
+        try:
+            groups = _api(prometheus, "rules")["data"]["groups"]
+        except OSError:
+            return None
+        rules = [r for g in groups for r in g["rules"]]
+        if len(rules) < 11 or any(r["lastEvaluation"].startswith("0001") for r in rules):
+            return None
+        return rules
+    assert wait_until(lambda: evaluated() is not None, timeout=60, interval=0.5), \
+        "Prometheus never evaluated every rule"
+    rules = evaluated()
+    for rule in rules:
+        assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+    queries = [r["query"] for r in rules]
+    dashboard = json.loads((DEPLOY / "grafana" / "dilattn.json").read_text())
+    panel_queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert panel_queries
+    for expr in panel_queries:
+        concrete = expr.replace("$__rate_interval", "1m").replace("$model", ".*")
+        result = _api(prometheus, "query?" + urllib.parse.urlencode({"query": concrete}))
+        assert result["status"] == "success", f"{expr}: {result}"
+    exported = _names_on_server(server.metrics_text())
+    named = {m for q in queries + panel_queries for m in METRIC_NAME.findall(q)}
+    assert named and named <= exported, f"not exported by the server: {sorted(named - exported)}"
 
 
 # Triton's metric names predate Prometheus' naming rules (no _total suffix, _us units, _count on
