@@ -15,48 +15,19 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/gpu_tiles.h"
 
 namespace {
 
+using dilattn::bench::FillRandom;
+using dilattn::bench::Ints;
+using dilattn::bench::TimeMs;
+
 using dilattn::attention::DType;
 
-std::vector<int64_t> Ints(const std::string& s) {
-  std::vector<int64_t> out;
-  for (absl::string_view part : absl::StrSplit(s, ',')) {
-    int64_t x = 0;
-    if (!absl::SimpleAtoi(part, &x)) {
-      std::fprintf(stderr, "not an integer list: %s\n", s.c_str());
-      std::exit(2);
-    }
-    out.push_back(x);
-  }
-  return out;
-}
 
-#define CHECK_CUDA(x)                                                              \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e_));         \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
-
-void FillRandom(void* dst, size_t bytes, uint64_t seed) {
-  // Values in [-1, 1) as fp16 or bf16 bit patterns generated on the host once per tensor.
-  std::vector<uint16_t> host(bytes / 2);
-  uint64_t state = seed;
-  for (uint16_t& h : host) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    const float u = static_cast<float>((state >> 40) & 0xffffff) / 16777216.0f * 2 - 1;
-    h = dilattn::attention::FloatToBFloat16Bits(u);
-  }
-  CHECK_CUDA(cudaMemcpy(dst, host.data(), bytes, cudaMemcpyHostToDevice));
-}
 
 }  // namespace
 
@@ -117,25 +88,8 @@ int main(int argc, char** argv) {
     const dilattn::DeviceLoc dev = dilattn::DeviceLoc::Cuda(0);
     const dilattn::attention::AttentionTensors t{{q, bytes, dev}, {k, bytes, dev},
                                                   {v, bytes, dev}, {out, bytes, dev}};
-    cudaEvent_t start, stop;
-    CHECK_CUDA(cudaEventCreate(&start));
-    CHECK_CUDA(cudaEventCreate(&stop));
-    std::vector<float> ms;
-    for (int64_t it = 0; it < iters + 3; ++it) {
-      CHECK_CUDA(cudaEventRecord(start, stream));
-      auto s = (*backend)->Run(*plan, t, {ws, ws_bytes, dev});
-      if (!s.ok()) {
-        std::fprintf(stderr, "%s\n", s.ToString().c_str());
-        return 1;
-      }
-      CHECK_CUDA(cudaEventRecord(stop, stream));
-      CHECK_CUDA(cudaEventSynchronize(stop));
-      float x = 0;
-      CHECK_CUDA(cudaEventElapsedTime(&x, start, stop));
-      if (it >= 3) ms.push_back(x);
-    }
-    std::sort(ms.begin(), ms.end());
-    const double median = ms[ms.size() / 2];
+    const double median =
+        TimeMs(stream, iters, [&] { return (*backend)->Run(*plan, t, {ws, ws_bytes, dev}); });
     // The host's share of a run: planning the tile list (it precedes the upload and the launch).
     std::vector<dilattn::attention::GpuTile> tiles;
     const auto t0 = std::chrono::steady_clock::now();
@@ -151,8 +105,6 @@ int main(int argc, char** argv) {
     cudaFree(v);
     cudaFree(out);
     cudaFree(ws);
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
   }
   return 0;
 }

@@ -17,39 +17,21 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
+#include "bench/bench_util.h"
 #include "kernels/attention/attention.h"
 #include "kernels/block_sparse/block_sparse.h"
 
 namespace {
 
+using dilattn::bench::FillRandom;
+using dilattn::bench::Ints;
+using dilattn::bench::TimeMs;
+
 using dilattn::attention::AttentionTensors;
 using dilattn::block_sparse::BlockSparseOptions;
 using dilattn::block_sparse::Pattern;
 
-std::vector<int64_t> Ints(const std::string& s) {
-  std::vector<int64_t> out;
-  for (absl::string_view part : absl::StrSplit(s, ',')) {
-    int64_t x = 0;
-    if (!absl::SimpleAtoi(part, &x)) {
-      std::fprintf(stderr, "not an integer list: %s\n", s.c_str());
-      std::exit(2);
-    }
-    out.push_back(x);
-  }
-  return out;
-}
-
-#define CHECK_CUDA(x)                                                      \
-  do {                                                                     \
-    cudaError_t e_ = (x);                                                  \
-    if (e_ != cudaSuccess) {                                               \
-      std::fprintf(stderr, "%s failed: %s\n", #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                        \
-    }                                                                      \
-  } while (0)
 
 template <class T>
 T OrDie(absl::StatusOr<T> v) {
@@ -60,40 +42,7 @@ T OrDie(absl::StatusOr<T> v) {
   return *std::move(v);
 }
 
-void FillRandom(void* dst, size_t bytes, uint64_t seed) {
-  std::vector<uint16_t> host(bytes / 2);
-  uint64_t state = seed;
-  for (uint16_t& h : host) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    const float u = static_cast<float>((state >> 40) & 0xffffff) / 16777216.0f * 2 - 1;
-    h = dilattn::attention::FloatToBFloat16Bits(u);
-  }
-  CHECK_CUDA(cudaMemcpy(dst, host.data(), bytes, cudaMemcpyHostToDevice));
-}
 
-// Median milliseconds of `run` on `stream` over `iters` runs after 3 warm-ups.
-double TimeMs(cudaStream_t stream, int64_t iters, const std::function<absl::Status()>& run) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  std::vector<float> ms;
-  for (int64_t it = 0; it < iters + 3; ++it) {
-    CHECK_CUDA(cudaEventRecord(start, stream));
-    if (absl::Status s = run(); !s.ok()) {
-      std::fprintf(stderr, "%s\n", s.ToString().c_str());
-      std::exit(1);
-    }
-    CHECK_CUDA(cudaEventRecord(stop, stream));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    float x = 0;
-    CHECK_CUDA(cudaEventElapsedTime(&x, start, stop));
-    if (it >= 3) ms.push_back(x);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
 
 }  // namespace
 

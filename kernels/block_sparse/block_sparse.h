@@ -79,6 +79,11 @@ struct BlockSparsePlan {
 absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& options,
                                                 const attention::ProblemShape& shape);
 
+// attention::CheckTensors for a block-sparse plan: byte counts match and every buffer is on
+// `where`.
+absl::Status CheckBlockSparseTensors(const BlockSparsePlan& plan,
+                                     const attention::AttentionTensors& tensors, DeviceLoc where);
+
 class BlockSparseBackend {
  public:
   virtual ~BlockSparseBackend() = default;

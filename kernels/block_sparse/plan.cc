@@ -275,4 +275,12 @@ absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& option
   return plan;
 }
 
+absl::Status CheckBlockSparseTensors(const BlockSparsePlan& plan,
+                                     const attention::AttentionTensors& tensors, DeviceLoc where) {
+  attention::AttentionPlan sizes;  // CheckTensors reads only the byte count and the shape
+  sizes.shape = plan.shape;
+  sizes.tensor_bytes = plan.tensor_bytes;
+  return attention::CheckTensors(sizes, tensors, where);
+}
+
 }  // namespace dilattn::block_sparse

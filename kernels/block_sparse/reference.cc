@@ -9,10 +9,7 @@ namespace dilattn::block_sparse {
 
 absl::Status ReferenceBlockSparse(const BlockSparsePlan& plan,
                                   const attention::AttentionTensors& tensors) {
-  attention::AttentionPlan sizes;  // CheckTensors needs only the byte count and the shape
-  sizes.shape = plan.shape;
-  sizes.tensor_bytes = plan.tensor_bytes;
-  if (absl::Status s = attention::CheckTensors(sizes, tensors, DeviceLoc::Host()); !s.ok()) {
+  if (absl::Status s = CheckBlockSparseTensors(plan, tensors, DeviceLoc::Host()); !s.ok()) {
     return s;
   }
   const int64_t heads = plan.shape.num_heads;

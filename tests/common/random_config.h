@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/attention/attention.h"
+#include "kernels/block_sparse/block_sparse.h"
 #include "tests/common/test_util.h"
 
 namespace dilattn::testing {
@@ -20,6 +21,23 @@ namespace dilattn::testing {
 inline uint64_t TestSeed() {
   if (const char* s = std::getenv("DILATTN_TEST_SEED")) return std::strtoull(s, nullptr, 10);
   return static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+}
+
+// A random block-sparse pattern with its parameters, causal or not, sometimes a custom scale;
+// the caller picks the block size. Explicit pairs name blocks 0..2.
+inline void DrawBlockSparsePattern(SplitMix64& rng, block_sparse::BlockSparseOptions* o) {
+  o->pattern = static_cast<block_sparse::Pattern>(rng.Uniform(0, 5));
+  o->causal = rng.Uniform(0, 1) == 1;
+  o->window = rng.Uniform(0, 3);
+  o->global_blocks = rng.Uniform(0, 2);
+  o->stride = rng.Uniform(1, 4);
+  o->density = 0.1 * static_cast<double>(rng.Uniform(0, 10));
+  o->seed = rng.Next();
+  for (int64_t i = rng.Uniform(1, 3); i > 0; --i) o->rates.push_back(rng.Uniform(1, 5));
+  for (int64_t i = rng.Uniform(1, 6); i > 0; --i) {
+    o->pairs.emplace_back(rng.Uniform(0, 2), rng.Uniform(0, 2));
+  }
+  if (rng.Uniform(0, 3) == 0) o->softmax_scale = 0.1 + 0.01 * static_cast<double>(rng.Uniform(0, 50));
 }
 
 struct RandomCase {

@@ -53,18 +53,7 @@ SparseCase DrawCase(SplitMix64& rng, int64_t max_len) {
   BlockSparseOptions& o = c.options;
   static const int64_t kSizes[] = {16, 48, 64, 100, 128, 130, 200, 256};
   o.block_size = rng.Uniform(0, 3) == 0 ? rng.Uniform(1, 300) : kSizes[rng.Uniform(0, 7)];
-  o.pattern = static_cast<Pattern>(rng.Uniform(0, 5));
-  o.causal = rng.Uniform(0, 1) == 1;
-  o.window = rng.Uniform(0, 3);
-  o.global_blocks = rng.Uniform(0, 2);
-  o.stride = rng.Uniform(1, 4);
-  o.density = 0.1 * static_cast<double>(rng.Uniform(0, 10));
-  o.seed = rng.Next();
-  for (int64_t i = rng.Uniform(1, 3); i > 0; --i) o.rates.push_back(rng.Uniform(1, 5));
-  for (int64_t i = rng.Uniform(1, 6); i > 0; --i) {
-    o.pairs.emplace_back(rng.Uniform(0, 2), rng.Uniform(0, 2));
-  }
-  if (rng.Uniform(0, 3) == 0) o.softmax_scale = 0.05 + 0.01 * rng.Uniform(0, 20);
+  DrawBlockSparsePattern(rng, &o);
   c.shape.dtype = rng.Uniform(0, 1) == 0 ? DType::kFloat16 : DType::kBFloat16;
   c.shape.num_heads = rng.Uniform(1, 4);
   c.shape.head_dim = rng.Uniform(0, 2) == 0 ? 128 : 64;
@@ -112,36 +101,43 @@ bool CompareCase(const std::vector<std::unique_ptr<BlockSparseBackend>>& gpus,
   return all;
 }
 
-void CompareRandom(int configs, int64_t max_len, int64_t max_heads = 4) {
-  auto gpus = GpuVariants();
-  ASSERT_EQ(gpus.size(), 2u);
-  auto cpu = block_sparse::CreateCpuBlockSparseBackend({0, "auto"});
-  ASSERT_TRUE(cpu.ok());
-  const uint64_t seed = TestSeed();
-  SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
-  SplitMix64 rng(seed);
-  int failures = 0;
-  for (int i = 0; i < configs && failures < 5; ++i) {
-    SparseCase c = DrawCase(rng, max_len);
-    c.shape.num_heads = std::min(c.shape.num_heads, max_heads);
-    SCOPED_TRACE(absl::StrCat("config ", i));
-    if (!CompareCase(gpus, **cpu, rng, c)) ++failures;
+// Both GPU variants and the CPU path, created once per test; every test skips without a device.
+class BlockSparseGpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveDevice()) GTEST_SKIP() << "no CUDA device here";
+    gpus_ = GpuVariants();
+    ASSERT_EQ(gpus_.size(), 2u);
+    auto cpu = block_sparse::CreateCpuBlockSparseBackend({0, "auto"});
+    ASSERT_TRUE(cpu.ok());
+    cpu_ = *std::move(cpu);
   }
-}
 
-TEST(BlockSparseGpu, RandomConfigurationsMatchTheCpuPath) {
-  REQUIRE_GPU();
+  bool Compare(const SparseCase& c) { return CompareCase(gpus_, *cpu_, rng_, c); }
+
+  void CompareRandom(int configs, int64_t max_len, int64_t max_heads = 4) {
+    SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed_));
+    int failures = 0;
+    for (int i = 0; i < configs && failures < 5; ++i) {
+      SparseCase c = DrawCase(rng_, max_len);
+      c.shape.num_heads = std::min(c.shape.num_heads, max_heads);
+      SCOPED_TRACE(absl::StrCat("config ", i));
+      if (!Compare(c)) ++failures;
+    }
+  }
+
+  std::vector<std::unique_ptr<BlockSparseBackend>> gpus_;
+  std::unique_ptr<BlockSparseBackend> cpu_;
+  const uint64_t seed_ = TestSeed();
+  SplitMix64 rng_{seed_};
+};
+
+TEST_F(BlockSparseGpu, RandomConfigurationsMatchTheCpuPath) {
   CompareRandom(300, 700);
 }
 
 // Long sequences: many tiles, walks of many runs, the causal split of the last run.
-TEST(BlockSparseGpu, LongSequencesMatchTheCpuPath) {
-  REQUIRE_GPU();
-  auto gpus = GpuVariants();
-  ASSERT_EQ(gpus.size(), 2u);
-  auto cpu = block_sparse::CreateCpuBlockSparseBackend({0, "auto"});
-  ASSERT_TRUE(cpu.ok());
-  SplitMix64 rng(TestSeed());
+TEST_F(BlockSparseGpu, LongSequencesMatchTheCpuPath) {
   for (Pattern pattern :
        {Pattern::kLocalWindow, Pattern::kGlobalLocal, Pattern::kStrided, Pattern::kRandom}) {
     for (bool causal : {false, true}) {
@@ -156,19 +152,13 @@ TEST(BlockSparseGpu, LongSequencesMatchTheCpuPath) {
       c.options.causal = causal;
       c.shape = attention::DenseShape(causal ? DType::kBFloat16 : DType::kFloat16, 1, 6000, 2,
                                       pattern == Pattern::kRandom ? 128 : 64);
-      CompareCase(gpus, **cpu, rng, c);
+      Compare(c);
     }
   }
 }
 
 // Query blocks with no key (explicit pairs that leave some out) write zeros, not NaN.
-TEST(BlockSparseGpu, BlocksWithoutKeysWriteZeros) {
-  REQUIRE_GPU();
-  auto gpus = GpuVariants();
-  ASSERT_EQ(gpus.size(), 2u);
-  auto cpu = block_sparse::CreateCpuBlockSparseBackend({0, "auto"});
-  ASSERT_TRUE(cpu.ok());
-  SplitMix64 rng(TestSeed());
+TEST_F(BlockSparseGpu, BlocksWithoutKeysWriteZeros) {
   for (bool causal : {false, true}) {
     SparseCase c;
     c.options.block_size = 64;
@@ -176,20 +166,14 @@ TEST(BlockSparseGpu, BlocksWithoutKeysWriteZeros) {
     c.options.pairs = {{1, 0}, {3, 3}, {3, 1}};  // blocks 0 and 2 keep nothing
     c.options.causal = causal;
     c.shape = attention::DenseShape(DType::kBFloat16, 2, 256, 3, 64);
-    CompareCase(gpus, **cpu, rng, c);
+    Compare(c);
   }
 }
 
 // The backend keeps the last tables staged and plans again only when the problem changes:
 // repeated problems, alternating ones, and ones that differ only in the pattern's parameters,
 // the causal flag or the sequence lengths must each run on their own tables.
-TEST(BlockSparseGpu, RepeatedAndAlternatingProblemsMatchTheCpuPath) {
-  REQUIRE_GPU();
-  auto gpus = GpuVariants();
-  ASSERT_EQ(gpus.size(), 2u);
-  auto cpu = block_sparse::CreateCpuBlockSparseBackend({0, "auto"});
-  ASSERT_TRUE(cpu.ok());
-  SplitMix64 rng(TestSeed());
+TEST_F(BlockSparseGpu, RepeatedAndAlternatingProblemsMatchTheCpuPath) {
   auto with = [](double density, bool causal, std::vector<int64_t> lengths) {
     SparseCase c;
     c.options.block_size = 64;
@@ -207,20 +191,16 @@ TEST(BlockSparseGpu, RepeatedAndAlternatingProblemsMatchTheCpuPath) {
   const SparseCase b = with(0.4000001, false, {700, 300});  // equal to 6 digits
   const SparseCase c = with(0.4, true, {700, 300});
   const SparseCase d = with(0.4, false, {300, 700});
-  for (const SparseCase* x : {&a, &a, &b, &a, &c, &a, &d, &a}) CompareCase(gpus, **cpu, rng, *x);
+  for (const SparseCase* x : {&a, &a, &b, &a, &c, &a, &d, &a}) Compare(*x);
 }
 
 // Kept small on purpose: run under compute-sanitizer (memcheck, racecheck, synccheck).
-TEST(BlockSparseGpu, SanitizerSet) {
-  REQUIRE_GPU();
+TEST_F(BlockSparseGpu, SanitizerSet) {
   CompareRandom(6, 300, 2);
 }
 
-TEST(BlockSparseGpu, RejectsWhatItCannotRun) {
-  REQUIRE_GPU();
-  auto gpus = GpuVariants();
-  ASSERT_FALSE(gpus.empty());
-  BlockSparseBackend& gpu = *gpus.front();
+TEST_F(BlockSparseGpu, RejectsWhatItCannotRun) {
+  BlockSparseBackend& gpu = *gpus_.front();
   BlockSparseOptions o;
   o.block_size = 16;
   auto plan =

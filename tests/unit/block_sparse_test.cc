@@ -71,16 +71,7 @@ std::vector<double> Naive(const BlockSparsePlan& plan, const TypedBuffer& q, con
 BlockSparseOptions DrawOptions(SplitMix64& rng) {
   BlockSparseOptions o;
   o.block_size = rng.Uniform(1, 48);
-  o.pattern = static_cast<Pattern>(rng.Uniform(0, 5));
-  o.causal = rng.Uniform(0, 1) == 1;
-  o.window = rng.Uniform(0, 3);
-  o.global_blocks = rng.Uniform(0, 2);
-  o.stride = rng.Uniform(1, 4);
-  o.density = 0.1 * static_cast<double>(rng.Uniform(0, 10));
-  o.seed = rng.Next();
-  for (int64_t i = rng.Uniform(1, 3); i > 0; --i) o.rates.push_back(rng.Uniform(1, 5));
-  for (int64_t i = rng.Uniform(1, 6); i > 0; --i) o.pairs.emplace_back(rng.Uniform(0, 2), rng.Uniform(0, 2));
-  if (rng.Uniform(0, 3) == 0) o.softmax_scale = 0.1 + 0.01 * rng.Uniform(0, 50);
+  testing::DrawBlockSparsePattern(rng, &o);
   return o;
 }
 

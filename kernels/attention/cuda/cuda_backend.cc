@@ -12,7 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/attention.h"
-#include "kernels/attention/cuda/checks.h"
+#include "kernels/attention/cuda/backend_util.h"
 #include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/cuda/staged_upload.h"
 #include "kernels/attention/gpu_tiles.h"
@@ -93,17 +93,10 @@ class CudaBackend final : public AttentionBackend {
     }
     auto* device = static_cast<unsigned char*>(workspace.data);
     if (absl::Status s = staging_.Upload(device, layout.total, stream_); !s.ok()) return s;
-    cuda::FusedForwardParams params{};
-    params.attn = plan.params;
-    params.attn.q = tensors.q.data;
-    params.attn.k = tensors.k.data;
-    params.attn.v = tensors.v.data;
-    params.attn.o = tensors.o.data;
-    params.attn.seq_offsets = reinterpret_cast<const int64_t*>(device);
+    cuda::FusedForwardParams params = cuda::BindFusedParams(plan.params, tensors, device);
     params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset);
     params.num_tiles = static_cast<int64_t>(tiles_.size());
     params.keyless = keyless_;
-    params.scale_log2 = plan.params.scale * 1.4426950408889634f;
     params.variant = force_mma_ ? cuda::FusedVariant::kMmaSync
                                 : cuda::SelectFusedVariant(major_, plan.params.head_dim);
     return CudaStatus(static_cast<cudaError_t>(cuda::LaunchFusedForward(params, stream_)),
@@ -176,6 +169,19 @@ absl::Status CheckCudaProblem(const DilatedAttentionParams& p) {
         p.q_row_stride, ", ", p.k_row_stride, ", ", p.v_row_stride, " and ", p.o_row_stride));
   }
   return absl::OkStatus();
+}
+
+FusedForwardParams BindFusedParams(const DilatedAttentionParams& p,
+                                   const AttentionTensors& tensors, const void* seq_offsets) {
+  FusedForwardParams params{};
+  params.attn = p;
+  params.attn.q = tensors.q.data;
+  params.attn.k = tensors.k.data;
+  params.attn.v = tensors.v.data;
+  params.attn.o = tensors.o.data;
+  params.attn.seq_offsets = static_cast<const int64_t*>(seq_offsets);
+  params.scale_log2 = p.scale * 1.4426950408889634f;  // log2(e): scores go straight to exp2
+  return params;
 }
 
 absl::Status CheckCudaTensorAlignment(const AttentionTensors& tensors) {

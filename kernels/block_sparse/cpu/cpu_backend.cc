@@ -45,10 +45,7 @@ class CpuBlockSparseBackend final : public BlockSparseBackend {
   absl::Status Run(const BlockSparsePlan& plan, const attention::AttentionTensors& tensors,
                    attention::TensorRef workspace) override {
     if (absl::Status s = Supports(plan); !s.ok()) return s;
-    attention::AttentionPlan sizes;
-    sizes.shape = plan.shape;
-    sizes.tensor_bytes = plan.tensor_bytes;
-    if (absl::Status s = attention::CheckTensors(sizes, tensors, DeviceLoc::Host()); !s.ok()) {
+    if (absl::Status s = CheckBlockSparseTensors(plan, tensors, DeviceLoc::Host()); !s.ok()) {
       return s;
     }
     if (workspace.bytes < WorkspaceBytes(plan) || workspace.data == nullptr ||

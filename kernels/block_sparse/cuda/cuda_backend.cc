@@ -11,7 +11,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "kernels/attention/cuda/checks.h"
+#include "kernels/attention/cuda/backend_util.h"
 #include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/cuda/staged_upload.h"
 #include "kernels/block_sparse/block_sparse.h"
@@ -76,10 +76,7 @@ class CudaBlockSparseBackend final : public BlockSparseBackend {
   absl::Status Run(const BlockSparsePlan& plan, const attention::AttentionTensors& tensors,
                    attention::TensorRef workspace) override {
     if (absl::Status s = Supports(plan); !s.ok()) return s;
-    attention::AttentionPlan sizes;
-    sizes.shape = plan.shape;
-    sizes.tensor_bytes = plan.tensor_bytes;
-    if (absl::Status s = attention::CheckTensors(sizes, tensors, location()); !s.ok()) return s;
+    if (absl::Status s = CheckBlockSparseTensors(plan, tensors, location()); !s.ok()) return s;
     if (absl::Status s = attention::cuda::CheckCudaTensorAlignment(tensors); !s.ok()) return s;
     if (absl::Status s = CudaErrorStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) {
       return s;
@@ -111,16 +108,10 @@ class CudaBlockSparseBackend final : public BlockSparseBackend {
     auto* device = static_cast<unsigned char*>(workspace.data);
     if (absl::Status s = staging_.Upload(device, layout.total, stream_); !s.ok()) return s;
 
-    attention::cuda::FusedForwardParams params{};
-    params.attn = plan.params;
-    params.attn.q = tensors.q.data;
-    params.attn.k = tensors.k.data;
-    params.attn.v = tensors.v.data;
-    params.attn.o = tensors.o.data;
-    params.attn.seq_offsets = reinterpret_cast<const int64_t*>(device);
+    attention::cuda::FusedForwardParams params =
+        attention::cuda::BindFusedParams(plan.params, tensors, device);
     params.tiles = reinterpret_cast<const attention::GpuTile*>(device + layout.tiles_at);
     params.num_tiles = n.tiles;
-    params.scale_log2 = plan.scale * 1.4426950408889634f;
     params.variant = force_mma_ ? attention::cuda::FusedVariant::kMmaSync
                                 : attention::cuda::SelectFusedVariant(major_, plan.params.head_dim);
     params.key_runs.tile_row = reinterpret_cast<const int32_t*>(device + layout.tile_row_at);
