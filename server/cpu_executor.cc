@@ -20,7 +20,7 @@ class CpuExecutor final : public Executor {
   CpuExecutor(const ExecutorOptions& options,
               std::unique_ptr<attention::AttentionBackend> dilated,
               std::unique_ptr<block_sparse::BlockSparseBackend> sparse,
-              std::unique_ptr<memory::BufferPool> pool)
+              std::shared_ptr<memory::BufferPool> pool)
       : options_(options),
         dilated_(std::move(dilated)),
         sparse_(std::move(sparse)),
@@ -126,7 +126,7 @@ class CpuExecutor final : public Executor {
   ExecutorOptions options_;
   std::unique_ptr<attention::AttentionBackend> dilated_;
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_;
-  std::unique_ptr<memory::BufferPool> pool_;
+  std::shared_ptr<memory::BufferPool> pool_;
 };
 
 }  // namespace
@@ -182,7 +182,15 @@ JobPlans PlanJob(const Job& job, attention::DType dtype) {
   return plans;
 }
 
-absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(const ExecutorOptions& options) {
+absl::StatusOr<std::shared_ptr<memory::BufferPool>> CreateHostPool(const ExecutorOptions& options) {
+  absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool = memory::BufferPool::Create(
+      {"host", options.host_pool_bytes}, memory::NewStagingHostAllocator());
+  if (!pool.ok()) return pool.status();
+  return std::shared_ptr<memory::BufferPool>(*std::move(pool));
+}
+
+absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(
+    const ExecutorOptions& options, std::shared_ptr<memory::BufferPool> host) {
   attention::CpuBackendOptions cpu{options.cpu_threads, "auto"};
   absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> dilated =
       attention::CreateCpuBackend(cpu);
@@ -190,11 +198,13 @@ absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(const ExecutorOption
   absl::StatusOr<std::unique_ptr<block_sparse::BlockSparseBackend>> sparse =
       block_sparse::CreateCpuBlockSparseBackend(cpu);
   if (!sparse.ok()) return sparse.status();
-  absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool = memory::BufferPool::Create(
-      {"host", options.host_pool_bytes}, memory::NewStagingHostAllocator());
-  if (!pool.ok()) return pool.status();
+  if (host == nullptr) {
+    absl::StatusOr<std::shared_ptr<memory::BufferPool>> pool = CreateHostPool(options);
+    if (!pool.ok()) return pool.status();
+    host = *std::move(pool);
+  }
   return std::unique_ptr<Executor>(new CpuExecutor(options, *std::move(dilated),
-                                                   *std::move(sparse), *std::move(pool)));
+                                                   *std::move(sparse), std::move(host)));
 }
 
 }  // namespace dilattn::server

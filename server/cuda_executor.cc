@@ -42,7 +42,8 @@ struct GpuJob {
 
 class CudaExecutor final : public Executor {
  public:
-  CudaExecutor(int device, const ExecutorOptions& options) : device_(device), options_(options) {}
+  CudaExecutor(int device, const ExecutorOptions& options, SharedHostPools shared)
+      : device_(device), options_(options), shared_(std::move(shared)) {}
   ~CudaExecutor() override {
     cudaSetDevice(device_);
     for (cudaStream_t s : streams_) {
@@ -70,7 +71,7 @@ class CudaExecutor final : public Executor {
       if (!sparse.ok()) return sparse.status();
       sparse_gpu_[i] = *std::move(sparse);
     }
-    absl::StatusOr<std::unique_ptr<Executor>> cpu = CreateCpuExecutor(options_);
+    absl::StatusOr<std::unique_ptr<Executor>> cpu = CreateCpuExecutor(options_, shared_.host);
     if (!cpu.ok()) return cpu.status();
     cpu_ = *std::move(cpu);
     size_t free_bytes = 0, total_bytes = 0;
@@ -87,12 +88,13 @@ class CudaExecutor final : public Executor {
         {absl::StrCat("cuda:", device_), device_cap}, *std::move(device_alloc));
     if (!device_pool.ok()) return device_pool.status();
     device_pool_ = *std::move(device_pool);
-    absl::StatusOr<std::unique_ptr<memory::Allocator>> pinned = memory::NewPinnedHostAllocator();
-    if (!pinned.ok()) return pinned.status();
-    absl::StatusOr<std::unique_ptr<memory::BufferPool>> pinned_pool = memory::BufferPool::Create(
-        {"pinned", options_.host_pool_bytes}, *std::move(pinned));
-    if (!pinned_pool.ok()) return pinned_pool.status();
-    pinned_pool_ = *std::move(pinned_pool);
+    if (shared_.pinned != nullptr) {
+      pinned_pool_ = shared_.pinned;
+    } else {
+      absl::StatusOr<std::shared_ptr<memory::BufferPool>> pinned = CreatePinnedPool(options_);
+      if (!pinned.ok()) return pinned.status();
+      pinned_pool_ = *std::move(pinned);
+    }
     LogInfo("cuda executor: device %d, %s, device pool cap %d MiB", device_,
             std::string(gpu_[0]->name()), static_cast<int>(device_cap >> 20));
     return absl::OkStatus();
@@ -292,23 +294,34 @@ class CudaExecutor final : public Executor {
 
   const int device_;
   const ExecutorOptions options_;
+  const SharedHostPools shared_;
   cudaStream_t streams_[2] = {nullptr, nullptr};
   std::unique_ptr<attention::AttentionBackend> gpu_[2];
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_gpu_[2];
   std::unique_ptr<Executor> cpu_;
   std::unique_ptr<memory::BufferPool> device_pool_;
-  std::unique_ptr<memory::BufferPool> pinned_pool_;
+  std::shared_ptr<memory::BufferPool> pinned_pool_;
   int next_stream_ = 0;
 };
 
 }  // namespace
 
+absl::StatusOr<std::shared_ptr<memory::BufferPool>> CreatePinnedPool(
+    const ExecutorOptions& options) {
+  absl::StatusOr<std::unique_ptr<memory::Allocator>> pinned = memory::NewPinnedHostAllocator();
+  if (!pinned.ok()) return pinned.status();
+  absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool =
+      memory::BufferPool::Create({"pinned", options.host_pool_bytes}, *std::move(pinned));
+  if (!pool.ok()) return pool.status();
+  return std::shared_ptr<memory::BufferPool>(*std::move(pool));
+}
+
 absl::StatusOr<std::unique_ptr<Executor>> CreateCudaExecutor(const ExecutorOptions& options,
-                                                             int device) {
+                                                             int device, SharedHostPools shared) {
   if (memory::CudaDeviceCount() <= device) {
     return absl::FailedPreconditionError(absl::StrCat("no CUDA device ", device));
   }
-  auto e = std::make_unique<CudaExecutor>(device, options);
+  auto e = std::make_unique<CudaExecutor>(device, options, std::move(shared));
   if (absl::Status s = e->Init(); !s.ok()) return s;
   return std::unique_ptr<Executor>(std::move(e));
 }

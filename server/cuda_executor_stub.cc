@@ -4,7 +4,12 @@
 
 namespace dilattn::server {
 
-absl::StatusOr<std::unique_ptr<Executor>> CreateCudaExecutor(const ExecutorOptions&, int) {
+absl::StatusOr<std::shared_ptr<memory::BufferPool>> CreatePinnedPool(const ExecutorOptions&) {
+  return absl::FailedPreconditionError("this build has no CUDA support");
+}
+
+absl::StatusOr<std::unique_ptr<Executor>> CreateCudaExecutor(const ExecutorOptions&, int,
+                                                             SharedHostPools) {
   return absl::FailedPreconditionError("this build has no CUDA support");
 }
 

@@ -1,44 +1,111 @@
 #include "server/engine.h"
 
+#include <algorithm>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "kernels/common/quote.h"
 #include "kernels/memory/allocator.h"
 #include "server/log.h"
 #include "server/model.h"
 
 namespace dilattn::server {
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
-  std::unique_ptr<Engine> e(new Engine());
-  const std::string& d = options.device;
-  int cuda_device = -1;
-  if (d == "auto") {
-    if (memory::CudaDeviceCount() > 0) cuda_device = 0;
-  } else if (d == "cuda") {
-    cuda_device = 0;
+namespace {
+
+// The GPUs `device` names: every visible one for "auto" and "cuda", the listed ones for
+// "cuda:N,M,..."; none for "cpu" (or "auto" without a GPU).
+absl::StatusOr<std::vector<int>> ParseDevices(const std::string& d) {
+  std::vector<int> devices;
+  if (d == "auto" || d == "cuda") {
+    const int count = memory::CudaDeviceCount();
+    for (int i = 0; i < count; ++i) devices.push_back(i);
+    // "cuda" without a GPU fails on device 0 below, naming it.
+    if (d == "cuda" && devices.empty()) devices.push_back(0);
   } else if (absl::StartsWith(d, "cuda:")) {
-    if (!absl::SimpleAtoi(d.substr(5), &cuda_device) || cuda_device < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("--device '", d, "': bad device number"));
+    for (absl::string_view part : absl::StrSplit(d.substr(5), ',')) {
+      int n = -1;
+      if (!absl::SimpleAtoi(part, &n) || n < 0 ||
+          std::find(devices.begin(), devices.end(), n) != devices.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--device ", Quote(d), ": bad or repeated device number ", Quote(part)));
+      }
+      devices.push_back(n);
     }
   } else if (d != "cpu") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--device '", d, "' is not one of auto, cpu, cuda, cuda:N"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--device ", Quote(d), " is not one of auto, cpu, cuda, cuda:N, cuda:N,M,..."));
   }
-  absl::StatusOr<std::unique_ptr<Executor>> executor =
-      cuda_device >= 0 ? CreateCudaExecutor(options.executor, cuda_device)
-                       : CreateCpuExecutor(options.executor);
-  if (!executor.ok() && d == "auto" && cuda_device >= 0) {
-    // "auto" means the best device that works: a GPU the kernels cannot use leaves the CPU.
-    LogWarning("GPU %d unusable (%s); serving on the CPU", cuda_device,
-               executor.status().ToString());
-    executor = CreateCpuExecutor(options.executor);
+  return devices;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  std::unique_ptr<Engine> e(new Engine());
+  absl::StatusOr<std::vector<int>> devices = ParseDevices(options.device);
+  if (!devices.ok()) return devices.status();
+  if (!devices->empty()) {
+    absl::Status failed = absl::OkStatus();
+    SharedHostPools shared;
+    absl::StatusOr<std::shared_ptr<memory::BufferPool>> pinned =
+        CreatePinnedPool(options.executor);
+    absl::StatusOr<std::shared_ptr<memory::BufferPool>> host = CreateHostPool(options.executor);
+    if (!pinned.ok()) failed = pinned.status();
+    if (!host.ok()) failed = host.status();
+    if (failed.ok()) shared = {*std::move(pinned), *std::move(host)};
+    for (int device : *devices) {
+      if (!failed.ok()) break;
+      absl::StatusOr<std::unique_ptr<Executor>> executor =
+          CreateCudaExecutor(options.executor, device, shared);
+      if (executor.ok()) {
+        e->executors_.push_back(*std::move(executor));
+      } else if (options.device == "auto") {
+        // "auto" means the devices that work: a GPU the kernels cannot use is left out.
+        LogWarning("GPU %d unusable (%s); left out", device, executor.status().ToString());
+      } else {
+        failed = executor.status();
+      }
+    }
+    if (!failed.ok()) {
+      if (options.device != "auto") return failed;
+      LogWarning("GPUs unusable (%s); serving on the CPU", failed.ToString());
+      e->executors_.clear();
+    }
   }
-  if (!executor.ok()) return executor.status();
-  e->executor_ = *std::move(executor);
-  e->thread_ = std::thread([engine = e.get()] { engine->Loop(); });
+  if (e->executors_.empty()) {
+    absl::StatusOr<std::unique_ptr<Executor>> executor = CreateCpuExecutor(options.executor);
+    if (!executor.ok()) return executor.status();
+    e->executors_.push_back(*std::move(executor));
+  }
+  {
+    absl::MutexLock lock(&e->mu_);
+    e->free_slots_ = static_cast<int>(e->executors_.size());
+  }
+  for (const auto& executor : e->executors_) {
+    e->threads_.emplace_back([engine = e.get(), ex = executor.get()] { engine->Loop(*ex); });
+  }
   return e;
+}
+
+std::string Engine::backend_name() const {
+  std::vector<std::string> names;
+  for (const auto& executor : executors_) names.push_back(executor->name());
+  return absl::StrJoin(names, "; ");
+}
+
+std::vector<const memory::BufferPool*> Engine::pools() const {
+  std::vector<const memory::BufferPool*> out;
+  for (const auto& executor : executors_) {
+    for (const memory::BufferPool* pool : executor->pools()) {
+      if (std::find(out.begin(), out.end(), pool) == out.end()) out.push_back(pool);
+    }
+  }
+  return out;
 }
 
 Engine::~Engine() { Shutdown(); }
@@ -65,13 +132,14 @@ void Engine::Submit(Batch batch) {
 void Engine::Shutdown() {
   {
     absl::MutexLock lock(&mu_);
-    if (stopping_ && !thread_.joinable()) return;
     stopping_ = true;
   }
-  if (thread_.joinable()) thread_.join();
+  for (std::thread& t : threads_) {
+    if (t.joinable()) t.join();
+  }
 }
 
-void Engine::Loop() {
+void Engine::Loop(Executor& executor) {
   std::unique_ptr<Job> in_flight;
   while (true) {
     std::unique_ptr<Batch> next;
@@ -92,13 +160,14 @@ void Engine::Loop() {
     }
     // Start the next batch before waiting for the previous one: its copies overlap the
     // previous kernel.
-    std::unique_ptr<Job> started = next != nullptr ? StartJob(std::move(*next)) : nullptr;
-    if (in_flight != nullptr) FinishJob(std::move(in_flight));
+    std::unique_ptr<Job> started =
+        next != nullptr ? StartJob(executor, std::move(*next)) : nullptr;
+    if (in_flight != nullptr) FinishJob(executor, std::move(in_flight));
     in_flight = std::move(started);
   }
 }
 
-std::unique_ptr<Job> Engine::StartJob(Batch batch) {
+std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch) {
   auto job = std::make_unique<Job>();
   job->model = batch.model;
   job->start = absl::Now();
@@ -122,7 +191,7 @@ std::unique_ptr<Job> Engine::StartJob(Batch batch) {
   for (const auto& r : job->requests) {
     for (int64_t b = 0; b < r->batch; ++b) job->shape.seq_lengths.push_back(r->seq_len);
   }
-  if (absl::Status s = executor_->Start(*job); !s.ok()) {
+  if (absl::Status s = executor.Start(*job); !s.ok()) {
     LogError("starting %d request(s) for %s failed: %s",
              static_cast<int>(job->requests.size()), job->model->name(), s.ToString());
     for (auto& r : job->requests) CompleteRequest(std::move(r), s);
@@ -131,8 +200,8 @@ std::unique_ptr<Job> Engine::StartJob(Batch batch) {
   return job;
 }
 
-void Engine::FinishJob(std::unique_ptr<Job> job) {
-  const absl::Status s = executor_->Wait(*job);
+void Engine::FinishJob(Executor& executor, std::unique_ptr<Job> job) {
+  const absl::Status s = executor.Wait(*job);
   if (!s.ok()) {
     for (auto& r : job->requests) CompleteRequest(std::move(r), s);
     return;

@@ -1,9 +1,10 @@
 #pragma once
 
-// One engine per device. Its thread owns the device's executor (and, on a GPU, its streams): it
-// takes batches formed by the models' schedulers and runs them through the executor, starting
-// the next batch before waiting for the previous one so that copies overlap compute. Nothing
-// else touches the device.
+// The engine runs the batches the models' schedulers form, one thread per device: each thread
+// owns its device's executor (and, on a GPU, its streams), takes the next batch from the queue
+// all devices share, and starts it before waiting for its previous one, so that copies overlap
+// compute. Nothing else touches the devices. The GPUs' executors share the pinned staging pool,
+// so a request staged before a GPU takes it runs on any of them.
 
 #include <deque>
 #include <memory>
@@ -25,7 +26,9 @@ struct Batch {
 };
 
 struct EngineOptions {
-  std::string device = "auto";  // "auto" (GPU 0 when there is one), "cpu", "cuda", "cuda:N"
+  // "auto" (every GPU, or the CPU when there is none), "cpu", "cuda" (every GPU), "cuda:N" or
+  // "cuda:N,M,..." (those GPUs).
+  std::string device = "auto";
   ExecutorOptions executor;
 };
 
@@ -34,13 +37,18 @@ class Engine {
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
   ~Engine();
 
-  std::string backend_name() const { return executor_->name(); }
-  int cuda_device() const { return executor_->cuda_device(); }  // -1 on the CPU
-  std::vector<const memory::BufferPool*> pools() const { return executor_->pools(); }
-  memory::BufferPool& staging_pool() { return executor_->staging_pool(); }
+  std::string backend_name() const;
+  int num_devices() const { return static_cast<int>(executors_.size()); }
+  // The first GPU (-1 on the CPU): system shared memory is pinned through it (portably).
+  int cuda_device() const { return executors_.front()->cuda_device(); }
+  std::vector<const memory::BufferPool*> pools() const;  // each pool once
+  memory::BufferPool& staging_pool() { return executors_.front()->staging_pool(); }
 
-  // Whether this engine can run `r`, asked of the same selector execution uses. Any thread.
-  absl::Status Supports(const InferenceRequest& r) const { return executor_->Supports(r); }
+  // Whether this engine can run `r`, asked of the same selector execution uses (every device's
+  // executor is of one kind). Any thread.
+  absl::Status Supports(const InferenceRequest& r) const {
+    return executors_.front()->Supports(r);
+  }
 
   // A scheduler reserves a slot before forming a batch, so batches are formed only when the
   // engine can take them and grow while it is busy. False when `deadline` passes first or the
@@ -55,17 +63,17 @@ class Engine {
 
  private:
   Engine() = default;
-  void Loop();
+  void Loop(Executor& executor);
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
-  std::unique_ptr<Job> StartJob(Batch batch);
-  void FinishJob(std::unique_ptr<Job> job);
+  static std::unique_ptr<Job> StartJob(Executor& executor, Batch batch);
+  static void FinishJob(Executor& executor, std::unique_ptr<Job> job);
 
-  std::unique_ptr<Executor> executor_;
+  std::vector<std::unique_ptr<Executor>> executors_;  // one per device
   absl::Mutex mu_;
-  int free_slots_ ABSL_GUARDED_BY(mu_) = 1;
+  int free_slots_ ABSL_GUARDED_BY(mu_) = 0;  // one per device to begin with
   std::deque<Batch> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
 
 }  // namespace dilattn::server

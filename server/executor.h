@@ -56,10 +56,26 @@ struct ExecutorOptions {
   absl::Duration pool_wait = absl::Seconds(10);
 };
 
-absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(const ExecutorOptions& options);
+// Host pools the executors of several GPUs share, so that a request staged before a GPU is
+// chosen can run on any of them and each pool is counted once: "pinned" (page-locked, portable
+// to every device) and "host" (the CPU path's). Null members are created by the executor.
+struct SharedHostPools {
+  std::shared_ptr<memory::BufferPool> pinned;
+  std::shared_ptr<memory::BufferPool> host;
+};
+
+// The CPU path's pool: `host_pool_bytes` of plain host memory.
+absl::StatusOr<std::shared_ptr<memory::BufferPool>> CreateHostPool(const ExecutorOptions& options);
+// The GPU executors' staging pool: `host_pool_bytes` of pinned, portable host memory.
+absl::StatusOr<std::shared_ptr<memory::BufferPool>> CreatePinnedPool(
+    const ExecutorOptions& options);
+
+absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(
+    const ExecutorOptions& options, std::shared_ptr<memory::BufferPool> host = nullptr);
 // FAILED_PRECONDITION without CUDA or without the device.
 absl::StatusOr<std::unique_ptr<Executor>> CreateCudaExecutor(const ExecutorOptions& options,
-                                                             int device);
+                                                             int device,
+                                                             SharedHostPools shared = {});
 
 // Plans `job.shape` for the requests' operator (their first request's options).
 struct JobPlans {

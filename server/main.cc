@@ -24,8 +24,9 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --metrics-port N          Prometheus /metrics port (8002; 0 picks one; -1 disables)
   --bind-address A          address both ports bind to (0.0.0.0)
   --model-repository DIR    directory of <model>/config.pbtxt (default: the built-in models)
-  --device D                auto (GPU 0 when there is one), cpu, cuda or cuda:N (auto)
-  --device-pool-mib N       cap of the GPU buffer pool (0: 90% of the free memory)
+  --device D                auto (every GPU, or the CPU without one), cpu, cuda (every GPU),
+                            cuda:N or cuda:N,M,... (those GPUs) (auto)
+  --device-pool-mib N       cap of each GPU's buffer pool (0: 90% of its free memory)
   --cpu-threads N           CPU backend threads (0: one per hardware thread)
   --host-pool-mib N         cap of the host buffer pool in MiB (16384)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)

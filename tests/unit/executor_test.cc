@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "gtest/gtest.h"
+#include "server/engine.h"
 #include "server/executor.h"
 
 namespace dilattn::server {
@@ -94,6 +95,30 @@ TEST_F(InPlace, OnTheHostNeedsWholeElementsAndNoOverlap) {
   two->requests.push_back(std::move(host(0, kBytes, 2 * kBytes, 3 * kBytes,
                                          DType::kFloat32)->requests[0]));
   EXPECT_FALSE(RunsInPlaceOnHost(*two));
+}
+
+// --device names: a bad or repeated GPU number, or an unknown word, is refused by name before
+// any device is touched; "cpu" gives one engine thread on the CPU executor.
+TEST(EngineDevices, BadNamesAreRefusedAndCpuRunsOneThread) {
+  for (const char* bad : {"gpu", "cuda:", "cuda:-1", "cuda:0,0", "cuda:a", "cuda:0,,1"}) {
+    EngineOptions o;
+    o.device = bad;
+    o.executor.host_pool_bytes = size_t{1} << 20;
+    absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(o);
+    ASSERT_FALSE(e.ok()) << bad;
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(e.status().message().find("--device"), absl::string_view::npos) << e.status();
+  }
+  EngineOptions o;
+  o.device = "cpu";
+  o.executor.host_pool_bytes = size_t{1} << 20;
+  absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->num_devices(), 1);
+  EXPECT_EQ((*e)->cuda_device(), -1);
+  EXPECT_NE((*e)->backend_name().find("cpu"), std::string::npos);
+  EXPECT_EQ((*e)->pools().size(), 1u);
+  (*e)->Shutdown();
 }
 
 }  // namespace
