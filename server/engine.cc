@@ -125,8 +125,44 @@ void Engine::ReleaseSlot() {
 }
 
 void Engine::Submit(Batch batch) {
+  batch.device = -1;
+  if (!batch.requests.empty()) {
+    const InferenceRequest& r = *batch.requests.front();
+    for (int device : {r.input_device[0], r.input_device[1], r.input_device[2],
+                       r.output_target.device}) {
+      if (device >= 0) {
+        batch.device = device;
+        break;
+      }
+    }
+  }
   absl::MutexLock lock(&mu_);
   queue_.push_back(std::move(batch));
+}
+
+bool Engine::HasWorkFor(const Executor& executor) const {
+  for (const Batch& b : queue_) {
+    if (b.device < 0 || b.device == executor.cuda_device()) return true;
+    const bool served = std::any_of(executors_.begin(), executors_.end(), [&](const auto& e) {
+      return e->cuda_device() == b.device;
+    });
+    if (!served) return true;
+  }
+  return false;
+}
+
+std::unique_ptr<Batch> Engine::TakeFor(const Executor& executor) {
+  for (auto it = queue_.begin(); it != queue_.end(); ++it) {
+    const bool served = std::any_of(executors_.begin(), executors_.end(), [&](const auto& e) {
+      return e->cuda_device() == it->device;
+    });
+    if (it->device < 0 || it->device == executor.cuda_device() || !served) {
+      auto batch = std::make_unique<Batch>(std::move(*it));
+      queue_.erase(it);
+      return batch;
+    }
+  }
+  return nullptr;
 }
 
 void Engine::Shutdown() {
@@ -146,17 +182,14 @@ void Engine::Loop(Executor& executor) {
     {
       absl::MutexLock lock(&mu_);
       if (in_flight == nullptr) {
-        auto ready = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return !queue_.empty() || stopping_;
+        auto ready = [this, &executor]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+          return HasWorkFor(executor) || (stopping_ && queue_.empty());
         };
         mu_.Await(absl::Condition(&ready));
-        if (queue_.empty()) return;  // stopping, nothing left
+        if (!HasWorkFor(executor)) return;  // stopping, nothing left
       }
-      if (!queue_.empty()) {
-        next = std::make_unique<Batch>(std::move(queue_.front()));
-        queue_.pop_front();
-        ++free_slots_;  // the next batch may form while this one runs
-      }
+      next = TakeFor(executor);
+      if (next != nullptr) ++free_slots_;  // the next batch may form while this one runs
     }
     // Start the next batch before waiting for the previous one: its copies overlap the
     // previous kernel.

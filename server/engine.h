@@ -23,6 +23,10 @@ namespace dilattn::server {
 struct Batch {
   Model* model = nullptr;
   std::vector<std::unique_ptr<InferenceRequest>> requests;
+  // The GPU whose engine thread should run it: where its first request's tensors lie in CUDA
+  // shared memory (they are then read and written in place, or copied without crossing to
+  // another GPU); -1 for any. Set by Engine::Submit.
+  int device = -1;
 };
 
 struct EngineOptions {
@@ -64,6 +68,10 @@ class Engine {
  private:
   Engine() = default;
   void Loop(Executor& executor);
+  // The next batch `executor` may take: the oldest with no preferred GPU, preferring its GPU, or
+  // preferring a GPU no thread here runs. Null when there is none.
+  std::unique_ptr<Batch> TakeFor(const Executor& executor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool HasWorkFor(const Executor& executor) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
   static std::unique_ptr<Job> StartJob(Executor& executor, Batch batch);
   static void FinishJob(Executor& executor, std::unique_ptr<Job> job);

@@ -6,8 +6,11 @@ import subprocess
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
+import cuda_ipc
 import reference
+from conftest import ServerProcess
 from helpers import make_inputs
 
 
@@ -56,3 +59,50 @@ def test_requests_spread_over_every_gpu_with_the_same_answers(server, client):
     used = [server.metric("dilattn_buffer_pool_bytes", pool=f"cuda:{g}", state="high_water")
             for g in range(_gpu_count())]
     assert all(u is not None and u > 0 for u in used), f"per-GPU pool high water: {used}"
+
+
+def test_cuda_shared_memory_requests_run_on_the_gpu_that_holds_them():
+    """A request whose tensors lie in CUDA shared memory on GPU g runs on g's engine thread, in
+    place: the other GPUs' pools lease nothing for it (run elsewhere, it would lease Q, K, V and
+    O there and copy across GPUs)."""
+    cudart = cuda_ipc.load_cudart()
+    if cudart is None:
+        pytest.skip("no CUDA runtime library for the client side")
+    shape = (1, 65536, 4, 64)
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.uniform(-1, 1, shape).astype(np.float16) for _ in range(3))
+    n = q.nbytes
+    params = {"segment_lengths": "2048,8192", "dilation_rates": "1,4"}
+    expected = reference.dilated_attention(*(x[:, :8192].astype(np.float32) for x in (q, k, v)),
+                                           [2048, 8192], [1, 4])
+    for gpu in range(_gpu_count()):
+        server = ServerProcess(name=f"multi-gpu-shm-{gpu}")
+        buf = cuda_ipc.DeviceBuffer(cudart, 4 * n, device=gpu)
+        client = server.client()
+        try:
+            for i, x in enumerate((q, k, v)):
+                buf.write(x, offset=i * n)
+            client.register_cuda_shared_memory("t", buf.raw_handle(), gpu, 4 * n)
+            inputs = []
+            for i, label in enumerate("QKV"):
+                t = grpcclient.InferInput(label, list(shape), "FP16")
+                t.set_shared_memory("t", n, offset=i * n)
+                inputs.append(t)
+            out = grpcclient.InferRequestedOutput("O")
+            out.set_shared_memory("t", n, offset=3 * n)
+            for _ in range(3):
+                client.infer("dilated_attention", inputs, outputs=[out], parameters=params)
+            o = buf.read(np.float16, shape, offset=3 * n)[:, :8192].astype(np.float32)
+            assert reference.relative_error(o, expected) <= reference.TOLERANCE["FP16"]
+            for other in range(_gpu_count()):
+                leased = server.metric("dilattn_buffer_pool_bytes", pool=f"cuda:{other}",
+                                       state="high_water")
+                if other == gpu:
+                    assert leased < n, f"GPU {gpu} copied the tensors: {leased} bytes leased"
+                else:
+                    assert leased == 0, f"GPU {other} ran a request of GPU {gpu}: {leased}"
+            client.unregister_cuda_shared_memory("t")
+        finally:
+            client.close()
+            server.stop()
+            buf.free()
