@@ -36,8 +36,8 @@ def test_patterns(client, pattern, params, extra, causal):
     out = client.infer("block_sparse_attention", make_inputs(q, k, v),
                        parameters=request).as_numpy("O")
     expected = reference.block_sparse_attention(q, k, v, 32, _kept(pattern, **extra), causal)
-    # D = 16: the GPU kernels take D = 64 and 128, so this runs on the CPU path on every device.
-    assert reference.relative_error(out, expected) <= 1e-5
+    # D = 16: on a GPU server the GPU kernels run it (FP32 computed in fp16 there).
+    assert reference.relative_error(out, expected) <= reference.TOLERANCE["FP32"]
 
 
 def test_explicit_pairs_and_empty_rows(client):
@@ -57,9 +57,10 @@ def test_explicit_pairs_and_empty_rows(client):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dim", [64, 128])
 def test_head_dims_of_the_gpu_kernels(client, datatype, causal, dim):
-    """D = 64 and 128 run on the GPU kernels on a GPU server (FP32 computed in fp16 there), and
-    on the CPU path elsewhere; the same answer within the dtype's tolerance either way. Blocks
-    of 100 tokens: tiles that end inside a block, and a short last block."""
+    """D = 64 and 128 (the wgmma kernels on Hopper) run on the GPU kernels on a GPU server (FP32
+    computed in fp16 there), and on the CPU path elsewhere; the same answer within the dtype's
+    tolerance either way. Blocks of 100 tokens: tiles that end inside a block, and a short last
+    block."""
     rng = np.random.default_rng(dim + causal)
     q, k, v = (rng.uniform(-1, 1, (2, 430, 2, dim)).astype(np.float32) for _ in range(3))
     q, k, v = (to_wire(x, datatype) for x in (q, k, v))

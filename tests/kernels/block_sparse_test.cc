@@ -56,7 +56,8 @@ SparseCase DrawCase(SplitMix64& rng, int64_t max_len) {
   DrawBlockSparsePattern(rng, &o);
   c.shape.dtype = rng.Uniform(0, 1) == 0 ? DType::kFloat16 : DType::kBFloat16;
   c.shape.num_heads = rng.Uniform(1, 4);
-  c.shape.head_dim = rng.Uniform(0, 2) == 0 ? 128 : 64;
+  static const int64_t kDims[] = {16, 32, 64, 64, 128, 128, 256};
+  c.shape.head_dim = kDims[rng.Uniform(0, 6)];
   // Explicit pairs name blocks 0..2, so sequences hold at least 3 blocks.
   const int64_t min_len = o.pattern == Pattern::kExplicit ? 3 * o.block_size : 1;
   for (int64_t s = rng.Uniform(1, 3); s > 0; --s) {
@@ -204,10 +205,10 @@ TEST_F(BlockSparseGpu, RejectsWhatItCannotRun) {
   BlockSparseOptions o;
   o.block_size = 16;
   auto plan =
-      block_sparse::PlanBlockSparse(o, attention::DenseShape(DType::kFloat16, 1, 64, 2, 32));
+      block_sparse::PlanBlockSparse(o, attention::DenseShape(DType::kFloat16, 1, 64, 2, 48));
   ASSERT_TRUE(plan.ok());
   EXPECT_EQ(gpu.Supports(*plan).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(gpu.Supports(*plan).message()), ::testing::HasSubstr("D=32"));
+  EXPECT_THAT(std::string(gpu.Supports(*plan).message()), ::testing::HasSubstr("D=48"));
   plan = block_sparse::PlanBlockSparse(o, attention::DenseShape(DType::kFloat32, 1, 64, 2, 64));
   ASSERT_TRUE(plan.ok());
   EXPECT_THAT(std::string(gpu.Supports(*plan).message()), ::testing::HasSubstr("fp16 or bf16"));

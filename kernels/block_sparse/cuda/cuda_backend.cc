@@ -62,15 +62,15 @@ class CudaBlockSparseBackend final : public BlockSparseBackend {
     if (p.dtype != attention::DType::kFloat32 && !cuda::BlockSparseSupportsHeadDim(p.head_dim)) {
       return absl::InvalidArgumentError(
           absl::StrCat("head_dim D=", p.head_dim,
-                       " is not supported by the cuda block-sparse backend (64, "
-                       "128)"));
+                       " is not supported by the cuda block-sparse backend (16, 32, 64, 128, "
+                       "256)"));
     }
     return attention::cuda::CheckCudaProblem(p);
   }
 
   size_t WorkspaceBytes(const BlockSparsePlan& plan) const override {
     if (!Supports(plan).ok()) return 0;
-    return WorkspaceLayout(plan, CountBlockSparseGpuWork(plan, kBlockM)).total;
+    return WorkspaceLayout(plan, CountBlockSparseGpuWork(plan, BlockM(plan))).total;
   }
 
   absl::Status Run(const BlockSparsePlan& plan, const attention::AttentionTensors& tensors,
@@ -130,7 +130,8 @@ class CudaBlockSparseBackend final : public BlockSparseBackend {
     std::memcpy(&density_bits, &o.density, sizeof(density_bits));
     std::string key = absl::StrCat(PatternName(o.pattern), "|", o.block_size, "|", o.window, "|",
                                    o.global_blocks, "|", o.stride, "|", density_bits, "|", o.seed,
-                                   "|", o.causal, "|", plan.shape.num_heads, "|");
+                                   "|", o.causal, "|", plan.shape.num_heads, "|", BlockM(plan),
+                                   "|");
     for (int64_t r : o.rates) absl::StrAppend(&key, r, ",");
     absl::StrAppend(&key, "|");
     for (const auto& [i, j] : o.pairs) absl::StrAppend(&key, i, ":", j, ",");
@@ -139,14 +140,15 @@ class CudaBlockSparseBackend final : public BlockSparseBackend {
     if (key == work_key_) return absl::OkStatus();
     work_key_.clear();
     staged_ = false;
-    if (absl::Status s = BuildBlockSparseGpuWork(plan, kBlockM, &work_); !s.ok()) return s;
+    if (absl::Status s = BuildBlockSparseGpuWork(plan, BlockM(plan), &work_); !s.ok()) return s;
     work_key_ = std::move(key);
     return absl::OkStatus();
   }
 
-  // Rows per tile of the kernels for both head dims (attention::cuda::FusedBlockM).
-  static constexpr int kBlockM = attention::cuda::FusedBlockM(128);
-  static_assert(attention::cuda::FusedBlockM(64) == kBlockM, "one tile height");
+  // Rows per tile of the kernel for the plan's head dim.
+  static int BlockM(const BlockSparsePlan& plan) {
+    return attention::cuda::FusedBlockM(plan.params.head_dim);
+  }
 
   int device_;
   void* stream_;

@@ -17,8 +17,11 @@ using block_sparse::cuda::KeyRunSpans;
                                                                     cudaStream_t);             \
   extern template int LaunchFusedForwardFor<D, __nv_bfloat16, KeyRunSpans>(                    \
       const FusedForwardParams&, cudaStream_t);
+DILATTN_DECLARE(16)
+DILATTN_DECLARE(32)
 DILATTN_DECLARE(64)
 DILATTN_DECLARE(128)
+DILATTN_DECLARE(256)
 #undef DILATTN_DECLARE
 extern template int LaunchHopperForward<__half, KeyRunSpans>(const FusedForwardParams&,
                                                              cudaStream_t);
@@ -38,7 +41,9 @@ using attention::cuda::LaunchFusedForwardFor;
 using attention::cuda::LaunchHopperForward;
 using attention::cuda::LaunchHopperWsForward;
 
-bool BlockSparseSupportsHeadDim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+bool BlockSparseSupportsHeadDim(int head_dim) {
+  return attention::cuda::FusedForwardSupportsHeadDim(head_dim);
+}
 
 int LaunchBlockSparseForward(const FusedForwardParams& params, void* stream_ptr) {
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
@@ -50,6 +55,15 @@ int LaunchBlockSparseForward(const FusedForwardParams& params, void* stream_ptr)
   }
   const bool wgmma = params.variant == FusedVariant::kWgmma;
   switch (params.attn.head_dim) {
+    case 16:
+      return bf16 ? LaunchFusedForwardFor<16, __nv_bfloat16, KeyRunSpans>(params, stream)
+                  : LaunchFusedForwardFor<16, __half, KeyRunSpans>(params, stream);
+    case 32:
+      return bf16 ? LaunchFusedForwardFor<32, __nv_bfloat16, KeyRunSpans>(params, stream)
+                  : LaunchFusedForwardFor<32, __half, KeyRunSpans>(params, stream);
+    case 256:
+      return bf16 ? LaunchFusedForwardFor<256, __nv_bfloat16, KeyRunSpans>(params, stream)
+                  : LaunchFusedForwardFor<256, __half, KeyRunSpans>(params, stream);
     case 64:
       if (wgmma) {
         return bf16 ? LaunchHopperForward<__nv_bfloat16, KeyRunSpans>(params, stream)

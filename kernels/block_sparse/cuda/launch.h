@@ -7,8 +7,8 @@
 
 namespace dilattn::block_sparse::cuda {
 
-// Head dims with a compiled block-sparse kernel; the variant is attention's one selector
-// (attention::cuda::SelectFusedVariant).
+// Head dims with a compiled block-sparse kernel (the dilated kernel's: 16, 32, 64, 128, 256);
+// the variant is attention's one selector (attention::cuda::SelectFusedVariant).
 bool BlockSparseSupportsHeadDim(int head_dim);
 
 // Launches over params.tiles with keys from params.key_runs; params.attn gives the tensors,
