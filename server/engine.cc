@@ -46,7 +46,7 @@ absl::StatusOr<std::vector<int>> ParseDevices(const std::string& d) {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
-  std::unique_ptr<Engine> e(new Engine());
+  std::vector<std::unique_ptr<Executor>> executors;
   absl::StatusOr<std::vector<int>> devices = ParseDevices(options.device);
   if (!devices.ok()) return devices.status();
   if (!devices->empty()) {
@@ -63,7 +63,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       absl::StatusOr<std::unique_ptr<Executor>> executor =
           CreateCudaExecutor(options.executor, device, shared);
       if (executor.ok()) {
-        e->executors_.push_back(*std::move(executor));
+        executors.push_back(*std::move(executor));
       } else if (options.device == "auto") {
         // "auto" means the devices that work: a GPU the kernels cannot use is left out.
         LogWarning("GPU %d unusable (%s); left out", device, executor.status().ToString());
@@ -74,14 +74,22 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     if (!failed.ok()) {
       if (options.device != "auto") return failed;
       LogWarning("GPUs unusable (%s); serving on the CPU", failed.ToString());
-      e->executors_.clear();
+      executors.clear();
     }
   }
-  if (e->executors_.empty()) {
+  if (executors.empty()) {
     absl::StatusOr<std::unique_ptr<Executor>> executor = CreateCpuExecutor(options.executor);
     if (!executor.ok()) return executor.status();
-    e->executors_.push_back(*std::move(executor));
+    executors.push_back(*std::move(executor));
   }
+  return CreateWith(std::move(executors));
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
+    std::vector<std::unique_ptr<Executor>> executors) {
+  if (executors.empty()) return absl::InvalidArgumentError("an engine needs an executor");
+  std::unique_ptr<Engine> e(new Engine());
+  e->executors_ = std::move(executors);
   {
     absl::MutexLock lock(&e->mu_);
     e->free_slots_ = static_cast<int>(e->executors_.size());

@@ -39,6 +39,9 @@ struct EngineOptions {
 class Engine {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
+  // An engine over the given executors, one thread each (Create's devices; tests' own).
+  static absl::StatusOr<std::unique_ptr<Engine>> CreateWith(
+      std::vector<std::unique_ptr<Executor>> executors);
   ~Engine();
 
   std::string backend_name() const;
