@@ -20,6 +20,8 @@ for bin in "$@"; do
   ldd "$bin" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
     case "$(basename "$lib")" in
       libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
+      # 218 MB, over the carry limit; the device machine has NCCL 2.28 system-wide.
+      libnccl.so*) ;;
       *) cp -L "$lib" "$out/lib/" ;;
     esac
   done

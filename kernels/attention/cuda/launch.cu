@@ -117,4 +117,43 @@ int LaunchHalfToFloat(const void* in, float* out, int64_t n, void* stream) {
   return cudaGetLastError();
 }
 
+// Thread t moves 16-byte chunk t % chunks of listed row t / chunks, between a (tokens, H, D)
+// tensor and a packed array of rows.
+template <bool kGather>
+__global__ void MoveHeadRowsKernel(uint4* tensor, int64_t row_chunks, int64_t head_chunks,
+                                   const int32_t* rows, int64_t n, uint4* packed) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;  // GridFor caps the grid
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       i < n * head_chunks; i += step) {
+    const int64_t row = i / head_chunks;
+    const int64_t chunk = i % head_chunks;
+    uint4* at = tensor + rows[2 * row] * row_chunks + rows[2 * row + 1] * head_chunks + chunk;
+    if constexpr (kGather) {
+      packed[i] = *at;
+    } else {
+      *at = packed[i];
+    }
+  }
+}
+
+int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_dim,
+                       const int32_t* rows, int64_t n, void* packed, void* stream) {
+  // 2-byte elements; D and the row stride are multiples of 8 (16 bytes) on the GPU path.
+  if (head_dim % 8 != 0 || row_stride % 8 != 0) return cudaErrorInvalidValue;
+  if (n == 0) return 0;
+  const int64_t head_chunks = head_dim / 8;
+  const int64_t total = n * head_chunks;
+  const auto s = static_cast<cudaStream_t>(stream);
+  auto* t = static_cast<uint4*>(tensor);
+  auto* p = static_cast<uint4*>(packed);
+  if (gather) {
+    MoveHeadRowsKernel<true><<<GridFor(total), 256, 0, s>>>(t, row_stride / 8, head_chunks, rows,
+                                                            n, p);
+  } else {
+    MoveHeadRowsKernel<false><<<GridFor(total), 256, 0, s>>>(t, row_stride / 8, head_chunks,
+                                                             rows, n, p);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace dilattn::attention::cuda

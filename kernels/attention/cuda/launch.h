@@ -25,4 +25,10 @@ int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* overflow, void
 // out[i] = float(in[i]) for n fp16 values.
 int LaunchHalfToFloat(const void* in, float* out, int64_t n, void* stream);
 
+// Rows of one head between a (tokens, H, D) tensor of 2-byte elements (row_stride elements per
+// token) and a packed array of D-element rows: `rows` holds n (token, head) pairs. gather:
+// packed[i] = tensor row i; otherwise tensor row i = packed[i].
+int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_dim,
+                       const int32_t* rows, int64_t n, void* packed, void* stream);
+
 }  // namespace dilattn::attention::cuda

@@ -1,0 +1,296 @@
+#include "kernels/attention/cuda/sequence_parallel_runner.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/attention/cuda/backend_util.h"
+#include "kernels/attention/cuda/launch.h"
+#include "kernels/attention/cuda/staged_upload.h"
+#include "kernels/attention/sequence_parallel.h"
+
+namespace dilattn::attention::cuda {
+namespace {
+
+absl::Status Nccl(ncclResult_t r, absl::string_view what) {
+  if (r == ncclSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", ncclGetErrorString(r)));
+}
+
+// A device allocation freed with its owner.
+struct DeviceMemory {
+  void* ptr = nullptr;
+  int device = -1;
+  DeviceMemory() = default;
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  ~DeviceMemory() {
+    if (ptr != nullptr) {
+      cudaSetDevice(device);
+      cudaFree(ptr);
+    }
+  }
+  absl::Status Allocate(int dev, size_t bytes) {
+    device = dev;
+    return CudaErrorStatus(cudaMalloc(&ptr, std::max<size_t>(bytes, 16)), "cudaMalloc");
+  }
+  unsigned char* bytes() const { return static_cast<unsigned char*>(ptr); }
+};
+
+class Runner final : public SequenceParallelRunner {
+ public:
+  explicit Runner(std::vector<int> devices) : devices_(std::move(devices)) {}
+  ~Runner() override {
+    for (size_t g = 0; g < devices_.size(); ++g) {
+      cudaSetDevice(devices_[g]);
+      if (g < streams_.size() && streams_[g] != nullptr) cudaStreamDestroy(streams_[g]);
+      if (g < comms_.size() && comms_[g] != nullptr) ncclCommDestroy(comms_[g]);
+    }
+  }
+
+  absl::Status Init() {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+    for (int d : devices_) {
+      if (d < 0 || d >= count || std::count(devices_.begin(), devices_.end(), d) != 1) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("CUDA device ", d, " is missing or repeated (", count, " found)"));
+      }
+    }
+    streams_.assign(devices_.size(), nullptr);
+    majors_.assign(devices_.size(), 0);
+    for (size_t g = 0; g < devices_.size(); ++g) {
+      if (absl::Status s = CudaErrorStatus(cudaSetDevice(devices_[g]), "cudaSetDevice"); !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = CudaErrorStatus(
+              cudaStreamCreateWithFlags(&streams_[g], cudaStreamNonBlocking), "stream");
+          !s.ok()) {
+        return s;
+      }
+      cudaDeviceGetAttribute(&majors_[g], cudaDevAttrComputeCapabilityMajor, devices_[g]);
+    }
+    if (devices_.size() > 1) {
+      comms_.assign(devices_.size(), nullptr);
+      return Nccl(ncclCommInitAll(comms_.data(), static_cast<int>(devices_.size()),
+                                  devices_.data()),
+                  "ncclCommInitAll");
+    }
+    return absl::OkStatus();
+  }
+
+  int num_devices() const override { return static_cast<int>(devices_.size()); }
+
+  absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) override {
+    // The caller's current device is theirs: restored on every way out.
+    int caller_device = 0;
+    cudaGetDevice(&caller_device);
+    const absl::Status s = RunOnDevices(plan, host);
+    cudaSetDevice(caller_device);
+    return s;
+  }
+
+ private:
+  absl::Status RunOnDevices(const AttentionPlan& plan, const AttentionTensors& host) {
+    const DilatedAttentionParams& p = plan.params;
+    if (!FusedForwardSupportsHeadDim(p.head_dim)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("head_dim D=", p.head_dim, " is not supported by the cuda kernels"));
+    }
+    if (absl::Status s = CheckCudaProblem(p); !s.ok()) return s;
+    if (absl::Status s = CheckTensors(plan, host, DeviceLoc::Host()); !s.ok()) return s;
+    const int block_m = FusedBlockM(p.head_dim);
+    absl::StatusOr<SequenceParallelPlan> sp =
+        PlanSequenceParallel(plan, num_devices(), block_m);
+    if (!sp.ok()) return sp.status();
+    const int64_t n = plan.seq_offsets[1];
+    const size_t row_bytes = static_cast<size_t>(p.num_heads) * p.head_dim * 2;
+    const bool exchange = !sp->spanning_branches.empty();
+    const size_t pack_bytes = static_cast<size_t>(sp->max_send_rows) * p.head_dim * 2;
+    const int ranks = num_devices();
+    // Every rank's send list, each rank needing all of them to place what it receives.
+    std::vector<int32_t> all_rows;
+    std::vector<int64_t> rows_at(static_cast<size_t>(ranks) + 1, 0);
+    for (int g = 0; g < ranks; ++g) {
+      if (g < static_cast<int>(sp->slices.size())) {
+        const auto& r = sp->slices[static_cast<size_t>(g)].send_rows;
+        all_rows.insert(all_rows.end(), r.begin(), r.end());
+      }
+      rows_at[static_cast<size_t>(g) + 1] = static_cast<int64_t>(all_rows.size() / 2);
+    }
+
+    struct PerGpu {
+      DeviceMemory k, v, q, o, tables, send, recv, rows;
+      int64_t begin = 0, end = 0;
+    };
+    std::vector<PerGpu> gpu(static_cast<size_t>(ranks));
+    const std::vector<int64_t> offsets = {0, n};
+    for (int g = 0; g < ranks; ++g) {
+      PerGpu& m = gpu[static_cast<size_t>(g)];
+      const bool owns = g < static_cast<int>(sp->slices.size());
+      if (owns) {
+        m.begin = sp->slices[static_cast<size_t>(g)].begin;
+        m.end = sp->slices[static_cast<size_t>(g)].end;
+      }
+      const int dev = devices_[static_cast<size_t>(g)];
+      cudaStream_t stream = streams_[static_cast<size_t>(g)];
+      if (absl::Status s = CudaErrorStatus(cudaSetDevice(dev), "cudaSetDevice"); !s.ok()) return s;
+      const size_t slice_bytes = static_cast<size_t>(m.end - m.begin) * row_bytes;
+      // K and V are addressed by position over the whole sequence (the kernel reads keys of
+      // other slices where spanning branches need them); Q and O only over the slice.
+      for (auto [mem, bytes] : {std::pair{&m.k, n * row_bytes}, std::pair{&m.v, n * row_bytes},
+                                std::pair{&m.q, slice_bytes}, std::pair{&m.o, slice_bytes}}) {
+        if (absl::Status s = mem->Allocate(dev, bytes); !s.ok()) return s;
+      }
+      const size_t at = static_cast<size_t>(m.begin) * row_bytes;
+      auto h2d = [&](void* dst, const void* src) {
+        return CudaErrorStatus(
+            cudaMemcpyAsync(dst, static_cast<const unsigned char*>(src) + at, slice_bytes,
+                            cudaMemcpyHostToDevice, stream),
+            "copy to device");
+      };
+      if (absl::Status s = h2d(m.q.ptr, host.q.data); !s.ok()) return s;
+      if (absl::Status s = h2d(m.k.bytes() + at, host.k.data); !s.ok()) return s;
+      if (absl::Status s = h2d(m.v.bytes() + at, host.v.data); !s.ok()) return s;
+      if (exchange) {
+        for (auto [mem, bytes] : {std::pair{&m.send, 2 * pack_bytes},
+                                  std::pair{&m.recv, 2 * pack_bytes * ranks},
+                                  std::pair{&m.rows, all_rows.size() * sizeof(int32_t)}}) {
+          if (absl::Status s = mem->Allocate(dev, bytes); !s.ok()) return s;
+        }
+        if (absl::Status s = CudaErrorStatus(
+                cudaMemcpyAsync(m.rows.ptr, all_rows.data(), all_rows.size() * sizeof(int32_t),
+                                cudaMemcpyHostToDevice, stream),
+                "copy to device");
+            !s.ok()) {
+          return s;
+        }
+        const int32_t* mine = static_cast<const int32_t*>(m.rows.ptr) + 2 * rows_at[g];
+        const int64_t count = rows_at[g + 1] - rows_at[g];
+        for (int t = 0; t < 2; ++t) {
+          if (absl::Status s = CudaErrorStatus(
+                  LaunchMoveHeadRows(true, t == 0 ? m.k.ptr : m.v.ptr, p.k_row_stride,
+                                     p.head_dim, mine, count, m.send.bytes() + t * pack_bytes,
+                                     stream),
+                  "pack rows");
+              !s.ok()) {
+            return s;
+          }
+        }
+      }
+    }
+    if (exchange) {
+      if (absl::Status s = Nccl(ncclGroupStart(), "ncclGroupStart"); !s.ok()) return s;
+      for (int g = 0; g < ranks; ++g) {
+        PerGpu& m = gpu[static_cast<size_t>(g)];
+        if (absl::Status s = Nccl(ncclAllGather(m.send.ptr, m.recv.ptr, 2 * pack_bytes, ncclUint8,
+                                                comms_[static_cast<size_t>(g)],
+                                                streams_[static_cast<size_t>(g)]),
+                                  "ncclAllGather");
+            !s.ok()) {
+          ncclGroupEnd();
+          return s;
+        }
+      }
+      if (absl::Status s = Nccl(ncclGroupEnd(), "ncclGroupEnd"); !s.ok()) return s;
+    }
+    for (int g = 0; g < ranks && g < static_cast<int>(sp->slices.size()); ++g) {
+      PerGpu& m = gpu[static_cast<size_t>(g)];
+      const SequenceSlicePlan& slice = sp->slices[static_cast<size_t>(g)];
+      cudaStream_t stream = streams_[static_cast<size_t>(g)];
+      if (absl::Status s = CudaErrorStatus(cudaSetDevice(devices_[static_cast<size_t>(g)]),
+                                           "cudaSetDevice");
+          !s.ok()) {
+        return s;
+      }
+      for (int o = 0; exchange && o < ranks; ++o) {  // the other slices' rows into K and V
+        if (o == g) continue;
+        const int32_t* theirs = static_cast<const int32_t*>(m.rows.ptr) + 2 * rows_at[o];
+        const int64_t count = rows_at[o + 1] - rows_at[o];
+        for (int t = 0; t < 2; ++t) {
+          if (absl::Status s = CudaErrorStatus(
+                  LaunchMoveHeadRows(false, t == 0 ? m.k.ptr : m.v.ptr, p.k_row_stride,
+                                     p.head_dim, theirs, count,
+                                     m.recv.bytes() + (2 * o + t) * pack_bytes, stream),
+                  "unpack rows");
+              !s.ok()) {
+            return s;
+          }
+        }
+      }
+      // Sequence offsets, then the slice's tiles.
+      const size_t tiles_at = 256;
+      const size_t tables_bytes = tiles_at + slice.tiles.size() * sizeof(GpuTile);
+      if (absl::Status s = m.tables.Allocate(devices_[static_cast<size_t>(g)], tables_bytes);
+          !s.ok()) {
+        return s;
+      }
+      std::vector<unsigned char> tables(tables_bytes, 0);
+      std::memcpy(tables.data(), offsets.data(), sizeof(int64_t) * 2);
+      if (!slice.tiles.empty()) {
+        std::memcpy(tables.data() + tiles_at, slice.tiles.data(),
+                    slice.tiles.size() * sizeof(GpuTile));
+      }
+      if (absl::Status s = CudaErrorStatus(cudaMemcpyAsync(m.tables.ptr, tables.data(),
+                                                           tables_bytes, cudaMemcpyHostToDevice,
+                                                           stream),
+                                           "copy to device");
+          !s.ok()) {
+        return s;
+      }
+      // The kernel addresses Q and O by position: their slice buffers, shifted back by begin.
+      const size_t shift = static_cast<size_t>(m.begin) * row_bytes;
+      const DeviceLoc dev = DeviceLoc::Cuda(devices_[static_cast<size_t>(g)]);
+      const AttentionTensors t{{m.q.bytes() - shift, n * row_bytes, dev},
+                               {m.k.ptr, n * row_bytes, dev},
+                               {m.v.ptr, n * row_bytes, dev},
+                               {m.o.bytes() - shift, n * row_bytes, dev}};
+      FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr);
+      params.tiles = reinterpret_cast<const GpuTile*>(m.tables.bytes() + tiles_at);
+      params.num_tiles = static_cast<int64_t>(slice.tiles.size());
+      params.keyless = slice.keyless;
+      params.variant = SelectFusedVariant(majors_[static_cast<size_t>(g)], p.head_dim);
+      if (absl::Status s = CudaErrorStatus(LaunchFusedForward(params, stream), "fused forward");
+          !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = CudaErrorStatus(
+              cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + shift, m.o.ptr,
+                              static_cast<size_t>(m.end - m.begin) * row_bytes,
+                              cudaMemcpyDeviceToHost, stream),
+              "copy to host");
+          !s.ok()) {
+        return s;
+      }
+    }
+    // The tables above are host vectors read by asynchronous copies: wait before they go.
+    absl::Status status = absl::OkStatus();
+    for (int g = 0; g < ranks; ++g) {
+      cudaSetDevice(devices_[static_cast<size_t>(g)]);
+      absl::Status s = CudaErrorStatus(cudaStreamSynchronize(streams_[static_cast<size_t>(g)]),
+                                       "sequence-parallel run");
+      if (status.ok()) status = s;
+    }
+    return status;
+  }
+
+  std::vector<int> devices_;
+  std::vector<cudaStream_t> streams_;
+  std::vector<ncclComm_t> comms_;
+  std::vector<int> majors_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SequenceParallelRunner>> SequenceParallelRunner::Create(
+    std::vector<int> devices) {
+  if (devices.empty()) return absl::InvalidArgumentError("no devices");
+  auto r = std::make_unique<Runner>(std::move(devices));
+  if (absl::Status s = r->Init(); !s.ok()) return s;
+  return std::unique_ptr<SequenceParallelRunner>(std::move(r));
+}
+
+}  // namespace dilattn::attention::cuda

@@ -1,0 +1,32 @@
+#pragma once
+
+// Runs one long sequence across several GPUs of this node (DESIGN.md section 1, sequence
+// parallelism; the plan is kernels/attention/sequence_parallel.h). Each GPU gets its slice of
+// Q, K and V from host memory, the GPUs exchange the spanning branches' dilated K/V rows with
+// one NCCL all-gather, each runs the fused kernel on its slice's tiles, and each writes its
+// slice of O back. With one GPU (or a sequence too short to split) no communication runs at all.
+// Host compiler only.
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kernels/attention/attention.h"
+
+namespace dilattn::attention::cuda {
+
+class SequenceParallelRunner {
+ public:
+  // An NCCL communicator over `devices` (distinct CUDA device numbers) and a stream on each.
+  // FAILED_PRECONDITION in a build without CUDA or NCCL, or for a missing device.
+  static absl::StatusOr<std::unique_ptr<SequenceParallelRunner>> Create(std::vector<int> devices);
+  virtual ~SequenceParallelRunner() = default;
+
+  virtual int num_devices() const = 0;
+  // `plan` must hold one sequence, fp16 or bf16; tensors in host memory (pinned for speed).
+  // Returns once O is written.
+  virtual absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) = 0;
+};
+
+}  // namespace dilattn::attention::cuda

@@ -1,0 +1,136 @@
+// Sequence parallelism on the GPUs of this machine against the single-GPU kernel: the same
+// output to the kernel's rounding (each GPU runs the same tiles on the same keys; tiles cut at
+// a slice bound may round differently in their stale-max decisions). Skipped (not failed)
+// without two GPUs; with one GPU the runner must give the single-GPU output bit for bit.
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/cuda/sequence_parallel_runner.h"
+#include "tests/common/gpu_test_util.h"
+#include "tests/common/random_config.h"
+#include "tests/common/test_util.h"
+
+namespace dilattn::testing {
+namespace {
+
+using attention::DType;
+
+int DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+RandomCase Case(DType dtype, int64_t n, int64_t heads, int64_t dim, attention::Mode mode,
+                bool causal, std::vector<int64_t> w, std::vector<int64_t> r) {
+  RandomCase c;
+  c.options.mode = mode;
+  c.options.causal = causal;
+  c.options.segment_lengths = std::move(w);
+  c.options.dilation_rates = std::move(r);
+  c.shape = attention::DenseShape(dtype, 1, n, heads, dim);
+  return c;
+}
+
+// Runs `c` on the runner and on one GPU with fresh inputs and checks that both agree (bit for bit
+// when `exact`).
+void Compare(attention::cuda::SequenceParallelRunner& runner, const RandomCase& c, bool exact,
+             SplitMix64& rng) {
+  SCOPED_TRACE(c.Describe());
+  auto plan = attention::PlanAttention(c.options, c.shape);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const RandomInputs in = DrawInputs(rng, *plan, c.input_scale);
+  auto single = attention::CreateCudaBackend({0, nullptr});
+  ASSERT_TRUE(single.ok());
+  TypedBuffer expected(c.shape.dtype, in.q.count());
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);  // the single-GPU backend's device
+  const absl::Status one =
+      RunOnDevice(**single, *plan, plan->tensor_bytes, in.q, in.k, in.v, &expected);
+  ASSERT_TRUE(one.ok()) << one;
+  TypedBuffer out(c.shape.dtype, in.q.count());
+  out.Poison();
+  const absl::Status s = runner.Run(*plan, {in.q.cref(), in.k.cref(), in.v.cref(), out.ref()});
+  ASSERT_TRUE(s.ok()) << s;
+  const std::vector<float> got = out.ToFloats(), want = expected.ToFloats();
+  if (exact) {
+    ASSERT_EQ(std::memcmp(const_cast<TypedBuffer&>(out).data(), expected.data(),
+                          plan->tensor_bytes),
+              0)
+        << "not bit for bit";
+  }
+  const ErrorReport err = RelativeError(got, want);
+  EXPECT_TRUE(err.ok(1e-3)) << "rel " << err.relative << " non-finite " << err.nan_count;
+}
+
+std::vector<RandomCase> Cases() {
+  using attention::Mode;
+  return {
+      // Local branches and one whose segment is the whole sequence (exchanged).
+      Case(DType::kBFloat16, 12000, 4, 64, Mode::kLongNet, false, {2048, 4096, 12000},
+           {1, 2, 8}),
+      Case(DType::kBFloat16, 12000, 4, 64, Mode::kLongNet, true, {2048, 4096, 12000}, {1, 2, 8}),
+      Case(DType::kFloat16, 9000, 6, 128, Mode::kHeadGroups, true, {1000, 9000, 4500}, {1, 4, 2}),
+      Case(DType::kFloat16, 9000, 6, 128, Mode::kHeadGroups, false, {1000, 9000, 4500},
+           {1, 4, 2}),
+      // No branch fits a slice: cells span the slice bound and tiles are cut there.
+      Case(DType::kBFloat16, 16000, 2, 64, Mode::kLongNet, true, {30000, 20000}, {3, 5}),
+      // mma.sync head dims; a short last slice.
+      Case(DType::kFloat16, 5001, 3, 32, Mode::kLongNet, false, {512, 5001}, {1, 16}),
+      Case(DType::kBFloat16, 4099, 2, 256, Mode::kHeadGroups, true, {256, 4099}, {1, 4}),
+  };
+}
+
+TEST(SequenceParallel, MatchesOneGpuAcrossEveryGpu) {
+  if (DeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
+  std::vector<int> devices;
+  for (int d = 0; d < DeviceCount(); ++d) devices.push_back(d);
+  auto runner = attention::cuda::SequenceParallelRunner::Create(devices);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  SplitMix64 rng(TestSeed());
+  for (const RandomCase& c : Cases()) Compare(**runner, c, false, rng);
+  RandomCaseLimits limits;
+  limits.max_seq_len = 8000;
+  limits.max_heads = 4;
+  limits.head_dims = {32, 64, 128};
+  limits.dtypes = {DType::kFloat16, DType::kBFloat16};
+  for (int i = 0; i < 12; ++i) {
+    RandomCase c = DrawCase(rng, limits);
+    c.shape.seq_lengths.resize(1);
+    Compare(**runner, c, false, rng);
+  }
+}
+
+TEST(SequenceParallel, OneGpuIsTheSingleGpuKernelBitForBit) {
+  REQUIRE_GPU();
+  auto runner = attention::cuda::SequenceParallelRunner::Create({0});
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  SplitMix64 rng(TestSeed());
+  for (const RandomCase& c : Cases()) Compare(**runner, c, true, rng);
+}
+
+TEST(SequenceParallel, RefusesWhatItCannotRun) {
+  REQUIRE_GPU();
+  auto runner = attention::cuda::SequenceParallelRunner::Create({0});
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  attention::AttentionOptions o;
+  o.segment_lengths = {16};
+  o.dilation_rates = {1};
+  auto plan = attention::PlanAttention(o, attention::DenseShape(DType::kBFloat16, 2, 32, 2, 64));
+  ASSERT_TRUE(plan.ok());
+  TypedBuffer t(DType::kBFloat16, 2 * 32 * 2 * 64), out(DType::kBFloat16, 2 * 32 * 2 * 64);
+  const absl::Status s = (*runner)->Run(*plan, {t.cref(), t.cref(), t.cref(), out.ref()});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("one sequence"), std::string::npos) << s;
+  EXPECT_FALSE(attention::cuda::SequenceParallelRunner::Create({0, 0}).ok());
+}
+
+}  // namespace
+}  // namespace dilattn::testing

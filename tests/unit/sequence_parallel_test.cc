@@ -1,0 +1,114 @@
+// The sequence-parallel plan, checked without a GPU: the slices' tiles are exactly the single-GPU
+// tile list, each tile's rows lie in its slice, and every key a tile's rows see (BranchKeySpan,
+// the kernel's own rule) is in the slice or among the rows another slice sends.
+
+#include <algorithm>
+#include <set>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "kernels/attention/sequence_parallel.h"
+#include "kernels/attention/tile_spans.h"
+#include "tests/common/random_config.h"
+
+namespace dilattn::testing {
+namespace {
+
+using attention::GpuTile;
+
+TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
+  const uint64_t seed = TestSeed();
+  SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
+  SplitMix64 rng(seed);
+  RandomCaseLimits limits;
+  limits.max_seq_len = 3000;
+  limits.max_heads = 4;
+  for (int c = 0; c < 150; ++c) {
+    RandomCase rc = DrawCase(rng, limits);
+    rc.shape.seq_lengths.resize(1);
+    SCOPED_TRACE(rc.Describe());
+    auto plan = attention::PlanAttention(rc.options, rc.shape);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    const int gpus = static_cast<int>(rng.Uniform(1, 4));
+    auto sp = attention::PlanSequenceParallel(*plan, gpus, 128);
+    ASSERT_TRUE(sp.ok()) << sp.status();
+    ASSERT_LE(static_cast<int>(sp->slices.size()), gpus);
+    if (sp->slices.size() == 1) {
+      EXPECT_TRUE(sp->spanning_branches.empty());
+    }
+
+    // Every (position, head) row of the single-GPU list, keyless ones split at slice bounds.
+    std::vector<GpuTile> single;
+    attention::KeylessPlacement single_keyless;
+    ASSERT_TRUE(attention::BuildGpuTiles(*plan, 128, &single, &single_keyless).ok());
+    std::multiset<std::tuple<int64_t, int, bool>> want, got;
+    for (size_t i = 0; i < single.size(); ++i) {
+      const GpuTile& t = single[i];
+      const bool keyless = attention::IsKeylessSlot(single_keyless, static_cast<int64_t>(i));
+      for (int row = 0; row < t.count; ++row) {
+        want.insert({t.q_pos + static_cast<int64_t>(row) * t.q_stride, t.head, keyless});
+      }
+    }
+    const attention::DilatedAttentionParams& p = plan->params;
+    const int64_t n = rc.shape.seq_lengths[0];
+    std::vector<std::set<std::pair<int64_t, int>>> sent(sp->slices.size());
+    int64_t covered = 0;
+    for (size_t g = 0; g < sp->slices.size(); ++g) {
+      const auto& s = sp->slices[g];
+      ASSERT_EQ(s.begin, covered);
+      covered = s.end;
+      for (size_t i = 0; i + 1 < s.send_rows.size(); i += 2) {
+        EXPECT_GE(s.send_rows[i], s.begin);
+        EXPECT_LT(s.send_rows[i], s.end);
+        sent[g].insert({s.send_rows[i], s.send_rows[i + 1]});
+      }
+    }
+    EXPECT_EQ(covered, n);
+    for (size_t g = 0; g < sp->slices.size(); ++g) {
+      const auto& s = sp->slices[g];
+      for (size_t i = 0; i < s.tiles.size(); ++i) {
+        const GpuTile& t = s.tiles[i];
+        const bool keyless = static_cast<int64_t>(i) < s.keyless.count;
+        ASSERT_LE(t.count, keyless ? attention::KeylessTileRows(128) : 128);
+        for (int row = 0; row < t.count; ++row) {
+          const int64_t q = t.q_pos + static_cast<int64_t>(row) * t.q_stride;
+          got.insert({q, t.head, keyless});
+          ASSERT_TRUE(q >= s.begin && q < s.end) << "row " << q << " outside slice " << g;
+          if (static_cast<int64_t>(i) < s.keyless.count) continue;  // attends to nothing
+          for (int b = 0; b < p.num_branches; ++b) {
+            int64_t first = 0, count = 0;
+            if (!attention::BranchKeySpan(p, b, t.head, n, q, &first, &count)) continue;
+            for (int64_t k = 0; k < count; ++k) {
+              const int64_t key = first + k * p.dilation_rate[b];
+              if (p.causal && key > q) break;
+              if (key >= s.begin && key < s.end) continue;
+              bool found = false;
+              for (size_t o = 0; o < sent.size() && !found; ++o) {
+                found = o != g && sent[o].count({key, t.head}) > 0;
+              }
+              ASSERT_TRUE(found) << "slice " << g << " lacks key " << key << " of head " << t.head
+                                 << " (branch " << b << ", query " << q << ")";
+            }
+          }
+        }
+      }
+    }
+    EXPECT_EQ(got, want);
+  }
+}
+
+TEST(SequenceParallelPlan, OneSequenceOnly) {
+  attention::AttentionOptions o;
+  o.segment_lengths = {16};
+  o.dilation_rates = {1};
+  auto plan = attention::PlanAttention(o, attention::DenseShape(attention::DType::kBFloat16, 2, 64, 2, 64));
+  ASSERT_TRUE(plan.ok());
+  auto sp = attention::PlanSequenceParallel(*plan, 2, 128);
+  EXPECT_EQ(sp.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace dilattn::testing
