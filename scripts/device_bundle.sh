@@ -15,16 +15,11 @@ if [[ ${1:-} == --e2e ]]; then
 fi
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
+# shellcheck source=scripts/runtime_libs.sh
+source "$root/scripts/runtime_libs.sh"
 for bin in "$@"; do
   cp "$bin" "$out/bin/"
-  ldd "$bin" | awk '$3 ~ /^\// {print $3}' | while read -r lib; do
-    case "$(basename "$lib")" in
-      libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*|libstdc++.so*|libgcc_s.so*) ;;
-      # 218 MB, over the carry limit; the device machine has NCCL 2.28 system-wide.
-      libnccl.so*) ;;
-      *) cp -L "$lib" "$out/lib/" ;;
-    esac
-  done
+  copy_runtime_libs "$bin" "$out/lib"
 done
 cp -r "$root/../shared/conformance" "$out/conformance"
 if [[ $e2e == 1 ]]; then

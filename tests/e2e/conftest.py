@@ -36,13 +36,14 @@ def results_dir():
 class ServerProcess:
     """dilattn-server started on free ports; its log goes to a file under the results dir."""
 
-    def __init__(self, *args, name="server"):
+    def __init__(self, *args, name="server", binary=None, env=None):
         self.log_path = results_dir() / f"{name}.log"
         self.log = open(self.log_path, "w")
         device = os.environ.get("DILATTN_E2E_DEVICE", "cpu")
-        cmd = [server_binary(), "--grpc-port", "0", "--metrics-port", "0",
+        cmd = [binary or server_binary(), "--grpc-port", "0", "--metrics-port", "0",
                "--bind-address", "127.0.0.1", "--device", device, *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env)
         line = self.proc.stdout.readline()
         match = re.search(r"grpc_port=(\d+) metrics_port=(\d+)", line)
         if not match:

@@ -1,0 +1,123 @@
+"""What deploy/ ships, checked without a Docker engine or a cluster: the image's contents (the
+build context scripts/image_context.sh writes for deploy/docker/Dockerfile) are self-contained
+and serve, and the Kubernetes manifests build with kustomize and agree with the server."""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import grpc
+import numpy as np
+import pytest
+
+import reference
+from conftest import ROOT, ServerProcess
+from helpers import make_inputs
+
+# What the image's base (Ubuntu 24.04) has in newer versions; scripts/runtime_libs.sh leaves
+# them out.
+BASE_LIBS = ("linux-vdso", "libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so",
+             "ld-linux", "libstdc++.so", "libgcc_s.so")
+
+
+def _server_flags():
+    out = subprocess.run([str(ROOT / "build" / "server" / "dilattn-server"), "--help"],
+                         capture_output=True, text=True, timeout=30)
+    return set(re.findall(r"^\s+(--[a-z-]+)", out.stdout + out.stderr, re.M))
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory):
+    out = tmp_path_factory.mktemp("image") / "context"
+    r = subprocess.run([str(ROOT / "scripts" / "image_context.sh"), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+def test_image_context_holds_every_library_its_binaries_load(context):
+    assert (context / "Dockerfile").read_text() == (ROOT / "deploy/docker/Dockerfile").read_text()
+    env = {"LD_LIBRARY_PATH": str(context / "lib"), "PATH": "/usr/bin:/bin"}
+    for binary in ("dilattn-server", "dilattn-client"):
+        out = subprocess.run(["ldd", str(context / "bin" / binary)], capture_output=True,
+                             text=True, env=env, timeout=60).stdout
+        for line in out.splitlines():
+            assert "not found" not in line, line
+            lib = os.path.basename(line.split()[0])
+            path = line.split("=>")[-1].split()[0] if "=>" in line else ""
+            assert path.startswith(str(context / "lib")) or lib.startswith(BASE_LIBS), line
+
+
+def test_dockerfile_copies_the_context_and_runs_the_server_flags(context):
+    text = (context / "Dockerfile").read_text()
+    for source in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (context / source).exists(), source
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"\]', text, re.M).group(1)
+    assert entry == "/opt/dilattn/bin/dilattn-server"
+    cmd_flags = set(re.findall(r'"(--[a-z-]+)"', re.search(r"^CMD (.*)$", text, re.M).group(1)))
+    assert cmd_flags and cmd_flags <= _server_flags()
+
+
+def test_server_from_the_image_context_serves(context):
+    """The context's binary, with only the context's libraries on the path, serves a request."""
+    env = {"LD_LIBRARY_PATH": str(context / "lib"), "PATH": "/usr/bin:/bin"}
+    server = ServerProcess("--device", "cpu", name="image-context",
+                           binary=str(context / "bin" / "dilattn-server"), env=env)
+    try:
+        rng = np.random.default_rng(3)
+        q, k, v = (rng.uniform(-1, 1, (1, 96, 2, 16)).astype(np.float32) for _ in range(3))
+        out = server.client().infer("dilated_attention", make_inputs(q, k, v), parameters={
+            "segment_lengths": "32,96", "dilation_rates": "1,3"}).as_numpy("O")
+        expected = reference.dilated_attention(q, k, v, [32, 96], [1, 3])
+        assert reference.relative_error(out, expected) <= 1e-5
+    finally:
+        server.stop()
+
+
+def _kustomize():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (for its built-in kustomize) is not installed here")
+    r = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_k8s_manifests_build_and_agree_with_the_server():
+    text = _kustomize()
+    kinds = set(re.findall(r"^kind: (\w+)", text, re.M))
+    assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                     "ServiceMonitor"}
+    docs = {re.search(r"^kind: (\w+)", d, re.M).group(1): d
+            for d in text.split("\n---\n") if re.search(r"^kind: ", d, re.M)}
+    deployment = docs["Deployment"]
+    args = re.findall(r"^\s+- (--[a-z-]+)=(\S+)", deployment, re.M)
+    flags = dict(args)
+    assert set(flags) <= _server_flags(), sorted(set(flags) - _server_flags())
+    # Container ports by name (kustomize sorts keys), the probes on the gRPC port, the Service and
+    # the ServiceMonitor by port name.
+    ports = {name: port for port, name in
+             re.findall(r"- containerPort: (\d+)\n\s+name: (\w+)", deployment)}
+    assert ports == {"grpc": flags["--grpc-port"], "metrics": flags["--metrics-port"]}
+    assert set(re.findall(r"grpc:\n\s+port: (\d+)", deployment)) == {flags["--grpc-port"]}
+    assert set(re.findall(r"targetPort: (\w+)", docs["Service"])) == set(ports)
+    assert re.findall(r"^\s+port: (\w+)", docs["ServiceMonitor"], re.M) == ["metrics"]
+    grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", deployment).group(1))
+    assert grace > int(flags["--grace-period-seconds"])
+
+
+def test_server_starts_with_the_deployments_arguments_and_reports_serving():
+    text = _kustomize()
+    args = [f"{f}={v}" for f, v in re.findall(r"^\s+- (--[a-z-]+)=(\S+)", text, re.M)
+            if f not in ("--grpc-port", "--metrics-port")]  # free ports instead, here
+    server = ServerProcess(*args, name="deployment-args")
+    try:
+        with grpc.insecure_channel(server.url) as channel:
+            check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
+                                        response_deserializer=None)
+            assert check(b"", timeout=10) == b"\x08\x01"  # SERVING: what the probes ask
+    finally:
+        server.stop()
