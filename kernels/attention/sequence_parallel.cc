@@ -7,18 +7,6 @@
 #include "kernels/attention/tile_spans.h"
 
 namespace dilattn::attention {
-namespace {
-
-// The offset of the positions `head` keeps in `branch`, or -1 when the head takes no part in it
-// (BranchKeySpan's rule).
-int64_t HeadOffset(const DilatedAttentionParams& p, int branch, int head) {
-  if (p.mode == Mode::kLongNet) return head / p.offset_divisor[branch];
-  if (head < p.group_head_begin[branch] || head >= p.group_head_begin[branch + 1]) return -1;
-  return branch % ClampedRate<int64_t>(p, branch);
-}
-
-}  // namespace
-
 absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& plan,
                                                           int num_gpus, int block_m) {
   const DilatedAttentionParams& p = plan.params;
@@ -95,8 +83,8 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
       const int64_t w = std::min(p.segment_length[b], n);
       const int64_t r = ClampedRate<int64_t>(p, b);
       for (int h = 0; h < p.num_heads; ++h) {
-        const int64_t offset = HeadOffset(p, b, h);
-        if (offset < 0 || offset >= w) continue;
+        int64_t offset = 0;
+        if (!BranchHeadOffset<int64_t>(p, b, h, r, &offset) || offset >= w) continue;
         for (int64_t s0 = slice.begin / w * w; s0 < slice.end; s0 += w) {
           const int64_t limit = std::min({s0 + w, n, slice.end});
           int64_t pos = s0 + offset;

@@ -24,6 +24,20 @@ DILATTN_HOST_DEVICE Int ClampedRate(const DilatedAttentionParams& p, int branch)
   return static_cast<Int>(rate < kIntMax ? rate : kIntMax);
 }
 
+// If `head` takes part in `branch`, sets the residue (within a segment, modulo the clamped
+// `rate`) of the positions it keeps there. Returns false otherwise.
+template <typename Int>
+DILATTN_HOST_DEVICE bool BranchHeadOffset(const DilatedAttentionParams& p, int branch, int head,
+                                          Int rate, Int* offset) {
+  if (p.mode == Mode::kLongNet) {
+    *offset = static_cast<Int>(head / p.offset_divisor[branch]);
+    return true;
+  }
+  if (head < p.group_head_begin[branch] || head >= p.group_head_begin[branch + 1]) return false;
+  *offset = static_cast<Int>(branch) % rate;
+  return true;
+}
+
 // If `head` takes part in `branch` and keeps position `pos` (0-based within a sequence of
 // `seq_len` tokens), sets the branch's key span for it: positions first, first + stride, ...
 // (count of them), the kept positions of pos's segment. Returns false otherwise.
@@ -38,12 +52,7 @@ DILATTN_HOST_DEVICE bool BranchKeySpan(const DilatedAttentionParams& p, int bran
                                        Int seq_len, Int pos, Int* first, Int* count) {
   const Int rate = ClampedRate<Int>(p, branch);
   Int offset;
-  if (p.mode == Mode::kLongNet) {
-    offset = static_cast<Int>(head / p.offset_divisor[branch]);
-  } else {
-    if (head < p.group_head_begin[branch] || head >= p.group_head_begin[branch + 1]) return false;
-    offset = static_cast<Int>(branch) % rate;
-  }
+  if (!BranchHeadOffset<Int>(p, branch, head, rate, &offset)) return false;
   const int64_t segment = p.segment_length[branch];
   const Int w = segment < static_cast<int64_t>(seq_len) ? static_cast<Int>(segment) : seq_len;
   const Int start = pos / w * w;
