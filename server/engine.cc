@@ -148,29 +148,25 @@ void Engine::Submit(Batch batch) {
   queue_.push_back(std::move(batch));
 }
 
+bool Engine::Eligible(const Batch& batch, const Executor& executor) const {
+  if (batch.device < 0 || batch.device == executor.cuda_device()) return true;
+  // Tensors on a GPU no thread here runs: any thread takes it.
+  return std::none_of(executors_.begin(), executors_.end(),
+                      [&](const auto& e) { return e->cuda_device() == batch.device; });
+}
+
 bool Engine::HasWorkFor(const Executor& executor) const {
-  for (const Batch& b : queue_) {
-    if (b.device < 0 || b.device == executor.cuda_device()) return true;
-    const bool served = std::any_of(executors_.begin(), executors_.end(), [&](const auto& e) {
-      return e->cuda_device() == b.device;
-    });
-    if (!served) return true;
-  }
-  return false;
+  return std::any_of(queue_.begin(), queue_.end(),
+                     [&](const Batch& b) { return Eligible(b, executor); });
 }
 
 std::unique_ptr<Batch> Engine::TakeFor(const Executor& executor) {
-  for (auto it = queue_.begin(); it != queue_.end(); ++it) {
-    const bool served = std::any_of(executors_.begin(), executors_.end(), [&](const auto& e) {
-      return e->cuda_device() == it->device;
-    });
-    if (it->device < 0 || it->device == executor.cuda_device() || !served) {
-      auto batch = std::make_unique<Batch>(std::move(*it));
-      queue_.erase(it);
-      return batch;
-    }
-  }
-  return nullptr;
+  const auto it = std::find_if(queue_.begin(), queue_.end(),
+                               [&](const Batch& b) { return Eligible(b, executor); });
+  if (it == queue_.end()) return nullptr;
+  auto batch = std::make_unique<Batch>(std::move(*it));
+  queue_.erase(it);
+  return batch;
 }
 
 void Engine::Shutdown() {

@@ -75,6 +75,8 @@ class Engine {
   // preferring a GPU no thread here runs. Null when there is none.
   std::unique_ptr<Batch> TakeFor(const Executor& executor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool HasWorkFor(const Executor& executor) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether `executor`'s thread may run `batch` (TakeFor's rule).
+  bool Eligible(const Batch& batch, const Executor& executor) const;
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
   static std::unique_ptr<Job> StartJob(Executor& executor, Batch batch);
   static void FinishJob(Executor& executor, std::unique_ptr<Job> job);
