@@ -11,6 +11,8 @@
 #include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/cuda/staged_upload.h"
 #include "kernels/attention/sequence_parallel.h"
+#include "kernels/memory/allocator.h"
+#include "kernels/memory/buffer_pool.h"
 
 namespace dilattn::attention::cuda {
 namespace {
@@ -20,24 +22,17 @@ absl::Status Nccl(ncclResult_t r, absl::string_view what) {
   return absl::InternalError(absl::StrCat(what, ": ", ncclGetErrorString(r)));
 }
 
-// A device allocation freed with its owner.
-struct DeviceMemory {
-  void* ptr = nullptr;
-  int device = -1;
-  DeviceMemory() = default;
-  DeviceMemory(const DeviceMemory&) = delete;
-  DeviceMemory& operator=(const DeviceMemory&) = delete;
-  ~DeviceMemory() {
-    if (ptr != nullptr) {
-      cudaSetDevice(device);
-      cudaFree(ptr);
-    }
+// A device buffer leased from its GPU's pool for one run.
+struct Lease {
+  memory::Buffer buffer;
+  absl::Status Acquire(memory::BufferPool& pool, size_t bytes) {
+    absl::StatusOr<memory::Buffer> b = pool.Acquire(std::max<size_t>(bytes, 16));
+    if (!b.ok()) return b.status();
+    buffer = *std::move(b);
+    return absl::OkStatus();
   }
-  absl::Status Allocate(int dev, size_t bytes) {
-    device = dev;
-    return CudaErrorStatus(cudaMalloc(&ptr, std::max<size_t>(bytes, 16)), "cudaMalloc");
-  }
-  unsigned char* bytes() const { return static_cast<unsigned char*>(ptr); }
+  void* ptr() const { return buffer.data(); }
+  unsigned char* bytes() const { return static_cast<unsigned char*>(buffer.data()); }
 };
 
 class Runner final : public SequenceParallelRunner {
@@ -72,6 +67,22 @@ class Runner final : public SequenceParallelRunner {
         return s;
       }
       cudaDeviceGetAttribute(&majors_[g], cudaDevAttrComputeCapabilityMajor, devices_[g]);
+      // Buffers are leased per run and cached between runs (long sequences take gigabytes;
+      // cudaMalloc and cudaFree of them would be part of every run).
+      size_t free_bytes = 0, total_bytes = 0;
+      if (absl::Status s = CudaErrorStatus(cudaMemGetInfo(&free_bytes, &total_bytes),
+                                           "cudaMemGetInfo");
+          !s.ok()) {
+        return s;
+      }
+      absl::StatusOr<std::unique_ptr<memory::Allocator>> alloc =
+          memory::NewCudaDeviceAllocator(devices_[g]);
+      if (!alloc.ok()) return alloc.status();
+      absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool = memory::BufferPool::Create(
+          {absl::StrCat("sequence-parallel cuda:", devices_[g]), free_bytes / 10 * 9},
+          *std::move(alloc));
+      if (!pool.ok()) return pool.status();
+      pools_.push_back(*std::move(pool));
     }
     if (devices_.size() > 1) {
       comms_.assign(devices_.size(), nullptr);
@@ -123,10 +134,21 @@ class Runner final : public SequenceParallelRunner {
     }
 
     struct PerGpu {
-      DeviceMemory k, v, q, o, tables, send, recv, rows;
+      Lease k, v, q, o, tables, send, recv, rows;
       int64_t begin = 0, end = 0;
     };
     std::vector<PerGpu> gpu(static_cast<size_t>(ranks));
+    // Declared after the leases, so it runs first on every way out: the streams are done with
+    // the leases before they go back to the pools, and O is in host memory on success.
+    struct Drain {
+      Runner& r;
+      ~Drain() {
+        for (size_t g = 0; g < r.devices_.size(); ++g) {
+          cudaSetDevice(r.devices_[g]);
+          cudaStreamSynchronize(r.streams_[g]);
+        }
+      }
+    } drain{*this};
     const std::vector<int64_t> offsets = {0, n};
     for (int g = 0; g < ranks; ++g) {
       PerGpu& m = gpu[static_cast<size_t>(g)];
@@ -136,6 +158,7 @@ class Runner final : public SequenceParallelRunner {
         m.end = sp->slices[static_cast<size_t>(g)].end;
       }
       const int dev = devices_[static_cast<size_t>(g)];
+      memory::BufferPool& pool = *pools_[static_cast<size_t>(g)];
       cudaStream_t stream = streams_[static_cast<size_t>(g)];
       if (absl::Status s = CudaErrorStatus(cudaSetDevice(dev), "cudaSetDevice"); !s.ok()) return s;
       const size_t slice_bytes = static_cast<size_t>(m.end - m.begin) * row_bytes;
@@ -143,7 +166,7 @@ class Runner final : public SequenceParallelRunner {
       // other slices where spanning branches need them); Q and O only over the slice.
       for (auto [mem, bytes] : {std::pair{&m.k, n * row_bytes}, std::pair{&m.v, n * row_bytes},
                                 std::pair{&m.q, slice_bytes}, std::pair{&m.o, slice_bytes}}) {
-        if (absl::Status s = mem->Allocate(dev, bytes); !s.ok()) return s;
+        if (absl::Status s = mem->Acquire(pool, bytes); !s.ok()) return s;
       }
       const size_t at = static_cast<size_t>(m.begin) * row_bytes;
       auto h2d = [&](void* dst, const void* src) {
@@ -152,27 +175,27 @@ class Runner final : public SequenceParallelRunner {
                             cudaMemcpyHostToDevice, stream),
             "copy to device");
       };
-      if (absl::Status s = h2d(m.q.ptr, host.q.data); !s.ok()) return s;
+      if (absl::Status s = h2d(m.q.ptr(), host.q.data); !s.ok()) return s;
       if (absl::Status s = h2d(m.k.bytes() + at, host.k.data); !s.ok()) return s;
       if (absl::Status s = h2d(m.v.bytes() + at, host.v.data); !s.ok()) return s;
       if (exchange) {
         for (auto [mem, bytes] : {std::pair{&m.send, 2 * pack_bytes},
                                   std::pair{&m.recv, 2 * pack_bytes * ranks},
                                   std::pair{&m.rows, all_rows.size() * sizeof(int32_t)}}) {
-          if (absl::Status s = mem->Allocate(dev, bytes); !s.ok()) return s;
+          if (absl::Status s = mem->Acquire(pool, bytes); !s.ok()) return s;
         }
         if (absl::Status s = CudaErrorStatus(
-                cudaMemcpyAsync(m.rows.ptr, all_rows.data(), all_rows.size() * sizeof(int32_t),
+                cudaMemcpyAsync(m.rows.ptr(), all_rows.data(), all_rows.size() * sizeof(int32_t),
                                 cudaMemcpyHostToDevice, stream),
                 "copy to device");
             !s.ok()) {
           return s;
         }
-        const int32_t* mine = static_cast<const int32_t*>(m.rows.ptr) + 2 * rows_at[g];
+        const int32_t* mine = static_cast<const int32_t*>(m.rows.ptr()) + 2 * rows_at[g];
         const int64_t count = rows_at[g + 1] - rows_at[g];
         for (int t = 0; t < 2; ++t) {
           if (absl::Status s = CudaErrorStatus(
-                  LaunchMoveHeadRows(true, t == 0 ? m.k.ptr : m.v.ptr, p.k_row_stride,
+                  LaunchMoveHeadRows(true, t == 0 ? m.k.ptr() : m.v.ptr(), p.k_row_stride,
                                      p.head_dim, mine, count, m.send.bytes() + t * pack_bytes,
                                      stream),
                   "pack rows");
@@ -186,7 +209,8 @@ class Runner final : public SequenceParallelRunner {
       if (absl::Status s = Nccl(ncclGroupStart(), "ncclGroupStart"); !s.ok()) return s;
       for (int g = 0; g < ranks; ++g) {
         PerGpu& m = gpu[static_cast<size_t>(g)];
-        if (absl::Status s = Nccl(ncclAllGather(m.send.ptr, m.recv.ptr, 2 * pack_bytes, ncclUint8,
+        if (absl::Status s = Nccl(ncclAllGather(m.send.ptr(), m.recv.ptr(), 2 * pack_bytes,
+                                                ncclUint8,
                                                 comms_[static_cast<size_t>(g)],
                                                 streams_[static_cast<size_t>(g)]),
                                   "ncclAllGather");
@@ -208,11 +232,11 @@ class Runner final : public SequenceParallelRunner {
       }
       for (int o = 0; exchange && o < ranks; ++o) {  // the other slices' rows into K and V
         if (o == g) continue;
-        const int32_t* theirs = static_cast<const int32_t*>(m.rows.ptr) + 2 * rows_at[o];
+        const int32_t* theirs = static_cast<const int32_t*>(m.rows.ptr()) + 2 * rows_at[o];
         const int64_t count = rows_at[o + 1] - rows_at[o];
         for (int t = 0; t < 2; ++t) {
           if (absl::Status s = CudaErrorStatus(
-                  LaunchMoveHeadRows(false, t == 0 ? m.k.ptr : m.v.ptr, p.k_row_stride,
+                  LaunchMoveHeadRows(false, t == 0 ? m.k.ptr() : m.v.ptr(), p.k_row_stride,
                                      p.head_dim, theirs, count,
                                      m.recv.bytes() + (2 * o + t) * pack_bytes, stream),
                   "unpack rows");
@@ -224,7 +248,7 @@ class Runner final : public SequenceParallelRunner {
       // Sequence offsets, then the slice's tiles.
       const size_t tiles_at = 256;
       const size_t tables_bytes = tiles_at + slice.tiles.size() * sizeof(GpuTile);
-      if (absl::Status s = m.tables.Allocate(devices_[static_cast<size_t>(g)], tables_bytes);
+      if (absl::Status s = m.tables.Acquire(*pools_[static_cast<size_t>(g)], tables_bytes);
           !s.ok()) {
         return s;
       }
@@ -234,7 +258,7 @@ class Runner final : public SequenceParallelRunner {
         std::memcpy(tables.data() + tiles_at, slice.tiles.data(),
                     slice.tiles.size() * sizeof(GpuTile));
       }
-      if (absl::Status s = CudaErrorStatus(cudaMemcpyAsync(m.tables.ptr, tables.data(),
+      if (absl::Status s = CudaErrorStatus(cudaMemcpyAsync(m.tables.ptr(), tables.data(),
                                                            tables_bytes, cudaMemcpyHostToDevice,
                                                            stream),
                                            "copy to device");
@@ -245,10 +269,10 @@ class Runner final : public SequenceParallelRunner {
       const size_t shift = static_cast<size_t>(m.begin) * row_bytes;
       const DeviceLoc dev = DeviceLoc::Cuda(devices_[static_cast<size_t>(g)]);
       const AttentionTensors t{{m.q.bytes() - shift, n * row_bytes, dev},
-                               {m.k.ptr, n * row_bytes, dev},
-                               {m.v.ptr, n * row_bytes, dev},
+                               {m.k.ptr(), n * row_bytes, dev},
+                               {m.v.ptr(), n * row_bytes, dev},
                                {m.o.bytes() - shift, n * row_bytes, dev}};
-      FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr);
+      FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr());
       params.tiles = reinterpret_cast<const GpuTile*>(m.tables.bytes() + tiles_at);
       params.num_tiles = static_cast<int64_t>(slice.tiles.size());
       params.keyless = slice.keyless;
@@ -258,7 +282,7 @@ class Runner final : public SequenceParallelRunner {
         return s;
       }
       if (absl::Status s = CudaErrorStatus(
-              cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + shift, m.o.ptr,
+              cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + shift, m.o.ptr(),
                               static_cast<size_t>(m.end - m.begin) * row_bytes,
                               cudaMemcpyDeviceToHost, stream),
               "copy to host");
@@ -266,7 +290,7 @@ class Runner final : public SequenceParallelRunner {
         return s;
       }
     }
-    // The tables above are host vectors read by asynchronous copies: wait before they go.
+    // The status of the work queued above (Drain waits again on the way out: a no-op by then).
     absl::Status status = absl::OkStatus();
     for (int g = 0; g < ranks; ++g) {
       cudaSetDevice(devices_[static_cast<size_t>(g)]);
@@ -281,6 +305,7 @@ class Runner final : public SequenceParallelRunner {
   std::vector<cudaStream_t> streams_;
   std::vector<ncclComm_t> comms_;
   std::vector<int> majors_;
+  std::vector<std::unique_ptr<memory::BufferPool>> pools_;  // one per device
 };
 
 }  // namespace
