@@ -170,10 +170,13 @@ bool RunsInPlace(const Job& job, bool convert, int device) {
 }
 
 JobPlans PlanJob(const Job& job, attention::DType dtype) {
-  JobPlans plans;
   attention::ProblemShape shape = job.shape;
   shape.dtype = dtype;
-  const OperatorOptions& o = job.requests.front()->options;
+  return PlanOperator(job.requests.front()->options, shape);
+}
+
+JobPlans PlanOperator(const OperatorOptions& o, const attention::ProblemShape& shape) {
+  JobPlans plans;
   if (o.kind == OperatorKind::kDilatedAttention) {
     plans.dilated = attention::PlanAttention(o.dilated, shape);
   } else {

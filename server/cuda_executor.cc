@@ -113,41 +113,36 @@ class CudaExecutor final : public Executor {
     return out;
   }
 
-  // The one selector: the fused kernels when they take the request, else the CPU path.
-  absl::StatusOr<bool> OnGpu(const InferenceRequest& r) const {
-    const attention::ProblemShape shape =
-        attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim);
-    if (r.options.kind == OperatorKind::kDilatedAttention) {
-      absl::StatusOr<attention::AttentionPlan> plan =
-          attention::PlanAttention(r.options.dilated, shape);
-      if (!plan.ok()) return plan.status();
-      if (gpu_[0]->Supports(*plan).ok()) return true;
-    } else {
-      absl::StatusOr<block_sparse::BlockSparsePlan> plan =
-          block_sparse::PlanBlockSparse(r.options.sparse, shape);
-      if (!plan.ok()) return plan.status();
-      if (sparse_gpu_[0]->Supports(*plan).ok()) return true;
-    }
-    if (absl::Status s = cpu_->Supports(r); !s.ok()) return s;
-    return false;
-  }
-
-  absl::Status Supports(const InferenceRequest& r) const override { return OnGpu(r).status(); }
-
-  absl::Status Start(Job& job) override {
-    absl::StatusOr<bool> gpu = OnGpu(*job.requests.front());
-    if (!gpu.ok()) return gpu.status();
-    if (!*gpu) return cpu_->Start(job);
-    if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
-
-    const attention::DType in_type = job.shape.dtype;
-    const attention::DType compute = ComputeType(in_type);
-    const bool convert = in_type != compute;
-    JobPlans plans = PlanJob(job, compute);
-    const bool sparse = job.requests.front()->options.kind == OperatorKind::kBlockSparse;
+  // The one selector: the fused kernels when they take the plan (in the computed dtype), else
+  // the CPU path. The plan's status when it is not valid.
+  absl::StatusOr<bool> OnGpu(const JobPlans& plans, bool sparse) const {
     if (absl::Status s = sparse ? plans.sparse.status() : plans.dilated.status(); !s.ok()) {
       return s;
     }
+    return sparse ? sparse_gpu_[0]->Supports(*plans.sparse).ok()
+                  : gpu_[0]->Supports(*plans.dilated).ok();
+  }
+
+  absl::Status Supports(const InferenceRequest& r) const override {
+    const JobPlans plans = PlanOperator(
+        r.options,
+        attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim));
+    absl::StatusOr<bool> gpu = OnGpu(plans, r.options.kind == OperatorKind::kBlockSparse);
+    if (!gpu.ok()) return gpu.status();
+    return *gpu ? absl::OkStatus() : cpu_->Supports(r);
+  }
+
+  absl::Status Start(Job& job) override {
+    const attention::DType in_type = job.shape.dtype;
+    const attention::DType compute = ComputeType(in_type);
+    const bool convert = in_type != compute;
+    // Planned once for the job (a block-sparse layout is as long as its kept pairs).
+    JobPlans plans = PlanJob(job, compute);
+    const bool sparse = job.requests.front()->options.kind == OperatorKind::kBlockSparse;
+    absl::StatusOr<bool> gpu = OnGpu(plans, sparse);
+    if (!gpu.ok()) return gpu.status();
+    if (!*gpu) return cpu_->Start(job);
+    if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
     const size_t dev_bytes = sparse ? plans.sparse->tensor_bytes : plans.dilated->tensor_bytes;
     const size_t workspace_bytes = sparse ? sparse_gpu_[0]->WorkspaceBytes(*plans.sparse)
                                           : gpu_[0]->WorkspaceBytes(*plans.dilated);

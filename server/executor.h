@@ -83,6 +83,8 @@ struct JobPlans {
   absl::StatusOr<block_sparse::BlockSparsePlan> sparse = absl::UnknownError("unset");
 };
 JobPlans PlanJob(const Job& job, attention::DType dtype);
+// The same for one operator and shape (a request's, before it is in a job).
+JobPlans PlanOperator(const OperatorOptions& options, const attention::ProblemShape& shape);
 
 // Whether a GPU executor on CUDA device `device` may run the job in place: one request whose Q,
 // K, V and output all lie in CUDA shared memory on that device, in the computed dtype (no
