@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/cuda/sequence_parallel_runner.h"
+#include "kernels/memory/allocator.h"
 #include "tests/common/gpu_test_util.h"
 #include "tests/common/random_config.h"
 #include "tests/common/test_util.h"
@@ -19,15 +20,6 @@ namespace dilattn::testing {
 namespace {
 
 using attention::DType;
-
-int DeviceCount() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return n;
-}
 
 RandomCase Case(DType dtype, int64_t n, int64_t heads, int64_t dim, attention::Mode mode,
                 bool causal, std::vector<int64_t> w, std::vector<int64_t> r) {
@@ -89,9 +81,9 @@ std::vector<RandomCase> Cases() {
 }
 
 TEST(SequenceParallel, MatchesOneGpuAcrossEveryGpu) {
-  if (DeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
+  if (memory::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
   std::vector<int> devices;
-  for (int d = 0; d < DeviceCount(); ++d) devices.push_back(d);
+  for (int d = 0; d < memory::CudaDeviceCount(); ++d) devices.push_back(d);
   auto runner = attention::cuda::SequenceParallelRunner::Create(devices);
   ASSERT_TRUE(runner.ok()) << runner.status();
   SplitMix64 rng(TestSeed());
