@@ -4,7 +4,7 @@
 # both alike. Prints one line per run: build, config, then the bench's CSV row.
 #   scripts/device_ab.sh .device/bin/bench_a .device/bin/bench_b [--n 32768,131072] [--dim 64]
 set -uo pipefail
-export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$PWD/.device/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 a=$1
 b=$2
 shift 2

@@ -5,7 +5,7 @@
 # other head dims and dtypes, the mma.sync variant and N = 8M. Logs go to $OUT.
 set -uo pipefail
 bash scripts/device_kernels.sh --ns 32768,131072,524288,2097152
-export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$PWD/.device/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 bench=./.device/bin/cuda_attention_bench
 "$bench" --n 131072 --dim 128 | tail -1
 "$bench" --n 131072 --dim 32 | tail -1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what the lent GPU machine needs into .device/ (git-ignored; pass `carry: [".device"]`):
 # binaries built here with their shared libraries (all but glibc and the C++ runtime, which that
-# machine has in newer versions), the conformance data, and with --e2e the end-to-end tools
+# machine has in newer versions, and cuBLAS, which its CUDA toolkit has: /usr/local/cuda/lib64), the conformance data, and with --e2e the end-to-end tools
 # (perf_analyzer, Prometheus and promtool xz-compressed, tritonclient wheels for Python 3.12,
 # dilattn-client and the native API's Python messages).
 #   scripts/device_bundle.sh [--e2e] BINARY...
@@ -19,7 +19,7 @@ mkdir -p "$out/bin" "$out/lib"
 source "$root/scripts/runtime_libs.sh"
 for bin in "$@"; do
   cp "$bin" "$out/bin/"
-  copy_runtime_libs "$bin" "$out/lib"
+  copy_runtime_libs "$bin" "$out/lib" --no-toolkit
 done
 cp -r "$root/../shared/conformance" "$out/conformance"
 if [[ $e2e == 1 ]]; then

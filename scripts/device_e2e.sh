@@ -6,7 +6,7 @@
 # server-side overhead table. Logs go to $OUT.
 set -uo pipefail
 out=${OUT:-/tmp}
-export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$PWD/.device/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export DILATTN_CONFORMANCE_DIR="$PWD/.device/conformance"
 mkdir -p /tmp/tools
 for t in prometheus promtool; do xz -dc ".device/tools/$t.xz" > "/tmp/tools/$t"; chmod +x "/tmp/tools/$t"; done

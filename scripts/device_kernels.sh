@@ -3,7 +3,7 @@
 # kernel tests, compute-sanitizer on the small set, a first timing, and (with an argument) the
 # full comparison benchmark. Logs go to $OUT.
 set -uo pipefail
-export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$PWD/.device/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export DILATTN_CONFORMANCE_DIR="$PWD/.device/conformance"
 out=${OUT:-/tmp}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader

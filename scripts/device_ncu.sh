@@ -4,7 +4,7 @@
 # go to cuda_attention_bench) with the sections and pipe metrics BENCHMARKS.md quotes, and the
 # SASS instruction mix of the Hopper kernel. Logs go to $OUT.
 set -uo pipefail
-export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$PWD/.device/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 out=${OUT:-/tmp}
 metrics=(
   sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active

@@ -1,5 +1,5 @@
 set -uo pipefail
-export LD_LIBRARY_PATH="$PWD/.device/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$PWD/.device/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export DILATTN_CONFORMANCE_DIR="$PWD/.device/conformance"
 ./.device/bin/kernel_tests --gtest_brief=1 2>&1 | tail -3
 ./.device/bin/cuda_attention_bench --n 32768,131072,524288

@@ -86,8 +86,12 @@ absl::StatusOr<std::unique_ptr<MultiheadBackend>> CreateCpuMultiheadBackend(
 absl::StatusOr<std::unique_ptr<MultiheadBackend>> CreateCudaMultiheadBackend(
     const attention::CudaBackendOptions& options);
 
-// The module evaluated in float64 (projections, norm, the attention reference), rounding only the
-// attention's inputs and output to fp32. Host memory; anchors the tests of both backends.
-absl::Status ReferenceMultihead(const MultiheadPlan& plan, const MultiheadTensors& tensors);
+// The module evaluated in float64 (projections, norm, the attention reference). What a backend
+// stores between its steps is rounded to `storage`: the weights and Q, K, V, the attention's output
+// and the normed output. kFloat32 is the CPU path's storage and the definition to within fp32;
+// the GPU path stores in the dtype of X, and comparing it against a reference that rounds at
+// the same points isolates its arithmetic from the storage precision. Host memory.
+absl::Status ReferenceMultihead(const MultiheadPlan& plan, const MultiheadTensors& tensors,
+                                attention::DType storage = attention::DType::kFloat32);
 
 }  // namespace dilattn::multihead

@@ -13,6 +13,19 @@
 namespace dilattn::multihead {
 namespace {
 
+// x as `storage` holds it.
+double Round(double x, attention::DType storage) {
+  float f = static_cast<float>(x);
+  attention::StoreFromFloat(&f, storage, 0, f);
+  return attention::LoadAsFloat(&f, storage, 0);
+}
+
+std::vector<float> Rounded(const std::vector<float>& v, attention::DType storage) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = static_cast<float>(Round(v[i], storage));
+  return out;
+}
+
 // out (tokens, E) = in (tokens, E) . wt + b, in float64.
 void Project(const std::vector<double>& in, const std::vector<float>& wt,
              const std::vector<float>& b, int64_t tokens, int64_t e, std::vector<double>* out) {
@@ -30,7 +43,8 @@ void Project(const std::vector<double>& in, const std::vector<float>& wt,
 
 }  // namespace
 
-absl::Status ReferenceMultihead(const MultiheadPlan& plan, const MultiheadTensors& tensors) {
+absl::Status ReferenceMultihead(const MultiheadPlan& plan, const MultiheadTensors& tensors,
+                                attention::DType storage) {
   const MultiheadWeights& w = *plan.weights;
   const attention::DType dtype = plan.attention.shape.dtype;
   const int64_t e = w.embed_dim, tokens = plan.attention.params.total_tokens;
@@ -49,11 +63,12 @@ absl::Status ReferenceMultihead(const MultiheadPlan& plan, const MultiheadTensor
   if (!a.ok()) return a.status();
   std::vector<double> proj;
   std::vector<float> qkv[3], o(n);
-  const std::vector<float>* wts[3] = {&w.wt_q, &w.wt_k, &w.wt_v};
-  const std::vector<float>* bs[3] = {&w.b_q, &w.b_k, &w.b_v};
+  const std::vector<float>* wts[4] = {&w.wt_q, &w.wt_k, &w.wt_v, &w.wt_out};
+  const std::vector<float>* bs[4] = {&w.b_q, &w.b_k, &w.b_v, &w.b_out};
   for (int i = 0; i < 3; ++i) {
-    Project(x, *wts[i], *bs[i], tokens, e, &proj);
-    qkv[i].assign(proj.begin(), proj.end());
+    Project(x, Rounded(*wts[i], storage), Rounded(*bs[i], storage), tokens, e, &proj);
+    qkv[i].resize(n);
+    for (size_t j = 0; j < n; ++j) qkv[i][j] = static_cast<float>(Round(proj[j], storage));
   }
   const DeviceLoc host = DeviceLoc::Host();
   const size_t bytes = n * sizeof(float);
@@ -63,7 +78,8 @@ absl::Status ReferenceMultihead(const MultiheadPlan& plan, const MultiheadTensor
                                                       {o.data(), bytes, host}});
   if (!s.ok()) return s;
 
-  std::vector<double> attn(o.begin(), o.end());
+  std::vector<double> attn(n);
+  for (size_t j = 0; j < n; ++j) attn[j] = Round(o[j], storage);
   if (w.layer_norm) {
     for (int64_t t = 0; t < tokens; ++t) {
       double* row = attn.data() + t * e;
@@ -74,12 +90,13 @@ absl::Status ReferenceMultihead(const MultiheadPlan& plan, const MultiheadTensor
       var /= static_cast<double>(e);
       const double inv = 1.0 / std::sqrt(var + w.layer_norm_eps);
       for (int64_t j = 0; j < e; ++j) {
-        row[j] = (row[j] - mean) * inv * w.ln_weight[static_cast<size_t>(j)] +
-                 w.ln_bias[static_cast<size_t>(j)];
+        row[j] = Round((row[j] - mean) * inv * w.ln_weight[static_cast<size_t>(j)] +
+                           w.ln_bias[static_cast<size_t>(j)],
+                       storage);
       }
     }
   }
-  Project(attn, w.wt_out, w.b_out, tokens, e, &proj);
+  Project(attn, Rounded(*wts[3], storage), Rounded(*bs[3], storage), tokens, e, &proj);
   for (size_t i = 0; i < n; ++i) {
     attention::StoreFromFloat(tensors.y.data, dtype, i, static_cast<float>(proj[i]));
   }

@@ -9,8 +9,8 @@
 
 namespace dilattn::multihead::cuda {
 
-// In place over `rows` rows of `cols` fp16 or bf16 values: y = (x - mean) / sqrt(var + eps) *
-// gamma + beta, statistics in fp32 (two passes over the row, which stays in L1).
+// In place over `rows` rows of `cols` fp16 or bf16 values (cols % 8 == 0, rows 16-byte aligned):
+// y = (x - mean) / sqrt(var + eps) * gamma + beta, statistics in fp32 over two passes.
 int LaunchLayerNorm(void* data, int64_t rows, int64_t cols, attention::DType dtype,
                     const float* gamma, const float* beta, float eps, void* stream);
 
