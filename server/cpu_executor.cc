@@ -17,13 +17,14 @@ namespace {
 
 class CpuExecutor final : public Executor {
  public:
-  CpuExecutor(const ExecutorOptions& options,
-              std::unique_ptr<attention::AttentionBackend> dilated,
+  CpuExecutor(const ExecutorOptions& options, std::unique_ptr<attention::AttentionBackend> dilated,
               std::unique_ptr<block_sparse::BlockSparseBackend> sparse,
+              std::unique_ptr<multihead::MultiheadBackend> multihead,
               std::shared_ptr<memory::BufferPool> pool)
       : options_(options),
         dilated_(std::move(dilated)),
         sparse_(std::move(sparse)),
+        multihead_(std::move(multihead)),
         pool_(std::move(pool)) {}
 
   std::string name() const override { return std::string(dilated_->name()); }
@@ -37,16 +38,18 @@ class CpuExecutor final : public Executor {
           "no GPU, or no GPU kernel covers the model's operator and shape): use system shared "
           "memory or send the tensors in the message");
     }
-    const attention::ProblemShape shape =
-        attention::DenseShape(r.dtype, r.batch, r.seq_len, r.heads, r.head_dim);
-    if (r.options.kind == OperatorKind::kDilatedAttention) {
-      absl::StatusOr<attention::AttentionPlan> plan =
-          attention::PlanAttention(r.options.dilated, shape);
-      return plan.ok() ? dilated_->Supports(*plan) : plan.status();
+    const JobPlans plans = PlanOperator(
+        r.options, attention::DenseShape(r.dtype, r.batch, r.seq_len, r.heads, r.head_dim));
+    switch (r.options.kind) {
+      case OperatorKind::kDilatedAttention:
+        return plans.dilated.ok() ? dilated_->Supports(*plans.dilated) : plans.dilated.status();
+      case OperatorKind::kBlockSparse:
+        return plans.sparse.ok() ? sparse_->Supports(*plans.sparse) : plans.sparse.status();
+      case OperatorKind::kMultihead:
+        return plans.multihead.ok() ? multihead_->Supports(*plans.multihead)
+                                    : plans.multihead.status();
     }
-    absl::StatusOr<block_sparse::BlockSparsePlan> plan =
-        block_sparse::PlanBlockSparse(r.options.sparse, shape);
-    return plan.ok() ? sparse_->Supports(*plan) : plan.status();
+    return absl::InternalError("unknown operator");
   }
 
   absl::Status Start(Job& job) override { return RunOnHost(job); }
@@ -56,51 +59,79 @@ class CpuExecutor final : public Executor {
   absl::Status RunOnHost(Job& job) {
     job.on_host = true;
     JobPlans plans = PlanJob(job, job.shape.dtype);
-    const bool dilated = job.requests.front()->options.kind == OperatorKind::kDilatedAttention;
-    if (dilated && !plans.dilated.ok()) return plans.dilated.status();
-    if (!dilated && !plans.sparse.ok()) return plans.sparse.status();
-    const size_t bytes = dilated ? plans.dilated->tensor_bytes : plans.sparse->tensor_bytes;
-    const size_t ws_bytes = dilated ? dilated_->WorkspaceBytes(*plans.dilated)
-                                    : sparse_->WorkspaceBytes(*plans.sparse);
+    const OperatorKind kind = job.requests.front()->options.kind;
+    if (absl::Status s = plans.status(kind); !s.ok()) return s;
+    size_t bytes = 0, ws_bytes = 0;
+    switch (kind) {
+      case OperatorKind::kDilatedAttention:
+        bytes = plans.dilated->tensor_bytes;
+        ws_bytes = dilated_->WorkspaceBytes(*plans.dilated);
+        break;
+      case OperatorKind::kBlockSparse:
+        bytes = plans.sparse->tensor_bytes;
+        ws_bytes = sparse_->WorkspaceBytes(*plans.sparse);
+        break;
+      case OperatorKind::kMultihead:
+        bytes = plans.multihead->tensor_bytes;
+        ws_bytes = multihead_->WorkspaceBytes(*plans.multihead);
+        break;
+    }
+    const int inputs = job.requests.front()->inputs();
     const absl::Time deadline = job.start + options_.pool_wait;
     absl::StatusOr<memory::Buffer> ws = pool_->Acquire(std::max<size_t>(1, ws_bytes), deadline);
     if (!ws.ok()) return ws.status();
     const DeviceLoc host = DeviceLoc::Host();
-    attention::AttentionTensors t;
     const bool packed = !RunsInPlaceOnHost(job);
-    memory::Buffer q, k, v, o;
+    // Q, K, V (or X) and O (or Y): the requests' own memory, or leases they are packed into.
+    const void* in[3] = {nullptr, nullptr, nullptr};
+    void* out = nullptr;
+    memory::Buffer in_leases[3], out_lease;
     if (packed) {
-      for (memory::Buffer* b : {&q, &k, &v, &o}) {
+      for (int t = 0; t < inputs; ++t) {
         absl::StatusOr<memory::Buffer> leased = pool_->Acquire(bytes, deadline);
         if (!leased.ok()) return leased.status();
-        *b = *std::move(leased);
+        in_leases[t] = *std::move(leased);
+        size_t at = 0;
+        for (const auto& r : job.requests) {
+          const absl::string_view src = r->tensor(t);
+          std::memcpy(static_cast<std::byte*>(in_leases[t].data()) + at, src.data(), src.size());
+          at += src.size();
+        }
+        in[t] = in_leases[t].data();
       }
-      size_t at = 0;
-      for (const auto& r : job.requests) {
-        std::memcpy(static_cast<std::byte*>(q.data()) + at, r->q.data(), r->tensor_bytes);
-        std::memcpy(static_cast<std::byte*>(k.data()) + at, r->k.data(), r->tensor_bytes);
-        std::memcpy(static_cast<std::byte*>(v.data()) + at, r->v.data(), r->tensor_bytes);
-        at += r->tensor_bytes;
-      }
-      t = {{q.data(), bytes, host}, {k.data(), bytes, host}, {v.data(), bytes, host},
-           {o.data(), bytes, host}};
+      absl::StatusOr<memory::Buffer> leased = pool_->Acquire(bytes, deadline);
+      if (!leased.ok()) return leased.status();
+      out_lease = *std::move(leased);
+      out = out_lease.data();
     } else {
       InferenceRequest& r = *job.requests.front();
-      void* o_data = r.output_target.data;
-      if (o_data == nullptr) {
-        absl::StatusOr<memory::Buffer> out = pool_->Acquire(bytes, deadline);
-        if (!out.ok()) return out.status();
-        r.output = *std::move(out);
-        o_data = r.output.data();
+      out = r.output_target.data;
+      if (out == nullptr) {
+        absl::StatusOr<memory::Buffer> leased = pool_->Acquire(bytes, deadline);
+        if (!leased.ok()) return leased.status();
+        r.output = *std::move(leased);
+        out = r.output.data();
       }
-      t = {{r.q.data(), bytes, host}, {r.k.data(), bytes, host}, {r.v.data(), bytes, host},
-           {o_data, bytes, host}};
+      for (int t = 0; t < inputs; ++t) in[t] = r.tensor(t).data();
     }
     const absl::Time copied_in = absl::Now();
     job.compute_input = copied_in - job.start;
     const attention::TensorRef workspace{ws->data(), ws->size(), host};
-    absl::Status run = dilated ? dilated_->Run(*plans.dilated, t, workspace)
-                               : sparse_->Run(*plans.sparse, t, workspace);
+    absl::Status run;
+    switch (kind) {
+      case OperatorKind::kDilatedAttention:
+      case OperatorKind::kBlockSparse: {
+        const attention::AttentionTensors t{
+            {in[0], bytes, host}, {in[1], bytes, host}, {in[2], bytes, host}, {out, bytes, host}};
+        run = kind == OperatorKind::kDilatedAttention ? dilated_->Run(*plans.dilated, t, workspace)
+                                                      : sparse_->Run(*plans.sparse, t, workspace);
+        break;
+      }
+      case OperatorKind::kMultihead:
+        run = multihead_->Run(*plans.multihead, {{in[0], bytes, host}, {out, bytes, host}},
+                              workspace);
+        break;
+    }
     const absl::Time computed = absl::Now();
     job.compute_infer = computed - copied_in;
     if (!run.ok()) return run;
@@ -109,12 +140,12 @@ class CpuExecutor final : public Executor {
       for (const auto& r : job.requests) {
         void* dst = r->output_target.data;
         if (dst == nullptr) {
-          absl::StatusOr<memory::Buffer> out = pool_->Acquire(r->tensor_bytes, deadline);
-          if (!out.ok()) return out.status();
-          r->output = *std::move(out);
+          absl::StatusOr<memory::Buffer> leased = pool_->Acquire(r->tensor_bytes, deadline);
+          if (!leased.ok()) return leased.status();
+          r->output = *std::move(leased);
           dst = r->output.data();
         }
-        std::memcpy(dst, static_cast<const char*>(o.data()) + at, r->tensor_bytes);
+        std::memcpy(dst, static_cast<const char*>(out) + at, r->tensor_bytes);
         at += r->tensor_bytes;
       }
     }
@@ -126,6 +157,7 @@ class CpuExecutor final : public Executor {
   ExecutorOptions options_;
   std::unique_ptr<attention::AttentionBackend> dilated_;
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_;
+  std::unique_ptr<multihead::MultiheadBackend> multihead_;
   std::shared_ptr<memory::BufferPool> pool_;
 };
 
@@ -140,7 +172,8 @@ namespace {
 bool AlignedWithoutOverlap(const InferenceRequest& r, size_t align) {
   const std::byte* o = r.output_target.data;
   if (o != nullptr && reinterpret_cast<uintptr_t>(o) % align != 0) return false;
-  for (absl::string_view in : {r.q, r.k, r.v}) {
+  for (int t = 0; t < r.inputs(); ++t) {
+    const absl::string_view in = r.tensor(t);
     const auto* b = reinterpret_cast<const std::byte*>(in.data());
     if (reinterpret_cast<uintptr_t>(b) % align != 0) return false;
     if (o != nullptr && b < o + r.tensor_bytes && o < b + in.size()) return false;
@@ -162,9 +195,8 @@ bool RunsInPlace(const Job& job, bool convert, int device) {
   if (convert || job.requests.size() != 1) return false;
   const InferenceRequest& r = *job.requests.front();
   if (r.output_target.data == nullptr || r.output_target.device != device) return false;
-  const absl::string_view in[3] = {r.q, r.k, r.v};
-  for (int i = 0; i < 3; ++i) {
-    if (r.input_device[i] != device || in[i].size() != r.tensor_bytes) return false;
+  for (int i = 0; i < r.inputs(); ++i) {
+    if (r.input_device[i] != device || r.tensor(i).size() != r.tensor_bytes) return false;
   }
   return AlignedWithoutOverlap(r, 16);  // the kernel's 16-byte loads and stores
 }
@@ -177,12 +209,30 @@ JobPlans PlanJob(const Job& job, attention::DType dtype) {
 
 JobPlans PlanOperator(const OperatorOptions& o, const attention::ProblemShape& shape) {
   JobPlans plans;
-  if (o.kind == OperatorKind::kDilatedAttention) {
-    plans.dilated = attention::PlanAttention(o.dilated, shape);
-  } else {
-    plans.sparse = block_sparse::PlanBlockSparse(o.sparse, shape);
+  switch (o.kind) {
+    case OperatorKind::kDilatedAttention:
+      plans.dilated = attention::PlanAttention(o.dilated, shape);
+      break;
+    case OperatorKind::kBlockSparse:
+      plans.sparse = block_sparse::PlanBlockSparse(o.sparse, shape);
+      break;
+    case OperatorKind::kMultihead:
+      plans.multihead = multihead::PlanMultihead(o.weights, o.dilated, shape);
+      break;
   }
   return plans;
+}
+
+absl::Status JobPlans::status(OperatorKind kind) const {
+  switch (kind) {
+    case OperatorKind::kDilatedAttention:
+      return dilated.status();
+    case OperatorKind::kBlockSparse:
+      return sparse.status();
+    case OperatorKind::kMultihead:
+      return multihead.status();
+  }
+  return absl::InternalError("unknown operator");
 }
 
 absl::StatusOr<std::shared_ptr<memory::BufferPool>> CreateHostPool(const ExecutorOptions& options) {
@@ -201,13 +251,16 @@ absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(
   absl::StatusOr<std::unique_ptr<block_sparse::BlockSparseBackend>> sparse =
       block_sparse::CreateCpuBlockSparseBackend(cpu);
   if (!sparse.ok()) return sparse.status();
+  absl::StatusOr<std::unique_ptr<multihead::MultiheadBackend>> multihead =
+      multihead::CreateCpuMultiheadBackend(cpu);
+  if (!multihead.ok()) return multihead.status();
   if (host == nullptr) {
     absl::StatusOr<std::shared_ptr<memory::BufferPool>> pool = CreateHostPool(options);
     if (!pool.ok()) return pool.status();
     host = *std::move(pool);
   }
-  return std::unique_ptr<Executor>(new CpuExecutor(options, *std::move(dilated),
-                                                   *std::move(sparse), std::move(host)));
+  return std::unique_ptr<Executor>(new CpuExecutor(options, *std::move(dilated), *std::move(sparse),
+                                                   *std::move(multihead), std::move(host)));
 }
 
 }  // namespace dilattn::server

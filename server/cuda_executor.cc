@@ -1,9 +1,9 @@
-// The GPU executor: dilated and block-sparse attention in fp16/bf16 on the fused kernels (fp32
-// requests are converted to fp16 on the device, refused if a value overflows fp16), everything
-// the kernels do not cover on the CPU path. Two streams alternate between consecutive jobs, so a
-// job's host-to-device copies overlap the previous job's kernel; buffers come from a device pool
-// and a pinned staging pool. A lone request whose tensors all lie in CUDA shared memory on this
-// device runs in place, on the client's ranges.
+// The GPU executor: dilated and block-sparse attention in fp16/bf16 on the fused kernels, the
+// multihead module on cuBLASLt around them (fp32 requests are converted to fp16 on the device,
+// refused if a value overflows fp16), everything the GPU backends do not cover on the CPU path. Two
+// streams alternate between consecutive jobs, so a job's host-to-device copies overlap the previous
+// job's kernel; buffers come from a device pool and a pinned staging pool. A lone request whose
+// tensors all lie in CUDA shared memory on this device runs in place, on the client's ranges.
 
 #include <cuda_runtime_api.h>
 
@@ -70,6 +70,10 @@ class CudaExecutor final : public Executor {
           block_sparse::CreateCudaBlockSparseBackend({device_, streams_[i]});
       if (!sparse.ok()) return sparse.status();
       sparse_gpu_[i] = *std::move(sparse);
+      absl::StatusOr<std::unique_ptr<multihead::MultiheadBackend>> multihead =
+          multihead::CreateCudaMultiheadBackend({device_, streams_[i]});
+      if (!multihead.ok()) return multihead.status();
+      multihead_gpu_[i] = *std::move(multihead);
     }
     absl::StatusOr<std::unique_ptr<Executor>> cpu = CreateCpuExecutor(options_, shared_.host);
     if (!cpu.ok()) return cpu.status();
@@ -113,21 +117,26 @@ class CudaExecutor final : public Executor {
     return out;
   }
 
-  // The one selector: the fused kernels when they take the plan (in the computed dtype), else
+  // The one selector: the GPU backends when they take the plan (in the computed dtype), else
   // the CPU path. The plan's status when it is not valid.
-  absl::StatusOr<bool> OnGpu(const JobPlans& plans, bool sparse) const {
-    if (absl::Status s = sparse ? plans.sparse.status() : plans.dilated.status(); !s.ok()) {
-      return s;
+  absl::StatusOr<bool> OnGpu(const JobPlans& plans, OperatorKind kind) const {
+    if (absl::Status s = plans.status(kind); !s.ok()) return s;
+    switch (kind) {
+      case OperatorKind::kDilatedAttention:
+        return gpu_[0]->Supports(*plans.dilated).ok();
+      case OperatorKind::kBlockSparse:
+        return sparse_gpu_[0]->Supports(*plans.sparse).ok();
+      case OperatorKind::kMultihead:
+        return multihead_gpu_[0]->Supports(*plans.multihead).ok();
     }
-    return sparse ? sparse_gpu_[0]->Supports(*plans.sparse).ok()
-                  : gpu_[0]->Supports(*plans.dilated).ok();
+    return absl::InternalError("unknown operator");
   }
 
   absl::Status Supports(const InferenceRequest& r) const override {
     const JobPlans plans = PlanOperator(
         r.options,
         attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim));
-    absl::StatusOr<bool> gpu = OnGpu(plans, r.options.kind == OperatorKind::kBlockSparse);
+    absl::StatusOr<bool> gpu = OnGpu(plans, r.options.kind);
     if (!gpu.ok()) return gpu.status();
     return *gpu ? absl::OkStatus() : cpu_->Supports(r);
   }
@@ -138,31 +147,46 @@ class CudaExecutor final : public Executor {
     const bool convert = in_type != compute;
     // Planned once for the job (a block-sparse layout is as long as its kept pairs).
     JobPlans plans = PlanJob(job, compute);
-    const bool sparse = job.requests.front()->options.kind == OperatorKind::kBlockSparse;
-    absl::StatusOr<bool> gpu = OnGpu(plans, sparse);
+    const OperatorKind kind = job.requests.front()->options.kind;
+    absl::StatusOr<bool> gpu = OnGpu(plans, kind);
     if (!gpu.ok()) return gpu.status();
     if (!*gpu) return cpu_->Start(job);
     if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
-    const size_t dev_bytes = sparse ? plans.sparse->tensor_bytes : plans.dilated->tensor_bytes;
-    const size_t workspace_bytes = sparse ? sparse_gpu_[0]->WorkspaceBytes(*plans.sparse)
-                                          : gpu_[0]->WorkspaceBytes(*plans.dilated);
+    size_t dev_bytes = 0, workspace_bytes = 0;
+    switch (kind) {
+      case OperatorKind::kDilatedAttention:
+        dev_bytes = plans.dilated->tensor_bytes;
+        workspace_bytes = gpu_[0]->WorkspaceBytes(*plans.dilated);
+        break;
+      case OperatorKind::kBlockSparse:
+        dev_bytes = plans.sparse->tensor_bytes;
+        workspace_bytes = sparse_gpu_[0]->WorkspaceBytes(*plans.sparse);
+        break;
+      case OperatorKind::kMultihead:
+        dev_bytes = plans.multihead->tensor_bytes;
+        workspace_bytes = multihead_gpu_[0]->WorkspaceBytes(*plans.multihead);
+        break;
+    }
+    const int inputs = job.requests.front()->inputs();
     const size_t in_bytes =
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     const absl::Time deadline = job.start + options_.pool_wait;
     const bool in_place = RunsInPlace(job, convert, device_);
     const size_t tensor_lease = in_place ? size_t{1} : dev_bytes;
+    const size_t kv_lease = inputs == 3 ? tensor_lease : size_t{1};
 
     auto state = std::make_unique<GpuJob>();
-    // Device: Q, K, V, O (unless the job runs in place), the workspace, and for fp32 requests
+    // Device: Q, K, V, O (X and Y for the multihead module) unless the job runs in place, the
+    // workspace, and for fp32 requests
     // one fp32 tensor to convert through and the overflow flag. Host: each request's output
     // lease (pinned), which the response sends without another copy; the inputs are already
     // staged in pinned leases.
     absl::StatusOr<memory::Buffer> flag = pinned_pool_->Acquire(sizeof(int), deadline);
     if (!flag.ok()) return flag.status();
     std::vector<memory::Buffer> dev;
-    for (size_t bytes : {tensor_lease, tensor_lease, tensor_lease, tensor_lease,
-                         std::max<size_t>(1, workspace_bytes), convert ? in_bytes : size_t{1},
-                         size_t{sizeof(int)}}) {
+    for (size_t bytes :
+         {tensor_lease, kv_lease, kv_lease, tensor_lease, std::max<size_t>(1, workspace_bytes),
+          convert ? in_bytes : size_t{1}, size_t{sizeof(int)}}) {
       absl::StatusOr<memory::Buffer> b = device_pool_->Acquire(bytes, deadline);
       if (!b.ok()) return b.status();
       dev.push_back(*std::move(b));
@@ -188,11 +212,11 @@ class CudaExecutor final : public Executor {
     // Each request's tensors go straight to their place in the packed device tensors (through
     // the fp32 buffer when converting). cudaMemcpyDefault lets the pointers say where they are:
     // the pinned staging lease, a system shared-memory region, or a CUDA one on any device.
-    for (int t = 0; t < 3 && s.ok() && !in_place; ++t) {
+    for (int t = 0; t < inputs && s.ok() && !in_place; ++t) {
       auto* dst = static_cast<unsigned char*>(convert ? dev[5].data() : dev[t].data());
       size_t at = 0;
       for (const auto& r : job.requests) {
-        const absl::string_view src = t == 0 ? r->q : t == 1 ? r->k : r->v;
+        const absl::string_view src = r->tensor(t);
         s = Cuda(cudaMemcpyAsync(dst + at, src.data(), src.size(), cudaMemcpyDefault, stream),
                  "copy to device");
         if (!s.ok()) break;
@@ -212,15 +236,24 @@ class CudaExecutor final : public Executor {
       auto tensor = [&](int t) -> void* {
         if (!in_place) return dev[t].data();
         if (t == 3) return r.output_target.data;
-        return const_cast<char*>((t == 0 ? r.q : t == 1 ? r.k : r.v).data());
+        return const_cast<char*>(r.tensor(t).data());
       };
       const attention::AttentionTensors tensors{{tensor(0), dev_bytes, loc},
                                                 {tensor(1), dev_bytes, loc},
                                                 {tensor(2), dev_bytes, loc},
                                                 {tensor(3), dev_bytes, loc}};
       const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
-      s = sparse ? sparse_gpu_[job.stream]->Run(*plans.sparse, tensors, workspace)
-                 : gpu_[job.stream]->Run(*plans.dilated, tensors, workspace);
+      switch (kind) {
+        case OperatorKind::kDilatedAttention:
+          s = gpu_[job.stream]->Run(*plans.dilated, tensors, workspace);
+          break;
+        case OperatorKind::kBlockSparse:
+          s = sparse_gpu_[job.stream]->Run(*plans.sparse, tensors, workspace);
+          break;
+        case OperatorKind::kMultihead:
+          s = multihead_gpu_[job.stream]->Run(*plans.multihead, {tensors.q, tensors.o}, workspace);
+          break;
+      }
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->computed, stream), "event");
     if (s.ok() && convert) {
@@ -293,6 +326,7 @@ class CudaExecutor final : public Executor {
   cudaStream_t streams_[2] = {nullptr, nullptr};
   std::unique_ptr<attention::AttentionBackend> gpu_[2];
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_gpu_[2];
+  std::unique_ptr<multihead::MultiheadBackend> multihead_gpu_[2];
   std::unique_ptr<Executor> cpu_;
   std::unique_ptr<memory::BufferPool> device_pool_;
   std::shared_ptr<memory::BufferPool> pinned_pool_;

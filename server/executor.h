@@ -14,6 +14,7 @@
 #include "kernels/attention/attention.h"
 #include "kernels/block_sparse/block_sparse.h"
 #include "kernels/memory/buffer_pool.h"
+#include "kernels/multihead/multihead.h"
 #include "server/request.h"
 
 namespace dilattn::server {
@@ -81,6 +82,8 @@ absl::StatusOr<std::unique_ptr<Executor>> CreateCudaExecutor(const ExecutorOptio
 struct JobPlans {
   absl::StatusOr<attention::AttentionPlan> dilated = absl::UnknownError("unset");
   absl::StatusOr<block_sparse::BlockSparsePlan> sparse = absl::UnknownError("unset");
+  absl::StatusOr<multihead::MultiheadPlan> multihead = absl::UnknownError("unset");
+  absl::Status status(OperatorKind kind) const;  // the plan of that operator's
 };
 JobPlans PlanJob(const Job& job, attention::DType dtype);
 // The same for one operator and shape (a request's, before it is in a job).

@@ -44,9 +44,18 @@ absl::StatusOr<attention::DType> FromConfigType(DataType t, absl::string_view wh
 absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
   inference::ModelConfig& c = spec->config;
   const bool batched = c.max_batch_size() > 0;
-  const int rank = batched ? 3 : 4;  // with a batch dimension the config lists [N, H, D]
+  const bool hidden = spec->hidden_states();
+  // With a batch dimension the config lists [N, H, D] (or [N, E]).
+  const int rank = (hidden ? 2 : 3) + (batched ? 0 : 1);
+  const char* shape_text = hidden ? (batched ? " ([N, E])" : " ([B, N, E])")
+                                  : (batched ? " ([N, H, D])" : " ([B, N, H, D])");
+  const std::vector<std::string>& in_names = spec->input_names;
+  const std::string input_list =
+      in_names.size() == 1 ? in_names[0]
+                           : absl::StrCat(absl::StrJoin(in_names.begin(), in_names.end() - 1, ", "),
+                                          " and ", in_names.back());
   if (c.input_size() == 0) {
-    for (const char* name : {"Q", "K", "V"}) {
+    for (const std::string& name : spec->input_names) {
       inference::ModelInput* in = c.add_input();
       in->set_name(name);
       in->set_data_type(inference::TYPE_FP32);
@@ -55,32 +64,35 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
   }
   if (c.output_size() == 0) {
     inference::ModelOutput* out = c.add_output();
-    out->set_name("O");
+    out->set_name(spec->output_name);
     out->set_data_type(c.input(0).data_type());
     for (int i = 0; i < rank; ++i) out->add_dims(-1);
   }
   std::set<std::string> names;
   for (const inference::ModelInput& in : c.input()) names.insert(in.name());
-  if (c.input_size() != 3 || names != std::set<std::string>{"Q", "K", "V"}) {
+  if (c.input_size() != static_cast<int>(spec->input_names.size()) ||
+      names != std::set<std::string>(spec->input_names.begin(), spec->input_names.end())) {
     return absl::InvalidArgumentError(
-        absl::StrCat(source, ": inputs must be exactly Q, K and V"));
+        absl::StrCat(source, ": inputs must be exactly ", input_list));
   }
-  if (c.output_size() != 1 || c.output(0).name() != "O") {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": the one output must be O"));
+  if (c.output_size() != 1 || c.output(0).name() != spec->output_name) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": the one output must be ", spec->output_name));
   }
   const DataType type = c.input(0).data_type();
-  absl::StatusOr<attention::DType> dtype = FromConfigType(type, "input Q");
+  absl::StatusOr<attention::DType> dtype =
+      FromConfigType(type, absl::StrCat("input ", c.input(0).name()));
   if (!dtype.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", dtype.status().message()));
   spec->declared_dtype = *dtype;
   for (const inference::ModelInput& in : c.input()) {
     if (in.data_type() != type) {
       return absl::InvalidArgumentError(
-          absl::StrCat(source, ": inputs Q, K and V must share one data_type"));
+          absl::StrCat(source, ": inputs ", input_list, " must share one data_type"));
     }
     if (in.dims_size() != rank) {
       return absl::InvalidArgumentError(absl::StrCat(
           source, ": input ", in.name(), " has ", in.dims_size(), " dims; with max_batch_size ",
-          c.max_batch_size(), " it needs ", rank, batched ? " ([N, H, D])" : " ([B, N, H, D])"));
+          c.max_batch_size(), " it needs ", rank, shape_text));
     }
     for (int i = 0; i < rank; ++i) {
       if (in.dims(i) == 0 || in.dims(i) < -1) {
@@ -89,7 +101,7 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
       }
       if (in.dims(i) != c.input(0).dims(i)) {
         return absl::InvalidArgumentError(
-            absl::StrCat(source, ": inputs Q, K and V must declare the same dims"));
+            absl::StrCat(source, ": inputs ", input_list, " must declare the same dims"));
       }
     }
   }
@@ -98,10 +110,66 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": the batch dim B must be -1 (variable)"));
   }
-  for (int i = 0; i < 3; ++i) spec->dims[static_cast<size_t>(i)] = c.input(0).dims(first + i);
-  if (c.output(0).data_type() != type) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": output O must have the inputs' data_type"));
+  if (hidden) {
+    const multihead::MultiheadWeights& w = *spec->defaults.weights;
+    const int64_t e = c.input(0).dims(first + 1);
+    if (e != -1 && e != w.embed_dim) {
+      return absl::InvalidArgumentError(absl::StrCat(source, ": input ", c.input(0).name(),
+                                                     " declares E=", e,
+                                                     " but the weights have E=", w.embed_dim));
+    }
+    spec->dims = {c.input(0).dims(first), w.num_heads, w.embed_dim / w.num_heads};
+  } else {
+    for (int i = 0; i < 3; ++i) spec->dims[static_cast<size_t>(i)] = c.input(0).dims(first + i);
   }
+  if (c.output(0).data_type() != type) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": output ", spec->output_name, " must have the inputs' data_type"));
+  }
+  return absl::OkStatus();
+}
+
+// The multihead module's own parameters (config only; a request cannot change the weights).
+constexpr const char* kMultiheadModelParams[] = {"weights", "num_heads", "weights_prefix",
+                                                 "layer_norm_eps"};
+
+absl::Status LoadMultiheadWeights(ModelSpec* spec, absl::string_view source,
+                                  absl::string_view model_dir) {
+  const auto& params = spec->config.parameters();
+  auto get = [&](const char* key) -> const std::string* {
+    auto it = params.find(key);
+    return it == params.end() ? nullptr : &it->second.string_value();
+  };
+  const std::string* path = get("weights");
+  const std::string* heads = get("num_heads");
+  if (path == nullptr || path->empty() || heads == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source,
+                     ": operator 'multihead_dilated_attention' needs parameters 'weights' (a "
+                     "safetensors file) and 'num_heads'"));
+  }
+  multihead::WeightsOptions o;
+  if (!absl::SimpleAtoi(*heads, &o.num_heads) || o.num_heads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": parameter num_heads='", *heads, "' is not an integer >= 1"));
+  }
+  if (const std::string* prefix = get("weights_prefix")) o.prefix = *prefix;
+  if (const std::string* eps = get("layer_norm_eps")) {
+    if (!absl::SimpleAtod(*eps, &o.layer_norm_eps)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ": parameter layer_norm_eps='", *eps, "' is not a number"));
+    }
+  }
+  std::filesystem::path file(*path);
+  if (file.is_relative() && !model_dir.empty()) {
+    file = std::filesystem::path(std::string(model_dir)) / file;
+  }
+  absl::StatusOr<std::shared_ptr<const multihead::MultiheadWeights>> w =
+      multihead::LoadWeightsFile(file.string(), o);
+  if (!w.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", w.status().message()));
+  spec->defaults.weights = *std::move(w);
+  spec->input_names = {"X"};
+  spec->output_name = "Y";
   return absl::OkStatus();
 }
 
@@ -162,7 +230,11 @@ absl::Status CheckOperator(const ModelSpec& spec, absl::string_view source) {
   const OperatorOptions& o = spec.defaults;
   attention::ProblemShape shape = attention::DenseShape(attention::DType::kFloat32, 1, 1, 1, 1);
   absl::Status s;
-  if (o.kind == OperatorKind::kDilatedAttention) {
+  if (o.kind == OperatorKind::kMultihead) {
+    shape.num_heads = o.weights->num_heads;
+    shape.head_dim = o.weights->embed_dim / o.weights->num_heads;
+    s = multihead::PlanMultihead(o.weights, o.dilated, shape).status();
+  } else if (o.kind == OperatorKind::kDilatedAttention) {
     shape.num_heads = std::max<int64_t>(1, static_cast<int64_t>(o.dilated.segment_lengths.size()));
     s = attention::PlanAttention(o.dilated, shape).status();
   } else if (o.sparse.pattern != block_sparse::Pattern::kExplicit) {
@@ -217,7 +289,8 @@ parameters { key: "causal" value { string_value: "false" } }
 }  // namespace
 
 absl::StatusOr<ModelSpec> ParseModelConfig(absl::string_view text, absl::string_view source,
-                                           absl::string_view directory_name) {
+                                           absl::string_view directory_name,
+                                           absl::string_view model_dir) {
   ModelSpec spec;
   google::protobuf::TextFormat::Parser parser;
   CollectErrors errors;
@@ -246,12 +319,22 @@ absl::StatusOr<ModelSpec> ParseModelConfig(absl::string_view text, absl::string_
     spec.defaults.kind = OperatorKind::kDilatedAttention;
   } else if (kind == "block_sparse") {
     spec.defaults.kind = OperatorKind::kBlockSparse;
+  } else if (kind == "multihead_dilated_attention") {
+    spec.defaults.kind = OperatorKind::kMultihead;
+    if (absl::Status s = LoadMultiheadWeights(&spec, source, model_dir); !s.ok()) return s;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat(
-        source, ": parameter operator='", kind, "' is not 'dilated_attention' or 'block_sparse'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": parameter operator='", kind,
+                     "' is not 'dilated_attention', 'block_sparse' or "
+                     "'multihead_dilated_attention'"));
   }
   for (const auto& [key, value] : c.parameters()) {
     if (key == "operator") continue;
+    if (spec.hidden_states() &&
+        std::find(std::begin(kMultiheadModelParams), std::end(kMultiheadModelParams), key) !=
+            std::end(kMultiheadModelParams)) {
+      continue;
+    }
     if (key == "max_batch_tokens") {
       if (!absl::SimpleAtoi(value.string_value(), &spec.batching.max_batch_tokens) ||
           spec.batching.max_batch_tokens < 1) {
@@ -293,8 +376,8 @@ absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& di
     std::ifstream in(p / "config.pbtxt");
     std::stringstream text;
     text << in.rdbuf();
-    absl::StatusOr<ModelSpec> spec =
-        ParseModelConfig(text.str(), (p / "config.pbtxt").string(), p.filename().string());
+    absl::StatusOr<ModelSpec> spec = ParseModelConfig(text.str(), (p / "config.pbtxt").string(),
+                                                      p.filename().string(), p.string());
     if (!spec.ok()) return spec.status();
     specs.push_back(*std::move(spec));
   }

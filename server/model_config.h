@@ -35,14 +35,22 @@ struct ModelSpec {
   inference::ModelConfig config;  // as served by the ModelConfig RPC
   OperatorOptions defaults;
   attention::DType declared_dtype = attention::DType::kFloat32;
-  std::array<int64_t, 3> dims = {-1, -1, -1};  // N, H, D; -1 accepts any
+  // N, H, D; -1 accepts any. The multihead module fixes H and D by its weights.
+  std::array<int64_t, 3> dims = {-1, -1, -1};
   BatchingPolicy batching;
+  // What callers send and receive: Q, K, V -> O, each [B, N, H, D]; or, for the multihead module,
+  // hidden states X -> Y, each [B, N, E] with E = H * D.
+  std::vector<std::string> input_names = {"Q", "K", "V"};
+  std::string output_name = "O";
+  bool hidden_states() const { return defaults.kind == OperatorKind::kMultihead; }
 };
 
 // Parses and checks one config.pbtxt. `source` names it in messages; `directory_name`, when not
-// empty, must match the config's name (an empty config name takes it).
+// empty, must match the config's name (an empty config name takes it). A relative `weights` path
+// (the multihead module's) is taken from `model_dir`, the model's directory.
 absl::StatusOr<ModelSpec> ParseModelConfig(absl::string_view text, absl::string_view source,
-                                           absl::string_view directory_name);
+                                           absl::string_view directory_name,
+                                           absl::string_view model_dir = "");
 
 // Every <dir>/<model>/config.pbtxt. At least one model, no duplicate names.
 absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& dir);

@@ -142,7 +142,7 @@ std::string ParamValueToString(const ParamValue& value) {
 }
 
 bool IsOperatorParameter(OperatorKind kind, absl::string_view name) {
-  if (kind == OperatorKind::kDilatedAttention) {
+  if (UsesDilatedOptions(kind)) {
     for (absl::string_view n : kDilatedNames) {
       if (n == name) return true;
     }
@@ -158,13 +158,14 @@ absl::Status ApplyOperatorParameter(absl::string_view name, const ParamValue& va
                                     absl::string_view where, OperatorOptions* o) {
   auto bad = [&](absl::string_view expected) { return Bad(where, name, value, expected); };
   if (!IsOperatorParameter(o->kind, name)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        where, " ", Quote(name), " is not known for ",
-        o->kind == OperatorKind::kDilatedAttention ? "dilated attention" : "block-sparse attention",
-        " (known: ",
-        o->kind == OperatorKind::kDilatedAttention ? absl::StrJoin(kDilatedNames, ", ")
-                                                   : absl::StrJoin(kSparseNames, ", "),
-        ")"));
+    const char* what = o->kind == OperatorKind::kDilatedAttention ? "dilated attention"
+                       : o->kind == OperatorKind::kMultihead      ? "multihead dilated attention"
+                                                                  : "block-sparse attention";
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, " ", Quote(name), " is not known for ", what, " (known: ",
+                     UsesDilatedOptions(o->kind) ? absl::StrJoin(kDilatedNames, ", ")
+                                                 : absl::StrJoin(kSparseNames, ", "),
+                     ")"));
   }
   if (name == "causal") {
     absl::StatusOr<bool> b = AsBool(value);
@@ -178,7 +179,7 @@ absl::Status ApplyOperatorParameter(absl::string_view name, const ParamValue& va
     o->dilated.softmax_scale = o->sparse.softmax_scale = *d;
     return absl::OkStatus();
   }
-  if (o->kind == OperatorKind::kDilatedAttention) {
+  if (UsesDilatedOptions(o->kind)) {
     if (name == "segment_lengths" || name == "dilation_rates") {
       absl::StatusOr<std::vector<int64_t>> list = AsInt64List(value);
       if (!list.ok()) return bad("a comma-separated list of integers such as \"2048,4096\"");
@@ -228,9 +229,13 @@ absl::Status ApplyOperatorParameter(absl::string_view name, const ParamValue& va
 }
 
 std::string OperatorKey(const OperatorOptions& o) {
-  if (o.kind == OperatorKind::kDilatedAttention) {
+  if (UsesDilatedOptions(o.kind)) {
     const attention::AttentionOptions& d = o.dilated;
-    return absl::StrCat("dilated|", attention::ModeName(d.mode), "|",
+    const std::string kind =
+        o.kind == OperatorKind::kMultihead
+            ? absl::StrCat("multihead:", o.weights == nullptr ? 0 : o.weights->id)
+            : "dilated";
+    return absl::StrCat(kind, "|", attention::ModeName(d.mode), "|",
                         absl::StrJoin(d.segment_lengths, ","), "|",
                         absl::StrJoin(d.dilation_rates, ","), "|", d.causal, "|",
                         d.softmax_scale ? Exact(*d.softmax_scale) : "default");

@@ -5,6 +5,7 @@
 // the same thing in either place.
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <variant>
 
@@ -12,16 +13,22 @@
 #include "absl/strings/string_view.h"
 #include "kernels/attention/attention.h"
 #include "kernels/block_sparse/block_sparse.h"
+#include "kernels/multihead/multihead.h"
 
 namespace dilattn::server {
 
-enum class OperatorKind { kDilatedAttention, kBlockSparse };
+// kMultihead: hidden states through the model's weights and dilated attention (`dilated`).
+enum class OperatorKind { kDilatedAttention, kBlockSparse, kMultihead };
 
 struct OperatorOptions {
   OperatorKind kind = OperatorKind::kDilatedAttention;
   attention::AttentionOptions dilated;
   block_sparse::BlockSparseOptions sparse;
+  std::shared_ptr<const multihead::MultiheadWeights> weights;  // kMultihead: loaded at start-up
 };
+
+// Whether `kind` takes the dilated-attention options (segment_lengths, dilation_rates, ...).
+constexpr bool UsesDilatedOptions(OperatorKind kind) { return kind != OperatorKind::kBlockSparse; }
 
 // A parameter value as it arrives: config.pbtxt gives strings, KServe requests give typed values.
 using ParamValue = std::variant<bool, int64_t, uint64_t, double, std::string>;

@@ -41,7 +41,7 @@ struct InferenceRequest {
   int64_t batch = 0, seq_len = 0, heads = 0, head_dim = 0;
   size_t tensor_bytes = 0;
 
-  absl::string_view q, k, v;
+  absl::string_view q, k, v;  // the multihead module's X is `q`; k and v stay empty
   memory::Buffer input;  // Q, K, V side by side, leased from the engine's staging pool
   std::string owned[3];  // or Q, K, V on the heap (typed contents, or the pool was full)
   memory::Buffer output;  // O, leased and filled by the engine; tensor_bytes long
@@ -72,6 +72,9 @@ struct InferenceRequest {
       done;
 
   int64_t tokens() const { return batch * seq_len; }
+  // The tensors the caller sent: Q, K, V, or the multihead module's X alone.
+  int inputs() const { return options.kind == OperatorKind::kMultihead ? 1 : 3; }
+  absl::string_view tensor(int i) const { return i == 0 ? q : i == 1 ? k : v; }
   bool touches_device_memory() const {
     return input_device[0] >= 0 || input_device[1] >= 0 || input_device[2] >= 0 ||
            output_target.device >= 0;

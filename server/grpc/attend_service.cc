@@ -62,6 +62,11 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
   Problem p;
   p.model = *found;
   const ModelSpec& spec = p.model->spec();
+  if (spec.hidden_states()) {
+    return Invalid(absl::StrCat("model '", spec.name,
+                                "' takes hidden states X; this stream carries Q, K and V: send X "
+                                "through ModelInfer or ModelStreamInfer"));
+  }
   p.id = h.id();
   p.options = spec.defaults;
   switch (h.datatype()) {

@@ -114,6 +114,29 @@ int PriorityLevel(const ModelSpec& spec, uint64_t requested) {
              : spec.batching.default_priority;
 }
 
+absl::Status CheckHiddenDims(const ModelSpec& spec,
+                             const google::protobuf::RepeatedField<int64_t>& shape,
+                             absl::string_view what) {
+  static constexpr const char* kDims[3] = {"B", "N", "E"};
+  const int64_t e = spec.dims[1] * spec.dims[2];
+  for (int d = 0; d < 3; ++d) {
+    if (shape[d] < 1) {
+      return Invalid(absl::StrCat(what, " dim ", kDims[d], "=", shape[d], " in shape ",
+                                  ShapeText(shape), " must be >= 1"));
+    }
+  }
+  if (spec.dims[0] != -1 && shape[1] != spec.dims[0]) {
+    return Invalid(absl::StrCat(what, " dim N=", shape[1], " but model '", spec.name, "' requires ",
+                                spec.dims[0]));
+  }
+  if (shape[2] != e) {
+    return Invalid(absl::StrCat(what, " dim E=", shape[2], " but model '", spec.name,
+                                "' has embed dim ", e, " (", spec.dims[1], " heads of ",
+                                spec.dims[2], ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckDims(const ModelSpec& spec, const google::protobuf::RepeatedField<int64_t>& shape,
                        absl::string_view what) {
   static constexpr const char* kDims[4] = {"B", "N", "H", "D"};
@@ -152,22 +175,29 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   r->options = spec.defaults;
   r->priority = spec.batching.default_priority;
 
-  // Inputs: exactly Q, K and V, one datatype, one shape [B, N, H, D].
+  // Inputs: exactly the model's (Q, K and V, or X), one datatype, one shape: [B, N, H, D], or
+  // [B, N, E] for hidden states.
   const ModelInferRequest::InferInputTensor* by_name[3] = {nullptr, nullptr, nullptr};
   SharedRef shared[3];
   // raw_input_contents hold the inputs that are not in shared memory, in input order.
   int raw_index_of[3] = {-1, -1, -1};
   int raw_inputs = 0;
-  static constexpr const char* kNames[3] = {"Q", "K", "V"};
+  const std::vector<std::string>& kNames = spec.input_names;
+  const int inputs = static_cast<int>(kNames.size());
+  const bool hidden = spec.hidden_states();
+  const std::string input_list =
+      inputs == 1 ? kNames[0]
+                  : absl::StrCat(absl::StrJoin(kNames.begin(), kNames.end() - 1, ", "), " and ",
+                                 kNames.back());
   for (int i = 0; i < req.inputs_size(); ++i) {
     const auto& in = req.inputs(i);
-    const auto* slot = std::find_if(std::begin(kNames), std::end(kNames),
-                                    [&](const char* n) { return in.name() == n; });
-    if (slot == std::end(kNames)) {
+    const auto slot = std::find(kNames.begin(), kNames.end(), in.name());
+    if (slot == kNames.end()) {
       return Invalid(absl::StrCat("unexpected input ", Quote(in.name()), " for model '", spec.name,
-                                  "': inputs are Q, K and V"));
+                                  "': ", inputs == 1 ? "its input is " : "inputs are ",
+                                  input_list));
     }
-    const int at = static_cast<int>(slot - std::begin(kNames));
+    const int at = static_cast<int>(slot - kNames.begin());
     if (by_name[at] != nullptr) {
       return Invalid(absl::StrCat("input ", Quote(in.name()), " given twice"));
     }
@@ -178,41 +208,54 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     shared[at] = *std::move(ref);
     if (!shared[at].set) raw_index_of[at] = raw_inputs++;
   }
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < inputs; ++i) {
     if (by_name[i] == nullptr) {
-      return Invalid(absl::StrCat("missing input '", kNames[i], "' for model '", spec.name,
-                                  "': inputs are Q, K and V"));
+      return Invalid(absl::StrCat("missing input '", kNames[i], "' for model '", spec.name, "': ",
+                                  inputs == 1 ? "its input is " : "inputs are ", input_list));
     }
   }
+  const std::string first_name = Quote(kNames[0]);
   absl::StatusOr<attention::DType> dtype = attention::ParseDType(by_name[0]->datatype());
   if (!dtype.ok() || by_name[0]->datatype() != DatatypeName(*dtype)) {
-    return Invalid(absl::StrCat("input 'Q' has datatype ", Quote(by_name[0]->datatype()),
-                                "; supported: FP32, FP16, BF16"));
+    return Invalid(absl::StrCat("input ", first_name, " has datatype ",
+                                Quote(by_name[0]->datatype()), "; supported: FP32, FP16, BF16"));
   }
   r->dtype = *dtype;
   const auto& shape = by_name[0]->shape();
-  for (int i = 0; i < 3; ++i) {
+  const int rank = hidden ? 3 : 4;
+  for (int i = 0; i < inputs; ++i) {
     if (by_name[i]->datatype() != by_name[0]->datatype()) {
-      return Invalid(absl::StrCat(
-          "input '", kNames[i], "' has datatype ", Quote(by_name[i]->datatype()), " but 'Q' has ",
-          Quote(by_name[0]->datatype()), "; Q, K and V must share one datatype"));
+      return Invalid(absl::StrCat("input '", kNames[i], "' has datatype ",
+                                  Quote(by_name[i]->datatype()), " but ", first_name, " has ",
+                                  Quote(by_name[0]->datatype()), "; ", input_list,
+                                  " must share one datatype"));
     }
-    if (by_name[i]->shape_size() != 4) {
+    if (by_name[i]->shape_size() != rank) {
       return Invalid(absl::StrCat("input '", kNames[i], "' has shape ",
-                                  ShapeText(by_name[i]->shape()), "; expected [B, N, H, D]"));
+                                  ShapeText(by_name[i]->shape()), "; expected ",
+                                  hidden ? "[B, N, E]" : "[B, N, H, D]"));
     }
     if (!std::equal(shape.begin(), shape.end(), by_name[i]->shape().begin(),
                     by_name[i]->shape().end())) {
       return Invalid(absl::StrCat("input '", kNames[i], "' has shape ",
-                                  ShapeText(by_name[i]->shape()), " but 'Q' has ",
-                                  ShapeText(shape), "; Q, K and V must have one shape"));
+                                  ShapeText(by_name[i]->shape()), " but ", first_name, " has ",
+                                  ShapeText(shape), "; ", input_list, " must have one shape"));
     }
   }
-  if (absl::Status s = CheckDims(spec, shape, "input 'Q'"); !s.ok()) return s;
+  if (hidden) {
+    if (absl::Status s = CheckHiddenDims(spec, shape, absl::StrCat("input ", first_name));
+        !s.ok()) {
+      return s;
+    }
+    r->heads = spec.dims[1];
+    r->head_dim = spec.dims[2];
+  } else {
+    if (absl::Status s = CheckDims(spec, shape, "input 'Q'"); !s.ok()) return s;
+    r->heads = shape[2];
+    r->head_dim = shape[3];
+  }
   r->batch = shape[0];
   r->seq_len = shape[1];
-  r->heads = shape[2];
-  r->head_dim = shape[3];
   if (spec.batching.max_batch_size > 0 && r->batch > spec.batching.max_batch_size) {
     return Invalid(absl::StrCat("batch size B=", r->batch, " exceeds max_batch_size ",
                                 spec.batching.max_batch_size, " of model '", spec.name, "'"));
@@ -229,7 +272,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   // Data: registered shared memory, raw_input_contents (what tritonclient sends), or typed fp32
   // contents. Sizes are all checked before anything is allocated.
   absl::string_view* views[3] = {&r->q, &r->k, &r->v};
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < inputs; ++i) {
     if (!shared[i].set) continue;
     const std::string what = absl::StrCat("input '", kNames[i], "'");
     if (static_cast<uint64_t>(shared[i].byte_size) != r->tensor_bytes) {
@@ -253,7 +296,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
                                   raw_inputs < req.inputs_size() ? " outside shared memory" : "",
                                   " but ", raw.raw_count(), " raw_input_contents"));
     }
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < inputs; ++i) {
       if (shared[i].set) continue;
       const size_t size = raw.raw_size(static_cast<size_t>(raw_index_of[i]));
       if (size != r->tensor_bytes) {
@@ -263,7 +306,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
       }
     }
   } else {
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < inputs; ++i) {
       if (shared[i].set) continue;
       const auto& contents = by_name[i]->contents().fp32_contents();
       if (r->dtype != attention::DType::kFloat32 ||
@@ -279,27 +322,31 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   }
 
   SharedRef output_ref;
+  const std::string output_name = Quote(spec.output_name);
   if (req.outputs_size() > 1) {
     return Invalid(absl::StrCat(req.outputs_size(), " outputs requested; model '", spec.name,
-                                "' has one output, 'O'"));
+                                "' has one output, ", output_name));
   }
   for (const auto& out : req.outputs()) {
-    if (out.name() != "O") {
+    if (out.name() != spec.output_name) {
       return Invalid(absl::StrCat("requested output ", Quote(out.name()),
-                                  " does not exist; model '", spec.name, "' has one output, 'O'"));
+                                  " does not exist; model '", spec.name, "' has one output, ",
+                                  output_name));
     }
-    absl::StatusOr<SharedRef> ref = TensorParameters(out.parameters(), "output 'O'", "binary_data");
+    absl::StatusOr<SharedRef> ref =
+        TensorParameters(out.parameters(), absl::StrCat("output ", output_name), "binary_data");
     if (!ref.ok()) return ref.status();
     output_ref = *std::move(ref);
   }
   if (output_ref.set) {
     if (static_cast<uint64_t>(output_ref.byte_size) < r->tensor_bytes) {
-      return Invalid(absl::StrCat("output 'O' has shared_memory_byte_size ", output_ref.byte_size,
-                                  " but shape ", ShapeText(shape), " of ",
+      return Invalid(absl::StrCat("output ", output_name, " has shared_memory_byte_size ",
+                                  output_ref.byte_size, " but shape ", ShapeText(shape), " of ",
                                   by_name[0]->datatype(), " needs ", r->tensor_bytes));
     }
-    absl::StatusOr<SharedTensor> t = shared_memory.Resolve(
-        output_ref.region, output_ref.offset, output_ref.byte_size, "output 'O'");
+    absl::StatusOr<SharedTensor> t =
+        shared_memory.Resolve(output_ref.region, output_ref.offset, output_ref.byte_size,
+                              absl::StrCat("output ", output_name));
     if (!t.ok()) return t.status();
     r->output_target = {t->data, t->device};
     r->regions.push_back(std::move(t->region));
@@ -359,7 +406,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     // does not hold the request up: the heap takes it instead.
     absl::StatusOr<memory::Buffer> lease = model->engine().staging_pool().Acquire(
         static_cast<size_t>(raw_inputs) * r->tensor_bytes);
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < inputs; ++i) {
       if (shared[i].set) continue;
       char* dst;
       if (lease.ok()) {
@@ -381,7 +428,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   response->set_id(req.id());
   if (final_flag) (*response->mutable_parameters())["triton_final_response"].set_bool_param(true);
   auto* out = response->add_outputs();
-  out->set_name("O");
+  out->set_name(spec.output_name);
   out->set_datatype(DatatypeName(r->dtype));
   for (int64_t d : shape) out->add_shape(d);
   if (output_ref.set) {

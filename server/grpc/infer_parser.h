@@ -40,6 +40,12 @@ int PriorityLevel(const ModelSpec& spec, uint64_t requested);
 absl::Status CheckDims(const ModelSpec& spec, const google::protobuf::RepeatedField<int64_t>& shape,
                        absl::string_view what);
 
+// A [B, N, E] shape of hidden states against a multihead model: every dim >= 1, N as the model
+// fixes it, E its weights' embed dim.
+absl::Status CheckHiddenDims(const ModelSpec& spec,
+                             const google::protobuf::RepeatedField<int64_t>& shape,
+                             absl::string_view what);
+
 // Requests with equal keys (operator, datatype, heads, head dim) may share one execution; their
 // sequence lengths may differ.
 std::string BatchKey(const InferenceRequest& r);

@@ -3,6 +3,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <iterator>
 #include <string>
 
@@ -10,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "server/model_config.h"
 #include "server/operator_options.h"
+#include "tests/common/multihead_util.h"
 
 namespace dilattn::server {
 namespace {
@@ -90,6 +93,161 @@ TEST(ModelConfig, Rejections) {
       input { name: "K" data_type: TYPE_FP16 dims: [-1, 8, 64] }
       input { name: "V" data_type: TYPE_FP16 dims: [-1, 8] })pb",
                  "has 2 dims");
+}
+
+// A model repository of one multihead model with random weights, in a fresh directory.
+class MultiheadRepository : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::path(::testing::TempDir()) /
+           absl::StrCat("mh_repo_", ::testing::UnitTest::GetInstance()->random_seed(), "_",
+                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_ / "mha");
+    testing::SplitMix64 rng(3);
+    std::ofstream(dir_ / "mha" / "weights.safetensors", std::ios::binary)
+        << testing::SafetensorsBytes(testing::RandomWeightTensors(rng, 32, true, true, "attn."));
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  absl::StatusOr<std::vector<ModelSpec>> Load(const std::string& config) {
+    std::ofstream(dir_ / "mha" / "config.pbtxt") << config;
+    return LoadModelRepository(dir_.string());
+  }
+
+  std::filesystem::path dir_;
+};
+
+constexpr const char* kMultiheadParams = R"pb(
+  parameters {
+    key: "operator"
+    value { string_value: "multihead_dilated_attention" }
+  }
+  parameters {
+    key: "weights"
+    value { string_value: "weights.safetensors" }
+  }
+  parameters {
+    key: "weights_prefix"
+    value { string_value: "attn." }
+  }
+  parameters {
+    key: "num_heads"
+    value { string_value: "4" }
+  }
+  parameters {
+    key: "segment_lengths"
+    value { string_value: "16,32" }
+  }
+  parameters {
+    key: "dilation_rates"
+    value { string_value: "1,2" }
+  }
+)pb";
+
+TEST_F(MultiheadRepository, LoadsWeightsBesideTheConfig) {
+  absl::StatusOr<std::vector<ModelSpec>> specs =
+      Load(absl::StrCat("max_batch_size: 4\n", kMultiheadParams));
+  ASSERT_TRUE(specs.ok()) << specs.status();
+  const ModelSpec& m = (*specs)[0];
+  EXPECT_TRUE(m.hidden_states());
+  EXPECT_EQ(m.input_names, std::vector<std::string>{"X"});
+  EXPECT_EQ(m.output_name, "Y");
+  ASSERT_EQ(m.config.input_size(), 1);
+  EXPECT_EQ(m.config.input(0).name(), "X");
+  EXPECT_EQ(m.config.input(0).dims_size(), 2);  // [N, E] under max_batch_size
+  EXPECT_EQ(m.config.output(0).name(), "Y");
+  EXPECT_EQ(m.dims, (std::array<int64_t, 3>{-1, 4, 8}));
+  ASSERT_NE(m.defaults.weights, nullptr);
+  EXPECT_TRUE(m.defaults.weights->layer_norm);
+  EXPECT_EQ(m.defaults.dilated.segment_lengths, (std::vector<int64_t>{16, 32}));
+  // The weights are the model's: a request may change the attention's options, not them.
+  OperatorOptions o = m.defaults;
+  EXPECT_TRUE(ApplyOperatorParameter("causal", ParamValue(true), "request parameter", &o).ok());
+  EXPECT_THAT(std::string(ApplyOperatorParameter("weights", ParamValue(std::string("x")),
+                                                 "request parameter", &o)
+                              .message()),
+              HasSubstr("not known for multihead dilated attention"));
+  OperatorOptions other = m.defaults;
+  testing::SplitMix64 rng(1);
+  other.weights = testing::RandomWeights(rng, 32, 4, false, true);
+  EXPECT_NE(OperatorKey(o), OperatorKey(m.defaults));
+  EXPECT_NE(OperatorKey(other), OperatorKey(m.defaults));
+}
+
+TEST_F(MultiheadRepository, RejectsWhatCannotServe) {
+  auto rejected = [&](const std::string& config, const std::string& needle) {
+    absl::StatusOr<std::vector<ModelSpec>> specs = Load(config);
+    ASSERT_FALSE(specs.ok()) << config;
+    EXPECT_EQ(specs.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(specs.status().message()), HasSubstr(needle)) << config;
+  };
+  const std::string op = R"pb(parameters {
+                                key: "operator"
+                                value { string_value: "multihead_dilated_attention" }
+                              })pb";
+  rejected(op, "needs parameters 'weights' (a safetensors file) and 'num_heads'");
+  rejected(absl::StrCat(op, R"pb(parameters {
+                                   key: "weights"
+                                   value { string_value: "w.st" }
+                                 }
+                                 parameters {
+                                   key: "num_heads"
+                                   value { string_value: "x" }
+                                 })pb"),
+           "num_heads='x'");
+  rejected(absl::StrCat(op, R"pb(parameters {
+                                   key: "weights"
+                                   value { string_value: "nope" }
+                                 }
+                                 parameters {
+                                   key: "num_heads"
+                                   value { string_value: "4" }
+                                 })pb"),
+           "cannot be opened");
+  rejected(absl::StrCat(op, R"pb(parameters {
+                                   key: "weights"
+                                   value { string_value: "weights.safetensors" }
+                                 }
+                                 parameters {
+                                   key: "num_heads"
+                                   value { string_value: "4" }
+                                 })pb"),
+           "no tensor 'q_proj.weight'");  // the prefix is missing
+  rejected(absl::StrCat("max_batch_size: 4\n", kMultiheadParams, R"pb(input {
+                                                                        name: "X"
+                                                                        data_type: TYPE_FP16
+                                                                        dims: [ -1, 64 ]
+                                                                      })pb"),
+           "declares E=64 but the weights have E=32");
+  rejected(absl::StrCat("max_batch_size: 4\n", kMultiheadParams, R"pb(input {
+                                                                        name: "Q"
+                                                                        data_type: TYPE_FP16
+                                                                        dims: [ -1, 32 ]
+                                                                      })pb"),
+           "inputs must be exactly X");
+  rejected(absl::StrCat(kMultiheadParams,
+                        R"pb(input {
+                               name: "X"
+                               data_type: TYPE_FP16
+                               dims: [ -1, -1, 32 ]
+                             }
+                             output {
+                               name: "O"
+                               data_type: TYPE_FP16
+                               dims: [ -1, -1, 32 ]
+                             })pb"),
+           "the one output must be Y");
+  rejected(absl::StrCat(kMultiheadParams, R"pb(parameters {
+                                                 key: "layer_norm_eps"
+                                                 value { string_value: "-1" }
+                                               })pb"),
+           "layer_norm_eps=-1");
+  rejected(absl::StrCat(kMultiheadParams, R"pb(parameters {
+                                                 key: "dilation_rates"
+                                                 value { string_value: "1,64" }
+                                               })pb"),
+           "dilation_rates");
 }
 
 // Mangled config.pbtxt text, seeded: each parse gives a model or an error with a reason, never a
