@@ -70,10 +70,15 @@ class CudaExecutor final : public Executor {
           block_sparse::CreateCudaBlockSparseBackend({device_, streams_[i]});
       if (!sparse.ok()) return sparse.status();
       sparse_gpu_[i] = *std::move(sparse);
+      // Without cuBLAS on this machine the multihead module runs on the CPU path instead.
       absl::StatusOr<std::unique_ptr<multihead::MultiheadBackend>> multihead =
           multihead::CreateCudaMultiheadBackend({device_, streams_[i]});
-      if (!multihead.ok()) return multihead.status();
-      multihead_gpu_[i] = *std::move(multihead);
+      if (multihead.ok()) {
+        multihead_gpu_[i] = *std::move(multihead);
+      } else if (i == 0) {
+        LogWarning("cuda executor: device %d: multihead models run on the CPU path: %s", device_,
+                   multihead.status().ToString());
+      }
     }
     absl::StatusOr<std::unique_ptr<Executor>> cpu = CreateCpuExecutor(options_, shared_.host);
     if (!cpu.ok()) return cpu.status();
@@ -127,7 +132,8 @@ class CudaExecutor final : public Executor {
       case OperatorKind::kBlockSparse:
         return sparse_gpu_[0]->Supports(*plans.sparse).ok();
       case OperatorKind::kMultihead:
-        return multihead_gpu_[0]->Supports(*plans.multihead).ok();
+        return multihead_gpu_[0] != nullptr && multihead_gpu_[1] != nullptr &&
+               multihead_gpu_[0]->Supports(*plans.multihead).ok();
     }
     return absl::InternalError("unknown operator");
   }

@@ -2,7 +2,6 @@
 // accumulation, the bias added in the epilogue), the fused dilated-attention kernel between them,
 // the sub-layer norm as one small kernel. Host compiler; CUDA only through its runtime API.
 
-#include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
 #include <map>
@@ -10,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/dtype.h"
+#include "kernels/multihead/cuda/cublaslt_loader.h"
 #include "kernels/multihead/cuda/launch.h"
 #include "kernels/multihead/multihead.h"
 
@@ -32,9 +32,9 @@ absl::Status Cuda(cudaError_t err, absl::string_view what) {
                                           : absl::InternalError(m);
 }
 
-absl::Status Lt(cublasStatus_t st, absl::string_view what) {
+absl::Status Lt(const cuda::CublasLt& lt, cublasStatus_t st, absl::string_view what) {
   if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  const std::string m = absl::StrCat(what, ": ", cublasLtGetStatusName(st));
+  const std::string m = absl::StrCat(what, ": ", lt.GetStatusName(st));
   return st == CUBLAS_STATUS_ALLOC_FAILED ? absl::ResourceExhaustedError(m)
                                           : absl::InternalError(m);
 }
@@ -60,50 +60,53 @@ struct DeviceWeights {
 
 // cuBLASLt's description of the projection over `tokens` rows, with the algorithm it chose.
 struct LtShape {
+  const cuda::CublasLt* lt = nullptr;
   cublasLtMatrixLayout_t w = nullptr, x = nullptr, y = nullptr;
   cublasLtMatmulAlgo_t algo{};
   ~LtShape() {
     for (cublasLtMatrixLayout_t l : {w, x, y}) {
-      if (l != nullptr) cublasLtMatrixLayoutDestroy(l);
+      if (l != nullptr) lt->MatrixLayoutDestroy(l);
     }
   }
 };
 
 class CudaMultiheadBackend final : public MultiheadBackend {
  public:
-  CudaMultiheadBackend(int device, cudaStream_t stream,
+  CudaMultiheadBackend(const cuda::CublasLt* api, int device, cudaStream_t stream,
                        std::unique_ptr<attention::AttentionBackend> attention)
-      : device_(device), stream_(stream), attention_(std::move(attention)) {}
+      : api_(*api), device_(device), stream_(stream), attention_(std::move(attention)) {}
   ~CudaMultiheadBackend() override {
     cudaSetDevice(device_);
     shapes_.clear();
     weights_.clear();
-    if (op_ != nullptr) cublasLtMatmulDescDestroy(op_);
-    if (pref_ != nullptr) cublasLtMatmulPreferenceDestroy(pref_);
-    if (lt_ != nullptr) cublasLtDestroy(lt_);
+    if (op_ != nullptr) api_.MatmulDescDestroy(op_);
+    if (pref_ != nullptr) api_.MatmulPreferenceDestroy(pref_);
+    if (lt_ != nullptr) api_.Destroy(lt_);
   }
 
   absl::Status Init() {
     if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
-    if (absl::Status s = Lt(cublasLtCreate(&lt_), "cublasLtCreate"); !s.ok()) return s;
-    if (absl::Status s = Lt(cublasLtMatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+    if (absl::Status s = Lt(api_, api_.Create(&lt_), "cublasLtCreate"); !s.ok()) return s;
+    if (absl::Status s = Lt(api_, api_.MatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F),
                             "cublasLtMatmulDescCreate");
         !s.ok()) {
       return s;
     }
     const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-    if (absl::Status s = Lt(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_EPILOGUE,
-                                                           &epilogue, sizeof(epilogue)),
+    if (absl::Status s = Lt(api_,
+                            api_.MatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_EPILOGUE,
+                                                        &epilogue, sizeof(epilogue)),
                             "epilogue");
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = Lt(cublasLtMatmulPreferenceCreate(&pref_), "preference"); !s.ok()) {
+    if (absl::Status s = Lt(api_, api_.MatmulPreferenceCreate(&pref_), "preference"); !s.ok()) {
       return s;
     }
     const uint64_t ws = kLtWorkspace;
-    return Lt(cublasLtMatmulPreferenceSetAttribute(pref_, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                   &ws, sizeof(ws)),
+    return Lt(api_,
+              api_.MatmulPreferenceSetAttribute(pref_, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                &ws, sizeof(ws)),
               "workspace preference");
   }
 
@@ -194,8 +197,9 @@ class CudaMultiheadBackend final : public MultiheadBackend {
  private:
   absl::Status Project(const LtShape& shape, const void* wt, const void* bias, const void* in,
                        void* out, void* lt_ws) {
-    if (absl::Status s = Lt(cublasLtMatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                                                           &bias, sizeof(bias)),
+    if (absl::Status s = Lt(api_,
+                            api_.MatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                        &bias, sizeof(bias)),
                             "bias pointer");
         !s.ok()) {
       return s;
@@ -203,8 +207,9 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     const float alpha = 1, beta = 0;
     // Column-major view: Y^T (E, tokens) = W (E, E) . X^T (E, tokens), W being wt read
     // column-major.
-    return Lt(cublasLtMatmul(lt_, op_, &alpha, wt, shape.w, in, shape.x, &beta, out, shape.y, out,
-                             shape.y, &shape.algo, lt_ws, kLtWorkspace, stream_),
+    return Lt(api_,
+              api_.Matmul(lt_, op_, &alpha, wt, shape.w, in, shape.x, &beta, out, shape.y, out,
+                          shape.y, &shape.algo, lt_ws, kLtWorkspace, stream_),
               "cublasLtMatmul");
   }
 
@@ -255,24 +260,26 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     // Batches of many lengths would grow this without bound; the descriptions are cheap to remake.
     if (shapes_.size() >= 64) shapes_.clear();
     auto s = std::make_unique<LtShape>();
+    s->lt = &api_;
     const cudaDataType_t type = CudaType(dtype);
     const auto u = static_cast<uint64_t>(e), n = static_cast<uint64_t>(tokens);
     if (absl::Status st =
-            Lt(cublasLtMatrixLayoutCreate(&s->w, type, u, u, static_cast<int64_t>(u)), "layout");
+            Lt(api_, api_.MatrixLayoutCreate(&s->w, type, u, u, static_cast<int64_t>(u)), "layout");
         !st.ok()) {
       return st;
     }
     for (cublasLtMatrixLayout_t* l : {&s->x, &s->y}) {
       if (absl::Status st =
-              Lt(cublasLtMatrixLayoutCreate(l, type, u, n, static_cast<int64_t>(u)), "layout");
+              Lt(api_, api_.MatrixLayoutCreate(l, type, u, n, static_cast<int64_t>(u)), "layout");
           !st.ok()) {
         return st;
       }
     }
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
-    if (absl::Status st = Lt(cublasLtMatmulAlgoGetHeuristic(lt_, op_, s->w, s->x, s->y, s->y, pref_,
-                                                            1, &result, &found),
+    if (absl::Status st = Lt(api_,
+                             api_.MatmulAlgoGetHeuristic(lt_, op_, s->w, s->x, s->y, s->y, pref_, 1,
+                                                         &result, &found),
                              "cublasLtMatmulAlgoGetHeuristic");
         !st.ok()) {
       return st;
@@ -285,6 +292,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     return (shapes_[key] = std::move(s)).get();
   }
 
+  const cuda::CublasLt& api_;
   const int device_;
   const cudaStream_t stream_;
   std::unique_ptr<attention::AttentionBackend> attention_;
@@ -303,8 +311,10 @@ absl::StatusOr<std::unique_ptr<MultiheadBackend>> CreateCudaMultiheadBackend(
   absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> att =
       attention::CreateCudaBackend(options);
   if (!att.ok()) return att.status();
+  absl::StatusOr<const cuda::CublasLt*> api = cuda::LoadCublasLt();
+  if (!api.ok()) return api.status();
   auto b = std::make_unique<CudaMultiheadBackend>(
-      options.device, static_cast<cudaStream_t>(options.stream), *std::move(att));
+      *api, options.device, static_cast<cudaStream_t>(options.stream), *std::move(att));
   if (absl::Status s = b->Init(); !s.ok()) return s;
   return std::unique_ptr<MultiheadBackend>(std::move(b));
 }

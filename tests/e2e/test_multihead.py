@@ -1,0 +1,179 @@
+"""The multihead module through the server: a model repository holding a safetensors file of
+random weights (written here, independently of the C++ reader), requests of hidden states X from
+tritonclient, checked against a float64 evaluation in numpy."""
+
+import json
+import queue
+import struct
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+import reference
+from conftest import ServerProcess
+from helpers import NUMPY_DTYPE, to_wire
+
+E, HEADS = 64, 4  # D = 16: a head dim the GPU kernels cover too
+SEGMENTS, RATES = [32, 64], [1, 2]
+# On a GPU server the module stores weights and activations in the request's 16-bit dtype (FP32
+# requests in fp16) and rounds six times on the way; against the float64 definition that is up to
+# four times the attention's own tolerance (tests/kernels/multihead_test.cc holds the GPU path
+# to the attention's tolerance against a reference that rounds where it does).
+SLACK = 4 if reference.ON_GPU else 1
+
+
+def write_safetensors(path, tensors):
+    header, data = {"__metadata__": {"format": "pt"}}, b""
+    for name, array in tensors.items():
+        raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def random_weights(rng, prefix="self_attn."):
+    w = {}
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        w[f"{prefix}{name}.weight"] = rng.uniform(-1, 1, (E, E)) * np.sqrt(3.0 / E)
+        w[f"{prefix}{name}.bias"] = rng.uniform(-0.5, 0.5, E)
+    w[f"{prefix}inner_attn_ln.weight"] = 1 + rng.uniform(-0.5, 0.5, E)
+    w[f"{prefix}inner_attn_ln.bias"] = rng.uniform(-0.5, 0.5, E)
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def multihead_reference(x, w, causal=False, prefix="self_attn.", eps=1e-5):
+    """float64: y = out_proj(LN(attention(q_proj(x), k_proj(x), v_proj(x))))."""
+    x = np.asarray(x, dtype=np.float64)
+    b, n, _ = x.shape
+    lin = lambda t, p: t @ w[f"{prefix}{p}.weight"].astype(np.float64).T + w[f"{prefix}{p}.bias"]
+    q, k, v = (lin(x, p).reshape(b, n, HEADS, E // HEADS) for p in ("q_proj", "k_proj", "v_proj"))
+    a = reference.dilated_attention(q, k, v, SEGMENTS, RATES, causal=causal).reshape(b, n, E)
+    mean = a.mean(axis=-1, keepdims=True)
+    var = a.var(axis=-1, keepdims=True)
+    a = (a - mean) / np.sqrt(var + eps) * w[f"{prefix}inner_attn_ln.weight"] + \
+        w[f"{prefix}inner_attn_ln.bias"]
+    return lin(a, "out_proj")
+
+
+CONFIG = """
+name: "mha"
+max_batch_size: 8
+parameters {{ key: "operator" value {{ string_value: "multihead_dilated_attention" }} }}
+parameters {{ key: "weights" value {{ string_value: "{weights}" }} }}
+parameters {{ key: "weights_prefix" value {{ string_value: "self_attn." }} }}
+parameters {{ key: "num_heads" value {{ string_value: "{heads}" }} }}
+parameters {{ key: "segment_lengths" value {{ string_value: "32,64" }} }}
+parameters {{ key: "dilation_rates" value {{ string_value: "1,2" }} }}
+dynamic_batching {{ max_queue_delay_microseconds: 20000 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mh_repo")
+    (root / "mha").mkdir()
+    weights = random_weights(np.random.default_rng(11))
+    write_safetensors(root / "mha" / "weights.safetensors", weights)
+    (root / "mha" / "config.pbtxt").write_text(
+        CONFIG.format(weights="weights.safetensors", heads=HEADS))
+    return root, weights
+
+
+@pytest.fixture(scope="module")
+def mh_server(repo):
+    s = ServerProcess("--model-repository", str(repo[0]), name="multihead")
+    yield s
+    assert s.stop() == 0, s.log_path.read_text()
+
+
+def infer(client, x, datatype="FP32", **params):
+    t = grpcclient.InferInput("X", list(x.shape), datatype)
+    t.set_data_from_numpy(np.asarray(x, dtype=NUMPY_DTYPE[datatype]))
+    return client.infer("mha", [t], parameters=params or None).as_numpy("Y")
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_the_float64_module(mh_server, repo, datatype, causal):
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (2, 150, E)).astype(np.float32)
+    y = infer(mh_server.client(), x, datatype, causal=causal)
+    assert y.shape == (2, 150, E) and y.dtype == NUMPY_DTYPE[datatype]
+    expected = multihead_reference(to_wire(x, datatype), repo[1], causal=causal)
+    err = reference.relative_error(y.astype(np.float32), expected)
+    assert err <= SLACK * reference.TOLERANCE[datatype], err
+
+
+def test_concurrent_requests_of_different_lengths_batch_and_stay_apart(mh_server, repo):
+    client = mh_server.client()
+    before = client.get_inference_statistics("mha", as_json=True)["model_stats"][0]
+    rng = np.random.default_rng(4)
+    xs = [rng.uniform(-1, 1, (1, n, E)).astype(np.float32) for n in (40, 97, 128, 7, 64, 150)]
+    done = queue.Queue()
+    for i, x in enumerate(xs):
+        t = grpcclient.InferInput("X", list(x.shape), "FP32")
+        t.set_data_from_numpy(x)
+        client.async_infer("mha", [t], callback=lambda result, error, i=i: done.put((i, result,
+                                                                                     error)))
+    for _ in xs:
+        i, result, error = done.get(timeout=60)
+        assert error is None, error
+        y = result.as_numpy("Y")
+        err = reference.relative_error(y, multihead_reference(xs[i], repo[1]))
+        assert err <= SLACK * reference.TOLERANCE["FP32"], (xs[i].shape, err)
+    after = client.get_inference_statistics("mha", as_json=True)["model_stats"][0]
+    inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert inferences == len(xs)
+    assert executions < len(xs)  # the 20 ms queue delay gathered some of them into one batch
+
+
+def test_config_and_metadata_show_hidden_states(mh_server):
+    client = mh_server.client()
+    meta = client.get_model_metadata("mha", as_json=True)
+    assert [t["name"] for t in meta["inputs"]] == ["X"]
+    assert [t["name"] for t in meta["outputs"]] == ["Y"]
+    config = client.get_model_config("mha", as_json=True)["config"]
+    assert config["input"][0]["dims"] == ["-1", str(E)] or config["input"][0]["dims"] == ["-1", "-1"]
+
+
+@pytest.mark.parametrize("build,needle", [
+    (lambda: [grpcclient.InferInput("Q", [1, 8, E], "FP32")], "its input is X"),
+    (lambda: [grpcclient.InferInput("X", [1, 8, 4, 16], "FP32")], "expected [B, N, E]"),
+    (lambda: [grpcclient.InferInput("X", [1, 8, E + 1], "FP32")], "embed dim 64 (4 heads of 16)"),
+    (lambda: [grpcclient.InferInput("X", [1, 0, E], "FP32")], "dim N=0"),
+])
+def test_bad_inputs_are_named(mh_server, build, needle):
+    inputs = build()
+    for t in inputs:
+        shape = t.shape()
+        t.set_data_from_numpy(np.zeros([max(1, d) for d in shape], dtype=np.float32)
+                              if 0 not in shape else np.zeros(shape, dtype=np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        mh_server.client().infer("mha", inputs)
+    assert "INVALID_ARGUMENT" in str(e.value.status()), e.value
+    assert needle in e.value.message(), e.value.message()
+
+
+def test_requests_change_the_attention_not_the_weights(mh_server):
+    x = np.zeros((1, 8, E), dtype=np.float32)
+    with pytest.raises(InferenceServerException) as e:
+        infer(mh_server.client(), x, weights="other.safetensors")
+    assert "not known for multihead dilated attention" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        infer(mh_server.client(), x, dilation_rates="1,128")
+    assert "dilation_rates" in e.value.message()
+
+
+def test_broken_weights_stop_the_start_with_the_reason(tmp_path):
+    (tmp_path / "mha").mkdir()
+    (tmp_path / "mha" / "weights.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    (tmp_path / "mha" / "config.pbtxt").write_text(
+        CONFIG.format(weights="weights.safetensors", heads=HEADS))
+    with pytest.raises(RuntimeError) as e:
+        ServerProcess("--model-repository", str(tmp_path), name="multihead-broken")
+    assert "not valid safetensors" in str(e.value)
