@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 ./.device/bin/kernel_tests --gtest_brief=1 2>&1 | tail -1
 for tool in memcheck racecheck synccheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 ./.device/bin/kernel_tests \
-    --gtest_filter='FusedForward.SanitizerSet:BlockSparseGpu.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
+    --gtest_filter='FusedForward.SanitizerSet:BlockSparseGpu.SanitizerSet:CudaMultihead.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool: exit $?; $(grep -h 'SUMMARY' "$out/sanitizer_$tool.log")"
 done
 DILATTN_E2E_DEVICE=cuda DILATTN_SERVER_BIN="$PWD/.device/bin/dilattn-server" \

@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,n
 ./.device/bin/kernel_tests --gtest_brief=1 2>&1 | tee "$out/kernel_tests.log" | tail -5
 for tool in memcheck racecheck synccheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 ./.device/bin/kernel_tests \
-    --gtest_filter='FusedForward.SanitizerSet:BlockSparseGpu.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
+    --gtest_filter='FusedForward.SanitizerSet:BlockSparseGpu.SanitizerSet:CudaMultihead.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
   echo "compute-sanitizer $tool: exit $?; $(grep -h 'SUMMARY' "$out/sanitizer_$tool.log")"
 done
 ./.device/bin/cuda_attention_bench --n 32768,131072,524288 2>&1 | tee "$out/bench.csv"

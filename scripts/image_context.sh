@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Writes the Docker build context of deploy/docker/Dockerfile into DIR: the built server and
-# client, the shared libraries they load (scripts/runtime_libs.sh), and the Dockerfile.
+# client, the shared libraries they load (scripts/runtime_libs.sh), cuBLASLt where the build has
+# CUDA (the server loads it at run time for multihead models), and the Dockerfile.
 #   scripts/image_context.sh DIR        (after ./setup.sh --no-serve)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,5 +15,13 @@ for bin in "$root/build/server/dilattn-server" "$root/build/client/dilattn-clien
   cp "$bin" "$out/bin/"
   copy_runtime_libs "$bin" "$out/lib"
 done
+# Loaded with dlopen, so ldd does not list it; the toolkit that built the server has it.
+if ldd "$root/build/server/dilattn-server" | grep -q libcudart; then
+  cudart=$(ldd "$root/build/server/dilattn-server" | awk '/libcudart/ {print $3}')
+  lt=$(ls "$(dirname "$cudart")"/libcublasLt.so.[0-9]* 2>/dev/null | head -1)
+  [[ -n $lt ]] || { echo "no libcublasLt beside $cudart" >&2; exit 1; }
+  cp -L "$lt" "$out/lib/"
+  copy_runtime_libs "$lt" "$out/lib"
+fi
 cp "$root/deploy/docker/Dockerfile" "$out/"
 du -sh "$out"
