@@ -15,7 +15,10 @@
 
 #include "benchmark/benchmark.h"
 #include "kernels/attention/attention.h"
+#include "kernels/attention/cpu/tile_runner.h"
 #include "kernels/memory/buffer_pool.h"
+#include "kernels/multihead/cpu/gemm.h"
+#include "kernels/multihead/multihead.h"
 #if defined(DILATTN_HAVE_OPENBLAS)
 #include <cblas.h>
 #endif
@@ -134,6 +137,83 @@ void RunAttention(benchmark::State& state, const Config& cfg) {
   state.SetLabel(std::string((*backend)->name()));
 }
 
+// The multihead module's projection GEMM alone: (tokens, E) x (E, E), as one projection runs.
+void BM_ProjectionGemm(benchmark::State& state) {
+  const int64_t m = state.range(0), e = state.range(1);
+  auto runner = attention::cpu::TileRunner::Create(Threads(), "auto");
+  if (!runner.ok()) {
+    state.SkipWithError("no thread pool");
+    return;
+  }
+  std::vector<float> a(static_cast<size_t>(m * e)), b(static_cast<size_t>(e * e)), bias(e, 0.1f),
+      c(a.size());
+  FillRandom(a.data(), a.size() * sizeof(float));
+  FillRandom(b.data(), b.size() * sizeof(float));
+  const multihead::cpu::GemmBlockFn fn = multihead::cpu::GemmBlockFor((*runner)->isa());
+  const auto start = std::chrono::steady_clock::now();
+  for (auto _ : state) {
+    multihead::cpu::Gemm({a.data(), e, b.data(), e, bias.data(), c.data(), e, m, e, e}, fn,
+                         (*runner)->pool());
+    benchmark::DoNotOptimize(c.data());
+  }
+  const double flops = 2.0 * static_cast<double>(m * e * e);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  if (g_sgemm_gflops > 0) {
+    state.counters["of_sgemm"] =
+        flops / 1e9 * static_cast<double>(state.iterations()) / elapsed.count() / g_sgemm_gflops;
+  }
+  state.counters["threads"] = Threads();
+  state.SetLabel(std::string((*runner)->isa()));
+}
+
+// The whole multihead module (random weights, fp32): projections, attention, norm, projection.
+void BM_Multihead(benchmark::State& state) {
+  const int64_t n = 16384, heads = 8, dim = 64, e = heads * dim;
+  auto w = std::make_shared<multihead::MultiheadWeights>();
+  w->embed_dim = e;
+  w->num_heads = heads;
+  w->id = 1;
+  for (auto* m : {&w->wt_q, &w->wt_k, &w->wt_v, &w->wt_out}) {
+    m->resize(static_cast<size_t>(e * e));
+    FillRandom(m->data(), m->size() * sizeof(float));
+  }
+  for (auto* b : {&w->b_q, &w->b_k, &w->b_v, &w->b_out}) b->assign(static_cast<size_t>(e), 0.1f);
+  w->layer_norm = true;
+  w->ln_weight.assign(static_cast<size_t>(e), 1.0f);
+  w->ln_bias.assign(static_cast<size_t>(e), 0.0f);
+  attention::AttentionOptions o;
+  o.segment_lengths = {512, 1024, 2048, 4096, 8192};
+  o.dilation_rates = {1, 2, 4, 8, 16};
+  auto plan =
+      multihead::PlanMultihead(w, o, attention::DenseShape(DType::kFloat32, 1, n, heads, dim));
+  auto backend = multihead::CreateCpuMultiheadBackend({Threads(), "auto"});
+  if (!plan.ok() || !backend.ok()) {
+    state.SkipWithError("cannot plan or create the backend");
+    return;
+  }
+  std::vector<float> x(static_cast<size_t>(n * e)), y(x.size());
+  FillRandom(x.data(), x.size() * sizeof(float));
+  std::vector<unsigned char> ws((*backend)->WorkspaceBytes(*plan) + 64);
+  void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(ws.data()) + 63) / 64 * 64);
+  for (auto _ : state) {
+    absl::Status s =
+        (*backend)->Run(*plan,
+                        {{x.data(), plan->tensor_bytes, DeviceLoc::Host()},
+                         {y.data(), plan->tensor_bytes, DeviceLoc::Host()}},
+                        {aligned, (*backend)->WorkspaceBytes(*plan), DeviceLoc::Host()});
+    if (!s.ok()) {
+      state.SkipWithError(std::string(s.message()).c_str());
+      return;
+    }
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(plan->flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["threads"] = Threads();
+  state.SetLabel(std::string((*backend)->name()));
+}
+
 }  // namespace
 }  // namespace dilattn
 
@@ -168,6 +248,14 @@ int main(int argc, char** argv) {
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
   }
+  benchmark::RegisterBenchmark("multihead/projection_gemm", BM_ProjectionGemm)
+      ->Args({16384, 512})
+      ->Args({4096, 1024})
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("multihead/module/N16384_E512/fp32", BM_Multihead)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
