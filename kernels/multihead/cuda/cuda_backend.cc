@@ -41,16 +41,16 @@ absl::Status Lt(const cuda::CublasLt& lt, cublasStatus_t st, absl::string_view w
 
 cudaDataType_t CudaType(DType t) { return t == DType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F; }
 
-// One set of weights on this device in one dtype: the four projections and their biases in the
-// dtype (cuBLASLt's bias takes the output's type), the norm's parameters in fp32.
+// One set of weights on this device in one dtype: the four transposed projections and their
+// biases in the dtype (cuBLASLt's bias takes the output's type), the norm's parameters in fp32.
 struct DeviceWeights {
-  void* w[4] = {};  // q, k, v, out: (E_out, E_in) row-major
+  void* wt[4] = {};  // q, k, v, out
   void* bias[4] = {};
   float* ln_weight = nullptr;
   float* ln_bias = nullptr;
   ~DeviceWeights() {
     for (int i = 0; i < 4; ++i) {
-      cudaFree(w[i]);
+      cudaFree(wt[i]);
       cudaFree(bias[i]);
     }
     cudaFree(ln_weight);
@@ -89,16 +89,6 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     if (absl::Status s = Lt(api_, api_.Create(&lt_), "cublasLtCreate"); !s.ok()) return s;
     if (absl::Status s = Lt(api_, api_.MatmulDescCreate(&op_, CUBLAS_COMPUTE_32F, CUDA_R_32F),
                             "cublasLtMatmulDescCreate");
-        !s.ok()) {
-      return s;
-    }
-    // Weights go up as PyTorch stores them, (E_out, E_in) row-major: with op(A) = A^T both
-    // operands are K-major, the layout the tensor-core GEMMs read fastest.
-    const cublasOperation_t transa = CUBLAS_OP_T;
-    if (absl::Status s = Lt(
-            api_,
-            api_.MatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_TRANSA, &transa, sizeof(transa)),
-            "transa");
         !s.ok()) {
       return s;
     }
@@ -179,7 +169,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     attention::TensorRef att_ws{base + 4 * step + kLtWorkspace,
                                 workspace.bytes - 4 * step - kLtWorkspace, here};
     auto project = [&](int which, const void* in, void* out) {
-      return Project(**shape, (*w)->w[which], (*w)->bias[which], in, out, lt_ws);
+      return Project(**shape, (*w)->wt[which], (*w)->bias[which], in, out, lt_ws);
     };
     for (auto [which, out] : {std::pair{0, q}, std::pair{1, k}, std::pair{2, v}}) {
       if (absl::Status s = project(which, t.x.data, out); !s.ok()) return s;
@@ -205,7 +195,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   }
 
  private:
-  absl::Status Project(const LtShape& shape, const void* w, const void* bias, const void* in,
+  absl::Status Project(const LtShape& shape, const void* wt, const void* bias, const void* in,
                        void* out, void* lt_ws) {
     if (absl::Status s = Lt(api_,
                             api_.MatmulDescSetAttribute(op_, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
@@ -215,10 +205,10 @@ class CudaMultiheadBackend final : public MultiheadBackend {
       return s;
     }
     const float alpha = 1, beta = 0;
-    // Column-major view: Y^T (E_out, tokens) = op(A) . X^T (E_in, tokens), A being W (E_out,
-    // E_in) row-major, that is W^T column-major, so op(A) = A^T = W.
+    // Column-major view: Y^T (E, tokens) = W (E, E) . X^T (E, tokens), W being wt read
+    // column-major.
     return Lt(api_,
-              api_.Matmul(lt_, op_, &alpha, w, shape.w, in, shape.x, &beta, out, shape.y, out,
+              api_.Matmul(lt_, op_, &alpha, wt, shape.w, in, shape.x, &beta, out, shape.y, out,
                           shape.y, &shape.algo, lt_ws, kLtWorkspace, stream_),
               "cublasLtMatmul");
   }
@@ -229,13 +219,11 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     auto d = std::make_unique<DeviceWeights>();
     const size_t e = static_cast<size_t>(w.embed_dim);
     std::vector<uint16_t> host;
-    // `transposed`: src is (E_in, E_out) row-major and goes up as (E_out, E_in).
-    auto upload = [&](const std::vector<float>& src, void** dst, bool transposed) -> absl::Status {
+    auto upload = [&](const std::vector<float>& src, void** dst) -> absl::Status {
       host.resize(src.size());
       for (size_t i = 0; i < src.size(); ++i) {
-        const float v = transposed ? src[i % e * e + i / e] : src[i];
-        host[i] = dtype == DType::kBFloat16 ? attention::FloatToBFloat16Bits(v)
-                                            : attention::FloatToHalfBits(v);
+        host[i] = dtype == DType::kBFloat16 ? attention::FloatToBFloat16Bits(src[i])
+                                            : attention::FloatToHalfBits(src[i]);
       }
       const size_t bytes = host.size() * sizeof(uint16_t);
       if (absl::Status s = Cuda(cudaMalloc(dst, bytes), "weights"); !s.ok()) return s;
@@ -244,8 +232,8 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     const std::vector<float>* wts[4] = {&w.wt_q, &w.wt_k, &w.wt_v, &w.wt_out};
     const std::vector<float>* bs[4] = {&w.b_q, &w.b_k, &w.b_v, &w.b_out};
     for (int i = 0; i < 4; ++i) {
-      if (absl::Status s = upload(*wts[i], &d->w[i], true); !s.ok()) return s;
-      if (absl::Status s = upload(*bs[i], &d->bias[i], false); !s.ok()) return s;
+      if (absl::Status s = upload(*wts[i], &d->wt[i]); !s.ok()) return s;
+      if (absl::Status s = upload(*bs[i], &d->bias[i]); !s.ok()) return s;
     }
     if (w.layer_norm) {
       for (auto [src, dst] :
