@@ -251,8 +251,9 @@ absl::StatusOr<std::unique_ptr<Executor>> CreateCpuExecutor(
   absl::StatusOr<std::unique_ptr<block_sparse::BlockSparseBackend>> sparse =
       block_sparse::CreateCpuBlockSparseBackend(cpu);
   if (!sparse.ok()) return sparse.status();
+  // The multihead module's attention is the executor's own backend (its threads, not a copy).
   absl::StatusOr<std::unique_ptr<multihead::MultiheadBackend>> multihead =
-      multihead::CreateCpuMultiheadBackend(cpu);
+      multihead::CreateCpuMultiheadBackend(cpu, dilated->get());
   if (!multihead.ok()) return multihead.status();
   if (host == nullptr) {
     absl::StatusOr<std::shared_ptr<memory::BufferPool>> pool = CreateHostPool(options);

@@ -76,9 +76,11 @@ class MultiheadBackend {
                            attention::TensorRef workspace) = 0;
 };
 
-// fp32 arithmetic for every dtype (X widened, Y rounded once at the end).
+// fp32 arithmetic for every dtype (X widened, Y rounded once at the end). The attention runs on
+// `attention`, a CPU attention backend that outlives this one and is used from the same thread
+// (an executor's own, so that its threads are not duplicated); null makes one.
 absl::StatusOr<std::unique_ptr<MultiheadBackend>> CreateCpuMultiheadBackend(
-    const attention::CpuBackendOptions& options);
+    const attention::CpuBackendOptions& options, attention::AttentionBackend* attention = nullptr);
 
 // cuBLAS projections (fp32 accumulation) around the fused attention kernel, in fp16 or bf16.
 // Each set of weights is uploaded once per backend, in the dtype it is first run with.

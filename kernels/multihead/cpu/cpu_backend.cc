@@ -28,9 +28,11 @@ absl::StatusOr<attention::AttentionPlan> Fp32Attention(const MultiheadPlan& plan
 class CpuMultiheadBackend final : public MultiheadBackend {
  public:
   CpuMultiheadBackend(std::unique_ptr<attention::cpu::TileRunner> runner,
-                      std::unique_ptr<attention::AttentionBackend> attention)
+                      std::unique_ptr<attention::AttentionBackend> owned,
+                      attention::AttentionBackend* attention)
       : runner_(std::move(runner)),
-        attention_(std::move(attention)),
+        owned_(std::move(owned)),
+        attention_(attention != nullptr ? attention : owned_.get()),
         gemm_(cpu::GemmBlockFor(runner_->isa())),
         name_(absl::StrCat("cpu-", runner_->isa())) {}
 
@@ -125,7 +127,8 @@ class CpuMultiheadBackend final : public MultiheadBackend {
 
  private:
   std::unique_ptr<attention::cpu::TileRunner> runner_;  // the GEMMs' threads and instruction set
-  std::unique_ptr<attention::AttentionBackend> attention_;
+  std::unique_ptr<attention::AttentionBackend> owned_;
+  attention::AttentionBackend* attention_;
   cpu::GemmBlockFn gemm_;
   std::string name_;
 };
@@ -133,17 +136,24 @@ class CpuMultiheadBackend final : public MultiheadBackend {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MultiheadBackend>> CreateCpuMultiheadBackend(
-    const attention::CpuBackendOptions& options) {
+    const attention::CpuBackendOptions& options, attention::AttentionBackend* attention) {
+  if (attention != nullptr && !attention->location().is_host()) {
+    return absl::InvalidArgumentError("the CPU multihead backend needs a CPU attention backend");
+  }
   absl::StatusOr<std::unique_ptr<attention::cpu::TileRunner>> runner =
       attention::cpu::TileRunner::Create(options.num_threads, options.isa);
   if (!runner.ok()) return runner.status();
-  attention::CpuBackendOptions same = options;
-  same.isa = std::string((*runner)->isa());
-  absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> att =
-      attention::CreateCpuBackend(same);
-  if (!att.ok()) return att.status();
+  std::unique_ptr<attention::AttentionBackend> owned;
+  if (attention == nullptr) {
+    attention::CpuBackendOptions same = options;
+    same.isa = std::string((*runner)->isa());
+    absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> att =
+        attention::CreateCpuBackend(same);
+    if (!att.ok()) return att.status();
+    owned = *std::move(att);
+  }
   return std::unique_ptr<MultiheadBackend>(
-      new CpuMultiheadBackend(*std::move(runner), *std::move(att)));
+      new CpuMultiheadBackend(*std::move(runner), std::move(owned), attention));
 }
 
 }  // namespace dilattn::multihead
