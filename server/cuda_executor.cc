@@ -298,6 +298,8 @@ class CudaExecutor final : public Executor {
     return absl::OkStatus();
   }
 
+  void ReleaseCachedMemory() override { device_pool_->Trim(); }
+
   absl::Status Wait(Job& job) override {
     if (job.on_host) return cpu_->Wait(job);
     auto* state = static_cast<GpuJob*>(job.device_state.get());

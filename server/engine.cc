@@ -82,14 +82,31 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     if (!executor.ok()) return executor.status();
     executors.push_back(*std::move(executor));
   }
-  return CreateWith(std::move(executors));
+  std::unique_ptr<GangRunner> gang;
+  if (options.sequence_parallel_min_tokens > 0) {
+    std::vector<int> gpus;
+    for (const auto& e : executors) {
+      if (e->cuda_device() >= 0) gpus.push_back(e->cuda_device());
+    }
+    absl::StatusOr<std::unique_ptr<GangRunner>> made = CreateSequenceParallelGang(
+        gpus, options.sequence_parallel_min_tokens, &executors.front()->staging_pool());
+    if (!made.ok()) {
+      return absl::Status(made.status().code(), absl::StrCat("--sequence-parallel-min-tokens: ",
+                                                             made.status().message()));
+    }
+    gang = *std::move(made);
+    LogInfo("sequence parallelism: sequences of >= %d tokens run across %d GPUs",
+            static_cast<int>(options.sequence_parallel_min_tokens), static_cast<int>(gpus.size()));
+  }
+  return CreateWith(std::move(executors), std::move(gang));
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
-    std::vector<std::unique_ptr<Executor>> executors) {
+    std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang) {
   if (executors.empty()) return absl::InvalidArgumentError("an engine needs an executor");
   std::unique_ptr<Engine> e(new Engine());
   e->executors_ = std::move(executors);
+  e->gang_ = std::move(gang);
   {
     absl::MutexLock lock(&e->mu_);
     e->free_slots_ = static_cast<int>(e->executors_.size());
@@ -134,6 +151,8 @@ void Engine::ReleaseSlot() {
 
 void Engine::Submit(Batch batch) {
   batch.device = -1;
+  batch.gang =
+      gang_ != nullptr && batch.requests.size() == 1 && gang_->Takes(*batch.requests.front());
   if (!batch.requests.empty()) {
     const InferenceRequest& r = *batch.requests.front();
     for (int device : {r.input_device[0], r.input_device[1], r.input_device[2],
@@ -156,17 +175,30 @@ bool Engine::Eligible(const Batch& batch, const Executor& executor) const {
 }
 
 bool Engine::HasWorkFor(const Executor& executor) const {
+  if (gang_active_) return false;
   return std::any_of(queue_.begin(), queue_.end(),
                      [&](const Batch& b) { return Eligible(b, executor); });
 }
 
 std::unique_ptr<Batch> Engine::TakeFor(const Executor& executor) {
+  if (gang_active_) return nullptr;
   const auto it = std::find_if(queue_.begin(), queue_.end(),
                                [&](const Batch& b) { return Eligible(b, executor); });
   if (it == queue_.end()) return nullptr;
   auto batch = std::make_unique<Batch>(std::move(*it));
   queue_.erase(it);
+  if (batch->gang) {
+    gang_active_ = true;
+  } else {
+    ++jobs_running_;
+  }
   return batch;
+}
+
+void Engine::JobsDone(int n) {
+  if (n == 0) return;
+  absl::MutexLock lock(&mu_);
+  jobs_running_ -= n;
 }
 
 void Engine::Shutdown() {
@@ -195,16 +227,63 @@ void Engine::Loop(Executor& executor) {
       next = TakeFor(executor);
       if (next != nullptr) ++free_slots_;  // the next batch may form while this one runs
     }
+    if (next != nullptr && next->gang) {
+      if (in_flight != nullptr) {
+        FinishJob(executor, std::move(in_flight));
+        JobsDone(1);
+      }
+      RunGang(std::move(*next));
+      continue;
+    }
     // Start the next batch before waiting for the previous one: its copies overlap the
     // previous kernel.
     std::unique_ptr<Job> started =
         next != nullptr ? StartJob(executor, std::move(*next)) : nullptr;
-    if (in_flight != nullptr) FinishJob(executor, std::move(in_flight));
+    int done = next != nullptr && started == nullptr ? 1 : 0;  // nothing of it left to wait for
+    if (in_flight != nullptr) {
+      FinishJob(executor, std::move(in_flight));
+      ++done;
+    }
+    JobsDone(done);
     in_flight = std::move(started);
   }
 }
 
+void Engine::RunGang(Batch batch) {
+  {
+    absl::MutexLock lock(&mu_);
+    auto idle = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return jobs_running_ == 0; };
+    mu_.Await(absl::Condition(&idle));
+  }
+  // Every executor is idle: their cached device memory goes back for the split run, and the
+  // run's own goes back after it.
+  for (const auto& e : executors_) e->ReleaseCachedMemory();
+  std::unique_ptr<Job> job = MakeJob(std::move(batch));
+  if (job != nullptr) {
+    const absl::Status s = gang_->Run(*job);
+    if (!s.ok()) {
+      LogError("sequence-parallel run for %s failed: %s", job->model->name(), s.ToString());
+    }
+    CompleteJob(*job, s);
+  }
+  gang_->ReleaseCachedMemory();
+  absl::MutexLock lock(&mu_);
+  gang_active_ = false;
+}
+
 std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch) {
+  std::unique_ptr<Job> job = MakeJob(std::move(batch));
+  if (job == nullptr) return nullptr;
+  if (absl::Status s = executor.Start(*job); !s.ok()) {
+    LogError("starting %d request(s) for %s failed: %s", static_cast<int>(job->requests.size()),
+             job->model->name(), s.ToString());
+    for (auto& r : job->requests) CompleteRequest(std::move(r), s);
+    return nullptr;
+  }
+  return job;
+}
+
+std::unique_ptr<Job> Engine::MakeJob(Batch batch) {
   auto job = std::make_unique<Job>();
   job->model = batch.model;
   job->start = absl::Now();
@@ -228,28 +307,24 @@ std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch) {
   for (const auto& r : job->requests) {
     for (int64_t b = 0; b < r->batch; ++b) job->shape.seq_lengths.push_back(r->seq_len);
   }
-  if (absl::Status s = executor.Start(*job); !s.ok()) {
-    LogError("starting %d request(s) for %s failed: %s",
-             static_cast<int>(job->requests.size()), job->model->name(), s.ToString());
-    for (auto& r : job->requests) CompleteRequest(std::move(r), s);
-    return nullptr;
-  }
   return job;
 }
 
 void Engine::FinishJob(Executor& executor, std::unique_ptr<Job> job) {
-  const absl::Status s = executor.Wait(*job);
+  CompleteJob(*job, executor.Wait(*job));
+}
+
+void Engine::CompleteJob(Job& job, const absl::Status& s) {
   if (!s.ok()) {
-    for (auto& r : job->requests) CompleteRequest(std::move(r), s);
+    for (auto& r : job.requests) CompleteRequest(std::move(r), s);
     return;
   }
   int64_t sequences = 0;
-  for (const auto& r : job->requests) sequences += r->batch;
-  job->model->stats().Executed(sequences, job->compute_input, job->compute_infer,
-                               job->compute_output);
-  for (auto& r : job->requests) {
-    const RequestTimings t{job->start - r->enqueued, job->compute_input, job->compute_infer,
-                           job->compute_output};
+  for (const auto& r : job.requests) sequences += r->batch;
+  job.model->stats().Executed(sequences, job.compute_input, job.compute_infer, job.compute_output);
+  for (auto& r : job.requests) {
+    const RequestTimings t{job.start - r->enqueued, job.compute_input, job.compute_infer,
+                           job.compute_output};
     CompleteRequest(std::move(r), absl::OkStatus(), t);
   }
 }

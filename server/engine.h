@@ -27,6 +27,8 @@ struct Batch {
   // shared memory (they are then read and written in place, or copied without crossing to
   // another GPU); -1 for any. Set by Engine::Submit.
   int device = -1;
+  // Runs across every GPU at once (the engine's gang runner takes it). Set by Engine::Submit.
+  bool gang = false;
 };
 
 struct EngineOptions {
@@ -34,6 +36,10 @@ struct EngineOptions {
   // "cuda:N,M,..." (those GPUs).
   std::string device = "auto";
   ExecutorOptions executor;
+  // Sequence parallelism: a lone sequence of at least this many tokens (fp16 or bf16, dilated
+  // attention) runs split across every GPU while the other jobs wait; 0 turns it off. Needs two
+  // or more GPUs and NCCL.
+  int64_t sequence_parallel_min_tokens = 0;
 };
 
 class Engine {
@@ -41,7 +47,7 @@ class Engine {
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
   // An engine over the given executors, one thread each (Create's devices; tests' own).
   static absl::StatusOr<std::unique_ptr<Engine>> CreateWith(
-      std::vector<std::unique_ptr<Executor>> executors);
+      std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang = nullptr);
   ~Engine();
 
   std::string backend_name() const;
@@ -80,12 +86,25 @@ class Engine {
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
   static std::unique_ptr<Job> StartJob(Executor& executor, Batch batch);
   static void FinishJob(Executor& executor, std::unique_ptr<Job> job);
+  // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
+  static std::unique_ptr<Job> MakeJob(Batch batch);
+  // Completes the job's requests with `s`, and with its statistics when it is OK.
+  static void CompleteJob(Job& job, const absl::Status& s);
+  // Runs a gang batch once no other job is running; the calling thread holds no job.
+  void RunGang(Batch batch);
+  void JobsDone(int n);
 
   std::vector<std::unique_ptr<Executor>> executors_;  // one per device
   absl::Mutex mu_;
   int free_slots_ ABSL_GUARDED_BY(mu_) = 0;  // one per device to begin with
   std::deque<Batch> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::unique_ptr<GangRunner> gang_;
+  // Jobs taken from the queue and not yet finished, counted from the moment they are taken, so
+  // that a gang batch can wait for every one of them.
+  int jobs_running_ ABSL_GUARDED_BY(mu_) = 0;
+  // A thread holds a gang batch: no thread takes another batch until it has run.
+  bool gang_active_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };
 

@@ -48,7 +48,30 @@ class Executor {
   virtual memory::BufferPool& staging_pool() = 0;
   virtual absl::Status Start(Job& job) = 0;
   virtual absl::Status Wait(Job& job) = 0;
+  // Frees the device memory its pools cache between jobs (a job across every GPU is about to
+  // need it). Only while it runs no job.
+  virtual void ReleaseCachedMemory() {}
 };
+
+// Runs one request across every GPU of the engine at once: sequence parallelism (DESIGN.md
+// section 1). The engine gives it the request when no executor runs a job, after releasing their
+// cached device memory.
+class GangRunner {
+ public:
+  virtual ~GangRunner() = default;
+  // Whether `r` runs across the GPUs (long enough, and what the split kernels run). Any thread.
+  virtual bool Takes(const InferenceRequest& r) const = 0;
+  // Runs the job's one request and writes its output; returns when done. The engine's thread.
+  virtual absl::Status Run(Job& job) = 0;
+  virtual void ReleaseCachedMemory() = 0;
+};
+
+// Sequence parallelism over `devices` for single dense sequences of at least `min_tokens` tokens
+// in fp16 or bf16; outputs are leased from `staging` (pinned). FAILED_PRECONDITION in a build
+// without CUDA or NCCL.
+absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(std::vector<int> devices,
+                                                                       int64_t min_tokens,
+                                                                       memory::BufferPool* staging);
 
 struct ExecutorOptions {
   int cpu_threads = 0;

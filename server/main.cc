@@ -34,6 +34,10 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --stream-idle-seconds N   end a native stream that sends nothing this long before its input
                             is complete, releasing its memory (60; 0: never)
   --shared-memory on|off    accept Triton's system and CUDA shared-memory regions (on)
+  --sequence-parallel-min-tokens N
+                            run a lone fp16/bf16 dilated-attention sequence of >= N tokens split
+                            across every GPU (NCCL), the other jobs waiting (0: off; needs >= 2
+                            GPUs)
 )";
 
 // Parses argv into options; an error message on failure.
@@ -87,6 +91,8 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       error = integer(&grace);
     } else if (name == "stream-idle-seconds") {
       error = integer(&stream_idle);
+    } else if (name == "sequence-parallel-min-tokens") {
+      error = integer(&o->engine.sequence_parallel_min_tokens);
     } else if (name == "shared-memory") {
       if (value != "on" && value != "off") {
         return absl::StrCat("flag --shared-memory='", value, "' is not on or off");
@@ -102,9 +108,11 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
     return "ports must be in [0, 65535] (metrics: -1 disables)";
   }
   if (o->max_message_bytes < 1 || host_pool_mib < 1 || grace < 0 || stream_idle < 0 ||
-      o->engine.executor.cpu_threads < 0 || device_pool_mib < 0) {
+      o->engine.executor.cpu_threads < 0 || device_pool_mib < 0 ||
+      o->engine.sequence_parallel_min_tokens < 0) {
     return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds, "
-           "--stream-idle-seconds, --cpu-threads and --device-pool-mib >= 0";
+           "--stream-idle-seconds, --cpu-threads, --device-pool-mib and "
+           "--sequence-parallel-min-tokens >= 0";
   }
   o->engine.executor.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;
   o->engine.executor.device_pool_bytes = static_cast<size_t>(device_pool_mib) << 20;

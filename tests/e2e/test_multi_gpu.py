@@ -106,3 +106,35 @@ def test_cuda_shared_memory_requests_run_on_the_gpu_that_holds_them():
             client.close()
             server.stop()
             buf.free()
+
+
+def test_a_long_sequence_runs_split_across_the_gpus(client):
+    """--sequence-parallel-min-tokens: one sequence over the threshold runs on every GPU at once
+    (NCCL exchanges of the spanning branches' rows) and answers as one GPU does."""
+    split = ServerProcess("--sequence-parallel-min-tokens", "65536", name="sequence-parallel")
+    try:
+        rng = np.random.default_rng(12)
+        shape = (1, 131072, 4, 64)
+        q, k, v = (rng.uniform(-1, 1, shape).astype(np.float16) for _ in range(3))
+        params = {"segment_lengths": "2048,8192,131072", "dilation_rates": "1,4,16",
+                  "causal": True}
+        out = split.client().infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                                   parameters=params).as_numpy("O")
+        alone = client.infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                             parameters=params).as_numpy("O")
+        err = reference.relative_error(out.astype(np.float32), alone.astype(np.float32))
+        assert err <= 1e-3, err
+        # The whole-sequence branch spans both GPUs, so its dilated rows cross between them.
+        # Causal: the first 8192 tokens see only each other, so their reference is that of the
+        # first 8192 tokens alone.
+        part = slice(0, 8192)
+        expected = reference.dilated_attention(
+            *(x[:, part].astype(np.float32) for x in (q, k, v)), [2048, 8192, 131072], [1, 4, 16],
+            "longnet", True)
+        assert reference.relative_error(out[:, part].astype(np.float32),
+                                        expected) <= reference.TOLERANCE["FP16"]
+        assert split.stop() == 0
+        assert "sequence-parallel run: 131072 tokens across" in split.log_path.read_text()
+    finally:
+        if split.alive():
+            split.stop()

@@ -25,6 +25,8 @@ struct RunLog {
   absl::Mutex mu;
   std::map<int64_t, int> device_of ABSL_GUARDED_BY(mu);
   std::map<int64_t, int> runs ABSL_GUARDED_BY(mu);
+  std::atomic<int> active{0};    // jobs started and not yet waited for, on every executor
+  std::atomic<int> released{0};  // ReleaseCachedMemory calls
 };
 
 class RecordingExecutor final : public Executor {
@@ -44,15 +46,45 @@ class RecordingExecutor final : public Executor {
         ++log_->runs[r->batch];
       }
     }
+    log_->active.fetch_add(1);
     absl::SleepFor(absl::Milliseconds(1));  // long enough for the other threads to take work
     return absl::OkStatus();
   }
-  absl::Status Wait(Job&) override { return absl::OkStatus(); }
+  absl::Status Wait(Job&) override {
+    absl::SleepFor(absl::Microseconds(500));
+    log_->active.fetch_sub(1);
+    return absl::OkStatus();
+  }
+  void ReleaseCachedMemory() override { log_->released.fetch_add(1); }
 
  private:
   const int device_;
   RunLog* const log_;
   memory::BufferPool* const pool_;
+};
+
+// Takes requests of at least 100 tokens; checks, while it runs one, that no executor runs a job.
+class RecordingGang final : public GangRunner {
+ public:
+  explicit RecordingGang(RunLog* log) : log_(log) {}
+  bool Takes(const InferenceRequest& r) const override { return r.seq_len >= 100; }
+  absl::Status Run(Job& job) override {
+    if (log_->active.load() != 0) overlapped_.fetch_add(1);
+    absl::SleepFor(absl::Milliseconds(2));
+    if (log_->active.load() != 0) overlapped_.fetch_add(1);
+    absl::MutexLock lock(&log_->mu);
+    for (const auto& r : job.requests) {
+      log_->device_of[r->batch] = -2;
+      ++log_->runs[r->batch];
+    }
+    return absl::OkStatus();
+  }
+  void ReleaseCachedMemory() override {}
+  int overlapped() const { return overlapped_.load(); }
+
+ private:
+  RunLog* const log_;
+  std::atomic<int> overlapped_{0};
 };
 
 class EngineThreads : public ::testing::Test {
@@ -67,12 +99,18 @@ class EngineThreads : public ::testing::Test {
     metrics_ = *std::move(metrics);
   }
 
-  void Start(std::vector<int> devices) {
+  void Start(std::vector<int> devices, bool gang = false) {
     std::vector<std::unique_ptr<Executor>> executors;
     for (int d : devices) {
       executors.push_back(std::make_unique<RecordingExecutor>(d, &log_, pool_.get()));
     }
-    auto engine = Engine::CreateWith(std::move(executors));
+    std::unique_ptr<GangRunner> runner;
+    if (gang) {
+      auto g = std::make_unique<RecordingGang>(&log_);
+      gang_ = g.get();
+      runner = std::move(g);
+    }
+    auto engine = Engine::CreateWith(std::move(executors), std::move(runner));
     ASSERT_TRUE(engine.ok());
     engine_ = *std::move(engine);
     // The model's name comes from a config (GCC 12 warns falsely, -Wrestrict, on assigning a
@@ -86,11 +124,11 @@ class EngineThreads : public ::testing::Test {
   }
 
   // Submits request `id` alone in a batch, with its tensors on `device` (-1: host).
-  void Submit(int64_t id, int device) {
+  void Submit(int64_t id, int device, int64_t tokens = 1) {
     auto r = std::make_unique<InferenceRequest>();
     r->model = model_.get();
     r->batch = id;
-    r->seq_len = 1;
+    r->seq_len = tokens;
     for (int& d : r->input_device) d = device;
     r->done = [this](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
       (s.ok() ? ok_ : failed_).fetch_add(1);
@@ -112,6 +150,7 @@ class EngineThreads : public ::testing::Test {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<Model> model_;
+  RecordingGang* gang_ = nullptr;
   std::atomic<int> ok_{0}, failed_{0};
 };
 
@@ -150,6 +189,24 @@ TEST_F(EngineThreads, BatchesRunOnTheGpuHoldingTheirTensors) {
     }
   }
   EXPECT_GE(anywhere.size(), 2u);
+}
+
+// Long sequences run across every device (the gang runner) while no executor runs a job, each
+// once, between ordinary batches that keep running on the executors before and after.
+TEST_F(EngineThreads, GangBatchesRunAloneOnEveryDevice) {
+  Start({0, 1, 2}, /*gang=*/true);
+  for (int64_t id = 1; id <= 120; ++id) Submit(id, -1, id % 10 == 0 ? 500 : 1);
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 120);
+  EXPECT_EQ(failed_.load(), 0);
+  EXPECT_EQ(gang_->overlapped(), 0) << "a gang run overlapped an executor's job";
+  EXPECT_GE(log_.released.load(), 3 * 12);  // every executor's cache, before each gang run
+  absl::MutexLock lock(&log_.mu);
+  ASSERT_EQ(log_.runs.size(), 120u);
+  for (int64_t id = 1; id <= 120; ++id) {
+    EXPECT_EQ(log_.runs[id], 1) << "request " << id;
+    EXPECT_EQ(log_.device_of[id] == -2, id % 10 == 0) << "request " << id;
+  }
 }
 
 }  // namespace

@@ -95,6 +95,10 @@ class Runner final : public SequenceParallelRunner {
 
   int num_devices() const override { return static_cast<int>(devices_.size()); }
 
+  void ReleaseCachedMemory() override {
+    for (const auto& pool : pools_) pool->Trim();
+  }
+
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) override {
     // The caller's current device is theirs: restored on every way out.
     int caller_device = 0;

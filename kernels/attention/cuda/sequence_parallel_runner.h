@@ -27,6 +27,9 @@ class SequenceParallelRunner {
   // `plan` must hold one sequence, fp16 or bf16; tensors in host memory (pinned for speed).
   // Returns once O is written.
   virtual absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) = 0;
+  // Frees the device buffers cached between runs, so that other users of these GPUs (a server's
+  // executors) get the memory back.
+  virtual void ReleaseCachedMemory() = 0;
 };
 
 }  // namespace dilattn::attention::cuda

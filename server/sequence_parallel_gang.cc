@@ -1,0 +1,96 @@
+// The engine's gang runner: one long sequence split across every GPU of the server by
+// kernels/attention/cuda/sequence_parallel_runner (NCCL exchanges of the spanning branches'
+// dilated rows). Host tensors in, host output out.
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kernels/attention/cuda/sequence_parallel_runner.h"
+#include "server/executor.h"
+#include "server/log.h"
+
+namespace dilattn::server {
+namespace {
+
+class SequenceParallelGang final : public GangRunner {
+ public:
+  SequenceParallelGang(std::unique_ptr<attention::cuda::SequenceParallelRunner> runner,
+                       std::unique_ptr<attention::AttentionBackend> check, int64_t min_tokens,
+                       memory::BufferPool* staging)
+      : runner_(std::move(runner)),
+        check_(std::move(check)),
+        min_tokens_(min_tokens),
+        staging_(staging) {}
+
+  bool Takes(const InferenceRequest& r) const override {
+    if (r.options.kind != OperatorKind::kDilatedAttention || r.batch != 1 ||
+        r.seq_len < min_tokens_ || r.touches_device_memory() ||
+        (r.dtype != attention::DType::kFloat16 && r.dtype != attention::DType::kBFloat16)) {
+      return false;
+    }
+    absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
+        r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
+    // The single-GPU kernel's selector: what it runs, the split runs too.
+    return plan.ok() && check_->Supports(*plan).ok();
+  }
+
+  absl::Status Run(Job& job) override {
+    if (job.requests.size() != 1) {
+      return absl::InternalError("a sequence-parallel job holds one request");
+    }
+    InferenceRequest& r = *job.requests.front();
+    absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
+        r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
+    if (!plan.ok()) return plan.status();
+    void* out = r.output_target.data;
+    if (out == nullptr) {
+      absl::StatusOr<memory::Buffer> lease = staging_->Acquire(r.tensor_bytes);
+      if (!lease.ok()) return lease.status();
+      r.output = *std::move(lease);
+      out = r.output.data();
+    }
+    const DeviceLoc host = DeviceLoc::Host();
+    const size_t bytes = r.tensor_bytes;
+    const absl::Time begin = absl::Now();
+    absl::Status s = runner_->Run(*plan, {{r.q.data(), bytes, host},
+                                          {r.k.data(), bytes, host},
+                                          {r.v.data(), bytes, host},
+                                          {out, bytes, host}});
+    // The copies in and out are inside the runner's time: all of it counts as compute.
+    job.compute_input = begin - job.start;
+    job.compute_infer = absl::Now() - begin;
+    job.on_host = true;
+    if (s.ok()) {
+      LogInfo("sequence-parallel run: %d tokens across %d GPUs in %.2f ms",
+              static_cast<int>(r.seq_len), runner_->num_devices(),
+              absl::ToDoubleMilliseconds(job.compute_infer));
+    }
+    return s;
+  }
+
+  void ReleaseCachedMemory() override { runner_->ReleaseCachedMemory(); }
+
+ private:
+  std::unique_ptr<attention::cuda::SequenceParallelRunner> runner_;
+  std::unique_ptr<attention::AttentionBackend> check_;
+  const int64_t min_tokens_;
+  memory::BufferPool* const staging_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(
+    std::vector<int> devices, int64_t min_tokens, memory::BufferPool* staging) {
+  if (devices.size() < 2) {
+    return absl::InvalidArgumentError("sequence parallelism needs at least two GPUs");
+  }
+  absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> check =
+      attention::CreateCudaBackend({devices.front(), nullptr});
+  if (!check.ok()) return check.status();
+  absl::StatusOr<std::unique_ptr<attention::cuda::SequenceParallelRunner>> runner =
+      attention::cuda::SequenceParallelRunner::Create(std::move(devices));
+  if (!runner.ok()) return runner.status();
+  return std::unique_ptr<GangRunner>(
+      new SequenceParallelGang(*std::move(runner), *std::move(check), min_tokens, staging));
+}
+
+}  // namespace dilattn::server
