@@ -12,6 +12,7 @@ so no tensor crosses the message or the PCIe bus.
 
   python3 bench/server_overhead.py [--server build/server/dilattn-server] [--device cuda]
                                    [--ns 32768,131072] [--reps 3] [--shm none|cuda]
+                                   [--heads 16] [--server-args '...']
 """
 
 import argparse
@@ -36,12 +37,16 @@ def main():
     p.add_argument("--ns", default="32768,131072")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--shm", choices=["none", "cuda"], default="none")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--server-args", default="",
+                   help="more server flags, e.g. '--sequence-parallel-min-tokens 524288'")
     args = p.parse_args()
     cudart = cuda_ipc.load_cudart() if args.shm == "cuda" else None
     if args.shm == "cuda" and cudart is None:
         sys.exit("--shm cuda needs the CUDA runtime library (libcudart) on the library path")
     proc = subprocess.Popen([args.server, "--grpc-port", "0", "--metrics-port", "-1",
-                             "--bind-address", "127.0.0.1", "--device", args.device],
+                             "--bind-address", "127.0.0.1", "--device", args.device,
+                             *args.server_args.split()],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     port = int(re.search(r"grpc_port=(\d+)", proc.stdout.readline()).group(1))
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
@@ -50,7 +55,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for n in (int(x) for x in args.ns.split(",")):
-            x = np.random.default_rng(0).uniform(-1, 1, (1, n, 16, 64)).astype(np.float16)
+            x = np.random.default_rng(0).uniform(-1, 1, (1, n, args.heads, 64)).astype(np.float16)
             inputs = []
             outputs = None
             buf = None

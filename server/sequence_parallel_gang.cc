@@ -1,6 +1,7 @@
 // The engine's gang runner: one long sequence split across every GPU of the server by
 // kernels/attention/cuda/sequence_parallel_runner (NCCL exchanges of the spanning branches'
-// dilated rows). Host tensors in, host output out.
+// dilated rows). Tensors in host memory or in CUDA shared memory on any of the GPUs: the slices
+// are copied from and to wherever they are.
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -23,7 +24,7 @@ class SequenceParallelGang final : public GangRunner {
 
   bool Takes(const InferenceRequest& r) const override {
     if (r.options.kind != OperatorKind::kDilatedAttention || r.batch != 1 ||
-        r.seq_len < min_tokens_ || r.touches_device_memory() ||
+        r.seq_len < min_tokens_ ||
         (r.dtype != attention::DType::kFloat16 && r.dtype != attention::DType::kBFloat16)) {
       return false;
     }

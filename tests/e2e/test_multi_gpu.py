@@ -133,8 +133,33 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
             "longnet", True)
         assert reference.relative_error(out[:, part].astype(np.float32),
                                         expected) <= reference.TOLERANCE["FP16"]
+        # The same from CUDA shared memory on the last GPU: the slices are copied from and to it.
+        cudart = cuda_ipc.load_cudart()
+        if cudart is not None:
+            n, gpu = q.nbytes, _gpu_count() - 1
+            buf = cuda_ipc.DeviceBuffer(cudart, 4 * n, device=gpu)
+            c = split.client()
+            try:
+                for i, x in enumerate((q, k, v)):
+                    buf.write(x, offset=i * n)
+                c.register_cuda_shared_memory("sp", buf.raw_handle(), gpu, 4 * n)
+                inputs = []
+                for i, label in enumerate("QKV"):
+                    t = grpcclient.InferInput(label, list(shape), "FP16")
+                    t.set_shared_memory("sp", n, offset=i * n)
+                    inputs.append(t)
+                o = grpcclient.InferRequestedOutput("O")
+                o.set_shared_memory("sp", n, offset=3 * n)
+                c.infer("dilated_attention", inputs, outputs=[o], parameters=params)
+                from_shm = buf.read(np.float16, shape, offset=3 * n)
+                assert np.array_equal(from_shm, out), "CUDA shared memory changed the answer"
+                c.unregister_cuda_shared_memory("sp")
+            finally:
+                c.close()
+                buf.free()
         assert split.stop() == 0
-        assert "sequence-parallel run: 131072 tokens across" in split.log_path.read_text()
+        runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
+        assert runs == (2 if cudart is not None else 1), runs
     finally:
         if split.alive():
             split.stop()

@@ -116,7 +116,12 @@ class Runner final : public SequenceParallelRunner {
           absl::StrCat("head_dim D=", p.head_dim, " is not supported by the cuda kernels"));
     }
     if (absl::Status s = CheckCudaProblem(p); !s.ok()) return s;
-    if (absl::Status s = CheckTensors(plan, host, DeviceLoc::Host()); !s.ok()) return s;
+    for (size_t bytes : {host.q.bytes, host.k.bytes, host.v.bytes, host.o.bytes}) {
+      if (bytes != plan.tensor_bytes) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("tensors of ", bytes, " bytes; the plan's are ", plan.tensor_bytes));
+      }
+    }
     const int block_m = FusedBlockM(p.head_dim);
     absl::StatusOr<SequenceParallelPlan> sp =
         PlanSequenceParallel(plan, num_devices(), block_m);
@@ -174,10 +179,9 @@ class Runner final : public SequenceParallelRunner {
       }
       const size_t at = static_cast<size_t>(m.begin) * row_bytes;
       auto h2d = [&](void* dst, const void* src) {
-        return CudaErrorStatus(
-            cudaMemcpyAsync(dst, static_cast<const unsigned char*>(src) + at, slice_bytes,
-                            cudaMemcpyHostToDevice, stream),
-            "copy to device");
+        return CudaErrorStatus(cudaMemcpyAsync(dst, static_cast<const unsigned char*>(src) + at,
+                                               slice_bytes, cudaMemcpyDefault, stream),
+                               "copy to device");
       };
       if (absl::Status s = h2d(m.q.ptr(), host.q.data); !s.ok()) return s;
       if (absl::Status s = h2d(m.k.bytes() + at, host.k.data); !s.ok()) return s;
@@ -287,8 +291,8 @@ class Runner final : public SequenceParallelRunner {
       }
       if (absl::Status s = CudaErrorStatus(
               cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + shift, m.o.ptr(),
-                              static_cast<size_t>(m.end - m.begin) * row_bytes,
-                              cudaMemcpyDeviceToHost, stream),
+                              static_cast<size_t>(m.end - m.begin) * row_bytes, cudaMemcpyDefault,
+                              stream),
               "copy to host");
           !s.ok()) {
         return s;

@@ -24,8 +24,9 @@ class SequenceParallelRunner {
   virtual ~SequenceParallelRunner() = default;
 
   virtual int num_devices() const = 0;
-  // `plan` must hold one sequence, fp16 or bf16; tensors in host memory (pinned for speed).
-  // Returns once O is written.
+  // `plan` must hold one sequence, fp16 or bf16; tensors in host memory (pinned for speed) or in
+  // any GPU's memory (copied with cudaMemcpyDefault; their `location` is not consulted). Returns
+  // once O is written.
   virtual absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) = 0;
   // Frees the device buffers cached between runs, so that other users of these GPUs (a server's
   // executors) get the memory back.
