@@ -133,7 +133,8 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
             "longnet", True)
         assert reference.relative_error(out[:, part].astype(np.float32),
                                         expected) <= reference.TOLERANCE["FP16"]
-        # The same from CUDA shared memory on the last GPU: the slices are copied from and to it.
+        # The same from CUDA shared memory on the last GPU: not split, since it runs in place
+        # there with no copies, where a split would copy half of it to the other GPUs.
         cudart = cuda_ipc.load_cudart()
         if cudart is not None:
             n, gpu = q.nbytes, _gpu_count() - 1
@@ -152,14 +153,14 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
                 o.set_shared_memory("sp", n, offset=3 * n)
                 c.infer("dilated_attention", inputs, outputs=[o], parameters=params)
                 from_shm = buf.read(np.float16, shape, offset=3 * n)
-                assert np.array_equal(from_shm, out), "CUDA shared memory changed the answer"
+                assert np.array_equal(from_shm, alone), "not the one-GPU answer"
                 c.unregister_cuda_shared_memory("sp")
             finally:
                 c.close()
                 buf.free()
         assert split.stop() == 0
         runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
-        assert runs == (2 if cudart is not None else 1), runs
+        assert runs == 1, runs
     finally:
         if split.alive():
             split.stop()
