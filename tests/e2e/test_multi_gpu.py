@@ -23,6 +23,24 @@ def _gpu_count():
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def _in_cuda_shared_memory(client, cudart, gpu, name, q, k, v):
+    """Q, K, V and room for O in one allocation on `gpu`, registered with the server as `name`:
+    the buffer, the inputs naming it, and the output naming it."""
+    n = q.nbytes
+    buf = cuda_ipc.DeviceBuffer(cudart, 4 * n, device=gpu)
+    for i, x in enumerate((q, k, v)):
+        buf.write(x, offset=i * n)
+    client.register_cuda_shared_memory(name, buf.raw_handle(), gpu, 4 * n)
+    inputs = []
+    for i, label in enumerate("QKV"):
+        t = grpcclient.InferInput(label, list(q.shape), "FP16")
+        t.set_shared_memory(name, n, offset=i * n)
+        inputs.append(t)
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(name, n, offset=3 * n)
+    return buf, inputs, [out]
+
+
 pytestmark = pytest.mark.skipif(
     not reference.ON_GPU or _gpu_count() < 2,
     reason="needs a GPU server (DILATTN_E2E_DEVICE=cuda) on a machine with two or more GPUs")
@@ -77,21 +95,12 @@ def test_cuda_shared_memory_requests_run_on_the_gpu_that_holds_them():
                                            [2048, 8192], [1, 4])
     for gpu in range(_gpu_count()):
         server = ServerProcess(name=f"multi-gpu-shm-{gpu}")
-        buf = cuda_ipc.DeviceBuffer(cudart, 4 * n, device=gpu)
         client = server.client()
+        buf = None
         try:
-            for i, x in enumerate((q, k, v)):
-                buf.write(x, offset=i * n)
-            client.register_cuda_shared_memory("t", buf.raw_handle(), gpu, 4 * n)
-            inputs = []
-            for i, label in enumerate("QKV"):
-                t = grpcclient.InferInput(label, list(shape), "FP16")
-                t.set_shared_memory("t", n, offset=i * n)
-                inputs.append(t)
-            out = grpcclient.InferRequestedOutput("O")
-            out.set_shared_memory("t", n, offset=3 * n)
+            buf, inputs, outputs = _in_cuda_shared_memory(client, cudart, gpu, "t", q, k, v)
             for _ in range(3):
-                client.infer("dilated_attention", inputs, outputs=[out], parameters=params)
+                client.infer("dilated_attention", inputs, outputs=outputs, parameters=params)
             o = buf.read(np.float16, shape, offset=3 * n)[:, :8192].astype(np.float32)
             assert reference.relative_error(o, expected) <= reference.TOLERANCE["FP16"]
             for other in range(_gpu_count()):
@@ -105,7 +114,8 @@ def test_cuda_shared_memory_requests_run_on_the_gpu_that_holds_them():
         finally:
             client.close()
             server.stop()
-            buf.free()
+            if buf is not None:
+                buf.free()
 
 
 def test_a_long_sequence_runs_split_across_the_gpus(client):
@@ -137,27 +147,19 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
         # there with no copies, where a split would copy half of it to the other GPUs.
         cudart = cuda_ipc.load_cudart()
         if cudart is not None:
-            n, gpu = q.nbytes, _gpu_count() - 1
-            buf = cuda_ipc.DeviceBuffer(cudart, 4 * n, device=gpu)
             c = split.client()
+            buf = None
             try:
-                for i, x in enumerate((q, k, v)):
-                    buf.write(x, offset=i * n)
-                c.register_cuda_shared_memory("sp", buf.raw_handle(), gpu, 4 * n)
-                inputs = []
-                for i, label in enumerate("QKV"):
-                    t = grpcclient.InferInput(label, list(shape), "FP16")
-                    t.set_shared_memory("sp", n, offset=i * n)
-                    inputs.append(t)
-                o = grpcclient.InferRequestedOutput("O")
-                o.set_shared_memory("sp", n, offset=3 * n)
-                c.infer("dilated_attention", inputs, outputs=[o], parameters=params)
-                from_shm = buf.read(np.float16, shape, offset=3 * n)
+                buf, inputs, outputs = _in_cuda_shared_memory(c, cudart, _gpu_count() - 1, "sp",
+                                                              q, k, v)
+                c.infer("dilated_attention", inputs, outputs=outputs, parameters=params)
+                from_shm = buf.read(np.float16, shape, offset=3 * q.nbytes)
                 assert np.array_equal(from_shm, alone), "not the one-GPU answer"
                 c.unregister_cuda_shared_memory("sp")
             finally:
                 c.close()
-                buf.free()
+                if buf is not None:
+                    buf.free()
         assert split.stop() == 0
         runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
         assert runs == 1, runs
