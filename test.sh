@@ -5,8 +5,8 @@
 #   1. release build: unit, conformance and GPU kernel tests (the last skip without a GPU)
 #   2. end-to-end: the real server binary with tritonclient, perf_analyzer, Prometheus (pytest)
 #   3. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit, conformance,
-#      and the server under the end-to-end error, conformance, shutdown and shared-memory tests
-#      (a leak at exit fails them)
+#      and the server under the end-to-end error, conformance, shutdown, shared-memory and
+#      multihead tests (a leak at exit fails them)
 #   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool)
 #
 # Prints each stage's CTest summary; exits non-zero on the first failing stage.
@@ -44,7 +44,7 @@ DILATTN_E2E_RESULTS="$root/build-asan/e2e-results" \
   "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e/test_errors.py" \
   "$root/tests/e2e/test_conformance.py" "$root/tests/e2e/test_sigterm.py" \
   "$root/tests/e2e/test_shared_memory.py" "$root/tests/e2e/test_hostile.py" \
-  "$root/tests/e2e/test_attend.py"
+  "$root/tests/e2e/test_attend.py" "$root/tests/e2e/test_multihead.py"
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
 stage "TSan build: concurrency tests"
