@@ -5,6 +5,7 @@ tritonclient, checked against a float64 evaluation in numpy."""
 import json
 import queue
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 import reference
 from conftest import ServerProcess
 from helpers import NUMPY_DTYPE, to_wire
+from test_perf_analyzer import perf_analyzer
 
 E, HEADS = 64, 4  # D = 16: a head dim the GPU kernels cover too
 SEGMENTS, RATES = [32, 64], [1, 2]
@@ -177,3 +179,21 @@ def test_broken_weights_stop_the_start_with_the_reason(tmp_path):
     with pytest.raises(RuntimeError) as e:
         ServerProcess("--model-repository", str(tmp_path), name="multihead-broken")
     assert "not valid safetensors" in str(e.value)
+
+
+def test_perf_analyzer_drives_a_multihead_model(mh_server, tmp_path):
+    """Triton's perf_analyzer, unmodified, sends X and reads Y."""
+    binary, env = perf_analyzer()
+    data = tmp_path / "inputs"
+    data.mkdir()
+    # Moderate floats, as hidden states are (perf_analyzer's own random bytes include NaN).
+    np.random.default_rng(6).uniform(-1, 1, (1, 128, E)).astype(np.float32).tofile(data / "X")
+    r = subprocess.run([binary, "-m", "mha", "-u", mh_server.url, "-i", "grpc",
+                        "--input-data", str(data), "--shape", f"X:128,{E}",
+                        "--concurrency-range", "2", "--measurement-interval", "1000",
+                        "--max-trials", "4", "--stability-percentage", "100"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Throughput" in r.stdout
+    stats = mh_server.client().get_inference_statistics("mha").model_stats[0].inference_stats
+    assert stats.success.count > 0 and stats.fail.count == 0
