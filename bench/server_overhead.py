@@ -38,6 +38,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--shm", choices=["none", "cuda"], default="none")
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--server-log", help="file for the server's log (default: discarded)")
     p.add_argument("--server-args", default="",
                    help="more server flags, e.g. '--sequence-parallel-min-tokens 524288'")
     args = p.parse_args()
@@ -47,7 +48,9 @@ def main():
     proc = subprocess.Popen([args.server, "--grpc-port", "0", "--metrics-port", "-1",
                              "--bind-address", "127.0.0.1", "--device", args.device,
                              *args.server_args.split()],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, text=True,
+                            stderr=open(args.server_log, "w") if args.server_log
+                            else subprocess.DEVNULL)
     port = int(re.search(r"grpc_port=(\d+)", proc.stdout.readline()).group(1))
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     print(f"tensors: {'in the gRPC messages' if args.shm == 'none' else 'in CUDA shared memory'}")

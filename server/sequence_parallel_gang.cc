@@ -64,9 +64,13 @@ class SequenceParallelGang final : public GangRunner {
     job.compute_infer = absl::Now() - begin;
     job.on_host = true;
     if (s.ok()) {
-      LogInfo("sequence-parallel run: %d tokens across %d GPUs in %.2f ms",
-              static_cast<int>(r.seq_len), runner_->num_devices(),
-              absl::ToDoubleMilliseconds(job.compute_infer));
+      LogInfo(
+          "sequence-parallel run: %d tokens across %d GPUs in %.2f ms (queued %.2f ms after "
+          "arriving, started %.2f ms after that)",
+          static_cast<int>(r.seq_len), runner_->num_devices(),
+          absl::ToDoubleMilliseconds(job.compute_infer),
+          absl::ToDoubleMilliseconds(r.enqueued - r.arrival),
+          absl::ToDoubleMilliseconds(begin - r.enqueued));
     }
     return s;
   }
