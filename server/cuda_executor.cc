@@ -265,7 +265,7 @@ class CudaExecutor final : public Executor {
     if (s.ok() && convert) {
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
                    dev[3].data(), static_cast<float*>(dev[5].data()),
-                   static_cast<int64_t>(in_bytes / sizeof(float)), stream)),
+                   static_cast<int64_t>(in_bytes / sizeof(float)), overflow_dev, stream)),
                "fp16 to fp32");
     }
     {
@@ -308,10 +308,20 @@ class CudaExecutor final : public Executor {
       LogError("GPU job failed: %s", s.ToString());
       return s;
     }
-    if (*state->overflow_host != 0) {
+    const int flags = *state->overflow_host;
+    if ((flags & attention::cuda::kFp16InputOverflow) != 0) {
       return absl::InvalidArgumentError(
           "an FP32 input holds a value beyond fp16's range (|x| > 65504); the GPU computes in "
           "fp16 for FP32 requests: send FP16 or BF16, or scale the inputs");
+    }
+    // Finite inputs, yet inf or NaN out: a value between the steps (a projection of the
+    // multihead module) left fp16's range, where the request's own fp32 would have held it.
+    if ((flags & attention::cuda::kFp16NonFiniteOutput) != 0 &&
+        (flags & attention::cuda::kFp16NonFiniteInput) == 0) {
+      return absl::InvalidArgumentError(
+          "the GPU computes FP32 requests in fp16, and a value inside this computation exceeded "
+          "fp16's range (|x| > 65504), so the output would hold infinities: send BF16, or scale "
+          "the inputs or weights");
     }
     float copy_ms = 0, kernel_ms = 0, out_ms = 0;
     cudaEventElapsedTime(&copy_ms, state->begin, state->copied);

@@ -197,3 +197,18 @@ def test_perf_analyzer_drives_a_multihead_model(mh_server, tmp_path):
     assert "Throughput" in r.stdout
     stats = mh_server.client().get_inference_statistics("mha").model_stats[0].inference_stats
     assert stats.success.count > 0 and stats.fail.count == 0
+
+
+def test_values_beyond_fp16_inside_the_module_are_refused_not_returned_as_inf(mh_server):
+    """Hidden states of 50000 are fine for FP32 (and in fp16 themselves), but their projections
+    are not fp16 numbers. The GPU computes FP32 requests in fp16, so there it refuses them by
+    name; the CPU path computes in fp32 and answers. BF16 has fp32's range everywhere."""
+    x = np.full((1, 32, E), 50000.0, dtype=np.float32)
+    if reference.ON_GPU:
+        with pytest.raises(InferenceServerException) as e:
+            infer(mh_server.client(), x)
+        assert "INVALID_ARGUMENT" in str(e.value.status()), e.value
+        assert "exceeded fp16's range" in e.value.message()
+    else:
+        assert np.all(np.isfinite(infer(mh_server.client(), x)))
+    assert np.all(np.isfinite(infer(mh_server.client(), x, "BF16").astype(np.float32)))

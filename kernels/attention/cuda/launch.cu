@@ -82,19 +82,25 @@ int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
 
 namespace {
 
-__global__ void FloatToHalfKernel(const float* in, __half* out, int64_t n, int* overflow) {
+__global__ void FloatToHalfKernel(const float* in, __half* out, int64_t n, int* flags) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float x = in[i];
-    if (fabsf(x) > 65504.f && isfinite(x)) atomicExch(overflow, 1);
+    if (!isfinite(x)) {
+      atomicOr(flags, kFp16NonFiniteInput);
+    } else if (fabsf(x) > 65504.f) {
+      atomicOr(flags, kFp16InputOverflow);
+    }
     out[i] = __float2half_rn(x);
   }
 }
 
-__global__ void HalfToFloatKernel(const __half* in, float* out, int64_t n) {
+__global__ void HalfToFloatKernel(const __half* in, float* out, int64_t n, int* flags) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = __half2float(in[i]);
+    const float x = __half2float(in[i]);
+    if (!isfinite(x)) atomicOr(flags, kFp16NonFiniteOutput);
+    out[i] = x;
   }
 }
 
@@ -105,15 +111,15 @@ unsigned GridFor(int64_t n) {
 
 }  // namespace
 
-int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* overflow, void* stream) {
+int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* flags, void* stream) {
   FloatToHalfKernel<<<GridFor(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-      in, static_cast<__half*>(out), n, overflow);
+      in, static_cast<__half*>(out), n, flags);
   return cudaGetLastError();
 }
 
-int LaunchHalfToFloat(const void* in, float* out, int64_t n, void* stream) {
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, int* flags, void* stream) {
   HalfToFloatKernel<<<GridFor(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const __half*>(in), out, n);
+      static_cast<const __half*>(in), out, n, flags);
   return cudaGetLastError();
 }
 

@@ -19,11 +19,15 @@ constexpr int FusedBlockM(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 // Launches the fused forward kernel for params.attn.dtype (fp16 or bf16) and head_dim.
 int LaunchFusedForward(const FusedForwardParams& params, void* stream);
 
-// out[i] = fp16(in[i]) for n fp32 values; sets *overflow (device int) when a finite input is
-// out of fp16 range, so the caller can refuse instead of computing with infinities.
-int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* overflow, void* stream);
-// out[i] = float(in[i]) for n fp16 values.
-int LaunchHalfToFloat(const void* in, float* out, int64_t n, void* stream);
+// Bits of the device int the fp32 <-> fp16 conversions set, so that the caller can refuse a
+// request instead of returning infinities its fp32 arithmetic would not have made.
+inline constexpr int kFp16InputOverflow = 1;    // a finite input beyond fp16's range
+inline constexpr int kFp16NonFiniteOutput = 2;  // an output value is inf or NaN
+inline constexpr int kFp16NonFiniteInput = 4;   // an input was inf or NaN already
+// out[i] = fp16(in[i]) for n fp32 values, flagging kFp16InputOverflow / kFp16NonFiniteInput.
+int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* flags, void* stream);
+// out[i] = float(in[i]) for n fp16 values, flagging kFp16NonFiniteOutput.
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, int* flags, void* stream);
 
 // Rows of one head between a (tokens, H, D) tensor of 2-byte elements (row_stride elements per
 // token) and a packed array of D-element rows: `rows` holds n (token, head) pairs. gather:
