@@ -12,6 +12,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+import cuda_ipc
 import reference
 from conftest import ServerProcess
 from helpers import NUMPY_DTYPE, to_wire
@@ -212,3 +213,31 @@ def test_values_beyond_fp16_inside_the_module_are_refused_not_returned_as_inf(mh
     else:
         assert np.all(np.isfinite(infer(mh_server.client(), x)))
     assert np.all(np.isfinite(infer(mh_server.client(), x, "BF16").astype(np.float32)))
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32"])
+def test_cuda_shared_memory_in_and_out(mh_server, repo, datatype):
+    """X and Y in one CUDA allocation the client shares: FP16 runs in place on it (no copies),
+    FP32 through the executor's conversion buffers; both give the answer of a request that
+    carries X in its message."""
+    cudart = cuda_ipc.load_cudart() if reference.ON_GPU else None
+    if cudart is None:
+        pytest.skip("CUDA shared memory needs a GPU server and the CUDA runtime on this side")
+    x = np.random.default_rng(9).uniform(-1, 1, (1, 200, E)).astype(NUMPY_DTYPE[datatype])
+    n = x.nbytes
+    client = mh_server.client()
+    buf = cuda_ipc.DeviceBuffer(cudart, 2 * n)
+    try:
+        buf.fill(0xFF)  # NaN in FP16 and FP32: an unwritten Y cannot pass
+        buf.write(x, offset=0)
+        client.register_cuda_shared_memory("mh", buf.raw_handle(), 0, 2 * n)
+        t = grpcclient.InferInput("X", list(x.shape), datatype)
+        t.set_shared_memory("mh", n, offset=0)
+        out = grpcclient.InferRequestedOutput("Y")
+        out.set_shared_memory("mh", n, offset=n)
+        client.infer("mha", [t], outputs=[out])
+        y = buf.read(NUMPY_DTYPE[datatype], x.shape, offset=n)
+        assert np.array_equal(y, infer(client, x, datatype))
+        client.unregister_cuda_shared_memory("mh")
+    finally:
+        buf.free()
