@@ -44,11 +44,12 @@ absl::Status FromGrpc(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
-Tensor RandomTensor(attention::DType dtype, const std::array<int64_t, 4>& shape, uint64_t seed) {
+Tensor RandomTensor(attention::DType dtype, const std::vector<int64_t>& shape, uint64_t seed) {
   Tensor t;
   t.dtype = dtype;
   t.shape = shape;
-  const size_t n = static_cast<size_t>(shape[0] * shape[1] * shape[2] * shape[3]);
+  size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<size_t>(d);
   t.bytes.resize(n * attention::DTypeSize(dtype));
   uint64_t state = seed;
   for (size_t i = 0; i < n; ++i) {
@@ -63,15 +64,14 @@ Tensor RandomTensor(attention::DType dtype, const std::array<int64_t, 4>& shape,
   return t;
 }
 
-inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const Tensor& q,
-                                              const Tensor& k, const Tensor& v) {
+inference::ModelInferRequest MakeInferRequest(const InferOptions& options,
+                                              const NamedInputs& inputs) {
   inference::ModelInferRequest req;
   req.set_model_name(options.model);
   req.set_id(options.id);
   for (const auto& [key, value] : options.parameters) {
     (*req.mutable_parameters())[key].set_string_param(value);
   }
-  const std::pair<const char*, const Tensor*> inputs[] = {{"Q", &q}, {"K", &k}, {"V", &v}};
   for (const auto& [name, t] : inputs) {
     auto* in = req.add_inputs();
     in->set_name(name);
@@ -79,26 +79,29 @@ inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const
     for (int64_t d : t->shape) in->add_shape(d);
     req.add_raw_input_contents(t->bytes);
   }
-  req.add_outputs()->set_name("O");
   return req;
 }
 
+inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const Tensor& q,
+                                              const Tensor& k, const Tensor& v) {
+  return MakeInferRequest(options, NamedInputs{{"Q", &q}, {"K", &k}, {"V", &v}});
+}
+
 absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& response) {
-  for (int i = 0; i < response.outputs_size(); ++i) {
-    const auto& out = response.outputs(i);
-    if (out.name() != "O") continue;
-    if (i >= response.raw_output_contents_size() || out.shape_size() != 4) {
-      return absl::InvalidArgumentError("response output O has no raw data or a bad shape");
-    }
-    Tensor t;
-    absl::StatusOr<attention::DType> dtype = attention::ParseDType(out.datatype());
-    if (!dtype.ok()) return dtype.status();
-    t.dtype = *dtype;
-    for (int d = 0; d < 4; ++d) t.shape[static_cast<size_t>(d)] = out.shape(d);
-    t.bytes = response.raw_output_contents(i);
-    return t;
+  if (response.outputs_size() != 1 || response.raw_output_contents_size() != 1 ||
+      response.outputs(0).shape_size() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "response has ", response.outputs_size(), " outputs and ",
+        response.raw_output_contents_size(), " raw contents; expected one of each with a shape"));
   }
-  return absl::InvalidArgumentError("response has no output O");
+  const auto& out = response.outputs(0);
+  Tensor t;
+  absl::StatusOr<attention::DType> dtype = attention::ParseDType(out.datatype());
+  if (!dtype.ok()) return dtype.status();
+  t.dtype = *dtype;
+  t.shape.assign(out.shape().begin(), out.shape().end());
+  t.bytes = response.raw_output_contents(0);
+  return t;
 }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target) {
@@ -174,10 +177,14 @@ absl::StatusOr<inference::ModelStatisticsResponse> Client::ModelStatistics(
 
 absl::StatusOr<Tensor> Client::Infer(const InferOptions& options, const Tensor& q,
                                      const Tensor& k, const Tensor& v) {
+  return Infer(options, NamedInputs{{"Q", &q}, {"K", &k}, {"V", &v}});
+}
+
+absl::StatusOr<Tensor> Client::Infer(const InferOptions& options, const NamedInputs& inputs) {
   grpc::ClientContext ctx;
   SetDeadline(&ctx, options.timeout);
   inference::ModelInferResponse resp;
-  const inference::ModelInferRequest req = MakeInferRequest(options, q, k, v);
+  const inference::ModelInferRequest req = MakeInferRequest(options, inputs);
   if (absl::Status s = CheckMessageSize(req); !s.ok()) return s;
   if (grpc::Status s = stub_->ModelInfer(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
   return OutputFromResponse(resp);
@@ -211,6 +218,9 @@ absl::StatusOr<inference::ModelInferResponse> Client::Stream::Receive() {
 
 absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor& q,
                                       const Tensor& k, const Tensor& v, AttendStats* stats) {
+  if (q.shape.size() != 4) {
+    return absl::InvalidArgumentError("the native stream carries Q, K, V of shape [B, N, H, D]");
+  }
   const Tensor* in[3] = {&q, &k, &v};
   for (const Tensor* t : in) {
     if (t->shape != q.shape || t->dtype != q.dtype || t->bytes.size() != q.bytes.size()) {

@@ -1,14 +1,15 @@
 #pragma once
 
 // C++ client of dilattn-server (any KServe v2 server): health, metadata, unary and streaming
-// inference of the attention models' Q, K, V -> O, and dilattn's native chunked stream for
-// sequences larger than one message.
+// inference (the attention models' Q, K, V -> O, the multihead models' X -> Y), and dilattn's
+// native chunked stream for sequences larger than one message.
 
-#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -22,15 +23,18 @@
 
 namespace dilattn::client {
 
-// A (B, N, H, D) tensor as raw little-endian bytes.
+// A tensor as raw little-endian bytes: (B, N, H, D) for attention, (B, N, E) for hidden states.
 struct Tensor {
   attention::DType dtype = attention::DType::kFloat32;
-  std::array<int64_t, 4> shape = {0, 0, 0, 0};
+  std::vector<int64_t> shape;
   std::string bytes;
 };
 
 // Fills a tensor of this shape with uniform values in [-1, 1) from `seed`.
-Tensor RandomTensor(attention::DType dtype, const std::array<int64_t, 4>& shape, uint64_t seed);
+Tensor RandomTensor(attention::DType dtype, const std::vector<int64_t>& shape, uint64_t seed);
+
+// Named inputs of one request: {"Q", &q}, {"K", &k}, {"V", &v}, or {"X", &x}.
+using NamedInputs = std::vector<std::pair<std::string, const Tensor*>>;
 
 struct InferOptions {
   std::string model = "dilated_attention";
@@ -41,10 +45,13 @@ struct InferOptions {
   absl::Duration timeout = absl::InfiniteDuration();  // the RPC deadline
 };
 
-// Builds the KServe request for Q, K, V.
+// Builds the KServe request for these inputs (the server answers with the model's one output).
+inference::ModelInferRequest MakeInferRequest(const InferOptions& options,
+                                              const NamedInputs& inputs);
+// The same for Q, K, V.
 inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const Tensor& q,
                                               const Tensor& k, const Tensor& v);
-// O from a response; INVALID_ARGUMENT when the response does not hold one.
+// The response's one output (O, or a multihead model's Y); INVALID_ARGUMENT when it has none.
 absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& response);
 
 absl::Status FromGrpc(const grpc::Status& status);
@@ -80,6 +87,7 @@ class Client {
 
   absl::StatusOr<Tensor> Infer(const InferOptions& options, const Tensor& q, const Tensor& k,
                                const Tensor& v);
+  absl::StatusOr<Tensor> Infer(const InferOptions& options, const NamedInputs& inputs);
 
   // A ModelStreamInfer stream: Send any number of requests, Receive their responses in
   // completion order, CloseSend when done.

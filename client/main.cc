@@ -2,7 +2,8 @@
 //
 //   dilattn-client health   [--url localhost:8001]
 //   dilattn-client metadata [--url ...] [--model M]
-//   dilattn-client infer    [--url ...] [--model M] [--shape B,N,H,D] [--dtype fp32|fp16|bf16]
+//   dilattn-client infer    [--url ...] [--model M] [--shape B,N,H,D | B,N,E]
+//                           [--dtype fp32|fp16|bf16]
 //                           [--param key=value ...]
 //   dilattn-client bench    (infer's flags) [--concurrency C] [--duration SECONDS] [--stream]
 //   dilattn-client attend   (infer's flags) [--chunk-mib M]
@@ -21,6 +22,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/client.h"
@@ -35,7 +37,7 @@ struct Flags {
   std::string command;
   std::string url = "localhost:8001";
   std::string model = "dilated_attention";
-  std::array<int64_t, 4> shape = {1, 4096, 8, 64};
+  std::vector<int64_t> shape = {1, 4096, 8, 64};
   dilattn::attention::DType dtype = dilattn::attention::DType::kFloat32;
   std::map<std::string, std::string> params;
   int concurrency = 1;
@@ -56,7 +58,8 @@ commands:
 flags:
   --url HOST:PORT        server (localhost:8001)
   --model NAME           model (dilated_attention)
-  --shape B,N,H,D        tensor shape (1,4096,8,64)
+  --shape B,N,H,D        Q, K and V of this shape (1,4096,8,64); B,N,E sends hidden states X
+                         instead (multihead models; not with attend)
   --dtype fp32|fp16|bf16 tensor type (fp32)
   --param KEY=VALUE      request parameter, repeatable (segment_lengths=2048,4096)
   --concurrency C        bench: concurrent clients (1)
@@ -82,8 +85,9 @@ std::string Parse(int argc, char** argv, Flags* f) {
       f->model = value;
     } else if (name == "--shape") {
       std::vector<std::string> parts = absl::StrSplit(value, ',');
-      if (parts.size() != 4) return "--shape needs B,N,H,D";
-      for (size_t d = 0; d < 4; ++d) {
+      if (parts.size() != 3 && parts.size() != 4) return "--shape needs B,N,H,D or B,N,E";
+      f->shape.assign(parts.size(), 0);
+      for (size_t d = 0; d < parts.size(); ++d) {
         if (!absl::SimpleAtoi(parts[d], &f->shape[d]) || f->shape[d] < 1) {
           return absl::StrCat("--shape: '", parts[d], "' is not a positive integer");
         }
@@ -159,24 +163,36 @@ int Metadata(Client& c, const Flags& f, bool model_given) {
   return 0;
 }
 
-// Random Q, K, V of the flags' shape and dtype, and the request options they go with.
+// Random tensors of the flags' shape and dtype (Q, K, V, or X for a three-dim shape), and the
+// request options they go with.
 struct Inputs {
   Tensor q, k, v;
   InferOptions options;
+  dilattn::client::NamedInputs named() const {
+    if (q.shape.size() == 3) return {{"X", &q}};
+    return {{"Q", &q}, {"K", &k}, {"V", &v}};
+  }
 };
 Inputs MakeInputs(const Flags& f) {
-  Inputs in{dilattn::client::RandomTensor(f.dtype, f.shape, 1),
-            dilattn::client::RandomTensor(f.dtype, f.shape, 2),
-            dilattn::client::RandomTensor(f.dtype, f.shape, 3), {}};
+  Inputs in;
+  in.q = dilattn::client::RandomTensor(f.dtype, f.shape, 1);
+  if (f.shape.size() == 4) {
+    in.k = dilattn::client::RandomTensor(f.dtype, f.shape, 2);
+    in.v = dilattn::client::RandomTensor(f.dtype, f.shape, 3);
+  }
   in.options.model = f.model;
   in.options.parameters = f.params;
   return in;
 }
 
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
 int InferOnce(Client& c, const Flags& f) {
   const Inputs in = MakeInputs(f);
   const absl::Time start = absl::Now();
-  absl::StatusOr<Tensor> out = c.Infer(in.options, in.q, in.k, in.v);
+  absl::StatusOr<Tensor> out = c.Infer(in.options, in.named());
   const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
   if (!out.ok()) {
     std::cerr << "infer failed: " << out.status() << "\n";
@@ -185,14 +201,17 @@ int InferOnce(Client& c, const Flags& f) {
   double sum = 0;
   const size_t n = out->bytes.size() / dilattn::attention::DTypeSize(out->dtype);
   for (size_t i = 0; i < n; ++i) sum += dilattn::attention::LoadAsFloat(out->bytes.data(), out->dtype, i);
-  std::printf("O [%lld,%lld,%lld,%lld] %s in %.3f ms, sum %.6g\n",
-              static_cast<long long>(out->shape[0]), static_cast<long long>(out->shape[1]),
-              static_cast<long long>(out->shape[2]), static_cast<long long>(out->shape[3]),
+  std::printf("%s %s %s in %.3f ms, sum %.6g\n", f.shape.size() == 3 ? "Y" : "O",
+              ShapeText(out->shape).c_str(),
               std::string(dilattn::attention::DTypeName(out->dtype)).c_str(), ms, sum);
   return 0;
 }
 
 int AttendOnce(Client& c, const Flags& f) {
+  if (f.shape.size() != 4) {
+    std::cerr << "attend: the native stream carries Q, K, V: --shape B,N,H,D\n";
+    return 2;
+  }
   const Inputs in = MakeInputs(f);
   dilattn::client::AttendOptions options;
   options.model = f.model;
@@ -210,11 +229,9 @@ int AttendOnce(Client& c, const Flags& f) {
   for (size_t i = 0; i < n; ++i)
     sum += dilattn::attention::LoadAsFloat(out->bytes.data(), out->dtype, i);
   std::printf(
-      "O [%lld,%lld,%lld,%lld] %s: stretches of %lld tokens, first output after %.3f ms, "
-      "all in %.3f ms, sum %.6g\n",
-      static_cast<long long>(out->shape[0]), static_cast<long long>(out->shape[1]),
-      static_cast<long long>(out->shape[2]), static_cast<long long>(out->shape[3]),
-      std::string(dilattn::attention::DTypeName(out->dtype)).c_str(),
+      "O %s %s: stretches of %lld tokens, first output after %.3f ms, all in %.3f ms, sum "
+      "%.6g\n",
+      ShapeText(out->shape).c_str(), std::string(dilattn::attention::DTypeName(out->dtype)).c_str(),
       static_cast<long long>(stats.stretch_tokens), absl::ToDoubleMilliseconds(stats.first_output),
       absl::ToDoubleMilliseconds(stats.total), sum);
   return 0;
@@ -223,7 +240,7 @@ int AttendOnce(Client& c, const Flags& f) {
 int Bench(const Flags& f) {
   const Inputs in = MakeInputs(f);
   const inference::ModelInferRequest request =
-      dilattn::client::MakeInferRequest(in.options, in.q, in.k, in.v);
+      dilattn::client::MakeInferRequest(in.options, in.named());
   if (request.ByteSizeLong() > static_cast<size_t>(INT_MAX)) {
     std::cerr << "bench: a request of this shape needs " << request.ByteSizeLong()
               << " bytes, more than one message can carry (2 GiB)\n";
@@ -290,10 +307,8 @@ int Bench(const Flags& f) {
   std::fprintf(stderr, "\n");
   std::lock_guard<std::mutex> lock(mu);
   const double n = static_cast<double>(latencies_ms.size());
-  std::printf("model %s, shape [%lld,%lld,%lld,%lld] %s, concurrency %d%s, %.1f s\n",
-              f.model.c_str(), static_cast<long long>(f.shape[0]),
-              static_cast<long long>(f.shape[1]), static_cast<long long>(f.shape[2]),
-              static_cast<long long>(f.shape[3]),
+  std::printf("model %s, shape %s %s, concurrency %d%s, %.1f s\n", f.model.c_str(),
+              ShapeText(f.shape).c_str(),
               std::string(dilattn::attention::DTypeName(f.dtype)).c_str(), f.concurrency,
               f.stream ? " (streaming)" : "", elapsed.count());
   std::printf("throughput: %.1f req/s, %.0f tokens/s\n", n / elapsed.count(),

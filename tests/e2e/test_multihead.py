@@ -3,6 +3,8 @@ random weights (written here, independently of the C++ reader), requests of hidd
 tritonclient, checked against a float64 evaluation in numpy."""
 
 import json
+import os
+import pathlib
 import queue
 import struct
 import subprocess
@@ -241,3 +243,24 @@ def test_cuda_shared_memory_in_and_out(mh_server, repo, datatype):
         client.unregister_cuda_shared_memory("mh")
     finally:
         buf.free()
+
+
+def test_dilattn_client_sends_hidden_states(mh_server):
+    """dilattn-client's infer and bench take --shape B,N,E for a multihead model; attend, the
+    native stream of Q, K and V, refuses it before sending anything."""
+    binary = os.environ.get("DILATTN_CLIENT_BIN", str(
+        pathlib.Path(__file__).resolve().parents[2] / "build" / "client" / "dilattn-client"))
+    if not os.access(binary, os.X_OK):
+        pytest.skip(f"{binary} is not built")
+    r = subprocess.run([binary, "infer", "--url", mh_server.url, "--model", "mha", "--shape",
+                        f"2,50,{E}", "--dtype", "bf16"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith(f"Y [2,50,{E}] bf16 in "), r.stdout
+    r = subprocess.run([binary, "bench", "--url", mh_server.url, "--model", "mha", "--shape",
+                        f"1,64,{E}", "--duration", "1", "--concurrency", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "throughput:" in r.stdout
+    r = subprocess.run([binary, "attend", "--url", mh_server.url, "--model", "mha", "--shape",
+                        f"1,64,{E}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--shape B,N,H,D" in r.stderr, r.stdout + r.stderr
