@@ -106,6 +106,38 @@ TEST(CudaMultihead, SanitizerSet) {
   EXPECT_GT(CompareRandom(5, 100), 0);
 }
 
+// Two backends of one device (an executor's two streams) share one upload of the weights; each
+// runs right with it, before and after the other is gone, and in both dtypes.
+TEST(CudaMultihead, BackendsOfADeviceShareTheirWeights) {
+  REQUIRE_GPU();
+  SplitMix64 rng(21);
+  auto w = testing::RandomWeights(rng, 128, 2, true, true);
+  attention::AttentionOptions o;
+  o.segment_lengths = {64, 128};
+  o.dilation_rates = {1, 2};
+  for (attention::DType dtype : {attention::DType::kBFloat16, attention::DType::kFloat16}) {
+    absl::StatusOr<MultiheadPlan> plan =
+        PlanMultihead(w, o, attention::DenseShape(dtype, 2, 200, 2, 64));
+    ASSERT_TRUE(plan.ok());
+    const size_t n = plan->tensor_bytes / attention::DTypeSize(dtype);
+    TypedBuffer x(dtype, n), ref(dtype, n), a(dtype, n), b(dtype, n);
+    for (size_t j = 0; j < n; ++j) x.Set(j, rng.NextFloat(1));
+    ASSERT_TRUE(ReferenceMultihead(*plan, {x.cref(), ref.ref()}, dtype).ok());
+    auto first = CreateCudaMultiheadBackend({0, nullptr});
+    auto second = CreateCudaMultiheadBackend({0, nullptr});
+    ASSERT_TRUE(first.ok() && second.ok());
+    ASSERT_TRUE(RunOnGpu(**first, *plan, x, &a).ok());
+    ASSERT_TRUE(RunOnGpu(**second, *plan, x, &b).ok());
+    first->reset();
+    TypedBuffer c(dtype, n);
+    ASSERT_TRUE(RunOnGpu(**second, *plan, x, &c).ok());
+    const std::vector<float> fa = a.ToFloats(), fb = b.ToFloats(), fc = c.ToFloats();
+    EXPECT_EQ(fa, fb);
+    EXPECT_EQ(fb, fc);
+    EXPECT_TRUE(testing::RelativeError(fa, ref.ToFloats()).ok(testing::Tolerance(dtype)));
+  }
+}
+
 TEST(CudaMultihead, SelectorRefusesWhatItCannotRun) {
   REQUIRE_GPU();
   absl::StatusOr<std::unique_ptr<MultiheadBackend>> gpu = CreateCudaMultiheadBackend({0, nullptr});

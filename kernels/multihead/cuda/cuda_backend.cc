@@ -5,9 +5,13 @@
 #include <cuda_runtime_api.h>
 
 #include <map>
+#include <memory>
+#include <tuple>
 #include <utility>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "kernels/attention/dtype.h"
 #include "kernels/multihead/cuda/cublaslt_loader.h"
 #include "kernels/multihead/cuda/launch.h"
@@ -57,6 +61,64 @@ struct DeviceWeights {
     cudaFree(ln_bias);
   }
 };
+
+// Uploads `w` in `dtype` to the current device.
+absl::StatusOr<std::unique_ptr<DeviceWeights>> Upload(const MultiheadWeights& w, DType dtype) {
+  auto d = std::make_unique<DeviceWeights>();
+  const size_t e = static_cast<size_t>(w.embed_dim);
+  std::vector<uint16_t> host;
+  auto upload = [&](const std::vector<float>& src, void** dst) -> absl::Status {
+    host.resize(src.size());
+    for (size_t i = 0; i < src.size(); ++i) {
+      host[i] = dtype == DType::kBFloat16 ? attention::FloatToBFloat16Bits(src[i])
+                                          : attention::FloatToHalfBits(src[i]);
+    }
+    const size_t bytes = host.size() * sizeof(uint16_t);
+    if (absl::Status s = Cuda(cudaMalloc(dst, bytes), "weights"); !s.ok()) return s;
+    return Cuda(cudaMemcpy(*dst, host.data(), bytes, cudaMemcpyHostToDevice), "weights upload");
+  };
+  const std::vector<float>* wts[4] = {&w.wt_q, &w.wt_k, &w.wt_v, &w.wt_out};
+  const std::vector<float>* bs[4] = {&w.b_q, &w.b_k, &w.b_v, &w.b_out};
+  for (int i = 0; i < 4; ++i) {
+    if (absl::Status s = upload(*wts[i], &d->wt[i]); !s.ok()) return s;
+    if (absl::Status s = upload(*bs[i], &d->bias[i]); !s.ok()) return s;
+  }
+  if (w.layer_norm) {
+    for (auto [src, dst] :
+         {std::pair{&w.ln_weight, &d->ln_weight}, std::pair{&w.ln_bias, &d->ln_bias}}) {
+      if (absl::Status s =
+              Cuda(cudaMalloc(reinterpret_cast<void**>(dst), e * sizeof(float)), "weights");
+          !s.ok()) {
+        return s;
+      }
+      if (absl::Status s =
+              Cuda(cudaMemcpy(*dst, src->data(), e * sizeof(float), cudaMemcpyHostToDevice),
+                   "weights upload");
+          !s.ok()) {
+        return s;
+      }
+    }
+  }
+  return d;
+}
+
+// The backends of one device (an executor has one per stream) share one upload of each set of
+// weights in each dtype; it is freed when the last of them lets go.
+absl::StatusOr<std::shared_ptr<const DeviceWeights>> SharedUpload(int device,
+                                                                  const MultiheadWeights& w,
+                                                                  DType dtype) {
+  static absl::Mutex mu(absl::kConstInit);
+  static auto* uploads ABSL_GUARDED_BY(mu) =
+      new std::map<std::tuple<int, uint64_t, DType>, std::weak_ptr<const DeviceWeights>>();
+  absl::MutexLock lock(&mu);
+  std::weak_ptr<const DeviceWeights>& slot = (*uploads)[{device, w.id, dtype}];
+  if (std::shared_ptr<const DeviceWeights> held = slot.lock()) return held;
+  absl::StatusOr<std::unique_ptr<DeviceWeights>> made = Upload(w, dtype);
+  if (!made.ok()) return made.status();
+  std::shared_ptr<const DeviceWeights> held(*std::move(made));
+  slot = held;
+  return held;
+}
 
 // cuBLASLt's description of the projection over `tokens` rows, with the algorithm it chose.
 struct LtShape {
@@ -216,42 +278,9 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   absl::StatusOr<const DeviceWeights*> Weights(const MultiheadWeights& w, DType dtype) {
     auto key = std::make_pair(w.id, dtype);
     if (auto it = weights_.find(key); it != weights_.end()) return it->second.get();
-    auto d = std::make_unique<DeviceWeights>();
-    const size_t e = static_cast<size_t>(w.embed_dim);
-    std::vector<uint16_t> host;
-    auto upload = [&](const std::vector<float>& src, void** dst) -> absl::Status {
-      host.resize(src.size());
-      for (size_t i = 0; i < src.size(); ++i) {
-        host[i] = dtype == DType::kBFloat16 ? attention::FloatToBFloat16Bits(src[i])
-                                            : attention::FloatToHalfBits(src[i]);
-      }
-      const size_t bytes = host.size() * sizeof(uint16_t);
-      if (absl::Status s = Cuda(cudaMalloc(dst, bytes), "weights"); !s.ok()) return s;
-      return Cuda(cudaMemcpy(*dst, host.data(), bytes, cudaMemcpyHostToDevice), "weights upload");
-    };
-    const std::vector<float>* wts[4] = {&w.wt_q, &w.wt_k, &w.wt_v, &w.wt_out};
-    const std::vector<float>* bs[4] = {&w.b_q, &w.b_k, &w.b_v, &w.b_out};
-    for (int i = 0; i < 4; ++i) {
-      if (absl::Status s = upload(*wts[i], &d->wt[i]); !s.ok()) return s;
-      if (absl::Status s = upload(*bs[i], &d->bias[i]); !s.ok()) return s;
-    }
-    if (w.layer_norm) {
-      for (auto [src, dst] :
-           {std::pair{&w.ln_weight, &d->ln_weight}, std::pair{&w.ln_bias, &d->ln_bias}}) {
-        if (absl::Status s =
-                Cuda(cudaMalloc(reinterpret_cast<void**>(dst), e * sizeof(float)), "weights");
-            !s.ok()) {
-          return s;
-        }
-        if (absl::Status s =
-                Cuda(cudaMemcpy(*dst, src->data(), e * sizeof(float), cudaMemcpyHostToDevice),
-                     "weights upload");
-            !s.ok()) {
-          return s;
-        }
-      }
-    }
-    return (weights_[key] = std::move(d)).get();
+    absl::StatusOr<std::shared_ptr<const DeviceWeights>> shared = SharedUpload(device_, w, dtype);
+    if (!shared.ok()) return shared.status();
+    return (weights_[key] = *std::move(shared)).get();
   }
 
   absl::StatusOr<const LtShape*> Shape(int64_t e, int64_t tokens, DType dtype) {
@@ -300,7 +329,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   cublasLtHandle_t lt_ = nullptr;
   cublasLtMatmulDesc_t op_ = nullptr;
   cublasLtMatmulPreference_t pref_ = nullptr;
-  std::map<std::pair<uint64_t, DType>, std::unique_ptr<DeviceWeights>> weights_;
+  std::map<std::pair<uint64_t, DType>, std::shared_ptr<const DeviceWeights>> weights_;
   std::map<std::tuple<int64_t, int64_t, DType>, std::unique_ptr<LtShape>> shapes_;
 };
 
