@@ -47,9 +47,7 @@ class CpuMultiheadBackend final : public MultiheadBackend {
   size_t WorkspaceBytes(const MultiheadPlan& plan) const override {
     absl::StatusOr<attention::AttentionPlan> a = Fp32Attention(plan);
     if (!a.ok()) return 0;
-    // X in fp32, Q, K, V and the attention's output (reused for Y before its rounding), then the
-    // attention's own workspace.
-    return 5 * AlignUp(a->tensor_bytes) + AlignUp(attention_->WorkspaceBytes(*a));
+    return OwnBytes(*a) + AlignUp(attention_->WorkspaceBytes(*a));
   }
 
   absl::Status Run(const MultiheadPlan& plan, const MultiheadTensors& t,
@@ -65,7 +63,8 @@ class CpuMultiheadBackend final : public MultiheadBackend {
     if (!t.x.location.is_host() || !t.y.location.is_host() || !workspace.location.is_host()) {
       return absl::InvalidArgumentError("the CPU multihead backend needs host memory");
     }
-    if (workspace.bytes < WorkspaceBytes(plan)) {
+    // The attention checks its own part of the workspace when it runs.
+    if (workspace.bytes < OwnBytes(*a)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "workspace of ", workspace.bytes, " bytes; the plan needs ", WorkspaceBytes(plan)));
     }
@@ -93,8 +92,7 @@ class CpuMultiheadBackend final : public MultiheadBackend {
     project(x32, w.wt_k, w.b_k, k);
     project(x32, w.wt_v, w.b_v, v);
     const DeviceLoc host = DeviceLoc::Host();
-    attention::TensorRef att_ws{base + 5 * AlignUp(bytes), workspace.bytes - 5 * AlignUp(bytes),
-                                host};
+    attention::TensorRef att_ws{base + OwnBytes(*a), workspace.bytes - OwnBytes(*a), host};
     if (absl::Status s = attention_->Run(
             *a, {{q, bytes, host}, {k, bytes, host}, {v, bytes, host}, {o, bytes, host}}, att_ws);
         !s.ok()) {
@@ -126,6 +124,12 @@ class CpuMultiheadBackend final : public MultiheadBackend {
   }
 
  private:
+  // The module's part of the workspace, ahead of the attention's: X in fp32, Q, K, V and the
+  // attention's output (reused for Y before its rounding).
+  static size_t OwnBytes(const attention::AttentionPlan& fp32) {
+    return 5 * AlignUp(fp32.tensor_bytes);
+  }
+
   std::unique_ptr<attention::cpu::TileRunner> runner_;  // the GEMMs' threads and instruction set
   std::unique_ptr<attention::AttentionBackend> owned_;
   attention::AttentionBackend* attention_;

@@ -192,9 +192,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   }
 
   size_t WorkspaceBytes(const MultiheadPlan& plan) const override {
-    // Q, K, V, the attention's output, cuBLASLt's scratch, the attention's workspace.
-    return 4 * AlignUp(plan.tensor_bytes) + kLtWorkspace +
-           AlignUp(attention_->WorkspaceBytes(plan.attention));
+    return OwnBytes(plan) + AlignUp(attention_->WorkspaceBytes(plan.attention));
   }
 
   absl::Status Run(const MultiheadPlan& plan, const MultiheadTensors& t,
@@ -209,7 +207,9 @@ class CudaMultiheadBackend final : public MultiheadBackend {
       return absl::InvalidArgumentError(absl::StrCat(
           "X and Y must hold ", plan.tensor_bytes, " bytes; got ", t.x.bytes, " and ", t.y.bytes));
     }
-    if (workspace.bytes < WorkspaceBytes(plan)) {
+    // The attention checks its own part when it runs (sizing it walks the tile list, which the
+    // caller has just done to lease the workspace).
+    if (workspace.bytes < OwnBytes(plan)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "workspace of ", workspace.bytes, " bytes; the plan needs ", WorkspaceBytes(plan)));
     }
@@ -228,8 +228,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     void* v = base + 2 * step;
     void* o = base + 3 * step;
     void* lt_ws = base + 4 * step;
-    attention::TensorRef att_ws{base + 4 * step + kLtWorkspace,
-                                workspace.bytes - 4 * step - kLtWorkspace, here};
+    attention::TensorRef att_ws{base + OwnBytes(plan), workspace.bytes - OwnBytes(plan), here};
     auto project = [&](int which, const void* in, void* out) {
       return Project(**shape, (*w)->wt[which], (*w)->bias[which], in, out, lt_ws);
     };
@@ -257,6 +256,12 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   }
 
  private:
+  // The module's part of the workspace, ahead of the attention's: Q, K, V, the attention's output
+  // and cuBLASLt's scratch.
+  static size_t OwnBytes(const MultiheadPlan& plan) {
+    return 4 * AlignUp(plan.tensor_bytes) + kLtWorkspace;
+  }
+
   absl::Status Project(const LtShape& shape, const void* wt, const void* bias, const void* in,
                        void* out, void* lt_ws) {
     if (absl::Status s = Lt(api_,
