@@ -49,13 +49,11 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
   const int rank = (hidden ? 2 : 3) + (batched ? 0 : 1);
   const char* shape_text = hidden ? (batched ? " ([N, E])" : " ([B, N, E])")
                                   : (batched ? " ([N, H, D])" : " ([B, N, H, D])");
-  const std::vector<std::string>& in_names = spec->input_names;
-  const std::string input_list =
-      in_names.size() == 1 ? in_names[0]
-                           : absl::StrCat(absl::StrJoin(in_names.begin(), in_names.end() - 1, ", "),
-                                          " and ", in_names.back());
+  const std::vector<std::string> in_names = spec->input_names();
+  const std::string input_list = spec->InputList();
+  const std::string output_name = spec->output_name();
   if (c.input_size() == 0) {
-    for (const std::string& name : spec->input_names) {
+    for (const std::string& name : in_names) {
       inference::ModelInput* in = c.add_input();
       in->set_name(name);
       in->set_data_type(inference::TYPE_FP32);
@@ -64,20 +62,20 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
   }
   if (c.output_size() == 0) {
     inference::ModelOutput* out = c.add_output();
-    out->set_name(spec->output_name);
+    out->set_name(output_name);
     out->set_data_type(c.input(0).data_type());
     for (int i = 0; i < rank; ++i) out->add_dims(-1);
   }
   std::set<std::string> names;
   for (const inference::ModelInput& in : c.input()) names.insert(in.name());
-  if (c.input_size() != static_cast<int>(spec->input_names.size()) ||
-      names != std::set<std::string>(spec->input_names.begin(), spec->input_names.end())) {
+  if (c.input_size() != static_cast<int>(in_names.size()) ||
+      names != std::set<std::string>(in_names.begin(), in_names.end())) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": inputs must be exactly ", input_list));
   }
-  if (c.output_size() != 1 || c.output(0).name() != spec->output_name) {
+  if (c.output_size() != 1 || c.output(0).name() != output_name) {
     return absl::InvalidArgumentError(
-        absl::StrCat(source, ": the one output must be ", spec->output_name));
+        absl::StrCat(source, ": the one output must be ", output_name));
   }
   const DataType type = c.input(0).data_type();
   absl::StatusOr<attention::DType> dtype =
@@ -124,7 +122,7 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
   }
   if (c.output(0).data_type() != type) {
     return absl::InvalidArgumentError(
-        absl::StrCat(source, ": output ", spec->output_name, " must have the inputs' data_type"));
+        absl::StrCat(source, ": output ", output_name, " must have the inputs' data_type"));
   }
   return absl::OkStatus();
 }
@@ -168,8 +166,6 @@ absl::Status LoadMultiheadWeights(ModelSpec* spec, absl::string_view source,
       multihead::LoadWeightsFile(file.string(), o);
   if (!w.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", w.status().message()));
   spec->defaults.weights = *std::move(w);
-  spec->input_names = {"X"};
-  spec->output_name = "Y";
   return absl::OkStatus();
 }
 

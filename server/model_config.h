@@ -40,9 +40,14 @@ struct ModelSpec {
   BatchingPolicy batching;
   // What callers send and receive: Q, K, V -> O, each [B, N, H, D]; or, for the multihead module,
   // hidden states X -> Y, each [B, N, E] with E = H * D.
-  std::vector<std::string> input_names = {"Q", "K", "V"};
-  std::string output_name = "O";
   bool hidden_states() const { return defaults.kind == OperatorKind::kMultihead; }
+  std::vector<std::string> input_names() const {
+    if (hidden_states()) return {"X"};
+    return {"Q", "K", "V"};
+  }
+  std::string output_name() const { return hidden_states() ? "Y" : "O"; }
+  // The inputs for messages: "Q, K and V", or "X".
+  std::string InputList() const { return hidden_states() ? "X" : "Q, K and V"; }
 };
 
 // Parses and checks one config.pbtxt. `source` names it in messages; `directory_name`, when not

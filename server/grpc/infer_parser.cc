@@ -182,13 +182,10 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   // raw_input_contents hold the inputs that are not in shared memory, in input order.
   int raw_index_of[3] = {-1, -1, -1};
   int raw_inputs = 0;
-  const std::vector<std::string>& kNames = spec.input_names;
+  const std::vector<std::string> kNames = spec.input_names();
   const int inputs = static_cast<int>(kNames.size());
   const bool hidden = spec.hidden_states();
-  const std::string input_list =
-      inputs == 1 ? kNames[0]
-                  : absl::StrCat(absl::StrJoin(kNames.begin(), kNames.end() - 1, ", "), " and ",
-                                 kNames.back());
+  const std::string input_list = spec.InputList();
   for (int i = 0; i < req.inputs_size(); ++i) {
     const auto& in = req.inputs(i);
     const auto slot = std::find(kNames.begin(), kNames.end(), in.name());
@@ -322,13 +319,13 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   }
 
   SharedRef output_ref;
-  const std::string output_name = Quote(spec.output_name);
+  const std::string output_name = Quote(spec.output_name());
   if (req.outputs_size() > 1) {
     return Invalid(absl::StrCat(req.outputs_size(), " outputs requested; model '", spec.name,
                                 "' has one output, ", output_name));
   }
   for (const auto& out : req.outputs()) {
-    if (out.name() != spec.output_name) {
+    if (out.name() != spec.output_name()) {
       return Invalid(absl::StrCat("requested output ", Quote(out.name()),
                                   " does not exist; model '", spec.name, "' has one output, ",
                                   output_name));
@@ -428,7 +425,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   response->set_id(req.id());
   if (final_flag) (*response->mutable_parameters())["triton_final_response"].set_bool_param(true);
   auto* out = response->add_outputs();
-  out->set_name(spec.output_name);
+  out->set_name(spec.output_name());
   out->set_datatype(DatatypeName(r->dtype));
   for (int64_t d : shape) out->add_shape(d);
   if (output_ref.set) {

@@ -151,8 +151,8 @@ TEST_F(MultiheadRepository, LoadsWeightsBesideTheConfig) {
   ASSERT_TRUE(specs.ok()) << specs.status();
   const ModelSpec& m = (*specs)[0];
   EXPECT_TRUE(m.hidden_states());
-  EXPECT_EQ(m.input_names, std::vector<std::string>{"X"});
-  EXPECT_EQ(m.output_name, "Y");
+  EXPECT_EQ(m.input_names(), std::vector<std::string>{"X"});
+  EXPECT_EQ(m.output_name(), "Y");
   ASSERT_EQ(m.config.input_size(), 1);
   EXPECT_EQ(m.config.input(0).name(), "X");
   EXPECT_EQ(m.config.input(0).dims_size(), 2);  // [N, E] under max_batch_size
