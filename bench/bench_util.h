@@ -33,6 +33,39 @@ inline std::vector<int64_t> Ints(const std::string& s) {
   return out;
 }
 
+// The flags every CUDA benchmark takes; each sets its own defaults before parsing.
+struct ProblemFlags {
+  std::vector<int64_t> ns;  // sequence lengths, one table row each
+  int64_t heads = 16;
+  int64_t dim = 64;
+  int64_t iters = 20;
+  std::string dtype = "bf16";
+};
+
+// Reads argv as --flag value pairs: the shared flags into `f`, the others through `extra`, which
+// returns false for a flag it does not know. An unknown flag ends the program with status 2.
+inline void ParseFlags(
+    int argc, char** argv, ProblemFlags* f,
+    const std::function<bool(const std::string& flag, const std::string& value)>& extra) {
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--n") {
+      f->ns = Ints(value);
+    } else if (flag == "--heads") {
+      f->heads = Ints(value)[0];
+    } else if (flag == "--dim") {
+      f->dim = Ints(value)[0];
+    } else if (flag == "--iters") {
+      f->iters = Ints(value)[0];
+    } else if (flag == "--dtype") {
+      f->dtype = value;
+    } else if (!extra(flag, value)) {
+      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
+      std::exit(2);
+    }
+  }
+}
+
 #define CHECK_CUDA(x)                                                      \
   do {                                                                     \
     cudaError_t e_ = (x);                                                  \

@@ -47,31 +47,21 @@ T OrDie(absl::StatusOr<T> v) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int64_t> ns = {32768, 131072};
-  int64_t heads = 16, dim = 64, iters = 20, block = 128;
-  std::string dtype = "bf16";
+  dilattn::bench::ProblemFlags flags;
+  flags.ns = {32768, 131072};
+  int64_t block = 128;
   bool causal = false;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--n")
-      ns = Ints(value);
-    else if (flag == "--heads")
-      heads = Ints(value)[0];
-    else if (flag == "--dim")
-      dim = Ints(value)[0];
-    else if (flag == "--iters")
-      iters = Ints(value)[0];
-    else if (flag == "--block")
-      block = Ints(value)[0];
-    else if (flag == "--dtype")
-      dtype = value;
-    else if (flag == "--causal")
-      causal = value == "1";
-    else {
-      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
-      return 2;
-    }
-  }
+  dilattn::bench::ParseFlags(argc, argv, &flags,
+                             [&](const std::string& flag, const std::string& value) {
+                               if (flag == "--block")
+                                 block = Ints(value)[0];
+                               else if (flag == "--causal")
+                                 causal = value == "1";
+                               else
+                                 return false;
+                               return true;
+                             });
+  const auto& [ns, heads, dim, iters, dtype] = flags;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   auto sparse = OrDie(dilattn::block_sparse::CreateCudaBlockSparseBackend({0, stream}));

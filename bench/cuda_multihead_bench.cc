@@ -51,37 +51,26 @@ std::shared_ptr<const dilattn::multihead::MultiheadWeights> RandomWeights(int64_
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int64_t> ns = {32768};
-  int64_t heads = 16, dim = 64, iters = 20;
-  std::string dtype = "bf16";
+  dilattn::bench::ProblemFlags flags;
+  flags.ns = {32768};
   bool causal = false, norm = true;
   std::vector<int64_t> segments = {2048, 4096, 8192, 16384, 32768};
   std::vector<int64_t> rates = {1, 2, 4, 8, 16};
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--n")
-      ns = Ints(value);
-    else if (flag == "--heads")
-      heads = Ints(value)[0];
-    else if (flag == "--dim")
-      dim = Ints(value)[0];
-    else if (flag == "--iters")
-      iters = Ints(value)[0];
-    else if (flag == "--dtype")
-      dtype = value;
-    else if (flag == "--causal")
-      causal = value == "1";
-    else if (flag == "--norm")
-      norm = value == "1";
-    else if (flag == "--segments")
-      segments = Ints(value);
-    else if (flag == "--rates")
-      rates = Ints(value);
-    else {
-      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
-      return 2;
-    }
-  }
+  dilattn::bench::ParseFlags(argc, argv, &flags,
+                             [&](const std::string& flag, const std::string& value) {
+                               if (flag == "--causal")
+                                 causal = value == "1";
+                               else if (flag == "--norm")
+                                 norm = value == "1";
+                               else if (flag == "--segments")
+                                 segments = Ints(value);
+                               else if (flag == "--rates")
+                                 rates = Ints(value);
+                               else
+                                 return false;
+                               return true;
+                             });
+  const auto& [ns, heads, dim, iters, dtype] = flags;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   auto module = dilattn::multihead::CreateCudaMultiheadBackend({0, stream});

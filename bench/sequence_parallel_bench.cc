@@ -39,21 +39,12 @@ void* PinnedRandom(size_t bytes, uint64_t seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<int64_t> ns = {1048576, 2097152};
-  int64_t heads = 16, dim = 64, iters = 5;
-  std::string dtype = "bf16";
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--n") ns = Ints(value);
-    else if (flag == "--heads") heads = Ints(value)[0];
-    else if (flag == "--dim") dim = Ints(value)[0];
-    else if (flag == "--iters") iters = Ints(value)[0];
-    else if (flag == "--dtype") dtype = value;
-    else {
-      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
-      return 2;
-    }
-  }
+  dilattn::bench::ProblemFlags flags;
+  flags.ns = {1048576, 2097152};
+  flags.iters = 5;
+  dilattn::bench::ParseFlags(argc, argv, &flags,
+                             [](const std::string&, const std::string&) { return false; });
+  const auto& [ns, heads, dim, iters, dtype] = flags;
   int count = 0;
   CHECK_CUDA(cudaGetDeviceCount(&count));
   std::vector<int> all;
