@@ -183,10 +183,9 @@ class CudaExecutor final : public Executor {
 
     auto state = std::make_unique<GpuJob>();
     // Device: Q, K, V, O (X and Y for the multihead module) unless the job runs in place, the
-    // workspace, and for fp32 requests
-    // one fp32 tensor to convert through and the overflow flag. Host: each request's output
-    // lease (pinned), which the response sends without another copy; the inputs are already
-    // staged in pinned leases.
+    // workspace, and for fp32 requests one fp32 tensor to convert through and the overflow
+    // flag. Host: each request's output lease (pinned), which the response sends without another
+    // copy; the inputs are already staged in pinned leases.
     absl::StatusOr<memory::Buffer> flag = pinned_pool_->Acquire(sizeof(int), deadline);
     if (!flag.ok()) return flag.status();
     std::vector<memory::Buffer> dev;
