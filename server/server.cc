@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_builder.h"
@@ -40,10 +41,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   shm.pin_for_device = s->engine_->cuda_device();
   s->shared_memory_ = std::make_unique<SharedMemoryManager>(shm);
   s->service_ = std::make_unique<InferenceService>(s->registry_.get(), s->shared_memory_.get(),
-                                                   &s->state_);
+                                                   &s->state_, &s->gate_);
   s->attend_ = std::make_unique<AttendService>(
-      s->registry_.get(), s->metrics_->streams(), static_cast<size_t>(options.max_message_bytes),
-      options.stream_idle);
+      s->registry_.get(), s->metrics_->streams(), &s->gate_,
+      static_cast<size_t>(options.max_message_bytes), options.stream_idle);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -83,16 +84,18 @@ void Server::Shutdown() {
   }
   state_.ready.store(false);
   if (grpc_ != nullptr) grpc_->GetHealthCheckService()->SetServingStatus(false);
-  // Schedulers stop waiting for batching delays. gRPC then refuses new calls and waits, up to
-  // the grace period, for the in-flight ones, which the engine completes meanwhile; streams
-  // among them (a native stream's later stretches, a ModelStreamInfer client's next request)
-  // are still scheduled. Past the grace period gRPC cancels what is left, and the schedulers,
-  // then the engine, stop once everything they hold is done.
+  // Schedulers stop waiting for batching delays. New inference RPCs are refused while the
+  // in-flight ones finish, up to the grace period; streams among them (a native stream's later
+  // stretches, a ModelStreamInfer client's next request) are still scheduled. Only then does
+  // gRPC shut down (rpc_gate.h says why not at once); past the grace period it cancels what is
+  // left, and the schedulers, then the engine, stop once everything they hold is done.
+  const absl::Time grace_end = absl::Now() + options_.grace_period;
   if (registry_ != nullptr) registry_->Flush();
-  if (grpc_ != nullptr) {
-    grpc_->Shutdown(std::chrono::system_clock::now() +
-                    absl::ToChronoSeconds(options_.grace_period));
+  if (const int running = gate_.Drain(grace_end); running > 0) {
+    LogWarning("dilattn-server: %d RPC(s) still running after the grace period; cancelling them",
+               running);
   }
+  if (grpc_ != nullptr) grpc_->Shutdown(absl::ToChronoTime(grace_end));
   if (registry_ != nullptr) registry_->Shutdown();
   if (engine_ != nullptr) engine_->Shutdown();
   LogInfo("dilattn-server: shut down");

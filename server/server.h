@@ -43,7 +43,8 @@ class Server {
 
   // Blocks until Shutdown() has finished.
   void Wait();
-  // Health NOT_SERVING, no new RPCs, in-flight ones finish within the grace period, then the
+  // Health NOT_SERVING; new inference RPCs are refused (UNAVAILABLE) while those in flight,
+  // streams included, finish within the grace period; then gRPC shuts down (GOAWAY), and the
   // schedulers and the engine stop. Safe from any thread, once.
   void Shutdown();
 
@@ -56,6 +57,7 @@ class Server {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<ModelRegistry> registry_;
   ServerState state_;
+  RpcGate gate_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<AttendService> attend_;
   std::unique_ptr<grpc::Server> grpc_;

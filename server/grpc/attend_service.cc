@@ -130,8 +130,12 @@ namespace internal {
 class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   AttendReactor(grpc::CallbackServerContext* ctx, AttendService* service, ModelRegistry* registry,
-                size_t chunk_bytes)
-      : ctx_(ctx), service_(service), registry_(registry), chunk_bytes_(chunk_bytes) {
+                size_t chunk_bytes, RpcGate::Pass pass)
+      : ctx_(ctx),
+        service_(service),
+        registry_(registry),
+        chunk_bytes_(chunk_bytes),
+        pass_(std::move(pass)) {
     service_->Register(this);
     StartRead(&incoming_);
   }
@@ -413,6 +417,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   AttendService* service_;
   ModelRegistry* registry_;
   const size_t chunk_bytes_;  // the most data an output message carries
+  RpcGate::Pass pass_;
   grpc::ByteBuffer incoming_;
   grpc::ByteBuffer outgoing_;  // the message being written
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
@@ -453,10 +458,11 @@ int64_t StretchTokens(const OperatorOptions& options, int64_t n) {
   return stretch;
 }
 
-AttendService::AttendService(ModelRegistry* registry, StreamMetrics* metrics,
+AttendService::AttendService(ModelRegistry* registry, StreamMetrics* metrics, RpcGate* gate,
                              size_t max_message_bytes, absl::Duration idle_timeout)
     : registry_(registry),
       metrics_(metrics),
+      gate_(gate),
       max_message_bytes_(max_message_bytes),
       idle_timeout_(idle_timeout) {
   if (idle_timeout_ > absl::ZeroDuration()) watchdog_ = std::thread([this] { WatchIdleStreams(); });
@@ -472,10 +478,13 @@ AttendService::~AttendService() {
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttendService::Attend(
     grpc::CallbackServerContext* ctx) {
+  absl::StatusOr<RpcGate::Pass> pass = gate_->Enter();
+  if (!pass.ok()) return new RefusedStream(ToGrpcStatus(pass.status()));
   const size_t message = std::min(kAttendMessageBytes, max_message_bytes_);
   return new internal::AttendReactor(
       ctx, this, registry_,
-      message > 2 * kAttendFramingBytes ? message - kAttendFramingBytes : message / 2);
+      message > 2 * kAttendFramingBytes ? message - kAttendFramingBytes : message / 2,
+      *std::move(pass));
 }
 
 void AttendService::Register(internal::AttendReactor* r) {

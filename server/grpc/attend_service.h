@@ -14,8 +14,8 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-
 #include "dilattn/v1/attention.grpc.pb.h"
+#include "server/grpc/rpc_gate.h"
 #include "server/metrics.h"
 #include "server/model_registry.h"
 #include "server/operator_options.h"
@@ -46,8 +46,9 @@ class AttendService final : public dilattn::v1::DilatedAttention::WithRawCallbac
   // `max_message_bytes`: the server's limit on a message it sends. A stream whose input is not
   // complete and that sends nothing for `idle_timeout` ends with DEADLINE_EXCEEDED, which
   // returns its staging memory (zero: never).
-  AttendService(ModelRegistry* registry, StreamMetrics* metrics, size_t max_message_bytes,
-                absl::Duration idle_timeout);
+  // Every stream takes a pass from `gate` for its lifetime.
+  AttendService(ModelRegistry* registry, StreamMetrics* metrics, RpcGate* gate,
+                size_t max_message_bytes, absl::Duration idle_timeout);
   ~AttendService() override;
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Attend(
@@ -61,6 +62,7 @@ class AttendService final : public dilattn::v1::DilatedAttention::WithRawCallbac
 
   ModelRegistry* registry_;
   StreamMetrics* metrics_;
+  RpcGate* gate_;
   size_t max_message_bytes_;
   absl::Duration idle_timeout_;
   absl::Mutex watch_mu_;

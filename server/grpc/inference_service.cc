@@ -43,7 +43,7 @@ absl::Status SerializeMessage(const google::protobuf::Message& message, grpc::By
 // copy, when the engine (or the scheduler) completes the request.
 class InferReactor final : public grpc::ServerUnaryReactor {
  public:
-  explicit InferReactor(grpc::ByteBuffer* out) : out_(out) {}
+  InferReactor(grpc::ByteBuffer* out, RpcGate::Pass pass) : out_(out), pass_(std::move(pass)) {}
 
   inference::ModelInferRequest request;
   inference::ModelInferResponse response;
@@ -62,6 +62,7 @@ class InferReactor final : public grpc::ServerUnaryReactor {
 
  private:
   grpc::ByteBuffer* out_;
+  RpcGate::Pass pass_;
 };
 
 // ModelStreamInfer: every request read is parsed and enqueued as it arrives; responses (or
@@ -71,8 +72,8 @@ class InferReactor final : public grpc::ServerUnaryReactor {
 class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   StreamReactor(grpc::CallbackServerContext* ctx, ModelRegistry* registry,
-                const SharedMemoryManager* shared_memory)
-      : ctx_(ctx), registry_(registry), shared_memory_(shared_memory) {
+                const SharedMemoryManager* shared_memory, RpcGate::Pass pass)
+      : ctx_(ctx), registry_(registry), shared_memory_(shared_memory), pass_(std::move(pass)) {
     StartRead(&incoming_);
   }
 
@@ -208,6 +209,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   grpc::CallbackServerContext* ctx_;
   ModelRegistry* registry_;
   const SharedMemoryManager* shared_memory_;
+  RpcGate::Pass pass_;
   grpc::ByteBuffer incoming_;
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
   absl::Mutex mu_;
@@ -402,7 +404,12 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
                                                        const grpc::ByteBuffer* request,
                                                        grpc::ByteBuffer* response) {
   const absl::Time arrival = absl::Now();
-  auto* reactor = new InferReactor(response);
+  absl::StatusOr<RpcGate::Pass> pass = gate_->Enter();
+  auto* reactor = new InferReactor(response, pass.ok() ? *std::move(pass) : RpcGate::Pass());
+  if (!pass.ok()) {
+    reactor->Complete(pass.status());
+    return reactor;
+  }
   absl::StatusOr<RequestBytes> raw = RequestBytes::Split(*request, &reactor->request);
   if (!raw.ok()) {
     reactor->Complete(raw.status());
@@ -427,7 +434,9 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* InferenceService::ModelStreamInfer(
     grpc::CallbackServerContext* ctx) {
-  return new StreamReactor(ctx, registry_, shared_memory_);
+  absl::StatusOr<RpcGate::Pass> pass = gate_->Enter();
+  if (!pass.ok()) return new RefusedStream(ToGrpcStatus(pass.status()));
+  return new StreamReactor(ctx, registry_, shared_memory_, *std::move(pass));
 }
 
 }  // namespace dilattn::server

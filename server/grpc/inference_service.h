@@ -8,6 +8,7 @@
 
 #include "inference/grpc_service.grpc.pb.h"
 #include "server/engine.h"
+#include "server/grpc/rpc_gate.h"
 #include "server/model_registry.h"
 #include "server/shared_memory.h"
 
@@ -32,9 +33,10 @@ using InferenceServiceBase = inference::GRPCInferenceService::WithRawCallbackMet
 
 class InferenceService final : public InferenceServiceBase {
  public:
-  InferenceService(ModelRegistry* registry, SharedMemoryManager* shared_memory,
-                   ServerState* state)
-      : registry_(registry), shared_memory_(shared_memory), state_(state) {}
+  // ModelInfer and ModelStreamInfer take a pass from `gate` for their lifetime.
+  InferenceService(ModelRegistry* registry, SharedMemoryManager* shared_memory, ServerState* state,
+                   RpcGate* gate)
+      : registry_(registry), shared_memory_(shared_memory), state_(state), gate_(gate) {}
 
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx,
                                        const inference::ServerLiveRequest* req,
@@ -90,6 +92,7 @@ class InferenceService final : public InferenceServiceBase {
   ModelRegistry* registry_;
   SharedMemoryManager* shared_memory_;
   ServerState* state_;
+  RpcGate* gate_;
 };
 
 grpc::Status ToGrpcStatus(const absl::Status& status);

@@ -5,6 +5,8 @@ import queue
 import signal
 
 import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
 
 import reference
 from conftest import ServerProcess, wait_until
@@ -14,6 +16,12 @@ HELD_MODEL = """
 name: "held"
 max_batch_size: 64
 dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 30000000 }
+parameters { key: "segment_lengths" value { string_value: "32,64" } }
+parameters { key: "dilation_rates" value { string_value: "1,2" } }
+"""
+SMALL_MODEL = """
+name: "small"
+max_batch_size: 8
 parameters { key: "segment_lengths" value { string_value: "32,64" } }
 parameters { key: "dilation_rates" value { string_value: "1,2" } }
 """
@@ -39,12 +47,72 @@ def test_sigterm_finishes_accepted_requests(tmp_path):
     s.proc.send_signal(signal.SIGTERM)
     for _ in range(24):
         result, error = results.get(timeout=60)
-        assert error is None, error
+        assert error is None, f"{error.status()}: {error.message()}\n{s.log_path.read_text()}"
         rid = result.get_response().id
         assert reference.relative_error(result.as_numpy("O"), expected[rid]) <= reference.FP32
     assert s.stop(timeout=60) == 0
     log = s.log_path.read_text()
     assert "finishing in-flight requests" in log and "shut down" in log
+
+
+def test_sigterm_refuses_new_requests_while_open_streams_finish(tmp_path):
+    # An open ModelStreamInfer stream keeps the server draining: new RPCs are refused as
+    # UNAVAILABLE (clients retry elsewhere), the stream's further requests are still answered,
+    # and the server exits as soon as the stream closes, long before its grace period ends.
+    import time
+
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "config.pbtxt").write_text(SMALL_MODEL)
+    s = ServerProcess("--model-repository", str(tmp_path), "--grace-period-seconds", "60",
+                      name="sigterm-drain")
+    c = s.client()
+    rng = np.random.default_rng(13)
+    shape = (1, 128, 2, 16)
+    results = queue.Queue()
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        def stream_request():
+            q, k, v = (rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3))
+            c.async_stream_infer("small", make_inputs(q, k, v))
+            result, error = results.get(timeout=30)
+            assert error is None, f"{error.status()}: {error.message()}"
+            ref = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
+            assert reference.relative_error(result.as_numpy("O"), ref) <= reference.FP32
+
+        stream_request()
+        s.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "finishing in-flight requests" in s.log_path.read_text())
+        assert not c.is_server_ready()
+        other = s.client()
+        q, k, v = (rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3))
+        with pytest.raises(InferenceServerException) as refused:
+            other.infer("small", make_inputs(q, k, v))
+        assert refused.value.status() == "StatusCode.UNAVAILABLE"
+        assert "shutting down" in refused.value.message()
+        stream_request()
+        assert s.alive()
+    finally:
+        c.stop_stream()
+    start = time.monotonic()
+    assert s.stop(timeout=30) == 0
+    assert time.monotonic() - start < 10
+
+
+def test_sigterm_exits_within_the_grace_period_despite_a_peer_that_ignores_goaway():
+    import socket
+    import time
+
+    s = ServerProcess("--grace-period-seconds", "2", name="sigterm-peer")
+    peer = socket.create_connection(("127.0.0.1", s.grpc_port))
+    try:
+        # An HTTP/2 client preface and SETTINGS, then silence: it never answers GOAWAY's ping.
+        peer.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        assert s.client().is_server_live()
+        start = time.monotonic()
+        assert s.stop(timeout=30) == 0
+        assert time.monotonic() - start < 10
+    finally:
+        peer.close()
 
 
 def test_sigterm_lets_an_open_stream_finish():

@@ -1,0 +1,47 @@
+#include "server/grpc/rpc_gate.h"
+
+#include "absl/status/status.h"
+
+namespace dilattn::server {
+
+RpcGate::Pass& RpcGate::Pass::operator=(Pass&& other) noexcept {
+  if (this != &other) {
+    if (gate_ != nullptr) gate_->Leave();
+    gate_ = std::exchange(other.gate_, nullptr);
+  }
+  return *this;
+}
+
+RpcGate::Pass::~Pass() {
+  if (gate_ != nullptr) gate_->Leave();
+}
+
+absl::StatusOr<RpcGate::Pass> RpcGate::Enter() {
+  absl::MutexLock lock(&mu_);
+  if (draining_) {
+    return absl::UnavailableError(
+        "server is shutting down; it finishes the requests it has and accepts no new ones");
+  }
+  ++in_flight_;
+  return Pass(this);
+}
+
+void RpcGate::Leave() {
+  absl::MutexLock lock(&mu_);
+  --in_flight_;
+}
+
+int RpcGate::Drain(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+  auto idle = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return in_flight_ == 0; };
+  mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+  return in_flight_;
+}
+
+int RpcGate::in_flight() const {
+  absl::MutexLock lock(&mu_);
+  return in_flight_;
+}
+
+}  // namespace dilattn::server
