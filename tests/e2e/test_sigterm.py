@@ -1,8 +1,10 @@
-"""SIGTERM under load: every request accepted before the signal gets its correct answer, the
-server exits 0."""
+"""SIGTERM under load: every request accepted before the signal gets its correct answer, new ones
+are refused while the open ones finish, and the server exits 0 within its grace period."""
 
 import queue
 import signal
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -27,19 +29,27 @@ parameters { key: "dilation_rates" value { string_value: "1,2" } }
 """
 
 
+def serve_model(tmp_path, name, config, log_name):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "config.pbtxt").write_text(config)
+    return ServerProcess("--model-repository", str(tmp_path), "--grace-period-seconds", "60",
+                         name=log_name)
+
+
+def small_problem(rng, n):
+    """Q, K, V of (1, n, 2, 16) and the output both models above must give."""
+    q, k, v = (rng.uniform(-1, 1, (1, n, 2, 16)).astype(np.float32) for _ in range(3))
+    return q, k, v, reference.dilated_attention(q, k, v, [32, 64], [1, 2])
+
+
 def test_sigterm_finishes_accepted_requests(tmp_path):
-    (tmp_path / "held").mkdir()
-    (tmp_path / "held" / "config.pbtxt").write_text(HELD_MODEL)
-    s = ServerProcess("--model-repository", str(tmp_path), "--grace-period-seconds", "60",
-                      name="sigterm")
+    s = serve_model(tmp_path, "held", HELD_MODEL, "sigterm")
     c = s.client()
     rng = np.random.default_rng(11)
     results = queue.Queue()
     expected = {}
     for i in range(24):
-        n = (64, 100, 128)[i % 3]
-        q, k, v = (rng.uniform(-1, 1, (1, n, 2, 16)).astype(np.float32) for _ in range(3))
-        expected[str(i)] = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
+        q, k, v, expected[str(i)] = small_problem(rng, (64, 100, 128)[i % 3])
         c.async_infer("held", make_inputs(q, k, v), request_id=str(i),
                       callback=lambda result, error: results.put((result, error)))
     # All 24 are queued (held by the 30 s batching delay) when the signal arrives.
@@ -59,24 +69,17 @@ def test_sigterm_refuses_new_requests_while_open_streams_finish(tmp_path):
     # An open ModelStreamInfer stream keeps the server draining: new RPCs are refused as
     # UNAVAILABLE (clients retry elsewhere), the stream's further requests are still answered,
     # and the server exits as soon as the stream closes, long before its grace period ends.
-    import time
-
-    (tmp_path / "small").mkdir()
-    (tmp_path / "small" / "config.pbtxt").write_text(SMALL_MODEL)
-    s = ServerProcess("--model-repository", str(tmp_path), "--grace-period-seconds", "60",
-                      name="sigterm-drain")
+    s = serve_model(tmp_path, "small", SMALL_MODEL, "sigterm-drain")
     c = s.client()
     rng = np.random.default_rng(13)
-    shape = (1, 128, 2, 16)
     results = queue.Queue()
     c.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         def stream_request():
-            q, k, v = (rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3))
+            q, k, v, ref = small_problem(rng, 128)
             c.async_stream_infer("small", make_inputs(q, k, v))
             result, error = results.get(timeout=30)
             assert error is None, f"{error.status()}: {error.message()}"
-            ref = reference.dilated_attention(q, k, v, [32, 64], [1, 2])
             assert reference.relative_error(result.as_numpy("O"), ref) <= reference.FP32
 
         stream_request()
@@ -84,7 +87,7 @@ def test_sigterm_refuses_new_requests_while_open_streams_finish(tmp_path):
         assert wait_until(lambda: "finishing in-flight requests" in s.log_path.read_text())
         assert not c.is_server_ready()
         other = s.client()
-        q, k, v = (rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3))
+        q, k, v, _ = small_problem(rng, 128)
         with pytest.raises(InferenceServerException) as refused:
             other.infer("small", make_inputs(q, k, v))
         assert refused.value.status() == "StatusCode.UNAVAILABLE"
@@ -99,9 +102,6 @@ def test_sigterm_refuses_new_requests_while_open_streams_finish(tmp_path):
 
 
 def test_sigterm_exits_within_the_grace_period_despite_a_peer_that_ignores_goaway():
-    import socket
-    import time
-
     s = ServerProcess("--grace-period-seconds", "2", name="sigterm-peer")
     peer = socket.create_connection(("127.0.0.1", s.grpc_port))
     try:
