@@ -7,7 +7,8 @@
 #   3. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit, conformance,
 #      and the server under the end-to-end error, conformance, shutdown, shared-memory and
 #      multihead tests (a leak at exit fails them)
-#   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool)
+#   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool, the batcher and
+#      the engine threads; the gRPC layer stays out, its Abseil is not instrumented)
 #
 # Prints each stage's CTest summary; exits non-zero on the first failing stage.
 set -euo pipefail
@@ -53,8 +54,10 @@ source "$root/scripts/deps.sh"
 fetch_abseil_source "$root/third_party/abseil-src"
 configure_and_build "$root/build-tsan" -DDILATTN_SANITIZE=thread \
   -DDILATTN_ABSL_SOURCE_DIR="$root/third_party/abseil-src" \
-  -DDILATTN_WITH_BENCHMARKS=OFF -DDILATTN_WITH_SERVER=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  -DDILATTN_WITH_BENCHMARKS=OFF -DDILATTN_WITH_SERVER=OFF -DDILATTN_WITH_ENGINE=ON \
+  -DCMAKE_BUILD_TYPE=RelWithDebInfo
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/sanitizers/tsan.supp" \
-  ctest --test-dir "$root/build-tsan" --output-on-failure -j"$jobs" -R 'BufferPool|ThreadPool'
+  ctest --test-dir "$root/build-tsan" --output-on-failure -j"$jobs" \
+  -R 'BufferPool|ThreadPool|EngineThreads|EngineDevices|InPlace'
 
 stage "all test stages passed"

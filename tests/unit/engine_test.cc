@@ -3,16 +3,21 @@
 // tensors lie on a GPU runs on that GPU's thread, and one on a GPU no thread runs goes to any.
 // Runs without a GPU (and under ASan/UBSan in CI).
 
+#include "server/engine.h"
+
 #include <atomic>
 #include <map>
 #include <memory>
+#include <thread>
 #include <vector>
 
+#include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "kernels/memory/allocator.h"
-#include "server/engine.h"
 #include "server/executor.h"
 #include "server/metrics.h"
 #include "server/model.h"
@@ -99,7 +104,7 @@ class EngineThreads : public ::testing::Test {
     metrics_ = *std::move(metrics);
   }
 
-  void Start(std::vector<int> devices, bool gang = false) {
+  void Start(std::vector<int> devices, bool gang = false, absl::string_view batching = "") {
     std::vector<std::unique_ptr<Executor>> executors;
     for (int d : devices) {
       executors.push_back(std::make_unique<RecordingExecutor>(d, &log_, pool_.get()));
@@ -115,10 +120,18 @@ class EngineThreads : public ::testing::Test {
     engine_ = *std::move(engine);
     // The model's name comes from a config (GCC 12 warns falsely, -Wrestrict, on assigning a
     // literal to the spec's name here).
-    absl::StatusOr<ModelSpec> spec = ParseModelConfig(
-        R"pb(name: "m" parameters { key: "segment_lengths" value { string_value: "16" } }
-             parameters { key: "dilation_rates" value { string_value: "1" } })pb",
-        "test", "");
+    absl::StatusOr<ModelSpec> spec =
+        ParseModelConfig(absl::StrCat(R"pb(name: "m"
+                                           parameters {
+                                             key: "segment_lengths"
+                                             value { string_value: "16" }
+                                           }
+                                           parameters {
+                                             key: "dilation_rates"
+                                             value { string_value: "1" }
+                                           })pb",
+                                      batching),
+                         "test", "");
     ASSERT_TRUE(spec.ok()) << spec.status();
     model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
   }
@@ -207,6 +220,88 @@ TEST_F(EngineThreads, GangBatchesRunAloneOnEveryDevice) {
     EXPECT_EQ(log_.runs[id], 1) << "request " << id;
     EXPECT_EQ(log_.device_of[id] == -2, id % 10 == 0) << "request " << id;
   }
+}
+
+// Several threads enqueue into one model's batcher at once (three batch keys, two priorities,
+// sequences long enough for the gang runner among them) while another cancels queued requests;
+// some requests arrive already expired. Every request completes exactly once: OK, or CANCELLED
+// only if it was cancelled, or DEADLINE_EXCEEDED only if its deadline was set. Under
+// ThreadSanitizer in CI, this is the batcher's and the engine's race test.
+TEST_F(EngineThreads, BatcherUnderConcurrentProducersAndCancellations) {
+  Start({0, 1}, /*gang=*/true,
+        R"pb(max_batch_size: 8
+             dynamic_batching { max_queue_delay_microseconds: 2000 priority_levels: 2 })pb");
+  constexpr int kProducers = 4;
+  constexpr int kPerProducer = 150;
+  constexpr int kRequests = kProducers * kPerProducer;
+  struct Outcome {
+    std::atomic<int> calls{0};
+    std::atomic<int> code{-1};
+    std::atomic<bool> expired{false};
+  };
+  std::vector<Outcome> outcomes(kRequests);
+  std::vector<std::shared_ptr<std::atomic<bool>>> flags(kRequests);
+  for (auto& f : flags) f = std::make_shared<std::atomic<bool>>(false);
+  std::atomic<int> enqueued{0};
+
+  std::vector<std::thread> producers;
+  for (int p = 0; p < kProducers; ++p) {
+    producers.emplace_back([&, p] {
+      absl::BitGen rng;
+      for (int i = 0; i < kPerProducer; ++i) {
+        const int index = p * kPerProducer + i;
+        auto r = std::make_unique<InferenceRequest>();
+        r->model = model_.get();
+        r->batch = 1;
+        r->seq_len = absl::Uniform(rng, 0, 20) == 0 ? 200 : absl::Uniform(rng, 1, 64);
+        r->batch_key = absl::StrCat("key", absl::Uniform(rng, 0, 3));
+        r->priority = absl::Uniform(rng, 1, 3);
+        r->cancelled = flags[index];
+        if (absl::Uniform(rng, 0, 10) == 0) {
+          r->deadline = absl::Now() - absl::Milliseconds(1);
+          outcomes[index].expired = true;
+        }
+        r->done = [&outcomes, index](InferenceRequest&, const absl::Status& s,
+                                     const RequestTimings&) {
+          outcomes[index].code = static_cast<int>(s.code());
+          outcomes[index].calls.fetch_add(1);
+        };
+        model_->scheduler().Enqueue(std::move(r));
+        enqueued.fetch_add(1);
+        if (i % 16 == 0) absl::SleepFor(absl::Microseconds(200));
+      }
+    });
+  }
+  std::thread canceller([&] {
+    absl::BitGen rng;
+    while (enqueued.load() < kRequests) {
+      flags[absl::Uniform(rng, 0, kRequests)]->store(true);
+      absl::SleepFor(absl::Microseconds(300));
+    }
+  });
+  for (auto& t : producers) t.join();
+  canceller.join();
+  model_->scheduler().Shutdown();  // sends what it still holds to the engine
+  engine_->Shutdown();
+
+  int ok = 0;
+  for (int i = 0; i < kRequests; ++i) {
+    const Outcome& o = outcomes[i];
+    ASSERT_EQ(o.calls.load(), 1) << "request " << i << " completed " << o.calls.load() << " times";
+    const auto code = static_cast<absl::StatusCode>(o.code.load());
+    if (code == absl::StatusCode::kOk) {
+      ++ok;
+    } else if (code == absl::StatusCode::kCancelled) {
+      EXPECT_TRUE(flags[i]->load()) << "request " << i << " cancelled without being cancelled";
+    } else {
+      EXPECT_EQ(code, absl::StatusCode::kDeadlineExceeded) << "request " << i;
+      EXPECT_TRUE(o.expired.load()) << "request " << i << " expired without a deadline";
+    }
+  }
+  EXPECT_GT(ok, kRequests / 2);
+  EXPECT_EQ(gang_->overlapped(), 0) << "a gang run overlapped an executor's job";
+  absl::MutexLock lock(&log_.mu);
+  EXPECT_EQ(log_.runs[1], ok) << "runs and OK completions differ";
 }
 
 }  // namespace
