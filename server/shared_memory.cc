@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/common/quote.h"
@@ -20,6 +21,12 @@ namespace {
 constexpr size_t kMaxNameBytes = 256;
 
 absl::Status Invalid(absl::string_view message) { return absl::InvalidArgumentError(message); }
+
+// strerror's text without its shared buffer: registrations arrive on concurrent handler threads.
+std::string ErrorText(int error) {
+  char buffer[256];
+  return strerror_r(error, buffer, sizeof(buffer));  // GNU: returns the text, maybe not buffer
+}
 
 absl::Status CheckName(absl::string_view name) {
   if (name.empty()) return Invalid("shared memory region name is empty");
@@ -85,7 +92,7 @@ absl::Status SharedMemoryManager::RegisterSystem(absl::string_view name, absl::s
   const int fd = shm_open(key_string.c_str(), O_RDWR, 0);
   if (fd < 0) {
     return Invalid(absl::StrCat("region ", Quote(name), ": cannot open shared memory object ",
-                                Quote(key), ": ", std::strerror(errno)));
+                                Quote(key), ": ", ErrorText(errno)));
   }
   struct stat st;
   const bool stat_ok = fstat(fd, &st) == 0;
@@ -107,7 +114,7 @@ absl::Status SharedMemoryManager::RegisterSystem(absl::string_view name, absl::s
     const int err = errno;
     close(fd);
     return Invalid(absl::StrCat("region ", Quote(name), ": cannot map shared memory object ",
-                                Quote(key), ": ", std::strerror(err)));
+                                Quote(key), ": ", ErrorText(err)));
   }
   SharedMemoryRegion::Info info;
   info.kind = RegionKind::kSystem;

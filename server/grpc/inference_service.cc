@@ -405,11 +405,12 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
                                                        grpc::ByteBuffer* response) {
   const absl::Time arrival = absl::Now();
   absl::StatusOr<RpcGate::Pass> pass = gate_->Enter();
-  auto* reactor = new InferReactor(response, pass.ok() ? *std::move(pass) : RpcGate::Pass());
   if (!pass.ok()) {
-    reactor->Complete(pass.status());
-    return reactor;
+    auto* refused = new InferReactor(response, RpcGate::Pass());
+    refused->Complete(pass.status());
+    return refused;
   }
+  auto* reactor = new InferReactor(response, *std::move(pass));
   absl::StatusOr<RequestBytes> raw = RequestBytes::Split(*request, &reactor->request);
   if (!raw.ok()) {
     reactor->Complete(raw.status());

@@ -143,7 +143,7 @@ void CopySlices(const std::vector<grpc::Slice>& slices, const SliceRange& f, voi
 // Owns an output lease until gRPC lets go of the slice that points into it.
 void ReleaseLease(void* lease) { delete static_cast<memory::Buffer*>(lease); }
 
-grpc::ByteBuffer WithOutput(std::string prefix, memory::Buffer output, size_t bytes) {
+grpc::ByteBuffer WithOutput(const std::string& prefix, memory::Buffer output, size_t bytes) {
   grpc::Slice head(prefix);
   if (bytes == 0) return grpc::ByteBuffer(&head, 1);
   void* data = output.data();
@@ -304,7 +304,7 @@ grpc::ByteBuffer InferResponseBytes(const inference::ModelInferResponse& header,
   std::string prefix = header.SerializeAsString();
   AppendVarint(&prefix, (kRawOutputContentsField << 3) | kLengthDelimited);
   AppendVarint(&prefix, bytes);
-  return WithOutput(std::move(prefix), std::move(output), bytes);
+  return WithOutput(prefix, std::move(output), bytes);
 }
 
 grpc::ByteBuffer StreamResponseBytes(const inference::ModelStreamInferResponse& header,
@@ -318,7 +318,7 @@ grpc::ByteBuffer StreamResponseBytes(const inference::ModelStreamInferResponse& 
   AppendVarint(&prefix, (kInferResponseField << 3) | kLengthDelimited);
   AppendVarint(&prefix, inner.size() + bytes);
   prefix += inner;
-  return WithOutput(std::move(prefix), std::move(output), bytes);
+  return WithOutput(prefix, std::move(output), bytes);
 }
 
 }  // namespace dilattn::server
