@@ -92,7 +92,9 @@ absl::Status BuildBlockSparseGpuWork(const BlockSparsePlan& plan, int block_m,
       }
       for (int32_t r = 0; r + 1 < row.num_runs; ++r) {
         row.lead_tiles += static_cast<int32_t>(
-            (work->runs[static_cast<size_t>(row.run_begin + r)].count + kKeyTile - 1) / kKeyTile);
+            (work->runs[static_cast<size_t>(row.run_begin) + static_cast<size_t>(r)].count +
+             kKeyTile - 1) /
+            kKeyTile);
       }
       work->rows.push_back(row);
       row_keys.push_back(keys);
