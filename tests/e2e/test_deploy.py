@@ -108,7 +108,9 @@ def test_k8s_manifests_build_and_agree_with_the_server():
     assert set(re.findall(r"targetPort: (\w+)", docs["Service"])) == set(ports)
     assert re.findall(r"^\s+port: (\w+)", docs["ServiceMonitor"], re.M) == ["metrics"]
     grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", deployment).group(1))
-    assert grace > int(flags["--grace-period-seconds"])
+    pre_stop = int(re.search(r'preStop:\s+exec:\s+command:\s+- sleep\s+- "(\d+)"',
+                             deployment).group(1))
+    assert grace > pre_stop + int(flags["--grace-period-seconds"])
 
 
 def test_server_starts_with_the_deployments_arguments_and_reports_serving():
