@@ -1,7 +1,7 @@
 // The engine's threads, one per device, with executors that only record what they ran: every
 // submitted batch runs once and completes, batches spread over the devices, a batch whose
 // tensors lie on a GPU runs on that GPU's thread, and one on a GPU no thread runs goes to any.
-// Runs without a GPU (and under ASan/UBSan in CI).
+// Runs without a GPU, and in CI under ASan/UBSan and under ThreadSanitizer.
 
 #include "server/engine.h"
 
