@@ -5,10 +5,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <functional>
 #include <string>
 #include <vector>
@@ -39,6 +40,9 @@ struct ProblemFlags {
   int64_t heads = 16;
   int64_t dim = 64;
   int64_t iters = 20;
+  // Warm-up before timing: at least 3 runs and at least this long, so that a long kernel is timed
+  // at the clocks the card sustains under load, as bench/gpu_bench.py times the peers.
+  int64_t warmup_ms = 0;
   std::string dtype = "bf16";
 };
 
@@ -57,6 +61,8 @@ inline void ParseFlags(
       f->dim = Ints(value)[0];
     } else if (flag == "--iters") {
       f->iters = Ints(value)[0];
+    } else if (flag == "--warmup-ms") {
+      f->warmup_ms = Ints(value)[0];
     } else if (flag == "--dtype") {
       f->dtype = value;
     } else if (!extra(flag, value)) {
@@ -88,13 +94,15 @@ inline void FillRandom(void* dst, size_t bytes, uint64_t seed) {
   CHECK_CUDA(cudaMemcpy(dst, host.data(), bytes, cudaMemcpyHostToDevice));
 }
 
-inline // Median milliseconds of `run` on `stream` over `iters` runs after 3 warm-ups.
-double TimeMs(cudaStream_t stream, int64_t iters, const std::function<absl::Status()>& run) {
+// Median milliseconds of `run` on `stream` over `iters` runs, after warm-up runs (at least 3, and
+// at least `warmup_ms` of them end to end). Each run is timed alone, synchronised, as the Python
+// harness times the peers.
+inline double TimeMs(cudaStream_t stream, int64_t iters, const std::function<absl::Status()>& run,
+                     int64_t warmup_ms = 0) {
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
-  std::vector<float> ms;
-  for (int64_t it = 0; it < iters + 3; ++it) {
+  auto once = [&] {
     CHECK_CUDA(cudaEventRecord(start, stream));
     if (absl::Status s = run(); !s.ok()) {
       std::fprintf(stderr, "%s\n", s.ToString().c_str());
@@ -104,8 +112,16 @@ double TimeMs(cudaStream_t stream, int64_t iters, const std::function<absl::Stat
     CHECK_CUDA(cudaEventSynchronize(stop));
     float x = 0;
     CHECK_CUDA(cudaEventElapsedTime(&x, start, stop));
-    if (it >= 3) ms.push_back(x);
+    return x;
+  };
+  const auto warm_start = std::chrono::steady_clock::now();
+  for (int warm = 0; warm < 3 || std::chrono::steady_clock::now() - warm_start <
+                                     std::chrono::milliseconds(warmup_ms);
+       ++warm) {
+    once();
   }
+  std::vector<float> ms;
+  for (int64_t it = 0; it < iters; ++it) ms.push_back(once());
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   std::sort(ms.begin(), ms.end());

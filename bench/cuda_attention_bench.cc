@@ -4,7 +4,7 @@
 //
 //   cuda_attention_bench --n 32768,131072 [--heads 16] [--dim 64] [--dtype bf16]
 //       [--mode longnet|head_groups] [--causal 0|1] [--segments 2048,4096,...]
-//       [--rates 1,2,...] [--iters 20]
+//       [--rates 1,2,...] [--iters 20] [--warmup-ms 0]
 
 #include <cuda_runtime_api.h>
 
@@ -24,10 +24,6 @@ namespace {
 using dilattn::bench::FillRandom;
 using dilattn::bench::Ints;
 using dilattn::bench::TimeMs;
-
-using dilattn::attention::DType;
-
-
 
 }  // namespace
 
@@ -51,7 +47,7 @@ int main(int argc, char** argv) {
                                  return false;
                                return true;
                              });
-  const auto& [ns, heads, dim, iters, dtype] = flags;
+  const auto& [ns, heads, dim, iters, warmup_ms, dtype] = flags;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   auto backend = dilattn::attention::CreateCudaBackend({0, stream});
@@ -86,8 +82,12 @@ int main(int argc, char** argv) {
     const dilattn::DeviceLoc dev = dilattn::DeviceLoc::Cuda(0);
     const dilattn::attention::AttentionTensors t{{q, bytes, dev}, {k, bytes, dev},
                                                   {v, bytes, dev}, {out, bytes, dev}};
-    const double median =
-        TimeMs(stream, iters, [&] { return (*backend)->Run(*plan, t, {ws, ws_bytes, dev}); });
+    const double median = TimeMs(
+        stream, iters,
+        [&] {
+          return (*backend)->Run(*plan, t, {ws, ws_bytes, dev});
+        },
+        warmup_ms);
     // The host's share of a run: planning the tile list (it precedes the upload and the launch).
     std::vector<dilattn::attention::GpuTile> tiles;
     const auto t0 = std::chrono::steady_clock::now();

@@ -6,7 +6,7 @@
 // should follow the kept share.
 //
 //   cuda_block_sparse_bench [--n 32768,131072] [--heads 16] [--dim 64] [--dtype bf16]
-//       [--block 128] [--causal 0|1] [--iters 20]
+//       [--block 128] [--causal 0|1] [--iters 20] [--warmup-ms 0]
 
 #include <cuda_runtime_api.h>
 
@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
                                  return false;
                                return true;
                              });
-  const auto& [ns, heads, dim, iters, dtype] = flags;
+  const auto& [ns, heads, dim, iters, warmup_ms, dtype] = flags;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   auto sparse = OrDie(dilattn::block_sparse::CreateCudaBlockSparseBackend({0, stream}));
@@ -91,9 +91,12 @@ int main(int argc, char** argv) {
     void* dense_ws;
     const size_t dense_ws_bytes = std::max<size_t>(1, dense->WorkspaceBytes(dense_plan));
     CHECK_CUDA(cudaMalloc(&dense_ws, dense_ws_bytes));
-    const double dense_ms = TimeMs(stream, iters, [&] {
-      return dense->Run(dense_plan, t, {dense_ws, dense_ws_bytes, dev});
-    });
+    const double dense_ms = TimeMs(
+        stream, iters,
+        [&] {
+          return dense->Run(dense_plan, t, {dense_ws, dense_ws_bytes, dev});
+        },
+        warmup_ms);
     cudaFree(dense_ws);
     std::printf("dense,-,%d,%s,%lld,%lld,%lld,%lld,%.0f,1.000,%.4f,1.000,%.1f\n", causal ? 1 : 0,
                 dtype.c_str(), static_cast<long long>(n), static_cast<long long>(heads),
@@ -138,9 +141,12 @@ int main(int argc, char** argv) {
       const size_t ws_bytes = std::max<size_t>(1, sparse->WorkspaceBytes(plan));
       void* ws;
       CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-      const double ms = TimeMs(stream, iters, [&] {
-        return sparse->Run(plan, t, {ws, ws_bytes, dev});
-      });
+      const double ms = TimeMs(
+          stream, iters,
+          [&] {
+            return sparse->Run(plan, t, {ws, ws_bytes, dev});
+          },
+          warmup_ms);
       cudaFree(ws);
       // The pattern's name holds commas: quoted, as CSV quotes a field.
       std::printf("dilattn,\"%s\",%d,%s,%lld,%lld,%lld,%lld,%lld,%.3f,%.4f,%.3f,%.1f\n", name.c_str(),

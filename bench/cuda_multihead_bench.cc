@@ -3,7 +3,7 @@
 // module's time goes. Random weights (xavier-scaled), bf16 or fp16.
 //
 //   cuda_multihead_bench --n 32768,131072 [--heads 16] [--dim 64] [--dtype bf16] [--norm 1]
-//       [--causal 0|1] [--segments 2048,...] [--rates 1,...] [--iters 20]
+//       [--causal 0|1] [--segments 2048,...] [--rates 1,...] [--iters 20] [--warmup-ms 0]
 
 #include <cuda_runtime_api.h>
 
@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
                                  return false;
                                return true;
                              });
-  const auto& [ns, heads, dim, iters, dtype] = flags;
+  const auto& [ns, heads, dim, iters, warmup_ms, dtype] = flags;
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreate(&stream));
   auto module = dilattn::multihead::CreateCudaMultiheadBackend({0, stream});
@@ -103,24 +103,30 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
     FillRandom(x, bytes, 1);
     const dilattn::DeviceLoc dev = dilattn::DeviceLoc::Cuda(0);
-    const double total = TimeMs(stream, iters, [&] {
-      return (*module)->Run(*plan, {{x, bytes, dev}, {y, bytes, dev}}, {ws, ws_bytes, dev});
-    });
+    const double total = TimeMs(
+        stream, iters,
+        [&] {
+          return (*module)->Run(*plan, {{x, bytes, dev}, {y, bytes, dev}}, {ws, ws_bytes, dev});
+        },
+        warmup_ms);
     // The attention alone, on the module's own Q, K, V (the first three workspace slices).
     const size_t step = (bytes + 255) / 256 * 256;
     auto* base = static_cast<unsigned char*>(ws);
     const size_t att_ws = (*attention)->WorkspaceBytes(plan->attention);
     void* att_scratch;
     CHECK_CUDA(cudaMalloc(&att_scratch, std::max<size_t>(1, att_ws)));
-    const double att = TimeMs(stream, iters, [&] {
-      return (*attention)
-          ->Run(plan->attention,
-                {{base, bytes, dev},
-                 {base + step, bytes, dev},
-                 {base + 2 * step, bytes, dev},
-                 {y, bytes, dev}},
-                {att_scratch, std::max<size_t>(1, att_ws), dev});
-    });
+    const double att = TimeMs(
+        stream, iters,
+        [&] {
+          return (*attention)
+              ->Run(plan->attention,
+                    {{base, bytes, dev},
+                     {base + step, bytes, dev},
+                     {base + 2 * step, bytes, dev},
+                     {y, bytes, dev}},
+                    {att_scratch, std::max<size_t>(1, att_ws), dev});
+        },
+        warmup_ms);
     std::printf("dilattn,%s,%d,%d,%lld,%lld,%lld,%lld,%.4f,%.4f,%.4f,%.1f\n", dtype.c_str(),
                 causal ? 1 : 0, norm ? 1 : 0, static_cast<long long>(n),
                 static_cast<long long>(heads), static_cast<long long>(dim),

@@ -22,6 +22,14 @@ CUDA events (median of repeated runs after warm-up) in the same process run:
                    user could get from either algorithm
   sdpa_dense       torch SDPA on the whole sequence (the dense attention roofline), N <= 128K
                    only: its rate does not depend on N and larger N take minutes
+  sdpa_segments    torch SDPA on the sequence cut into 2048-token sequences, the shape of every
+                   branch of the default configuration (w / r = 2048 rows per segment): the
+                   dense kernel's rate on the geometry our branches are made of (longnet rows)
+
+Every implementation is timed the same way: warm-up calls for at least --warmup-ms (and at least
+3), then the median of --reps calls, each synchronised. Long runs are power-bound on H100/H200
+(700 W), so a short burst measures higher clocks than a sustained one; equal warm-up puts every
+implementation at the clocks its own load sustains.
 
 Before timing, the torchscale port and its lean restatement are run on the first N and must agree
 (the bench stops otherwise).
@@ -30,7 +38,8 @@ Effective TFLOP/s use DESIGN.md's formula, 4 * N * w * D / r^2 per branch and he
 with causal), for every implementation, dense included (4 * N^2 * D per head).
 
   python3 bench/gpu_bench.py [--binary build/bench/cuda_attention_bench] [--ns 32768,...]
-                             [--dim 64] [--out-dir docs] [--quick]
+                             [--dim 64] [--out-dir docs] [--quick] [--reps 10]
+                             [--warmup-ms 1000] [--modes longnet,head_groups] [--causal 0,1]
   python3 bench/gpu_bench.py --from-csv docs/gpu_bench.csv   (table and plot again, no GPU)
 """
 
@@ -52,6 +61,7 @@ SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 RATES = [1, 2, 4, 8, 16]
 HEADG_SEGMENTS = [2048, 4096, 8192, 16384, 32768]
 HEADG_RATES = [1, 2, 4, 8, 16]
+SEGMENT_ROWS = 2048  # w / r of every default branch: the rows of one branch segment
 
 
 def flops(n, heads, dim, segments, rates, mode, causal):
@@ -63,9 +73,17 @@ def flops(n, heads, dim, segments, rates, mode, causal):
     return total / 2 if causal else total
 
 
-def time_cuda(fn, reps):
-    fn()
-    torch.cuda.synchronize()
+def time_cuda(fn, reps, warmup_ms):
+    """Median ms of fn over reps calls, each timed alone and synchronised, after warm-up calls
+    (at least 3, and at least warmup_ms of them): cuda_attention_bench's TimeMs, the same
+    protocol for every implementation, so that each is timed at the clocks the card sustains
+    under its own load rather than at whatever a cooler start gives a short run."""
+    start_warm = time.monotonic()
+    warm = 0
+    while warm < 3 or (time.monotonic() - start_warm) * 1e3 < warmup_ms:
+        fn()
+        torch.cuda.synchronize()
+        warm += 1
     times = []
     for _ in range(reps):
         start = torch.cuda.Event(enable_timing=True)
@@ -269,9 +287,10 @@ def check_same_operator(q, k, v, causal):
           f"difference {err:.2e}", flush=True)
 
 
-def run_ours(binary, ns, dim, mode, causal, iters):
+def run_ours(binary, ns, dim, mode, causal, iters, warmup_ms):
     cmd = [binary, "--n", ",".join(map(str, ns)), "--heads", "16", "--dim", str(dim), "--dtype",
-           "bf16", "--mode", mode, "--causal", "1" if causal else "0", "--iters", str(iters)]
+           "bf16", "--mode", mode, "--causal", "1" if causal else "0", "--iters", str(iters),
+           "--warmup-ms", str(warmup_ms)]
     if mode == "head_groups":
         cmd += ["--segments", ",".join(map(str, HEADG_SEGMENTS)),
                 "--rates", ",".join(map(str, HEADG_RATES))]
@@ -288,7 +307,12 @@ def main():
     p.add_argument("--ns", default="32768,131072,524288,2097152")
     p.add_argument("--out-dir", default=str(ROOT / "docs"))
     p.add_argument("--dim", type=int, default=64, help="head dim (the issue's targets are at 64)")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    p.add_argument("--quick", action="store_true", help="5 repetitions and 300 ms of warm-up")
+    p.add_argument("--modes", default="longnet,head_groups", help="which modes to run")
+    p.add_argument("--causal", default="0,1", help="causal settings to run (0, 1 or both)")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per implementation")
+    p.add_argument("--warmup-ms", type=int, default=1000,
+                   help="warm-up per implementation and N before timing")
     p.add_argument("--from-csv", help="print the table and draw the plot of an earlier run's CSV")
     args = p.parse_args()
     if args.from_csv:
@@ -297,18 +321,22 @@ def main():
                          tflops=float(r["tflops"])) for r in csv.DictReader(f)]
         report(rows, pathlib.Path(args.out_dir), args.dim, write_csv=False)
         return
+    if not set(args.modes.split(",")) <= set(PEERS) or not set(args.causal.split(",")) <= {"0", "1"}:
+        p.error("--modes takes longnet and/or head_groups, --causal 0 and/or 1")
     ns = [int(x) for x in args.ns.split(",")]
-    reps = 5 if args.quick else 10
+    reps = 5 if args.quick else args.reps
+    warmup_ms = 300 if args.quick else args.warmup_ms
     heads, dim = 16, args.dim
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
     print(f"# {gpu}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}", flush=True)
     rows = []
-    for causal in (False, True):
-        for mode in ("longnet", "head_groups"):
+    for causal in (c == "1" for c in args.causal.split(",")):
+        for mode in args.modes.split(","):
             segs, rts = (SEGMENTS, RATES) if mode == "longnet" else (HEADG_SEGMENTS, HEADG_RATES)
-            ours = run_ours(args.binary, ns, dim, mode, causal, reps * 2)
+            ours = run_ours(args.binary, ns, dim, mode, causal, reps, warmup_ms)
             for n in ns:
+                first = len(rows)
                 f = flops(n, heads, dim, segs, rts, mode, causal)
                 rows.append(dict(mode=mode, causal=int(causal), N=n, impl="dilattn",
                                  ms=ours[n], tflops=f / ours[n] / 1e9))
@@ -320,7 +348,7 @@ def main():
                     check_same_operator(q, k, v, causal)
                 for name, peer in peers:
                     try:
-                        ms = time_cuda(lambda: peer(q, k, v, causal), max(3, reps // 2))
+                        ms = time_cuda(lambda: peer(q, k, v, causal), reps, warmup_ms)
                     except torch.OutOfMemoryError:
                         ms = float("nan")
                     rows.append(dict(mode=mode, causal=int(causal), N=n, impl=name, ms=ms,
@@ -330,12 +358,23 @@ def main():
                     fd = 4.0 * n * n * dim * heads / (2 if causal else 1)
                     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
                     ms = time_cuda(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal),
-                                   3)
+                                   reps, warmup_ms)
                     rows.append(dict(mode="dense", causal=int(causal), N=n, impl="sdpa_dense",
                                      ms=ms, tflops=fd / ms / 1e9))
+                if mode == "longnet" and n % SEGMENT_ROWS == 0:
+                    fs = 4.0 * n * SEGMENT_ROWS * dim * heads / (2 if causal else 1)
+                    qs, ks, vs = (x.view(n // SEGMENT_ROWS, SEGMENT_ROWS, heads, dim).transpose(1, 2)
+                                  for x in (q, k, v))
+                    ms = time_cuda(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal),
+                                   reps, warmup_ms)
+                    rows.append(dict(mode="dense", causal=int(causal), N=n, impl="sdpa_segments",
+                                     ms=ms, tflops=fs / ms / 1e9))
                 del q, k, v
                 torch.cuda.empty_cache()
-                print(f"done {mode} causal={int(causal)} N={n}", file=sys.stderr, flush=True)
+                for r in rows[first:]:
+                    print(f"{time.strftime('%H:%M:%S')} {r['mode']} causal={r['causal']} N={n} "
+                          f"{r['impl']}: {r['ms']:.3f} ms, {r['tflops']:.1f} TFLOP/s",
+                          file=sys.stderr, flush=True)
 
     for r in rows:
         r["card"] = gpu
@@ -370,12 +409,12 @@ def report(rows, out_dir, dim, write_csv=True):
     # Columns: the two modes; rows: rate and time. Colour per implementation, dashed with causal.
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True)
     colors = {"dilattn": "C0", "torchscale": "C1", "torchscale_lean": "C3", "dap": "C2",
-              "dap_lean": "C4", "sdpa_dense": "k"}
+              "dap_lean": "C4", "sdpa_dense": "k", "sdpa_segments": "C7"}
     for col, mode in enumerate(("longnet", "head_groups")):
         for impl, color in colors.items():
             for causal, style in ((0, "-"), (1, "--")):
-                want = "dense" if impl == "sdpa_dense" else mode
-                if impl == "sdpa_dense" and mode != "longnet":
+                want = "dense" if impl.startswith("sdpa") else mode
+                if impl.startswith("sdpa") and mode != "longnet":
                     continue
                 pts = [r for r in rows if r["impl"] == impl and r["mode"] == want
                        and int(r["causal"]) == causal]
@@ -383,6 +422,8 @@ def report(rows, out_dir, dim, write_csv=True):
                     continue
                 label = f"{impl}{' causal' if causal else ''}"
                 for row, key in ((0, "tflops"), (1, "ms")):
+                    if impl == "sdpa_segments" and key == "ms":
+                        continue  # its time is one branch's work, not the whole operator's
                     axes[row][col].plot([r["N"] for r in pts], [r[key] for r in pts], style,
                                         color=color, marker="o", ms=4, label=label)
         axes[0][col].set_title(mode)
