@@ -1,6 +1,7 @@
 // Times one long sequence on one GPU and split across every GPU here (sequence parallelism):
 // host tensors in, host O out, so each time includes the copies (the runner's whole work),
-// median of repeated runs after one warm-up; prints a CSV line per N and configuration.
+// median of repeated runs after one warm-up; prints a CSV line per N and configuration, with the
+// device memory the busiest GPU leased for the run.
 //
 //   sequence_parallel_bench [--n 1048576,2097152] [--heads 16] [--dim 64] [--dtype bf16]
 //       [--iters 5]
@@ -50,7 +51,7 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaGetDeviceCount(&count));
   std::vector<int> all;
   for (int d = 0; d < count; ++d) all.push_back(d);
-  std::printf("branches,N,H,D,gpus,ms,speedup\n");
+  std::printf("branches,N,H,D,gpus,ms,speedup,max_gib_per_gpu\n");
   for (int64_t n : ns) {
     for (bool global : {false, true}) {
       dilattn::attention::AttentionOptions o;
@@ -95,10 +96,12 @@ int main(int argc, char** argv) {
         std::sort(ms.begin(), ms.end());
         const double median = ms[ms.size() / 2];
         if (devices.size() == 1) one_gpu = median;
-        std::printf("%s,%lld,%lld,%lld,%d,%.2f,%.2f\n", global ? "longnet+global" : "longnet",
+        const std::vector<size_t> held = (*runner)->LastRunDeviceBytes();
+        std::printf("%s,%lld,%lld,%lld,%d,%.2f,%.2f,%.3f\n", global ? "longnet+global" : "longnet",
                     static_cast<long long>(n), static_cast<long long>(heads),
                     static_cast<long long>(dim), static_cast<int>(devices.size()), median,
-                    one_gpu / median);
+                    one_gpu / median,
+                    static_cast<double>(*std::max_element(held.begin(), held.end())) / (1 << 30));
         std::fflush(stdout);
       }
       for (void* p : {q, k, v, out}) cudaFreeHost(p);

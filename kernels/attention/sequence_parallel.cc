@@ -78,6 +78,15 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
     slice.tiles.insert(slice.tiles.end(), rest[static_cast<size_t>(g)].begin(),
                        rest[static_cast<size_t>(g)].end());
     slice.keyless.period = 1;
+    slice.key_begin = slice.begin;
+    slice.key_end = slice.end;
+    for (int b : out.spanning_branches) {
+      const int64_t w = std::min(p.segment_length[b], n);
+      slice.key_begin = std::min(slice.key_begin, slice.begin / w * w);
+      slice.key_end = std::max(slice.key_end, std::min(n, (slice.end + w - 1) / w * w));
+    }
+    // Causal spans end at the tile's last row (PlanKeySpans), so no key after the slice is read.
+    if (p.causal) slice.key_end = slice.end;
     // The rows of spanning branches in this slice, (position, head) each.
     for (int b : out.spanning_branches) {
       const int64_t w = std::min(p.segment_length[b], n);

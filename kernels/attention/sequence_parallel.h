@@ -19,6 +19,10 @@ namespace dilattn::attention {
 
 struct SequenceSlicePlan {
   int64_t begin = 0, end = 0;       // query positions owned
+  // K and V positions its tiles may read: [begin, end) widened to the whole segments of
+  // spanning branches that overlap it (with causal, never past end). The GPU holds K and V over
+  // this range only.
+  int64_t key_begin = 0, key_end = 0;
   std::vector<GpuTile> tiles;       // tiles of those queries; keyless ones first
   KeylessPlacement keyless;         // {count of keyless tiles, period 1}
   std::vector<int32_t> send_rows;   // (position, head) pairs of K/V rows the others need

@@ -3,6 +3,8 @@
 // a slice bound may round differently in their stale-max decisions). Skipped (not failed)
 // without two GPUs; with one GPU the runner must give the single-GPU output bit for bit.
 
+#include "kernels/attention/sequence_parallel.h"
+
 #include <memory>
 #include <string>
 #include <vector>
@@ -97,6 +99,37 @@ TEST(SequenceParallel, MatchesOneGpuAcrossEveryGpu) {
     RandomCase c = DrawCase(rng, limits);
     c.shape.seq_lengths.resize(1);
     Compare(**runner, c, false, rng);
+  }
+}
+
+// Where every segment fits a slice, a GPU holds Q, K, V and O over its slice only (and its tile
+// table): memory per GPU falls with the number of GPUs.
+TEST(SequenceParallel, EachGpuHoldsOnlyItsSliceWhereNoSegmentSpans) {
+  if (memory::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
+  std::vector<int> devices;
+  for (int d = 0; d < memory::CudaDeviceCount(); ++d) devices.push_back(d);
+  auto runner = attention::cuda::SequenceParallelRunner::Create(devices);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  SplitMix64 rng(TestSeed());
+  for (bool causal : {false, true}) {
+    const RandomCase c = Case(DType::kBFloat16, 32768, 4, 64, attention::Mode::kLongNet, causal,
+                              {2048, 4096}, {1, 2});
+    Compare(**runner, c, false, rng);
+    auto plan = attention::PlanAttention(c.options, c.shape);
+    ASSERT_TRUE(plan.ok());
+    auto sp = attention::PlanSequenceParallel(*plan, (*runner)->num_devices(), 128);
+    ASSERT_TRUE(sp.ok());
+    ASSERT_TRUE(sp->spanning_branches.empty());
+    const std::vector<size_t> held = (*runner)->LastRunDeviceBytes();
+    ASSERT_EQ(held.size(), devices.size());
+    const size_t row_bytes = 4 * 64 * 2;
+    for (size_t g = 0; g < sp->slices.size(); ++g) {
+      const auto& s = sp->slices[g];
+      const size_t tensors = 4 * static_cast<size_t>(s.end - s.begin) * row_bytes;
+      const size_t tables = 256 + s.tiles.size() * sizeof(attention::GpuTile);
+      EXPECT_GE(held[g], tensors) << "GPU " << g;
+      EXPECT_LE(held[g], tensors + tables) << "GPU " << g << " holds more than its slice";
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // The sequence-parallel plan, checked without a GPU: the slices' tiles are exactly the single-GPU
 // tile list, each tile's rows lie in its slice, and every key a tile's rows see (BranchKeySpan,
-// the kernel's own rule) is in the slice or among the rows another slice sends.
+// the kernel's own rule) is in the range of K/V rows its GPU holds, and in the slice or among the
+// rows another slice sends.
 
 #include <algorithm>
 #include <set>
@@ -60,6 +61,12 @@ TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
       const auto& s = sp->slices[g];
       ASSERT_EQ(s.begin, covered);
       covered = s.end;
+      EXPECT_LE(s.key_begin, s.begin);
+      EXPECT_GE(s.key_end, s.end);
+      if (sp->spanning_branches.empty()) {  // every segment is within one slice
+        EXPECT_EQ(s.key_begin, s.begin);
+        EXPECT_EQ(s.key_end, s.end);
+      }
       for (size_t i = 0; i + 1 < s.send_rows.size(); i += 2) {
         EXPECT_GE(s.send_rows[i], s.begin);
         EXPECT_LT(s.send_rows[i], s.end);
@@ -84,6 +91,9 @@ TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
             for (int64_t k = 0; k < count; ++k) {
               const int64_t key = first + k * p.dilation_rate[b];
               if (p.causal && key > q) break;
+              ASSERT_TRUE(key >= s.key_begin && key < s.key_end)
+                  << "slice " << g << " holds K/V over [" << s.key_begin << ", " << s.key_end
+                  << "), its tiles read key " << key;
               if (key >= s.begin && key < s.end) continue;
               bool found = false;
               for (size_t o = 0; o < sent.size() && !found; ++o) {

@@ -99,6 +99,8 @@ class Runner final : public SequenceParallelRunner {
     for (const auto& pool : pools_) pool->Trim();
   }
 
+  std::vector<size_t> LastRunDeviceBytes() const override { return last_run_bytes_; }
+
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) override {
     // The caller's current device is theirs: restored on every way out.
     int caller_device = 0;
@@ -109,6 +111,13 @@ class Runner final : public SequenceParallelRunner {
   }
 
  private:
+  // Leases `bytes` on GPU g for this run and counts them.
+  absl::Status Acquire(int g, memory::BufferPool& pool, Lease& lease, size_t bytes) {
+    if (absl::Status s = lease.Acquire(pool, bytes); !s.ok()) return s;
+    last_run_bytes_[static_cast<size_t>(g)] += lease.buffer.size();
+    return absl::OkStatus();
+  }
+
   absl::Status RunOnDevices(const AttentionPlan& plan, const AttentionTensors& host) {
     const DilatedAttentionParams& p = plan.params;
     if (!FusedForwardSupportsHeadDim(p.head_dim)) {
@@ -144,8 +153,14 @@ class Runner final : public SequenceParallelRunner {
 
     struct PerGpu {
       Lease k, v, q, o, tables, send, recv, rows;
-      int64_t begin = 0, end = 0;
+      int64_t begin = 0, end = 0, key_begin = 0, key_end = 0;
+      // K and V buffers shifted back by key_begin: the kernel and the row moves address them
+      // by position and read only positions in [key_begin, key_end).
+      unsigned char* k_at_0() const { return k.bytes() - key_shift; }
+      unsigned char* v_at_0() const { return v.bytes() - key_shift; }
+      size_t key_shift = 0;
     };
+    last_run_bytes_.assign(static_cast<size_t>(ranks), 0);
     std::vector<PerGpu> gpu(static_cast<size_t>(ranks));
     // Declared after the leases, so it runs first on every way out: the streams are done with
     // the leases before they go back to the pools, and O is in host memory on success.
@@ -163,19 +178,24 @@ class Runner final : public SequenceParallelRunner {
       PerGpu& m = gpu[static_cast<size_t>(g)];
       const bool owns = g < static_cast<int>(sp->slices.size());
       if (owns) {
-        m.begin = sp->slices[static_cast<size_t>(g)].begin;
-        m.end = sp->slices[static_cast<size_t>(g)].end;
+        const SequenceSlicePlan& slice = sp->slices[static_cast<size_t>(g)];
+        m.begin = slice.begin;
+        m.end = slice.end;
+        m.key_begin = slice.key_begin;
+        m.key_end = slice.key_end;
       }
+      m.key_shift = static_cast<size_t>(m.key_begin) * row_bytes;
       const int dev = devices_[static_cast<size_t>(g)];
       memory::BufferPool& pool = *pools_[static_cast<size_t>(g)];
       cudaStream_t stream = streams_[static_cast<size_t>(g)];
       if (absl::Status s = CudaErrorStatus(cudaSetDevice(dev), "cudaSetDevice"); !s.ok()) return s;
       const size_t slice_bytes = static_cast<size_t>(m.end - m.begin) * row_bytes;
-      // K and V are addressed by position over the whole sequence (the kernel reads keys of
-      // other slices where spanning branches need them); Q and O only over the slice.
-      for (auto [mem, bytes] : {std::pair{&m.k, n * row_bytes}, std::pair{&m.v, n * row_bytes},
+      const size_t key_bytes = static_cast<size_t>(m.key_end - m.key_begin) * row_bytes;
+      // Q and O over the slice; K and V over the keys its tiles read (the slice, widened to the
+      // segments of spanning branches, whose rows of other slices arrive by the exchange).
+      for (auto [mem, bytes] : {std::pair{&m.k, key_bytes}, std::pair{&m.v, key_bytes},
                                 std::pair{&m.q, slice_bytes}, std::pair{&m.o, slice_bytes}}) {
-        if (absl::Status s = mem->Acquire(pool, bytes); !s.ok()) return s;
+        if (absl::Status s = Acquire(g, pool, *mem, bytes); !s.ok()) return s;
       }
       const size_t at = static_cast<size_t>(m.begin) * row_bytes;
       auto h2d = [&](void* dst, const void* src) {
@@ -184,13 +204,13 @@ class Runner final : public SequenceParallelRunner {
                                "copy to device");
       };
       if (absl::Status s = h2d(m.q.ptr(), host.q.data); !s.ok()) return s;
-      if (absl::Status s = h2d(m.k.bytes() + at, host.k.data); !s.ok()) return s;
-      if (absl::Status s = h2d(m.v.bytes() + at, host.v.data); !s.ok()) return s;
+      if (absl::Status s = h2d(m.k_at_0() + at, host.k.data); !s.ok()) return s;
+      if (absl::Status s = h2d(m.v_at_0() + at, host.v.data); !s.ok()) return s;
       if (exchange) {
         for (auto [mem, bytes] : {std::pair{&m.send, 2 * pack_bytes},
                                   std::pair{&m.recv, 2 * pack_bytes * ranks},
                                   std::pair{&m.rows, all_rows.size() * sizeof(int32_t)}}) {
-          if (absl::Status s = mem->Acquire(pool, bytes); !s.ok()) return s;
+          if (absl::Status s = Acquire(g, pool, *mem, bytes); !s.ok()) return s;
         }
         if (absl::Status s = CudaErrorStatus(
                 cudaMemcpyAsync(m.rows.ptr(), all_rows.data(), all_rows.size() * sizeof(int32_t),
@@ -203,9 +223,9 @@ class Runner final : public SequenceParallelRunner {
         const int64_t count = rows_at[g + 1] - rows_at[g];
         for (int t = 0; t < 2; ++t) {
           if (absl::Status s = CudaErrorStatus(
-                  LaunchMoveHeadRows(true, t == 0 ? m.k.ptr() : m.v.ptr(), p.k_row_stride,
-                                     p.head_dim, mine, count, m.send.bytes() + t * pack_bytes,
-                                     stream),
+                  LaunchMoveHeadRows(true, t == 0 ? m.k_at_0() : m.v_at_0(), p.k_row_stride,
+                                     p.head_dim, mine, count, m.begin, m.end,
+                                     m.send.bytes() + t * pack_bytes, stream),
                   "pack rows");
               !s.ok()) {
             return s;
@@ -244,8 +264,8 @@ class Runner final : public SequenceParallelRunner {
         const int64_t count = rows_at[o + 1] - rows_at[o];
         for (int t = 0; t < 2; ++t) {
           if (absl::Status s = CudaErrorStatus(
-                  LaunchMoveHeadRows(false, t == 0 ? m.k.ptr() : m.v.ptr(), p.k_row_stride,
-                                     p.head_dim, theirs, count,
+                  LaunchMoveHeadRows(false, t == 0 ? m.k_at_0() : m.v_at_0(), p.k_row_stride,
+                                     p.head_dim, theirs, count, m.key_begin, m.key_end,
                                      m.recv.bytes() + (2 * o + t) * pack_bytes, stream),
                   "unpack rows");
               !s.ok()) {
@@ -256,7 +276,7 @@ class Runner final : public SequenceParallelRunner {
       // Sequence offsets, then the slice's tiles.
       const size_t tiles_at = 256;
       const size_t tables_bytes = tiles_at + slice.tiles.size() * sizeof(GpuTile);
-      if (absl::Status s = m.tables.Acquire(*pools_[static_cast<size_t>(g)], tables_bytes);
+      if (absl::Status s = Acquire(g, *pools_[static_cast<size_t>(g)], m.tables, tables_bytes);
           !s.ok()) {
         return s;
       }
@@ -277,8 +297,8 @@ class Runner final : public SequenceParallelRunner {
       const size_t shift = static_cast<size_t>(m.begin) * row_bytes;
       const DeviceLoc dev = DeviceLoc::Cuda(devices_[static_cast<size_t>(g)]);
       const AttentionTensors t{{m.q.bytes() - shift, n * row_bytes, dev},
-                               {m.k.ptr(), n * row_bytes, dev},
-                               {m.v.ptr(), n * row_bytes, dev},
+                               {m.k_at_0(), n * row_bytes, dev},
+                               {m.v_at_0(), n * row_bytes, dev},
                                {m.o.bytes() - shift, n * row_bytes, dev}};
       FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr());
       params.tiles = reinterpret_cast<const GpuTile*>(m.tables.bytes() + tiles_at);
@@ -314,6 +334,7 @@ class Runner final : public SequenceParallelRunner {
   std::vector<ncclComm_t> comms_;
   std::vector<int> majors_;
   std::vector<std::unique_ptr<memory::BufferPool>> pools_;  // one per device
+  std::vector<size_t> last_run_bytes_;                      // leased per device, last run
 };
 
 }  // namespace

@@ -4,9 +4,12 @@
 // parallelism; the plan is kernels/attention/sequence_parallel.h). Each GPU gets its slice of
 // Q, K and V from host memory, the GPUs exchange the spanning branches' dilated K/V rows with
 // one NCCL all-gather, each runs the fused kernel on its slice's tiles, and each writes its
-// slice of O back. With one GPU (or a sequence too short to split) no communication runs at all.
-// Host compiler only.
+// slice of O back. A GPU holds Q and O over its slice and K and V over the keys its tiles read
+// (its slice, widened to the segments of spanning branches), so memory per GPU falls with the
+// number of GPUs as far as the branches' segments allow. With one GPU (or a sequence too short to
+// split) no communication runs at all. Host compiler only.
 
+#include <cstddef>
 #include <memory>
 #include <vector>
 
@@ -31,6 +34,8 @@ class SequenceParallelRunner {
   // Frees the device buffers cached between runs, so that other users of these GPUs (a server's
   // executors) get the memory back.
   virtual void ReleaseCachedMemory() = 0;
+  // Device bytes the last Run leased on each GPU (tensors, exchange buffers, tile tables).
+  virtual std::vector<size_t> LastRunDeviceBytes() const = 0;
 };
 
 }  // namespace dilattn::attention::cuda
