@@ -82,11 +82,15 @@ std::vector<RandomCase> Cases() {
   };
 }
 
-TEST(SequenceParallel, MatchesOneGpuAcrossEveryGpu) {
-  if (memory::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
+absl::StatusOr<std::unique_ptr<attention::cuda::SequenceParallelRunner>> EveryGpu() {
   std::vector<int> devices;
   for (int d = 0; d < memory::CudaDeviceCount(); ++d) devices.push_back(d);
-  auto runner = attention::cuda::SequenceParallelRunner::Create(devices);
+  return attention::cuda::SequenceParallelRunner::Create(devices);
+}
+
+TEST(SequenceParallel, MatchesOneGpuAcrossEveryGpu) {
+  if (memory::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
+  auto runner = EveryGpu();
   ASSERT_TRUE(runner.ok()) << runner.status();
   SplitMix64 rng(TestSeed());
   for (const RandomCase& c : Cases()) Compare(**runner, c, false, rng);
@@ -106,9 +110,7 @@ TEST(SequenceParallel, MatchesOneGpuAcrossEveryGpu) {
 // table): memory per GPU falls with the number of GPUs.
 TEST(SequenceParallel, EachGpuHoldsOnlyItsSliceWhereNoSegmentSpans) {
   if (memory::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
-  std::vector<int> devices;
-  for (int d = 0; d < memory::CudaDeviceCount(); ++d) devices.push_back(d);
-  auto runner = attention::cuda::SequenceParallelRunner::Create(devices);
+  auto runner = EveryGpu();
   ASSERT_TRUE(runner.ok()) << runner.status();
   SplitMix64 rng(TestSeed());
   for (bool causal : {false, true}) {
@@ -121,7 +123,7 @@ TEST(SequenceParallel, EachGpuHoldsOnlyItsSliceWhereNoSegmentSpans) {
     ASSERT_TRUE(sp.ok());
     ASSERT_TRUE(sp->spanning_branches.empty());
     const std::vector<size_t> held = (*runner)->LastRunDeviceBytes();
-    ASSERT_EQ(held.size(), devices.size());
+    ASSERT_EQ(held.size(), static_cast<size_t>((*runner)->num_devices()));
     const size_t row_bytes = 4 * 64 * 2;
     for (size_t g = 0; g < sp->slices.size(); ++g) {
       const auto& s = sp->slices[g];
