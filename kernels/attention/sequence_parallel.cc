@@ -1,6 +1,7 @@
 #include "kernels/attention/sequence_parallel.h"
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -73,21 +74,32 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
       row += rows;
     }
   }
+  std::vector<std::vector<int>> send_branch(static_cast<size_t>(slices));
   for (int64_t g = 0; g < slices; ++g) {
     SequenceSlicePlan& slice = out.slices[static_cast<size_t>(g)];
     slice.tiles.insert(slice.tiles.end(), rest[static_cast<size_t>(g)].begin(),
                        rest[static_cast<size_t>(g)].end());
     slice.keyless.period = 1;
-    slice.key_begin = slice.begin;
-    slice.key_end = slice.end;
+    // The packed keys of each spanning branch: its segments that overlap the slice, after the
+    // slice's own rows.
+    slice.packed.assign(static_cast<size_t>(p.num_branches), PackedBranchKeys{});
+    int64_t cursor = slice.end;
     for (int b : out.spanning_branches) {
       const int64_t w = std::min(p.segment_length[b], n);
-      slice.key_begin = std::min(slice.key_begin, slice.begin / w * w);
-      slice.key_end = std::max(slice.key_end, std::min(n, (slice.end + w - 1) / w * w));
+      const int64_t r = ClampedRate<int64_t>(p, b);
+      const int64_t first_segment = slice.begin / w, last_segment = (slice.end - 1) / w;
+      PackedBranchKeys& pk = slice.packed[static_cast<size_t>(b)];
+      pk = {cursor, first_segment * w, (w + r - 1) / r};
+      cursor += (last_segment - first_segment + 1) * pk.per_segment;
     }
-    // Causal spans end at the tile's last row (PlanKeySpans), so no key after the slice is read.
-    if (p.causal) slice.key_end = slice.end;
-    // The rows of spanning branches in this slice, (position, head) each.
+    if (cursor > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence parallelism: slice ", g, " would hold ", cursor,
+                       " K/V row positions; the kernel addresses fewer than 2^31"));
+    }
+    slice.key_rows_end = cursor;
+    // The rows of spanning branches in this slice, (position, head) each, and their branches.
+    std::vector<int>& branch_of = send_branch[static_cast<size_t>(g)];
     for (int b : out.spanning_branches) {
       const int64_t w = std::min(p.segment_length[b], n);
       const int64_t r = ClampedRate<int64_t>(p, b);
@@ -105,6 +117,7 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
           while (pos < limit) {
             slice.send_rows.push_back(static_cast<int32_t>(pos));
             slice.send_rows.push_back(h);
+            branch_of.push_back(b);
             if (r >= limit - pos) break;
             pos += r;
           }
@@ -113,6 +126,32 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
     }
     out.max_send_rows =
         std::max(out.max_send_rows, static_cast<int64_t>(slice.send_rows.size() / 2));
+  }
+  // Where each sent row lands in each slice's packed keys.
+  for (auto& slice : out.slices) {
+    slice.receive_rows.resize(static_cast<size_t>(slices));
+    for (int64_t o = 0; o < slices; ++o) {
+      const SequenceSlicePlan& from = out.slices[static_cast<size_t>(o)];
+      std::vector<int32_t>& to = slice.receive_rows[static_cast<size_t>(o)];
+      to.reserve(from.send_rows.size());
+      for (size_t i = 0; i < from.send_rows.size(); i += 2) {
+        const int b = send_branch[static_cast<size_t>(o)][i / 2];
+        const int64_t pos = from.send_rows[i];
+        const int h = from.send_rows[i + 1];
+        const int64_t w = std::min(p.segment_length[b], n);
+        const int64_t r = ClampedRate<int64_t>(p, b);
+        const PackedBranchKeys& pk = slice.packed[static_cast<size_t>(b)];
+        int64_t offset = 0;
+        BranchHeadOffset<int64_t>(p, b, h, r, &offset);
+        const int64_t start = pos / w * w;
+        const bool held = start >= pk.origin && start <= (slice.end - 1) / w * w;
+        to.push_back(held ? static_cast<int32_t>(pk.begin +
+                                                 (start - pk.origin) / w * pk.per_segment +
+                                                 (pos - start - offset) / r)
+                          : -1);
+        to.push_back(h);
+      }
+    }
   }
   return out;
 }

@@ -5,8 +5,10 @@
 // segment boundaries of every branch whose segments fit a slice, so its tiles need only its own
 // keys there. A branch whose segments span slices ("spanning") needs keys of other slices: only
 // its dilated rows (positions its heads keep, 1/r of them) are exchanged, each GPU sending the
-// ones in its slice to every other. This file plans that on the host (pure C++, tested without
-// a GPU); kernels/attention/cuda/sequence_parallel.cc runs it with NCCL.
+// ones in its slice to every other, and each GPU holds them packed (PackedBranchKeys), so that
+// its memory for K and V is its slice plus 1/r of the spanning segments it reads. This file plans
+// that on the host (pure C++, tested without a GPU); kernels/attention/cuda/sequence_parallel.cc
+// runs it with NCCL.
 
 #include <cstdint>
 #include <vector>
@@ -17,15 +19,30 @@
 
 namespace dilattn::attention {
 
+// How a GPU holds the keys of a spanning branch: packed, only the rows its heads keep, for the
+// branch's segments that overlap its slice. Key j of the segment starting at origin + s * w
+// (w the segment length, clamped to the sequence) is K/V row position begin + s * per_segment + j
+// (the kernel's PackedKeys). begin = -1: the branch's keys are read at their positions.
+struct PackedBranchKeys {
+  int64_t begin = -1;
+  int64_t origin = 0;
+  int64_t per_segment = 0;
+};
+
 struct SequenceSlicePlan {
   int64_t begin = 0, end = 0;       // query positions owned
-  // K and V positions its tiles may read: [begin, end) widened to the whole segments of
-  // spanning branches that overlap it (with causal, never past end). The GPU holds K and V over
-  // this range only.
-  int64_t key_begin = 0, key_end = 0;
+  // The GPU's K and V rows, by row position: the slice's own rows at their positions
+  // [begin, end), then the packed keys of the spanning branches, up to key_rows_end.
+  int64_t key_rows_end = 0;
+  std::vector<PackedBranchKeys> packed;  // one per branch
   std::vector<GpuTile> tiles;       // tiles of those queries; keyless ones first
   KeylessPlacement keyless;         // {count of keyless tiles, period 1}
-  std::vector<int32_t> send_rows;   // (position, head) pairs of K/V rows the others need
+  // (position, head) pairs of this slice's rows of spanning branches, one entry per branch that
+  // keeps the pair: what it sends to every slice, itself included.
+  std::vector<int32_t> send_rows;
+  // For every slice o (this one included), where o's send_rows go here: (row position, head)
+  // pairs in the order of o's send_rows, row position -1 for a row this slice does not read.
+  std::vector<std::vector<int32_t>> receive_rows;
 };
 
 struct SequenceParallelPlan {

@@ -1,17 +1,20 @@
 // The sequence-parallel plan, checked without a GPU: the slices' tiles are exactly the single-GPU
 // tile list, each tile's rows lie in its slice, and every key a tile's rows see (BranchKeySpan,
-// the kernel's own rule) is in the range of K/V rows its GPU holds, and in the slice or among the
-// rows another slice sends.
+// the kernel's own rule) is in its slice, or, for a branch whose segments span slices, in the
+// packed row the kernel reads it from, put there by the exchange.
+
+#include "kernels/attention/sequence_parallel.h"
 
 #include <algorithm>
+#include <map>
 #include <set>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "kernels/attention/sequence_parallel.h"
 #include "kernels/attention/tile_spans.h"
 #include "tests/common/random_config.h"
 
@@ -55,27 +58,35 @@ TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
     }
     const attention::DilatedAttentionParams& p = plan->params;
     const int64_t n = rc.shape.seq_lengths[0];
-    std::vector<std::set<std::pair<int64_t, int>>> sent(sp->slices.size());
     int64_t covered = 0;
     for (size_t g = 0; g < sp->slices.size(); ++g) {
       const auto& s = sp->slices[g];
       ASSERT_EQ(s.begin, covered);
       covered = s.end;
-      EXPECT_LE(s.key_begin, s.begin);
-      EXPECT_GE(s.key_end, s.end);
-      if (sp->spanning_branches.empty()) {  // every segment is within one slice
-        EXPECT_EQ(s.key_begin, s.begin);
-        EXPECT_EQ(s.key_end, s.end);
-      }
+      ASSERT_GE(s.key_rows_end, s.end);
+      ASSERT_EQ(s.receive_rows.size(), sp->slices.size());
       for (size_t i = 0; i + 1 < s.send_rows.size(); i += 2) {
         EXPECT_GE(s.send_rows[i], s.begin);
         EXPECT_LT(s.send_rows[i], s.end);
-        sent[g].insert({s.send_rows[i], s.send_rows[i + 1]});
       }
     }
     EXPECT_EQ(covered, n);
     for (size_t g = 0; g < sp->slices.size(); ++g) {
       const auto& s = sp->slices[g];
+      // What the exchange leaves in this GPU's packed rows: (row position, head) -> position.
+      std::map<std::pair<int64_t, int>, int64_t> filled;
+      for (size_t o = 0; o < sp->slices.size(); ++o) {
+        const std::vector<int32_t>& from = sp->slices[o].send_rows;
+        const std::vector<int32_t>& to = s.receive_rows[o];
+        ASSERT_EQ(to.size(), from.size());
+        for (size_t i = 0; i < to.size(); i += 2) {
+          if (to[i] < 0) continue;
+          ASSERT_TRUE(to[i] >= s.end && to[i] < s.key_rows_end) << "row position " << to[i];
+          ASSERT_EQ(to[i + 1], from[i + 1]);
+          const auto [it, fresh] = filled.insert({{to[i], to[i + 1]}, from[i]});
+          ASSERT_TRUE(fresh || it->second == from[i]) << "row position " << to[i] << " twice";
+        }
+      }
       for (size_t i = 0; i < s.tiles.size(); ++i) {
         const GpuTile& t = s.tiles[i];
         const bool keyless = static_cast<int64_t>(i) < s.keyless.count;
@@ -84,23 +95,30 @@ TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
           const int64_t q = t.q_pos + static_cast<int64_t>(row) * t.q_stride;
           got.insert({q, t.head, keyless});
           ASSERT_TRUE(q >= s.begin && q < s.end) << "row " << q << " outside slice " << g;
-          if (static_cast<int64_t>(i) < s.keyless.count) continue;  // attends to nothing
+          if (keyless) continue;  // attends to nothing
           for (int b = 0; b < p.num_branches; ++b) {
             int64_t first = 0, count = 0;
             if (!attention::BranchKeySpan(p, b, t.head, n, q, &first, &count)) continue;
+            const attention::PackedBranchKeys& pk = s.packed[static_cast<size_t>(b)];
+            // The kernel's rule (PlanKeySpans): a packed span's keys are consecutive rows from
+            // begin + (segment start - origin) / w * per_segment.
+            const int64_t w = std::min(p.segment_length[b], n);
+            const int64_t row0 = pk.begin + (first / w * w - pk.origin) / w * pk.per_segment;
             for (int64_t k = 0; k < count; ++k) {
-              const int64_t key = first + k * p.dilation_rate[b];
+              const int64_t key = first + k * attention::ClampedRate<int64_t>(p, b);
               if (p.causal && key > q) break;
-              ASSERT_TRUE(key >= s.key_begin && key < s.key_end)
-                  << "slice " << g << " holds K/V over [" << s.key_begin << ", " << s.key_end
-                  << "), its tiles read key " << key;
-              if (key >= s.begin && key < s.end) continue;
-              bool found = false;
-              for (size_t o = 0; o < sent.size() && !found; ++o) {
-                found = o != g && sent[o].count({key, t.head}) > 0;
+              if (pk.begin < 0) {
+                ASSERT_TRUE(key >= s.begin && key < s.end)
+                    << "slice " << g << " reads key " << key << " of branch " << b
+                    << " at its position, outside the slice";
+                continue;
               }
-              ASSERT_TRUE(found) << "slice " << g << " lacks key " << key << " of head " << t.head
-                                 << " (branch " << b << ", query " << q << ")";
+              const auto it = filled.find({row0 + k, t.head});
+              ASSERT_TRUE(it != filled.end() && it->second == key)
+                  << "slice " << g << " reads key " << key << " of head " << t.head << " (branch "
+                  << b << ", query " << q << ") from packed row position " << row0 + k
+                  << ", which holds "
+                  << (it == filled.end() ? std::string("nothing") : absl::StrCat(it->second));
             }
           }
         }

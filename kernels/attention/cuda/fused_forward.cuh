@@ -119,6 +119,8 @@ __device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
 struct KeySpans {
   int first[2 * kMaxBranches];
   int rate[2 * kMaxBranches];
+  int row_first[2 * kMaxBranches];  // K/V row positions: first and rate but for packed keys
+  int row_rate[2 * kMaxBranches];
   int count[2 * kMaxBranches];
   int tiles_end[2 * kMaxBranches];
   int num;
@@ -140,14 +142,26 @@ __device__ __forceinline__ int WarpInclusiveSum(int x, int lane) {
 // the branches run side by side instead of one after another in one thread. Positions within a
 // sequence are < 2^31 (the selector checks): 32-bit unsigned divisions. q_first <= q_split <=
 // q_last are query positions of the tile.
-__device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, int head,
-                                             uint32_t seq_len, uint32_t q_first, uint32_t q_split,
-                                             uint32_t q_last, KeySpans* spans, int lane) {
+__device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p,
+                                             const PackedKeys* packed, int head, uint32_t seq_len,
+                                             uint32_t q_first, uint32_t q_split, uint32_t q_last,
+                                             KeySpans* spans, int lane) {
   uint32_t first = 0, count = 0;
   bool kept = lane < p.num_branches &&
               BranchKeySpan<uint32_t>(p, lane, head, seq_len, q_first, &first, &count);
   // As BranchKeySpan clamps it: the causal mask divides by this rate.
   const uint32_t rate = lane < p.num_branches ? ClampedRate<uint32_t>(p, lane) : 1;
+  // Where the span's keys are read: at their positions, or packed (PackedKeys).
+  uint32_t row_first = first, row_rate = rate;
+  if (kept && packed[lane].begin >= 0) {
+    const auto segment = static_cast<uint32_t>(
+        p.segment_length[lane] < static_cast<int64_t>(seq_len) ? p.segment_length[lane] : seq_len);
+    const uint32_t start = first / segment * segment;
+    row_first = static_cast<uint32_t>(packed[lane].begin) +
+                (start - static_cast<uint32_t>(packed[lane].origin)) / segment *
+                    static_cast<uint32_t>(packed[lane].per_segment);
+    row_rate = 1;
+  }
   uint32_t head_count = count;  // keys of the first part: whole tiles up to the split row's
   if (kept && p.causal) {
     kept = first <= q_last;
@@ -173,6 +187,8 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, in
     const int n = __popc(head_mask & below);
     spans->first[n] = static_cast<int>(first);
     spans->rate[n] = static_cast<int>(rate);
+    spans->row_first[n] = static_cast<int>(row_first);
+    spans->row_rate[n] = static_cast<int>(row_rate);
     spans->count[n] = static_cast<int>(head_count);
     spans->tiles_end[n] = head_tiles;
   }
@@ -180,6 +196,8 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p, in
     const int n = num_heads + __popc(tail_mask & below);
     spans->first[n] = static_cast<int>(first + head_count * rate);
     spans->rate[n] = static_cast<int>(rate);
+    spans->row_first[n] = static_cast<int>(row_first + head_count * row_rate);
+    spans->row_rate[n] = static_cast<int>(row_rate);
     spans->count[n] = static_cast<int>(tail_count);
     spans->tiles_end[n] = tail_tiles;
   }
@@ -196,15 +214,19 @@ struct KeyTile {
   int remaining;  // keys of the span from this tile's first key on
   int pos0;       // position of the tile's first key in its sequence
   int rate;       // positions between consecutive keys
+  int row0;       // K/V row position of the tile's first key (pos0 but for packed keys)
+  int row_rate;   // row positions between consecutive keys
   __device__ int valid() const { return remaining < kBlockN ? remaining : kBlockN; }
 };
 
 __device__ __forceinline__ KeyTile SpanStart(const KeySpans& spans, int span) {
-  KeyTile kt{span, 0, 0, 1};
+  KeyTile kt{span, 0, 0, 1, 0, 1};
   if (span < spans.num) {
     kt.remaining = spans.count[span];
     kt.pos0 = spans.first[span];
     kt.rate = spans.rate[span];
+    kt.row0 = spans.row_first[span];
+    kt.row_rate = spans.row_rate[span];
   }
   return kt;
 }
@@ -216,6 +238,7 @@ __device__ __forceinline__ void NextKeyTile(const Spans& spans, KeyTile* kt) {
   kt->remaining -= kBlockN;
   if (kt->remaining > 0) {
     kt->pos0 += kBlockN * kt->rate;
+    kt->row0 += kBlockN * kt->row_rate;
   } else {
     *kt = SpanStart(spans, kt->span + 1);
   }
@@ -309,7 +332,7 @@ struct TileGather {
         return static_cast<uint32_t>(tile.q_pos + (rows - 1) * tile.q_stride);
       };
       const int count = tile.count;
-      PlanKeySpans(p, tile.head, seq_len, static_cast<uint32_t>(tile.q_pos),
+      PlanKeySpans(p, params.packed, tile.head, seq_len, static_cast<uint32_t>(tile.q_pos),
                    last_of(split_rows < count ? split_rows : count), last_of(count), spans,
                    threadIdx.x);
     }
@@ -335,7 +358,7 @@ struct TileGather {
     for (int j = 0; j < kBlockN / kRowsPerPass; ++j) {
       const int row = thread_row + j * kRowsPerPass;
       const bool ok = row < valid;
-      const int pos = ok ? kt.pos0 + row * kt.rate : 0;
+      const int pos = ok ? kt.row0 + row * kt.row_rate : 0;
       // Whole 8-row swizzle periods per pass keep this thread's swizzle term.
       const uint32_t dst =
           kRowsPerPass % 8 == 0

@@ -124,18 +124,17 @@ int LaunchHalfToFloat(const void* in, float* out, int64_t n, int* flags, void* s
 }
 
 // Thread t moves 16-byte chunk t % chunks of listed row t / chunks, between a (tokens, H, D)
-// tensor and a packed array of rows; rows of tokens outside [lo, hi) are left alone.
+// tensor and a packed array of rows; pairs with a negative token are skipped.
 template <bool kGather>
 __global__ void MoveHeadRowsKernel(uint4* tensor, int64_t row_chunks, int64_t head_chunks,
-                                   const int32_t* rows, int64_t n, int64_t lo, int64_t hi,
-                                   uint4* packed) {
+                                   const int32_t* rows, int64_t n, uint4* packed) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;  // GridFor caps the grid
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
        i < n * head_chunks; i += step) {
     const int64_t row = i / head_chunks;
     const int64_t chunk = i % head_chunks;
     const int64_t token = rows[2 * row];
-    if (token < lo || token >= hi) continue;
+    if (token < 0) continue;
     uint4* at = tensor + token * row_chunks + rows[2 * row + 1] * head_chunks + chunk;
     if constexpr (kGather) {
       packed[i] = *at;
@@ -146,8 +145,7 @@ __global__ void MoveHeadRowsKernel(uint4* tensor, int64_t row_chunks, int64_t he
 }
 
 int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_dim,
-                       const int32_t* rows, int64_t n, int64_t lo, int64_t hi, void* packed,
-                       void* stream) {
+                       const int32_t* rows, int64_t n, void* packed, void* stream) {
   // 2-byte elements; D and the row stride are multiples of 8 (16 bytes) on the GPU path.
   if (head_dim % 8 != 0 || row_stride % 8 != 0) return cudaErrorInvalidValue;
   if (n == 0) return 0;
@@ -158,10 +156,10 @@ int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_d
   auto* p = static_cast<uint4*>(packed);
   if (gather) {
     MoveHeadRowsKernel<true>
-        <<<GridFor(total), 256, 0, s>>>(t, row_stride / 8, head_chunks, rows, n, lo, hi, p);
+        <<<GridFor(total), 256, 0, s>>>(t, row_stride / 8, head_chunks, rows, n, p);
   } else {
     MoveHeadRowsKernel<false>
-        <<<GridFor(total), 256, 0, s>>>(t, row_stride / 8, head_chunks, rows, n, lo, hi, p);
+        <<<GridFor(total), 256, 0, s>>>(t, row_stride / 8, head_chunks, rows, n, p);
   }
   return cudaGetLastError();
 }

@@ -31,10 +31,9 @@ int LaunchHalfToFloat(const void* in, float* out, int64_t n, int* flags, void* s
 
 // Rows of one head between a (tokens, H, D) tensor of 2-byte elements (row_stride elements per
 // token) and a packed array of D-element rows: `rows` holds n (token, head) pairs. gather:
-// packed[i] = tensor row i; otherwise tensor row i = packed[i]. Only tokens in [lo, hi) are
-// moved (the tensor may hold no others: `tensor` may point before its allocation).
+// packed[i] = tensor row i; otherwise tensor row i = packed[i]. Pairs with a negative token
+// are skipped (rows a GPU does not hold).
 int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_dim,
-                       const int32_t* rows, int64_t n, int64_t lo, int64_t hi, void* packed,
-                       void* stream);
+                       const int32_t* rows, int64_t n, void* packed, void* stream);
 
 }  // namespace dilattn::attention::cuda

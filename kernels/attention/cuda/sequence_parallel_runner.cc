@@ -152,13 +152,12 @@ class Runner final : public SequenceParallelRunner {
     }
 
     struct PerGpu {
-      Lease k, v, q, o, tables, send, recv, rows;
-      int64_t begin = 0, end = 0, key_begin = 0, key_end = 0;
-      // K and V buffers shifted back by key_begin: the kernel and the row moves address them
-      // by position and read only positions in [key_begin, key_end).
-      unsigned char* k_at_0() const { return k.bytes() - key_shift; }
-      unsigned char* v_at_0() const { return v.bytes() - key_shift; }
-      size_t key_shift = 0;
+      Lease k, v, q, o, tables, send, recv, rows, dest;
+      int64_t begin = 0, end = 0, key_rows_end = 0;
+      // Every buffer shifted back by begin: the kernel and the row moves address them by row
+      // position, and read only [begin, end) (Q, O) or [begin, key_rows_end) (K, V).
+      size_t shift = 0;
+      unsigned char* at_0(const Lease& l) const { return l.bytes() - shift; }
     };
     last_run_bytes_.assign(static_cast<size_t>(ranks), 0);
     std::vector<PerGpu> gpu(static_cast<size_t>(ranks));
@@ -181,18 +180,17 @@ class Runner final : public SequenceParallelRunner {
         const SequenceSlicePlan& slice = sp->slices[static_cast<size_t>(g)];
         m.begin = slice.begin;
         m.end = slice.end;
-        m.key_begin = slice.key_begin;
-        m.key_end = slice.key_end;
+        m.key_rows_end = slice.key_rows_end;
       }
-      m.key_shift = static_cast<size_t>(m.key_begin) * row_bytes;
+      m.shift = static_cast<size_t>(m.begin) * row_bytes;
       const int dev = devices_[static_cast<size_t>(g)];
       memory::BufferPool& pool = *pools_[static_cast<size_t>(g)];
       cudaStream_t stream = streams_[static_cast<size_t>(g)];
       if (absl::Status s = CudaErrorStatus(cudaSetDevice(dev), "cudaSetDevice"); !s.ok()) return s;
       const size_t slice_bytes = static_cast<size_t>(m.end - m.begin) * row_bytes;
-      const size_t key_bytes = static_cast<size_t>(m.key_end - m.key_begin) * row_bytes;
-      // Q and O over the slice; K and V over the keys its tiles read (the slice, widened to the
-      // segments of spanning branches, whose rows of other slices arrive by the exchange).
+      const size_t key_bytes = static_cast<size_t>(m.key_rows_end - m.begin) * row_bytes;
+      // Q and O over the slice; K and V over the slice and the packed keys of spanning branches
+      // (filled by the exchange).
       for (auto [mem, bytes] : {std::pair{&m.k, key_bytes}, std::pair{&m.v, key_bytes},
                                 std::pair{&m.q, slice_bytes}, std::pair{&m.o, slice_bytes}}) {
         if (absl::Status s = Acquire(g, pool, *mem, bytes); !s.ok()) return s;
@@ -204,28 +202,39 @@ class Runner final : public SequenceParallelRunner {
                                "copy to device");
       };
       if (absl::Status s = h2d(m.q.ptr(), host.q.data); !s.ok()) return s;
-      if (absl::Status s = h2d(m.k_at_0() + at, host.k.data); !s.ok()) return s;
-      if (absl::Status s = h2d(m.v_at_0() + at, host.v.data); !s.ok()) return s;
+      if (absl::Status s = h2d(m.k.ptr(), host.k.data); !s.ok()) return s;
+      if (absl::Status s = h2d(m.v.ptr(), host.v.data); !s.ok()) return s;
       if (exchange) {
-        for (auto [mem, bytes] : {std::pair{&m.send, 2 * pack_bytes},
-                                  std::pair{&m.recv, 2 * pack_bytes * ranks},
-                                  std::pair{&m.rows, all_rows.size() * sizeof(int32_t)}}) {
+        // Where every slice's sent rows land here, in all_rows' order.
+        std::vector<int32_t> dest;
+        if (owns) {
+          dest.reserve(all_rows.size());
+          for (const std::vector<int32_t>& from : sp->slices[static_cast<size_t>(g)].receive_rows) {
+            dest.insert(dest.end(), from.begin(), from.end());
+          }
+        }
+        for (auto [mem, bytes] :
+             {std::pair{&m.send, 2 * pack_bytes}, std::pair{&m.recv, 2 * pack_bytes * ranks},
+              std::pair{&m.rows, all_rows.size() * sizeof(int32_t)},
+              std::pair{&m.dest, dest.size() * sizeof(int32_t)}}) {
           if (absl::Status s = Acquire(g, pool, *mem, bytes); !s.ok()) return s;
         }
-        if (absl::Status s = CudaErrorStatus(
-                cudaMemcpyAsync(m.rows.ptr(), all_rows.data(), all_rows.size() * sizeof(int32_t),
-                                cudaMemcpyHostToDevice, stream),
-                "copy to device");
-            !s.ok()) {
-          return s;
+        for (auto [to, from] : {std::pair{&m.rows, &all_rows}, std::pair{&m.dest, &dest}}) {
+          if (from->empty()) continue;
+          if (absl::Status s = CudaErrorStatus(
+                  cudaMemcpyAsync(to->ptr(), from->data(), from->size() * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, stream),
+                  "copy to device");
+              !s.ok()) {
+            return s;
+          }
         }
         const int32_t* mine = static_cast<const int32_t*>(m.rows.ptr()) + 2 * rows_at[g];
         const int64_t count = rows_at[g + 1] - rows_at[g];
         for (int t = 0; t < 2; ++t) {
           if (absl::Status s = CudaErrorStatus(
-                  LaunchMoveHeadRows(true, t == 0 ? m.k_at_0() : m.v_at_0(), p.k_row_stride,
-                                     p.head_dim, mine, count, m.begin, m.end,
-                                     m.send.bytes() + t * pack_bytes, stream),
+                  LaunchMoveHeadRows(true, m.at_0(t == 0 ? m.k : m.v), p.k_row_stride, p.head_dim,
+                                     mine, count, m.send.bytes() + t * pack_bytes, stream),
                   "pack rows");
               !s.ok()) {
             return s;
@@ -258,15 +267,14 @@ class Runner final : public SequenceParallelRunner {
           !s.ok()) {
         return s;
       }
-      for (int o = 0; exchange && o < ranks; ++o) {  // the other slices' rows into K and V
-        if (o == g) continue;
-        const int32_t* theirs = static_cast<const int32_t*>(m.rows.ptr()) + 2 * rows_at[o];
+      // Every slice's rows, this one's included, into the packed keys of K and V.
+      for (int o = 0; exchange && o < ranks; ++o) {
+        const int32_t* to = static_cast<const int32_t*>(m.dest.ptr()) + 2 * rows_at[o];
         const int64_t count = rows_at[o + 1] - rows_at[o];
         for (int t = 0; t < 2; ++t) {
           if (absl::Status s = CudaErrorStatus(
-                  LaunchMoveHeadRows(false, t == 0 ? m.k_at_0() : m.v_at_0(), p.k_row_stride,
-                                     p.head_dim, theirs, count, m.key_begin, m.key_end,
-                                     m.recv.bytes() + (2 * o + t) * pack_bytes, stream),
+                  LaunchMoveHeadRows(false, m.at_0(t == 0 ? m.k : m.v), p.k_row_stride, p.head_dim,
+                                     to, count, m.recv.bytes() + (2 * o + t) * pack_bytes, stream),
                   "unpack rows");
               !s.ok()) {
             return s;
@@ -293,14 +301,18 @@ class Runner final : public SequenceParallelRunner {
           !s.ok()) {
         return s;
       }
-      // The kernel addresses Q and O by position: their slice buffers, shifted back by begin.
-      const size_t shift = static_cast<size_t>(m.begin) * row_bytes;
+      // The kernel addresses every tensor by row position: the buffers shifted back by begin.
       const DeviceLoc dev = DeviceLoc::Cuda(devices_[static_cast<size_t>(g)]);
-      const AttentionTensors t{{m.q.bytes() - shift, n * row_bytes, dev},
-                               {m.k_at_0(), n * row_bytes, dev},
-                               {m.v_at_0(), n * row_bytes, dev},
-                               {m.o.bytes() - shift, n * row_bytes, dev}};
+      const AttentionTensors t{{m.at_0(m.q), n * row_bytes, dev},
+                               {m.at_0(m.k), n * row_bytes, dev},
+                               {m.at_0(m.v), n * row_bytes, dev},
+                               {m.at_0(m.o), n * row_bytes, dev}};
       FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr());
+      for (int b = 0; b < p.num_branches; ++b) {
+        const PackedBranchKeys& pk = slice.packed[static_cast<size_t>(b)];
+        params.packed[b] = {static_cast<int32_t>(pk.begin), static_cast<int32_t>(pk.origin),
+                            static_cast<int32_t>(pk.per_segment)};
+      }
       params.tiles = reinterpret_cast<const GpuTile*>(m.tables.bytes() + tiles_at);
       params.num_tiles = static_cast<int64_t>(slice.tiles.size());
       params.keyless = slice.keyless;
@@ -310,7 +322,7 @@ class Runner final : public SequenceParallelRunner {
         return s;
       }
       if (absl::Status s = CudaErrorStatus(
-              cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + shift, m.o.ptr(),
+              cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + m.shift, m.o.ptr(),
                               static_cast<size_t>(m.end - m.begin) * row_bytes, cudaMemcpyDefault,
                               stream),
               "copy to host");

@@ -4,9 +4,9 @@
 // parallelism; the plan is kernels/attention/sequence_parallel.h). Each GPU gets its slice of
 // Q, K and V from host memory, the GPUs exchange the spanning branches' dilated K/V rows with
 // one NCCL all-gather, each runs the fused kernel on its slice's tiles, and each writes its
-// slice of O back. A GPU holds Q and O over its slice and K and V over the keys its tiles read
-// (its slice, widened to the segments of spanning branches), so memory per GPU falls with the
-// number of GPUs as far as the branches' segments allow. With one GPU (or a sequence too short to
+// slice of O back. A GPU holds Q, K, V and O over its slice, and the spanning branches' keys
+// that its tiles read packed (only the rows their heads keep), so memory per GPU falls with the
+// number of GPUs. With one GPU (or a sequence too short to
 // split) no communication runs at all. Host compiler only.
 
 #include <cstddef>

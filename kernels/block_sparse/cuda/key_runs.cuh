@@ -30,7 +30,7 @@ struct KeyRunSpans {
 };
 
 __device__ __forceinline__ KeyTile SpanStart(const KeyRunSpans& spans, int span) {
-  KeyTile kt{span, 0, 0, 1};
+  KeyTile kt{span, 0, 0, 1, 0, 1};
   if (span < spans.num_lead) {
     const int2 run = __ldg(reinterpret_cast<const int2*>(spans.lead + span));
     kt.pos0 = run.x;
@@ -39,6 +39,7 @@ __device__ __forceinline__ KeyTile SpanStart(const KeyRunSpans& spans, int span)
     kt.pos0 = spans.tail_first[span - spans.num_lead];
     kt.remaining = spans.tail_count[span - spans.num_lead];
   }
+  kt.row0 = kt.pos0;
   return kt;
 }
 
