@@ -128,6 +128,33 @@ TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
   }
 }
 
+// LongNet's widest branch has one segment, the whole sequence: each GPU holds its slice and that
+// branch's kept rows (n / r per head), not K and V whole.
+TEST(SequenceParallelPlan, AWholeSequenceBranchIsHeldPacked) {
+  const int64_t n = 1 << 16;
+  for (bool causal : {false, true}) {
+    attention::AttentionOptions o;
+    o.segment_lengths = {2048, 4096, n};
+    o.dilation_rates = {1, 2, n / 2048};
+    o.causal = causal;
+    auto plan = attention::PlanAttention(
+        o, attention::DenseShape(attention::DType::kBFloat16, 1, n, 4, 64));
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto sp = attention::PlanSequenceParallel(*plan, 2, 128);
+    ASSERT_TRUE(sp.ok()) << sp.status();
+    ASSERT_EQ(sp->slices.size(), 2u);
+    EXPECT_EQ(sp->spanning_branches, std::vector<int>{2});
+    for (const auto& s : sp->slices) {
+      EXPECT_EQ(s.end - s.begin, n / 2);
+      EXPECT_EQ(s.packed[0].begin, -1);
+      EXPECT_EQ(s.packed[1].begin, -1);
+      EXPECT_EQ(s.packed[2].begin, s.end);
+      EXPECT_EQ(s.packed[2].per_segment, 2048);
+      EXPECT_EQ(s.key_rows_end - s.begin, n / 2 + 2048) << "K/V rows held";
+    }
+  }
+}
+
 TEST(SequenceParallelPlan, OneSequenceOnly) {
   attention::AttentionOptions o;
   o.segment_lengths = {16};
