@@ -135,6 +135,8 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
   // start (modulo its rate): cells, and sequences, alike in those share their cosets.
   std::map<std::vector<int64_t>, std::vector<Coset>> cosets_of;
   std::vector<int64_t> key;
+  std::vector<int> sparse;   // a cell's branches whose rate exceeds it
+  std::vector<int64_t> cut;  // the cell's positions that they keep
   int64_t mask_budget = kMaxMaskEvaluations;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
@@ -155,20 +157,36 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
       for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
         const int64_t c0 = bounds[cell];
         const int64_t len = bounds[cell + 1] - c0;
-        key.resize(key_prefix);  // and the cell's phase against each branch's segments
+        // A branch whose rate exceeds the cell ("sparse" here: LongNet's widest, w = N and
+        // r = N / 2048, once N / 2048 passes the shortest segment) keeps at most one of its
+        // positions. The residues are grouped by the other branches' key sets, modulo their
+        // lcm, and each position a sparse branch keeps is cut out of its group as a tile of
+        // its own; grouping modulo every rate would take the sparse rate as the modulus and
+        // plan a tile per position.
+        int64_t periodic = 1;
+        sparse.clear();
+        key.resize(key_prefix);  // and the cell's phase against each periodic branch's segments
         for (size_t i = 0; i < c.branches.size(); ++i) {
+          const int b = c.branches[i];
           const int64_t w = key[1 + i];
-          key.push_back((c0 - c0 / w * w) % p.dilation_rate[c.branches[i]]);
+          if (p.dilation_rate[b] > len) {
+            sparse.push_back(b);
+            key.push_back(-1);
+            continue;
+          }
+          periodic = Lcm(periodic, p.dilation_rate[b]);
+          key.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
         }
         auto it = cosets_of.end();
-        if (modulus != 0 && modulus <= kMaxGroupedModulus && len >= modulus) {
+        if (periodic != 0 && periodic <= kMaxGroupedModulus && len >= periodic) {
           it = cosets_of.find(key);
-          const int64_t evaluations = modulus * static_cast<int64_t>(c.branches.size());
+          const int64_t evaluations = periodic * static_cast<int64_t>(c.branches.size());
           if (it == cosets_of.end() && evaluations <= mask_budget) {
             mask_budget -= evaluations;
-            mask.assign(static_cast<size_t>(modulus), 0);
-            for (int64_t a = 0; a < modulus; ++a) {
+            mask.assign(static_cast<size_t>(periodic), 0);
+            for (int64_t a = 0; a < periodic; ++a) {
               for (int b : c.branches) {
+                if (p.dilation_rate[b] > len) continue;
                 int64_t first = 0, count = 0;
                 if (BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) {
                   mask[static_cast<size_t>(a)] |= uint32_t{1} << b;
@@ -186,9 +204,43 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
           }
           continue;
         }
+        // The positions (within the cell) that sparse branches keep, ascending.
+        cut.clear();
+        for (int b : sparse) {
+          const int64_t w = std::min(p.segment_length[b], n);
+          const int64_t start = c0 / w * w;
+          int64_t offset = 0;
+          if (!BranchHeadOffset<int64_t>(p, b, c.head_begin, p.dilation_rate[b], &offset)) {
+            continue;
+          }
+          const int64_t at = start + offset - c0;  // the segment keeps start + offset + k r
+          const int64_t a = at >= 0 ? at
+                                    : at + (-at + p.dilation_rate[b] - 1) / p.dilation_rate[b] *
+                                               p.dilation_rate[b];
+          int64_t first = 0, count = 0;
+          if (a < len && BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) {
+            cut.push_back(a);
+          }
+        }
+        std::sort(cut.begin(), cut.end());
+        cut.erase(std::unique(cut.begin(), cut.end()), cut.end());
         for (const Coset& co : it->second) {
-          visit(s, c0 + co.a0, co.d, (len - co.a0 + co.d - 1) / co.d, c.head_begin, c.head_end,
-                co.keyless);
+          const int64_t rows = (len - co.a0 + co.d - 1) / co.d;
+          int64_t row = 0;  // the progression's rows before the next cut position
+          for (int64_t a : cut) {
+            if (a < co.a0 || (a - co.a0) % co.d != 0) continue;
+            const int64_t k = (a - co.a0) / co.d;
+            if (k > row) {
+              visit(s, c0 + co.a0 + row * co.d, co.d, k - row, c.head_begin, c.head_end,
+                    co.keyless);
+            }
+            visit(s, c0 + a, co.d, 1, c.head_begin, c.head_end, false);
+            row = k + 1;
+          }
+          if (rows > row) {
+            visit(s, c0 + co.a0 + row * co.d, co.d, rows - row, c.head_begin, c.head_end,
+                  co.keyless);
+          }
         }
       }
     }

@@ -217,6 +217,38 @@ TEST(GpuTiles, GroupingPastItsBudgetStaysCorrect) {
   EXPECT_LT(grouped.size(), 1024u);
 }
 
+// LongNet's widest branch at 8M tokens and beyond: w = N with r = N / 2048 > 2048, the shortest
+// segment, so each 2048-position cell holds at most one position it keeps. The other branches'
+// residues still group into full tiles (modulo 2 here), and only the positions the wide branch
+// keeps take tiles of their own; grouping modulo every rate would plan a tile per position.
+TEST(GpuTiles, ARateWiderThanACellCutsOnlyItsPositionsOut) {
+  for (bool causal : {false, true}) {
+    AttentionOptions o;
+    o.segment_lengths = {2048, 4096, 65536};
+    o.dilation_rates = {1, 2, 8192};
+    o.causal = causal;
+    absl::StatusOr<AttentionPlan> plan =
+        PlanAttention(o, DenseShape(DType::kBFloat16, 1, 65536, 4, 64));
+    ASSERT_TRUE(plan.ok());
+    CheckPlan(*plan, 128);
+    std::vector<GpuTile> tiles;
+    ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles).ok());
+    int64_t wide = 0;  // tiles of positions the wide branch keeps
+    for (const GpuTile& t : tiles) {
+      const Spans spans = SpansOf(plan->params, 65536, t.head, t.q_pos);
+      if (!spans.empty() && std::get<0>(spans.back()) == 2) {
+        EXPECT_EQ(t.count, 1);
+        ++wide;
+      }
+    }
+    // Per head, 65536 / 8192 positions kept by the wide branch, one tile each; the other rows
+    // in tiles of up to 128, a progression cut in two at most once per cell (32 cells, two
+    // progressions each).
+    EXPECT_EQ(wide, 4 * 65536 / 8192);
+    EXPECT_LE(static_cast<int64_t>(tiles.size()), 4 * (65536 / 128 + 65536 / 8192 + 32 * 2));
+  }
+}
+
 TEST(GpuTiles, RejectsWhatTheFieldsCannotHold) {
   AttentionOptions o;
   o.segment_lengths = {16};
