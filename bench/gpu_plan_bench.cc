@@ -20,12 +20,17 @@ namespace {
 using attention::DType;
 using attention::Mode;
 
-void PlanTiles(benchmark::State& state, Mode mode, bool causal, int64_t n) {
+// `global` adds LongNet's whole-sequence branch (w = n, r = n / 2048).
+void PlanTiles(benchmark::State& state, Mode mode, bool causal, int64_t n, bool global = false) {
   attention::AttentionOptions o;
   o.mode = mode;
   o.causal = causal;
   o.segment_lengths = {2048, 4096, 8192, 16384, 32768};
   o.dilation_rates = {1, 2, 4, 8, 16};
+  if (global) {
+    o.segment_lengths.push_back(n);
+    o.dilation_rates.push_back(n / 2048);
+  }
   absl::StatusOr<attention::AttentionPlan> plan =
       attention::PlanAttention(o, attention::DenseShape(DType::kBFloat16, 1, n, 16, 64));
   if (!plan.ok()) {
@@ -89,6 +94,12 @@ int main(int argc, char** argv) {
             ->Unit(benchmark::kMillisecond);
       }
     }
+  }
+  for (const int64_t n : {int64_t{2097152}, int64_t{8388608}}) {
+    const std::string name = absl::StrCat("plan/longnet+global/N=", n);
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) {
+      dilattn::PlanTiles(s, dilattn::attention::Mode::kLongNet, false, n, true);
+    })->Unit(benchmark::kMillisecond);
   }
   for (const bool global : {false, true}) {
     for (const int64_t n : {int64_t{2097152}, int64_t{8388608}}) {
