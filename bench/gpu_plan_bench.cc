@@ -20,8 +20,9 @@ namespace {
 using attention::DType;
 using attention::Mode;
 
-// `global` adds LongNet's whole-sequence branch (w = n, r = n / 2048).
-void PlanTiles(benchmark::State& state, Mode mode, bool causal, int64_t n, bool global = false) {
+// B = 1, H = 16, D = 64 and the default branches; `global` adds LongNet's whole-sequence branch
+// (w = n, r = n / 2048).
+absl::StatusOr<attention::AttentionPlan> Problem(Mode mode, bool causal, int64_t n, bool global) {
   attention::AttentionOptions o;
   o.mode = mode;
   o.causal = causal;
@@ -31,8 +32,11 @@ void PlanTiles(benchmark::State& state, Mode mode, bool causal, int64_t n, bool 
     o.segment_lengths.push_back(n);
     o.dilation_rates.push_back(n / 2048);
   }
-  absl::StatusOr<attention::AttentionPlan> plan =
-      attention::PlanAttention(o, attention::DenseShape(DType::kBFloat16, 1, n, 16, 64));
+  return attention::PlanAttention(o, attention::DenseShape(DType::kBFloat16, 1, n, 16, 64));
+}
+
+void PlanTiles(benchmark::State& state, Mode mode, bool causal, int64_t n, bool global = false) {
+  absl::StatusOr<attention::AttentionPlan> plan = Problem(mode, causal, n, global);
   if (!plan.ok()) {
     state.SkipWithError(plan.status().ToString().c_str());
     return;
@@ -46,18 +50,9 @@ void PlanTiles(benchmark::State& state, Mode mode, bool causal, int64_t n, bool 
   state.counters["tiles"] = static_cast<double>(tiles.size());
 }
 
-// The default branches, with LongNet's whole-sequence branch (w = n, r = n / 2048) when `global`,
-// split across `gpus`.
+// The same problems split across `gpus`.
 void PlanSplit(benchmark::State& state, bool global, int gpus, int64_t n) {
-  attention::AttentionOptions o;
-  o.segment_lengths = {2048, 4096, 8192, 16384, 32768};
-  o.dilation_rates = {1, 2, 4, 8, 16};
-  if (global) {
-    o.segment_lengths.push_back(n);
-    o.dilation_rates.push_back(n / 2048);
-  }
-  absl::StatusOr<attention::AttentionPlan> plan =
-      attention::PlanAttention(o, attention::DenseShape(DType::kBFloat16, 1, n, 16, 64));
+  absl::StatusOr<attention::AttentionPlan> plan = Problem(Mode::kLongNet, false, n, global);
   if (!plan.ok()) {
     state.SkipWithError(plan.status().ToString().c_str());
     return;
