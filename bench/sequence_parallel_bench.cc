@@ -1,10 +1,10 @@
 // Times one long sequence on one GPU and split across every GPU here (sequence parallelism):
 // host tensors in, host O out, so each time includes the copies (the runner's whole work),
-// median of repeated runs after one warm-up; prints a CSV line per N and configuration, with the
-// device memory the busiest GPU leased for the run.
+// median of repeated runs after warm-up (one run, or --warmup-ms); prints a CSV line per N and
+// configuration, with the device memory the busiest GPU leased for the run.
 //
 //   sequence_parallel_bench [--n 1048576,2097152] [--heads 16] [--dim 64] [--dtype bf16]
-//       [--iters 5]
+//       [--iters 5] [--warmup-ms 0]
 // Two branch sets: the default LongNet branches (w = 2048..32768; no exchange between GPUs),
 // and the same with a global branch (w = N, r = N / 2048) whose dilated rows are exchanged.
 
@@ -46,7 +46,6 @@ int main(int argc, char** argv) {
   dilattn::bench::ParseFlags(argc, argv, &flags,
                              [](const std::string&, const std::string&) { return false; });
   const auto& [ns, heads, dim, iters, warmup_ms, dtype] = flags;
-  (void)warmup_ms;  // one warm-up run: each run here is long and spans two cards
   int count = 0;
   CHECK_CUDA(cudaGetDeviceCount(&count));
   std::vector<int> all;
@@ -83,15 +82,19 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "%s\n", runner.status().ToString().c_str());
           return 1;
         }
+        // Warm-up runs (at least one, and at least --warmup-ms of them), then the timed ones.
         std::vector<double> ms;
-        for (int64_t it = 0; it < iters + 1; ++it) {
+        const auto warm_start = std::chrono::steady_clock::now();
+        bool warm = false;
+        while (static_cast<int64_t>(ms.size()) < iters) {
           const auto t0 = std::chrono::steady_clock::now();
           if (auto s = (*runner)->Run(*plan, t); !s.ok()) {
             std::fprintf(stderr, "%s\n", s.ToString().c_str());
             return 1;
           }
-          const std::chrono::duration<double, std::milli> d = std::chrono::steady_clock::now() - t0;
-          if (it > 0) ms.push_back(d.count());
+          const auto t1 = std::chrono::steady_clock::now();
+          if (warm) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+          warm = warm || t1 - warm_start >= std::chrono::milliseconds(warmup_ms);
         }
         std::sort(ms.begin(), ms.end());
         const double median = ms[ms.size() / 2];

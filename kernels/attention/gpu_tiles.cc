@@ -135,7 +135,7 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
   // start (modulo its rate): cells, and sequences, alike in those share their cosets.
   std::map<std::vector<int64_t>, std::vector<Coset>> cosets_of;
   std::vector<int64_t> key;
-  std::vector<int> sparse;   // a cell's branches whose rate exceeds it
+  std::vector<int> periodic_branches, sparse;  // a cell's branches whose rate fits it, and not
   std::vector<int64_t> cut;  // the cell's positions that they keep
   int64_t mask_budget = kMaxMaskEvaluations;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
@@ -164,6 +164,7 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
         // its own; grouping modulo every rate would take the sparse rate as the modulus and
         // plan a tile per position.
         int64_t periodic = 1;
+        periodic_branches.clear();
         sparse.clear();
         key.resize(key_prefix);  // and the cell's phase against each periodic branch's segments
         for (size_t i = 0; i < c.branches.size(); ++i) {
@@ -174,6 +175,7 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
             key.push_back(-1);
             continue;
           }
+          periodic_branches.push_back(b);
           periodic = Lcm(periodic, p.dilation_rate[b]);
           key.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
         }
@@ -185,8 +187,7 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
             mask_budget -= evaluations;
             mask.assign(static_cast<size_t>(periodic), 0);
             for (int64_t a = 0; a < periodic; ++a) {
-              for (int b : c.branches) {
-                if (p.dilation_rate[b] > len) continue;
+              for (int b : periodic_branches) {
                 int64_t first = 0, count = 0;
                 if (BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) {
                   mask[static_cast<size_t>(a)] |= uint32_t{1} << b;

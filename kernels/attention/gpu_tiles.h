@@ -46,6 +46,17 @@ struct KeylessPlacement {
   int64_t period = 1;
 };
 
+// Sequence parallelism (sequence_parallel.h): a GPU may hold the keys of a branch whose segments
+// span GPUs packed, only the rows its heads keep, instead of at their positions. Key j of that
+// branch's segment starting at origin + s * w (w its segment length, clamped to the sequence) is
+// then K/V row position begin + s * per_segment + j, which the kernel reads; masks still use the
+// key's own position. begin < 0 (the default): the branch's keys are read at their positions.
+struct PackedKeys {
+  int32_t begin = -1;
+  int32_t origin = 0;
+  int32_t per_segment = 0;
+};
+
 // Whether list entry `index` is a keyless tile. The kernel instantiates uint32_t (its block
 // index; the launch checks that the period fits), whose division is a few instructions.
 template <typename Int = int64_t>

@@ -82,20 +82,22 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
     slice.keyless.period = 1;
     // The packed keys of each spanning branch: its segments that overlap the slice, after the
     // slice's own rows.
-    slice.packed.assign(static_cast<size_t>(p.num_branches), PackedBranchKeys{});
-    int64_t cursor = slice.end;
+    slice.packed.assign(static_cast<size_t>(p.num_branches), PackedKeys{});
+    int64_t cursor = slice.end;  // < 2^31, as every position on the GPU path
     for (int b : out.spanning_branches) {
       const int64_t w = std::min(p.segment_length[b], n);
       const int64_t r = ClampedRate<int64_t>(p, b);
       const int64_t first_segment = slice.begin / w, last_segment = (slice.end - 1) / w;
-      PackedBranchKeys& pk = slice.packed[static_cast<size_t>(b)];
-      pk = {cursor, first_segment * w, (w + r - 1) / r};
-      cursor += (last_segment - first_segment + 1) * pk.per_segment;
-    }
-    if (cursor > std::numeric_limits<int32_t>::max()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sequence parallelism: slice ", g, " would hold ", cursor,
-                       " K/V row positions; the kernel addresses fewer than 2^31"));
+      const int64_t per_segment = (w + r - 1) / r;
+      slice.packed[static_cast<size_t>(b)] = {static_cast<int32_t>(cursor),
+                                              static_cast<int32_t>(first_segment * w),
+                                              static_cast<int32_t>(per_segment)};
+      cursor += (last_segment - first_segment + 1) * per_segment;
+      if (cursor > std::numeric_limits<int32_t>::max()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("sequence parallelism: slice ", g, " would hold ", cursor,
+                         " K/V row positions; the kernel addresses fewer than 2^31"));
+      }
     }
     slice.key_rows_end = cursor;
     // The rows of spanning branches in this slice, (position, head) each, and their branches.
@@ -140,7 +142,7 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
         const int h = from.send_rows[i + 1];
         const int64_t w = std::min(p.segment_length[b], n);
         const int64_t r = ClampedRate<int64_t>(p, b);
-        const PackedBranchKeys& pk = slice.packed[static_cast<size_t>(b)];
+        const PackedKeys& pk = slice.packed[static_cast<size_t>(b)];
         int64_t offset = 0;
         BranchHeadOffset<int64_t>(p, b, h, r, &offset);
         const int64_t start = pos / w * w;

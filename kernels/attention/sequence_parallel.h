@@ -5,10 +5,10 @@
 // segment boundaries of every branch whose segments fit a slice, so its tiles need only its own
 // keys there. A branch whose segments span slices ("spanning") needs keys of other slices: only
 // its dilated rows (positions its heads keep, 1/r of them) are exchanged, each GPU sending the
-// ones in its slice to every other, and each GPU holds them packed (PackedBranchKeys), so that
+// ones in its slice to every other, and each GPU holds them packed (PackedKeys), so that
 // its memory for K and V is its slice plus 1/r of the spanning segments it reads. This file plans
-// that on the host (pure C++, tested without a GPU); kernels/attention/cuda/sequence_parallel.cc
-// runs it with NCCL.
+// that on the host (pure C++, tested without a GPU); kernels/attention/cuda/
+// sequence_parallel_runner.cc runs it with NCCL.
 
 #include <cstdint>
 #include <vector>
@@ -19,22 +19,12 @@
 
 namespace dilattn::attention {
 
-// How a GPU holds the keys of a spanning branch: packed, only the rows its heads keep, for the
-// branch's segments that overlap its slice. Key j of the segment starting at origin + s * w
-// (w the segment length, clamped to the sequence) is K/V row position begin + s * per_segment + j
-// (the kernel's PackedKeys). begin = -1: the branch's keys are read at their positions.
-struct PackedBranchKeys {
-  int64_t begin = -1;
-  int64_t origin = 0;
-  int64_t per_segment = 0;
-};
-
 struct SequenceSlicePlan {
   int64_t begin = 0, end = 0;       // query positions owned
   // The GPU's K and V rows, by row position: the slice's own rows at their positions
   // [begin, end), then the packed keys of the spanning branches, up to key_rows_end.
   int64_t key_rows_end = 0;
-  std::vector<PackedBranchKeys> packed;  // one per branch
+  std::vector<PackedKeys> packed;   // one per branch: packed for the spanning ones
   std::vector<GpuTile> tiles;       // tiles of those queries; keyless ones first
   KeylessPlacement keyless;         // {count of keyless tiles, period 1}
   // (position, head) pairs of this slice's rows of spanning branches, one entry per branch that

@@ -99,7 +99,7 @@ TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
           for (int b = 0; b < p.num_branches; ++b) {
             int64_t first = 0, count = 0;
             if (!attention::BranchKeySpan(p, b, t.head, n, q, &first, &count)) continue;
-            const attention::PackedBranchKeys& pk = s.packed[static_cast<size_t>(b)];
+            const attention::PackedKeys& pk = s.packed[static_cast<size_t>(b)];
             // The kernel's rule (PlanKeySpans): a packed span's keys are consecutive rows from
             // begin + (segment start - origin) / w * per_segment.
             const int64_t w = std::min(p.segment_length[b], n);

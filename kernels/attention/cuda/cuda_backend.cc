@@ -181,7 +181,6 @@ FusedForwardParams BindFusedParams(const DilatedAttentionParams& p,
   params.attn.o = tensors.o.data;
   params.attn.seq_offsets = static_cast<const int64_t*>(seq_offsets);
   params.scale_log2 = p.scale * 1.4426950408889634f;  // log2(e): scores go straight to exp2
-  for (PackedKeys& packed : params.packed) packed = {-1, 0, 0};  // keys at their positions
   return params;
 }
 

@@ -35,17 +35,6 @@ struct KeyRunTables {
   const KeyRun* runs;       // device
 };
 
-// Sequence parallelism (kernels/attention/sequence_parallel.h): a GPU may hold the keys of a
-// branch whose segments span GPUs packed, only the rows its heads keep, instead of at their
-// positions. Key j of that branch's segment starting at origin + s * w (w its segment length,
-// clamped to the sequence) is then K/V row position begin + s * per_segment + j, which the
-// kernel reads; masks still use the key's own position. begin < 0: keys at their positions.
-struct PackedKeys {
-  int32_t begin;
-  int32_t origin;
-  int32_t per_segment;
-};
-
 struct FusedForwardParams {
   DilatedAttentionParams attn;  // q, k, v, o and seq_offsets are device pointers
   const GpuTile* tiles;         // device, num_tiles entries, costliest first
@@ -54,7 +43,7 @@ struct FusedForwardParams {
   float scale_log2;             // attn.scale * log2(e): scores go straight to exp2
   FusedVariant variant;
   KeyRunTables key_runs;  // block-sparse only (null otherwise)
-  PackedKeys packed[kMaxBranches];  // all begin = -1 but in sequence-parallel runs
+  PackedKeys packed[kMaxBranches];  // (gpu_tiles.h) all unpacked but in sequence-parallel runs
 };
 
 }  // namespace dilattn::attention::cuda

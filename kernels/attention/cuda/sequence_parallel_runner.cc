@@ -195,11 +195,11 @@ class Runner final : public SequenceParallelRunner {
                                 std::pair{&m.q, slice_bytes}, std::pair{&m.o, slice_bytes}}) {
         if (absl::Status s = Acquire(g, pool, *mem, bytes); !s.ok()) return s;
       }
-      const size_t at = static_cast<size_t>(m.begin) * row_bytes;
       auto h2d = [&](void* dst, const void* src) {
-        return CudaErrorStatus(cudaMemcpyAsync(dst, static_cast<const unsigned char*>(src) + at,
-                                               slice_bytes, cudaMemcpyDefault, stream),
-                               "copy to device");
+        return CudaErrorStatus(
+            cudaMemcpyAsync(dst, static_cast<const unsigned char*>(src) + m.shift, slice_bytes,
+                            cudaMemcpyDefault, stream),
+            "copy to device");
       };
       if (absl::Status s = h2d(m.q.ptr(), host.q.data); !s.ok()) return s;
       if (absl::Status s = h2d(m.k.ptr(), host.k.data); !s.ok()) return s;
@@ -308,11 +308,7 @@ class Runner final : public SequenceParallelRunner {
                                {m.at_0(m.v), n * row_bytes, dev},
                                {m.at_0(m.o), n * row_bytes, dev}};
       FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr());
-      for (int b = 0; b < p.num_branches; ++b) {
-        const PackedBranchKeys& pk = slice.packed[static_cast<size_t>(b)];
-        params.packed[b] = {static_cast<int32_t>(pk.begin), static_cast<int32_t>(pk.origin),
-                            static_cast<int32_t>(pk.per_segment)};
-      }
+      std::copy(slice.packed.begin(), slice.packed.end(), params.packed);
       params.tiles = reinterpret_cast<const GpuTile*>(m.tables.bytes() + tiles_at);
       params.num_tiles = static_cast<int64_t>(slice.tiles.size());
       params.keyless = slice.keyless;
