@@ -57,6 +57,16 @@ struct PackedKeys {
   int32_t per_segment = 0;
 };
 
+// The K/V row position of the first key of the packed segment that starts at `segment_start`
+// (a multiple of the branch's clamped segment length `w`, at or after `packed.origin`). The
+// sequence-parallel planner (int64_t) places the exchanged rows by it and the kernel (uint32_t)
+// reads them by it.
+template <typename Int>
+DILATTN_HOST_DEVICE Int PackedSegmentRow(const PackedKeys& packed, Int segment_start, Int w) {
+  return static_cast<Int>(packed.begin) + (segment_start - static_cast<Int>(packed.origin)) / w *
+                                              static_cast<Int>(packed.per_segment);
+}
+
 // Whether list entry `index` is a keyless tile. The kernel instantiates uint32_t (its block
 // index; the launch checks that the period fits), whose division is a few instructions.
 template <typename Int = int64_t>

@@ -147,8 +147,7 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
         BranchHeadOffset<int64_t>(p, b, h, r, &offset);
         const int64_t start = pos / w * w;
         const bool held = start >= pk.origin && start <= (slice.end - 1) / w * w;
-        to.push_back(held ? static_cast<int32_t>(pk.begin +
-                                                 (start - pk.origin) / w * pk.per_segment +
+        to.push_back(held ? static_cast<int32_t>(PackedSegmentRow<int64_t>(pk, start, w) +
                                                  (pos - start - offset) / r)
                           : -1);
         to.push_back(h);

@@ -143,6 +143,19 @@ TEST(SequenceParallel, OneGpuIsTheSingleGpuKernelBitForBit) {
   for (const RandomCase& c : Cases()) Compare(**runner, c, true, rng);
 }
 
+// The runner keeps the host plan of the last shape: a repeated shape reuses it, another shape
+// replaces it, and each run is right for its own inputs and shape.
+TEST(SequenceParallel, ShapesInTurnEachGetTheirOwnPlan) {
+  REQUIRE_GPU();
+  auto runner = EveryGpu();
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  const bool one_gpu = (*runner)->num_devices() == 1;
+  SplitMix64 rng(TestSeed());
+  const std::vector<RandomCase> cases = Cases();
+  for (int i : {0, 0, 1, 0, 2, 2, 1})
+    Compare(**runner, cases[static_cast<size_t>(i)], one_gpu, rng);
+}
+
 TEST(SequenceParallel, RefusesWhatItCannotRun) {
   REQUIRE_GPU();
   auto runner = attention::cuda::SequenceParallelRunner::Create({0});

@@ -107,13 +107,7 @@ class CudaBackend final : public AttentionBackend {
   // The tile list depends only on the problem's shape and options: repeated shapes (benchmarks,
   // steady serving traffic) reuse the last one instead of planning again on the host.
   absl::Status PlanTiles(const AttentionPlan& plan) {
-    // Value-initialised by PlanAttention: no stray padding bytes in the fingerprint.
-    DilatedAttentionParams key = plan.params;
-    key.q = key.k = key.v = key.o = nullptr;
-    key.seq_offsets = nullptr;
-    std::string fingerprint(reinterpret_cast<const char*>(&key), sizeof(key));
-    fingerprint.append(reinterpret_cast<const char*>(plan.seq_offsets.data()),
-                       plan.seq_offsets.size() * sizeof(int64_t));
+    std::string fingerprint = cuda::PlanFingerprint(plan);
     if (fingerprint == tiles_fingerprint_) return absl::OkStatus();
     tiles_fingerprint_.clear();
     staged_ = false;
@@ -169,6 +163,17 @@ absl::Status CheckCudaProblem(const DilatedAttentionParams& p) {
         p.q_row_stride, ", ", p.k_row_stride, ", ", p.v_row_stride, " and ", p.o_row_stride));
   }
   return absl::OkStatus();
+}
+
+std::string PlanFingerprint(const AttentionPlan& plan) {
+  // Value-initialised by PlanAttention: no stray padding bytes in the fingerprint.
+  DilatedAttentionParams key = plan.params;
+  key.q = key.k = key.v = key.o = nullptr;
+  key.seq_offsets = nullptr;
+  std::string fingerprint(reinterpret_cast<const char*>(&key), sizeof(key));
+  fingerprint.append(reinterpret_cast<const char*>(plan.seq_offsets.data()),
+                     plan.seq_offsets.size() * sizeof(int64_t));
+  return fingerprint;
 }
 
 FusedForwardParams BindFusedParams(const DilatedAttentionParams& p,

@@ -156,10 +156,7 @@ __device__ __forceinline__ void PlanKeySpans(const DilatedAttentionParams& p,
   if (kept && packed[lane].begin >= 0) {
     const auto segment = static_cast<uint32_t>(
         p.segment_length[lane] < static_cast<int64_t>(seq_len) ? p.segment_length[lane] : seq_len);
-    const uint32_t start = first / segment * segment;
-    row_first = static_cast<uint32_t>(packed[lane].begin) +
-                (start - static_cast<uint32_t>(packed[lane].origin)) / segment *
-                    static_cast<uint32_t>(packed[lane].per_segment);
+    row_first = PackedSegmentRow<uint32_t>(packed[lane], first / segment * segment, segment);
     row_rate = 1;
   }
   uint32_t head_count = count;  // keys of the first part: whole tiles up to the split row's
