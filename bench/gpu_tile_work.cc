@@ -7,7 +7,10 @@
 // floor for m64 products); then the share of warp x key-tile pairs that need the causal mask
 // and that are wholly masked. CPU only.
 //
+// --global 1 adds LongNet's whole-sequence branch (w = N, r = N / 2048) to the default ones.
+//
 //   build/bench/gpu_tile_work [--n 32768,131072,524288] [--mode longnet|head_groups|both]
+//       [--global 0|1]
 
 #include <algorithm>
 #include <cstdint>
@@ -87,6 +90,7 @@ void Count(const DilatedAttentionParams& p, int64_t n, const GpuTile& t, Work* w
 int Main(int argc, char** argv) {
   std::vector<int64_t> ns = {32768, 131072, 524288};
   std::string modes = "both";
+  bool global = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--n") {
@@ -101,6 +105,8 @@ int Main(int argc, char** argv) {
       }
     } else if (flag == "--mode") {
       modes = value;
+    } else if (flag == "--global") {
+      global = value == "1";
     } else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -117,6 +123,10 @@ int Main(int argc, char** argv) {
         o.causal = causal;
         o.segment_lengths = {2048, 4096, 8192, 16384, 32768};
         o.dilation_rates = {1, 2, 4, 8, 16};
+        if (global) {
+          o.segment_lengths.push_back(n);
+          o.dilation_rates.push_back(std::max<int64_t>(1, n / 2048));
+        }
         absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
             o, attention::DenseShape(attention::DType::kBFloat16, 1, n, 16, 64));
         if (!plan.ok()) {

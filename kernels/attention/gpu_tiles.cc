@@ -62,6 +62,20 @@ double TileCost(const GroupSpans& g, bool causal, int64_t q_pos, int64_t stride,
   return keys * count;
 }
 
+// What the Hopper kernels compute for a group of positions q_pos, q_pos + stride, ... (rows of
+// them), without the causal mask, in units of 64 rows x 64 keys: each 64-row warpgroup walks its
+// rows' keys, plus one unit for its start (Q, the first keys, the output). Compares plans of a
+// cell.
+double WalkCost(const DilatedAttentionParams& p, int64_t n, int head, int64_t q_pos, int64_t rows) {
+  const GroupSpans g = SpansOfGroup(p, n, head, q_pos);
+  if (g.num == 0) return 0;  // zeros only
+  double key_tiles = 0;
+  for (int i = 0; i < g.num; ++i) {
+    key_tiles += static_cast<double>((g.span[static_cast<size_t>(i)].count + 63) / 64);
+  }
+  return static_cast<double>((rows + 63) / 64) * (1 + key_tiles);
+}
+
 // Cosets {a : a = a0 (mod d)} of Z/M, d dividing M, that partition the residues of a cell into
 // classes of equal key sets (mask[a]: the branches that keep residue a), each as wide as it can
 // be: positions that share a key set but were split by residue would span the whole cell in one
@@ -91,6 +105,10 @@ std::vector<Coset> CosetsOfEqualMasks(const std::vector<uint32_t>& mask) {
 // Moduli up to this get their residues grouped by key set; beyond it (rates with a huge lcm)
 // each residue is a group of its own, as grouping would cost O(M) per cell.
 constexpr int64_t kMaxGroupedModulus = 4096;
+// A cell's plan may cut out at most this many positions of branches whose rate fits the cell:
+// each is a walk of its own, while grouping modulo such a branch's rate splits off a few walks
+// per doubling of the modulus; beyond a warpgroup's rows, cutting never costs less.
+constexpr int64_t kMaxCutPositions = 64;
 // Residue x branch evaluations a whole plan may spend on grouping (about 40 ms): many head
 // classes with a large lcm (thousands of heads, rates in the thousands) would otherwise take
 // seconds; cells past the budget are planned a residue per group, which is always valid.
@@ -137,6 +155,9 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
   std::vector<int64_t> key;
   std::vector<int> periodic_branches, sparse;  // a cell's branches whose rate fits it, and not
   std::vector<int64_t> cut;  // the cell's positions that they keep
+  // Which branches a cell cuts out, by its head class, length and phases (plan_cell below).
+  std::map<std::vector<int64_t>, int64_t> choice_of;
+  std::vector<int64_t> choice_key, thresholds;
   int64_t mask_budget = kMaxMaskEvaluations;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
@@ -154,15 +175,14 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
       const size_t key_prefix = key.size();
       std::sort(bounds.begin(), bounds.end());
       bounds.erase(std::unique(bounds.begin(), bounds.end()), bounds.end());
-      for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
-        const int64_t c0 = bounds[cell];
-        const int64_t len = bounds[cell + 1] - c0;
-        // A branch whose rate exceeds the cell ("sparse" here: LongNet's widest, w = N and
-        // r = N / 2048, once N / 2048 passes the shortest segment) keeps at most one of its
-        // positions. The residues are grouped by the other branches' key sets, modulo their
-        // lcm, and each position a sparse branch keeps is cut out of its group as a tile of
-        // its own; grouping modulo every rate would take the sparse rate as the modulus and
-        // plan a tile per position.
+      // Plans cell [c0, c0 + len) with the branches whose rate exceeds `cut_above` cut out
+      // (below), calling emit(q_pos, stride, rows, keyless) for each group.
+      auto plan_cell = [&](int64_t c0, int64_t len, int64_t cut_above, auto&& emit) {
+        // The residues are grouped by the key sets of the branches whose rate is at most
+        // cut_above, modulo the lcm of those rates; each position that another ("sparse")
+        // branch keeps is cut out of its group as a tile of its own. A branch whose rate exceeds
+        // the cell (LongNet's widest, w = N and r = N / 2048, once N / 2048 passes the shortest
+        // segment) is always sparse: grouping modulo its rate would plan a tile per position.
         int64_t periodic = 1;
         periodic_branches.clear();
         sparse.clear();
@@ -170,7 +190,7 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
         for (size_t i = 0; i < c.branches.size(); ++i) {
           const int b = c.branches[i];
           const int64_t w = key[1 + i];
-          if (p.dilation_rate[b] > len) {
+          if (p.dilation_rate[b] > cut_above) {
             sparse.push_back(b);
             key.push_back(-1);
             continue;
@@ -200,27 +220,26 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
         if (it == cosets_of.end()) {
           const int64_t stride = modulus == 0 ? len : std::min(modulus, len);
           for (int64_t a = 0; a < stride; ++a) {
-            visit(s, c0 + a, stride, (len - a + stride - 1) / stride, c.head_begin, c.head_end,
-                  false);
+            emit(c0 + a, stride, (len - a + stride - 1) / stride, false);
           }
-          continue;
+          return;
         }
-        // The positions (within the cell) that sparse branches keep, ascending.
+        // The positions (within the cell) that sparse branches keep, ascending. The cell lies
+        // in one segment of each branch: a sparse branch keeps every rate-th position from its
+        // first in the cell.
         cut.clear();
         for (int b : sparse) {
           const int64_t w = std::min(p.segment_length[b], n);
+          const int64_t r = p.dilation_rate[b];
           const int64_t start = c0 / w * w;
           int64_t offset = 0;
-          if (!BranchHeadOffset<int64_t>(p, b, c.head_begin, p.dilation_rate[b], &offset)) {
-            continue;
-          }
+          if (!BranchHeadOffset<int64_t>(p, b, c.head_begin, r, &offset)) continue;
           const int64_t at = start + offset - c0;  // the segment keeps start + offset + k r
-          const int64_t a = at >= 0 ? at
-                                    : at + (-at + p.dilation_rate[b] - 1) / p.dilation_rate[b] *
-                                               p.dilation_rate[b];
-          int64_t first = 0, count = 0;
-          if (a < len && BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) {
+          for (int64_t a = at >= 0 ? at : at + (-at + r - 1) / r * r; a < len; a += r) {
+            int64_t first = 0, count = 0;
+            if (!BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) break;
             cut.push_back(a);
+            if (r >= len - a) break;
           }
         }
         std::sort(cut.begin(), cut.end());
@@ -231,18 +250,70 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
           for (int64_t a : cut) {
             if (a < co.a0 || (a - co.a0) % co.d != 0) continue;
             const int64_t k = (a - co.a0) / co.d;
-            if (k > row) {
-              visit(s, c0 + co.a0 + row * co.d, co.d, k - row, c.head_begin, c.head_end,
-                    co.keyless);
-            }
-            visit(s, c0 + a, co.d, 1, c.head_begin, c.head_end, false);
+            if (k > row) emit(c0 + co.a0 + row * co.d, co.d, k - row, co.keyless);
+            emit(c0 + a, co.d, 1, false);
             row = k + 1;
           }
-          if (rows > row) {
-            visit(s, c0 + co.a0 + row * co.d, co.d, rows - row, c.head_begin, c.head_end,
-                  co.keyless);
-          }
+          if (rows > row) emit(c0 + co.a0 + row * co.d, co.d, rows - row, co.keyless);
         }
+      };
+      for (size_t cell = 0; cell + 1 < bounds.size(); ++cell) {
+        const int64_t c0 = bounds[cell];
+        const int64_t len = bounds[cell + 1] - c0;
+        // Which branches to cut out. Grouping modulo a branch's rate splits the residues it
+        // keeps off their class, into progressions of ever wider stride down to single rows
+        // (log of the rate of them); cutting it out makes a tile of each position it keeps
+        // (len / rate of them) and splits the group around it. Which costs less depends on the
+        // rates and the phases, so each choice (every rate below the cell, or none) is costed
+        // as the kernel walks its tiles, once per arrangement of the cell against the segments
+        // of every branch (cells alike in that are planned alike). Without the causal mask:
+        // with it, costs vary along the segments, and one cell would stand for all.
+        int64_t cut_above = len;
+        choice_key.assign({static_cast<int64_t>(ci), len});
+        thresholds.clear();
+        for (size_t i = 0; i < c.branches.size(); ++i) {
+          const int b = c.branches[i];
+          const int64_t w = key[1 + i];
+          choice_key.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
+          if (p.dilation_rate[b] < len) thresholds.push_back(p.dilation_rate[b]);
+        }
+        std::sort(thresholds.begin(), thresholds.end());
+        thresholds.erase(std::unique(thresholds.begin(), thresholds.end()), thresholds.end());
+        // A choice differs from the default (cut_above = len) only if a branch's rate lies in
+        // (t, len], and is costed only if it cuts out at most kMaxCutPositions of the cell.
+        thresholds.erase(std::remove_if(thresholds.begin(), thresholds.end(),
+                                        [&](int64_t t) {
+                                          int64_t positions = 0;
+                                          for (int b : c.branches) {
+                                            const int64_t r = p.dilation_rate[b];
+                                            if (r > t && r <= len) positions += (len + r - 1) / r;
+                                          }
+                                          return positions == 0 || positions > kMaxCutPositions;
+                                        }),
+                         thresholds.end());
+        if (!thresholds.empty()) {
+          auto chosen = choice_of.find(choice_key);
+          if (chosen == choice_of.end()) {
+            double best = std::numeric_limits<double>::infinity();
+            thresholds.push_back(len);
+            for (auto t = thresholds.rbegin(); t != thresholds.rend(); ++t) {
+              double cost = 0;
+              plan_cell(c0, len, *t, [&](int64_t q_pos, int64_t, int64_t rows, bool) {
+                cost += WalkCost(p, n, c.head_begin, q_pos, rows);
+              });
+              if (cost < best) {
+                best = cost;
+                cut_above = *t;
+              }
+            }
+            chosen = choice_of.emplace(choice_key, cut_above).first;
+          }
+          cut_above = chosen->second;
+        }
+        plan_cell(c0, len, cut_above,
+                  [&](int64_t q_pos, int64_t stride, int64_t rows, bool keyless) {
+                    visit(s, q_pos, stride, rows, c.head_begin, c.head_end, keyless);
+                  });
       }
     }
   }

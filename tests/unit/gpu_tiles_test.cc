@@ -249,6 +249,43 @@ TEST(GpuTiles, ARateWiderThanACellCutsOnlyItsPositionsOut) {
   }
 }
 
+// A wide branch whose rate fits the cell keeps a few positions of each: cut out, they are a
+// tile each; grouped modulo its rate, the class of residues it keeps splits into progressions
+// of ever wider stride. The planner costs both and takes the cheaper: cutting where the branch
+// keeps two positions per cell (LongNet's whole-sequence branch at N = 2M), grouping where it
+// keeps 64.
+TEST(GpuTiles, AWideBranchThatFitsTheCellIsCutOutWhereThatCostsLess) {
+  for (const int64_t rate : {1024, 32}) {
+    for (bool causal : {false, true}) {
+      SCOPED_TRACE(absl::StrCat("rate ", rate, " causal ", causal));
+      AttentionOptions o;
+      o.segment_lengths = {2048, 4096, 65536};
+      o.dilation_rates = {1, 2, rate};
+      o.causal = causal;
+      absl::StatusOr<AttentionPlan> plan =
+          PlanAttention(o, DenseShape(DType::kBFloat16, 1, 65536, 4, 64));
+      ASSERT_TRUE(plan.ok());
+      CheckPlan(*plan, 128);
+      std::vector<GpuTile> tiles;
+      ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles).ok());
+      int64_t wide_tiles = 0, wide_rows = 0;  // of positions the wide branch keeps
+      for (const GpuTile& t : tiles) {
+        const Spans spans = SpansOf(plan->params, 65536, t.head, t.q_pos);
+        if (!spans.empty() && std::get<0>(spans.back()) == 2) {
+          ++wide_tiles;
+          wide_rows += t.count;
+        }
+      }
+      EXPECT_EQ(wide_rows, 4 * 65536 / rate);
+      if (rate == 1024) {
+        EXPECT_EQ(wide_tiles, wide_rows) << "not cut out";
+      } else {
+        EXPECT_LE(wide_tiles, wide_rows / 64) << "cut out";
+      }
+    }
+  }
+}
+
 TEST(GpuTiles, RejectsWhatTheFieldsCannotHold) {
   AttentionOptions o;
   o.segment_lengths = {16};
