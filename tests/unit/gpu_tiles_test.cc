@@ -221,31 +221,45 @@ TEST(GpuTiles, GroupingPastItsBudgetStaysCorrect) {
 // segment, so each 2048-position cell holds at most one position it keeps. The other branches'
 // residues still group into full tiles (modulo 2 here), and only the positions the wide branch
 // keeps take tiles of their own; grouping modulo every rate would plan a tile per position.
+// A 64K-token plan (H = 4) with branches (2048, 1), (4096, 2) and a wide one (65536, rate), its
+// tiles checked for what the kernel relies on, and how many of them and of their rows hold
+// positions the wide branch keeps.
+struct WideBranchTiles {
+  std::vector<GpuTile> tiles;
+  int64_t wide_tiles = 0, wide_rows = 0;
+};
+WideBranchTiles PlanWideBranch(int64_t rate, bool causal) {
+  SCOPED_TRACE(absl::StrCat("rate ", rate, " causal ", causal));
+  AttentionOptions o;
+  o.segment_lengths = {2048, 4096, 65536};
+  o.dilation_rates = {1, 2, rate};
+  o.causal = causal;
+  absl::StatusOr<AttentionPlan> plan =
+      PlanAttention(o, DenseShape(DType::kBFloat16, 1, 65536, 4, 64));
+  WideBranchTiles w;
+  EXPECT_TRUE(plan.ok());
+  if (!plan.ok()) return w;
+  CheckPlan(*plan, 128);
+  EXPECT_TRUE(BuildGpuTiles(*plan, 128, &w.tiles).ok());
+  for (const GpuTile& t : w.tiles) {
+    const Spans spans = SpansOf(plan->params, 65536, t.head, t.q_pos);
+    if (!spans.empty() && std::get<0>(spans.back()) == 2) {
+      ++w.wide_tiles;
+      w.wide_rows += t.count;
+    }
+  }
+  return w;
+}
+
 TEST(GpuTiles, ARateWiderThanACellCutsOnlyItsPositionsOut) {
   for (bool causal : {false, true}) {
-    AttentionOptions o;
-    o.segment_lengths = {2048, 4096, 65536};
-    o.dilation_rates = {1, 2, 8192};
-    o.causal = causal;
-    absl::StatusOr<AttentionPlan> plan =
-        PlanAttention(o, DenseShape(DType::kBFloat16, 1, 65536, 4, 64));
-    ASSERT_TRUE(plan.ok());
-    CheckPlan(*plan, 128);
-    std::vector<GpuTile> tiles;
-    ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles).ok());
-    int64_t wide = 0;  // tiles of positions the wide branch keeps
-    for (const GpuTile& t : tiles) {
-      const Spans spans = SpansOf(plan->params, 65536, t.head, t.q_pos);
-      if (!spans.empty() && std::get<0>(spans.back()) == 2) {
-        EXPECT_EQ(t.count, 1);
-        ++wide;
-      }
-    }
+    const WideBranchTiles w = PlanWideBranch(8192, causal);
     // Per head, 65536 / 8192 positions kept by the wide branch, one tile each; the other rows
     // in tiles of up to 128, a progression cut in two at most once per cell (32 cells, two
     // progressions each).
-    EXPECT_EQ(wide, 4 * 65536 / 8192);
-    EXPECT_LE(static_cast<int64_t>(tiles.size()), 4 * (65536 / 128 + 65536 / 8192 + 32 * 2));
+    EXPECT_EQ(w.wide_tiles, 4 * 65536 / 8192);
+    EXPECT_EQ(w.wide_rows, w.wide_tiles);
+    EXPECT_LE(static_cast<int64_t>(w.tiles.size()), 4 * (65536 / 128 + 65536 / 8192 + 32 * 2));
   }
 }
 
@@ -257,30 +271,12 @@ TEST(GpuTiles, ARateWiderThanACellCutsOnlyItsPositionsOut) {
 TEST(GpuTiles, AWideBranchThatFitsTheCellIsCutOutWhereThatCostsLess) {
   for (const int64_t rate : {1024, 32}) {
     for (bool causal : {false, true}) {
-      SCOPED_TRACE(absl::StrCat("rate ", rate, " causal ", causal));
-      AttentionOptions o;
-      o.segment_lengths = {2048, 4096, 65536};
-      o.dilation_rates = {1, 2, rate};
-      o.causal = causal;
-      absl::StatusOr<AttentionPlan> plan =
-          PlanAttention(o, DenseShape(DType::kBFloat16, 1, 65536, 4, 64));
-      ASSERT_TRUE(plan.ok());
-      CheckPlan(*plan, 128);
-      std::vector<GpuTile> tiles;
-      ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles).ok());
-      int64_t wide_tiles = 0, wide_rows = 0;  // of positions the wide branch keeps
-      for (const GpuTile& t : tiles) {
-        const Spans spans = SpansOf(plan->params, 65536, t.head, t.q_pos);
-        if (!spans.empty() && std::get<0>(spans.back()) == 2) {
-          ++wide_tiles;
-          wide_rows += t.count;
-        }
-      }
-      EXPECT_EQ(wide_rows, 4 * 65536 / rate);
+      const WideBranchTiles w = PlanWideBranch(rate, causal);
+      EXPECT_EQ(w.wide_rows, 4 * 65536 / rate);
       if (rate == 1024) {
-        EXPECT_EQ(wide_tiles, wide_rows) << "not cut out";
+        EXPECT_EQ(w.wide_tiles, w.wide_rows) << "not cut out, causal " << causal;
       } else {
-        EXPECT_LE(wide_tiles, wide_rows / 64) << "cut out";
+        EXPECT_LE(w.wide_tiles, w.wide_rows / 64) << "cut out, causal " << causal;
       }
     }
   }
