@@ -155,7 +155,7 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
   std::vector<int64_t> key;
   std::vector<int> periodic_branches, sparse;  // a cell's branches whose rate fits it, and not
   std::vector<int64_t> cut;  // the cell's positions that they keep
-  // Which branches a cell cuts out, by its head class, length and phases (plan_cell below).
+  // Which branches a cell cuts out, by its head class, lengths and phases (see choice_key).
   std::map<std::vector<int64_t>, int64_t> choice_of;
   std::vector<int64_t> choice_key, thresholds;
   int64_t mask_budget = kMaxMaskEvaluations;
@@ -269,7 +269,10 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
         // of every branch (cells alike in that are planned alike). Without the causal mask:
         // with it, costs vary along the segments, and one cell would stand for all.
         int64_t cut_above = len;
-        choice_key.assign({static_cast<int64_t>(ci), len});
+        // The class and its segment lengths (clipped to the sequence), the cell's length and its
+        // phase against each branch's segments.
+        choice_key.assign(key.begin(), key.begin() + static_cast<std::ptrdiff_t>(key_prefix));
+        choice_key.push_back(len);
         thresholds.clear();
         for (size_t i = 0; i < c.branches.size(); ++i) {
           const int b = c.branches[i];
