@@ -156,6 +156,28 @@ TEST(SequenceParallel, ShapesInTurnEachGetTheirOwnPlan) {
     Compare(**runner, cases[static_cast<size_t>(i)], one_gpu, rng);
 }
 
+// Slices of 262144 rows or more run in four launches, each part's output going back while the
+// next runs; tiles belong to the part of their first row. Same answer as one launch (bit for bit
+// on one GPU).
+TEST(SequenceParallel, LongSlicesRunInPartsWithTheSameAnswer) {
+  REQUIRE_GPU();
+  auto runner = EveryGpu();
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  const bool one_gpu = (*runner)->num_devices() == 1;
+  const int64_t n = 2 * 4 * 65536 + 1000;
+  SplitMix64 rng(TestSeed());
+  for (bool causal : {false, true}) {
+    Compare(**runner,
+            Case(DType::kBFloat16, n, 2, 64, attention::Mode::kLongNet, causal, {2048, 8192, n},
+                 {1, 4, 256}),
+            one_gpu, rng);
+  }
+  Compare(**runner,
+          Case(DType::kFloat16, n, 3, 64, attention::Mode::kHeadGroups, false, {4096, 2048, n},
+               {2, 1, 512}),
+          one_gpu, rng);
+}
+
 TEST(SequenceParallel, RefusesWhatItCannotRun) {
   REQUIRE_GPU();
   auto runner = attention::cuda::SequenceParallelRunner::Create({0});

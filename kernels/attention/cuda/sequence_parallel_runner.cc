@@ -4,6 +4,7 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -44,6 +45,14 @@ class Runner final : public SequenceParallelRunner {
     for (size_t g = 0; g < devices_.size(); ++g) {
       cudaSetDevice(devices_[g]);
       if (g < streams_.size() && streams_[g] != nullptr) cudaStreamDestroy(streams_[g]);
+      if (g < copy_streams_.size() && copy_streams_[g] != nullptr) {
+        cudaStreamDestroy(copy_streams_[g]);
+      }
+      if (g < part_done_.size()) {
+        for (cudaEvent_t e : part_done_[g]) {
+          if (e != nullptr) cudaEventDestroy(e);
+        }
+      }
       if (g < comms_.size() && comms_[g] != nullptr) ncclCommDestroy(comms_[g]);
     }
   }
@@ -58,15 +67,26 @@ class Runner final : public SequenceParallelRunner {
       }
     }
     streams_.assign(devices_.size(), nullptr);
+    copy_streams_.assign(devices_.size(), nullptr);
+    part_done_.assign(devices_.size(), {});
     majors_.assign(devices_.size(), 0);
     for (size_t g = 0; g < devices_.size(); ++g) {
       if (absl::Status s = CudaErrorStatus(cudaSetDevice(devices_[g]), "cudaSetDevice"); !s.ok()) {
         return s;
       }
-      if (absl::Status s = CudaErrorStatus(
-              cudaStreamCreateWithFlags(&streams_[g], cudaStreamNonBlocking), "stream");
-          !s.ok()) {
-        return s;
+      for (cudaStream_t* st : {&streams_[g], &copy_streams_[g]}) {
+        if (absl::Status s =
+                CudaErrorStatus(cudaStreamCreateWithFlags(st, cudaStreamNonBlocking), "stream");
+            !s.ok()) {
+          return s;
+        }
+      }
+      for (cudaEvent_t& e : part_done_[g]) {
+        if (absl::Status s =
+                CudaErrorStatus(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+            !s.ok()) {
+          return s;
+        }
       }
       cudaDeviceGetAttribute(&majors_[g], cudaDevAttrComputeCapabilityMajor, devices_[g]);
       // Buffers are leased per run and cached between runs (long sequences take gigabytes;
@@ -163,6 +183,7 @@ class Runner final : public SequenceParallelRunner {
         for (size_t g = 0; g < r.devices_.size(); ++g) {
           cudaSetDevice(r.devices_[g]);
           cudaStreamSynchronize(r.streams_[g]);
+          cudaStreamSynchronize(r.copy_streams_[g]);
         }
       }
     } drain{*this};
@@ -287,33 +308,67 @@ class Runner final : public SequenceParallelRunner {
                                {m.at_0(m.o), n * row_bytes, dev}};
       FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr());
       std::copy(slice.packed.begin(), slice.packed.end(), params.packed);
-      params.tiles = reinterpret_cast<const GpuTile*>(m.tables.bytes() + kTilesAt);
-      params.num_tiles = static_cast<int64_t>(slice.tiles.size());
-      params.keyless = slice.keyless;
       params.variant = SelectFusedVariant(majors_[static_cast<size_t>(g)], p.head_dim);
-      if (absl::Status s = CudaErrorStatus(LaunchFusedForward(params, stream), "fused forward");
-          !s.ok()) {
-        return s;
-      }
-      if (absl::Status s = CudaErrorStatus(
-              cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + m.shift, m.o.ptr(),
-                              static_cast<size_t>(m.end - m.begin) * row_bytes, cudaMemcpyDefault,
-                              stream),
-              "copy to host");
-          !s.ok()) {
-        return s;
+      // Part by part: each part's O rows go back on the copy stream while the next part runs.
+      const std::vector<SlicePart>& parts = hp.parts[static_cast<size_t>(g)];
+      const bool overlap = parts.size() > 1;
+      for (size_t c = 0; c < parts.size(); ++c) {
+        const SlicePart& part = parts[c];
+        params.tiles =
+            reinterpret_cast<const GpuTile*>(m.tables.bytes() + kTilesAt) + part.tile_begin;
+        params.num_tiles = part.num_tiles;
+        params.keyless = KeylessPlacement{part.keyless, 1};
+        if (absl::Status s = CudaErrorStatus(LaunchFusedForward(params, stream), "fused forward");
+            !s.ok()) {
+          return s;
+        }
+        cudaStream_t copy = stream;
+        if (overlap) {
+          copy = copy_streams_[static_cast<size_t>(g)];
+          cudaEvent_t done = part_done_[static_cast<size_t>(g)][c];
+          if (absl::Status s = CudaErrorStatus(cudaEventRecord(done, stream), "event"); !s.ok()) {
+            return s;
+          }
+          if (absl::Status s = CudaErrorStatus(cudaStreamWaitEvent(copy, done, 0), "event");
+              !s.ok()) {
+            return s;
+          }
+        }
+        const size_t at = static_cast<size_t>(part.row_begin) * row_bytes;
+        if (absl::Status s = CudaErrorStatus(
+                cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + at, m.at_0(m.o) + at,
+                                static_cast<size_t>(part.row_end - part.row_begin) * row_bytes,
+                                cudaMemcpyDefault, copy),
+                "copy to host");
+            !s.ok()) {
+          return s;
+        }
       }
     }
     // The status of the work queued above (Drain waits again on the way out: a no-op by then).
     absl::Status status = absl::OkStatus();
     for (int g = 0; g < ranks; ++g) {
       cudaSetDevice(devices_[static_cast<size_t>(g)]);
-      absl::Status s = CudaErrorStatus(cudaStreamSynchronize(streams_[static_cast<size_t>(g)]),
-                                       "sequence-parallel run");
-      if (status.ok()) status = s;
+      for (cudaStream_t st :
+           {streams_[static_cast<size_t>(g)], copy_streams_[static_cast<size_t>(g)]}) {
+        absl::Status s = CudaErrorStatus(cudaStreamSynchronize(st), "sequence-parallel run");
+        if (status.ok()) status = s;
+      }
     }
     return status;
   }
+
+  // A slice's rows run in up to kParts launches, so that the output of one part goes back to the
+  // host while the next part runs. Tiles go to the part of their first row: every tile that
+  // writes a part's rows then runs in that part's launch or an earlier one.
+  static constexpr int kParts = 4;
+  static constexpr int64_t kMinPartRows = 65536;  // shorter slices run in one launch
+  struct SlicePart {
+    int64_t row_begin, row_end;  // the part's rows (positions)
+    int64_t tile_begin;          // its tiles in the rank's table: the keyless ones first
+    int64_t num_tiles;
+    int64_t keyless;
+  };
 
   // What the host plans for one shape, kept for the next run of the same shape (a server's steady
   // traffic; planning a 2M-token split takes 15-28 ms).
@@ -325,8 +380,10 @@ class Runner final : public SequenceParallelRunner {
     std::vector<int32_t> all_rows;
     std::vector<int64_t> rows_at;
     std::vector<std::vector<int32_t>> dest;  // per rank: where all_rows land there
-    // Per rank: its sequence offsets {0, n}, then its tiles from kTilesAt, as uploaded.
+    // Per rank: its sequence offsets {0, n}, then its tiles from kTilesAt, part by part, as
+    // uploaded; and its parts.
     std::vector<std::vector<unsigned char>> tables;
+    std::vector<std::vector<SlicePart>> parts;
   };
   static constexpr size_t kTilesAt = 256;
 
@@ -352,6 +409,7 @@ class Runner final : public SequenceParallelRunner {
     }
     hp->dest.resize(ranks);
     hp->tables.resize(ranks);
+    hp->parts.resize(ranks);
     const int64_t offsets[2] = {0, plan.seq_offsets[1]};
     for (size_t g = 0; g < slices.size() && g < ranks; ++g) {
       if (!hp->sp.spanning_branches.empty()) {
@@ -360,12 +418,35 @@ class Runner final : public SequenceParallelRunner {
           hp->dest[g].insert(hp->dest[g].end(), from.begin(), from.end());
         }
       }
+      const SequenceSlicePlan& slice = slices[g];
+      const int64_t rows = slice.end - slice.begin;
+      const int num_parts = rows >= kParts * kMinPartRows ? kParts : 1;
+      std::vector<SlicePart>& parts = hp->parts[g];
+      for (int c = 0; c < num_parts; ++c) {
+        parts.push_back({slice.begin + rows * c / num_parts,
+                         slice.begin + rows * (c + 1) / num_parts, 0, 0, 0});
+      }
+      // The slice's tiles are its keyless ones, then the rest; each part keeps that order.
+      std::vector<std::vector<GpuTile>> by_part(parts.size());
+      for (size_t i = 0; i < slice.tiles.size(); ++i) {
+        const GpuTile& tile = slice.tiles[i];
+        size_t c = 0;
+        while (c + 1 < parts.size() && tile.q_pos >= parts[c + 1].row_begin) ++c;
+        by_part[c].push_back(tile);
+        if (static_cast<int64_t>(i) < slice.keyless.count) ++parts[c].keyless;
+      }
       std::vector<unsigned char>& t = hp->tables[g];
-      t.assign(kTilesAt + slices[g].tiles.size() * sizeof(GpuTile), 0);
+      t.assign(kTilesAt + slice.tiles.size() * sizeof(GpuTile), 0);
       std::memcpy(t.data(), offsets, sizeof(offsets));
-      if (!slices[g].tiles.empty()) {
-        std::memcpy(t.data() + kTilesAt, slices[g].tiles.data(),
-                    slices[g].tiles.size() * sizeof(GpuTile));
+      int64_t at = 0;
+      for (size_t c = 0; c < parts.size(); ++c) {
+        parts[c].tile_begin = at;
+        parts[c].num_tiles = static_cast<int64_t>(by_part[c].size());
+        if (!by_part[c].empty()) {
+          std::memcpy(t.data() + kTilesAt + at * sizeof(GpuTile), by_part[c].data(),
+                      by_part[c].size() * sizeof(GpuTile));
+        }
+        at += parts[c].num_tiles;
       }
     }
     host_plan_ = std::move(hp);
@@ -374,6 +455,8 @@ class Runner final : public SequenceParallelRunner {
 
   std::vector<int> devices_;
   std::vector<cudaStream_t> streams_;
+  std::vector<cudaStream_t> copy_streams_;  // per device: O back to the host, part by part
+  std::vector<std::array<cudaEvent_t, kParts>> part_done_;  // per device: each part's launch
   std::vector<ncclComm_t> comms_;
   std::vector<int> majors_;
   std::vector<std::unique_ptr<memory::BufferPool>> pools_;  // one per device
