@@ -449,6 +449,12 @@ class Runner final : public SequenceParallelRunner {
         at += parts[c].num_tiles;
       }
     }
+    // The runs read the tables and lists above; the plan's own copies of them go.
+    for (SequenceSlicePlan& slice : hp->sp.slices) {
+      std::vector<GpuTile>().swap(slice.tiles);
+      std::vector<int32_t>().swap(slice.send_rows);
+      std::vector<std::vector<int32_t>>().swap(slice.receive_rows);
+    }
     host_plan_ = std::move(hp);
     return host_plan_.get();
   }
