@@ -107,7 +107,9 @@ std::vector<Coset> CosetsOfEqualMasks(const std::vector<uint32_t>& mask) {
 constexpr int64_t kMaxGroupedModulus = 4096;
 // A cell's plan may cut out at most this many positions of branches whose rate fits the cell:
 // each is a walk of its own, while grouping modulo such a branch's rate splits off a few walks
-// per doubling of the modulus; beyond a warpgroup's rows, cutting never costs less.
+// per doubling of the modulus. Cutting out 64 (LongNet's whole-sequence branch at N = 64K)
+// already computes 7.75 x the needed work where grouping computes 1.0 (bench/gpu_tile_work
+// --global 1); more would cost more still, and costing a choice takes a walk per cut position.
 constexpr int64_t kMaxCutPositions = 64;
 // Residue x branch evaluations a whole plan may spend on grouping (about 40 ms): many head
 // classes with a large lcm (thousands of heads, rates in the thousands) would otherwise take

@@ -5,7 +5,9 @@
 // falls), which branches keep a position, and so its key set, depends only on its residue modulo
 // M = lcm of the branches' rates. Residues with equal key sets are merged into the widest
 // progressions a0 + d k (d dividing M), so a tile of up to block_m positions spaced by d spans as
-// little of the cell as it can (with causal, a tile computes keys up to its last row). The
+// little of the cell as it can (with causal, a tile computes keys up to its last row). A branch
+// whose rate exceeds the cell, or one that keeps so few of its positions that the kernel's walks
+// cost less that way, has its positions cut out of their progressions as tiles of their own. The
 // kernel runs one online softmax per tile over the union of its branches' key spans. Each
 // (position, head) lies in exactly one tile, so the output is written once, with no merge pass
 // and no per-branch temporaries. Pure C++: planned on the host, tested without a GPU.
