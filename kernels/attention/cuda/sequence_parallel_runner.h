@@ -4,7 +4,8 @@
 // parallelism; the plan is kernels/attention/sequence_parallel.h). Each GPU gets its slice of
 // Q, K and V from host memory, the GPUs exchange the spanning branches' dilated K/V rows with
 // one NCCL all-gather, each runs the fused kernel on its slice's tiles, and each writes its
-// slice of O back. A GPU holds Q, K, V and O over its slice, and the spanning branches' keys
+// slice of O back (a long slice part by part, each part's rows while the next part runs). The
+// host plan of the last shape is kept for the next run of the same shape. A GPU holds Q, K, V and O over its slice, and the spanning branches' keys
 // that its tiles read packed (only the rows their heads keep), so memory per GPU falls with the
 // number of GPUs. With one GPU (or a sequence too short to
 // split) no communication runs at all. Host compiler only.
