@@ -236,8 +236,10 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
           const int64_t start = c0 / w * w;
           int64_t offset = 0;
           if (!BranchHeadOffset<int64_t>(p, b, c.head_begin, r, &offset)) continue;
-          const int64_t at = start + offset - c0;  // the segment keeps start + offset + k r
-          for (int64_t a = at >= 0 ? at : at + (-at + r - 1) / r * r; a < len; a += r) {
+          // The segment keeps start + offset + k r.
+          int64_t a = 0;
+          if (!FirstInRange<int64_t>(start + offset - c0, r, 0, len, &a)) continue;
+          for (;; a += r) {
             int64_t first = 0, count = 0;
             if (!BranchKeySpan(p, b, c.head_begin, n, c0 + a, &first, &count)) break;
             cut.push_back(a);

@@ -110,12 +110,8 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
         if (!BranchHeadOffset<int64_t>(p, b, h, r, &offset) || offset >= w) continue;
         for (int64_t s0 = slice.begin / w * w; s0 < slice.end; s0 += w) {
           const int64_t limit = std::min({s0 + w, n, slice.end});
-          int64_t pos = s0 + offset;
-          if (pos < slice.begin) {  // the first kept position in the slice, without overflow
-            const int64_t k = (slice.begin - pos - 1) / r + 1;
-            if (k > (limit - pos) / r) continue;
-            pos += k * r;
-          }
+          int64_t pos = 0;  // the first kept position in the slice
+          if (!FirstInRange<int64_t>(s0 + offset, r, slice.begin, limit, &pos)) continue;
           while (pos < limit) {
             slice.send_rows.push_back(static_cast<int32_t>(pos));
             slice.send_rows.push_back(h);

@@ -38,6 +38,22 @@ DILATTN_HOST_DEVICE bool BranchHeadOffset(const DilatedAttentionParams& p, int b
   return true;
 }
 
+// The first of first, first + rate, first + 2 rate, ... (rate >= 1) in [lo, hi), if any. Rates
+// go up to the largest segment length, so no step may be formed past hi: every intermediate value
+// lies between min(first, lo) and hi.
+template <typename Int>
+DILATTN_HOST_DEVICE bool FirstInRange(Int first, Int rate, Int lo, Int hi, Int* out) {
+  Int x = first;
+  if (x < lo) {
+    const Int steps = (lo - x - 1) / rate + 1;
+    if (steps > (hi - x) / rate) return false;
+    x += steps * rate;
+  }
+  if (x >= hi) return false;
+  *out = x;
+  return true;
+}
+
 // If `head` takes part in `branch` and keeps position `pos` (0-based within a sequence of
 // `seq_len` tokens), sets the branch's key span for it: positions first, first + stride, ...
 // (count of them), the kept positions of pos's segment. Returns false otherwise.
