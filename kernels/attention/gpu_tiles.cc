@@ -273,15 +273,8 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
         // of every branch (cells alike in that are planned alike). Without the causal mask:
         // with it, costs vary along the segments, and one cell would stand for all.
         int64_t cut_above = len;
-        // The class and its segment lengths (clipped to the sequence), the cell's length and its
-        // phase against each branch's segments.
-        choice_key.assign(key.begin(), key.begin() + static_cast<std::ptrdiff_t>(key_prefix));
-        choice_key.push_back(len);
         thresholds.clear();
-        for (size_t i = 0; i < c.branches.size(); ++i) {
-          const int b = c.branches[i];
-          const int64_t w = key[1 + i];
-          choice_key.push_back((c0 - c0 / w * w) % p.dilation_rate[b]);
+        for (int b : c.branches) {
           if (p.dilation_rate[b] < len) thresholds.push_back(p.dilation_rate[b]);
         }
         std::sort(thresholds.begin(), thresholds.end());
@@ -299,6 +292,14 @@ void ForEachGroup(const AttentionPlan& plan, Visit visit) {
                                         }),
                          thresholds.end());
         if (!thresholds.empty()) {
+          // The class and its segment lengths (clipped to the sequence), the cell's length and
+          // its phase against each branch's segments.
+          choice_key.assign(key.begin(), key.begin() + static_cast<std::ptrdiff_t>(key_prefix));
+          choice_key.push_back(len);
+          for (size_t i = 0; i < c.branches.size(); ++i) {
+            choice_key.push_back((c0 - c0 / key[1 + i] * key[1 + i]) %
+                                 p.dilation_rate[c.branches[i]]);
+          }
           auto chosen = choice_of.find(choice_key);
           if (chosen == choice_of.end()) {
             double best = std::numeric_limits<double>::infinity();
