@@ -187,7 +187,8 @@ absl::StatusOr<AttentionPlan> PlanAttention(const AttentionOptions& options,
     const int64_t r = options.dilation_rates[i];
     p.segment_length[i] = options.segment_lengths[i];
     p.dilation_rate[i] = r;
-    p.offset_divisor[i] = static_cast<int32_t>((heads + r - 1) / r);
+    // ceil(H / r) without forming H + r - 1: rates go up to the largest int64 segment length.
+    p.offset_divisor[i] = static_cast<int32_t>(heads / r + (heads % r != 0 ? 1 : 0));
     // Groups of H / G heads, the first H % G one larger, ranges by cumulative sum (defect 3).
     p.group_head_begin[i] = static_cast<int32_t>(begin);
     begin += heads / num_branches + (i < heads % num_branches ? 1 : 0);

@@ -49,10 +49,12 @@ absl::Status ReferenceAttention(const AttentionPlan& plan, const AttentionTensor
         out.assign(n * dim, 0.0);
         for (int64_t start = 0; start < n; start += w) {
           const int64_t end = std::min(start + w, n);
-          for (int64_t qp = start + offset; qp < end; qp += r) {
+          // The next kept position, or end: rates go up to the largest int64 segment length.
+          auto next = [&](int64_t x) { return r < end - x ? x + r : end; };
+          for (int64_t qp = start + offset; qp < end; qp = next(qp)) {
             scores.clear();
             double max_score = kNegInf;
-            for (int64_t kp = start + offset; kp < end; kp += r) {
+            for (int64_t kp = start + offset; kp < end; kp = next(kp)) {
               if (p.causal && kp > qp) break;
               double dot = 0;
               for (int64_t d = 0; d < dim; ++d) {

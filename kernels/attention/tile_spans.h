@@ -16,10 +16,11 @@
 namespace dilattn::attention {
 
 // A branch's rate as Int: rates beyond every position (allowed, up to segment lengths that may
-// exceed the sequence) act alike, so uint32_t's instance takes them as 2^31 - 1.
+// exceed the sequence) act alike, so uint32_t's instance takes them as 2^31 - 1, and int64_t's
+// as 2^62, which leaves room for a position plus a rate (BranchKeySpan's count).
 template <typename Int>
 DILATTN_HOST_DEVICE Int ClampedRate(const DilatedAttentionParams& p, int branch) {
-  constexpr int64_t kIntMax = sizeof(Int) >= 8 ? INT64_MAX : 0x7fffffff;
+  constexpr int64_t kIntMax = sizeof(Int) >= 8 ? int64_t{1} << 62 : 0x7fffffff;
   const int64_t rate = p.dilation_rate[branch];
   return static_cast<Int>(rate < kIntMax ? rate : kIntMax);
 }

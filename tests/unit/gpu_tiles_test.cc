@@ -1,16 +1,18 @@
 // The GPU kernel's work list, checked on the CPU: every (position, head) in exactly one tile, and
 // every query of a tile attending to exactly the key spans of the tile's first query.
 
+#include "kernels/attention/gpu_tiles.h"
+
 #include <algorithm>
+#include <limits>
 #include <map>
-#include <utility>
 #include <set>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
-#include "kernels/attention/gpu_tiles.h"
 #include "kernels/attention/tile_spans.h"
 #include "tests/common/random_config.h"
 
@@ -279,6 +281,21 @@ TEST(GpuTiles, AWideBranchThatFitsTheCellIsCutOutWhereThatCostsLess) {
         EXPECT_LE(w.wide_tiles, w.wide_rows / 64) << "cut out, causal " << causal;
       }
     }
+  }
+}
+
+// Rates up to the largest segment length are valid (PlanAttention), far beyond any position:
+// finding the positions such a branch keeps in a cell must not overflow.
+TEST(GpuTiles, RatesBeyondEveryPositionPlanAsOnePositionPerSegment) {
+  for (bool causal : {false, true}) {
+    AttentionOptions o;
+    o.segment_lengths = {2048, std::numeric_limits<int64_t>::max()};
+    o.dilation_rates = {1, std::numeric_limits<int64_t>::max()};
+    o.causal = causal;
+    absl::StatusOr<AttentionPlan> plan =
+        PlanAttention(o, DenseShape(DType::kBFloat16, 1, 8192, 4, 64));
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    CheckPlan(*plan, 128);
   }
 }
 

@@ -144,6 +144,21 @@ TEST(Validation, CpuBackendRejectsHugeHeadDim) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// Rates may be as large as their segment lengths, up to the largest int64: each head then keeps
+// one position per segment at offset h (ceil(H / r) = 1), and the CPU path runs such a plan.
+TEST(Validation, RatesUpToTheLargestSegmentLength) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(Options({16, kMax}, {1, kMax}), kShape);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->params.offset_divisor[0], 4);
+  EXPECT_EQ(plan->params.offset_divisor[1], 1);
+  auto backend = CreateCpuBackend({1, "generic"});
+  ASSERT_TRUE(backend.ok());
+  testing::TypedBuffer t(DType::kFloat32, 2 * 64 * 4 * 16), o(DType::kFloat32, 2 * 64 * 4 * 16);
+  EXPECT_TRUE(
+      testing::RunWithWorkspace(**backend, *plan, {t.cref(), t.cref(), t.cref(), o.ref()}).ok());
+}
+
 TEST(Validation, CpuBackendOptions) {
   EXPECT_EQ(CreateCpuBackend({1, "sse9"}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(CreateCpuBackend({-2, "auto"}).status().code(), absl::StatusCode::kInvalidArgument);

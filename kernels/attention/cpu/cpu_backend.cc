@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/cpu/tile_runner.h"
+#include "kernels/attention/tile_spans.h"
 
 namespace dilattn::attention {
 namespace {
@@ -109,7 +110,9 @@ class CpuBackend final : public AttentionBackend {
 
 void CpuBackend::AddTasks(const AttentionPlan& plan, int branch) {
   const DilatedAttentionParams& p = plan.params;
-  const int64_t rate = p.dilation_rate[branch];
+  // Clamped, as the GPU planner's: a rate past every position keeps one per segment, and the
+  // spans' arithmetic below stays within int64.
+  const int64_t rate = ClampedRate<int64_t>(p, branch);
   int head_begin = 0;
   int head_end = p.num_heads;
   if (p.mode == Mode::kHeadGroups) {
@@ -130,8 +133,11 @@ void CpuBackend::AddTasks(const AttentionPlan& plan, int branch) {
         const int64_t first_row = base + start + offset;
         const int32_t span = static_cast<int32_t>(spans_.size());
         spans_.push_back(KeySpan{first_row, kept});
+        // A lone kept position has no stride; the tile kernel still steps its padded rows by
+        // it, which a rate past every position would overflow.
+        const int64_t stride = kept > 1 ? rate : 1;
         for (int64_t q0 = 0; q0 < kept; q0 += kTileQ) {
-          tasks_.push_back(TileTask{first_row + q0 * rate, rate, head,
+          tasks_.push_back(TileTask{first_row + q0 * rate, stride, head,
                                     static_cast<int32_t>(std::min<int64_t>(kTileQ, kept - q0)),
                                     span, 1});
         }
