@@ -70,6 +70,23 @@ absl::StatusOr<AttentionPlan> PlanAttention(const AttentionOptions& options,
 double BranchFlops(int64_t seq_len, int64_t segment_length, int64_t dilation_rate,
                    int64_t head_dim, bool causal);
 
+// A run of whole token rows of a plan that is a problem of its own: every key its rows attend to
+// lies inside it, and computed alone (as `shape`, on the tensors' rows from `row_begin`) it gives
+// those rows exactly the plan's output. Its sequences are the plan's, whole or cut where no
+// branch's segment crosses (multiples of every segment length from the sequence's start), so
+// every segment, kept position and causal mask is the same relative to its sequence.
+struct PlanPiece {
+  int64_t row_begin = 0;
+  int64_t row_end = 0;
+  ProblemShape shape;
+};
+
+// Consecutive pieces covering the plan's rows, each of at most `target_rows` rows where a cut
+// allows: long sequences are cut into equal lengths (the largest multiple of every segment length
+// not above the target, so their pieces share one shape), short ones grouped. One piece when no
+// cut exists (a segment as long as the sequence) or target_rows covers the plan.
+std::vector<PlanPiece> SplitIntoPieces(const AttentionPlan& plan, int64_t target_rows);
+
 struct ConstTensorRef {
   const void* data = nullptr;
   size_t bytes = 0;

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <string>
 
 #include "absl/strings/ascii.h"
@@ -206,6 +207,42 @@ absl::StatusOr<AttentionPlan> PlanAttention(const AttentionOptions& options,
     }
   }
   return plan;
+}
+
+std::vector<PlanPiece> SplitIntoPieces(const AttentionPlan& plan, int64_t target_rows) {
+  const int64_t total = plan.params.total_tokens;
+  std::vector<PlanPiece> pieces;
+  if (target_rows < 1 || total <= target_rows) {
+    pieces.push_back(PlanPiece{0, total, plan.shape});
+    return pieces;
+  }
+  // Cuts lie at multiples of every segment length, so at multiples of their lcm; where that
+  // exceeds the target, sequences stay whole and are only grouped.
+  int64_t length = std::numeric_limits<int64_t>::max();  // a long sequence's pieces
+  int64_t unit = 1;
+  for (int i = 0; i < plan.params.num_branches && unit > 0; ++i) {
+    const int64_t w = plan.params.segment_length[i];
+    const int64_t step = w / std::gcd(unit, w);
+    unit = unit > target_rows / step ? 0 : unit * step;
+  }
+  if (unit > 0) length = target_rows / unit * unit;
+  PlanPiece piece{0, 0, plan.shape};
+  piece.shape.seq_lengths.clear();
+  auto close = [&] {
+    if (piece.row_end > piece.row_begin) pieces.push_back(piece);
+    piece.row_begin = piece.row_end;
+    piece.shape.seq_lengths.clear();
+  };
+  for (int64_t n : plan.shape.seq_lengths) {
+    for (int64_t at = 0; at < n; at += length) {
+      const int64_t rows = std::min(length, n - at);
+      if (piece.row_end - piece.row_begin > target_rows - rows) close();
+      piece.shape.seq_lengths.push_back(rows);
+      piece.row_end += rows;
+    }
+  }
+  close();
+  return pieces;
 }
 
 absl::Status CheckTensors(const AttentionPlan& plan, const AttentionTensors& t, DeviceLoc where) {
