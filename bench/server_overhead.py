@@ -8,10 +8,13 @@ copies to the device), kernel (CUDA events around the launch) and output.
 
 With --shm cuda the client keeps Q, K, V and O in one CUDA allocation that it shares with the
 server through Triton's CUDA shared-memory extension (a model server on the same host does this),
-so no tensor crosses the message or the PCIe bus.
+so no tensor crosses the message or the PCIe bus. With --shm system they lie in one registered
+POSIX region (the server pins it), so they cross the PCIe bus but not the message: the case that
+runs long jobs in pieces (--pipeline-min-tokens; pass '--pipeline-min-tokens 0' in --server-args
+to compare without).
 
   python3 bench/server_overhead.py [--server build/server/dilattn-server] [--device cuda]
-                                   [--ns 32768,131072] [--reps 3] [--shm none|cuda]
+                                   [--ns 32768,131072] [--reps 3] [--shm none|cuda|system]
                                    [--heads 16] [--server-args '...']
 """
 
@@ -24,6 +27,7 @@ import time
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
@@ -36,7 +40,7 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--ns", default="32768,131072")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--shm", choices=["none", "cuda"], default="none")
+    p.add_argument("--shm", choices=["none", "cuda", "system"], default="none")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--server-log", help="file for the server's log (default: discarded)")
     p.add_argument("--server-args", default="",
@@ -53,15 +57,31 @@ def main():
                             else subprocess.DEVNULL)
     port = int(re.search(r"grpc_port=(\d+)", proc.stdout.readline()).group(1))
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-    print(f"tensors: {'in the gRPC messages' if args.shm == 'none' else 'in CUDA shared memory'}")
+    where = {"none": "in the gRPC messages", "cuda": "in CUDA shared memory",
+             "system": "in system shared memory"}[args.shm]
+    print(f"tensors: {where}; server flags: {args.server_args or '(none)'}")
     print("| N | request ms (server) | queue | input | kernel | output | unaccounted | server / kernel | client ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for n in (int(x) for x in args.ns.split(",")):
-            x = np.random.default_rng(0).uniform(-1, 1, (1, n, args.heads, 64)).astype(np.float16)
+            # Long inputs repeat one random block: the time does not depend on the values, and a
+            # float64 draw of 2M tokens would take 16 GiB.
+            block = min(n, 32768)
+            x = np.random.default_rng(0).uniform(-1, 1, (1, block, args.heads, 64)).astype(np.float16)
+            x = np.tile(x, (1, -(-n // block), 1, 1))[:, :n]
             inputs = []
             outputs = None
             buf = None
+            region = None
+            if args.shm == "system":
+                nbytes = x.nbytes
+                region = shm.create_shared_memory_region(f"bench{n}", f"/dilattn_bench{n}",
+                                                         4 * nbytes)
+                shm.set_shared_memory_region(region, [x, x, x])
+                c.register_system_shared_memory(f"bench{n}", f"/dilattn_bench{n}", 4 * nbytes)
+                out = grpcclient.InferRequestedOutput("O")
+                out.set_shared_memory(f"bench{n}", nbytes, offset=3 * nbytes)
+                outputs = [out]
             if args.shm == "cuda":
                 nbytes = x.nbytes
                 buf = cuda_ipc.DeviceBuffer(cudart, 4 * nbytes)
@@ -73,7 +93,7 @@ def main():
                 outputs = [out]
             for i, name in enumerate("QKV"):
                 t = grpcclient.InferInput(name, list(x.shape), "FP16")
-                if buf is not None:
+                if buf is not None or region is not None:
                     t.set_shared_memory(f"bench{n}", x.nbytes, offset=i * x.nbytes)
                 else:
                     t.set_data_from_numpy(x)
@@ -96,6 +116,9 @@ def main():
             if buf is not None:
                 c.unregister_cuda_shared_memory(f"bench{n}")
                 buf.free()
+            if region is not None:
+                c.unregister_system_shared_memory(f"bench{n}")
+                shm.destroy_shared_memory_region(region)
     finally:
         proc.terminate()
         proc.wait(timeout=60)

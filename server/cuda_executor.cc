@@ -2,12 +2,15 @@
 // multihead module on cuBLASLt around them (fp32 requests are converted to fp16 on the device,
 // refused if a value overflows fp16), everything the GPU backends do not cover on the CPU path. Two
 // streams alternate between consecutive jobs, so a job's host-to-device copies overlap the previous
-// job's kernel; buffers come from a device pool and a pinned staging pool. A lone request whose
-// tensors all lie in CUDA shared memory on this device runs in place, on the client's ranges.
+// job's kernel; a long dilated-attention job runs in pieces, so that its copies in and out overlap
+// its own kernels too. Buffers come from a device pool and a pinned staging pool. A lone request
+// whose tensors all lie in CUDA shared memory on this device runs in place, on the client's ranges.
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstring>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -30,15 +33,63 @@ absl::Status Cuda(cudaError_t err, absl::string_view what) {
 
 // The device-side state of one job (Job::device_state).
 struct GpuJob {
+  // A job in pieces: `copied` is when the first piece's inputs are in, `computed` when the last
+  // piece's kernel is done, so its phases still add up to its time.
   cudaEvent_t begin = nullptr, copied = nullptr, computed = nullptr, done = nullptr;
+  std::vector<cudaEvent_t> piece_events;  // per piece: inputs in, kernel done
   int* overflow_host = nullptr;  // pinned
   absl::Duration host_work;
   ~GpuJob() {
     for (cudaEvent_t e : {begin, copied, computed, done}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
+    for (cudaEvent_t e : piece_events) cudaEventDestroy(e);
   }
 };
+
+// Copies bytes [begin, end) of the job's packed tensor `t` (0-2: Q, K, V) from the requests to
+// `dst` + begin, request by request.
+absl::Status CopyIn(const Job& job, int t, unsigned char* dst, size_t begin, size_t end,
+                    cudaStream_t stream) {
+  size_t at = 0;
+  for (const auto& r : job.requests) {
+    const absl::string_view src = r->tensor(t);
+    const size_t from = std::max(begin, at), to = std::min(end, at + src.size());
+    if (from < to) {
+      if (absl::Status s = Cuda(cudaMemcpyAsync(dst + from, src.data() + (from - at), to - from,
+                                                cudaMemcpyDefault, stream),
+                                "copy to device");
+          !s.ok()) {
+        return s;
+      }
+    }
+    at += src.size();
+  }
+  return absl::OkStatus();
+}
+
+// Copies bytes [begin, end) of the packed output `src` to the requests' outputs (their leases or
+// shared-memory targets).
+absl::Status CopyOut(const Job& job, const unsigned char* src, size_t begin, size_t end,
+                     cudaStream_t stream) {
+  size_t at = 0;
+  for (const auto& r : job.requests) {
+    const size_t from = std::max(begin, at), to = std::min(end, at + r->tensor_bytes);
+    if (from < to) {
+      auto* dst = static_cast<unsigned char*>(r->output_target.data != nullptr
+                                                  ? static_cast<void*>(r->output_target.data)
+                                                  : r->output.data());
+      if (absl::Status s = Cuda(
+              cudaMemcpyAsync(dst + (from - at), src + from, to - from, cudaMemcpyDefault, stream),
+              "copy out");
+          !s.ok()) {
+        return s;
+      }
+    }
+    at += r->tensor_bytes;
+  }
+  return absl::OkStatus();
+}
 
 class CudaExecutor final : public Executor {
  public:
@@ -46,7 +97,7 @@ class CudaExecutor final : public Executor {
       : device_(device), options_(options), shared_(std::move(shared)) {}
   ~CudaExecutor() override {
     cudaSetDevice(device_);
-    for (cudaStream_t s : streams_) {
+    for (cudaStream_t s : {streams_[0], streams_[1], copy_in_, copy_out_}) {
       if (s != nullptr) {
         cudaStreamSynchronize(s);
         cudaStreamDestroy(s);
@@ -56,6 +107,12 @@ class CudaExecutor final : public Executor {
 
   absl::Status Init() {
     if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+    for (cudaStream_t* stream : {&copy_in_, &copy_out_}) {
+      if (absl::Status s = Cuda(cudaStreamCreateWithFlags(stream, cudaStreamNonBlocking), "stream");
+          !s.ok()) {
+        return s;
+      }
+    }
     for (int i = 0; i < 2; ++i) {
       if (absl::Status s = Cuda(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking),
                                 "stream");
@@ -178,6 +235,15 @@ class CudaExecutor final : public Executor {
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     const absl::Time deadline = job.start + options_.pool_wait;
     const bool in_place = RunsInPlace(job, convert, device_);
+    std::vector<Piece> pieces;
+    if (kind == OperatorKind::kDilatedAttention && !in_place && !convert) {
+      absl::StatusOr<std::vector<Piece>> split = Pieces(*plans.dilated);
+      if (!split.ok()) return split.status();
+      pieces = *std::move(split);
+      for (const Piece& piece : pieces) {
+        workspace_bytes = std::max(workspace_bytes, gpu_[0]->WorkspaceBytes(*piece.plan));
+      }
+    }
     const size_t tensor_lease = in_place ? size_t{1} : dev_bytes;
     const size_t kv_lease = inputs == 3 ? tensor_lease : size_t{1};
 
@@ -211,6 +277,22 @@ class CudaExecutor final : public Executor {
     for (cudaEvent_t* e : {&state->begin, &state->copied, &state->computed, &state->done}) {
       if (absl::Status s = Cuda(cudaEventCreate(e), "event"); !s.ok()) return s;
     }
+    if (!pieces.empty()) {
+      if (!logged_pieces_) {
+        LogInfo(
+            "cuda executor: device %d: jobs of >= %d tokens run in pieces (the first: %d "
+            "tokens in %d)",
+            device_, options_.pipeline_min_tokens, plans.dilated->params.total_tokens,
+            pieces.size());
+        logged_pieces_ = true;
+      }
+      absl::Status s = IssuePieces(job, pieces, dev, stream, *state);
+      FinishStart(job, std::move(state), *std::move(flag), dev);
+      if (!s.ok()) {
+        for (cudaStream_t st : {copy_in_, stream, copy_out_}) cudaStreamSynchronize(st);
+      }
+      return s;
+    }
     absl::Status s = Cuda(cudaEventRecord(state->begin, stream), "event");
     int* overflow_dev = static_cast<int*>(dev[6].data());
     if (s.ok() && convert) s = Cuda(cudaMemsetAsync(overflow_dev, 0, sizeof(int), stream), "memset");
@@ -219,14 +301,7 @@ class CudaExecutor final : public Executor {
     // the pinned staging lease, a system shared-memory region, or a CUDA one on any device.
     for (int t = 0; t < inputs && s.ok() && !in_place; ++t) {
       auto* dst = static_cast<unsigned char*>(convert ? dev[5].data() : dev[t].data());
-      size_t at = 0;
-      for (const auto& r : job.requests) {
-        const absl::string_view src = r->tensor(t);
-        s = Cuda(cudaMemcpyAsync(dst + at, src.data(), src.size(), cudaMemcpyDefault, stream),
-                 "copy to device");
-        if (!s.ok()) break;
-        at += src.size();
-      }
+      s = CopyIn(job, t, dst, 0, in_bytes, stream);
       if (s.ok() && convert) {
         s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
                      static_cast<const float*>(dev[5].data()), dev[t].data(),
@@ -267,17 +342,9 @@ class CudaExecutor final : public Executor {
                    static_cast<int64_t>(in_bytes / sizeof(float)), overflow_dev, stream)),
                "fp16 to fp32");
     }
-    {
+    if (s.ok() && !in_place) {
       const auto* src = static_cast<const unsigned char*>(convert ? dev[5].data() : dev[3].data());
-      size_t at = 0;
-      for (const auto& r : job.requests) {
-        if (!s.ok() || in_place) break;
-        void* dst = r->output_target.data != nullptr ? static_cast<void*>(r->output_target.data)
-                                                     : r->output.data();
-        s = Cuda(cudaMemcpyAsync(dst, src + at, r->tensor_bytes, cudaMemcpyDefault, stream),
-                 "copy out");
-        at += r->tensor_bytes;
-      }
+      s = CopyOut(job, src, 0, in_bytes, stream);
     }
     if (s.ok() && convert) {
       s = Cuda(cudaMemcpyAsync(state->overflow_host, overflow_dev, sizeof(int),
@@ -285,11 +352,7 @@ class CudaExecutor final : public Executor {
                "copy to host");
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->done, stream), "event");
-    // Whatever happens, the buffers stay leased until the stream is past them.
-    job.leases.push_back(*std::move(flag));
-    for (memory::Buffer& b : dev) job.leases.push_back(std::move(b));
-    state->host_work = absl::Now() - job.start;
-    job.device_state = std::shared_ptr<GpuJob>(std::move(state));
+    FinishStart(job, std::move(state), *std::move(flag), dev);
     if (!s.ok()) {
       cudaStreamSynchronize(stream);
       return s;
@@ -337,10 +400,118 @@ class CudaExecutor final : public Executor {
     return t == attention::DType::kFloat32 ? attention::DType::kFloat16 : t;
   }
 
+  // One piece of a job and the plan of its shape (pieces of one shape share a plan).
+  struct Piece {
+    int64_t row_begin, row_end;
+    std::shared_ptr<const attention::AttentionPlan> plan;
+  };
+
+  // The job's pieces when it is long enough to run in them (else none): about an eighth of it
+  // each, at least a quarter of pipeline_min_tokens, so that the first piece's inputs (all the
+  // first kernel waits for) are a small part of the copy and every piece's kernel still fills
+  // the GPU.
+  absl::StatusOr<std::vector<Piece>> Pieces(const attention::AttentionPlan& plan) const {
+    const int64_t total = plan.params.total_tokens;
+    const int64_t min_tokens = options_.pipeline_min_tokens;
+    if (min_tokens <= 0 || total < min_tokens) return std::vector<Piece>{};
+    const int64_t target = std::max((min_tokens + 3) / 4, (total + 7) / 8);
+    const std::vector<attention::PlanPiece> split = attention::SplitIntoPieces(plan, target);
+    if (split.size() < 2) return std::vector<Piece>{};
+    std::map<std::vector<int64_t>, std::shared_ptr<const attention::AttentionPlan>> shapes;
+    std::vector<Piece> pieces;
+    for (const attention::PlanPiece& p : split) {
+      std::shared_ptr<const attention::AttentionPlan>& shared = shapes[p.shape.seq_lengths];
+      if (shared == nullptr) {
+        absl::StatusOr<attention::AttentionPlan> piece =
+            attention::PlanAttention(plan.options, p.shape);
+        if (!piece.ok()) return piece.status();
+        if (absl::Status s = gpu_[0]->Supports(*piece); !s.ok()) return s;
+        shared = std::make_shared<const attention::AttentionPlan>(*std::move(piece));
+      }
+      pieces.push_back({p.row_begin, p.row_end, shared});
+    }
+    return pieces;
+  }
+
+  // A job in pieces: the pieces' inputs copied in order on copy_in_; piece p's kernel on the
+  // job's stream once its inputs are in (the previous piece's kernel before it); its output
+  // copied on copy_out_ once that kernel is done. Copies in both directions and the kernels
+  // overlap, and `done` (on copy_out_) follows everything.
+  absl::Status IssuePieces(const Job& job, const std::vector<Piece>& pieces,
+                           const std::vector<memory::Buffer>& dev, cudaStream_t stream,
+                           GpuJob& state) {
+    const size_t row_bytes = pieces.front().plan->tensor_bytes /
+                             static_cast<size_t>(pieces.front().plan->params.total_tokens);
+    state.piece_events.reserve(2 * pieces.size());
+    for (size_t i = 0; i < 2 * pieces.size(); ++i) {
+      cudaEvent_t e = nullptr;
+      if (absl::Status s = Cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+          !s.ok()) {
+        return s;
+      }
+      state.piece_events.push_back(e);
+    }
+    auto bytes = [&](int64_t row) { return static_cast<size_t>(row) * row_bytes; };
+    // Piece i's inputs are issued after piece i - 1's kernel: an input copy can hold the host
+    // (copies from memory the driver could not pin are synchronous, and a long queue of copies
+    // fills the driver's command buffer), and the kernel before it should be queued by then.
+    auto issue_inputs = [&](size_t i) {
+      for (int t = 0; t < 3; ++t) {
+        if (absl::Status s = CopyIn(job, t, static_cast<unsigned char*>(dev[t].data()),
+                                    bytes(pieces[i].row_begin), bytes(pieces[i].row_end), copy_in_);
+            !s.ok()) {
+          return s;
+        }
+      }
+      absl::Status s = Cuda(cudaEventRecord(state.piece_events[2 * i], copy_in_), "event");
+      if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
+      return s;
+    };
+    absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
+    if (s.ok()) s = issue_inputs(0);
+    const DeviceLoc loc = DeviceLoc::Cuda(device_);
+    const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
+    for (size_t i = 0; i < pieces.size() && s.ok(); ++i) {
+      const Piece& piece = pieces[i];
+      const size_t at = bytes(piece.row_begin), size = piece.plan->tensor_bytes;
+      auto at_row = [&](int t) { return static_cast<unsigned char*>(dev[t].data()) + at; };
+      const attention::AttentionTensors tensors{{at_row(0), size, loc},
+                                                {at_row(1), size, loc},
+                                                {at_row(2), size, loc},
+                                                {at_row(3), size, loc}};
+      cudaEvent_t computed = state.piece_events[2 * i + 1];
+      s = Cuda(cudaStreamWaitEvent(stream, state.piece_events[2 * i], 0), "wait");
+      if (s.ok()) s = gpu_[job.stream]->Run(*piece.plan, tensors, workspace);
+      if (s.ok()) s = Cuda(cudaEventRecord(computed, stream), "event");
+      if (s.ok()) s = Cuda(cudaStreamWaitEvent(copy_out_, computed, 0), "wait");
+      if (s.ok()) {
+        s = CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), at, at + size,
+                    copy_out_);
+      }
+      if (s.ok() && i + 1 < pieces.size()) s = issue_inputs(i + 1);
+    }
+    if (!s.ok()) return s;
+    if (absl::Status s = Cuda(cudaEventRecord(state.computed, stream), "event"); !s.ok()) {
+      return s;
+    }
+    return Cuda(cudaEventRecord(state.done, copy_out_), "event");
+  }
+
+  // Whatever happened, the buffers stay leased until the streams are past them.
+  static void FinishStart(Job& job, std::unique_ptr<GpuJob> state, memory::Buffer flag,
+                          std::vector<memory::Buffer>& dev) {
+    job.leases.push_back(std::move(flag));
+    for (memory::Buffer& b : dev) job.leases.push_back(std::move(b));
+    state->host_work = absl::Now() - job.start;
+    job.device_state = std::shared_ptr<GpuJob>(std::move(state));
+  }
+
   const int device_;
   const ExecutorOptions options_;
   const SharedHostPools shared_;
   cudaStream_t streams_[2] = {nullptr, nullptr};
+  // Copies of jobs in pieces, shared by both streams' jobs (one copy engine each way anyway).
+  cudaStream_t copy_in_ = nullptr, copy_out_ = nullptr;
   std::unique_ptr<attention::AttentionBackend> gpu_[2];
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_gpu_[2];
   std::unique_ptr<multihead::MultiheadBackend> multihead_gpu_[2];
@@ -348,6 +519,7 @@ class CudaExecutor final : public Executor {
   std::unique_ptr<memory::BufferPool> device_pool_;
   std::shared_ptr<memory::BufferPool> pinned_pool_;
   int next_stream_ = 0;
+  bool logged_pieces_ = false;
 };
 
 }  // namespace

@@ -78,6 +78,10 @@ struct ExecutorOptions {
   size_t host_pool_bytes = size_t{16} << 30;
   size_t device_pool_bytes = 0;  // 0: 90% of the device memory free at start-up
   absl::Duration pool_wait = absl::Seconds(10);
+  // GPU: a dilated-attention job of at least this many tokens whose tensors are copied runs in
+  // pieces (attention::SplitIntoPieces), each piece's kernel starting once its own inputs have
+  // arrived and its output copied back while later pieces compute. 0: never.
+  int64_t pipeline_min_tokens = 131072;
 };
 
 // Host pools the executors of several GPUs share, so that a request staged before a GPU is

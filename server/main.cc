@@ -34,6 +34,10 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --stream-idle-seconds N   end a native stream that sends nothing this long before its input
                             is complete, releasing its memory (60; 0: never)
   --shared-memory on|off    accept Triton's system and CUDA shared-memory regions (on)
+  --pipeline-min-tokens N    run a GPU dilated-attention job of >= N tokens whose tensors are
+                            copied in about eight pieces, each piece's kernel starting once its
+                            inputs are in and its output copied back while later pieces compute
+                            (131072; 0: off)
   --sequence-parallel-min-tokens N
                             run a lone fp16/bf16 dilated-attention sequence of >= N tokens split
                             across every GPU (NCCL), the other jobs waiting (0: off; needs >= 2
@@ -91,6 +95,8 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       error = integer(&grace);
     } else if (name == "stream-idle-seconds") {
       error = integer(&stream_idle);
+    } else if (name == "pipeline-min-tokens") {
+      error = integer(&o->engine.executor.pipeline_min_tokens);
     } else if (name == "sequence-parallel-min-tokens") {
       error = integer(&o->engine.sequence_parallel_min_tokens);
     } else if (name == "shared-memory") {
@@ -109,9 +115,9 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
   }
   if (o->max_message_bytes < 1 || host_pool_mib < 1 || grace < 0 || stream_idle < 0 ||
       o->engine.executor.cpu_threads < 0 || device_pool_mib < 0 ||
-      o->engine.sequence_parallel_min_tokens < 0) {
+      o->engine.sequence_parallel_min_tokens < 0 || o->engine.executor.pipeline_min_tokens < 0) {
     return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds, "
-           "--stream-idle-seconds, --cpu-threads, --device-pool-mib and "
+           "--stream-idle-seconds, --cpu-threads, --device-pool-mib, --pipeline-min-tokens and "
            "--sequence-parallel-min-tokens >= 0";
   }
   o->engine.executor.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;

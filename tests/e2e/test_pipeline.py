@@ -1,0 +1,126 @@
+"""Long jobs in pieces (--pipeline-min-tokens): on a GPU server each piece's kernel starts once its
+own inputs are in and its output leaves while later pieces compute. With a low threshold, short
+requests take that path too: every answer must equal the float64 reference, whether the pieces cut
+one sequence (with a shorter rest), group several, cross request boundaries in a batch, or cannot
+cut at all; through tensors in messages and in system shared memory. On a CPU server the flag
+changes nothing and the same answers are checked."""
+
+import concurrent.futures
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+
+import reference
+from conftest import ServerProcess, wait_until
+from helpers import NUMPY_DTYPE, make_inputs, to_wire
+
+MODEL = "dilated_attention"
+MIN_TOKENS = 2048  # pieces of >= 512 tokens, about an eighth of a job each
+
+
+@pytest.fixture(scope="module")
+def piece_server():
+    s = ServerProcess("--pipeline-min-tokens", str(MIN_TOKENS), name="pipeline")
+    yield s
+    assert s.stop() == 0, s.log_path.read_text()
+
+
+def _qkv(shape, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3)]
+
+
+def _params(segments, rates, mode="longnet", causal=False):
+    return {"segment_lengths": ",".join(map(str, segments)),
+            "dilation_rates": ",".join(map(str, rates)), "mode": mode, "causal": causal}
+
+
+def _check(out, q, k, v, datatype, segments, rates, mode="longnet", causal=False):
+    wire = [to_wire(x, datatype) for x in (q, k, v)]
+    expected = reference.dilated_attention(*wire, segments, rates, mode=mode, causal=causal)
+    error = reference.relative_error(out, expected)
+    assert error <= reference.TOLERANCE[datatype], error
+
+
+# (shape, segments, rates, mode, causal): one sequence cut into equal pieces; the same with a rest
+# that is no multiple of every segment length; a batch of sequences shorter than a piece, grouped;
+# a branch as long as the sequence, which leaves nothing to cut; head groups with causal.
+CASES = [
+    ((1, 8192, 4, 64), [64, 128, 256], [1, 2, 4], "longnet", False),
+    ((1, 8192 + 300, 2, 32), [64, 192], [1, 3], "longnet", True),
+    ((5, 700, 2, 64), [64, 128], [1, 2], "longnet", False),
+    ((1, 4096, 2, 64), [128, 4096], [1, 16], "longnet", False),
+    ((2, 3000, 6, 64), [100, 200, 400], [1, 2, 4], "head_groups", True),
+]
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+@pytest.mark.parametrize("shape,segments,rates,mode,causal", CASES)
+def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rates, mode, causal):
+    q, k, v = _qkv(shape, seed=sum(shape) + len(segments) + (datatype == "BF16"))
+    out = piece_server.client().infer(
+        MODEL, make_inputs(q, k, v, datatype),
+        parameters=_params(segments, rates, mode, causal)).as_numpy("O")
+    _check(out, q, k, v, datatype, segments, rates, mode, causal)
+    if reference.ON_GPU:
+        # The path under test ran (logged once, at the first job in pieces).
+        assert wait_until(lambda: "run in pieces" in piece_server.log_path.read_text())
+
+
+def test_concurrent_requests_batched_across_pieces(piece_server):
+    """Requests of mixed lengths batched into one job: its pieces cut across their boundaries."""
+    segments, rates = [64, 128], [1, 2]
+    lengths = [900, 1500, 2048, 640, 3000, 1100]
+
+    def run(i):
+        q, k, v = _qkv((1, lengths[i % len(lengths)], 4, 64), seed=500 + i)
+        out = piece_server.client().infer(MODEL, make_inputs(q, k, v, "FP16"),
+                                          parameters=_params(segments, rates)).as_numpy("O")
+        wire = [to_wire(x, "FP16") for x in (q, k, v)]
+        return reference.relative_error(out, reference.dilated_attention(*wire, segments, rates))
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        errors = list(pool.map(run, range(36)))
+    assert max(errors) <= reference.TOLERANCE["FP16"], errors
+
+
+def test_pieces_through_system_shared_memory(piece_server):
+    """Inputs and output in one registered (pinned) region: pieces copy straight from and to it."""
+    shape, segments, rates = (1, 8192, 4, 64), [128, 256], [1, 2]
+    q, k, v = _qkv(shape, seed=77)
+    tensors = [np.asarray(x, dtype=NUMPY_DTYPE["FP16"]) for x in (q, k, v)]
+    size = tensors[0].nbytes
+    client = piece_server.client()
+    name, key = f"r_{uuid.uuid4().hex[:10]}", f"/dilattn_pipe_{uuid.uuid4().hex[:10]}"
+    handle = shm.create_shared_memory_region(name, key, 4 * size)
+    try:
+        shm.set_shared_memory_region(handle, tensors)
+        # Poisoned output range: a piece that is not copied back shows up as NaN.
+        shm.set_shared_memory_region(handle, [np.full(shape, np.nan, NUMPY_DTYPE["FP16"])],
+                                     offset=3 * size)
+        client.register_system_shared_memory(name, key, 4 * size)
+        inputs = []
+        for i, label in enumerate("QKV"):
+            t = grpcclient.InferInput(label, list(shape), "FP16")
+            t.set_shared_memory(name, size, offset=i * size)
+            inputs.append(t)
+        output = grpcclient.InferRequestedOutput("O")
+        output.set_shared_memory(name, size, offset=3 * size)
+        client.infer(MODEL, inputs, outputs=[output], parameters=_params(segments, rates))
+        out = shm.get_contents_as_numpy(handle, NUMPY_DTYPE["FP16"], list(shape), offset=3 * size)
+        out = out.astype(np.float32)
+        assert not np.isnan(out).any()
+        _check(out, q, k, v, "FP16", segments, rates)
+    finally:
+        try:
+            client.unregister_system_shared_memory(name)
+        finally:
+            shm.destroy_shared_memory_region(handle)
+
+
+def test_flag_is_validated():
+    with pytest.raises(RuntimeError, match="pipeline-min-tokens"):
+        ServerProcess("--pipeline-min-tokens", "-1", name="pipeline-bad")
