@@ -81,6 +81,10 @@ struct PlanPiece {
   ProblemShape shape;
 };
 
+// The lcm of every branch's segment length, the step at which a sequence may be cut into
+// problems of their own; 0 when it exceeds `limit`.
+int64_t SegmentCutUnit(const DilatedAttentionParams& params, int64_t limit);
+
 // Consecutive pieces covering the plan's rows, each of at most `target_rows` rows where a cut
 // allows: long sequences are cut into equal lengths (the largest multiple of every segment length
 // not above the target, so their pieces share one shape), short ones grouped. One piece when no

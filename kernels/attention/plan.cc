@@ -209,6 +209,17 @@ absl::StatusOr<AttentionPlan> PlanAttention(const AttentionOptions& options,
   return plan;
 }
 
+int64_t SegmentCutUnit(const DilatedAttentionParams& params, int64_t limit) {
+  int64_t unit = 1;
+  for (int i = 0; i < params.num_branches; ++i) {
+    const int64_t w = params.segment_length[i];
+    const int64_t step = w / std::gcd(unit, w);
+    if (unit > limit / step) return 0;
+    unit *= step;
+  }
+  return unit;
+}
+
 std::vector<PlanPiece> SplitIntoPieces(const AttentionPlan& plan, int64_t target_rows) {
   const int64_t total = plan.params.total_tokens;
   std::vector<PlanPiece> pieces;
@@ -216,16 +227,12 @@ std::vector<PlanPiece> SplitIntoPieces(const AttentionPlan& plan, int64_t target
     pieces.push_back(PlanPiece{0, total, plan.shape});
     return pieces;
   }
-  // Cuts lie at multiples of every segment length, so at multiples of their lcm; where that
-  // exceeds the target, sequences stay whole and are only grouped.
+  // Cuts lie at multiples of every segment length; where their lcm exceeds the target,
+  // sequences stay whole and are only grouped.
   int64_t length = std::numeric_limits<int64_t>::max();  // a long sequence's pieces
-  int64_t unit = 1;
-  for (int i = 0; i < plan.params.num_branches && unit > 0; ++i) {
-    const int64_t w = plan.params.segment_length[i];
-    const int64_t step = w / std::gcd(unit, w);
-    unit = unit > target_rows / step ? 0 : unit * step;
+  if (const int64_t unit = SegmentCutUnit(plan.params, target_rows); unit > 0) {
+    length = target_rows / unit * unit;
   }
-  if (unit > 0) length = target_rows / unit * unit;
   PlanPiece piece{0, 0, plan.shape};
   piece.shape.seq_lengths.clear();
   auto close = [&] {

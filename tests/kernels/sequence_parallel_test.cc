@@ -176,6 +176,15 @@ TEST(SequenceParallel, LongSlicesRunInPartsWithTheSameAnswer) {
           Case(DType::kFloat16, n, 3, 64, attention::Mode::kHeadGroups, false, {4096, 2048, n},
                {2, 1, 512}),
           one_gpu, rng);
+  // Without a branch as long as the sequence nothing is exchanged, and the parts are cut at
+  // multiples of every segment length: each part's launch waits only for its own inputs.
+  Compare(**runner,
+          Case(DType::kBFloat16, n, 2, 64, attention::Mode::kLongNet, false, {2048, 8192}, {1, 4}),
+          one_gpu, rng);
+  Compare(**runner,
+          Case(DType::kFloat16, n, 3, 64, attention::Mode::kHeadGroups, true, {4096, 2048, 1024},
+               {2, 1, 4}),
+          one_gpu, rng);
 }
 
 TEST(SequenceParallel, RefusesWhatItCannotRun) {

@@ -45,11 +45,12 @@ class Runner final : public SequenceParallelRunner {
     for (size_t g = 0; g < devices_.size(); ++g) {
       cudaSetDevice(devices_[g]);
       if (g < streams_.size() && streams_[g] != nullptr) cudaStreamDestroy(streams_[g]);
-      if (g < copy_streams_.size() && copy_streams_[g] != nullptr) {
-        cudaStreamDestroy(copy_streams_[g]);
+      for (const std::vector<cudaStream_t>* st : {&copy_streams_, &in_streams_}) {
+        if (g < st->size() && (*st)[g] != nullptr) cudaStreamDestroy((*st)[g]);
       }
-      if (g < part_done_.size()) {
-        for (cudaEvent_t e : part_done_[g]) {
+      for (const auto* events : {&part_done_, &part_in_}) {
+        if (g >= events->size()) continue;
+        for (cudaEvent_t e : (*events)[g]) {
           if (e != nullptr) cudaEventDestroy(e);
         }
       }
@@ -68,24 +69,28 @@ class Runner final : public SequenceParallelRunner {
     }
     streams_.assign(devices_.size(), nullptr);
     copy_streams_.assign(devices_.size(), nullptr);
+    in_streams_.assign(devices_.size(), nullptr);
     part_done_.assign(devices_.size(), {});
+    part_in_.assign(devices_.size(), {});
     majors_.assign(devices_.size(), 0);
     for (size_t g = 0; g < devices_.size(); ++g) {
       if (absl::Status s = CudaErrorStatus(cudaSetDevice(devices_[g]), "cudaSetDevice"); !s.ok()) {
         return s;
       }
-      for (cudaStream_t* st : {&streams_[g], &copy_streams_[g]}) {
+      for (cudaStream_t* st : {&streams_[g], &copy_streams_[g], &in_streams_[g]}) {
         if (absl::Status s =
                 CudaErrorStatus(cudaStreamCreateWithFlags(st, cudaStreamNonBlocking), "stream");
             !s.ok()) {
           return s;
         }
       }
-      for (cudaEvent_t& e : part_done_[g]) {
-        if (absl::Status s =
-                CudaErrorStatus(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
-            !s.ok()) {
-          return s;
+      for (auto* events : {&part_done_[g], &part_in_[g]}) {
+        for (cudaEvent_t& e : *events) {
+          if (absl::Status s =
+                  CudaErrorStatus(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+              !s.ok()) {
+            return s;
+          }
         }
       }
       cudaDeviceGetAttribute(&majors_[g], cudaDevAttrComputeCapabilityMajor, devices_[g]);
@@ -175,6 +180,34 @@ class Runner final : public SequenceParallelRunner {
     };
     last_run_bytes_.assign(static_cast<size_t>(ranks), 0);
     std::vector<PerGpu> gpu(static_cast<size_t>(ranks));
+    // Q, K and V rows [begin, end) from the host to GPU m's buffers, on `st`.
+    auto copy_inputs = [&](const PerGpu& m, int64_t begin, int64_t end,
+                           cudaStream_t st) -> absl::Status {
+      const size_t at = static_cast<size_t>(begin) * row_bytes;
+      const size_t bytes = static_cast<size_t>(end - begin) * row_bytes;
+      for (auto [dst, src] : {std::pair{&m.q, host.q.data}, std::pair{&m.k, host.k.data},
+                              std::pair{&m.v, host.v.data}}) {
+        if (absl::Status s = CudaErrorStatus(
+                cudaMemcpyAsync(m.at_0(*dst) + at, static_cast<const unsigned char*>(src) + at,
+                                bytes, cudaMemcpyDefault, st),
+                "copy to device");
+            !s.ok()) {
+          return s;
+        }
+      }
+      return absl::OkStatus();
+    };
+    // Part c's inputs on GPU g's input stream, then the event its launch waits for.
+    auto copy_part_inputs = [&](int g, size_t c) -> absl::Status {
+      const SlicePart& part = hp.parts[static_cast<size_t>(g)][c];
+      cudaStream_t st = in_streams_[static_cast<size_t>(g)];
+      if (absl::Status s =
+              copy_inputs(gpu[static_cast<size_t>(g)], part.row_begin, part.row_end, st);
+          !s.ok()) {
+        return s;
+      }
+      return CudaErrorStatus(cudaEventRecord(part_in_[static_cast<size_t>(g)][c], st), "event");
+    };
     // Declared after the leases, so it runs first on every way out: the streams are done with
     // the leases before they go back to the pools, and O is in host memory on success.
     struct Drain {
@@ -182,6 +215,7 @@ class Runner final : public SequenceParallelRunner {
       ~Drain() {
         for (size_t g = 0; g < r.devices_.size(); ++g) {
           cudaSetDevice(r.devices_[g]);
+          cudaStreamSynchronize(r.in_streams_[g]);
           cudaStreamSynchronize(r.streams_[g]);
           cudaStreamSynchronize(r.copy_streams_[g]);
         }
@@ -209,15 +243,13 @@ class Runner final : public SequenceParallelRunner {
                                 std::pair{&m.q, slice_bytes}, std::pair{&m.o, slice_bytes}}) {
         if (absl::Status s = Acquire(g, pool, *mem, bytes); !s.ok()) return s;
       }
-      auto h2d = [&](void* dst, const void* src) {
-        return CudaErrorStatus(
-            cudaMemcpyAsync(dst, static_cast<const unsigned char*>(src) + m.shift, slice_bytes,
-                            cudaMemcpyDefault, stream),
-            "copy to device");
-      };
-      if (absl::Status s = h2d(m.q.ptr(), host.q.data); !s.ok()) return s;
-      if (absl::Status s = h2d(m.k.ptr(), host.k.data); !s.ok()) return s;
-      if (absl::Status s = h2d(m.v.ptr(), host.v.data); !s.ok()) return s;
+      // By part: part 0's inputs now, each later part's after the launch before it (below).
+      if (absl::Status s = owns && hp.inputs_by_part[static_cast<size_t>(g)]
+                               ? copy_part_inputs(g, 0)
+                               : copy_inputs(m, m.begin, m.end, stream);
+          !s.ok()) {
+        return s;
+      }
       if (exchange) {
         const std::vector<int32_t>& dest = hp.dest[static_cast<size_t>(g)];
         for (auto [mem, bytes] :
@@ -265,6 +297,7 @@ class Runner final : public SequenceParallelRunner {
       }
       if (absl::Status s = Nccl(ncclGroupEnd(), "ncclGroupEnd"); !s.ok()) return s;
     }
+    std::vector<FusedForwardParams> launch(static_cast<size_t>(ranks));
     for (int g = 0; g < ranks && g < static_cast<int>(sp->slices.size()); ++g) {
       PerGpu& m = gpu[static_cast<size_t>(g)];
       const SequenceSlicePlan& slice = sp->slices[static_cast<size_t>(g)];
@@ -306,14 +339,34 @@ class Runner final : public SequenceParallelRunner {
                                {m.at_0(m.k), n * row_bytes, dev},
                                {m.at_0(m.v), n * row_bytes, dev},
                                {m.at_0(m.o), n * row_bytes, dev}};
-      FusedForwardParams params = BindFusedParams(p, t, m.tables.ptr());
+      FusedForwardParams& params = launch[static_cast<size_t>(g)];
+      params = BindFusedParams(p, t, m.tables.ptr());
       std::copy(slice.packed.begin(), slice.packed.end(), params.packed);
       params.variant = SelectFusedVariant(majors_[static_cast<size_t>(g)], p.head_dim);
-      // Part by part: each part's O rows go back on the copy stream while the next part runs.
-      const std::vector<SlicePart>& parts = hp.parts[static_cast<size_t>(g)];
-      const bool overlap = parts.size() > 1;
-      for (size_t c = 0; c < parts.size(); ++c) {
+    }
+    // Part by part, the GPUs in turn: each part's O rows go back on the copy stream while the
+    // next part runs; by part, the next part's inputs are issued after this part's launch.
+    for (size_t c = 0; c < static_cast<size_t>(kParts); ++c) {
+      for (int g = 0; g < ranks && g < static_cast<int>(sp->slices.size()); ++g) {
+        const std::vector<SlicePart>& parts = hp.parts[static_cast<size_t>(g)];
+        if (c >= parts.size()) continue;
         const SlicePart& part = parts[c];
+        const PerGpu& m = gpu[static_cast<size_t>(g)];
+        cudaStream_t stream = streams_[static_cast<size_t>(g)];
+        const bool by_part = hp.inputs_by_part[static_cast<size_t>(g)];
+        FusedForwardParams& params = launch[static_cast<size_t>(g)];
+        if (absl::Status s =
+                CudaErrorStatus(cudaSetDevice(devices_[static_cast<size_t>(g)]), "cudaSetDevice");
+            !s.ok()) {
+          return s;
+        }
+        if (by_part) {
+          if (absl::Status s = CudaErrorStatus(
+                  cudaStreamWaitEvent(stream, part_in_[static_cast<size_t>(g)][c], 0), "event");
+              !s.ok()) {
+            return s;
+          }
+        }
         params.tiles =
             reinterpret_cast<const GpuTile*>(m.tables.bytes() + kTilesAt) + part.tile_begin;
         params.num_tiles = part.num_tiles;
@@ -323,7 +376,7 @@ class Runner final : public SequenceParallelRunner {
           return s;
         }
         cudaStream_t copy = stream;
-        if (overlap) {
+        if (parts.size() > 1) {
           copy = copy_streams_[static_cast<size_t>(g)];
           cudaEvent_t done = part_done_[static_cast<size_t>(g)][c];
           if (absl::Status s = CudaErrorStatus(cudaEventRecord(done, stream), "event"); !s.ok()) {
@@ -343,14 +396,17 @@ class Runner final : public SequenceParallelRunner {
             !s.ok()) {
           return s;
         }
+        if (by_part && c + 1 < parts.size()) {
+          if (absl::Status s = copy_part_inputs(g, c + 1); !s.ok()) return s;
+        }
       }
     }
     // The status of the work queued above (Drain waits again on the way out: a no-op by then).
     absl::Status status = absl::OkStatus();
     for (int g = 0; g < ranks; ++g) {
       cudaSetDevice(devices_[static_cast<size_t>(g)]);
-      for (cudaStream_t st :
-           {streams_[static_cast<size_t>(g)], copy_streams_[static_cast<size_t>(g)]}) {
+      for (cudaStream_t st : {in_streams_[static_cast<size_t>(g)], streams_[static_cast<size_t>(g)],
+                              copy_streams_[static_cast<size_t>(g)]}) {
         absl::Status s = CudaErrorStatus(cudaStreamSynchronize(st), "sequence-parallel run");
         if (status.ok()) status = s;
       }
@@ -360,7 +416,9 @@ class Runner final : public SequenceParallelRunner {
 
   // A slice's rows run in up to kParts launches, so that the output of one part goes back to the
   // host while the next part runs. Tiles go to the part of their first row: every tile that
-  // writes a part's rows then runs in that part's launch or an earlier one.
+  // writes a part's rows then runs in that part's launch or an earlier one. Without an exchange,
+  // parts are cut at multiples of every segment length where that allows, so that every key a
+  // part's tiles read is in the part: its launch then waits only for its own inputs.
   static constexpr int kParts = 4;
   static constexpr int64_t kMinPartRows = 65536;  // shorter slices run in one launch
   struct SlicePart {
@@ -384,6 +442,7 @@ class Runner final : public SequenceParallelRunner {
     // uploaded; and its parts.
     std::vector<std::vector<unsigned char>> tables;
     std::vector<std::vector<SlicePart>> parts;
+    std::vector<bool> inputs_by_part;  // per rank: its parts read only their own inputs
   };
   static constexpr size_t kTilesAt = 256;
 
@@ -410,6 +469,7 @@ class Runner final : public SequenceParallelRunner {
     hp->dest.resize(ranks);
     hp->tables.resize(ranks);
     hp->parts.resize(ranks);
+    hp->inputs_by_part.assign(ranks, false);
     const int64_t offsets[2] = {0, plan.seq_offsets[1]};
     for (size_t g = 0; g < slices.size() && g < ranks; ++g) {
       if (!hp->sp.spanning_branches.empty()) {
@@ -421,11 +481,18 @@ class Runner final : public SequenceParallelRunner {
       const SequenceSlicePlan& slice = slices[g];
       const int64_t rows = slice.end - slice.begin;
       const int num_parts = rows >= kParts * kMinPartRows ? kParts : 1;
+      // A slice that no spanning branch reads into starts at a multiple of every segment length.
+      int64_t unit = num_parts > 1 && hp->sp.spanning_branches.empty()
+                         ? SegmentCutUnit(plan.params, rows / num_parts)
+                         : 0;
+      if (unit > 0 && slice.begin % unit != 0) unit = 0;
+      hp->inputs_by_part[g] = unit > 0;
       std::vector<SlicePart>& parts = hp->parts[g];
-      for (int c = 0; c < num_parts; ++c) {
-        parts.push_back({slice.begin + rows * c / num_parts,
-                         slice.begin + rows * (c + 1) / num_parts, 0, 0, 0});
-      }
+      auto cut = [&](int c) {
+        const int64_t at = rows * c / num_parts;
+        return slice.begin + (unit > 0 && c < num_parts ? at / unit * unit : at);
+      };
+      for (int c = 0; c < num_parts; ++c) parts.push_back({cut(c), cut(c + 1), 0, 0, 0});
       // The slice's tiles are its keyless ones, then the rest; each part keeps that order.
       std::vector<std::vector<GpuTile>> by_part(parts.size());
       for (size_t i = 0; i < slice.tiles.size(); ++i) {
@@ -462,7 +529,9 @@ class Runner final : public SequenceParallelRunner {
   std::vector<int> devices_;
   std::vector<cudaStream_t> streams_;
   std::vector<cudaStream_t> copy_streams_;  // per device: O back to the host, part by part
+  std::vector<cudaStream_t> in_streams_;    // per device: inputs part by part (no exchange)
   std::vector<std::array<cudaEvent_t, kParts>> part_done_;  // per device: each part's launch
+  std::vector<std::array<cudaEvent_t, kParts>> part_in_;    // per device: each part's inputs
   std::vector<ncclComm_t> comms_;
   std::vector<int> majors_;
   std::vector<std::unique_ptr<memory::BufferPool>> pools_;  // one per device
