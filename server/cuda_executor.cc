@@ -490,11 +490,9 @@ class CudaExecutor final : public Executor {
       }
       if (s.ok() && i + 1 < pieces.size()) s = issue_inputs(i + 1);
     }
-    if (!s.ok()) return s;
-    if (absl::Status s = Cuda(cudaEventRecord(state.computed, stream), "event"); !s.ok()) {
-      return s;
-    }
-    return Cuda(cudaEventRecord(state.done, copy_out_), "event");
+    if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
+    if (s.ok()) s = Cuda(cudaEventRecord(state.done, copy_out_), "event");
+    return s;
   }
 
   // Whatever happened, the buffers stay leased until the streams are past them.
