@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -118,6 +119,23 @@ TEST(PlanPieces, ALongSequenceIsCutIntoEqualPiecesOfOneShape) {
   EXPECT_EQ(attention::SplitIntoPieces(*whole, 40000).size(), 1u);
   // Nor a target that covers the plan.
   EXPECT_EQ(attention::SplitIntoPieces(*plan, plan->params.total_tokens).size(), 1u);
+}
+
+TEST(PlanPieces, TheCutUnitIsTheLcmOfTheSegmentLengthsWithinTheLimit) {
+  attention::AttentionOptions o;
+  o.segment_lengths = {2048, 3072, 8192};
+  o.dilation_rates = {1, 2, 4};
+  auto plan =
+      attention::PlanAttention(o, attention::DenseShape(attention::DType::kFloat16, 1, 64, 2, 16));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(attention::SegmentCutUnit(plan->params, 24576), 24576);
+  EXPECT_EQ(attention::SegmentCutUnit(plan->params, 24575), 0);
+  // Segment lengths whose lcm overflows int64 on the way give 0, not a wrapped product.
+  o.segment_lengths = {(int64_t{1} << 62) - 1, (int64_t{1} << 62) - 3};
+  o.dilation_rates = {1, 1};
+  auto huge = attention::PlanAttention(o, plan->shape);
+  ASSERT_TRUE(huge.ok()) << huge.status();
+  EXPECT_EQ(attention::SegmentCutUnit(huge->params, std::numeric_limits<int64_t>::max()), 0);
 }
 
 TEST(PlanPieces, EachPieceAloneGivesTheWholePlansRows) {
