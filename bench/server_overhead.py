@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Server-side time of one large request against its kernel time, through the real server.
 
-Starts dilattn-server, sends FP16 requests of (1, N, 16, 64) to the default longnet model one at
-a time, and reads the statistics RPC: the server-side request time (from the moment the message
+Starts dilattn-server, sends FP16 (or --datatype FP32) requests of (1, N, 16, 64) to the default
+longnet model one at a time, and reads the statistics RPC: the server-side request time (from the moment the message
 has arrived, so the wire is excluded, to the response), and its split into queue, input (unpack,
 copies to the device), kernel (CUDA events around the launch) and output.
 
@@ -15,7 +15,7 @@ to compare without).
 
   python3 bench/server_overhead.py [--server build/server/dilattn-server] [--device cuda]
                                    [--ns 32768,131072] [--reps 3] [--shm none|cuda|system]
-                                   [--heads 16] [--server-args '...']
+                                   [--heads 16] [--datatype FP16|FP32] [--server-args '...']
 """
 
 import argparse
@@ -42,6 +42,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--shm", choices=["none", "cuda", "system"], default="none")
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--datatype", choices=["FP16", "FP32"], default="FP16")
     p.add_argument("--server-log", help="file for the server's log (default: discarded)")
     p.add_argument("--server-args", default="",
                    help="more server flags, e.g. '--sequence-parallel-min-tokens 524288'")
@@ -67,7 +68,8 @@ def main():
             # Long inputs repeat one random block: the time does not depend on the values, and a
             # float64 draw of 2M tokens would take 16 GiB.
             block = min(n, 32768)
-            x = np.random.default_rng(0).uniform(-1, 1, (1, block, args.heads, 64)).astype(np.float16)
+            dtype = np.float16 if args.datatype == "FP16" else np.float32
+            x = np.random.default_rng(0).uniform(-1, 1, (1, block, args.heads, 64)).astype(dtype)
             x = np.tile(x, (1, -(-n // block), 1, 1))[:, :n]
             inputs = []
             outputs = None
@@ -92,7 +94,7 @@ def main():
                 out.set_shared_memory(f"bench{n}", nbytes, offset=3 * nbytes)
                 outputs = [out]
             for i, name in enumerate("QKV"):
-                t = grpcclient.InferInput(name, list(x.shape), "FP16")
+                t = grpcclient.InferInput(name, list(x.shape), args.datatype)
                 if buf is not None or region is not None:
                     t.set_shared_memory(f"bench{n}", x.nbytes, offset=i * x.nbytes)
                 else:

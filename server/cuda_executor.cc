@@ -236,7 +236,7 @@ class CudaExecutor final : public Executor {
     const absl::Time deadline = job.start + options_.pool_wait;
     const bool in_place = RunsInPlace(job, convert, device_);
     std::vector<Piece> pieces;
-    if (kind == OperatorKind::kDilatedAttention && !in_place && !convert) {
+    if (kind == OperatorKind::kDilatedAttention && !in_place) {
       absl::StatusOr<std::vector<Piece>> split = Pieces(*plans.dilated);
       if (!split.ok()) return split.status();
       pieces = *std::move(split);
@@ -286,7 +286,7 @@ class CudaExecutor final : public Executor {
             pieces.size());
         logged_pieces_ = true;
       }
-      absl::Status s = IssuePieces(job, pieces, dev, stream, *state);
+      absl::Status s = IssuePieces(job, pieces, dev, convert, stream, *state);
       FinishStart(job, std::move(state), *std::move(flag), dev);
       if (!s.ok()) {
         for (cudaStream_t st : {copy_in_, stream, copy_out_}) cudaStreamSynchronize(st);
@@ -436,12 +436,19 @@ class CudaExecutor final : public Executor {
   // A job in pieces: the pieces' inputs copied in order on copy_in_; piece p's kernel on the
   // job's stream once its inputs are in (the previous piece's kernel before it); its output
   // copied on copy_out_ once that kernel is done. Copies in both directions and the kernels
-  // overlap, and `done` (on copy_out_) follows everything.
+  // overlap, and `done` (on copy_out_) follows everything. An fp32 job goes through the fp32
+  // buffer (dev[5]) piece by piece: a piece's rows of it stage Q, K and V in turn (converted on
+  // copy_in_) and then its output (converted on copy_out_), while other pieces use other rows.
   absl::Status IssuePieces(const Job& job, const std::vector<Piece>& pieces,
-                           const std::vector<memory::Buffer>& dev, cudaStream_t stream,
-                           GpuJob& state) {
-    const size_t row_bytes = pieces.front().plan->tensor_bytes /
-                             static_cast<size_t>(pieces.front().plan->params.total_tokens);
+                           const std::vector<memory::Buffer>& dev, bool convert,
+                           cudaStream_t stream, GpuJob& state) {
+    const attention::AttentionPlan& first = *pieces.front().plan;
+    const size_t row_bytes = first.tensor_bytes / static_cast<size_t>(first.params.total_tokens);
+    const int64_t row_values = int64_t{first.params.num_heads} * first.params.head_dim;
+    const size_t in_row_bytes =
+        static_cast<size_t>(row_values) * attention::DTypeSize(job.shape.dtype);
+    auto* fp32 = static_cast<unsigned char*>(dev[5].data());
+    int* flags = static_cast<int*>(dev[6].data());
     state.piece_events.reserve(2 * pieces.size());
     for (size_t i = 0; i < 2 * pieces.size(); ++i) {
       cudaEvent_t e = nullptr;
@@ -452,28 +459,36 @@ class CudaExecutor final : public Executor {
       state.piece_events.push_back(e);
     }
     auto bytes = [&](int64_t row) { return static_cast<size_t>(row) * row_bytes; };
+    auto in_bytes = [&](int64_t row) { return static_cast<size_t>(row) * in_row_bytes; };
     // Piece i's inputs are issued after piece i - 1's kernel: an input copy can hold the host
     // (copies from memory the driver could not pin are synchronous, and a long queue of copies
     // fills the driver's command buffer), and the kernel before it should be queued by then.
     auto issue_inputs = [&](size_t i) {
+      const int64_t a = pieces[i].row_begin, b = pieces[i].row_end;
       for (int t = 0; t < 3; ++t) {
-        if (absl::Status s = CopyIn(job, t, static_cast<unsigned char*>(dev[t].data()),
-                                    bytes(pieces[i].row_begin), bytes(pieces[i].row_end), copy_in_);
-            !s.ok()) {
-          return s;
+        auto* half = static_cast<unsigned char*>(dev[t].data());
+        absl::Status s = CopyIn(job, t, convert ? fp32 : half, in_bytes(a), in_bytes(b), copy_in_);
+        if (s.ok() && convert) {
+          s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
+                       reinterpret_cast<const float*>(fp32 + in_bytes(a)), half + bytes(a),
+                       (b - a) * row_values, flags, copy_in_)),
+                   "fp32 to fp16");
         }
+        if (!s.ok()) return s;
       }
       absl::Status s = Cuda(cudaEventRecord(state.piece_events[2 * i], copy_in_), "event");
       if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
       return s;
     };
     absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
+    if (s.ok() && convert) s = Cuda(cudaMemsetAsync(flags, 0, sizeof(int), copy_in_), "memset");
     if (s.ok()) s = issue_inputs(0);
     const DeviceLoc loc = DeviceLoc::Cuda(device_);
     const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
     for (size_t i = 0; i < pieces.size() && s.ok(); ++i) {
       const Piece& piece = pieces[i];
-      const size_t at = bytes(piece.row_begin), size = piece.plan->tensor_bytes;
+      const int64_t a = piece.row_begin, b = piece.row_end;
+      const size_t at = bytes(a), size = piece.plan->tensor_bytes;
       auto at_row = [&](int t) { return static_cast<unsigned char*>(dev[t].data()) + at; };
       const attention::AttentionTensors tensors{{at_row(0), size, loc},
                                                 {at_row(1), size, loc},
@@ -484,13 +499,25 @@ class CudaExecutor final : public Executor {
       if (s.ok()) s = gpu_[job.stream]->Run(*piece.plan, tensors, workspace);
       if (s.ok()) s = Cuda(cudaEventRecord(computed, stream), "event");
       if (s.ok()) s = Cuda(cudaStreamWaitEvent(copy_out_, computed, 0), "wait");
+      if (s.ok() && convert) {
+        s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
+                     at_row(3), reinterpret_cast<float*>(fp32 + in_bytes(a)), (b - a) * row_values,
+                     flags, copy_out_)),
+                 "fp16 to fp32");
+      }
       if (s.ok()) {
-        s = CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), at, at + size,
-                    copy_out_);
+        s = convert ? CopyOut(job, fp32, in_bytes(a), in_bytes(b), copy_out_)
+                    : CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), at, at + size,
+                              copy_out_);
       }
       if (s.ok() && i + 1 < pieces.size()) s = issue_inputs(i + 1);
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
+    if (s.ok() && convert) {
+      s = Cuda(cudaMemcpyAsync(state.overflow_host, flags, sizeof(int), cudaMemcpyDeviceToHost,
+                               copy_out_),
+               "copy to host");
+    }
     if (s.ok()) s = Cuda(cudaEventRecord(state.done, copy_out_), "event");
     return s;
   }

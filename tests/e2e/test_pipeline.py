@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
 
 import reference
 from conftest import ServerProcess, wait_until
@@ -57,7 +58,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+@pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP32"])
 @pytest.mark.parametrize("shape,segments,rates,mode,causal", CASES)
 def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rates, mode, causal):
     q, k, v = _qkv(shape, seed=sum(shape) + len(segments) + (datatype == "BF16"))
@@ -68,6 +69,27 @@ def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rat
     if reference.ON_GPU:
         # The path under test ran (logged once, at the first job in pieces).
         assert wait_until(lambda: "run in pieces" in piece_server.log_path.read_text())
+
+
+def test_fp32_beyond_fp16_in_a_late_piece_is_refused(piece_server):
+    """FP32 pieces convert to fp16 on the GPU one piece at a time; a value beyond fp16's range in
+    the last piece is still refused by name (the CPU path computes in fp32 and answers)."""
+    q, k, v = _qkv((1, 8192, 2, 64), seed=9)
+    v[0, -1, 1, 5] = 1e6
+    client = piece_server.client()
+    params = _params([64, 128], [1, 2])
+    if reference.ON_GPU:
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(MODEL, make_inputs(q, k, v, "FP32"), parameters=params)
+        assert "INVALID_ARGUMENT" in str(e.value.status()), e.value
+        assert "beyond fp16's range" in e.value.message()
+    else:
+        out = client.infer(MODEL, make_inputs(q, k, v, "FP32"), parameters=params).as_numpy("O")
+        _check(out, q, k, v, "FP32", [64, 128], [1, 2])
+    # The next request on the same server is unaffected.
+    v[0, -1, 1, 5] = 0.5
+    out = client.infer(MODEL, make_inputs(q, k, v, "FP32"), parameters=params).as_numpy("O")
+    _check(out, q, k, v, "FP32", [64, 128], [1, 2])
 
 
 def test_concurrent_requests_batched_across_pieces(piece_server):
