@@ -2,8 +2,9 @@
 own inputs are in and its output leaves while later pieces compute. With a low threshold, short
 requests take that path too: every answer must equal the float64 reference, whether the pieces cut
 one sequence (with a shorter rest), group several, cross request boundaries in a batch, or cannot
-cut at all; through tensors in messages and in system shared memory. On a CPU server the flag
-changes nothing and the same answers are checked."""
+cut at all; in FP16, BF16 and FP32 (converted to fp16 piece by piece on a GPU); through tensors in
+messages and in system shared memory. On a CPU server the flag changes nothing and the same
+answers are checked."""
 
 import concurrent.futures
 import uuid
