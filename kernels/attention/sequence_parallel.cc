@@ -153,4 +153,22 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
   return out;
 }
 
+std::vector<std::pair<int64_t, int64_t>> SliceParts(const DilatedAttentionParams& params,
+                                                    bool spanning, int64_t begin, int64_t end,
+                                                    int parts, bool* by_segments) {
+  const int64_t rows = end - begin;
+  int64_t unit = parts > 1 && !spanning ? SegmentCutUnit(params, rows / parts) : 0;
+  if (unit > 0 && begin % unit != 0) unit = 0;
+  *by_segments = unit > 0;
+  auto cut = [&](int c) {
+    const int64_t at = rows * c / parts;
+    return begin + (unit > 0 && c < parts ? at / unit * unit : at);
+  };
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (int c = 0; c < parts; ++c) {
+    if (cut(c) < cut(c + 1)) ranges.emplace_back(cut(c), cut(c + 1));
+  }
+  return ranges;
+}
+
 }  // namespace dilattn::attention

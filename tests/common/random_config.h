@@ -4,6 +4,7 @@
 // nothing of segments or tiles: it builds, for each query, the multiset of keys all branches give
 // it (an explicit count matrix) and takes one softmax over it.
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <string>
@@ -87,6 +88,23 @@ inline RandomCase DrawCase(SplitMix64& rng, const RandomCaseLimits& lim = {}) {
   }
   if (rng.Uniform(0, 3) == 0) c.options.softmax_scale = 0.05 + 0.01 * rng.Uniform(0, 100);
   c.input_scale = rng.Uniform(0, 3) == 0 ? 3.0f : 1.0f;
+  return c;
+}
+
+// A case whose branches' segment lengths share factors (powers of two, some times three), so that
+// their lcm is short enough to cut sequences at: fp32, up to 4 heads, D of 8-32.
+inline RandomCase DrawCuttableCase(SplitMix64& rng, int64_t max_seq_len) {
+  RandomCaseLimits limits;
+  limits.max_seq_len = max_seq_len;
+  limits.max_heads = 4;
+  limits.head_dims = {8, 16, 32};
+  limits.dtypes = {attention::DType::kFloat32};
+  RandomCase c = DrawCase(rng, limits);
+  for (size_t i = 0; i < c.options.segment_lengths.size(); ++i) {
+    const int64_t w = (rng.Uniform(0, 3) == 0 ? 3 : 1) << rng.Uniform(0, 6);
+    c.options.segment_lengths[i] = w;
+    c.options.dilation_rates[i] = rng.Uniform(1, std::min<int64_t>(w, 8));
+  }
   return c;
 }
 

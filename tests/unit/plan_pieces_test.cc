@@ -21,22 +21,6 @@ namespace {
 
 using attention::PlanPiece;
 
-// Branches whose segment lengths share factors, so that their lcm is short enough to cut at.
-RandomCase DrawCuttableCase(SplitMix64& rng, int64_t max_seq_len) {
-  RandomCaseLimits limits;
-  limits.max_seq_len = max_seq_len;
-  limits.max_heads = 4;
-  limits.head_dims = {8, 16, 32};
-  limits.dtypes = {attention::DType::kFloat32};
-  RandomCase c = DrawCase(rng, limits);
-  for (size_t i = 0; i < c.options.segment_lengths.size(); ++i) {
-    const int64_t w = (rng.Uniform(0, 3) == 0 ? 3 : 1) << rng.Uniform(0, 6);
-    c.options.segment_lengths[i] = w;
-    c.options.dilation_rates[i] = rng.Uniform(1, std::min<int64_t>(w, 8));
-  }
-  return c;
-}
-
 int64_t SegmentLcm(const attention::AttentionOptions& o) {
   int64_t unit = 1;
   for (int64_t w : o.segment_lengths) unit = std::lcm(unit, w);

@@ -128,6 +128,64 @@ TEST(SequenceParallelPlan, SlicesCoverTheTilesAndEveryKeyIsHeldOrSent) {
   }
 }
 
+// Without spanning branches a slice's parts are cut at multiples of every segment length, and
+// each part then holds every row and key of the tiles that run in its launch (those whose first
+// row it holds): the runner copies each part's inputs alone before its launch.
+TEST(SequenceParallelPlan, PartsCutBySegmentsHoldEveryKeyOfTheirTiles) {
+  const uint64_t seed = TestSeed();
+  SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
+  SplitMix64 rng(seed);
+  int cut = 0;
+  for (int c = 0; c < 150; ++c) {
+    RandomCase rc = DrawCuttableCase(rng, 3000);
+    rc.shape.seq_lengths.resize(1);
+    SCOPED_TRACE(rc.Describe());
+    auto plan = attention::PlanAttention(rc.options, rc.shape);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto sp = attention::PlanSequenceParallel(*plan, static_cast<int>(rng.Uniform(1, 3)), 128);
+    ASSERT_TRUE(sp.ok()) << sp.status();
+    const attention::DilatedAttentionParams& p = plan->params;
+    const int64_t n = rc.shape.seq_lengths[0];
+    for (const attention::SequenceSlicePlan& s : sp->slices) {
+      const int parts = static_cast<int>(rng.Uniform(1, 4));
+      bool by_segments = false;
+      const auto ranges = attention::SliceParts(p, !sp->spanning_branches.empty(), s.begin, s.end,
+                                                parts, &by_segments);
+      ASSERT_EQ(static_cast<int64_t>(ranges.size()), std::min<int64_t>(parts, s.end - s.begin));
+      int64_t at = s.begin;
+      for (auto [b, e] : ranges) {
+        EXPECT_EQ(b, at);
+        EXPECT_LT(b, e);
+        at = e;
+      }
+      EXPECT_EQ(at, s.end);
+      if (!by_segments) continue;
+      ++cut;
+      EXPECT_TRUE(sp->spanning_branches.empty());
+      for (size_t i = 0; i < s.tiles.size(); ++i) {
+        const GpuTile& t = s.tiles[i];
+        size_t part = 0;
+        while (part + 1 < ranges.size() && t.q_pos >= ranges[part + 1].first) ++part;
+        const auto [lo, hi] = ranges[part];
+        for (int row = 0; row < t.count; ++row) {
+          const int64_t q = t.q_pos + static_cast<int64_t>(row) * t.q_stride;
+          ASSERT_TRUE(q >= lo && q < hi) << "row " << q << " outside part [" << lo << ", " << hi;
+          if (static_cast<int64_t>(i) < s.keyless.count) continue;
+          for (int br = 0; br < p.num_branches; ++br) {
+            int64_t first = 0, count = 0;
+            if (!attention::BranchKeySpan(p, br, t.head, n, q, &first, &count)) continue;
+            const int64_t last = first + (count - 1) * attention::ClampedRate<int64_t>(p, br);
+            ASSERT_TRUE(first >= lo && last < hi)
+                << "query " << q << " reads keys " << first << ".." << last << " of branch " << br
+                << " outside part [" << lo << ", " << hi << ")";
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GT(cut, 20) << "too few slices were cut by segments to test anything";
+}
+
 // LongNet's widest branch has one segment, the whole sequence: each GPU holds its slice and that
 // branch's kept rows (n / r per head), not K and V whole.
 TEST(SequenceParallelPlan, AWholeSequenceBranchIsHeldPacked) {

@@ -414,11 +414,10 @@ class Runner final : public SequenceParallelRunner {
     return status;
   }
 
-  // A slice's rows run in up to kParts launches, so that the output of one part goes back to the
-  // host while the next part runs. Tiles go to the part of their first row: every tile that
-  // writes a part's rows then runs in that part's launch or an earlier one. Without an exchange,
-  // parts are cut at multiples of every segment length where that allows, so that every key a
-  // part's tiles read is in the part: its launch then waits only for its own inputs.
+  // A slice's rows run in up to kParts launches (SliceParts), so that the output of one part goes
+  // back to the host while the next part runs. Tiles go to the part of their first row: every
+  // tile that writes a part's rows then runs in that part's launch or an earlier one. Parts cut
+  // by segments read only their own inputs, which are then copied part by part too.
   static constexpr int kParts = 4;
   static constexpr int64_t kMinPartRows = 65536;  // shorter slices run in one launch
   struct SlicePart {
@@ -481,18 +480,13 @@ class Runner final : public SequenceParallelRunner {
       const SequenceSlicePlan& slice = slices[g];
       const int64_t rows = slice.end - slice.begin;
       const int num_parts = rows >= kParts * kMinPartRows ? kParts : 1;
-      // A slice that no spanning branch reads into starts at a multiple of every segment length.
-      int64_t unit = num_parts > 1 && hp->sp.spanning_branches.empty()
-                         ? SegmentCutUnit(plan.params, rows / num_parts)
-                         : 0;
-      if (unit > 0 && slice.begin % unit != 0) unit = 0;
-      hp->inputs_by_part[g] = unit > 0;
+      bool by_segments = false;
       std::vector<SlicePart>& parts = hp->parts[g];
-      auto cut = [&](int c) {
-        const int64_t at = rows * c / num_parts;
-        return slice.begin + (unit > 0 && c < num_parts ? at / unit * unit : at);
-      };
-      for (int c = 0; c < num_parts; ++c) parts.push_back({cut(c), cut(c + 1), 0, 0, 0});
+      for (auto [b, e] : SliceParts(plan.params, !hp->sp.spanning_branches.empty(), slice.begin,
+                                    slice.end, num_parts, &by_segments)) {
+        parts.push_back({b, e, 0, 0, 0});
+      }
+      hp->inputs_by_part[g] = by_segments;
       // The slice's tiles are its keyless ones, then the rest; each part keeps that order.
       std::vector<std::vector<GpuTile>> by_part(parts.size());
       for (size_t i = 0; i < slice.tiles.size(); ++i) {
