@@ -215,12 +215,21 @@ class CudaExecutor final : public Executor {
     if (!gpu.ok()) return gpu.status();
     if (!*gpu) return cpu_->Start(job);
     if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+    const bool in_place = RunsInPlace(job, convert, device_);
     size_t dev_bytes = 0, workspace_bytes = 0;
+    std::vector<Piece> pieces;
     switch (kind) {
-      case OperatorKind::kDilatedAttention:
+      case OperatorKind::kDilatedAttention: {
         dev_bytes = plans.dilated->tensor_bytes;
-        workspace_bytes = gpu_[0]->WorkspaceBytes(*plans.dilated);
+        if (!in_place) {
+          absl::StatusOr<std::vector<Piece>> split = Pieces(*plans.dilated, &workspace_bytes);
+          if (!split.ok()) return split.status();
+          pieces = *std::move(split);
+        }
+        // In pieces, the workspace holds one piece's tile list at a time.
+        if (pieces.empty()) workspace_bytes = gpu_[0]->WorkspaceBytes(*plans.dilated);
         break;
+      }
       case OperatorKind::kBlockSparse:
         dev_bytes = plans.sparse->tensor_bytes;
         workspace_bytes = sparse_gpu_[0]->WorkspaceBytes(*plans.sparse);
@@ -234,16 +243,6 @@ class CudaExecutor final : public Executor {
     const size_t in_bytes =
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     const absl::Time deadline = job.start + options_.pool_wait;
-    const bool in_place = RunsInPlace(job, convert, device_);
-    std::vector<Piece> pieces;
-    if (kind == OperatorKind::kDilatedAttention && !in_place) {
-      absl::StatusOr<std::vector<Piece>> split = Pieces(*plans.dilated);
-      if (!split.ok()) return split.status();
-      pieces = *std::move(split);
-      for (const Piece& piece : pieces) {
-        workspace_bytes = std::max(workspace_bytes, gpu_[0]->WorkspaceBytes(*piece.plan));
-      }
-    }
     const size_t tensor_lease = in_place ? size_t{1} : dev_bytes;
     const size_t kv_lease = inputs == 3 ? tensor_lease : size_t{1};
 
@@ -409,8 +408,9 @@ class CudaExecutor final : public Executor {
   // The job's pieces when it is long enough to run in them (else none): about an eighth of it
   // each, at least a quarter of pipeline_min_tokens, so that the first piece's inputs (all the
   // first kernel waits for) are a small part of the copy and every piece's kernel still fills
-  // the GPU.
-  absl::StatusOr<std::vector<Piece>> Pieces(const attention::AttentionPlan& plan) const {
+  // the GPU. With pieces, `workspace_bytes` becomes the largest workspace a piece's shape needs.
+  absl::StatusOr<std::vector<Piece>> Pieces(const attention::AttentionPlan& plan,
+                                            size_t* workspace_bytes) const {
     const int64_t total = plan.params.total_tokens;
     const int64_t min_tokens = options_.pipeline_min_tokens;
     if (min_tokens <= 0 || total < min_tokens) return std::vector<Piece>{};
@@ -427,6 +427,7 @@ class CudaExecutor final : public Executor {
         if (!piece.ok()) return piece.status();
         if (absl::Status s = gpu_[0]->Supports(*piece); !s.ok()) return s;
         shared = std::make_shared<const attention::AttentionPlan>(*std::move(piece));
+        *workspace_bytes = std::max(*workspace_bytes, gpu_[0]->WorkspaceBytes(*shared));
       }
       pieces.push_back({p.row_begin, p.row_end, shared});
     }
