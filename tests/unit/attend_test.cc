@@ -7,9 +7,11 @@
 #include <vector>
 
 #include "dilattn/v1/attention.pb.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
 #include "server/grpc/attend_service.h"
 #include "server/grpc/wire.h"
+#include "tests/common/mangled_messages.h"
 
 namespace dilattn::server {
 namespace {
@@ -53,11 +55,8 @@ namespace {
 // protobuf's, on seeded mutations of valid messages cut into random slices: where ours accepts,
 // protobuf accepts with the same fields; where protobuf refuses, ours refuses too.
 TEST(AttendBytes, AgreesWithProtobufOnMangledMessages) {
-  uint64_t state = 99;
-  auto next = [&state](uint64_t bound) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    return bound == 0 ? 0 : (state >> 33) % bound;
-  };
+  using google::protobuf::util::MessageDifferencer;
+  testing::SplitMix64 rng(99);
   std::vector<std::string> valid;
   {
     dilattn::v1::AttendRequest m;
@@ -72,62 +71,33 @@ TEST(AttendBytes, AgreesWithProtobufOnMangledMessages) {
       dilattn::v1::AttendRequest c;
       c.mutable_chunk()->set_tensor(static_cast<dilattn::v1::Tensor>(t));
       c.mutable_chunk()->set_token(12345 * t);
-      std::string data(300 * t, '\0');
-      for (char& b : data) b = static_cast<char>(next(256));
-      c.mutable_chunk()->set_data(data);
+      c.mutable_chunk()->set_data(testing::RandomBytes(rng, 300 * t));
       valid.push_back(c.SerializeAsString());
     }
     valid.push_back(valid[0] + valid[1]);  // both: the chunk, last, wins
     valid.push_back(valid[1] + valid[2]);  // two chunks merge
   }
-  int accepted = 0, refused = 0, refused_by_ours_only = 0;
-  for (int round = 0; round < 20000; ++round) {
-    std::string bytes = valid[next(valid.size())];
-    for (uint64_t edits = next(4); edits > 0 && !bytes.empty(); --edits) {
-      const size_t at = next(bytes.size());
-      switch (next(4)) {
-        case 0: bytes[at] = static_cast<char>(next(256)); break;
-        case 1: bytes.erase(at, 1 + next(6)); break;
-        case 2: bytes.insert(at, 1, static_cast<char>(next(256))); break;
-        default: bytes.resize(at); break;
-      }
-    }
-    std::vector<grpc::Slice> slices;
-    for (size_t at = 0; at < bytes.size();) {
-      const size_t n = 1 + next(std::max<size_t>(1, bytes.size() / 3));
-      slices.emplace_back(bytes.data() + at, std::min(n, bytes.size() - at));
-      at += n;
-    }
-    const grpc::ByteBuffer message(slices.data(), slices.size());
-    absl::StatusOr<AttendBytes> ours = AttendBytes::Parse(message);
-    dilattn::v1::AttendRequest theirs;
-    const bool parsed = theirs.ParseFromString(bytes);
-    if (!parsed) {
-      EXPECT_FALSE(ours.ok()) << "round " << round;
-      ++refused;
-      continue;
-    }
-    if (!ours.ok()) {
-      ++refused_by_ours_only;  // groups in unknown fields, which proto3 messages never carry
-      continue;
-    }
-    ++accepted;
-    ASSERT_EQ(ours->has_header(), theirs.has_header()) << "round " << round;
-    ASSERT_EQ(ours->has_chunk(), theirs.has_chunk()) << "round " << round;
-    if (theirs.has_header()) {
-      EXPECT_EQ(ours->header().SerializeAsString(), theirs.header().SerializeAsString());
-    }
-    if (theirs.has_chunk()) {
-      EXPECT_EQ(ours->tensor(), static_cast<int32_t>(theirs.chunk().tensor()));
-      EXPECT_EQ(ours->token(), theirs.chunk().token());
-      std::string data(ours->data_size(), '\0');
-      ours->CopyData(data.data());
-      EXPECT_EQ(data, theirs.chunk().data()) << "round " << round;
-    }
-  }
-  EXPECT_GT(accepted, 5000);
-  EXPECT_GT(refused, 1000);
-  EXPECT_LT(refused_by_ours_only, 200);
+  const testing::ParseAgreement n = testing::CheckAgainstProtobuf<dilattn::v1::AttendRequest>(
+      rng, valid, 20000,
+      [](const grpc::ByteBuffer& message) { return AttendBytes::Parse(message); },
+      [](const AttendBytes& ours, const dilattn::v1::AttendRequest& theirs, int round) {
+        ASSERT_EQ(ours.has_header(), theirs.has_header()) << "round " << round;
+        ASSERT_EQ(ours.has_chunk(), theirs.has_chunk()) << "round " << round;
+        if (theirs.has_header()) {
+          EXPECT_TRUE(MessageDifferencer::Equals(ours.header(), theirs.header()))
+              << "round " << round;
+        }
+        if (theirs.has_chunk()) {
+          EXPECT_EQ(ours.tensor(), static_cast<int32_t>(theirs.chunk().tensor()));
+          EXPECT_EQ(ours.token(), theirs.chunk().token());
+          std::string data(ours.data_size(), '\0');
+          ours.CopyData(data.data());
+          EXPECT_EQ(data, theirs.chunk().data()) << "round " << round;
+        }
+      });
+  EXPECT_GT(n.accepted, 5000);
+  EXPECT_GT(n.refused, 1000);
+  EXPECT_LT(n.refused_by_ours_only, 200);
 }
 
 }  // namespace

@@ -17,7 +17,7 @@
 #include "inference/grpc_service.pb.h"
 #include "kernels/memory/allocator.h"
 #include "kernels/memory/buffer_pool.h"
-#include "tests/common/test_util.h"
+#include "tests/common/mangled_messages.h"
 
 namespace dilattn::server {
 namespace {
@@ -26,27 +26,10 @@ using google::protobuf::util::MessageDifferencer;
 using inference::ModelInferRequest;
 using inference::ModelInferResponse;
 using inference::ModelStreamInferResponse;
+using testing::AsSlicedMessage;
+using testing::Below;
+using testing::RandomBytes;
 using testing::SplitMix64;
-
-size_t Below(SplitMix64& rng, size_t n) { return n == 0 ? 0 : rng.Next() % n; }
-
-std::string RandomBytes(SplitMix64& rng, size_t n) {
-  std::string out(n, '\0');
-  for (char& b : out) b = static_cast<char>(Below(rng, 256));
-  return out;
-}
-
-// `bytes` as a received message: cut into slices of random lengths, as gRPC hands them over.
-grpc::ByteBuffer AsMessage(SplitMix64& rng, const std::string& bytes) {
-  std::vector<grpc::Slice> slices;
-  for (size_t at = 0; at < bytes.size();) {
-    const size_t n =
-        std::min<size_t>(1 + Below(rng, std::max<size_t>(1, bytes.size() / 3)), bytes.size() - at);
-    slices.emplace_back(bytes.data() + at, n);
-    at += n;
-  }
-  return grpc::ByteBuffer(slices.data(), slices.size());
-}
 
 std::string Flatten(const grpc::ByteBuffer& message) {
   std::vector<grpc::Slice> slices;
@@ -103,57 +86,31 @@ TEST(RequestBytes, AgreesWithProtobufOnMangledMessages) {
   const google::protobuf::LogSilencer quiet;
   SplitMix64 rng(20261127);
   const std::vector<std::string> valid = ValidRequests(rng);
-  int accepted = 0, refused = 0, refused_by_ours_only = 0;
-  for (int round = 0; round < 20000; ++round) {
-    std::string bytes = valid[Below(rng, valid.size())];
-    for (uint64_t edits = Below(rng, 4); edits > 0 && !bytes.empty(); --edits) {
-      const size_t at = Below(rng, bytes.size());
-      switch (Below(rng, 4)) {
-        case 0:
-          bytes[at] = static_cast<char>(Below(rng, 256));
-          break;
-        case 1:
-          bytes.erase(at, 1 + Below(rng, 6));
-          break;
-        case 2:
-          bytes.insert(at, 1, static_cast<char>(Below(rng, 256)));
-          break;
-        default:
-          bytes.resize(at);
-          break;
-      }
-    }
-    ModelInferRequest header;
-    absl::StatusOr<RequestBytes> ours = RequestBytes::Split(AsMessage(rng, bytes), &header);
-    ModelInferRequest theirs;
-    if (!theirs.ParseFromString(bytes)) {
-      EXPECT_FALSE(ours.ok()) << "round " << round;
-      if (!ours.ok()) {
-        EXPECT_EQ(ours.status().code(), absl::StatusCode::kInvalidArgument);
-        EXPECT_NE(ours.status().message().find("ModelInferRequest"), std::string::npos);
-      }
-      ++refused;
-      continue;
-    }
-    if (!ours.ok()) {
-      ++refused_by_ours_only;  // groups in unknown fields, which proto3 messages never carry
-      continue;
-    }
-    ++accepted;
-    ASSERT_EQ(ours->raw_count(), static_cast<size_t>(theirs.raw_input_contents_size()))
-        << "round " << round;
-    for (size_t i = 0; i < ours->raw_count(); ++i) {
-      ASSERT_EQ(ours->raw_size(i), theirs.raw_input_contents(static_cast<int>(i)).size());
-      std::string raw(ours->raw_size(i), '\0');
-      ours->CopyRaw(i, raw.data());
-      EXPECT_EQ(raw, theirs.raw_input_contents(static_cast<int>(i))) << "round " << round;
-    }
-    theirs.clear_raw_input_contents();
-    EXPECT_TRUE(MessageDifferencer::Equals(header, theirs)) << "round " << round;
-  }
-  EXPECT_GT(accepted, 4000);
-  EXPECT_GT(refused, 1000);
-  EXPECT_LT(refused_by_ours_only, 200);
+  ModelInferRequest header;
+  const testing::ParseAgreement n = testing::CheckAgainstProtobuf<ModelInferRequest>(
+      rng, valid, 20000,
+      [&](const grpc::ByteBuffer& message) {
+        absl::StatusOr<RequestBytes> ours = RequestBytes::Split(message, &header);
+        if (!ours.ok()) {
+          EXPECT_NE(ours.status().message().find("ModelInferRequest"), std::string::npos);
+        }
+        return ours;
+      },
+      [&](const RequestBytes& ours, ModelInferRequest& theirs, int round) {
+        ASSERT_EQ(ours.raw_count(), static_cast<size_t>(theirs.raw_input_contents_size()))
+            << "round " << round;
+        for (size_t i = 0; i < ours.raw_count(); ++i) {
+          ASSERT_EQ(ours.raw_size(i), theirs.raw_input_contents(static_cast<int>(i)).size());
+          std::string raw(ours.raw_size(i), '\0');
+          ours.CopyRaw(i, raw.data());
+          EXPECT_EQ(raw, theirs.raw_input_contents(static_cast<int>(i))) << "round " << round;
+        }
+        theirs.clear_raw_input_contents();
+        EXPECT_TRUE(MessageDifferencer::Equals(header, theirs)) << "round " << round;
+      });
+  EXPECT_GT(n.accepted, 4000);
+  EXPECT_GT(n.refused, 1000);
+  EXPECT_LT(n.refused_by_ours_only, 200);
 }
 
 // Raw contents large enough for the copy to run on several threads (whole slices each) arrive
