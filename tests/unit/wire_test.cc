@@ -1,6 +1,7 @@
-// The zero-copy framing of Triton's messages (server/grpc/wire.h) against protobuf's own parser
-// and serializer: every inference request is split by RequestBytes::Split, and every response
-// with an output is framed by InferResponseBytes or StreamResponseBytes.
+// The zero-copy framing of messages (server/grpc/wire.h) against protobuf's own parser: every
+// Triton inference request is split by RequestBytes::Split, every response with an output is
+// framed by InferResponseBytes or StreamResponseBytes, and the native stream's output chunks by
+// AttendOutputBytes.
 
 #include "server/grpc/wire.h"
 
