@@ -49,9 +49,10 @@ class Cursor {
     Settle();
     return true;
   }
-  bool Varint(uint64_t* v) {
+  // A varint of at most max_bytes bytes (ten hold 64 bits).
+  bool Varint(uint64_t* v, int max_bytes = 10) {
     *v = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
+    for (int shift = 0; shift < 7 * max_bytes; shift += 7) {
       uint8_t b;
       if (!Byte(&b)) return false;
       *v |= static_cast<uint64_t>(b & 0x7f) << shift;
@@ -59,6 +60,14 @@ class Cursor {
     }
     return false;
   }
+  // A tag or a length prefix as protobuf reads them: at most five bytes (it refuses longer
+  // encodings); a tag keeps its low 32 bits, and a length beyond INT32_MAX is malformed.
+  bool Tag(uint64_t* v) {
+    if (!Varint(v, 5)) return false;
+    *v &= 0xFFFFFFFF;
+    return true;
+  }
+  bool Length(uint64_t* v) { return Varint(v, 5) && *v <= 0x7FFFFFFF; }
   // Advances n bytes, appending them to `out` unless it is null.
   bool Take(size_t n, std::string* out) {
     while (n > 0) {
@@ -95,7 +104,8 @@ bool SkipValue(Cursor& c, int wire) {
   switch (wire) {
     case 0: return c.Varint(&v);
     case 1: return c.Take(8, nullptr);
-    case 2: return c.Varint(&v) && c.Take(static_cast<size_t>(v), nullptr);
+    case 2:
+      return c.Length(&v) && c.Take(static_cast<size_t>(v), nullptr);
     case 5: return c.Take(4, nullptr);
     default: return false;  // groups do not exist in proto3 messages
   }
@@ -167,12 +177,12 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
   Cursor c(r.slices_);
   while (!c.done()) {
     uint64_t tag;
-    if (!c.Varint(&tag) || (tag >> 3) == 0) return malformed;
+    if (!c.Tag(&tag) || (tag >> 3) == 0) return malformed;
     const uint64_t field = tag >> 3;
     const int wire = static_cast<int>(tag & 7);
     if (field == kRawInputContentsField && wire == kLengthDelimited) {
       uint64_t length;
-      if (!c.Varint(&length)) return malformed;
+      if (!c.Length(&length)) return malformed;
       const SliceRange f{c.index(), c.offset(), static_cast<size_t>(length)};
       if (!c.Take(static_cast<size_t>(length), nullptr)) return malformed;
       r.raw_.push_back(f);
@@ -191,7 +201,7 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
         break;
       case 2: {
         uint64_t length;
-        if (!c.Varint(&length)) return malformed;
+        if (!c.Length(&length)) return malformed;
         AppendVarint(&small, length);
         if (!c.Take(static_cast<size_t>(length), &small)) return malformed;
         break;
@@ -219,13 +229,13 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
   Cursor c(r.slices_);
   while (!c.done()) {
     uint64_t tag;
-    if (!c.Varint(&tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF) return malformed;
+    if (!c.Tag(&tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF) return malformed;
     const uint64_t field = tag >> 3;
     const int wire = static_cast<int>(tag & 7);
     if (field == kAttendHeaderField && wire == kLengthDelimited) {
       uint64_t length;
       std::string occurrence;
-      if (!c.Varint(&length) || !c.Take(static_cast<size_t>(length), &occurrence)) {
+      if (!c.Length(&length) || !c.Take(static_cast<size_t>(length), &occurrence)) {
         return malformed;
       }
       if (r.which_ != Which::kHeader) {  // the oneof switches: the chunk's fields are dropped
@@ -239,14 +249,14 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
       if (!r.header_.MergeFromString(occurrence)) return malformed;
     } else if (field == kAttendChunkField && wire == kLengthDelimited) {
       uint64_t length;
-      if (!c.Varint(&length)) return malformed;
+      if (!c.Length(&length)) return malformed;
       if (r.which_ != Which::kChunk) r.header_.Clear();
       r.which_ = Which::kChunk;
       const size_t end = c.consumed() + static_cast<size_t>(length);
       if (end < c.consumed()) return malformed;
       while (c.consumed() < end) {
         uint64_t inner;
-        if (!c.Varint(&inner) || (inner >> 3) == 0 || (inner >> 3) > 0x1FFFFFFF) return malformed;
+        if (!c.Tag(&inner) || (inner >> 3) == 0 || (inner >> 3) > 0x1FFFFFFF) return malformed;
         const uint64_t f = inner >> 3;
         const int w = static_cast<int>(inner & 7);
         uint64_t v;
@@ -257,7 +267,7 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
           if (!c.Varint(&v)) return malformed;
           r.token_ = static_cast<int64_t>(v);
         } else if (f == kChunkDataField && w == kLengthDelimited) {
-          if (!c.Varint(&v)) return malformed;
+          if (!c.Length(&v)) return malformed;
           r.data_ = {c.index(), c.offset(), static_cast<size_t>(v)};
           if (!c.Take(static_cast<size_t>(v), nullptr)) return malformed;
         } else if (!SkipValue(c, w)) {

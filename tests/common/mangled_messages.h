@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -56,6 +57,54 @@ inline grpc::ByteBuffer AsSlicedMessage(SplitMix64& rng, const std::string& byte
     at += n;
   }
   return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+// v as a varint of at least min_bytes bytes (longer than needed: continuation bits on zeros).
+inline std::string Varint(uint64_t v, size_t min_bytes = 1) {
+  std::string out;
+  do {
+    uint8_t b = v & 0x7f;
+    v >>= 7;
+    if (v != 0 || out.size() + 1 < min_bytes) b |= 0x80;
+    out.push_back(static_cast<char>(b));
+  } while (v != 0 || out.size() < min_bytes);
+  return out;
+}
+
+// Messages at the edges of protobuf's wire format around the length-delimited field `field`
+// holding `payload`: its tag and length prefix in one to eleven bytes, bits past 32 in a five-byte
+// tag or length, lengths past INT32_MAX, field numbers 0 and 2^29, and an unknown field of every
+// wire type. Whether each is well formed is protobuf's to say.
+inline std::vector<std::string> EdgeEncodings(int field, const std::string& payload) {
+  const uint64_t tag = (static_cast<uint64_t>(field) << 3) | 2;
+  const std::string len = Varint(payload.size());
+  std::vector<std::string> out;
+  for (size_t n = 1; n <= 11; ++n) {
+    out.push_back(Varint(tag, n) + len + payload);
+    out.push_back(Varint(tag) + Varint(payload.size(), n) + payload);
+  }
+  for (uint64_t high : {uint64_t{1} << 32, uint64_t{3} << 32, uint64_t{1} << 31}) {
+    out.push_back(Varint(tag + high) + len + payload);
+    out.push_back(Varint(tag) + Varint(payload.size() + high) + payload);
+  }
+  out.push_back(Varint(2) + len + payload);                        // field 0
+  out.push_back(Varint((uint64_t{1} << 32) - 6) + len + payload);  // field 2^29 - 1
+  out.push_back(Varint((uint64_t{1} << 32) + 2) + len + payload);  // field 2^29
+  for (int wire = 0; wire < 8; ++wire) {
+    out.push_back(Varint((99 << 3) | wire) + Varint(1) + std::string(8, 'a') + Varint(tag) + len +
+                  payload);
+  }
+  out.push_back(Varint((99 << 3) | 3) + Varint((99 << 3) | 4));  // an empty group
+  out.push_back(Varint(tag) + Varint(uint64_t{1} << 31) + payload);
+  out.push_back(Varint(tag) + Varint(uint64_t{1} << 63) + payload);
+  out.push_back(Varint(field << 3) + std::string(10, '\x80') + "\x01");  // an 11-byte varint
+  return out;
+}
+
+// Whether a message holds a group (wire types 3 and 4), which proto3 messages never carry and
+// the server's parsers refuse where protobuf skips them as unknown fields.
+inline bool HasEmptyGroup(const std::string& bytes) {
+  return bytes == Varint((99 << 3) | 3) + Varint((99 << 3) | 4);
 }
 
 struct ParseAgreement {

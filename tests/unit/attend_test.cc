@@ -4,9 +4,12 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "dilattn/v1/attention.pb.h"
+#include "google/protobuf/stubs/logging.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
 #include "server/grpc/attend_service.h"
@@ -56,6 +59,8 @@ namespace {
 // protobuf accepts with the same fields; where protobuf refuses, ours refuses too.
 TEST(AttendBytes, AgreesWithProtobufOnMangledMessages) {
   using google::protobuf::util::MessageDifferencer;
+  // Mutated strings fail protobuf's UTF-8 check, which logs each one.
+  const google::protobuf::LogSilencer quiet;
   testing::SplitMix64 rng(99);
   std::vector<std::string> valid;
   {
@@ -98,6 +103,32 @@ TEST(AttendBytes, AgreesWithProtobufOnMangledMessages) {
   EXPECT_GT(n.accepted, 5000);
   EXPECT_GT(n.refused, 1000);
   EXPECT_LT(n.refused_by_ours_only, 200);
+}
+
+// Hand-made encodings at the wire format's edges (see EdgeEncodings) around the header, the chunk
+// and, inside a chunk, its data: ours accepts exactly what protobuf accepts, but for groups.
+TEST(AttendBytes, AgreesWithProtobufOnEncodingEdges) {
+  testing::SplitMix64 rng(3);
+  dilattn::v1::Header header;
+  header.set_model("m");
+  std::vector<std::pair<std::string, bool>> messages;  // the bytes; whether they hold a group
+  for (const std::string& bytes : testing::EdgeEncodings(1, header.SerializeAsString())) {
+    messages.emplace_back(bytes, testing::HasEmptyGroup(bytes));
+  }
+  for (const std::string& chunk : testing::EdgeEncodings(3, "abc")) {
+    messages.emplace_back(testing::Varint((2 << 3) | 2) + testing::Varint(chunk.size()) + chunk,
+                          testing::HasEmptyGroup(chunk));
+  }
+  int accepted = 0, refused = 0;
+  for (const auto& [bytes, group] : messages) {
+    dilattn::v1::AttendRequest theirs;
+    const bool protobuf = theirs.ParseFromString(bytes);
+    EXPECT_EQ(AttendBytes::Parse(testing::AsSlicedMessage(rng, bytes)).ok(), protobuf && !group)
+        << absl::CEscape(bytes);
+    (protobuf ? accepted : refused)++;
+  }
+  EXPECT_GT(accepted, 10);
+  EXPECT_GT(refused, 10);
 }
 
 }  // namespace

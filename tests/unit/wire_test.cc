@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "dilattn/v1/attention.pb.h"
 #include "google/protobuf/stubs/logging.h"
 #include "google/protobuf/util/message_differencer.h"
@@ -112,6 +113,27 @@ TEST(RequestBytes, AgreesWithProtobufOnMangledMessages) {
   EXPECT_GT(n.accepted, 4000);
   EXPECT_GT(n.refused, 1000);
   EXPECT_LT(n.refused_by_ours_only, 200);
+}
+
+// Hand-made encodings at the wire format's edges (tags and lengths in overlong varints, bits past
+// 32, field numbers out of range, every wire type) around a raw tensor and a header string: ours
+// accepts exactly what protobuf accepts, but for groups, which it refuses.
+TEST(RequestBytes, AgreesWithProtobufOnEncodingEdges) {
+  const google::protobuf::LogSilencer quiet;
+  SplitMix64 rng(3);
+  int accepted = 0, refused = 0;
+  for (int field : {7, 1}) {  // raw_input_contents, model_name
+    for (const std::string& bytes : testing::EdgeEncodings(field, "abc")) {
+      ModelInferRequest header, theirs;
+      const bool ours = RequestBytes::Split(AsSlicedMessage(rng, bytes), &header).ok();
+      const bool protobuf = theirs.ParseFromString(bytes);
+      EXPECT_EQ(ours, protobuf && !testing::HasEmptyGroup(bytes))
+          << "field " << field << ": " << absl::CEscape(bytes);
+      (protobuf ? accepted : refused)++;
+    }
+  }
+  EXPECT_GT(accepted, 10);
+  EXPECT_GT(refused, 10);
 }
 
 // Raw contents large enough for the copy to run on several threads (whole slices each) arrive
