@@ -5,6 +5,8 @@
 #include <thread>
 #include <utility>
 
+#include "google/protobuf/io/coded_stream.h"
+
 namespace dilattn::server {
 namespace {
 
@@ -97,17 +99,39 @@ class Cursor {
   size_t consumed_ = 0;
 };
 
-// Skips one field's value of wire type `wire`; false when the bytes end first or the type is
-// not one of proto3's.
-bool SkipValue(Cursor& c, int wire) {
+// Protobuf's default limit on nested groups and messages.
+constexpr int kMaxGroupDepth = 100;
+
+// Skips the value of field `field` of wire type `wire`, appending it to `out` unless that is null
+// (varints re-encoded canonically, which protobuf reads alike). Groups (wire types 3 and 4), which
+// proto3 messages never carry but protobuf skips as unknown fields, are skipped too, up to the
+// matching end, kMaxGroupDepth deep. False when the bytes end first or are not protobuf's.
+bool SkipValue(Cursor& c, int wire, uint64_t field, std::string* out, int depth = 0) {
   uint64_t v;
   switch (wire) {
-    case 0: return c.Varint(&v);
-    case 1: return c.Take(8, nullptr);
+    case 0:
+      if (!c.Varint(&v)) return false;
+      if (out != nullptr) AppendVarint(out, v);
+      return true;
+    case 1:
+      return c.Take(8, out);
     case 2:
-      return c.Length(&v) && c.Take(static_cast<size_t>(v), nullptr);
-    case 5: return c.Take(4, nullptr);
-    default: return false;  // groups do not exist in proto3 messages
+      if (!c.Length(&v)) return false;
+      if (out != nullptr) AppendVarint(out, v);
+      return c.Take(static_cast<size_t>(v), out);
+    case 3:
+      if (depth >= kMaxGroupDepth) return false;
+      while (true) {
+        uint64_t tag;
+        if (!c.Tag(&tag) || (tag >> 3) == 0) return false;
+        if (out != nullptr) AppendVarint(out, tag);
+        if ((tag & 7) == 4) return (tag >> 3) == field;  // its end, or a stray one
+        if (!SkipValue(c, static_cast<int>(tag & 7), tag >> 3, out, depth + 1)) return false;
+      }
+    case 5:
+      return c.Take(4, out);
+    default:
+      return false;  // an end group with no start, or wire types 6 and 7
   }
 }
 
@@ -189,29 +213,7 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
       continue;
     }
     AppendVarint(&small, tag);
-    switch (wire) {
-      case 0: {
-        uint64_t v;
-        if (!c.Varint(&v)) return malformed;
-        AppendVarint(&small, v);
-        break;
-      }
-      case 1:
-        if (!c.Take(8, &small)) return malformed;
-        break;
-      case 2: {
-        uint64_t length;
-        if (!c.Length(&length)) return malformed;
-        AppendVarint(&small, length);
-        if (!c.Take(static_cast<size_t>(length), &small)) return malformed;
-        break;
-      }
-      case 5:
-        if (!c.Take(4, &small)) return malformed;
-        break;
-      default:
-        return malformed;  // groups do not exist in proto3 messages
-    }
+    if (!SkipValue(c, wire, field, &small)) return malformed;
   }
   if (!header->ParseFromString(small)) return malformed;
   return r;
@@ -246,7 +248,14 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
       r.which_ = Which::kHeader;
       // Occurrences merge, as protobuf merges them; each must parse, also one that a later
       // chunk replaces.
-      if (!r.header_.MergeFromString(occurrence)) return malformed;
+      // Parsed one level down, as inside the whole message: protobuf's nesting limit counts
+      // from the AttendRequest.
+      google::protobuf::io::CodedInputStream input(
+          reinterpret_cast<const uint8_t*>(occurrence.data()), static_cast<int>(occurrence.size()));
+      input.SetRecursionLimit(kMaxGroupDepth - 1);
+      if (!r.header_.MergeFromCodedStream(&input) || !input.ConsumedEntireMessage()) {
+        return malformed;
+      }
     } else if (field == kAttendChunkField && wire == kLengthDelimited) {
       uint64_t length;
       if (!c.Length(&length)) return malformed;
@@ -270,12 +279,12 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
           if (!c.Length(&v)) return malformed;
           r.data_ = {c.index(), c.offset(), static_cast<size_t>(v)};
           if (!c.Take(static_cast<size_t>(v), nullptr)) return malformed;
-        } else if (!SkipValue(c, w)) {
+        } else if (!SkipValue(c, w, f, nullptr, /*depth=*/1)) {  // inside the chunk message
           return malformed;
         }
         if (c.consumed() > end) return malformed;  // a field ran past the chunk
       }
-    } else if (!SkipValue(c, wire)) {
+    } else if (!SkipValue(c, wire, field, nullptr)) {
       return malformed;
     }
   }

@@ -73,8 +73,8 @@ inline std::string Varint(uint64_t v, size_t min_bytes = 1) {
 
 // Messages at the edges of protobuf's wire format around the length-delimited field `field`
 // holding `payload`: its tag and length prefix in one to eleven bytes, bits past 32 in a five-byte
-// tag or length, lengths past INT32_MAX, field numbers 0 and 2^29, and an unknown field of every
-// wire type. Whether each is well formed is protobuf's to say.
+// tag or length, lengths past INT32_MAX, field numbers 0 and 2^29, an unknown field of every wire
+// type, and groups. Whether each is well formed is protobuf's to say.
 inline std::vector<std::string> EdgeEncodings(int field, const std::string& payload) {
   const uint64_t tag = (static_cast<uint64_t>(field) << 3) | 2;
   const std::string len = Varint(payload.size());
@@ -94,17 +94,25 @@ inline std::vector<std::string> EdgeEncodings(int field, const std::string& payl
     out.push_back(Varint((99 << 3) | wire) + Varint(1) + std::string(8, 'a') + Varint(tag) + len +
                   payload);
   }
-  out.push_back(Varint((99 << 3) | 3) + Varint((99 << 3) | 4));  // an empty group
+  // Groups, which protobuf skips as unknown fields: empty, holding fields and a nested group,
+  // ended by another field's end, never ended, a stray end, and nested 100 and 101 deep.
+  const std::string start = Varint((99 << 3) | 3), end = Varint((99 << 3) | 4);
+  out.push_back(start + end + Varint(tag) + len + payload);
+  out.push_back(start + Varint(8) + Varint(300) + Varint((2 << 3) | 2) + Varint(2) + "xy" +
+                Varint((5 << 3) | 3) + Varint((5 << 3) | 4) + end + Varint(tag) + len + payload);
+  out.push_back(start + Varint((98 << 3) | 4) + Varint(tag) + len + payload);
+  out.push_back(Varint(tag) + len + payload + start);
+  out.push_back(end + Varint(tag) + len + payload);
+  for (int depth : {100, 101}) {
+    std::string nested;
+    for (int i = 0; i < depth; ++i) nested += start;
+    for (int i = 0; i < depth; ++i) nested += end;
+    out.push_back(nested + Varint(tag) + len + payload);
+  }
   out.push_back(Varint(tag) + Varint(uint64_t{1} << 31) + payload);
   out.push_back(Varint(tag) + Varint(uint64_t{1} << 63) + payload);
   out.push_back(Varint(field << 3) + std::string(10, '\x80') + "\x01");  // an 11-byte varint
   return out;
-}
-
-// Whether a message holds a group (wire types 3 and 4), which proto3 messages never carry and
-// the server's parsers refuse where protobuf skips them as unknown fields.
-inline bool HasEmptyGroup(const std::string& bytes) {
-  return bytes == Varint((99 << 3) | 3) + Varint((99 << 3) | 4);
 }
 
 struct ParseAgreement {
