@@ -63,11 +63,12 @@ class Cursor {
     return false;
   }
   // A tag or a length prefix as protobuf reads them: at most five bytes (it refuses longer
-  // encodings); a tag keeps its low 32 bits, and a length beyond INT32_MAX is malformed.
+  // encodings); a tag keeps its low 32 bits (so its field number is at most 2^29 - 1) and must
+  // not name field 0, and a length beyond INT32_MAX is malformed.
   bool Tag(uint64_t* v) {
     if (!Varint(v, 5)) return false;
     *v &= 0xFFFFFFFF;
-    return true;
+    return (*v >> 3) != 0;
   }
   bool Length(uint64_t* v) { return Varint(v, 5) && *v <= 0x7FFFFFFF; }
   // Advances n bytes, appending them to `out` unless it is null.
@@ -123,7 +124,7 @@ bool SkipValue(Cursor& c, int wire, uint64_t field, std::string* out, int depth 
       if (depth >= kMaxGroupDepth) return false;
       while (true) {
         uint64_t tag;
-        if (!c.Tag(&tag) || (tag >> 3) == 0) return false;
+        if (!c.Tag(&tag)) return false;
         if (out != nullptr) AppendVarint(out, tag);
         if ((tag & 7) == 4) return (tag >> 3) == field;  // its end, or a stray one
         if (!SkipValue(c, static_cast<int>(tag & 7), tag >> 3, out, depth + 1)) return false;
@@ -201,7 +202,7 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
   Cursor c(r.slices_);
   while (!c.done()) {
     uint64_t tag;
-    if (!c.Tag(&tag) || (tag >> 3) == 0) return malformed;
+    if (!c.Tag(&tag)) return malformed;
     const uint64_t field = tag >> 3;
     const int wire = static_cast<int>(tag & 7);
     if (field == kRawInputContentsField && wire == kLengthDelimited) {
@@ -231,7 +232,7 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
   Cursor c(r.slices_);
   while (!c.done()) {
     uint64_t tag;
-    if (!c.Tag(&tag) || (tag >> 3) == 0 || (tag >> 3) > 0x1FFFFFFF) return malformed;
+    if (!c.Tag(&tag)) return malformed;
     const uint64_t field = tag >> 3;
     const int wire = static_cast<int>(tag & 7);
     if (field == kAttendHeaderField && wire == kLengthDelimited) {
@@ -265,7 +266,7 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
       if (end < c.consumed()) return malformed;
       while (c.consumed() < end) {
         uint64_t inner;
-        if (!c.Tag(&inner) || (inner >> 3) == 0 || (inner >> 3) > 0x1FFFFFFF) return malformed;
+        if (!c.Tag(&inner)) return malformed;
         const uint64_t f = inner >> 3;
         const int w = static_cast<int>(inner & 7);
         uint64_t v;
