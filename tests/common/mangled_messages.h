@@ -17,7 +17,10 @@
 
 namespace dilattn::testing {
 
-inline size_t Below(SplitMix64& rng, size_t n) { return n == 0 ? 0 : rng.Next() % n; }
+// Uniform in [0, n), n >= 1, as a size.
+inline size_t Below(SplitMix64& rng, size_t n) {
+  return static_cast<size_t>(rng.Uniform(0, static_cast<int64_t>(n) - 1));
+}
 
 inline std::string RandomBytes(SplitMix64& rng, size_t n) {
   std::string out(n, '\0');
@@ -118,7 +121,7 @@ inline std::vector<std::string> EdgeEncodings(int field, const std::string& payl
 struct ParseAgreement {
   int accepted = 0;              // by both
   int refused = 0;               // by protobuf, and so by ours
-  int refused_by_ours_only = 0;  // groups in unknown fields, which proto3 messages never carry
+  int refused_by_ours_only = 0;  // where ours is stricter than protobuf
 };
 
 // `rounds` mangled copies of the `valid` messages, each parsed by `parse` (ours, from its slices:
