@@ -2,9 +2,9 @@
 """Server-side time of one large request against its kernel time, through the real server.
 
 Starts dilattn-server, sends FP16 (or --datatype FP32) requests of (1, N, 16, 64) to the default
-longnet model one at a time, and reads the statistics RPC: the server-side request time (from the moment the message
-has arrived, so the wire is excluded, to the response), and its split into queue, input (unpack,
-copies to the device), kernel (CUDA events around the launch) and output.
+longnet model one at a time, and reads the statistics RPC: the server-side request time (from the
+moment the message has arrived, so the wire is excluded, to the response), and its split into
+queue, input (unpack, copies to the device), kernel (CUDA events around the launch) and output.
 
 With --shm cuda the client keeps Q, K, V and O in one CUDA allocation that it shares with the
 server through Triton's CUDA shared-memory extension (a model server on the same host does this),

@@ -34,7 +34,7 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --stream-idle-seconds N   end a native stream that sends nothing this long before its input
                             is complete, releasing its memory (60; 0: never)
   --shared-memory on|off    accept Triton's system and CUDA shared-memory regions (on)
-  --pipeline-min-tokens N    run a GPU dilated-attention job of >= N tokens whose tensors are
+  --pipeline-min-tokens N   run a GPU dilated-attention job of >= N tokens whose tensors are
                             copied in about eight pieces, each piece's kernel starting once its
                             inputs are in and its output copied back while later pieces compute
                             (131072; 0: off)

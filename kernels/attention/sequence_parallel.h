@@ -48,12 +48,12 @@ absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& p
                                                           int num_gpus, int block_m);
 
 // The rows [begin, end) of a slice as up to `parts` >= 1 consecutive non-empty ranges (fewer only
-// where there are fewer rows than parts), launched in turn (each
-// part's output goes back while the next runs). With no spanning branch every key a slice's
-// tiles read lies in the slice; when the slice then starts at a multiple of
-// SegmentCutUnit(params, (end - begin) / parts), the ranges are cut at multiples of it, so that
-// every key a part's tiles read lies in the part and its launch needs only its own inputs
-// (`*by_segments` says which). Otherwise the ranges are equal.
+// where there are fewer rows than parts), launched in turn (each part's output goes back while
+// the next runs). With no spanning branch every key a slice's tiles read lies in the slice; when
+// the slice then starts at a multiple of SegmentCutUnit(params, (end - begin) / parts), the
+// ranges are cut at multiples of it, so that every key a part's tiles read lies in the part and
+// its launch needs only its own inputs (`*by_segments` says which). Otherwise the ranges are
+// equal.
 std::vector<std::pair<int64_t, int64_t>> SliceParts(const DilatedAttentionParams& params,
                                                     bool spanning, int64_t begin, int64_t end,
                                                     int parts, bool* by_segments);
