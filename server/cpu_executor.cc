@@ -3,6 +3,7 @@
 // tensors are packed into leased host buffers. Start() does the whole job; Wait() has nothing
 // left to wait for.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -58,6 +59,7 @@ class CpuExecutor final : public Executor {
   // Also the CUDA executor's path for what its GPU kernels do not cover.
   absl::Status RunOnHost(Job& job) {
     job.on_host = true;
+    WaitForInputs(job);
     JobPlans plans = PlanJob(job, job.shape.dtype);
     const OperatorKind kind = job.requests.front()->options.kind;
     if (absl::Status s = plans.status(kind); !s.ok()) return s;
@@ -182,6 +184,31 @@ bool AlignedWithoutOverlap(const InferenceRequest& r, size_t align) {
 }
 
 }  // namespace
+
+void WaitForInputs(const Job& job) {
+  for (const auto& r : job.requests) {
+    if (r->fill != nullptr) r->fill->WaitForAll();
+  }
+}
+
+void WaitForInputBytes(const Job& job, size_t end) {
+  size_t at = 0;
+  for (const auto& r : job.requests) {
+    if (at >= end) return;
+    const size_t size = r->tensor(0).size();
+    if (r->fill != nullptr && r->fill->row_bytes() > 0) {
+      const size_t bytes = std::min(end - at, size);
+      r->fill->WaitForRows(
+          static_cast<int64_t>((bytes + r->fill->row_bytes() - 1) / r->fill->row_bytes()));
+    }
+    at += size;
+  }
+}
+
+bool InputsInPlace(const std::vector<std::unique_ptr<InferenceRequest>>& requests) {
+  return std::all_of(requests.begin(), requests.end(),
+                     [](const auto& r) { return r->fill == nullptr || r->fill->complete(); });
+}
 
 bool RunsInPlaceOnHost(const Job& job) {
   // Shared-memory tensors sit at whatever offsets the client chose: the kernels need whole

@@ -38,7 +38,10 @@ struct GpuJob {
   cudaEvent_t begin = nullptr, copied = nullptr, computed = nullptr, done = nullptr;
   std::vector<cudaEvent_t> piece_events;  // per piece: inputs in, kernel done
   int* overflow_host = nullptr;  // pinned
-  absl::Duration host_work;
+  absl::Duration host_work;      // the host's part of "input": planning, leases, issuing copies
+  // In pieces, host_work ends where the copies begin: the rest of Start() waits for rows still
+  // being copied out of messages and issues later pieces beside the GPU's work.
+  bool host_work_set = false;
   ~GpuJob() {
     for (cudaEvent_t e : {begin, copied, computed, done}) {
       if (e != nullptr) cudaEventDestroy(e);
@@ -292,6 +295,7 @@ class CudaExecutor final : public Executor {
       }
       return s;
     }
+    WaitForInputs(job);
     absl::Status s = Cuda(cudaEventRecord(state->begin, stream), "event");
     int* overflow_dev = static_cast<int*>(dev[6].data());
     if (s.ok() && convert) s = Cuda(cudaMemsetAsync(overflow_dev, 0, sizeof(int), stream), "memset");
@@ -466,6 +470,7 @@ class CudaExecutor final : public Executor {
     // fills the driver's command buffer), and the kernel before it should be queued by then.
     auto issue_inputs = [&](size_t i) {
       const int64_t a = pieces[i].row_begin, b = pieces[i].row_end;
+      WaitForInputBytes(job, in_bytes(b));  // rows still being copied out of their messages
       for (int t = 0; t < 3; ++t) {
         auto* half = static_cast<unsigned char*>(dev[t].data());
         absl::Status s = CopyIn(job, t, convert ? fp32 : half, in_bytes(a), in_bytes(b), copy_in_);
@@ -481,6 +486,8 @@ class CudaExecutor final : public Executor {
       if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
       return s;
     };
+    state.host_work = absl::Now() - job.start;
+    state.host_work_set = true;
     absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
     if (s.ok() && convert) s = Cuda(cudaMemsetAsync(flags, 0, sizeof(int), copy_in_), "memset");
     if (s.ok()) s = issue_inputs(0);
@@ -528,7 +535,7 @@ class CudaExecutor final : public Executor {
                           std::vector<memory::Buffer>& dev) {
     job.leases.push_back(std::move(flag));
     for (memory::Buffer& b : dev) job.leases.push_back(std::move(b));
-    state->host_work = absl::Now() - job.start;
+    if (!state->host_work_set) state->host_work = absl::Now() - job.start;
     job.device_state = std::shared_ptr<GpuJob>(std::move(state));
   }
 

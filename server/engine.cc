@@ -235,6 +235,13 @@ void Engine::Loop(Executor& executor) {
       RunGang(std::move(*next));
       continue;
     }
+    // A batch whose inputs are still being copied out of their messages would hold this thread
+    // in Start() until they are: the previous job finishes first, so that its responses do not
+    // wait for them.
+    if (next != nullptr && in_flight != nullptr && !InputsInPlace(next->requests)) {
+      FinishJob(executor, std::move(in_flight));
+      JobsDone(1);
+    }
     // Start the next batch before waiting for the previous one: its copies overlap the
     // previous kernel.
     std::unique_ptr<Job> started =

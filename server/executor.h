@@ -124,6 +124,15 @@ JobPlans PlanOperator(const OperatorOptions& options, const attention::ProblemSh
 // written while other CTAs still read keys; otherwise the job copies as any other.
 bool RunsInPlace(const Job& job, bool convert, int device);
 
+// Inputs still being copied out of their messages (InferenceRequest::fill): WaitForInputs blocks
+// until every request's are in place, WaitForInputBytes until bytes [0, end) of each packed input
+// tensor are (a job in pieces waits for a piece's rows only). Every executor waits before it
+// reads a request's inputs.
+void WaitForInputs(const Job& job);
+void WaitForInputBytes(const Job& job, size_t end);
+// Whether none of `requests` has inputs still being copied.
+bool InputsInPlace(const std::vector<std::unique_ptr<InferenceRequest>>& requests);
+
 // Whether the CPU path may run the job on the requests' own memory: one request whose tensors
 // are aligned to their elements and whose output range, when the client gave one, overlaps no
 // input; otherwise its tensors are copied into leased buffers first.

@@ -1,8 +1,8 @@
 #pragma once
 
 // One accepted inference request on its way from a gRPC handler through a model's scheduler to
-// an engine. The handler has validated it completely; the tensors are views into the RPC's own
-// message, which stays alive until `done` runs.
+// an engine. The handler has validated it completely; the tensors are views into its staging
+// lease (still being filled while `fill` runs), the heap, or registered shared memory.
 
 #include <atomic>
 #include <cstdint>
@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "kernels/attention/attention.h"
 #include "kernels/memory/buffer_pool.h"
+#include "server/input_fill.h"
 #include "server/operator_options.h"
 #include "server/shared_memory.h"
 
@@ -44,6 +45,10 @@ struct InferenceRequest {
   absl::string_view q, k, v;  // the multihead module's X is `q`; k and v stay empty
   memory::Buffer input;  // Q, K, V side by side, leased from the engine's staging pool
   std::string owned[3];  // or Q, K, V on the heap (typed contents, or the pool was full)
+  // Set while the raw contents are still being copied into `input` (server/input_fill.h): an
+  // executor waits for the rows it reads. Declared after the memory it fills, so that it is
+  // destroyed, and its copy stopped, first.
+  std::unique_ptr<InputFill> fill;
   memory::Buffer output;  // O, leased and filled by the engine; tensor_bytes long
 
   // Tensors in registered shared memory (Triton's extension). An input there is viewed in place:

@@ -45,6 +45,7 @@ class SequenceParallelGang final : public GangRunner {
     absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
         r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
     if (!plan.ok()) return plan.status();
+    WaitForInputs(job);  // the runner copies each GPU's slice as one piece
     void* out = r.output_target.data;
     if (out == nullptr) {
       absl::StatusOr<memory::Buffer> lease = staging_->Acquire(r.tensor_bytes);

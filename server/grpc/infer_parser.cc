@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -12,6 +13,13 @@
 
 namespace dilattn::server {
 namespace {
+
+// Raw contents from this size on are copied in the background (InputFill), on a thread per
+// kBackgroundCopyBytesPerThread up to kBackgroundCopyThreads: one thread copies at a fraction of
+// the memory bandwidth.
+constexpr size_t kBackgroundCopyMinBytes = size_t{4} << 20;
+constexpr size_t kBackgroundCopyBytesPerThread = size_t{32} << 20;
+constexpr size_t kBackgroundCopyThreads = 8;
 
 using inference::ModelInferRequest;
 
@@ -399,10 +407,15 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
   if (absl::Status s = model->engine().Supports(*r); !s.ok()) return s;
 
   if (raw.raw_count() > 0) {
-    // One copy, from gRPC's buffers into staging memory (pinned on a GPU server). A full pool
-    // does not hold the request up: the heap takes it instead.
-    absl::StatusOr<memory::Buffer> lease = model->engine().staging_pool().Acquire(
-        static_cast<size_t>(raw_inputs) * r->tensor_bytes);
+    // One copy, from gRPC's buffers into staging memory (pinned on a GPU server). Large contents
+    // are copied on threads of their own while the request already waits in its queue, so that
+    // a long job starts on its first rows (server/input_fill.h). A full pool does not hold the
+    // request up: the heap takes it instead, copied here.
+    const size_t total = static_cast<size_t>(raw_inputs) * r->tensor_bytes;
+    absl::StatusOr<memory::Buffer> lease = model->engine().staging_pool().Acquire(total);
+    const bool background = lease.ok() && total >= kBackgroundCopyMinBytes && r->tokens() > 0;
+    std::vector<void*> dsts;
+    std::vector<size_t> raw_of;  // per destination, its raw_input_contents index
     for (int i = 0; i < inputs; ++i) {
       if (shared[i].set) continue;
       char* dst;
@@ -413,10 +426,25 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
         r->owned[i].resize(r->tensor_bytes);
         dst = r->owned[i].data();
       }
-      raw.CopyRaw(static_cast<size_t>(raw_index_of[i]), dst);
+      if (background) {
+        dsts.push_back(dst);
+        raw_of.push_back(static_cast<size_t>(raw_index_of[i]));
+      } else {
+        raw.CopyRaw(static_cast<size_t>(raw_index_of[i]), dst);
+      }
       *views[i] = absl::string_view(dst, r->tensor_bytes);
     }
     if (lease.ok()) r->input = *std::move(lease);
+    if (background) {
+      const int threads = static_cast<int>(
+          std::clamp<size_t>(total / kBackgroundCopyBytesPerThread, 1, kBackgroundCopyThreads));
+      r->fill = InputFill::Start(
+          r->tokens(), r->tensor_bytes / static_cast<size_t>(r->tokens()), std::move(dsts),
+          [raw, raw_of](int t, size_t offset, size_t bytes, void* dst) {
+            raw.CopyRawRange(raw_of[static_cast<size_t>(t)], offset, bytes, dst);
+          },
+          threads);
+    }
   }
   r->batch_key = BatchKey(*r);
 

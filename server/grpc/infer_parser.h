@@ -18,9 +18,11 @@
 namespace dilattn::server {
 
 // `request` is the message without its raw tensors, which `raw` holds; they are copied once, into
-// a lease from `staging` (or the heap when it is full). Tensors that the request places in
-// registered shared memory are viewed there, without a copy. `response` receives the header (model,
-// version, id, output metadata); the engine's output lease is appended when the request completes.
+// a lease from `staging` (or the heap when it is full): large ones in the background, the request
+// carrying the copy's progress (InferenceRequest::fill), so that executors wait for what they
+// read. Tensors that the request places in registered shared memory are viewed there, without a
+// copy. `response` receives the header (model, version, id, output metadata); the engine's output
+// lease is appended when the request completes.
 absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     const inference::ModelInferRequest& request, const RequestBytes& raw,
     const ModelRegistry& registry, const SharedMemoryManager& shared_memory, absl::Time arrival,

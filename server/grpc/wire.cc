@@ -136,6 +136,19 @@ bool SkipValue(Cursor& c, int wire, uint64_t field, std::string* out, int depth 
   }
 }
 
+// Copies a run of a message's slices to dst on the calling thread.
+void CopySlicesHere(const std::vector<grpc::Slice>& slices, SliceRange f, void* dst) {
+  auto* out = static_cast<unsigned char*>(dst);
+  while (f.length > 0) {
+    const size_t here = std::min(f.length, slices[f.slice].size() - f.offset);
+    std::memcpy(out, slices[f.slice].begin() + f.offset, here);
+    out += here;
+    f.length -= here;
+    ++f.slice;
+    f.offset = 0;
+  }
+}
+
 // Copies a run of a message's slices to dst; runs of hundreds of megabytes are spread over a
 // few threads, by whole slices, since one thread copies at a fraction of memory bandwidth.
 void CopySlices(const std::vector<grpc::Slice>& slices, const SliceRange& f, void* dst) {
@@ -217,10 +230,25 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
     if (!SkipValue(c, wire, field, &small)) return malformed;
   }
   if (!header->ParseFromString(small)) return malformed;
+  r.slice_starts_.reserve(r.slices_.size());
+  size_t at = 0;
+  for (const grpc::Slice& s : r.slices_) {
+    r.slice_starts_.push_back(at);
+    at += s.size();
+  }
   return r;
 }
 
 void RequestBytes::CopyRaw(size_t i, void* dst) const { CopySlices(slices_, raw_[i], dst); }
+
+void RequestBytes::CopyRawRange(size_t i, size_t offset, size_t bytes, void* dst) const {
+  if (bytes == 0) return;
+  const size_t at = slice_starts_[raw_[i].slice] + raw_[i].offset + offset;
+  // The last slice that starts at or before `at` holds it.
+  const size_t slice = static_cast<size_t>(
+      std::upper_bound(slice_starts_.begin(), slice_starts_.end(), at) - slice_starts_.begin() - 1);
+  CopySlicesHere(slices_, {slice, at - slice_starts_[slice], bytes}, dst);
+}
 
 absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) {
   AttendBytes r;

@@ -39,9 +39,12 @@ class RequestBytes {
   size_t raw_size(size_t i) const { return raw_[i].length; }
   // Copies raw_input_contents[i] to dst (raw_size(i) bytes).
   void CopyRaw(size_t i, void* dst) const;
+  // Copies bytes [offset, offset + bytes) of raw_input_contents[i] to dst, on the calling thread.
+  void CopyRawRange(size_t i, size_t offset, size_t bytes, void* dst) const;
 
  private:
   std::vector<grpc::Slice> slices_;
+  std::vector<size_t> slice_starts_;  // where each slice starts in the message
   std::vector<SliceRange> raw_;
 };
 

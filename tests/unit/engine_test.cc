@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "kernels/memory/allocator.h"
@@ -44,6 +45,7 @@ class RecordingExecutor final : public Executor {
   std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
   memory::BufferPool& staging_pool() override { return *pool_; }
   absl::Status Start(Job& job) override {
+    WaitForInputs(job);  // as every executor does before it reads them
     {
       absl::MutexLock lock(&log_->mu);
       for (const auto& r : job.requests) {
@@ -136,12 +138,15 @@ class EngineThreads : public ::testing::Test {
     model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
   }
 
-  // Submits request `id` alone in a batch, with its tensors on `device` (-1: host).
-  void Submit(int64_t id, int device, int64_t tokens = 1) {
+  // Submits request `id` alone in a batch, with its tensors on `device` (-1: host), and with
+  // `fill` as its inputs' copy still running when given.
+  void Submit(int64_t id, int device, int64_t tokens = 1,
+              std::unique_ptr<InputFill> fill = nullptr) {
     auto r = std::make_unique<InferenceRequest>();
     r->model = model_.get();
     r->batch = id;
     r->seq_len = tokens;
+    r->fill = std::move(fill);
     for (int& d : r->input_device) d = device;
     r->done = [this](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
       (s.ok() ? ok_ : failed_).fetch_add(1);
@@ -202,6 +207,30 @@ TEST_F(EngineThreads, BatchesRunOnTheGpuHoldingTheirTensors) {
     }
   }
   EXPECT_GE(anywhere.size(), 2u);
+}
+
+// A batch whose inputs are still being copied out of their message holds the executor's Start()
+// until they are; the job before it completes first instead of waiting behind that copy.
+TEST_F(EngineThreads, ABatchStillBeingCopiedDoesNotHoldUpThePreviousOne) {
+  Start({0});
+  absl::Notification copy_may_end;
+  char byte = 0;
+  Submit(1, -1);
+  Submit(2, -1, 1,
+         InputFill::Start(
+             1, 1, {&byte},
+             [&copy_may_end](int, size_t, size_t, void* dst) {
+               copy_may_end.WaitForNotification();
+               *static_cast<char*>(dst) = 1;
+             },
+             1));
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  while (ok_.load() < 1 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_EQ(ok_.load(), 1) << "the first request waited for the second's copy";
+  copy_may_end.Notify();
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 2);
+  EXPECT_EQ(byte, 1);
 }
 
 // Long sequences run across every device (the gang runner) while no executor runs a job, each

@@ -163,6 +163,48 @@ TEST(RequestBytes, CopiesLargeRawContentsAcrossSlices) {
   EXPECT_EQ(header.model_name(), "dilated_attention");
 }
 
+// The background copy's unit (InputFill): any byte range of a raw input, in slices of any size,
+// empty ones included, and with other fields between the raw inputs.
+TEST(RequestBytes, CopiesAnyRangeOfARawInput) {
+  SplitMix64 rng(11);
+  for (int round = 0; round < 40; ++round) {
+    ModelInferRequest m;
+    m.set_model_name("dilated_attention");
+    const int raws = 1 + static_cast<int>(Below(rng, 3));
+    for (int i = 0; i < raws; ++i) {
+      m.add_raw_input_contents(RandomBytes(rng, Below(rng, 20000)));
+    }
+    m.set_id("between");
+    const std::string bytes = m.SerializeAsString();
+    std::vector<grpc::Slice> slices;
+    for (size_t at = 0; at < bytes.size();) {
+      const size_t n =
+          std::min<size_t>(Below(rng, 3) == 0 ? 0 : Below(rng, 3000) + 1, bytes.size() - at);
+      slices.emplace_back(bytes.data() + at, n);
+      at += n;
+    }
+    ModelInferRequest header;
+    absl::StatusOr<RequestBytes> ours =
+        RequestBytes::Split(grpc::ByteBuffer(slices.data(), slices.size()), &header);
+    ASSERT_TRUE(ours.ok()) << ours.status();
+    ASSERT_EQ(ours->raw_count(), static_cast<size_t>(raws));
+    for (int i = 0; i < raws; ++i) {
+      const std::string& want = m.raw_input_contents(i);
+      for (int draw = 0; draw < 20; ++draw) {
+        const size_t offset = Below(rng, want.size() + 1);
+        const size_t length = Below(rng, want.size() - offset + 1);
+        std::string got(length + 2, '\x5a');  // poisoned, with a guard byte each side
+        ours->CopyRawRange(static_cast<size_t>(i), offset, length, got.data() + 1);
+        ASSERT_EQ(got.substr(1, length), want.substr(offset, length))
+            << "round " << round << ", raw " << i << ", bytes [" << offset << ", "
+            << offset + length << ")";
+        ASSERT_EQ(got.front(), '\x5a');
+        ASSERT_EQ(got.back(), '\x5a');
+      }
+    }
+  }
+}
+
 std::unique_ptr<memory::BufferPool> HostPool() {
   absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool =
       memory::BufferPool::Create({"test", size_t{64} << 20}, memory::NewHostAllocator());
