@@ -50,16 +50,23 @@ inline void Mangle(SplitMix64& rng, std::string* bytes) {
   }
 }
 
-// `bytes` as a received message: cut into slices of random lengths, as gRPC hands them over.
-inline grpc::ByteBuffer AsSlicedMessage(SplitMix64& rng, const std::string& bytes) {
+// `bytes` as a received message, cut into slices of the lengths `next_length()` draws (0 gives
+// an empty slice; the last is cut to what is left).
+template <typename NextLength>
+grpc::ByteBuffer AsSlicedMessage(const std::string& bytes, NextLength next_length) {
   std::vector<grpc::Slice> slices;
   for (size_t at = 0; at < bytes.size();) {
-    const size_t n =
-        std::min<size_t>(1 + Below(rng, std::max<size_t>(1, bytes.size() / 3)), bytes.size() - at);
+    const size_t n = std::min<size_t>(next_length(), bytes.size() - at);
     slices.emplace_back(bytes.data() + at, n);
     at += n;
   }
   return grpc::ByteBuffer(slices.data(), slices.size());
+}
+
+// `bytes` as a received message: cut into slices of random lengths, as gRPC hands them over.
+inline grpc::ByteBuffer AsSlicedMessage(SplitMix64& rng, const std::string& bytes) {
+  return AsSlicedMessage(bytes,
+                         [&] { return 1 + Below(rng, std::max<size_t>(1, bytes.size() / 3)); });
 }
 
 // v as a varint of at least min_bytes bytes (longer than needed: continuation bits on zeros).

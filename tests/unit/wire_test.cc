@@ -143,16 +143,11 @@ TEST(RequestBytes, CopiesLargeRawContentsAcrossSlices) {
   m.set_model_name("dilated_attention");
   m.add_raw_input_contents(RandomBytes(rng, (size_t{96} << 20) + 12345));
   m.add_raw_input_contents(RandomBytes(rng, 777));
-  const std::string bytes = m.SerializeAsString();
-  std::vector<grpc::Slice> slices;
-  for (size_t at = 0; at < bytes.size();) {  // gRPC-sized slices, of uneven length
-    const size_t n = std::min<size_t>((size_t{1} << 20) + Below(rng, 4096), bytes.size() - at);
-    slices.emplace_back(bytes.data() + at, n);
-    at += n;
-  }
   ModelInferRequest header;
-  absl::StatusOr<RequestBytes> ours =
-      RequestBytes::Split(grpc::ByteBuffer(slices.data(), slices.size()), &header);
+  absl::StatusOr<RequestBytes> ours = RequestBytes::Split(
+      AsSlicedMessage(m.SerializeAsString(),  // gRPC-sized slices, of uneven length
+                      [&] { return (size_t{1} << 20) + Below(rng, 4096); }),
+      &header);
   ASSERT_TRUE(ours.ok()) << ours.status();
   ASSERT_EQ(ours->raw_count(), 2u);
   for (size_t i = 0; i < 2; ++i) {
@@ -175,17 +170,11 @@ TEST(RequestBytes, CopiesAnyRangeOfARawInput) {
       m.add_raw_input_contents(RandomBytes(rng, Below(rng, 20000)));
     }
     m.set_id("between");
-    const std::string bytes = m.SerializeAsString();
-    std::vector<grpc::Slice> slices;
-    for (size_t at = 0; at < bytes.size();) {
-      const size_t n =
-          std::min<size_t>(Below(rng, 3) == 0 ? 0 : Below(rng, 3000) + 1, bytes.size() - at);
-      slices.emplace_back(bytes.data() + at, n);
-      at += n;
-    }
     ModelInferRequest header;
-    absl::StatusOr<RequestBytes> ours =
-        RequestBytes::Split(grpc::ByteBuffer(slices.data(), slices.size()), &header);
+    absl::StatusOr<RequestBytes> ours = RequestBytes::Split(
+        AsSlicedMessage(m.SerializeAsString(),
+                        [&] { return Below(rng, 3) == 0 ? 0 : Below(rng, 3000) + 1; }),
+        &header);
     ASSERT_TRUE(ours.ok()) << ours.status();
     ASSERT_EQ(ours->raw_count(), static_cast<size_t>(raws));
     for (int i = 0; i < raws; ++i) {
