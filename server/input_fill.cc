@@ -9,9 +9,6 @@ namespace {
 // Rows are published in up to this many steps: fine enough for a job's eight pieces to start
 // soon after their own rows, coarse enough that waking waiters costs nothing.
 constexpr int64_t kMaxChunks = 64;
-// The unit a thread takes: large enough to copy at full speed, small enough to spread a chunk
-// over every thread.
-constexpr size_t kItemBytes = size_t{4} << 20;
 
 }  // namespace
 
@@ -19,10 +16,11 @@ InputFill::InputFill(int64_t rows, size_t row_bytes, std::vector<void*> dsts, Co
     : rows_(rows), row_bytes_(row_bytes), dsts_(std::move(dsts)), copy_(std::move(copy)) {}
 
 std::unique_ptr<InputFill> InputFill::Start(int64_t rows, size_t row_bytes, std::vector<void*> dsts,
-                                            CopyFn copy, int threads) {
+                                            CopyFn copy, int threads, size_t item_bytes) {
   std::unique_ptr<InputFill> fill(
       new InputFill(std::max<int64_t>(rows, 0), row_bytes, std::move(dsts), std::move(copy)));
   InputFill& f = *fill;
+  item_bytes = std::max<size_t>(item_bytes, 1);
   if (f.rows_ == 0 || f.row_bytes_ == 0 || f.dsts_.empty()) {
     absl::MutexLock lock(&f.mu_);
     f.rows_ready_ = f.rows_;
@@ -37,8 +35,8 @@ std::unique_ptr<InputFill> InputFill::Start(int64_t rows, size_t row_bytes, std:
     const size_t end =
         static_cast<size_t>(std::min(f.rows_, (c + 1) * f.chunk_rows_)) * f.row_bytes_;
     for (int t = 0; t < static_cast<int>(f.dsts_.size()); ++t) {
-      for (size_t at = begin; at < end; at += kItemBytes) {
-        f.items_.push_back({t, at, std::min(kItemBytes, end - at), c});
+      for (size_t at = begin; at < end; at += item_bytes) {
+        f.items_.push_back({t, at, std::min(item_bytes, end - at), c});
         ++per_chunk[static_cast<size_t>(c)];
       }
     }

@@ -26,11 +26,16 @@ class InputFill {
   // threads, for disjoint ranges, each range once.
   using CopyFn = std::function<void(int tensor, size_t offset, size_t bytes, void* dst)>;
 
+  // The unit a thread takes by default: large enough to copy at full speed, small enough to
+  // spread a step of rows over every thread.
+  static constexpr size_t kItemBytes = size_t{4} << 20;
+
   // Starts copying `dsts.size()` inputs of `rows` rows of `row_bytes` each into dsts[t] on up to
-  // `threads` threads. The destinations must stay valid until the fill is destroyed (a request
-  // declares its fill after the leases it copies into, so it is destroyed first).
+  // `threads` threads, `item_bytes` at a time. The destinations must stay valid until the fill is
+  // destroyed (a request declares its fill after the leases it copies into, so it is destroyed
+  // first).
   static std::unique_ptr<InputFill> Start(int64_t rows, size_t row_bytes, std::vector<void*> dsts,
-                                          CopyFn copy, int threads);
+                                          CopyFn copy, int threads, size_t item_bytes = kItemBytes);
 
   InputFill(const InputFill&) = delete;
   InputFill& operator=(const InputFill&) = delete;

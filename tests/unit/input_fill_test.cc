@@ -40,16 +40,17 @@ InputFill::CopyFn SlowCopy(const std::vector<std::string>* src, absl::Duration p
 TEST(InputFill, RowsArriveInOrderAndComplete) {
   absl::BitGen gen;
   for (int round = 0; round < 6; ++round) {
-    const int64_t rows = absl::Uniform<int64_t>(gen, 1, 3000);
-    const size_t row_bytes = absl::Uniform<size_t>(gen, 1, 5000);  // items cut rows anywhere
+    const int64_t rows = absl::Uniform<int64_t>(gen, 1, 2000);
+    const size_t row_bytes = absl::Uniform<size_t>(gen, 1, 1000);
     const int tensors = absl::Uniform<int>(gen, 1, 4);
     const std::vector<std::string> src = RandomTensors(tensors, rows * row_bytes, gen);
     std::vector<std::string> dst(static_cast<size_t>(tensors), std::string(rows * row_bytes, 'x'));
     std::vector<void*> dsts;
     for (std::string& d : dst) dsts.push_back(d.data());
     std::unique_ptr<InputFill> fill =
-        InputFill::Start(rows, row_bytes, dsts, SlowCopy(&src, absl::Microseconds(200)),
-                         absl::Uniform<int>(gen, 1, 9));
+        InputFill::Start(rows, row_bytes, dsts, SlowCopy(&src, absl::Microseconds(20)),
+                         absl::Uniform<int>(gen, 1, 9),
+                         absl::Uniform<size_t>(gen, 1, 20000));  // items cut rows anywhere
     ASSERT_EQ(fill->rows(), rows);
     // Whatever WaitForRows returns for is in place in every tensor at that moment.
     for (int64_t want = 0; want < rows; want += absl::Uniform<int64_t>(gen, 1, rows / 4 + 2)) {
