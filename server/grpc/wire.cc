@@ -136,22 +136,37 @@ bool SkipValue(Cursor& c, int wire, uint64_t field, std::string* out, int depth 
   }
 }
 
-// Copies a run of a message's slices to dst on the calling thread.
-void CopySlicesHere(const std::vector<grpc::Slice>& slices, SliceRange f, void* dst) {
-  auto* out = static_cast<unsigned char*>(dst);
+// Calls visit(src, at, bytes) for each slice's part of a run of a message's slices, in order, `at`
+// counting the run's bytes before it.
+template <typename Visit>
+void ForEachPart(const std::vector<grpc::Slice>& slices, SliceRange f, Visit visit) {
+  size_t at = 0;
   while (f.length > 0) {
     const size_t here = std::min(f.length, slices[f.slice].size() - f.offset);
-    std::memcpy(out, slices[f.slice].begin() + f.offset, here);
-    out += here;
+    visit(slices[f.slice].begin() + f.offset, at, here);
+    at += here;
     f.length -= here;
     ++f.slice;
     f.offset = 0;
   }
 }
 
+// Copies a run of a message's slices to dst on the calling thread.
+void CopySlicesHere(const std::vector<grpc::Slice>& slices, const SliceRange& f, void* dst) {
+  auto* out = static_cast<unsigned char*>(dst);
+  ForEachPart(slices, f, [out](const unsigned char* src, size_t at, size_t bytes) {
+    std::memcpy(out + at, src, bytes);
+  });
+}
+
 // Copies a run of a message's slices to dst; runs of hundreds of megabytes are spread over a
 // few threads, by whole slices, since one thread copies at a fraction of memory bandwidth.
 void CopySlices(const std::vector<grpc::Slice>& slices, const SliceRange& f, void* dst) {
+  const size_t threads = std::min<size_t>(kMaxCopyThreads, f.length / kBytesPerCopyThread + 1);
+  if (threads <= 1) {
+    CopySlicesHere(slices, f, dst);
+    return;
+  }
   struct Piece {
     const unsigned char* src;
     unsigned char* dst;
@@ -159,22 +174,13 @@ void CopySlices(const std::vector<grpc::Slice>& slices, const SliceRange& f, voi
   };
   std::vector<Piece> pieces;
   auto* out = static_cast<unsigned char*>(dst);
-  size_t index = f.slice;
-  size_t offset = f.offset;
-  size_t left = f.length;
-  while (left > 0) {
-    const size_t here = std::min(left, slices[index].size() - offset);
-    pieces.push_back({slices[index].begin() + offset, out, here});
-    out += here;
-    left -= here;
-    ++index;
-    offset = 0;
-  }
+  ForEachPart(slices, f, [&](const unsigned char* src, size_t at, size_t bytes) {
+    pieces.push_back({src, out + at, bytes});
+  });
   auto copy = [&](size_t begin, size_t end) {
     for (size_t p = begin; p < end; ++p) std::memcpy(pieces[p].dst, pieces[p].src, pieces[p].bytes);
   };
-  const size_t threads = std::min<size_t>(kMaxCopyThreads, f.length / kBytesPerCopyThread + 1);
-  if (threads <= 1 || pieces.size() < threads) {
+  if (pieces.size() < threads) {
     copy(0, pieces.size());
     return;
   }
