@@ -38,10 +38,10 @@ struct GpuJob {
   cudaEvent_t begin = nullptr, copied = nullptr, computed = nullptr, done = nullptr;
   std::vector<cudaEvent_t> piece_events;  // per piece: inputs in, kernel done
   int* overflow_host = nullptr;  // pinned
-  absl::Duration host_work;      // the host's part of "input": planning, leases, issuing copies
-  // In pieces, host_work ends where the copies begin: the rest of Start() waits for rows still
-  // being copied out of messages and issues later pieces beside the GPU's work.
-  bool host_work_set = false;
+  // The host's part of "input": planning, leases, issuing copies. In pieces it ends where the
+  // copies begin: the rest of Start() waits for rows still being copied out of messages and
+  // issues later pieces beside the GPU's work.
+  absl::Duration host_work;
   ~GpuJob() {
     for (cudaEvent_t e : {begin, copied, computed, done}) {
       if (e != nullptr) cudaEventDestroy(e);
@@ -355,6 +355,7 @@ class CudaExecutor final : public Executor {
                "copy to host");
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->done, stream), "event");
+    state->host_work = absl::Now() - job.start;
     FinishStart(job, std::move(state), *std::move(flag), dev);
     if (!s.ok()) {
       cudaStreamSynchronize(stream);
@@ -487,7 +488,6 @@ class CudaExecutor final : public Executor {
       return s;
     };
     state.host_work = absl::Now() - job.start;
-    state.host_work_set = true;
     absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
     if (s.ok() && convert) s = Cuda(cudaMemsetAsync(flags, 0, sizeof(int), copy_in_), "memset");
     if (s.ok()) s = issue_inputs(0);
@@ -535,7 +535,6 @@ class CudaExecutor final : public Executor {
                           std::vector<memory::Buffer>& dev) {
     job.leases.push_back(std::move(flag));
     for (memory::Buffer& b : dev) job.leases.push_back(std::move(b));
-    if (!state->host_work_set) state->host_work = absl::Now() - job.start;
     job.device_state = std::shared_ptr<GpuJob>(std::move(state));
   }
 
