@@ -21,11 +21,7 @@ std::unique_ptr<InputFill> InputFill::Start(int64_t rows, size_t row_bytes, std:
       new InputFill(std::max<int64_t>(rows, 0), row_bytes, std::move(dsts), std::move(copy)));
   InputFill& f = *fill;
   item_bytes = std::max<size_t>(item_bytes, 1);
-  if (f.rows_ == 0 || f.row_bytes_ == 0 || f.dsts_.empty()) {
-    absl::MutexLock lock(&f.mu_);
-    f.rows_ready_ = f.rows_;
-    return fill;
-  }
+  if (f.rows_ == 0 || f.row_bytes_ == 0 || f.dsts_.empty()) return fill;  // no chunks: complete
   const int64_t chunks = std::min(f.rows_, kMaxChunks);
   f.chunk_rows_ = (f.rows_ + chunks - 1) / chunks;
   const int64_t used_chunks = (f.rows_ + f.chunk_rows_ - 1) / f.chunk_rows_;
@@ -78,19 +74,23 @@ void InputFill::Work() {
            left_in_chunk_[static_cast<size_t>(chunks_done_)] == 0) {
       ++chunks_done_;
     }
-    rows_ready_ = std::min(rows_, chunks_done_ * chunk_rows_);
   }
+}
+
+int64_t InputFill::RowsReady() const {
+  return chunks_done_ == static_cast<int64_t>(left_in_chunk_.size()) ? rows_
+                                                                     : chunks_done_ * chunk_rows_;
 }
 
 void InputFill::WaitForRows(int64_t rows) const {
   const int64_t want = std::min(rows, rows_);
-  auto ready = [this, want]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return rows_ready_ >= want; };
+  auto ready = [this, want]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return RowsReady() >= want; };
   absl::MutexLock lock(&mu_, absl::Condition(&ready));
 }
 
 bool InputFill::complete() const {
   absl::MutexLock lock(&mu_);
-  return rows_ready_ == rows_;
+  return RowsReady() == rows_;
 }
 
 }  // namespace dilattn::server

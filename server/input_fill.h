@@ -60,6 +60,8 @@ class InputFill {
 
   InputFill(int64_t rows, size_t row_bytes, std::vector<void*> dsts, CopyFn copy);
   void Work();
+  // Rows [0, RowsReady()) of every input are in place: all of them once every chunk is.
+  int64_t RowsReady() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const int64_t rows_;
   const size_t row_bytes_;
@@ -74,7 +76,6 @@ class InputFill {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<int> left_in_chunk_ ABSL_GUARDED_BY(mu_);
   int64_t chunks_done_ ABSL_GUARDED_BY(mu_) = 0;  // chunks [0, chunks_done_) are in place
-  int64_t rows_ready_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace dilattn::server
