@@ -2,11 +2,12 @@
 # The whole test suite. Run ./setup.sh --no-serve (or ./setup.sh) once first; this script brings
 # the builds up to date itself.
 #
-#   1. release build: unit, conformance and GPU kernel tests (the last skip without a GPU)
+#   1. release build: unit, conformance and GPU kernel tests (the last skip without a GPU), and
+#      the fuzz targets over their committed corpus (tests/fuzz; scripts/fuzz.sh grows it)
 #   2. end-to-end: the real server binary with tritonclient, perf_analyzer, Prometheus (pytest)
 #   3. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit, conformance,
-#      and the server under the end-to-end error, conformance, shutdown, shared-memory and
-#      multihead tests (a leak at exit fails them)
+#      the fuzz corpus, and the server under the end-to-end error, conformance, shutdown,
+#      shared-memory and multihead tests (a leak at exit fails them)
 #   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool, background input
 #      copies, the batcher and the engine threads; the gRPC layer stays out, its Abseil is not
 #      instrumented)
@@ -27,20 +28,20 @@ configure_and_build() {
   cmake --build "$dir" -j"$jobs"
 }
 
-stage "release build: unit, conformance, kernels"
+stage "release build: unit, conformance, kernels, fuzz corpus"
 configure_and_build "$build"
-ctest --test-dir "$build" --output-on-failure -j"$jobs" -L 'unit|conformance|kernels'
+ctest --test-dir "$build" --output-on-failure -j"$jobs" -L 'unit|conformance|kernels|fuzz'
 
 stage "end-to-end: dilattn-server with tritonclient, perf_analyzer, Prometheus"
 DILATTN_SERVER_BIN="$build/server/dilattn-server" \
   "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e"
 
-stage "ASan + UBSan + LSan build: unit, conformance, server end-to-end"
+stage "ASan + UBSan + LSan build: unit, conformance, fuzz corpus, server end-to-end"
 configure_and_build "$root/build-asan" -DDILATTN_SANITIZE=address,undefined \
   -DDILATTN_WITH_BENCHMARKS=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-ctest --test-dir "$root/build-asan" --output-on-failure -j"$jobs" -L 'unit|conformance'
+ctest --test-dir "$root/build-asan" --output-on-failure -j"$jobs" -L 'unit|conformance|fuzz'
 DILATTN_SERVER_BIN="$root/build-asan/server/dilattn-server" \
 DILATTN_E2E_RESULTS="$root/build-asan/e2e-results" \
   "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e/test_errors.py" \

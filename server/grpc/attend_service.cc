@@ -127,6 +127,10 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
 
 namespace internal {
 
+absl::Status CheckAttendHeader(const v1::Header& header, const ModelRegistry& registry) {
+  return ParseHeader(header, registry).status();
+}
+
 class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   AttendReactor(grpc::CallbackServerContext* ctx, AttendService* service, ModelRegistry* registry,

@@ -12,6 +12,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "dilattn/v1/attention.grpc.pb.h"
@@ -36,6 +37,9 @@ int64_t StretchTokens(const OperatorOptions& options, int64_t n);
 
 namespace internal {
 class AttendReactor;
+// The checks a stream's header passes before the stream is accepted (model, datatype, shape,
+// parameters, and the engine's support for every stretch length); for tests.
+absl::Status CheckAttendHeader(const dilattn::v1::Header& header, const ModelRegistry& registry);
 }  // namespace internal
 
 // Messages are taken as raw bytes (grpc/wire.h): chunk data goes from gRPC's receive buffers

@@ -1,0 +1,34 @@
+#pragma once
+
+// Fuzz targets over what a client controls: the bytes of a ModelInferRequest and of a native
+// stream's AttendRequest. Each takes any bytes and checks, beyond not crashing, that the
+// server's own parser agrees with protobuf's and that whatever it refuses is refused with a
+// status naming the problem. A broken check aborts with a message. libFuzzer drives them
+// (libfuzzer_main.cc, a clang build); corpus_test.cc replays the committed corpus and seeded
+// mutations of it in every build.
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dilattn::fuzz {
+
+// What became of an input: not a message at all (refused by the parser of the bytes), a message
+// the server refuses (by name), or one it accepts.
+enum class Outcome { kMalformed, kRefused, kAccepted };
+
+// Input layout of both targets: the first byte chooses how the rest is cut into the slices of a
+// received message; the rest is the message.
+Outcome InferRequestTarget(const uint8_t* data, size_t size);
+Outcome AttendRequestTarget(const uint8_t* data, size_t size);
+
+// Messages in the targets' input layout, as a corpus's start, with what each must come to.
+struct Seed {
+  std::string input;
+  Outcome expect;
+};
+std::vector<Seed> InferRequestSeeds();
+std::vector<Seed> AttendRequestSeeds();
+
+}  // namespace dilattn::fuzz
