@@ -16,10 +16,10 @@ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILE
   -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DDILATTN_WITH_CUDA=OFF -DDILATTN_WITH_BENCHMARKS=OFF -DDILATTN_FUZZERS=ON \
   ${prom:+-Dprometheus-cpp_DIR="$prom"} > "$build/configure.log"
-cmake --build "$build" -j"$(nproc)" --target fuzz_InferRequest fuzz_AttendRequest
+cmake --build "$build" -j"$(nproc)" --target fuzz_InferRequest fuzz_AttendRequest fuzz_Stream
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
-declare -A corpus=([InferRequest]=infer_request [AttendRequest]=attend_request)
-for target in InferRequest AttendRequest; do
+declare -A corpus=([InferRequest]=infer_request [AttendRequest]=attend_request [Stream]=stream)
+for target in ${DILATTN_FUZZ_TARGETS:-InferRequest AttendRequest Stream}; do
   committed="$root/tests/fuzz/corpus/${corpus[$target]}"
   work="$build/corpus/${corpus[$target]}"
   mkdir -p "$committed" "$work"

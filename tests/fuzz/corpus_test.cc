@@ -72,5 +72,11 @@ TEST(FuzzCorpus, AttendRequests) {
   Replay(&AttendRequestTarget, AttendRequestSeeds(), corpus, 3000);
 }
 
+TEST(FuzzCorpus, Streams) {
+  const std::vector<std::string> corpus = Corpus("stream");
+  EXPECT_FALSE(corpus.empty()) << "no corpus under " << DILATTN_FUZZ_CORPUS_DIR;
+  Replay(&StreamTarget, StreamSeeds(), corpus, 300);
+}
+
 }  // namespace
 }  // namespace dilattn::fuzz

@@ -1,5 +1,6 @@
 #include "tests/fuzz/fuzz_targets.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -9,9 +10,13 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "dilattn/v1/attention.grpc.pb.h"
 #include "dilattn/v1/attention.pb.h"
 #include "google/protobuf/stubs/logging.h"
 #include "google/protobuf/util/message_differencer.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
 #include "grpcpp/support/byte_buffer.h"
 #include "grpcpp/support/slice.h"
 #include "inference/grpc_service.pb.h"
@@ -23,6 +28,7 @@
 #include "server/metrics.h"
 #include "server/model_config.h"
 #include "server/model_registry.h"
+#include "server/server.h"
 #include "server/shared_memory.h"
 
 namespace dilattn::fuzz {
@@ -208,6 +214,120 @@ Outcome AttendRequestTarget(const uint8_t* data, size_t size) {
 
 namespace {
 
+// A server on a loopback port with the default models on a one-thread CPU engine, and a stub,
+// for the process's lifetime.
+struct StreamServer {
+  std::unique_ptr<server::Server> server;
+  std::unique_ptr<dilattn::v1::DilatedAttention::Stub> stub;
+};
+
+StreamServer& TheStreamServer() {
+  static StreamServer* s = [] {
+    auto* out = new StreamServer;
+    server::ServerOptions options;
+    options.bind_address = "127.0.0.1";
+    options.grpc_port = 0;
+    options.metrics_port = -1;
+    options.engine.device = "cpu";
+    options.engine.executor.cpu_threads = 1;
+    options.engine.executor.host_pool_bytes = size_t{64} << 20;
+    options.stream_idle = absl::Seconds(5);
+    auto started = server::Server::Start(options);
+    FUZZ_CHECK(started.ok(), started.status().ToString());
+    out->server = std::move(*started);
+    out->stub = dilattn::v1::DilatedAttention::NewStub(grpc::CreateChannel(
+        absl::StrCat("127.0.0.1:", out->server->grpc_port()), grpc::InsecureChannelCredentials()));
+    return out;
+  }();
+  return *s;
+}
+
+std::vector<dilattn::v1::AttendRequest> Messages(const uint8_t* data, size_t size) {
+  std::vector<dilattn::v1::AttendRequest> out;
+  for (size_t at = 0; at + 2 <= size;) {
+    const size_t n = std::min<size_t>(data[at] | (size_t{data[at + 1]} << 8), size - at - 2);
+    dilattn::v1::AttendRequest m;
+    if (m.ParseFromArray(data + at + 2, static_cast<int>(n))) out.push_back(std::move(m));
+    at += 2 + n;
+  }
+  return out;
+}
+
+size_t DataTypeBytes(dilattn::v1::DataType t) { return t == dilattn::v1::FP32 ? 4 : 2; }
+
+// Whether the stream of `messages` is one the protocol accepts, given whether the server takes
+// its header: one header first, then chunks of Q, K and V each in token order without gaps, of
+// whole tokens, within the shape, until all three are whole.
+bool StreamIsValid(const std::vector<dilattn::v1::AttendRequest>& messages, bool header_ok,
+                   int64_t* total_tokens, size_t* token_bytes) {
+  if (messages.empty() || !messages[0].has_header() || !header_ok) return false;
+  const dilattn::v1::Header& h = messages[0].header();
+  *token_bytes = DataTypeBytes(h.datatype()) * static_cast<size_t>(h.shape(2) * h.shape(3));
+  *total_tokens = h.shape(0) * h.shape(1);
+  int64_t arrived[3] = {0, 0, 0};
+  for (size_t i = 1; i < messages.size(); ++i) {
+    if (!messages[i].has_chunk()) return false;  // a second header, or neither
+    const dilattn::v1::Chunk& c = messages[i].chunk();
+    const int t = static_cast<int>(c.tensor()) - 1;
+    if (t < 0 || t > 2 || c.token() != arrived[t]) return false;
+    const size_t bytes = c.data().size();
+    if (bytes == 0 || bytes % *token_bytes != 0) return false;
+    const int64_t tokens = static_cast<int64_t>(bytes / *token_bytes);
+    if (tokens > *total_tokens - arrived[t]) return false;
+    arrived[t] += tokens;
+  }
+  return *std::min_element(arrived, arrived + 3) == *total_tokens;
+}
+
+}  // namespace
+
+Outcome StreamTarget(const uint8_t* data, size_t size) {
+  const google::protobuf::LogSilencer quiet;
+  const std::vector<dilattn::v1::AttendRequest> messages = Messages(data, size);
+  StreamServer& s = TheStreamServer();
+  const bool header_ok =
+      !messages.empty() && messages[0].has_header() &&
+      server::internal::CheckAttendHeader(messages[0].header(), s.server->registry()).ok();
+  int64_t total_tokens = 0;
+  size_t token_bytes = 0;
+  const bool valid = StreamIsValid(messages, header_ok, &total_tokens, &token_bytes);
+
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  auto stream = s.stub->Attend(&ctx);
+  for (const auto& m : messages) {
+    if (!stream->Write(m)) break;  // the server has ended the stream
+  }
+  stream->WritesDone();
+  std::vector<dilattn::v1::AttendResponse> responses;
+  for (dilattn::v1::AttendResponse r; stream->Read(&r);) responses.push_back(r);
+  const grpc::Status status = stream->Finish();
+  FUZZ_CHECK(status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED, "the stream hung");
+  FUZZ_CHECK(status.ok() == valid, "stream ended ", status.error_code(), " ",
+             status.error_message(), " where the protocol says ", valid ? "OK" : "an error");
+  if (!status.ok()) {
+    FUZZ_CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT ||
+                   status.error_code() == grpc::StatusCode::NOT_FOUND ||
+                   status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED,
+               status.error_code(), " ", status.error_message());
+    FUZZ_CHECK(!status.error_message().empty());
+    return header_ok ? Outcome::kRefused : Outcome::kMalformed;
+  }
+  FUZZ_CHECK(!responses.empty() && responses[0].has_accepted(), "no Accepted first");
+  int64_t next = 0;
+  for (size_t i = 1; i < responses.size(); ++i) {
+    FUZZ_CHECK(responses[i].has_output(), "response ", i);
+    const dilattn::v1::OutputChunk& o = responses[i].output();
+    FUZZ_CHECK(o.token() == next, "output at token ", o.token(), ", expected ", next);
+    FUZZ_CHECK(!o.data().empty() && o.data().size() % token_bytes == 0, o.data().size());
+    next += static_cast<int64_t>(o.data().size() / token_bytes);
+  }
+  FUZZ_CHECK(next == total_tokens, "output ", next, " of ", total_tokens, " tokens");
+  return Outcome::kAccepted;
+}
+
+namespace {
+
 Seed WithCut(uint8_t cut, const std::string& message, Outcome expect = Outcome::kAccepted) {
   return {std::string(1, static_cast<char>(cut)) + message, expect};
 }
@@ -290,6 +410,81 @@ std::vector<Seed> AttendRequestSeeds() {
   c.mutable_chunk()->set_data(Bytes(2 * 8 * 2 * 4, 1));
   seeds.push_back(WithCut(0, c.SerializeAsString()));
   seeds.push_back(WithCut(9, c.SerializeAsString() + h.SerializeAsString()));
+  return seeds;
+}
+
+std::vector<Seed> StreamSeeds() {
+  std::vector<Seed> seeds;
+  auto record = [](const google::protobuf::Message& m) {
+    const std::string bytes = m.SerializeAsString();
+    return std::string{static_cast<char>(bytes.size() & 0xff),
+                       static_cast<char>(bytes.size() >> 8)} +
+           bytes;
+  };
+  dilattn::v1::AttendRequest h;
+  h.mutable_header()->set_model("dilated_attention");
+  h.mutable_header()->set_datatype(dilattn::v1::FP32);
+  for (int64_t d : {1, 8, 2, 4}) h.mutable_header()->add_shape(d);
+  (*h.mutable_header()->mutable_parameters())["segment_lengths"] = "4,8";
+  (*h.mutable_header()->mutable_parameters())["dilation_rates"] = "1,2";
+  constexpr size_t kTokenBytes = 2 * 4 * 4;
+  // Q, K and V in chunks of `step` tokens, interleaved; `cut` drops the last chunk of V.
+  auto stream = [&](int64_t step, bool cut) {
+    std::string s = record(h);
+    for (int64_t token = 0; token < 8; token += step) {
+      for (auto t : {dilattn::v1::Q, dilattn::v1::K, dilattn::v1::V}) {
+        if (cut && t == dilattn::v1::V && token + step >= 8) continue;
+        dilattn::v1::AttendRequest c;
+        c.mutable_chunk()->set_tensor(t);
+        c.mutable_chunk()->set_token(token);
+        c.mutable_chunk()->set_data(Bytes(static_cast<size_t>(step) * kTokenBytes, t));
+        s += record(c);
+      }
+    }
+    return s;
+  };
+  // Streams that break the protocol once, each at a chunk of K (valid otherwise): an overlap, a
+  // gap, a run past the shape, part of a token, no tensor, a chunk before the header.
+  struct Chunk {
+    dilattn::v1::Tensor tensor;
+    int64_t token, tokens;
+    size_t extra_bytes = 0;
+  };
+  auto chunks = [&](const std::vector<Chunk>& list, bool header_first = true) {
+    std::string s = header_first ? record(h) : "";
+    for (const Chunk& c : list) {
+      dilattn::v1::AttendRequest m;
+      m.mutable_chunk()->set_tensor(c.tensor);
+      m.mutable_chunk()->set_token(c.token);
+      m.mutable_chunk()->set_data(
+          Bytes(static_cast<size_t>(c.tokens) * kTokenBytes + c.extra_bytes, 3));
+      s += record(m);
+    }
+    return header_first ? s : s + record(h);
+  };
+  using dilattn::v1::K;
+  using dilattn::v1::Q;
+  using dilattn::v1::V;
+  const std::vector<Chunk> whole = {{Q, 0, 8}, {K, 0, 4}, {K, 4, 4}, {V, 0, 8}};
+  seeds.push_back({chunks(whole), Outcome::kAccepted});
+  for (const Chunk& wrong : std::vector<Chunk>{{K, 3, 4},
+                                               {K, 5, 4},
+                                               {K, 4, 5},
+                                               {K, 4, 3, 1},
+                                               {dilattn::v1::TENSOR_UNSPECIFIED, 4, 4}}) {
+    std::vector<Chunk> list = whole;
+    list[2] = wrong;
+    seeds.push_back({chunks(list), Outcome::kRefused});
+  }
+  seeds.push_back({chunks(whole, /*header_first=*/false), Outcome::kMalformed});
+  seeds.push_back({stream(8, false), Outcome::kAccepted});
+  seeds.push_back({stream(2, false), Outcome::kAccepted});
+  seeds.push_back({stream(4, true), Outcome::kRefused});
+  seeds.push_back({record(h) + record(h), Outcome::kRefused});
+  dilattn::v1::AttendRequest unknown = h;
+  unknown.mutable_header()->set_model("no_such_model");
+  seeds.push_back(
+      {stream(8, false).replace(0, record(h).size(), record(unknown)), Outcome::kMalformed});
   return seeds;
 }
 

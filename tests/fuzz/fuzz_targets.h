@@ -23,6 +23,14 @@ enum class Outcome { kMalformed, kRefused, kAccepted };
 Outcome InferRequestTarget(const uint8_t* data, size_t size);
 Outcome AttendRequestTarget(const uint8_t* data, size_t size);
 
+// A whole native stream through a running server (loopback gRPC, CPU engine): the input is a
+// sequence of messages, each a 2-byte little-endian length and an AttendRequest's bytes (those
+// protobuf cannot parse are left out). The stream must end as the protocol says: OK exactly when
+// the header is accepted and Q, K and V arrive whole, in order, without gaps or overruns, with
+// every output token sent once, in order; otherwise an error naming the problem, never a hang.
+// kMalformed here means the header itself is refused; kRefused, a stream refused later.
+Outcome StreamTarget(const uint8_t* data, size_t size);
+
 // Messages in the targets' input layout, as a corpus's start, with what each must come to.
 struct Seed {
   std::string input;
@@ -30,5 +38,6 @@ struct Seed {
 };
 std::vector<Seed> InferRequestSeeds();
 std::vector<Seed> AttendRequestSeeds();
+std::vector<Seed> StreamSeeds();
 
 }  // namespace dilattn::fuzz
