@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <memory>
 #include <utility>
 
@@ -332,6 +333,19 @@ Seed WithCut(uint8_t cut, const std::string& message, Outcome expect = Outcome::
   return {std::string(1, static_cast<char>(cut)) + message, expect};
 }
 
+// A stream's header for dilated_attention with two branches of rates 1 and 2.
+dilattn::v1::AttendRequest HeaderMessage(dilattn::v1::DataType datatype,
+                                         std::initializer_list<int64_t> shape,
+                                         const std::string& segment_lengths) {
+  dilattn::v1::AttendRequest h;
+  h.mutable_header()->set_model("dilated_attention");
+  h.mutable_header()->set_datatype(datatype);
+  for (int64_t d : shape) h.mutable_header()->add_shape(d);
+  (*h.mutable_header()->mutable_parameters())["segment_lengths"] = segment_lengths;
+  (*h.mutable_header()->mutable_parameters())["dilation_rates"] = "1,2";
+  return h;
+}
+
 std::string Bytes(size_t n, uint8_t seed) {
   std::string out(n, '\0');
   for (size_t i = 0; i < n; ++i) out[i] = static_cast<char>((i * 131 + seed * 7) & 0xff);
@@ -396,12 +410,7 @@ std::vector<Seed> InferRequestSeeds() {
 
 std::vector<Seed> AttendRequestSeeds() {
   std::vector<Seed> seeds;
-  dilattn::v1::AttendRequest h;
-  h.mutable_header()->set_model("dilated_attention");
-  h.mutable_header()->set_datatype(dilattn::v1::FP16);
-  for (int64_t d : {1, 64, 2, 8}) h.mutable_header()->add_shape(d);
-  (*h.mutable_header()->mutable_parameters())["segment_lengths"] = "16,32";
-  (*h.mutable_header()->mutable_parameters())["dilation_rates"] = "1,2";
+  const dilattn::v1::AttendRequest h = HeaderMessage(dilattn::v1::FP16, {1, 64, 2, 8}, "16,32");
   seeds.push_back(WithCut(0, h.SerializeAsString()));
   seeds.push_back(WithCut(5, h.SerializeAsString()));
   dilattn::v1::AttendRequest c;
@@ -421,12 +430,7 @@ std::vector<Seed> StreamSeeds() {
                        static_cast<char>(bytes.size() >> 8)} +
            bytes;
   };
-  dilattn::v1::AttendRequest h;
-  h.mutable_header()->set_model("dilated_attention");
-  h.mutable_header()->set_datatype(dilattn::v1::FP32);
-  for (int64_t d : {1, 8, 2, 4}) h.mutable_header()->add_shape(d);
-  (*h.mutable_header()->mutable_parameters())["segment_lengths"] = "4,8";
-  (*h.mutable_header()->mutable_parameters())["dilation_rates"] = "1,2";
+  const dilattn::v1::AttendRequest h = HeaderMessage(dilattn::v1::FP32, {1, 8, 2, 4}, "4,8");
   constexpr size_t kTokenBytes = 2 * 4 * 4;
   // Q, K and V in chunks of `step` tokens, interleaved; `cut` drops the last chunk of V.
   auto stream = [&](int64_t step, bool cut) {
