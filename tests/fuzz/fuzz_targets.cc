@@ -50,16 +50,16 @@ using server::RequestBytes;
 
 // The default models on a one-thread CPU engine, built once and kept for the process: the
 // parser asks the registry for models and the engine whether it supports what they describe.
-struct Server {
+struct Parsers {
   std::unique_ptr<server::Metrics> metrics;
   std::unique_ptr<server::Engine> engine;
   std::unique_ptr<server::ModelRegistry> registry;
   std::unique_ptr<server::SharedMemoryManager> shared_memory;
 };
 
-Server& TheServer() {
-  static Server* s = [] {
-    auto* out = new Server;
+Parsers& TheParsers() {
+  static Parsers* s = [] {
+    auto* out = new Parsers;
     auto metrics = server::Metrics::Create("");
     FUZZ_CHECK(metrics.ok(), metrics.status().ToString());
     out->metrics = std::move(*metrics);
@@ -163,7 +163,7 @@ Outcome InferRequestTarget(const uint8_t* data, size_t size) {
   header_of_theirs.clear_raw_input_contents();
   FUZZ_CHECK(MessageDifferencer::Equals(header, header_of_theirs), "headers differ");
 
-  Server& s = TheServer();
+  Parsers& s = TheParsers();
   inference::ModelInferResponse response;
   absl::StatusOr<std::unique_ptr<server::InferenceRequest>> parsed = server::ParseInferRequest(
       header, *raw, *s.registry, *s.shared_memory, absl::Now(), absl::InfiniteFuture(), &response);
@@ -204,7 +204,7 @@ Outcome AttendRequestTarget(const uint8_t* data, size_t size) {
   if (theirs.has_header()) {
     FUZZ_CHECK(MessageDifferencer::Equals(ours->header(), theirs.header()), "headers differ");
     const absl::Status s =
-        server::internal::CheckAttendHeader(ours->header(), *TheServer().registry);
+        server::internal::CheckAttendHeader(ours->header(), *TheParsers().registry);
     if (!s.ok()) {
       CheckRefusal(s, "attend header");
       return Outcome::kRefused;
