@@ -1,8 +1,12 @@
 #include "tests/fuzz/fuzz_targets.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <initializer_list>
 #include <memory>
 #include <utility>
@@ -31,6 +35,7 @@
 #include "server/model_registry.h"
 #include "server/server.h"
 #include "server/shared_memory.h"
+#include "tests/common/multihead_util.h"
 
 namespace dilattn::fuzz {
 namespace {
@@ -48,8 +53,32 @@ using server::RequestBytes;
     if (!(cond)) Fail(__FILE__, __LINE__, #cond, absl::StrCat("" __VA_OPT__(, ) __VA_ARGS__)); \
   } while (0)
 
-// The default models on a one-thread CPU engine, built once and kept for the process: the
-// parser asks the registry for models and the engine whether it supports what they describe.
+// A multihead model (E = 8, 2 heads) over random weights written to a temporary directory, so
+// that requests carrying hidden states X reach their own checks.
+server::ModelSpec MultiheadSpec() {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / absl::StrCat("dilattn-fuzz-", getpid());
+  std::filesystem::create_directories(dir);
+  testing::SplitMix64 rng(7);
+  const std::string weights =
+      testing::SafetensorsBytes(testing::RandomWeightTensors(rng, 8, true, true));
+  std::ofstream((dir / "weights.safetensors").string(), std::ios::binary) << weights;
+  absl::StatusOr<server::ModelSpec> spec = server::ParseModelConfig(
+      R"(name: "mha"
+         parameters { key: "operator" value { string_value: "multihead_dilated_attention" } }
+         parameters { key: "weights" value { string_value: "weights.safetensors" } }
+         parameters { key: "num_heads" value { string_value: "2" } }
+         parameters { key: "segment_lengths" value { string_value: "4,8" } }
+         parameters { key: "dilation_rates" value { string_value: "1,2" } })",
+      "fuzz multihead config", "mha", dir.string());
+  FUZZ_CHECK(spec.ok(), spec.status().ToString());
+  std::filesystem::remove_all(dir);  // the weights are loaded
+  return *std::move(spec);
+}
+
+// The default models and the multihead one on a one-thread CPU engine, built once and kept for
+// the process: the parser asks the registry for models and the engine whether it supports what
+// they describe.
 struct Parsers {
   std::unique_ptr<server::Metrics> metrics;
   std::unique_ptr<server::Engine> engine;
@@ -70,8 +99,10 @@ Parsers& TheParsers() {
     auto engine = server::Engine::Create(options);
     FUZZ_CHECK(engine.ok(), engine.status().ToString());
     out->engine = std::move(*engine);
-    auto registry = server::ModelRegistry::Create(server::DefaultModels(), out->engine.get(),
-                                                  out->metrics.get());
+    std::vector<server::ModelSpec> specs = server::DefaultModels();
+    specs.push_back(MultiheadSpec());
+    auto registry =
+        server::ModelRegistry::Create(std::move(specs), out->engine.get(), out->metrics.get());
     FUZZ_CHECK(registry.ok(), registry.status().ToString());
     out->registry = std::move(*registry);
     out->shared_memory =
@@ -395,6 +426,16 @@ std::vector<Seed> InferRequestSeeds() {
       k->resize(k->size() + extra, 'x');
       seeds.push_back(WithCut(3, wrong.SerializeAsString(), Outcome::kRefused));
     }
+  }
+  for (const char* datatype : {"FP32", "BF16"}) {  // hidden states X for the multihead model
+    inference::ModelInferRequest x;
+    x.set_model_name("mha");
+    auto* in = x.add_inputs();
+    in->set_name("X");
+    in->set_datatype(datatype);
+    for (int64_t d : {1, 8, 8}) in->add_shape(d);
+    x.add_raw_input_contents(Bytes(8 * 8 * (datatype[0] == 'F' ? 4 : 2), 5));
+    seeds.push_back(WithCut(0, x.SerializeAsString()));
   }
   inference::ModelInferRequest shm;  // an input in a region that is not registered
   shm.set_model_name("dilated_attention");
