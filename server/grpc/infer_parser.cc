@@ -15,11 +15,8 @@ namespace dilattn::server {
 namespace {
 
 // Raw contents from this size on are copied in the background (InputFill), on a thread per
-// kBackgroundCopyBytesPerThread up to kBackgroundCopyThreads: one thread copies at a fraction of
-// the memory bandwidth.
+// kCopyBytesPerThread up to kMaxCopyThreads (grpc/wire.h).
 constexpr size_t kBackgroundCopyMinBytes = size_t{4} << 20;
-constexpr size_t kBackgroundCopyBytesPerThread = size_t{32} << 20;
-constexpr size_t kBackgroundCopyThreads = 8;
 
 using inference::ModelInferRequest;
 
@@ -436,8 +433,8 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     }
     if (lease.ok()) r->input = *std::move(lease);
     if (background) {
-      const int threads = static_cast<int>(
-          std::clamp<size_t>(total / kBackgroundCopyBytesPerThread, 1, kBackgroundCopyThreads));
+      const int threads =
+          static_cast<int>(std::clamp<size_t>(total / kCopyBytesPerThread, 1, kMaxCopyThreads));
       r->fill = InputFill::Start(
           r->tokens(), r->tensor_bytes / static_cast<size_t>(r->tokens()), std::move(dsts),
           [raw, raw_of](int t, size_t offset, size_t bytes, void* dst) {

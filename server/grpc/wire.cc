@@ -23,8 +23,6 @@ constexpr int kOutputTokenField = 1;         // dilattn.v1.OutputChunk.token
 constexpr int kOutputDataField = 2;          // dilattn.v1.OutputChunk.data
 constexpr int kVarint = 0;
 constexpr int kLengthDelimited = 2;
-constexpr size_t kMaxCopyThreads = 8;
-constexpr size_t kBytesPerCopyThread = size_t{32} << 20;
 
 void AppendVarint(std::string* out, uint64_t v) {
   while (v >= 0x80) {
@@ -162,7 +160,7 @@ void CopySlicesHere(const std::vector<grpc::Slice>& slices, const SliceRange& f,
 // Copies a run of a message's slices to dst; runs of hundreds of megabytes are spread over a
 // few threads, by whole slices, since one thread copies at a fraction of memory bandwidth.
 void CopySlices(const std::vector<grpc::Slice>& slices, const SliceRange& f, void* dst) {
-  const size_t threads = std::min<size_t>(kMaxCopyThreads, f.length / kBytesPerCopyThread + 1);
+  const size_t threads = std::min<size_t>(kMaxCopyThreads, f.length / kCopyBytesPerThread + 1);
   if (threads <= 1) {
     CopySlicesHere(slices, f, dst);
     return;

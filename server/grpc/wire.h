@@ -22,6 +22,11 @@
 
 namespace dilattn::server {
 
+// Copies out of a received message take a thread per kCopyBytesPerThread, up to
+// kMaxCopyThreads: one thread copies at a fraction of the memory bandwidth.
+inline constexpr size_t kCopyBytesPerThread = size_t{32} << 20;
+inline constexpr size_t kMaxCopyThreads = 8;
+
 // A run of bytes inside a received message's slices.
 struct SliceRange {
   size_t slice = 0;
