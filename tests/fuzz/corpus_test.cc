@@ -37,17 +37,19 @@ Outcome Run(Target target, const std::string& input) {
   return target(reinterpret_cast<const uint8_t*>(input.data()), input.size());
 }
 
-// Every seed, with the outcome it must have (so the targets' checks of accepted requests run in
-// every build), every corpus file as it is, then `edits` random edits of both (a new slicing
+// Every corpus file as it is, every seed with the outcome it must have (so the targets' checks
+// of accepted requests run in every build), then `edits` random edits of both (a new slicing
 // byte and up to three changes each), from a fixed seed.
 void Replay(Target target, const std::vector<Seed>& seeds, std::vector<std::string> inputs,
             int edits) {
-  for (size_t i = 0; i < seeds.size(); ++i) {
-    EXPECT_EQ(Run(target, seeds[i].input), seeds[i].expect) << "seed " << i;
-    inputs.push_back(seeds[i].input);
-  }
   int outcomes[3] = {};
   for (const std::string& input : inputs) ++outcomes[static_cast<int>(Run(target, input))];
+  for (size_t i = 0; i < seeds.size(); ++i) {
+    const Outcome o = Run(target, seeds[i].input);
+    EXPECT_EQ(o, seeds[i].expect) << "seed " << i;
+    ++outcomes[static_cast<int>(o)];
+    inputs.push_back(seeds[i].input);
+  }
   testing::SplitMix64 rng(20261127);
   for (int i = 0; i < edits; ++i) {
     std::string input = inputs[testing::Below(rng, inputs.size())];

@@ -23,7 +23,6 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "grpcpp/support/byte_buffer.h"
-#include "grpcpp/support/slice.h"
 #include "inference/grpc_service.pb.h"
 #include "kernels/attention/attention.h"
 #include "server/engine.h"
@@ -35,6 +34,7 @@
 #include "server/model_registry.h"
 #include "server/server.h"
 #include "server/shared_memory.h"
+#include "tests/common/mangled_messages.h"
 #include "tests/common/multihead_util.h"
 
 namespace dilattn::fuzz {
@@ -115,13 +115,13 @@ Parsers& TheParsers() {
 // The message of an input (after its first byte) as gRPC hands it over: in slices of `cut`
 // bytes (one slice for 0), with an empty slice between them for cut >= 250.
 grpc::ByteBuffer Sliced(const std::string& bytes, uint8_t cut) {
-  std::vector<grpc::Slice> slices;
   const size_t step = cut == 0 ? std::max<size_t>(bytes.size(), 1) : cut;
-  for (size_t at = 0; at < bytes.size(); at += step) {
-    if (cut >= 250 && at > 0) slices.emplace_back();
-    slices.emplace_back(bytes.data() + at, std::min(step, bytes.size() - at));
-  }
-  return grpc::ByteBuffer(slices.data(), slices.size());
+  bool empty_next = false;
+  return testing::AsSlicedMessage(bytes, [&] {
+    const size_t n = empty_next ? 0 : step;
+    empty_next = cut >= 250 && !empty_next;
+    return n;
+  });
 }
 
 // What a refused message may be answered with: each names the problem.
@@ -130,6 +130,17 @@ void CheckRefusal(const absl::Status& s, const char* what) {
       s.code() == absl::StatusCode::kInvalidArgument || s.code() == absl::StatusCode::kNotFound,
       what, ": ", s.ToString());
   FUZZ_CHECK(!s.message().empty(), what);
+}
+
+// Where protobuf refuses, ours must refuse too; ours may refuse more, with a reason. Returns
+// whether ours refused.
+bool RefusedLikeProtobuf(const absl::Status& ours, bool protobuf_accepts, const char* what) {
+  if (ours.ok()) {
+    FUZZ_CHECK(protobuf_accepts, "protobuf refuses what ours accepts: ", what);
+    return false;
+  }
+  CheckRefusal(ours, what);
+  return true;
 }
 
 int TensorIndex(const std::string& name) {
@@ -169,13 +180,7 @@ Outcome InferRequestTarget(const uint8_t* data, size_t size) {
   inference::ModelInferRequest header;
   absl::StatusOr<RequestBytes> raw = RequestBytes::Split(Sliced(bytes, data[0]), &header);
   inference::ModelInferRequest theirs;
-  if (!theirs.ParseFromString(bytes)) {
-    FUZZ_CHECK(!raw.ok(), "protobuf refuses what the split accepts");
-    CheckRefusal(raw.status(), "split");
-    return Outcome::kMalformed;
-  }
-  if (!raw.ok()) {  // stricter than protobuf is allowed, with a reason
-    CheckRefusal(raw.status(), "split");
+  if (RefusedLikeProtobuf(raw.status(), theirs.ParseFromString(bytes), "split")) {
     return Outcome::kMalformed;
   }
   FUZZ_CHECK(raw->raw_count() == static_cast<size_t>(theirs.raw_input_contents_size()));
@@ -212,13 +217,7 @@ Outcome AttendRequestTarget(const uint8_t* data, size_t size) {
   const std::string bytes(reinterpret_cast<const char*>(data) + 1, size - 1);
   absl::StatusOr<server::AttendBytes> ours = server::AttendBytes::Parse(Sliced(bytes, data[0]));
   dilattn::v1::AttendRequest theirs;
-  if (!theirs.ParseFromString(bytes)) {
-    FUZZ_CHECK(!ours.ok(), "protobuf refuses what ours accepts");
-    CheckRefusal(ours.status(), "attend parse");
-    return Outcome::kMalformed;
-  }
-  if (!ours.ok()) {
-    CheckRefusal(ours.status(), "attend parse");
+  if (RefusedLikeProtobuf(ours.status(), theirs.ParseFromString(bytes), "attend parse")) {
     return Outcome::kMalformed;
   }
   FUZZ_CHECK(ours->has_header() == theirs.has_header());
