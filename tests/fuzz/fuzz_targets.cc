@@ -459,6 +459,10 @@ std::vector<Seed> AttendRequestSeeds() {
   c.mutable_chunk()->set_data(Bytes(2 * 8 * 2 * 4, 1));
   seeds.push_back(WithCut(0, c.SerializeAsString()));
   seeds.push_back(WithCut(9, c.SerializeAsString() + h.SerializeAsString()));
+  // A chunk of 4 bytes whose data field (5 bytes) runs past it: malformed, though the message
+  // holds the bytes.
+  seeds.push_back(
+      WithCut(0, std::string("\x12\x04\x08\x02\x1a\x05") + "abcde", Outcome::kMalformed));
   return seeds;
 }
 
