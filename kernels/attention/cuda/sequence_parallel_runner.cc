@@ -8,6 +8,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/cuda/backend_util.h"
@@ -180,13 +181,16 @@ class Runner final : public SequenceParallelRunner {
     };
     last_run_bytes_.assign(static_cast<size_t>(ranks), 0);
     std::vector<PerGpu> gpu(static_cast<size_t>(ranks));
-    // Q, K and V rows [begin, end) from the host to GPU m's buffers, on `st`.
-    auto copy_inputs = [&](const PerGpu& m, int64_t begin, int64_t end,
-                           cudaStream_t st) -> absl::Status {
+    // Rows [begin, end) of the chosen inputs (Q, K, V) from the host to GPU m's buffers, on `st`.
+    enum Inputs { kQ = 1, kKV = 2, kQKV = 3 };
+    auto copy_inputs = [&](const PerGpu& m, int64_t begin, int64_t end, cudaStream_t st,
+                           int which = kQKV) -> absl::Status {
       const size_t at = static_cast<size_t>(begin) * row_bytes;
       const size_t bytes = static_cast<size_t>(end - begin) * row_bytes;
-      for (auto [dst, src] : {std::pair{&m.q, host.q.data}, std::pair{&m.k, host.k.data},
-                              std::pair{&m.v, host.v.data}}) {
+      for (auto [dst, src, kind] :
+           {std::tuple{&m.q, host.q.data, kQ}, std::tuple{&m.k, host.k.data, kKV},
+            std::tuple{&m.v, host.v.data, kKV}}) {
+        if ((which & kind) == 0 || bytes == 0) continue;
         if (absl::Status s = CudaErrorStatus(
                 cudaMemcpyAsync(m.at_0(*dst) + at, static_cast<const unsigned char*>(src) + at,
                                 bytes, cudaMemcpyDefault, st),
@@ -197,12 +201,18 @@ class Runner final : public SequenceParallelRunner {
       }
       return absl::OkStatus();
     };
-    // Part c's inputs on GPU g's input stream, then the event its launch waits for.
+    // Part c's inputs on GPU g's input stream, then the event its launch waits for: its rows of
+    // Q, K and V when the parts are cut by segments, otherwise (K and V already whole) the Q rows
+    // its tiles read that no earlier part's copy brought.
     auto copy_part_inputs = [&](int g, size_t c) -> absl::Status {
-      const SlicePart& part = hp.parts[static_cast<size_t>(g)][c];
+      const std::vector<SlicePart>& parts = hp.parts[static_cast<size_t>(g)];
+      const SlicePart& part = parts[c];
       cudaStream_t st = in_streams_[static_cast<size_t>(g)];
+      const PerGpu& m = gpu[static_cast<size_t>(g)];
       if (absl::Status s =
-              copy_inputs(gpu[static_cast<size_t>(g)], part.row_begin, part.row_end, st);
+              hp.inputs_by_part[static_cast<size_t>(g)]
+                  ? copy_inputs(m, part.row_begin, part.row_end, st)
+                  : copy_inputs(m, c == 0 ? m.begin : parts[c - 1].q_end, part.q_end, st, kQ);
           !s.ok()) {
         return s;
       }
@@ -244,11 +254,18 @@ class Runner final : public SequenceParallelRunner {
         if (absl::Status s = Acquire(g, pool, *mem, bytes); !s.ok()) return s;
       }
       // By part: part 0's inputs now, each later part's after the launch before it (below).
-      if (absl::Status s = owns && hp.inputs_by_part[static_cast<size_t>(g)]
-                               ? copy_part_inputs(g, 0)
-                               : copy_inputs(m, m.begin, m.end, stream);
+      // Parts not cut by segments read K and V anywhere in the slice (and the exchange packs
+      // them): those go whole now, and Q by part.
+      const bool by_part = owns && hp.inputs_by_part[static_cast<size_t>(g)];
+      const bool q_by_part = owns && !by_part && hp.parts[static_cast<size_t>(g)].size() > 1;
+      if (absl::Status s = by_part     ? copy_part_inputs(g, 0)
+                           : q_by_part ? copy_inputs(m, m.begin, m.end, stream, kKV)
+                                       : copy_inputs(m, m.begin, m.end, stream);
           !s.ok()) {
         return s;
+      }
+      if (q_by_part) {
+        if (absl::Status s = copy_part_inputs(g, 0); !s.ok()) return s;
       }
       if (exchange) {
         const std::vector<int32_t>& dest = hp.dest[static_cast<size_t>(g)];
@@ -353,7 +370,9 @@ class Runner final : public SequenceParallelRunner {
         const SlicePart& part = parts[c];
         const PerGpu& m = gpu[static_cast<size_t>(g)];
         cudaStream_t stream = streams_[static_cast<size_t>(g)];
-        const bool by_part = hp.inputs_by_part[static_cast<size_t>(g)];
+        // Each part's inputs come on the input stream when there are several parts (Q alone when
+        // they are not cut by segments).
+        const bool by_part = parts.size() > 1 || hp.inputs_by_part[static_cast<size_t>(g)];
         FusedForwardParams& params = launch[static_cast<size_t>(g)];
         if (absl::Status s =
                 CudaErrorStatus(cudaSetDevice(devices_[static_cast<size_t>(g)]), "cudaSetDevice");
@@ -417,7 +436,8 @@ class Runner final : public SequenceParallelRunner {
   // A slice's rows run in up to kParts launches (SliceParts), so that the output of one part goes
   // back to the host while the next part runs. Tiles go to the part of their first row: every
   // tile that writes a part's rows then runs in that part's launch or an earlier one. Parts cut
-  // by segments read only their own inputs, which are then copied part by part too.
+  // by segments read only their own inputs, which are then copied part by part too; otherwise K
+  // and V are copied whole first and Q part by part, up to the last row each part's tiles read.
   static constexpr int kParts = 4;
   static constexpr int64_t kMinPartRows = 65536;  // shorter slices run in one launch
   struct SlicePart {
@@ -425,6 +445,7 @@ class Runner final : public SequenceParallelRunner {
     int64_t tile_begin;          // its tiles in the rank's table: the keyless ones first
     int64_t num_tiles;
     int64_t keyless;
+    int64_t q_end;  // Q rows up to here are on the GPU once this part's inputs are
   };
 
   // What the host plans for one shape, kept for the next run of the same shape (a server's steady
@@ -484,7 +505,7 @@ class Runner final : public SequenceParallelRunner {
       std::vector<SlicePart>& parts = hp->parts[g];
       for (auto [b, e] : SliceParts(plan.params, !hp->sp.spanning_branches.empty(), slice.begin,
                                     slice.end, num_parts, &by_segments)) {
-        parts.push_back({b, e, 0, 0, 0});
+        parts.push_back({b, e, 0, 0, 0, 0});
       }
       hp->inputs_by_part[g] = by_segments;
       // The slice's tiles are its keyless ones, then the rest; each part keeps that order.
@@ -494,7 +515,20 @@ class Runner final : public SequenceParallelRunner {
         size_t c = 0;
         while (c + 1 < parts.size() && tile.q_pos >= parts[c + 1].row_begin) ++c;
         by_part[c].push_back(tile);
-        if (static_cast<int64_t>(i) < slice.keyless.count) ++parts[c].keyless;
+        if (static_cast<int64_t>(i) < slice.keyless.count) {
+          ++parts[c].keyless;
+        } else {
+          parts[c].q_end = std::max<int64_t>(
+              parts[c].q_end,
+              tile.q_pos + static_cast<int64_t>(tile.count - 1) * tile.q_stride + 1);
+        }
+      }
+      // Q by part (parts not cut by segments) covers every row: each part's copy runs from the
+      // previous one's end to its own, at least to its last row and, the last part, the slice's.
+      for (size_t c = 0; c < parts.size(); ++c) {
+        SlicePart& part = parts[c];
+        part.q_end = std::max({part.q_end, part.row_end, c > 0 ? parts[c - 1].q_end : int64_t{0}});
+        if (c + 1 == parts.size()) part.q_end = std::max(part.q_end, slice.end);
       }
       std::vector<unsigned char>& t = hp->tables[g];
       t.assign(kTilesAt + slice.tiles.size() * sizeof(GpuTile), 0);
