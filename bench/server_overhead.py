@@ -15,7 +15,11 @@ to compare without).
 
   python3 bench/server_overhead.py [--server build/server/dilattn-server] [--device cuda]
                                    [--ns 32768,131072] [--reps 3] [--shm none|cuda|system]
-                                   [--heads 16] [--datatype FP16|FP32] [--server-args '...']
+                                   [--heads 16] [--datatype FP16|FP32] [--global-branch]
+                                   [--server-args '...']
+
+--global-branch sends LongNet's whole-sequence branch with each request: no cut then splits the
+sequence into independent pieces, and a long job runs as launches over parts of its rows.
 """
 
 import argparse
@@ -44,6 +48,9 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--datatype", choices=["FP16", "FP32"], default="FP16")
     p.add_argument("--server-log", help="file for the server's log (default: discarded)")
+    p.add_argument("--global-branch", action="store_true",
+                   help="add LongNet's whole-sequence branch (w = N, r = N / 2048) to the default "
+                        "branches, as request parameters")
     p.add_argument("--server-args", default="",
                    help="more server flags, e.g. '--sequence-parallel-min-tokens 524288'")
     args = p.parse_args()
@@ -60,7 +67,8 @@ def main():
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
     where = {"none": "in the gRPC messages", "cuda": "in CUDA shared memory",
              "system": "in system shared memory"}[args.shm]
-    print(f"tensors: {where}; server flags: {args.server_args or '(none)'}")
+    print(f"tensors: {where}; server flags: {args.server_args or '(none)'}"
+          + ("; with the whole-sequence branch" if args.global_branch else ""))
     print("| N | request ms (server) | queue | input | kernel | output | unaccounted | server / kernel | client ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     try:
@@ -100,12 +108,17 @@ def main():
                 else:
                     t.set_data_from_numpy(x)
                 inputs.append(t)
-            c.infer("dilated_attention", inputs, outputs=outputs)  # warm-up: pools, module load
+            params = None
+            if args.global_branch:
+                params = {"segment_lengths": f"2048,4096,8192,16384,32768,{n}",
+                          "dilation_rates": f"1,2,4,8,16,{max(1, n // 2048)}"}
+            # warm-up: pools, module load
+            c.infer("dilated_attention", inputs, outputs=outputs, parameters=params)
             rows = []
             for _ in range(args.reps):
                 s0 = c.get_inference_statistics("dilated_attention").model_stats[0].inference_stats
                 t0 = time.perf_counter()
-                c.infer("dilated_attention", inputs, outputs=outputs)
+                c.infer("dilated_attention", inputs, outputs=outputs, parameters=params)
                 client = (time.perf_counter() - t0) * 1e3
                 s1 = c.get_inference_statistics("dilated_attention").model_stats[0].inference_stats
                 d = lambda f: (getattr(s1, f).ns - getattr(s0, f).ns) / 1e6

@@ -221,6 +221,7 @@ class CudaExecutor final : public Executor {
     const bool in_place = RunsInPlace(job, convert, device_);
     size_t dev_bytes = 0, workspace_bytes = 0;
     std::vector<Piece> pieces;
+    bool row_parts = false;
     switch (kind) {
       case OperatorKind::kDilatedAttention: {
         dev_bytes = plans.dilated->tensor_bytes;
@@ -231,6 +232,10 @@ class CudaExecutor final : public Executor {
         }
         // In pieces, the workspace holds one piece's tile list at a time.
         if (pieces.empty()) workspace_bytes = gpu_[0]->WorkspaceBytes(*plans.dilated);
+        // Long, yet no cut leaves independent problems (a segment as long as the sequence):
+        // the one plan in launches over parts of its rows instead (IssueRowParts).
+        row_parts = !in_place && pieces.empty() && !convert && options_.pipeline_min_tokens > 0 &&
+                    plans.dilated->params.total_tokens >= options_.pipeline_min_tokens;
         break;
       }
       case OperatorKind::kBlockSparse:
@@ -278,6 +283,28 @@ class CudaExecutor final : public Executor {
     cudaStream_t stream = streams_[job.stream];
     for (cudaEvent_t* e : {&state->begin, &state->copied, &state->computed, &state->done}) {
       if (absl::Status s = Cuda(cudaEventCreate(e), "event"); !s.ok()) return s;
+    }
+    std::vector<int64_t> cuts, q_ends;
+    if (row_parts) {
+      const int64_t total = plans.dilated->params.total_tokens;
+      for (int64_t c = 0; c <= kRowParts; ++c) cuts.push_back(total * c / kRowParts);
+      absl::StatusOr<std::vector<int64_t>> ends =
+          gpu_[job.stream]->PrepareParts(*plans.dilated, cuts);
+      if (!ends.ok()) return ends.status();
+      q_ends = *std::move(ends);
+      if (!logged_row_parts_) {
+        LogInfo(
+            "cuda executor: device %d: jobs of >= %d tokens that no cut splits run in %d launches "
+            "over parts of their rows (the first: %d tokens)",
+            device_, options_.pipeline_min_tokens, kRowParts, total);
+        logged_row_parts_ = true;
+      }
+      absl::Status s = IssueRowParts(job, *plans.dilated, cuts, q_ends, dev, stream, *state);
+      FinishStart(job, std::move(state), *std::move(flag), dev);
+      if (!s.ok()) {
+        for (cudaStream_t st : {copy_in_, stream, copy_out_}) cudaStreamSynchronize(st);
+      }
+      return s;
     }
     if (!pieces.empty()) {
       if (!logged_pieces_) {
@@ -403,6 +430,8 @@ class CudaExecutor final : public Executor {
   static attention::DType ComputeType(attention::DType t) {
     return t == attention::DType::kFloat32 ? attention::DType::kFloat16 : t;
   }
+
+  static constexpr int64_t kRowParts = 8;  // IssueRowParts: about as many as pieces
 
   // One piece of a job and the plan of its shape (pieces of one shape share a plan).
   struct Piece {
@@ -530,6 +559,66 @@ class CudaExecutor final : public Executor {
     return s;
   }
 
+  // A long job that no cut splits into independent problems: K and V copied whole first on
+  // copy_in_ (any part may read any of them), then part i's Q rows up to q_ends[i] (those its
+  // tiles read that no earlier part's copy brought); part i's launch on the job's stream once
+  // they are in; its output rows [cuts[i], cuts[i + 1]), final once it is done, copied out on
+  // copy_out_. As in IssuePieces, part i + 1's copy is issued after part i's launch.
+  absl::Status IssueRowParts(const Job& job, const attention::AttentionPlan& plan,
+                             const std::vector<int64_t>& cuts, const std::vector<int64_t>& q_ends,
+                             const std::vector<memory::Buffer>& dev, cudaStream_t stream,
+                             GpuJob& state) {
+    const size_t parts = cuts.size() - 1;
+    const size_t row_bytes = plan.tensor_bytes / static_cast<size_t>(plan.params.total_tokens);
+    auto bytes = [&](int64_t row) { return static_cast<size_t>(row) * row_bytes; };
+    state.piece_events.reserve(2 * parts);
+    for (size_t i = 0; i < 2 * parts; ++i) {
+      cudaEvent_t e = nullptr;
+      if (absl::Status s = Cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+          !s.ok()) {
+        return s;
+      }
+      state.piece_events.push_back(e);
+    }
+    auto* q = static_cast<unsigned char*>(dev[0].data());
+    auto issue_q = [&](size_t i) {
+      absl::Status s =
+          CopyIn(job, 0, q, bytes(i > 0 ? q_ends[i - 1] : 0), bytes(q_ends[i]), copy_in_);
+      if (s.ok()) s = Cuda(cudaEventRecord(state.piece_events[2 * i], copy_in_), "event");
+      if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
+      return s;
+    };
+    state.host_work = absl::Now() - job.start;
+    absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
+    WaitForInputBytes(job, plan.tensor_bytes);  // rows still being copied out of their messages
+    for (int t = 1; t < 3 && s.ok(); ++t) {
+      s = CopyIn(job, t, static_cast<unsigned char*>(dev[t].data()), 0, plan.tensor_bytes,
+                 copy_in_);
+    }
+    if (s.ok()) s = issue_q(0);
+    const DeviceLoc loc = DeviceLoc::Cuda(device_);
+    const attention::AttentionTensors tensors{{dev[0].data(), plan.tensor_bytes, loc},
+                                              {dev[1].data(), plan.tensor_bytes, loc},
+                                              {dev[2].data(), plan.tensor_bytes, loc},
+                                              {dev[3].data(), plan.tensor_bytes, loc}};
+    const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
+    for (size_t i = 0; i < parts && s.ok(); ++i) {
+      cudaEvent_t computed = state.piece_events[2 * i + 1];
+      s = Cuda(cudaStreamWaitEvent(stream, state.piece_events[2 * i], 0), "wait");
+      if (s.ok()) s = gpu_[job.stream]->RunPart(plan, tensors, workspace, i);
+      if (s.ok()) s = Cuda(cudaEventRecord(computed, stream), "event");
+      if (s.ok()) s = Cuda(cudaStreamWaitEvent(copy_out_, computed, 0), "wait");
+      if (s.ok()) {
+        s = CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), bytes(cuts[i]),
+                    bytes(cuts[i + 1]), copy_out_);
+      }
+      if (s.ok() && i + 1 < parts) s = issue_q(i + 1);
+    }
+    if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
+    if (s.ok()) s = Cuda(cudaEventRecord(state.done, copy_out_), "event");
+    return s;
+  }
+
   // Whatever happened, the buffers stay leased until the streams are past them.
   static void FinishStart(Job& job, std::unique_ptr<GpuJob> state, memory::Buffer flag,
                           std::vector<memory::Buffer>& dev) {
@@ -552,6 +641,7 @@ class CudaExecutor final : public Executor {
   std::shared_ptr<memory::BufferPool> pinned_pool_;
   int next_stream_ = 0;
   bool logged_pieces_ = false;
+  bool logged_row_parts_ = false;
 };
 
 }  // namespace

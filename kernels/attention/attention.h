@@ -9,11 +9,12 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "kernels/attention/dtype.h"
 #include "kernels/attention/params.h"
 #include "kernels/common/device.h"
@@ -131,6 +132,23 @@ class AttentionBackend {
 
   virtual absl::Status Run(const AttentionPlan& plan, const AttentionTensors& tensors,
                            TensorRef workspace) = 0;
+
+  // Optional, for callers that overlap their copies with the computation of one plan whose rows
+  // cannot be cut into independent problems (SplitIntoPieces): the plan's work as launches over
+  // parts of the query rows, part i computing the tiles whose first row (counted over the batch)
+  // lies in [cuts[i], cuts[i + 1]) (cuts ascending from 0 to total_tokens). After part i, output
+  // rows below cuts[i + 1] are final; part i reads the Q rows below the returned q_ends[i], and K
+  // and V anywhere. RunPart(i) enqueues part i, parts in order with the same tensors and
+  // workspace (WorkspaceBytes of the plan); PrepareParts must have been called for the plan and
+  // cuts. UNIMPLEMENTED where the backend has no parts.
+  virtual absl::StatusOr<std::vector<int64_t>> PrepareParts(const AttentionPlan& /*plan*/,
+                                                            const std::vector<int64_t>& /*cuts*/) {
+    return absl::UnimplementedError(absl::StrCat(name(), " runs a plan in one launch only"));
+  }
+  virtual absl::Status RunPart(const AttentionPlan& /*plan*/, const AttentionTensors& /*tensors*/,
+                               TensorRef /*workspace*/, size_t /*part*/) {
+    return absl::UnimplementedError(absl::StrCat(name(), " runs a plan in one launch only"));
+  }
 };
 
 struct CpuBackendOptions {

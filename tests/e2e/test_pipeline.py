@@ -3,8 +3,10 @@ own inputs are in and its output leaves while later pieces compute. With a low t
 requests take that path too: every answer must equal the float64 reference, whether the pieces cut
 one sequence (with a shorter rest), group several, cross request boundaries in a batch, or cannot
 cut at all; in FP16, BF16 and FP32 (converted to fp16 piece by piece on a GPU); through tensors in
-messages and in system shared memory. On a CPU server the flag changes nothing and the same
-answers are checked."""
+messages and in system shared memory. A sequence that no cut splits into independent problems (a
+segment as long as it) runs instead as launches over parts of its rows, K and V copied whole
+first and Q and O part by part (FP16 and BF16). On a CPU server the flag changes nothing and the
+same answers are checked."""
 
 import concurrent.futures
 import uuid
@@ -57,6 +59,11 @@ CASES = [
     ((1, 4096, 2, 64), [128, 4096], [1, 16], "longnet", False),
     ((2, 3000, 6, 64), [100, 200, 400], [1, 2, 4], "head_groups", True),
 ]
+# Sequences that no cut splits (a segment as long as the sequence): parts over the rows.
+UNCUT = [
+    ((1, 6000, 3, 64), [100, 6000], [1, 4], "longnet", True),
+    ((1, 5000, 4, 64), [200, 600, 5000], [1, 2, 8], "head_groups", False),
+]
 
 
 @pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP32"])
@@ -70,6 +77,19 @@ def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rat
     if reference.ON_GPU:
         # The path under test ran (logged once, at the first job in pieces).
         assert wait_until(lambda: "run in pieces" in piece_server.log_path.read_text())
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+@pytest.mark.parametrize("shape,segments,rates,mode,causal", UNCUT)
+def test_uncut_sequences_run_over_parts_of_their_rows(piece_server, datatype, shape, segments,
+                                                      rates, mode, causal):
+    q, k, v = _qkv(shape, seed=sum(shape) + 3 * len(segments) + (datatype == "BF16"))
+    out = piece_server.client().infer(
+        MODEL, make_inputs(q, k, v, datatype),
+        parameters=_params(segments, rates, mode, causal)).as_numpy("O")
+    _check(out, q, k, v, datatype, segments, rates, mode, causal)
+    if reference.ON_GPU:
+        assert wait_until(lambda: "over parts of their rows" in piece_server.log_path.read_text())
 
 
 def test_fp32_beyond_fp16_in_a_late_piece_is_refused(piece_server):
@@ -110,9 +130,11 @@ def test_concurrent_requests_batched_across_pieces(piece_server):
     assert max(errors) <= reference.TOLERANCE["FP16"], errors
 
 
-def test_pieces_through_system_shared_memory(piece_server):
-    """Inputs and output in one registered (pinned) region: pieces copy straight from and to it."""
-    shape, segments, rates = (1, 8192, 4, 64), [128, 256], [1, 2]
+@pytest.mark.parametrize("segments,rates", [([128, 256], [1, 2]), ([128, 8192], [1, 16])])
+def test_pieces_through_system_shared_memory(piece_server, segments, rates):
+    """Inputs and output in one registered (pinned) region: pieces (or, where no cut splits the
+    sequence, parts of its rows) copy straight from and to it."""
+    shape = (1, 8192, 4, 64)
     q, k, v = _qkv(shape, seed=77)
     tensors = [np.asarray(x, dtype=NUMPY_DTYPE["FP16"]) for x in (q, k, v)]
     size = tensors[0].nbytes

@@ -192,6 +192,114 @@ TEST(FusedForward, OutputOffTheSixteenByteAlignment) {
 }
 
 // Kept small on purpose: run under compute-sanitizer (memcheck, racecheck) by the device script.
+// A plan run in parts over its rows (PrepareParts, RunPart) as the server's executor runs a long
+// job that cannot be cut into independent problems: before part i only Q's rows below its q_end
+// are on the device (the rest NaN bytes), K and V whole. After part i, the output rows below the
+// next cut must equal one launch's bit for bit, and after the last part every row must.
+TEST(FusedForward, RowPartsMatchOneLaunch) {
+  REQUIRE_GPU();
+  auto gpu = Gpu();
+  ASSERT_NE(gpu, nullptr);
+  SplitMix64 rng(TestSeed());
+  struct PartsCase {
+    attention::AttentionOptions options;
+    attention::ProblemShape shape;
+    std::vector<int> eighths;  // cuts at these eighths of the rows (0 and 8 added)
+  };
+  auto options = [](attention::Mode mode, std::vector<int64_t> w, std::vector<int64_t> r,
+                    bool causal) {
+    attention::AttentionOptions o;
+    o.mode = mode;
+    o.segment_lengths = std::move(w);
+    o.dilation_rates = std::move(r);
+    o.causal = causal;
+    return o;
+  };
+  auto packed = [](DType dtype, std::vector<int64_t> lengths, int64_t heads, int64_t dim) {
+    attention::ProblemShape s;
+    s.dtype = dtype;
+    s.num_heads = heads;
+    s.head_dim = dim;
+    s.seq_lengths = std::move(lengths);
+    return s;
+  };
+  const std::vector<PartsCase> cases = {
+      // A segment as long as the sequence, so nothing cuts it into independent problems.
+      {options(attention::Mode::kLongNet, {128, 4096}, {1, 16}, false),
+       attention::DenseShape(DType::kBFloat16, 1, 4096, 2, 64),
+       {1, 2, 3, 4, 5, 6, 7}},
+      {options(attention::Mode::kLongNet, {128, 4096}, {1, 16}, true),
+       attention::DenseShape(DType::kFloat16, 1, 4096, 2, 64),
+       {2, 4, 6}},
+      // Keyless tiles (head groups), sequences of several lengths, cuts inside them, empty parts.
+      {options(attention::Mode::kHeadGroups, {100, 300, 2000}, {1, 2, 4}, true),
+       packed(DType::kBFloat16, {1500, 37, 2200}, 6, 64),
+       {1, 1, 3, 7, 7}},
+      // The mma.sync kernel (D = 32) and the D = 128 one.
+      {options(attention::Mode::kLongNet, {64, 512, 3000}, {1, 4, 8}, false),
+       packed(DType::kFloat16, {3000, 900}, 4, 32),
+       {3, 5}},
+      {options(attention::Mode::kLongNet, {256, 2048}, {2, 8}, true),
+       attention::DenseShape(DType::kBFloat16, 2, 2048, 2, 128),
+       {1, 4, 6}},
+  };
+  for (const PartsCase& c : cases) {
+    auto plan = attention::PlanAttention(c.options, c.shape);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    SCOPED_TRACE(attention::DescribeShape(c.shape));
+    const int64_t total = plan->params.total_tokens;
+    const size_t bytes = plan->tensor_bytes;
+    const size_t row_bytes = bytes / static_cast<size_t>(total);
+    std::vector<int64_t> cuts = {0};
+    for (int e : c.eighths) cuts.push_back(total * e / 8);
+    cuts.push_back(total);
+    RandomInputs in = DrawInputs(rng, *plan, 1.0f);
+    TypedBuffer whole(c.shape.dtype, in.q.count());
+    ASSERT_TRUE(RunOnGpu(*gpu, *plan, in.q, in.k, in.v, &whole).ok());
+
+    absl::StatusOr<std::vector<int64_t>> q_ends = gpu->PrepareParts(*plan, cuts);
+    ASSERT_TRUE(q_ends.ok()) << q_ends.status();
+    ASSERT_EQ(q_ends->size(), cuts.size() - 1);
+    DeviceBuffer dq(bytes), dk(bytes), dv(bytes), dout(bytes), ws(gpu->WorkspaceBytes(*plan));
+    ASSERT_TRUE(dq.ptr && dk.ptr && dv.ptr && dout.ptr && ws.ptr);
+    ASSERT_EQ(cudaMemcpy(dk.ptr, in.k.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(dv.ptr, in.v.data(), bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dq.ptr, 0xff, bytes), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dout.ptr, 0xff, bytes), cudaSuccess);
+    const DeviceLoc dev = gpu->location();
+    const attention::AttentionTensors tensors{
+        {dq.ptr, bytes, dev}, {dk.ptr, bytes, dev}, {dv.ptr, bytes, dev}, {dout.ptr, bytes, dev}};
+    std::vector<unsigned char> out(bytes);
+    const auto* expected = static_cast<const unsigned char*>(whole.data());
+    int64_t q_in = 0;
+    for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+      SCOPED_TRACE(absl::StrCat("part ", i, " of rows [", cuts[i], ", ", cuts[i + 1], ")"));
+      const int64_t q_end = (*q_ends)[i];
+      ASSERT_GE(q_end, q_in);
+      ASSERT_LE(q_end, total);
+      ASSERT_EQ(cudaMemcpy(static_cast<unsigned char*>(dq.ptr) + q_in * row_bytes,
+                           static_cast<const unsigned char*>(in.q.data()) + q_in * row_bytes,
+                           (q_end - q_in) * row_bytes, cudaMemcpyHostToDevice),
+                cudaSuccess);
+      q_in = q_end;
+      ASSERT_TRUE(gpu->RunPart(*plan, tensors, {ws.ptr, ws.bytes, dev}, i).ok());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(out.data(), dout.ptr, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+      const size_t final_bytes = static_cast<size_t>(cuts[i + 1]) * row_bytes;
+      EXPECT_EQ(std::memcmp(out.data(), expected, final_bytes), 0);
+    }
+    EXPECT_EQ(q_in, total);
+  }
+  // Cuts that do not ascend from 0 to the rows are refused, and so is a part never prepared.
+  auto plan = attention::PlanAttention(options(attention::Mode::kLongNet, {64}, {1}, false),
+                                       attention::DenseShape(DType::kFloat16, 1, 256, 1, 64));
+  ASSERT_TRUE(plan.ok());
+  EXPECT_EQ(gpu->PrepareParts(*plan, {0, 300}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gpu->PrepareParts(*plan, {0, 200, 100, 256}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gpu->RunPart(*plan, {}, {}, 0).code(), absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(FusedForward, SanitizerSet) {
   REQUIRE_GPU();
   RandomCaseLimits l = GpuLimits();
