@@ -51,23 +51,24 @@ def _check(out, q, k, v, datatype, segments, rates, mode="longnet", causal=False
 
 # (shape, segments, rates, mode, causal): one sequence cut into equal pieces; the same with a rest
 # that is no multiple of every segment length; a batch of sequences shorter than a piece, grouped;
-# a branch as long as the sequence, which leaves nothing to cut; head groups with causal.
+# head groups with causal.
 CASES = [
     ((1, 8192, 4, 64), [64, 128, 256], [1, 2, 4], "longnet", False),
     ((1, 8192 + 300, 2, 32), [64, 192], [1, 3], "longnet", True),
     ((5, 700, 2, 64), [64, 128], [1, 2], "longnet", False),
-    ((1, 4096, 2, 64), [128, 4096], [1, 16], "longnet", False),
     ((2, 3000, 6, 64), [100, 200, 400], [1, 2, 4], "head_groups", True),
 ]
-# Sequences that no cut splits (a segment as long as the sequence): parts over the rows.
+# Sequences that no cut splits (a segment as long as the sequence): launches over parts of their
+# rows in FP16 and BF16, whole in FP32.
 UNCUT = [
+    ((1, 4096, 2, 64), [128, 4096], [1, 16], "longnet", False),
     ((1, 6000, 3, 64), [100, 6000], [1, 4], "longnet", True),
     ((1, 5000, 4, 64), [200, 600, 5000], [1, 2, 8], "head_groups", False),
 ]
 
 
 @pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP32"])
-@pytest.mark.parametrize("shape,segments,rates,mode,causal", CASES)
+@pytest.mark.parametrize("shape,segments,rates,mode,causal", CASES + UNCUT)
 def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rates, mode, causal):
     q, k, v = _qkv(shape, seed=sum(shape) + len(segments) + (datatype == "BF16"))
     out = piece_server.client().infer(
@@ -75,21 +76,10 @@ def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rat
         parameters=_params(segments, rates, mode, causal)).as_numpy("O")
     _check(out, q, k, v, datatype, segments, rates, mode, causal)
     if reference.ON_GPU:
-        # The path under test ran (logged once, at the first job in pieces).
-        assert wait_until(lambda: "run in pieces" in piece_server.log_path.read_text())
-
-
-@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
-@pytest.mark.parametrize("shape,segments,rates,mode,causal", UNCUT)
-def test_uncut_sequences_run_over_parts_of_their_rows(piece_server, datatype, shape, segments,
-                                                      rates, mode, causal):
-    q, k, v = _qkv(shape, seed=sum(shape) + 3 * len(segments) + (datatype == "BF16"))
-    out = piece_server.client().infer(
-        MODEL, make_inputs(q, k, v, datatype),
-        parameters=_params(segments, rates, mode, causal)).as_numpy("O")
-    _check(out, q, k, v, datatype, segments, rates, mode, causal)
-    if reference.ON_GPU:
-        assert wait_until(lambda: "over parts of their rows" in piece_server.log_path.read_text())
+        # The path under test has run (each is logged once, at its first job).
+        uncut = (shape, segments, rates, mode, causal) in UNCUT
+        line = "over parts of their rows" if uncut and datatype != "FP32" else "run in pieces"
+        assert wait_until(lambda: line in piece_server.log_path.read_text())
 
 
 def test_fp32_beyond_fp16_in_a_late_piece_is_refused(piece_server):
