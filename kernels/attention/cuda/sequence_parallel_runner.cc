@@ -370,9 +370,9 @@ class Runner final : public SequenceParallelRunner {
         const SlicePart& part = parts[c];
         const PerGpu& m = gpu[static_cast<size_t>(g)];
         cudaStream_t stream = streams_[static_cast<size_t>(g)];
-        // Each part's inputs come on the input stream when there are several parts (Q alone when
-        // they are not cut by segments).
-        const bool by_part = parts.size() > 1 || hp.inputs_by_part[static_cast<size_t>(g)];
+        // With several parts, each part's inputs come on the input stream (Q alone when they are
+        // not cut by segments).
+        const bool by_part = parts.size() > 1;
         FusedForwardParams& params = launch[static_cast<size_t>(g)];
         if (absl::Status s =
                 CudaErrorStatus(cudaSetDevice(devices_[static_cast<size_t>(g)]), "cudaSetDevice");
