@@ -234,7 +234,7 @@ class CudaExecutor final : public Executor {
         if (pieces.empty()) workspace_bytes = gpu_[0]->WorkspaceBytes(*plans.dilated);
         // Long, yet no cut leaves independent problems (a segment as long as the sequence):
         // the one plan in launches over parts of its rows instead (IssueRowParts).
-        row_parts = !in_place && pieces.empty() && !convert && options_.pipeline_min_tokens > 0 &&
+        row_parts = !in_place && pieces.empty() && options_.pipeline_min_tokens > 0 &&
                     plans.dilated->params.total_tokens >= options_.pipeline_min_tokens;
         break;
       }
@@ -299,7 +299,8 @@ class CudaExecutor final : public Executor {
             device_, options_.pipeline_min_tokens, kRowParts, total);
         logged_row_parts_ = true;
       }
-      absl::Status s = IssueRowParts(job, *plans.dilated, cuts, q_ends, dev, stream, *state);
+      absl::Status s =
+          IssueRowParts(job, *plans.dilated, cuts, q_ends, dev, convert, stream, *state);
       FinishStart(job, std::move(state), *std::move(flag), dev);
       if (!s.ok()) {
         for (cudaStream_t st : {copy_in_, stream, copy_out_}) cudaStreamSynchronize(st);
@@ -563,14 +564,36 @@ class CudaExecutor final : public Executor {
   // copy_in_ (any part may read any of them), then part i's Q rows up to q_ends[i] (those its
   // tiles read that no earlier part's copy brought); part i's launch on the job's stream once
   // they are in; its output rows [cuts[i], cuts[i + 1]), final once it is done, copied out on
-  // copy_out_. As in IssuePieces, part i + 1's copy is issued after part i's launch.
+  // copy_out_. As in IssuePieces, part i + 1's copy is issued after part i's launch. An fp32 job
+  // converts through the fp32 buffer: K and V whole in turn, then Q and O by rows, where the Q
+  // rows staged for a later part (at or past q_ends[i] >= cuts[i + 1]) are never rows of an
+  // output still converting.
   absl::Status IssueRowParts(const Job& job, const attention::AttentionPlan& plan,
                              const std::vector<int64_t>& cuts, const std::vector<int64_t>& q_ends,
-                             const std::vector<memory::Buffer>& dev, cudaStream_t stream,
-                             GpuJob& state) {
+                             const std::vector<memory::Buffer>& dev, bool convert,
+                             cudaStream_t stream, GpuJob& state) {
     const size_t parts = cuts.size() - 1;
-    const size_t row_bytes = plan.tensor_bytes / static_cast<size_t>(plan.params.total_tokens);
+    const int64_t total = plan.params.total_tokens;
+    const size_t row_bytes = plan.tensor_bytes / static_cast<size_t>(total);
+    const int64_t row_values = int64_t{plan.params.num_heads} * plan.params.head_dim;
+    const size_t in_row_bytes =
+        static_cast<size_t>(row_values) * attention::DTypeSize(job.shape.dtype);
     auto bytes = [&](int64_t row) { return static_cast<size_t>(row) * row_bytes; };
+    auto in_bytes = [&](int64_t row) { return static_cast<size_t>(row) * in_row_bytes; };
+    auto* fp32 = static_cast<unsigned char*>(dev[5].data());
+    int* flags = static_cast<int*>(dev[6].data());
+    // Rows [a, b) of input t into its device tensor (through the fp32 buffer when converting).
+    auto copy_rows = [&](int t, int64_t a, int64_t b) {
+      auto* half = static_cast<unsigned char*>(dev[t].data());
+      absl::Status s = CopyIn(job, t, convert ? fp32 : half, in_bytes(a), in_bytes(b), copy_in_);
+      if (s.ok() && convert && b > a) {
+        s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
+                     reinterpret_cast<const float*>(fp32 + in_bytes(a)), half + bytes(a),
+                     (b - a) * row_values, flags, copy_in_)),
+                 "fp32 to fp16");
+      }
+      return s;
+    };
     state.piece_events.reserve(2 * parts);
     for (size_t i = 0; i < 2 * parts; ++i) {
       cudaEvent_t e = nullptr;
@@ -580,21 +603,17 @@ class CudaExecutor final : public Executor {
       }
       state.piece_events.push_back(e);
     }
-    auto* q = static_cast<unsigned char*>(dev[0].data());
     auto issue_q = [&](size_t i) {
-      absl::Status s =
-          CopyIn(job, 0, q, bytes(i > 0 ? q_ends[i - 1] : 0), bytes(q_ends[i]), copy_in_);
+      absl::Status s = copy_rows(0, i > 0 ? q_ends[i - 1] : 0, q_ends[i]);
       if (s.ok()) s = Cuda(cudaEventRecord(state.piece_events[2 * i], copy_in_), "event");
       if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
       return s;
     };
     state.host_work = absl::Now() - job.start;
     absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
-    WaitForInputBytes(job, plan.tensor_bytes);  // rows still being copied out of their messages
-    for (int t = 1; t < 3 && s.ok(); ++t) {
-      s = CopyIn(job, t, static_cast<unsigned char*>(dev[t].data()), 0, plan.tensor_bytes,
-                 copy_in_);
-    }
+    if (s.ok() && convert) s = Cuda(cudaMemsetAsync(flags, 0, sizeof(int), copy_in_), "memset");
+    WaitForInputBytes(job, in_bytes(total));  // rows still being copied out of their messages
+    for (int t = 1; t < 3 && s.ok(); ++t) s = copy_rows(t, 0, total);
     if (s.ok()) s = issue_q(0);
     const DeviceLoc loc = DeviceLoc::Cuda(device_);
     const attention::AttentionTensors tensors{{dev[0].data(), plan.tensor_bytes, loc},
@@ -608,13 +627,27 @@ class CudaExecutor final : public Executor {
       if (s.ok()) s = gpu_[job.stream]->RunPart(plan, tensors, workspace, i);
       if (s.ok()) s = Cuda(cudaEventRecord(computed, stream), "event");
       if (s.ok()) s = Cuda(cudaStreamWaitEvent(copy_out_, computed, 0), "wait");
+      const int64_t a = cuts[i], b = cuts[i + 1];
+      if (s.ok() && convert && b > a) {
+        s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
+                     static_cast<const unsigned char*>(dev[3].data()) + bytes(a),
+                     reinterpret_cast<float*>(fp32 + in_bytes(a)), (b - a) * row_values, flags,
+                     copy_out_)),
+                 "fp16 to fp32");
+      }
       if (s.ok()) {
-        s = CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), bytes(cuts[i]),
-                    bytes(cuts[i + 1]), copy_out_);
+        s = convert ? CopyOut(job, fp32, in_bytes(a), in_bytes(b), copy_out_)
+                    : CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), bytes(a),
+                              bytes(b), copy_out_);
       }
       if (s.ok() && i + 1 < parts) s = issue_q(i + 1);
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
+    if (s.ok() && convert) {
+      s = Cuda(cudaMemcpyAsync(state.overflow_host, flags, sizeof(int), cudaMemcpyDeviceToHost,
+                               copy_out_),
+               "copy to host");
+    }
     if (s.ok()) s = Cuda(cudaEventRecord(state.done, copy_out_), "event");
     return s;
   }

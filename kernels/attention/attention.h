@@ -137,10 +137,10 @@ class AttentionBackend {
   // cannot be cut into independent problems (SplitIntoPieces): the plan's work as launches over
   // parts of the query rows, part i computing the tiles whose first row (counted over the batch)
   // lies in [cuts[i], cuts[i + 1]) (cuts ascending from 0 to total_tokens). After part i, output
-  // rows below cuts[i + 1] are final; part i reads the Q rows below the returned q_ends[i], and K
-  // and V anywhere. RunPart(i) enqueues part i, parts in order with the same tensors and
-  // workspace (WorkspaceBytes of the plan); PrepareParts must have been called for the plan and
-  // cuts. UNIMPLEMENTED where the backend has no parts.
+  // rows below cuts[i + 1] are final; part i reads the Q rows below the returned q_ends[i] (which
+  // ascend, each at least cuts[i + 1]), and K and V anywhere. RunPart(i) enqueues part i, parts in
+  // order with the same tensors and workspace (WorkspaceBytes of the plan); PrepareParts must have
+  // been called for the plan and cuts. UNIMPLEMENTED where the backend has no parts.
   virtual absl::StatusOr<std::vector<int64_t>> PrepareParts(const AttentionPlan& /*plan*/,
                                                             const std::vector<int64_t>& /*cuts*/) {
     return absl::UnimplementedError(absl::StrCat(name(), " runs a plan in one launch only"));

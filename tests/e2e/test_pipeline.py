@@ -5,7 +5,7 @@ one sequence (with a shorter rest), group several, cross request boundaries in a
 cut at all; in FP16, BF16 and FP32 (converted to fp16 piece by piece on a GPU); through tensors in
 messages and in system shared memory. A sequence that no cut splits into independent problems (a
 segment as long as it) runs instead as launches over parts of its rows, K and V copied whole
-first and Q and O part by part (FP16 and BF16). On a CPU server the flag changes nothing and the
+first and Q and O part by part. On a CPU server the flag changes nothing and the
 same answers are checked."""
 
 import concurrent.futures
@@ -59,7 +59,7 @@ CASES = [
     ((2, 3000, 6, 64), [100, 200, 400], [1, 2, 4], "head_groups", True),
 ]
 # Sequences that no cut splits (a segment as long as the sequence): launches over parts of their
-# rows in FP16 and BF16, whole in FP32.
+# rows.
 UNCUT = [
     ((1, 4096, 2, 64), [128, 4096], [1, 16], "longnet", False),
     ((1, 6000, 3, 64), [100, 6000], [1, 4], "longnet", True),
@@ -78,29 +78,32 @@ def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rat
     if reference.ON_GPU:
         # The path under test has run (each is logged once, at its first job).
         uncut = (shape, segments, rates, mode, causal) in UNCUT
-        line = "over parts of their rows" if uncut and datatype != "FP32" else "run in pieces"
+        line = "over parts of their rows" if uncut else "run in pieces"
         assert wait_until(lambda: line in piece_server.log_path.read_text())
 
 
-def test_fp32_beyond_fp16_in_a_late_piece_is_refused(piece_server):
-    """FP32 pieces convert to fp16 on the GPU one piece at a time; a value beyond fp16's range in
-    the last piece is still refused by name (the CPU path computes in fp32 and answers)."""
-    q, k, v = _qkv((1, 8192, 2, 64), seed=9)
-    v[0, -1, 1, 5] = 1e6
+# Cut into pieces, the value in V; uncut (parts over the rows), in the last part's Q rows.
+@pytest.mark.parametrize("segments,rates,tensor", [([64, 128], [1, 2], 2),
+                                                   ([64, 8192], [1, 16], 0)])
+def test_fp32_beyond_fp16_in_a_late_piece_is_refused(piece_server, segments, rates, tensor):
+    """FP32 pieces (and parts) convert to fp16 on the GPU one at a time; a value beyond fp16's
+    range in the last one is still refused by name (the CPU path computes in fp32 and answers)."""
+    qkv = _qkv((1, 8192, 2, 64), seed=9)
+    qkv[tensor][0, -1, 1, 5] = 1e6
     client = piece_server.client()
-    params = _params([64, 128], [1, 2])
+    params = _params(segments, rates)
     if reference.ON_GPU:
         with pytest.raises(InferenceServerException) as e:
-            client.infer(MODEL, make_inputs(q, k, v, "FP32"), parameters=params)
+            client.infer(MODEL, make_inputs(*qkv, "FP32"), parameters=params)
         assert "INVALID_ARGUMENT" in str(e.value.status()), e.value
         assert "beyond fp16's range" in e.value.message()
     else:
-        out = client.infer(MODEL, make_inputs(q, k, v, "FP32"), parameters=params).as_numpy("O")
-        _check(out, q, k, v, "FP32", [64, 128], [1, 2])
+        out = client.infer(MODEL, make_inputs(*qkv, "FP32"), parameters=params).as_numpy("O")
+        _check(out, *qkv, "FP32", segments, rates)
     # The next request on the same server is unaffected.
-    v[0, -1, 1, 5] = 0.5
-    out = client.infer(MODEL, make_inputs(q, k, v, "FP32"), parameters=params).as_numpy("O")
-    _check(out, q, k, v, "FP32", [64, 128], [1, 2])
+    qkv[tensor][0, -1, 1, 5] = 0.5
+    out = client.infer(MODEL, make_inputs(*qkv, "FP32"), parameters=params).as_numpy("O")
+    _check(out, *qkv, "FP32", segments, rates)
 
 
 def test_concurrent_requests_batched_across_pieces(piece_server):

@@ -276,6 +276,7 @@ TEST(FusedForward, RowPartsMatchOneLaunch) {
       SCOPED_TRACE(absl::StrCat("part ", i, " of rows [", cuts[i], ", ", cuts[i + 1], ")"));
       const int64_t q_end = (*q_ends)[i];
       ASSERT_GE(q_end, q_in);
+      ASSERT_GE(q_end, cuts[i + 1]);
       ASSERT_LE(q_end, total);
       ASSERT_EQ(cudaMemcpy(static_cast<unsigned char*>(dq.ptr) + q_in * row_bytes,
                            static_cast<const unsigned char*>(in.q.data()) + q_in * row_bytes,

@@ -144,8 +144,9 @@ class CudaBackend final : public AttentionBackend {
                         static_cast<int64_t>(keyless[c].size())});
       part_tiles_.insert(part_tiles_.end(), keyless[c].begin(), keyless[c].end());
       part_tiles_.insert(part_tiles_.end(), keyed[c].begin(), keyed[c].end());
-      // Never below an earlier part's end: each part's Q rows then follow the last part's.
-      q_ends[c] = std::max(q_ends[c], c > 0 ? q_ends[c - 1] : int64_t{0});
+      // Never below an earlier part's end nor this part's last row: each part's Q rows then
+      // follow the last part's, past every output row of the parts up to it.
+      q_ends[c] = std::max({q_ends[c], cuts[c + 1], c > 0 ? q_ends[c - 1] : int64_t{0}});
     }
     part_cuts_ = cuts;
     part_q_ends_ = std::move(q_ends);
