@@ -469,131 +469,68 @@ class CudaExecutor final : public Executor {
     return pieces;
   }
 
-  // A job in pieces: the pieces' inputs copied in order on copy_in_; piece p's kernel on the
-  // job's stream once its inputs are in (the previous piece's kernel before it); its output
-  // copied on copy_out_ once that kernel is done. Copies in both directions and the kernels
-  // overlap, and `done` (on copy_out_) follows everything. An fp32 job goes through the fp32
-  // buffer (dev[5]) piece by piece: a piece's rows of it stage Q, K and V in turn (converted on
-  // copy_in_) and then its output (converted on copy_out_), while other pieces use other rows.
-  absl::Status IssuePieces(const Job& job, const std::vector<Piece>& pieces,
-                           const std::vector<memory::Buffer>& dev, bool convert,
-                           cudaStream_t stream, GpuJob& state) {
-    const attention::AttentionPlan& first = *pieces.front().plan;
-    const size_t row_bytes = first.tensor_bytes / static_cast<size_t>(first.params.total_tokens);
-    const int64_t row_values = int64_t{first.params.num_heads} * first.params.head_dim;
-    const size_t in_row_bytes =
-        static_cast<size_t>(row_values) * attention::DTypeSize(job.shape.dtype);
-    auto* fp32 = static_cast<unsigned char*>(dev[5].data());
-    int* flags = static_cast<int*>(dev[6].data());
-    state.piece_events.reserve(2 * pieces.size());
-    for (size_t i = 0; i < 2 * pieces.size(); ++i) {
-      cudaEvent_t e = nullptr;
-      if (absl::Status s = Cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
-          !s.ok()) {
-        return s;
-      }
-      state.piece_events.push_back(e);
+  // Rows of a job's tensors, which jobs in pieces and jobs over parts of their rows move between
+  // the host and the device: through the fp32 buffer (dev[5]) when converting, its rows of a
+  // tensor staging the same rows of the device tensor.
+  struct JobRows {
+    const Job& job;
+    const std::vector<memory::Buffer>& dev;
+    bool convert;
+    int64_t row_values;   // per token row
+    size_t row_bytes;     // of a device tensor's row (fp16 or bf16)
+    size_t in_row_bytes;  // of a request tensor's row
+    size_t bytes(int64_t row) const { return static_cast<size_t>(row) * row_bytes; }
+    size_t in_bytes(int64_t row) const { return static_cast<size_t>(row) * in_row_bytes; }
+    unsigned char* fp32() const { return static_cast<unsigned char*>(dev[5].data()); }
+    int* flags() const { return static_cast<int*>(dev[6].data()); }
+  };
+  JobRows RowsOf(const Job& job, const attention::AttentionPlan& plan,
+                 const std::vector<memory::Buffer>& dev, bool convert) const {
+    const int64_t row_values = int64_t{plan.params.num_heads} * plan.params.head_dim;
+    return {job,
+            dev,
+            convert,
+            row_values,
+            plan.tensor_bytes / static_cast<size_t>(plan.params.total_tokens),
+            static_cast<size_t>(row_values) * attention::DTypeSize(job.shape.dtype)};
+  }
+  // Rows [a, b) of input t to its device tensor, on copy_in_.
+  absl::Status CopyRowsIn(const JobRows& r, int t, int64_t a, int64_t b) {
+    auto* half = static_cast<unsigned char*>(r.dev[t].data());
+    absl::Status s =
+        CopyIn(r.job, t, r.convert ? r.fp32() : half, r.in_bytes(a), r.in_bytes(b), copy_in_);
+    if (s.ok() && r.convert && b > a) {
+      s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
+                   reinterpret_cast<const float*>(r.fp32() + r.in_bytes(a)), half + r.bytes(a),
+                   (b - a) * r.row_values, r.flags(), copy_in_)),
+               "fp32 to fp16");
     }
-    auto bytes = [&](int64_t row) { return static_cast<size_t>(row) * row_bytes; };
-    auto in_bytes = [&](int64_t row) { return static_cast<size_t>(row) * in_row_bytes; };
-    // Piece i's inputs are issued after piece i - 1's kernel: an input copy can hold the host
-    // (copies from memory the driver could not pin are synchronous, and a long queue of copies
-    // fills the driver's command buffer), and the kernel before it should be queued by then.
-    auto issue_inputs = [&](size_t i) {
-      const int64_t a = pieces[i].row_begin, b = pieces[i].row_end;
-      WaitForInputBytes(job, in_bytes(b));  // rows still being copied out of their messages
-      for (int t = 0; t < 3; ++t) {
-        auto* half = static_cast<unsigned char*>(dev[t].data());
-        absl::Status s = CopyIn(job, t, convert ? fp32 : half, in_bytes(a), in_bytes(b), copy_in_);
-        if (s.ok() && convert) {
-          s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
-                       reinterpret_cast<const float*>(fp32 + in_bytes(a)), half + bytes(a),
-                       (b - a) * row_values, flags, copy_in_)),
-                   "fp32 to fp16");
-        }
-        if (!s.ok()) return s;
-      }
-      absl::Status s = Cuda(cudaEventRecord(state.piece_events[2 * i], copy_in_), "event");
-      if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
-      return s;
-    };
-    state.host_work = absl::Now() - job.start;
-    absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
-    if (s.ok() && convert) s = Cuda(cudaMemsetAsync(flags, 0, sizeof(int), copy_in_), "memset");
-    if (s.ok()) s = issue_inputs(0);
-    const DeviceLoc loc = DeviceLoc::Cuda(device_);
-    const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
-    for (size_t i = 0; i < pieces.size() && s.ok(); ++i) {
-      const Piece& piece = pieces[i];
-      const int64_t a = piece.row_begin, b = piece.row_end;
-      const size_t at = bytes(a), size = piece.plan->tensor_bytes;
-      auto at_row = [&](int t) { return static_cast<unsigned char*>(dev[t].data()) + at; };
-      const attention::AttentionTensors tensors{{at_row(0), size, loc},
-                                                {at_row(1), size, loc},
-                                                {at_row(2), size, loc},
-                                                {at_row(3), size, loc}};
-      cudaEvent_t computed = state.piece_events[2 * i + 1];
-      s = Cuda(cudaStreamWaitEvent(stream, state.piece_events[2 * i], 0), "wait");
-      if (s.ok()) s = gpu_[job.stream]->Run(*piece.plan, tensors, workspace);
-      if (s.ok()) s = Cuda(cudaEventRecord(computed, stream), "event");
-      if (s.ok()) s = Cuda(cudaStreamWaitEvent(copy_out_, computed, 0), "wait");
-      if (s.ok() && convert) {
-        s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
-                     at_row(3), reinterpret_cast<float*>(fp32 + in_bytes(a)), (b - a) * row_values,
-                     flags, copy_out_)),
-                 "fp16 to fp32");
-      }
-      if (s.ok()) {
-        s = convert ? CopyOut(job, fp32, in_bytes(a), in_bytes(b), copy_out_)
-                    : CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), at, at + size,
-                              copy_out_);
-      }
-      if (s.ok() && i + 1 < pieces.size()) s = issue_inputs(i + 1);
-    }
-    if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
-    if (s.ok() && convert) {
-      s = Cuda(cudaMemcpyAsync(state.overflow_host, flags, sizeof(int), cudaMemcpyDeviceToHost,
-                               copy_out_),
-               "copy to host");
-    }
-    if (s.ok()) s = Cuda(cudaEventRecord(state.done, copy_out_), "event");
     return s;
   }
+  // Rows [a, b) of O back to the requests, on copy_out_.
+  absl::Status CopyRowsOut(const JobRows& r, int64_t a, int64_t b) {
+    const auto* o = static_cast<const unsigned char*>(r.dev[3].data());
+    if (!r.convert) return CopyOut(r.job, o, r.bytes(a), r.bytes(b), copy_out_);
+    absl::Status s = absl::OkStatus();
+    if (b > a) {
+      s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
+                   o + r.bytes(a), reinterpret_cast<float*>(r.fp32() + r.in_bytes(a)),
+                   (b - a) * r.row_values, r.flags(), copy_out_)),
+               "fp16 to fp32");
+    }
+    return s.ok() ? CopyOut(r.job, r.fp32(), r.in_bytes(a), r.in_bytes(b), copy_out_) : s;
+  }
 
-  // A long job that no cut splits into independent problems: K and V copied whole first on
-  // copy_in_ (any part may read any of them), then part i's Q rows up to q_ends[i] (those its
-  // tiles read that no earlier part's copy brought); part i's launch on the job's stream once
-  // they are in; its output rows [cuts[i], cuts[i + 1]), final once it is done, copied out on
-  // copy_out_. As in IssuePieces, part i + 1's copy is issued after part i's launch. An fp32 job
-  // converts through the fp32 buffer: K and V whole in turn, then Q and O by rows, where the Q
-  // rows staged for a later part (at or past q_ends[i] >= cuts[i + 1]) are never rows of an
-  // output still converting.
-  absl::Status IssueRowParts(const Job& job, const attention::AttentionPlan& plan,
-                             const std::vector<int64_t>& cuts, const std::vector<int64_t>& q_ends,
-                             const std::vector<memory::Buffer>& dev, bool convert,
-                             cudaStream_t stream, GpuJob& state) {
-    const size_t parts = cuts.size() - 1;
-    const int64_t total = plan.params.total_tokens;
-    const size_t row_bytes = plan.tensor_bytes / static_cast<size_t>(total);
-    const int64_t row_values = int64_t{plan.params.num_heads} * plan.params.head_dim;
-    const size_t in_row_bytes =
-        static_cast<size_t>(row_values) * attention::DTypeSize(job.shape.dtype);
-    auto bytes = [&](int64_t row) { return static_cast<size_t>(row) * row_bytes; };
-    auto in_bytes = [&](int64_t row) { return static_cast<size_t>(row) * in_row_bytes; };
-    auto* fp32 = static_cast<unsigned char*>(dev[5].data());
-    int* flags = static_cast<int*>(dev[6].data());
-    // Rows [a, b) of input t into its device tensor (through the fp32 buffer when converting).
-    auto copy_rows = [&](int t, int64_t a, int64_t b) {
-      auto* half = static_cast<unsigned char*>(dev[t].data());
-      absl::Status s = CopyIn(job, t, convert ? fp32 : half, in_bytes(a), in_bytes(b), copy_in_);
-      if (s.ok() && convert && b > a) {
-        s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
-                     reinterpret_cast<const float*>(fp32 + in_bytes(a)), half + bytes(a),
-                     (b - a) * row_values, flags, copy_in_)),
-                 "fp32 to fp16");
-      }
-      return s;
-    };
+  // A job in `parts` launches: part i's inputs (inputs(i), copies on copy_in_); its launch
+  // (launch(i)) on the job's stream once they are in, the launch before it ahead of it; its output
+  // rows (out_rows(i)) copied out on copy_out_ once it is done. Copies in both directions and the
+  // launches overlap, and `done` (on copy_out_) follows everything. Part i's inputs are issued
+  // after part i - 1's launch: an input copy can hold the host (copies from memory the driver
+  // could not pin are synchronous, and a long queue of copies fills the driver's command buffer),
+  // and the launch before it should be queued by then.
+  template <class Inputs, class Launch, class OutRows>
+  absl::Status IssueParts(const JobRows& r, size_t parts, cudaStream_t stream, GpuJob& state,
+                          Inputs&& inputs, Launch&& launch, OutRows&& out_rows) {
     state.piece_events.reserve(2 * parts);
     for (size_t i = 0; i < 2 * parts; ++i) {
       cudaEvent_t e = nullptr;
@@ -603,53 +540,107 @@ class CudaExecutor final : public Executor {
       }
       state.piece_events.push_back(e);
     }
-    auto issue_q = [&](size_t i) {
-      absl::Status s = copy_rows(0, i > 0 ? q_ends[i - 1] : 0, q_ends[i]);
+    auto issue_inputs = [&](size_t i) {
+      absl::Status s = inputs(i);
       if (s.ok()) s = Cuda(cudaEventRecord(state.piece_events[2 * i], copy_in_), "event");
       if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
       return s;
     };
-    state.host_work = absl::Now() - job.start;
+    state.host_work = absl::Now() - r.job.start;
     absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
-    if (s.ok() && convert) s = Cuda(cudaMemsetAsync(flags, 0, sizeof(int), copy_in_), "memset");
-    WaitForInputBytes(job, in_bytes(total));  // rows still being copied out of their messages
-    for (int t = 1; t < 3 && s.ok(); ++t) s = copy_rows(t, 0, total);
-    if (s.ok()) s = issue_q(0);
+    if (s.ok() && r.convert) {
+      s = Cuda(cudaMemsetAsync(r.flags(), 0, sizeof(int), copy_in_), "memset");
+    }
+    if (s.ok()) s = issue_inputs(0);
+    for (size_t i = 0; i < parts && s.ok(); ++i) {
+      cudaEvent_t computed = state.piece_events[2 * i + 1];
+      s = Cuda(cudaStreamWaitEvent(stream, state.piece_events[2 * i], 0), "wait");
+      if (s.ok()) s = launch(i);
+      if (s.ok()) s = Cuda(cudaEventRecord(computed, stream), "event");
+      if (s.ok()) s = Cuda(cudaStreamWaitEvent(copy_out_, computed, 0), "wait");
+      if (s.ok()) {
+        const auto [a, b] = out_rows(i);
+        s = CopyRowsOut(r, a, b);
+      }
+      if (s.ok() && i + 1 < parts) s = issue_inputs(i + 1);
+    }
+    if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
+    if (s.ok() && r.convert) {
+      s = Cuda(cudaMemcpyAsync(state.overflow_host, r.flags(), sizeof(int), cudaMemcpyDeviceToHost,
+                               copy_out_),
+               "copy to host");
+    }
+    if (s.ok()) s = Cuda(cudaEventRecord(state.done, copy_out_), "event");
+    return s;
+  }
+
+  // A job in pieces (IssueParts): each piece's Q, K and V rows, then its own plan over them. An
+  // fp32 job goes through the fp32 buffer piece by piece: a piece's rows of it stage Q, K and V in
+  // turn (converted on copy_in_) and then its output (converted on copy_out_), while other pieces
+  // use other rows.
+  absl::Status IssuePieces(const Job& job, const std::vector<Piece>& pieces,
+                           const std::vector<memory::Buffer>& dev, bool convert,
+                           cudaStream_t stream, GpuJob& state) {
+    const JobRows r = RowsOf(job, *pieces.front().plan, dev, convert);
+    const DeviceLoc loc = DeviceLoc::Cuda(device_);
+    const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
+    return IssueParts(
+        r, pieces.size(), stream, state,
+        [&](size_t i) {
+          const int64_t a = pieces[i].row_begin, b = pieces[i].row_end;
+          WaitForInputBytes(job, r.in_bytes(b));  // rows still being copied out of their messages
+          absl::Status s = absl::OkStatus();
+          for (int t = 0; t < 3 && s.ok(); ++t) s = CopyRowsIn(r, t, a, b);
+          return s;
+        },
+        [&](size_t i) {
+          const Piece& piece = pieces[i];
+          const size_t at = r.bytes(piece.row_begin), size = piece.plan->tensor_bytes;
+          auto at_row = [&](int t) { return static_cast<unsigned char*>(dev[t].data()) + at; };
+          const attention::AttentionTensors tensors{{at_row(0), size, loc},
+                                                    {at_row(1), size, loc},
+                                                    {at_row(2), size, loc},
+                                                    {at_row(3), size, loc}};
+          return gpu_[job.stream]->Run(*piece.plan, tensors, workspace);
+        },
+        [&](size_t i) {
+          return std::pair{pieces[i].row_begin, pieces[i].row_end};
+        });
+  }
+
+  // A long job that no cut splits into independent problems, over parts of its rows
+  // (IssueParts): K and V copied whole first (any part may read any of them), then part i's Q
+  // rows up to q_ends[i] (those its tiles read that no earlier part's copy brought); part i's
+  // output rows [cuts[i], cuts[i + 1]) are final once it is done. An fp32 job converts through
+  // the fp32 buffer: K and V whole in turn, then Q and O by rows, where the Q rows staged for a
+  // later part (at or past q_ends[i] >= cuts[i + 1]) are never rows of an output still
+  // converting.
+  absl::Status IssueRowParts(const Job& job, const attention::AttentionPlan& plan,
+                             const std::vector<int64_t>& cuts, const std::vector<int64_t>& q_ends,
+                             const std::vector<memory::Buffer>& dev, bool convert,
+                             cudaStream_t stream, GpuJob& state) {
+    const JobRows r = RowsOf(job, plan, dev, convert);
+    const int64_t total = plan.params.total_tokens;
     const DeviceLoc loc = DeviceLoc::Cuda(device_);
     const attention::AttentionTensors tensors{{dev[0].data(), plan.tensor_bytes, loc},
                                               {dev[1].data(), plan.tensor_bytes, loc},
                                               {dev[2].data(), plan.tensor_bytes, loc},
                                               {dev[3].data(), plan.tensor_bytes, loc}};
     const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
-    for (size_t i = 0; i < parts && s.ok(); ++i) {
-      cudaEvent_t computed = state.piece_events[2 * i + 1];
-      s = Cuda(cudaStreamWaitEvent(stream, state.piece_events[2 * i], 0), "wait");
-      if (s.ok()) s = gpu_[job.stream]->RunPart(plan, tensors, workspace, i);
-      if (s.ok()) s = Cuda(cudaEventRecord(computed, stream), "event");
-      if (s.ok()) s = Cuda(cudaStreamWaitEvent(copy_out_, computed, 0), "wait");
-      const int64_t a = cuts[i], b = cuts[i + 1];
-      if (s.ok() && convert && b > a) {
-        s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
-                     static_cast<const unsigned char*>(dev[3].data()) + bytes(a),
-                     reinterpret_cast<float*>(fp32 + in_bytes(a)), (b - a) * row_values, flags,
-                     copy_out_)),
-                 "fp16 to fp32");
-      }
-      if (s.ok()) {
-        s = convert ? CopyOut(job, fp32, in_bytes(a), in_bytes(b), copy_out_)
-                    : CopyOut(job, static_cast<const unsigned char*>(dev[3].data()), bytes(a),
-                              bytes(b), copy_out_);
-      }
-      if (s.ok() && i + 1 < parts) s = issue_q(i + 1);
-    }
-    if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
-    if (s.ok() && convert) {
-      s = Cuda(cudaMemcpyAsync(state.overflow_host, flags, sizeof(int), cudaMemcpyDeviceToHost,
-                               copy_out_),
-               "copy to host");
-    }
-    if (s.ok()) s = Cuda(cudaEventRecord(state.done, copy_out_), "event");
-    return s;
+    return IssueParts(
+        r, cuts.size() - 1, stream, state,
+        [&](size_t i) {
+          absl::Status s = absl::OkStatus();
+          if (i == 0) {
+            WaitForInputBytes(job, r.in_bytes(total));  // still being copied out of messages
+            for (int t = 1; t < 3 && s.ok(); ++t) s = CopyRowsIn(r, t, 0, total);
+          }
+          return s.ok() ? CopyRowsIn(r, 0, i > 0 ? q_ends[i - 1] : 0, q_ends[i]) : s;
+        },
+        [&](size_t i) { return gpu_[job.stream]->RunPart(plan, tensors, workspace, i); },
+        [&](size_t i) {
+          return std::pair{cuts[i], cuts[i + 1]};
+        });
   }
 
   // Whatever happened, the buffers stay leased until the streams are past them.
