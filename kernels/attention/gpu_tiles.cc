@@ -437,4 +437,46 @@ absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<G
   return absl::OkStatus();
 }
 
+std::vector<TilePart> CutTilesIntoParts(const std::vector<GpuTile>& tiles,
+                                        const KeylessPlacement& keyless,
+                                        const std::vector<int64_t>& seq_offsets,
+                                        const std::vector<int64_t>& cuts,
+                                        std::vector<GpuTile>* parted) {
+  const size_t num_parts = cuts.size() < 2 ? 1 : cuts.size() - 1;
+  std::vector<std::vector<GpuTile>> keyless_of(num_parts), keyed_of(num_parts);
+  std::vector<TilePart> parts(num_parts, TilePart{0, 0, 0, 0});
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const GpuTile& tile = tiles[i];
+    const int64_t first = seq_offsets[static_cast<size_t>(tile.seq)] + tile.q_pos;
+    // The interior cuts at or below the tile's first row.
+    const size_t c =
+        cuts.size() < 2
+            ? 0
+            : static_cast<size_t>(std::upper_bound(cuts.begin() + 1, cuts.end() - 1, first) -
+                                  (cuts.begin() + 1));
+    if (IsKeylessSlot<int64_t>(keyless, static_cast<int64_t>(i))) {
+      keyless_of[c].push_back(tile);
+    } else {
+      keyed_of[c].push_back(tile);
+      parts[c].q_end = std::max<int64_t>(
+          parts[c].q_end, first + static_cast<int64_t>(tile.count - 1) * tile.q_stride + 1);
+    }
+  }
+  parted->clear();
+  parted->reserve(tiles.size());
+  for (size_t c = 0; c < num_parts; ++c) {
+    TilePart& part = parts[c];
+    part.tile_begin = static_cast<int64_t>(parted->size());
+    part.keyless = static_cast<int64_t>(keyless_of[c].size());
+    part.num_tiles = part.keyless + static_cast<int64_t>(keyed_of[c].size());
+    parted->insert(parted->end(), keyless_of[c].begin(), keyless_of[c].end());
+    parted->insert(parted->end(), keyed_of[c].begin(), keyed_of[c].end());
+    // Never below an earlier part's end nor this part's last row: each part's Q rows then
+    // follow the last part's, past every output row of the parts up to it.
+    part.q_end = std::max({part.q_end, cuts.size() < 2 ? int64_t{0} : cuts[c + 1],
+                           c > 0 ? parts[c - 1].q_end : int64_t{0}});
+  }
+  return parts;
+}
+
 }  // namespace dilattn::attention

@@ -85,4 +85,22 @@ DILATTN_HOST_DEVICE bool IsKeylessSlot(const KeylessPlacement& keyless, Int inde
 absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles,
                            KeylessPlacement* keyless = nullptr);
 
+// A tile list cut into launches over parts of the query rows, for callers that overlap copies
+// with them: part i takes the tiles whose first row (seq_offsets[seq] + q_pos) lies in
+// [cuts[i], cuts[i + 1]), its keyless tiles first (it launches with KeylessPlacement{keyless, 1})
+// and then the rest in the list's order, so that after part i every output row below cuts[i + 1]
+// is written. Part i reads Q only below its q_end, which ascends and is at least cuts[i + 1].
+// `cuts` ascend; rows outside [cuts.front(), cuts.back()) go to the first or last part.
+struct TilePart {
+  int64_t tile_begin;  // into *parted
+  int64_t num_tiles;
+  int64_t keyless;
+  int64_t q_end;
+};
+std::vector<TilePart> CutTilesIntoParts(const std::vector<GpuTile>& tiles,
+                                        const KeylessPlacement& keyless,
+                                        const std::vector<int64_t>& seq_offsets,
+                                        const std::vector<int64_t>& cuts,
+                                        std::vector<GpuTile>* parted);
+
 }  // namespace dilattn::attention

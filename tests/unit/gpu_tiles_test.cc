@@ -164,6 +164,93 @@ TEST(GpuTiles, KeylessPositionsTakeTallTilesSpreadOverTheFirstHalf) {
   EXPECT_EQ(tiles[1].head, 0);
 }
 
+// Launches over parts of the rows: every tile in the part of its first row, a part's keyless
+// tiles first and the rest in the list's order, every output row below a cut written by the parts
+// up to it, and each part's Q reads below its q_end, which ascends and reaches its last row.
+TEST(GpuTiles, CutIntoPartsByTheirFirstRows) {
+  AttentionOptions o;
+  o.mode = Mode::kHeadGroups;
+  o.segment_lengths = {100, 300, 2000};
+  o.dilation_rates = {1, 2, 4};
+  o.causal = true;
+  ProblemShape shape;
+  shape.dtype = DType::kBFloat16;
+  shape.num_heads = 6;
+  shape.head_dim = 64;
+  shape.seq_lengths = {1500, 37, 2200};
+  absl::StatusOr<AttentionPlan> plan = PlanAttention(o, shape);
+  ASSERT_TRUE(plan.ok());
+  std::vector<GpuTile> tiles;
+  KeylessPlacement keyless;
+  ASSERT_TRUE(BuildGpuTiles(*plan, 128, &tiles, &keyless).ok());
+  ASSERT_GT(keyless.count, 0);
+  const int64_t total = plan->params.total_tokens;
+  // Cuts inside sequences, and two empty parts.
+  const std::vector<int64_t> cuts = {0, 400, 400, 1537, 2000, 3737, 3737};
+  ASSERT_EQ(cuts.back(), total);
+  std::vector<GpuTile> parted;
+  const std::vector<TilePart> parts =
+      CutTilesIntoParts(tiles, keyless, plan->seq_offsets, cuts, &parted);
+  ASSERT_EQ(parts.size(), cuts.size() - 1);
+  ASSERT_EQ(parted.size(), tiles.size());
+  auto first_row = [&](const GpuTile& t) { return plan->seq_offsets[t.seq] + t.q_pos; };
+  auto last_row = [&](const GpuTile& t) {
+    return first_row(t) + static_cast<int64_t>(t.count - 1) * t.q_stride;
+  };
+  auto same = [](const GpuTile& a, const GpuTile& b) {
+    return a.seq == b.seq && a.q_pos == b.q_pos && a.q_stride == b.q_stride && a.head == b.head &&
+           a.count == b.count;
+  };
+  int64_t next = 0, keyless_total = 0, q_end = 0;
+  std::vector<int> written(static_cast<size_t>(total * plan->params.num_heads), 0);
+  for (size_t c = 0; c < parts.size(); ++c) {
+    SCOPED_TRACE(absl::StrCat("part ", c));
+    const TilePart& part = parts[c];
+    ASSERT_EQ(part.tile_begin, next);
+    ASSERT_GE(part.num_tiles, part.keyless);
+    next += part.num_tiles;
+    keyless_total += part.keyless;
+    EXPECT_GE(part.q_end, q_end);
+    EXPECT_GE(part.q_end, cuts[c + 1]);
+    EXPECT_LE(part.q_end, total);
+    q_end = part.q_end;
+    size_t in_list = 0;  // the part's keyed tiles keep the list's order
+    for (int64_t i = part.tile_begin; i < part.tile_begin + part.num_tiles; ++i) {
+      const GpuTile& t = parted[static_cast<size_t>(i)];
+      EXPECT_GE(first_row(t), cuts[c]);
+      if (c + 1 < parts.size()) {
+        EXPECT_LT(first_row(t), cuts[c + 1]);
+      }
+      const bool is_keyless = i < part.tile_begin + part.keyless;
+      if (!is_keyless) {
+        EXPECT_LT(last_row(t), part.q_end);
+        while (in_list < tiles.size() && !same(tiles[in_list], t)) ++in_list;
+        EXPECT_LT(in_list, tiles.size()) << "tile " << i << " out of the list's order";
+      }
+      // It is the tile at a keyless slot of the list exactly when it is among the part's first.
+      size_t at = 0;
+      while (at < tiles.size() && !same(tiles[at], t)) ++at;
+      ASSERT_LT(at, tiles.size());
+      EXPECT_EQ(IsKeylessSlot(keyless, static_cast<int64_t>(at)), is_keyless) << "tile " << i;
+      for (int j = 0; j < t.count; ++j) {
+        const int64_t row = first_row(t) + static_cast<int64_t>(j) * t.q_stride;
+        ++written[static_cast<size_t>(row * plan->params.num_heads + t.head)];
+      }
+    }
+    // Every row below the next cut is written by now.
+    for (int64_t row = 0; row < cuts[c + 1]; ++row) {
+      for (int h = 0; h < plan->params.num_heads; ++h) {
+        ASSERT_EQ(written[static_cast<size_t>(row * plan->params.num_heads + h)], 1)
+            << "row " << row << " head " << h;
+      }
+    }
+  }
+  EXPECT_EQ(next, static_cast<int64_t>(tiles.size()));
+  EXPECT_EQ(keyless_total, keyless.count);
+  EXPECT_EQ(parts[1].num_tiles, 0);
+  EXPECT_EQ(parts[5].num_tiles, 0);
+}
+
 // With causal, a tile computes each branch's keys up to its last row, in 64-key tiles for all of
 // its 128 rows. At the default longnet branches, tiles of one residue spanned a whole 2048-token
 // cell, and computed 1.69 x the keys their queries see; merged progressions keep that at 1.28 x.

@@ -120,34 +120,9 @@ class CudaBackend final : public AttentionBackend {
     if (parts_fingerprint_ == tiles_fingerprint_ && part_cuts_ == cuts) return part_q_ends_;
     parts_fingerprint_.clear();
     staged_parts_ = false;
-    const size_t num_parts = cuts.size() - 1;
-    std::vector<std::vector<GpuTile>> keyless(num_parts), keyed(num_parts);
-    std::vector<int64_t> q_ends(num_parts, 0);
-    for (size_t i = 0; i < tiles_.size(); ++i) {
-      const GpuTile& tile = tiles_[i];
-      const int64_t first = plan.seq_offsets[static_cast<size_t>(tile.seq)] + tile.q_pos;
-      const size_t c = static_cast<size_t>(
-          std::upper_bound(cuts.begin() + 1, cuts.end() - 1, first) - (cuts.begin() + 1));
-      if (IsKeylessSlot<int64_t>(keyless_, static_cast<int64_t>(i))) {
-        keyless[c].push_back(tile);
-      } else {
-        keyed[c].push_back(tile);
-        q_ends[c] = std::max<int64_t>(
-            q_ends[c], first + static_cast<int64_t>(tile.count - 1) * tile.q_stride + 1);
-      }
-    }
-    part_tiles_.clear();
-    parts_.clear();
-    for (size_t c = 0; c < num_parts; ++c) {
-      parts_.push_back({static_cast<int64_t>(part_tiles_.size()),
-                        static_cast<int64_t>(keyless[c].size() + keyed[c].size()),
-                        static_cast<int64_t>(keyless[c].size())});
-      part_tiles_.insert(part_tiles_.end(), keyless[c].begin(), keyless[c].end());
-      part_tiles_.insert(part_tiles_.end(), keyed[c].begin(), keyed[c].end());
-      // Never below an earlier part's end nor this part's last row: each part's Q rows then
-      // follow the last part's, past every output row of the parts up to it.
-      q_ends[c] = std::max({q_ends[c], cuts[c + 1], c > 0 ? q_ends[c - 1] : int64_t{0}});
-    }
+    parts_ = CutTilesIntoParts(tiles_, keyless_, plan.seq_offsets, cuts, &part_tiles_);
+    std::vector<int64_t> q_ends;
+    for (const TilePart& part : parts_) q_ends.push_back(part.q_end);
     part_cuts_ = cuts;
     part_q_ends_ = std::move(q_ends);
     parts_fingerprint_ = tiles_fingerprint_;
@@ -185,10 +160,11 @@ class CudaBackend final : public AttentionBackend {
       }
       if (absl::Status s = staging_.Upload(device, layout.total, stream_); !s.ok()) return s;
     }
-    const PartRange& range = parts_[part];
+    const TilePart& range = parts_[part];
     cuda::FusedForwardParams params = cuda::BindFusedParams(plan.params, tensors, device);
-    params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset) + range.begin;
-    params.num_tiles = range.count;
+    params.tiles =
+        reinterpret_cast<const GpuTile*>(device + layout.tiles_offset) + range.tile_begin;
+    params.num_tiles = range.num_tiles;
     params.keyless = KeylessPlacement{range.keyless, 1};
     params.variant = force_mma_ ? cuda::FusedVariant::kMmaSync
                                 : cuda::SelectFusedVariant(major_, plan.params.head_dim);
@@ -233,7 +209,7 @@ class CudaBackend final : public AttentionBackend {
   bool staged_ = false;  // staging_ holds the tile list of tiles_fingerprint_
   // PrepareParts: the tiles regrouped by part, for parts_fingerprint_ and part_cuts_.
   std::vector<GpuTile> part_tiles_;
-  std::vector<PartRange> parts_;
+  std::vector<TilePart> parts_;
   std::vector<int64_t> part_cuts_;
   std::vector<int64_t> part_q_ends_;
   std::string parts_fingerprint_;

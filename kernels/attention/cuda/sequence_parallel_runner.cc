@@ -508,40 +508,25 @@ class Runner final : public SequenceParallelRunner {
         parts.push_back({b, e, 0, 0, 0, 0});
       }
       hp->inputs_by_part[g] = by_segments;
-      // The slice's tiles are its keyless ones, then the rest; each part keeps that order.
-      std::vector<std::vector<GpuTile>> by_part(parts.size());
-      for (size_t i = 0; i < slice.tiles.size(); ++i) {
-        const GpuTile& tile = slice.tiles[i];
-        size_t c = 0;
-        while (c + 1 < parts.size() && tile.q_pos >= parts[c + 1].row_begin) ++c;
-        by_part[c].push_back(tile);
-        if (static_cast<int64_t>(i) < slice.keyless.count) {
-          ++parts[c].keyless;
-        } else {
-          parts[c].q_end = std::max<int64_t>(
-              parts[c].q_end,
-              tile.q_pos + static_cast<int64_t>(tile.count - 1) * tile.q_stride + 1);
-        }
-      }
-      // Q by part (parts not cut by segments) covers every row: each part's copy runs from the
-      // previous one's end to its own, at least to its last row and, the last part, the slice's.
+      // The slice's tiles by part (CutTilesIntoParts: keyless ones first, a part's Q up to the
+      // last row its tiles read); their positions are rows, the slice one sequence from 0.
+      std::vector<int64_t> cuts;
+      for (const SlicePart& part : parts) cuts.push_back(part.row_begin);
+      cuts.push_back(parts.back().row_end);
+      std::vector<GpuTile> parted;
+      const std::vector<TilePart> cut =
+          CutTilesIntoParts(slice.tiles, slice.keyless, {0, plan.seq_offsets[1]}, cuts, &parted);
       for (size_t c = 0; c < parts.size(); ++c) {
-        SlicePart& part = parts[c];
-        part.q_end = std::max({part.q_end, part.row_end, c > 0 ? parts[c - 1].q_end : int64_t{0}});
-        if (c + 1 == parts.size()) part.q_end = std::max(part.q_end, slice.end);
+        parts[c].tile_begin = cut[c].tile_begin;
+        parts[c].num_tiles = cut[c].num_tiles;
+        parts[c].keyless = cut[c].keyless;
+        parts[c].q_end = cut[c].q_end;
       }
       std::vector<unsigned char>& t = hp->tables[g];
-      t.assign(kTilesAt + slice.tiles.size() * sizeof(GpuTile), 0);
+      t.assign(kTilesAt + parted.size() * sizeof(GpuTile), 0);
       std::memcpy(t.data(), offsets, sizeof(offsets));
-      int64_t at = 0;
-      for (size_t c = 0; c < parts.size(); ++c) {
-        parts[c].tile_begin = at;
-        parts[c].num_tiles = static_cast<int64_t>(by_part[c].size());
-        if (!by_part[c].empty()) {
-          std::memcpy(t.data() + kTilesAt + at * sizeof(GpuTile), by_part[c].data(),
-                      by_part[c].size() * sizeof(GpuTile));
-        }
-        at += parts[c].num_tiles;
+      if (!parted.empty()) {
+        std::memcpy(t.data() + kTilesAt, parted.data(), parted.size() * sizeof(GpuTile));
       }
     }
     // The runs read the tables and lists above; the plan's own copies of them go.
