@@ -173,11 +173,6 @@ class CudaBackend final : public AttentionBackend {
   }
 
  private:
-  struct PartRange {
-    int64_t begin;  // into part_tiles_
-    int64_t count;
-    int64_t keyless;  // its first tiles
-  };
 
   // The tile list depends only on the problem's shape and options: repeated shapes (benchmarks,
   // steady serving traffic) reuse the last one instead of planning again on the host.
