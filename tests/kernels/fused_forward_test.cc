@@ -191,7 +191,6 @@ TEST(FusedForward, OutputOffTheSixteenByteAlignment) {
   CompareCases(cases, /*o_offset=*/4);
 }
 
-// Kept small on purpose: run under compute-sanitizer (memcheck, racecheck) by the device script.
 // A plan run in parts over its rows (PrepareParts, RunPart) as the server's executor runs a long
 // job that cannot be cut into independent problems: before part i only Q's rows below its q_end
 // are on the device (the rest NaN bytes), K and V whole. After part i, the output rows below the
@@ -301,6 +300,7 @@ TEST(FusedForward, RowPartsMatchOneLaunch) {
   EXPECT_EQ(gpu->RunPart(*plan, {}, {}, 0).code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// Kept small on purpose: run under compute-sanitizer (memcheck, racecheck) by the device script.
 TEST(FusedForward, SanitizerSet) {
   REQUIRE_GPU();
   RandomCaseLimits l = GpuLimits();
