@@ -284,39 +284,9 @@ class CudaExecutor final : public Executor {
     for (cudaEvent_t* e : {&state->begin, &state->copied, &state->computed, &state->done}) {
       if (absl::Status s = Cuda(cudaEventCreate(e), "event"); !s.ok()) return s;
     }
-    std::vector<int64_t> cuts, q_ends;
-    if (row_parts) {
-      const int64_t total = plans.dilated->params.total_tokens;
-      for (int64_t c = 0; c <= kRowParts; ++c) cuts.push_back(total * c / kRowParts);
-      absl::StatusOr<std::vector<int64_t>> ends =
-          gpu_[job.stream]->PrepareParts(*plans.dilated, cuts);
-      if (!ends.ok()) return ends.status();
-      q_ends = *std::move(ends);
-      if (!logged_row_parts_) {
-        LogInfo(
-            "cuda executor: device %d: jobs of >= %d tokens that no cut splits run in %d launches "
-            "over parts of their rows (the first: %d tokens)",
-            device_, options_.pipeline_min_tokens, kRowParts, total);
-        logged_row_parts_ = true;
-      }
-      absl::Status s =
-          IssueRowParts(job, *plans.dilated, cuts, q_ends, dev, convert, stream, *state);
-      FinishStart(job, std::move(state), *std::move(flag), dev);
-      if (!s.ok()) {
-        for (cudaStream_t st : {copy_in_, stream, copy_out_}) cudaStreamSynchronize(st);
-      }
-      return s;
-    }
-    if (!pieces.empty()) {
-      if (!logged_pieces_) {
-        LogInfo(
-            "cuda executor: device %d: jobs of >= %d tokens run in pieces (the first: %d "
-            "tokens in %d)",
-            device_, options_.pipeline_min_tokens, plans.dilated->params.total_tokens,
-            pieces.size());
-        logged_pieces_ = true;
-      }
-      absl::Status s = IssuePieces(job, pieces, dev, convert, stream, *state);
+    if (row_parts || !pieces.empty()) {
+      absl::Status s = row_parts ? IssueRowParts(job, *plans.dilated, dev, convert, stream, *state)
+                                 : IssuePieces(job, pieces, dev, convert, stream, *state);
       FinishStart(job, std::move(state), *std::move(flag), dev);
       if (!s.ok()) {
         for (cudaStream_t st : {copy_in_, stream, copy_out_}) cudaStreamSynchronize(st);
@@ -581,6 +551,13 @@ class CudaExecutor final : public Executor {
   absl::Status IssuePieces(const Job& job, const std::vector<Piece>& pieces,
                            const std::vector<memory::Buffer>& dev, bool convert,
                            cudaStream_t stream, GpuJob& state) {
+    if (!logged_pieces_) {
+      LogInfo(
+          "cuda executor: device %d: jobs of >= %d tokens run in pieces (the first: %d "
+          "tokens in %d)",
+          device_, options_.pipeline_min_tokens, pieces.back().row_end, pieces.size());
+      logged_pieces_ = true;
+    }
     const JobRows r = RowsOf(job, *pieces.front().plan, dev, convert);
     const DeviceLoc loc = DeviceLoc::Cuda(device_);
     const attention::TensorRef workspace{dev[4].data(), dev[4].size(), loc};
@@ -608,19 +585,30 @@ class CudaExecutor final : public Executor {
         });
   }
 
-  // A long job that no cut splits into independent problems, over parts of its rows
-  // (IssueParts): K and V copied whole first (any part may read any of them), then part i's Q
+  // A long job that no cut splits into independent problems, over kRowParts equal parts of its
+  // rows (IssueParts): K and V copied whole first (any part may read any of them), then part i's Q
   // rows up to q_ends[i] (those its tiles read that no earlier part's copy brought); part i's
   // output rows [cuts[i], cuts[i + 1]) are final once it is done. An fp32 job converts through
   // the fp32 buffer: K and V whole in turn, then Q and O by rows, where the Q rows staged for a
   // later part (at or past q_ends[i] >= cuts[i + 1]) are never rows of an output still
   // converting.
   absl::Status IssueRowParts(const Job& job, const attention::AttentionPlan& plan,
-                             const std::vector<int64_t>& cuts, const std::vector<int64_t>& q_ends,
                              const std::vector<memory::Buffer>& dev, bool convert,
                              cudaStream_t stream, GpuJob& state) {
-    const JobRows r = RowsOf(job, plan, dev, convert);
     const int64_t total = plan.params.total_tokens;
+    std::vector<int64_t> cuts;
+    for (int64_t c = 0; c <= kRowParts; ++c) cuts.push_back(total * c / kRowParts);
+    absl::StatusOr<std::vector<int64_t>> q_ends_or = gpu_[job.stream]->PrepareParts(plan, cuts);
+    if (!q_ends_or.ok()) return q_ends_or.status();
+    const std::vector<int64_t>& q_ends = *q_ends_or;
+    if (!logged_row_parts_) {
+      LogInfo(
+          "cuda executor: device %d: jobs of >= %d tokens that no cut splits run in %d launches "
+          "over parts of their rows (the first: %d tokens)",
+          device_, options_.pipeline_min_tokens, kRowParts, total);
+      logged_row_parts_ = true;
+    }
+    const JobRows r = RowsOf(job, plan, dev, convert);
     const DeviceLoc loc = DeviceLoc::Cuda(device_);
     const attention::AttentionTensors tensors{{dev[0].data(), plan.tensor_bytes, loc},
                                               {dev[1].data(), plan.tensor_bytes, loc},

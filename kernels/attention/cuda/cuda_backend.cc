@@ -74,39 +74,15 @@ class CudaBackend final : public AttentionBackend {
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& tensors,
                    TensorRef workspace) override {
     if (absl::Status s = Supports(plan); !s.ok()) return s;
-    if (absl::Status s = CheckTensors(plan, tensors, location()); !s.ok()) return s;
-    if (absl::Status s = cuda::CheckCudaTensorAlignment(tensors); !s.ok()) return s;
-    if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+    if (absl::Status s = CheckRun(plan, tensors); !s.ok()) return s;
     if (absl::Status s = PlanTiles(plan); !s.ok()) return s;
-    const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(tiles_.size()));
-    if (workspace.bytes < layout.total || !(workspace.location == location())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cuda workspace must hold ", layout.total, " bytes on ", location().ToString(),
-          ", got ", workspace.bytes, " on ", workspace.location.ToString()));
-    }
-    // Staging keeps the last tile list: a repeated shape uploads it again without rewriting it.
-    if (!staged_) {
-      staged_parts_ = false;
-      absl::StatusOr<unsigned char*> host = staging_.Reserve(layout.total);
-      if (!host.ok()) return host.status();
-      std::memcpy(*host, plan.seq_offsets.data(), layout.offsets_bytes);
-      std::memcpy(*host + layout.tiles_offset, tiles_.data(), sizeof(GpuTile) * tiles_.size());
-      staged_ = true;
-    }
-    auto* device = static_cast<unsigned char*>(workspace.data);
-    if (absl::Status s = staging_.Upload(device, layout.total, stream_); !s.ok()) return s;
-    cuda::FusedForwardParams params = cuda::BindFusedParams(plan.params, tensors, device);
-    params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset);
-    params.num_tiles = static_cast<int64_t>(tiles_.size());
-    params.keyless = keyless_;
-    params.variant = force_mma_ ? cuda::FusedVariant::kMmaSync
-                                : cuda::SelectFusedVariant(major_, plan.params.head_dim);
-    return CudaStatus(static_cast<cudaError_t>(cuda::LaunchFusedForward(params, stream_)),
-                      "fused forward launch");
+    absl::StatusOr<unsigned char*> device = StageAndUpload(plan, tiles_, Staged::kTiles, workspace);
+    if (!device.ok()) return device.status();
+    return Launch(plan, tensors, *device, 0, static_cast<int64_t>(tiles_.size()), keyless_);
   }
 
-  // The tile list regrouped by part (each part's keyless tiles first, then the rest in the list's
-  // order), kept while the shape and the cuts stay the same.
+  // The tile list regrouped by part (CutTilesIntoParts), kept while the shape and the cuts stay
+  // the same.
   absl::StatusOr<std::vector<int64_t>> PrepareParts(const AttentionPlan& plan,
                                                     const std::vector<int64_t>& cuts) override {
     if (absl::Status s = Supports(plan); !s.ok()) return s;
@@ -117,16 +93,16 @@ class CudaBackend final : public AttentionBackend {
           absl::StrCat("part cuts must ascend from 0 to the plan's ", total, " rows"));
     }
     if (absl::Status s = PlanTiles(plan); !s.ok()) return s;
-    if (parts_fingerprint_ == tiles_fingerprint_ && part_cuts_ == cuts) return part_q_ends_;
-    parts_fingerprint_.clear();
-    staged_parts_ = false;
-    parts_ = CutTilesIntoParts(tiles_, keyless_, plan.seq_offsets, cuts, &part_tiles_);
+    if (parts_fingerprint_ != tiles_fingerprint_ || part_cuts_ != cuts) {
+      parts_fingerprint_.clear();
+      if (staged_ == Staged::kParts) staged_ = Staged::kNothing;
+      parts_ = CutTilesIntoParts(tiles_, keyless_, plan.seq_offsets, cuts, &part_tiles_);
+      part_cuts_ = cuts;
+      parts_fingerprint_ = tiles_fingerprint_;
+    }
     std::vector<int64_t> q_ends;
     for (const TilePart& part : parts_) q_ends.push_back(part.q_end);
-    part_cuts_ = cuts;
-    part_q_ends_ = std::move(q_ends);
-    parts_fingerprint_ = tiles_fingerprint_;
-    return part_q_ends_;
+    return q_ends;
   }
 
   absl::Status RunPart(const AttentionPlan& plan, const AttentionTensors& tensors,
@@ -137,42 +113,71 @@ class CudaBackend final : public AttentionBackend {
       return absl::FailedPreconditionError(
           absl::StrCat("part ", part, " of a plan whose parts were not prepared"));
     }
+    if (absl::Status s = CheckRun(plan, tensors); !s.ok()) return s;
+    // Part 0 uploads every part's tiles; the later parts' launches follow it on the stream.
+    absl::StatusOr<unsigned char*> device =
+        part == 0 ? StageAndUpload(plan, part_tiles_, Staged::kParts, workspace)
+                  : WorkspaceFor(plan, part_tiles_.size(), workspace);
+    if (!device.ok()) return device.status();
+    const TilePart& range = parts_[part];
+    return Launch(plan, tensors, *device, range.tile_begin, range.num_tiles,
+                  KeylessPlacement{range.keyless, 1});
+  }
+
+ private:
+  // What staging_ holds: nothing yet, tiles_ (of tiles_fingerprint_), or part_tiles_ (of
+  // parts_fingerprint_).
+  enum class Staged { kNothing, kTiles, kParts };
+
+  // The tensors' checks and the device, before a launch.
+  absl::Status CheckRun(const AttentionPlan& plan, const AttentionTensors& tensors) const {
     if (absl::Status s = CheckTensors(plan, tensors, location()); !s.ok()) return s;
     if (absl::Status s = cuda::CheckCudaTensorAlignment(tensors); !s.ok()) return s;
-    if (absl::Status s = CudaStatus(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
-    const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(part_tiles_.size()));
+    return CudaStatus(cudaSetDevice(device_), "cudaSetDevice");
+  }
+  // The workspace, checked to hold the sequence offsets and a list of `tiles`.
+  absl::StatusOr<unsigned char*> WorkspaceFor(const AttentionPlan& plan, size_t tiles,
+                                              TensorRef workspace) const {
+    const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(tiles));
     if (workspace.bytes < layout.total || !(workspace.location == location())) {
       return absl::InvalidArgumentError(absl::StrCat(
           "cuda workspace must hold ", layout.total, " bytes on ", location().ToString(), ", got ",
           workspace.bytes, " on ", workspace.location.ToString()));
     }
-    auto* device = static_cast<unsigned char*>(workspace.data);
-    // Part 0 uploads every part's tiles; the later parts' launches follow it on the stream.
-    if (part == 0) {
-      if (!staged_parts_) {
-        absl::StatusOr<unsigned char*> host = staging_.Reserve(layout.total);
-        if (!host.ok()) return host.status();
-        std::memcpy(*host, plan.seq_offsets.data(), layout.offsets_bytes);
-        std::memcpy(*host + layout.tiles_offset, part_tiles_.data(),
-                    sizeof(GpuTile) * part_tiles_.size());
-        staged_ = false;
-        staged_parts_ = true;
-      }
-      if (absl::Status s = staging_.Upload(device, layout.total, stream_); !s.ok()) return s;
+    return static_cast<unsigned char*>(workspace.data);
+  }
+  // The sequence offsets and `list` into the workspace, on the stream. Staging keeps the last
+  // list: a repeated shape uploads it again without rewriting it.
+  absl::StatusOr<unsigned char*> StageAndUpload(const AttentionPlan& plan,
+                                                const std::vector<GpuTile>& list, Staged which,
+                                                TensorRef workspace) {
+    absl::StatusOr<unsigned char*> device = WorkspaceFor(plan, list.size(), workspace);
+    if (!device.ok()) return device;
+    const Layout layout = WorkspaceLayout(plan, static_cast<int64_t>(list.size()));
+    if (staged_ != which) {
+      absl::StatusOr<unsigned char*> host = staging_.Reserve(layout.total);
+      if (!host.ok()) return host.status();
+      std::memcpy(*host, plan.seq_offsets.data(), layout.offsets_bytes);
+      std::memcpy(*host + layout.tiles_offset, list.data(), sizeof(GpuTile) * list.size());
+      staged_ = which;
     }
-    const TilePart& range = parts_[part];
+    if (absl::Status s = staging_.Upload(*device, layout.total, stream_); !s.ok()) return s;
+    return device;
+  }
+  // The fused kernel over `count` tiles of the uploaded list from `first`.
+  absl::Status Launch(const AttentionPlan& plan, const AttentionTensors& tensors,
+                      unsigned char* device, int64_t first, int64_t count,
+                      const KeylessPlacement& keyless) {
+    const Layout layout = WorkspaceLayout(plan, 0);
     cuda::FusedForwardParams params = cuda::BindFusedParams(plan.params, tensors, device);
-    params.tiles =
-        reinterpret_cast<const GpuTile*>(device + layout.tiles_offset) + range.tile_begin;
-    params.num_tiles = range.num_tiles;
-    params.keyless = KeylessPlacement{range.keyless, 1};
+    params.tiles = reinterpret_cast<const GpuTile*>(device + layout.tiles_offset) + first;
+    params.num_tiles = count;
+    params.keyless = keyless;
     params.variant = force_mma_ ? cuda::FusedVariant::kMmaSync
                                 : cuda::SelectFusedVariant(major_, plan.params.head_dim);
     return CudaStatus(static_cast<cudaError_t>(cuda::LaunchFusedForward(params, stream_)),
                       "fused forward launch");
   }
-
- private:
 
   // The tile list depends only on the problem's shape and options: repeated shapes (benchmarks,
   // steady serving traffic) reuse the last one instead of planning again on the host.
@@ -181,8 +186,7 @@ class CudaBackend final : public AttentionBackend {
     if (fingerprint == tiles_fingerprint_) return absl::OkStatus();
     tiles_fingerprint_.clear();
     parts_fingerprint_.clear();
-    staged_ = false;
-    staged_parts_ = false;
+    staged_ = Staged::kNothing;
     if (absl::Status s = BuildGpuTiles(plan, cuda::FusedBlockM(plan.params.head_dim), &tiles_,
                                        &keyless_);
         !s.ok()) {
@@ -201,14 +205,12 @@ class CudaBackend final : public AttentionBackend {
   KeylessPlacement keyless_;
   std::string tiles_fingerprint_;
   cuda::StagedUpload staging_;
-  bool staged_ = false;  // staging_ holds the tile list of tiles_fingerprint_
+  Staged staged_ = Staged::kNothing;
   // PrepareParts: the tiles regrouped by part, for parts_fingerprint_ and part_cuts_.
   std::vector<GpuTile> part_tiles_;
   std::vector<TilePart> parts_;
   std::vector<int64_t> part_cuts_;
-  std::vector<int64_t> part_q_ends_;
   std::string parts_fingerprint_;
-  bool staged_parts_ = false;  // staging_ holds part_tiles_
 };
 
 }  // namespace

@@ -372,14 +372,14 @@ class Runner final : public SequenceParallelRunner {
         cudaStream_t stream = streams_[static_cast<size_t>(g)];
         // With several parts, each part's inputs come on the input stream (Q alone when they are
         // not cut by segments).
-        const bool by_part = parts.size() > 1;
+        const bool waits_for_inputs = parts.size() > 1;
         FusedForwardParams& params = launch[static_cast<size_t>(g)];
         if (absl::Status s =
                 CudaErrorStatus(cudaSetDevice(devices_[static_cast<size_t>(g)]), "cudaSetDevice");
             !s.ok()) {
           return s;
         }
-        if (by_part) {
+        if (waits_for_inputs) {
           if (absl::Status s = CudaErrorStatus(
                   cudaStreamWaitEvent(stream, part_in_[static_cast<size_t>(g)][c], 0), "event");
               !s.ok()) {
@@ -415,7 +415,7 @@ class Runner final : public SequenceParallelRunner {
             !s.ok()) {
           return s;
         }
-        if (by_part && c + 1 < parts.size()) {
+        if (c + 1 < parts.size()) {
           if (absl::Status s = copy_part_inputs(g, c + 1); !s.ok()) return s;
         }
       }
