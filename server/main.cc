@@ -120,6 +120,13 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
            "--stream-idle-seconds, --cpu-threads, --device-pool-mib, --pipeline-min-tokens and "
            "--sequence-parallel-min-tokens >= 0";
   }
+  // A pool past a pebibyte is a typo; the byte counts must not wrap (to a tiny pool or to 0,
+  // which means "90% of free memory" for the device pool).
+  constexpr int64_t kMaxPoolMib = int64_t{1} << 30;
+  if (host_pool_mib > kMaxPoolMib || device_pool_mib > kMaxPoolMib) {
+    return absl::StrCat("--host-pool-mib and --device-pool-mib must be at most ", kMaxPoolMib,
+                        " (1 PiB)");
+  }
   o->engine.executor.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;
   o->engine.executor.device_pool_bytes = static_cast<size_t>(device_pool_mib) << 20;
   o->grace_period = absl::Seconds(grace);

@@ -28,6 +28,10 @@ class Metrics::PoolCollector : public prometheus::Collectable {
     absl::MutexLock lock(&mu_);
     pools_.push_back(pool);
   }
+  void Clear() {
+    absl::MutexLock lock(&mu_);
+    pools_.clear();
+  }
 
   std::vector<prometheus::MetricFamily> Collect() const override {
     prometheus::MetricFamily bytes{"dilattn_buffer_pool_bytes",
@@ -137,6 +141,8 @@ int Metrics::port() const {
 }
 
 void Metrics::AddPool(const memory::BufferPool* pool) { pools_->Add(pool); }
+
+void Metrics::RemovePools() { pools_->Clear(); }
 
 ModelMetrics* Metrics::ForModel(const std::string& model, const std::string& version) {
   const prometheus::Labels labels = {{"model", model}, {"version", version}};

@@ -59,6 +59,8 @@ class Metrics {
   int port() const;  // 0 when not serving
   ModelMetrics* ForModel(const std::string& model, const std::string& version);
   void AddPool(const memory::BufferPool* pool);
+  // Before the pools are destroyed: /metrics keeps serving while the server is torn down.
+  void RemovePools();
   StreamMetrics* streams() { return &streams_; }
   prometheus::Registry& registry() { return *registry_; }
 

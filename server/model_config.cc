@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -64,7 +65,7 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
     inference::ModelOutput* out = c.add_output();
     out->set_name(output_name);
     out->set_data_type(c.input(0).data_type());
-    for (int i = 0; i < rank; ++i) out->add_dims(-1);
+    *out->mutable_dims() = c.input(0).dims();
   }
   std::set<std::string> names;
   for (const inference::ModelInput& in : c.input()) names.insert(in.name());
@@ -124,6 +125,14 @@ absl::Status CheckTensors(ModelSpec* spec, absl::string_view source) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": output ", output_name, " must have the inputs' data_type"));
   }
+  // The output has the inputs' shape; the ModelConfig RPC reports it as declared.
+  const auto& out_dims = c.output(0).dims();
+  if (!std::equal(out_dims.begin(), out_dims.end(), c.input(0).dims().begin(),
+                  c.input(0).dims().end())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source, ": output ", output_name, " declares dims [", absl::StrJoin(out_dims, ", "),
+        "]; it must declare the inputs' [", absl::StrJoin(c.input(0).dims(), ", "), "]"));
+  }
   return absl::OkStatus();
 }
 
@@ -169,6 +178,17 @@ absl::Status LoadMultiheadWeights(ModelSpec* spec, absl::string_view source,
   return absl::OkStatus();
 }
 
+// A config's microseconds (uint64 in the proto) as a duration; values past int64 would wrap to
+// negative durations (no delay, no timeout), so they are refused.
+absl::StatusOr<absl::Duration> Microseconds(uint64_t micros, absl::string_view field,
+                                            absl::string_view source) {
+  if (micros > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", field, " ", micros, " exceeds ",
+                                                   std::numeric_limits<int64_t>::max()));
+  }
+  return absl::Microseconds(static_cast<int64_t>(micros));
+}
+
 absl::Status CheckBatching(ModelSpec* spec, absl::string_view source) {
   const inference::ModelConfig& c = spec->config;
   BatchingPolicy& b = spec->batching;
@@ -182,6 +202,7 @@ absl::Status CheckBatching(ModelSpec* spec, absl::string_view source) {
     return absl::InvalidArgumentError(
         absl::StrCat(source, ": dynamic_batching needs max_batch_size > 0"));
   }
+  b.dynamic = true;
   for (int p : d.preferred_batch_size()) {
     if (p < 1 || p > b.max_batch_size) {
       return absl::InvalidArgumentError(absl::StrCat(source, ": preferred_batch_size ", p,
@@ -191,19 +212,23 @@ absl::Status CheckBatching(ModelSpec* spec, absl::string_view source) {
     b.preferred_batch_sizes.push_back(p);
   }
   std::sort(b.preferred_batch_sizes.begin(), b.preferred_batch_sizes.end());
-  b.max_queue_delay = absl::Microseconds(static_cast<int64_t>(d.max_queue_delay_microseconds()));
+  absl::StatusOr<absl::Duration> delay =
+      Microseconds(d.max_queue_delay_microseconds(), "max_queue_delay_microseconds", source);
+  if (!delay.ok()) return delay.status();
+  b.max_queue_delay = *delay;
   if (d.priority_levels() > 64) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": at most 64 priority_levels"));
   }
   b.priority_levels = d.priority_levels() == 0 ? 1 : static_cast<int>(d.priority_levels());
+  // Compared before narrowing: a level of 2^32 + 1 must not pass as 1.
+  if (d.default_priority_level() > static_cast<uint64_t>(b.priority_levels)) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": default_priority_level ",
+                                                   d.default_priority_level(), " is outside [1, ",
+                                                   b.priority_levels, "]"));
+  }
   b.default_priority = d.default_priority_level() == 0
                            ? (b.priority_levels + 1) / 2
                            : static_cast<int>(d.default_priority_level());
-  if (b.default_priority < 1 || b.default_priority > b.priority_levels) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": default_priority_level ",
-                                                   b.default_priority, " is outside [1, ",
-                                                   b.priority_levels, "]"));
-  }
   if (!d.priority_queue_policy().empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
         source, ": priority_queue_policy is not supported; use default_queue_policy"));
@@ -215,7 +240,10 @@ absl::Status CheckBatching(ModelSpec* spec, absl::string_view source) {
                              "rejected and never computed)"));
   }
   b.max_queue_size = q.max_queue_size();
-  b.default_timeout = absl::Microseconds(static_cast<int64_t>(q.default_timeout_microseconds()));
+  absl::StatusOr<absl::Duration> timeout =
+      Microseconds(q.default_timeout_microseconds(), "default_timeout_microseconds", source);
+  if (!timeout.ok()) return timeout.status();
+  b.default_timeout = *timeout;
   b.allow_timeout_override = q.allow_timeout_override() || q.default_timeout_microseconds() == 0;
   return absl::OkStatus();
 }
@@ -224,16 +252,28 @@ absl::Status CheckBatching(ModelSpec* spec, absl::string_view source) {
 // satisfies them, so that a broken config fails at start-up rather than on every request.
 absl::Status CheckOperator(const ModelSpec& spec, absl::string_view source) {
   const OperatorOptions& o = spec.defaults;
-  attention::ProblemShape shape = attention::DenseShape(attention::DType::kFloat32, 1, 1, 1, 1);
+  // Dims the config fixes are planned as declared (a head_groups model with fewer heads than
+  // branches fails here); the others take the smallest values the operator accepts.
+  const int64_t n = spec.dims[0] > 0 ? spec.dims[0] : 1;
+  const int64_t d = spec.dims[2] > 0 ? spec.dims[2] : 1;
+  const int64_t branches =
+      std::max<int64_t>(1, static_cast<int64_t>(o.dilated.segment_lengths.size()));
+  const int64_t h = spec.dims[1] > 0 ? spec.dims[1] : branches;
+  attention::ProblemShape shape = attention::DenseShape(attention::DType::kFloat32, 1, n, h, d);
   absl::Status s;
   if (o.kind == OperatorKind::kMultihead) {
     shape.num_heads = o.weights->num_heads;
     shape.head_dim = o.weights->embed_dim / o.weights->num_heads;
     s = multihead::PlanMultihead(o.weights, o.dilated, shape).status();
   } else if (o.kind == OperatorKind::kDilatedAttention) {
-    shape.num_heads = std::max<int64_t>(1, static_cast<int64_t>(o.dilated.segment_lengths.size()));
     s = attention::PlanAttention(o.dilated, shape).status();
-  } else if (o.sparse.pattern != block_sparse::Pattern::kExplicit) {
+  } else if (o.sparse.pattern == block_sparse::Pattern::kExplicit) {
+    // Requests may bring the pairs; unless N is fixed, the options are checked with one pair
+    // that any sequence has.
+    block_sparse::BlockSparseOptions one = o.sparse;
+    if (one.pairs.empty() || spec.dims[0] <= 0) one.pairs = {{0, 0}};
+    s = block_sparse::PlanBlockSparse(one, shape).status();
+  } else {
     s = block_sparse::PlanBlockSparse(o.sparse, shape).status();
   }
   if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat(source, ": ", s.message()));

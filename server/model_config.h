@@ -18,7 +18,8 @@
 namespace dilattn::server {
 
 struct BatchingPolicy {
-  int64_t max_batch_size = 0;  // sequences per execution; 0: every request runs on its own
+  int64_t max_batch_size = 0;  // sequences per request (B) and per execution; 0: no batch dim
+  bool dynamic = false;        // dynamic_batching: requests join batches; else each runs alone
   std::vector<int64_t> preferred_batch_sizes;
   absl::Duration max_queue_delay = absl::ZeroDuration();
   int priority_levels = 1;    // levels 1..priority_levels, 1 served first (Triton's order)

@@ -5,8 +5,8 @@
 namespace dilattn::server {
 namespace {
 
-double Micros(absl::Duration d) { return absl::ToDoubleMicroseconds(d); }
-double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(d); }
+double Micros(absl::Duration d) { return absl::ToDoubleMicroseconds(NonNegative(d)); }
+double Seconds(absl::Duration d) { return absl::ToDoubleSeconds(NonNegative(d)); }
 
 void Set(inference::StatisticDuration* out, uint64_t count, uint64_t ns) {
   out->set_count(count);

@@ -3,6 +3,7 @@
 // Per-model counters in two views: Triton's ModelStatistics (for the statistics RPC and
 // perf_analyzer's server-side breakdown) and the Prometheus metrics. One call updates both.
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 
@@ -14,6 +15,10 @@
 #include "server/request.h"
 
 namespace dilattn::server {
+
+// Durations are differences of absl::Now(), a wall clock: one that a clock step made negative
+// counts as zero, so that totals and counters never fall.
+inline absl::Duration NonNegative(absl::Duration d) { return std::max(d, absl::ZeroDuration()); }
 
 class ModelStats {
  public:
@@ -33,7 +38,7 @@ class ModelStats {
     uint64_t ns = 0;
     void Add(absl::Duration d) {
       ++count;
-      ns += static_cast<uint64_t>(absl::ToInt64Nanoseconds(d));
+      ns += static_cast<uint64_t>(absl::ToInt64Nanoseconds(NonNegative(d)));
     }
   };
   struct BatchDurations {

@@ -104,15 +104,62 @@ void Scheduler::FinishDropped(std::vector<std::unique_ptr<InferenceRequest>>& dr
   dropped.clear();
 }
 
-void Scheduler::Loop() {
+Scheduler::Extent Scheduler::ExtentLocked(const InferenceRequest& head) const {
+  // The queues in service order, taking the requests that share the head's key.
+  Extent e;
+  bool limited = false;
+  for (const auto& q : queues_) {
+    for (const auto& r : q) {
+      if (r->batch_key != head.batch_key) continue;
+      if (e.sequences > 0 && (!policy_.dynamic || policy_.max_batch_size == 0 ||
+                              e.sequences + r->batch > policy_.max_batch_size ||
+                              e.tokens + r->tokens() > policy_.max_batch_tokens)) {
+        limited = true;
+        break;
+      }
+      e.sequences += r->batch;
+      e.tokens += r->tokens();
+    }
+    if (limited) break;
+  }
+  const bool at_max = limited || !policy_.dynamic || policy_.max_batch_size == 0 ||
+                      e.sequences >= policy_.max_batch_size;
+  const bool preferred =
+      !policy_.preferred_batch_sizes.empty() && e.sequences >= policy_.preferred_batch_sizes.back();
+  e.ready_at = at_max || preferred || stopping_ || flushing_
+                   ? absl::InfinitePast()
+                   : head.enqueued + policy_.max_queue_delay;
+  return e;
+}
+
+bool Scheduler::AwaitReadyBatch() {
+  std::vector<std::unique_ptr<InferenceRequest>> dropped;
   while (true) {
     {
       absl::MutexLock lock(&mu_);
-      mu_.Await(absl::Condition(
-          +[](Scheduler* s) ABSL_NO_THREAD_SAFETY_ANALYSIS { return s->queued_ > 0 || s->stopping_; },
-          this));
-      if (queued_ == 0 && stopping_) return;
+      while (true) {
+        const absl::Time earliest_deadline = SweepLocked(&dropped);
+        if (!dropped.empty()) break;  // completed outside the lock, then look again
+        InferenceRequest* head = HeadLocked();
+        if (head == nullptr) {
+          if (stopping_) return false;
+          arrived_.Wait(&mu_);
+          continue;
+        }
+        const absl::Time ready_at = ExtentLocked(*head).ready_at;
+        if (absl::Now() >= ready_at) return true;
+        arrived_.WaitWithDeadline(&mu_, std::min(ready_at, earliest_deadline));
+      }
     }
+    FinishDropped(dropped);
+  }
+}
+
+void Scheduler::Loop() {
+  while (true) {
+    // A batch that waits for a preferred size or its queue delay waits without an engine slot,
+    // so that other models' batches run meanwhile (one device has one slot).
+    if (!AwaitReadyBatch()) return;
     // Form the batch only once the engine can take it, so that requests arriving meanwhile join.
     // While waiting, keep rejecting requests whose time runs out.
     bool have_slot = false;
@@ -132,66 +179,37 @@ void Scheduler::Loop() {
         break;
       }
     }
-    if (!have_slot) {
-      absl::MutexLock lock(&mu_);
-      if (queued_ == 0 && stopping_) return;
-      continue;
-    }
+    if (!have_slot) continue;
 
     Batch batch;
     batch.model = model_;
     std::vector<std::unique_ptr<InferenceRequest>> dropped;
     {
       absl::MutexLock lock(&mu_);
-      while (true) {
-        const absl::Time earliest_deadline = SweepLocked(&dropped);
-        InferenceRequest* head = HeadLocked();
-        if (head == nullptr) break;
-        // Walk the queues in service order, taking requests that share the head's key.
-        int64_t sequences = 0;
-        int64_t tokens = 0;
-        bool limited = false;
-        for (auto& q : queues_) {
-          for (auto& r : q) {
-            if (r->batch_key != head->batch_key) continue;
-            const bool first = sequences == 0;
-            if (!first && (policy_.max_batch_size == 0 ||
-                           sequences + r->batch > policy_.max_batch_size ||
-                           tokens + r->tokens() > policy_.max_batch_tokens)) {
-              limited = true;
-              break;
+      SweepLocked(&dropped);
+      InferenceRequest* head = HeadLocked();
+      // The head may have changed while the slot was awaited (the ready one expired or was
+      // cancelled); a new head that is not ready yet waits again, without the slot.
+      if (head != nullptr) {
+        const Extent e = ExtentLocked(*head);
+        if (absl::Now() >= e.ready_at) {
+          // The same walk as ExtentLocked, now moving the requests out.
+          const std::string key = head->batch_key;
+          int64_t taken = 0;
+          for (auto& q : queues_) {
+            for (auto it = q.begin(); it != q.end() && taken < e.sequences;) {
+              if ((*it)->batch_key != key) {
+                ++it;
+                continue;
+              }
+              taken += (*it)->batch;
+              batch.requests.push_back(std::move(*it));
+              it = q.erase(it);
+              --queued_;
             }
-            sequences += r->batch;
-            tokens += r->tokens();
           }
-          if (limited) break;
+          model_->stats().AddPending(-static_cast<int64_t>(batch.requests.size()));
         }
-        const bool at_max = limited || policy_.max_batch_size == 0 ||
-                            sequences >= policy_.max_batch_size;
-        const bool preferred =
-            !policy_.preferred_batch_sizes.empty() && sequences >= policy_.preferred_batch_sizes.back();
-        const absl::Time delay_end = head->enqueued + policy_.max_queue_delay;
-        if (!(at_max || preferred || stopping_ || flushing_ || absl::Now() >= delay_end)) {
-          arrived_.WaitWithDeadline(&mu_, std::min(delay_end, earliest_deadline));
-          continue;
-        }
-        // Take them: the same walk, now moving the requests out.
-        const std::string key = head->batch_key;
-        int64_t taken_sequences = 0;
-        for (auto& q : queues_) {
-          for (auto it = q.begin(); it != q.end() && taken_sequences < sequences;) {
-            if ((*it)->batch_key != key) {
-              ++it;
-              continue;
-            }
-            taken_sequences += (*it)->batch;
-            batch.requests.push_back(std::move(*it));
-            it = q.erase(it);
-            --queued_;
-          }
-        }
-        model_->stats().AddPending(-static_cast<int64_t>(batch.requests.size()));
-        break;
       }
     }
     FinishDropped(dropped);

@@ -4,6 +4,7 @@
 // thread forms batches of requests that share a batch key (same operator options, dtype, H and
 // D; sequence lengths may differ, they are packed without padding), within max_batch_size
 // sequences and max_batch_tokens tokens, waiting up to max_queue_delay for a preferred size.
+// Without dynamic batching each request runs alone.
 // Expired and cancelled requests leave the queue without ever being computed.
 
 #include <cstdint>
@@ -14,6 +15,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "server/model_config.h"
 #include "server/request.h"
 
@@ -41,7 +43,19 @@ class Scheduler {
   size_t queued() const;
 
  private:
+  // How far the batch headed by `head` reaches in the queues now, and from when it may run:
+  // at once when full, at a preferred size, flushing or stopping; else at the head's queue delay.
+  struct Extent {
+    int64_t sequences = 0;
+    int64_t tokens = 0;
+    absl::Time ready_at;
+  };
+
   void Loop();
+  // Waits, holding no engine slot, until the head's batch may run (true) or the queues are empty
+  // and the scheduler is stopping (false); completes expired and cancelled requests meanwhile.
+  bool AwaitReadyBatch();
+  Extent ExtentLocked(const InferenceRequest& head) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Removes expired and cancelled requests into `dropped`; returns the earliest deadline left.
   absl::Time SweepLocked(std::vector<std::unique_ptr<InferenceRequest>>* dropped)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -70,7 +70,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   return s;
 }
 
-Server::~Server() { Shutdown(); }
+Server::~Server() {
+  Shutdown();
+  // The engine, which owns the pools, is destroyed before the metrics (whose counters it and
+  // the models update to the end), and a scrape may come in between.
+  if (metrics_ != nullptr) metrics_->RemovePools();
+}
 
 void Server::Wait() {
   if (grpc_ != nullptr) grpc_->Wait();

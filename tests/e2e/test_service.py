@@ -1,5 +1,7 @@
 """Liveness, readiness, metadata, config, statistics, repository index, health and reflection."""
 
+import subprocess
+
 import grpc
 import numpy as np
 import pytest
@@ -102,3 +104,19 @@ def test_unimplemented_rpcs_answer_unimplemented(client):
         client.load_model("dilated_attention")
     assert "UNIMPLEMENTED" in str(e.value.status())
     assert client.is_server_live()
+
+
+@pytest.mark.parametrize("flag, needle", [
+    ("--bogus=1", "unknown flag --bogus"),
+    ("--grpc-port=70000", "ports must be in [0, 65535]"),
+    ("--host-pool-mib=0", "--host-pool-mib must be >= 1"),
+    # Past 2^44 MiB the byte count wrapped: to a 1 MiB host pool, or to 0 (90% of the GPU).
+    ("--host-pool-mib=17592186044417", "at most 1073741824 (1 PiB)"),
+    ("--device-pool-mib=17592186044416", "at most 1073741824 (1 PiB)"),
+])
+def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
+    from conftest import server_binary
+    r = subprocess.run([server_binary(), "--grpc-port", "0", "--metrics-port", "-1", flag],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr

@@ -33,6 +33,8 @@ struct RunLog {
   std::map<int64_t, int> runs ABSL_GUARDED_BY(mu);
   std::atomic<int> active{0};    // jobs started and not yet waited for, on every executor
   std::atomic<int> released{0};  // ReleaseCachedMemory calls
+  std::atomic<int> jobs{0};
+  std::atomic<int> widest{0};  // the most requests one job held
 };
 
 class RecordingExecutor final : public Executor {
@@ -54,6 +56,11 @@ class RecordingExecutor final : public Executor {
       }
     }
     log_->active.fetch_add(1);
+    log_->jobs.fetch_add(1);
+    int widest = log_->widest.load();
+    const int n = static_cast<int>(job.requests.size());
+    while (n > widest && !log_->widest.compare_exchange_weak(widest, n)) {
+    }
     absl::SleepFor(absl::Milliseconds(1));  // long enough for the other threads to take work
     return absl::OkStatus();
   }
@@ -106,6 +113,32 @@ class EngineThreads : public ::testing::Test {
     metrics_ = *std::move(metrics);
   }
 
+  static absl::StatusOr<ModelSpec> Spec(absl::string_view name, absl::string_view batching) {
+    return ParseModelConfig(absl::StrCat("name: \"", name, R"pb("
+                                                                parameters {
+                                                                  key: "segment_lengths"
+                                                                  value { string_value: "16" }
+                                                                }
+                                                                parameters {
+                                                                  key: "dilation_rates"
+                                                                  value { string_value: "1" }
+                                                                })pb",
+                                         batching),
+                            "test", "");
+  }
+
+  // A request of one sequence for `model`'s batcher, counted in ok_ / failed_ when it completes.
+  std::unique_ptr<InferenceRequest> Request(Model* model) {
+    auto r = std::make_unique<InferenceRequest>();
+    r->model = model;
+    r->batch = 1;
+    r->seq_len = 1;
+    r->done = [this](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
+      (s.ok() ? ok_ : failed_).fetch_add(1);
+    };
+    return r;
+  }
+
   void Start(std::vector<int> devices, bool gang = false, absl::string_view batching = "") {
     std::vector<std::unique_ptr<Executor>> executors;
     for (int d : devices) {
@@ -122,18 +155,7 @@ class EngineThreads : public ::testing::Test {
     engine_ = *std::move(engine);
     // The model's name comes from a config (GCC 12 warns falsely, -Wrestrict, on assigning a
     // literal to the spec's name here).
-    absl::StatusOr<ModelSpec> spec =
-        ParseModelConfig(absl::StrCat(R"pb(name: "m"
-                                           parameters {
-                                             key: "segment_lengths"
-                                             value { string_value: "16" }
-                                           }
-                                           parameters {
-                                             key: "dilation_rates"
-                                             value { string_value: "1" }
-                                           })pb",
-                                      batching),
-                         "test", "");
+    absl::StatusOr<ModelSpec> spec = Spec("m", batching);
     ASSERT_TRUE(spec.ok()) << spec.status();
     model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
   }
@@ -331,6 +353,61 @@ TEST_F(EngineThreads, BatcherUnderConcurrentProducersAndCancellations) {
   EXPECT_EQ(gang_->overlapped(), 0) << "a gang run overlapped an executor's job";
   absl::MutexLock lock(&log_.mu);
   EXPECT_EQ(log_.runs[1], ok) << "runs and OK completions differ";
+}
+
+// Without dynamic_batching every request runs alone, however many wait (Triton's meaning;
+// max_batch_size then only bounds B); with it, the requests that queue behind a running job
+// share the next one.
+TEST_F(EngineThreads, OnlyDynamicBatchingJoinsRequests) {
+  for (const bool dynamic : {false, true}) {
+    SCOPED_TRACE(dynamic ? "dynamic_batching" : "max_batch_size alone");
+    log_.jobs = 0;
+    log_.widest = 0;
+    ok_ = 0;
+    Start({0}, false, dynamic ? "max_batch_size: 8 dynamic_batching {}" : "max_batch_size: 8");
+    for (int i = 0; i < 8; ++i) model_->scheduler().Enqueue(Request(model_.get()));
+    model_->scheduler().Shutdown();
+    engine_->Shutdown();
+    EXPECT_EQ(ok_.load(), 8);
+    if (dynamic) {
+      EXPECT_GT(log_.widest.load(), 1);
+      EXPECT_LT(log_.jobs.load(), 8);
+    } else {
+      EXPECT_EQ(log_.widest.load(), 1);
+      EXPECT_EQ(log_.jobs.load(), 8);
+    }
+    model_.reset();
+    engine_.reset();
+  }
+}
+
+// One device has one engine slot. A batch waiting for its preferred size or queue delay must
+// not hold it: another model's request runs meanwhile, not after the delay.
+TEST_F(EngineThreads, ABatchWaitingForItsDelayDoesNotHoldTheDevice) {
+  Start({0}, false,
+        R"pb(max_batch_size: 8
+             dynamic_batching {
+               preferred_batch_size: [ 4 ]
+               max_queue_delay_microseconds: 3000000
+             })pb");
+  absl::StatusOr<ModelSpec> spec = Spec("other", "max_batch_size: 8 dynamic_batching {}");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  Model other(*std::move(spec), engine_.get(), metrics_.get());
+  const absl::Time start = absl::Now();
+  model_->scheduler().Enqueue(Request(model_.get()));  // waits up to 3 s for three more
+  absl::SleepFor(absl::Milliseconds(20));
+  other.scheduler().Enqueue(Request(&other));
+  while (ok_.load() < 1 && absl::Now() < start + absl::Seconds(10)) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  EXPECT_EQ(ok_.load(), 1);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2)) << "the other model waited for the delay";
+  model_->scheduler().Flush();
+  model_->scheduler().Shutdown();
+  other.scheduler().Shutdown();
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 2);
+  EXPECT_EQ(failed_.load(), 0);
 }
 
 }  // namespace

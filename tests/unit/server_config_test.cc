@@ -93,6 +93,131 @@ TEST(ModelConfig, Rejections) {
       input { name: "K" data_type: TYPE_FP16 dims: [-1, 8, 64] }
       input { name: "V" data_type: TYPE_FP16 dims: [-1, 8] })pb",
                  "has 2 dims");
+  // uint64 values in the proto that would wrap when narrowed: to level 1, to no delay, to no
+  // timeout.
+  ExpectRejected(
+      "max_batch_size: 4 dynamic_batching { priority_levels: 2 "
+      "default_priority_level: 4294967297 }",
+      "default_priority_level 4294967297 is outside [1, 2]");
+  ExpectRejected(
+      "max_batch_size: 4 dynamic_batching { "
+      "max_queue_delay_microseconds: 18446744073709551615 }",
+      "max_queue_delay_microseconds 18446744073709551615 exceeds");
+  ExpectRejected(
+      "max_batch_size: 4 dynamic_batching { default_queue_policy { "
+      "default_timeout_microseconds: 9223372036854775808 } }",
+      "default_timeout_microseconds 9223372036854775808 exceeds");
+  ExpectRejected(R"pb(max_batch_size: 4
+                      input {
+                        name: "Q"
+                        data_type: TYPE_FP16
+                        dims: [ -1, 8, 64 ]
+                      }
+                      input {
+                        name: "K"
+                        data_type: TYPE_FP16
+                        dims: [ -1, 8, 64 ]
+                      }
+                      input {
+                        name: "V"
+                        data_type: TYPE_FP16
+                        dims: [ -1, 8, 64 ]
+                      }
+                      output {
+                        name: "O"
+                        data_type: TYPE_FP16
+                        dims: [ 0, -7 ]
+                      })pb",
+                 "output O declares dims [0, -7]; it must declare the inputs' [-1, 8, 64]");
+  // Operator defaults that no request could ever run with are start-up errors, also where the
+  // requests bring part of the problem: the explicit pattern's pairs, or H and D.
+  ExpectRejected(R"pb(parameters {
+                        key: "operator"
+                        value { string_value: "block_sparse" }
+                      }
+                      parameters {
+                        key: "pattern"
+                        value { string_value: "explicit" }
+                      }
+                      parameters {
+                        key: "block_size"
+                        value { string_value: "0" }
+                      })pb",
+                 "block_size must be >= 1, got 0");
+  ExpectRejected(R"pb(parameters {
+                        key: "operator"
+                        value { string_value: "block_sparse" }
+                      }
+                      parameters {
+                        key: "pattern"
+                        value { string_value: "explicit" }
+                      }
+                      parameters {
+                        key: "softmax_scale"
+                        value { string_value: "nan" }
+                      })pb",
+                 "softmax_scale must be finite");
+  ExpectRejected(R"pb(max_batch_size: 4
+                      input {
+                        name: "Q"
+                        data_type: TYPE_FP16
+                        dims: [ -1, 2, 64 ]
+                      }
+                      input {
+                        name: "K"
+                        data_type: TYPE_FP16
+                        dims: [ -1, 2, 64 ]
+                      }
+                      input {
+                        name: "V"
+                        data_type: TYPE_FP16
+                        dims: [ -1, 2, 64 ]
+                      }
+                      parameters {
+                        key: "mode"
+                        value { string_value: "head_groups" }
+                      }
+                      parameters {
+                        key: "segment_lengths"
+                        value { string_value: "16,32,64" }
+                      }
+                      parameters {
+                        key: "dilation_rates"
+                        value { string_value: "1,2,4" }
+                      })pb",
+                 "num_heads");
+}
+
+TEST(ModelConfig, BatchingIsDynamicOnlyWithDynamicBatching) {
+  const std::string branches = R"pb(
+    parameters {
+      key: "segment_lengths"
+      value { string_value: "64" }
+    }
+    parameters {
+      key: "dilation_rates"
+      value { string_value: "1" }
+    })pb";
+  absl::StatusOr<ModelSpec> alone = ParseModelConfig("max_batch_size: 8" + branches, "test", "m");
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  EXPECT_FALSE(alone->batching.dynamic);
+  EXPECT_EQ(alone->batching.max_batch_size, 8);  // still bounds each request's B
+  absl::StatusOr<ModelSpec> dynamic =
+      ParseModelConfig("max_batch_size: 8 dynamic_batching {}" + branches, "test", "m");
+  ASSERT_TRUE(dynamic.ok()) << dynamic.status();
+  EXPECT_TRUE(dynamic->batching.dynamic);
+  // An explicit pattern without pairs in the config is fine: requests bring them.
+  absl::StatusOr<ModelSpec> sparse = ParseModelConfig(
+      R"pb(parameters {
+             key: "operator"
+             value { string_value: "block_sparse" }
+           }
+           parameters {
+             key: "pattern"
+             value { string_value: "explicit" }
+           })pb",
+      "test", "m");
+  EXPECT_TRUE(sparse.ok()) << sparse.status();
 }
 
 // A model repository of one multihead model with random weights, in a fresh directory.
