@@ -60,6 +60,11 @@ class CpuExecutor final : public Executor {
   absl::Status RunOnHost(Job& job) {
     job.on_host = true;
     WaitForInputs(job);
+    const absl::Time deadline = job.pool_deadline(options_.pool_wait);
+    if (absl::Status s = StageHostSharedMemory(job, *pool_, /*pinned_too=*/true, deadline);
+        !s.ok()) {
+      return s;
+    }
     JobPlans plans = PlanJob(job, job.shape.dtype);
     const OperatorKind kind = job.requests.front()->options.kind;
     if (absl::Status s = plans.status(kind); !s.ok()) return s;
@@ -79,7 +84,6 @@ class CpuExecutor final : public Executor {
         break;
     }
     const int inputs = job.requests.front()->inputs();
-    const absl::Time deadline = job.start + options_.pool_wait;
     absl::StatusOr<memory::Buffer> ws = pool_->Acquire(std::max<size_t>(1, ws_bytes), deadline);
     if (!ws.ok()) return ws.status();
     const DeviceLoc host = DeviceLoc::Host();
@@ -184,6 +188,68 @@ bool AlignedWithoutOverlap(const InferenceRequest& r, size_t align) {
 }
 
 }  // namespace
+
+absl::Status StageHostSharedMemory(Job& job, memory::BufferPool& pool, bool pinned_too,
+                                   absl::Time deadline) {
+  auto needs = [pinned_too](const SharedMemoryRegion* region) {
+    return region != nullptr && (pinned_too || !region->info().pinned);
+  };
+  for (const auto& r : job.requests) {
+    int staged = 0;
+    for (int t = 0; t < r->inputs(); ++t) staged += needs(r->host_region[t]) ? 1 : 0;
+    if (staged > 0 && r->staged.data() == nullptr) {
+      absl::StatusOr<memory::Buffer> lease =
+          pool.Acquire(static_cast<size_t>(staged) * r->tensor_bytes, deadline);
+      if (!lease.ok()) return lease.status();
+      r->staged = *std::move(lease);
+      auto* at = static_cast<char*>(r->staged.data());
+      absl::string_view* views[3] = {&r->q, &r->k, &r->v};
+      for (int t = 0; t < r->inputs(); ++t) {
+        if (!needs(r->host_region[t])) continue;
+        absl::Status copied =
+            CopyGuarded(at, views[t]->data(), r->tensor_bytes, *r->host_region[t]);
+        if (!copied.ok()) {
+          std::memset(at, 0, r->tensor_bytes);  // computed with the job, never returned
+          if (r->failed.ok()) r->failed = copied;
+        }
+        *views[t] = absl::string_view(at, r->tensor_bytes);
+        r->host_region[t] = nullptr;
+        at += r->tensor_bytes;
+      }
+    }
+    if (needs(r->host_region[3]) && r->output_target.data != nullptr) {
+      r->deferred_output = r->output_target.data;
+      r->output_target = {};
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool HostOutputOverlapsInputs(const Job& job) {
+  for (const auto& r : job.requests) {
+    const SharedMemoryRegion* out = r->host_region[3];
+    if (out == nullptr || r->output_target.data == nullptr) continue;
+    for (int t = 0; t < r->inputs(); ++t) {
+      const SharedMemoryRegion* in = r->host_region[t];
+      const absl::string_view view = r->tensor(t);
+      if (in != nullptr &&
+          out->Overlaps(r->output_target.data, r->tensor_bytes, *in,
+                        reinterpret_cast<const std::byte*>(view.data()), view.size())) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+absl::Status CompleteHostOutput(InferenceRequest& r) {
+  if (r.deferred_output == nullptr) return absl::OkStatus();
+  absl::Status s =
+      CopyGuarded(r.deferred_output, r.output.data(), r.tensor_bytes, *r.host_region[3]);
+  r.deferred_output = nullptr;
+  r.output = memory::Buffer();  // O is in shared memory: the response carries none
+  return s;
+}
 
 void WaitForInputs(const Job& job) {
   for (const auto& r : job.requests) {

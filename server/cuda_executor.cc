@@ -218,6 +218,12 @@ class CudaExecutor final : public Executor {
     if (!gpu.ok()) return gpu.status();
     if (!*gpu) return cpu_->Start(job);
     if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
+    // Pageable system regions: the driver would copy from them with the CPU.
+    if (absl::Status s = StageHostSharedMemory(job, *pinned_pool_, /*pinned_too=*/false,
+                                               job.pool_deadline(options_.pool_wait));
+        !s.ok()) {
+      return s;
+    }
     const bool in_place = RunsInPlace(job, convert, device_);
     size_t dev_bytes = 0, workspace_bytes = 0;
     std::vector<Piece> pieces;
@@ -225,7 +231,8 @@ class CudaExecutor final : public Executor {
     switch (kind) {
       case OperatorKind::kDilatedAttention: {
         dev_bytes = plans.dilated->tensor_bytes;
-        if (!in_place) {
+        // In pieces, outputs go back while later inputs are still to come: not over them.
+        if (!in_place && !HostOutputOverlapsInputs(job)) {
           absl::StatusOr<std::vector<Piece>> split = Pieces(*plans.dilated, &workspace_bytes);
           if (!split.ok()) return split.status();
           pieces = *std::move(split);
@@ -234,7 +241,8 @@ class CudaExecutor final : public Executor {
         if (pieces.empty()) workspace_bytes = gpu_[0]->WorkspaceBytes(*plans.dilated);
         // Long, yet no cut leaves independent problems (a segment as long as the sequence):
         // the one plan in launches over parts of its rows instead (IssueRowParts).
-        row_parts = !in_place && pieces.empty() && options_.pipeline_min_tokens > 0 &&
+        row_parts = !in_place && pieces.empty() && !HostOutputOverlapsInputs(job) &&
+                    options_.pipeline_min_tokens > 0 &&
                     plans.dilated->params.total_tokens >= options_.pipeline_min_tokens;
         break;
       }
@@ -250,7 +258,7 @@ class CudaExecutor final : public Executor {
     const int inputs = job.requests.front()->inputs();
     const size_t in_bytes =
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
-    const absl::Time deadline = job.start + options_.pool_wait;
+    const absl::Time deadline = job.pool_deadline(options_.pool_wait);
     const size_t tensor_lease = in_place ? size_t{1} : dev_bytes;
     const size_t kv_lease = inputs == 3 ? tensor_lease : size_t{1};
 

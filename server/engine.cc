@@ -236,16 +236,17 @@ void Engine::Loop(Executor& executor) {
       continue;
     }
     // A batch whose inputs are still being copied out of their messages would hold this thread
-    // in Start() until they are: the previous job finishes first, so that its responses do not
-    // wait for them.
-    if (next != nullptr && in_flight != nullptr && !InputsInPlace(next->requests)) {
+    // in Start() until they are, and the CPU executor computes the whole job in Start(): the
+    // previous job finishes first, so that its responses do not wait for either.
+    if (next != nullptr && in_flight != nullptr &&
+        (!InputsInPlace(next->requests) || executor.cuda_device() < 0)) {
       FinishJob(executor, std::move(in_flight));
       JobsDone(1);
     }
     // Start the next batch before waiting for the previous one: its copies overlap the
     // previous kernel.
     std::unique_ptr<Job> started =
-        next != nullptr ? StartJob(executor, std::move(*next)) : nullptr;
+        next != nullptr ? StartJob(executor, std::move(*next), in_flight) : nullptr;
     int done = next != nullptr && started == nullptr ? 1 : 0;  // nothing of it left to wait for
     if (in_flight != nullptr) {
       FinishJob(executor, std::move(in_flight));
@@ -278,10 +279,21 @@ void Engine::RunGang(Batch batch) {
   gang_active_ = false;
 }
 
-std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch) {
+std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,
+                                      std::unique_ptr<Job>& in_flight) {
   std::unique_ptr<Job> job = MakeJob(std::move(batch));
   if (job == nullptr) return nullptr;
-  if (absl::Status s = executor.Start(*job); !s.ok()) {
+  job->may_wait = in_flight == nullptr;
+  absl::Status s = executor.Start(*job);
+  if (absl::IsResourceExhausted(s) && in_flight != nullptr) {
+    // The pools may be full of the previous job's buffers, which come back once it is done.
+    FinishJob(executor, std::move(in_flight));
+    JobsDone(1);
+    job->start = absl::Now();
+    job->may_wait = true;
+    s = executor.Start(*job);
+  }
+  if (!s.ok()) {
     LogError("starting %d request(s) for %s failed: %s", static_cast<int>(job->requests.size()),
              job->model->name(), s.ToString());
     for (auto& r : job->requests) CompleteRequest(std::move(r), s);
@@ -332,7 +344,9 @@ void Engine::CompleteJob(Job& job, const absl::Status& s) {
   for (auto& r : job.requests) {
     const RequestTimings t{job.start - r->enqueued, job.compute_input, job.compute_infer,
                            job.compute_output};
-    CompleteRequest(std::move(r), absl::OkStatus(), t);
+    absl::Status own = r->failed;
+    if (own.ok()) own = CompleteHostOutput(*r);
+    CompleteRequest(std::move(r), own, t);
   }
 }
 

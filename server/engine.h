@@ -84,7 +84,9 @@ class Engine {
   // Whether `executor`'s thread may run `batch` (TakeFor's rule).
   bool Eligible(const Batch& batch, const Executor& executor) const;
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
-  static std::unique_ptr<Job> StartJob(Executor& executor, Batch batch);
+  // Starts `batch`; a job still `in_flight` is finished first where its buffers stand in the way
+  // (and moved from then).
+  std::unique_ptr<Job> StartJob(Executor& executor, Batch batch, std::unique_ptr<Job>& in_flight);
   static void FinishJob(Executor& executor, std::unique_ptr<Job> job);
   // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
   static std::unique_ptr<Job> MakeJob(Batch batch);

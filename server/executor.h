@@ -33,6 +33,13 @@ struct Job {
   int stream = 0;                      // which of the executor's streams it runs on
   bool on_host = false;                // ran on the CPU path (no device work to wait for)
   std::shared_ptr<void> device_state;  // the executor's own per-job state
+  // Whether Start() may wait for pool memory (up to pool_wait). Not while the engine holds a job
+  // in flight whose buffers come back only once it is waited for: Start() then fails at once
+  // with RESOURCE_EXHAUSTED, and the engine finishes that job and starts this one again.
+  bool may_wait = true;
+  absl::Time pool_deadline(absl::Duration pool_wait) const {
+    return may_wait ? start + pool_wait : absl::InfinitePast();
+  }
   ~Job();
 };
 
@@ -137,5 +144,23 @@ bool InputsInPlace(const std::vector<std::unique_ptr<InferenceRequest>>& request
 // are aligned to their elements and whose output range, when the client gave one, overlaps no
 // input; otherwise its tensors are copied into leased buffers first.
 bool RunsInPlaceOnHost(const Job& job);
+
+// Tensors in system shared memory may lose their pages at any time (the client can shrink the
+// object), and the CPU must then not touch them (SIGBUS). Before an executor reads a job's
+// inputs with the CPU (the CPU path, or copies from pageable memory, which the CUDA driver does
+// with the CPU), this copies every input in a system region (only those not page-locked unless
+// `pinned_too`; a GPU's DMA from pinned pages is safe) into the request's `staged` lease from
+// `pool`, through CopyGuarded, and points the output in such a region at a lease instead, which
+// the engine copies there when the job completes (CompleteHostOutput). A request whose region
+// shrank fails alone (`failed`; its staged inputs are zeros) while the job goes on.
+absl::Status StageHostSharedMemory(Job& job, memory::BufferPool& pool, bool pinned_too,
+                                   absl::Time deadline);
+// Whether a request's output lies in a system region over bytes of one of its inputs (perhaps
+// through another registration of the same object). A job in pieces copies piece i's output
+// while later pieces' inputs are still to be copied, so such a job copies all inputs first.
+bool HostOutputOverlapsInputs(const Job& job);
+// The deferred copy of a request's output to its system region; the failure, if any, is the
+// request's.
+absl::Status CompleteHostOutput(InferenceRequest& r);
 
 }  // namespace dilattn::server

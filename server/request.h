@@ -62,6 +62,15 @@ struct InferenceRequest {
   };
   OutputTarget output_target;
   std::vector<std::shared_ptr<const SharedMemoryRegion>> regions;  // kept mapped until done
+  // The system region each of Q, K, V and O lies in (null elsewhere). The CPU touches those only
+  // through CopyGuarded: StageHostSharedMemory (server/executor.h) copies such inputs into
+  // `staged` and moves such an output to `output`, to be copied to `deferred_output` when the
+  // job completes.
+  const SharedMemoryRegion* host_region[4] = {nullptr, nullptr, nullptr, nullptr};
+  memory::Buffer staged;
+  std::byte* deferred_output = nullptr;
+  // Set when this request alone failed inside a job that went on (its region shrank).
+  absl::Status failed;
 
   int priority = 1;  // 1 is served first
   absl::Time arrival;   // the handler received the message (before parsing it)

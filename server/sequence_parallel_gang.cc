@@ -46,6 +46,12 @@ class SequenceParallelGang final : public GangRunner {
         r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
     if (!plan.ok()) return plan.status();
     WaitForInputs(job);  // the runner copies each GPU's slice as one piece
+    // Pageable system regions: the driver would copy from them with the CPU.
+    if (absl::Status s =
+            StageHostSharedMemory(job, *staging_, /*pinned_too=*/false, absl::InfinitePast());
+        !s.ok()) {
+      return s;
+    }
     void* out = r.output_target.data;
     if (out == nullptr) {
       absl::StatusOr<memory::Buffer> lease = staging_->Acquire(r.tensor_bytes);

@@ -1,13 +1,17 @@
 #include "server/shared_memory.h"
 
 #include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -51,11 +55,75 @@ absl::Status CheckKey(absl::string_view key) {
   return absl::OkStatus();
 }
 
+// The copy this thread is inside (CopyGuarded), if any, and the SIGBUS disposition found when
+// the handler was installed.
+// Volatile: the compiler knows memcpy reads no globals and would otherwise drop the store
+// before it as dead.
+thread_local sigjmp_buf* volatile guarded_copy = nullptr;
+struct sigaction previous_sigbus;
+
+void OnSigbus(int signal, siginfo_t*, void*) {
+  if (guarded_copy != nullptr) siglongjmp(*guarded_copy, 1);
+  // Not a guarded copy: put the previous disposition back; returning re-runs the faulting
+  // instruction under it (by default, the process ends with a core dump).
+  sigaction(signal, &previous_sigbus, nullptr);
+}
+
+void InstallSigbusHandler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action {};
+    action.sa_sigaction = OnSigbus;
+    action.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGBUS, &action, &previous_sigbus);
+  });
+}
+
 const char* KindName(RegionKind kind) {
   return kind == RegionKind::kSystem ? "system" : "CUDA";
 }
 
 }  // namespace
+
+absl::Status CopyGuarded(void* dst, const void* src, size_t bytes,
+                         const SharedMemoryRegion& region) {
+  InstallSigbusHandler();
+  sigjmp_buf env;
+  if (sigsetjmp(env, /*savemask=*/1) != 0) {
+    guarded_copy = nullptr;
+    return Invalid(absl::StrCat("the shared memory object behind region ",
+                                Quote(region.info().name),
+                                " shrank below the registered range while a request used it"));
+  }
+  guarded_copy = &env;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  std::memcpy(dst, src, bytes);
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  guarded_copy = nullptr;
+  return absl::OkStatus();
+}
+
+SharedMemoryRegion::SharedMemoryRegion(Info info, std::byte* data, int fd,
+                                       absl::AnyInvocable<void()> release)
+    : info_(std::move(info)), data_(data), fd_(fd), release_(std::move(release)) {
+  struct stat st;
+  if (fd_ >= 0 && fstat(fd_, &st) == 0) {
+    object_[0] = static_cast<uint64_t>(st.st_dev);
+    object_[1] = static_cast<uint64_t>(st.st_ino);
+  }
+}
+
+bool SharedMemoryRegion::Overlaps(const std::byte* a, size_t a_bytes,
+                                  const SharedMemoryRegion& other, const std::byte* b,
+                                  size_t b_bytes) const {
+  if (info_.kind != other.info_.kind) return false;
+  if (info_.kind == RegionKind::kCuda) return a < b + b_bytes && b < a + a_bytes;
+  if (object_[0] != other.object_[0] || object_[1] != other.object_[1]) return false;
+  const uint64_t at = info_.offset + static_cast<uint64_t>(a - data_);
+  const uint64_t bt = other.info_.offset + static_cast<uint64_t>(b - other.data_);
+  return at < bt + b_bytes && bt < at + a_bytes;
+}
 
 SharedMemoryRegion::~SharedMemoryRegion() {
   if (release_) release_();

@@ -40,8 +40,7 @@ class SharedMemoryRegion {
 
   // `release` unmaps (or closes) the memory; `fd`, kept open for the size checks, is closed
   // after it.
-  SharedMemoryRegion(Info info, std::byte* data, int fd, absl::AnyInvocable<void()> release)
-      : info_(std::move(info)), data_(data), fd_(fd), release_(std::move(release)) {}
+  SharedMemoryRegion(Info info, std::byte* data, int fd, absl::AnyInvocable<void()> release);
   ~SharedMemoryRegion();
   SharedMemoryRegion(const SharedMemoryRegion&) = delete;
   SharedMemoryRegion& operator=(const SharedMemoryRegion&) = delete;
@@ -51,13 +50,29 @@ class SharedMemoryRegion {
   // Whether the object still backs the whole range (a client may shrink it; touching a mapping
   // past the object's end faults). Always true for CUDA regions.
   bool StillBacked() const;
+  // Whether [a, a + a_bytes) of this region and [b, b + b_bytes) of `other` may be the same
+  // bytes: two registrations of one object map it at different addresses, so system regions
+  // compare the object and its offsets, CUDA regions their addresses (opening one IPC handle
+  // twice gives one pointer).
+  bool Overlaps(const std::byte* a, size_t a_bytes, const SharedMemoryRegion& other,
+                const std::byte* b, size_t b_bytes) const;
 
  private:
   Info info_;
   std::byte* data_;
+  uint64_t object_[2] = {0, 0};  // system: the object's st_dev and st_ino
   int fd_;  // system: the object, to check its size on every use; -1 for CUDA
   absl::AnyInvocable<void()> release_;
 };
+
+// memcpy for memory that lies in a system region. The client may shrink the object behind a
+// mapping at any time, and the CPU touching a mapped page past the object's end raises SIGBUS;
+// here that ends the copy with INVALID_ARGUMENT instead of the process. (A GPU's DMA from a
+// page-locked region is safe: the pinned pages stay, detached from the object.) `region` names
+// it in the message. Any thread; the handler is installed on first use and passes every SIGBUS
+// outside these copies on to the previous disposition.
+absl::Status CopyGuarded(void* dst, const void* src, size_t bytes,
+                         const SharedMemoryRegion& region);
 
 // A byte range of a region that one tensor lives in.
 struct SharedTensor {

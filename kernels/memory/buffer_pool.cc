@@ -61,6 +61,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
           stats_.bytes_in_use -= size;
           --stats_.leases_outstanding;
           ++stats_.allocation_failures;
+          returned_.SignalAll();  // the room reserved for it is free again
           return absl::Status(p.status().code(),
                               absl::StrCat("buffer pool '", options_.name, "': ",
                                            p.status().message()));

@@ -290,6 +290,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     if (!t.ok()) return t.status();
     *views[i] = absl::string_view(reinterpret_cast<const char*>(t->data), r->tensor_bytes);
     r->input_device[i] = t->device;
+    if (t->device < 0) r->host_region[i] = t->region.get();
     r->regions.push_back(std::move(t->region));
   }
   if (raw.raw_count() > 0) {
@@ -351,6 +352,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
                               absl::StrCat("output ", output_name));
     if (!t.ok()) return t.status();
     r->output_target = {t->data, t->device};
+    if (t->device < 0) r->host_region[3] = t->region.get();
     r->regions.push_back(std::move(t->region));
   }
 

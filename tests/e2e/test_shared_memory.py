@@ -5,6 +5,7 @@ unregistration; every bad reference answered INVALID_ARGUMENT naming it."""
 import base64
 import os
 import queue
+import time
 import uuid
 
 import numpy as np
@@ -399,3 +400,72 @@ def test_cuda_region_errors(client, cudart):
     finally:
         client.unregister_cuda_shared_memory(name)
         buf.free()
+
+
+def test_output_through_a_second_registration_of_the_inputs_object(client, region):
+    """Two registrations map one object at two addresses: an output placed over an input through
+    the other name is still the same bytes, and must come out as right as over the same name."""
+    q, k, v = _qkv(11)
+    n = q.nbytes
+    name, key, handle = region(client, 3 * n)
+    shm.set_shared_memory_region(handle, [q, k, v])
+    alias = _unique("alias")
+    client.register_system_shared_memory(alias, key, 3 * n)
+    try:
+        expected = _expected(q, k, v, "FP32")
+        for over in range(3):  # O over Q, K, then V
+            shm.set_shared_memory_region(handle, [q, k, v])
+            inputs, _ = _packed_tensors(name, n)
+            out = grpcclient.InferRequestedOutput("O")
+            out.set_shared_memory(alias, n, offset=over * n)
+            client.infer(MODEL, inputs, outputs=[out], parameters=PARAMS)
+            o = shm.get_contents_as_numpy(handle, np.float32, list(SHAPE), offset=over * n)
+            err = reference.relative_error(o, expected)
+            assert err <= reference.FP32, (over, err)
+    finally:
+        client.unregister_system_shared_memory(alias)
+
+
+def test_object_shrunk_while_the_request_waits(region):
+    """The client shrinks the object after its request was accepted, while it waits behind
+    another job: the request fails naming the region, the server lives on (touching the mapping
+    past the object's end raises SIGBUS), and the job ahead is untouched."""
+    server = ServerProcess("--cpu-threads", "1", name="shm-shrunk")
+    try:
+        client = server.client()
+        rng = np.random.default_rng(5)
+        # About a second or more of one CPU thread: the shrinking happens while it runs.
+        big_shape = (1, 32768, 4, 64)
+        big = [rng.uniform(-1, 1, big_shape).astype(np.float32) for _ in range(3)]
+        big_inputs = []
+        for label, x in zip("QKV", big):
+            t = grpcclient.InferInput(label, list(big_shape), "FP32")
+            t.set_data_from_numpy(x)
+            big_inputs.append(t)
+        outcomes = queue.Queue()
+        client.async_infer("dilated_attention_head_groups", big_inputs,
+                           callback=lambda result, error: outcomes.put(("big", error)),
+                           parameters={"segment_lengths": "4096", "dilation_rates": "1"})
+        time.sleep(0.5)  # the big job is in and computing
+        q, k, v = _qkv(2)
+        n = q.nbytes
+        name, key, handle = region(client, 4 * n)
+        shm.set_shared_memory_region(handle, [q, k, v])
+        inputs, outputs = _packed_tensors(name, n)
+        client.async_infer(MODEL, inputs, outputs=outputs, parameters=PARAMS,
+                           callback=lambda result, error: outcomes.put(("shm", error)))
+        time.sleep(0.2)  # accepted: its size check passed
+        fd = os.open("/dev/shm/" + key.lstrip("/"), os.O_RDWR)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        got = dict(outcomes.get(timeout=120) for _ in range(2))
+        assert got["big"] is None, got["big"].message()
+        assert got["shm"] is not None, "the request read a shrunk object and succeeded"
+        assert "shrank below the registered range while a request used it" in got["shm"].message()
+        assert name in got["shm"].message()
+        assert client.is_server_live()
+        client.unregister_system_shared_memory(name)
+    finally:
+        server.stop()

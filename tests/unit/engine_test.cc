@@ -77,6 +77,29 @@ class RecordingExecutor final : public Executor {
   memory::BufferPool* const pool_;
 };
 
+// A GPU-like executor (Start issues, Wait finishes) whose jobs each hold most of the pool from
+// Start until they are destroyed, as device tensors do.
+class PoolHoldingExecutor final : public Executor {
+ public:
+  explicit PoolHoldingExecutor(memory::BufferPool* pool) : pool_(pool) {}
+  std::string name() const override { return "pool-holding"; }
+  int cuda_device() const override { return 0; }
+  absl::Status Supports(const InferenceRequest&) const override { return absl::OkStatus(); }
+  std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
+  memory::BufferPool& staging_pool() override { return *pool_; }
+  absl::Status Start(Job& job) override {
+    absl::StatusOr<memory::Buffer> b =
+        pool_->Acquire(size_t{600} << 10, job.pool_deadline(absl::Seconds(10)));  // of 1 MiB
+    if (!b.ok()) return b.status();
+    job.leases.push_back(*std::move(b));
+    return absl::OkStatus();
+  }
+  absl::Status Wait(Job&) override { return absl::OkStatus(); }
+
+ private:
+  memory::BufferPool* const pool_;
+};
+
 // Takes requests of at least 100 tokens; checks, while it runs one, that no executor runs a job.
 class RecordingGang final : public GangRunner {
  public:
@@ -408,6 +431,26 @@ TEST_F(EngineThreads, ABatchWaitingForItsDelayDoesNotHoldTheDevice) {
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 2);
   EXPECT_EQ(failed_.load(), 0);
+}
+
+// Two jobs that each need most of the pool, one after the other: the second must not wait out
+// the pool's time (10 s) for buffers that the job in flight returns only once it is finished,
+// nor fail; the engine finishes that job first and starts the second again.
+TEST_F(EngineThreads, AJobWaitingForTheInFlightJobsBuffersDoesNotStall) {
+  std::vector<std::unique_ptr<Executor>> executors;
+  executors.push_back(std::make_unique<PoolHoldingExecutor>(pool_.get()));
+  auto engine = Engine::CreateWith(std::move(executors), nullptr);
+  ASSERT_TRUE(engine.ok());
+  engine_ = *std::move(engine);
+  absl::StatusOr<ModelSpec> spec = Spec("m", "");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  const absl::Time start = absl::Now();
+  for (int64_t id = 1; id <= 4; ++id) Submit(id, -1);
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 4);
+  EXPECT_EQ(failed_.load(), 0);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
 }  // namespace

@@ -148,6 +148,48 @@ TEST(SharedMemory, RefusesAnObjectShrunkAfterRegistration) {
   EXPECT_THAT(s.message(), HasSubstr("has shrunk below the registered range"));
 }
 
+// The object shrinks after the range was resolved: copies from and to the mapping past its new
+// end fail by name (the CPU would take SIGBUS there), again and again, and from any thread,
+// while the bytes still backed copy as before. Unrelated SIGBUS is not swallowed (the death
+// test).
+TEST(SharedMemory, CopiesFromAShrunkObjectFailInsteadOfFaulting) {
+  ShmObject object(4 * 4096);
+  SharedMemoryManager m({});
+  ASSERT_TRUE(m.RegisterSystem("r", object.key(), 0, 4 * 4096).ok());
+  absl::StatusOr<SharedTensor> t = m.Resolve("r", 0, 4 * 4096, "input 'Q'");
+  ASSERT_TRUE(t.ok()) << t.status();
+  object.Truncate(4096);
+  std::vector<std::byte> buffer(3 * 4096);
+  for (int round = 0; round < 3; ++round) {
+    absl::Status in = CopyGuarded(buffer.data(), t->data + 4096, 4096, *t->region);
+    EXPECT_EQ(in.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(in.message(), HasSubstr("region 'r' shrank below the registered range"));
+    EXPECT_FALSE(CopyGuarded(t->data + 2 * 4096, buffer.data(), 4096, *t->region).ok());
+  }
+  ASSERT_TRUE(CopyGuarded(buffer.data(), t->data, 4096, *t->region).ok());
+  EXPECT_EQ(static_cast<unsigned char>(buffer[300]), 300 % 251);
+  std::thread other(
+      [&] { EXPECT_FALSE(CopyGuarded(buffer.data(), t->data + 8192, 64, *t->region).ok()); });
+  other.join();
+}
+
+TEST(SharedMemoryDeathTest, SigbusOutsideAGuardedCopyStillEndsTheProcess) {
+  ShmObject object(2 * 4096);
+  SharedMemoryManager m({});
+  ASSERT_TRUE(m.RegisterSystem("r", object.key(), 0, 2 * 4096).ok());
+  absl::StatusOr<SharedTensor> t = m.Resolve("r", 0, 2 * 4096, "input 'Q'");
+  ASSERT_TRUE(t.ok()) << t.status();
+  std::byte b[1];
+  ASSERT_TRUE(CopyGuarded(b, t->data, 1, *t->region).ok());  // the handler is installed
+  object.Truncate(0);
+  EXPECT_DEATH(
+      {
+        volatile std::byte* p = t->data + 4096;
+        *p = std::byte{1};
+      },
+      "");
+}
+
 TEST(SharedMemory, StatusAndUnregisterByKind) {
   ShmObject object(4096);
   SharedMemoryManager m({});
