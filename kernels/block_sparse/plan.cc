@@ -23,6 +23,7 @@ constexpr int64_t kMaxBlocks = int64_t{1} << 24;  // per sequence; layouts are b
 // (it draws every pair), is refused rather than left to exhaust memory or time.
 constexpr int64_t kMaxKeptPairs = int64_t{1} << 26;
 constexpr int64_t kMaxRandomPairs = int64_t{1} << 30;
+constexpr size_t kMaxRates = 64;
 
 absl::Status CheckOptions(const BlockSparseOptions& o) {
   if (o.block_size < 1) {
@@ -37,6 +38,12 @@ absl::Status CheckOptions(const BlockSparseOptions& o) {
     case Pattern::kDilatedSparse:
       if (o.rates.empty()) {
         return absl::InvalidArgumentError("pattern dilated_sparse needs at least one rate");
+      }
+      // Each query block walks every rate: a long list would cost planning time on every
+      // request without adding a pair past the first few dozen distinct rates.
+      if (o.rates.size() > kMaxRates) {
+        return absl::InvalidArgumentError(absl::StrCat("pattern dilated_sparse takes at most ",
+                                                       kMaxRates, " rates, got ", o.rates.size()));
       }
       for (size_t i = 0; i < o.rates.size(); ++i) {
         if (o.rates[i] < 1) {
@@ -256,8 +263,11 @@ absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& option
   }
   const double per_pair = 4.0 * static_cast<double>(shape.head_dim) *
                           static_cast<double>(shape.num_heads);
-  for (int32_t index : plan.seq_layout) {
-    const BlockLayout& layout = plan.layouts[static_cast<size_t>(index)];
+  // Each layout once; sequences of one length share it.
+  std::vector<int64_t> pairs(plan.layouts.size(), 0);
+  std::vector<double> flops(plan.layouts.size(), 0.0);
+  for (size_t index = 0; index < plan.layouts.size(); ++index) {
+    const BlockLayout& layout = plan.layouts[index];
     const int64_t bs = options.block_size;
     auto block_len = [&](int64_t b) { return std::min(bs, layout.seq_len - b * bs); };
     for (int64_t i = 0; i < layout.num_blocks; ++i) {
@@ -267,10 +277,23 @@ absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& option
         const double visible = options.causal && j == i
                                    ? qi * (qi + 1) / 2
                                    : qi * static_cast<double>(block_len(j));
-        plan.flops += per_pair * visible;
-        ++plan.kept_pairs;
+        flops[index] += per_pair * visible;
+        ++pairs[index];
       }
     }
+  }
+  for (int32_t index : plan.seq_layout) {
+    plan.flops += flops[static_cast<size_t>(index)];
+    plan.kept_pairs += pairs[static_cast<size_t>(index)];
+  }
+  // The backends keep a key span per kept pair of every sequence (16 bytes on the CPU), so the
+  // cap holds for the whole batch, not only for each sequence's layout.
+  if (plan.kept_pairs > kMaxKeptPairs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pattern ", PatternName(options.pattern), " keeps ", plan.kept_pairs,
+                     " block pairs over the batch's ", shape.seq_lengths.size(),
+                     " sequences with block_size ", options.block_size, "; at most ", kMaxKeptPairs,
+                     " are supported: use larger blocks, a sparser pattern or smaller batches"));
   }
   return plan;
 }

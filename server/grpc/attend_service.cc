@@ -146,24 +146,28 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   ~AttendReactor() override { service_->Unregister(this); }
 
   // For the idle watchdog: true when the stream still waits for input and has received nothing
-  // since `cutoff`, and a reference was taken (the caller then calls AbortIdle).
+  // since `cutoff`, or has had an output message unread by the client since then, and a
+  // reference was taken (the caller then calls AbortIdle).
   bool RefIfIdleSince(absl::Time cutoff) {
     absl::MutexLock lock(&mu_);
-    if (refs_ == 0 || finished_ || !error_.ok() || reads_done_ || last_read_ >= cutoff) {
-      return false;
-    }
-    if (header_seen_ && *std::min_element(arrived_, arrived_ + 3) == total_tokens_) return false;
+    if (refs_ == 0 || finished_ || !IdleLocked(cutoff)) return false;
     ++refs_;
     return true;
   }
 
   void AbortIdle(absl::Duration idle) {
+    bool write_stalled = false;
     {
       absl::MutexLock lock(&mu_);
+      write_stalled = writing_;
       FailLocked(absl::DeadlineExceededError(absl::StrCat(
-          "the stream sent nothing for ", absl::FormatDuration(idle),
-          " before its input was complete (--stream-idle-seconds); its memory is released")));
+          write_stalled ? "the client read no output for " : "the stream sent nothing for ",
+          absl::FormatDuration(idle), write_stalled ? "" : " before its input was complete",
+          " (--stream-idle-seconds); its memory is released")));
     }
+    // A write that the client does not read never completes, and the stream finishes only after
+    // it: cancelling the call completes it.
+    if (write_stalled) ctx_->TryCancel();
     Progress();
     Unref();
   }
@@ -363,6 +367,12 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     if (last) delete this;
   }
 
+  bool IdleLocked(absl::Time cutoff) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ && write_started_ < cutoff) return true;
+    if (!error_.ok() || reads_done_ || last_read_ >= cutoff) return false;
+    return !header_seen_ || *std::min_element(arrived_, arrived_ + 3) < total_tokens_;
+  }
+
   // The first error ends the stream once nothing of it is in flight; the stretches still queued
   // are dropped uncomputed.
   void FailLocked(const absl::Status& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -402,7 +412,10 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
         final_status = ToGrpcStatus(error_);
         action = kFinish;
       }
-      if (action == kWrite) writing_ = true;
+      if (action == kWrite) {
+        writing_ = true;
+        write_started_ = absl::Now();
+      }
     }
     // Only the one write in flight touches outgoing_, and computed output no longer changes; its
     // message refers to the lease without a copy (lease_ is set once, before any output).
@@ -446,6 +459,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   bool in_read_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time write_started_ ABSL_GUARDED_BY(mu_);  // of the write in flight (writing_)
   int refs_ ABSL_GUARDED_BY(mu_) = 1;  // gRPC's, dropped in OnDone, and one per request
   absl::Time last_read_ ABSL_GUARDED_BY(mu_) = absl::Now();
 };
@@ -456,7 +470,11 @@ int64_t StretchTokens(const OperatorOptions& options, int64_t n) {
   if (options.kind != OperatorKind::kDilatedAttention || n < 1) return n;
   int64_t stretch = 1;
   for (int64_t w : options.dilated.segment_lengths) {
-    stretch = std::lcm(stretch, std::clamp<int64_t>(w, 1, n));
+    const int64_t seg = std::clamp<int64_t>(w, 1, n);
+    // lcm = stretch / gcd * seg, compared with n before it is formed (it may exceed int64).
+    const int64_t factor = stretch / std::gcd(stretch, seg);
+    if (factor > n / seg) return n;
+    stretch = factor * seg;
     if (stretch >= n) return n;
   }
   return stretch;

@@ -279,6 +279,35 @@ def test_idle_stream_is_ended_and_its_memory_released():
         assert s.stop() == 0
 
 
+def test_stream_that_stops_reading_is_ended_and_its_memory_released():
+    # The client sends half of its input, so that stretches compute and the server writes their
+    # output, then neither sends nor reads: the server's write waits on flow control forever.
+    # After --stream-idle-seconds the stream must still end and give its lease back.
+    import time
+
+    s = ServerProcess("--stream-idle-seconds", "1", name="stream-unread")
+    try:
+        shape = (1, 65536, 4, 64)  # 32 MB of output in the first half: more than any window
+        q = np.random.default_rng(3).uniform(-1, 1, shape).astype(np.float32)
+        params = {"segment_lengths": "256", "dilation_rates": "1"}
+        outbox = attend.Outbox([attend.header("dilated_attention", shape, "FP32", params)] +
+                               attend.chunks(q, q, q, "FP32", 2048, last=shape[1] // 2))
+        with grpc.insecure_channel(s.url) as channel:
+            call = attend.stream(channel)(iter(outbox), timeout=60)
+            assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") >= 1, timeout=30)
+            # Not reading: the lease must go back within the idle limit and the watchdog's period.
+            assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
+            with pytest.raises(grpc.RpcError) as e:
+                for _ in call:
+                    pass
+            assert e.value.code() in (grpc.StatusCode.CANCELLED,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED), e.value.details()
+            outbox.close()
+        assert s.metric("dilattn_native_streams_open") == 0
+    finally:
+        assert s.stop() == 0
+
+
 def test_stream_metrics(server):
     shape = (1, 300, 2, 8)
     q, k, v = _qkv(shape, 9)

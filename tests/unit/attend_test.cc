@@ -37,6 +37,10 @@ TEST(Stretch, CappedAtTheSequence) {
   EXPECT_EQ(StretchTokens(Dilated({500}), 200), 200);
   EXPECT_EQ(StretchTokens(Dilated({7, 11, 13}), 500), 500);
   // No overflow on the way: huge segments stop the product at N.
+  // Segments no shorter than the sequence, whose least common multiple exceeds int64.
+  EXPECT_EQ(
+      StretchTokens(Dilated({(int64_t{1} << 40) - 1, (int64_t{1} << 40) - 2}), int64_t{1} << 40),
+      int64_t{1} << 40);
   EXPECT_EQ(StretchTokens(Dilated({(int64_t{1} << 40) - 1, (int64_t{1} << 40) - 3}), 1 << 30),
             1 << 30);
 }

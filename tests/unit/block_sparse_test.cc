@@ -229,6 +229,23 @@ TEST(BlockSparse, RefusesLayoutsTooLargeAndTakesExtremeParameters) {
   o.density = 0;
   EXPECT_THAT(std::string(PlanBlockSparse(o, shape).status().message()),
               HasSubstr("draws every block pair"));
+  BlockSparseOptions rates;
+  rates.pattern = Pattern::kDilatedSparse;
+  rates.rates.assign(65, 2);
+  EXPECT_THAT(std::string(PlanBlockSparse(rates, shape).status().message()),
+              HasSubstr("at most 64 rates, got 65"));
+  // Under the cap per sequence, over it for the batch: every sequence's pairs are kept (the
+  // CPU path holds a 16-byte span per pair; 64 such sequences would need 64 GiB).
+  BlockSparseOptions local;
+  local.block_size = 1;
+  local.window = 8192;
+  const auto one = attention::DenseShape(DType::kFloat16, 1, 8192, 1, 1);
+  ASSERT_TRUE(PlanBlockSparse(local, one).ok());
+  const auto batch = attention::DenseShape(DType::kFloat16, 64, 8192, 1, 1);
+  absl::StatusOr<BlockSparsePlan> many = PlanBlockSparse(local, batch);
+  EXPECT_EQ(many.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(many.status().message()),
+              HasSubstr("keeps 4294967296 block pairs over the batch's 64 sequences"));
 
   const auto small = attention::DenseShape(DType::kFloat16, 1, 100, 1, 8);
   constexpr int64_t kHuge = std::numeric_limits<int64_t>::max();
