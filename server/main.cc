@@ -32,7 +32,8 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
   --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
   --stream-idle-seconds N   end a native stream that sends nothing this long before its input
-                            is complete, releasing its memory (60; 0: never)
+                            is complete, or reads none of its output this long, releasing its
+                            memory (60; 0: never)
   --shared-memory on|off    accept Triton's system and CUDA shared-memory regions (on)
   --pipeline-min-tokens N   run a GPU dilated-attention job of >= N tokens whose tensors are
                             copied in about eight pieces, each piece's kernel starting once its

@@ -98,7 +98,14 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     const absl::Time arrival = absl::Now();
     absl::StatusOr<RequestBytes> raw = RequestBytes::Split(incoming_, &item->request);
     incoming_.Clear();
-    StartRead(&incoming_);
+    // Decided once incoming_ is free again: OnWriteDone may start the paused read at once.
+    bool read_next;
+    {
+      absl::MutexLock lock(&mu_);
+      read_next = !PausedLocked();
+      read_paused_ = !read_next;
+    }
+    if (read_next) StartRead(&incoming_);
     inference::ModelInferResponse* response = item->response.mutable_infer_response();
     absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
         raw.ok() ? ParseInferRequest(item->request, *raw, *registry_, *shared_memory_, arrival,
@@ -130,6 +137,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   void OnWriteDone(bool) override {
     Item* next = nullptr;
     bool finish = false;
+    bool resume = false;
     {
       absl::MutexLock lock(&mu_);
       delete writes_.front();
@@ -140,7 +148,10 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
         writing_ = false;
         finish = ShouldFinishLocked();
       }
+      resume = read_paused_ && !PausedLocked();
+      if (resume) read_paused_ = false;
     }
+    if (resume) StartRead(&incoming_);
     if (next != nullptr) {
       StartWrite(&next->bytes);
     } else if (finish) {
@@ -196,6 +207,14 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     if (finish) FinishStream();
   }
 
+  // A client that sends requests but does not read their responses would have every output it
+  // asked for held in the host pool: past kMaxOutstanding requests read and not yet written
+  // back, the stream reads no more until a write completes.
+  static constexpr size_t kMaxOutstanding = 16;
+  bool PausedLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return static_cast<size_t>(pending_) + writes_.size() >= kMaxOutstanding;
+  }
+
   bool ShouldFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!reads_done_ || pending_ > 0 || writing_ || finished_) return false;
     finished_ = true;
@@ -218,6 +237,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
   int64_t pending_ ABSL_GUARDED_BY(mu_) = 0;
+  bool read_paused_ ABSL_GUARDED_BY(mu_) = false;  // PausedLocked held the next read back
 };
 
 void TensorMetadata(const inference::ModelInput& in, bool batched,

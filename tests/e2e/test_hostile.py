@@ -455,3 +455,39 @@ def test_mutated_shared_memory_registrations(server, client):
         shm.destroy_shared_memory_region(handle)
     assert not client.get_system_shared_memory_status().regions
     assert client.is_server_live() and client.is_server_ready()
+
+
+def test_a_stream_that_does_not_read_stops_taking_requests(server):
+    # Every response holds its output in the host pool until it is written; a client that sends
+    # requests on a stream and never reads would have the server compute and keep all of them.
+    # Past 16 requests read and not written back, the server reads no more from that stream
+    # (so the client's sends block on flow control), and everything is answered once it reads.
+    import time
+
+    rng = np.random.default_rng(23)
+    shape = (1, 4096, 4, 64)  # 4 MB outputs: a few fill any flow-control window
+    q, k, v = (rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3))
+    good = _request(q, k, v)
+    good.parameters["segment_lengths"].string_param = "256"
+    good.parameters["dilation_rates"].string_param = "1"
+    sent = 40
+    done = lambda: server.metric("nv_inference_request_success", model="dilated_attention")
+    before = done()
+    with grpc.insecure_channel(server.url, options=[("grpc.max_receive_message_length", -1),
+                                                    ("grpc.max_send_message_length", -1)]) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=None, response_deserializer=None)
+        call = stream(iter([good.SerializeToString()] * sent), timeout=300)
+        last, since = done(), time.time()
+        while time.time() - since < 3:  # until nothing more completes for 3 s
+            time.sleep(0.2)
+            if done() != last:
+                last, since = done(), time.time()
+        computed = last - before
+        assert 16 <= computed < sent, computed
+        answers = [service_pb2.ModelStreamInferResponse.FromString(raw) for raw in call]
+    assert len(answers) == sent
+    assert all(not a.error_message for a in answers), answers[0].error_message
+    o = np.frombuffer(answers[-1].infer_response.raw_output_contents[0], np.float32)
+    ref = reference.dilated_attention(q, k, v, [256], [1])
+    assert reference.relative_error(o.reshape(shape), ref) <= reference.FP32
