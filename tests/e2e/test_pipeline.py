@@ -123,38 +123,47 @@ def test_concurrent_requests_batched_across_pieces(piece_server):
     assert max(errors) <= reference.TOLERANCE["FP16"], errors
 
 
+@pytest.mark.parametrize("over_inputs", [False, True])
 @pytest.mark.parametrize("segments,rates", [([128, 256], [1, 2]), ([128, 8192], [1, 16])])
-def test_pieces_through_system_shared_memory(piece_server, segments, rates):
+def test_pieces_through_system_shared_memory(piece_server, segments, rates, over_inputs):
     """Inputs and output in one registered (pinned) region: pieces (or, where no cut splits the
-    sequence, parts of its rows) copy straight from and to it."""
+    sequence, parts of its rows) copy straight from and to it. With `over_inputs`, O lies over
+    the second half of Q and the first of K, named through a second registration of the object
+    (another mapping, another address): pieces would write early outputs over inputs that later
+    pieces still have to copy, so such a job copies all its inputs first."""
     shape = (1, 8192, 4, 64)
     q, k, v = _qkv(shape, seed=77)
     tensors = [np.asarray(x, dtype=NUMPY_DTYPE["FP16"]) for x in (q, k, v)]
     size = tensors[0].nbytes
     client = piece_server.client()
     name, key = f"r_{uuid.uuid4().hex[:10]}", f"/dilattn_pipe_{uuid.uuid4().hex[:10]}"
+    alias = f"a_{uuid.uuid4().hex[:10]}"
     handle = shm.create_shared_memory_region(name, key, 4 * size)
+    out_name, out_at = (alias, size // 2) if over_inputs else (name, 3 * size)
     try:
         shm.set_shared_memory_region(handle, tensors)
-        # Poisoned output range: a piece that is not copied back shows up as NaN.
-        shm.set_shared_memory_region(handle, [np.full(shape, np.nan, NUMPY_DTYPE["FP16"])],
-                                     offset=3 * size)
+        if not over_inputs:
+            # Poisoned output range: a piece that is not copied back shows up as NaN.
+            shm.set_shared_memory_region(handle, [np.full(shape, np.nan, NUMPY_DTYPE["FP16"])],
+                                         offset=3 * size)
         client.register_system_shared_memory(name, key, 4 * size)
+        client.register_system_shared_memory(alias, key, 4 * size)
         inputs = []
         for i, label in enumerate("QKV"):
             t = grpcclient.InferInput(label, list(shape), "FP16")
             t.set_shared_memory(name, size, offset=i * size)
             inputs.append(t)
         output = grpcclient.InferRequestedOutput("O")
-        output.set_shared_memory(name, size, offset=3 * size)
+        output.set_shared_memory(out_name, size, offset=out_at)
         client.infer(MODEL, inputs, outputs=[output], parameters=_params(segments, rates))
-        out = shm.get_contents_as_numpy(handle, NUMPY_DTYPE["FP16"], list(shape), offset=3 * size)
+        out = shm.get_contents_as_numpy(handle, NUMPY_DTYPE["FP16"], list(shape), offset=out_at)
         out = out.astype(np.float32)
         assert not np.isnan(out).any()
         _check(out, q, k, v, "FP16", segments, rates)
     finally:
         try:
             client.unregister_system_shared_memory(name)
+            client.unregister_system_shared_memory(alias)
         finally:
             shm.destroy_shared_memory_region(handle)
 
