@@ -243,12 +243,19 @@ bool HostOutputOverlapsInputs(const Job& job) {
 }
 
 absl::Status CompleteHostOutput(InferenceRequest& r) {
-  if (r.deferred_output == nullptr) return absl::OkStatus();
-  absl::Status s =
-      CopyGuarded(r.deferred_output, r.output.data(), r.tensor_bytes, *r.host_region[3]);
-  r.deferred_output = nullptr;
-  r.output = memory::Buffer();  // O is in shared memory: the response carries none
-  return s;
+  if (r.deferred_output != nullptr) {
+    absl::Status s =
+        CopyGuarded(r.deferred_output, r.output.data(), r.tensor_bytes, *r.host_region[3]);
+    r.deferred_output = nullptr;
+    r.output = memory::Buffer();  // O is in shared memory: the response carries none
+    return s;
+  }
+  // Regions a GPU read and wrote by DMA: pinned pages stay when the object shrinks, so nothing
+  // faulted, but an output written there no longer reaches the client.
+  for (const SharedMemoryRegion* region : r.host_region) {
+    if (region != nullptr && !region->StillBacked()) return ShrunkWhileInUse(*region);
+  }
+  return absl::OkStatus();
 }
 
 void WaitForInputs(const Job& job) {

@@ -159,8 +159,8 @@ absl::Status StageHostSharedMemory(Job& job, memory::BufferPool& pool, bool pinn
 // through another registration of the same object). A job in pieces copies piece i's output
 // while later pieces' inputs are still to be copied, so such a job copies all inputs first.
 bool HostOutputOverlapsInputs(const Job& job);
-// The deferred copy of a request's output to its system region; the failure, if any, is the
-// request's.
+// The deferred copy of a request's output to its system region, or for regions a GPU used by
+// DMA, whether they are still backed; the failure, if any, is the request's.
 absl::Status CompleteHostOutput(InferenceRequest& r);
 
 }  // namespace dilattn::server

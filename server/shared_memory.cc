@@ -86,15 +86,18 @@ const char* KindName(RegionKind kind) {
 
 }  // namespace
 
+absl::Status ShrunkWhileInUse(const SharedMemoryRegion& region) {
+  return Invalid(absl::StrCat("the shared memory object behind region ", Quote(region.info().name),
+                              " shrank below the registered range while a request used it"));
+}
+
 absl::Status CopyGuarded(void* dst, const void* src, size_t bytes,
                          const SharedMemoryRegion& region) {
   InstallSigbusHandler();
   sigjmp_buf env;
   if (sigsetjmp(env, /*savemask=*/1) != 0) {
     guarded_copy = nullptr;
-    return Invalid(absl::StrCat("the shared memory object behind region ",
-                                Quote(region.info().name),
-                                " shrank below the registered range while a request used it"));
+    return ShrunkWhileInUse(region);
   }
   guarded_copy = &env;
   std::atomic_signal_fence(std::memory_order_seq_cst);

@@ -74,6 +74,9 @@ class SharedMemoryRegion {
 absl::Status CopyGuarded(void* dst, const void* src, size_t bytes,
                          const SharedMemoryRegion& region);
 
+// CopyGuarded's error: `region`'s object shrank while a request used it.
+absl::Status ShrunkWhileInUse(const SharedMemoryRegion& region);
+
 // A byte range of a region that one tensor lives in.
 struct SharedTensor {
   std::shared_ptr<const SharedMemoryRegion> region;  // keeps the mapping alive

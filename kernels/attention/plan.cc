@@ -106,6 +106,19 @@ double BranchFlops(int64_t seq_len, int64_t segment_length, int64_t dilation_rat
   return causal ? flops / 2 : flops;
 }
 
+absl::Status CheckSoftmaxScale(const std::optional<double>& scale) {
+  if (!scale.has_value()) return absl::OkStatus();
+  if (!(std::isfinite(*scale) && *scale > 0 && static_cast<float>(*scale) > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("softmax_scale must be finite and > 0, got ", *scale));
+  }
+  if (*scale > kMaxSoftmaxScale) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "softmax_scale ", *scale, " exceeds ", kMaxSoftmaxScale, " (scores would overflow fp32)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<AttentionPlan> PlanAttention(const AttentionOptions& options,
                                             const ProblemShape& shape) {
   if (absl::Status s = CheckBranches(options); !s.ok()) return s;
@@ -127,11 +140,7 @@ absl::StatusOr<AttentionPlan> PlanAttention(const AttentionOptions& options,
         absl::StrCat("mode=head_groups needs num_heads >= number of branches, got num_heads=",
                      shape.num_heads, " for ", num_branches, " branches"));
   }
-  if (options.softmax_scale.has_value() &&
-      !(std::isfinite(*options.softmax_scale) && *options.softmax_scale > 0)) {
-    return absl::InvalidArgumentError(absl::StrCat("softmax_scale must be finite and > 0, got ",
-                                                   *options.softmax_scale));
-  }
+  if (absl::Status s = CheckSoftmaxScale(options.softmax_scale); !s.ok()) return s;
 
   AttentionPlan plan;
   plan.options = options;

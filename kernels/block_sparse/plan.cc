@@ -76,13 +76,7 @@ absl::Status CheckOptions(const BlockSparseOptions& o) {
       }
       break;
   }
-  if (o.softmax_scale.has_value() &&
-      !(std::isfinite(*o.softmax_scale) && *o.softmax_scale > 0 &&
-        static_cast<float>(*o.softmax_scale) > 0)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("softmax_scale must be finite and > 0, got ", *o.softmax_scale));
-  }
-  return absl::OkStatus();
+  return attention::CheckSoftmaxScale(o.softmax_scale);
 }
 
 absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n) {

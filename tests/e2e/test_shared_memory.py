@@ -430,6 +430,9 @@ def test_object_shrunk_while_the_request_waits(region):
     """The client shrinks the object after its request was accepted, while it waits behind
     another job: the request fails naming the region, the server lives on (touching the mapping
     past the object's end raises SIGBUS), and the job ahead is untouched."""
+    if reference.ON_GPU:
+        pytest.skip("the GPU computes the job ahead in milliseconds, so there is no window to "
+                    "shrink the object in; it reads pinned regions by DMA, which cannot fault")
     server = ServerProcess("--cpu-threads", "1", name="shm-shrunk")
     try:
         client = server.client()

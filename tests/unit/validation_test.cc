@@ -82,6 +82,11 @@ TEST(Validation, Scale) {
   }
   o.softmax_scale = 1e-300;  // positive, but zero in fp32
   ExpectInvalid(o, kShape, HasSubstr("softmax_scale"));
+  // Past 1e6 the scores of fp16 inputs could overflow fp32 (the softmax of inf is NaN).
+  o.softmax_scale = 1e37;
+  ExpectInvalid(o, kShape, HasSubstr("softmax_scale 1e+37 exceeds 1e+06"));
+  o.softmax_scale = kMaxSoftmaxScale;
+  EXPECT_TRUE(PlanAttention(o, kShape).ok());
 }
 
 TEST(Validation, TensorBytesAndLocation) {
