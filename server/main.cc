@@ -12,6 +12,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "google/protobuf/stubs/logging.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -150,6 +151,11 @@ int main(int argc, char** argv) {
     std::cout << kUsage;
     return 0;
   }
+
+  // Protobuf logs a line to stderr for each message it fails to parse (a string field that is
+  // not UTF-8, say): clients would write the server's log. Each such request already gets its
+  // error; the lines go (FATAL still ends the process).
+  google::protobuf::SetLogHandler(nullptr);
 
   // Block the stop signals in every thread; one thread takes them with sigwait.
   sigset_t stop_signals;

@@ -214,7 +214,8 @@ absl::StatusOr<RequestBytes> RequestBytes::Split(const grpc::ByteBuffer& message
     return absl::InvalidArgumentError("request message could not be read");
   }
   const absl::Status malformed = absl::InvalidArgumentError(
-      "request is not a valid inference.ModelInferRequest (malformed or truncated protobuf)");
+      "request is not a valid inference.ModelInferRequest (malformed or truncated protobuf, or "
+      "a string field that is not UTF-8)");
   std::string small;
   Cursor c(r.slices_);
   while (!c.done()) {
@@ -260,7 +261,8 @@ absl::StatusOr<AttendBytes> AttendBytes::Parse(const grpc::ByteBuffer& message) 
     return absl::InvalidArgumentError("message could not be read");
   }
   const absl::Status malformed = absl::InvalidArgumentError(
-      "message is not a valid dilattn.v1.AttendRequest (malformed or truncated protobuf)");
+      "message is not a valid dilattn.v1.AttendRequest (malformed or truncated protobuf, or a "
+      "string field that is not UTF-8)");
   Cursor c(r.slices_);
   while (!c.done()) {
     uint64_t tag;

@@ -491,3 +491,18 @@ def test_a_stream_that_does_not_read_stops_taking_requests(server):
     o = np.frombuffer(answers[-1].infer_response.raw_output_contents[0], np.float32)
     ref = reference.dilated_attention(q, k, v, [256], [1])
     assert reference.relative_error(o.reshape(shape), ref) <= reference.FP32
+
+
+def test_string_field_that_is_not_utf8(server):
+    # proto3 strings must be UTF-8; protobuf refuses the message and would log a line per such
+    # request to the server's stderr, which a client could then fill. The client gets the error,
+    # the log gets nothing.
+    good = _request(*_inputs(np.random.default_rng(31))).SerializeToString()
+    bad = good + b"\x0a\x02\xff\xfe"  # model_name again (the last one wins), not UTF-8
+    with grpc.insecure_channel(server.url) as channel:
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as e:
+                _unary(channel)(bad, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not UTF-8" in e.value.details()
+    assert "libprotobuf" not in server.log_path.read_text()
