@@ -164,6 +164,23 @@ TEST(Validation, RatesUpToTheLargestSegmentLength) {
       testing::RunWithWorkspace(**backend, *plan, {t.cref(), t.cref(), t.cref(), o.ref()}).ok());
 }
 
+// One-token segments over 2^31 positions x heads: more key spans than the CPU path's 32-bit
+// span index holds. Refused by its selector (so Supports and Run agree), not wrapped.
+TEST(Validation, CpuBackendRefusesMoreSpansThanItIndexes) {
+  auto backend = CreateCpuBackend({1, "generic"});
+  ASSERT_TRUE(backend.ok());
+  absl::StatusOr<AttentionPlan> fits =
+      PlanAttention(Options({1}, {1}), DenseShape(DType::kFloat16, 1, int64_t{1} << 29, 2, 1));
+  ASSERT_TRUE(fits.ok()) << fits.status();
+  EXPECT_TRUE((*backend)->Supports(*fits).ok());
+  absl::StatusOr<AttentionPlan> plan =
+      PlanAttention(Options({1}, {1}), DenseShape(DType::kFloat16, 1, int64_t{1} << 30, 2, 1));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  absl::Status s = (*backend)->Supports(*plan);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("spans, more than the cpu backend lists"));
+}
+
 TEST(Validation, CpuBackendOptions) {
   EXPECT_EQ(CreateCpuBackend({1, "sse9"}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(CreateCpuBackend({-2, "auto"}).status().code(), absl::StatusCode::kInvalidArgument);

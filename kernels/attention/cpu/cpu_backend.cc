@@ -46,6 +46,25 @@ absl::StatusOr<CpuStrategy> SelectStrategy(const AttentionPlan& plan) {
                                                    " is not supported by the cpu backend (1..",
                                                    kMaxCpuHeadDim, ")"));
   }
+  // The host lists a key span per (sequence, head, segment) of each branch, indexed in 32 bits
+  // (TileTask::span_begin): tiny segments over a huge problem would wrap that index.
+  int64_t spans = 0;
+  for (int b = 0; b < p.num_branches; ++b) {
+    const int64_t heads = p.mode == Mode::kHeadGroups
+                              ? p.group_head_begin[b + 1] - p.group_head_begin[b]
+                              : p.num_heads;
+    for (int64_t seq = 0; seq < p.num_seqs; ++seq) {
+      const int64_t n = plan.seq_offsets[seq + 1] - plan.seq_offsets[seq];
+      const int64_t w = std::min(p.segment_length[b], n);
+      if (w > 0) spans += heads * ((n + w - 1) / w);
+    }
+    if (spans > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the branches' segments make more than ", std::numeric_limits<int32_t>::max(),
+          " (sequence, head, segment) spans, more than the cpu backend lists; use longer "
+          "segments"));
+    }
+  }
   CpuStrategy s{};
   s.multi_pass = p.mode == Mode::kLongNet && p.num_branches > 1;
   s.acc_in_output = p.dtype == DType::kFloat32 &&
