@@ -8,6 +8,7 @@
 #include <iterator>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/model_config.h"
@@ -63,6 +64,15 @@ void ExpectRejected(const std::string& text, const std::string& needle) {
   EXPECT_THAT(std::string(spec.status().message()), HasSubstr(needle));
 }
 
+// Q, K and V declared FP16 with `dims` ("[-1, 8, 64]"), as config text.
+std::string Fp16Inputs(const std::string& dims) {
+  std::string out;
+  for (const char* name : {"Q", "K", "V"}) {
+    absl::StrAppend(&out, "input { name: \"", name, "\" data_type: TYPE_FP16 dims: ", dims, " }\n");
+  }
+  return out;
+}
+
 TEST(ModelConfig, Rejections) {
   ExpectRejected("optimization { }", "line 1");
   ExpectRejected("name: \"other\"", "differs from its directory 'm'");
@@ -107,27 +117,8 @@ TEST(ModelConfig, Rejections) {
       "max_batch_size: 4 dynamic_batching { default_queue_policy { "
       "default_timeout_microseconds: 9223372036854775808 } }",
       "default_timeout_microseconds 9223372036854775808 exceeds");
-  ExpectRejected(R"pb(max_batch_size: 4
-                      input {
-                        name: "Q"
-                        data_type: TYPE_FP16
-                        dims: [ -1, 8, 64 ]
-                      }
-                      input {
-                        name: "K"
-                        data_type: TYPE_FP16
-                        dims: [ -1, 8, 64 ]
-                      }
-                      input {
-                        name: "V"
-                        data_type: TYPE_FP16
-                        dims: [ -1, 8, 64 ]
-                      }
-                      output {
-                        name: "O"
-                        data_type: TYPE_FP16
-                        dims: [ 0, -7 ]
-                      })pb",
+  ExpectRejected("max_batch_size: 4 " + Fp16Inputs("[-1, 8, 64]") +
+                     "output { name: \"O\" data_type: TYPE_FP16 dims: [0, -7] }",
                  "output O declares dims [0, -7]; it must declare the inputs' [-1, 8, 64]");
   // Operator defaults that no request could ever run with are start-up errors, also where the
   // requests bring part of the problem: the explicit pattern's pairs, or H and D.
@@ -157,34 +148,19 @@ TEST(ModelConfig, Rejections) {
                         value { string_value: "nan" }
                       })pb",
                  "softmax_scale must be finite");
-  ExpectRejected(R"pb(max_batch_size: 4
-                      input {
-                        name: "Q"
-                        data_type: TYPE_FP16
-                        dims: [ -1, 2, 64 ]
-                      }
-                      input {
-                        name: "K"
-                        data_type: TYPE_FP16
-                        dims: [ -1, 2, 64 ]
-                      }
-                      input {
-                        name: "V"
-                        data_type: TYPE_FP16
-                        dims: [ -1, 2, 64 ]
-                      }
-                      parameters {
-                        key: "mode"
-                        value { string_value: "head_groups" }
-                      }
-                      parameters {
-                        key: "segment_lengths"
-                        value { string_value: "16,32,64" }
-                      }
-                      parameters {
-                        key: "dilation_rates"
-                        value { string_value: "1,2,4" }
-                      })pb",
+  ExpectRejected("max_batch_size: 4 " + Fp16Inputs("[-1, 2, 64]") +
+                     R"pb(parameters {
+                            key: "mode"
+                            value { string_value: "head_groups" }
+                          }
+                          parameters {
+                            key: "segment_lengths"
+                            value { string_value: "16,32,64" }
+                          }
+                          parameters {
+                            key: "dilation_rates"
+                            value { string_value: "1,2,4" }
+                          })pb",
                  "num_heads");
 }
 
