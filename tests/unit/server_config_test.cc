@@ -7,6 +7,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
@@ -122,32 +123,21 @@ TEST(ModelConfig, Rejections) {
                  "output O declares dims [0, -7]; it must declare the inputs' [-1, 8, 64]");
   // Operator defaults that no request could ever run with are start-up errors, also where the
   // requests bring part of the problem: the explicit pattern's pairs, or H and D.
-  ExpectRejected(R"pb(parameters {
-                        key: "operator"
-                        value { string_value: "block_sparse" }
-                      }
-                      parameters {
-                        key: "pattern"
-                        value { string_value: "explicit" }
-                      }
-                      parameters {
-                        key: "block_size"
-                        value { string_value: "0" }
-                      })pb",
-                 "block_size must be >= 1, got 0");
-  ExpectRejected(R"pb(parameters {
-                        key: "operator"
-                        value { string_value: "block_sparse" }
-                      }
-                      parameters {
-                        key: "pattern"
-                        value { string_value: "explicit" }
-                      }
-                      parameters {
-                        key: "softmax_scale"
-                        value { string_value: "nan" }
-                      })pb",
-                 "softmax_scale must be finite");
+  for (const auto& [key, value, needle] :
+       {std::tuple{"block_size", "0", "block_size must be >= 1, got 0"},
+        std::tuple{"softmax_scale", "nan", "softmax_scale must be finite"}}) {
+    ExpectRejected(absl::StrCat(R"pb(parameters {
+                                       key: "operator"
+                                       value { string_value: "block_sparse" }
+                                     }
+                                     parameters {
+                                       key: "pattern"
+                                       value { string_value: "explicit" }
+                                     }
+                                     parameters { key: ")pb",
+                                key, "\" value { string_value: \"", value, "\" } }"),
+                   needle);
+  }
   ExpectRejected("max_batch_size: 4 " + Fp16Inputs("[-1, 2, 64]") +
                      R"pb(parameters {
                             key: "mode"
