@@ -1,10 +1,11 @@
 #include "server/engine.h"
 
 #include <algorithm>
+#include <new>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
@@ -14,8 +15,19 @@
 #include "server/model.h"
 
 namespace dilattn::server {
-
 namespace {
+
+// Host allocations inside an executor (tile lists, staging vectors) throw std::bad_alloc when a
+// problem's lists outgrow the machine; on the engine's thread that would end the process, so it
+// becomes the job's RESOURCE_EXHAUSTED.
+template <typename F>
+absl::Status Guarded(F&& run) {
+  try {
+    return run();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of host memory while running the job");
+  }
+}
 
 // The GPUs `device` names: every visible one for "auto" and "cuda", the listed ones for
 // "cuda:N,M,..."; none for "cpu" (or "auto" without a GPU).
@@ -268,7 +280,7 @@ void Engine::RunGang(Batch batch) {
   for (const auto& e : executors_) e->ReleaseCachedMemory();
   std::unique_ptr<Job> job = MakeJob(std::move(batch));
   if (job != nullptr) {
-    const absl::Status s = gang_->Run(*job);
+    const absl::Status s = Guarded([&] { return gang_->Run(*job); });
     if (!s.ok()) {
       LogError("sequence-parallel run for %s failed: %s", job->model->name(), s.ToString());
     }
@@ -284,14 +296,14 @@ std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,
   std::unique_ptr<Job> job = MakeJob(std::move(batch));
   if (job == nullptr) return nullptr;
   job->may_wait = in_flight == nullptr;
-  absl::Status s = executor.Start(*job);
+  absl::Status s = Guarded([&] { return executor.Start(*job); });
   if (absl::IsResourceExhausted(s) && in_flight != nullptr) {
     // The pools may be full of the previous job's buffers, which come back once it is done.
     FinishJob(executor, std::move(in_flight));
     JobsDone(1);
     job->start = absl::Now();
     job->may_wait = true;
-    s = executor.Start(*job);
+    s = Guarded([&] { return executor.Start(*job); });
   }
   if (!s.ok()) {
     LogError("starting %d request(s) for %s failed: %s", static_cast<int>(job->requests.size()),
@@ -330,7 +342,7 @@ std::unique_ptr<Job> Engine::MakeJob(Batch batch) {
 }
 
 void Engine::FinishJob(Executor& executor, std::unique_ptr<Job> job) {
-  CompleteJob(*job, executor.Wait(*job));
+  CompleteJob(*job, Guarded([&] { return executor.Wait(*job); }));
 }
 
 void Engine::CompleteJob(Job& job, const absl::Status& s) {

@@ -46,8 +46,10 @@ absl::StatusOr<CpuStrategy> SelectStrategy(const AttentionPlan& plan) {
                                                    " is not supported by the cpu backend (1..",
                                                    kMaxCpuHeadDim, ")"));
   }
-  // The host lists a key span per (sequence, head, segment) of each branch, indexed in 32 bits
-  // (TileTask::span_begin): tiny segments over a huge problem would wrap that index.
+  // The host lists a key span (16 bytes) and at least one task (32) per (sequence, head,
+  // segment) of each branch, indexed in 32 bits (TileTask::span_begin): tiny segments over a
+  // huge problem would take gigabytes for the lists, or wrap that index.
+  constexpr int64_t kMaxSpans = int64_t{1} << 26;
   int64_t spans = 0;
   for (int b = 0; b < p.num_branches; ++b) {
     const int64_t heads = p.mode == Mode::kHeadGroups
@@ -58,9 +60,9 @@ absl::StatusOr<CpuStrategy> SelectStrategy(const AttentionPlan& plan) {
       const int64_t w = std::min(p.segment_length[b], n);
       if (w > 0) spans += heads * ((n + w - 1) / w);
     }
-    if (spans > std::numeric_limits<int32_t>::max()) {
+    if (spans > kMaxSpans) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "the branches' segments make more than ", std::numeric_limits<int32_t>::max(),
+          "the branches' segments make more than ", kMaxSpans,
           " (sequence, head, segment) spans, more than the cpu backend lists; use longer "
           "segments"));
     }
