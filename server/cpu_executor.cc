@@ -1,7 +1,8 @@
-// The CPU executor: one request runs straight on its message's memory (or its shared-memory
-// region) where the kernels can take it as it is; otherwise, and for several requests, the
-// tensors are packed into leased host buffers. Start() does the whole job; Wait() has nothing
-// left to wait for.
+// The CPU executor: one request runs straight on its message's memory where the kernels can take
+// it as it is; otherwise, and for several requests, the tensors are packed into leased host
+// buffers. Tensors in system shared memory are always copied in and out (through CopyGuarded:
+// the client may shrink the object under the mapping). Start() does the whole job; Wait() has
+// nothing left to wait for.
 
 #include <algorithm>
 #include <cstddef>
