@@ -152,11 +152,20 @@ TEST(SharedMemory, RefusesAnObjectShrunkAfterRegistration) {
 // end fail by name (the CPU would take SIGBUS there), again and again, and from any thread,
 // while the bytes still backed copy as before. Unrelated SIGBUS is not swallowed (the death
 // test).
+// Registers all of `object` (`bytes` long) as region "r" and resolves it whole.
+absl::StatusOr<SharedTensor> WholeObject(SharedMemoryManager& m, const ShmObject& object,
+                                         int64_t bytes) {
+  if (absl::Status s = m.RegisterSystem("r", object.key(), 0, static_cast<uint64_t>(bytes));
+      !s.ok()) {
+    return s;
+  }
+  return m.Resolve("r", 0, bytes, "input 'Q'");
+}
+
 TEST(SharedMemory, CopiesFromAShrunkObjectFailInsteadOfFaulting) {
   ShmObject object(4 * 4096);
   SharedMemoryManager m({});
-  ASSERT_TRUE(m.RegisterSystem("r", object.key(), 0, 4 * 4096).ok());
-  absl::StatusOr<SharedTensor> t = m.Resolve("r", 0, 4 * 4096, "input 'Q'");
+  absl::StatusOr<SharedTensor> t = WholeObject(m, object, 4 * 4096);
   ASSERT_TRUE(t.ok()) << t.status();
   object.Truncate(4096);
   std::vector<std::byte> buffer(3 * 4096);
@@ -176,8 +185,7 @@ TEST(SharedMemory, CopiesFromAShrunkObjectFailInsteadOfFaulting) {
 TEST(SharedMemoryDeathTest, SigbusOutsideAGuardedCopyStillEndsTheProcess) {
   ShmObject object(2 * 4096);
   SharedMemoryManager m({});
-  ASSERT_TRUE(m.RegisterSystem("r", object.key(), 0, 2 * 4096).ok());
-  absl::StatusOr<SharedTensor> t = m.Resolve("r", 0, 2 * 4096, "input 'Q'");
+  absl::StatusOr<SharedTensor> t = WholeObject(m, object, 2 * 4096);
   ASSERT_TRUE(t.ok()) << t.status();
   std::byte b[1];
   ASSERT_TRUE(CopyGuarded(b, t->data, 1, *t->region).ok());  // the handler is installed
