@@ -231,8 +231,10 @@ class CudaExecutor final : public Executor {
     switch (kind) {
       case OperatorKind::kDilatedAttention: {
         dev_bytes = plans.dilated->tensor_bytes;
-        // In pieces, outputs go back while later inputs are still to come: not over them.
-        if (!in_place && !HostOutputOverlapsInputs(job)) {
+        // In pieces or row parts, outputs go back while later inputs are still to come: not
+        // over them.
+        const bool in_launches = !in_place && !HostOutputOverlapsInputs(job);
+        if (in_launches) {
           absl::StatusOr<std::vector<Piece>> split = Pieces(*plans.dilated, &workspace_bytes);
           if (!split.ok()) return split.status();
           pieces = *std::move(split);
@@ -241,8 +243,7 @@ class CudaExecutor final : public Executor {
         if (pieces.empty()) workspace_bytes = gpu_[0]->WorkspaceBytes(*plans.dilated);
         // Long, yet no cut leaves independent problems (a segment as long as the sequence):
         // the one plan in launches over parts of its rows instead (IssueRowParts).
-        row_parts = !in_place && pieces.empty() && !HostOutputOverlapsInputs(job) &&
-                    options_.pipeline_min_tokens > 0 &&
+        row_parts = in_launches && pieces.empty() && options_.pipeline_min_tokens > 0 &&
                     plans.dilated->params.total_tokens >= options_.pipeline_min_tokens;
         break;
       }

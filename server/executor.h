@@ -141,8 +141,10 @@ void WaitForInputBytes(const Job& job, size_t end);
 bool InputsInPlace(const std::vector<std::unique_ptr<InferenceRequest>>& requests);
 
 // Whether the CPU path may run the job on the requests' own memory: one request whose tensors
-// are aligned to their elements and whose output range, when the client gave one, overlaps no
-// input; otherwise its tensors are copied into leased buffers first.
+// are aligned to their elements and whose output range, when it has one, overlaps no input;
+// otherwise its tensors are copied into leased buffers first. (By then StageHostSharedMemory has
+// moved tensors in system shared memory into leases, so the own memory is a message's or a
+// lease.)
 bool RunsInPlaceOnHost(const Job& job);
 
 // Tensors in system shared memory may lose their pages at any time (the client can shrink the

@@ -107,18 +107,19 @@ void Scheduler::FinishDropped(std::vector<std::unique_ptr<InferenceRequest>>& dr
 Scheduler::Extent Scheduler::ExtentLocked(const InferenceRequest& head) const {
   // The queues in service order, taking the requests that share the head's key.
   Extent e;
+  int64_t tokens = 0;
   bool limited = false;
   for (const auto& q : queues_) {
     for (const auto& r : q) {
       if (r->batch_key != head.batch_key) continue;
       if (e.sequences > 0 && (!policy_.dynamic || policy_.max_batch_size == 0 ||
                               e.sequences + r->batch > policy_.max_batch_size ||
-                              e.tokens + r->tokens() > policy_.max_batch_tokens)) {
+                              tokens + r->tokens() > policy_.max_batch_tokens)) {
         limited = true;
         break;
       }
       e.sequences += r->batch;
-      e.tokens += r->tokens();
+      tokens += r->tokens();
     }
     if (limited) break;
   }

@@ -47,7 +47,6 @@ class Scheduler {
   // at once when full, at a preferred size, flushing or stopping; else at the head's queue delay.
   struct Extent {
     int64_t sequences = 0;
-    int64_t tokens = 0;
     absl::Time ready_at;
   };
 

@@ -61,14 +61,14 @@ struct AttentionPlan {
   double flops = 0;                  // effective FLOPs by DESIGN.md's formula
 };
 
-// Every check of DESIGN.md section 1 except the backend's head-dim set; each failure is
-// INVALID_ARGUMENT naming the field and its values.
 // A softmax scale, when given, must be finite, > 0 as a float, and at most kMaxSoftmaxScale:
 // scores are formed in fp32, and past that bound fp16 inputs could overflow them to inf (whose
-// softmax is NaN).
+// softmax is NaN). PlanAttention and the block-sparse planner both check it here.
 inline constexpr double kMaxSoftmaxScale = 1e6;
 absl::Status CheckSoftmaxScale(const std::optional<double>& scale);
 
+// Every check of DESIGN.md section 1 except the backend's head-dim set; each failure is
+// INVALID_ARGUMENT naming the field and its values.
 absl::StatusOr<AttentionPlan> PlanAttention(const AttentionOptions& options,
                                             const ProblemShape& shape);
 
