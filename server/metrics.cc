@@ -70,6 +70,7 @@ class Metrics::PoolCollector : public prometheus::Collectable {
       counter("miss", s.misses);
       counter("wait", s.waits);
       counter("timeout", s.timeouts);
+      counter("oversize", s.oversized);
       counter("eviction", s.evictions);
       counter("allocation_failure", s.allocation_failures);
     }

@@ -5,20 +5,30 @@
 #include "server/metrics.h"
 
 namespace dilattn::server {
-namespace {
 
-FailureReason ReasonFor(absl::StatusCode code) {
+FailureReason FailureReasonFor(absl::StatusCode code) {
   switch (code) {
     case absl::StatusCode::kCancelled: return FailureReason::kCanceled;
+    // Turned away for want of capacity or time: a deadline passed in the queue, shutting down,
+    // or memory (a pool ran out, or one request is larger than a pool's cap). Operators act on
+    // these with replicas or caps, not as faults.
     case absl::StatusCode::kUnavailable:
-    case absl::StatusCode::kDeadlineExceeded: return FailureReason::kRejected;
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kResourceExhausted:
+      return FailureReason::kRejected;
     case absl::StatusCode::kInternal:
-    case absl::StatusCode::kResourceExhausted: return FailureReason::kBackend;
+    case absl::StatusCode::kUnknown:
+    case absl::StatusCode::kDataLoss:
+      return FailureReason::kBackend;
     default: return FailureReason::kOther;
   }
 }
 
-}  // namespace
+void CountRefusedRequest(Model* model, absl::Time arrival, const absl::Status& status) {
+  if (model != nullptr && !status.ok()) {
+    model->stats().RequestFailed(absl::Now() - arrival, FailureReasonFor(status.code()));
+  }
+}
 
 Model::Model(ModelSpec spec, Engine* engine, Metrics* metrics)
     : spec_(std::move(spec)),
@@ -34,7 +44,7 @@ void CompleteRequest(std::unique_ptr<InferenceRequest> request, const absl::Stat
     if (status.ok()) {
       stats.RequestSucceeded(total, timings, request->batch);
     } else {
-      stats.RequestFailed(total, ReasonFor(status.code()));
+      stats.RequestFailed(total, FailureReasonFor(status.code()));
     }
   }
   if (request->done) request->done(*request, status, timings);

@@ -31,6 +31,14 @@ class Model {
   std::unique_ptr<Scheduler> scheduler_;
 };
 
+// Triton's failure reason for a request that ended with `code`.
+FailureReason FailureReasonFor(absl::StatusCode code);
+
+// Counts a request of `model` that failed before it could be queued (it did not parse, or its
+// stream's header was refused), so that the failure metrics see every request the model was
+// named in. Nothing for a null model or an OK status.
+void CountRefusedRequest(Model* model, absl::Time arrival, const absl::Status& status);
+
 // Records the outcome in the model's statistics and runs the request's completion.
 void CompleteRequest(std::unique_ptr<InferenceRequest> request, const absl::Status& status,
                      const RequestTimings& timings = {});

@@ -30,7 +30,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     const size_t size = BufferPool::SizeClass(bytes);
     if (size == 0 || size > options_.byte_cap) {
       absl::MutexLock lock(&mu_);
-      ++stats_.timeouts;
+      ++stats_.oversized;
       return absl::ResourceExhaustedError(absl::StrCat(
           "buffer pool '", options_.name, "': request of ", bytes,
           " bytes exceeds its cap of ", options_.byte_cap, " bytes"));

@@ -34,6 +34,7 @@ struct BufferPoolStats {
   uint64_t misses = 0;             // needed a fresh allocation
   uint64_t waits = 0;              // requests that had to wait for a lease to return
   uint64_t timeouts = 0;           // requests that failed after waiting or without a deadline
+  uint64_t oversized = 0;          // requests larger than the cap: no wait could serve them
   uint64_t evictions = 0;          // cached buffers freed to make room
   uint64_t allocation_failures = 0;
 };

@@ -249,14 +249,22 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       absl::MutexLock lock(&mu_);
       if (header_seen_) return Invalid("a second header; one stream carries one problem");
     }
+    const absl::Time arrival = absl::Now();
     absl::StatusOr<Problem> p = ParseHeader(header, *registry_);
-    if (!p.ok()) return p.status();
+    if (!p.ok()) {
+      // A refused header is one failed request of the model it names, if that model is served.
+      absl::StatusOr<Model*> named = registry_->Find(header.model(), "");
+      if (named.ok()) CountRefusedRequest(*named, arrival, p.status());
+      return p.status();
+    }
     absl::StatusOr<memory::Buffer> lease =
         p->model->engine().staging_pool().Acquire(4 * p->tensor_bytes);
     if (!lease.ok()) {
-      return absl::ResourceExhaustedError(absl::StrCat(
+      absl::Status refused = absl::ResourceExhaustedError(absl::StrCat(
           "Q, K, V and O of shape [", p->batch, ",", p->seq_len, ",", p->heads, ",", p->head_dim,
           "] need ", 4 * p->tensor_bytes, " bytes of staging memory: ", lease.status().message()));
+      CountRefusedRequest(p->model, arrival, refused);
+      return refused;
     }
     absl::MutexLock lock(&mu_);
     problem_ = *std::move(p);

@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "kernels/common/quote.h"
 #include "server/engine.h"
+#include "server/model.h"
 
 namespace dilattn::server {
 namespace {
@@ -165,13 +166,12 @@ std::string BatchKey(const InferenceRequest& r) {
                       r.head_dim);
 }
 
-absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
-    const ModelInferRequest& req, const RequestBytes& raw, const ModelRegistry& registry,
+namespace {
+
+absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseForModel(
+    Model* model, const ModelInferRequest& req, const RequestBytes& raw,
     const SharedMemoryManager& shared_memory, absl::Time arrival, absl::Time rpc_deadline,
     inference::ModelInferResponse* response) {
-  absl::StatusOr<Model*> found = registry.Find(req.model_name(), req.model_version());
-  if (!found.ok()) return found.status();
-  Model* model = *found;
   const ModelSpec& spec = model->spec();
   auto r = std::make_unique<InferenceRequest>();
   r->model = model;
@@ -462,6 +462,20 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     params["shared_memory_offset"].set_int64_param(output_ref.offset);
   }
   return r;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
+    const ModelInferRequest& req, const RequestBytes& raw, const ModelRegistry& registry,
+    const SharedMemoryManager& shared_memory, absl::Time arrival, absl::Time rpc_deadline,
+    inference::ModelInferResponse* response) {
+  absl::StatusOr<Model*> found = registry.Find(req.model_name(), req.model_version());
+  if (!found.ok()) return found.status();
+  absl::StatusOr<std::unique_ptr<InferenceRequest>> parsed =
+      ParseForModel(*found, req, raw, shared_memory, arrival, rpc_deadline, response);
+  if (!parsed.ok()) CountRefusedRequest(*found, arrival, parsed.status());
+  return parsed;
 }
 
 }  // namespace dilattn::server

@@ -22,7 +22,8 @@ namespace dilattn::server {
 // carrying the copy's progress (InferenceRequest::fill), so that executors wait for what they
 // read. Tensors that the request places in registered shared memory are viewed there, without a
 // copy. `response` receives the header (model, version, id, output metadata); the engine's output
-// lease is appended when the request completes.
+// lease is appended when the request completes. A request that names a served model and fails
+// to parse counts as a failure of that model (CountRefusedRequest).
 absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseInferRequest(
     const inference::ModelInferRequest& request, const RequestBytes& raw,
     const ModelRegistry& registry, const SharedMemoryManager& shared_memory, absl::Time arrival,

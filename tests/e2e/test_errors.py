@@ -1,11 +1,14 @@
 """Bad requests get INVALID_ARGUMENT (or NOT_FOUND) naming the problem; the server keeps serving."""
 
+import os
+
 import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from conftest import ServerProcess
 from helpers import make_inputs
 
 GOOD = np.zeros((1, 64, 2, 16), dtype=np.float32) + 0.5
@@ -174,3 +177,43 @@ def test_typed_fp32_contents_are_accepted(server):
     reply = _raw_infer(server, req)
     out = np.frombuffer(reply.raw_output_contents[0], dtype=np.float32)
     assert np.allclose(out, 0.5)
+
+
+def test_refused_requests_count_as_failures(server, client):
+    """A request that names a served model and fails to parse is a failure of that model
+    (Triton's reason OTHER), so that the failure metrics see client errors too."""
+    def count(name, **labels):
+        return server.metric(name, model="dilated_attention", **labels)
+
+    failed = count("nv_inference_request_failure", reason="OTHER")
+    succeeded = count("nv_inference_request_success")
+    x = GOOD.reshape(64, 2, 16)
+    _expect(client, "INVALID_ARGUMENT", "expected [B, N, H, D]", inputs=make_inputs(x, x, x))
+    _expect(client, "INVALID_ARGUMENT", "segment_lengths",
+            parameters={"segment_lengths": "12abc", "dilation_rates": "1"})
+    assert count("nv_inference_request_failure", reason="OTHER") == failed + 2
+    assert count("nv_inference_request_success") == succeeded
+    # A model that is not served is no model's failure (its name never becomes a label).
+    _expect(client, "NOT_FOUND", "'no_such_model'", model="no_such_model")
+    assert 'model="no_such_model"' not in server.metrics_text()
+
+
+@pytest.mark.skipif(os.environ.get("DILATTN_E2E_DEVICE", "cpu") != "cpu",
+                    reason="the CPU path leases Q, K, V and O from the host pool")
+def test_request_larger_than_a_pool_is_turned_away_not_a_fault():
+    """A request larger than the host pool's cap gets RESOURCE_EXHAUSTED and counts as turned
+    away (REJECTED) and as the pool's `oversize` event: neither the BACKEND alert nor the pool's
+    exhaustion alert (timeouts) fires for one client's request size."""
+    s = ServerProcess("--host-pool-mib", "1", name="tiny-host-pool")
+    try:
+        c = s.client()
+        x = np.zeros((1, 4096, 2, 64), dtype=np.float32) + 0.5  # 2 MiB a tensor
+        _expect(c, "RESOURCE_EXHAUSTED", "exceeds its cap", inputs=make_inputs(x, x, x),
+                parameters={"segment_lengths": "1024", "dilation_rates": "1"})
+        assert s.metric("nv_inference_request_failure", model="dilated_attention",
+                        reason="REJECTED") == 1
+        assert s.metric("nv_inference_request_failure", reason="BACKEND") == 0
+        assert s.metric("dilattn_buffer_pool_events_total", event="oversize") >= 1
+        assert s.metric("dilattn_buffer_pool_events_total", event="timeout") == 0
+    finally:
+        assert s.stop() == 0

@@ -135,6 +135,9 @@ TEST(BufferPool, RejectsZeroAndOversizedRequests) {
   const absl::Status s = pool->Acquire(5000).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("exceeds its cap of 4096"));
+  // A request no wait could serve is the client's size, not the pool running out.
+  EXPECT_EQ(pool->stats().oversized, 1u);
+  EXPECT_EQ(pool->stats().timeouts, 0u);
 }
 
 TEST(BufferPool, ExhaustionHonoursTheDeadlineThenFails) {
