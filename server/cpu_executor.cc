@@ -226,19 +226,24 @@ absl::Status StageHostSharedMemory(Job& job, memory::BufferPool& pool, bool pinn
   return absl::OkStatus();
 }
 
+bool HostOutputOverlapsInputs(const InferenceRequest& r) {
+  const SharedMemoryRegion* out = r.host_region[3];
+  if (out == nullptr || r.output_target.data == nullptr) return false;
+  for (int t = 0; t < r.inputs(); ++t) {
+    const SharedMemoryRegion* in = r.host_region[t];
+    const absl::string_view view = r.tensor(t);
+    if (in != nullptr &&
+        out->Overlaps(r.output_target.data, r.tensor_bytes, *in,
+                      reinterpret_cast<const std::byte*>(view.data()), view.size())) {
+      return true;
+    }
+  }
+  return false;
+}
+
 bool HostOutputOverlapsInputs(const Job& job) {
   for (const auto& r : job.requests) {
-    const SharedMemoryRegion* out = r->host_region[3];
-    if (out == nullptr || r->output_target.data == nullptr) continue;
-    for (int t = 0; t < r->inputs(); ++t) {
-      const SharedMemoryRegion* in = r->host_region[t];
-      const absl::string_view view = r->tensor(t);
-      if (in != nullptr &&
-          out->Overlaps(r->output_target.data, r->tensor_bytes, *in,
-                        reinterpret_cast<const std::byte*>(view.data()), view.size())) {
-        return true;
-      }
-    }
+    if (HostOutputOverlapsInputs(*r)) return true;
   }
   return false;
 }

@@ -74,11 +74,12 @@ class GangRunner {
 };
 
 // Sequence parallelism over `devices` for single dense sequences of at least `min_tokens` tokens
-// in fp16 or bf16; outputs are leased from `staging` (pinned). FAILED_PRECONDITION in a build
-// without CUDA or NCCL.
+// in fp16 or bf16; outputs are leased from `staging` (pinned), waiting up to `pool_wait` for
+// it as the executors do. FAILED_PRECONDITION in a build without CUDA or NCCL.
 absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(std::vector<int> devices,
                                                                        int64_t min_tokens,
-                                                                       memory::BufferPool* staging);
+                                                                       memory::BufferPool* staging,
+                                                                       absl::Duration pool_wait);
 
 struct ExecutorOptions {
   int cpu_threads = 0;
@@ -161,6 +162,7 @@ absl::Status StageHostSharedMemory(Job& job, memory::BufferPool& pool, bool pinn
 // through another registration of the same object). A job in pieces copies piece i's output
 // while later pieces' inputs are still to be copied, so such a job copies all inputs first.
 bool HostOutputOverlapsInputs(const Job& job);
+bool HostOutputOverlapsInputs(const InferenceRequest& r);
 // The deferred copy of a request's output to its system region, or for regions a GPU used by
 // DMA, whether they are still backed; the failure, if any, is the request's.
 absl::Status CompleteHostOutput(InferenceRequest& r);

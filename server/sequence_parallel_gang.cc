@@ -16,11 +16,12 @@ class SequenceParallelGang final : public GangRunner {
  public:
   SequenceParallelGang(std::unique_ptr<attention::cuda::SequenceParallelRunner> runner,
                        std::unique_ptr<attention::AttentionBackend> check, int64_t min_tokens,
-                       memory::BufferPool* staging)
+                       memory::BufferPool* staging, absl::Duration pool_wait)
       : runner_(std::move(runner)),
         check_(std::move(check)),
         min_tokens_(min_tokens),
-        staging_(staging) {}
+        staging_(staging),
+        pool_wait_(pool_wait) {}
 
   bool Takes(const InferenceRequest& r) const override {
     // Tensors in CUDA shared memory run in place on their GPU with no copies at all; split,
@@ -31,6 +32,9 @@ class SequenceParallelGang final : public GangRunner {
         (r.dtype != attention::DType::kFloat16 && r.dtype != attention::DType::kBFloat16)) {
       return false;
     }
+    // Each GPU copies its slice of O back while the others may still be reading their inputs:
+    // an output over an input is left to one GPU's executor, which orders the copies for it.
+    if (HostOutputOverlapsInputs(r)) return false;
     absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
         r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
     // The single-GPU kernel's selector: what it runs, the split runs too.
@@ -46,15 +50,15 @@ class SequenceParallelGang final : public GangRunner {
         r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
     if (!plan.ok()) return plan.status();
     WaitForInputs(job);  // the runner copies each GPU's slice as one piece
+    const absl::Time deadline = job.pool_deadline(pool_wait_);
     // Pageable system regions: the driver would copy from them with the CPU.
-    if (absl::Status s =
-            StageHostSharedMemory(job, *staging_, /*pinned_too=*/false, absl::InfinitePast());
+    if (absl::Status s = StageHostSharedMemory(job, *staging_, /*pinned_too=*/false, deadline);
         !s.ok()) {
       return s;
     }
     void* out = r.output_target.data;
     if (out == nullptr) {
-      absl::StatusOr<memory::Buffer> lease = staging_->Acquire(r.tensor_bytes);
+      absl::StatusOr<memory::Buffer> lease = staging_->Acquire(r.tensor_bytes, deadline);
       if (!lease.ok()) return lease.status();
       r.output = *std::move(lease);
       out = r.output.data();
@@ -89,12 +93,15 @@ class SequenceParallelGang final : public GangRunner {
   std::unique_ptr<attention::AttentionBackend> check_;
   const int64_t min_tokens_;
   memory::BufferPool* const staging_;
+  const absl::Duration pool_wait_;
 };
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(
-    std::vector<int> devices, int64_t min_tokens, memory::BufferPool* staging) {
+absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(std::vector<int> devices,
+                                                                       int64_t min_tokens,
+                                                                       memory::BufferPool* staging,
+                                                                       absl::Duration pool_wait) {
   if (devices.size() < 2) {
     return absl::InvalidArgumentError("sequence parallelism needs at least two GPUs");
   }
@@ -104,8 +111,8 @@ absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(
   absl::StatusOr<std::unique_ptr<attention::cuda::SequenceParallelRunner>> runner =
       attention::cuda::SequenceParallelRunner::Create(std::move(devices));
   if (!runner.ok()) return runner.status();
-  return std::unique_ptr<GangRunner>(
-      new SequenceParallelGang(*std::move(runner), *std::move(check), min_tokens, staging));
+  return std::unique_ptr<GangRunner>(new SequenceParallelGang(*std::move(runner), *std::move(check),
+                                                              min_tokens, staging, pool_wait));
 }
 
 }  // namespace dilattn::server

@@ -3,10 +3,12 @@ to whichever GPU is free, and every GPU gives the right answer."""
 
 import concurrent.futures
 import subprocess
+import uuid
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
 
 import cuda_ipc
 import reference
@@ -163,6 +165,58 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
         assert split.stop() == 0
         runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
         assert runs == 1, runs
+    finally:
+        if split.alive():
+            split.stop()
+
+
+def test_split_with_unaligned_segments_and_outputs_over_inputs(client):
+    """Segments with no common boundary inside a slice (2048 and 3000) still split: the branch
+    that does not align is exchanged, and the answer is one GPU's. An output over its own inputs
+    in system shared memory (O over Q's second half, through a second registration) is not
+    split: each GPU copies its slice of O back while the others may still read their inputs."""
+    split = ServerProcess("--sequence-parallel-min-tokens", "65536", name="sequence-parallel-2")
+    try:
+        rng = np.random.default_rng(13)
+        shape = (1, 131072, 2, 64)
+        q, k, v = (rng.uniform(-1, 1, shape).astype(np.float16) for _ in range(3))
+        params = {"segment_lengths": "2048,3000", "dilation_rates": "1,2"}
+        out = split.client().infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                                   parameters=params).as_numpy("O")
+        alone = client.infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                             parameters=params).as_numpy("O")
+        assert reference.relative_error(out.astype(np.float32), alone.astype(np.float32)) <= 1e-3
+
+        size = q.nbytes
+        c = split.client()
+        name, key = f"r_{uuid.uuid4().hex[:10]}", f"/dilattn_sp_{uuid.uuid4().hex[:10]}"
+        alias = f"a_{uuid.uuid4().hex[:10]}"
+        handle = shm.create_shared_memory_region(name, key, 4 * size)
+        try:
+            shm.set_shared_memory_region(handle, [q, k, v])
+            c.register_system_shared_memory(name, key, 4 * size)
+            c.register_system_shared_memory(alias, key, 4 * size)
+            inputs = []
+            for i, label in enumerate("QKV"):
+                t = grpcclient.InferInput(label, list(shape), "FP16")
+                t.set_shared_memory(name, size, offset=i * size)
+                inputs.append(t)
+            o = grpcclient.InferRequestedOutput("O")
+            o.set_shared_memory(alias, size, offset=size // 2)
+            c.infer("dilated_attention", inputs, outputs=[o], parameters=params)
+            got = shm.get_contents_as_numpy(handle, np.float16, list(shape), offset=size // 2)
+            assert reference.relative_error(got.astype(np.float32),
+                                            alone.astype(np.float32)) <= 1e-3
+        finally:
+            try:
+                c.unregister_system_shared_memory(name)
+                c.unregister_system_shared_memory(alias)
+            finally:
+                shm.destroy_shared_memory_region(handle)
+                c.close()
+        assert split.stop() == 0
+        runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
+        assert runs == 1, f"{runs} split runs: the output over the inputs was split"
     finally:
         if split.alive():
             split.stop()

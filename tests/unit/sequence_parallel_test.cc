@@ -213,6 +213,39 @@ TEST(SequenceParallelPlan, AWholeSequenceBranchIsHeldPacked) {
   }
 }
 
+// Segment lengths whose common multiple is longer than a slice's share: the slices stay as many
+// as the GPUs and balanced, and the branch that would not align is exchanged instead.
+TEST(SequenceParallelPlan, SegmentsWithoutACommonBoundaryStillSplitEvenly) {
+  struct Case {
+    int64_t n;
+    int gpus;
+    std::vector<int64_t> segments;
+    std::vector<int> spanning;
+  };
+  const Case cases[] = {{1 << 19, 2, {2048, 3000}, {1}},
+                        {1 << 20, 8, {2048, 3000}, {1}},
+                        {1 << 20, 8, {1000, 2048}, {1}}};
+  for (const Case& c : cases) {
+    attention::AttentionOptions o;
+    o.segment_lengths = c.segments;
+    o.dilation_rates = {1, 2};
+    auto plan = attention::PlanAttention(
+        o, attention::DenseShape(attention::DType::kBFloat16, 1, c.n, 2, 64));
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto sp = attention::PlanSequenceParallel(*plan, c.gpus, 128);
+    ASSERT_TRUE(sp.ok()) << sp.status();
+    SCOPED_TRACE(
+        absl::StrCat("n=", c.n, " gpus=", c.gpus, " segments=", c.segments[0], ",", c.segments[1]));
+    ASSERT_EQ(static_cast<int>(sp->slices.size()), c.gpus);
+    const int64_t share = c.n / c.gpus;
+    for (const auto& slice : sp->slices) {
+      EXPECT_LE(slice.end - slice.begin, share + 2048)
+          << "slice [" << slice.begin << ", " << slice.end << ")";
+    }
+    EXPECT_EQ(sp->spanning_branches, c.spanning);
+  }
+}
+
 TEST(SequenceParallelPlan, OneSequenceOnly) {
   attention::AttentionOptions o;
   o.segment_lengths = {16};
