@@ -78,14 +78,26 @@ def test_server_from_the_image_context_serves(context):
         server.stop()
 
 
-def _kustomize():
+def _kustomize(path=ROOT / "deploy" / "k8s"):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (for its built-in kustomize) is not installed here")
-    r = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s")], capture_output=True,
+    r = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def _docs(text):
+    return {re.search(r"^kind: (\w+)", d, re.M).group(1): d
+            for d in text.split("\n---\n") if re.search(r"^kind: ", d, re.M)}
+
+
+def _hpa_metrics(text):
+    """The HPA's metric types, and the names of its Pods metrics."""
+    hpa = _docs(text)["HorizontalPodAutoscaler"]
+    return (re.findall(r"^    type: (\w+)$", hpa, re.M),
+            re.findall(r"^  - pods:\n      metric:\n        name: (\S+)", hpa, re.M))
 
 
 def test_k8s_manifests_build_and_agree_with_the_server():
@@ -93,8 +105,7 @@ def test_k8s_manifests_build_and_agree_with_the_server():
     kinds = set(re.findall(r"^kind: (\w+)", text, re.M))
     assert kinds == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
                      "ServiceMonitor"}
-    docs = {re.search(r"^kind: (\w+)", d, re.M).group(1): d
-            for d in text.split("\n---\n") if re.search(r"^kind: ", d, re.M)}
+    docs = _docs(text)
     deployment = docs["Deployment"]
     args = re.findall(r"^\s+- (--[a-z-]+)=(\S+)", deployment, re.M)
     flags = dict(args)
@@ -125,3 +136,32 @@ def test_server_starts_with_the_deployments_arguments_and_reports_serving():
             assert check(b"", timeout=10) == b"\x08\x01"  # SERVING: what the probes ask
     finally:
         server.stop()
+
+
+def test_k8s_deployment_is_pod_security_restricted_without_shared_memory():
+    """Pod Security "restricted" fields, and shared memory off behind a cluster-wide Service."""
+    deployment = _docs(_kustomize())["Deployment"]
+    assert "- --shared-memory=off" in deployment
+    assert "mountPath: /dev/shm" not in deployment  # nothing needs more than the runtime's
+    assert re.search(r"^        runAsNonRoot: true$", deployment, re.M)
+    assert re.search(r"^        seccompProfile:\n          type: RuntimeDefault$", deployment, re.M)
+    assert re.search(r"^          allowPrivilegeEscalation: false$", deployment, re.M)
+    assert re.search(r"^          capabilities:\n            drop:\n            - ALL$", deployment,
+                     re.M)
+
+
+def test_k8s_hpa_needs_no_adapter_unless_its_component_is_added(tmp_path):
+    """The default HPA scales on CPU alone: a Pods metric that no adapter serves is invalid, and
+    the HPA controller then never scales down. The component adds the pending-requests metric."""
+    assert _hpa_metrics(_kustomize()) == (["Resource"], [])
+    base = pathlib.Path(os.path.relpath(ROOT / "deploy" / "k8s", tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {base}\ncomponents:\n  - {base / 'components/pending-requests-hpa'}\n")
+    with_adapter = _kustomize(tmp_path)
+    assert _hpa_metrics(with_adapter) == (["Resource", "Pods"],
+                                          ["nv_inference_pending_request_count"])
+    # Only the HPA differs.
+    without = _kustomize()
+    assert {k: v for k, v in _docs(with_adapter).items() if k != "HorizontalPodAutoscaler"} == \
+        {k: v for k, v in _docs(without).items() if k != "HorizontalPodAutoscaler"}
