@@ -64,6 +64,9 @@ absl::StatusOr<bool> AsBool(const ParamValue& v) {
   if (const int64_t* i = std::get_if<int64_t>(&v); i != nullptr && (*i == 0 || *i == 1)) {
     return *i == 1;
   }
+  if (const uint64_t* u = std::get_if<uint64_t>(&v); u != nullptr && (*u == 0 || *u == 1)) {
+    return *u == 1;
+  }
   if (const std::string* s = std::get_if<std::string>(&v)) {
     const std::string lower = absl::AsciiStrToLower(absl::StripAsciiWhitespace(*s));
     if (lower == "true" || lower == "1") return true;
@@ -103,10 +106,10 @@ absl::StatusOr<std::vector<std::pair<int64_t, int64_t>>> AsPairs(const ParamValu
   if (s == nullptr) return absl::InvalidArgumentError("");
   std::vector<std::pair<int64_t, int64_t>> out;
   for (absl::string_view part : absl::StrSplit(*s, ',')) {
-    std::pair<absl::string_view, absl::string_view> ij = absl::StrSplit(part, ':');
+    const std::vector<absl::string_view> ij = absl::StrSplit(part, ':');
     int64_t i, j;
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(ij.first), &i) ||
-        !absl::SimpleAtoi(absl::StripAsciiWhitespace(ij.second), &j)) {
+    if (ij.size() != 2 || !absl::SimpleAtoi(absl::StripAsciiWhitespace(ij[0]), &i) ||
+        !absl::SimpleAtoi(absl::StripAsciiWhitespace(ij[1]), &j)) {
       return absl::InvalidArgumentError("");
     }
     out.emplace_back(i, j);

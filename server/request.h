@@ -72,6 +72,9 @@ struct InferenceRequest {
   // Set when this request alone failed inside a job that went on (its region shrank).
   absl::Status failed;
 
+  // Block-sparse: the kept block pairs of its sequences (PlanBlockSparse's kept_pairs), which a
+  // batch's sum must keep within block_sparse::kMaxKeptPairs; 0 for other operators.
+  int64_t kept_pairs = 0;
   int priority = 1;  // 1 is served first
   absl::Time arrival;   // the handler received the message (before parsing it)
   absl::Time enqueued;  // it entered the model's queue

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kernels/block_sparse/block_sparse.h"
 #include "server/engine.h"
 #include "server/model.h"
 
@@ -108,18 +109,23 @@ Scheduler::Extent Scheduler::ExtentLocked(const InferenceRequest& head) const {
   // The queues in service order, taking the requests that share the head's key.
   Extent e;
   int64_t tokens = 0;
+  int64_t kept_pairs = 0;
   bool limited = false;
   for (const auto& q : queues_) {
     for (const auto& r : q) {
       if (r->batch_key != head.batch_key) continue;
+      // Each request was checked alone; the batch must not exceed what each fits within, or a
+      // request accepted alone would fail for what it was batched with.
       if (e.sequences > 0 && (!policy_.dynamic || policy_.max_batch_size == 0 ||
                               e.sequences + r->batch > policy_.max_batch_size ||
-                              tokens + r->tokens() > policy_.max_batch_tokens)) {
+                              tokens + r->tokens() > policy_.max_batch_tokens ||
+                              kept_pairs + r->kept_pairs > block_sparse::kMaxKeptPairs)) {
         limited = true;
         break;
       }
       e.sequences += r->batch;
       tokens += r->tokens();
+      kept_pairs += r->kept_pairs;
     }
     if (limited) break;
   }

@@ -75,6 +75,11 @@ struct BlockSparsePlan {
   int64_t kept_pairs = 0;    // (query block, key block) pairs over all sequences, per head
 };
 
+// The most kept (query block, key block) pairs a plan may hold, summed over its sequences (a
+// sequence's layout counts once per sequence of that length): the backends list a key span per
+// kept pair of every sequence. A scheduler that batches requests keeps their sum within it.
+inline constexpr int64_t kMaxKeptPairs = int64_t{1} << 26;
+
 // Every check, each failure INVALID_ARGUMENT naming the field and its values.
 absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& options,
                                                 const attention::ProblemShape& shape);

@@ -19,10 +19,10 @@ uint64_t Mix(uint64_t z) {
 
 constexpr int64_t kMaxBlocks = int64_t{1} << 24;  // per sequence; layouts are built on the host
 // Layouts live in host memory (4 bytes a kept pair) and are built per request: a pattern that
-// keeps more pairs than this, or a random pattern over more block pairs than kMaxRandomPairs
-// (it draws every pair), is refused rather than left to exhaust memory or time.
-constexpr int64_t kMaxKeptPairs = int64_t{1} << 26;
-constexpr int64_t kMaxRandomPairs = int64_t{1} << 30;
+// keeps more pairs than kMaxKeptPairs, or a random pattern over more block pairs than
+// kMaxRandomPairs (it draws every pair, about a second per 2^28 on one core, on the thread that
+// checks the request), is refused rather than left to exhaust memory or time.
+constexpr int64_t kMaxRandomPairs = int64_t{1} << 28;
 constexpr size_t kMaxRates = 64;
 
 absl::Status CheckOptions(const BlockSparseOptions& o) {
@@ -79,7 +79,11 @@ absl::Status CheckOptions(const BlockSparseOptions& o) {
   return attention::CheckSoftmaxScale(o.softmax_scale);
 }
 
-absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n) {
+// `budget`: the kept pairs this layout may hold (kMaxKeptPairs, or less where other sequences of
+// the batch took their share); building stops within one query block's pairs past it.
+// `sequences`: the batch's, for the message.
+absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n, int64_t budget,
+                                        size_t sequences) {
   BlockLayout layout;
   layout.seq_len = n;
   layout.num_blocks = n / o.block_size + (n % o.block_size != 0 ? 1 : 0);  // no n + bs overflow
@@ -102,7 +106,7 @@ absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n) 
     ++kept;
   };
   // Checked after each query block, so a pattern stops within one block's pairs of the cap.
-  auto too_many = [&] { return kept > kMaxKeptPairs; };
+  auto too_many = [&] { return kept > budget; };
   switch (o.pattern) {
     case Pattern::kLocalWindow:
       for (int64_t i = 0; i < nb && !too_many(); ++i) {
@@ -162,6 +166,12 @@ absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n) 
       break;
   }
   if (too_many()) {
+    if (budget < kMaxKeptPairs) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("pattern ", PatternName(o.pattern), " keeps more than ", kMaxKeptPairs,
+                       " block pairs over the batch's ", sequences, " sequences with block_size ",
+                       o.block_size, "; use larger blocks, a sparser pattern or smaller batches"));
+    }
     return absl::InvalidArgumentError(absl::StrCat(
         "pattern ", PatternName(o.pattern), " keeps more than ", kMaxKeptPairs,
         " block pairs in a sequence of ", n, " tokens with block_size ", o.block_size,
@@ -245,12 +255,20 @@ absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& option
   plan.scale = base->params.scale;
   plan.params = base->params;
   plan.params.causal = options.causal;
+  // Each layout is built with what is left of the batch's budget, shared by the sequences of its
+  // length, so that a batch over the cap stops while building, not after every layout exists.
+  std::map<int64_t, int64_t> of_length;
+  for (int64_t n : shape.seq_lengths) ++of_length[n];
   std::map<int64_t, int32_t> by_length;
+  int64_t budget_left = kMaxKeptPairs;
   for (int64_t n : shape.seq_lengths) {
     auto [it, inserted] = by_length.try_emplace(n, static_cast<int32_t>(plan.layouts.size()));
     if (inserted) {
-      absl::StatusOr<BlockLayout> layout = BuildLayout(options, n);
+      const int64_t sharers = of_length[n];
+      absl::StatusOr<BlockLayout> layout =
+          BuildLayout(options, n, budget_left / sharers, shape.seq_lengths.size());
       if (!layout.ok()) return layout.status();
+      budget_left -= static_cast<int64_t>(layout->cols.size()) * sharers;
       plan.layouts.push_back(*std::move(layout));
     }
     plan.seq_layout.push_back(it->second);

@@ -294,6 +294,15 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseForModel(
     r->regions.push_back(std::move(t->region));
   }
   if (raw.raw_count() > 0) {
+    // Triton's rule: with raw_input_contents, no input carries typed contents (they would be
+    // neither read nor refused).
+    for (int i = 0; i < inputs; ++i) {
+      if (!shared[i].set && by_name[i]->has_contents()) {
+        return Invalid(absl::StrCat("input '", kNames[i],
+                                    "' carries typed contents, but the request sends "
+                                    "raw_input_contents: send every input one way"));
+      }
+    }
     if (raw.raw_count() != static_cast<size_t>(raw_inputs)) {
       return Invalid(absl::StrCat("request has ", raw_inputs, " inputs",
                                   raw_inputs < req.inputs_size() ? " outside shared memory" : "",
@@ -404,6 +413,13 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseForModel(
   // The operator's own validation and the engine's support check: the same selector the
   // execution uses, so nothing accepted here can be refused later for its configuration.
   if (absl::Status s = model->engine().Supports(*r); !s.ok()) return s;
+  if (r->options.kind == OperatorKind::kBlockSparse) {
+    absl::StatusOr<block_sparse::BlockSparsePlan> sparse = block_sparse::PlanBlockSparse(
+        r->options.sparse,
+        attention::DenseShape(r->dtype, r->batch, r->seq_len, r->heads, r->head_dim));
+    if (!sparse.ok()) return sparse.status();
+    r->kept_pairs = sparse->kept_pairs;
+  }
 
   if (raw.raw_count() > 0) {
     // One copy, from gRPC's buffers into staging memory (pinned on a GPU server). Large contents

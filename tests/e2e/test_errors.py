@@ -147,6 +147,47 @@ def test_missing_and_unknown_tensors(server, client):
     assert client.is_server_live()
 
 
+def test_typed_contents_beside_raw_contents_are_refused(server, client):
+    """Triton's rule: with raw_input_contents no input carries typed contents; they were read
+    neither way before, so the request ran on data the client did not mean."""
+    req = _raw_request()
+    req.inputs[0].contents.fp32_contents.extend([7.0] * GOOD.size)
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_infer(server, req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'Q' carries typed contents" in e.value.details()
+    req = _raw_request()
+    del req.raw_input_contents[1:]
+    for t in req.inputs[1:]:
+        t.contents.fp32_contents.extend(GOOD.ravel().tolist())
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_infer(server, req)
+    assert "input 'K' carries typed contents" in e.value.details()
+    assert client.is_server_live()
+
+
+def test_explicit_pairs_are_parsed_whole(server, client):
+    """Each entry of `pairs` is exactly i:j; "0:0:junk" was read as 0:0."""
+    for pairs in ["0:0:junk,1:1", "0:0,1:1:2", "0"]:
+        _expect(client, "INVALID_ARGUMENT", "pairs", model="block_sparse_attention",
+                parameters={"block_size": 16, "pattern": "explicit", "pairs": pairs})
+    out = client.infer("block_sparse_attention", make_inputs(GOOD, GOOD, GOOD),
+                       parameters={"block_size": 16, "pattern": "explicit", "pairs": "0:0, 1:1"})
+    assert not np.isnan(out.as_numpy("O")).any()
+
+
+def test_causal_takes_every_integer_form(server):
+    """A bool parameter given as an unsigned integer 0 or 1 is the bool, as a signed one is."""
+    req = _raw_request()
+    req.parameters["causal"].uint64_param = 1
+    reply = _raw_infer(server, req)
+    assert reply.model_name == "dilated_attention"
+    req.parameters["causal"].uint64_param = 2
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_infer(server, req)
+    assert "causal" in e.value.details()
+
+
 def test_sequence_parameters_are_refused(server):
     # tritonclient reserves these names; other clients may still send them.
     req = _raw_request()

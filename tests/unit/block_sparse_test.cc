@@ -146,6 +146,28 @@ TEST(BlockSparse, CausalMasksAcrossBlocks) {
   for (size_t i = 16; i < 32; ++i) EXPECT_FALSE(std::isnan(out.Get(i)));
 }
 
+// The CPU path lists a task per (sequence, head, query block, 64 rows): block_size 1 makes one
+// per token and head, so a problem past 2^26 of them is refused by name, not listed.
+TEST(BlockSparse, CpuBackendRefusesMoreTasksThanItLists) {
+  BlockSparseOptions o;
+  o.block_size = 1;
+  o.window = 0;
+  auto backend = CreateCpuBlockSparseBackend({1, "generic"});
+  ASSERT_TRUE(backend.ok());
+  const auto under = PlanBlockSparse(o, attention::DenseShape(DType::kFloat16, 1, 1 << 20, 64, 1));
+  ASSERT_TRUE(under.ok()) << under.status();
+  EXPECT_TRUE((*backend)->Supports(*under).ok());
+  const auto over = PlanBlockSparse(o, attention::DenseShape(DType::kFloat16, 1, 1 << 20, 65, 1));
+  ASSERT_TRUE(over.ok()) << over.status();
+  const absl::Status s = (*backend)->Supports(*over);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("(sequence, head, query block) tasks"));
+  o.block_size = 64;  // one task per block and head: far under the cap
+  const auto wide = PlanBlockSparse(o, attention::DenseShape(DType::kFloat16, 1, 1 << 20, 65, 1));
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_TRUE((*backend)->Supports(*wide).ok());
+}
+
 TEST(BlockSparse, RandomPatternIsDeterministicAndKeepsTheDiagonal) {
   BlockSparseOptions o;
   o.pattern = Pattern::kRandom;
@@ -245,7 +267,15 @@ TEST(BlockSparse, RefusesLayoutsTooLargeAndTakesExtremeParameters) {
   absl::StatusOr<BlockSparsePlan> many = PlanBlockSparse(local, batch);
   EXPECT_EQ(many.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(many.status().message()),
-              HasSubstr("keeps 4294967296 block pairs over the batch's 64 sequences"));
+              HasSubstr("keeps more than 67108864 block pairs over the batch's 64 sequences"));
+  // Sequences of different lengths, each under the cap, over it together: refused while the
+  // layouts are built (each takes what is left of the batch's budget), with the same message.
+  attention::ProblemShape mixed = one;
+  mixed.seq_lengths = {8192, 8191, 8190, 8189, 8188, 8187, 8186, 8185, 8184};
+  absl::StatusOr<BlockSparsePlan> several = PlanBlockSparse(local, mixed);
+  EXPECT_EQ(several.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(several.status().message()),
+              HasSubstr("block pairs over the batch's 9 sequences"));
 
   const auto small = attention::DenseShape(DType::kFloat16, 1, 100, 1, 8);
   constexpr int64_t kHuge = std::numeric_limits<int64_t>::max();

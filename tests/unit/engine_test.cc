@@ -18,6 +18,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "kernels/block_sparse/block_sparse.h"
 #include "kernels/memory/allocator.h"
 #include "server/executor.h"
 #include "server/metrics.h"
@@ -35,6 +36,7 @@ struct RunLog {
   std::atomic<int> released{0};  // ReleaseCachedMemory calls
   std::atomic<int> jobs{0};
   std::atomic<int> widest{0};  // the most requests one job held
+  std::atomic<int64_t> max_kept_pairs{0};  // the most block pairs one job held
 };
 
 class RecordingExecutor final : public Executor {
@@ -60,6 +62,11 @@ class RecordingExecutor final : public Executor {
     int widest = log_->widest.load();
     const int n = static_cast<int>(job.requests.size());
     while (n > widest && !log_->widest.compare_exchange_weak(widest, n)) {
+    }
+    int64_t pairs = 0;
+    for (const auto& r : job.requests) pairs += r->kept_pairs;
+    int64_t most = log_->max_kept_pairs.load();
+    while (pairs > most && !log_->max_kept_pairs.compare_exchange_weak(most, pairs)) {
     }
     absl::SleepFor(absl::Milliseconds(1));  // long enough for the other threads to take work
     return absl::OkStatus();
@@ -402,6 +409,27 @@ TEST_F(EngineThreads, OnlyDynamicBatchingJoinsRequests) {
     model_.reset();
     engine_.reset();
   }
+}
+
+// Block-sparse requests are checked alone against the cap on kept block pairs, which the plan of
+// a batch applies to its sum: the batcher keeps that sum within the cap, so that a request
+// accepted alone is not refused for what it was batched with. Small ones still share batches.
+TEST_F(EngineThreads, BatchesKeepTheirKeptBlockPairsWithinTheCap) {
+  Start({0}, false, "max_batch_size: 8 dynamic_batching {}");
+  const int64_t big = block_sparse::kMaxKeptPairs / 2 + 1;
+  for (int i = 0; i < 8; ++i) {
+    std::unique_ptr<InferenceRequest> r = Request(model_.get());
+    r->kept_pairs = i < 4 ? big : 1000;
+    model_->scheduler().Enqueue(std::move(r));
+  }
+  model_->scheduler().Shutdown();
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 8);
+  // The four big ones each run alone; the four small ones may join the last big one or each other.
+  EXPECT_GE(log_.jobs.load(), 4);
+  EXPECT_LE(log_.max_kept_pairs.load(), block_sparse::kMaxKeptPairs);
+  model_.reset();
+  engine_.reset();
 }
 
 // One device has one engine slot. A batch waiting for its preferred size or queue delay must

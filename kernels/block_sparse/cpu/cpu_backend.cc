@@ -20,6 +20,24 @@ using attention::cpu::TileParams;
 using attention::cpu::TileTask;
 
 constexpr int kMaxCpuHeadDim = 256;
+// Tasks (32 bytes each) are listed per (sequence, head, query block, 64 rows): block_size 1 makes
+// one per token and head, gigabytes of list for a problem whose tensors are a few hundred MB.
+constexpr int64_t kMaxTasks = int64_t{1} << 26;
+// Lists longer than this are freed after their run rather than kept for the next.
+constexpr size_t kKeptListEntries = size_t{1} << 20;
+
+// The tasks Run lists for `plan`.
+int64_t CountTasks(const BlockSparsePlan& plan) {
+  const int64_t bs = plan.options.block_size;
+  const auto tiles = [](int64_t rows) { return (rows + kTileQ - 1) / kTileQ; };
+  int64_t tasks = 0;
+  for (size_t s = 0; s < plan.seq_layout.size(); ++s) {
+    const int64_t n = plan.seq_offsets[s + 1] - plan.seq_offsets[s];
+    tasks += plan.shape.num_heads * ((n / bs) * tiles(bs) + tiles(n % bs));
+    if (tasks > kMaxTasks) return tasks;
+  }
+  return tasks;
+}
 
 class CpuBlockSparseBackend final : public BlockSparseBackend {
  public:
@@ -34,6 +52,13 @@ class CpuBlockSparseBackend final : public BlockSparseBackend {
       return absl::InvalidArgumentError(absl::StrCat(
           "head_dim D=", plan.shape.head_dim, " is not supported by the cpu backend (1..",
           kMaxCpuHeadDim, ")"));
+    }
+    if (CountTasks(plan) > kMaxTasks) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "block_size ", plan.options.block_size, " over ", plan.shape.num_heads,
+          " heads makes more than ", kMaxTasks,
+          " (sequence, head, query block) tasks, more than the cpu backend lists; use larger "
+          "blocks"));
     }
     return absl::OkStatus();
   }
@@ -87,6 +112,9 @@ class CpuBlockSparseBackend final : public BlockSparseBackend {
     }
     runner_->Run(TileContext{&tp, spans_.data(), {}, /*fresh=*/true, /*final=*/true}, tasks_,
                  workspace.data);
+    // Kept for the next run only while small: one huge problem must not hold its lists for good.
+    if (tasks_.capacity() > kKeptListEntries) tasks_ = {};
+    if (spans_.capacity() > kKeptListEntries) spans_ = {};
     return absl::OkStatus();
   }
 
