@@ -5,7 +5,10 @@
 #include <cstring>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "grpcpp/create_channel.h"
 
 namespace dilattn::client {
@@ -13,9 +16,12 @@ namespace {
 
 const char* Datatype(attention::DType t) {
   switch (t) {
-    case attention::DType::kFloat32: return "FP32";
-    case attention::DType::kFloat16: return "FP16";
-    case attention::DType::kBFloat16: return "BF16";
+    case attention::DType::kFloat32:
+      return "FP32";
+    case attention::DType::kFloat16:
+      return "FP16";
+    case attention::DType::kBFloat16:
+      return "BF16";
   }
   return "";
 }
@@ -25,7 +31,8 @@ absl::Status CheckMessageSize(const google::protobuf::Message& m) {
   const size_t bytes = m.ByteSizeLong();
   if (bytes > static_cast<size_t>(INT_MAX)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("the request needs ", bytes, " bytes, more than one message can carry (2 GiB); "
+        absl::StrCat("the request needs ", bytes,
+                     " bytes, more than one message can carry (2 GiB); "
                      "send it through Attend (dilattn.v1), which streams it in chunks"));
   }
   return absl::OkStatus();
@@ -37,6 +44,46 @@ void SetDeadline(grpc::ClientContext* ctx, absl::Duration timeout) {
   }
 }
 
+// A stream response's error_message as a status. Triton's carries only text, and this server
+// puts only the message there too, so the code is UNKNOWN unless a server spelled it out in
+// front of the text ("RESOURCE_EXHAUSTED: ..."), as absl::Status::ToString does.
+absl::Status StreamError(const std::string& id, absl::string_view message) {
+  absl::StatusCode code = absl::StatusCode::kUnknown;
+  for (int c = 1; c <= static_cast<int>(absl::StatusCode::kUnauthenticated); ++c) {
+    const std::string name = absl::StatusCodeToString(static_cast<absl::StatusCode>(c));
+    if (absl::ConsumePrefix(&message, absl::StrCat(name, ": "))) {
+      code = static_cast<absl::StatusCode>(c);
+      break;
+    }
+  }
+  return absl::Status(code, absl::StrCat("request '", id, "': ", message));
+}
+
+// Triton's scheduling parameters are integers on the wire; the server refuses them as strings.
+absl::StatusOr<inference::InferParameter> RequestParameter(const std::string& key,
+                                                           const std::string& value) {
+  inference::InferParameter p;
+  if (key == "priority") {
+    uint64_t level;
+    if (!absl::SimpleAtoi(value, &level)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter 'priority' must be an unsigned integer (0: the model's default), not '", value,
+          "'"));
+    }
+    p.set_uint64_param(level);
+  } else if (key == "timeout") {
+    int64_t micros;
+    if (!absl::SimpleAtoi(value, &micros) || micros < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter 'timeout' must be a non-negative integer of microseconds, not '", value, "'"));
+    }
+    p.set_int64_param(micros);
+  } else {
+    p.set_string_param(value);
+  }
+  return p;
+}
+
 }  // namespace
 
 absl::Status FromGrpc(const grpc::Status& status) {
@@ -44,13 +91,30 @@ absl::Status FromGrpc(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
-Tensor RandomTensor(attention::DType dtype, const std::vector<int64_t>& shape, uint64_t seed) {
+absl::StatusOr<size_t> TensorBytes(attention::DType dtype, const std::vector<int64_t>& shape) {
+  int64_t bytes = static_cast<int64_t>(attention::DTypeSize(dtype));
+  for (int64_t d : shape) {
+    if (d < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape [", absl::StrJoin(shape, ","), "] has a dim below 1"));
+    }
+    if (__builtin_mul_overflow(bytes, d, &bytes)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("shape [", absl::StrJoin(shape, ","), "] overflows a byte count"));
+    }
+  }
+  return static_cast<size_t>(bytes);
+}
+
+absl::StatusOr<Tensor> RandomTensor(attention::DType dtype, const std::vector<int64_t>& shape,
+                                    uint64_t seed) {
+  absl::StatusOr<size_t> bytes = TensorBytes(dtype, shape);
+  if (!bytes.ok()) return bytes.status();
   Tensor t;
   t.dtype = dtype;
   t.shape = shape;
-  size_t n = 1;
-  for (int64_t d : shape) n *= static_cast<size_t>(d);
-  t.bytes.resize(n * attention::DTypeSize(dtype));
+  const size_t n = *bytes / attention::DTypeSize(dtype);
+  t.bytes.resize(*bytes);
   uint64_t state = seed;
   for (size_t i = 0; i < n; ++i) {
     state += 0x9E3779B97F4A7C15ull;
@@ -64,13 +128,15 @@ Tensor RandomTensor(attention::DType dtype, const std::vector<int64_t>& shape, u
   return t;
 }
 
-inference::ModelInferRequest MakeInferRequest(const InferOptions& options,
-                                              const NamedInputs& inputs) {
+absl::StatusOr<inference::ModelInferRequest> MakeInferRequest(const InferOptions& options,
+                                                              const NamedInputs& inputs) {
   inference::ModelInferRequest req;
   req.set_model_name(options.model);
   req.set_id(options.id);
   for (const auto& [key, value] : options.parameters) {
-    (*req.mutable_parameters())[key].set_string_param(value);
+    absl::StatusOr<inference::InferParameter> p = RequestParameter(key, value);
+    if (!p.ok()) return p.status();
+    (*req.mutable_parameters())[key] = *std::move(p);
   }
   for (const auto& [name, t] : inputs) {
     auto* in = req.add_inputs();
@@ -82,8 +148,9 @@ inference::ModelInferRequest MakeInferRequest(const InferOptions& options,
   return req;
 }
 
-inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const Tensor& q,
-                                              const Tensor& k, const Tensor& v) {
+absl::StatusOr<inference::ModelInferRequest> MakeInferRequest(const InferOptions& options,
+                                                              const Tensor& q, const Tensor& k,
+                                                              const Tensor& v) {
   return MakeInferRequest(options, NamedInputs{{"Q", &q}, {"K", &k}, {"V", &v}});
 }
 
@@ -110,7 +177,9 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target
   args.SetMaxSendMessageSize(INT_MAX);
   auto c = std::unique_ptr<Client>(new Client());
   c->channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
-  if (c->channel_ == nullptr) return absl::InvalidArgumentError("cannot create a channel to " + target);
+  if (c->channel_ == nullptr) {
+    return absl::InvalidArgumentError("cannot create a channel to " + target);
+  }
   c->stub_ = inference::GRPCInferenceService::NewStub(c->channel_);
   c->health_ = grpc::health::v1::Health::NewStub(c->channel_);
   c->attend_ = dilattn::v1::DilatedAttention::NewStub(c->channel_);
@@ -175,8 +244,8 @@ absl::StatusOr<inference::ModelStatisticsResponse> Client::ModelStatistics(
   return resp;
 }
 
-absl::StatusOr<Tensor> Client::Infer(const InferOptions& options, const Tensor& q,
-                                     const Tensor& k, const Tensor& v) {
+absl::StatusOr<Tensor> Client::Infer(const InferOptions& options, const Tensor& q, const Tensor& k,
+                                     const Tensor& v) {
   return Infer(options, NamedInputs{{"Q", &q}, {"K", &k}, {"V", &v}});
 }
 
@@ -184,9 +253,10 @@ absl::StatusOr<Tensor> Client::Infer(const InferOptions& options, const NamedInp
   grpc::ClientContext ctx;
   SetDeadline(&ctx, options.timeout);
   inference::ModelInferResponse resp;
-  const inference::ModelInferRequest req = MakeInferRequest(options, inputs);
-  if (absl::Status s = CheckMessageSize(req); !s.ok()) return s;
-  if (grpc::Status s = stub_->ModelInfer(&ctx, req, &resp); !s.ok()) return FromGrpc(s);
+  const absl::StatusOr<inference::ModelInferRequest> req = MakeInferRequest(options, inputs);
+  if (!req.ok()) return req.status();
+  if (absl::Status s = CheckMessageSize(*req); !s.ok()) return s;
+  if (grpc::Status s = stub_->ModelInfer(&ctx, *req, &resp); !s.ok()) return FromGrpc(s);
   return OutputFromResponse(resp);
 }
 
@@ -197,23 +267,55 @@ absl::StatusOr<std::unique_ptr<Client::Stream>> Client::OpenStream() {
   return stream;
 }
 
+absl::Status Client::Stream::End() {
+  // Held through Finish, so that a Send and a Receive failing together wait for the one call.
+  absl::MutexLock lock(&mu_);
+  if (!ended_) {
+    const absl::Status end = FromGrpc(stream_->Finish());
+    final_status_ = end.ok() ? absl::OutOfRangeError("the stream has ended") : end;
+    ended_ = true;
+  }
+  return final_status_;
+}
+
+bool Client::Stream::ended() const {
+  absl::MutexLock lock(&mu_);
+  return ended_;
+}
+
 absl::Status Client::Stream::Send(const inference::ModelInferRequest& request) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (ended_) return final_status_;
+    if (writes_done_) return absl::FailedPreconditionError("Send after CloseSend");
+  }
   if (absl::Status s = CheckMessageSize(request); !s.ok()) return s;
-  if (!stream_->Write(request)) return FromGrpc(stream_->Finish());
+  if (!stream_->Write(request)) return End();
   return absl::OkStatus();
 }
 
 absl::StatusOr<inference::ModelInferResponse> Client::Stream::Receive() {
-  inference::ModelStreamInferResponse resp;
-  if (!stream_->Read(&resp)) {
-    const absl::Status end = FromGrpc(stream_->Finish());
-    return end.ok() ? absl::OutOfRangeError("stream ended") : end;
+  {
+    absl::MutexLock lock(&mu_);
+    if (ended_) return final_status_;
   }
+  inference::ModelStreamInferResponse resp;
+  if (!stream_->Read(&resp)) return End();
   if (!resp.error_message().empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("request '", resp.infer_response().id(), "': ", resp.error_message()));
+    return StreamError(resp.infer_response().id(), resp.error_message());
   }
   return std::move(*resp.mutable_infer_response());
+}
+
+absl::Status Client::Stream::CloseSend() {
+  {
+    absl::MutexLock lock(&mu_);
+    // A second WritesDone, like a second Finish, is an operation gRPC aborts on.
+    if (ended_ || writes_done_) return absl::OkStatus();
+    writes_done_ = true;
+  }
+  if (!stream_->WritesDone()) return absl::UnavailableError("stream closed by the server");
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor& q,
@@ -227,10 +329,29 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
       return absl::InvalidArgumentError("Q, K and V must share one shape, dtype and size");
     }
   }
-  const int64_t tokens = q.shape[0] * q.shape[1];
-  if (tokens < 1 || q.bytes.size() % static_cast<size_t>(tokens) != 0) {
+  // Checked first, so that the products below cannot overflow.
+  absl::StatusOr<size_t> bytes = TensorBytes(q.dtype, q.shape);
+  if (!bytes.ok()) return bytes.status();
+  if (*bytes != q.bytes.size()) {
     return absl::InvalidArgumentError("Q's bytes do not match its shape");
   }
+  uint32_t priority = options.priority;
+  std::map<std::string, std::string> parameters = options.parameters;
+  if (auto it = parameters.find("priority"); it != parameters.end()) {
+    uint32_t level;
+    if (!absl::SimpleAtoi(it->second, &level)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parameter 'priority' must be an unsigned 32-bit integer (0: the model's default), not '",
+          it->second, "'"));
+    }
+    if (priority != 0 && level != priority) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("priority ", priority, " and parameter 'priority' ", level, " disagree"));
+    }
+    priority = level;
+    parameters.erase(it);  // the header's parameters are the operator's alone
+  }
+  const int64_t tokens = q.shape[0] * q.shape[1];
   const size_t token_bytes = q.bytes.size() / static_cast<size_t>(tokens);
   const int64_t per_chunk =
       std::max<int64_t>(1, static_cast<int64_t>(options.chunk_bytes / token_bytes));
@@ -244,6 +365,7 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
   out.shape = q.shape;
   out.bytes.resize(q.bytes.size());
   absl::Status read_status;
+  bool cancelled_here = false;  // the reader found the output malformed and cancelled the call
   AttendStats seen;
   // The reader runs beside the writer: the server streams O back before the input is complete.
   std::thread reader([&] {
@@ -260,6 +382,7 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
           chunk.data().size() > out.bytes.size() - static_cast<size_t>(at) * token_bytes) {
         read_status = absl::InternalError(absl::StrCat("output chunk at token ", chunk.token(),
                                                        " out of order or size; expected ", at));
+        cancelled_here = true;
         ctx.TryCancel();
         return;
       }
@@ -277,12 +400,12 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
   dilattn::v1::Header* h = msg.mutable_header();
   h->set_model(options.model);
   h->set_id(options.id);
-  h->set_priority(options.priority);
+  h->set_priority(priority);
   dilattn::v1::DataType datatype = dilattn::v1::DATA_TYPE_UNSPECIFIED;
   dilattn::v1::DataType_Parse(Datatype(q.dtype), &datatype);  // the enum's names are KServe's
   h->set_datatype(datatype);
   for (int64_t d : q.shape) h->add_shape(d);
-  for (const auto& [key, value] : options.parameters) (*h->mutable_parameters())[key] = value;
+  for (const auto& [key, value] : parameters) (*h->mutable_parameters())[key] = value;
   bool writing = stream->Write(msg);
   for (int64_t first = 0; writing && first < tokens; first += per_chunk) {
     const int64_t n = std::min(per_chunk, tokens - first);
@@ -299,16 +422,13 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
   if (writing) stream->WritesDone();
   reader.join();
   const grpc::Status end = stream->Finish();
+  // The call then ends CANCELLED, which says nothing of why.
+  if (cancelled_here) return read_status;
   if (!end.ok()) return FromGrpc(end);
   if (!read_status.ok()) return read_status;
   seen.total = absl::Now() - start;
   if (stats != nullptr) *stats = seen;
   return out;
-}
-
-absl::Status Client::Stream::CloseSend() {
-  if (!stream_->WritesDone()) return absl::UnavailableError("stream closed by the server");
-  return absl::OkStatus();
 }
 
 }  // namespace dilattn::client

@@ -11,7 +11,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "dilattn/v1/attention.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -30,8 +32,13 @@ struct Tensor {
   std::string bytes;
 };
 
-// Fills a tensor of this shape with uniform values in [-1, 1) from `seed`.
-Tensor RandomTensor(attention::DType dtype, const std::vector<int64_t>& shape, uint64_t seed);
+// The bytes of a tensor of this shape; INVALID_ARGUMENT for a dim below 1 or a size that does not
+// fit in int64, so that callers can refuse a shape before allocating for it.
+absl::StatusOr<size_t> TensorBytes(attention::DType dtype, const std::vector<int64_t>& shape);
+
+// Fills a tensor of this shape with uniform values in [-1, 1) from `seed`; TensorBytes' errors.
+absl::StatusOr<Tensor> RandomTensor(attention::DType dtype, const std::vector<int64_t>& shape,
+                                    uint64_t seed);
 
 // Named inputs of one request: {"Q", &q}, {"K", &k}, {"V", &v}, or {"X", &x}.
 using NamedInputs = std::vector<std::pair<std::string, const Tensor*>>;
@@ -39,18 +46,23 @@ using NamedInputs = std::vector<std::pair<std::string, const Tensor*>>;
 struct InferOptions {
   std::string model = "dilated_attention";
   std::string id;
-  // Request parameters as strings ("segment_lengths" -> "2048,4096", "causal" -> "true"); the
-  // server accepts string values for every parameter.
+  // Request parameters as text ("segment_lengths" -> "2048,4096", "causal" -> "true"). They go
+  // out as string parameters, which the server parses for the operator's parameters, except
+  // Triton's scheduling ones, which it accepts only as integers: "priority" goes out as a
+  // uint64 and "timeout" (microseconds) as an int64, and a value that is not such an integer is
+  // refused before sending.
   std::map<std::string, std::string> parameters;
   absl::Duration timeout = absl::InfiniteDuration();  // the RPC deadline
 };
 
-// Builds the KServe request for these inputs (the server answers with the model's one output).
-inference::ModelInferRequest MakeInferRequest(const InferOptions& options,
-                                              const NamedInputs& inputs);
+// Builds the KServe request for these inputs (the server answers with the model's one output);
+// INVALID_ARGUMENT for a "priority" or "timeout" parameter that is not a non-negative integer.
+absl::StatusOr<inference::ModelInferRequest> MakeInferRequest(const InferOptions& options,
+                                                              const NamedInputs& inputs);
 // The same for Q, K, V.
-inference::ModelInferRequest MakeInferRequest(const InferOptions& options, const Tensor& q,
-                                              const Tensor& k, const Tensor& v);
+absl::StatusOr<inference::ModelInferRequest> MakeInferRequest(const InferOptions& options,
+                                                              const Tensor& q, const Tensor& k,
+                                                              const Tensor& v);
 // The response's one output (O, or a multihead model's Y); INVALID_ARGUMENT when it has none.
 absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& response);
 
@@ -59,7 +71,9 @@ absl::Status FromGrpc(const grpc::Status& status);
 struct AttendOptions {
   std::string model = "dilated_attention";
   std::string id;
-  std::map<std::string, std::string> parameters;  // as InferOptions
+  // The operator's parameters, as in InferOptions. The native header has a field of its own for
+  // the priority: a "priority" parameter (an unsigned integer) is sent there, not as a parameter.
+  std::map<std::string, std::string> parameters;
   uint32_t priority = 0;                          // 0: the model's default level
   size_t chunk_bytes = (size_t{4} << 20) - 1024;  // data per input chunk (whole tokens)
   absl::Duration timeout = absl::InfiniteDuration();
@@ -90,20 +104,34 @@ class Client {
   absl::StatusOr<Tensor> Infer(const InferOptions& options, const NamedInputs& inputs);
 
   // A ModelStreamInfer stream: Send any number of requests, Receive their responses in
-  // completion order, CloseSend when done.
+  // completion order, CloseSend when done. One thread may Send while another Receives.
   class Stream {
    public:
+    // Once the stream has ended, the status it ended with (OUT_OF_RANGE where that was OK).
     absl::Status Send(const inference::ModelInferRequest& request);
-    // A response, or an error: the stream's status at its end, or error_message for one request.
+    // A response, or an error: the stream's status once it has ended (OUT_OF_RANGE where that
+    // was OK), or one request's error_message while it goes on; ended() tells them apart. The
+    // error_message's code is UNKNOWN, as Triton's carries only text, unless the text starts
+    // with a code's name ("RESOURCE_EXHAUSTED: ...").
     absl::StatusOr<inference::ModelInferResponse> Receive();
+    // Ends the sending side; OK when it already ended or the stream has.
     absl::Status CloseSend();
+    // Whether the stream has ended: Send and Receive return its final status from then on.
+    bool ended() const;
 
    private:
     friend class Client;
+    // The stream's final status, from its one call to Finish (gRPC aborts on a second).
+    absl::Status End() ABSL_LOCKS_EXCLUDED(mu_);
+
     grpc::ClientContext context_;
-    std::unique_ptr<grpc::ClientReaderWriter<inference::ModelInferRequest,
-                                             inference::ModelStreamInferResponse>>
+    std::unique_ptr<
+        grpc::ClientReaderWriter<inference::ModelInferRequest, inference::ModelStreamInferResponse>>
         stream_;
+    mutable absl::Mutex mu_;
+    bool ended_ ABSL_GUARDED_BY(mu_) = false;
+    absl::Status final_status_ ABSL_GUARDED_BY(mu_);
+    bool writes_done_ ABSL_GUARDED_BY(mu_) = false;
   };
   absl::StatusOr<std::unique_ptr<Stream>> OpenStream();
 

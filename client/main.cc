@@ -8,10 +8,13 @@
 //   dilattn-client bench    (infer's flags) [--concurrency C] [--duration SECONDS] [--stream]
 //   dilattn-client attend   (infer's flags) [--chunk-mib M]
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <map>
@@ -46,6 +49,11 @@ struct Flags {
   double chunk_mib = 4;
 };
 
+constexpr int kMaxConcurrency = 4096;
+constexpr double kMaxDurationSeconds = 7 * 24 * 3600;
+// What each native-stream message needs beside its chunk's data.
+constexpr size_t kChunkFramingBytes = 1024;
+
 constexpr const char* kUsage = R"(usage: dilattn-client COMMAND [flags]
 commands:
   health     server liveness, readiness and grpc.health.v1 status of every model
@@ -61,7 +69,8 @@ flags:
   --shape B,N,H,D        Q, K and V of this shape (1,4096,8,64); B,N,E sends hidden states X
                          instead (multihead models; not with attend)
   --dtype fp32|fp16|bf16 tensor type (fp32)
-  --param KEY=VALUE      request parameter, repeatable (segment_lengths=2048,4096)
+  --param KEY=VALUE      request parameter, repeatable (segment_lengths=2048,4096);
+                         priority and timeout (microseconds) take non-negative integers
   --concurrency C        bench: concurrent clients (1)
   --duration SECONDS     bench: how long (10)
   --stream               bench: each client uses one ModelStreamInfer stream
@@ -101,12 +110,23 @@ std::string Parse(int argc, char** argv, Flags* f) {
       if (eq == std::string::npos) return "--param needs KEY=VALUE";
       f->params[value.substr(0, eq)] = value.substr(eq + 1);
     } else if (name == "--concurrency") {
-      if (!absl::SimpleAtoi(value, &f->concurrency) || f->concurrency < 1) return "bad --concurrency";
+      // One thread and one connection each.
+      if (!absl::SimpleAtoi(value, &f->concurrency) || f->concurrency < 1 ||
+          f->concurrency > kMaxConcurrency) {
+        return absl::StrCat("--concurrency: '", value, "' is not an integer in [1, ",
+                            kMaxConcurrency, "]");
+      }
     } else if (name == "--duration") {
-      if (!absl::SimpleAtod(value, &f->duration) || f->duration <= 0) return "bad --duration";
+      // SimpleAtod takes "nan" and "inf", which would never end the run.
+      if (!absl::SimpleAtod(value, &f->duration) || !std::isfinite(f->duration) ||
+          f->duration <= 0 || f->duration > kMaxDurationSeconds) {
+        return absl::StrCat("--duration: '", value, "' is not a number of seconds in (0, ",
+                            kMaxDurationSeconds, "]");
+      }
     } else if (name == "--chunk-mib") {
-      if (!absl::SimpleAtod(value, &f->chunk_mib) || f->chunk_mib <= 0 || f->chunk_mib > 1024) {
-        return "bad --chunk-mib";
+      if (!absl::SimpleAtod(value, &f->chunk_mib) || !std::isfinite(f->chunk_mib) ||
+          f->chunk_mib <= 0 || f->chunk_mib > 1024) {
+        return absl::StrCat("--chunk-mib: '", value, "' is not a number of MiB in (0, 1024]");
       }
     } else {
       return absl::StrCat("unknown flag ", name);
@@ -118,7 +138,8 @@ std::string Parse(int argc, char** argv, Flags* f) {
 double Percentile(std::vector<double>& v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * static_cast<double>(v.size())));
+  const size_t i =
+      std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * static_cast<double>(v.size())));
   return v[i];
 }
 
@@ -173,15 +194,37 @@ struct Inputs {
     return {{"Q", &q}, {"K", &k}, {"V", &v}};
   }
 };
-Inputs MakeInputs(const Flags& f) {
-  Inputs in;
-  in.q = dilattn::client::RandomTensor(f.dtype, f.shape, 1);
-  if (f.shape.size() == 4) {
-    in.k = dilattn::client::RandomTensor(f.dtype, f.shape, 2);
-    in.v = dilattn::client::RandomTensor(f.dtype, f.shape, 3);
+// Refuses, before allocating, tensors the command could not send: infer and bench put every
+// input in one message (under 2 GiB); attend streams them, but holds Q, K, V and O in memory.
+absl::StatusOr<Inputs> MakeInputs(const Flags& f) {
+  absl::StatusOr<size_t> bytes = dilattn::client::TensorBytes(f.dtype, f.shape);
+  if (!bytes.ok()) return bytes.status();
+  const size_t tensors = f.shape.size() == 4 ? 3 : 1;
+  if (f.command == "attend") {
+    const long pages = sysconf(_SC_PHYS_PAGES);
+    const long page_bytes = sysconf(_SC_PAGE_SIZE);
+    const double memory = pages > 0 && page_bytes > 0
+                              ? static_cast<double>(pages) * static_cast<double>(page_bytes)
+                              : 0;
+    if (memory > 0 && 4 * static_cast<double>(*bytes) > memory) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("Q, K, V and O of this shape need 4 x ", *bytes, " bytes; this machine has ",
+                       static_cast<uint64_t>(memory), " bytes of memory"));
+    }
+  } else if (*bytes > static_cast<size_t>(INT_MAX) / tensors) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the inputs of this shape need ", tensors, " x ", *bytes,
+        " bytes, more than one message can carry (2 GiB); attend streams Q, K and V in chunks"));
   }
+  Inputs in;
   in.options.model = f.model;
   in.options.parameters = f.params;
+  Tensor* const dst[3] = {&in.q, &in.k, &in.v};
+  for (size_t t = 0; t < tensors; ++t) {
+    absl::StatusOr<Tensor> x = dilattn::client::RandomTensor(f.dtype, f.shape, t + 1);
+    if (!x.ok()) return x.status();
+    *dst[t] = *std::move(x);
+  }
   return in;
 }
 
@@ -190,9 +233,13 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
 }
 
 int InferOnce(Client& c, const Flags& f) {
-  const Inputs in = MakeInputs(f);
+  const absl::StatusOr<Inputs> in = MakeInputs(f);
+  if (!in.ok()) {
+    std::cerr << "infer: " << in.status() << "\n";
+    return 2;
+  }
   const absl::Time start = absl::Now();
-  absl::StatusOr<Tensor> out = c.Infer(in.options, in.named());
+  absl::StatusOr<Tensor> out = c.Infer(in->options, in->named());
   const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
   if (!out.ok()) {
     std::cerr << "infer failed: " << out.status() << "\n";
@@ -200,7 +247,9 @@ int InferOnce(Client& c, const Flags& f) {
   }
   double sum = 0;
   const size_t n = out->bytes.size() / dilattn::attention::DTypeSize(out->dtype);
-  for (size_t i = 0; i < n; ++i) sum += dilattn::attention::LoadAsFloat(out->bytes.data(), out->dtype, i);
+  for (size_t i = 0; i < n; ++i) {
+    sum += dilattn::attention::LoadAsFloat(out->bytes.data(), out->dtype, i);
+  }
   std::printf("%s %s %s in %.3f ms, sum %.6g\n", f.shape.size() == 3 ? "Y" : "O",
               ShapeText(out->shape).c_str(),
               std::string(dilattn::attention::DTypeName(out->dtype)).c_str(), ms, sum);
@@ -212,14 +261,21 @@ int AttendOnce(Client& c, const Flags& f) {
     std::cerr << "attend: the native stream carries Q, K, V: --shape B,N,H,D\n";
     return 2;
   }
-  const Inputs in = MakeInputs(f);
+  const absl::StatusOr<Inputs> in = MakeInputs(f);
+  if (!in.ok()) {
+    std::cerr << "attend: " << in.status() << "\n";
+    return 2;
+  }
   dilattn::client::AttendOptions options;
   options.model = f.model;
   options.parameters = f.params;
-  // Leave room in each message for its framing.
-  options.chunk_bytes = static_cast<size_t>(f.chunk_mib * (1 << 20)) - 1024;
+  // Leave room in each message for its framing where the chunk has room to spare; Attend sends
+  // at least one token a chunk however small this is.
+  const size_t message_bytes = static_cast<size_t>(f.chunk_mib * (1 << 20));
+  options.chunk_bytes =
+      message_bytes > 2 * kChunkFramingBytes ? message_bytes - kChunkFramingBytes : message_bytes;
   dilattn::client::AttendStats stats;
-  absl::StatusOr<Tensor> out = c.Attend(options, in.q, in.k, in.v, &stats);
+  absl::StatusOr<Tensor> out = c.Attend(options, in->q, in->k, in->v, &stats);
   if (!out.ok()) {
     std::cerr << "attend failed: " << out.status() << "\n";
     return 1;
@@ -238,9 +294,18 @@ int AttendOnce(Client& c, const Flags& f) {
 }
 
 int Bench(const Flags& f) {
-  const Inputs in = MakeInputs(f);
-  const inference::ModelInferRequest request =
-      dilattn::client::MakeInferRequest(in.options, in.named());
+  const absl::StatusOr<Inputs> in = MakeInputs(f);
+  if (!in.ok()) {
+    std::cerr << "bench: " << in.status() << "\n";
+    return 2;
+  }
+  const absl::StatusOr<inference::ModelInferRequest> made =
+      dilattn::client::MakeInferRequest(in->options, in->named());
+  if (!made.ok()) {
+    std::cerr << "bench: " << made.status() << "\n";
+    return 2;
+  }
+  const inference::ModelInferRequest& request = *made;
   if (request.ByteSizeLong() > static_cast<size_t>(INT_MAX)) {
     std::cerr << "bench: a request of this shape needs " << request.ByteSizeLong()
               << " bytes, more than one message can carry (2 GiB)\n";
@@ -251,6 +316,7 @@ int Bench(const Flags& f) {
   std::vector<double> latencies_ms;
   std::map<std::string, int64_t> errors;
   std::atomic<int64_t> done{0};
+  std::atomic<int> streams_ended{0};  // workers whose stream ended before the run did
   std::atomic<bool> stop{false};
   const auto start = std::chrono::steady_clock::now();
   auto record = [&](double ms, const absl::Status& s) {
@@ -273,20 +339,29 @@ int Bench(const Flags& f) {
           inference::ModelInferResponse resp;
           const auto t0 = std::chrono::steady_clock::now();
           const grpc::Status s = (*c)->stub().ModelInfer(&ctx, request, &resp);
-          const std::chrono::duration<double, std::milli> dt = std::chrono::steady_clock::now() - t0;
+          const std::chrono::duration<double, std::milli> dt =
+              std::chrono::steady_clock::now() - t0;
           record(dt.count(), dilattn::client::FromGrpc(s));
         }
         return;
       }
       auto stream = (*c)->OpenStream();
-      if (!stream.ok()) return record(0, stream.status());
+      if (!stream.ok()) {
+        ++streams_ended;
+        return record(0, stream.status());
+      }
       while (!stop.load()) {
         const auto t0 = std::chrono::steady_clock::now();
         absl::Status s = (*stream)->Send(request);
         if (s.ok()) s = (*stream)->Receive().status();
         const std::chrono::duration<double, std::milli> dt = std::chrono::steady_clock::now() - t0;
         record(dt.count(), s);
-        if (!s.ok()) break;
+        // Only the stream's end stops this client: one request's error leaves the stream open
+        // for the next, as unary mode goes on after a failed call.
+        if ((*stream)->ended()) {
+          ++streams_ended;
+          break;
+        }
       }
       (void)(*stream)->CloseSend();
     });
@@ -297,7 +372,8 @@ int Bench(const Flags& f) {
     const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
     const int64_t n = done.load();
     std::fprintf(stderr, "\r%6.1fs  %8lld requests  %9.1f req/s  %12.0f tokens/s   ",
-                 elapsed.count(), static_cast<long long>(n), static_cast<double>(n) / elapsed.count(),
+                 elapsed.count(), static_cast<long long>(n),
+                 static_cast<double>(n) / elapsed.count(),
                  static_cast<double>(n) * tokens_per_request / elapsed.count());
     if (elapsed.count() >= f.duration) break;
   }
@@ -307,10 +383,15 @@ int Bench(const Flags& f) {
   std::fprintf(stderr, "\n");
   std::lock_guard<std::mutex> lock(mu);
   const double n = static_cast<double>(latencies_ms.size());
-  std::printf("model %s, shape %s %s, concurrency %d%s, %.1f s\n", f.model.c_str(),
+  // The concurrency the run kept up is less than asked where streams ended early.
+  const std::string ended =
+      streams_ended.load() > 0
+          ? absl::StrCat(", ", streams_ended.load(), " of them stopped early: stream ended")
+          : "";
+  std::printf("model %s, shape %s %s, concurrency %d%s%s, %.1f s\n", f.model.c_str(),
               ShapeText(f.shape).c_str(),
               std::string(dilattn::attention::DTypeName(f.dtype)).c_str(), f.concurrency,
-              f.stream ? " (streaming)" : "", elapsed.count());
+              f.stream ? " (streaming)" : "", ended.c_str(), elapsed.count());
   std::printf("throughput: %.1f req/s, %.0f tokens/s\n", n / elapsed.count(),
               n * tokens_per_request / elapsed.count());
   const double p50 = Percentile(latencies_ms, 50);
