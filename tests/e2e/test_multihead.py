@@ -187,6 +187,9 @@ def test_broken_weights_stop_the_start_with_the_reason(tmp_path):
 def test_perf_analyzer_drives_a_multihead_model(mh_server, tmp_path):
     """Triton's perf_analyzer, unmodified, sends X and reads Y."""
     binary, env = perf_analyzer()
+    # Earlier tests of this module sent requests that failed to parse, which count as failures.
+    failed_before = (mh_server.client().get_inference_statistics("mha").model_stats[0]
+                     .inference_stats.fail.count)
     data = tmp_path / "inputs"
     data.mkdir()
     # Moderate floats, as hidden states are (perf_analyzer's own random bytes include NaN).
@@ -199,7 +202,7 @@ def test_perf_analyzer_drives_a_multihead_model(mh_server, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Throughput" in r.stdout
     stats = mh_server.client().get_inference_statistics("mha").model_stats[0].inference_stats
-    assert stats.success.count > 0 and stats.fail.count == 0
+    assert stats.success.count > 0 and stats.fail.count == failed_before
 
 
 def test_values_beyond_fp16_inside_the_module_are_refused_not_returned_as_inf(mh_server):
