@@ -21,6 +21,21 @@ def make_inputs(q, k, v, datatype="FP32"):
     return inputs
 
 
+def shared_memory_tensors(region, shape, datatype, nbytes, out_region=None, out_offset=None):
+    """Q, K and V at offsets 0, n and 2n of registered region `region` (n = `nbytes` each) and
+    the output O at `out_offset` (3n by default) of `out_region` (`region` by default):
+    (inputs, outputs) for client.infer."""
+    inputs = []
+    for i, label in enumerate("QKV"):
+        t = grpcclient.InferInput(label, list(shape), datatype)
+        t.set_shared_memory(region, nbytes, offset=i * nbytes)
+        inputs.append(t)
+    out = grpcclient.InferRequestedOutput("O")
+    out.set_shared_memory(out_region or region, nbytes,
+                          offset=3 * nbytes if out_offset is None else out_offset)
+    return inputs, [out]
+
+
 def case_parameters(case):
     params = {
         "segment_lengths": ",".join(str(w) for w in case["segment_lengths"]),

@@ -7,13 +7,12 @@ import uuid
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 
 import cuda_ipc
 import reference
 from conftest import ServerProcess
-from helpers import make_inputs
+from helpers import make_inputs, shared_memory_tensors
 
 
 def _gpu_count():
@@ -33,14 +32,7 @@ def _in_cuda_shared_memory(client, cudart, gpu, name, q, k, v):
     for i, x in enumerate((q, k, v)):
         buf.write(x, offset=i * n)
     client.register_cuda_shared_memory(name, buf.raw_handle(), gpu, 4 * n)
-    inputs = []
-    for i, label in enumerate("QKV"):
-        t = grpcclient.InferInput(label, list(q.shape), "FP16")
-        t.set_shared_memory(name, n, offset=i * n)
-        inputs.append(t)
-    out = grpcclient.InferRequestedOutput("O")
-    out.set_shared_memory(name, n, offset=3 * n)
-    return buf, inputs, [out]
+    return (buf, *shared_memory_tensors(name, q.shape, "FP16", n))
 
 
 pytestmark = pytest.mark.skipif(
@@ -196,14 +188,9 @@ def test_split_with_unaligned_segments_and_outputs_over_inputs(client):
             shm.set_shared_memory_region(handle, [q, k, v])
             c.register_system_shared_memory(name, key, 4 * size)
             c.register_system_shared_memory(alias, key, 4 * size)
-            inputs = []
-            for i, label in enumerate("QKV"):
-                t = grpcclient.InferInput(label, list(shape), "FP16")
-                t.set_shared_memory(name, size, offset=i * size)
-                inputs.append(t)
-            o = grpcclient.InferRequestedOutput("O")
-            o.set_shared_memory(alias, size, offset=size // 2)
-            c.infer("dilated_attention", inputs, outputs=[o], parameters=params)
+            inputs, outputs = shared_memory_tensors(name, shape, "FP16", size, out_region=alias,
+                                                    out_offset=size // 2)
+            c.infer("dilated_attention", inputs, outputs=outputs, parameters=params)
             got = shm.get_contents_as_numpy(handle, np.float16, list(shape), offset=size // 2)
             assert reference.relative_error(got.astype(np.float32),
                                             alone.astype(np.float32)) <= 1e-3

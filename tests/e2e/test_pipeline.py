@@ -13,13 +13,12 @@ import uuid
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 import reference
 from conftest import ServerProcess, wait_until
-from helpers import NUMPY_DTYPE, make_inputs, to_wire
+from helpers import NUMPY_DTYPE, make_inputs, shared_memory_tensors, to_wire
 
 MODEL = "dilated_attention"
 MIN_TOKENS = 2048  # pieces of >= 512 tokens, about an eighth of a job each
@@ -148,14 +147,9 @@ def test_pieces_through_system_shared_memory(piece_server, segments, rates, over
                                          offset=3 * size)
         client.register_system_shared_memory(name, key, 4 * size)
         client.register_system_shared_memory(alias, key, 4 * size)
-        inputs = []
-        for i, label in enumerate("QKV"):
-            t = grpcclient.InferInput(label, list(shape), "FP16")
-            t.set_shared_memory(name, size, offset=i * size)
-            inputs.append(t)
-        output = grpcclient.InferRequestedOutput("O")
-        output.set_shared_memory(out_name, size, offset=out_at)
-        client.infer(MODEL, inputs, outputs=[output], parameters=_params(segments, rates))
+        inputs, outputs = shared_memory_tensors(name, shape, "FP16", size, out_region=out_name,
+                                                out_offset=out_at)
+        client.infer(MODEL, inputs, outputs=outputs, parameters=_params(segments, rates))
         out = shm.get_contents_as_numpy(handle, NUMPY_DTYPE["FP16"], list(shape), offset=out_at)
         out = out.astype(np.float32)
         assert not np.isnan(out).any()

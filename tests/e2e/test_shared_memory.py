@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 import cuda_ipc
 import reference
 from conftest import ServerProcess, wait_until
-from helpers import NUMPY_DTYPE, to_wire
+from helpers import NUMPY_DTYPE, shared_memory_tensors, to_wire
 
 MODEL = "dilated_attention"
 PARAMS = {"segment_lengths": "16,32", "dilation_rates": "1,2"}
@@ -61,14 +61,7 @@ def _expected(q, k, v, datatype):
 
 def _packed_tensors(name, n, datatype="FP32"):
     """Q, K, V at offsets 0, n, 2n of region `name` and the output O at 3n: (inputs, outputs)."""
-    inputs = []
-    for i, label in enumerate("QKV"):
-        t = grpcclient.InferInput(label, list(SHAPE), datatype)
-        t.set_shared_memory(name, n, offset=i * n)
-        inputs.append(t)
-    out = grpcclient.InferRequestedOutput("O")
-    out.set_shared_memory(name, n, offset=3 * n)
-    return inputs, [out]
+    return shared_memory_tensors(name, SHAPE, datatype, n)
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP16"])
