@@ -1,10 +1,17 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <list>
 #include <map>
+#include <memory>
+#include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
 #include "kernels/block_sparse/block_sparse.h"
 #include "kernels/common/quote.h"
 
@@ -188,6 +195,77 @@ absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n, 
   return layout;
 }
 
+// Everything a layout depends on: the pattern's options (density exactly) and the length.
+std::string LayoutKey(const BlockSparseOptions& o, int64_t n) {
+  std::string pairs;
+  for (const auto& [i, j] : o.pairs) absl::StrAppend(&pairs, i, ":", j, ",");
+  return absl::StrCat(static_cast<int>(o.pattern), "|", o.block_size, "|", o.window, "|",
+                      absl::StrJoin(o.rates, ","), "|", o.global_blocks, "|", o.stride, "|",
+                      absl::StrFormat("%a", o.density), "|", o.seed, "|", pairs, "|", o.causal, "|",
+                      n);
+}
+
+// Layouts already built, so that a request checked on its handler's thread and then planned
+// again for its batch, and every request of a shape seen before, build theirs once: a layout can
+// take a second to build (the random pattern draws every block pair). Least recently used go
+// first; bounded in bytes, and a layout larger than the bound is not kept.
+class LayoutCache {
+ public:
+  static constexpr size_t kMaxBytes = size_t{64} << 20;
+
+  std::shared_ptr<const BlockLayout> Find(const std::string& key) {
+    absl::MutexLock lock(&mu_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->key == key) {
+        entries_.splice(entries_.begin(), entries_, it);
+        return it->layout;
+      }
+    }
+    return nullptr;
+  }
+
+  void Insert(std::string key, std::shared_ptr<const BlockLayout> layout) {
+    const size_t bytes = layout->cols.size() * sizeof(int32_t) +
+                         layout->row_begin.size() * sizeof(int64_t) + key.size();
+    if (bytes > kMaxBytes) return;
+    absl::MutexLock lock(&mu_);
+    entries_.push_front(Entry{std::move(key), std::move(layout), bytes});
+    bytes_ += bytes;
+    while (bytes_ > kMaxBytes) {
+      bytes_ -= entries_.back().bytes;
+      entries_.pop_back();
+    }
+  }
+
+ private:
+  struct Entry {
+    std::string key;
+    std::shared_ptr<const BlockLayout> layout;
+    size_t bytes;
+  };
+  absl::Mutex mu_;
+  std::list<Entry> entries_ ABSL_GUARDED_BY(mu_);
+  size_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+LayoutCache& Layouts() {
+  static LayoutCache* const cache = new LayoutCache;
+  return *cache;
+}
+
+// BuildLayout through the cache. A cached layout is held to `budget` by its pair count.
+absl::StatusOr<BlockLayout> CachedLayout(const BlockSparseOptions& o, int64_t n, int64_t budget,
+                                         size_t sequences) {
+  std::string key = LayoutKey(o, n);
+  if (std::shared_ptr<const BlockLayout> cached = Layouts().Find(key)) {
+    if (static_cast<int64_t>(cached->cols.size()) <= budget) return *cached;
+    return BuildLayout(o, n, budget, sequences);  // for its message
+  }
+  absl::StatusOr<BlockLayout> built = BuildLayout(o, n, budget, sequences);
+  if (built.ok()) Layouts().Insert(std::move(key), std::make_shared<const BlockLayout>(*built));
+  return built;
+}
+
 }  // namespace
 
 absl::StatusOr<Pattern> ParsePattern(absl::string_view name) {
@@ -266,7 +344,7 @@ absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& option
     if (inserted) {
       const int64_t sharers = of_length[n];
       absl::StatusOr<BlockLayout> layout =
-          BuildLayout(options, n, budget_left / sharers, shape.seq_lengths.size());
+          CachedLayout(options, n, budget_left / sharers, shape.seq_lengths.size());
       if (!layout.ok()) return layout.status();
       budget_left -= static_cast<int64_t>(layout->cols.size()) * sharers;
       plan.layouts.push_back(*std::move(layout));

@@ -168,6 +168,47 @@ TEST(BlockSparse, CpuBackendRefusesMoreTasksThanItLists) {
   EXPECT_TRUE((*backend)->Supports(*wide).ok());
 }
 
+// Layouts are kept between plans (the random pattern draws every pair): a plan again of the same
+// options and length gives the same layout, and every option and the length tell layouts apart.
+TEST(BlockSparse, PlansAgainGiveTheSameLayoutsAndOptionsNeverShareOne) {
+  const auto shape = attention::DenseShape(DType::kFloat16, 1, 4096, 1, 8);
+  BlockSparseOptions o;
+  o.block_size = 16;
+  o.pattern = Pattern::kRandom;
+  o.density = 0.25;
+  o.seed = 7;
+  auto cols = [&](const BlockSparseOptions& opt, const attention::ProblemShape& sh) {
+    absl::StatusOr<BlockSparsePlan> p = PlanBlockSparse(opt, sh);
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? p->layouts[0].cols : std::vector<int32_t>{};
+  };
+  auto fresh = [&](const BlockSparseOptions& opt, int64_t n) {
+    std::vector<int32_t> want;
+    const int64_t nb = (n + opt.block_size - 1) / opt.block_size;
+    for (int64_t i = 0; i < nb; ++i) {
+      for (int64_t j = 0; j < nb; ++j) {
+        if (PairKept(opt, i, j, nb) && !(opt.causal && j > i))
+          want.push_back(static_cast<int32_t>(j));
+      }
+    }
+    return want;
+  };
+  const std::vector<int32_t> first = cols(o, shape);
+  EXPECT_EQ(first, fresh(o, 4096));
+  EXPECT_EQ(cols(o, shape), first);
+  BlockSparseOptions other = o;
+  other.seed = 8;
+  EXPECT_EQ(cols(other, shape), fresh(other, 4096));
+  other = o;
+  other.density = std::nextafter(0.25, 1.0);
+  EXPECT_EQ(cols(other, shape), fresh(other, 4096));
+  other = o;
+  other.causal = true;
+  EXPECT_EQ(cols(other, shape), fresh(other, 4096));
+  EXPECT_EQ(cols(o, attention::DenseShape(DType::kFloat16, 1, 4000, 1, 8)), fresh(o, 4000));
+  EXPECT_EQ(cols(o, shape), first);
+}
+
 TEST(BlockSparse, RandomPatternIsDeterministicAndKeepsTheDiagonal) {
   BlockSparseOptions o;
   o.pattern = Pattern::kRandom;
