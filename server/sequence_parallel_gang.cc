@@ -5,7 +5,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/cuda/sequence_parallel_runner.h"
+#include "kernels/attention/sequence_parallel.h"
 #include "server/executor.h"
 #include "server/log.h"
 
@@ -38,7 +40,8 @@ class SequenceParallelGang final : public GangRunner {
     absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
         r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
     // The single-GPU kernel's selector: what it runs, the split runs too.
-    return plan.ok() && check_->Supports(*plan).ok();
+    if (!plan.ok() || !check_->Supports(*plan).ok()) return false;
+    return FitsThePools(*plan);
   }
 
   absl::Status Run(Job& job) override {
@@ -89,6 +92,29 @@ class SequenceParallelGang final : public GangRunner {
   void ReleaseCachedMemory() override { runner_->ReleaseCachedMemory(); }
 
  private:
+  // Whether every GPU's leases fit its pool. A split can take more per GPU than the whole problem
+  // on one GPU (a low-rate branch whose segments span slices has its keys packed on every GPU, and
+  // the exchange's buffers come on top): such a request is left to one GPU, which may fit it,
+  // rather than failed.
+  bool FitsThePools(const attention::AttentionPlan& plan) const {
+    const int ranks = runner_->num_devices();
+    absl::StatusOr<attention::SequenceParallelPlan> sp = attention::PlanSequenceParallel(
+        plan, ranks, attention::cuda::FusedBlockM(plan.params.head_dim));
+    if (!sp.ok()) return false;
+    const std::vector<std::vector<size_t>> leases =
+        attention::SequenceParallelLeases(*sp, plan, ranks);
+    const std::vector<size_t> caps = runner_->PoolCaps();
+    for (size_t g = 0; g < leases.size() && g < caps.size(); ++g) {
+      size_t held = 0;
+      for (size_t bytes : leases[g]) {
+        const size_t rounded = memory::BufferPool::SizeClass(bytes);
+        if (rounded == 0 || rounded > caps[g] || held > caps[g] - rounded) return false;
+        held += rounded;
+      }
+    }
+    return true;
+  }
+
   std::unique_ptr<attention::cuda::SequenceParallelRunner> runner_;
   std::unique_ptr<attention::AttentionBackend> check_;
   const int64_t min_tokens_;

@@ -175,4 +175,38 @@ std::vector<std::pair<int64_t, int64_t>> SliceParts(const DilatedAttentionParams
   return ranges;
 }
 
+std::vector<std::vector<size_t>> SequenceParallelLeases(const SequenceParallelPlan& sp,
+                                                        const AttentionPlan& plan, int ranks) {
+  const DilatedAttentionParams& p = plan.params;
+  const size_t row_bytes = static_cast<size_t>(p.num_heads) * static_cast<size_t>(p.head_dim) * 2;
+  const size_t pack_bytes =
+      static_cast<size_t>(sp.max_send_rows) * static_cast<size_t>(p.head_dim) * 2;
+  const bool exchange = !sp.spanning_branches.empty();
+  size_t all_rows = 0;  // int32 entries of every slice's send list
+  for (const SequenceSlicePlan& s : sp.slices) all_rows += s.send_rows.size();
+  auto leased = [](size_t bytes) { return std::max<size_t>(bytes, 16); };
+  std::vector<std::vector<size_t>> out(static_cast<size_t>(ranks));
+  for (int g = 0; g < ranks; ++g) {
+    std::vector<size_t>& l = out[static_cast<size_t>(g)];
+    const bool owns = g < static_cast<int>(sp.slices.size());
+    const SequenceSlicePlan* s = owns ? &sp.slices[static_cast<size_t>(g)] : nullptr;
+    const size_t slice_bytes = owns ? static_cast<size_t>(s->end - s->begin) * row_bytes : 0;
+    const size_t key_bytes = owns ? static_cast<size_t>(s->key_rows_end - s->begin) * row_bytes : 0;
+    for (size_t b : {key_bytes, key_bytes, slice_bytes, slice_bytes}) l.push_back(leased(b));
+    if (exchange) {
+      size_t dest = 0;
+      if (owns) {
+        for (const std::vector<int32_t>& from : s->receive_rows) dest += from.size();
+      }
+      for (size_t b : {2 * pack_bytes, 2 * pack_bytes * static_cast<size_t>(ranks),
+                       all_rows * sizeof(int32_t), dest * sizeof(int32_t)}) {
+        l.push_back(leased(b));
+      }
+    }
+    const size_t tiles = owns ? s->tiles.size() : 0;
+    l.push_back(leased(256 + 2 * tiles * sizeof(GpuTile)));
+  }
+  return out;
+}
+
 }  // namespace dilattn::attention

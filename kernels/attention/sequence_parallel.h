@@ -47,6 +47,17 @@ struct SequenceParallelPlan {
 absl::StatusOr<SequenceParallelPlan> PlanSequenceParallel(const AttentionPlan& plan,
                                                           int num_gpus, int block_m);
 
+// The device buffers a run of `sp` over `ranks` GPUs leases on each, in bytes as asked of the
+// pools (before they round up; at least 16 each), as SequenceParallelRunner asks for them: K and
+// V over the slice and its packed keys, Q and O over the slice; where branches span slices, the
+// exchange's send and receive buffers and its row lists; and the tile table, here at most (the
+// runner cuts long slices into parts, which can split a tile in two). `sp` as planned, its lists
+// still whole; `plan` the one it was planned from. So a caller can tell before a run whether it
+// fits the GPUs' pools: the split does not always take less memory per GPU than one GPU does
+// (a low-rate branch spanning slices packs its keys on every GPU).
+std::vector<std::vector<size_t>> SequenceParallelLeases(const SequenceParallelPlan& sp,
+                                                        const AttentionPlan& plan, int ranks);
+
 // The rows [begin, end) of a slice as up to `parts` >= 1 consecutive non-empty ranges (fewer only
 // where there are fewer rows than parts), launched in turn (each part's output goes back while
 // the next runs). With no spanning branch every key a slice's tiles read lies in the slice; when

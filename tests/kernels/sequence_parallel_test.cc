@@ -135,6 +135,34 @@ TEST(SequenceParallel, EachGpuHoldsOnlyItsSliceWhereNoSegmentSpans) {
   }
 }
 
+// SequenceParallelLeases is what the server asks before sending a request to the split: it must
+// be what a run leases, its tile table estimate an upper bound.
+TEST(SequenceParallel, PlannedLeasesAreWhatARunLeases) {
+  if (memory::CudaDeviceCount() < 2) GTEST_SKIP() << "needs two or more CUDA devices";
+  auto runner = EveryGpu();
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  SplitMix64 rng(TestSeed());
+  const int ranks = (*runner)->num_devices();
+  for (const RandomCase& c : Cases()) {
+    Compare(**runner, c, false, rng);
+    auto plan = attention::PlanAttention(c.options, c.shape);
+    ASSERT_TRUE(plan.ok());
+    auto sp = attention::PlanSequenceParallel(*plan, ranks, 128);
+    ASSERT_TRUE(sp.ok());
+    const std::vector<std::vector<size_t>> leases =
+        attention::SequenceParallelLeases(*sp, *plan, ranks);
+    const std::vector<size_t> held = (*runner)->LastRunDeviceBytes();
+    ASSERT_EQ(leases.size(), held.size());
+    for (size_t g = 0; g < held.size(); ++g) {
+      size_t planned = 0;
+      for (size_t b : leases[g]) planned += b;
+      const size_t table = leases[g].back();  // the estimate: at most this much
+      EXPECT_LE(held[g], planned) << "GPU " << g;
+      EXPECT_GE(held[g] + table, planned) << "GPU " << g;
+    }
+  }
+}
+
 TEST(SequenceParallel, OneGpuIsTheSingleGpuKernelBitForBit) {
   REQUIRE_GPU();
   auto runner = attention::cuda::SequenceParallelRunner::Create({0});

@@ -246,6 +246,50 @@ TEST(SequenceParallelPlan, SegmentsWithoutACommonBoundaryStillSplitEvenly) {
   }
 }
 
+// What each GPU leases for a run (the server checks it against the pools before splitting):
+// its slice of the four tensors where every segment fits a slice; with a rate-1 branch spanning
+// slices, every GPU also holds that branch's keys packed, plus the exchange's buffers, which is
+// more than the whole problem on one GPU.
+TEST(SequenceParallelPlan, LeasesPerGpu) {
+  const int64_t n = 1 << 14, heads = 2, dim = 64;
+  const size_t row_bytes = heads * dim * 2;
+  attention::AttentionOptions o;
+  o.segment_lengths = {2048, 4096};
+  o.dilation_rates = {1, 2};
+  auto plan = attention::PlanAttention(
+      o, attention::DenseShape(attention::DType::kBFloat16, 1, n, heads, dim));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  auto sp = attention::PlanSequenceParallel(*plan, 2, 128);
+  ASSERT_TRUE(sp.ok()) << sp.status();
+  auto leases = attention::SequenceParallelLeases(*sp, *plan, 2);
+  ASSERT_EQ(leases.size(), 2u);
+  for (size_t g = 0; g < 2; ++g) {
+    ASSERT_EQ(leases[g].size(), 5u) << "K, V, Q, O and the tile table";
+    for (int t = 0; t < 4; ++t) EXPECT_EQ(leases[g][t], static_cast<size_t>(n / 2) * row_bytes);
+    EXPECT_EQ(leases[g][4], 256 + 2 * sp->slices[g].tiles.size() * sizeof(GpuTile));
+  }
+
+  o.segment_lengths = {2048, n};
+  o.dilation_rates = {1, 1};
+  plan = attention::PlanAttention(
+      o, attention::DenseShape(attention::DType::kBFloat16, 1, n, heads, dim));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  sp = attention::PlanSequenceParallel(*plan, 2, 128);
+  ASSERT_TRUE(sp.ok()) << sp.status();
+  ASSERT_EQ(sp->spanning_branches, std::vector<int>{1});
+  leases = attention::SequenceParallelLeases(*sp, *plan, 2);
+  const size_t one_gpu = 4 * static_cast<size_t>(n) * row_bytes;
+  for (size_t g = 0; g < 2; ++g) {
+    ASSERT_EQ(leases[g].size(), 9u) << "and the exchange's send, receive, rows and destinations";
+    const size_t pack = static_cast<size_t>(sp->max_send_rows) * dim * 2;
+    EXPECT_EQ(leases[g][4], 2 * pack);
+    EXPECT_EQ(leases[g][5], 2 * pack * 2);
+    size_t total = 0;
+    for (size_t b : leases[g]) total += b;
+    EXPECT_GT(total, one_gpu) << "GPU " << g;
+  }
+}
+
 TEST(SequenceParallelPlan, OneSequenceOnly) {
   attention::AttentionOptions o;
   o.segment_lengths = {16};

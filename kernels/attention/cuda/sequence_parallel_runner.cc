@@ -129,6 +129,12 @@ class Runner final : public SequenceParallelRunner {
 
   std::vector<size_t> LastRunDeviceBytes() const override { return last_run_bytes_; }
 
+  std::vector<size_t> PoolCaps() const override {
+    std::vector<size_t> caps;
+    for (const auto& pool : pools_) caps.push_back(pool->byte_cap());
+    return caps;
+  }
+
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) override {
     // The caller's current device is theirs: restored on every way out.
     int caller_device = 0;

@@ -37,6 +37,10 @@ class SequenceParallelRunner {
   virtual void ReleaseCachedMemory() = 0;
   // Device bytes the last Run leased on each GPU (tensors, exchange buffers, tile tables).
   virtual std::vector<size_t> LastRunDeviceBytes() const = 0;
+  // The cap of each GPU's pool (90% of its free memory when the runner was made): a run whose
+  // leases (SequenceParallelLeases, rounded to the pool's size classes) pass it cannot run. Any
+  // thread.
+  virtual std::vector<size_t> PoolCaps() const = 0;
 };
 
 }  // namespace dilattn::attention::cuda
