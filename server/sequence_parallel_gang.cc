@@ -3,7 +3,11 @@
 // dilated rows). Host tensors in (the request's message or system shared memory), host output
 // out.
 
+#include <string>
+
+#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/cuda/sequence_parallel_runner.h"
@@ -41,7 +45,18 @@ class SequenceParallelGang final : public GangRunner {
         r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
     // The single-GPU kernel's selector: what it runs, the split runs too.
     if (!plan.ok() || !check_->Supports(*plan).ok()) return false;
-    return FitsThePools(*plan);
+    // Planning the split takes a tile list of the whole sequence: asked once per shape (the pool
+    // caps do not change), as the runner keeps its plan of the last shape.
+    const std::string shape = absl::StrCat(r.batch_key, "|", r.seq_len);
+    {
+      absl::MutexLock lock(&fits_mu_);
+      if (shape == fits_shape_) return fits_;
+    }
+    const bool fits = FitsThePools(*plan);
+    absl::MutexLock lock(&fits_mu_);
+    fits_shape_ = shape;
+    fits_ = fits;
+    return fits;
   }
 
   absl::Status Run(Job& job) override {
@@ -120,6 +135,10 @@ class SequenceParallelGang final : public GangRunner {
   const int64_t min_tokens_;
   memory::BufferPool* const staging_;
   const absl::Duration pool_wait_;
+  // FitsThePools' answer for the last shape asked (Takes runs on the schedulers' threads).
+  mutable absl::Mutex fits_mu_;
+  mutable std::string fits_shape_ ABSL_GUARDED_BY(fits_mu_);
+  mutable bool fits_ ABSL_GUARDED_BY(fits_mu_) = false;
 };
 
 }  // namespace
