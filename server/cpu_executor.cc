@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kernels/attention/cpu/tile_runner.h"
 #include "kernels/memory/allocator.h"
 #include "server/executor.h"
 
@@ -124,7 +125,15 @@ class CpuExecutor final : public Executor {
     const absl::Time copied_in = absl::Now();
     job.compute_input = copied_in - job.start;
     const attention::TensorRef workspace{ws->data(), ws->size(), host};
+    // A job whose every request was cancelled (its clients gone, their deadlines past, or the
+    // shutdown's grace period over) stops between tiles: a long CPU job would otherwise compute
+    // for no one, and hold the engine (and a shutdown) until it ended.
+    const auto all_cancelled = [&job] {
+      return std::all_of(job.requests.begin(), job.requests.end(),
+                         [](const auto& r) { return r->cancelled->load(); });
+    };
     absl::Status run;
+    attention::cpu::ScopedStopCheck stop_check(all_cancelled);
     switch (kind) {
       case OperatorKind::kDilatedAttention:
       case OperatorKind::kBlockSparse: {
@@ -142,6 +151,9 @@ class CpuExecutor final : public Executor {
     const absl::Time computed = absl::Now();
     job.compute_infer = computed - copied_in;
     if (!run.ok()) return run;
+    if (all_cancelled()) {
+      return absl::CancelledError("every request of the job was cancelled while it computed");
+    }
     if (packed) {
       size_t at = 0;
       for (const auto& r : job.requests) {

@@ -1,11 +1,14 @@
 // Every rejection of DESIGN.md section 1: INVALID_ARGUMENT, with the field and its values named.
 
+#include <atomic>
+#include <cmath>
 #include <limits>
 #include <string>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kernels/attention/attention.h"
+#include "kernels/attention/cpu/tile_runner.h"
 #include "tests/common/run_util.h"
 #include "tests/common/test_util.h"
 
@@ -180,6 +183,52 @@ TEST(Validation, CpuBackendRefusesMoreSpansThanItIndexes) {
   absl::Status s = (*backend)->Supports(*plan);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("spans, more than the cpu backend lists"));
+}
+
+// An executor stops a job whose requests were all cancelled: under a ScopedStopCheck that says
+// stop, the CPU path starts no tile, so no output row is computed (rows stay poisoned, or hold
+// the zeros a multi-pass run starts from); once the scope ends, the same run computes them all.
+// The check is asked from the workers' threads.
+TEST(Validation, CpuRunsStopWhenTheirCheckSaysSo) {
+  auto backend = CreateCpuBackend({2, "generic"});
+  ASSERT_TRUE(backend.ok());
+  absl::StatusOr<AttentionPlan> plan =
+      PlanAttention(Options({64, 128}, {1, 2}), DenseShape(DType::kFloat32, 2, 256, 2, 16));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const size_t n = 2 * 256 * 2 * 16;
+  testing::TypedBuffer x(DType::kFloat32, n), o(DType::kFloat32, n);
+  for (size_t i = 0; i < n; ++i) x.Set(i, 0.01f * static_cast<float>(i % 97) + 0.5f);
+  auto run = [&] {
+    o.Poison();
+    ASSERT_TRUE(
+        testing::RunWithWorkspace(**backend, *plan, {x.cref(), x.cref(), x.cref(), o.ref()}).ok());
+  };
+  run();
+  const std::vector<float> want = o.ToFloats();
+  auto computed = [&] {
+    size_t same = 0;
+    const std::vector<float> got = o.ToFloats();
+    for (size_t i = 0; i < n; ++i) same += got[i] == want[i] ? 1 : 0;
+    return same;
+  };
+  ASSERT_EQ(computed(), n);
+  std::atomic<int> asked{0};
+  {
+    cpu::ScopedStopCheck stop([&] {
+      asked.fetch_add(1);
+      return true;
+    });
+    run();
+    EXPECT_EQ(computed(), 0u) << "a stopped run computed rows";
+    EXPECT_GT(asked.load(), 0);
+  }
+  {
+    cpu::ScopedStopCheck keep_going([] { return false; });
+    run();
+    EXPECT_EQ(computed(), n);
+  }
+  run();
+  EXPECT_EQ(computed(), n) << "the check outlived its scope";
 }
 
 TEST(Validation, CpuBackendOptions) {

@@ -1,6 +1,7 @@
 #include "kernels/attention/cpu/tile_runner.h"
 
 #include <algorithm>
+#include <atomic>
 #include <thread>
 
 #if defined(__x86_64__)
@@ -11,6 +12,9 @@
 
 namespace dilattn::attention::cpu {
 namespace {
+
+// The ScopedStopCheck of this thread, if any.
+thread_local const std::function<bool()>* current_stop_check = nullptr;
 
 struct Isa {
   const char* name;
@@ -99,10 +103,26 @@ void TileRunner::Run(const TileContext& ctx, std::vector<TileTask>& tasks, void*
                    [&](const TileTask& a, const TileTask& b) { return cost(a) > cost(b); });
   const size_t slice = AlignUp(TileScratchFloats(ctx.params->head_dim) * sizeof(float));
   std::byte* base = static_cast<std::byte*>(scratch);
+  const std::function<bool()>* const check = current_stop_check;
+  std::atomic<bool> stopped{false};
   pool_->ParallelFor(static_cast<int64_t>(tasks.size()), [&](int64_t i, int worker) {
+    if (check != nullptr) {
+      if (stopped.load(std::memory_order_relaxed)) return;
+      if ((*check)()) {
+        stopped.store(true, std::memory_order_relaxed);
+        return;
+      }
+    }
     fn_(ctx, tasks[static_cast<size_t>(i)],
         reinterpret_cast<float*>(base + slice * static_cast<size_t>(worker)));
   });
 }
+
+ScopedStopCheck::ScopedStopCheck(std::function<bool()> stopped)
+    : stopped_(std::move(stopped)), outer_(current_stop_check) {
+  current_stop_check = &stopped_;
+}
+
+ScopedStopCheck::~ScopedStopCheck() { current_stop_check = outer_; }
 
 }  // namespace dilattn::attention::cpu

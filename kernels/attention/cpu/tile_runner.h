@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,5 +41,21 @@ class TileRunner {
 };
 
 inline constexpr size_t kScratchAlign = 64;
+
+// While one lives on a thread, TileRunner::Run called on that thread starts no more tasks once
+// `stopped` returns true (asked before each task, from the workers' threads; tasks already
+// running finish), leaving the output unfinished: an executor whose job's requests were all
+// cancelled stops computing it. The caller tells a stopped run by asking `stopped` again.
+class ScopedStopCheck {
+ public:
+  explicit ScopedStopCheck(std::function<bool()> stopped);
+  ~ScopedStopCheck();
+  ScopedStopCheck(const ScopedStopCheck&) = delete;
+  ScopedStopCheck& operator=(const ScopedStopCheck&) = delete;
+
+ private:
+  std::function<bool()> stopped_;
+  const std::function<bool()>* outer_;
+};
 
 }  // namespace dilattn::attention::cpu
