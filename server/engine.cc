@@ -307,8 +307,13 @@ std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,
     s = Guarded([&] { return executor.Start(*job); });
   }
   if (!s.ok()) {
-    LogError("starting %d request(s) for %s failed: %s", static_cast<int>(job->requests.size()),
-             job->model->name(), s.ToString());
+    if (absl::IsCancelled(s)) {  // its clients are gone: no fault of the server's
+      LogInfo("a job of %d request(s) for %s stopped: %s", static_cast<int>(job->requests.size()),
+              job->model->name(), std::string(s.message()));
+    } else {
+      LogError("starting %d request(s) for %s failed: %s", static_cast<int>(job->requests.size()),
+               job->model->name(), s.ToString());
+    }
     for (auto& r : job->requests) CompleteRequest(std::move(r), s);
     return nullptr;
   }
