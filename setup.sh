@@ -13,7 +13,7 @@ build_dir=${DILATTN_BUILD_DIR:-$root/build}
 for arg in "$@"; do
   case "$arg" in
     --no-serve) serve=0 ;;
-    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument '$arg'" >&2; exit 2 ;;
   esac
 done

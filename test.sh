@@ -33,7 +33,9 @@ configure_and_build "$build"
 ctest --test-dir "$build" --output-on-failure -j"$jobs" -L 'unit|conformance|kernels|fuzz'
 
 stage "end-to-end: dilattn-server with tritonclient, perf_analyzer, Prometheus"
-DILATTN_SERVER_BIN="$build/server/dilattn-server" \
+# Every binary and generated file the tests use from this build, where DILATTN_BUILD_DIR moved it.
+DILATTN_SERVER_BIN="$build/server/dilattn-server" DILATTN_CLIENT_BIN="$build/client/dilattn-client" \
+DILATTN_PYTHON_PROTO="$build/python" DILATTN_E2E_RESULTS="$build/e2e-results" \
   "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e"
 
 stage "ASan + UBSan + LSan build: unit, conformance, fuzz corpus, server end-to-end"
@@ -43,7 +45,8 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 ctest --test-dir "$root/build-asan" --output-on-failure -j"$jobs" -L 'unit|conformance|fuzz'
 DILATTN_SERVER_BIN="$root/build-asan/server/dilattn-server" \
-DILATTN_E2E_RESULTS="$root/build-asan/e2e-results" \
+DILATTN_CLIENT_BIN="$root/build-asan/client/dilattn-client" \
+DILATTN_PYTHON_PROTO="$root/build-asan/python" DILATTN_E2E_RESULTS="$root/build-asan/e2e-results" \
   "$root/.venv/bin/python" -m pytest -q -p no:cacheprovider "$root/tests/e2e/test_errors.py" \
   "$root/tests/e2e/test_conformance.py" "$root/tests/e2e/test_sigterm.py" \
   "$root/tests/e2e/test_shared_memory.py" "$root/tests/e2e/test_hostile.py" \
@@ -58,7 +61,8 @@ configure_and_build "$root/build-tsan" -DDILATTN_SANITIZE=thread \
   -DDILATTN_ABSL_SOURCE_DIR="$root/third_party/abseil-src" \
   -DDILATTN_WITH_BENCHMARKS=OFF -DDILATTN_WITH_SERVER=OFF -DDILATTN_WITH_ENGINE=ON \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo
-TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/sanitizers/tsan.supp" \
+# Quoted inside the options: a checkout path with a space would otherwise split them.
+TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions='$root/tests/sanitizers/tsan.supp'" \
   ctest --test-dir "$root/build-tsan" --output-on-failure -j"$jobs" \
   -R 'BufferPool|ThreadPool|EngineThreads|EngineDevices|InPlace|InputFill'
 

@@ -20,7 +20,14 @@ DILATTN_PROMETHEUS_CPP_PACKAGES=(
 DILATTN_PYTHON_PACKAGES_FILE=tests/e2e/requirements.txt
 
 _as_root() {
-  if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi
+  if [[ $(id -u) == 0 ]]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    echo "deps.sh: installing needs root: run as root, or install sudo" >&2
+    return 1
+  fi
 }
 
 install_debian_packages() {

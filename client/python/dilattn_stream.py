@@ -92,6 +92,9 @@ def collect(responses, shape, datatype):
             continue
         if accepted is None:
             raise StreamError("output before Accepted")
+        if len(r.output.data) % (h * d * out.dtype.itemsize) != 0:
+            raise StreamError(f"output chunk at token {r.output.token} of "
+                              f"{len(r.output.data)} bytes is not whole tokens")
         part = np.frombuffer(r.output.data, dtype=out.dtype).reshape(-1, h * d)
         if r.output.token != at or at + part.shape[0] > b * n:
             raise StreamError(f"output chunk at token {r.output.token}, expected {at}")
@@ -112,13 +115,20 @@ def attend(channel, q, k, v, model="dilated_attention", parameters=None, priorit
     naming the problem, RESOURCE_EXHAUSTED, ...) and StreamError for a malformed reply."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype) or q.ndim != 4:
         raise ValueError("Q, K and V must be (B, N, H, D) arrays of one shape and dtype")
+    if q.size == 0:
+        raise ValueError(f"every dimension must be >= 1, got shape {q.shape}")
+    if not 0 <= priority < 2**32:
+        raise ValueError(f"priority must be an unsigned 32-bit integer, got {priority}")
     datatype = _datatype_of(q)
     token_bytes = q.shape[2] * q.shape[3] * q.dtype.itemsize
     per_chunk = max(1, chunk_bytes // token_bytes)
+    # Built here, not in the generator: gRPC runs that on its own thread, and an error there
+    # reaches the caller only as UNKNOWN "Exception iterating requests!".
+    first = header(model, q.shape, datatype, parameters, priority, request_id)
 
     def messages():
         # gRPC consumes this generator on its own thread, so chunks go out while O comes back.
-        yield header(model, q.shape, datatype, parameters, priority, request_id)
+        yield first
         yield from chunks(q, k, v, per_chunk)
 
     call = open_stream(channel)(messages(), timeout=timeout)

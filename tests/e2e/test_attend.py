@@ -227,10 +227,27 @@ def test_python_client_attend(server):
         with pytest.raises(grpc.RpcError) as e:
             attend.dilattn_stream.attend(channel, q, k, v, model="nope")
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        # Refused before the stream opens, with the reason (raised in gRPC's request thread
+        # they came back as UNKNOWN "Exception iterating requests!"; an empty dim divided by 0).
+        with pytest.raises(ValueError, match="unsigned 32-bit"):
+            attend.dilattn_stream.attend(channel, q, k, v, priority=-1)
+        empty = np.zeros((1, 16, 0, 32), dtype=ml_dtypes.bfloat16)
+        with pytest.raises(ValueError, match=">= 1"):
+            attend.dilattn_stream.attend(channel, empty, empty, empty)
     assert o.dtype == ml_dtypes.bfloat16 and o.shape == shape
     ref = reference.dilated_attention(*(x.astype(np.float32) for x in (q, k, v)), [128, 256],
                                       [1, 2], causal=True)
     assert reference.relative_error(o.astype(np.float32), ref) <= reference.TOLERANCE["BF16"]
+
+
+def test_python_client_refuses_output_that_is_not_whole_tokens():
+    """A reply chunk whose bytes are not whole tokens is the documented StreamError, not a
+    NumPy reshape error."""
+    pb = attend.dilattn_stream.pb
+    replies = [pb.AttendResponse(accepted=pb.Accepted(stretch_tokens=8, max_chunk_bytes=1 << 20)),
+               pb.AttendResponse(output=pb.OutputChunk(token=0, data=b"\0" * 6))]
+    with pytest.raises(attend.dilattn_stream.StreamError, match="not whole tokens"):
+        attend.dilattn_stream.collect(iter(replies), (1, 4, 1, 2), "FP32")
 
 
 def test_idle_stream_is_ended_and_its_memory_released():
