@@ -86,6 +86,22 @@ absl::Status CheckOptions(const BlockSparseOptions& o) {
   return attention::CheckSoftmaxScale(o.softmax_scale);
 }
 
+// A layout of a sequence of `n` tokens past `budget` kept pairs: over the batch's share when
+// `budget` is less than kMaxKeptPairs (`sequences`: the batch's, for the message).
+absl::Status TooManyPairs(const BlockSparseOptions& o, int64_t n, int64_t budget,
+                          size_t sequences) {
+  if (budget < kMaxKeptPairs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pattern ", PatternName(o.pattern), " keeps more than ", kMaxKeptPairs,
+                     " block pairs over the batch's ", sequences, " sequences with block_size ",
+                     o.block_size, "; use larger blocks, a sparser pattern or smaller batches"));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("pattern ", PatternName(o.pattern), " keeps more than ", kMaxKeptPairs,
+                   " block pairs in a sequence of ", n, " tokens with block_size ", o.block_size,
+                   "; use larger blocks or a sparser pattern"));
+}
+
 // `budget`: the kept pairs this layout may hold (kMaxKeptPairs, or less where other sequences of
 // the batch took their share); building stops within one query block's pairs past it.
 // `sequences`: the batch's, for the message.
@@ -172,18 +188,7 @@ absl::StatusOr<BlockLayout> BuildLayout(const BlockSparseOptions& o, int64_t n, 
       }
       break;
   }
-  if (too_many()) {
-    if (budget < kMaxKeptPairs) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("pattern ", PatternName(o.pattern), " keeps more than ", kMaxKeptPairs,
-                       " block pairs over the batch's ", sequences, " sequences with block_size ",
-                       o.block_size, "; use larger blocks, a sparser pattern or smaller batches"));
-    }
-    return absl::InvalidArgumentError(absl::StrCat(
-        "pattern ", PatternName(o.pattern), " keeps more than ", kMaxKeptPairs,
-        " block pairs in a sequence of ", n, " tokens with block_size ", o.block_size,
-        "; use larger blocks or a sparser pattern"));
-  }
+  if (too_many()) return TooManyPairs(o, n, budget, sequences);
   layout.row_begin.reserve(static_cast<size_t>(nb) + 1);
   layout.row_begin.push_back(0);
   for (auto& r : rows) {
@@ -259,7 +264,7 @@ absl::StatusOr<BlockLayout> CachedLayout(const BlockSparseOptions& o, int64_t n,
   std::string key = LayoutKey(o, n);
   if (std::shared_ptr<const BlockLayout> cached = Layouts().Find(key)) {
     if (static_cast<int64_t>(cached->cols.size()) <= budget) return *cached;
-    return BuildLayout(o, n, budget, sequences);  // for its message
+    return TooManyPairs(o, n, budget, sequences);
   }
   absl::StatusOr<BlockLayout> built = BuildLayout(o, n, budget, sequences);
   if (built.ok()) Layouts().Insert(std::move(key), std::make_shared<const BlockLayout>(*built));

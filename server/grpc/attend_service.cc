@@ -56,11 +56,10 @@ std::unique_ptr<InferenceRequest> StretchRequest(const Problem& p, int64_t len) 
   return r;
 }
 
-absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& registry) {
-  absl::StatusOr<Model*> found = registry.Find(h.model(), "");
-  if (!found.ok()) return found.status();
+// `model`: the served model the header names.
+absl::StatusOr<Problem> ParseHeader(const v1::Header& h, Model* model) {
   Problem p;
-  p.model = *found;
+  p.model = model;
   const ModelSpec& spec = p.model->spec();
   if (spec.hidden_states()) {
     return Invalid(absl::StrCat("model '", spec.name,
@@ -128,7 +127,9 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, const ModelRegistry& re
 namespace internal {
 
 absl::Status CheckAttendHeader(const v1::Header& header, const ModelRegistry& registry) {
-  return ParseHeader(header, registry).status();
+  absl::StatusOr<Model*> model = registry.Find(header.model(), "");
+  if (!model.ok()) return model.status();
+  return ParseHeader(header, *model).status();
 }
 
 class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
@@ -250,11 +251,12 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       if (header_seen_) return Invalid("a second header; one stream carries one problem");
     }
     const absl::Time arrival = absl::Now();
-    absl::StatusOr<Problem> p = ParseHeader(header, *registry_);
+    absl::StatusOr<Model*> model = registry_->Find(header.model(), "");
+    if (!model.ok()) return model.status();
+    absl::StatusOr<Problem> p = ParseHeader(header, *model);
     if (!p.ok()) {
-      // A refused header is one failed request of the model it names, if that model is served.
-      absl::StatusOr<Model*> named = registry_->Find(header.model(), "");
-      if (named.ok()) CountRefusedRequest(*named, arrival, p.status());
+      // A refused header is one failed request of the model it names.
+      CountRefusedRequest(*model, arrival, p.status());
       return p.status();
     }
     absl::StatusOr<memory::Buffer> lease =
