@@ -8,9 +8,9 @@
 #   3. AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer) build: unit, conformance,
 #      the fuzz corpus, and the server under the end-to-end error, conformance, shutdown,
 #      shared-memory and multihead tests (a leak at exit fails them)
-#   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool, background input
-#      copies, the batcher and the engine threads; the gRPC layer stays out, its Abseil is not
-#      instrumented)
+#   4. ThreadSanitizer build: the concurrency tests (buffer pool, thread pool, block-sparse layout
+#      cache, background input copies, the batcher and the engine threads; the gRPC layer stays
+#      out, its Abseil is not instrumented)
 #
 # Prints each stage's CTest summary; exits non-zero on the first failing stage.
 set -euo pipefail
@@ -64,6 +64,6 @@ configure_and_build "$root/build-tsan" -DDILATTN_SANITIZE=thread \
 # Quoted inside the options: a checkout path with a space would otherwise split them.
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions='$root/tests/sanitizers/tsan.supp'" \
   ctest --test-dir "$root/build-tsan" --output-on-failure -j"$jobs" \
-  -R 'BufferPool|ThreadPool|EngineThreads|EngineDevices|InPlace|InputFill'
+  -R 'BufferPool|ThreadPool|EngineThreads|EngineDevices|InPlace|InputFill|LayoutCache'
 
 stage "all test stages passed"

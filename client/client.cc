@@ -59,6 +59,17 @@ absl::Status StreamError(const std::string& id, absl::string_view message) {
   return absl::Status(code, absl::StrCat("request '", id, "': ", message));
 }
 
+// A "timeout" parameter's text: microseconds, as Triton's `timeout` and the native header's
+// timeout_microseconds take them.
+absl::StatusOr<int64_t> TimeoutMicroseconds(const std::string& value) {
+  int64_t micros;
+  if (!absl::SimpleAtoi(value, &micros) || micros < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "parameter 'timeout' must be a non-negative integer of microseconds, not '", value, "'"));
+  }
+  return micros;
+}
+
 // Triton's scheduling parameters are integers on the wire; the server refuses them as strings.
 absl::StatusOr<inference::InferParameter> RequestParameter(const std::string& key,
                                                            const std::string& value) {
@@ -72,12 +83,9 @@ absl::StatusOr<inference::InferParameter> RequestParameter(const std::string& ke
     }
     p.set_uint64_param(level);
   } else if (key == "timeout") {
-    int64_t micros;
-    if (!absl::SimpleAtoi(value, &micros) || micros < 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "parameter 'timeout' must be a non-negative integer of microseconds, not '", value, "'"));
-    }
-    p.set_int64_param(micros);
+    absl::StatusOr<int64_t> micros = TimeoutMicroseconds(value);
+    if (!micros.ok()) return micros.status();
+    p.set_int64_param(*micros);
   } else {
     p.set_string_param(value);
   }
@@ -152,6 +160,55 @@ absl::StatusOr<inference::ModelInferRequest> MakeInferRequest(const InferOptions
                                                               const Tensor& q, const Tensor& k,
                                                               const Tensor& v) {
   return MakeInferRequest(options, NamedInputs{{"Q", &q}, {"K", &k}, {"V", &v}});
+}
+
+absl::StatusOr<dilattn::v1::Header> MakeAttendHeader(const AttendOptions& options,
+                                                     attention::DType dtype,
+                                                     const std::vector<int64_t>& shape) {
+  if (options.timeout_microseconds < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("timeout_microseconds must be >= 0 (0: the model's default), not ",
+                     options.timeout_microseconds));
+  }
+  uint32_t priority = options.priority;
+  int64_t timeout = options.timeout_microseconds;
+  dilattn::v1::Header h;
+  // The header's parameters are the operator's alone: the scheduling ones go in its fields.
+  for (const auto& [key, value] : options.parameters) {
+    if (key == "priority") {
+      uint32_t level;
+      if (!absl::SimpleAtoi(value, &level)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("parameter 'priority' must be an unsigned 32-bit integer (0: the "
+                         "model's default), not '",
+                         value, "'"));
+      }
+      if (priority != 0 && level != priority) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("priority ", priority, " and parameter 'priority' ", level, " disagree"));
+      }
+      priority = level;
+    } else if (key == "timeout") {
+      absl::StatusOr<int64_t> micros = TimeoutMicroseconds(value);
+      if (!micros.ok()) return micros.status();
+      if (timeout != 0 && *micros != timeout) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "timeout_microseconds ", timeout, " and parameter 'timeout' ", *micros, " disagree"));
+      }
+      timeout = *micros;
+    } else {
+      (*h.mutable_parameters())[key] = value;
+    }
+  }
+  h.set_model(options.model);
+  h.set_id(options.id);
+  h.set_priority(priority);
+  h.set_timeout_microseconds(timeout);
+  dilattn::v1::DataType datatype = dilattn::v1::DATA_TYPE_UNSPECIFIED;
+  dilattn::v1::DataType_Parse(Datatype(dtype), &datatype);  // the enum's names are KServe's
+  h.set_datatype(datatype);
+  for (int64_t d : shape) h.add_shape(d);
+  return h;
 }
 
 absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& response) {
@@ -335,21 +392,11 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
   if (*bytes != q.bytes.size()) {
     return absl::InvalidArgumentError("Q's bytes do not match its shape");
   }
-  uint32_t priority = options.priority;
-  std::map<std::string, std::string> parameters = options.parameters;
-  if (auto it = parameters.find("priority"); it != parameters.end()) {
-    uint32_t level;
-    if (!absl::SimpleAtoi(it->second, &level)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "parameter 'priority' must be an unsigned 32-bit integer (0: the model's default), not '",
-          it->second, "'"));
-    }
-    if (priority != 0 && level != priority) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("priority ", priority, " and parameter 'priority' ", level, " disagree"));
-    }
-    priority = level;
-    parameters.erase(it);  // the header's parameters are the operator's alone
+  dilattn::v1::AttendRequest msg;
+  {
+    absl::StatusOr<dilattn::v1::Header> header = MakeAttendHeader(options, q.dtype, q.shape);
+    if (!header.ok()) return header.status();
+    *msg.mutable_header() = *std::move(header);
   }
   const int64_t tokens = q.shape[0] * q.shape[1];
   const size_t token_bytes = q.bytes.size() / static_cast<size_t>(tokens);
@@ -396,16 +443,6 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
     }
   });
 
-  dilattn::v1::AttendRequest msg;
-  dilattn::v1::Header* h = msg.mutable_header();
-  h->set_model(options.model);
-  h->set_id(options.id);
-  h->set_priority(priority);
-  dilattn::v1::DataType datatype = dilattn::v1::DATA_TYPE_UNSPECIFIED;
-  dilattn::v1::DataType_Parse(Datatype(q.dtype), &datatype);  // the enum's names are KServe's
-  h->set_datatype(datatype);
-  for (int64_t d : q.shape) h->add_shape(d);
-  for (const auto& [key, value] : parameters) (*h->mutable_parameters())[key] = value;
   bool writing = stream->Write(msg);
   for (int64_t first = 0; writing && first < tokens; first += per_chunk) {
     const int64_t n = std::min(per_chunk, tokens - first);

@@ -71,13 +71,24 @@ absl::Status FromGrpc(const grpc::Status& status);
 struct AttendOptions {
   std::string model = "dilated_attention";
   std::string id;
-  // The operator's parameters, as in InferOptions. The native header has a field of its own for
-  // the priority: a "priority" parameter (an unsigned integer) is sent there, not as a parameter.
+  // The operator's parameters, as in InferOptions. The native header has fields of their own for
+  // Triton's scheduling parameters: a "priority" parameter (an unsigned integer) and a "timeout"
+  // one (non-negative microseconds) are sent there, not as parameters.
   std::map<std::string, std::string> parameters;
-  uint32_t priority = 0;                          // 0: the model's default level
-  size_t chunk_bytes = (size_t{4} << 20) - 1024;  // data per input chunk (whole tokens)
-  absl::Duration timeout = absl::InfiniteDuration();
+  uint32_t priority = 0;  // 0: the model's default level
+  // How long each stretch may wait in the model's queue, from when its input is complete (the
+  // header's timeout_microseconds, as KServe's `timeout`); 0: the model's default timeout.
+  int64_t timeout_microseconds = 0;
+  size_t chunk_bytes = (size_t{4} << 20) - 1024;      // data per input chunk (whole tokens)
+  absl::Duration timeout = absl::InfiniteDuration();  // the RPC deadline, of the whole stream
 };
+
+// The native stream's header for a problem of this dtype and shape, with the "priority" and
+// "timeout" parameters moved into its fields; INVALID_ARGUMENT for a value that is not such an
+// integer, a negative timeout, or a parameter that disagrees with its field.
+absl::StatusOr<dilattn::v1::Header> MakeAttendHeader(const AttendOptions& options,
+                                                     attention::DType dtype,
+                                                     const std::vector<int64_t>& shape);
 
 // What the server said of a native stream, and when.
 struct AttendStats {

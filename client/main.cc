@@ -47,6 +47,7 @@ struct Flags {
   double duration = 10;
   bool stream = false;
   double chunk_mib = 4;
+  bool help = false;  // -h, --help or the command help: usage on stdout, exit 0
 };
 
 constexpr int kMaxConcurrency = 4096;
@@ -70,7 +71,9 @@ flags:
                          instead (multihead models; not with attend)
   --dtype fp32|fp16|bf16 tensor type (fp32)
   --param KEY=VALUE      request parameter, repeatable (segment_lengths=2048,4096);
-                         priority and timeout (microseconds) take non-negative integers
+                         priority and timeout (microseconds) take non-negative integers;
+                         attend sends both in the stream's header, the timeout counting for
+                         each stretch from when its input is complete (0: the model's default)
   --concurrency C        bench: concurrent clients (1)
   --duration SECONDS     bench: how long (10)
   --stream               bench: each client uses one ModelStreamInfer stream
@@ -80,8 +83,17 @@ flags:
 std::string Parse(int argc, char** argv, Flags* f) {
   if (argc < 2) return "missing COMMAND";
   f->command = argv[1];
+  auto is_help = [](const std::string& arg) { return arg == "-h" || arg == "--help"; };
+  if (is_help(f->command) || f->command == "help") {
+    f->help = true;
+    return "";
+  }
   for (int i = 2; i < argc; ++i) {
     const std::string name = argv[i];
+    if (is_help(name)) {
+      f->help = true;
+      return "";
+    }
     if (name == "--stream") {
       f->stream = true;
       continue;
@@ -261,14 +273,21 @@ int AttendOnce(Client& c, const Flags& f) {
     std::cerr << "attend: the native stream carries Q, K, V: --shape B,N,H,D\n";
     return 2;
   }
+  dilattn::client::AttendOptions options;
+  options.model = f.model;
+  options.parameters = f.params;
+  // The scheduling parameters are refused before tensors of what may be gigabytes are made.
+  if (absl::StatusOr<dilattn::v1::Header> header =
+          dilattn::client::MakeAttendHeader(options, f.dtype, f.shape);
+      !header.ok()) {
+    std::cerr << "attend: " << header.status() << "\n";
+    return 2;
+  }
   const absl::StatusOr<Inputs> in = MakeInputs(f);
   if (!in.ok()) {
     std::cerr << "attend: " << in.status() << "\n";
     return 2;
   }
-  dilattn::client::AttendOptions options;
-  options.model = f.model;
-  options.parameters = f.params;
   // Leave room in each message for its framing where the chunk has room to spare; Attend sends
   // at least one token a chunk however small this is.
   const size_t message_bytes = static_cast<size_t>(f.chunk_mib * (1 << 20));
@@ -412,6 +431,11 @@ int main(int argc, char** argv) {
   if (std::string error = Parse(argc, argv, &f); !error.empty()) {
     std::cerr << "dilattn-client: " << error << "\n" << kUsage;
     return 2;
+  }
+  // Asked for, the usage is the answer: stdout and success, unlike a wrong command line's.
+  if (f.help) {
+    std::cout << kUsage;
+    return 0;
   }
   bool model_given = false;
   for (int i = 2; i < argc; ++i) model_given |= std::string(argv[i]) == "--model";

@@ -34,7 +34,7 @@ class CpuExecutor final : public Executor {
   std::vector<const memory::BufferPool*> pools() const override { return {pool_.get()}; }
   memory::BufferPool& staging_pool() override { return *pool_; }
 
-  absl::Status Supports(const InferenceRequest& r) const override {
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest& r) const override {
     if (r.touches_device_memory()) {
       return absl::InvalidArgumentError(
           "a tensor is in CUDA shared memory, but this request runs on the CPU (the server has "
@@ -43,16 +43,21 @@ class CpuExecutor final : public Executor {
     }
     const JobPlans plans = PlanOperator(
         r.options, attention::DenseShape(r.dtype, r.batch, r.seq_len, r.heads, r.head_dim));
+    if (absl::Status s = plans.status(r.options.kind); !s.ok()) return s;
+    absl::Status s = absl::InternalError("unknown operator");
     switch (r.options.kind) {
       case OperatorKind::kDilatedAttention:
-        return plans.dilated.ok() ? dilated_->Supports(*plans.dilated) : plans.dilated.status();
+        s = dilated_->Supports(*plans.dilated);
+        break;
       case OperatorKind::kBlockSparse:
-        return plans.sparse.ok() ? sparse_->Supports(*plans.sparse) : plans.sparse.status();
+        s = sparse_->Supports(*plans.sparse);
+        break;
       case OperatorKind::kMultihead:
-        return plans.multihead.ok() ? multihead_->Supports(*plans.multihead)
-                                    : plans.multihead.status();
+        s = multihead_->Supports(*plans.multihead);
+        break;
     }
-    return absl::InternalError("unknown operator");
+    if (!s.ok()) return s;
+    return plans.facts(r.options.kind);
   }
 
   absl::Status Start(Job& job) override { return RunOnHost(job); }
@@ -351,6 +356,12 @@ absl::Status JobPlans::status(OperatorKind kind) const {
       return multihead.status();
   }
   return absl::InternalError("unknown operator");
+}
+
+PlanFacts JobPlans::facts(OperatorKind kind) const {
+  PlanFacts f;
+  if (kind == OperatorKind::kBlockSparse) f.kept_pairs = sparse->kept_pairs;
+  return f;
 }
 
 absl::StatusOr<std::shared_ptr<memory::BufferPool>> CreateHostPool(const ExecutorOptions& options) {

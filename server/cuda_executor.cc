@@ -198,13 +198,13 @@ class CudaExecutor final : public Executor {
     return absl::InternalError("unknown operator");
   }
 
-  absl::Status Supports(const InferenceRequest& r) const override {
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest& r) const override {
     const JobPlans plans = PlanOperator(
         r.options,
         attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim));
     absl::StatusOr<bool> gpu = OnGpu(plans, r.options.kind);
     if (!gpu.ok()) return gpu.status();
-    return *gpu ? absl::OkStatus() : cpu_->Supports(r);
+    return *gpu ? plans.facts(r.options.kind) : cpu_->Supports(r);
   }
 
   absl::Status Start(Job& job) override {

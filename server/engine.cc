@@ -138,11 +138,14 @@ std::string Engine::backend_name() const {
 
 std::vector<const memory::BufferPool*> Engine::pools() const {
   std::vector<const memory::BufferPool*> out;
-  for (const auto& executor : executors_) {
-    for (const memory::BufferPool* pool : executor->pools()) {
+  auto add = [&out](const std::vector<const memory::BufferPool*>& pools) {
+    for (const memory::BufferPool* pool : pools) {
       if (std::find(out.begin(), out.end(), pool) == out.end()) out.push_back(pool);
     }
-  }
+  };
+  for (const auto& executor : executors_) add(executor->pools());
+  // The gang runner's own device pools ("sequence-parallel cuda:N") sit beside the executors'.
+  if (gang_ != nullptr) add(gang_->pools());
   return out;
 }
 

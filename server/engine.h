@@ -54,12 +54,13 @@ class Engine {
   int num_devices() const { return static_cast<int>(executors_.size()); }
   // The first GPU (-1 on the CPU): system shared memory is pinned through it (portably).
   int cuda_device() const { return executors_.front()->cuda_device(); }
-  std::vector<const memory::BufferPool*> pools() const;  // each pool once
+  // Every pool, the executors' and the gang runner's, each once.
+  std::vector<const memory::BufferPool*> pools() const;
   memory::BufferPool& staging_pool() { return executors_.front()->staging_pool(); }
 
   // Whether this engine can run `r`, asked of the same selector execution uses (every device's
-  // executor is of one kind). Any thread.
-  absl::Status Supports(const InferenceRequest& r) const {
+  // executor is of one kind), and what planning it found. Any thread.
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest& r) const {
     return executors_.front()->Supports(r);
   }
 

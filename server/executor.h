@@ -5,11 +5,13 @@
 // leases its buffers and issues its work (a CPU executor simply does it all); Wait() blocks
 // until the outputs are in the requests' responses. Only the engine thread calls them.
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kernels/attention/attention.h"
 #include "kernels/block_sparse/block_sparse.h"
@@ -43,13 +45,21 @@ struct Job {
   ~Job();
 };
 
+// What the support check learns while it plans a request, which the batcher needs too: the
+// parser keeps it on the request, so that admission plans a request once (a block-sparse layout
+// can take a second to build).
+struct PlanFacts {
+  int64_t kept_pairs = 0;  // block-sparse: InferenceRequest::kept_pairs
+};
+
 class Executor {
  public:
   virtual ~Executor() = default;
   virtual std::string name() const = 0;
   virtual int cuda_device() const { return -1; }  // the GPU it runs on; -1 for the CPU
-  // Whether `r` can run here, by the same selector Start() uses. Any thread.
-  virtual absl::Status Supports(const InferenceRequest& r) const = 0;
+  // Whether `r` can run here, by the same selector Start() uses, and what its plan said. Any
+  // thread.
+  virtual absl::StatusOr<PlanFacts> Supports(const InferenceRequest& r) const = 0;
   virtual std::vector<const memory::BufferPool*> pools() const = 0;
   // Where request tensors are staged (pinned on a GPU) and outputs are leased from. Any thread.
   virtual memory::BufferPool& staging_pool() = 0;
@@ -71,6 +81,8 @@ class GangRunner {
   // Runs the job's one request and writes its output; returns when done. The engine's thread.
   virtual absl::Status Run(Job& job) = 0;
   virtual void ReleaseCachedMemory() = 0;
+  // The pools it leases its own buffers from, for the pool metrics. Any thread.
+  virtual std::vector<const memory::BufferPool*> pools() const = 0;
 };
 
 // Sequence parallelism over `devices` for single dense sequences of at least `min_tokens` tokens
@@ -119,6 +131,7 @@ struct JobPlans {
   absl::StatusOr<block_sparse::BlockSparsePlan> sparse = absl::UnknownError("unset");
   absl::StatusOr<multihead::MultiheadPlan> multihead = absl::UnknownError("unset");
   absl::Status status(OperatorKind kind) const;  // the plan of that operator's
+  PlanFacts facts(OperatorKind kind) const;      // of that operator's plan, once it is ok
 };
 JobPlans PlanJob(const Job& job, attention::DType dtype);
 // The same for one operator and shape (a request's, before it is in a job).

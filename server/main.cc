@@ -170,7 +170,7 @@ int main(int argc, char** argv) {
     LogError("dilattn-server: %s", server.status().ToString());
     return 1;
   }
-  // Tests and scripts read the chosen ports from this line.
+  // Tests and scripts read the chosen ports from this line; metrics_port=-1 when metrics are off.
   std::cout << "dilattn-server listening grpc_port=" << (*server)->grpc_port()
             << " metrics_port=" << (*server)->metrics_port() << std::endl;
 

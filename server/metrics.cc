@@ -1,5 +1,7 @@
 #include "server/metrics.h"
 
+#include <string>
+
 #include "absl/strings/str_cat.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
@@ -17,6 +19,30 @@ const prometheus::Histogram::BucketBoundaries kOverheadBuckets = {
 const prometheus::Histogram::BucketBoundaries kBatchBuckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
 
 const char* const kReasons[4] = {"REJECTED", "CANCELED", "BACKEND", "OTHER"};
+
+// The pool events exported, each with its count: the metric's help text is made from this list
+// too, so it names every event a scrape can show.
+struct PoolEvent {
+  const char* name;
+  uint64_t memory::BufferPoolStats::*count;
+};
+constexpr PoolEvent kPoolEvents[] = {
+    {"hit", &memory::BufferPoolStats::hits},
+    {"miss", &memory::BufferPoolStats::misses},
+    {"wait", &memory::BufferPoolStats::waits},
+    {"timeout", &memory::BufferPoolStats::timeouts},
+    {"oversize", &memory::BufferPoolStats::oversized},
+    {"eviction", &memory::BufferPoolStats::evictions},
+    {"allocation_failure", &memory::BufferPoolStats::allocation_failures},
+};
+
+std::string PoolEventsHelp() {
+  std::string help = "Buffer pool events:";
+  for (const PoolEvent& e : kPoolEvents) {
+    absl::StrAppend(&help, &e == kPoolEvents ? " " : ", ", e.name);
+  }
+  return help;
+}
 
 }  // namespace
 
@@ -41,10 +67,8 @@ class Metrics::PoolCollector : public prometheus::Collectable {
     prometheus::MetricFamily leases{"dilattn_buffer_pool_leases",
                                     "Buffers currently leased from a pool",
                                     prometheus::MetricType::Gauge, {}};
-    prometheus::MetricFamily events{"dilattn_buffer_pool_events_total",
-                                    "Buffer pool events: hit, miss, wait, timeout, eviction, "
-                                    "allocation_failure",
-                                    prometheus::MetricType::Counter, {}};
+    prometheus::MetricFamily events{
+        "dilattn_buffer_pool_events_total", PoolEventsHelp(), prometheus::MetricType::Counter, {}};
     absl::MutexLock lock(&mu_);
     for (const memory::BufferPool* pool : pools_) {
       const memory::BufferPoolStats s = pool->stats();
@@ -60,19 +84,12 @@ class Metrics::PoolCollector : public prometheus::Collectable {
       gauge(bytes, "high_water", static_cast<double>(s.high_water_bytes));
       gauge(bytes, "cap", static_cast<double>(pool->byte_cap()));
       gauge(leases, nullptr, static_cast<double>(s.leases_outstanding));
-      auto counter = [&](const char* event, uint64_t v) {
+      for (const PoolEvent& e : kPoolEvents) {
         prometheus::ClientMetric m;
-        m.label = {{"pool", pool->name()}, {"event", event}};
-        m.counter.value = static_cast<double>(v);
+        m.label = {{"pool", pool->name()}, {"event", e.name}};
+        m.counter.value = static_cast<double>(s.*e.count);
         events.metric.push_back(m);
-      };
-      counter("hit", s.hits);
-      counter("miss", s.misses);
-      counter("wait", s.waits);
-      counter("timeout", s.timeouts);
-      counter("oversize", s.oversized);
-      counter("eviction", s.evictions);
-      counter("allocation_failure", s.allocation_failures);
+      }
     }
     return {bytes, leases, events};
   }
@@ -136,7 +153,8 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind
 Metrics::~Metrics() = default;
 
 int Metrics::port() const {
-  if (exposer_ == nullptr) return 0;
+  // Not 0, which --metrics-port reads as "pick a free port".
+  if (exposer_ == nullptr) return -1;
   const std::vector<int> ports = exposer_->GetListeningPorts();
   return ports.empty() ? 0 : ports.front();
 }

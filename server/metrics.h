@@ -56,7 +56,7 @@ class Metrics {
   static absl::StatusOr<std::unique_ptr<Metrics>> Create(const std::string& bind_address);
   ~Metrics();
 
-  int port() const;  // 0 when not serving
+  int port() const;  // -1 when not serving (Create with an empty address)
   ModelMetrics* ForModel(const std::string& model, const std::string& version);
   void AddPool(const memory::BufferPool* pool);
   // Before the pools are destroyed: /metrics keeps serving while the server is torn down.

@@ -391,6 +391,45 @@ absl::StatusOr<ModelSpec> ParseModelConfig(absl::string_view text, absl::string_
   return spec;
 }
 
+std::string IgnoredConfigFieldsWarning(const inference::ModelConfig& config) {
+  std::vector<std::string> fields;
+  if (!config.platform().empty()) {
+    fields.push_back(
+        absl::StrCat("platform \"", config.platform(), "\" (dilattn runs every model itself)"));
+  }
+  int64_t instances = 0;
+  std::vector<int32_t> gpus;
+  bool cpu_kind = false;
+  for (const inference::ModelInstanceGroup& g : config.instance_group()) {
+    instances += std::max(g.count(), 1);  // Triton reads a count of 0 as 1
+    gpus.insert(gpus.end(), g.gpus().begin(), g.gpus().end());
+    cpu_kind |= g.kind() == inference::ModelInstanceGroup::KIND_CPU;
+  }
+  // Triton runs a model's instances side by side, where the groups say; here one engine serves
+  // every model on the devices --device names.
+  std::vector<std::string> placement;
+  if (instances > 1) placement.push_back(absl::StrCat(instances, " instances"));
+  if (!gpus.empty()) placement.push_back(absl::StrCat("gpus [", absl::StrJoin(gpus, ", "), "]"));
+  if (cpu_kind) placement.push_back("kind KIND_CPU");
+  if (!placement.empty()) {
+    fields.push_back(absl::StrCat("instance_group ", absl::StrJoin(placement, ", "),
+                                  " (one engine on the --device devices runs every model)"));
+  }
+  if (config.dynamic_batching().preserve_ordering()) {
+    fields.push_back(
+        "dynamic_batching.preserve_ordering: true (responses come as their batches finish)");
+  }
+  for (const inference::ModelInput& in : config.input()) {
+    if (in.optional()) {
+      fields.push_back(
+          absl::StrCat("input ", in.name(), " optional: true (a request without it is refused)"));
+    }
+  }
+  if (fields.empty()) return "";
+  return absl::StrCat("model '", config.name(),
+                      "': config fields ignored: ", absl::StrJoin(fields, "; "));
+}
+
 absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& dir) {
   namespace fs = std::filesystem;
   std::error_code ec;

@@ -58,6 +58,13 @@ absl::StatusOr<ModelSpec> ParseModelConfig(absl::string_view text, absl::string_
                                            absl::string_view directory_name,
                                            absl::string_view model_dir = "");
 
+// Fields of a Triton config that dilattn accepts (configs written for Triton carry them) but does
+// not act on, named where their value would change what Triton does: a platform, an
+// instance_group of more than one instance, with gpus or of kind KIND_CPU,
+// dynamic_batching.preserve_ordering true, an input optional true. One line for the start-up log
+// ("model 'm' sets ... ; ignored"), empty when none is set.
+std::string IgnoredConfigFieldsWarning(const inference::ModelConfig& config);
+
 // Every <dir>/<model>/config.pbtxt. At least one model, no duplicate names.
 absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& dir);
 

@@ -106,6 +106,8 @@ class SequenceParallelGang final : public GangRunner {
 
   void ReleaseCachedMemory() override { runner_->ReleaseCachedMemory(); }
 
+  std::vector<const memory::BufferPool*> pools() const override { return runner_->pools(); }
+
  private:
   // Whether every GPU's leases fit its pool. A split can take more per GPU than the whole problem
   // on one GPU (a low-rate branch whose segments span slices has its keys packed on every GPU, and

@@ -21,6 +21,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     if (!loaded.ok()) return loaded.status();
     specs = *std::move(loaded);
   }
+  // Configs written for Triton load, but a field Triton would act on must not pass silently.
+  for (const ModelSpec& spec : specs) {
+    if (const std::string ignored = IgnoredConfigFieldsWarning(spec.config); !ignored.empty()) {
+      LogWarning("dilattn-server: %s", ignored);
+    }
+  }
 
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
       options.metrics_port < 0 ? ""
@@ -64,9 +70,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   health->SetServingStatus(true);
   for (const auto& m : s->registry_->models()) health->SetServingStatus(m->name(), true);
   s->state_.ready.store(true);
-  LogInfo("dilattn-server: backend %s, %d models, gRPC on %s:%d, metrics on port %d",
-          s->engine_->backend_name(), static_cast<int>(s->registry_->models().size()),
-          options.bind_address, s->grpc_port_, s->metrics_->port());
+  const int metrics_port = s->metrics_->port();
+  LogInfo("dilattn-server: backend %s, %d models, gRPC on %s:%d, %s", s->engine_->backend_name(),
+          static_cast<int>(s->registry_->models().size()), options.bind_address, s->grpc_port_,
+          metrics_port < 0 ? "metrics off (--metrics-port -1)"
+                           : absl::StrCat("metrics on port ", metrics_port));
   return s;
 }
 

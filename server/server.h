@@ -37,7 +37,7 @@ class Server {
   ~Server();
 
   int grpc_port() const { return grpc_port_; }
-  int metrics_port() const { return metrics_->port(); }
+  int metrics_port() const { return metrics_->port(); }  // -1: metrics off
   const ModelRegistry& registry() const { return *registry_; }
   const Engine& engine() const { return *engine_; }
 

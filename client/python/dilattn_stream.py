@@ -4,13 +4,15 @@ problems larger than one KServe message: NumPy arrays in, NumPy array out.
     import grpc, numpy as np
     import dilattn_stream
     with grpc.insecure_channel("localhost:8001") as channel:
-        o = dilattn_stream.attend(channel, q, k, v, parameters={"causal": "true"})
+        o = dilattn_stream.attend(channel, q, k, v, parameters={"causal": "true"},
+                                  timeout_us=500_000)
 
 The messages (dilattn/v1/attention_pb2.py) are generated at build time into build/python;
 put that folder and this one on PYTHONPATH, or set DILATTN_PYTHON_PROTO to the folder holding
 dilattn/. Needs grpcio, protobuf and numpy (ml_dtypes for BF16).
 """
 
+import operator
 import os
 import pathlib
 import sys
@@ -42,10 +44,13 @@ def _datatype_of(array):
     return names[str(array.dtype)]
 
 
-def header(model, shape, datatype="FP32", parameters=None, priority=0, request_id=""):
-    """The stream's first message. `parameters` maps names to strings, as in config.pbtxt."""
+def header(model, shape, datatype="FP32", parameters=None, priority=0, request_id="",
+           timeout_us=0):
+    """The stream's first message. `parameters` maps names to strings, as in config.pbtxt;
+    `priority` and `timeout_us` (microseconds) go in the header's fields, unchecked (attend
+    checks them)."""
     h = pb.Header(model=model, datatype=getattr(pb, datatype), shape=[int(d) for d in shape],
-                  priority=priority, id=request_id)
+                  priority=priority, id=request_id, timeout_microseconds=timeout_us)
     for key, value in (parameters or {}).items():
         h.parameters[key] = str(value)
     return pb.AttendRequest(header=h)
@@ -107,24 +112,46 @@ def collect(responses, shape, datatype):
     return accepted, out.reshape(b, n, h, d)
 
 
+def _timeout_us(value):
+    try:
+        us = operator.index(value)  # ints and NumPy integers; not floats, strings or bools
+    except TypeError:
+        us = None
+    if us is None or isinstance(value, bool) or not 0 <= us < 2**63:
+        raise ValueError("timeout_us must be a non-negative integer of microseconds "
+                         f"(0: the model's default), got {value!r}")
+    return us
+
+
 def attend(channel, q, k, v, model="dilated_attention", parameters=None, priority=0,
-           request_id="", chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None):
+           request_id="", chunk_bytes=DEFAULT_CHUNK_BYTES, timeout=None, timeout_us=0):
     """O for Q, K and V ((B, N, H, D) NumPy arrays of float32, float16 or bfloat16), computed by
     `model` with `parameters` overriding its own. O comes back stretch by stretch while the
-    input is still going out. Raises grpc.RpcError with the server's status (INVALID_ARGUMENT
-    naming the problem, RESOURCE_EXHAUSTED, ...) and StreamError for a malformed reply."""
+    input is still going out.
+
+    `priority` and `timeout_us` schedule the stream's stretches as KServe's `priority` and
+    `timeout` parameters schedule a request: a stretch is queued once its input is complete and
+    may wait `timeout_us` microseconds from then (0: the model's default timeout; a model that
+    does not allow overriding its default keeps it); one that has not started by then is not
+    computed and the stream ends with DEADLINE_EXCEEDED. `timeout` (seconds, None for none) is
+    the gRPC deadline of the whole call.
+
+    Raises ValueError for arguments it cannot send, grpc.RpcError with the server's status
+    (INVALID_ARGUMENT naming the problem, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) and
+    StreamError for a malformed reply."""
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype) or q.ndim != 4:
         raise ValueError("Q, K and V must be (B, N, H, D) arrays of one shape and dtype")
     if q.size == 0:
         raise ValueError(f"every dimension must be >= 1, got shape {q.shape}")
     if not 0 <= priority < 2**32:
         raise ValueError(f"priority must be an unsigned 32-bit integer, got {priority}")
+    timeout_us = _timeout_us(timeout_us)
     datatype = _datatype_of(q)
     token_bytes = q.shape[2] * q.shape[3] * q.dtype.itemsize
     per_chunk = max(1, chunk_bytes // token_bytes)
     # Built here, not in the generator: gRPC runs that on its own thread, and an error there
     # reaches the caller only as UNKNOWN "Exception iterating requests!".
-    first = header(model, q.shape, datatype, parameters, priority, request_id)
+    first = header(model, q.shape, datatype, parameters, priority, request_id, timeout_us)
 
     def messages():
         # gRPC consumes this generator on its own thread, so chunks go out while O comes back.

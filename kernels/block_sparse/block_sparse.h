@@ -84,6 +84,11 @@ inline constexpr int64_t kMaxKeptPairs = int64_t{1} << 26;
 absl::StatusOr<BlockSparsePlan> PlanBlockSparse(const BlockSparseOptions& options,
                                                 const attention::ProblemShape& shape);
 
+// Bounds the process-wide cache of the layouts PlanBlockSparse builds (64 MiB; least recently
+// used go first) and returns the previous bound. 0 keeps none, so that every plan builds its
+// layouts afresh. For tests: a small bound makes the cache evict all the time.
+size_t SetLayoutCacheBytesForTesting(size_t max_bytes);
+
 // attention::CheckTensors for a block-sparse plan: byte counts match and every buffer is on
 // `where`.
 absl::Status CheckBlockSparseTensors(const BlockSparsePlan& plan,

@@ -216,7 +216,7 @@ std::string LayoutKey(const BlockSparseOptions& o, int64_t n) {
 // first; bounded in bytes, and a layout larger than the bound is not kept.
 class LayoutCache {
  public:
-  static constexpr size_t kMaxBytes = size_t{64} << 20;
+  static constexpr size_t kDefaultMaxBytes = size_t{64} << 20;
 
   std::shared_ptr<const BlockLayout> Find(const std::string& key) {
     absl::MutexLock lock(&mu_);
@@ -232,17 +232,29 @@ class LayoutCache {
   void Insert(std::string key, std::shared_ptr<const BlockLayout> layout) {
     const size_t bytes = layout->cols.size() * sizeof(int32_t) +
                          layout->row_begin.size() * sizeof(int64_t) + key.size();
-    if (bytes > kMaxBytes) return;
     absl::MutexLock lock(&mu_);
+    if (bytes > max_bytes_) return;
     entries_.push_front(Entry{std::move(key), std::move(layout), bytes});
     bytes_ += bytes;
-    while (bytes_ > kMaxBytes) {
+    EvictPastBound();
+  }
+
+  size_t SetMaxBytes(size_t max_bytes) {
+    absl::MutexLock lock(&mu_);
+    const size_t previous = max_bytes_;
+    max_bytes_ = max_bytes;
+    EvictPastBound();
+    return previous;
+  }
+
+ private:
+  void EvictPastBound() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    while (bytes_ > max_bytes_) {
       bytes_ -= entries_.back().bytes;
       entries_.pop_back();
     }
   }
 
- private:
   struct Entry {
     std::string key;
     std::shared_ptr<const BlockLayout> layout;
@@ -251,6 +263,7 @@ class LayoutCache {
   absl::Mutex mu_;
   std::list<Entry> entries_ ABSL_GUARDED_BY(mu_);
   size_t bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t max_bytes_ ABSL_GUARDED_BY(mu_) = kDefaultMaxBytes;
 };
 
 LayoutCache& Layouts() {
@@ -272,6 +285,8 @@ absl::StatusOr<BlockLayout> CachedLayout(const BlockSparseOptions& o, int64_t n,
 }
 
 }  // namespace
+
+size_t SetLayoutCacheBytesForTesting(size_t max_bytes) { return Layouts().SetMaxBytes(max_bytes); }
 
 absl::StatusOr<Pattern> ParsePattern(absl::string_view name) {
   const std::string lower = absl::AsciiStrToLower(name);

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "kernels/common/quote.h"
 #include "server/grpc/infer_parser.h"
 #include "server/grpc/inference_service.h"
 #include "server/grpc/wire.h"
@@ -34,9 +35,14 @@ struct Problem {
   attention::DType dtype = attention::DType::kFloat32;
   int64_t batch = 0, seq_len = 0, heads = 0, head_dim = 0;
   int priority = 1;
+  // Each stretch's time in the queue, counted from when its input is complete (RequestTimeout).
+  absl::Duration timeout = absl::InfiniteDuration();
   size_t token_bytes = 0;   // one token of one tensor: H * D elements
   size_t tensor_bytes = 0;  // B * N tokens
   int64_t stretch = 0;      // tokens per stretch
+  // Block-sparse: the kept block pairs of a stretch (the batcher caps their sum), of a whole
+  // one and of the sequence's shorter last one.
+  int64_t stretch_pairs = 0, last_stretch_pairs = 0;
 };
 
 // A request of the model for tokens [first, first + len) of one sequence, with no data yet.
@@ -52,6 +58,7 @@ std::unique_ptr<InferenceRequest> StretchRequest(const Problem& p, int64_t len) 
   r->head_dim = p.head_dim;
   r->tensor_bytes = static_cast<size_t>(len) * p.token_bytes;
   r->priority = p.priority;
+  r->kept_pairs = len == p.stretch ? p.stretch_pairs : p.last_stretch_pairs;
   r->batch_key = BatchKey(*r);
   return r;
 }
@@ -105,7 +112,19 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, Model* model) {
   p.token_bytes = static_cast<size_t>(token);
   p.tensor_bytes = static_cast<size_t>(four / 4);
   p.priority = PriorityLevel(spec, h.priority());
+  if (h.timeout_microseconds() < 0) {
+    return Invalid(absl::StrCat("header: timeout_microseconds ", h.timeout_microseconds(),
+                                " must be >= 0 (0: the model's default timeout)"));
+  }
+  p.timeout = RequestTimeout(spec, h.timeout_microseconds());
   for (const auto& [key, value] : h.parameters()) {
+    // KServe's scheduling parameters have fields of their own here: say so rather than list the
+    // operator's parameters.
+    if (key == "priority" || key == "timeout") {
+      return Invalid(absl::StrCat(
+          "header parameter ", Quote(key), " is not an operator parameter: set the header's ",
+          key == "priority" ? "priority" : "timeout_microseconds", " field"));
+    }
     if (absl::Status s =
             ApplyOperatorParameter(key, ParamValue(value), "header parameter", &p.options);
         !s.ok()) {
@@ -117,7 +136,9 @@ absl::StatusOr<Problem> ParseHeader(const v1::Header& h, Model* model) {
   // stream will send, so that nothing accepted now is refused later.
   for (int64_t len : {p.stretch, p.seq_len % p.stretch}) {
     if (len == 0) continue;
-    if (absl::Status s = p.model->engine().Supports(*StretchRequest(p, len)); !s.ok()) return s;
+    absl::StatusOr<PlanFacts> facts = p.model->engine().Supports(*StretchRequest(p, len));
+    if (!facts.ok()) return facts.status();
+    (len == p.stretch ? p.stretch_pairs : p.last_stretch_pairs) = facts->kept_pairs;
   }
   return p;
 }
@@ -130,6 +151,18 @@ absl::Status CheckAttendHeader(const v1::Header& header, const ModelRegistry& re
   absl::StatusOr<Model*> model = registry.Find(header.model(), "");
   if (!model.ok()) return model.status();
   return ParseHeader(header, *model).status();
+}
+
+absl::StatusOr<std::vector<std::unique_ptr<InferenceRequest>>> AttendStretchRequests(
+    const v1::Header& header, const ModelRegistry& registry) {
+  absl::StatusOr<Model*> model = registry.Find(header.model(), "");
+  if (!model.ok()) return model.status();
+  absl::StatusOr<Problem> p = ParseHeader(header, *model);
+  if (!p.ok()) return p.status();
+  std::vector<std::unique_ptr<InferenceRequest>> out;
+  out.push_back(StretchRequest(*p, p->stretch));
+  if (p->seq_len % p->stretch != 0) out.push_back(StretchRequest(*p, p->seq_len % p->stretch));
+  return out;
 }
 
 class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
@@ -274,7 +307,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     header_seen_ = true;
     total_tokens_ = problem_.batch * problem_.seq_len;
     chunk_tokens_ = std::max<int64_t>(1, static_cast<int64_t>(chunk_bytes_ / problem_.token_bytes));
-    deadline_ = RpcDeadline(*ctx_);
+    rpc_deadline_ = RpcDeadline(*ctx_);
     accepted_pending_ = true;
     return absl::OkStatus();
   }
@@ -343,8 +376,10 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       *views[i] = absl::string_view(reinterpret_cast<const char*>(Tensor(i) + at), r->tensor_bytes);
     }
     r->output_target = {Tensor(3) + at, -1};
+    // A stretch arrives when its input is complete: like a KServe request, it has the timeout
+    // from then on, within the call's deadline.
     r->arrival = absl::Now();
-    r->deadline = deadline_;
+    r->deadline = std::min(rpc_deadline_, r->arrival + problem_.timeout);
     r->cancelled = cancelled_;
     ++refs_;  // the request's completion may run after gRPC is done with the stream
     r->done = [this, first, len](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
@@ -454,7 +489,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   Problem problem_ ABSL_GUARDED_BY(mu_);
   // Q, K, V, O, each tensor_bytes long; output messages in flight share it.
   std::shared_ptr<memory::Buffer> lease_;
-  absl::Time deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
+  absl::Time rpc_deadline_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   int64_t total_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t chunk_tokens_ ABSL_GUARDED_BY(mu_) = 1;
   int64_t arrived_[3] ABSL_GUARDED_BY(mu_) = {0, 0, 0};

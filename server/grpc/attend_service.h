@@ -8,11 +8,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "dilattn/v1/attention.grpc.pb.h"
@@ -20,6 +23,7 @@
 #include "server/metrics.h"
 #include "server/model_registry.h"
 #include "server/operator_options.h"
+#include "server/request.h"
 
 namespace dilattn::server {
 
@@ -40,6 +44,11 @@ class AttendReactor;
 // The checks a stream's header passes before the stream is accepted (model, datatype, shape,
 // parameters, and the engine's support for every stretch length); for tests.
 absl::Status CheckAttendHeader(const dilattn::v1::Header& header, const ModelRegistry& registry);
+// The requests, without data, that a stream with this header enqueues: one for a whole stretch,
+// then one for a sequence's shorter last stretch where N is not a multiple of it. What the
+// batcher sees of them; for tests.
+absl::StatusOr<std::vector<std::unique_ptr<InferenceRequest>>> AttendStretchRequests(
+    const dilattn::v1::Header& header, const ModelRegistry& registry);
 }  // namespace internal
 
 // Messages are taken as raw bytes (grpc/wire.h): chunk data goes from gRPC's receive buffers

@@ -120,6 +120,16 @@ int PriorityLevel(const ModelSpec& spec, uint64_t requested) {
              : spec.batching.default_priority;
 }
 
+absl::Duration RequestTimeout(const ModelSpec& spec, int64_t requested_us) {
+  // As Triton: a model that sets a default timeout and does not allow overriding it ignores the
+  // request's (model_config.cc allows overrides wherever there is no default).
+  if (spec.batching.allow_timeout_override && requested_us > 0) {
+    return absl::Microseconds(requested_us);
+  }
+  return spec.batching.default_timeout > absl::ZeroDuration() ? spec.batching.default_timeout
+                                                              : absl::InfiniteDuration();
+}
+
 absl::Status CheckHiddenDims(const ModelSpec& spec,
                              const google::protobuf::RepeatedField<int64_t>& shape,
                              absl::string_view what) {
@@ -366,8 +376,7 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseForModel(
   }
 
   // Parameters: Triton's scheduling ones, then the operator's overrides.
-  absl::Time deadline = rpc_deadline;
-  bool timeout_given = false;
+  int64_t timeout_us = 0;
   bool final_flag = false;
   for (const auto& [key, value] : req.parameters()) {
     absl::StatusOr<ParamValue> v = ToParamValue(value);
@@ -385,13 +394,10 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseForModel(
       if ((us == nullptr || *us < 0) && uus == nullptr) {
         return Invalid("request parameter 'timeout' must be a non-negative integer (microseconds)");
       }
-      const int64_t micros = us != nullptr ? *us
-                                           : static_cast<int64_t>(std::min<uint64_t>(
-                                                 *uus, std::numeric_limits<int64_t>::max()));
-      if (spec.batching.allow_timeout_override && micros > 0) {
-        deadline = std::min(deadline, arrival + absl::Microseconds(micros));
-        timeout_given = true;
-      }
+      timeout_us =
+          us != nullptr
+              ? *us
+              : static_cast<int64_t>(std::min<uint64_t>(*uus, std::numeric_limits<int64_t>::max()));
     } else if (key == "triton_enable_empty_final_response") {
       // Every response of these models is final; say so, as Triton does for clients that ask.
       final_flag = std::holds_alternative<bool>(*v) && std::get<bool>(*v);
@@ -405,21 +411,13 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseForModel(
       if (!s.ok()) return s;
     }
   }
-  if (spec.batching.default_timeout > absl::ZeroDuration() && !timeout_given) {
-    deadline = std::min(deadline, arrival + spec.batching.default_timeout);
-  }
-  r->deadline = deadline;
+  r->deadline = std::min(rpc_deadline, arrival + RequestTimeout(spec, timeout_us));
 
   // The operator's own validation and the engine's support check: the same selector the
   // execution uses, so nothing accepted here can be refused later for its configuration.
-  if (absl::Status s = model->engine().Supports(*r); !s.ok()) return s;
-  if (r->options.kind == OperatorKind::kBlockSparse) {
-    absl::StatusOr<block_sparse::BlockSparsePlan> sparse = block_sparse::PlanBlockSparse(
-        r->options.sparse,
-        attention::DenseShape(r->dtype, r->batch, r->seq_len, r->heads, r->head_dim));
-    if (!sparse.ok()) return sparse.status();
-    r->kept_pairs = sparse->kept_pairs;
-  }
+  absl::StatusOr<PlanFacts> facts = model->engine().Supports(*r);
+  if (!facts.ok()) return facts.status();
+  r->kept_pairs = facts->kept_pairs;
 
   if (raw.raw_count() > 0) {
     // One copy, from gRPC's buffers into staging memory (pinned on a GPU server). Large contents

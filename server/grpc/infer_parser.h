@@ -38,6 +38,14 @@ std::string ShapeText(const google::protobuf::RepeatedField<int64_t>& shape);
 // The priority level a request asking for `requested` gets.
 int PriorityLevel(const ModelSpec& spec, uint64_t requested);
 
+// How long a request asking for a timeout of `requested_us` microseconds (Triton's `timeout`; 0:
+// none given; the caller refuses negative values) may wait to start computing, by Triton's
+// rules: its own where the model allows overriding its default timeout, else the model's
+// default; InfiniteDuration where neither applies. Its deadline is the earlier of its arrival
+// plus this and its RPC's deadline. Every API's requests (KServe's and each stretch of a native
+// stream) get theirs here, so that they expire alike.
+absl::Duration RequestTimeout(const ModelSpec& spec, int64_t requested_us);
+
 // A [B, N, H, D] shape (4 dims) against the model: every dim >= 1, and N, H, D as the model fixes
 // them. `what` names the shape's owner in messages ("input 'Q'").
 absl::Status CheckDims(const ModelSpec& spec, const google::protobuf::RepeatedField<int64_t>& shape,

@@ -45,7 +45,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      env=env)
         line = self.proc.stdout.readline()
-        match = re.search(r"grpc_port=(\d+) metrics_port=(\d+)", line)
+        match = re.search(r"grpc_port=(\d+) metrics_port=(-?\d+)", line)
         if not match:
             self.proc.kill()
             self.log.flush()

@@ -60,3 +60,17 @@ def test_bench_stream_survives_a_stream_the_server_ends():
         assert "stopped early" in done.stdout + done.stderr, done.stdout + done.stderr
     finally:
         assert s.stop() == 0
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["help"], ["infer", "--help"]])
+def test_help_prints_the_usage_and_succeeds(args):
+    """Asked for, the usage goes to stdout with exit status 0 (--help was an unknown command,
+    exit 2); a wrong command line still gets it on stderr with exit status 2."""
+    done = _run(*args, timeout=30)
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.startswith("usage: dilattn-client"), done.stdout
+    assert done.stderr == ""
+    done = _run("--bogus", timeout=30)
+    assert done.returncode == 2
+    assert "unknown command '--bogus'" in done.stderr and "usage:" in done.stderr
+    assert done.stdout == ""

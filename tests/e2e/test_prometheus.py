@@ -156,3 +156,16 @@ def test_promtool_check_metrics(server):
     for problem in (r.stdout + r.stderr).strip().splitlines():
         name, _, rule = problem.partition(" ")
         assert name.startswith("nv_inference_") and rule in TRITON_NAMING_RULES, problem
+
+
+def test_pool_events_help_names_every_event(server):
+    """The help text of dilattn_buffer_pool_events_total lists every event label a scrape shows
+    (it left out oversize)."""
+    text = server.metrics_text()
+    help_line = next(line for line in text.splitlines()
+                     if line.startswith("# HELP dilattn_buffer_pool_events_total "))
+    listed = set(re.findall(r"[a-z_]+", help_line.partition(":")[2]))
+    events = set(re.findall(r'^dilattn_buffer_pool_events_total\{[^}]*event="([a-z_]+)"', text,
+                            re.MULTILINE))
+    assert "oversize" in events, text
+    assert events <= listed, (help_line, events - listed)

@@ -120,3 +120,18 @@ def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
+
+
+def test_disabled_metrics_report_port_minus_one():
+    """--metrics-port -1: the first stdout line says metrics_port=-1 and the log that metrics are
+    off (both said port 0, which reads as a port picked for it)."""
+    from conftest import ServerProcess
+    s = ServerProcess("--metrics-port", "-1", name="metrics-off")
+    try:
+        assert s.metrics_port == -1
+        assert s.client().is_server_live()
+    finally:
+        assert s.stop() == 0
+    log = s.log_path.read_text()
+    assert "metrics off" in log, log
+    assert "metrics on port" not in log, log

@@ -200,6 +200,20 @@ TEST_F(BlockSparseGpu, SanitizerSet) {
   CompareRandom(6, 300, 2);
 }
 
+// Both CUDA backends name the device by major and minor compute capability ("sm90" on Hopper),
+// as the README's backend table and the server's log say.
+TEST_F(BlockSparseGpu, NamesTheDeviceByMajorAndMinorCapability) {
+  cudaDeviceProp prop{};
+  ASSERT_EQ(cudaGetDeviceProperties(&prop, 0), cudaSuccess);
+  const std::string sm = absl::StrCat("sm", prop.major, prop.minor);
+  for (const auto& gpu : gpus_) {
+    EXPECT_EQ(gpu->name(), absl::StrCat("cuda-block-sparse-", sm));
+  }
+  auto dilated = attention::CreateCudaBackend({0, nullptr});
+  ASSERT_TRUE(dilated.ok()) << dilated.status();
+  EXPECT_EQ((*dilated)->name(), absl::StrCat("cuda-", sm));
+}
+
 TEST_F(BlockSparseGpu, RejectsWhatItCannotRun) {
   BlockSparseBackend& gpu = *gpus_.front();
   BlockSparseOptions o;

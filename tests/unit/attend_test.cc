@@ -3,16 +3,27 @@
 // its own parse of the request bytes.
 
 #include <cstdint>
+#include <limits>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "dilattn/v1/attention.pb.h"
 #include "google/protobuf/stubs/logging.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "gtest/gtest.h"
+#include "kernels/block_sparse/block_sparse.h"
+#include "server/engine.h"
 #include "server/grpc/attend_service.h"
+#include "server/grpc/infer_parser.h"
 #include "server/grpc/wire.h"
+#include "server/metrics.h"
+#include "server/model_config.h"
+#include "server/model_registry.h"
 #include "tests/common/mangled_messages.h"
 
 namespace dilattn::server {
@@ -51,6 +62,69 @@ TEST(Stretch, BlockSparseTakesTheWholeSequence) {
   EXPECT_EQ(StretchTokens(o, 4096), 4096);
 }
 
+// A server's default models on the CPU, as the stream's handler sees them.
+struct CpuModels {
+  std::unique_ptr<Metrics> metrics;
+  std::unique_ptr<Engine> engine;
+  std::unique_ptr<ModelRegistry> registry;
+};
+
+CpuModels MakeCpuModels() {
+  CpuModels m;
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create("");
+  EXPECT_TRUE(metrics.ok()) << metrics.status();
+  m.metrics = *std::move(metrics);
+  EngineOptions options;
+  options.device = "cpu";
+  options.executor.cpu_threads = 1;
+  options.executor.host_pool_bytes = size_t{64} << 20;
+  absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  m.engine = *std::move(engine);
+  absl::StatusOr<std::unique_ptr<ModelRegistry>> registry =
+      ModelRegistry::Create(DefaultModels(), m.engine.get(), m.metrics.get());
+  EXPECT_TRUE(registry.ok()) << registry.status();
+  m.registry = *std::move(registry);
+  return m;
+}
+
+// The batcher caps the kept block pairs of a block-sparse batch by each request's own count, so
+// a stream's requests must carry theirs as a KServe request does (they carried 0: two streams
+// each under the cap were batched over it and failed together).
+TEST(StretchRequests, BlockSparseCarriesItsKeptPairs) {
+  CpuModels m = MakeCpuModels();
+  v1::Header h;
+  h.set_model("block_sparse_attention");
+  h.set_datatype(v1::FP32);
+  for (int64_t d : {2, 1000, 3, 16}) h.add_shape(d);
+  (*h.mutable_parameters())["block_size"] = "16";
+  (*h.mutable_parameters())["pattern"] = "local_window";
+  (*h.mutable_parameters())["window"] = "3";
+  absl::StatusOr<std::vector<std::unique_ptr<InferenceRequest>>> requests =
+      internal::AttendStretchRequests(h, *m.registry);
+  ASSERT_TRUE(requests.ok()) << requests.status();
+  ASSERT_EQ(requests->size(), 1u);  // a block-sparse stretch is the whole sequence
+  const InferenceRequest& r = *requests->front();
+  EXPECT_EQ(r.seq_len, 1000);
+  absl::StatusOr<block_sparse::BlockSparsePlan> plan = block_sparse::PlanBlockSparse(
+      r.options.sparse, attention::DenseShape(attention::DType::kFloat32, 1, 1000, 3, 16));
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_GT(plan->kept_pairs, 0);
+  EXPECT_EQ(r.kept_pairs, plan->kept_pairs);
+
+  // Dilated attention keeps no pairs; its last, shorter stretch is a request of its own.
+  h.set_model("dilated_attention");
+  h.clear_parameters();
+  (*h.mutable_parameters())["segment_lengths"] = "64,128";
+  (*h.mutable_parameters())["dilation_rates"] = "1,2";
+  requests = internal::AttendStretchRequests(h, *m.registry);
+  ASSERT_TRUE(requests.ok()) << requests.status();
+  ASSERT_EQ(requests->size(), 2u);
+  EXPECT_EQ((*requests)[0]->seq_len, 128);
+  EXPECT_EQ((*requests)[1]->seq_len, 1000 % 128);
+  for (const auto& s : *requests) EXPECT_EQ(s->kept_pairs, 0);
+}
+
 }  // namespace
 }  // namespace dilattn::server
 
@@ -74,6 +148,7 @@ TEST(AttendBytes, AgreesWithProtobufOnMangledMessages) {
     for (int64_t d : {1, 4096, 16, 64}) h->add_shape(d);
     (*h->mutable_parameters())["segment_lengths"] = "2048,4096";
     h->set_priority(2);
+    h->set_timeout_microseconds(250000);
     valid.push_back(m.SerializeAsString());
     for (int t = 1; t <= 3; ++t) {
       dilattn::v1::AttendRequest c;
@@ -134,6 +209,110 @@ TEST(AttendBytes, AgreesWithProtobufOnEncodingEdges) {
   }
   EXPECT_GT(accepted, 10);
   EXPECT_GT(refused, 10);
+}
+
+}  // namespace
+}  // namespace dilattn::server
+
+namespace dilattn::server {
+namespace {
+
+ModelSpec WithQueuePolicy(absl::Duration default_timeout, bool allow_override) {
+  ModelSpec spec = DefaultModels().front();
+  spec.batching.default_timeout = default_timeout;
+  spec.batching.allow_timeout_override = allow_override;
+  return spec;
+}
+
+// Triton's rules for its `timeout`, which KServe requests and every stretch of a native stream
+// share (RequestTimeout).
+TEST(RequestTimeout, TheRequestsOwnWhereTheModelAllowsIt) {
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::ZeroDuration(), true), 0),
+            absl::InfiniteDuration());
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::ZeroDuration(), true), 2500),
+            absl::Microseconds(2500));
+  // Shorter or longer than the default: the request's own replaces it.
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::Seconds(2), true), 2500),
+            absl::Microseconds(2500));
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::Seconds(2), true), 5000000), absl::Seconds(5));
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::ZeroDuration(), true),
+                           std::numeric_limits<int64_t>::max()),
+            absl::Microseconds(std::numeric_limits<int64_t>::max()));
+}
+
+TEST(RequestTimeout, TheModelsDefaultWhereNoneIsGivenOrOverridesAreRefused) {
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::Seconds(2), true), 0), absl::Seconds(2));
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::Seconds(2), false), 0), absl::Seconds(2));
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::Seconds(2), false), 2500), absl::Seconds(2));
+  EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::Seconds(2), false), 5000000), absl::Seconds(2));
+}
+
+// The default models on a small CPU engine, for the header's checks.
+class AttendHeaderTimeout : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create("");
+    ASSERT_TRUE(metrics.ok()) << metrics.status();
+    metrics_ = *std::move(metrics);
+    EngineOptions options;
+    options.device = "cpu";
+    options.executor.cpu_threads = 1;
+    options.executor.host_pool_bytes = size_t{16} << 20;
+    absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = *std::move(engine);
+    absl::StatusOr<std::unique_ptr<ModelRegistry>> registry =
+        ModelRegistry::Create(DefaultModels(), engine_.get(), metrics_.get());
+    ASSERT_TRUE(registry.ok()) << registry.status();
+    registry_ = *std::move(registry);
+  }
+
+  static dilattn::v1::Header Header() {
+    dilattn::v1::Header h;
+    h.set_model("dilated_attention");
+    h.set_datatype(dilattn::v1::FP32);
+    for (int64_t d : {1, 256, 2, 16}) h.add_shape(d);
+    (*h.mutable_parameters())["segment_lengths"] = "64,128";
+    (*h.mutable_parameters())["dilation_rates"] = "1,2";
+    return h;
+  }
+
+  // Declared so that the registry, whose schedulers submit to the engine, goes first.
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<ModelRegistry> registry_;
+};
+
+TEST_F(AttendHeaderTimeout, TakesAnyNonNegativeTimeout) {
+  dilattn::v1::Header h = Header();
+  for (int64_t us : {int64_t{0}, int64_t{1}, std::numeric_limits<int64_t>::max()}) {
+    h.set_timeout_microseconds(us);
+    const absl::Status s = internal::CheckAttendHeader(h, *registry_);
+    EXPECT_TRUE(s.ok()) << us << ": " << s;
+  }
+}
+
+TEST_F(AttendHeaderTimeout, RefusesANegativeTimeoutNamingTheField) {
+  dilattn::v1::Header h = Header();
+  h.set_timeout_microseconds(-5);
+  const absl::Status s = internal::CheckAttendHeader(h, *registry_);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("timeout_microseconds -5 must be >= 0"), absl::string_view::npos) << s;
+}
+
+TEST_F(AttendHeaderTimeout, PointsSchedulingParametersAtTheirFields) {
+  const std::pair<const char*, const char*> kFields[] = {{"timeout", "timeout_microseconds"},
+                                                         {"priority", "priority"}};
+  for (const auto& [key, field] : kFields) {
+    dilattn::v1::Header h = Header();
+    (*h.mutable_parameters())[key] = "1000";
+    const absl::Status s = internal::CheckAttendHeader(h, *registry_);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    const std::string expected =
+        absl::StrCat("header parameter '", key, "' is not an operator parameter: set the header's ",
+                     field, " field");
+    EXPECT_NE(s.message().find(expected), absl::string_view::npos) << s;
+  }
 }
 
 }  // namespace

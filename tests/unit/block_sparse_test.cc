@@ -4,8 +4,12 @@
 #include "kernels/block_sparse/block_sparse.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -120,6 +124,60 @@ TEST(BlockSparseRandom, MatchesNaiveImplementation) {
   }
 }
 
+// The CPU backend takes head dims up to 256 where the random configurations above stop at 64:
+// the widest, and ones that leave part of a vector (200: half an AVX-512 vector; 255: part of
+// every width), on every instruction set this processor runs. Short sequences and few heads
+// keep the naive float64 implementation fast.
+TEST(BlockSparseRandom, HeadDimsPast128MatchNaiveImplementation) {
+  const uint64_t seed = testing::TestSeed();
+  SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
+  SplitMix64 rng(seed);
+  std::vector<std::unique_ptr<BlockSparseBackend>> backends;
+  for (const char* isa : {"avx512", "avx2", "generic"}) {
+    auto backend = CreateCpuBlockSparseBackend({3, isa});
+    if (backend.ok()) backends.push_back(*std::move(backend));
+  }
+  ASSERT_FALSE(backends.empty());
+  for (const int64_t dim : {200, 255, 256}) {
+    for (const DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+      BlockSparseOptions o = DrawOptions(rng);
+      attention::ProblemShape shape;
+      shape.dtype = dtype;
+      shape.num_heads = rng.Uniform(1, 3);
+      shape.head_dim = dim;
+      // Explicit pairs name blocks 0..2, so sequences hold at least 3 blocks.
+      const int64_t min_len = o.pattern == Pattern::kExplicit ? 3 * o.block_size : 1;
+      for (int64_t s = rng.Uniform(1, 2); s > 0; --s) {
+        shape.seq_lengths.push_back(rng.Uniform(min_len, std::max<int64_t>(min_len, 96)));
+      }
+      SCOPED_TRACE(absl::StrCat(PatternName(o.pattern), " bs=", o.block_size,
+                                o.causal ? " causal " : " ", attention::DescribeShape(shape)));
+      absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, shape);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      const size_t n = plan->tensor_bytes / attention::DTypeSize(shape.dtype);
+      TypedBuffer q(shape.dtype, n), k(shape.dtype, n), v(shape.dtype, n), out(shape.dtype, n);
+      for (TypedBuffer* t : {&q, &k, &v}) {
+        for (size_t i = 0; i < n; ++i) t->Set(i, rng.NextFloat(1.0f));
+      }
+      const std::vector<double> expected = Naive(*plan, q, k, v);
+      const attention::AttentionTensors tensors{q.cref(), k.cref(), v.cref(), out.ref()};
+      const double tol = testing::Tolerance(shape.dtype);
+      for (auto& backend : backends) {
+        ASSERT_TRUE(backend->Supports(*plan).ok()) << backend->name();
+        out.Poison();
+        std::vector<unsigned char> ws(backend->WorkspaceBytes(*plan) + 64);
+        void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
+        const absl::Status run =
+            backend->Run(*plan, tensors, {aligned, ws.size() - 64, DeviceLoc::Host()});
+        ASSERT_TRUE(run.ok()) << backend->name() << ": " << run;
+        const auto err = RelativeError(out.ToFloats(), expected);
+        EXPECT_TRUE(err.ok(tol)) << backend->name() << ": rel " << err.relative << ", nan "
+                                 << err.nan_count;
+      }
+    }
+  }
+}
+
 TEST(BlockSparse, CausalMasksAcrossBlocks) {
   // Block 0 is told to attend to block 1; with causal every key there lies after every query of
   // block 0, so the pair must vanish from the layout and block 0 keeps only its own past.
@@ -207,6 +265,92 @@ TEST(BlockSparse, PlansAgainGiveTheSameLayoutsAndOptionsNeverShareOne) {
   EXPECT_EQ(cols(other, shape), fresh(other, 4096));
   EXPECT_EQ(cols(o, attention::DenseShape(DType::kFloat16, 1, 4000, 1, 8)), fresh(o, 4000));
   EXPECT_EQ(cols(o, shape), first);
+}
+
+// Whether two plans of one problem are the same: every layout, which sequence takes which, and
+// what they add up to.
+bool SamePlan(const BlockSparsePlan& a, const BlockSparsePlan& b) {
+  if (a.layouts.size() != b.layouts.size()) return false;
+  for (size_t i = 0; i < a.layouts.size(); ++i) {
+    const BlockLayout& x = a.layouts[i];
+    const BlockLayout& y = b.layouts[i];
+    if (x.seq_len != y.seq_len || x.num_blocks != y.num_blocks || x.row_begin != y.row_begin ||
+        x.cols != y.cols) {
+      return false;
+    }
+  }
+  return a.seq_layout == b.seq_layout && a.seq_offsets == b.seq_offsets &&
+         a.kept_pairs == b.kept_pairs && a.flops == b.flops && a.tensor_bytes == b.tensor_bytes;
+}
+
+// The layout cache is shared by every thread that plans (the handlers check requests, the
+// schedulers plan batches): threads planning overlapping shapes through a cache small enough to
+// evict all the time get the plans a planner without the cache builds. In the TSan stage.
+TEST(BlockSparseLayoutCache, ConcurrentPlansMatchFreshOnes) {
+  struct Problem {
+    BlockSparseOptions options;
+    attention::ProblemShape shape;
+  };
+  std::vector<Problem> problems;
+  for (int pattern = 0; pattern < 5; ++pattern) {  // every pattern but explicit
+    for (bool causal : {false, true}) {
+      BlockSparseOptions o;
+      o.block_size = 4;
+      o.pattern = static_cast<Pattern>(pattern);
+      o.window = 2;
+      o.rates = {1, 3};
+      o.global_blocks = 1;
+      o.stride = 3;
+      o.density = 0.3;
+      o.seed = 7;
+      o.causal = causal;
+      // Batches that share lengths share their layouts, so one layout is found by many shapes.
+      for (const std::vector<int64_t>& lengths :
+           std::vector<std::vector<int64_t>>{{40}, {72}, {40, 72}, {100, 40}, {128, 72, 128}}) {
+        attention::ProblemShape shape;
+        shape.dtype = DType::kFloat16;
+        shape.num_heads = 2;
+        shape.head_dim = 16;
+        shape.seq_lengths = lengths;
+        problems.push_back({o, shape});
+      }
+    }
+  }
+  // A bound of 0 keeps nothing (and drops what other tests left): these plans are built afresh.
+  const size_t default_bound = SetLayoutCacheBytesForTesting(0);
+  std::vector<BlockSparsePlan> fresh;
+  for (const Problem& p : problems) {
+    absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(p.options, p.shape);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    fresh.push_back(*std::move(plan));
+  }
+  // 40 distinct layouts of up to about 2 KiB each against a bound that holds some of them: hits,
+  // misses and evictions all the time.
+  SetLayoutCacheBytesForTesting(8192);
+  constexpr int kThreads = 8;
+  constexpr int kPlansEach = 400;
+  std::atomic<int> failures{0}, mismatches{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      SplitMix64 rng(static_cast<uint64_t>(t) + 1);
+      for (int i = 0; i < kPlansEach; ++i) {
+        const size_t k =
+            static_cast<size_t>(rng.Uniform(0, static_cast<int64_t>(problems.size()) - 1));
+        absl::StatusOr<BlockSparsePlan> plan =
+            PlanBlockSparse(problems[k].options, problems[k].shape);
+        if (!plan.ok()) {
+          ++failures;
+        } else if (!SamePlan(*plan, fresh[k])) {
+          ++mismatches;
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  SetLayoutCacheBytesForTesting(default_bound);
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(mismatches.load(), 0);
 }
 
 TEST(BlockSparse, RandomPatternIsDeterministicAndKeepsTheDiagonal) {

@@ -45,7 +45,7 @@ class RecordingExecutor final : public Executor {
       : device_(device), log_(log), pool_(pool) {}
   std::string name() const override { return "recording"; }
   int cuda_device() const override { return device_; }
-  absl::Status Supports(const InferenceRequest&) const override { return absl::OkStatus(); }
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest&) const override { return PlanFacts{}; }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
   memory::BufferPool& staging_pool() override { return *pool_; }
   absl::Status Start(Job& job) override {
@@ -91,7 +91,7 @@ class PoolHoldingExecutor final : public Executor {
   explicit PoolHoldingExecutor(memory::BufferPool* pool) : pool_(pool) {}
   std::string name() const override { return "pool-holding"; }
   int cuda_device() const override { return 0; }
-  absl::Status Supports(const InferenceRequest&) const override { return absl::OkStatus(); }
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest&) const override { return PlanFacts{}; }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
   memory::BufferPool& staging_pool() override { return *pool_; }
   absl::Status Start(Job& job) override {
@@ -108,9 +108,12 @@ class PoolHoldingExecutor final : public Executor {
 };
 
 // Takes requests of at least 100 tokens; checks, while it runs one, that no executor runs a job.
+// Has a pool of its own, as the sequence-parallel runner has one per GPU.
 class RecordingGang final : public GangRunner {
  public:
-  explicit RecordingGang(RunLog* log) : log_(log) {}
+  explicit RecordingGang(RunLog* log)
+      : log_(log),
+        pool_(*memory::BufferPool::Create({"gang", size_t{1} << 20}, memory::NewHostAllocator())) {}
   bool Takes(const InferenceRequest& r) const override { return r.seq_len >= 100; }
   absl::Status Run(Job& job) override {
     if (log_->active.load() != 0) overlapped_.fetch_add(1);
@@ -124,10 +127,12 @@ class RecordingGang final : public GangRunner {
     return absl::OkStatus();
   }
   void ReleaseCachedMemory() override {}
+  std::vector<const memory::BufferPool*> pools() const override { return {pool_.get()}; }
   int overlapped() const { return overlapped_.load(); }
 
  private:
   RunLog* const log_;
+  const std::unique_ptr<memory::BufferPool> pool_;
   std::atomic<int> overlapped_{0};
 };
 
@@ -283,6 +288,16 @@ TEST_F(EngineThreads, ABatchStillBeingCopiedDoesNotHoldUpThePreviousOne) {
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 2);
   EXPECT_EQ(byte, 1);
+}
+
+// The gang runner's own pools are listed with the executors' shared one: the server exports the
+// pools listed here (the sequence-parallel runner's were missing from the metrics).
+TEST_F(EngineThreads, PoolsIncludeTheGangRunners) {
+  Start({0, 1}, /*gang=*/true);
+  const std::vector<const memory::BufferPool*> pools = engine_->pools();
+  ASSERT_EQ(pools.size(), 2u);
+  EXPECT_EQ(pools[0], pool_.get());
+  EXPECT_EQ(pools[1]->name(), "gang");
 }
 
 // Long sequences run across every device (the gang runner) while no executor runs a job, each

@@ -20,6 +20,7 @@ namespace dilattn::server {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 TEST(ModelConfig, BuiltInModels) {
   const std::vector<ModelSpec> models = DefaultModels();
@@ -152,6 +153,46 @@ TEST(ModelConfig, Rejections) {
                             value { string_value: "1,2,4" }
                           })pb",
                  "num_heads");
+}
+
+// Fields Triton acts on and dilattn does not are accepted (configs written for Triton carry
+// them), and the start-up warning names each one set to something that would matter in Triton.
+TEST(ModelConfig, IgnoredTritonFieldsAreAcceptedAndNamed) {
+  // As Triton's configs write them, one message to a line.
+  const std::string tensors = R"(
+    max_batch_size: 4
+    input { name: "Q" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] optional: true }
+    input { name: "K" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] }
+    input { name: "V" data_type: TYPE_FP32 dims: [ -1, -1, -1 ] optional: false }
+    parameters { key: "segment_lengths" value { string_value: "64" } }
+    parameters { key: "dilation_rates" value { string_value: "1" } })";
+  const std::string triton = R"(
+    platform: "onnxruntime_onnx"
+    instance_group { count: 2 kind: KIND_GPU gpus: [ 0, 1 ] }
+    instance_group { kind: KIND_CPU }
+    dynamic_batching { preserve_ordering: true })";
+  absl::StatusOr<ModelSpec> spec = ParseModelConfig(triton + tensors, "test", "m");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  const std::string warning = IgnoredConfigFieldsWarning(spec->config);
+  EXPECT_THAT(warning, HasSubstr("model 'm': config fields ignored: "));
+  EXPECT_THAT(warning, HasSubstr("platform \"onnxruntime_onnx\""));
+  EXPECT_THAT(warning, HasSubstr("instance_group 3 instances, gpus [0, 1], kind KIND_CPU ("));
+  EXPECT_THAT(warning, HasSubstr("dynamic_batching.preserve_ordering: true"));
+  EXPECT_THAT(warning, HasSubstr("input Q optional: true"));
+  EXPECT_THAT(warning, Not(HasSubstr("input V")));
+  EXPECT_THAT(warning, Not(HasSubstr("input K")));
+
+  // What Triton would do as dilattn does: nothing to say.
+  const std::string as_here = R"(
+    instance_group { count: 1 kind: KIND_GPU }
+    dynamic_batching { preserve_ordering: false })";
+  spec = ParseModelConfig(as_here + tensors, "test", "m");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  spec->config.mutable_input(0)->set_optional(false);
+  EXPECT_EQ(IgnoredConfigFieldsWarning(spec->config), "");
+  for (const ModelSpec& m : DefaultModels()) {
+    EXPECT_EQ(IgnoredConfigFieldsWarning(m.config), "") << m.name;
+  }
 }
 
 TEST(ModelConfig, BatchingIsDynamicOnlyWithDynamicBatching) {

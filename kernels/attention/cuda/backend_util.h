@@ -5,10 +5,23 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/cuda/kernel_params.h"
 
 namespace dilattn::attention::cuda {
+
+// A device the kernels can run on, as the backends name themselves by it ("sm90" on Hopper): the
+// minor version tells apart devices of one major (sm_86 from sm_80, sm_89 from both).
+struct CudaDeviceArch {
+  int major = 0;
+  int minor = 0;
+  std::string sm() const;  // "sm90"
+};
+
+// FAILED_PRECONDITION for a device that does not exist or is older than sm_80, which the kernels
+// need; one check for every CUDA backend, so that they accept the same devices.
+absl::StatusOr<CudaDeviceArch> UsableCudaDevice(int device);
 
 // What every CUDA backend requires of a problem and its tensors beyond its own head dims: fp16
 // or bf16, sizes and strides within the kernels' 32-bit arithmetic, and tensors aligned for

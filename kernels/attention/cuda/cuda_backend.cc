@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -284,34 +285,43 @@ absl::Status CheckCudaTensorAlignment(const AttentionTensors& tensors) {
   return absl::OkStatus();
 }
 
-}  // namespace cuda
+std::string CudaDeviceArch::sm() const { return absl::StrCat("sm", major, minor); }
 
-absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(
-    const CudaBackendOptions& options) {
+absl::StatusOr<CudaDeviceArch> UsableCudaDevice(int device) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
     cudaGetLastError();
     count = 0;
   }
-  if (options.device < 0 || options.device >= count) {
-    return absl::FailedPreconditionError(absl::StrCat("CUDA device ", options.device,
-                                                      " does not exist (", count, " found)"));
+  if (device < 0 || device >= count) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("CUDA device ", device, " does not exist (", count, " found)"));
   }
   cudaDeviceProp prop{};
-  if (absl::Status s = CudaStatus(cudaGetDeviceProperties(&prop, options.device), "device query");
+  if (absl::Status s = CudaStatus(cudaGetDeviceProperties(&prop, device), "device query");
       !s.ok()) {
     return s;
   }
-  if (prop.major < 8) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "CUDA device ", options.device, " (", prop.name, ") is sm_", prop.major, prop.minor,
-        "; the kernels need sm_80 or newer"));
+  const CudaDeviceArch arch{prop.major, prop.minor};
+  if (arch.major < 8) {
+    return absl::FailedPreconditionError(absl::StrCat("CUDA device ", device, " (", prop.name,
+                                                      ") is sm_", arch.major, arch.minor,
+                                                      "; the kernels need sm_80 or newer"));
   }
+  return arch;
+}
+
+}  // namespace cuda
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCudaBackend(
+    const CudaBackendOptions& options) {
+  absl::StatusOr<cuda::CudaDeviceArch> arch = cuda::UsableCudaDevice(options.device);
+  if (!arch.ok()) return arch.status();
   const char* kernel = std::getenv("DILATTN_CUDA_KERNEL");
   const bool force_mma = kernel != nullptr && std::string(kernel) == "mma";
   return std::unique_ptr<AttentionBackend>(
-      new CudaBackend(options.device, static_cast<cudaStream_t>(options.stream), prop.major,
-                      force_mma, absl::StrCat("cuda-sm", prop.major, prop.minor)));
+      new CudaBackend(options.device, static_cast<cudaStream_t>(options.stream), arch->major,
+                      force_mma, absl::StrCat("cuda-", arch->sm())));
 }
 
 }  // namespace dilattn::attention

@@ -135,6 +135,13 @@ class Runner final : public SequenceParallelRunner {
     return caps;
   }
 
+  // pools_ is filled once, in Init, before the runner is handed out.
+  std::vector<const memory::BufferPool*> pools() const override {
+    std::vector<const memory::BufferPool*> out;
+    for (const auto& pool : pools_) out.push_back(pool.get());
+    return out;
+  }
+
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) override {
     // The caller's current device is theirs: restored on every way out.
     int caller_device = 0;

@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "kernels/attention/attention.h"
+#include "kernels/memory/buffer_pool.h"
 
 namespace dilattn::attention::cuda {
 
@@ -41,6 +42,9 @@ class SequenceParallelRunner {
   // leases (SequenceParallelLeases, rounded to the pool's size classes) pass it cannot run. Any
   // thread.
   virtual std::vector<size_t> PoolCaps() const = 0;
+  // Each GPU's pool ("sequence-parallel cuda:N"), for its statistics; they live as long as the
+  // runner. Any thread.
+  virtual std::vector<const memory::BufferPool*> pools() const = 0;
 };
 
 }  // namespace dilattn::attention::cuda

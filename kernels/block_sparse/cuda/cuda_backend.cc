@@ -46,12 +46,13 @@ Layout WorkspaceLayout(const BlockSparsePlan& plan, const BlockSparseGpuWorkSize
 
 class CudaBlockSparseBackend final : public BlockSparseBackend {
  public:
-  CudaBlockSparseBackend(int device, void* stream, int major, bool force_mma)
+  CudaBlockSparseBackend(int device, void* stream, attention::cuda::CudaDeviceArch arch,
+                         bool force_mma)
       : device_(device),
         stream_(stream),
-        major_(major),
+        major_(arch.major),
         force_mma_(force_mma),
-        name_(absl::StrCat("cuda-block-sparse-sm", major)) {}
+        name_(absl::StrCat("cuda-block-sparse-", arch.sm())) {}
 
   absl::string_view name() const override { return name_; }
   DeviceLoc location() const override { return DeviceLoc::Cuda(device_); }
@@ -165,30 +166,13 @@ class CudaBlockSparseBackend final : public BlockSparseBackend {
 
 absl::StatusOr<std::unique_ptr<BlockSparseBackend>> CreateCudaBlockSparseBackend(
     const attention::CudaBackendOptions& options) {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    count = 0;
-  }
-  if (options.device < 0 || options.device >= count) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("CUDA device ", options.device, " does not exist (", count, " found)"));
-  }
-  int major = 0;
-  if (absl::Status s = CudaErrorStatus(
-          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, options.device),
-          "device query");
-      !s.ok()) {
-    return s;
-  }
-  if (major < 8) {
-    return absl::FailedPreconditionError(absl::StrCat("CUDA device ", options.device, " is sm_",
-                                                      major, "x; the kernels need sm_80 or newer"));
-  }
+  absl::StatusOr<attention::cuda::CudaDeviceArch> arch =
+      attention::cuda::UsableCudaDevice(options.device);
+  if (!arch.ok()) return arch.status();
   const char* kernel = std::getenv("DILATTN_CUDA_KERNEL");
   const bool force_mma = kernel != nullptr && std::string(kernel) == "mma";
   return std::unique_ptr<BlockSparseBackend>(
-      new CudaBlockSparseBackend(options.device, options.stream, major, force_mma));
+      new CudaBlockSparseBackend(options.device, options.stream, *arch, force_mma));
 }
 
 }  // namespace dilattn::block_sparse
