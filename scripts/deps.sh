@@ -17,7 +17,7 @@ DILATTN_PROMETHEUS_CPP_PACKAGES=(
   prometheus-cpp-dev libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libprometheus-cpp-push1.0
 )
 
-DILATTN_PYTHON_PACKAGES_FILE=tests/e2e/requirements.txt
+DILATTN_PYTHON_LOCK_FILE=tests/e2e/requirements.lock
 
 _as_root() {
   if [[ $(id -u) == 0 ]]; then
@@ -97,18 +97,20 @@ EOF
   touch "$prefix/.complete"
 }
 
+# Every package, pip and the dependencies included, pinned to a version and to the hashes of its
+# files (scripts/lock_python.py writes the lock from requirements.txt), so that a compromised or
+# republished release on the index cannot enter the test environment.
 install_python_env() {
   local venv=$1
-  local req="$DILATTN_ROOT_DIR/$DILATTN_PYTHON_PACKAGES_FILE"
+  local lock="$DILATTN_ROOT_DIR/$DILATTN_PYTHON_LOCK_FILE"
   local stamp="$venv/.requirements"
-  if [[ -x $venv/bin/python && -f $stamp ]] && cmp -s "$req" "$stamp"; then
+  if [[ -x $venv/bin/python && -f $stamp ]] && cmp -s "$lock" "$stamp"; then
     return 0
   fi
   echo "== creating Python test environment in $venv"
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$venv/bin/python" -m pip install -q -r "$req"
-  cp "$req" "$stamp"
+  "$venv/bin/python" -m pip install -q --require-hashes --no-deps -r "$lock"
+  cp "$lock" "$stamp"
 }
 
 # Abseil's source, for the ThreadSanitizer build only: Debian's prebuilt libabsl is not
@@ -142,12 +144,9 @@ EOS
   touch "$dest/.complete"
 }
 
-# Triton's perf_analyzer. The PyPI package "perf-analyzer" is an empty placeholder; tritonclient's
-# x86-64 wheels carried the real binary up to 2.60, and 2.51.0 is the newest whose binary runs on
-# Debian 12's glibc. It links the CUDA 12 runtime (libcudart.so.12, from NVIDIA's PyPI wheel; no
-# GPU is needed to load it) and libb64 (Debian). Only the binary and that library are unpacked.
-DILATTN_PERF_ANALYZER_WHEELS=(tritonclient==2.51.0 nvidia-cuda-runtime-cu12==12.9.79)
-
+# Triton's perf_analyzer, unpacked from the wheels tests/e2e/perf_analyzer.lock pins by version
+# and hash (why those versions: the lock's header): only the binary and the CUDA runtime library
+# it links; libb64 comes from Debian.
 install_perf_analyzer() {
   local dest=$1
   if [[ -f $dest/.complete ]]; then
@@ -160,9 +159,9 @@ install_perf_analyzer() {
   echo "== fetching perf_analyzer into $dest"
   local work
   work=$(mktemp -d)
-  python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --python-version 3.11 \
-    -d "$work" "${DILATTN_PERF_ANALYZER_WHEELS[@]}"
+  python3 -m pip download -q --no-deps --require-hashes --only-binary=:all: \
+    --platform manylinux1_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --python-version 3.11 -d "$work" -r "$DILATTN_ROOT_DIR/tests/e2e/perf_analyzer.lock"
   rm -rf "$dest"
   mkdir -p "$dest/bin" "$dest/lib"
   unzip -q -j -o "$work"/tritonclient-*.whl '*/data/bin/perf_analyzer' -d "$dest/bin"
