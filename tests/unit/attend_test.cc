@@ -250,22 +250,7 @@ TEST(RequestTimeout, TheModelsDefaultWhereNoneIsGivenOrOverridesAreRefused) {
 // The default models on a small CPU engine, for the header's checks.
 class AttendHeaderTimeout : public ::testing::Test {
  protected:
-  void SetUp() override {
-    absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create("");
-    ASSERT_TRUE(metrics.ok()) << metrics.status();
-    metrics_ = *std::move(metrics);
-    EngineOptions options;
-    options.device = "cpu";
-    options.executor.cpu_threads = 1;
-    options.executor.host_pool_bytes = size_t{16} << 20;
-    absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options);
-    ASSERT_TRUE(engine.ok()) << engine.status();
-    engine_ = *std::move(engine);
-    absl::StatusOr<std::unique_ptr<ModelRegistry>> registry =
-        ModelRegistry::Create(DefaultModels(), engine_.get(), metrics_.get());
-    ASSERT_TRUE(registry.ok()) << registry.status();
-    registry_ = *std::move(registry);
-  }
+  void SetUp() override { models_ = MakeCpuModels(); }
 
   static dilattn::v1::Header Header() {
     dilattn::v1::Header h;
@@ -278,16 +263,14 @@ class AttendHeaderTimeout : public ::testing::Test {
   }
 
   // Declared so that the registry, whose schedulers submit to the engine, goes first.
-  std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<Engine> engine_;
-  std::unique_ptr<ModelRegistry> registry_;
+  CpuModels models_;
 };
 
 TEST_F(AttendHeaderTimeout, TakesAnyNonNegativeTimeout) {
   dilattn::v1::Header h = Header();
   for (int64_t us : {int64_t{0}, int64_t{1}, std::numeric_limits<int64_t>::max()}) {
     h.set_timeout_microseconds(us);
-    const absl::Status s = internal::CheckAttendHeader(h, *registry_);
+    const absl::Status s = internal::CheckAttendHeader(h, *models_.registry);
     EXPECT_TRUE(s.ok()) << us << ": " << s;
   }
 }
@@ -295,7 +278,7 @@ TEST_F(AttendHeaderTimeout, TakesAnyNonNegativeTimeout) {
 TEST_F(AttendHeaderTimeout, RefusesANegativeTimeoutNamingTheField) {
   dilattn::v1::Header h = Header();
   h.set_timeout_microseconds(-5);
-  const absl::Status s = internal::CheckAttendHeader(h, *registry_);
+  const absl::Status s = internal::CheckAttendHeader(h, *models_.registry);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_NE(s.message().find("timeout_microseconds -5 must be >= 0"), absl::string_view::npos) << s;
 }
@@ -306,7 +289,7 @@ TEST_F(AttendHeaderTimeout, PointsSchedulingParametersAtTheirFields) {
   for (const auto& [key, field] : kFields) {
     dilattn::v1::Header h = Header();
     (*h.mutable_parameters())[key] = "1000";
-    const absl::Status s = internal::CheckAttendHeader(h, *registry_);
+    const absl::Status s = internal::CheckAttendHeader(h, *models_.registry);
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
     const std::string expected =
         absl::StrCat("header parameter '", key, "' is not an operator parameter: set the header's ",

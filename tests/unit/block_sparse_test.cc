@@ -79,6 +79,44 @@ BlockSparseOptions DrawOptions(SplitMix64& rng) {
   return o;
 }
 
+// Up to `max_seqs` sequences of random lengths up to `max_len` for `o` (explicit pairs name
+// blocks 0..2, so its sequences hold at least 3 blocks).
+void DrawSequences(SplitMix64& rng, const BlockSparseOptions& o, int64_t max_seqs, int64_t max_len,
+                   attention::ProblemShape* shape) {
+  const int64_t min_len = o.pattern == Pattern::kExplicit ? 3 * o.block_size : 1;
+  for (int64_t s = rng.Uniform(1, max_seqs); s > 0; --s) {
+    shape->seq_lengths.push_back(rng.Uniform(min_len, std::max<int64_t>(min_len, max_len)));
+  }
+}
+
+// Fresh random Q, K, V of a plan, its output buffer and the naive float64 output.
+struct RandomCase {
+  RandomCase(const BlockSparsePlan& plan, SplitMix64& rng)
+      : n(plan.tensor_bytes / attention::DTypeSize(plan.shape.dtype)),
+        q(plan.shape.dtype, n),
+        k(plan.shape.dtype, n),
+        v(plan.shape.dtype, n),
+        out(plan.shape.dtype, n) {
+    for (TypedBuffer* t : {&q, &k, &v}) {
+      for (size_t i = 0; i < n; ++i) t->Set(i, rng.NextFloat(1.0f));
+    }
+    expected = Naive(plan, q, k, v);
+  }
+  attention::AttentionTensors tensors() { return {q.cref(), k.cref(), v.cref(), out.ref()}; }
+
+  size_t n;
+  TypedBuffer q, k, v, out;
+  std::vector<double> expected;
+};
+
+// Runs `backend` into c.out, poisoned first, with a 64-byte aligned host workspace.
+absl::Status RunPoisoned(BlockSparseBackend& backend, const BlockSparsePlan& plan, RandomCase& c) {
+  c.out.Poison();
+  std::vector<unsigned char> ws(backend.WorkspaceBytes(plan) + 64);
+  void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
+  return backend.Run(plan, c.tensors(), {aligned, ws.size() - 64, DeviceLoc::Host()});
+}
+
 TEST(BlockSparseRandom, MatchesNaiveImplementation) {
   const uint64_t seed = testing::TestSeed();
   SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
@@ -92,34 +130,21 @@ TEST(BlockSparseRandom, MatchesNaiveImplementation) {
         [static_cast<size_t>(rng.Uniform(0, 2))];
     shape.num_heads = rng.Uniform(1, 4);
     shape.head_dim = std::vector<int64_t>{1, 8, 16, 33, 64}[static_cast<size_t>(rng.Uniform(0, 4))];
-    // Explicit pairs name blocks 0..2, so sequences hold at least 3 blocks.
-    const int64_t min_len = o.pattern == Pattern::kExplicit ? 3 * o.block_size : 1;
-    for (int64_t s = rng.Uniform(1, 3); s > 0; --s) {
-      shape.seq_lengths.push_back(rng.Uniform(min_len, std::max<int64_t>(min_len, 150)));
-    }
+    DrawSequences(rng, o, 3, 150, &shape);
     SCOPED_TRACE(absl::StrCat("config ", c, ": ", PatternName(o.pattern), " bs=", o.block_size,
                               o.causal ? " causal " : " ", attention::DescribeShape(shape)));
     absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, shape);
     ASSERT_TRUE(plan.ok()) << plan.status();
-    const size_t n = plan->tensor_bytes / attention::DTypeSize(shape.dtype);
-    TypedBuffer q(shape.dtype, n), k(shape.dtype, n), v(shape.dtype, n), out(shape.dtype, n);
-    for (TypedBuffer* t : {&q, &k, &v}) {
-      for (size_t i = 0; i < n; ++i) t->Set(i, rng.NextFloat(1.0f));
-    }
-    const std::vector<double> expected = Naive(*plan, q, k, v);
-    const attention::AttentionTensors tensors{q.cref(), k.cref(), v.cref(), out.ref()};
+    RandomCase rc(*plan, rng);
     const double tol = testing::Tolerance(shape.dtype);
 
-    out.Poison();
-    ASSERT_TRUE(ReferenceBlockSparse(*plan, tensors).ok());
-    auto err = RelativeError(out.ToFloats(), expected);
+    rc.out.Poison();
+    ASSERT_TRUE(ReferenceBlockSparse(*plan, rc.tensors()).ok());
+    auto err = RelativeError(rc.out.ToFloats(), rc.expected);
     ASSERT_TRUE(err.ok(tol)) << "reference rel " << err.relative << " nan " << err.nan_count;
 
-    out.Poison();
-    std::vector<unsigned char> ws((*backend)->WorkspaceBytes(*plan) + 64);
-    void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
-    ASSERT_TRUE((*backend)->Run(*plan, tensors, {aligned, ws.size() - 64, DeviceLoc::Host()}).ok());
-    err = RelativeError(out.ToFloats(), expected);
+    ASSERT_TRUE(RunPoisoned(**backend, *plan, rc).ok());
+    err = RelativeError(rc.out.ToFloats(), rc.expected);
     ASSERT_TRUE(err.ok(tol)) << "cpu rel " << err.relative << " nan " << err.nan_count;
   }
 }
@@ -145,32 +170,18 @@ TEST(BlockSparseRandom, HeadDimsPast128MatchNaiveImplementation) {
       shape.dtype = dtype;
       shape.num_heads = rng.Uniform(1, 3);
       shape.head_dim = dim;
-      // Explicit pairs name blocks 0..2, so sequences hold at least 3 blocks.
-      const int64_t min_len = o.pattern == Pattern::kExplicit ? 3 * o.block_size : 1;
-      for (int64_t s = rng.Uniform(1, 2); s > 0; --s) {
-        shape.seq_lengths.push_back(rng.Uniform(min_len, std::max<int64_t>(min_len, 96)));
-      }
+      DrawSequences(rng, o, 2, 96, &shape);
       SCOPED_TRACE(absl::StrCat(PatternName(o.pattern), " bs=", o.block_size,
                                 o.causal ? " causal " : " ", attention::DescribeShape(shape)));
       absl::StatusOr<BlockSparsePlan> plan = PlanBlockSparse(o, shape);
       ASSERT_TRUE(plan.ok()) << plan.status();
-      const size_t n = plan->tensor_bytes / attention::DTypeSize(shape.dtype);
-      TypedBuffer q(shape.dtype, n), k(shape.dtype, n), v(shape.dtype, n), out(shape.dtype, n);
-      for (TypedBuffer* t : {&q, &k, &v}) {
-        for (size_t i = 0; i < n; ++i) t->Set(i, rng.NextFloat(1.0f));
-      }
-      const std::vector<double> expected = Naive(*plan, q, k, v);
-      const attention::AttentionTensors tensors{q.cref(), k.cref(), v.cref(), out.ref()};
+      RandomCase rc(*plan, rng);
       const double tol = testing::Tolerance(shape.dtype);
       for (auto& backend : backends) {
         ASSERT_TRUE(backend->Supports(*plan).ok()) << backend->name();
-        out.Poison();
-        std::vector<unsigned char> ws(backend->WorkspaceBytes(*plan) + 64);
-        void* aligned = ws.data() + (64 - reinterpret_cast<uintptr_t>(ws.data()) % 64) % 64;
-        const absl::Status run =
-            backend->Run(*plan, tensors, {aligned, ws.size() - 64, DeviceLoc::Host()});
+        const absl::Status run = RunPoisoned(*backend, *plan, rc);
         ASSERT_TRUE(run.ok()) << backend->name() << ": " << run;
-        const auto err = RelativeError(out.ToFloats(), expected);
+        const auto err = RelativeError(rc.out.ToFloats(), rc.expected);
         EXPECT_TRUE(err.ok(tol)) << backend->name() << ": rel " << err.relative << ", nan "
                                  << err.nan_count;
       }

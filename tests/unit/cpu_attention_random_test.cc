@@ -15,6 +15,19 @@ namespace {
 
 constexpr int kConfigs = 240;
 
+// A planned case's fresh random inputs, its output buffer and the naive float64 output.
+struct Checked {
+  Checked(SplitMix64& rng, const attention::AttentionPlan& plan, float input_scale)
+      : in(DrawInputs(rng, plan, input_scale)),
+        expected(NaiveAttention(plan, in.q, in.k, in.v)),
+        o(plan.shape.dtype, in.q.count()) {}
+  attention::AttentionTensors tensors() { return {in.q.cref(), in.k.cref(), in.v.cref(), o.ref()}; }
+
+  RandomInputs in;
+  std::vector<double> expected;
+  TypedBuffer o;
+};
+
 TEST(CpuAttentionRandom, MatchesNaiveImplementation) {
   const uint64_t seed = TestSeed();
   SCOPED_TRACE(absl::StrCat("DILATTN_TEST_SEED=", seed));
@@ -27,23 +40,21 @@ TEST(CpuAttentionRandom, MatchesNaiveImplementation) {
     SCOPED_TRACE(absl::StrCat("config ", i, ": ", c.Describe()));
     absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(c.options, c.shape);
     ASSERT_TRUE(plan.ok()) << plan.status();
-    const RandomInputs in = DrawInputs(rng, *plan, c.input_scale);
-    const std::vector<double> expected = NaiveAttention(*plan, in.q, in.k, in.v);
-    TypedBuffer o(c.shape.dtype, in.q.count());
-    const attention::AttentionTensors tensors{in.q.cref(), in.k.cref(), in.v.cref(), o.ref()};
+    Checked run(rng, *plan, c.input_scale);
+    const attention::AttentionTensors tensors = run.tensors();
     const double tolerance = Tolerance(c.shape.dtype);
 
-    o.Poison();
+    run.o.Poison();
     ASSERT_TRUE(attention::ReferenceAttention(*plan, tensors).ok());
-    ErrorReport err = RelativeError(o.ToFloats(), expected);
+    ErrorReport err = RelativeError(run.o.ToFloats(), run.expected);
     if (!err.ok(tolerance)) ++failures;
     EXPECT_TRUE(err.ok(tolerance)) << "reference: rel " << err.relative << ", non-finite "
                                    << err.nan_count;
     for (auto& backend : backends) {
-      o.Poison();
-      absl::Status run = RunWithWorkspace(*backend, *plan, tensors);
-      ASSERT_TRUE(run.ok()) << run;
-      err = RelativeError(o.ToFloats(), expected);
+      run.o.Poison();
+      absl::Status s = RunWithWorkspace(*backend, *plan, tensors);
+      ASSERT_TRUE(s.ok()) << s;
+      err = RelativeError(run.o.ToFloats(), run.expected);
       if (!err.ok(tolerance)) ++failures;
       EXPECT_TRUE(err.ok(tolerance)) << backend->name() << ": rel " << err.relative
                                      << ", non-finite " << err.nan_count;
@@ -72,16 +83,13 @@ TEST(CpuAttentionRandom, HeadDimsPast128MatchNaiveImplementation) {
       SCOPED_TRACE(c.Describe());
       absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(c.options, c.shape);
       ASSERT_TRUE(plan.ok()) << plan.status();
-      const RandomInputs in = DrawInputs(rng, *plan, c.input_scale);
-      const std::vector<double> expected = NaiveAttention(*plan, in.q, in.k, in.v);
-      TypedBuffer o(c.shape.dtype, in.q.count());
-      const attention::AttentionTensors tensors{in.q.cref(), in.k.cref(), in.v.cref(), o.ref()};
+      Checked run(rng, *plan, c.input_scale);
       const double tolerance = Tolerance(c.shape.dtype);
       for (auto& backend : backends) {
-        o.Poison();
-        absl::Status run = RunWithWorkspace(*backend, *plan, tensors);
-        ASSERT_TRUE(run.ok()) << backend->name() << ": " << run;
-        const ErrorReport err = RelativeError(o.ToFloats(), expected);
+        run.o.Poison();
+        absl::Status s = RunWithWorkspace(*backend, *plan, run.tensors());
+        ASSERT_TRUE(s.ok()) << backend->name() << ": " << s;
+        const ErrorReport err = RelativeError(run.o.ToFloats(), run.expected);
         EXPECT_TRUE(err.ok(tolerance))
             << backend->name() << ": rel " << err.relative << ", non-finite " << err.nan_count;
       }
