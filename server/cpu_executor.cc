@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "kernels/attention/cpu/tile_runner.h"
@@ -62,6 +66,17 @@ class CpuExecutor final : public Executor {
 
   absl::Status Start(Job& job) override { return RunOnHost(job); }
   absl::Status Wait(Job&) override { return absl::OkStatus(); }
+
+  void ReleaseIdleMemory(absl::Time cutoff) override {
+#ifdef __GLIBC__
+    // glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as large blocks
+    // are freed) in its heap, still resident: hand those pages back too, or the process's RSS
+    // would not show what the pool gave up. Only after a release, which is rare.
+    if (pool_->ReleaseIdle(cutoff) > 0) malloc_trim(0);
+#else
+    pool_->ReleaseIdle(cutoff);
+#endif
+  }
 
   // Also the CUDA executor's path for what its GPU kernels do not cover.
   absl::Status RunOnHost(Job& job) {

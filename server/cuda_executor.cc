@@ -373,6 +373,14 @@ class CudaExecutor final : public Executor {
 
   void ReleaseCachedMemory() override { device_pool_->Trim(); }
 
+  // The pinned pool and the CPU path's host pool may be shared with other GPUs' executors; the
+  // pools are thread-safe, and they free only buffers nobody leases.
+  void ReleaseIdleMemory(absl::Time cutoff) override {
+    device_pool_->ReleaseIdle(cutoff);
+    pinned_pool_->ReleaseIdle(cutoff);
+    cpu_->ReleaseIdleMemory(cutoff);
+  }
+
   absl::Status Wait(Job& job) override {
     if (job.on_host) return cpu_->Wait(job);
     auto* state = static_cast<GpuJob*>(job.device_state.get());

@@ -111,14 +111,16 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     LogInfo("sequence parallelism: sequences of >= %d tokens run across %d GPUs",
             static_cast<int>(options.sequence_parallel_min_tokens), static_cast<int>(gpus.size()));
   }
-  return CreateWith(std::move(executors), std::move(gang));
+  return CreateWith(std::move(executors), std::move(gang), options.pool_idle_release);
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
-    std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang) {
+    std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang,
+    absl::Duration pool_idle_release) {
   if (executors.empty()) return absl::InvalidArgumentError("an engine needs an executor");
   std::unique_ptr<Engine> e(new Engine());
   e->executors_ = std::move(executors);
+  e->idle_release_ = pool_idle_release;
   e->gang_ = std::move(gang);
   {
     absl::MutexLock lock(&e->mu_);
@@ -229,19 +231,46 @@ void Engine::Shutdown() {
 
 void Engine::Loop(Executor& executor) {
   std::unique_ptr<Job> in_flight;
+  // Idle, the thread looks for pool buffers cached unused for idle_release_ every half of it, so
+  // that each goes back within one and a half intervals of its return. Work does not postpone a
+  // look, only delays it to the next idle moment: short gaps between jobs still reach it.
+  const absl::Duration look_every = idle_release_ / 2;
+  absl::Time next_look =
+      idle_release_ > absl::ZeroDuration() ? absl::Now() + look_every : absl::InfiniteFuture();
   while (true) {
     std::unique_ptr<Batch> next;
+    bool idle = false, release = false;
     {
       absl::MutexLock lock(&mu_);
       if (in_flight == nullptr) {
         auto ready = [this, &executor]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
           return HasWorkFor(executor) || (stopping_ && queue_.empty());
         };
-        mu_.Await(absl::Condition(&ready));
-        if (!HasWorkFor(executor)) return;  // stopping, nothing left
+        // Work and shutdown still wake it at once.
+        if (!mu_.AwaitWithDeadline(absl::Condition(&ready), next_look)) {
+          idle = true;
+          // Not while a gang run holds every GPU: a cudaFree would wait for it (and the run
+          // trims the executors' device pools itself). Counted as a job, so that a gang run
+          // waits for it in turn.
+          release = !gang_active_;
+          if (release) ++jobs_running_;
+        } else if (!HasWorkFor(executor)) {
+          return;  // stopping, nothing left
+        }
       }
-      next = TakeFor(executor);
-      if (next != nullptr) ++free_slots_;  // the next batch may form while this one runs
+      if (!idle) {
+        next = TakeFor(executor);
+        if (next != nullptr) ++free_slots_;  // the next batch may form while this one runs
+      }
+    }
+    if (idle) {
+      // Outside the lock, and with no job of this executor in flight: cudaFree synchronizes.
+      if (release) {
+        executor.ReleaseIdleMemory(absl::Now() - idle_release_);
+        JobsDone(1);
+      }
+      next_look = absl::Now() + look_every;
+      continue;
     }
     if (next != nullptr && next->gang) {
       if (in_flight != nullptr) {

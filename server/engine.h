@@ -15,6 +15,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "server/executor.h"
 #include "server/request.h"
 
@@ -40,14 +41,19 @@ struct EngineOptions {
   // attention) runs split across every GPU while the other jobs wait; 0 turns it off. Needs two
   // or more GPUs and NCCL.
   int64_t sequence_parallel_min_tokens = 0;
+  // A device's thread with no job frees the pool buffers cached unused this long
+  // (Executor::ReleaseIdleMemory); zero never does.
+  absl::Duration pool_idle_release = absl::Seconds(120);
 };
 
 class Engine {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
-  // An engine over the given executors, one thread each (Create's devices; tests' own).
+  // An engine over the given executors, one thread each (Create's devices; tests' own), with
+  // EngineOptions::pool_idle_release.
   static absl::StatusOr<std::unique_ptr<Engine>> CreateWith(
-      std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang = nullptr);
+      std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang = nullptr,
+      absl::Duration pool_idle_release = absl::ZeroDuration());
   ~Engine();
 
   std::string backend_name() const;
@@ -98,13 +104,14 @@ class Engine {
   void JobsDone(int n);
 
   std::vector<std::unique_ptr<Executor>> executors_;  // one per device
+  absl::Duration idle_release_;                       // EngineOptions::pool_idle_release
   absl::Mutex mu_;
   int free_slots_ ABSL_GUARDED_BY(mu_) = 0;  // one per device to begin with
   std::deque<Batch> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<GangRunner> gang_;
   // Jobs taken from the queue and not yet finished, counted from the moment they are taken, so
-  // that a gang batch can wait for every one of them.
+  // that a gang batch can wait for every one of them; an idle thread's ReleaseIdleMemory counts.
   int jobs_running_ ABSL_GUARDED_BY(mu_) = 0;
   // A thread holds a gang batch: no thread takes another batch until it has run.
   bool gang_active_ ABSL_GUARDED_BY(mu_) = false;

@@ -68,6 +68,11 @@ class Executor {
   // Frees the device memory its pools cache between jobs (a job across every GPU is about to
   // need it). Only while it runs no job.
   virtual void ReleaseCachedMemory() {}
+  // Frees what its pools have cached unused since before `cutoff`, so that memory a burst left
+  // behind goes back to the system and to other processes on its GPU. Only while it runs no job:
+  // freeing device memory waits for the device. Pools it shares with other executors may be
+  // trimmed while those run jobs; only buffers nobody leases are freed.
+  virtual void ReleaseIdleMemory(absl::Time /*cutoff*/) {}
 };
 
 // Runs one request across every GPU of the engine at once: sequence parallelism (DESIGN.md

@@ -30,6 +30,13 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --device-pool-mib N       cap of each GPU's buffer pool (0: 90% of its free memory)
   --cpu-threads N           CPU backend threads (0: one per hardware thread)
   --host-pool-mib N         cap of the host buffer pool in MiB (16384)
+  --pool-idle-release-seconds N
+                            free pool buffers (host, pinned, device) cached unused this long,
+                            once their device is idle, so that a burst's memory goes back to the
+                            system and to other processes on the GPU (120: a workload that pauses
+                            for a minute or two keeps its buffers and does not pay to allocate
+                            and pin them again, yet a burst's memory is back within 3 minutes;
+                            0: never)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
   --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
   --stream-idle-seconds N   end a native stream that sends nothing this long before its input
@@ -52,6 +59,7 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
   int64_t device_pool_mib = 0;
   int64_t grace = 30;
   int64_t stream_idle = 60;
+  int64_t pool_idle_release = 120;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
@@ -97,6 +105,8 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       error = integer(&grace);
     } else if (name == "stream-idle-seconds") {
       error = integer(&stream_idle);
+    } else if (name == "pool-idle-release-seconds") {
+      error = integer(&pool_idle_release);
     } else if (name == "pipeline-min-tokens") {
       error = integer(&o->engine.executor.pipeline_min_tokens);
     } else if (name == "sequence-parallel-min-tokens") {
@@ -122,6 +132,10 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
            "--stream-idle-seconds, --cpu-threads, --device-pool-mib, --pipeline-min-tokens and "
            "--sequence-parallel-min-tokens >= 0";
   }
+  if (pool_idle_release < 0) {
+    return absl::StrCat("--pool-idle-release-seconds must be >= 0 (0: never), got ",
+                        pool_idle_release);
+  }
   // A pool past a pebibyte is a typo; the byte counts must not wrap (to a tiny pool or to 0,
   // which means "90% of free memory" for the device pool).
   constexpr int64_t kMaxPoolMib = int64_t{1} << 30;
@@ -133,6 +147,7 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
   o->engine.executor.device_pool_bytes = static_cast<size_t>(device_pool_mib) << 20;
   o->grace_period = absl::Seconds(grace);
   o->stream_idle = absl::Seconds(stream_idle);
+  o->engine.pool_idle_release = absl::Seconds(pool_idle_release);
   return "";
 }
 

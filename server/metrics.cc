@@ -33,6 +33,7 @@ constexpr PoolEvent kPoolEvents[] = {
     {"timeout", &memory::BufferPoolStats::timeouts},
     {"oversize", &memory::BufferPoolStats::oversized},
     {"eviction", &memory::BufferPoolStats::evictions},
+    {"idle_release", &memory::BufferPoolStats::idle_releases},
     {"allocation_failure", &memory::BufferPoolStats::allocation_failures},
 };
 

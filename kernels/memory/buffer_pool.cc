@@ -9,6 +9,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 
 namespace dilattn::memory {
 namespace internal {
@@ -20,8 +21,8 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
 
   ~PoolCore() {
     // Every lease holds a reference, so nothing is leased by now: only cached buffers remain.
-    for (auto& [size, ptrs] : free_) {
-      for (void* p : ptrs) allocator_->Free(p, size);
+    for (auto& [size, cached] : free_) {
+      for (const Cached& c : cached) allocator_->Free(c.data, size);
     }
   }
 
@@ -39,7 +40,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     bool waited = false;
     while (true) {
       if (auto it = free_.find(size); it != free_.end() && !it->second.empty()) {
-        void* p = it->second.back();
+        void* p = it->second.back().data;  // the most recently returned: older ones age out
         it->second.pop_back();
         ++stats_.hits;
         Lease(size);
@@ -90,8 +91,9 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   }
 
   void Return(void* p, size_t size) {
+    const absl::Time now = absl::Now();
     absl::MutexLock lock(&mu_);
-    free_[size].push_back(p);
+    free_[size].push_back({p, now});
     stats_.bytes_in_use -= size;
     --stats_.leases_outstanding;
     returned_.SignalAll();
@@ -99,14 +101,44 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
 
   void Trim() {
     absl::MutexLock lock(&mu_);
-    for (auto& [size, ptrs] : free_) {
-      for (void* p : ptrs) {
-        allocator_->Free(p, size);
+    for (auto& [size, cached] : free_) {
+      for (const Cached& c : cached) {
+        allocator_->Free(c.data, size);
         stats_.bytes_held -= size;
         ++stats_.evictions;
       }
-      ptrs.clear();
+      cached.clear();
     }
+  }
+
+  size_t ReleaseIdle(absl::Time cutoff) {
+    std::vector<std::pair<void*, size_t>> idle;
+    size_t bytes = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [size, cached] : free_) {
+        // Stable, so that the buffers kept stay in the order they were returned.
+        const auto old = std::stable_partition(
+            cached.begin(), cached.end(), [&](const Cached& c) { return c.returned >= cutoff; });
+        for (auto it = old; it != cached.end(); ++it) {
+          idle.emplace_back(it->data, size);
+          bytes += size;
+        }
+        cached.erase(old, cached.end());
+      }
+      if (idle.empty()) return 0;
+      releasing_bytes_ += bytes;
+    }
+    // Freed outside the lock: cudaFree and cudaFreeHost wait for the device, and a pinned pool
+    // is shared by every GPU's thread and by the threads staging requests, which must not stall
+    // behind it. The bytes stay held (and under the cap) until they are actually freed.
+    for (const auto& [p, size] : idle) allocator_->Free(p, size);
+    absl::MutexLock lock(&mu_);
+    releasing_bytes_ -= bytes;
+    stats_.bytes_held -= bytes;
+    stats_.idle_releases += idle.size();
+    returned_.SignalAll();  // room for requests waiting on the cap
+    return bytes;
   }
 
   BufferPoolStats stats() const {
@@ -124,8 +156,9 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     ++stats_.leases_outstanding;
   }
 
+  // Only what Acquire could still evict: not the buffers ReleaseIdle is freeing.
   uint64_t CachedBytes() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return stats_.bytes_held - stats_.bytes_in_use;
+    return stats_.bytes_held - stats_.bytes_in_use - releasing_bytes_;
   }
 
   // Frees cached buffers of other classes, largest first, until `size` fits under the cap or
@@ -134,7 +167,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
     for (auto it = free_.rbegin();
          it != free_.rend() && stats_.bytes_held + size > options_.byte_cap; ++it) {
       while (!it->second.empty() && stats_.bytes_held + size > options_.byte_cap) {
-        allocator_->Free(it->second.back(), it->first);
+        allocator_->Free(it->second.back().data, it->first);
         it->second.pop_back();
         stats_.bytes_held -= it->first;
         ++stats_.evictions;
@@ -146,8 +179,15 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   const std::unique_ptr<Allocator> allocator_;
   mutable absl::Mutex mu_;
   absl::CondVar returned_;
-  std::map<size_t, std::vector<void*>> free_ ABSL_GUARDED_BY(mu_);
+  // A cached buffer and when it came back, which ReleaseIdle ages it by.
+  struct Cached {
+    void* data;
+    absl::Time returned;
+  };
+  // Per size class, in the order returned.
+  std::map<size_t, std::vector<Cached>> free_ ABSL_GUARDED_BY(mu_);
   BufferPoolStats stats_ ABSL_GUARDED_BY(mu_);
+  uint64_t releasing_bytes_ ABSL_GUARDED_BY(mu_) = 0;  // taken by ReleaseIdle, not yet freed
 };
 
 }  // namespace internal
@@ -200,6 +240,7 @@ DeviceLoc BufferPool::location() const { return core_->location(); }
 const std::string& BufferPool::name() const { return core_->options().name; }
 size_t BufferPool::byte_cap() const { return core_->options().byte_cap; }
 void BufferPool::Trim() { core_->Trim(); }
+size_t BufferPool::ReleaseIdle(absl::Time cutoff) { return core_->ReleaseIdle(cutoff); }
 
 size_t BufferPool::SizeClass(size_t bytes) {
   constexpr size_t kMinClass = 256;

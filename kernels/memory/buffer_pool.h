@@ -4,9 +4,11 @@
 // Requests are rounded up to size classes (four per power of two, at most 25% slack) and served
 // from cached buffers of that class when possible. The pool never holds more than its byte cap;
 // when a request cannot fit it frees cached buffers of other classes, then waits for leases to
-// return until the caller's deadline, then fails with RESOURCE_EXHAUSTED. A Buffer is an RAII
-// lease: it returns its memory when destroyed, on every path (defect 4), and it keeps the pool's
-// core alive, so even a lease that outlives its BufferPool frees correctly.
+// return until the caller's deadline, then fails with RESOURCE_EXHAUSTED. Cached buffers are
+// otherwise kept until ReleaseIdle() frees those unused since a cutoff: without it a burst of
+// unusual sizes would hold memory up to the cap for good. A Buffer is an RAII lease: it returns
+// its memory when destroyed, on every path (defect 4), and it keeps the pool's core alive, so
+// even a lease that outlives its BufferPool frees correctly.
 
 #include <cstddef>
 #include <cstdint>
@@ -36,6 +38,7 @@ struct BufferPoolStats {
   uint64_t timeouts = 0;           // requests that failed after waiting or without a deadline
   uint64_t oversized = 0;          // requests larger than the cap: no wait could serve them
   uint64_t evictions = 0;          // cached buffers freed to make room
+  uint64_t idle_releases = 0;      // cached buffers freed for going unused (ReleaseIdle)
   uint64_t allocation_failures = 0;
 };
 
@@ -94,6 +97,11 @@ class BufferPool {
 
   // Frees every cached (not leased) buffer.
   void Trim();
+
+  // Frees every cached buffer returned before `cutoff`; returns the bytes freed. Acquire reuses
+  // the most recently returned buffer of a class, so buffers a workload no longer needs age out
+  // while those it keeps reusing stay. Leases are never touched. Any thread.
+  size_t ReleaseIdle(absl::Time cutoff);
 
   // The size class a request of `bytes` is rounded up to; 0 when that overflows.
   static size_t SizeClass(size_t bytes);

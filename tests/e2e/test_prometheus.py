@@ -6,6 +6,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 
@@ -169,3 +170,43 @@ def test_pool_events_help_names_every_event(server):
                             re.MULTILINE))
     assert "oversize" in events, text
     assert events <= listed, (help_line, events - listed)
+
+
+def _held_after_a_request(server):
+    """Runs one request, then returns the bytes every pool holds once its leases are back."""
+    c = server.client()
+    x = np.ones((2, 256, 2, 16), dtype=np.float32)
+    c.infer("dilated_attention", make_inputs(x, x, x),
+            parameters={"segment_lengths": "64", "dilation_rates": "1"})
+    assert wait_until(lambda: server.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
+    return server.metric("dilattn_buffer_pool_bytes", state="held")
+
+
+def test_idle_pools_give_their_memory_back():
+    """--pool-idle-release-seconds: once the engine is idle, buffers cached unused that long are
+    freed (the pools held up to their caps for good after a burst), each counted as an
+    idle_release event; 0 keeps them."""
+    from conftest import ServerProcess
+    s = ServerProcess("--pool-idle-release-seconds", "1", name="pool-idle-release")
+    try:
+        assert _held_after_a_request(s) > 0
+        assert wait_until(lambda: s.metric("dilattn_buffer_pool_bytes", state="held") == 0,
+                          timeout=30), s.metrics_text()
+        assert s.metric("dilattn_buffer_pool_events_total", event="idle_release") >= 1
+        assert s.metric("dilattn_buffer_pool_events_total", event="eviction") == 0
+        # The pools still serve, and give back again.
+        assert _held_after_a_request(s) > 0
+        assert wait_until(lambda: s.metric("dilattn_buffer_pool_bytes", state="held") == 0,
+                          timeout=30), s.metrics_text()
+    finally:
+        assert s.stop() == 0, s.log_path.read_text()
+
+    kept = ServerProcess("--pool-idle-release-seconds", "0", name="pool-idle-release-off")
+    try:
+        held = _held_after_a_request(kept)
+        assert held > 0
+        time.sleep(3)
+        assert kept.metric("dilattn_buffer_pool_bytes", state="held") == held
+        assert kept.metric("dilattn_buffer_pool_events_total", event="idle_release") == 0
+    finally:
+        assert kept.stop() == 0, kept.log_path.read_text()

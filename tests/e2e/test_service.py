@@ -113,6 +113,8 @@ def test_unimplemented_rpcs_answer_unimplemented(client):
     # Past 2^44 MiB the byte count wrapped: to a 1 MiB host pool, or to 0 (90% of the GPU).
     ("--host-pool-mib=17592186044417", "at most 1073741824 (1 PiB)"),
     ("--device-pool-mib=17592186044416", "at most 1073741824 (1 PiB)"),
+    ("--pool-idle-release-seconds=-1", "--pool-idle-release-seconds must be >= 0 (0: never)"),
+    ("--pool-idle-release-seconds=2m", "--pool-idle-release-seconds='2m' is not an integer"),
 ])
 def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
     from conftest import server_binary

@@ -1,5 +1,6 @@
-// Buffer pool: size classes, exact statistics, exhaustion with deadlines, eviction, RAII on every
-// path, allocation failures, and many threads at once (run under ThreadSanitizer by test.sh).
+// Buffer pool: size classes, exact statistics, exhaustion with deadlines, eviction, idle
+// release, RAII on every path, allocation failures, and many threads at once (run under
+// ThreadSanitizer by test.sh).
 
 #include <atomic>
 #include <cstring>
@@ -26,6 +27,7 @@ class CountingAllocator final : public Allocator {
     std::atomic<int64_t> live_buffers{0};
     std::atomic<int64_t> allocations{0};
     std::atomic<bool> fail{false};
+    std::atomic<bool> slow_free{false};  // as cudaFree, which waits for the device
   };
   explicit CountingAllocator(Counters* c) : c_(c), host_(NewHostAllocator()) {}
 
@@ -42,6 +44,7 @@ class CountingAllocator final : public Allocator {
     return p;
   }
   void Free(void* p, size_t bytes) override {
+    if (c_->slow_free) absl::SleepFor(absl::Microseconds(100));
     c_->live_bytes -= static_cast<int64_t>(bytes);
     --c_->live_buffers;
     host_->Free(p, bytes);
@@ -267,6 +270,157 @@ TEST(BufferPool, ManyThreadsNeverExceedTheCapOrShareABuffer) {
   pool.reset();
   EXPECT_EQ(c.live_bytes.load(), 0);
   EXPECT_EQ(c.live_buffers.load(), 0);
+}
+
+// Cached buffers returned before the cutoff are freed through the allocator, newer ones and leases
+// are kept, and a class keeps serving its most recently returned buffer.
+TEST(BufferPool, ReleaseIdleFreesOnlyBuffersCachedBeforeTheCutoff) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 1 << 20);
+  absl::StatusOr<Buffer> old_small = pool->Acquire(1000);  // class 1024
+  absl::StatusOr<Buffer> new_small = pool->Acquire(1000);
+  absl::StatusOr<Buffer> leased = pool->Acquire(2048);  // leased throughout
+  ASSERT_TRUE(old_small.ok() && new_small.ok() && leased.ok());
+  void* const newer = new_small->data();
+  old_small->Release();
+  ASSERT_TRUE(pool->Acquire(4096).ok());  // cached
+  absl::SleepFor(absl::Milliseconds(5));
+  const absl::Time cutoff = absl::Now();
+  absl::SleepFor(absl::Milliseconds(5));
+  new_small->Release();
+  ASSERT_TRUE(pool->Acquire(8192).ok());  // cached
+  ASSERT_EQ(pool->stats().bytes_held, 1024u + 1024u + 2048u + 4096u + 8192u);
+
+  EXPECT_EQ(pool->ReleaseIdle(cutoff), 1024u + 4096u);
+  BufferPoolStats s = pool->stats();
+  EXPECT_EQ(s.bytes_held, 1024u + 2048u + 8192u);
+  EXPECT_EQ(s.bytes_in_use, 2048u);
+  EXPECT_EQ(s.leases_outstanding, 1u);
+  EXPECT_EQ(s.idle_releases, 2u);
+  EXPECT_EQ(s.evictions, 0u) << "an idle release is not an eviction to make room";
+  EXPECT_EQ(c.live_bytes.load(), 1024 + 2048 + 8192) << "the memory went back to the allocator";
+  EXPECT_EQ(c.live_buffers.load(), 3);
+
+  // Nothing else is older than the cutoff.
+  EXPECT_EQ(pool->ReleaseIdle(cutoff), 0u);
+  EXPECT_EQ(pool->stats().idle_releases, 2u);
+
+  // The kept buffer of the class serves the next request of it.
+  absl::StatusOr<Buffer> again = pool->Acquire(1000);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->data(), newer);
+  EXPECT_EQ(pool->stats().hits, 1u);
+
+  // A cutoff in the future takes every cached buffer, but no lease.
+  EXPECT_EQ(pool->ReleaseIdle(absl::InfiniteFuture()), 8192u);
+  s = pool->stats();
+  EXPECT_EQ(s.bytes_held, 1024u + 2048u);
+  EXPECT_EQ(s.bytes_in_use, 1024u + 2048u);
+  EXPECT_EQ(s.idle_releases, 3u);
+  EXPECT_EQ(c.live_bytes.load(), 1024 + 2048);
+  std::memset(leased->data(), 0x33, leased->size());  // still the lease's (ASan would object)
+  std::memset(again->data(), 0x44, again->size());
+  leased->Release();
+  again->Release();
+  EXPECT_EQ(pool->ReleaseIdle(absl::InfiniteFuture()), 1024u + 2048u);
+  EXPECT_EQ(pool->stats().bytes_held, 0u);
+  EXPECT_EQ(c.live_bytes.load(), 0);
+  EXPECT_EQ(c.live_buffers.load(), 0);
+}
+
+// The most recently returned buffer of a class is reused, so one that a steady workload keeps
+// using is never the one that ages out.
+TEST(BufferPool, ReuseTakesTheMostRecentlyReturnedBuffer) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 1 << 20);
+  absl::StatusOr<Buffer> a = pool->Acquire(4000);
+  absl::StatusOr<Buffer> b = pool->Acquire(4000);
+  ASSERT_TRUE(a.ok() && b.ok());
+  void* const first = a->data();
+  void* const second = b->data();
+  a->Release();
+  absl::SleepFor(absl::Milliseconds(5));
+  const absl::Time cutoff = absl::Now();
+  absl::SleepFor(absl::Milliseconds(5));
+  b->Release();
+  for (int i = 0; i < 3; ++i) {  // the steady workload: one buffer at a time
+    absl::StatusOr<Buffer> again = pool->Acquire(4000);
+    ASSERT_TRUE(again.ok());
+    EXPECT_EQ(again->data(), second);
+  }
+  // `second` went back after the cutoff (again and again); only `first` has aged.
+  EXPECT_EQ(pool->ReleaseIdle(cutoff), 4096u);
+  absl::StatusOr<Buffer> kept = pool->Acquire(4000);
+  ASSERT_TRUE(kept.ok());
+  EXPECT_EQ(kept->data(), second);
+  EXPECT_NE(kept->data(), first);
+}
+
+// Idle releases racing leases, returns, evictions and requests that fail at once or wait: the
+// cap still bounds real memory, no buffer is shared or freed twice, and the counts add up. A
+// request without a deadline that finds the cap full while a release frees buffers outside the
+// lock must fail, not spin on bytes that are on their way out.
+TEST(BufferPool, ReleaseIdleRacesLeasesSafely) {
+  constexpr int kThreads = 8;
+  constexpr int kCycles = 1500;
+  constexpr size_t kCap = 32 * 1024;
+  CountingAllocator::Counters c;
+  c.slow_free = true;  // widens the window in which a release frees outside the lock
+  auto pool = MakePool(&c, kCap);
+  absl::Mutex mu;
+  std::set<void*> live;
+  std::atomic<int> overlaps{0};
+  std::atomic<int64_t> over_cap{0};
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> released_bytes{0};
+  std::thread releaser([&] {
+    while (!stop.load()) {
+      released_bytes += pool->ReleaseIdle(absl::Now() - absl::Microseconds(50));
+      if (c.live_bytes.load() > static_cast<int64_t>(kCap)) ++over_cap;
+    }
+  });
+  std::vector<std::thread> threads;
+  std::atomic<uint64_t> requests{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kCycles; ++i) {
+        const size_t bytes = 256 + static_cast<size_t>((t * 7919 + i * 104729) % 6144);
+        // Every other thread asks without a deadline: it fails at once when the cap is full.
+        const absl::Time deadline =
+            t % 2 == 0 ? absl::InfinitePast() : absl::Now() + absl::Seconds(30);
+        ++requests;
+        absl::StatusOr<Buffer> b = pool->Acquire(bytes, deadline);
+        if (!b.ok()) continue;
+        {
+          absl::MutexLock lock(&mu);
+          if (!live.insert(b->data()).second) ++overlaps;
+        }
+        std::memset(b->data(), t, b->size());
+        if (c.live_bytes.load() > static_cast<int64_t>(kCap)) ++over_cap;
+        {
+          absl::MutexLock lock(&mu);
+          live.erase(b->data());
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  stop = true;
+  releaser.join();
+  EXPECT_EQ(overlaps.load(), 0);
+  EXPECT_EQ(over_cap.load(), 0);
+  BufferPoolStats s = pool->stats();
+  EXPECT_EQ(s.hits + s.misses + s.timeouts, requests.load());
+  EXPECT_EQ(s.bytes_in_use, 0u);
+  EXPECT_EQ(s.leases_outstanding, 0u);
+  EXPECT_GT(s.idle_releases, 0u);
+  EXPECT_EQ(static_cast<int64_t>(s.bytes_held), c.live_bytes.load());
+  // Every buffer allocated was freed once, by an idle release, an eviction, or still cached.
+  EXPECT_EQ(s.misses, s.idle_releases + s.evictions + static_cast<uint64_t>(c.live_buffers.load()));
+  released_bytes += pool->ReleaseIdle(absl::InfiniteFuture());
+  EXPECT_EQ(pool->stats().bytes_held, 0u);
+  EXPECT_EQ(c.live_bytes.load(), 0);
+  EXPECT_GT(released_bytes.load(), 0u);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "server/engine.h"
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <thread>
@@ -107,6 +108,57 @@ class PoolHoldingExecutor final : public Executor {
   memory::BufferPool* const pool_;
 };
 
+// Each ReleaseIdleMemory call an executor got, and those made while a job of its was in flight.
+struct IdleLog {
+  struct Call {
+    absl::Time at;
+    absl::Time cutoff;
+  };
+  absl::Mutex mu;
+  std::vector<Call> calls ABSL_GUARDED_BY(mu);
+  std::atomic<int> in_flight{0};  // jobs between Start and the end of their Wait
+  std::atomic<int> during_job{0};
+
+  std::vector<Call> Calls() {
+    absl::MutexLock lock(&mu);
+    return calls;
+  }
+};
+
+// A GPU-like executor whose jobs stay in flight from Start until Wait returns, `job_time` later,
+// recording its ReleaseIdleMemory calls. Start takes a little while too, so that the next
+// request is queued by then and the engine starts it before waiting for the previous one.
+class IdleRecordingExecutor final : public Executor {
+ public:
+  IdleRecordingExecutor(IdleLog* log, memory::BufferPool* pool, absl::Duration job_time)
+      : log_(log), pool_(pool), job_time_(job_time) {}
+  std::string name() const override { return "idle-recording"; }
+  int cuda_device() const override { return 0; }
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest&) const override { return PlanFacts{}; }
+  std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
+  memory::BufferPool& staging_pool() override { return *pool_; }
+  absl::Status Start(Job&) override {
+    log_->in_flight.fetch_add(1);
+    absl::SleepFor(absl::Milliseconds(20));
+    return absl::OkStatus();
+  }
+  absl::Status Wait(Job&) override {
+    absl::SleepFor(job_time_);
+    log_->in_flight.fetch_sub(1);
+    return absl::OkStatus();
+  }
+  void ReleaseIdleMemory(absl::Time cutoff) override {
+    if (log_->in_flight.load() != 0) log_->during_job.fetch_add(1);
+    absl::MutexLock lock(&log_->mu);
+    log_->calls.push_back({absl::Now(), cutoff});
+  }
+
+ private:
+  IdleLog* const log_;
+  memory::BufferPool* const pool_;
+  const absl::Duration job_time_;
+};
+
 // Takes requests of at least 100 tokens; checks, while it runs one, that no executor runs a job.
 // Has a pool of its own, as the sequence-parallel runner has one per GPU.
 class RecordingGang final : public GangRunner {
@@ -193,6 +245,24 @@ class EngineThreads : public ::testing::Test {
     absl::StatusOr<ModelSpec> spec = Spec("m", batching);
     ASSERT_TRUE(spec.ok()) << spec.status();
     model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  }
+
+  // An engine over `executor` alone that releases pool memory idle for `idle_release`.
+  void StartWith(std::unique_ptr<Executor> executor, absl::Duration idle_release) {
+    std::vector<std::unique_ptr<Executor>> executors;
+    executors.push_back(std::move(executor));
+    auto engine = Engine::CreateWith(std::move(executors), nullptr, idle_release);
+    ASSERT_TRUE(engine.ok());
+    engine_ = *std::move(engine);
+    absl::StatusOr<ModelSpec> spec = Spec("m", "");
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  }
+
+  bool WaitFor(const std::function<bool()>& done, absl::Duration timeout = absl::Seconds(10)) {
+    const absl::Time give_up = absl::Now() + timeout;
+    while (!done() && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
+    return done();
   }
 
   // Submits request `id` alone in a batch, with its tensors on `device` (-1: host), and with
@@ -494,6 +564,73 @@ TEST_F(EngineThreads, AJobWaitingForTheInFlightJobsBuffersDoesNotStall) {
   EXPECT_EQ(ok_.load(), 4);
   EXPECT_EQ(failed_.load(), 0);
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
+// An idle engine thread releases its executor's pool memory cached a whole interval (looking
+// every half interval), never while a job of its executor is in flight, and what a job returned
+// goes back within one and a half intervals of its end.
+TEST_F(EngineThreads, AnIdleEngineReleasesPoolMemoryButNeverDuringAJob) {
+  constexpr absl::Duration kInterval = absl::Milliseconds(100);
+  IdleLog idle;
+  const absl::Time started = absl::Now();
+  StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), 3 * kInterval), kInterval);
+  ASSERT_TRUE(WaitFor([&] { return idle.Calls().size() >= 2; }));
+  for (const IdleLog::Call& call : idle.Calls()) {
+    EXPECT_GE(call.at - started, kInterval / 2);
+    EXPECT_GE(call.at - call.cutoff, kInterval);
+    EXPECT_LT(call.at - call.cutoff, kInterval + absl::Milliseconds(250));
+  }
+
+  // Each job is in flight for three intervals, the next one started before the engine waits for
+  // it: looks would fall inside them, and between them.
+  const absl::Time submitted = absl::Now();
+  for (int64_t id = 1; id <= 4; ++id) Submit(id, -1);
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 4; }));
+  const absl::Time finished = absl::Now();
+  EXPECT_LT(finished - submitted, 4 * 3 * kInterval + absl::Seconds(2));
+  EXPECT_EQ(idle.during_job.load(), 0) << "released memory while a job was in flight";
+
+  auto past_the_job = [&] {
+    for (const IdleLog::Call& call : idle.Calls()) {
+      if (call.cutoff >= finished) return true;
+    }
+    return false;
+  };
+  ASSERT_TRUE(WaitFor(past_the_job)) << "what the job returned was never released";
+  for (const IdleLog::Call& call : idle.Calls()) {
+    if (call.cutoff >= finished) {
+      EXPECT_GE(call.at - finished, kInterval);
+    }
+  }
+  engine_->Shutdown();
+  EXPECT_EQ(idle.during_job.load(), 0);
+}
+
+TEST_F(EngineThreads, NoIdleReleaseWhenDisabled) {
+  IdleLog idle;
+  StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(5)),
+            absl::ZeroDuration());
+  Submit(1, -1);
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
+  absl::SleepFor(absl::Milliseconds(300));
+  engine_->Shutdown();
+  EXPECT_TRUE(idle.Calls().empty());
+}
+
+// The thread's wait for its next look still wakes at once for work and for a shutdown.
+TEST_F(EngineThreads, IdleReleaseDelaysNeitherWorkNorShutdown) {
+  IdleLog idle;
+  StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::ZeroDuration()),
+            absl::Hours(1));
+  absl::SleepFor(absl::Milliseconds(20));  // the thread is waiting by now
+  absl::Time start = absl::Now();
+  Submit(1, -1);
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  start = absl::Now();
+  engine_->Shutdown();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_TRUE(idle.Calls().empty());
 }
 
 }  // namespace
