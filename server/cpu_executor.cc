@@ -32,7 +32,8 @@ class CpuExecutor final : public Executor {
         dilated_(std::move(dilated)),
         sparse_(std::move(sparse)),
         multihead_(std::move(multihead)),
-        pool_(std::move(pool)) {}
+        pool_(std::move(pool)),
+        trim_heap_(pool_->allocator_name() == "host") {}
 
   std::string name() const override { return std::string(dilated_->name()); }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_.get()}; }
@@ -71,8 +72,9 @@ class CpuExecutor final : public Executor {
 #ifdef __GLIBC__
     // glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as large blocks
     // are freed) in its heap, still resident: hand those pages back too, or the process's RSS
-    // would not show what the pool gave up. Only after a release, which is rare.
-    if (pool_->ReleaseIdle(cutoff) > 0) malloc_trim(0);
+    // would not show what the pool gave up. Only after a release, which is rare, and only for a
+    // pool on the heap (a GPU server's host pool is pinned, mapped apart from it).
+    if (pool_->ReleaseIdle(cutoff) > 0 && trim_heap_) malloc_trim(0);
 #else
     pool_->ReleaseIdle(cutoff);
 #endif
@@ -198,6 +200,7 @@ class CpuExecutor final : public Executor {
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_;
   std::unique_ptr<multihead::MultiheadBackend> multihead_;
   std::shared_ptr<memory::BufferPool> pool_;
+  const bool trim_heap_;  // the pool allocates from the malloc heap, which malloc_trim shrinks
 };
 
 }  // namespace

@@ -100,9 +100,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     for (const auto& e : executors) {
       if (e->cuda_device() >= 0) gpus.push_back(e->cuda_device());
     }
-    absl::StatusOr<std::unique_ptr<GangRunner>> made =
-        CreateSequenceParallelGang(gpus, options.sequence_parallel_min_tokens,
-                                   &executors.front()->staging_pool(), options.executor.pool_wait);
+    absl::StatusOr<std::unique_ptr<GangRunner>> made = CreateSequenceParallelGang(
+        gpus, options.sequence_parallel_min_tokens, &executors.front()->staging_pool(),
+        options.executor.pool_wait, options.executor.device_pool_bytes);
     if (!made.ok()) {
       return absl::Status(made.status().code(), absl::StrCat("--sequence-parallel-min-tokens: ",
                                                              made.status().message()));

@@ -92,11 +92,13 @@ class GangRunner {
 
 // Sequence parallelism over `devices` for single dense sequences of at least `min_tokens` tokens
 // in fp16 or bf16; outputs are leased from `staging` (pinned), waiting up to `pool_wait` for
-// it as the executors do. FAILED_PRECONDITION in a build without CUDA or NCCL.
+// it as the executors do. Each GPU's own pool is capped at `device_pool_bytes` (0: 90% of its
+// free memory), as the executors' are. FAILED_PRECONDITION in a build without CUDA or NCCL.
 absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(std::vector<int> devices,
                                                                        int64_t min_tokens,
                                                                        memory::BufferPool* staging,
-                                                                       absl::Duration pool_wait);
+                                                                       absl::Duration pool_wait,
+                                                                       size_t device_pool_bytes);
 
 struct ExecutorOptions {
   int cpu_threads = 0;

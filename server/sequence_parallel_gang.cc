@@ -148,7 +148,8 @@ class SequenceParallelGang final : public GangRunner {
 absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(std::vector<int> devices,
                                                                        int64_t min_tokens,
                                                                        memory::BufferPool* staging,
-                                                                       absl::Duration pool_wait) {
+                                                                       absl::Duration pool_wait,
+                                                                       size_t device_pool_bytes) {
   if (devices.size() < 2) {
     return absl::InvalidArgumentError("sequence parallelism needs at least two GPUs");
   }
@@ -156,7 +157,7 @@ absl::StatusOr<std::unique_ptr<GangRunner>> CreateSequenceParallelGang(std::vect
       attention::CreateCudaBackend({devices.front(), nullptr});
   if (!check.ok()) return check.status();
   absl::StatusOr<std::unique_ptr<attention::cuda::SequenceParallelRunner>> runner =
-      attention::cuda::SequenceParallelRunner::Create(std::move(devices));
+      attention::cuda::SequenceParallelRunner::Create(std::move(devices), device_pool_bytes);
   if (!runner.ok()) return runner.status();
   return std::unique_ptr<GangRunner>(new SequenceParallelGang(*std::move(runner), *std::move(check),
                                                               min_tokens, staging, pool_wait));

@@ -79,6 +79,14 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
             (free_.count(size) != 0 && !free_[size].empty()) || CachedBytes() > 0) {
           continue;
         }
+        if (releasing_bytes_ > 0 &&
+            stats_.bytes_held - releasing_bytes_ + size <= options_.byte_cap) {
+          // The room is there but an idle release is still freeing it outside the lock. It
+          // signals after every buffer and always finishes, so this wait is short and bounded;
+          // failing instead would refuse a request the pool can serve.
+          returned_.Wait(&mu_);
+          continue;
+        }
         ++stats_.timeouts;
         const BufferPoolStats snapshot = stats_;
         mu_.Unlock();
@@ -129,15 +137,18 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
       if (idle.empty()) return 0;
       releasing_bytes_ += bytes;
     }
-    // Freed outside the lock: cudaFree and cudaFreeHost wait for the device, and a pinned pool
-    // is shared by every GPU's thread and by the threads staging requests, which must not stall
-    // behind it. The bytes stay held (and under the cap) until they are actually freed.
-    for (const auto& [p, size] : idle) allocator_->Free(p, size);
-    absl::MutexLock lock(&mu_);
-    releasing_bytes_ -= bytes;
-    stats_.bytes_held -= bytes;
-    stats_.idle_releases += idle.size();
-    returned_.SignalAll();  // room for requests waiting on the cap
+    // Freed outside the lock: a pinned pool is shared by every GPU's thread and by the threads
+    // staging requests, which must not stall behind cudaFree (it synchronizes the device) or
+    // cudaFreeHost (it unpins page by page, about 0.16 s a GiB). Each buffer's bytes leave the
+    // accounting as soon as it is freed, so requests waiting on the cap see the room grow.
+    for (const auto& [p, size] : idle) {
+      allocator_->Free(p, size);
+      absl::MutexLock lock(&mu_);
+      releasing_bytes_ -= size;
+      stats_.bytes_held -= size;
+      ++stats_.idle_releases;
+      returned_.SignalAll();
+    }
     return bytes;
   }
 
@@ -148,6 +159,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
 
   const BufferPoolOptions& options() const { return options_; }
   DeviceLoc location() const { return allocator_->location(); }
+  std::string allocator_name() const { return allocator_->name(); }
 
  private:
   void Lease(size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -238,6 +250,7 @@ absl::StatusOr<Buffer> BufferPool::Acquire(size_t bytes, absl::Time deadline) {
 BufferPoolStats BufferPool::stats() const { return core_->stats(); }
 DeviceLoc BufferPool::location() const { return core_->location(); }
 const std::string& BufferPool::name() const { return core_->options().name; }
+std::string BufferPool::allocator_name() const { return core_->allocator_name(); }
 size_t BufferPool::byte_cap() const { return core_->options().byte_cap; }
 void BufferPool::Trim() { core_->Trim(); }
 size_t BufferPool::ReleaseIdle(absl::Time cutoff) { return core_->ReleaseIdle(cutoff); }

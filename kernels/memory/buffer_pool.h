@@ -93,6 +93,7 @@ class BufferPool {
   BufferPoolStats stats() const;
   DeviceLoc location() const;
   const std::string& name() const;
+  std::string allocator_name() const;  // "host", "pinned-host", "cuda:N", ...
   size_t byte_cap() const;
 
   // Frees every cached (not leased) buffer.

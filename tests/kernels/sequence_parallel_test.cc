@@ -215,6 +215,28 @@ TEST(SequenceParallel, LongSlicesRunInPartsWithTheSameAnswer) {
           one_gpu, rng);
 }
 
+// The server's --device-pool-mib caps each GPU's sequence-parallel pool as it caps the
+// executors' pools; a run that needs more than the cap fails cleanly instead of taking it.
+TEST(SequenceParallel, PoolBytesCapEachGpusPool) {
+  REQUIRE_GPU();
+  constexpr size_t kCap = size_t{1} << 20;
+  auto runner = attention::cuda::SequenceParallelRunner::Create({0}, kCap);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  for (const memory::BufferPool* pool : (*runner)->pools()) EXPECT_EQ(pool->byte_cap(), kCap);
+  SplitMix64 rng(TestSeed());
+  const RandomCase c =
+      Case(DType::kBFloat16, 65536, 2, 64, attention::Mode::kLongNet, false, {2048, 8192}, {1, 4});
+  auto plan = attention::PlanAttention(c.options, c.shape);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const RandomInputs in = DrawInputs(rng, *plan, c.input_scale);  // 16 MiB a tensor
+  TypedBuffer out(c.shape.dtype, in.q.count());
+  const absl::Status s = (*runner)->Run(*plan, {in.q.cref(), in.k.cref(), in.v.cref(), out.ref()});
+  EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
+  auto uncapped = attention::cuda::SequenceParallelRunner::Create({0});
+  ASSERT_TRUE(uncapped.ok()) << uncapped.status();
+  for (const memory::BufferPool* pool : (*uncapped)->pools()) EXPECT_GT(pool->byte_cap(), kCap);
+}
+
 TEST(SequenceParallel, RefusesWhatItCannotRun) {
   REQUIRE_GPU();
   auto runner = attention::cuda::SequenceParallelRunner::Create({0});

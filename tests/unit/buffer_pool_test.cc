@@ -2,6 +2,8 @@
 // release, RAII on every path, allocation failures, and many threads at once (run under
 // ThreadSanitizer by test.sh).
 
+#include "kernels/memory/buffer_pool.h"
+
 #include <atomic>
 #include <cstring>
 #include <set>
@@ -9,10 +11,10 @@
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kernels/memory/buffer_pool.h"
 
 namespace dilattn::memory {
 namespace {
@@ -28,6 +30,10 @@ class CountingAllocator final : public Allocator {
     std::atomic<int64_t> allocations{0};
     std::atomic<bool> fail{false};
     std::atomic<bool> slow_free{false};  // as cudaFree, which waits for the device
+    // Set: Free announces itself on `free_entered` and blocks until `free_gate` is notified.
+    std::atomic<bool> gated_free{false};
+    absl::Notification free_entered;
+    absl::Notification free_gate;
   };
   explicit CountingAllocator(Counters* c) : c_(c), host_(NewHostAllocator()) {}
 
@@ -45,6 +51,10 @@ class CountingAllocator final : public Allocator {
   }
   void Free(void* p, size_t bytes) override {
     if (c_->slow_free) absl::SleepFor(absl::Microseconds(100));
+    if (c_->gated_free) {
+      if (!c_->free_entered.HasBeenNotified()) c_->free_entered.Notify();
+      c_->free_gate.WaitForNotification();
+    }
     c_->live_bytes -= static_cast<int64_t>(bytes);
     --c_->live_buffers;
     host_->Free(p, bytes);
@@ -356,10 +366,50 @@ TEST(BufferPool, ReuseTakesTheMostRecentlyReturnedBuffer) {
   EXPECT_NE(kept->data(), first);
 }
 
+// The cap is full only of buffers an idle release is still freeing outside the lock: a request
+// that may not wait gets its buffer once they are freed, rather than RESOURCE_EXHAUSTED for
+// memory that is on its way out (the engine's idle look must not fail a stream's lease).
+TEST(BufferPool, ARequestDuringAnIdleReleaseWaitsForItsFrees) {
+  constexpr size_t kCap = 8192;
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, kCap);
+  {
+    absl::StatusOr<Buffer> a = pool->Acquire(4096);
+    absl::StatusOr<Buffer> b = pool->Acquire(4096);
+    ASSERT_TRUE(a.ok() && b.ok());
+  }
+  ASSERT_EQ(pool->stats().bytes_held, kCap);
+  c.gated_free = true;
+  std::thread releaser([&] { EXPECT_EQ(pool->ReleaseIdle(absl::InfiniteFuture()), kCap); });
+  c.free_entered.WaitForNotification();  // both buffers are out of the cache, none freed yet
+  std::atomic<bool> answered{false};
+  absl::Status status;
+  std::thread requester([&] {
+    // Another class than the cached ones, and no deadline: nothing to reuse or evict.
+    absl::StatusOr<Buffer> fresh = pool->Acquire(2048, absl::InfinitePast());
+    status = fresh.status();
+    answered = true;
+  });
+  absl::SleepFor(absl::Milliseconds(50));
+  const bool answered_before_the_frees = answered.load();
+  c.gated_free = false;
+  c.free_gate.Notify();
+  requester.join();
+  releaser.join();
+  EXPECT_FALSE(answered_before_the_frees) << "answered before any buffer was freed: " << status;
+  EXPECT_TRUE(status.ok()) << status;
+  const BufferPoolStats s = pool->stats();
+  EXPECT_EQ(s.timeouts, 0u);
+  EXPECT_EQ(s.idle_releases, 2u);
+  EXPECT_EQ(s.bytes_held, 2048u);
+  EXPECT_EQ(s.bytes_in_use, 0u);
+  EXPECT_EQ(c.live_bytes.load(), 2048);
+}
+
 // Idle releases racing leases, returns, evictions and requests that fail at once or wait: the
 // cap still bounds real memory, no buffer is shared or freed twice, and the counts add up. A
 // request without a deadline that finds the cap full while a release frees buffers outside the
-// lock must fail, not spin on bytes that are on their way out.
+// lock waits for those frees and does not spin on them.
 TEST(BufferPool, ReleaseIdleRacesLeasesSafely) {
   constexpr int kThreads = 8;
   constexpr int kCycles = 1500;

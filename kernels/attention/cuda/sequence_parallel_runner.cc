@@ -41,7 +41,8 @@ struct Lease {
 
 class Runner final : public SequenceParallelRunner {
  public:
-  explicit Runner(std::vector<int> devices) : devices_(std::move(devices)) {}
+  Runner(std::vector<int> devices, size_t pool_bytes)
+      : devices_(std::move(devices)), pool_bytes_(pool_bytes) {}
   ~Runner() override {
     for (size_t g = 0; g < devices_.size(); ++g) {
       cudaSetDevice(devices_[g]);
@@ -106,9 +107,10 @@ class Runner final : public SequenceParallelRunner {
       absl::StatusOr<std::unique_ptr<memory::Allocator>> alloc =
           memory::NewCudaDeviceAllocator(devices_[g]);
       if (!alloc.ok()) return alloc.status();
-      absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool = memory::BufferPool::Create(
-          {absl::StrCat("sequence-parallel cuda:", devices_[g]), free_bytes / 10 * 9},
-          *std::move(alloc));
+      absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool =
+          memory::BufferPool::Create({absl::StrCat("sequence-parallel cuda:", devices_[g]),
+                                      pool_bytes_ > 0 ? pool_bytes_ : free_bytes / 10 * 9},
+                                     *std::move(alloc));
       if (!pool.ok()) return pool.status();
       pools_.push_back(*std::move(pool));
     }
@@ -553,6 +555,7 @@ class Runner final : public SequenceParallelRunner {
   }
 
   std::vector<int> devices_;
+  const size_t pool_bytes_;  // each device pool's cap; 0: 90% of its free memory
   std::vector<cudaStream_t> streams_;
   std::vector<cudaStream_t> copy_streams_;  // per device: O back to the host, part by part
   std::vector<cudaStream_t> in_streams_;    // per device: inputs part by part (no exchange)
@@ -568,9 +571,9 @@ class Runner final : public SequenceParallelRunner {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<SequenceParallelRunner>> SequenceParallelRunner::Create(
-    std::vector<int> devices) {
+    std::vector<int> devices, size_t pool_bytes) {
   if (devices.empty()) return absl::InvalidArgumentError("no devices");
-  auto r = std::make_unique<Runner>(std::move(devices));
+  auto r = std::make_unique<Runner>(std::move(devices), pool_bytes);
   if (absl::Status s = r->Init(); !s.ok()) return s;
   return std::unique_ptr<SequenceParallelRunner>(std::move(r));
 }

@@ -24,8 +24,11 @@ namespace dilattn::attention::cuda {
 class SequenceParallelRunner {
  public:
   // An NCCL communicator over `devices` (distinct CUDA device numbers) and a stream on each.
-  // FAILED_PRECONDITION in a build without CUDA or NCCL, or for a missing device.
-  static absl::StatusOr<std::unique_ptr<SequenceParallelRunner>> Create(std::vector<int> devices);
+  // Each device's buffers come from a pool capped at `pool_bytes` (0: 90% of the memory free on
+  // that device when it is created). FAILED_PRECONDITION in a build without CUDA or NCCL, or for
+  // a missing device.
+  static absl::StatusOr<std::unique_ptr<SequenceParallelRunner>> Create(std::vector<int> devices,
+                                                                        size_t pool_bytes = 0);
   virtual ~SequenceParallelRunner() = default;
 
   virtual int num_devices() const = 0;

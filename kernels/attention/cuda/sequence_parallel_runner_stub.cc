@@ -5,7 +5,7 @@
 namespace dilattn::attention::cuda {
 
 absl::StatusOr<std::unique_ptr<SequenceParallelRunner>> SequenceParallelRunner::Create(
-    std::vector<int>) {
+    std::vector<int>, size_t) {
   return absl::FailedPreconditionError("this build has no CUDA or no NCCL");
 }
 
