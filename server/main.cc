@@ -27,7 +27,7 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --model-repository DIR    directory of <model>/config.pbtxt (default: the built-in models)
   --device D                auto (every GPU, or the CPU without one), cpu, cuda (every GPU),
                             cuda:N or cuda:N,M,... (those GPUs) (auto)
-  --device-pool-mib N       cap of each GPU's buffer pool (0: 90% of its free memory)
+  --device-pool-mib N       cap of each GPU's buffer pools (0: 90% of its free memory)
   --cpu-threads N           CPU backend threads (0: one per hardware thread)
   --host-pool-mib N         cap of the host buffer pool in MiB (16384)
   --pool-idle-release-seconds N
