@@ -31,11 +31,21 @@ size_t Scheduler::queued() const {
 
 void Scheduler::Enqueue(std::unique_ptr<InferenceRequest> request) {
   absl::Status rejection;
+  std::vector<std::unique_ptr<InferenceRequest>> dropped;
   {
     absl::MutexLock lock(&mu_);
+    auto full = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return policy_.max_queue_size > 0 && queued_ >= policy_.max_queue_size;
+    };
+    if (!stopping_ && full()) {
+      // Cancelled and expired requests hold no place: the batcher drops them only when it next
+      // wakes, and a request arriving before that must not be refused for them.
+      SweepLocked(&dropped);
+      if (!dropped.empty()) arrived_.Signal();  // the batcher's head may be gone
+    }
     if (stopping_) {
       rejection = absl::UnavailableError("server is shutting down");
-    } else if (policy_.max_queue_size > 0 && queued_ >= policy_.max_queue_size) {
+    } else if (full()) {
       rejection = absl::UnavailableError("Exceeds maximum queue size");
     } else {
       const int level = std::clamp(request->priority, 1, policy_.priority_levels);
@@ -47,6 +57,7 @@ void Scheduler::Enqueue(std::unique_ptr<InferenceRequest> request) {
       arrived_.Signal();
     }
   }
+  FinishDropped(dropped);
   if (!rejection.ok()) CompleteRequest(std::move(request), rejection);
 }
 

@@ -158,6 +158,9 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
     ([HEADER, attend.pb.AttendRequest()], INVALID, "neither header nor chunk"),
     ([HEADER] + attend.chunks(X, X, X, "FP32", 16, last=32), INVALID,
      "the stream ended after tokens Q 32, K 32, V 32 of 64"),
+    # One token short: the boundary of the same check.
+    ([HEADER] + attend.chunks(X, X, X, "FP32", 16, last=63), INVALID,
+     "the stream ended after tokens Q 63, K 63, V 63 of 64"),
 ])
 def test_bad_streams(server, client, messages, code, needle):
     _expect_error(server, messages, code, needle)
@@ -314,6 +317,32 @@ def test_stream_that_stops_reading_is_ended_and_its_memory_released():
             assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") >= 1, timeout=30)
             # Not reading: the lease must go back within the idle limit and the watchdog's period.
             assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
+            with pytest.raises(grpc.RpcError) as e:
+                for _ in call:
+                    pass
+            assert e.value.code() in (grpc.StatusCode.CANCELLED,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED), e.value.details()
+            outbox.close()
+        assert s.metric("dilattn_native_streams_open") == 0
+    finally:
+        assert s.stop() == 0
+
+
+def test_stream_with_all_input_sent_that_stops_reading_is_ended():
+    # All input sent, so the stream is not waiting for input: only the output the client leaves
+    # unread (64 MB, more than any flow-control window) can make it idle. The server must still
+    # end it after --stream-idle-seconds and give its lease back.
+    s = ServerProcess("--stream-idle-seconds", "1", name="stream-unread-full")
+    try:
+        shape = (1, 65536, 4, 64)
+        q = np.random.default_rng(4).uniform(-1, 1, shape).astype(np.float32)
+        params = {"segment_lengths": "256", "dilation_rates": "1"}
+        outbox = attend.Outbox([attend.header("dilated_attention", shape, "FP32", params)] +
+                               attend.chunks(q, q, q, "FP32", 2048))
+        with grpc.insecure_channel(s.url) as channel:
+            call = attend.stream(channel)(iter(outbox), timeout=60)
+            assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") >= 1, timeout=30)
+            assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") == 0, timeout=20)
             with pytest.raises(grpc.RpcError) as e:
                 for _ in call:
                     pass

@@ -66,6 +66,15 @@ def test_batch_over_max_batch_size(client):
     _expect(client, "INVALID_ARGUMENT", "exceeds max_batch_size 64", inputs=make_inputs(x, x, x))
 
 
+def test_batch_at_max_batch_size_is_accepted(client):
+    # The limit is inclusive: B == max_batch_size (64) runs; 65 is refused (above).
+    x = np.full((64, 4, 1, 4), 0.5, dtype=np.float32)
+    out = client.infer("dilated_attention", make_inputs(x, x, x),
+                       parameters={"segment_lengths": "4", "dilation_rates": "1"}).as_numpy("O")
+    assert out.shape == (64, 4, 1, 4)
+    assert np.allclose(out, 0.5)
+
+
 @pytest.mark.parametrize("params,needle", [
     ({"segment_lengths": "16,32", "dilation_rates": "1"}, "segment_lengths has 2 entries but dilation_rates has 1"),
     ({"segment_lengths": "16,x", "dilation_rates": "1,2"}, "'segment_lengths'='16,x' is not a comma-separated list"),
@@ -115,6 +124,26 @@ def test_byte_count_mismatch(server, client):
         _raw_infer(server, _raw_request(data=GOOD.tobytes()[:-4]))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "has 8188 bytes of data but shape [1,64,2,16] of FP32 needs 8192" in e.value.details()
+    assert client.is_server_live()
+
+
+def test_extra_raw_contents_and_repeated_inputs_are_refused(server, client):
+    # One raw_input_contents more than inputs: refused (as Triton does), not the extra ignored.
+    req = _raw_request()
+    req.raw_input_contents.append(GOOD.tobytes())
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_infer(server, req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "3 inputs but 4 raw_input_contents" in e.value.details()
+    # Q twice, with contents for each: which one would be computed is undefined, so neither is.
+    req = _raw_request()
+    q2 = req.inputs.add(name="Q", datatype="FP32")
+    q2.shape.extend((1, 64, 2, 16))
+    req.raw_input_contents.append((GOOD * 2).tobytes())
+    with pytest.raises(grpc.RpcError) as e:
+        _raw_infer(server, req)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'Q' given twice" in e.value.details()
     assert client.is_server_live()
 
 

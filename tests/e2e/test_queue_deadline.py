@@ -97,6 +97,11 @@ def test_expired_deadline_is_never_computed(repo_server):
 def test_timeout_parameter_expires_in_the_queue(repo_server):
     c = repo_server.client()
     before = _stats(c, "waiting")
+
+    def rejected():
+        return repo_server.metric("nv_inference_request_failure", model="waiting",
+                                  reason="REJECTED")
+    rejected_before = rejected()
     start = time.time()
     with pytest.raises(InferenceServerException) as e:
         c.infer("waiting", make_inputs(X, X, X), timeout=200000)  # microseconds, Triton's unit
@@ -104,6 +109,8 @@ def test_timeout_parameter_expires_in_the_queue(repo_server):
     assert "DEADLINE_EXCEEDED" in str(e.value.status())
     assert "not computed" in e.value.message()
     assert 0.15 < elapsed < 1.4
+    # A timeout in the queue is load turned away (REJECTED), not a fault.
+    assert rejected() == rejected_before + 1
     time.sleep(1.6)
     assert _stats(c, "waiting") == before
 

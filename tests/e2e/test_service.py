@@ -55,8 +55,22 @@ def test_statistics_count_requests(client):
     assert after.execution_count == before.execution_count + 1
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
     assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+
+    # The execution is counted under its batch size in sequences (B=2), as Triton counts it.
+    def batch_count(stats, size):
+        return sum(b.compute_infer.count for b in stats.batch_stats if b.batch_size == size)
+    assert batch_count(after, 2) == batch_count(before, 2) + 1
     all_stats = client.get_inference_statistics()
     assert sorted(s.name for s in all_stats.model_stats) == sorted(MODELS)
+
+
+def test_prometheus_inference_count_counts_sequences(server, client):
+    # nv_inference_count counts inferences, B of them for a request of batch B, as Triton does.
+    before = server.metric("nv_inference_count", model="dilated_attention")
+    q = np.random.default_rng(1).standard_normal((3, 64, 2, 16)).astype(np.float32)
+    client.infer("dilated_attention", make_inputs(q, q, q),
+                 parameters={"segment_lengths": "16,32", "dilation_rates": "1,2"})
+    assert server.metric("nv_inference_count", model="dilated_attention") == before + 3
 
 
 def test_unknown_model_metadata_is_not_found(client):

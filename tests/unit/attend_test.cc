@@ -247,6 +247,20 @@ TEST(RequestTimeout, TheModelsDefaultWhereNoneIsGivenOrOverridesAreRefused) {
   EXPECT_EQ(RequestTimeout(WithQueuePolicy(absl::Seconds(2), false), 5000000), absl::Seconds(2));
 }
 
+// Triton's rules for `priority`: 1..priority_levels as given; 0 and anything beyond the model's
+// levels mean the model's default level (PriorityLevel, shared by KServe requests and the header).
+TEST(PriorityLevel, TheRequestsLevelWithinTheModelsElseItsDefault) {
+  ModelSpec spec = DefaultModels().front();
+  spec.batching.priority_levels = 3;
+  spec.batching.default_priority = 2;
+  EXPECT_EQ(PriorityLevel(spec, 1), 1);
+  EXPECT_EQ(PriorityLevel(spec, 2), 2);
+  EXPECT_EQ(PriorityLevel(spec, 3), 3);  // the lowest level is a level, not "beyond"
+  EXPECT_EQ(PriorityLevel(spec, 0), 2);
+  EXPECT_EQ(PriorityLevel(spec, 4), 2);
+  EXPECT_EQ(PriorityLevel(spec, std::numeric_limits<uint64_t>::max()), 2);
+}
+
 // The default models on a small CPU engine, for the header's checks.
 class AttendHeaderTimeout : public ::testing::Test {
  protected:

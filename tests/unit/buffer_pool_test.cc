@@ -366,6 +366,26 @@ TEST(BufferPool, ReuseTakesTheMostRecentlyReturnedBuffer) {
   EXPECT_NE(kept->data(), first);
 }
 
+// A waiter is served when a lease comes back, not at its deadline's last look.
+TEST(BufferPool, AReturnWakesAWaiterLongBeforeItsDeadline) {
+  CountingAllocator::Counters c;
+  auto pool = MakePool(&c, 4096);
+  absl::StatusOr<Buffer> held = pool->Acquire(4096);
+  ASSERT_TRUE(held.ok());
+  std::thread releaser([&] {
+    absl::SleepFor(absl::Milliseconds(30));
+    held->Release();
+  });
+  const absl::Time start = absl::Now();
+  absl::StatusOr<Buffer> got = pool->Acquire(2048, start + absl::Seconds(10));
+  const absl::Duration waited = absl::Now() - start;
+  releaser.join();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_LT(waited, absl::Seconds(3));
+  EXPECT_EQ(pool->stats().waits, 1u);
+  EXPECT_EQ(pool->stats().timeouts, 0u);
+}
+
 // The cap is full only of buffers an idle release is still freeing outside the lock: a request
 // that may not wait gets its buffer once they are freed, rather than RESOURCE_EXHAUSTED for
 // memory that is on its way out (the engine's idle look must not fail a stream's lease).

@@ -160,6 +160,27 @@ class IdleRecordingExecutor final : public Executor {
   const absl::Duration job_time_;
 };
 
+// A CPU-like executor (it computes in Start) whose jobs take a while; counts the requests it ran.
+class SlowExecutor final : public Executor {
+ public:
+  SlowExecutor(memory::BufferPool* pool, std::atomic<int>* ran) : pool_(pool), ran_(ran) {}
+  std::string name() const override { return "slow"; }
+  int cuda_device() const override { return -1; }
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest&) const override { return PlanFacts{}; }
+  std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
+  memory::BufferPool& staging_pool() override { return *pool_; }
+  absl::Status Start(Job& job) override {
+    absl::SleepFor(absl::Milliseconds(300));
+    ran_->fetch_add(static_cast<int>(job.requests.size()));
+    return absl::OkStatus();
+  }
+  absl::Status Wait(Job&) override { return absl::OkStatus(); }
+
+ private:
+  memory::BufferPool* const pool_;
+  std::atomic<int>* const ran_;
+};
+
 // Takes requests of at least 100 tokens; checks, while it runs one, that no executor runs a job.
 // Has a pool of its own, as the sequence-parallel runner has one per GPU.
 class RecordingGang final : public GangRunner {
@@ -495,6 +516,106 @@ TEST_F(EngineThreads, OnlyDynamicBatchingJoinsRequests) {
     model_.reset();
     engine_.reset();
   }
+}
+
+// A batch fills up to max_batch_size sequences exactly, and to no more than max_batch_tokens
+// tokens: the long queue delay means each batch forms only when the next request would not fit.
+TEST_F(EngineThreads, BatchesFillUpToTheirLimitsAndNoFurther) {
+  struct Case {
+    const char* batching;
+    int64_t seq_len;
+    int widest;
+  };
+  const Case kCases[] = {
+      {"max_batch_size: 4 dynamic_batching { max_queue_delay_microseconds: 10000000 }", 1, 4},
+      {R"pb(max_batch_size: 8
+            dynamic_batching { max_queue_delay_microseconds: 10000000 }
+            parameters {
+              key: "max_batch_tokens"
+              value { string_value: "300" }
+            })pb",
+       100, 3},
+  };
+  for (const Case& c : kCases) {
+    SCOPED_TRACE(c.batching);
+    log_.jobs = 0;
+    log_.widest = 0;
+    ok_ = 0;
+    Start({0}, false, c.batching);
+    for (int i = 0; i < 12; ++i) {
+      std::unique_ptr<InferenceRequest> r = Request(model_.get());
+      r->seq_len = c.seq_len;
+      model_->scheduler().Enqueue(std::move(r));
+    }
+    // Every batch but the last is full by the twelfth request, so they run long before the
+    // queue delay; the last one runs at the shutdown.
+    EXPECT_TRUE(WaitFor([&] { return ok_.load() >= 12 - c.widest; }, absl::Seconds(5)));
+    model_->scheduler().Shutdown();
+    engine_->Shutdown();
+    EXPECT_EQ(ok_.load(), 12);
+    EXPECT_EQ(log_.widest.load(), c.widest);
+    EXPECT_EQ(log_.jobs.load(), 12 / c.widest);
+    model_.reset();
+    engine_.reset();
+  }
+}
+
+// A full queue of cancelled requests refuses nothing: the batcher, waiting out a long queue
+// delay, has not dropped them yet, so the request arriving makes room by dropping them itself.
+TEST_F(EngineThreads, CancelledRequestsHoldNoPlaceInAFullQueue) {
+  Start({0}, false,
+        "max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: 10000000 "
+        "default_queue_policy { max_queue_size: 2 } }");
+  std::vector<std::shared_ptr<std::atomic<bool>>> cancels;
+  for (int i = 0; i < 2; ++i) {
+    std::unique_ptr<InferenceRequest> r = Request(model_.get());
+    cancels.push_back(r->cancelled);
+    model_->scheduler().Enqueue(std::move(r));
+  }
+  ASSERT_EQ(model_->scheduler().queued(), 2u);
+  for (const auto& c : cancels) *c = true;
+  model_->scheduler().Enqueue(Request(model_.get()));
+  EXPECT_EQ(failed_.load(), 2) << "the cancelled ones, answered CANCELLED";
+  EXPECT_EQ(model_->scheduler().queued(), 1u) << "the new request was refused";
+  model_->scheduler().Shutdown();
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 1);
+  EXPECT_EQ(failed_.load(), 2);
+}
+
+// A batch handed to the engine waits behind the job running on its device; a request whose
+// timeout passes meanwhile is answered DEADLINE_EXCEEDED and never computed (Engine::MakeJob).
+TEST_F(EngineThreads, ARequestThatExpiresBehindARunningJobIsNeverComputed) {
+  std::atomic<int> ran{0};
+  StartWith(std::make_unique<SlowExecutor>(pool_.get(), &ran), absl::ZeroDuration());
+  absl::Mutex mu;
+  absl::Status late_status;
+  absl::Notification late_done;
+  auto submit = [&](absl::Time deadline, bool late) {
+    auto r = std::make_unique<InferenceRequest>();
+    r->model = model_.get();
+    r->batch = 1;
+    r->seq_len = 1;
+    r->deadline = deadline;
+    r->done = [&, late](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
+      if (!late) return;
+      absl::MutexLock lock(&mu);
+      late_status = s;
+      late_done.Notify();
+    };
+    ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
+    Batch batch;
+    batch.model = model_.get();
+    batch.requests.push_back(std::move(r));
+    engine_->Submit(std::move(batch));
+  };
+  submit(absl::InfiniteFuture(), false);
+  submit(absl::Now() + absl::Milliseconds(100), true);  // queued behind the 300 ms job
+  ASSERT_TRUE(late_done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  engine_->Shutdown();
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(late_status.code(), absl::StatusCode::kDeadlineExceeded) << late_status;
+  EXPECT_EQ(ran.load(), 1);
 }
 
 // Block-sparse requests are checked alone against the cap on kept block pairs, which the plan of

@@ -148,6 +148,18 @@ TEST(SharedMemory, RefusesAnObjectShrunkAfterRegistration) {
   EXPECT_THAT(s.message(), HasSubstr("has shrunk below the registered range"));
 }
 
+// The same for a region that starts inside its object: what must stay backed is the registered
+// range, offset included, not just byte_size bytes from the object's start.
+TEST(SharedMemory, RefusesAnObjectShrunkBelowARangeAtAnOffset) {
+  ShmObject object(8192);
+  SharedMemoryManager m({});
+  ASSERT_TRUE(m.RegisterSystem("r", object.key(), 4096, 4096).ok());
+  object.Truncate(6000);  // more than byte_size, less than offset + byte_size
+  absl::Status s = m.Resolve("r", 0, 16, "input 'Q'").status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(s.message(), HasSubstr("has shrunk below the registered range"));
+}
+
 // The object shrinks after the range was resolved: copies from and to the mapping past its new
 // end fail by name (the CPU would take SIGBUS there), again and again, and from any thread,
 // while the bytes still backed copy as before. Unrelated SIGBUS is not swallowed (the death
