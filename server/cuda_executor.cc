@@ -148,8 +148,7 @@ class CudaExecutor final : public Executor {
         !s.ok()) {
       return s;
     }
-    const size_t device_cap =
-        options_.device_pool_bytes > 0 ? options_.device_pool_bytes : free_bytes / 10 * 9;
+    const size_t device_cap = memory::DevicePoolCap(options_.device_pool_bytes, free_bytes);
     absl::StatusOr<std::unique_ptr<memory::Allocator>> device_alloc =
         memory::NewCudaDeviceAllocator(device_);
     if (!device_alloc.ok()) return device_alloc.status();

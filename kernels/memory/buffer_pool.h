@@ -27,6 +27,12 @@ struct BufferPoolOptions {
   size_t byte_cap = size_t{1} << 30;  // memory held, leased plus cached, never exceeds this
 };
 
+// A GPU pool's cap (--device-pool-mib): `requested` bytes, or for 0, 90% of the memory free on
+// the device when the pool is made, leaving room for the CUDA context's own allocations.
+inline size_t DevicePoolCap(size_t requested, size_t device_free_bytes) {
+  return requested > 0 ? requested : device_free_bytes / 10 * 9;
+}
+
 struct BufferPoolStats {
   uint64_t bytes_in_use = 0;       // size classes currently leased
   uint64_t bytes_held = 0;         // leased plus cached

@@ -109,7 +109,7 @@ class Runner final : public SequenceParallelRunner {
       if (!alloc.ok()) return alloc.status();
       absl::StatusOr<std::unique_ptr<memory::BufferPool>> pool =
           memory::BufferPool::Create({absl::StrCat("sequence-parallel cuda:", devices_[g]),
-                                      pool_bytes_ > 0 ? pool_bytes_ : free_bytes / 10 * 9},
+                                      memory::DevicePoolCap(pool_bytes_, free_bytes)},
                                      *std::move(alloc));
       if (!pool.ok()) return pool.status();
       pools_.push_back(*std::move(pool));
@@ -555,7 +555,7 @@ class Runner final : public SequenceParallelRunner {
   }
 
   std::vector<int> devices_;
-  const size_t pool_bytes_;  // each device pool's cap; 0: 90% of its free memory
+  const size_t pool_bytes_;  // each device pool's cap, as DevicePoolCap takes it
   std::vector<cudaStream_t> streams_;
   std::vector<cudaStream_t> copy_streams_;  // per device: O back to the host, part by part
   std::vector<cudaStream_t> in_streams_;    // per device: inputs part by part (no exchange)

@@ -24,9 +24,9 @@ namespace dilattn::attention::cuda {
 class SequenceParallelRunner {
  public:
   // An NCCL communicator over `devices` (distinct CUDA device numbers) and a stream on each.
-  // Each device's buffers come from a pool capped at `pool_bytes` (0: 90% of the memory free on
-  // that device when it is created). FAILED_PRECONDITION in a build without CUDA or NCCL, or for
-  // a missing device.
+  // Each device's buffers come from a pool capped at memory::DevicePoolCap(pool_bytes, the memory
+  // free on that device when it is created). FAILED_PRECONDITION in a build without CUDA or NCCL,
+  // or for a missing device.
   static absl::StatusOr<std::unique_ptr<SequenceParallelRunner>> Create(std::vector<int> devices,
                                                                         size_t pool_bytes = 0);
   virtual ~SequenceParallelRunner() = default;
@@ -41,9 +41,9 @@ class SequenceParallelRunner {
   virtual void ReleaseCachedMemory() = 0;
   // Device bytes the last Run leased on each GPU (tensors, exchange buffers, tile tables).
   virtual std::vector<size_t> LastRunDeviceBytes() const = 0;
-  // The cap of each GPU's pool (90% of its free memory when the runner was made): a run whose
-  // leases (SequenceParallelLeases, rounded to the pool's size classes) pass it cannot run. Any
-  // thread.
+  // The cap of each GPU's pool (`pool_bytes`, or 90% of its free memory when the runner was
+  // made): a run whose leases (SequenceParallelLeases, rounded to the pool's size classes) pass
+  // it cannot run. Any thread.
   virtual std::vector<size_t> PoolCaps() const = 0;
   // Each GPU's pool ("sequence-parallel cuda:N"), for its statistics; they live as long as the
   // runner. Any thread.
