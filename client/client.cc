@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "grpcpp/create_channel.h"
+#include "kernels/common/clock.h"
 
 namespace dilattn::client {
 namespace {
@@ -406,7 +407,7 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
   grpc::ClientContext ctx;
   SetDeadline(&ctx, options.timeout);
   auto stream = attend_->Attend(&ctx);
-  const absl::Time start = absl::Now();
+  const absl::Time start = MonotonicNow();
   Tensor out;
   out.dtype = q.dtype;
   out.shape = q.shape;
@@ -424,7 +425,7 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
         continue;
       }
       const auto& chunk = r.output();
-      if (at == 0) seen.first_output = absl::Now() - start;
+      if (at == 0) seen.first_output = MonotonicNow() - start;
       if (chunk.token() != at || chunk.data().size() % token_bytes != 0 ||
           chunk.data().size() > out.bytes.size() - static_cast<size_t>(at) * token_bytes) {
         read_status = absl::InternalError(absl::StrCat("output chunk at token ", chunk.token(),
@@ -463,7 +464,7 @@ absl::StatusOr<Tensor> Client::Attend(const AttendOptions& options, const Tensor
   if (cancelled_here) return read_status;
   if (!end.ok()) return FromGrpc(end);
   if (!read_status.ok()) return read_status;
-  seen.total = absl::Now() - start;
+  seen.total = MonotonicNow() - start;
   if (stats != nullptr) *stats = seen;
   return out;
 }

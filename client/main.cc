@@ -27,11 +27,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "absl/time/clock.h"
 #include "client/client.h"
+#include "kernels/common/clock.h"
 
 namespace {
 
+using dilattn::MonotonicNow;
 using dilattn::client::Client;
 using dilattn::client::InferOptions;
 using dilattn::client::Tensor;
@@ -250,9 +251,9 @@ int InferOnce(Client& c, const Flags& f) {
     std::cerr << "infer: " << in.status() << "\n";
     return 2;
   }
-  const absl::Time start = absl::Now();
+  const absl::Time start = MonotonicNow();
   absl::StatusOr<Tensor> out = c.Infer(in->options, in->named());
-  const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+  const double ms = absl::ToDoubleMilliseconds(MonotonicNow() - start);
   if (!out.ok()) {
     std::cerr << "infer failed: " << out.status() << "\n";
     return 1;

@@ -14,8 +14,8 @@
 #endif
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "kernels/attention/cpu/tile_runner.h"
+#include "kernels/common/clock.h"
 #include "kernels/memory/allocator.h"
 #include "server/executor.h"
 
@@ -33,7 +33,7 @@ class CpuExecutor final : public Executor {
         sparse_(std::move(sparse)),
         multihead_(std::move(multihead)),
         pool_(std::move(pool)),
-        trim_heap_(pool_->allocator_name() == "host") {}
+        trim_heap_(pool_->on_malloc_heap()) {}
 
   std::string name() const override { return std::string(dilated_->name()); }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_.get()}; }
@@ -144,7 +144,7 @@ class CpuExecutor final : public Executor {
       }
       for (int t = 0; t < inputs; ++t) in[t] = r.tensor(t).data();
     }
-    const absl::Time copied_in = absl::Now();
+    const absl::Time copied_in = MonotonicNow();
     job.compute_input = copied_in - job.start;
     const attention::TensorRef workspace{ws->data(), ws->size(), host};
     // A job whose every request was cancelled (its clients gone, their deadlines past, or the
@@ -170,7 +170,7 @@ class CpuExecutor final : public Executor {
                               workspace);
         break;
     }
-    const absl::Time computed = absl::Now();
+    const absl::Time computed = MonotonicNow();
     job.compute_infer = computed - copied_in;
     if (!run.ok()) return run;
     if (all_cancelled()) {
@@ -190,7 +190,7 @@ class CpuExecutor final : public Executor {
         at += r->tensor_bytes;
       }
     }
-    job.compute_output = absl::Now() - computed;
+    job.compute_output = MonotonicNow() - computed;
     return absl::OkStatus();
   }
 

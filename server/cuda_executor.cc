@@ -13,8 +13,8 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "kernels/attention/cuda/launch.h"
+#include "kernels/common/clock.h"
 #include "kernels/memory/allocator.h"
 #include "server/executor.h"
 #include "server/log.h"
@@ -361,7 +361,7 @@ class CudaExecutor final : public Executor {
                "copy to host");
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->done, stream), "event");
-    state->host_work = absl::Now() - job.start;
+    state->host_work = MonotonicNow() - job.start;
     FinishStart(job, std::move(state), *std::move(flag), dev);
     if (!s.ok()) {
       cudaStreamSynchronize(stream);
@@ -532,7 +532,7 @@ class CudaExecutor final : public Executor {
       if (s.ok() && i == 0) s = Cuda(cudaEventRecord(state.copied, copy_in_), "event");
       return s;
     };
-    state.host_work = absl::Now() - r.job.start;
+    state.host_work = MonotonicNow() - r.job.start;
     absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
     if (s.ok() && r.convert) {
       s = Cuda(cudaMemsetAsync(r.flags(), 0, sizeof(int), copy_in_), "memset");

@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "absl/time/clock.h"
+#include "kernels/common/clock.h"
 #include "kernels/common/quote.h"
 #include "kernels/memory/allocator.h"
 #include "server/log.h"
@@ -156,7 +156,7 @@ Engine::~Engine() { Shutdown(); }
 bool Engine::AcquireSlot(absl::Time deadline) {
   absl::MutexLock lock(&mu_);
   auto ready = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return free_slots_ > 0 || stopping_; };
-  mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
+  AwaitUntil(mu_, absl::Condition(&ready), deadline);
   if (stopping_ || free_slots_ == 0) return false;
   --free_slots_;
   return true;
@@ -236,7 +236,7 @@ void Engine::Loop(Executor& executor) {
   // look, only delays it to the next idle moment: short gaps between jobs still reach it.
   const absl::Duration look_every = idle_release_ / 2;
   absl::Time next_look =
-      idle_release_ > absl::ZeroDuration() ? absl::Now() + look_every : absl::InfiniteFuture();
+      idle_release_ > absl::ZeroDuration() ? MonotonicNow() + look_every : absl::InfiniteFuture();
   while (true) {
     std::unique_ptr<Batch> next;
     bool idle = false, release = false;
@@ -247,7 +247,7 @@ void Engine::Loop(Executor& executor) {
           return HasWorkFor(executor) || (stopping_ && queue_.empty());
         };
         // Work and shutdown still wake it at once.
-        if (!mu_.AwaitWithDeadline(absl::Condition(&ready), next_look)) {
+        if (!AwaitUntil(mu_, absl::Condition(&ready), next_look)) {
           idle = true;
           // Not while a gang run holds every GPU: a cudaFree would wait for it (and the run
           // trims the executors' device pools itself). Counted as a job, so that a gang run
@@ -266,10 +266,10 @@ void Engine::Loop(Executor& executor) {
     if (idle) {
       // Outside the lock, and with no job of this executor in flight: cudaFree synchronizes.
       if (release) {
-        executor.ReleaseIdleMemory(absl::Now() - idle_release_);
+        executor.ReleaseIdleMemory(MonotonicNow() - idle_release_);
         JobsDone(1);
       }
-      next_look = absl::Now() + look_every;
+      next_look = MonotonicNow() + look_every;
       continue;
     }
     if (next != nullptr && next->gang) {
@@ -334,7 +334,7 @@ std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,
     // The pools may be full of the previous job's buffers, which come back once it is done.
     FinishJob(executor, std::move(in_flight));
     JobsDone(1);
-    job->start = absl::Now();
+    job->start = MonotonicNow();
     job->may_wait = true;
     s = Guarded([&] { return executor.Start(*job); });
   }
@@ -355,7 +355,7 @@ std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,
 std::unique_ptr<Job> Engine::MakeJob(Batch batch) {
   auto job = std::make_unique<Job>();
   job->model = batch.model;
-  job->start = absl::Now();
+  job->start = MonotonicNow();
   // Last look before computing: whatever was cancelled or expired since it was queued leaves now.
   for (auto& r : batch.requests) {
     if (r->cancelled->load()) {

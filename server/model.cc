@@ -1,6 +1,6 @@
 #include "server/model.h"
 
-#include "absl/time/clock.h"
+#include "kernels/common/clock.h"
 #include "server/engine.h"
 #include "server/metrics.h"
 
@@ -26,7 +26,7 @@ FailureReason FailureReasonFor(absl::StatusCode code) {
 
 void CountRefusedRequest(Model* model, absl::Time arrival, const absl::Status& status) {
   if (model != nullptr && !status.ok()) {
-    model->stats().RequestFailed(absl::Now() - arrival, FailureReasonFor(status.code()));
+    model->stats().RequestFailed(MonotonicNow() - arrival, FailureReasonFor(status.code()));
   }
 }
 
@@ -38,7 +38,7 @@ Model::Model(ModelSpec spec, Engine* engine, Metrics* metrics)
 
 void CompleteRequest(std::unique_ptr<InferenceRequest> request, const absl::Status& status,
                      const RequestTimings& timings) {
-  const absl::Duration total = absl::Now() - request->arrival;
+  const absl::Duration total = MonotonicNow() - request->arrival;
   if (request->model != nullptr) {
     ModelStats& stats = request->model->stats();
     if (status.ok()) {

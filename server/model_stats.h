@@ -16,8 +16,8 @@
 
 namespace dilattn::server {
 
-// Durations are differences of absl::Now(), a wall clock: one that a clock step made negative
-// counts as zero, so that totals and counters never fall.
+// Durations are differences of MonotonicNow() (kernels/common/clock.h), so none should be
+// negative; the counters are unsigned, and this keeps one that is from wrapping a total.
 inline absl::Duration NonNegative(absl::Duration d) { return std::max(d, absl::ZeroDuration()); }
 
 class ModelStats {

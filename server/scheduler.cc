@@ -3,8 +3,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "kernels/block_sparse/block_sparse.h"
+#include "kernels/common/clock.h"
 #include "server/engine.h"
 #include "server/model.h"
 
@@ -49,7 +49,7 @@ void Scheduler::Enqueue(std::unique_ptr<InferenceRequest> request) {
       rejection = absl::UnavailableError("Exceeds maximum queue size");
     } else {
       const int level = std::clamp(request->priority, 1, policy_.priority_levels);
-      request->enqueued = absl::Now();
+      request->enqueued = MonotonicNow();
       queues_[static_cast<size_t>(level - 1)].push_back(std::move(request));
       ++queued_;
       // The gauge moves under mu_ with the queue, so a scrape reads the queue as it is.
@@ -85,7 +85,7 @@ InferenceRequest* Scheduler::HeadLocked() {
 }
 
 absl::Time Scheduler::SweepLocked(std::vector<std::unique_ptr<InferenceRequest>>* dropped) {
-  const absl::Time now = absl::Now();
+  const absl::Time now = MonotonicNow();
   absl::Time earliest = absl::InfiniteFuture();
   for (auto& q : queues_) {
     for (auto it = q.begin(); it != q.end();) {
@@ -165,8 +165,8 @@ bool Scheduler::AwaitReadyBatch() {
           continue;
         }
         const absl::Time ready_at = ExtentLocked(*head).ready_at;
-        if (absl::Now() >= ready_at) return true;
-        arrived_.WaitWithDeadline(&mu_, std::min(ready_at, earliest_deadline));
+        if (MonotonicNow() >= ready_at) return true;
+        WaitUntil(arrived_, &mu_, std::min(ready_at, earliest_deadline));
       }
     }
     FinishDropped(dropped);
@@ -182,7 +182,7 @@ void Scheduler::Loop() {
     // While waiting, keep rejecting requests whose time runs out.
     bool have_slot = false;
     while (!have_slot) {
-      have_slot = engine_->AcquireSlot(absl::Now() + kSweepInterval);
+      have_slot = engine_->AcquireSlot(MonotonicNow() + kSweepInterval);
       std::vector<std::unique_ptr<InferenceRequest>> dropped;
       bool empty;
       {
@@ -210,7 +210,7 @@ void Scheduler::Loop() {
       // cancelled); a new head that is not ready yet waits again, without the slot.
       if (head != nullptr) {
         const Extent e = ExtentLocked(*head);
-        if (absl::Now() >= e.ready_at) {
+        if (MonotonicNow() >= e.ready_at) {
           // The same walk as ExtentLocked, now moving the requests out.
           const std::string key = head->batch_key;
           int64_t taken = 0;

@@ -8,10 +8,10 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/time/clock.h"
 #include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/cuda/sequence_parallel_runner.h"
 #include "kernels/attention/sequence_parallel.h"
+#include "kernels/common/clock.h"
 #include "server/executor.h"
 #include "server/log.h"
 
@@ -83,14 +83,14 @@ class SequenceParallelGang final : public GangRunner {
     }
     const DeviceLoc host = DeviceLoc::Host();
     const size_t bytes = r.tensor_bytes;
-    const absl::Time begin = absl::Now();
+    const absl::Time begin = MonotonicNow();
     absl::Status s = runner_->Run(*plan, {{r.q.data(), bytes, host},
                                           {r.k.data(), bytes, host},
                                           {r.v.data(), bytes, host},
                                           {out, bytes, host}});
     // The copies in and out are inside the runner's time: all of it counts as compute.
     job.compute_input = begin - job.start;
-    job.compute_infer = absl::Now() - begin;
+    job.compute_infer = MonotonicNow() - begin;
     job.on_host = true;
     if (s.ok()) {
       LogInfo(

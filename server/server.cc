@@ -1,10 +1,13 @@
 #include "server/server.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server_builder.h"
+#include "kernels/common/clock.h"
 #include "server/log.h"
 
 namespace dilattn::server {
@@ -102,13 +105,17 @@ void Server::Shutdown() {
   // stretches, a ModelStreamInfer client's next request) are still scheduled. Only then does
   // gRPC shut down (rpc_gate.h says why not at once); past the grace period it cancels what is
   // left, and the schedulers, then the engine, stop once everything they hold is done.
-  const absl::Time grace_end = absl::Now() + options_.grace_period;
+  const absl::Time grace_end = MonotonicNow() + options_.grace_period;
   if (registry_ != nullptr) registry_->Flush();
   if (const int running = gate_.Drain(grace_end); running > 0) {
     LogWarning("dilattn-server: %d RPC(s) still running after the grace period; cancelling them",
                running);
   }
-  if (grpc_ != nullptr) grpc_->Shutdown(absl::ToChronoTime(grace_end));
+  if (grpc_ != nullptr) {
+    // gRPC takes its deadline on the wall clock.
+    const absl::Duration left = std::max(grace_end - MonotonicNow(), absl::ZeroDuration());
+    grpc_->Shutdown(absl::ToChronoTime(absl::Now() + left));
+  }
   if (registry_ != nullptr) registry_->Shutdown();
   if (engine_ != nullptr) engine_->Shutdown();
   LogInfo("dilattn-server: shut down");

@@ -15,6 +15,8 @@ class Allocator {
   virtual ~Allocator() = default;
   virtual DeviceLoc location() const = 0;
   virtual std::string name() const = 0;  // "host", "pinned-host", "cuda:0"
+  // Whether its memory comes from the C heap, whose freed pages malloc_trim hands back.
+  virtual bool on_malloc_heap() const { return false; }
   virtual absl::StatusOr<void*> Allocate(size_t bytes) = 0;
   virtual void Free(void* ptr, size_t bytes) = 0;
 };

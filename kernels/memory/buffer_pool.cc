@@ -9,7 +9,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/time/clock.h"
+#include "kernels/common/clock.h"
 
 namespace dilattn::memory {
 namespace internal {
@@ -73,7 +73,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
         waited = true;
         ++stats_.waits;
       }
-      if (deadline <= absl::Now() || returned_.WaitWithDeadline(&mu_, deadline)) {
+      if (WaitUntil(returned_, &mu_, deadline)) {
         // Out of time; one last look in case the wake-up raced the deadline.
         if (stats_.bytes_held + size <= options_.byte_cap ||
             (free_.count(size) != 0 && !free_[size].empty()) || CachedBytes() > 0) {
@@ -99,7 +99,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
   }
 
   void Return(void* p, size_t size) {
-    const absl::Time now = absl::Now();
+    const absl::Time now = MonotonicNow();
     absl::MutexLock lock(&mu_);
     free_[size].push_back({p, now});
     stats_.bytes_in_use -= size;
@@ -159,7 +159,7 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
 
   const BufferPoolOptions& options() const { return options_; }
   DeviceLoc location() const { return allocator_->location(); }
-  std::string allocator_name() const { return allocator_->name(); }
+  bool on_malloc_heap() const { return allocator_->on_malloc_heap(); }
 
  private:
   void Lease(size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -250,7 +250,7 @@ absl::StatusOr<Buffer> BufferPool::Acquire(size_t bytes, absl::Time deadline) {
 BufferPoolStats BufferPool::stats() const { return core_->stats(); }
 DeviceLoc BufferPool::location() const { return core_->location(); }
 const std::string& BufferPool::name() const { return core_->options().name; }
-std::string BufferPool::allocator_name() const { return core_->allocator_name(); }
+bool BufferPool::on_malloc_heap() const { return core_->on_malloc_heap(); }
 size_t BufferPool::byte_cap() const { return core_->options().byte_cap; }
 void BufferPool::Trim() { core_->Trim(); }
 size_t BufferPool::ReleaseIdle(absl::Time cutoff) { return core_->ReleaseIdle(cutoff); }

@@ -92,22 +92,23 @@ class BufferPool {
   ~BufferPool();
 
   // A lease of at least `bytes`. If the cap leaves no room, waits for other leases to return
-  // until `deadline` (the default never waits), then RESOURCE_EXHAUSTED. A request larger than
-  // the cap fails at once. bytes == 0 is INVALID_ARGUMENT.
+  // until `deadline` (monotonic, kernels/common/clock.h; the default never waits), then
+  // RESOURCE_EXHAUSTED. A request larger than the cap fails at once. bytes == 0 is
+  // INVALID_ARGUMENT.
   absl::StatusOr<Buffer> Acquire(size_t bytes, absl::Time deadline = absl::InfinitePast());
 
   BufferPoolStats stats() const;
   DeviceLoc location() const;
   const std::string& name() const;
-  std::string allocator_name() const;  // "host", "pinned-host", "cuda:N", ...
+  bool on_malloc_heap() const;  // its allocator's (Allocator::on_malloc_heap)
   size_t byte_cap() const;
 
   // Frees every cached (not leased) buffer.
   void Trim();
 
-  // Frees every cached buffer returned before `cutoff`; returns the bytes freed. Acquire reuses
-  // the most recently returned buffer of a class, so buffers a workload no longer needs age out
-  // while those it keeps reusing stay. Leases are never touched. Any thread.
+  // Frees every cached buffer returned before `cutoff` (monotonic); returns the bytes freed.
+  // Acquire reuses the most recently returned buffer of a class, so buffers a workload no longer
+  // needs age out while those it keeps reusing stay. Leases are never touched. Any thread.
   size_t ReleaseIdle(absl::Time cutoff);
 
   // The size class a request of `bytes` is rounded up to; 0 when that overflows.

@@ -12,6 +12,7 @@ class HostAllocator final : public Allocator {
  public:
   DeviceLoc location() const override { return DeviceLoc::Host(); }
   std::string name() const override { return "host"; }
+  bool on_malloc_heap() const override { return true; }
 
   absl::StatusOr<void*> Allocate(size_t bytes) override {
     const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;

@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/time/clock.h"
+#include "kernels/common/clock.h"
 #include "kernels/common/quote.h"
 #include "server/grpc/infer_parser.h"
 #include "server/grpc/inference_service.h"
@@ -213,7 +213,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     {
       absl::MutexLock lock(&mu_);
       in_read_ = true;  // no Finish until this reaction has decided on its next read
-      last_read_ = absl::Now();
+      last_read_ = MonotonicNow();
     }
     if (ok) {
       absl::StatusOr<AttendBytes> message = AttendBytes::Parse(incoming_);
@@ -283,7 +283,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       absl::MutexLock lock(&mu_);
       if (header_seen_) return Invalid("a second header; one stream carries one problem");
     }
-    const absl::Time arrival = absl::Now();
+    const absl::Time arrival = MonotonicNow();
     absl::StatusOr<Model*> model = registry_->Find(header.model(), "");
     if (!model.ok()) return model.status();
     absl::StatusOr<Problem> p = ParseHeader(header, *model);
@@ -378,7 +378,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     r->output_target = {Tensor(3) + at, -1};
     // A stretch arrives when its input is complete: like a KServe request, it has the timeout
     // from then on, within the call's deadline.
-    r->arrival = absl::Now();
+    r->arrival = MonotonicNow();
     r->deadline = std::min(rpc_deadline_, r->arrival + problem_.timeout);
     r->cancelled = cancelled_;
     ++refs_;  // the request's completion may run after gRPC is done with the stream
@@ -459,7 +459,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       }
       if (action == kWrite) {
         writing_ = true;
-        write_started_ = absl::Now();
+        write_started_ = MonotonicNow();
       }
     }
     // Only the one write in flight touches outgoing_, and computed output no longer changes; its
@@ -506,7 +506,7 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   bool in_read_ ABSL_GUARDED_BY(mu_) = false;
   absl::Time write_started_ ABSL_GUARDED_BY(mu_);  // of the write in flight (writing_)
   int refs_ ABSL_GUARDED_BY(mu_) = 1;  // gRPC's, dropped in OnDone, and one per request
-  absl::Time last_read_ ABSL_GUARDED_BY(mu_) = absl::Now();
+  absl::Time last_read_ ABSL_GUARDED_BY(mu_) = MonotonicNow();
 };
 
 }  // namespace internal
@@ -573,10 +573,10 @@ void AttendService::WatchIdleStreams() {
     {
       absl::MutexLock lock(&watch_mu_);
       auto stop = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_; };
-      if (watch_mu_.AwaitWithTimeout(absl::Condition(&stop), tick)) return;
+      if (AwaitUntil(watch_mu_, absl::Condition(&stop), MonotonicNow() + tick)) return;
       // A reactor leaves the set in its destructor, under this lock, so every one here is
       // alive; the reference taken keeps it so after the lock is released.
-      const absl::Time cutoff = absl::Now() - idle_timeout_;
+      const absl::Time cutoff = MonotonicNow() - idle_timeout_;
       for (internal::AttendReactor* r : streams_) {
         if (r->RefIfIdleSince(cutoff)) idle.push_back(r);
       }

@@ -6,8 +6,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "absl/time/clock.h"
 #include "grpcpp/support/proto_buffer_writer.h"
+#include "kernels/common/clock.h"
 #include "server/grpc/infer_parser.h"
 #include "server/grpc/wire.h"
 
@@ -95,7 +95,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       ++pending_;
     }
     auto item = std::make_unique<Item>();
-    const absl::Time arrival = absl::Now();
+    const absl::Time arrival = MonotonicNow();
     absl::StatusOr<RequestBytes> raw = RequestBytes::Split(incoming_, &item->request);
     incoming_.Clear();
     // Decided once incoming_ is free again: OnWriteDone may start the paused read at once.
@@ -262,7 +262,7 @@ absl::Time RpcDeadline(const grpc::CallbackServerContext& ctx) {
   if (deadline >= std::chrono::system_clock::now() + std::chrono::hours(24 * 365 * 100)) {
     return absl::InfiniteFuture();
   }
-  return absl::FromChrono(deadline);
+  return MonotonicFromWall(absl::FromChrono(deadline));
 }
 
 grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerContext* ctx,
@@ -423,7 +423,7 @@ grpc::ServerUnaryReactor* InferenceService::CudaSharedMemoryUnregister(
 grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerContext* ctx,
                                                        const grpc::ByteBuffer* request,
                                                        grpc::ByteBuffer* response) {
-  const absl::Time arrival = absl::Now();
+  const absl::Time arrival = MonotonicNow();
   absl::StatusOr<RpcGate::Pass> pass = gate_->Enter();
   if (!pass.ok()) {
     auto* refused = new InferReactor(response, RpcGate::Pass());

@@ -97,7 +97,8 @@ class InferenceService final : public InferenceServiceBase {
 
 grpc::Status ToGrpcStatus(const absl::Status& status);
 
-// The RPC's deadline as an absl::Time (InfiniteFuture when the client set none).
+// The RPC's deadline as an absl::Time on the monotonic scale (kernels/common/clock.h;
+// InfiniteFuture when the client set none).
 absl::Time RpcDeadline(const grpc::CallbackServerContext& ctx);
 
 }  // namespace dilattn::server

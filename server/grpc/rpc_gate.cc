@@ -1,6 +1,7 @@
 #include "server/grpc/rpc_gate.h"
 
 #include "absl/status/status.h"
+#include "kernels/common/clock.h"
 
 namespace dilattn::server {
 
@@ -35,7 +36,7 @@ int RpcGate::Drain(absl::Time deadline) {
   absl::MutexLock lock(&mu_);
   draining_ = true;
   auto idle = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return in_flight_ == 0; };
-  mu_.AwaitWithDeadline(absl::Condition(&idle), deadline);
+  AwaitUntil(mu_, absl::Condition(&idle), deadline);
   return in_flight_;
 }
 

@@ -43,7 +43,8 @@ class RpcGate {
 
   // A pass for a new RPC; UNAVAILABLE once the server drains.
   absl::StatusOr<Pass> Enter();
-  // Refuses new RPCs from now on and waits until every pass is returned or `deadline` passes.
+  // Refuses new RPCs from now on and waits until every pass is returned or `deadline`
+  // (monotonic) passes.
   // Returns the number of RPCs still running.
   int Drain(absl::Time deadline);
   int in_flight() const;

@@ -14,7 +14,6 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "absl/time/clock.h"
 #include "dilattn/v1/attention.grpc.pb.h"
 #include "dilattn/v1/attention.pb.h"
 #include "google/protobuf/stubs/logging.h"
@@ -25,6 +24,7 @@
 #include "grpcpp/support/byte_buffer.h"
 #include "inference/grpc_service.pb.h"
 #include "kernels/attention/attention.h"
+#include "kernels/common/clock.h"
 #include "server/engine.h"
 #include "server/grpc/attend_service.h"
 #include "server/grpc/infer_parser.h"
@@ -201,8 +201,9 @@ Outcome InferRequestTarget(const uint8_t* data, size_t size) {
 
   Parsers& s = TheParsers();
   inference::ModelInferResponse response;
-  absl::StatusOr<std::unique_ptr<server::InferenceRequest>> parsed = server::ParseInferRequest(
-      header, *raw, *s.registry, *s.shared_memory, absl::Now(), absl::InfiniteFuture(), &response);
+  absl::StatusOr<std::unique_ptr<server::InferenceRequest>> parsed =
+      server::ParseInferRequest(header, *raw, *s.registry, *s.shared_memory, MonotonicNow(),
+                                absl::InfiniteFuture(), &response);
   if (!parsed.ok()) {
     CheckRefusal(parsed.status(), "parse");
     return Outcome::kRefused;

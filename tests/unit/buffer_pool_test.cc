@@ -15,6 +15,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/common/clock.h"
 
 namespace dilattn::memory {
 namespace {
@@ -160,14 +161,14 @@ TEST(BufferPool, ExhaustionHonoursTheDeadlineThenFails) {
   ASSERT_TRUE(held.ok());
 
   // No deadline: fails at once.
-  absl::Time start = absl::Now();
+  absl::Time start = MonotonicNow();
   EXPECT_EQ(pool->Acquire(1024).status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_LT(absl::Now() - start, absl::Milliseconds(50));
+  EXPECT_LT(MonotonicNow() - start, absl::Milliseconds(50));
 
   // A deadline: waits that long, not less, not much more.
-  start = absl::Now();
+  start = MonotonicNow();
   const absl::Status s = pool->Acquire(1024, start + absl::Milliseconds(80)).status();
-  const absl::Duration waited = absl::Now() - start;
+  const absl::Duration waited = MonotonicNow() - start;
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(std::string(s.message()), HasSubstr("exhausted"));
   EXPECT_GE(waited, absl::Milliseconds(80));
@@ -181,7 +182,7 @@ TEST(BufferPool, ExhaustionHonoursTheDeadlineThenFails) {
     absl::SleepFor(absl::Milliseconds(30));
     held->Release();
   });
-  absl::StatusOr<Buffer> got = pool->Acquire(2048, absl::Now() + absl::Seconds(10));
+  absl::StatusOr<Buffer> got = pool->Acquire(2048, MonotonicNow() + absl::Seconds(10));
   releaser.join();
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_LE(pool->stats().bytes_held, 4096u);
@@ -232,6 +233,20 @@ TEST(BufferPool, LeaseMayOutliveThePool) {
   EXPECT_EQ(c.live_bytes.load(), 0);
 }
 
+// The CPU executor hands freed heap pages back (malloc_trim) only for a pool on the heap.
+TEST(BufferPool, SaysWhetherItsMemoryIsOnTheMallocHeap) {
+  auto heap = BufferPool::Create({"heap", 1 << 20}, NewHostAllocator());
+  ASSERT_TRUE(heap.ok());
+  EXPECT_TRUE((*heap)->on_malloc_heap());
+  CountingAllocator::Counters c;
+  EXPECT_FALSE(MakePool(&c, 1 << 20)->on_malloc_heap()) << "an allocator's default";
+  if (CudaDeviceCount() > 0) {
+    absl::StatusOr<std::unique_ptr<Allocator>> pinned = NewPinnedHostAllocator();
+    ASSERT_TRUE(pinned.ok()) << pinned.status();
+    EXPECT_FALSE((*pinned)->on_malloc_heap());
+  }
+}
+
 TEST(BufferPool, ManyThreadsNeverExceedTheCapOrShareABuffer) {
   constexpr int kThreads = 16;
   constexpr int kCycles = 10000;
@@ -248,7 +263,7 @@ TEST(BufferPool, ManyThreadsNeverExceedTheCapOrShareABuffer) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < kCycles; ++i) {
         const size_t bytes = 256 + static_cast<size_t>((t * 7919 + i * 104729) % 8192);
-        absl::StatusOr<Buffer> b = pool->Acquire(bytes, absl::Now() + absl::Seconds(30));
+        absl::StatusOr<Buffer> b = pool->Acquire(bytes, MonotonicNow() + absl::Seconds(30));
         if (!b.ok()) {
           ++failures;
           continue;
@@ -295,7 +310,7 @@ TEST(BufferPool, ReleaseIdleFreesOnlyBuffersCachedBeforeTheCutoff) {
   old_small->Release();
   ASSERT_TRUE(pool->Acquire(4096).ok());  // cached
   absl::SleepFor(absl::Milliseconds(5));
-  const absl::Time cutoff = absl::Now();
+  const absl::Time cutoff = MonotonicNow();
   absl::SleepFor(absl::Milliseconds(5));
   new_small->Release();
   ASSERT_TRUE(pool->Acquire(8192).ok());  // cached
@@ -350,7 +365,7 @@ TEST(BufferPool, ReuseTakesTheMostRecentlyReturnedBuffer) {
   void* const second = b->data();
   a->Release();
   absl::SleepFor(absl::Milliseconds(5));
-  const absl::Time cutoff = absl::Now();
+  const absl::Time cutoff = MonotonicNow();
   absl::SleepFor(absl::Milliseconds(5));
   b->Release();
   for (int i = 0; i < 3; ++i) {  // the steady workload: one buffer at a time
@@ -376,9 +391,9 @@ TEST(BufferPool, AReturnWakesAWaiterLongBeforeItsDeadline) {
     absl::SleepFor(absl::Milliseconds(30));
     held->Release();
   });
-  const absl::Time start = absl::Now();
+  const absl::Time start = MonotonicNow();
   absl::StatusOr<Buffer> got = pool->Acquire(2048, start + absl::Seconds(10));
-  const absl::Duration waited = absl::Now() - start;
+  const absl::Duration waited = MonotonicNow() - start;
   releaser.join();
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_LT(waited, absl::Seconds(3));
@@ -445,7 +460,7 @@ TEST(BufferPool, ReleaseIdleRacesLeasesSafely) {
   std::atomic<uint64_t> released_bytes{0};
   std::thread releaser([&] {
     while (!stop.load()) {
-      released_bytes += pool->ReleaseIdle(absl::Now() - absl::Microseconds(50));
+      released_bytes += pool->ReleaseIdle(MonotonicNow() - absl::Microseconds(50));
       if (c.live_bytes.load() > static_cast<int64_t>(kCap)) ++over_cap;
     }
   });
@@ -457,7 +472,7 @@ TEST(BufferPool, ReleaseIdleRacesLeasesSafely) {
         const size_t bytes = 256 + static_cast<size_t>((t * 7919 + i * 104729) % 6144);
         // Every other thread asks without a deadline: it fails at once when the cap is full.
         const absl::Time deadline =
-            t % 2 == 0 ? absl::InfinitePast() : absl::Now() + absl::Seconds(30);
+            t % 2 == 0 ? absl::InfinitePast() : MonotonicNow() + absl::Seconds(30);
         ++requests;
         absl::StatusOr<Buffer> b = pool->Acquire(bytes, deadline);
         if (!b.ok()) continue;

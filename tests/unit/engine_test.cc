@@ -21,6 +21,7 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "kernels/block_sparse/block_sparse.h"
+#include "kernels/common/clock.h"
 #include "kernels/memory/allocator.h"
 #include "server/executor.h"
 #include "server/metrics.h"
@@ -151,7 +152,7 @@ class IdleRecordingExecutor final : public Executor {
   void ReleaseIdleMemory(absl::Time cutoff) override {
     if (log_->in_flight.load() != 0) log_->during_job.fetch_add(1);
     absl::MutexLock lock(&log_->mu);
-    log_->calls.push_back({absl::Now(), cutoff});
+    log_->calls.push_back({MonotonicNow(), cutoff});
   }
 
  private:
@@ -282,8 +283,8 @@ class EngineThreads : public ::testing::Test {
   }
 
   bool WaitFor(const std::function<bool()>& done, absl::Duration timeout = absl::Seconds(10)) {
-    const absl::Time give_up = absl::Now() + timeout;
-    while (!done() && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
+    const absl::Time give_up = MonotonicNow() + timeout;
+    while (!done() && MonotonicNow() < give_up) absl::SleepFor(absl::Milliseconds(1));
     return done();
   }
 
@@ -373,8 +374,8 @@ TEST_F(EngineThreads, ABatchStillBeingCopiedDoesNotHoldUpThePreviousOne) {
                *static_cast<char*>(dst) = 1;
              },
              1));
-  const absl::Time give_up = absl::Now() + absl::Seconds(10);
-  while (ok_.load() < 1 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
+  const absl::Time give_up = MonotonicNow() + absl::Seconds(10);
+  while (ok_.load() < 1 && MonotonicNow() < give_up) absl::SleepFor(absl::Milliseconds(1));
   EXPECT_EQ(ok_.load(), 1) << "the first request waited for the second's copy";
   copy_may_end.Notify();
   engine_->Shutdown();
@@ -446,7 +447,7 @@ TEST_F(EngineThreads, BatcherUnderConcurrentProducersAndCancellations) {
         r->priority = absl::Uniform(rng, 1, 3);
         r->cancelled = flags[index];
         if (absl::Uniform(rng, 0, 10) == 0) {
-          r->deadline = absl::Now() - absl::Milliseconds(1);
+          r->deadline = MonotonicNow() - absl::Milliseconds(1);
           outcomes[index].expired = true;
         }
         r->done = [&outcomes, index](InferenceRequest&, const absl::Status& s,
@@ -610,7 +611,7 @@ TEST_F(EngineThreads, ARequestThatExpiresBehindARunningJobIsNeverComputed) {
     engine_->Submit(std::move(batch));
   };
   submit(absl::InfiniteFuture(), false);
-  submit(absl::Now() + absl::Milliseconds(100), true);  // queued behind the 300 ms job
+  submit(MonotonicNow() + absl::Milliseconds(100), true);  // queued behind the 300 ms job
   ASSERT_TRUE(late_done.WaitForNotificationWithTimeout(absl::Seconds(10)));
   engine_->Shutdown();
   absl::MutexLock lock(&mu);
@@ -651,15 +652,15 @@ TEST_F(EngineThreads, ABatchWaitingForItsDelayDoesNotHoldTheDevice) {
   absl::StatusOr<ModelSpec> spec = Spec("other", "max_batch_size: 8 dynamic_batching {}");
   ASSERT_TRUE(spec.ok()) << spec.status();
   Model other(*std::move(spec), engine_.get(), metrics_.get());
-  const absl::Time start = absl::Now();
+  const absl::Time start = MonotonicNow();
   model_->scheduler().Enqueue(Request(model_.get()));  // waits up to 3 s for three more
   absl::SleepFor(absl::Milliseconds(20));
   other.scheduler().Enqueue(Request(&other));
-  while (ok_.load() < 1 && absl::Now() < start + absl::Seconds(10)) {
+  while (ok_.load() < 1 && MonotonicNow() < start + absl::Seconds(10)) {
     absl::SleepFor(absl::Milliseconds(1));
   }
   EXPECT_EQ(ok_.load(), 1);
-  EXPECT_LT(absl::Now() - start, absl::Seconds(2)) << "the other model waited for the delay";
+  EXPECT_LT(MonotonicNow() - start, absl::Seconds(2)) << "the other model waited for the delay";
   model_->scheduler().Flush();
   model_->scheduler().Shutdown();
   other.scheduler().Shutdown();
@@ -680,12 +681,12 @@ TEST_F(EngineThreads, AJobWaitingForTheInFlightJobsBuffersDoesNotStall) {
   absl::StatusOr<ModelSpec> spec = Spec("m", "");
   ASSERT_TRUE(spec.ok()) << spec.status();
   model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
-  const absl::Time start = absl::Now();
+  const absl::Time start = MonotonicNow();
   for (int64_t id = 1; id <= 4; ++id) Submit(id, -1);
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 4);
   EXPECT_EQ(failed_.load(), 0);
-  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_LT(MonotonicNow() - start, absl::Seconds(5));
 }
 
 // An idle engine thread releases its executor's pool memory cached a whole interval (looking
@@ -694,7 +695,7 @@ TEST_F(EngineThreads, AJobWaitingForTheInFlightJobsBuffersDoesNotStall) {
 TEST_F(EngineThreads, AnIdleEngineReleasesPoolMemoryButNeverDuringAJob) {
   constexpr absl::Duration kInterval = absl::Milliseconds(100);
   IdleLog idle;
-  const absl::Time started = absl::Now();
+  const absl::Time started = MonotonicNow();
   StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), 3 * kInterval), kInterval);
   ASSERT_TRUE(WaitFor([&] { return idle.Calls().size() >= 2; }));
   for (const IdleLog::Call& call : idle.Calls()) {
@@ -705,10 +706,10 @@ TEST_F(EngineThreads, AnIdleEngineReleasesPoolMemoryButNeverDuringAJob) {
 
   // Each job is in flight for three intervals, the next one started before the engine waits for
   // it: looks would fall inside them, and between them.
-  const absl::Time submitted = absl::Now();
+  const absl::Time submitted = MonotonicNow();
   for (int64_t id = 1; id <= 4; ++id) Submit(id, -1);
   ASSERT_TRUE(WaitFor([&] { return ok_.load() == 4; }));
-  const absl::Time finished = absl::Now();
+  const absl::Time finished = MonotonicNow();
   EXPECT_LT(finished - submitted, 4 * 3 * kInterval + absl::Seconds(2));
   EXPECT_EQ(idle.during_job.load(), 0) << "released memory while a job was in flight";
 
@@ -750,13 +751,13 @@ TEST_F(EngineThreads, IdleReleaseDelaysNeitherWorkNorShutdown) {
   StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::ZeroDuration()),
             absl::Hours(1));
   absl::SleepFor(absl::Milliseconds(20));  // the thread is waiting by now
-  absl::Time start = absl::Now();
+  absl::Time start = MonotonicNow();
   Submit(1, -1);
   ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
-  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
-  start = absl::Now();
+  EXPECT_LT(MonotonicNow() - start, absl::Seconds(2));
+  start = MonotonicNow();
   engine_->Shutdown();
-  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_LT(MonotonicNow() - start, absl::Seconds(2));
   EXPECT_TRUE(idle.Calls().empty());
 }
 

@@ -16,6 +16,7 @@
 #include "absl/random/random.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "kernels/common/clock.h"
 #include "server/executor.h"
 
 namespace dilattn::server {
@@ -84,7 +85,7 @@ TEST(InputFill, DestroyedEarlyStopsCopying) {
   // the fill ends after the item in progress instead of copying the other 63.
   std::atomic<int> copied{0};
   std::string dst(64 * 4096, '\0');
-  absl::Time before = absl::Now();
+  absl::Time before = MonotonicNow();
   {
     std::unique_ptr<InputFill> fill = InputFill::Start(
         64, 4096, {dst.data()},
@@ -95,7 +96,7 @@ TEST(InputFill, DestroyedEarlyStopsCopying) {
         1);
   }
   EXPECT_LT(copied.load(), 8);
-  EXPECT_LT(absl::Now() - before, absl::Milliseconds(200));
+  EXPECT_LT(MonotonicNow() - before, absl::Milliseconds(200));
 }
 
 // A dilated-attention request of `tokens` tokens in fp32 whose Q, K, V are `src` (three tensors),
@@ -137,7 +138,7 @@ std::unique_ptr<InferenceRequest> AttentionRequest(int64_t tokens, int64_t heads
 
 std::vector<float> RunJob(Executor& executor, std::vector<std::unique_ptr<InferenceRequest>> rs) {
   Job job;
-  job.start = absl::Now();
+  job.start = MonotonicNow();
   job.shape.dtype = rs.front()->dtype;
   job.shape.num_heads = rs.front()->heads;
   job.shape.head_dim = rs.front()->head_dim;
