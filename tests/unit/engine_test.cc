@@ -26,6 +26,7 @@
 #include "server/executor.h"
 #include "server/metrics.h"
 #include "server/model.h"
+#include "tests/unit/wall_clock_shift.h"
 
 namespace dilattn::server {
 namespace {
@@ -667,6 +668,41 @@ TEST_F(EngineThreads, ABatchWaitingForItsDelayDoesNotHoldTheDevice) {
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 2);
   EXPECT_EQ(failed_.load(), 0);
+}
+
+// A step of the wall clock back while requests wait (modelled as wall_clock_shift.h says)
+// delays neither a batch waiting out its queue delay nor the expiry of a request's deadline.
+TEST_F(EngineThreads, AWallClockStepBackDelaysNoBatchAndNoDeadline) {
+  if (!testing::AbseilWaitsFollowTheWallClock()) {
+    GTEST_SKIP() << "this Abseil's timed waits do not follow the wall clock";
+  }
+  Start({0}, false, "max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: 200000 }");
+  absl::StatusOr<ModelSpec> spec = Spec(
+      "other", "max_batch_size: 8 dynamic_batching { max_queue_delay_microseconds: 30000000 }");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  Model other(*std::move(spec), engine_.get(), metrics_.get());
+  const testing::WallClockAhead step(absl::Milliseconds(2500));
+  // Room for a loaded machine, well short of the step.
+  const absl::Duration on_time = absl::Milliseconds(200) + absl::Milliseconds(1500);
+
+  const absl::Time queued = MonotonicNow();
+  model_->scheduler().Enqueue(Request(model_.get()));  // waits 200 ms for company
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
+  EXPECT_GE(MonotonicNow() - queued, absl::Milliseconds(200));
+  EXPECT_LT(MonotonicNow() - queued, on_time) << "the queue delay lasted the step";
+
+  const absl::Time expiring = MonotonicNow();
+  std::unique_ptr<InferenceRequest> r = Request(&other);
+  r->deadline = expiring + absl::Milliseconds(200);  // long before the 30 s delay
+  other.scheduler().Enqueue(std::move(r));
+  ASSERT_TRUE(WaitFor([&] { return failed_.load() == 1; }));
+  EXPECT_GE(MonotonicNow() - expiring, absl::Milliseconds(200));
+  EXPECT_LT(MonotonicNow() - expiring, on_time) << "the deadline came the step late";
+
+  other.scheduler().Shutdown();
+  model_->scheduler().Shutdown();
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 1);
 }
 
 // Two jobs that each need most of the pool, one after the other: the second must not wait out
