@@ -9,10 +9,6 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
-
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/cpu/tile_runner.h"
 #include "kernels/common/clock.h"
@@ -32,8 +28,7 @@ class CpuExecutor final : public Executor {
         dilated_(std::move(dilated)),
         sparse_(std::move(sparse)),
         multihead_(std::move(multihead)),
-        pool_(std::move(pool)),
-        trim_heap_(pool_->on_malloc_heap()) {}
+        pool_(std::move(pool)) {}
 
   std::string name() const override { return std::string(dilated_->name()); }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_.get()}; }
@@ -68,17 +63,7 @@ class CpuExecutor final : public Executor {
   absl::Status Start(Job& job) override { return RunOnHost(job); }
   absl::Status Wait(Job&) override { return absl::OkStatus(); }
 
-  void ReleaseIdleMemory(absl::Time cutoff) override {
-#ifdef __GLIBC__
-    // glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as large blocks
-    // are freed) in its heap, still resident: hand those pages back too, or the process's RSS
-    // would not show what the pool gave up. Only after a release, which is rare, and only for a
-    // pool on the heap (a GPU server's host pool is pinned, mapped apart from it).
-    if (pool_->ReleaseIdle(cutoff) > 0 && trim_heap_) malloc_trim(0);
-#else
-    pool_->ReleaseIdle(cutoff);
-#endif
-  }
+  void ReleaseIdleMemory(absl::Time cutoff) override { pool_->ReleaseIdle(cutoff); }
 
   // Also the CUDA executor's path for what its GPU kernels do not cover.
   absl::Status RunOnHost(Job& job) {
@@ -200,7 +185,6 @@ class CpuExecutor final : public Executor {
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_;
   std::unique_ptr<multihead::MultiheadBackend> multihead_;
   std::shared_ptr<memory::BufferPool> pool_;
-  const bool trim_heap_;  // the pool allocates from the malloc heap, which malloc_trim shrinks
 };
 
 }  // namespace

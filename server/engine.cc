@@ -267,6 +267,10 @@ void Engine::Loop(Executor& executor) {
       // Outside the lock, and with no job of this executor in flight: cudaFree synchronizes.
       if (release) {
         executor.ReleaseIdleMemory(MonotonicNow() - idle_release_);
+        // What the pools freed from the heap, and the message buffers and scratch of the jobs
+        // before, would stay resident in malloc's arenas (on a GPU server too, where the pools
+        // are pinned and device memory but the messages are on the heap).
+        memory::TrimMallocHeap();
         JobsDone(1);
       }
       next_look = MonotonicNow() + look_every;

@@ -15,8 +15,6 @@ class Allocator {
   virtual ~Allocator() = default;
   virtual DeviceLoc location() const = 0;
   virtual std::string name() const = 0;  // "host", "pinned-host", "cuda:0"
-  // Whether its memory comes from the C heap, whose freed pages malloc_trim hands back.
-  virtual bool on_malloc_heap() const { return false; }
   virtual absl::StatusOr<void*> Allocate(size_t bytes) = 0;
   virtual void Free(void* ptr, size_t bytes) = 0;
 };
@@ -33,6 +31,13 @@ absl::StatusOr<std::unique_ptr<Allocator>> NewCudaDeviceAllocator(int device);
 
 // Pinned when a CUDA device is present, pageable otherwise.
 std::unique_ptr<Allocator> NewStagingHostAllocator();
+
+// Hands the free pages of the C heap back to the system (malloc_trim on glibc; nothing
+// elsewhere). glibc keeps freed blocks below its mmap threshold, which grows to 32 MiB as large
+// blocks are freed, resident in its arenas: gRPC's message buffers, pageable pool buffers and the
+// CPU path's scratch would otherwise keep the process's resident memory at its peak for good.
+// Walks every arena, so for idle moments.
+void TrimMallocHeap();
 
 // Number of CUDA devices this process can use; 0 in a build without CUDA or on a machine without.
 int CudaDeviceCount();

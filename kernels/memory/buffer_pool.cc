@@ -159,7 +159,6 @@ class PoolCore : public std::enable_shared_from_this<PoolCore> {
 
   const BufferPoolOptions& options() const { return options_; }
   DeviceLoc location() const { return allocator_->location(); }
-  bool on_malloc_heap() const { return allocator_->on_malloc_heap(); }
 
  private:
   void Lease(size_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -250,7 +249,6 @@ absl::StatusOr<Buffer> BufferPool::Acquire(size_t bytes, absl::Time deadline) {
 BufferPoolStats BufferPool::stats() const { return core_->stats(); }
 DeviceLoc BufferPool::location() const { return core_->location(); }
 const std::string& BufferPool::name() const { return core_->options().name; }
-bool BufferPool::on_malloc_heap() const { return core_->on_malloc_heap(); }
 size_t BufferPool::byte_cap() const { return core_->options().byte_cap; }
 void BufferPool::Trim() { core_->Trim(); }
 size_t BufferPool::ReleaseIdle(absl::Time cutoff) { return core_->ReleaseIdle(cutoff); }

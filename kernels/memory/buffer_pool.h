@@ -100,7 +100,6 @@ class BufferPool {
   BufferPoolStats stats() const;
   DeviceLoc location() const;
   const std::string& name() const;
-  bool on_malloc_heap() const;  // its allocator's (Allocator::on_malloc_heap)
   size_t byte_cap() const;
 
   // Frees every cached (not leased) buffer.

@@ -1,5 +1,9 @@
 #include <cstdlib>
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "kernels/memory/allocator.h"
 
@@ -12,7 +16,6 @@ class HostAllocator final : public Allocator {
  public:
   DeviceLoc location() const override { return DeviceLoc::Host(); }
   std::string name() const override { return "host"; }
-  bool on_malloc_heap() const override { return true; }
 
   absl::StatusOr<void*> Allocate(size_t bytes) override {
     const size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
@@ -28,6 +31,12 @@ class HostAllocator final : public Allocator {
 };
 
 }  // namespace
+
+void TrimMallocHeap() {
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
+}
 
 std::unique_ptr<Allocator> NewHostAllocator() { return std::make_unique<HostAllocator>(); }
 
