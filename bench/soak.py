@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "client" / "python"))
 import cuda_ipc  # noqa: E402
 import reference  # noqa: E402
-from helpers import NUMPY_DTYPE, make_inputs, to_wire  # noqa: E402
+from helpers import NUMPY_DTYPE, make_inputs, shared_memory_tensors, to_wire  # noqa: E402
 
 TOLERANCE_GPU = {"FP32": 2e-3, "FP16": 2e-3, "BF16": 1e-2}  # FP32 is computed in fp16 on a GPU
 TOLERANCE_CPU = {"FP32": 1e-5, "FP16": 2e-3, "BF16": 1e-2}
@@ -339,7 +339,7 @@ class Soak:
                                          offset=3 * nbytes)
             client.register_system_shared_memory(name, "/" + name, 4 * nbytes)
             try:
-                inputs, outputs = self.shm_io(name, shape, dt, nbytes)
+                inputs, outputs = shared_memory_tensors(name, shape, dt, nbytes)
                 client.infer(model, inputs, outputs=outputs, parameters=params)
                 # A copy: the array is a view of the mapping destroyed below.
                 out = shm.get_contents_as_numpy(handle, NUMPY_DTYPE[dt], shape,
@@ -352,17 +352,6 @@ class Soak:
                    reference.dilated_attention(q, k, v, seg, rates, mode, causal), dt,
                    f"shm {model} {shape} {dt}")
         return "ok"
-
-    @staticmethod
-    def shm_io(name, shape, dt, nbytes):
-        inputs = []
-        for i, label in enumerate("QKV"):
-            t = grpcclient.InferInput(label, list(shape), dt)
-            t.set_shared_memory(name, nbytes, offset=i * nbytes)
-            inputs.append(t)
-        out = grpcclient.InferRequestedOutput("O")
-        out.set_shared_memory(name, nbytes, offset=3 * nbytes)
-        return inputs, [out]
 
     def act_cuda_shm(self, rng, client):
         if self.cudart is None:
@@ -381,7 +370,7 @@ class Soak:
             buf.write(np.full(wire[0].shape, np.nan, wire[0].dtype), offset=3 * nbytes)
             client.register_cuda_shared_memory(name, buf.raw_handle(), 0, 4 * nbytes)
             try:
-                inputs, outputs = self.shm_io(name, shape, dt, nbytes)
+                inputs, outputs = shared_memory_tensors(name, shape, dt, nbytes)
                 client.infer(model, inputs, outputs=outputs, parameters=params)
                 out = buf.read(NUMPY_DTYPE[dt], shape, offset=3 * nbytes)
             finally:
