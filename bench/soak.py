@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Soak test: mixed traffic against dilattn-server for a while, every answer checked.
 
-Starts dilattn-server with its built-in models, and --workers client threads send for --minutes
-a random mix of calls, each judged:
+Starts two dilattn-servers, one with the built-in models and one with a model of scheduling
+options, and --workers client threads send for --minutes a random mix of calls, each judged:
 
   infer     ModelInfer: a random model, shape, dtype and options; O against the float64 reference
   cancel    ModelInfer with a client deadline shorter than its compute: O checked if it comes in
@@ -16,13 +16,17 @@ a random mix of calls, each judged:
   stream    the native stream (dilattn.v1 Attend) in small chunks; O checked
   abandon   a native stream dropped halfway through its input
   bidi      ModelStreamInfer: a few requests, one of them bad, on one stream
+  scheduled bursts of requests to a second server, whose model has priority levels, a queue delay,
+            a bounded queue and a default timeout, with random priorities, timeouts and client
+            deadlines: each answered correctly, turned away by the full queue, or expired, and
+            none lost (its success counter agrees)
 
-A monitor samples the server's resident memory, its GPU memory (nvidia-smi) and the buffer
+A monitor samples each server's resident memory, its GPU memory (nvidia-smi) and the buffer
 pools' bytes (/metrics). After a warm-up (a fifth of the run) and at the end, traffic pauses until
 the pools' idle release (--pool-idle-release-seconds) has run: no buffer may then be leased, and
 the memory after the main phase may exceed the memory after the warm-up by at most --rss-slack-mib
-(host) and --gpu-slack-mib. Finally SIGTERM must end the server with exit status 0, and its log
-must hold no error lines.
+(host) and --gpu-slack-mib. Finally SIGTERM must end each server with exit status 0, and their
+logs must hold no error lines. The second server's log goes beside --log (its name + -scheduling).
 
 Prints a table per action and the memory samples; exits 1 if any call was judged wrong, memory
 grew, or the server failed.
@@ -43,6 +47,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -64,7 +69,7 @@ from helpers import NUMPY_DTYPE, make_inputs, shared_memory_tensors, to_wire  # 
 TOLERANCE_GPU = {"FP32": 2e-3, "FP16": 2e-3, "BF16": 1e-2}  # FP32 is computed in fp16 on a GPU
 TOLERANCE_CPU = {"FP32": 1e-5, "FP16": 2e-3, "BF16": 1e-2}
 WEIGHTS = {"infer": 30, "cancel": 8, "long": 4, "bad": 12, "shm": 8, "cuda_shm": 6, "stream": 8,
-           "abandon": 4, "bidi": 6}
+           "abandon": 4, "bidi": 6, "scheduled": 10}
 # Options of the dilated models a request may carry: (segment lengths, dilation rates); None
 # keeps the model's own.
 DILATED_OPTIONS = [None, ([256, 512, 1024], [1, 2, 4]), ([512, 2048], [1, 4]), ([128], [1]),
@@ -77,6 +82,102 @@ class Wrong(Exception):
 
 def stretch(segments):
     return math.lcm(*segments)
+
+
+SCHEDULING_MODEL = """
+name: "scheduled"
+max_batch_size: 4
+dynamic_batching {
+  preferred_batch_size: [ 4 ]
+  max_queue_delay_microseconds: 3000
+  priority_levels: 3
+  default_priority_level: 2
+  default_queue_policy {
+    max_queue_size: 24
+    default_timeout_microseconds: 400000
+    allow_timeout_override: true
+  }
+}
+parameters { key: "segment_lengths" value { string_value: "256,512" } }
+parameters { key: "dilation_rates" value { string_value: "1,2" } }
+parameters { key: "max_batch_tokens" value { string_value: "12288" } }
+"""
+
+
+class Server:
+    """One dilattn-server process on free ports, its log in a file."""
+
+    def __init__(self, binary, device, log_path, args):
+        self.device = device
+        self.log_path = pathlib.Path(log_path)
+        self.log = open(self.log_path, "w")
+        cmd = [binary, "--grpc-port", "0", "--metrics-port", "0", "--bind-address", "127.0.0.1",
+               "--device", device, *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        m = re.search(r"grpc_port=(\d+) metrics_port=(\d+)", line)
+        if not m:
+            self.proc.kill()
+            sys.exit(f"server did not start: {line!r}; log in {self.log_path}")
+        self.url = f"127.0.0.1:{m.group(1)}"
+        self.metrics_port = int(m.group(2))
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def metrics(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=10) as r:
+            return r.read().decode()
+
+    def sum_of(self, prefix, needle=""):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines()
+                   if line.startswith(prefix) and needle in line)
+
+    def rss_mib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def gpu_mib(self):
+        if not self.device.startswith("cuda"):
+            return float("nan")
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                  "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return float("nan")
+        used = [float(f.split(",")[1]) for f in out.splitlines()
+                if f.split(",")[0].strip() == str(self.proc.pid)]
+        return sum(used) if used else float("nan")
+
+    def sample(self, t, label):
+        return {"t": t, "label": label, "rss": self.rss_mib(), "gpu": self.gpu_mib(),
+                "in_use": self.sum_of("dilattn_buffer_pool_bytes{", 'state="in_use"') / 2**20,
+                "held": self.sum_of("dilattn_buffer_pool_bytes{", 'state="held"') / 2**20,
+                "leases": self.sum_of("dilattn_buffer_pool_leases{")}
+
+    def stop(self):
+        """SIGTERM; a failure message, or None for a clean exit."""
+        if not self.alive():
+            self.log.close()
+            return f"the server died during the run (status {self.proc.returncode})"
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = "none: killed after 120 s"
+        self.log.close()
+        return None if rc == 0 else f"SIGTERM ended the server with status {rc}"
+
+    def error_lines(self):
+        return [line for line in self.log_path.read_text().splitlines()
+                if re.match(r"\S+ E ", line)]
 
 
 class Soak:
@@ -93,66 +194,21 @@ class Soak:
         self.busy_cv = threading.Condition()
         self.cudart = cuda_ipc.load_cudart() if self.gpu else None
         self._tls = threading.local()  # a gRPC channel per worker thread
-        self.start_server()
-
-    # --- the server ---------------------------------------------------------------------------
-    def start_server(self):
-        a = self.args
-        self.log_path = pathlib.Path(a.log)
-        self.log = open(self.log_path, "w")
-        cmd = [a.server, "--grpc-port", "0", "--metrics-port", "0", "--bind-address", "127.0.0.1",
-               "--device", a.device, "--pool-idle-release-seconds", str(a.release_seconds),
-               "--pipeline-min-tokens", "16384", *shlex.split(a.server_args)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
-        m = re.search(r"grpc_port=(\d+) metrics_port=(\d+)", line)
-        if not m:
-            self.proc.kill()
-            sys.exit(f"server did not start: {line!r}; log in {self.log_path}")
-        self.url = f"127.0.0.1:{m.group(1)}"
-        self.metrics_port = int(m.group(2))
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
-
-    def metrics(self):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=10) as r:
-            return r.read().decode()
-
-    def pool_bytes(self, state):
-        total = 0.0
-        for line in self.metrics().splitlines():
-            if line.startswith("dilattn_buffer_pool_bytes{") and f'state="{state}"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def leases(self):
-        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines()
-                   if line.startswith("dilattn_buffer_pool_leases{"))
-
-    def rss_mib(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def gpu_mib(self):
-        if not self.gpu:
-            return float("nan")
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
-                                  "--format=csv,noheader,nounits"], capture_output=True,
-                                 text=True, timeout=30).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return float("nan")
-        used = [float(f.split(",")[1]) for f in out.splitlines()
-                if f.split(",")[0].strip() == str(self.proc.pid)]
-        return sum(used) if used else float("nan")
-
-    def sample(self, label):
-        return {"t": time.monotonic() - self.t0, "label": label, "rss": self.rss_mib(),
-                "gpu": self.gpu_mib(), "in_use": self.pool_bytes("in_use") / 2**20,
-                "held": self.pool_bytes("held") / 2**20}
+        common = ["--pool-idle-release-seconds", str(args.release_seconds),
+                  *shlex.split(args.server_args)]
+        log = pathlib.Path(args.log)
+        # The built-in models; sequences from 16K tokens run in pieces or over parts of their rows.
+        self.servers = {"built-in": Server(args.server, args.device, log, [
+            "--pipeline-min-tokens", "16384", *common])}
+        # A model of priorities, queue delays, a queue bound and timeouts, beside them.
+        self.repository = tempfile.TemporaryDirectory(prefix="soak-models-")
+        model = pathlib.Path(self.repository.name) / "scheduled"
+        model.mkdir()
+        (model / "config.pbtxt").write_text(SCHEDULING_MODEL)
+        self.servers["scheduling"] = Server(
+            args.server, args.device, log.with_name(log.stem + "-scheduling" + log.suffix),
+            ["--model-repository", self.repository.name, *common])
+        self.url = self.servers["built-in"].url
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def record(self, action, outcome):
@@ -470,6 +526,50 @@ class Soak:
             c.close()
         return "ok"
 
+    def act_scheduled(self, rng, client):
+        """A burst to the scheduling server's model: random priorities, queue timeouts and client
+        deadlines. Each request is answered correctly, turned away by the full queue, or expired;
+        every one is answered."""
+        c = getattr(self._tls, "scheduled", None)
+        if c is None:
+            c = self._tls.scheduled = grpcclient.InferenceServerClient(
+                self.servers["scheduling"].url)
+        done = queue.Queue()
+        sent = []
+        for i in range(rng.randint(1, 8)):
+            shape = (1, rng.choice([256, 700, 2048, 4096]), 2, 16)
+            dt = rng.choice(["FP32", "FP16", "BF16"])
+            q, k, v = self.tensors(rng, shape, dt)
+            client_deadline = rng.choice([None, None, None, 0.002, 0.05])
+            sent.append((q, k, v, dt, client_deadline))
+            c.async_infer("scheduled", make_inputs(q, k, v, dt),
+                          callback=lambda result, error, i=i: done.put((i, result, error)),
+                          priority=rng.choice([0, 1, 2, 3]),
+                          timeout=rng.choice([None, None, 100, 20000, 2000000]),
+                          client_timeout=client_deadline)
+        outcomes = collections.Counter()
+        for _ in sent:
+            try:
+                i, result, error = done.get(timeout=120)
+            except queue.Empty:
+                raise Wrong(f"{len(sent) - sum(outcomes.values())} of {len(sent)} requests "
+                            "were never answered")
+            q, k, v, dt, client_deadline = sent[i]
+            if error is None:
+                self.check(result.as_numpy("O").astype(np.float32),
+                           reference.dilated_attention(q, k, v, [256, 512], [1, 2]), dt,
+                           f"scheduled {q.shape} {dt}")
+                outcomes["ok"] += 1
+            elif "Exceeds maximum queue size" in str(error):
+                outcomes["queue full"] += 1
+            elif "DEADLINE_EXCEEDED" in str(error.status()):
+                outcomes["client deadline" if client_deadline else "queue timeout"] += 1
+            else:
+                raise Wrong(f"scheduled: {error.status()} {error}")
+        with self.lock:
+            self.counts["scheduled"].update(outcomes)
+        return None
+
     # --- running ----------------------------------------------------------------------------------
     def worker(self, index):
         rng = random.Random(self.args.seed * 1000 + index)
@@ -486,7 +586,9 @@ class Soak:
                 self.busy += 1
             action = rng.choices(actions, weights)[0]
             try:
-                self.record(action, getattr(self, "act_" + action)(rng, client))
+                outcome = getattr(self, "act_" + action)(rng, client)
+                if outcome is not None:  # else it counted its requests itself
+                    self.record(action, outcome)
             except Wrong as e:
                 self.record_wrong(action, str(e))
             except (InferenceServerException, grpc.RpcError, OSError, RuntimeError) as e:
@@ -496,25 +598,57 @@ class Soak:
                     self.busy -= 1
                     self.busy_cv.notify_all()
         client.close()
+        if getattr(self._tls, "scheduled", None) is not None:
+            self._tls.scheduled.close()
 
     def quiesce(self, label):
-        """Pauses traffic until the pools' idle release has run; a sample of the memory then."""
+        """Pauses traffic until the pools' idle release has run; a sample of each server then."""
         self.paused.set()
         with self.busy_cv:
             self.busy_cv.wait_for(lambda: self.busy == 0)
         time.sleep(1.6 * self.args.release_seconds + 2)
-        s = self.sample(label)
-        leases = self.leases()
+        samples = self.sample(label)
         self.paused.clear()
-        return s, leases
+        return samples
+
+    def sample(self, label):
+        t = time.monotonic() - self.t0
+        return {name: server.sample(t, label) for name, server in self.servers.items()}
 
     @staticmethod
-    def idle_failures(sample, leases):
+    def idle_failures(name, sample):
         """An idle server past its idle release leases nothing and caches nothing."""
-        if sample["in_use"] != 0 or leases != 0 or sample["held"] != 0:
-            return [f"{sample['label']}: {sample['in_use']:.1f} MiB in {leases:.0f} leases still "
-                    f"leased and {sample['held']:.1f} MiB held after the idle release"]
+        if sample["in_use"] != 0 or sample["leases"] != 0 or sample["held"] != 0:
+            return [f"{name} server, {sample['label']}: {sample['in_use']:.1f} MiB in "
+                    f"{sample['leases']:.0f} leases still leased and {sample['held']:.1f} MiB "
+                    "held after the idle release"]
         return []
+
+    def growth_failures(self, name, baseline, final):
+        failures = []
+        grew = final["rss"] - baseline["rss"]
+        if grew > self.args.rss_slack_mib:
+            failures.append(f"{name} server: resident memory grew {grew:.0f} MiB between the idle "
+                            f"points (slack {self.args.rss_slack_mib})")
+        grew = final["gpu"] - baseline["gpu"]
+        if grew > self.args.gpu_slack_mib:  # False where nvidia-smi does not say (NaN)
+            failures.append(f"{name} server: GPU memory grew {grew:.0f} MiB between the idle "
+                            f"points (slack {self.args.gpu_slack_mib})")
+        return failures
+
+    def counter_failures(self):
+        """The scheduling server computed every request answered as computed, and at most those
+        and the ones whose client gave up (it may have finished them)."""
+        server = self.servers["scheduling"]
+        success = server.sum_of("nv_inference_request_success{")
+        c = self.counts["scheduled"]
+        if not c["ok"] <= success <= c["ok"] + c["client deadline"]:
+            return [f"scheduling server: {success:.0f} successes counted for {c['ok']} answers "
+                    f"and {c['client deadline']} client deadlines"]
+        return []
+
+    def all_alive(self):
+        return all(server.alive() for server in self.servers.values())
 
     def run(self):
         self.t0 = time.monotonic()
@@ -526,51 +660,39 @@ class Soak:
         total = self.args.minutes * 60
         warm_until = self.t0 + total / 5
         end = self.t0 + total
-        baseline = final = None
+        idle_points = []
         failures = []
-        while time.monotonic() < end and self.proc.poll() is None:
+        while time.monotonic() < end and self.all_alive():
             time.sleep(min(self.args.sample_seconds, max(0.0, end - time.monotonic())))
-            if self.proc.poll() is not None:
+            if not self.all_alive():
                 break
-            if baseline is None and time.monotonic() >= warm_until:
-                baseline, leases = self.quiesce("after warm-up")
-                samples.append(baseline)
-                failures += self.idle_failures(baseline, leases)
+            if not idle_points and time.monotonic() >= warm_until:
+                idle_points.append(self.quiesce("after warm-up"))
+                samples.append(idle_points[-1])
             else:
                 samples.append(self.sample("load"))
-        if self.proc.poll() is None:
-            final, leases = self.quiesce("end")
-            samples.append(final)
-            failures += self.idle_failures(final, leases)
+        if self.all_alive():
+            idle_points.append(self.quiesce("end"))
+            samples.append(idle_points[-1])
+            failures += self.counter_failures()
         self.stop.set()
         for t in threads:
             t.join(timeout=180)
-        if self.proc.poll() is not None:
-            failures.append(f"the server died during the run (status {self.proc.returncode})")
-        else:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                rc = self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                rc = "none: killed after 120 s"
-            if rc != 0:
-                failures.append(f"SIGTERM ended the server with status {rc}")
-        self.log.close()
-        if baseline and final:
-            grew = final["rss"] - baseline["rss"]
-            if grew > self.args.rss_slack_mib:
-                failures.append(f"resident memory grew {grew:.0f} MiB between the idle points "
-                                f"(slack {self.args.rss_slack_mib})")
-            if self.gpu and not math.isnan(baseline["gpu"]):
-                grew = final["gpu"] - baseline["gpu"]
-                if grew > self.args.gpu_slack_mib:
-                    failures.append(f"GPU memory grew {grew:.0f} MiB between the idle points "
-                                    f"(slack {self.args.gpu_slack_mib})")
-        errors = [line for line in self.log_path.read_text().splitlines()
-                  if re.match(r"\S+ E ", line)]
-        if errors:
-            failures.append(f"{len(errors)} error lines in the server log, first: {errors[0]}")
+        for point in idle_points:
+            for name, sample in point.items():
+                failures += self.idle_failures(name, sample)
+        if len(idle_points) == 2:
+            for name in self.servers:
+                failures += self.growth_failures(name, idle_points[0][name], idle_points[1][name])
+        for name, server in self.servers.items():
+            stopped = server.stop()
+            if stopped:
+                failures.append(f"{name} server: {stopped}")
+            errors = server.error_lines()
+            if errors:
+                failures.append(f"{name} server: {len(errors)} error lines in its log, first: "
+                                f"{errors[0]}")
+        self.repository.cleanup()
         return samples, failures
 
     def report(self, samples, failures):
@@ -586,13 +708,14 @@ class Soak:
             print(f"| {action} | {sum(c.values())} | " +
                   " | ".join(str(c.get(o, 0)) for o in outcomes) + " |")
         total = sum(sum(c.values()) for c in self.counts.values())
-        print(f"\n{total} calls\n")
-        print("| s | when | server RSS MiB | GPU MiB (nvidia-smi) | pools in use MiB | "
+        print(f"\n{total} calls (scheduled: requests)\n")
+        print("| s | when | server | RSS MiB | GPU MiB (nvidia-smi) | pools in use MiB | "
               "pools held MiB |")
-        print("|---|---|---|---|---|---|")
-        for s in samples:
-            print(f"| {s['t']:.0f} | {s['label']} | {s['rss']:.0f} | {s['gpu']:.0f} | "
-                  f"{s['in_use']:.1f} | {s['held']:.1f} |")
+        print("|---|---|---|---|---|---|---|")
+        for point in samples:
+            for name, s in point.items():
+                print(f"| {s['t']:.0f} | {s['label']} | {name} | {s['rss']:.0f} | {s['gpu']:.0f} | "
+                      f"{s['in_use']:.1f} | {s['held']:.1f} |")
         for w in self.wrong:
             print("WRONG", w)
         for f in failures:
