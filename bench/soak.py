@@ -22,14 +22,17 @@ options, and --workers client threads send for --minutes a random mix of calls, 
             none lost (its success counter agrees)
 
 A monitor samples each server's resident memory, its GPU memory (nvidia-smi) and the buffer
-pools' bytes (/metrics). After a warm-up (a fifth of the run) and at the end, traffic pauses until
-the pools' idle release (--pool-idle-release-seconds) has run: no buffer may then be leased, and
-the memory after the main phase may exceed the memory after the warm-up by at most --rss-slack-mib
-(host) and --gpu-slack-mib. Finally SIGTERM must end each server with exit status 0, and their
-logs must hold no error lines. The second server's log goes beside --log (its name + -scheduling).
+pools' bytes (/metrics). After a warm-up (a fifth of --minutes) and after the main phase (the
+rest), traffic pauses until every call has ended and the pools' idle release
+(--pool-idle-release-seconds) has run: no buffer may then be leased or cached, and the memory at
+the second point may exceed the memory at the first by at most --rss-slack-mib (host) and
+--gpu-slack-mib. The scheduling server's success counter is read at the second point. Finally
+SIGTERM must end each server with exit status 0, and their logs must hold no error lines. The
+second server's log goes beside --log (its name + -scheduling).
 
-Prints a table per action and the memory samples; exits 1 if any call was judged wrong, memory
-grew, or the server failed.
+Prints a table per action and the memory samples; exits 1 if any call was judged wrong (an
+exception in the soak's own code counts), an action that should have run never did, memory grew,
+a worker hung, or a server failed. No server outlives the script.
 
   python3 bench/soak.py [--server build/server/dilattn-server] [--device cpu|cuda]
                         [--minutes 10] [--workers 8] [--seed 1] [--server-args '...']
@@ -50,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.request
 
 import grpc
@@ -70,6 +74,10 @@ TOLERANCE_GPU = {"FP32": 2e-3, "FP16": 2e-3, "BF16": 1e-2}  # FP32 is computed i
 TOLERANCE_CPU = {"FP32": 1e-5, "FP16": 2e-3, "BF16": 1e-2}
 WEIGHTS = {"infer": 30, "cancel": 8, "long": 4, "bad": 12, "shm": 8, "cuda_shm": 6, "stream": 8,
            "abandon": 4, "bidi": 6, "scheduled": 10}
+# Client deadlines of calls that should be answered: generous, so that a slow (sanitizer) build
+# passes, but a hung call still ends as a failure instead of hanging the soak.
+CALL_TIMEOUT = 300
+LONG_CALL_TIMEOUT = 900
 # Options of the dilated models a request may carry: (segment lengths, dilation rates); None
 # keeps the model's own.
 DILATED_OPTIONS = [None, ([256, 512, 1024], [1, 2, 4]), ([512, 2048], [1, 4]), ([128], [1]),
@@ -117,8 +125,8 @@ class Server:
         line = self.proc.stdout.readline()
         m = re.search(r"grpc_port=(\d+) metrics_port=(\d+)", line)
         if not m:
-            self.proc.kill()
-            sys.exit(f"server did not start: {line!r}; log in {self.log_path}")
+            self.kill()
+            raise RuntimeError(f"server did not start: {line!r}; log in {self.log_path}")
         self.url = f"127.0.0.1:{m.group(1)}"
         self.metrics_port = int(m.group(2))
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()
@@ -126,14 +134,32 @@ class Server:
     def alive(self):
         return self.proc.poll() is None
 
+    def kill(self):
+        """For runs that end in an exception: no server outlives the script."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+
     def metrics(self):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
                                     timeout=10) as r:
             return r.read().decode()
 
-    def sum_of(self, prefix, needle=""):
-        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines()
+    def sum_of(self, prefix, needle="", text=None):
+        """The sum of the series starting with `prefix` and holding `needle` in `text` (a scrape
+        of /metrics; a fresh one by default)."""
+        text = self.metrics() if text is None else text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(prefix) and needle in line)
+
+    def pools(self):
+        """(MiB leased, MiB cached unused, leases) over every buffer pool."""
+        text = self.metrics()
+        return (self.sum_of("dilattn_buffer_pool_bytes{", 'state="in_use"', text) / 2**20,
+                self.sum_of("dilattn_buffer_pool_bytes{", 'state="held"', text) / 2**20,
+                self.sum_of("dilattn_buffer_pool_leases{", "", text))
 
     def rss_mib(self):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -143,6 +169,8 @@ class Server:
         return float("nan")
 
     def gpu_mib(self):
+        """The server's device memory as nvidia-smi lists it; NaN where it is not listed (in a
+        container with its own process IDs nvidia-smi shows the host's)."""
         if not self.device.startswith("cuda"):
             return float("nan")
         try:
@@ -156,10 +184,9 @@ class Server:
         return sum(used) if used else float("nan")
 
     def sample(self, t, label):
+        in_use, held, leases = self.pools()
         return {"t": t, "label": label, "rss": self.rss_mib(), "gpu": self.gpu_mib(),
-                "in_use": self.sum_of("dilattn_buffer_pool_bytes{", 'state="in_use"') / 2**20,
-                "held": self.sum_of("dilattn_buffer_pool_bytes{", 'state="held"') / 2**20,
-                "leases": self.sum_of("dilattn_buffer_pool_leases{")}
+                "in_use": in_use, "held": held, "leases": leases}
 
     def stop(self):
         """SIGTERM; a failure message, or None for a clean exit."""
@@ -192,23 +219,40 @@ class Soak:
         self.stop = threading.Event()
         self.busy = 0
         self.busy_cv = threading.Condition()
+        self.calls_done = 0  # calls finished, to tell that traffic ran between the idle points
+        self.calls = collections.Counter()  # calls finished per action
         self.cudart = cuda_ipc.load_cudart() if self.gpu else None
+        if self.gpu and self.cudart is None:
+            raise RuntimeError("--device cuda: no libcudart here to make the CUDA shared-memory "
+                               "calls with")
         self._tls = threading.local()  # a gRPC channel per worker thread
+        self.t0 = time.monotonic()
         common = ["--pool-idle-release-seconds", str(args.release_seconds),
                   *shlex.split(args.server_args)]
         log = pathlib.Path(args.log)
-        # The built-in models; sequences from 16K tokens run in pieces or over parts of their rows.
-        self.servers = {"built-in": Server(args.server, args.device, log, [
-            "--pipeline-min-tokens", "16384", *common])}
-        # A model of priorities, queue delays, a queue bound and timeouts, beside them.
+        self.servers = {}
         self.repository = tempfile.TemporaryDirectory(prefix="soak-models-")
-        model = pathlib.Path(self.repository.name) / "scheduled"
-        model.mkdir()
-        (model / "config.pbtxt").write_text(SCHEDULING_MODEL)
-        self.servers["scheduling"] = Server(
-            args.server, args.device, log.with_name(log.stem + "-scheduling" + log.suffix),
-            ["--model-repository", self.repository.name, *common])
+        try:
+            # The built-in models; sequences from 16K tokens run in pieces or over parts of
+            # their rows.
+            self.servers["built-in"] = Server(args.server, args.device, log, [
+                "--pipeline-min-tokens", "16384", *common])
+            # A model of priorities, queue delays, a queue bound and timeouts, beside them.
+            model = pathlib.Path(self.repository.name) / "scheduled"
+            model.mkdir()
+            (model / "config.pbtxt").write_text(SCHEDULING_MODEL)
+            self.servers["scheduling"] = Server(
+                args.server, args.device, log.with_name(log.stem + "-scheduling" + log.suffix),
+                ["--model-repository", self.repository.name, *common])
+        except BaseException:
+            self.kill_servers()
+            raise
         self.url = self.servers["built-in"].url
+
+    def kill_servers(self):
+        for server in self.servers.values():
+            server.kill()
+        self.repository.cleanup()
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def record(self, action, outcome):
@@ -222,7 +266,11 @@ class Soak:
                 self.wrong.append(f"{action}: {message}")
 
     def check(self, out, expected, datatype, what):
-        err = reference.relative_error(out, expected)
+        """`out` as it came (its wire dtype) against the float64 reference."""
+        if out.dtype != NUMPY_DTYPE[datatype] or out.shape != expected.shape:
+            raise Wrong(f"{what}: O is {out.dtype} {out.shape}, expected "
+                        f"{np.dtype(NUMPY_DTYPE[datatype])} {expected.shape}")
+        err = reference.relative_error(out.astype(np.float32), expected)
         if not err <= self.tolerance[datatype]:
             raise Wrong(f"{what}: relative error {err:.3g} over {self.tolerance[datatype]}")
 
@@ -261,20 +309,20 @@ class Soak:
     # --- actions ----------------------------------------------------------------------------------
     def act_infer(self, rng, client):
         model, params, seg, rates, mode, causal, shape, dt = self.random_dilated(rng, 8192)
-        q, k, v = self.tensors(rng, shape, dt)
         if rng.random() < 0.25:
             shape = (shape[0], rng.choice([256, 1000]), shape[2], 16 if self.gpu else 8)
             q, k, v = self.tensors(rng, shape, dt)
             kept = lambda i, j, nb: abs(i - j) <= 1  # noqa: E731  (the model's local_window 1)
             out = client.infer("block_sparse_attention", make_inputs(q, k, v, dt),
-                               parameters={"causal": causal}).as_numpy("O")
-            self.check(out.astype(np.float32),
-                       reference.block_sparse_attention(q, k, v, 64, kept, causal), dt,
+                               parameters={"causal": causal},
+                               client_timeout=CALL_TIMEOUT).as_numpy("O")
+            self.check(out, reference.block_sparse_attention(q, k, v, 64, kept, causal), dt,
                        f"block-sparse {shape} {dt} causal={causal}")
             return "ok"
-        out = client.infer(model, make_inputs(q, k, v, dt), parameters=params).as_numpy("O")
-        self.check(out.astype(np.float32),
-                   reference.dilated_attention(q, k, v, seg, rates, mode, causal), dt,
+        q, k, v = self.tensors(rng, shape, dt)
+        out = client.infer(model, make_inputs(q, k, v, dt), parameters=params,
+                           client_timeout=CALL_TIMEOUT).as_numpy("O")
+        self.check(out, reference.dilated_attention(q, k, v, seg, rates, mode, causal), dt,
                    f"{model} {shape} {dt} {params}")
         return "ok"
 
@@ -291,8 +339,10 @@ class Soak:
             if "DEADLINE_EXCEEDED" in str(e.status()) or "Deadline" in str(e):
                 return "deadline"
             raise
+        if out.shape != shape:
+            raise Wrong(f"cancel: O is {out.shape}, expected {shape}")
         rows = stretch(segments)
-        self.check(out[:, :rows].astype(np.float32),
+        self.check(out[:, :rows],
                    reference.dilated_attention(q[:, :rows], k[:, :rows], v[:, :rows], segments,
                                                rates), dt, "cancel: first stretch")
         return "ok"
@@ -305,10 +355,9 @@ class Soak:
             segments, rates, shape = [1024, n], [1, 8], (1, n, 2, 32)
             q, k, v = self.tensors(rng, shape, dt)
             params = {"segment_lengths": f"1024,{n}", "dilation_rates": "1,8"}
-            out = client.infer("dilated_attention", make_inputs(q, k, v, dt),
-                               parameters=params).as_numpy("O")
-            self.check(out.astype(np.float32),
-                       reference.dilated_attention(q, k, v, segments, rates), dt,
+            out = client.infer("dilated_attention", make_inputs(q, k, v, dt), parameters=params,
+                               client_timeout=LONG_CALL_TIMEOUT).as_numpy("O")
+            self.check(out, reference.dilated_attention(q, k, v, segments, rates), dt,
                        f"long, global branch {shape} {dt}")
             return "ok"
         segments, rates = [512, 2048], [1, 4]
@@ -317,11 +366,18 @@ class Soak:
         q, k, v = self.tensors(rng, shape, dt)
         causal = rng.random() < 0.5
         params = {"segment_lengths": "512,2048", "dilation_rates": "1,4", "causal": causal}
-        out = client.infer("dilated_attention", make_inputs(q, k, v, dt),
-                           parameters=params).as_numpy("O").astype(np.float32)
+        out = client.infer("dilated_attention", make_inputs(q, k, v, dt), parameters=params,
+                           client_timeout=LONG_CALL_TIMEOUT).as_numpy("O")
+        if out.shape != shape:
+            raise Wrong(f"long: O is {out.shape}, expected {shape}")
         rows = stretch(segments)
+        whole = (n // rows) * rows
+        # The first and the last whole stretch, one at random, and the short one after them.
+        starts = {0, whole - rows, rng.randrange(n // rows) * rows}
+        if whole < n:
+            starts.add(whole)
         for b in range(shape[0]):
-            for start in sorted({0, (n // rows) * rows - rows, rng.randrange(n // rows) * rows}):
+            for start in sorted(starts):
                 end = min(start + rows, n)
                 sl = slice(start, end)
                 self.check(out[b:b + 1, sl],
@@ -329,7 +385,7 @@ class Soak:
                                                        v[b:b + 1, sl], segments, rates,
                                                        causal=causal), dt,
                            f"long {shape} {dt} causal={causal}: rows {start}..{end}")
-        if not np.all(np.isfinite(out)):
+        if not np.all(np.isfinite(out.astype(np.float32))):
             raise Wrong(f"long {shape} {dt}: non-finite output")
         return "ok"
 
@@ -396,7 +452,8 @@ class Soak:
             client.register_system_shared_memory(name, "/" + name, 4 * nbytes)
             try:
                 inputs, outputs = shared_memory_tensors(name, shape, dt, nbytes)
-                client.infer(model, inputs, outputs=outputs, parameters=params)
+                client.infer(model, inputs, outputs=outputs, parameters=params,
+                             client_timeout=CALL_TIMEOUT)
                 # A copy: the array is a view of the mapping destroyed below.
                 out = shm.get_contents_as_numpy(handle, NUMPY_DTYPE[dt], shape,
                                                 offset=3 * nbytes).copy()
@@ -404,14 +461,12 @@ class Soak:
                 client.unregister_system_shared_memory(name)
         finally:
             shm.destroy_shared_memory_region(handle)
-        self.check(out.astype(np.float32),
+        self.check(out,
                    reference.dilated_attention(q, k, v, seg, rates, mode, causal), dt,
                    f"shm {model} {shape} {dt}")
         return "ok"
 
     def act_cuda_shm(self, rng, client):
-        if self.cudart is None:
-            return "skipped"
         # CUDA shared memory is for requests the GPU computes (README): not D = 24.
         model, params, seg, rates, mode, causal, shape, dt = self.random_dilated(
             rng, 8192, on_gpu_kernels=True)
@@ -427,13 +482,14 @@ class Soak:
             client.register_cuda_shared_memory(name, buf.raw_handle(), 0, 4 * nbytes)
             try:
                 inputs, outputs = shared_memory_tensors(name, shape, dt, nbytes)
-                client.infer(model, inputs, outputs=outputs, parameters=params)
+                client.infer(model, inputs, outputs=outputs, parameters=params,
+                             client_timeout=CALL_TIMEOUT)
                 out = buf.read(NUMPY_DTYPE[dt], shape, offset=3 * nbytes)
             finally:
                 client.unregister_cuda_shared_memory(name)
         finally:
             buf.free()
-        self.check(out.astype(np.float32),
+        self.check(out,
                    reference.dilated_attention(q, k, v, seg, rates, mode, causal), dt,
                    f"cuda shm {model} {shape} {dt}")
         return "ok"
@@ -455,14 +511,14 @@ class Soak:
         out = dilattn_stream.attend(
             self._tls.channel, *wire, parameters={"segment_lengths": "256,1024",
                                                   "dilation_rates": "1,2"},
-            chunk_bytes=token_bytes * rng.choice([100, 777, 4096]), timeout=120)
-        self.check(out.astype(np.float32), reference.dilated_attention(q, k, v, segments, rates),
+            chunk_bytes=token_bytes * rng.choice([100, 777, 4096]), timeout=CALL_TIMEOUT)
+        self.check(out, reference.dilated_attention(q, k, v, segments, rates),
                    dt, f"stream {shape} {dt}")
         return "ok"
 
     def act_abandon(self, rng, client):
         import dilattn_stream
-        segments, rates, shape, dt, q, k, v = self.stream_inputs(rng)
+        _, _, shape, dt, q, k, v = self.stream_inputs(rng)
         wire = [x.astype(NUMPY_DTYPE[dt]) for x in (q, k, v)]
         self.stub()
         first = dilattn_stream.header("dilated_attention", shape, dt,
@@ -491,9 +547,10 @@ class Soak:
     def act_bidi(self, rng, client):
         results = queue.Queue()
         c = grpcclient.InferenceServerClient(self.url)
-        c.start_stream(callback=lambda result, error: results.put((result, error)))
         sent = {}
+        finished = False
         try:
+            c.start_stream(callback=lambda result, error: results.put((result, error)))
             for i in range(rng.randint(2, 4)):
                 model, params, seg, rates, mode, causal, shape, dt = self.random_dilated(rng, 2048)
                 q, k, v = self.tensors(rng, shape, dt)
@@ -515,14 +572,16 @@ class Soak:
                     continue
                 rid = result.get_response().id
                 q, k, v, seg, rates, mode, causal, dt = sent[rid]
-                self.check(result.as_numpy("O").astype(np.float32),
+                self.check(result.as_numpy("O"),
                            reference.dilated_attention(q, k, v, seg, rates, mode, causal), dt,
                            f"bidi {rid}")
                 got += 1
             if got != len(sent) or errors != 1:
                 raise Wrong(f"bidi: {got} answers and {errors} errors for {len(sent)} + 1")
+            finished = True
         finally:
-            c.stop_stream()
+            # On a failure, requests may still be pending: cancel them rather than wait.
+            c.stop_stream(cancel_requests=not finished)
             c.close()
         return "ok"
 
@@ -556,7 +615,7 @@ class Soak:
                             "were never answered")
             q, k, v, dt, client_deadline = sent[i]
             if error is None:
-                self.check(result.as_numpy("O").astype(np.float32),
+                self.check(result.as_numpy("O"),
                            reference.dilated_attention(q, k, v, [256, 512], [1, 2]), dt,
                            f"scheduled {q.shape} {dt}")
                 outcomes["ok"] += 1
@@ -571,10 +630,13 @@ class Soak:
         return None
 
     # --- running ----------------------------------------------------------------------------------
+    def actions(self):
+        return [a for a in WEIGHTS if a != "cuda_shm" or self.gpu]
+
     def worker(self, index):
         rng = random.Random(self.args.seed * 1000 + index)
         client = grpcclient.InferenceServerClient(self.url)
-        actions = [a for a in WEIGHTS if a != "cuda_shm" or self.gpu]
+        actions = self.actions()
         weights = [WEIGHTS[a] for a in actions]
         while not self.stop.is_set():
             if self.paused.is_set():
@@ -591,25 +653,47 @@ class Soak:
                     self.record(action, outcome)
             except Wrong as e:
                 self.record_wrong(action, str(e))
-            except (InferenceServerException, grpc.RpcError, OSError, RuntimeError) as e:
+            except (InferenceServerException, grpc.RpcError) as e:
                 self.record_wrong(action, f"{type(e).__name__}: {e}")
+            except Exception as e:  # a fault of the soak itself is still a failed run
+                self.record_wrong(action, f"{type(e).__name__}: {e}\n"
+                                  + "".join(traceback.format_exc(limit=-4)))
             finally:
                 with self.busy_cv:
                     self.busy -= 1
+                    self.calls_done += 1
+                    self.calls[action] += 1
                     self.busy_cv.notify_all()
         client.close()
-        if getattr(self._tls, "scheduled", None) is not None:
-            self._tls.scheduled.close()
+        for name in ("scheduled", "channel"):
+            if getattr(self._tls, name, None) is not None:
+                getattr(self._tls, name).close()
 
-    def quiesce(self, label):
-        """Pauses traffic until the pools' idle release has run; a sample of each server then."""
+    def quiesce(self, label, resume=True):
+        """Pauses traffic until every call in progress has ended and the pools' idle release has
+        run, then samples each server: (sample, failures). Traffic resumes if `resume`."""
         self.paused.set()
+        failures = []
         with self.busy_cv:
-            self.busy_cv.wait_for(lambda: self.busy == 0)
-        time.sleep(1.6 * self.args.release_seconds + 2)
-        samples = self.sample(label)
-        self.paused.clear()
-        return samples
+            if not self.busy_cv.wait_for(lambda: self.busy == 0, timeout=LONG_CALL_TIMEOUT + 60):
+                failures.append(f"{label}: {self.busy} calls still running past their deadlines")
+        # A buffer goes back a whole release interval after its last use, at a look every half
+        # interval, and the heap is trimmed at that look: one and a half intervals at least, more
+        # while the pools still hold anything (a scheduling server may still finish requests
+        # whose clients gave up).
+        r = self.args.release_seconds
+        now = time.monotonic()
+        settled, give_up = now + 1.5 * r + 1, now + 4 * r + 30
+        while time.monotonic() < give_up:
+            time.sleep(0.25)
+            if time.monotonic() >= settled and all(
+                    not any(server.pools()) for server in self.servers.values()):
+                break
+        time.sleep(0.5)
+        sample = self.sample(label)
+        if resume:
+            self.paused.clear()
+        return sample, failures
 
     def sample(self, label):
         t = time.monotonic() - self.t0
@@ -630,10 +714,14 @@ class Soak:
         if grew > self.args.rss_slack_mib:
             failures.append(f"{name} server: resident memory grew {grew:.0f} MiB between the idle "
                             f"points (slack {self.args.rss_slack_mib})")
-        grew = final["gpu"] - baseline["gpu"]
-        if grew > self.args.gpu_slack_mib:  # False where nvidia-smi does not say (NaN)
-            failures.append(f"{name} server: GPU memory grew {grew:.0f} MiB between the idle "
-                            f"points (slack {self.args.gpu_slack_mib})")
+        if self.gpu and self.args.gpu_slack_mib >= 0:
+            grew = final["gpu"] - baseline["gpu"]
+            if math.isnan(grew):
+                failures.append(f"{name} server: nvidia-smi does not list its process, so its GPU "
+                                "memory is unknown (--gpu-slack-mib -1 skips the check)")
+            elif grew > self.args.gpu_slack_mib:
+                failures.append(f"{name} server: GPU memory grew {grew:.0f} MiB between the idle "
+                                f"points (slack {self.args.gpu_slack_mib})")
         return failures
 
     def counter_failures(self):
@@ -651,33 +739,41 @@ class Soak:
         return all(server.alive() for server in self.servers.values())
 
     def run(self):
-        self.t0 = time.monotonic()
+        """Warm-up (a fifth of --minutes), an idle point, the main phase (the rest), an idle
+        point: (samples, failures). The idle points' waits are on top of --minutes."""
         samples = [self.sample("start")]
         threads = [threading.Thread(target=self.worker, args=(i,), daemon=True)
                    for i in range(self.args.workers)]
         for t in threads:
             t.start()
         total = self.args.minutes * 60
-        warm_until = self.t0 + total / 5
-        end = self.t0 + total
-        idle_points = []
-        failures = []
-        while time.monotonic() < end and self.all_alive():
-            time.sleep(min(self.args.sample_seconds, max(0.0, end - time.monotonic())))
+        idle_points, calls_at_idle, failures = [], [], []
+        phase_end = time.monotonic() + total / 5
+        for label in ("after warm-up", "end"):
+            while self.all_alive() and time.monotonic() < phase_end:
+                time.sleep(min(self.args.sample_seconds, max(0.0, phase_end - time.monotonic())))
+                if self.all_alive() and time.monotonic() < phase_end:
+                    samples.append(self.sample("load"))
             if not self.all_alive():
                 break
-            if not idle_points and time.monotonic() >= warm_until:
-                idle_points.append(self.quiesce("after warm-up"))
-                samples.append(idle_points[-1])
-            else:
-                samples.append(self.sample("load"))
-        if self.all_alive():
-            idle_points.append(self.quiesce("end"))
-            samples.append(idle_points[-1])
+            # Traffic stays paused after the last point: the counters are read idle.
+            point, waited = self.quiesce(label, resume=label != "end")
+            failures += waited
+            idle_points.append(point)
+            samples.append(point)
+            calls_at_idle.append(self.calls_done)
+            phase_end = time.monotonic() + total * 4 / 5
+        if len(idle_points) == 2:
             failures += self.counter_failures()
+            if calls_at_idle[1] == calls_at_idle[0]:
+                failures.append("no call ran between the idle points: memory growth untested")
         self.stop.set()
         for t in threads:
-            t.join(timeout=180)
+            t.join(timeout=LONG_CALL_TIMEOUT + 60)
+        stuck = sum(t.is_alive() for t in threads)
+        if stuck:
+            failures.append(f"{stuck} worker threads still running at the end")
+        failures += self.coverage_failures()
         for point in idle_points:
             for name, sample in point.items():
                 failures += self.idle_failures(name, sample)
@@ -692,8 +788,16 @@ class Soak:
             if errors:
                 failures.append(f"{name} server: {len(errors)} error lines in its log, first: "
                                 f"{errors[0]}")
-        self.repository.cleanup()
         return samples, failures
+
+    def coverage_failures(self):
+        """An action that should have run ten times or more and never ran (a chance of e^-10)
+        means the mix is broken, not unlucky."""
+        actions = self.actions()
+        weight = sum(WEIGHTS[a] for a in actions)
+        total = sum(self.calls.values())
+        return [f"{a}: never ran in {total} calls" for a in actions
+                if self.calls[a] == 0 and total * WEIGHTS[a] / weight >= 10]
 
     def report(self, samples, failures):
         outcomes = sorted({o for c in self.counts.values() for o in c})
@@ -737,12 +841,22 @@ def main():
                    help="the server's --pool-idle-release-seconds")
     p.add_argument("--sample-seconds", type=float, default=15)
     p.add_argument("--rss-slack-mib", type=float, default=48)
-    p.add_argument("--gpu-slack-mib", type=float, default=64)
+    p.add_argument("--gpu-slack-mib", type=float, default=64,
+                   help="negative: no GPU memory check (where nvidia-smi cannot see the server)")
     p.add_argument("--log", default="soak-server.log")
     args = p.parse_args()
-    soak = Soak(args)
-    samples, failures = soak.run()
-    sys.exit(0 if soak.report(samples, failures) else 1)
+    # SIGTERM (a test runner's timeout) ends the run through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        soak = Soak(args)
+    except RuntimeError as e:
+        sys.exit(f"soak: {e}")
+    try:
+        samples, failures = soak.run()
+        ok = soak.report(samples, failures)
+    finally:
+        soak.kill_servers()
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class CpuExecutor final : public Executor {
   absl::Status Start(Job& job) override { return RunOnHost(job); }
   absl::Status Wait(Job&) override { return absl::OkStatus(); }
 
-  void ReleaseIdleMemory(absl::Time cutoff) override { pool_->ReleaseIdle(cutoff); }
+  size_t ReleaseIdleMemory(absl::Time cutoff) override { return pool_->ReleaseIdle(cutoff); }
 
   // Also the CUDA executor's path for what its GPU kernels do not cover.
   absl::Status RunOnHost(Job& job) {

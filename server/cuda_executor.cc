@@ -374,10 +374,9 @@ class CudaExecutor final : public Executor {
 
   // The pinned pool and the CPU path's host pool may be shared with other GPUs' executors; the
   // pools are thread-safe, and they free only buffers nobody leases.
-  void ReleaseIdleMemory(absl::Time cutoff) override {
-    device_pool_->ReleaseIdle(cutoff);
-    pinned_pool_->ReleaseIdle(cutoff);
-    cpu_->ReleaseIdleMemory(cutoff);
+  size_t ReleaseIdleMemory(absl::Time cutoff) override {
+    return device_pool_->ReleaseIdle(cutoff) + pinned_pool_->ReleaseIdle(cutoff) +
+           cpu_->ReleaseIdleMemory(cutoff);
   }
 
   absl::Status Wait(Job& job) override {

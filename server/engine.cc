@@ -116,11 +116,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
     std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang,
-    absl::Duration pool_idle_release) {
+    absl::Duration pool_idle_release, std::function<void()> trim_heap) {
   if (executors.empty()) return absl::InvalidArgumentError("an engine needs an executor");
   std::unique_ptr<Engine> e(new Engine());
   e->executors_ = std::move(executors);
   e->idle_release_ = pool_idle_release;
+  e->trim_heap_ = trim_heap != nullptr ? std::move(trim_heap) : memory::TrimMallocHeap;
   e->gang_ = std::move(gang);
   {
     absl::MutexLock lock(&e->mu_);
@@ -217,6 +218,30 @@ void Engine::JobsDone(int n) {
   if (n == 0) return;
   absl::MutexLock lock(&mu_);
   jobs_running_ -= n;
+  heap_dirty_ = true;
+}
+
+// Only when no job runs anywhere: a trim walks every malloc arena under its lock, stalling the
+// threads that allocate meanwhile, and hands back pages a busy thread would fault in again. And
+// only when there is something to hand back, so that an idle server does not walk the heap at
+// every look. A release that frees memory during another thread's trim leaves the heap dirty for
+// the next look.
+bool Engine::ReleaseDone(size_t freed) {
+  absl::MutexLock lock(&mu_);
+  --jobs_running_;
+  --releasing_;
+  if (freed > 0) heap_dirty_ = true;
+  if (!heap_dirty_ || trimming_ || jobs_running_ != releasing_ || gang_active_ || !queue_.empty()) {
+    return false;
+  }
+  heap_dirty_ = false;
+  trimming_ = true;
+  return true;
+}
+
+void Engine::TrimDone() {
+  absl::MutexLock lock(&mu_);
+  trimming_ = false;
 }
 
 void Engine::Shutdown() {
@@ -253,7 +278,10 @@ void Engine::Loop(Executor& executor) {
           // trims the executors' device pools itself). Counted as a job, so that a gang run
           // waits for it in turn.
           release = !gang_active_;
-          if (release) ++jobs_running_;
+          if (release) {
+            ++jobs_running_;
+            ++releasing_;
+          }
         } else if (!HasWorkFor(executor)) {
           return;  // stopping, nothing left
         }
@@ -266,12 +294,13 @@ void Engine::Loop(Executor& executor) {
     if (idle) {
       // Outside the lock, and with no job of this executor in flight: cudaFree synchronizes.
       if (release) {
-        executor.ReleaseIdleMemory(MonotonicNow() - idle_release_);
         // What the pools freed from the heap, and the message buffers and scratch of the jobs
         // before, would stay resident in malloc's arenas (on a GPU server too, where the pools
         // are pinned and device memory but the messages are on the heap).
-        memory::TrimMallocHeap();
-        JobsDone(1);
+        if (ReleaseDone(executor.ReleaseIdleMemory(MonotonicNow() - idle_release_))) {
+          trim_heap_();
+          TrimDone();
+        }
       }
       next_look = MonotonicNow() + look_every;
       continue;
@@ -326,6 +355,7 @@ void Engine::RunGang(Batch batch) {
   gang_->ReleaseCachedMemory();
   absl::MutexLock lock(&mu_);
   gang_active_ = false;
+  heap_dirty_ = true;
 }
 
 std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,

@@ -7,6 +7,7 @@
 // so a request staged before a GPU takes it runs on any of them.
 
 #include <deque>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -42,7 +43,8 @@ struct EngineOptions {
   // or more GPUs and NCCL.
   int64_t sequence_parallel_min_tokens = 0;
   // A device's thread with no job frees the pool buffers cached unused this long
-  // (Executor::ReleaseIdleMemory); zero never does.
+  // (Executor::ReleaseIdleMemory), and, when no job runs on any device, hands the C heap's free
+  // pages back (memory::TrimMallocHeap); zero does neither.
   absl::Duration pool_idle_release = absl::Seconds(120);
 };
 
@@ -50,10 +52,12 @@ class Engine {
  public:
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const EngineOptions& options);
   // An engine over the given executors, one thread each (Create's devices; tests' own), with
-  // EngineOptions::pool_idle_release.
+  // EngineOptions::pool_idle_release. `trim_heap` hands the C heap's free pages back
+  // (memory::TrimMallocHeap; tests count the calls).
   static absl::StatusOr<std::unique_ptr<Engine>> CreateWith(
       std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang = nullptr,
-      absl::Duration pool_idle_release = absl::ZeroDuration());
+      absl::Duration pool_idle_release = absl::ZeroDuration(),
+      std::function<void()> trim_heap = nullptr);
   ~Engine();
 
   std::string backend_name() const;
@@ -102,6 +106,10 @@ class Engine {
   // Runs a gang batch once no other job is running; the calling thread holds no job.
   void RunGang(Batch batch);
   void JobsDone(int n);
+  // Ends an idle thread's release, which freed `freed` bytes; true when the thread is to trim
+  // the C heap now (and call TrimDone after).
+  bool ReleaseDone(size_t freed);
+  void TrimDone();
 
   std::vector<std::unique_ptr<Executor>> executors_;  // one per device
   absl::Duration idle_release_;                       // EngineOptions::pool_idle_release
@@ -115,6 +123,12 @@ class Engine {
   int jobs_running_ ABSL_GUARDED_BY(mu_) = 0;
   // A thread holds a gang batch: no thread takes another batch until it has run.
   bool gang_active_ ABSL_GUARDED_BY(mu_) = false;
+  // Idle releases in progress (counted in jobs_running_ too).
+  int releasing_ ABSL_GUARDED_BY(mu_) = 0;
+  // A job finished or a release freed memory since the C heap was last trimmed.
+  bool heap_dirty_ ABSL_GUARDED_BY(mu_) = false;
+  bool trimming_ ABSL_GUARDED_BY(mu_) = false;
+  std::function<void()> trim_heap_;
   std::vector<std::thread> threads_;
 };
 

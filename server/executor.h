@@ -71,8 +71,8 @@ class Executor {
   // Frees what its pools have cached unused since before `cutoff`, so that memory a burst left
   // behind goes back to the system and to other processes on its GPU. Only while it runs no job:
   // freeing device memory waits for the device. Pools it shares with other executors may be
-  // trimmed while those run jobs; only buffers nobody leases are freed.
-  virtual void ReleaseIdleMemory(absl::Time /*cutoff*/) {}
+  // trimmed while those run jobs; only buffers nobody leases are freed. Returns the bytes freed.
+  virtual size_t ReleaseIdleMemory(absl::Time /*cutoff*/) { return 0; }
 };
 
 // Runs one request across every GPU of the engine at once: sequence parallelism (DESIGN.md

@@ -36,7 +36,7 @@ std::unique_ptr<Allocator> NewStagingHostAllocator();
 // elsewhere). glibc keeps freed blocks below its mmap threshold, which grows to 32 MiB as large
 // blocks are freed, resident in its arenas: gRPC's message buffers, pageable pool buffers and the
 // CPU path's scratch would otherwise keep the process's resident memory at its peak for good.
-// Walks every arena, so for idle moments.
+// Walks every arena under its lock: the engine calls it only when no device runs a job.
 void TrimMallocHeap();
 
 // Number of CUDA devices this process can use; 0 in a build without CUDA or on a machine without.

@@ -1,9 +1,11 @@
 """A short run of bench/soak.py: mixed traffic from several threads (valid, cancelled, long,
-malformed, shared-memory, native-stream, dropped and bidirectional calls), every answer judged,
-the pools empty once idle, memory flat between two idle points, and a clean SIGTERM exit with no
-error in the server's log. The script runs for minutes when started by hand."""
+malformed, shared-memory, native-stream, dropped and bidirectional calls to one server, bursts of
+scheduled requests to a second), every answer judged, the pools empty once idle, memory flat
+between two idle points, and a clean SIGTERM exit with no error in the servers' logs. The script
+runs for minutes when started by hand."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,7 +17,16 @@ def test_soak_briefly():
     cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--server", server_binary(),
            "--device", os.environ.get("DILATTN_E2E_DEVICE", "cpu"), "--minutes", "0.4",
            "--workers", "3", "--sample-seconds", "4", "--log", str(log)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "soak: passed" in run.stdout, (
-        f"{run.stdout}\n{run.stderr[-4000:]}\nserver log: {log}")
-    assert "| infer |" in run.stdout and "| bad |" in run.stdout
+    # Its own process group, servers included, so that a timeout leaves no process behind.
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        stdout, stderr = run.communicate()
+        raise AssertionError(f"the soak ran past 600 s\n{stdout}\n{stderr[-4000:]}")
+    assert run.returncode == 0 and "soak: passed" in stdout, (
+        f"{stdout}\n{stderr[-4000:]}\nserver log: {log}")
+    for action in ("infer", "bad", "scheduled"):
+        assert f"| {action} |" in stdout, f"{action} never ran\n{stdout}"

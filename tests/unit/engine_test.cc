@@ -121,6 +121,17 @@ struct IdleLog {
   std::vector<Call> calls ABSL_GUARDED_BY(mu);
   std::atomic<int> in_flight{0};  // jobs between Start and the end of their Wait
   std::atomic<int> during_job{0};
+  std::atomic<size_t> freed_per_release{0};  // what each ReleaseIdleMemory reports
+  // The engine's heap trims, and those made while a job was in flight.
+  std::atomic<int> trims{0};
+  std::atomic<int> trims_during_job{0};
+
+  std::function<void()> Trim() {
+    return [this] {
+      if (in_flight.load() != 0) trims_during_job.fetch_add(1);
+      trims.fetch_add(1);
+    };
+  }
 
   std::vector<Call> Calls() {
     absl::MutexLock lock(&mu);
@@ -133,10 +144,11 @@ struct IdleLog {
 // request is queued by then and the engine starts it before waiting for the previous one.
 class IdleRecordingExecutor final : public Executor {
  public:
-  IdleRecordingExecutor(IdleLog* log, memory::BufferPool* pool, absl::Duration job_time)
-      : log_(log), pool_(pool), job_time_(job_time) {}
+  IdleRecordingExecutor(IdleLog* log, memory::BufferPool* pool, absl::Duration job_time,
+                        int device = 0)
+      : log_(log), pool_(pool), job_time_(job_time), device_(device) {}
   std::string name() const override { return "idle-recording"; }
-  int cuda_device() const override { return 0; }
+  int cuda_device() const override { return device_; }
   absl::StatusOr<PlanFacts> Supports(const InferenceRequest&) const override { return PlanFacts{}; }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
   memory::BufferPool& staging_pool() override { return *pool_; }
@@ -150,16 +162,18 @@ class IdleRecordingExecutor final : public Executor {
     log_->in_flight.fetch_sub(1);
     return absl::OkStatus();
   }
-  void ReleaseIdleMemory(absl::Time cutoff) override {
+  size_t ReleaseIdleMemory(absl::Time cutoff) override {
     if (log_->in_flight.load() != 0) log_->during_job.fetch_add(1);
     absl::MutexLock lock(&log_->mu);
     log_->calls.push_back({MonotonicNow(), cutoff});
+    return log_->freed_per_release.load();
   }
 
  private:
   IdleLog* const log_;
   memory::BufferPool* const pool_;
   const absl::Duration job_time_;
+  const int device_;
 };
 
 // A CPU-like executor (it computes in Start) whose jobs take a while; counts the requests it ran.
@@ -272,10 +286,17 @@ class EngineThreads : public ::testing::Test {
   }
 
   // An engine over `executor` alone that releases pool memory idle for `idle_release`.
-  void StartWith(std::unique_ptr<Executor> executor, absl::Duration idle_release) {
+  void StartWith(std::unique_ptr<Executor> executor, absl::Duration idle_release,
+                 std::function<void()> trim_heap = nullptr) {
     std::vector<std::unique_ptr<Executor>> executors;
     executors.push_back(std::move(executor));
-    auto engine = Engine::CreateWith(std::move(executors), nullptr, idle_release);
+    StartWithAll(std::move(executors), idle_release, std::move(trim_heap));
+  }
+
+  void StartWithAll(std::vector<std::unique_ptr<Executor>> executors, absl::Duration idle_release,
+                    std::function<void()> trim_heap = nullptr) {
+    auto engine =
+        Engine::CreateWith(std::move(executors), nullptr, idle_release, std::move(trim_heap));
     ASSERT_TRUE(engine.ok());
     engine_ = *std::move(engine);
     absl::StatusOr<ModelSpec> spec = Spec("m", "");
@@ -768,6 +789,58 @@ TEST_F(EngineThreads, AnIdleEngineReleasesPoolMemoryButNeverDuringAJob) {
   EXPECT_LE(first_release, kInterval * 3 / 2 + absl::Milliseconds(250));
   engine_->Shutdown();
   EXPECT_EQ(idle.during_job.load(), 0);
+}
+
+// The C heap is trimmed at a look after work, once, and again only when a release frees memory:
+// an idle server does not walk its heap at every look.
+TEST_F(EngineThreads, AnIdleEngineTrimsTheHeapOnlyAfterWorkOrARelease) {
+  constexpr absl::Duration kInterval = absl::Milliseconds(60);
+  IdleLog idle;
+  StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(5)),
+            kInterval, idle.Trim());
+  ASSERT_TRUE(WaitFor([&] { return idle.Calls().size() >= 3; }));
+  EXPECT_EQ(idle.trims.load(), 0) << "trimmed before any work";
+
+  Submit(1, -1);
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
+  ASSERT_TRUE(WaitFor([&] { return idle.trims.load() >= 1; })) << "never trimmed after a job";
+  size_t looks = idle.Calls().size();
+  ASSERT_TRUE(WaitFor([&] { return idle.Calls().size() >= looks + 4; }));
+  EXPECT_EQ(idle.trims.load(), 1) << "trimmed again with nothing new to hand back";
+
+  idle.freed_per_release = 4096;
+  looks = idle.Calls().size();
+  ASSERT_TRUE(WaitFor([&] { return idle.Calls().size() >= looks + 3; }));
+  EXPECT_GE(idle.trims.load(), 3) << "a release that freed memory was not followed by a trim";
+  engine_->Shutdown();
+  EXPECT_EQ(idle.trims_during_job.load(), 0);
+}
+
+// One device's thread idle while another's runs a job looks and releases its own pools, but
+// leaves the heap alone until no job runs anywhere.
+TEST_F(EngineThreads, NoHeapTrimWhileAnyDeviceRunsAJob) {
+  constexpr absl::Duration kInterval = absl::Milliseconds(40);
+  IdleLog fast_log, slow_log;
+  std::vector<std::unique_ptr<Executor>> executors;
+  executors.push_back(
+      std::make_unique<IdleRecordingExecutor>(&fast_log, pool_.get(), absl::Milliseconds(5), 0));
+  executors.push_back(
+      std::make_unique<IdleRecordingExecutor>(&slow_log, pool_.get(), absl::Milliseconds(800), 1));
+  // Each trim checks both devices for a job in flight.
+  std::atomic<int> trims_total{0}, trims_during_job{0};
+  StartWithAll(std::move(executors), kInterval, [&] {
+    if (fast_log.in_flight.load() + slow_log.in_flight.load() != 0) trims_during_job.fetch_add(1);
+    trims_total.fetch_add(1);
+  });
+  // A request for each GPU at once: the first finishes within 30 ms (leaving the heap to trim),
+  // the second runs 0.8 s on the other GPU.
+  Submit(1, 0);
+  Submit(2, 1);
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 2; }));
+  EXPECT_EQ(trims_during_job.load(), 0) << "trimmed the heap while a device ran a job";
+  ASSERT_TRUE(WaitFor([&] { return trims_total.load() >= 1; })) << "never trimmed once idle";
+  engine_->Shutdown();
+  EXPECT_EQ(trims_during_job.load(), 0);
 }
 
 TEST_F(EngineThreads, NoIdleReleaseWhenDisabled) {
