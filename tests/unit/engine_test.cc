@@ -596,10 +596,16 @@ TEST_F(EngineThreads, CancelledRequestsHoldNoPlaceInAFullQueue) {
     model_->scheduler().Enqueue(std::move(r));
   }
   ASSERT_EQ(model_->scheduler().queued(), 2u);
+  // Let the batcher settle into its queue delay, so that the new request finds the queue full
+  // (woken by the second request, it could otherwise sweep the cancelled ones first: that too
+  // must refuse nothing, but the sweep on arrival would go untested).
+  absl::SleepFor(absl::Milliseconds(100));
   for (const auto& c : cancels) *c = true;
   model_->scheduler().Enqueue(Request(model_.get()));
-  EXPECT_EQ(failed_.load(), 2) << "the cancelled ones, answered CANCELLED";
   EXPECT_EQ(model_->scheduler().queued(), 1u) << "the new request was refused";
+  // Answered by whichever thread swept them, the batcher's possibly after Enqueue returned.
+  EXPECT_TRUE(WaitFor([&] { return failed_.load() == 2; }))
+      << "the cancelled ones, answered CANCELLED: " << failed_.load();
   model_->scheduler().Shutdown();
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 1);
