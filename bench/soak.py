@@ -122,7 +122,11 @@ class Server:
         cmd = [binary, "--grpc-port", "0", "--metrics-port", "0", "--bind-address", "127.0.0.1",
                "--device", device, *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
+        try:
+            line = self.proc.stdout.readline()
+        except BaseException:  # a signal while it starts
+            self.kill()
+            raise
         m = re.search(r"grpc_port=(\d+) metrics_port=(\d+)", line)
         if not m:
             self.kill()
@@ -689,7 +693,9 @@ class Soak:
             if time.monotonic() >= settled and all(
                     not any(server.pools()) for server in self.servers.values()):
                 break
-        time.sleep(0.5)
+        # With several devices, a release during another thread's trim leaves its own trim to
+        # its next look, half an interval later.
+        time.sleep(0.5 * r + 0.5)
         sample = self.sample(label)
         if resume:
             self.paused.clear()
@@ -855,6 +861,7 @@ def main():
         samples, failures = soak.run()
         ok = soak.report(samples, failures)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not skip a server
         soak.kill_servers()
     sys.exit(0 if ok else 1)
 

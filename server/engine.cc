@@ -221,27 +221,30 @@ void Engine::JobsDone(int n) {
   heap_dirty_ = true;
 }
 
-// Only when no job runs anywhere: a trim walks every malloc arena under its lock, stalling the
-// threads that allocate meanwhile, and hands back pages a busy thread would fault in again. And
+// Only started when no job runs anywhere: a trim walks every malloc arena under its lock, stalling
+// the threads that allocate meanwhile, and hands back pages a busy thread would fault in again. And
 // only when there is something to hand back, so that an idle server does not walk the heap at
 // every look. A release that frees memory during another thread's trim leaves the heap dirty for
 // the next look.
 bool Engine::ReleaseDone(size_t freed) {
   absl::MutexLock lock(&mu_);
+  if (memory::TakeHeapFreed() || freed > 0) heap_dirty_ = true;
+  if (heap_dirty_ && !trimming_ && jobs_running_ == releasing_ && !gang_active_ && queue_.empty()) {
+    // Still counted as running until TrimDone, so that a gang run waits for the trim too.
+    heap_dirty_ = false;
+    trimming_ = true;
+    return true;
+  }
   --jobs_running_;
   --releasing_;
-  if (freed > 0) heap_dirty_ = true;
-  if (!heap_dirty_ || trimming_ || jobs_running_ != releasing_ || gang_active_ || !queue_.empty()) {
-    return false;
-  }
-  heap_dirty_ = false;
-  trimming_ = true;
-  return true;
+  return false;
 }
 
 void Engine::TrimDone() {
   absl::MutexLock lock(&mu_);
   trimming_ = false;
+  --jobs_running_;
+  --releasing_;
 }
 
 void Engine::Shutdown() {

@@ -38,6 +38,11 @@ std::unique_ptr<Allocator> NewStagingHostAllocator();
 // CPU path's scratch would otherwise keep the process's resident memory at its peak for good.
 // Walks every arena under its lock: the engine calls it only when no device runs a job.
 void TrimMallocHeap();
+// The server notes each RPC's end, whose messages go back to the heap whether or not a job ran
+// for it; the engine's next idle look then has something to trim.
+void NoteHeapFreed();
+// Whether NoteHeapFreed was called since the last call; clears it.
+bool TakeHeapFreed();
 
 // Number of CUDA devices this process can use; 0 in a build without CUDA or on a machine without.
 int CudaDeviceCount();

@@ -1,3 +1,4 @@
+#include <atomic>
 #include <cstdlib>
 
 #ifdef __GLIBC__
@@ -31,6 +32,14 @@ class HostAllocator final : public Allocator {
 };
 
 }  // namespace
+
+namespace {
+std::atomic<bool> heap_freed{false};
+}  // namespace
+
+void NoteHeapFreed() { heap_freed.store(true, std::memory_order_relaxed); }
+
+bool TakeHeapFreed() { return heap_freed.exchange(false, std::memory_order_relaxed); }
 
 void TrimMallocHeap() {
 #ifdef __GLIBC__

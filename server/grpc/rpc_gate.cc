@@ -2,6 +2,7 @@
 
 #include "absl/status/status.h"
 #include "kernels/common/clock.h"
+#include "kernels/memory/allocator.h"
 
 namespace dilattn::server {
 
@@ -28,6 +29,8 @@ absl::StatusOr<RpcGate::Pass> RpcGate::Enter() {
 }
 
 void RpcGate::Leave() {
+  // Its messages, refused or answered, go back to the heap: the engine trims it when idle.
+  memory::NoteHeapFreed();
   absl::MutexLock lock(&mu_);
   --in_flight_;
 }

@@ -26,6 +26,9 @@ def test_soak_briefly():
         os.killpg(run.pid, signal.SIGKILL)
         stdout, stderr = run.communicate()
         raise AssertionError(f"the soak ran past 600 s\n{stdout}\n{stderr[-4000:]}")
+    except BaseException:  # interrupted: the process group goes too
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
     assert run.returncode == 0 and "soak: passed" in stdout, (
         f"{stdout}\n{stderr[-4000:]}\nserver log: {log}")
     for action in ("infer", "bad", "scheduled"):

@@ -802,10 +802,16 @@ TEST_F(EngineThreads, AnIdleEngineReleasesPoolMemoryButNeverDuringAJob) {
 TEST_F(EngineThreads, AnIdleEngineTrimsTheHeapOnlyAfterWorkOrARelease) {
   constexpr absl::Duration kInterval = absl::Milliseconds(60);
   IdleLog idle;
+  memory::TakeHeapFreed();  // no RPC ended here
   StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(5)),
             kInterval, idle.Trim());
   ASSERT_TRUE(WaitFor([&] { return idle.Calls().size() >= 3; }));
   EXPECT_EQ(idle.trims.load(), 0) << "trimmed before any work";
+
+  // An RPC that ran no job (refused, say) still freed its messages.
+  memory::NoteHeapFreed();
+  ASSERT_TRUE(WaitFor([&] { return idle.trims.load() == 1; })) << "an RPC's end left no trim";
+  idle.trims = 0;
 
   Submit(1, -1);
   ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
@@ -838,10 +844,10 @@ TEST_F(EngineThreads, NoHeapTrimWhileAnyDeviceRunsAJob) {
     if (fast_log.in_flight.load() + slow_log.in_flight.load() != 0) trims_during_job.fetch_add(1);
     trims_total.fetch_add(1);
   });
-  // A request for each GPU at once: the first finishes within 30 ms (leaving the heap to trim),
-  // the second runs 0.8 s on the other GPU.
-  Submit(1, 0);
+  // A request for each GPU at once, the slow one first, so that it is running or queued when the
+  // fast one finishes (leaving the heap to trim).
   Submit(2, 1);
+  Submit(1, 0);
   ASSERT_TRUE(WaitFor([&] { return ok_.load() == 2; }));
   EXPECT_EQ(trims_during_job.load(), 0) << "trimmed the heap while a device ran a job";
   ASSERT_TRUE(WaitFor([&] { return trims_total.load() >= 1; })) << "never trimmed once idle";
