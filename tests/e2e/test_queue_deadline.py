@@ -30,7 +30,7 @@ name: "prioritised"
 max_batch_size: 4
 dynamic_batching {
   preferred_batch_size: [ 4 ]
-  max_queue_delay_microseconds: 1000000
+  max_queue_delay_microseconds: 3000000
   priority_levels: 2
   default_priority_level: 2
 }
@@ -131,8 +131,9 @@ def test_cancelled_request_is_never_computed(repo_server):
 
 
 def test_high_priority_overtakes_queued_low_priority(repo_server):
-    # The batcher holds every request for up to a second while it waits for a batch of four, so
-    # all three are queued together whatever the machine's speed. The high-priority request has
+    # The batcher holds every request for up to three seconds while it waits for a batch of four,
+    # and the high one is sent once both low ones are queued, so all three are queued together
+    # even on a loaded machine (a one-second delay once let a low one run alone first in CI). The high-priority request has
     # other heads and so cannot join the low ones' batch: it must run as a batch of its own,
     # before theirs, though it arrived last.
     c = repo_server.client()
@@ -145,6 +146,8 @@ def test_high_priority_overtakes_queued_low_priority(repo_server):
 
     c.async_infer("prioritised", make_inputs(X, X, X), callback=record("low-1"), priority=2)
     c.async_infer("prioritised", make_inputs(X, X, X), callback=record("low-2"), priority=2)
+    assert wait_until(lambda: repo_server.metric("nv_inference_pending_request_count",
+                                                 model="prioritised") == 2)
     c.async_infer("prioritised", make_inputs(wide, wide, wide), callback=record("high"), priority=1)
     order = []
     for _ in range(3):
