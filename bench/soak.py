@@ -223,7 +223,6 @@ class Soak:
         self.stop = threading.Event()
         self.busy = 0
         self.busy_cv = threading.Condition()
-        self.calls_done = 0  # calls finished, to tell that traffic ran between the idle points
         self.calls = collections.Counter()  # calls finished per action
         self.cudart = cuda_ipc.load_cudart() if self.gpu else None
         if self.gpu and self.cudart is None:
@@ -268,6 +267,12 @@ class Soak:
             self.counts[action]["WRONG"] += 1
             if len(self.wrong) < 30:
                 self.wrong.append(f"{action}: {message}")
+
+    @staticmethod
+    def check_shape(out, shape, what):
+        """For outputs checked in parts: the whole is of the request's shape."""
+        if out.shape != shape:
+            raise Wrong(f"{what}: O is {out.shape}, expected {shape}")
 
     def check(self, out, expected, datatype, what):
         """`out` as it came (its wire dtype) against the float64 reference."""
@@ -343,8 +348,7 @@ class Soak:
             if "DEADLINE_EXCEEDED" in str(e.status()) or "Deadline" in str(e):
                 return "deadline"
             raise
-        if out.shape != shape:
-            raise Wrong(f"cancel: O is {out.shape}, expected {shape}")
+        self.check_shape(out, shape, "cancel")
         rows = stretch(segments)
         self.check(out[:, :rows],
                    reference.dilated_attention(q[:, :rows], k[:, :rows], v[:, :rows], segments,
@@ -372,8 +376,7 @@ class Soak:
         params = {"segment_lengths": "512,2048", "dilation_rates": "1,4", "causal": causal}
         out = client.infer("dilated_attention", make_inputs(q, k, v, dt), parameters=params,
                            client_timeout=LONG_CALL_TIMEOUT).as_numpy("O")
-        if out.shape != shape:
-            raise Wrong(f"long: O is {out.shape}, expected {shape}")
+        self.check_shape(out, shape, "long")
         rows = stretch(segments)
         whole = (n // rows) * rows
         # The first and the last whole stretch, one at random, and the short one after them.
@@ -665,7 +668,6 @@ class Soak:
             finally:
                 with self.busy_cv:
                     self.busy -= 1
-                    self.calls_done += 1
                     self.calls[action] += 1
                     self.busy_cv.notify_all()
         client.close()
@@ -767,7 +769,8 @@ class Soak:
             failures += waited
             idle_points.append(point)
             samples.append(point)
-            calls_at_idle.append(self.calls_done)
+            with self.busy_cv:
+                calls_at_idle.append(sum(self.calls.values()))
             phase_end = time.monotonic() + total * 4 / 5
         if len(idle_points) == 2:
             failures += self.counter_failures()

@@ -125,7 +125,8 @@ class Engine {
   bool gang_active_ ABSL_GUARDED_BY(mu_) = false;
   // Idle releases in progress (counted in jobs_running_ too).
   int releasing_ ABSL_GUARDED_BY(mu_) = 0;
-  // A job finished or a release freed memory since the C heap was last trimmed.
+  // A job or gang run finished, an RPC ended (memory::TakeHeapFreed) or a release freed memory
+  // since the C heap was last trimmed.
   bool heap_dirty_ ABSL_GUARDED_BY(mu_) = false;
   bool trimming_ ABSL_GUARDED_BY(mu_) = false;
   std::function<void()> trim_heap_;

@@ -31,10 +31,9 @@ class HostAllocator final : public Allocator {
   void Free(void* ptr, size_t) override { std::free(ptr); }
 };
 
-}  // namespace
-
-namespace {
+// Set by NoteHeapFreed, taken by TakeHeapFreed.
 std::atomic<bool> heap_freed{false};
+
 }  // namespace
 
 void NoteHeapFreed() { heap_freed.store(true, std::memory_order_relaxed); }
