@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "google/protobuf/stubs/logging.h"
+#include "kernels/memory/allocator.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -51,10 +52,14 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
                             run a lone fp16/bf16 dilated-attention sequence of >= N tokens split
                             across every GPU (NCCL), the other jobs waiting (0: off; needs >= 2
                             GPUs)
+  --malloc-arenas N         cap of glibc's malloc arenas, so that the idle heap trim reaches all
+                            the free heap (1; 0: glibc's default, eight per core; the
+                            environment's MALLOC_ARENA_MAX or GLIBC_TUNABLES wins)
 )";
 
 // Parses argv into options; an error message on failure.
-std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
+std::string ParseFlags(int argc, char** argv, ServerOptions* o, int64_t* malloc_arenas,
+                       bool* help) {
   int64_t host_pool_mib = 16384;
   int64_t device_pool_mib = 0;
   int64_t grace = 30;
@@ -111,6 +116,8 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
       error = integer(&o->engine.executor.pipeline_min_tokens);
     } else if (name == "sequence-parallel-min-tokens") {
       error = integer(&o->engine.sequence_parallel_min_tokens);
+    } else if (name == "malloc-arenas") {
+      error = integer(malloc_arenas);
     } else if (name == "shared-memory") {
       if (value != "on" && value != "off") {
         return absl::StrCat("flag --shared-memory='", value, "' is not on or off");
@@ -131,6 +138,10 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, bool* help) {
     return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds, "
            "--stream-idle-seconds, --cpu-threads, --device-pool-mib, --pipeline-min-tokens and "
            "--sequence-parallel-min-tokens >= 0";
+  }
+  if (*malloc_arenas < 0 || *malloc_arenas > 1024) {
+    return absl::StrCat("--malloc-arenas must be in [0, 1024] (0: glibc's default), got ",
+                        *malloc_arenas);
   }
   if (pool_idle_release < 0) {
     return absl::StrCat("--pool-idle-release-seconds must be >= 0 (0: never), got ",
@@ -158,7 +169,8 @@ int main(int argc, char** argv) {
   using dilattn::server::LogInfo;
   ServerOptions options;
   bool help = false;
-  if (std::string error = ParseFlags(argc, argv, &options, &help); !error.empty()) {
+  int64_t malloc_arenas = 1;
+  if (std::string error = ParseFlags(argc, argv, &options, &malloc_arenas, &help); !error.empty()) {
     std::cerr << "dilattn-server: " << error << "\n" << kUsage;
     return 2;
   }
@@ -166,6 +178,9 @@ int main(int argc, char** argv) {
     std::cout << kUsage;
     return 0;
   }
+
+  // Before any thread starts: a thread takes its arena when it first allocates.
+  LogInfo("dilattn-server: %s", dilattn::memory::CapMallocArenas(static_cast<int>(malloc_arenas)));
 
   // Protobuf logs a line to stderr for each message it fails to parse (a string field that is
   // not UTF-8, say): clients would write the server's log. Each such request already gets its

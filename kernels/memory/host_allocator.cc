@@ -1,5 +1,7 @@
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -43,6 +45,27 @@ bool TakeHeapFreed() { return heap_freed.exchange(false, std::memory_order_relax
 void TrimMallocHeap() {
 #ifdef __GLIBC__
   malloc_trim(0);
+#endif
+}
+
+std::string CapMallocArenas(int arenas) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  (void)arenas;
+  return "malloc arenas: none, the sanitizer's allocator replaces malloc";
+#elif defined(__GLIBC__)
+  const char* env = std::getenv("MALLOC_ARENA_MAX");
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if ((env != nullptr && *env != '\0') ||
+      (tunables != nullptr && std::strstr(tunables, "glibc.malloc.arena_max") != nullptr)) {
+    return "malloc arenas: as the environment sets them";
+  }
+  if (arenas <= 0) return "malloc arenas: the C library's default";
+  if (mallopt(M_ARENA_MAX, arenas) != 1) {
+    return absl::StrCat("malloc arenas: mallopt refused a cap of ", arenas);
+  }
+  return absl::StrCat("malloc arenas: at most ", arenas);
+#else
+  return "malloc arenas: not glibc, left to the C library";
 #endif
 }
 

@@ -1,5 +1,6 @@
 """Liveness, readiness, metadata, config, statistics, repository index, health and reflection."""
 
+import os
 import subprocess
 
 import grpc
@@ -129,6 +130,8 @@ def test_unimplemented_rpcs_answer_unimplemented(client):
     ("--device-pool-mib=17592186044416", "at most 1073741824 (1 PiB)"),
     ("--pool-idle-release-seconds=-1", "--pool-idle-release-seconds must be >= 0 (0: never)"),
     ("--pool-idle-release-seconds=2m", "--pool-idle-release-seconds='2m' is not an integer"),
+    ("--malloc-arenas=-1", "--malloc-arenas must be in [0, 1024] (0: glibc's default), got -1"),
+    ("--malloc-arenas=1025", "--malloc-arenas must be in [0, 1024]"),
 ])
 def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
     from conftest import server_binary
@@ -136,6 +139,27 @@ def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    ((), {}, "malloc arenas: at most 1"),
+    (("--malloc-arenas", "4"), {}, "malloc arenas: at most 4"),
+    (("--malloc-arenas", "0"), {}, "malloc arenas: the C library's default"),
+    (("--malloc-arenas", "2"), {"MALLOC_ARENA_MAX": "8"}, "malloc arenas: as the environment sets"),
+])
+def test_the_malloc_arena_cap_is_logged_and_yields_to_the_environment(args, env, needle):
+    """One arena by default, so that the idle heap trim reaches every free page; an operator's
+    MALLOC_ARENA_MAX (or GLIBC_TUNABLES) is left as set."""
+    from conftest import ServerProcess
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    s = ServerProcess("--metrics-port", "-1", *args, name="malloc-arenas",
+                      env={**environment, **env})
+    try:
+        assert s.client().is_server_live()
+    finally:
+        assert s.stop() == 0
+    assert needle in s.log_path.read_text()
 
 
 def test_disabled_metrics_report_port_minus_one():
