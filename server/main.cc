@@ -52,9 +52,10 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
                             run a lone fp16/bf16 dilated-attention sequence of >= N tokens split
                             across every GPU (NCCL), the other jobs waiting (0: off; needs >= 2
                             GPUs)
-  --malloc-arenas N         cap of glibc's malloc arenas, so that the idle heap trim reaches all
-                            the free heap (1; 0: glibc's default, eight per core; the
-                            environment's MALLOC_ARENA_MAX or GLIBC_TUNABLES wins)
+  --malloc-arenas N         cap of glibc's malloc arenas (0: glibc's default, eight per core;
+                            1: the idle heap trim reaches all the free heap, at a cost in
+                            throughput on many cores; the environment's MALLOC_ARENA_MAX or
+                            GLIBC_TUNABLES wins) (0)
 )";
 
 // Parses argv into options; an error message on failure.
@@ -169,7 +170,7 @@ int main(int argc, char** argv) {
   using dilattn::server::LogInfo;
   ServerOptions options;
   bool help = false;
-  int64_t malloc_arenas = 1;
+  int64_t malloc_arenas = 0;
   if (std::string error = ParseFlags(argc, argv, &options, &malloc_arenas, &help); !error.empty()) {
     std::cerr << "dilattn-server: " << error << "\n" << kUsage;
     return 2;

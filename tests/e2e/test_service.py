@@ -142,14 +142,14 @@ def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
 
 
 @pytest.mark.parametrize("args, env, needle", [
-    ((), {}, "malloc arenas: at most 1"),
+    ((), {}, "malloc arenas: the C library's default"),
+    (("--malloc-arenas", "1"), {}, "malloc arenas: at most 1"),
     (("--malloc-arenas", "4"), {}, "malloc arenas: at most 4"),
-    (("--malloc-arenas", "0"), {}, "malloc arenas: the C library's default"),
     (("--malloc-arenas", "2"), {"MALLOC_ARENA_MAX": "8"}, "malloc arenas: as the environment sets"),
 ])
 def test_the_malloc_arena_cap_is_logged_and_yields_to_the_environment(args, env, needle):
-    """One arena by default, so that the idle heap trim reaches every free page; an operator's
-    MALLOC_ARENA_MAX (or GLIBC_TUNABLES) is left as set."""
+    """glibc's arenas by default, a cap where asked; an operator's MALLOC_ARENA_MAX (or
+    GLIBC_TUNABLES) is left as set."""
     from conftest import ServerProcess
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
