@@ -7,8 +7,14 @@ request time, mean compute (kernel) time, and the server overhead, request minus
 mean (from the statistics RPC) and a median (from the dilattn_request_overhead_seconds histogram),
 with the mean time spent queued (waiting for the engine) shown on its own.
 
+Then, with --release-seconds R, the server's resident memory: its peak, after the last run, and
+once the pools' idle release (the server's --pool-idle-release-seconds R, and the heap trim that
+follows it) has run, so that allocator settings (--server-args '--malloc-arenas 1', or glibc's
+environment variables) can be compared on what a server keeps after a load as well as on speed.
+
   .venv/bin/python bench/serve_bench.py [--device cpu|cuda] [--shapes 4096,8,64 512,8,64]
                                         [--concurrency 1 4 16] [--window-ms 5000]
+                                        [--server-args '...'] [--release-seconds R]
 """
 
 import argparse
@@ -16,6 +22,7 @@ import csv
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,10 +36,10 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 from test_perf_analyzer import write_input_data  # noqa: E402
 
 
-def start_server(binary, device, log):
+def start_server(binary, device, extra_args, log):
     proc = subprocess.Popen([binary, "--grpc-port", "0", "--metrics-port", "0", "--bind-address",
-                             "127.0.0.1", "--device", device], stdout=subprocess.PIPE, stderr=log,
-                            text=True)
+                             "127.0.0.1", "--device", device, *extra_args], stdout=subprocess.PIPE,
+                            stderr=log, text=True)
     line = proc.stdout.readline()
     m = re.search(r"grpc_port=(\d+) metrics_port=(\d+)", line)
     if not m:
@@ -68,6 +75,24 @@ def median_from(before, after):
     return lower
 
 
+def resident_mib(pid):
+    """(current, peak) resident memory of a process, MiB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def pools_empty(metrics_port):
+    """True when no buffer pool holds a byte (leased or cached)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    held = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("dilattn_buffer_pool_bytes{") and 'state="held"' in line]
+    return bool(held) and not any(held)
+
+
 def stats(client, model):
     s = client.get_inference_statistics(model).model_stats[0]
     i = s.inference_stats
@@ -84,13 +109,19 @@ def main():
     p.add_argument("--shapes", nargs="+", default=["4096,8,64", "512,8,64"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--window-ms", type=int, default=5000)
+    p.add_argument("--server-args", default="", help="more flags for the server, one string")
+    p.add_argument("--release-seconds", type=int, default=0,
+                   help="the server's --pool-idle-release-seconds; > 0: report resident memory")
     args = p.parse_args()
+    extra = shlex.split(args.server_args)
+    if args.release_seconds > 0:
+        extra += ["--pool-idle-release-seconds", str(args.release_seconds)]
 
     home = pathlib.Path(args.perf_analyzer_home)
     env = dict(os.environ, LD_LIBRARY_PATH=f"{home / 'lib'}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp, open(pathlib.Path(tmp) / "server.log", "w") as log:
-        proc, port, metrics_port = start_server(args.server, args.device, log)
+        proc, port, metrics_port = start_server(args.server, args.device, extra, log)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         try:
             for shape in args.shapes:
@@ -134,6 +165,17 @@ def main():
                         "overhead p50 us": median_from(hist_before, hist_after) * 1e6,
                     })
                     print(f"done: {rows[-1]['shape']} concurrency {c}", file=sys.stderr)
+            if args.release_seconds > 0:
+                after_load, peak = resident_mib(proc.pid)
+                # The release runs within 1.5 x its period of the last job; the trim after it.
+                deadline = time.monotonic() + 2 * args.release_seconds + 30
+                while not pools_empty(metrics_port) and time.monotonic() < deadline:
+                    time.sleep(1)
+                time.sleep(min(args.release_seconds, 10))
+                idle, _ = resident_mib(proc.pid)
+                memory = (f"server resident memory, MiB: peak {peak:.0f}, after the last run "
+                          f"{after_load:.0f}, after the idle release {idle:.0f}"
+                          + ("" if pools_empty(metrics_port) else " (pools not yet empty)"))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -144,6 +186,8 @@ def main():
         print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) and k.endswith("ms")
                                 else f"{r[k]:.1f}" if isinstance(r[k], float) else str(r[k])
                                 for k in cols) + " |")
+    if args.release_seconds > 0:
+        print(memory)
 
 
 if __name__ == "__main__":

@@ -56,10 +56,22 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
                             1: the idle heap trim reaches all the free heap, at a cost in
                             throughput on many cores; the environment's MALLOC_ARENA_MAX or
                             GLIBC_TUNABLES wins) (0)
+  --malloc-trim-threshold-mib N
+                            free memory each of glibc's arenas may keep at its top; fixes the
+                            mmap threshold at 32 MiB (0: glibc's thresholds, which rise to
+                            64 MiB and 32 MiB as large blocks are freed; the environment's
+                            MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES
+                            wins) (8)
 )";
 
 // Parses argv into options; an error message on failure.
-std::string ParseFlags(int argc, char** argv, ServerOptions* o, int64_t* malloc_arenas,
+// glibc's malloc options, applied before any thread starts.
+struct MallocFlags {
+  int64_t arenas = 0;
+  int64_t trim_threshold_mib = 8;
+};
+
+std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* malloc_flags,
                        bool* help) {
   int64_t host_pool_mib = 16384;
   int64_t device_pool_mib = 0;
@@ -118,7 +130,9 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, int64_t* malloc_
     } else if (name == "sequence-parallel-min-tokens") {
       error = integer(&o->engine.sequence_parallel_min_tokens);
     } else if (name == "malloc-arenas") {
-      error = integer(malloc_arenas);
+      error = integer(&malloc_flags->arenas);
+    } else if (name == "malloc-trim-threshold-mib") {
+      error = integer(&malloc_flags->trim_threshold_mib);
     } else if (name == "shared-memory") {
       if (value != "on" && value != "off") {
         return absl::StrCat("flag --shared-memory='", value, "' is not on or off");
@@ -140,9 +154,14 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, int64_t* malloc_
            "--stream-idle-seconds, --cpu-threads, --device-pool-mib, --pipeline-min-tokens and "
            "--sequence-parallel-min-tokens >= 0";
   }
-  if (*malloc_arenas < 0 || *malloc_arenas > 1024) {
+  if (malloc_flags->arenas < 0 || malloc_flags->arenas > 1024) {
     return absl::StrCat("--malloc-arenas must be in [0, 1024] (0: glibc's default), got ",
-                        *malloc_arenas);
+                        malloc_flags->arenas);
+  }
+  if (malloc_flags->trim_threshold_mib < 0 || malloc_flags->trim_threshold_mib > 1024) {
+    return absl::StrCat(
+        "--malloc-trim-threshold-mib must be in [0, 1024] (0: glibc's rising thresholds), got ",
+        malloc_flags->trim_threshold_mib);
   }
   if (pool_idle_release < 0) {
     return absl::StrCat("--pool-idle-release-seconds must be >= 0 (0: never), got ",
@@ -170,8 +189,8 @@ int main(int argc, char** argv) {
   using dilattn::server::LogInfo;
   ServerOptions options;
   bool help = false;
-  int64_t malloc_arenas = 0;
-  if (std::string error = ParseFlags(argc, argv, &options, &malloc_arenas, &help); !error.empty()) {
+  MallocFlags malloc_flags;
+  if (std::string error = ParseFlags(argc, argv, &options, &malloc_flags, &help); !error.empty()) {
     std::cerr << "dilattn-server: " << error << "\n" << kUsage;
     return 2;
   }
@@ -181,7 +200,10 @@ int main(int argc, char** argv) {
   }
 
   // Before any thread starts: a thread takes its arena when it first allocates.
-  LogInfo("dilattn-server: %s", dilattn::memory::CapMallocArenas(static_cast<int>(malloc_arenas)));
+  LogInfo("dilattn-server: %s",
+          dilattn::memory::CapMallocArenas(static_cast<int>(malloc_flags.arenas)));
+  LogInfo("dilattn-server: %s",
+          dilattn::memory::FixMallocThresholds(malloc_flags.trim_threshold_mib));
 
   // Protobuf logs a line to stderr for each message it fails to parse (a string field that is
   // not UTF-8, say): clients would write the server's log. Each such request already gets its

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -42,12 +43,21 @@ void TrimMallocHeap();
 // default, eight per core); nothing elsewhere. malloc_trim cannot hand back the free memory at the
 // top of an arena other than the first, and glibc keeps up to its trim threshold (64 MiB once the
 // mmap threshold has risen) there, so every arena a gRPC or worker thread made keeps its share of
-// a past burst resident: with one arena, TrimMallocHeap reaches all of it, but threads then queue
-// for that arena's lock (on 16 cores, small requests at concurrency 64 lost a third of their
-// throughput). Call before any thread starts.
+// a past burst resident: with one arena, TrimMallocHeap reaches all of it, but threads may then
+// queue for that arena's lock. Call before any thread starts.
 // MALLOC_ARENA_MAX or glibc.malloc.arena_max in GLIBC_TUNABLES, where set, takes precedence;
 // returns a line saying what was done, for the log.
 std::string CapMallocArenas(int arenas);
+// Fixes glibc's trim threshold at `trim_mib` MiB and its mmap threshold at 32 MiB (0 leaves
+// glibc's dynamic thresholds); nothing elsewhere. By default glibc raises both as large blocks
+// are freed, the trim threshold to 64 MiB, and an arena's free top below it stays resident
+// (malloc_trim reaches only the first arena's). Fixed, every arena shrinks its top to the
+// threshold at each free, so what a burst leaves in the arenas of gRPC's threads goes back
+// without the lock contention of a single arena (CapMallocArenas). The mmap threshold is the one
+// glibc's rises to, so no block that glibc would have served from an arena is mapped instead.
+// MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or their tunables in GLIBC_TUNABLES, where set,
+// take precedence; returns a line saying what was done, for the log.
+std::string FixMallocThresholds(int64_t trim_mib);
 // The server notes each RPC's end, whose messages go back to the heap whether or not a job ran
 // for it; the engine's next idle look then has something to trim.
 void NoteHeapFreed();

@@ -132,6 +132,10 @@ def test_unimplemented_rpcs_answer_unimplemented(client):
     ("--pool-idle-release-seconds=2m", "--pool-idle-release-seconds='2m' is not an integer"),
     ("--malloc-arenas=-1", "--malloc-arenas must be in [0, 1024] (0: glibc's default), got -1"),
     ("--malloc-arenas=1025", "--malloc-arenas must be in [0, 1024]"),
+    ("--malloc-trim-threshold-mib=-1",
+     "--malloc-trim-threshold-mib must be in [0, 1024] (0: glibc's rising thresholds), got -1"),
+    ("--malloc-trim-threshold-mib=4096", "--malloc-trim-threshold-mib must be in [0, 1024]"),
+    ("--malloc-trim-threshold-mib=8M", "--malloc-trim-threshold-mib='8M' is not an integer"),
 ])
 def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
     from conftest import server_binary
@@ -141,25 +145,40 @@ def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
     assert needle in r.stderr
 
 
-@pytest.mark.parametrize("args, env, needle", [
-    ((), {}, "malloc arenas: the C library's default"),
-    (("--malloc-arenas", "1"), {}, "malloc arenas: at most 1"),
-    (("--malloc-arenas", "4"), {}, "malloc arenas: at most 4"),
-    (("--malloc-arenas", "2"), {"MALLOC_ARENA_MAX": "8"}, "malloc arenas: as the environment sets"),
+MALLOC_ENVIRONMENT = ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_",
+                      "MALLOC_MMAP_THRESHOLD_")
+
+
+@pytest.mark.parametrize("args, env, needles", [
+    ((), {}, ["malloc arenas: the C library's default",
+              "malloc thresholds: every arena hands back a free top above 8 MiB"]),
+    (("--malloc-arenas", "1"), {}, ["malloc arenas: at most 1"]),
+    (("--malloc-arenas", "4"), {}, ["malloc arenas: at most 4"]),
+    (("--malloc-arenas", "2"), {"MALLOC_ARENA_MAX": "8"},
+     ["malloc arenas: as the environment sets", "above 8 MiB"]),
+    (("--malloc-trim-threshold-mib", "0"), {},
+     ["malloc thresholds: the C library's, rising with large frees"]),
+    (("--malloc-trim-threshold-mib", "2"), {}, ["free top above 2 MiB"]),
+    ((), {"MALLOC_TRIM_THRESHOLD_": "1048576"},
+     ["malloc arenas: the C library's default", "malloc thresholds: as the environment sets"]),
+    (("--malloc-trim-threshold-mib", "2"), {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
+     ["malloc thresholds: as the environment sets"]),
 ])
-def test_the_malloc_arena_cap_is_logged_and_yields_to_the_environment(args, env, needle):
-    """glibc's arenas by default, a cap where asked; an operator's MALLOC_ARENA_MAX (or
-    GLIBC_TUNABLES) is left as set."""
+def test_malloc_options_are_logged_and_yield_to_the_environment(args, env, needles):
+    """glibc's arenas and fixed thresholds by default, what the flags ask otherwise; an
+    operator's MALLOC_ARENA_MAX, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES
+    is left as set."""
     from conftest import ServerProcess
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
-    s = ServerProcess("--metrics-port", "-1", *args, name="malloc-arenas",
+    environment = {k: v for k, v in os.environ.items() if k not in MALLOC_ENVIRONMENT}
+    s = ServerProcess("--metrics-port", "-1", *args, name="malloc-options",
                       env={**environment, **env})
     try:
         assert s.client().is_server_live()
     finally:
         assert s.stop() == 0
-    assert needle in s.log_path.read_text()
+    log = s.log_path.read_text()
+    for needle in needles:
+        assert needle in log
 
 
 def test_disabled_metrics_report_port_minus_one():

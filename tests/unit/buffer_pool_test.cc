@@ -310,6 +310,46 @@ TEST(TrimMallocHeap, WithOneArenaReachesWhatAnotherThreadFreed) {
       ::testing::ExitedWithCode(0), "");
 }
 
+// With the thresholds fixed, an arena hands back its free top at each free, past the trim
+// threshold: what a thread of its own freed leaves without any malloc_trim.
+TEST(FixMallocThresholds, AnotherThreadsArenaShrinksAsItFrees) {
+#if !defined(__GLIBC__) || defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "malloc's thresholds are glibc's, which a sanitizer's allocator replaces";
+#endif
+  if (ResidentKiB() < 0) GTEST_SKIP() << "no /proc/self/status";
+  for (const char* name :
+       {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES", "MALLOC_ARENA_MAX"}) {
+    if (std::getenv(name) != nullptr) {
+      GTEST_SKIP() << name << " sets malloc's options, and the flag defers to it";
+    }
+  }
+  // A fresh process: thresholds and arenas that this one's other tests left would decide.
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        EXPECT_THAT(FixMallocThresholds(8), HasSubstr("above 8 MiB"));
+        const long start = ResidentKiB();
+        std::thread worker([] {
+          // Glibc's own thresholds would rise with this 30 MiB block's free (to 30 and 60 MiB),
+          // and the 48 MiB freed below would then stay in this arena's top.
+          void* volatile large = std::malloc(30 << 20);  // volatile: kept, though unused
+          std::memset(large, 1, 30 << 20);
+          std::free(large);
+          std::vector<void*> blocks;
+          for (int i = 0; i < 48; ++i) {
+            blocks.push_back(std::malloc(1 << 20));
+            std::memset(blocks.back(), 1, 1 << 20);
+          }
+          for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) std::free(*it);
+        });
+        worker.join();
+        const long end = ResidentKiB();
+        std::fprintf(stderr, "resident KiB %ld before the thread, %ld after\n", start, end);
+        std::_Exit(end < start + 16 * 1024 ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
 TEST(BufferPool, ManyThreadsNeverExceedTheCapOrShareABuffer) {
   constexpr int kThreads = 16;
   constexpr int kCycles = 10000;
