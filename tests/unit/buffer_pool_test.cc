@@ -270,6 +270,22 @@ TEST(TrimMallocHeap, HandsFreedHeapPagesBack) {
                                         << " before the trim, " << after << " after";
 }
 
+// On a thread of its own (so in an arena other than the first): a 30 MiB block freed, which
+// raises glibc's own mmap threshold to 30 MiB and its trim threshold to 60, as a server's first
+// large messages do; then 48 MiB of 1 MiB blocks, freed last to first into the arena's top, which
+// free() leaves resident below the trim threshold.
+void FreeAtTheTopOfAnArena() {
+  void* volatile large = std::malloc(30 << 20);  // volatile: kept, though unused
+  std::memset(large, 1, 30 << 20);
+  std::free(large);
+  std::vector<void*> blocks;
+  for (int i = 0; i < 48; ++i) {
+    blocks.push_back(std::malloc(1 << 20));
+    std::memset(blocks.back(), 1, 1 << 20);
+  }
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) std::free(*it);
+}
+
 // glibc's malloc_trim leaves the free top of every arena but the first resident; a capped
 // process has only the first, so the trim reaches what a gRPC or worker thread freed.
 TEST(TrimMallocHeap, WithOneArenaReachesWhatAnotherThreadFreed) {
@@ -286,20 +302,7 @@ TEST(TrimMallocHeap, WithOneArenaReachesWhatAnotherThreadFreed) {
   EXPECT_EXIT(
       {
         EXPECT_THAT(CapMallocArenas(1), HasSubstr("at most 1"));
-        std::thread worker([] {
-          // A 30 MiB block freed raises glibc's mmap threshold to 30 MiB and its trim threshold
-          // to 60, as a server's first large messages do: the 48 MiB freed below then stay in
-          // the heap's top, which free() leaves alone below the trim threshold.
-          void* volatile large = std::malloc(30 << 20);  // volatile: kept, though unused
-          std::memset(large, 1, 30 << 20);
-          std::free(large);
-          std::vector<void*> blocks;
-          for (int i = 0; i < 48; ++i) {
-            blocks.push_back(std::malloc(1 << 20));
-            std::memset(blocks.back(), 1, 1 << 20);
-          }
-          for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) std::free(*it);
-        });
+        std::thread worker(FreeAtTheTopOfAnArena);
         worker.join();
         const long before = ResidentKiB();
         TrimMallocHeap();
@@ -329,19 +332,7 @@ TEST(FixMallocThresholds, AnotherThreadsArenaShrinksAsItFrees) {
       {
         EXPECT_THAT(FixMallocThresholds(8), HasSubstr("above 8 MiB"));
         const long start = ResidentKiB();
-        std::thread worker([] {
-          // Glibc's own thresholds would rise with this 30 MiB block's free (to 30 and 60 MiB),
-          // and the 48 MiB freed below would then stay in this arena's top.
-          void* volatile large = std::malloc(30 << 20);  // volatile: kept, though unused
-          std::memset(large, 1, 30 << 20);
-          std::free(large);
-          std::vector<void*> blocks;
-          for (int i = 0; i < 48; ++i) {
-            blocks.push_back(std::malloc(1 << 20));
-            std::memset(blocks.back(), 1, 1 << 20);
-          }
-          for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) std::free(*it);
-        });
+        std::thread worker(FreeAtTheTopOfAnArena);
         worker.join();
         const long end = ResidentKiB();
         std::fprintf(stderr, "resident KiB %ld before the thread, %ld after\n", start, end);
