@@ -49,7 +49,7 @@ void TrimMallocHeap() {
 #endif
 }
 
-#if defined(__GLIBC__)
+#if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 namespace {
 // Whether the environment sets a malloc option itself: its variable, or the tunable in
 // GLIBC_TUNABLES. glibc reads both at startup, and the server's flag then defers to them.
