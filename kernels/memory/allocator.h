@@ -34,9 +34,11 @@ absl::StatusOr<std::unique_ptr<Allocator>> NewCudaDeviceAllocator(int device);
 std::unique_ptr<Allocator> NewStagingHostAllocator();
 
 // Hands the free pages of the C heap back to the system (malloc_trim on glibc; nothing
-// elsewhere), all but those at the top of arenas other than the first (see CapMallocArenas). glibc keeps freed blocks below its mmap threshold, which grows to 32 MiB as large
-// blocks are freed, resident in its arenas: gRPC's message buffers, pageable pool buffers and the
-// CPU path's scratch would otherwise keep the process's resident memory at its peak for good.
+// elsewhere), all but those at the top of arenas other than the first, which only free() shrinks
+// (see FixMallocThresholds and CapMallocArenas). glibc keeps freed blocks below its mmap
+// threshold (32 MiB once raised or fixed) resident in its arenas: gRPC's message buffers,
+// pageable pool buffers and the CPU path's scratch would otherwise keep the process's resident
+// memory at its peak for good.
 // Walks every arena under its lock: the engine calls it only when no device runs a job.
 void TrimMallocHeap();
 // Caps glibc's malloc arenas at `arenas` for threads that start from now on (0 leaves glibc's
