@@ -64,13 +64,13 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
                             wins) (8)
 )";
 
-// Parses argv into options; an error message on failure.
 // glibc's malloc options, applied before any thread starts.
 struct MallocFlags {
   int64_t arenas = 0;
   int64_t trim_threshold_mib = 8;
 };
 
+// Parses argv into options; an error message on failure.
 std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* malloc_flags,
                        bool* help) {
   int64_t host_pool_mib = 16384;
