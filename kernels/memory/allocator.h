@@ -43,10 +43,10 @@ std::unique_ptr<Allocator> NewStagingHostAllocator();
 void TrimMallocHeap();
 // Caps glibc's malloc arenas at `arenas` for threads that start from now on (0 leaves glibc's
 // default, eight per core); nothing elsewhere. malloc_trim cannot hand back the free memory at the
-// top of an arena other than the first, and glibc keeps up to its trim threshold (64 MiB once the
-// mmap threshold has risen) there, so every arena a gRPC or worker thread made keeps its share of
-// a past burst resident: with one arena, TrimMallocHeap reaches all of it, but threads may then
-// queue for that arena's lock. Call before any thread starts.
+// top of an arena other than the first, and glibc keeps up to its trim threshold there (64 MiB
+// once glibc's own has risen; see FixMallocThresholds), so every arena a gRPC or worker thread
+// made keeps its share of a past burst resident: with one arena, TrimMallocHeap reaches all of
+// it, but threads may then queue for that arena's lock. Call before any thread starts.
 // MALLOC_ARENA_MAX or glibc.malloc.arena_max in GLIBC_TUNABLES, where set, takes precedence;
 // returns a line saying what was done, for the log.
 std::string CapMallocArenas(int arenas);

@@ -19,9 +19,10 @@ def test_soak_briefly():
            "--workers", "3", "--sample-seconds", "4", "--server-args", "--malloc-arenas 1",
            "--log", str(log)]
     # One malloc arena: glibc keeps the free top of every other arena resident beyond
-    # malloc_trim's reach (up to 64 MiB each, filling over minutes as threads take arenas), which
-    # once made 71 MiB of growth between the idle points of this run in CI. With one, growth is
-    # what the server holds (docs/BENCHMARKS.md, "Soak").
+    # malloc_trim's reach (up to the trim threshold each: 8 MiB by default, 64 MiB with glibc's
+    # rising thresholds, which once made 71 MiB of growth between the idle points of this run in
+    # CI), filling as threads take arenas. With one, growth is what the server holds
+    # (docs/BENCHMARKS.md, "Resident memory after load").
     # Its own process group, servers included, so that a timeout leaves no process behind.
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
