@@ -57,6 +57,46 @@ absl::StatusOr<std::vector<int>> ParseDevices(const std::string& d) {
 
 }  // namespace
 
+const char* EnginePhaseName(EnginePhase p) {
+  switch (p) {
+    case EnginePhase::kIdle:
+      return "idle";
+    case EnginePhase::kStart:
+      return "start";
+    case EnginePhase::kWait:
+      return "wait";
+    case EnginePhase::kComplete:
+      return "complete";
+    case EnginePhase::kGang:
+      return "gang";
+    case EnginePhase::kRelease:
+      return "release";
+    case EnginePhase::kOther:
+      return "other";
+  }
+  return "other";
+}
+
+PhaseClock::PhaseClock() : since_(MonotonicNow()) {}
+
+EnginePhase PhaseClock::Enter(EnginePhase p) {
+  const absl::Time now = MonotonicNow();
+  absl::MutexLock lock(&mu_);
+  const EnginePhase ended = current_;
+  total_[static_cast<int>(ended)] += now - since_;
+  current_ = p;
+  since_ = now;
+  return ended;
+}
+
+std::array<absl::Duration, kEnginePhases> PhaseClock::Read() const {
+  const absl::Time now = MonotonicNow();
+  absl::MutexLock lock(&mu_);
+  std::array<absl::Duration, kEnginePhases> out = total_;
+  out[static_cast<int>(current_)] += now - since_;
+  return out;
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   std::vector<std::unique_ptr<Executor>> executors;
   absl::StatusOr<std::vector<int>> devices = ParseDevices(options.device);
@@ -128,9 +168,22 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
     e->free_slots_ = static_cast<int>(e->executors_.size());
   }
   for (const auto& executor : e->executors_) {
-    e->threads_.emplace_back([engine = e.get(), ex = executor.get()] { engine->Loop(*ex); });
+    e->workers_.push_back(std::make_unique<Worker>());
+    e->workers_.back()->executor = executor.get();
+  }
+  for (const auto& worker : e->workers_) {
+    e->threads_.emplace_back([engine = e.get(), w = worker.get()] { engine->Loop(*w); });
   }
   return e;
+}
+
+std::vector<EngineThreadTimes> Engine::ThreadTimes() const {
+  std::vector<EngineThreadTimes> out;
+  for (const auto& worker : workers_) {
+    const int device = worker->executor->cuda_device();
+    out.push_back({device < 0 ? "cpu" : absl::StrCat("cuda:", device), worker->clock.Read()});
+  }
+  return out;
 }
 
 std::string Engine::backend_name() const {
@@ -257,7 +310,9 @@ void Engine::Shutdown() {
   }
 }
 
-void Engine::Loop(Executor& executor) {
+void Engine::Loop(Worker& worker) {
+  Executor& executor = *worker.executor;
+  PhaseClock& clock = worker.clock;
   std::unique_ptr<Job> in_flight;
   // Idle, the thread looks for pool buffers cached unused for idle_release_ every half of it, so
   // that each goes back within one and a half intervals of its return. Work does not postpone a
@@ -275,7 +330,12 @@ void Engine::Loop(Executor& executor) {
           return HasWorkFor(executor) || (stopping_ && queue_.empty());
         };
         // Work and shutdown still wake it at once.
-        if (!AwaitUntil(mu_, absl::Condition(&ready), next_look)) {
+        bool woken = false;
+        {
+          PhaseScope phase(clock, EnginePhase::kIdle);
+          woken = AwaitUntil(mu_, absl::Condition(&ready), next_look);
+        }
+        if (!woken) {
           idle = true;
           // Not while a gang run holds every GPU: a cudaFree would wait for it (and the run
           // trims the executors' device pools itself). Counted as a job, so that a gang run
@@ -297,6 +357,7 @@ void Engine::Loop(Executor& executor) {
     if (idle) {
       // Outside the lock, and with no job of this executor in flight: cudaFree synchronizes.
       if (release) {
+        PhaseScope phase(clock, EnginePhase::kRelease);
         // What the pools freed from the heap, and the message buffers and scratch of the jobs
         // before, would stay resident in malloc's arenas (on a GPU server too, where the pools
         // are pinned and device memory but the messages are on the heap).
@@ -310,10 +371,10 @@ void Engine::Loop(Executor& executor) {
     }
     if (next != nullptr && next->gang) {
       if (in_flight != nullptr) {
-        FinishJob(executor, std::move(in_flight));
+        FinishJob(worker, std::move(in_flight));
         JobsDone(1);
       }
-      RunGang(std::move(*next));
+      RunGang(worker, std::move(*next));
       continue;
     }
     // A batch whose inputs are still being copied out of their messages would hold this thread
@@ -321,16 +382,16 @@ void Engine::Loop(Executor& executor) {
     // previous job finishes first, so that its responses do not wait for either.
     if (next != nullptr && in_flight != nullptr &&
         (!InputsInPlace(next->requests) || executor.cuda_device() < 0)) {
-      FinishJob(executor, std::move(in_flight));
+      FinishJob(worker, std::move(in_flight));
       JobsDone(1);
     }
     // Start the next batch before waiting for the previous one: its copies overlap the
     // previous kernel.
     std::unique_ptr<Job> started =
-        next != nullptr ? StartJob(executor, std::move(*next), in_flight) : nullptr;
+        next != nullptr ? StartJob(worker, std::move(*next), in_flight) : nullptr;
     int done = next != nullptr && started == nullptr ? 1 : 0;  // nothing of it left to wait for
     if (in_flight != nullptr) {
-      FinishJob(executor, std::move(in_flight));
+      FinishJob(worker, std::move(in_flight));
       ++done;
     }
     JobsDone(done);
@@ -338,7 +399,8 @@ void Engine::Loop(Executor& executor) {
   }
 }
 
-void Engine::RunGang(Batch batch) {
+void Engine::RunGang(Worker& worker, Batch batch) {
+  PhaseScope phase(worker.clock, EnginePhase::kGang);
   {
     absl::MutexLock lock(&mu_);
     auto idle = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return jobs_running_ == 0; };
@@ -347,13 +409,13 @@ void Engine::RunGang(Batch batch) {
   // Every executor is idle: their cached device memory goes back for the split run, and the
   // run's own goes back after it.
   for (const auto& e : executors_) e->ReleaseCachedMemory();
-  std::unique_ptr<Job> job = MakeJob(std::move(batch));
+  std::unique_ptr<Job> job = MakeJob(worker.clock, std::move(batch));
   if (job != nullptr) {
     const absl::Status s = Guarded([&] { return gang_->Run(*job); });
     if (!s.ok()) {
       LogError("sequence-parallel run for %s failed: %s", job->model->name(), s.ToString());
     }
-    CompleteJob(*job, s);
+    CompleteJob(worker.clock, *job, s);
   }
   gang_->ReleaseCachedMemory();
   absl::MutexLock lock(&mu_);
@@ -361,19 +423,23 @@ void Engine::RunGang(Batch batch) {
   heap_dirty_ = true;
 }
 
-std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,
+std::unique_ptr<Job> Engine::StartJob(Worker& worker, Batch batch,
                                       std::unique_ptr<Job>& in_flight) {
-  std::unique_ptr<Job> job = MakeJob(std::move(batch));
+  std::unique_ptr<Job> job = MakeJob(worker.clock, std::move(batch));
   if (job == nullptr) return nullptr;
   job->may_wait = in_flight == nullptr;
-  absl::Status s = Guarded([&] { return executor.Start(*job); });
+  auto start = [&] {
+    PhaseScope phase(worker.clock, EnginePhase::kStart);
+    return Guarded([&] { return worker.executor->Start(*job); });
+  };
+  absl::Status s = start();
   if (absl::IsResourceExhausted(s) && in_flight != nullptr) {
     // The pools may be full of the previous job's buffers, which come back once it is done.
-    FinishJob(executor, std::move(in_flight));
+    FinishJob(worker, std::move(in_flight));
     JobsDone(1);
     job->start = MonotonicNow();
     job->may_wait = true;
-    s = Guarded([&] { return executor.Start(*job); });
+    s = start();
   }
   if (!s.ok()) {
     if (absl::IsCancelled(s)) {  // its clients are gone: no fault of the server's
@@ -383,21 +449,24 @@ std::unique_ptr<Job> Engine::StartJob(Executor& executor, Batch batch,
       LogError("starting %d request(s) for %s failed: %s", static_cast<int>(job->requests.size()),
                job->model->name(), s.ToString());
     }
+    PhaseScope phase(worker.clock, EnginePhase::kComplete);
     for (auto& r : job->requests) CompleteRequest(std::move(r), s);
     return nullptr;
   }
   return job;
 }
 
-std::unique_ptr<Job> Engine::MakeJob(Batch batch) {
+std::unique_ptr<Job> Engine::MakeJob(PhaseClock& clock, Batch batch) {
   auto job = std::make_unique<Job>();
   job->model = batch.model;
   job->start = MonotonicNow();
   // Last look before computing: whatever was cancelled or expired since it was queued leaves now.
   for (auto& r : batch.requests) {
     if (r->cancelled->load()) {
+      PhaseScope phase(clock, EnginePhase::kComplete);
       CompleteRequest(std::move(r), absl::CancelledError("request cancelled; it was not computed"));
     } else if (r->deadline <= job->start) {
+      PhaseScope phase(clock, EnginePhase::kComplete);
       CompleteRequest(std::move(r), absl::DeadlineExceededError(
                                         "request timeout expired before execution; it was not "
                                         "computed"));
@@ -416,11 +485,17 @@ std::unique_ptr<Job> Engine::MakeJob(Batch batch) {
   return job;
 }
 
-void Engine::FinishJob(Executor& executor, std::unique_ptr<Job> job) {
-  CompleteJob(*job, Guarded([&] { return executor.Wait(*job); }));
+void Engine::FinishJob(Worker& worker, std::unique_ptr<Job> job) {
+  absl::Status s;
+  {
+    PhaseScope phase(worker.clock, EnginePhase::kWait);
+    s = Guarded([&] { return worker.executor->Wait(*job); });
+  }
+  CompleteJob(worker.clock, *job, s);
 }
 
-void Engine::CompleteJob(Job& job, const absl::Status& s) {
+void Engine::CompleteJob(PhaseClock& clock, Job& job, const absl::Status& s) {
+  PhaseScope phase(clock, EnginePhase::kComplete);
   if (!s.ok()) {
     for (auto& r : job.requests) CompleteRequest(std::move(r), s);
     return;

@@ -6,6 +6,7 @@
 // compute. Nothing else touches the devices. The GPUs' executors share the pinned staging pool,
 // so a request staged before a GPU takes it runs on any of them.
 
+#include <array>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -31,6 +32,51 @@ struct Batch {
   int device = -1;
   // Runs across every GPU at once (the engine's gang runner takes it). Set by Engine::Submit.
   bool gang = false;
+};
+
+// What a device's engine thread is doing, for the time it spends on each (Engine::ThreadTimes):
+// waiting for work (idle), in Executor::Start (planning, leasing and issuing a job; the CPU path
+// computes there), in Executor::Wait (until the device is done), completing requests (statistics,
+// responses handed to gRPC), running a gang job, releasing idle memory and trimming the heap, and
+// the rest (taking batches, bookkeeping). Whether the thread or the device limits throughput
+// reads straight off it: a saturated thread is rarely idle or waiting.
+enum class EnginePhase { kIdle, kStart, kWait, kComplete, kGang, kRelease, kOther };
+inline constexpr int kEnginePhases = 7;
+const char* EnginePhaseName(EnginePhase p);  // "idle", "start", ...
+
+// Seconds one device's thread spent in each phase since the engine started.
+struct EngineThreadTimes {
+  std::string device;                                 // "cpu" or "cuda:N"
+  std::array<absl::Duration, kEnginePhases> phase{};  // by EnginePhase
+};
+
+// One thread's phase times. The thread moves between phases; any thread may read them, the
+// current phase counted up to the moment of reading.
+class PhaseClock {
+ public:
+  PhaseClock();
+  // Ends the current phase now and starts `p`; returns the phase it ended.
+  EnginePhase Enter(EnginePhase p);
+  std::array<absl::Duration, kEnginePhases> Read() const;
+
+ private:
+  mutable absl::Mutex mu_;
+  EnginePhase current_ ABSL_GUARDED_BY(mu_) = EnginePhase::kOther;
+  absl::Time since_ ABSL_GUARDED_BY(mu_);
+  std::array<absl::Duration, kEnginePhases> total_ ABSL_GUARDED_BY(mu_){};
+};
+
+// Counts the scope's time to `p`, then returns to the phase before it.
+class PhaseScope {
+ public:
+  PhaseScope(PhaseClock& clock, EnginePhase p) : clock_(clock), before_(clock.Enter(p)) {}
+  ~PhaseScope() { clock_.Enter(before_); }
+  PhaseScope(const PhaseScope&) = delete;
+  PhaseScope& operator=(const PhaseScope&) = delete;
+
+ private:
+  PhaseClock& clock_;
+  const EnginePhase before_;
 };
 
 struct EngineOptions {
@@ -67,6 +113,8 @@ class Engine {
   // Every pool, the executors' and the gang runner's, each once.
   std::vector<const memory::BufferPool*> pools() const;
   memory::BufferPool& staging_pool() { return executors_.front()->staging_pool(); }
+  // Where each device's thread has spent its time (dilattn_engine_seconds_total). Any thread.
+  std::vector<EngineThreadTimes> ThreadTimes() const;
 
   // Whether this engine can run `r`, asked of the same selector execution uses (every device's
   // executor is of one kind), and what planning it found. Any thread.
@@ -87,7 +135,12 @@ class Engine {
 
  private:
   Engine() = default;
-  void Loop(Executor& executor);
+  // A device's thread: its executor and where its time goes.
+  struct Worker {
+    Executor* executor;
+    PhaseClock clock;
+  };
+  void Loop(Worker& worker);
   // The next batch `executor` may take: the oldest with no preferred GPU, preferring its GPU, or
   // preferring a GPU no thread here runs. Null when there is none.
   std::unique_ptr<Batch> TakeFor(const Executor& executor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -97,14 +150,14 @@ class Engine {
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
   // Starts `batch`; a job still `in_flight` is finished first where its buffers stand in the way
   // (and moved from then).
-  std::unique_ptr<Job> StartJob(Executor& executor, Batch batch, std::unique_ptr<Job>& in_flight);
-  static void FinishJob(Executor& executor, std::unique_ptr<Job> job);
+  std::unique_ptr<Job> StartJob(Worker& worker, Batch batch, std::unique_ptr<Job>& in_flight);
+  static void FinishJob(Worker& worker, std::unique_ptr<Job> job);
   // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
-  static std::unique_ptr<Job> MakeJob(Batch batch);
+  static std::unique_ptr<Job> MakeJob(PhaseClock& clock, Batch batch);
   // Completes the job's requests with `s`, and with its statistics when it is OK.
-  static void CompleteJob(Job& job, const absl::Status& s);
+  static void CompleteJob(PhaseClock& clock, Job& job, const absl::Status& s);
   // Runs a gang batch once no other job is running; the calling thread holds no job.
-  void RunGang(Batch batch);
+  void RunGang(Worker& worker, Batch batch);
   void JobsDone(int n);
   // Ends an idle thread's release, which freed `freed` bytes; true when the thread is to trim
   // the C heap now (and call TrimDone after).
@@ -112,6 +165,7 @@ class Engine {
   void TrimDone();
 
   std::vector<std::unique_ptr<Executor>> executors_;  // one per device
+  std::vector<std::unique_ptr<Worker>> workers_;      // one per executor, in the same order
   absl::Duration idle_release_;                       // EngineOptions::pool_idle_release
   absl::Mutex mu_;
   int free_slots_ ABSL_GUARDED_BY(mu_) = 0;  // one per device to begin with

@@ -47,17 +47,22 @@ std::string PoolEventsHelp() {
 
 }  // namespace
 
-// Reads every registered pool's statistics when Prometheus scrapes, so the numbers are exact at
-// that moment without a background updater.
-class Metrics::PoolCollector : public prometheus::Collectable {
+// Reads every registered pool's statistics and the engine threads' times when Prometheus
+// scrapes, so the numbers are exact at that moment without a background updater.
+class Metrics::SourceCollector : public prometheus::Collectable {
  public:
   void Add(const memory::BufferPool* pool) {
     absl::MutexLock lock(&mu_);
     pools_.push_back(pool);
   }
+  void SetEngine(std::function<std::vector<EngineThreadSeconds>()> read) {
+    absl::MutexLock lock(&mu_);
+    engine_ = std::move(read);
+  }
   void Clear() {
     absl::MutexLock lock(&mu_);
     pools_.clear();
+    engine_ = nullptr;
   }
 
   std::vector<prometheus::MetricFamily> Collect() const override {
@@ -92,18 +97,39 @@ class Metrics::PoolCollector : public prometheus::Collectable {
         events.metric.push_back(m);
       }
     }
-    return {bytes, leases, events};
+    std::vector<prometheus::MetricFamily> out = {bytes, leases, events};
+    if (engine_ != nullptr) {
+      prometheus::MetricFamily engine{
+          "dilattn_engine_seconds_total",
+          "Seconds each device's engine thread spent, by phase: idle (no work), start (planning, "
+          "leasing and issuing jobs; the CPU path computes there), wait (for the device), "
+          "complete (statistics and responses), gang (sequence-parallel runs), release (idle "
+          "memory and heap trims), other",
+          prometheus::MetricType::Counter,
+          {}};
+      for (const EngineThreadSeconds& t : engine_()) {
+        for (const auto& [phase, seconds] : t.phases) {
+          prometheus::ClientMetric m;
+          m.label = {{"device", t.device}, {"phase", phase}};
+          m.counter.value = seconds;
+          engine.metric.push_back(m);
+        }
+      }
+      out.push_back(engine);
+    }
+    return out;
   }
 
  private:
   mutable absl::Mutex mu_;
   std::vector<const memory::BufferPool*> pools_ ABSL_GUARDED_BY(mu_);
+  std::function<std::vector<EngineThreadSeconds>()> engine_ ABSL_GUARDED_BY(mu_);
 };
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind_address) {
   std::unique_ptr<Metrics> m(new Metrics());
   m->registry_ = std::make_shared<prometheus::Registry>();
-  m->pools_ = std::make_shared<PoolCollector>();
+  m->sources_ = std::make_shared<SourceCollector>();
   prometheus::Registry& r = *m->registry_;
   auto counter = [&](const char* name, const char* help) {
     return &prometheus::BuildCounter().Name(name).Help(help).Register(r);
@@ -146,7 +172,7 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind
           absl::StrCat("cannot serve metrics on ", bind_address, ": ", e.what()));
     }
     m->exposer_->RegisterCollectable(m->registry_);
-    m->exposer_->RegisterCollectable(m->pools_);
+    m->exposer_->RegisterCollectable(m->sources_);
   }
   return m;
 }
@@ -160,9 +186,13 @@ int Metrics::port() const {
   return ports.empty() ? 0 : ports.front();
 }
 
-void Metrics::AddPool(const memory::BufferPool* pool) { pools_->Add(pool); }
+void Metrics::AddPool(const memory::BufferPool* pool) { sources_->Add(pool); }
 
-void Metrics::RemovePools() { pools_->Clear(); }
+void Metrics::SetEngineTimes(std::function<std::vector<EngineThreadSeconds>()> read) {
+  sources_->SetEngine(std::move(read));
+}
+
+void Metrics::RemoveSources() { sources_->Clear(); }
 
 ModelMetrics* Metrics::ForModel(const std::string& model, const std::string& version) {
   const prometheus::Labels labels = {{"model", model}, {"version", version}};

@@ -4,8 +4,10 @@
 // the metric, histograms of request, queue and compute time and of batch size, and buffer-pool
 // gauges read at scrape time. Served in the text format on /metrics.
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -49,6 +51,12 @@ struct StreamMetrics {
   prometheus::Counter* bytes_out;
 };
 
+// Seconds one engine thread has spent in each phase since start-up (dilattn_engine_seconds_total).
+struct EngineThreadSeconds {
+  std::string device;
+  std::vector<std::pair<std::string, double>> phases;  // phase name, seconds
+};
+
 class Metrics {
  public:
   // Serves /metrics on bind_address ("0.0.0.0:8002"; port 0 picks a free one). Empty: registry
@@ -59,17 +67,20 @@ class Metrics {
   int port() const;  // -1 when not serving (Create with an empty address)
   ModelMetrics* ForModel(const std::string& model, const std::string& version);
   void AddPool(const memory::BufferPool* pool);
-  // Before the pools are destroyed: /metrics keeps serving while the server is torn down.
-  void RemovePools();
+  // Read at every scrape; replaces the reader set before.
+  void SetEngineTimes(std::function<std::vector<EngineThreadSeconds>()> read);
+  // Before the engine and its pools are destroyed: /metrics keeps serving while the server is
+  // torn down.
+  void RemoveSources();
   StreamMetrics* streams() { return &streams_; }
   prometheus::Registry& registry() { return *registry_; }
 
  private:
   Metrics() = default;
-  class PoolCollector;
+  class SourceCollector;
 
   std::shared_ptr<prometheus::Registry> registry_;
-  std::shared_ptr<PoolCollector> pools_;
+  std::shared_ptr<SourceCollector> sources_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   absl::Mutex mu_;
   std::vector<std::unique_ptr<ModelMetrics>> models_ ABSL_GUARDED_BY(mu_);

@@ -41,6 +41,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   if (!engine.ok()) return engine.status();
   s->engine_ = *std::move(engine);
   for (const memory::BufferPool* pool : s->engine_->pools()) s->metrics_->AddPool(pool);
+  s->metrics_->SetEngineTimes([engine = s->engine_.get()] {
+    std::vector<EngineThreadSeconds> out;
+    for (const EngineThreadTimes& t : engine->ThreadTimes()) {
+      EngineThreadSeconds& o = out.emplace_back();
+      o.device = t.device;
+      for (int p = 0; p < kEnginePhases; ++p) {
+        o.phases.emplace_back(EnginePhaseName(static_cast<EnginePhase>(p)),
+                              absl::ToDoubleSeconds(t.phase[p]));
+      }
+    }
+    return out;
+  });
 
   absl::StatusOr<std::unique_ptr<ModelRegistry>> registry =
       ModelRegistry::Create(std::move(specs), s->engine_.get(), s->metrics_.get());
@@ -85,7 +97,7 @@ Server::~Server() {
   Shutdown();
   // The engine, which owns the pools, is destroyed before the metrics (whose counters it and
   // the models update to the end), and a scrape may come in between.
-  if (metrics_ != nullptr) metrics_->RemovePools();
+  if (metrics_ != nullptr) metrics_->RemoveSources();
 }
 
 void Server::Wait() {

@@ -10,6 +10,8 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -880,6 +882,62 @@ TEST_F(EngineThreads, IdleReleaseDelaysNeitherWorkNorShutdown) {
   engine_->Shutdown();
   EXPECT_LT(MonotonicNow() - start, absl::Seconds(2));
   EXPECT_TRUE(idle.Calls().empty());
+}
+
+// Each device's thread accounts for its time by phase, and the phases add up to the thread's
+// life: a job's Start in "start", its Wait in "wait", its requests' completions in "complete",
+// an idle release and its heap trim in "release", and no work in "idle".
+TEST_F(EngineThreads, ThreadTimesLandInTheirPhasesAndAddUpToTheThreadsLife) {
+  IdleLog idle;
+  const absl::Time before = MonotonicNow();
+  // Start takes 20 ms, Wait 40, the heap trim 25; idle memory is released after 100 ms.
+  StartWith(std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(40),
+                                                    /*device=*/3),
+            absl::Milliseconds(100), [] { absl::SleepFor(absl::Milliseconds(25)); });
+  const absl::Time after = MonotonicNow();
+  absl::SleepFor(absl::Milliseconds(60));
+  for (int64_t id = 1; id <= 3; ++id) {
+    auto r = std::make_unique<InferenceRequest>();
+    r->model = model_.get();
+    r->batch = id;
+    r->seq_len = 1;
+    r->done = [this](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
+      absl::SleepFor(absl::Milliseconds(10));  // a slow response
+      (s.ok() ? ok_ : failed_).fetch_add(1);
+    };
+    ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
+    Batch batch;
+    batch.model = model_.get();
+    batch.requests.push_back(std::move(r));
+    engine_->Submit(std::move(batch));
+  }
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 3; }));
+  ASSERT_TRUE(WaitFor([&] { return !idle.Calls().empty(); }));
+  absl::SleepFor(absl::Milliseconds(60));  // past the trim
+  const absl::Time read_from = MonotonicNow();
+  const std::vector<EngineThreadTimes> times = engine_->ThreadTimes();
+  const absl::Time read_to = MonotonicNow();
+  ASSERT_EQ(times.size(), 1u);
+  EXPECT_EQ(times[0].device, "cuda:3");
+  auto phase = [&](EnginePhase p) { return times[0].phase[static_cast<int>(p)]; };
+  EXPECT_GE(phase(EnginePhase::kStart), absl::Milliseconds(60));
+  EXPECT_GE(phase(EnginePhase::kWait), absl::Milliseconds(120));
+  EXPECT_GE(phase(EnginePhase::kComplete), absl::Milliseconds(30));
+  EXPECT_GE(phase(EnginePhase::kRelease), absl::Milliseconds(25));
+  EXPECT_GE(phase(EnginePhase::kIdle), absl::Milliseconds(80));  // 60 before, 35 after the trim
+  EXPECT_EQ(phase(EnginePhase::kGang), absl::ZeroDuration());
+  // Bookkeeping is short beside the sleeps (sanitizer builds included).
+  EXPECT_LT(phase(EnginePhase::kOther), absl::Milliseconds(50));
+  absl::Duration sum;
+  for (const absl::Duration d : times[0].phase) sum += d;
+  EXPECT_GE(sum, read_from - after);
+  EXPECT_LE(sum, read_to - before);
+  // The phase names the metric's labels take, each distinct.
+  std::set<std::string> names;
+  for (int p = 0; p < kEnginePhases; ++p)
+    names.insert(EnginePhaseName(static_cast<EnginePhase>(p)));
+  EXPECT_EQ(names.size(), static_cast<size_t>(kEnginePhases));
+  EXPECT_TRUE(names.count("idle") && names.count("wait") && names.count("start"));
 }
 
 }  // namespace
