@@ -5,7 +5,10 @@ For each shape and concurrency, runs Triton's perf_analyzer (unmodified) on the 
 client throughput and latency percentiles next to the server's own split of its time: mean
 request time, mean compute (kernel) time, and the server overhead, request minus compute, as a
 mean (from the statistics RPC) and a median (from the dilattn_request_overhead_seconds histogram),
-with the mean time spent queued (waiting for the engine) shown on its own.
+with the mean time spent queued (waiting for the engine) shown on its own; and where the engine
+threads' time went (dilattn_engine_seconds_total): the share busy, in Executor::Start (planning,
+leasing, issuing; the CPU path computes there), waiting for the device, and completing requests,
+and the busy time per batch.
 
 Then, with --release-seconds R, the server's resident memory: its peak, after the last run, and
 once the pools' idle release (the server's --pool-idle-release-seconds R, and the heap trim that
@@ -93,6 +96,17 @@ def pools_empty(metrics_port):
     return bool(held) and not any(held)
 
 
+def engine_seconds(metrics_port):
+    """({phase: seconds summed over the devices' engine threads}, number of threads)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    phases, devices = {}, set()
+    for m in re.finditer(r'^dilattn_engine_seconds_total\{([^}]*)\} (\S+)$', text, re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        devices.add(labels["device"])
+        phases[labels["phase"]] = phases.get(labels["phase"], 0.0) + float(m.group(2))
+    return phases, max(1, len(devices))
+
+
 def stats(client, model):
     s = client.get_inference_statistics(model).model_stats[0]
     i = s.inference_stats
@@ -131,6 +145,7 @@ def main():
                     report = pathlib.Path(tmp) / f"pa_{n}_{c}.csv"
                     before = stats(client, args.model)
                     hist_before = histogram(metrics_port, "dilattn_request_overhead_seconds", args.model)
+                    engine_before, _ = engine_seconds(metrics_port)
                     cmd = [str(home / "bin" / "perf_analyzer"), "-m", args.model, "-i", "grpc",
                            "-u", f"127.0.0.1:{port}", "--concurrency-range", str(c),
                            "--measurement-interval", str(args.window_ms), "--max-trials", "6",
@@ -148,6 +163,9 @@ def main():
                         sys.exit(r.stdout + r.stderr)
                     after = stats(client, args.model)
                     hist_after = histogram(metrics_port, "dilattn_request_overhead_seconds", args.model)
+                    engine_after, _ = engine_seconds(metrics_port)
+                    spent = {k: engine_after[k] - engine_before.get(k, 0.0) for k in engine_after}
+                    wall = max(sum(spent.values()), 1e-9)  # every thread's, over all trials
                     with open(report) as f:
                         row = next(csv.DictReader(f))
                     count = after[1] - before[1]
@@ -163,6 +181,14 @@ def main():
                         "queue mean us": (after[4] - before[4]) / count / 1e3,
                         "overhead mean us": request_us - compute_us,
                         "overhead p50 us": median_from(hist_before, hist_after) * 1e6,
+                        # Where the engine threads' time went over the same trials (per thread,
+                        # averaged over the devices): busy is everything but idle.
+                        "engine busy %": 100 * (1 - spent.get("idle", 0.0) / wall),
+                        "start %": 100 * spent.get("start", 0.0) / wall,
+                        "wait %": 100 * spent.get("wait", 0.0) / wall,
+                        "complete %": 100 * spent.get("complete", 0.0) / wall,
+                        "engine us/batch": 1e6 * (wall - spent.get("idle", 0.0))
+                                           / max(1, after[0] - before[0]),
                     })
                     print(f"done: {rows[-1]['shape']} concurrency {c}", file=sys.stderr)
             if args.release_seconds > 0:
