@@ -97,6 +97,56 @@ std::array<absl::Duration, kEnginePhases> PhaseClock::Read() const {
   return out;
 }
 
+Completer::Completer(int threads) {
+  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
+}
+
+Completer::~Completer() { Stop(); }
+
+void Completer::Add(std::vector<Item> items) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!stopping_) {
+      for (Item& item : items) queue_.push_back(std::move(item));
+      return;
+    }
+  }
+  for (Item& item : items) Finish(item);
+}
+
+void Completer::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  for (std::thread& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+}
+
+void Completer::Loop() {
+  while (true) {
+    Item item;
+    {
+      absl::MutexLock lock(&mu_);
+      auto ready = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return !queue_.empty() || stopping_; };
+      mu_.Await(absl::Condition(&ready));
+      if (queue_.empty()) return;  // stopping, and everything added is done
+      item = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    Finish(item);
+  }
+}
+
+void Completer::Finish(Item& item) {
+  InferenceRequest& r = *item.request;
+  absl::Status s = item.status;
+  if (s.ok()) s = r.failed;
+  if (s.ok()) s = CompleteHostOutput(r);
+  CompleteRequest(std::move(item.request), s, item.timings);
+}
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   std::vector<std::unique_ptr<Executor>> executors;
   absl::StatusOr<std::vector<int>> devices = ParseDevices(options.device);
@@ -163,6 +213,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
   e->idle_release_ = pool_idle_release;
   e->trim_heap_ = trim_heap != nullptr ? std::move(trim_heap) : memory::TrimMallocHeap;
   e->gang_ = std::move(gang);
+  // Two at least: a completion may wait on gRPC's locks or copy a large output to shared memory.
+  e->completer_ = std::make_unique<Completer>(std::max<int>(2, e->executors_.size()));
   {
     absl::MutexLock lock(&e->mu_);
     e->free_slots_ = static_cast<int>(e->executors_.size());
@@ -308,6 +360,8 @@ void Engine::Shutdown() {
   for (std::thread& t : threads_) {
     if (t.joinable()) t.join();
   }
+  // Only now: the engine threads complete their last jobs through it.
+  if (completer_ != nullptr) completer_->Stop();
 }
 
 void Engine::Loop(Worker& worker) {
@@ -496,20 +550,20 @@ void Engine::FinishJob(Worker& worker, std::unique_ptr<Job> job) {
 
 void Engine::CompleteJob(PhaseClock& clock, Job& job, const absl::Status& s) {
   PhaseScope phase(clock, EnginePhase::kComplete);
-  if (!s.ok()) {
-    for (auto& r : job.requests) CompleteRequest(std::move(r), s);
-    return;
+  if (s.ok()) {
+    int64_t sequences = 0;
+    for (const auto& r : job.requests) sequences += r->batch;
+    job.model->stats().Executed(sequences, job.compute_input, job.compute_infer,
+                                job.compute_output);
   }
-  int64_t sequences = 0;
-  for (const auto& r : job.requests) sequences += r->batch;
-  job.model->stats().Executed(sequences, job.compute_input, job.compute_infer, job.compute_output);
+  std::vector<Completer::Item> items;
+  items.reserve(job.requests.size());
   for (auto& r : job.requests) {
     const RequestTimings t{job.start - r->enqueued, job.compute_input, job.compute_infer,
                            job.compute_output};
-    absl::Status own = r->failed;
-    if (own.ok()) own = CompleteHostOutput(*r);
-    CompleteRequest(std::move(r), own, t);
+    items.push_back({std::move(r), s, t});
   }
+  completer_->Add(std::move(items));
 }
 
 }  // namespace dilattn::server

@@ -103,7 +103,8 @@ class Metrics::SourceCollector : public prometheus::Collectable {
           "dilattn_engine_seconds_total",
           "Seconds each device's engine thread spent, by phase: idle (no work), start (planning, "
           "leasing and issuing jobs; the CPU path computes there), wait (for the device), "
-          "complete (statistics and responses), gang (sequence-parallel runs), release (idle "
+          "complete (statistics, requests handed to the completion threads), gang "
+          "(sequence-parallel runs), release (idle "
           "memory and heap trims), other",
           prometheus::MetricType::Counter,
           {}};
