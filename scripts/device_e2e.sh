@@ -4,6 +4,7 @@
 #     build/server/dilattn-server
 # ran here: kernel tests, compute-sanitizer, the end-to-end suite on the GPU backend, and the
 # server-side overhead table (with --e2e-only, the end-to-end suite alone). Logs go to $OUT.
+# DILATTN_E2E_FILES (default tests/e2e) picks test files, to split the suite over calls.
 set -uo pipefail
 all=1
 [[ ${1:-} == --e2e-only ]] && all=0
@@ -28,7 +29,7 @@ fi
 DILATTN_E2E_DEVICE=cuda DILATTN_SERVER_BIN="$PWD/.device/bin/dilattn-server" \
 DILATTN_CLIENT_BIN="$PWD/.device/bin/dilattn-client" DILATTN_PYTHON_PROTO="$PWD/.device/python" \
 DILATTN_PERF_ANALYZER_HOME="$PWD/.device/perf_analyzer" DILATTN_E2E_RESULTS="$out/e2e" \
-  timeout "${DILATTN_E2E_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfE tests/e2e 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15
+  timeout "${DILATTN_E2E_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfE ${DILATTN_E2E_FILES:-tests/e2e} 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15
 [[ $all == 1 ]] || exit 0
 python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 2>&1 | tail -4
 python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 --shm cuda 2>&1 | tail -4

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/cuda/launch.h"
+#include "kernels/attention/gpu_tiles.h"
 #include "kernels/common/clock.h"
 #include "kernels/memory/allocator.h"
 #include "server/executor.h"
@@ -123,7 +124,7 @@ class CudaExecutor final : public Executor {
         return s;
       }
       absl::StatusOr<std::unique_ptr<attention::AttentionBackend>> gpu =
-          attention::CreateCudaBackend({device_, streams_[i]});
+          attention::CreateCudaBackend({device_, streams_[i], tile_cache_});
       if (!gpu.ok()) return gpu.status();
       gpu_[i] = *std::move(gpu);
       absl::StatusOr<std::unique_ptr<block_sparse::BlockSparseBackend>> sparse =
@@ -375,8 +376,10 @@ class CudaExecutor final : public Executor {
   // The pinned pool and the CPU path's host pool may be shared with other GPUs' executors; the
   // pools are thread-safe, and they free only buffers nobody leases.
   size_t ReleaseIdleMemory(absl::Time cutoff) override {
+    // The tile lists kept for recent shapes go too: planned again in microseconds, they may
+    // hold megabytes for long sequences.
     return device_pool_->ReleaseIdle(cutoff) + pinned_pool_->ReleaseIdle(cutoff) +
-           cpu_->ReleaseIdleMemory(cutoff);
+           cpu_->ReleaseIdleMemory(cutoff) + tile_cache_->Clear();
   }
 
   absl::Status Wait(Job& job) override {
@@ -660,6 +663,10 @@ class CudaExecutor final : public Executor {
   cudaStream_t streams_[2] = {nullptr, nullptr};
   // Copies of jobs in pieces, shared by both streams' jobs (one copy engine each way anyway).
   cudaStream_t copy_in_ = nullptr, copy_out_ = nullptr;
+  // Both streams' backends plan through one cache: WorkspaceBytes asks gpu_[0] for the list that
+  // gpu_[job.stream] runs.
+  std::shared_ptr<attention::GpuTileCache> tile_cache_ =
+      std::make_shared<attention::GpuTileCache>();
   std::unique_ptr<attention::AttentionBackend> gpu_[2];
   std::unique_ptr<block_sparse::BlockSparseBackend> sparse_gpu_[2];
   std::unique_ptr<multihead::MultiheadBackend> multihead_gpu_[2];

@@ -165,9 +165,13 @@ struct CpuBackendOptions {
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpuBackend(
     const CpuBackendOptions& options);
 
+class GpuTileCache;  // gpu_tiles.h
+
 struct CudaBackendOptions {
   int device = 0;
   void* stream = nullptr;  // a cudaStream_t; null is the legacy default stream
+  // Tile lists of recent shapes, shared by the backends of one device (one of its own if null).
+  std::shared_ptr<GpuTileCache> tile_cache;
 };
 
 // The fused GPU kernel. Run() enqueues on the backend's stream and returns: the caller orders

@@ -479,4 +479,53 @@ std::vector<TilePart> CutTilesIntoParts(const std::vector<GpuTile>& tiles,
   return parts;
 }
 
+GpuTileCache::GpuTileCache(size_t max_entries, size_t max_bytes)
+    : max_entries_(max_entries), max_bytes_(max_bytes) {}
+
+absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> GpuTileCache::Get(
+    const std::string& key, const AttentionPlan& plan, int block_m) {
+  const std::string full = absl::StrCat(block_m, ":", key);
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto it = index_.find(full); it != index_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second);
+      ++stats_.hits;
+      return it->second->second;
+    }
+    ++stats_.misses;
+  }
+  auto list = std::make_shared<List>();
+  if (absl::Status s = BuildGpuTiles(plan, block_m, &list->tiles, &list->keyless); !s.ok()) {
+    return s;
+  }
+  const size_t bytes = sizeof(GpuTile) * list->tiles.size();
+  absl::MutexLock lock(&mu_);
+  if (bytes > max_bytes_ || max_entries_ == 0 || index_.count(full) != 0) return list;
+  lru_.emplace_front(full, list);
+  index_[full] = lru_.begin();
+  stats_.bytes += bytes;
+  while (lru_.size() > max_entries_ || stats_.bytes > max_bytes_) {
+    stats_.bytes -= sizeof(GpuTile) * lru_.back().second->tiles.size();
+    index_.erase(lru_.back().first);
+    lru_.pop_back();
+  }
+  stats_.entries = lru_.size();
+  return list;
+}
+
+size_t GpuTileCache::Clear() {
+  absl::MutexLock lock(&mu_);
+  const size_t bytes = stats_.bytes;
+  lru_.clear();
+  index_.clear();
+  stats_.bytes = 0;
+  stats_.entries = 0;
+  return bytes;
+}
+
+GpuTileCache::Stats GpuTileCache::stats() const {
+  absl::MutexLock lock(&mu_);
+  return stats_;
+}
+
 }  // namespace dilattn::attention

@@ -13,9 +13,17 @@
 // and no per-branch temporaries. Pure C++: planned on the host, tested without a GPU.
 
 #include <cstdint>
+#include <list>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/tile_spans.h"
 
@@ -84,6 +92,43 @@ DILATTN_HOST_DEVICE bool IsKeylessSlot(const KeylessPlacement& keyless, Int inde
 // left for the tail.
 absl::Status BuildGpuTiles(const AttentionPlan& plan, int block_m, std::vector<GpuTile>* tiles,
                            KeylessPlacement* keyless = nullptr);
+
+// The tile lists of recently seen problems, so that a shape that comes back (steady serving
+// traffic: the same few batch compositions again and again) is not planned on the host again:
+// BuildGpuTiles costs tens of microseconds even for a batch of short sequences, a good part of a
+// small batch's host time. Least recently used lists go first. Thread-safe; one per device is
+// shared by that device's backends.
+class GpuTileCache {
+ public:
+  struct List {
+    std::vector<GpuTile> tiles;
+    KeylessPlacement keyless;
+  };
+  struct Stats {
+    uint64_t hits = 0, misses = 0;
+    size_t entries = 0, bytes = 0;  // kept now
+  };
+  // Keeps at most `max_entries` lists and `max_bytes` of tiles; a list larger than that is built
+  // and returned but not kept.
+  explicit GpuTileCache(size_t max_entries = 64, size_t max_bytes = size_t{64} << 20);
+
+  // The list of `plan` at tile height `block_m` (BuildGpuTiles), kept under `key`, which must
+  // determine it: a fingerprint of the plan's parameters and sequence offsets. Lists are built
+  // outside the lock, so threads asking for different shapes do not wait for each other.
+  absl::StatusOr<std::shared_ptr<const List>> Get(const std::string& key, const AttentionPlan& plan,
+                                                  int block_m);
+  Stats stats() const;
+  // Drops every kept list (an idle server's release); returns their bytes.
+  size_t Clear();
+
+ private:
+  using Entry = std::pair<std::string, std::shared_ptr<const List>>;
+  const size_t max_entries_, max_bytes_;
+  mutable absl::Mutex mu_;
+  std::list<Entry> lru_ ABSL_GUARDED_BY(mu_);  // most recently used first
+  std::unordered_map<std::string, std::list<Entry>::iterator> index_ ABSL_GUARDED_BY(mu_);
+  Stats stats_ ABSL_GUARDED_BY(mu_);
+};
 
 // A tile list cut into launches over parts of the query rows, for callers that overlap copies
 // with them: part i takes the tiles whose first row (seq_offsets[seq] + q_pos) lies in

@@ -4,9 +4,13 @@
 #include "kernels/attention/gpu_tiles.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <map>
+#include <memory>
 #include <set>
+#include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -394,6 +398,138 @@ TEST(GpuTiles, RejectsWhatTheFieldsCannotHold) {
   ASSERT_TRUE(plan.ok());
   std::vector<GpuTile> tiles;
   EXPECT_EQ(BuildGpuTiles(*plan, 64, &tiles).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A batch of `seqs` 64-token sequences under the default model's branches, and its key.
+AttentionPlan SmallBatch(int seqs) {
+  AttentionOptions o;
+  o.segment_lengths = {2048, 4096, 8192, 16384, 32768};
+  o.dilation_rates = {1, 2, 4, 8, 16};
+  absl::StatusOr<AttentionPlan> plan =
+      PlanAttention(o, DenseShape(DType::kFloat16, seqs, 64, 4, 32));
+  EXPECT_TRUE(plan.ok()) << plan.status();
+  return *std::move(plan);
+}
+
+void ExpectSameList(const GpuTileCache::List& got, const AttentionPlan& plan, int block_m) {
+  std::vector<GpuTile> tiles;
+  KeylessPlacement keyless;
+  ASSERT_TRUE(BuildGpuTiles(plan, block_m, &tiles, &keyless).ok());
+  ASSERT_EQ(got.tiles.size(), tiles.size());
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    const GpuTile& a = got.tiles[i];
+    const GpuTile& b = tiles[i];
+    ASSERT_EQ(std::tie(a.seq, a.q_pos, a.q_stride, a.head, a.count),
+              std::tie(b.seq, b.q_pos, b.q_stride, b.head, b.count))
+        << "tile " << i;
+  }
+  EXPECT_EQ(got.keyless.count, keyless.count);
+  EXPECT_EQ(got.keyless.period, keyless.period);
+}
+
+// A shape seen before gets its list back without planning; the list is BuildGpuTiles' own, and
+// the tile height is part of the key.
+TEST(GpuTileCache, ReturnsTheBuiltListAndKeepsIt) {
+  GpuTileCache cache;
+  const AttentionPlan a = SmallBatch(3), b = SmallBatch(5);
+  absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> first = cache.Get("3", a, 128);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ExpectSameList(**first, a, 128);
+  absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> again = cache.Get("3", a, 128);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->get(), first->get());
+  absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> other = cache.Get("5", b, 128);
+  ASSERT_TRUE(other.ok());
+  ExpectSameList(**other, b, 128);
+  absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> lower = cache.Get("3", a, 64);
+  ASSERT_TRUE(lower.ok());
+  ExpectSameList(**lower, a, 64);
+  const GpuTileCache::Stats s = cache.stats();
+  EXPECT_EQ(s.hits, 1u);
+  EXPECT_EQ(s.misses, 3u);
+  EXPECT_EQ(s.entries, 3u);
+  EXPECT_EQ(s.bytes, sizeof(GpuTile) * ((*first)->tiles.size() + (*other)->tiles.size() +
+                                        (*lower)->tiles.size()));
+  // An idle release drops them all; the lists handed out stay valid.
+  EXPECT_EQ(cache.Clear(), s.bytes);
+  EXPECT_EQ(cache.stats().entries, 0u);
+  EXPECT_EQ(cache.stats().bytes, 0u);
+  ExpectSameList(**first, a, 128);
+  ASSERT_TRUE(cache.Get("3", a, 128).ok());
+  EXPECT_EQ(cache.stats().misses, 4u);
+}
+
+// The least recently used list goes first, within both the entry and the byte limit; a list
+// larger than the byte limit is returned and not kept.
+TEST(GpuTileCache, EvictsTheLeastRecentlyUsedWithinItsLimits) {
+  const AttentionPlan a = SmallBatch(1), b = SmallBatch(2), c = SmallBatch(3);
+  GpuTileCache two(2);
+  ASSERT_TRUE(two.Get("a", a, 128).ok());
+  ASSERT_TRUE(two.Get("b", b, 128).ok());
+  ASSERT_TRUE(two.Get("a", a, 128).ok());  // a is now the most recent
+  ASSERT_TRUE(two.Get("c", c, 128).ok());  // b goes
+  EXPECT_EQ(two.stats().entries, 2u);
+  const uint64_t misses = two.stats().misses;
+  ASSERT_TRUE(two.Get("a", a, 128).ok());
+  ASSERT_TRUE(two.Get("c", c, 128).ok());
+  EXPECT_EQ(two.stats().misses, misses);
+  ASSERT_TRUE(two.Get("b", b, 128).ok());
+  EXPECT_EQ(two.stats().misses, misses + 1);
+
+  absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> one =
+      GpuTileCache(64, 0).Get("c", c, 128);
+  ASSERT_TRUE(one.ok());
+  ExpectSameList(**one, c, 128);
+  GpuTileCache small(64, sizeof(GpuTile) * (*one)->tiles.size() - 1);
+  ASSERT_TRUE(small.Get("c", c, 128).ok());
+  EXPECT_EQ(small.stats().entries, 0u);
+  EXPECT_EQ(small.stats().bytes, 0u);
+}
+
+// A plan the tiles cannot describe gets BuildGpuTiles' error, and nothing is kept for it.
+TEST(GpuTileCache, PassesErrorsOnAndKeepsNothingForThem) {
+  AttentionOptions o;
+  o.segment_lengths = {16};
+  o.dilation_rates = {1};
+  absl::StatusOr<AttentionPlan> plan =
+      PlanAttention(o, DenseShape(DType::kFloat16, 1, 16, 40000, 8));
+  ASSERT_TRUE(plan.ok());
+  GpuTileCache cache;
+  EXPECT_EQ(cache.Get("wide", *plan, 64).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cache.stats().entries, 0u);
+}
+
+// Threads asking for a few shapes at once, with evictions among them, each get the right list
+// (run under ThreadSanitizer in CI).
+TEST(GpuTileCache, ConcurrentCallersGetTheRightLists) {
+  GpuTileCache cache(3);
+  std::vector<AttentionPlan> plans;
+  for (int seqs = 1; seqs <= 5; ++seqs) plans.push_back(SmallBatch(seqs));
+  std::vector<size_t> sizes;
+  for (const AttentionPlan& p : plans) {
+    std::vector<GpuTile> tiles;
+    ASSERT_TRUE(BuildGpuTiles(p, 128, &tiles).ok());
+    sizes.push_back(tiles.size());
+  }
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 60; ++i) {
+        const size_t k = static_cast<size_t>((i * 7 + t) % 5);
+        absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> list =
+            cache.Get(std::to_string(k), plans[k], 128);
+        if (!list.ok() || (*list)->tiles.size() != sizes[k] ||
+            (*list)->tiles.back().seq >= static_cast<int32_t>(k + 1)) {
+          wrong.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_LE(cache.stats().entries, 3u);
+  EXPECT_EQ(cache.stats().hits + cache.stats().misses, 360u);
 }
 
 }  // namespace
