@@ -97,9 +97,7 @@ std::array<absl::Duration, kEnginePhases> PhaseClock::Read() const {
   return out;
 }
 
-Completer::Completer(int threads) {
-  for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Loop(); });
-}
+Completer::Completer() : thread_([this] { Loop(); }) {}
 
 Completer::~Completer() { Stop(); }
 
@@ -119,9 +117,7 @@ void Completer::Stop() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  for (std::thread& t : threads_) {
-    if (t.joinable()) t.join();
-  }
+  if (thread_.joinable()) thread_.join();
 }
 
 void Completer::Loop() {
@@ -213,8 +209,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
   e->idle_release_ = pool_idle_release;
   e->trim_heap_ = trim_heap != nullptr ? std::move(trim_heap) : memory::TrimMallocHeap;
   e->gang_ = std::move(gang);
-  // Two at least: a completion may wait on gRPC's locks or copy a large output to shared memory.
-  e->completer_ = std::make_unique<Completer>(std::max<int>(2, e->executors_.size()));
   {
     absl::MutexLock lock(&e->mu_);
     e->free_slots_ = static_cast<int>(e->executors_.size());
@@ -360,8 +354,8 @@ void Engine::Shutdown() {
   for (std::thread& t : threads_) {
     if (t.joinable()) t.join();
   }
-  // Only now: the engine threads complete their last jobs through it.
-  if (completer_ != nullptr) completer_->Stop();
+  // Only now: the engine threads complete their last jobs through them.
+  for (const auto& worker : workers_) worker->completer.Stop();
 }
 
 void Engine::Loop(Worker& worker) {
@@ -469,7 +463,7 @@ void Engine::RunGang(Worker& worker, Batch batch) {
     if (!s.ok()) {
       LogError("sequence-parallel run for %s failed: %s", job->model->name(), s.ToString());
     }
-    CompleteJob(worker.clock, *job, s);
+    CompleteJob(worker, *job, s);
   }
   gang_->ReleaseCachedMemory();
   absl::MutexLock lock(&mu_);
@@ -545,11 +539,11 @@ void Engine::FinishJob(Worker& worker, std::unique_ptr<Job> job) {
     PhaseScope phase(worker.clock, EnginePhase::kWait);
     s = Guarded([&] { return worker.executor->Wait(*job); });
   }
-  CompleteJob(worker.clock, *job, s);
+  CompleteJob(worker, *job, s);
 }
 
-void Engine::CompleteJob(PhaseClock& clock, Job& job, const absl::Status& s) {
-  PhaseScope phase(clock, EnginePhase::kComplete);
+void Engine::CompleteJob(Worker& worker, Job& job, const absl::Status& s) {
+  PhaseScope phase(worker.clock, EnginePhase::kComplete);
   if (s.ok()) {
     int64_t sequences = 0;
     for (const auto& r : job.requests) sequences += r->batch;
@@ -563,7 +557,7 @@ void Engine::CompleteJob(PhaseClock& clock, Job& job, const absl::Status& s) {
                            job.compute_output};
     items.push_back({std::move(r), s, t});
   }
-  completer_->Add(std::move(items));
+  worker.completer.Add(std::move(items));
 }
 
 }  // namespace dilattn::server

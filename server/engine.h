@@ -79,10 +79,12 @@ class PhaseScope {
   const EnginePhase before_;
 };
 
-// Finishes requests of finished jobs on threads of its own, so that an engine thread goes on to
-// its next job at once: a request's completion (its statistics, its response serialised and
-// handed to gRPC, which may write it to the socket on the calling thread, and an output copied to
-// system shared memory) took about a fifth of a CPU engine thread's time on small requests.
+// Finishes the requests of an engine thread's finished jobs on a thread of its own, in the order
+// they were added, so that the engine thread goes on to its next job at once: a request's
+// completion (its response serialised and handed to gRPC, which may write it to the socket on
+// the calling thread, and an output copied to system shared memory) took half of a GPU engine
+// thread's time on small requests. One thread keeps the responses in the order the jobs ran (a
+// job that overtook queued ones by priority is answered first).
 class Completer {
  public:
   struct Item {
@@ -90,13 +92,13 @@ class Completer {
     absl::Status status;  // the job's; the request's own failure or output copy may override it
     RequestTimings timings;
   };
-  explicit Completer(int threads);
+  Completer();
   ~Completer();  // Stop()
   Completer(const Completer&) = delete;
   Completer& operator=(const Completer&) = delete;
 
   void Add(std::vector<Item> items);
-  // Completes everything added, then ends the threads; Add() after it completes inline.
+  // Completes everything added, then ends the thread; Add() after it completes inline.
   void Stop();
 
  private:
@@ -106,7 +108,7 @@ class Completer {
   absl::Mutex mu_;
   std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  std::vector<std::thread> threads_;
+  std::thread thread_;
 };
 
 struct EngineOptions {
@@ -169,6 +171,7 @@ class Engine {
   struct Worker {
     Executor* executor;
     PhaseClock clock;
+    Completer completer;  // stopped after the thread, in Shutdown()
   };
   void Loop(Worker& worker);
   // The next batch `executor` may take: the oldest with no preferred GPU, preferring its GPU, or
@@ -181,12 +184,12 @@ class Engine {
   // Starts `batch`; a job still `in_flight` is finished first where its buffers stand in the way
   // (and moved from then).
   std::unique_ptr<Job> StartJob(Worker& worker, Batch batch, std::unique_ptr<Job>& in_flight);
-  void FinishJob(Worker& worker, std::unique_ptr<Job> job);
+  static void FinishJob(Worker& worker, std::unique_ptr<Job> job);
   // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
   static std::unique_ptr<Job> MakeJob(PhaseClock& clock, Batch batch);
-  // Completes the job's requests with `s` (on the completer's threads), and with its statistics
-  // when it is OK.
-  void CompleteJob(PhaseClock& clock, Job& job, const absl::Status& s);
+  // Completes the job's requests with `s` (on the worker's completion thread), and with its
+  // statistics when it is OK.
+  static void CompleteJob(Worker& worker, Job& job, const absl::Status& s);
   // Runs a gang batch once no other job is running; the calling thread holds no job.
   void RunGang(Worker& worker, Batch batch);
   void JobsDone(int n);
@@ -215,7 +218,6 @@ class Engine {
   bool heap_dirty_ ABSL_GUARDED_BY(mu_) = false;
   bool trimming_ ABSL_GUARDED_BY(mu_) = false;
   std::function<void()> trim_heap_;
-  std::unique_ptr<Completer> completer_;  // stopped after the threads, in Shutdown()
   std::vector<std::thread> threads_;
 };
 

@@ -886,7 +886,7 @@ TEST_F(EngineThreads, IdleReleaseDelaysNeitherWorkNorShutdown) {
 
 // Each device's thread accounts for its time by phase, and the phases add up to the thread's
 // life: a job's Start in "start", its Wait in "wait", an idle release and its heap trim in
-// "release", and no work in "idle"; the requests' responses are sent by the completer's threads,
+// "release", and no work in "idle"; the requests' responses are sent by its completion thread,
 // so the thread's "complete" is only handing them over.
 TEST_F(EngineThreads, ThreadTimesLandInTheirPhasesAndAddUpToTheThreadsLife) {
   IdleLog idle;
@@ -943,41 +943,46 @@ TEST_F(EngineThreads, ThreadTimesLandInTheirPhasesAndAddUpToTheThreadsLife) {
 }
 
 // A response that takes long to send (gRPC writing to a slow socket, an output copied to shared
-// memory) holds up neither the engine thread, which goes on to the next job, nor the responses
-// of the requests after it.
-TEST_F(EngineThreads, ASlowResponseHoldsUpNeitherTheEngineNorLaterResponses) {
+// memory) does not hold up the engine thread, which goes on running the jobs after it; their
+// responses follow it, in the order the jobs ran.
+TEST_F(EngineThreads, ASlowResponseDoesNotHoldUpTheEngineAndResponsesKeepTheirOrder) {
   Start({0});
   absl::Notification release;
-  std::atomic<bool> slow_done{false};
-  {
-    auto r = std::make_unique<InferenceRequest>();
-    r->model = model_.get();
-    r->batch = 1;
-    r->seq_len = 1;
-    r->done = [&](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
-      release.WaitForNotification();
-      EXPECT_TRUE(s.ok()) << s;
-      slow_done.store(true);
-    };
-    ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
-    Batch batch;
-    batch.model = model_.get();
-    batch.requests.push_back(std::move(r));
-    engine_->Submit(std::move(batch));
-  }
+  absl::Mutex order_mu;
+  std::vector<int64_t> order;
   // From another thread: an engine thread held by the slow response would take no more
   // batches, and Submit would wait for a slot.
-  std::thread more([&] {
-    for (int64_t id = 2; id <= 5; ++id) Submit(id, -1);
+  std::thread submit([&] {
+    for (int64_t id = 1; id <= 5; ++id) {
+      auto r = std::make_unique<InferenceRequest>();
+      r->model = model_.get();
+      r->batch = id;
+      r->seq_len = 1;
+      r->done = [&, id](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
+        if (id == 1) release.WaitForNotification();
+        EXPECT_TRUE(s.ok()) << s;
+        absl::MutexLock lock(&order_mu);
+        order.push_back(id);
+      };
+      ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
+      Batch batch;
+      batch.model = model_.get();
+      batch.requests.push_back(std::move(r));
+      engine_->Submit(std::move(batch));
+    }
   });
-  EXPECT_TRUE(WaitFor([&] { return ok_.load() == 4; }, absl::Seconds(5)))
-      << ok_.load() << " of the 4 later requests answered while the first one's response waits";
-  EXPECT_FALSE(slow_done.load());
+  EXPECT_TRUE(
+      WaitFor([&] { return log_.jobs.load() == 5 && log_.active.load() == 0; }, absl::Seconds(5)))
+      << log_.jobs.load() << " of 5 jobs ran while the first one's response waits";
+  {
+    absl::MutexLock lock(&order_mu);
+    EXPECT_TRUE(order.empty());
+  }
   release.Notify();
-  more.join();
+  submit.join();
   engine_->Shutdown();  // every response sent by then
-  EXPECT_TRUE(slow_done.load());
-  EXPECT_EQ(ok_.load(), 4);
+  absl::MutexLock lock(&order_mu);
+  EXPECT_EQ(order, (std::vector<int64_t>{1, 2, 3, 4, 5}));
 }
 
 }  // namespace
