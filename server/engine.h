@@ -36,9 +36,9 @@ struct Batch {
 
 // What a device's engine thread is doing, for the time it spends on each (Engine::ThreadTimes):
 // waiting for work (idle), in Executor::Start (planning, leasing and issuing a job; the CPU path
-// computes there), in Executor::Wait (until the device is done), completing requests (statistics,
-// responses handed to gRPC), running a gang job, releasing idle memory and trimming the heap, and
-// the rest (taking batches, bookkeeping). Whether the thread or the device limits throughput
+// computes there), in Executor::Wait (until the device is done), completing a job (its statistics,
+// its requests handed to the completion thread), running a gang job, releasing idle memory and
+// trimming the heap, and the rest (taking batches, bookkeeping). Whether the thread or the device limits throughput
 // reads straight off it: a saturated thread is rarely idle or waiting.
 enum class EnginePhase { kIdle, kStart, kWait, kComplete, kGang, kRelease, kOther };
 inline constexpr int kEnginePhases = 7;
