@@ -1,6 +1,7 @@
 #include "server/engine.h"
 
 #include <algorithm>
+#include <iterator>
 #include <new>
 
 #include "absl/strings/match.h"
@@ -58,23 +59,11 @@ absl::StatusOr<std::vector<int>> ParseDevices(const std::string& d) {
 }  // namespace
 
 const char* EnginePhaseName(EnginePhase p) {
-  switch (p) {
-    case EnginePhase::kIdle:
-      return "idle";
-    case EnginePhase::kStart:
-      return "start";
-    case EnginePhase::kWait:
-      return "wait";
-    case EnginePhase::kComplete:
-      return "complete";
-    case EnginePhase::kGang:
-      return "gang";
-    case EnginePhase::kRelease:
-      return "release";
-    case EnginePhase::kOther:
-      return "other";
-  }
-  return "other";
+  // In EnginePhase's order.
+  static constexpr const char* kNames[] = {"idle", "start",   "wait", "complete",
+                                           "gang", "release", "other"};
+  static_assert(std::size(kNames) == kEnginePhases);
+  return kNames[static_cast<int>(p)];
 }
 
 PhaseClock::PhaseClock() : since_(MonotonicNow()) {}

@@ -325,6 +325,11 @@ class EngineThreads : public ::testing::Test {
     r->done = [this](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
       (s.ok() ? ok_ : failed_).fetch_add(1);
     };
+    SubmitAlone(std::move(r));
+  }
+
+  // Hands `r` to the engine alone in a batch, in a slot of its own.
+  void SubmitAlone(std::unique_ptr<InferenceRequest> r) {
     ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
     Batch batch;
     batch.model = model_.get();
@@ -634,11 +639,7 @@ TEST_F(EngineThreads, ARequestThatExpiresBehindARunningJobIsNeverComputed) {
       late_status = s;
       late_done.Notify();
     };
-    ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
-    Batch batch;
-    batch.model = model_.get();
-    batch.requests.push_back(std::move(r));
-    engine_->Submit(std::move(batch));
+    SubmitAlone(std::move(r));
   };
   submit(absl::InfiniteFuture(), false);
   submit(MonotonicNow() + absl::Milliseconds(100), true);  // queued behind the 300 ms job
@@ -906,11 +907,7 @@ TEST_F(EngineThreads, ThreadTimesLandInTheirPhasesAndAddUpToTheThreadsLife) {
       absl::SleepFor(absl::Milliseconds(10));  // a slow response
       (s.ok() ? ok_ : failed_).fetch_add(1);
     };
-    ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
-    Batch batch;
-    batch.model = model_.get();
-    batch.requests.push_back(std::move(r));
-    engine_->Submit(std::move(batch));
+    SubmitAlone(std::move(r));
   }
   ASSERT_TRUE(WaitFor([&] { return ok_.load() == 3; }));
   ASSERT_TRUE(WaitFor([&] { return !idle.Calls().empty(); }));
@@ -964,11 +961,7 @@ TEST_F(EngineThreads, ASlowResponseDoesNotHoldUpTheEngineAndResponsesKeepTheirOr
         absl::MutexLock lock(&order_mu);
         order.push_back(id);
       };
-      ASSERT_TRUE(engine_->AcquireSlot(absl::InfiniteFuture()));
-      Batch batch;
-      batch.model = model_.get();
-      batch.requests.push_back(std::move(r));
-      engine_->Submit(std::move(batch));
+      SubmitAlone(std::move(r));
     }
   });
   EXPECT_TRUE(
