@@ -1,6 +1,8 @@
 #include "kernels/attention/cpu/thread_pool.h"
 
 #include <atomic>
+#include <chrono>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -38,6 +40,53 @@ TEST(ThreadPool, ManyRoundsInARow) {
     (*pool)->ParallelFor(3, [&](int64_t i, int) { sum += i; });
   }
   EXPECT_EQ(sum.load(), 2000 * 3);
+}
+
+// Under a limit, ParallelFor uses only that many of the pool's threads, the caller first: a
+// limit of 1 runs everything on the calling thread; items fewer than the threads use no more
+// threads than items; and the limit ends with its scope.
+TEST(ThreadPool, ALimitCapsTheThreadsThatTakePart) {
+  auto pool = ThreadPool::Create(4);
+  ASSERT_TRUE(pool.ok());
+  auto workers_used = [&](int64_t count) {
+    std::vector<std::atomic<int>> used(4);
+    std::atomic<int> off_caller{0};
+    const std::thread::id caller = std::this_thread::get_id();
+    (*pool)->ParallelFor(count, [&](int64_t, int worker) {
+      ++used[static_cast<size_t>(worker)];
+      if (worker == 0 && std::this_thread::get_id() != caller) ++off_caller;
+      // Long enough that every thread allowed to take part does.
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    });
+    EXPECT_EQ(off_caller.load(), 0);
+    int highest = -1;
+    for (int w = 0; w < 4; ++w) {
+      if (used[static_cast<size_t>(w)].load() > 0) highest = w;
+    }
+    return highest + 1;
+  };
+  {
+    ThreadPool::ScopedLimit one(**pool, 1);
+    EXPECT_EQ(workers_used(50), 1);
+  }
+  {
+    ThreadPool::ScopedLimit two(**pool, 2);
+    EXPECT_LE(workers_used(50), 2);
+    ThreadPool::ScopedLimit none(**pool, 0);  // read as 1
+    EXPECT_EQ(workers_used(50), 1);
+  }
+  EXPECT_LE(workers_used(2), 2);
+  EXPECT_GE(workers_used(400), 3);  // all four are allowed again
+  // Limits that change from round to round neither lose items nor hang.
+  std::atomic<int64_t> sum{0};
+  for (int round = 0; round < 2000; ++round) {
+    ThreadPool::ScopedLimit limit(**pool, 1 + round % 4);
+    (*pool)->ParallelFor(5, [&](int64_t i, int worker) {
+      EXPECT_LT(worker, 1 + round % 4);
+      sum += i;
+    });
+  }
+  EXPECT_EQ(sum.load(), 2000 * 10);
 }
 
 TEST(ThreadPool, RejectsBadSizes) {

@@ -1,5 +1,7 @@
 #include "kernels/attention/cpu/thread_pool.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace dilattn::attention::cpu {
@@ -12,7 +14,7 @@ absl::StatusOr<std::unique_ptr<ThreadPool>> ThreadPool::Create(int num_threads) 
   return std::unique_ptr<ThreadPool>(new ThreadPool(num_threads));
 }
 
-ThreadPool::ThreadPool(int num_threads) {
+ThreadPool::ThreadPool(int num_threads) : max_workers_(num_threads) {
   threads_.reserve(static_cast<size_t>(num_threads - 1));
   for (int w = 1; w < num_threads; ++w) threads_.emplace_back([this, w] { WorkerLoop(w); });
 }
@@ -40,10 +42,12 @@ void ThreadPool::WorkerLoop(int worker) {
       struct Wake {
         ThreadPool* pool;
         uint64_t seen;
-      } wake{this, seen};
+        int worker;
+      } wake{this, seen, worker};
       mu_.Await(absl::Condition(
           +[](Wake* w) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return w->pool->stop_ || w->pool->generation_ != w->seen;
+            return w->pool->stop_ ||
+                   (w->pool->generation_ != w->seen && w->worker < w->pool->active_workers_);
           },
           &wake));
       if (stop_) return;
@@ -57,7 +61,8 @@ void ThreadPool::WorkerLoop(int worker) {
 
 void ThreadPool::ParallelFor(int64_t count, absl::FunctionRef<void(int64_t, int)> fn) {
   if (count <= 0) return;
-  if (threads_.empty() || count == 1) {
+  const int active = static_cast<int>(std::min<int64_t>({size(), max_workers_, count}));
+  if (active <= 1) {
     for (int64_t i = 0; i < count; ++i) fn(i, 0);
     return;
   }
@@ -66,7 +71,8 @@ void ThreadPool::ParallelFor(int64_t count, absl::FunctionRef<void(int64_t, int)
     job_ = &fn;
     job_count_ = count;
     next_item_.store(0, std::memory_order_relaxed);
-    busy_workers_ = static_cast<int>(threads_.size());
+    active_workers_ = active;
+    busy_workers_ = active - 1;
     ++generation_;
   }
   Drain(0);
@@ -75,5 +81,12 @@ void ThreadPool::ParallelFor(int64_t count, absl::FunctionRef<void(int64_t, int)
       +[](int* busy) { return *busy == 0; }, &busy_workers_));
   job_ = nullptr;
 }
+
+ThreadPool::ScopedLimit::ScopedLimit(ThreadPool& pool, int workers)
+    : pool_(pool), before_(pool.max_workers_) {
+  pool_.max_workers_ = std::max(1, workers);
+}
+
+ThreadPool::ScopedLimit::~ScopedLimit() { pool_.max_workers_ = before_; }
 
 }  // namespace dilattn::attention::cpu
