@@ -51,8 +51,12 @@ def start_server(binary, device, extra_args, log):
     return proc, int(m.group(1)), int(m.group(2))
 
 
+def metrics_text(metrics_port):
+    return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+
+
 def histogram(metrics_port, name, model):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    text = metrics_text(metrics_port)
     buckets = {}
     for line in text.splitlines():
         if line.startswith(name + "_bucket{") and f'model="{model}"' in line:
@@ -90,21 +94,19 @@ def resident_mib(pid):
 
 def pools_empty(metrics_port):
     """True when no buffer pool holds a byte (leased or cached)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+    text = metrics_text(metrics_port)
     held = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line.startswith("dilattn_buffer_pool_bytes{") and 'state="held"' in line]
     return bool(held) and not any(held)
 
 
 def engine_seconds(metrics_port):
-    """({phase: seconds summed over the devices' engine threads}, number of threads)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
-    phases, devices = {}, set()
-    for m in re.finditer(r'^dilattn_engine_seconds_total\{([^}]*)\} (\S+)$', text, re.MULTILINE):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        devices.add(labels["device"])
-        phases[labels["phase"]] = phases.get(labels["phase"], 0.0) + float(m.group(2))
-    return phases, max(1, len(devices))
+    """{phase: seconds summed over the devices' engine threads}."""
+    phases = {}
+    for m in re.finditer(r'^dilattn_engine_seconds_total\{[^}]*phase="(\w+)"[^}]*\} (\S+)$',
+                         metrics_text(metrics_port), re.MULTILINE):
+        phases[m.group(1)] = phases.get(m.group(1), 0.0) + float(m.group(2))
+    return phases
 
 
 def stats(client, model):
@@ -145,7 +147,7 @@ def main():
                     report = pathlib.Path(tmp) / f"pa_{n}_{c}.csv"
                     before = stats(client, args.model)
                     hist_before = histogram(metrics_port, "dilattn_request_overhead_seconds", args.model)
-                    engine_before, _ = engine_seconds(metrics_port)
+                    engine_before = engine_seconds(metrics_port)
                     cmd = [str(home / "bin" / "perf_analyzer"), "-m", args.model, "-i", "grpc",
                            "-u", f"127.0.0.1:{port}", "--concurrency-range", str(c),
                            "--measurement-interval", str(args.window_ms), "--max-trials", "6",
@@ -163,7 +165,7 @@ def main():
                         sys.exit(r.stdout + r.stderr)
                     after = stats(client, args.model)
                     hist_after = histogram(metrics_port, "dilattn_request_overhead_seconds", args.model)
-                    engine_after, _ = engine_seconds(metrics_port)
+                    engine_after = engine_seconds(metrics_port)
                     spent = {k: engine_after[k] - engine_before.get(k, 0.0) for k in engine_after}
                     wall = max(sum(spent.values()), 1e-9)  # every thread's, over all trials
                     with open(report) as f:

@@ -509,7 +509,6 @@ absl::StatusOr<std::shared_ptr<const GpuTileCache::List>> GpuTileCache::Get(
     index_.erase(lru_.back().first);
     lru_.pop_back();
   }
-  stats_.entries = lru_.size();
   return list;
 }
 
@@ -519,13 +518,14 @@ size_t GpuTileCache::Clear() {
   lru_.clear();
   index_.clear();
   stats_.bytes = 0;
-  stats_.entries = 0;
   return bytes;
 }
 
 GpuTileCache::Stats GpuTileCache::stats() const {
   absl::MutexLock lock(&mu_);
-  return stats_;
+  Stats s = stats_;
+  s.entries = lru_.size();
+  return s;
 }
 
 }  // namespace dilattn::attention

@@ -127,7 +127,7 @@ class GpuTileCache {
   mutable absl::Mutex mu_;
   std::list<Entry> lru_ ABSL_GUARDED_BY(mu_);  // most recently used first
   std::unordered_map<std::string, std::list<Entry>::iterator> index_ ABSL_GUARDED_BY(mu_);
-  Stats stats_ ABSL_GUARDED_BY(mu_);
+  Stats stats_ ABSL_GUARDED_BY(mu_);  // entries: lru_.size(), filled in by stats()
 };
 
 // A tile list cut into launches over parts of the query rows, for callers that overlap copies

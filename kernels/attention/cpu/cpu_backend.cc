@@ -38,25 +38,6 @@ size_t AlignUp(size_t x) { return (x + kScratchAlign - 1) / kScratchAlign * kScr
 // the development machine) and a lone one took 207 us on two against 57 on one.
 constexpr double kFlopsPerThread = 8e6;
 
-// The job's products, counted as every branch's kept positions times their keys (causal not
-// halved): enough to choose how many threads to wake.
-double EstimatedFlops(const AttentionPlan& plan) {
-  const DilatedAttentionParams& p = plan.params;
-  double entries = 0;
-  for (int b = 0; b < p.num_branches; ++b) {
-    const double rate = static_cast<double>(ClampedRate<int64_t>(p, b));
-    const int heads = p.mode == Mode::kHeadGroups
-                          ? p.group_head_begin[b + 1] - p.group_head_begin[b]
-                          : p.num_heads;
-    for (int64_t s = 0; s < p.num_seqs; ++s) {
-      const double n = static_cast<double>(plan.seq_offsets[s + 1] - plan.seq_offsets[s]);
-      const double w = std::min(static_cast<double>(p.segment_length[b]), n);
-      entries += heads * (n / rate) * (w / rate);
-    }
-  }
-  return entries * 4.0 * p.head_dim;  // Q K^T and P V, a multiply and an add each
-}
-
 // How a plan runs on the CPU. The one selector: Supports(), WorkspaceBytes() and Run() all ask it.
 struct CpuStrategy {
   bool multi_pass;     // longnet with several branches: running state across passes
@@ -227,8 +208,7 @@ absl::Status CpuBackend::Run(const AttentionPlan& plan, const AttentionTensors& 
   };
   cpu::ThreadPool& pool = runner_->pool();
   const cpu::ThreadPool::ScopedLimit limit(
-      pool,
-      static_cast<int>(std::min<double>(pool.size(), EstimatedFlops(plan) / kFlopsPerThread)));
+      pool, static_cast<int>(std::min<double>(pool.size(), plan.flops / kFlopsPerThread)));
 
   if (!strategy->multi_pass) {
     if (strategy->zero_output) {
