@@ -65,17 +65,27 @@ class CopyBatch {
 
   // Sources are read in stream order, as cudaMemcpyAsync reads them: a copy out reads what the
   // kernel before it wrote. As with cudaMemcpyDefault, the pointers say where they are.
+  // A batch the driver refuses (a pair of pointers it cannot batch) goes again one copy at a
+  // time, so that only a copy cudaMemcpyAsync refuses too fails the job.
   absl::Status Issue(cudaStream_t stream, absl::string_view what) {
-    if (dsts_.empty()) return absl::OkStatus();
-    if (dsts_.size() == 1) {
-      return Cuda(cudaMemcpyAsync(dsts_[0], srcs_[0], sizes_[0], cudaMemcpyDefault, stream), what);
+    if (dsts_.size() > 1) {
+      cudaMemcpyAttributes attrs{};
+      attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+      size_t first = 0;
+      if (cudaMemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(), dsts_.size(), &attrs,
+                               &first, 1, stream) == cudaSuccess) {
+        return absl::OkStatus();
+      }
+      cudaGetLastError();
     }
-    cudaMemcpyAttributes attrs{};
-    attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-    size_t first = 0;
-    return Cuda(cudaMemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(), dsts_.size(),
-                                     &attrs, &first, 1, stream),
-                what);
+    for (size_t i = 0; i < dsts_.size(); ++i) {
+      if (absl::Status s =
+              Cuda(cudaMemcpyAsync(dsts_[i], srcs_[i], sizes_[i], cudaMemcpyDefault, stream), what);
+          !s.ok()) {
+        return s;
+      }
+    }
+    return absl::OkStatus();
   }
 
  private:
