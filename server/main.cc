@@ -203,8 +203,12 @@ int main(int argc, char** argv) {
   // Debian builds Abseil without NDEBUG, which leaves absl::Mutex's deadlock detection on: every
   // Lock of every mutex, gRPC's included, then updates one process-wide lock graph under one
   // global lock, so threads on different mutexes serialise there (2 threads each locking its own
-  // mutex: 188 ns a lock against 11). Abseil's release builds leave it off; the tests keep it.
+  // mutex: 188 ns a lock against 11). Abseil's release builds leave it off. The test binaries
+  // and the AddressSanitizer build keep it, so the end-to-end suite under ASan still checks the
+  // server's lock order.
+#if !defined(__SANITIZE_ADDRESS__)
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+#endif
 
   // Before any thread starts: a thread takes its arena when it first allocates.
   LogInfo("dilattn-server: %s",
