@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <iterator>
 #include <new>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -165,9 +166,33 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     }
   }
   if (executors.empty()) {
-    absl::StatusOr<std::unique_ptr<Executor>> executor = CreateCpuExecutor(options.executor);
-    if (!executor.ok()) return executor.status();
-    executors.push_back(*std::move(executor));
+    const int engines = options.cpu_engines;
+    if (engines < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--cpu-engines must be >= 1, got ", options.cpu_engines));
+    }
+    std::shared_ptr<memory::BufferPool> host;
+    if (engines > 1) {
+      absl::StatusOr<std::shared_ptr<memory::BufferPool>> made = CreateHostPool(options.executor);
+      if (!made.ok()) return made.status();
+      host = *std::move(made);
+    }
+    const int threads = options.executor.cpu_threads > 0
+                            ? options.executor.cpu_threads
+                            : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    for (int i = 0; i < engines; ++i) {
+      ExecutorOptions share = options.executor;
+      share.cpu_threads = std::max(1, threads / engines + (i < threads % engines ? 1 : 0));
+      absl::StatusOr<std::unique_ptr<Executor>> executor = CreateCpuExecutor(share, host);
+      if (!executor.ok()) return executor.status();
+      executors.push_back(*std::move(executor));
+    }
+    if (engines > 1) {
+      LogInfo("CPU: %d engine threads, %d backend threads shared among them", engines,
+              std::max(threads, engines));
+    }
+  } else if (options.cpu_engines != 1) {
+    LogWarning("--cpu-engines %d left unused: the server runs on its GPUs", options.cpu_engines);
   }
   std::unique_ptr<GangRunner> gang;
   if (options.sequence_parallel_min_tokens > 0) {
@@ -214,16 +239,30 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
 
 std::vector<EngineThreadTimes> Engine::ThreadTimes() const {
   std::vector<EngineThreadTimes> out;
+  const bool several_on_cpu = std::count_if(workers_.begin(), workers_.end(), [](const auto& w) {
+                                return w->executor->cuda_device() < 0;
+                              }) > 1;
+  int cpu_index = 0;
   for (const auto& worker : workers_) {
     const int device = worker->executor->cuda_device();
-    out.push_back({device < 0 ? "cpu" : absl::StrCat("cuda:", device), worker->clock.Read()});
+    std::string label = device >= 0      ? absl::StrCat("cuda:", device)
+                        : several_on_cpu ? absl::StrCat("cpu:", cpu_index++)
+                                         : "cpu";
+    out.push_back({std::move(label), worker->clock.Read()});
   }
   return out;
 }
 
 std::string Engine::backend_name() const {
+  // A run of one name as "N x name": the CPU served by several threads (a GPU's names its device).
   std::vector<std::string> names;
-  for (const auto& executor : executors_) names.push_back(executor->name());
+  for (size_t i = 0; i < executors_.size();) {
+    size_t j = i + 1;
+    while (j < executors_.size() && executors_[j]->name() == executors_[i]->name()) ++j;
+    names.push_back(j - i > 1 ? absl::StrCat(j - i, " x ", executors_[i]->name())
+                              : executors_[i]->name());
+    i = j;
+  }
   return absl::StrJoin(names, "; ");
 }
 

@@ -46,7 +46,7 @@ const char* EnginePhaseName(EnginePhase p);  // "idle", "start", ...
 
 // Seconds one device's thread spent in each phase since the engine started.
 struct EngineThreadTimes {
-  std::string device;                                 // "cpu" or "cuda:N"
+  std::string device;                                 // "cpu", "cpu:I" or "cuda:N"
   std::array<absl::Duration, kEnginePhases> phase{};  // by EnginePhase
 };
 
@@ -116,6 +116,11 @@ struct EngineOptions {
   // "cuda:N,M,..." (those GPUs).
   std::string device = "auto";
   ExecutorOptions executor;
+  // Engine threads on the CPU, when the server runs there: each takes batches of its own and
+  // runs them on its share of ExecutorOptions::cpu_threads, over one host pool. A small job
+  // wakes few threads (a thread per 8 MFLOP), so on many cores several such jobs at once use the
+  // cores one at a time leaves idle; a large job then runs on a share of the cores.
+  int cpu_engines = 1;
   // Sequence parallelism: a lone sequence of at least this many tokens (fp16 or bf16, dilated
   // attention) runs split across every GPU while the other jobs wait; 0 turns it off. Needs two
   // or more GPUs and NCCL.
@@ -139,13 +144,14 @@ class Engine {
   ~Engine();
 
   std::string backend_name() const;
-  int num_devices() const { return static_cast<int>(executors_.size()); }
+  int num_workers() const { return static_cast<int>(executors_.size()); }  // a thread each
   // The first GPU (-1 on the CPU): system shared memory is pinned through it (portably).
   int cuda_device() const { return executors_.front()->cuda_device(); }
   // Every pool, the executors' and the gang runner's, each once.
   std::vector<const memory::BufferPool*> pools() const;
   memory::BufferPool& staging_pool() { return executors_.front()->staging_pool(); }
-  // Where each device's thread has spent its time (dilattn_engine_seconds_total). Any thread.
+  // Where each engine thread has spent its time (dilattn_engine_seconds_total), labelled by its
+  // device: "cuda:N", "cpu", or "cpu:I" where several threads share the CPU. Any thread.
   std::vector<EngineThreadTimes> ThreadTimes() const;
 
   // Whether this engine can run `r`, asked of the same selector execution uses (every device's

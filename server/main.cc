@@ -31,6 +31,9 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
                             cuda:N or cuda:N,M,... (those GPUs) (auto)
   --device-pool-mib N       cap of each GPU's buffer pools (0: 90% of its free memory)
   --cpu-threads N           CPU backend threads (0: one per hardware thread)
+  --cpu-engines N           engine threads on the CPU, each running its own batches on its
+                            share of --cpu-threads: several small jobs compute at once, a large
+                            one on a share of the cores (1; only when serving on the CPU)
   --host-pool-mib N         cap of the host buffer pool in MiB (16384)
   --pool-idle-release-seconds N
                             free pool buffers (host, pinned, device) cached unused this long,
@@ -114,6 +117,8 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
       o->engine.device = value;
     } else if (name == "cpu-threads") {
       error = integer(&o->engine.executor.cpu_threads);
+    } else if (name == "cpu-engines") {
+      error = integer(&o->engine.cpu_engines);
     } else if (name == "device-pool-mib") {
       error = integer(&device_pool_mib);
     } else if (name == "host-pool-mib") {
@@ -154,6 +159,9 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
     return "--max-message-bytes and --host-pool-mib must be >= 1; --grace-period-seconds, "
            "--stream-idle-seconds, --cpu-threads, --device-pool-mib, --pipeline-min-tokens and "
            "--sequence-parallel-min-tokens >= 0";
+  }
+  if (o->engine.cpu_engines < 1 || o->engine.cpu_engines > 1024) {
+    return absl::StrCat("--cpu-engines must be in [1, 1024], got ", o->engine.cpu_engines);
   }
   if (malloc_flags->arenas < 0 || malloc_flags->arenas > 1024) {
     return absl::StrCat("--malloc-arenas must be in [0, 1024] (0: glibc's default), got ",

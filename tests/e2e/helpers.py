@@ -1,5 +1,7 @@
 """Building requests with tritonclient the way users do."""
 
+import re
+
 import ml_dtypes
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -46,3 +48,13 @@ def case_parameters(case):
     if "softmax_scale" in case:
         params["softmax_scale"] = float(case["softmax_scale"])
     return params
+
+
+def engine_seconds(server):
+    """{(device, phase): seconds} from dilattn_engine_seconds_total."""
+    out = {}
+    for m in re.finditer(r'^dilattn_engine_seconds_total\{([^}]*)\} (\S+)$', server.metrics_text(),
+                         re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        out[(labels["device"], labels["phase"])] = float(m.group(2))
+    return out

@@ -5,7 +5,7 @@ import concurrent.futures
 import numpy as np
 
 import reference
-from helpers import make_inputs
+from helpers import engine_seconds, make_inputs
 
 PARAMS = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
 LENGTHS = [48, 64, 100, 128, 200]
@@ -38,3 +38,22 @@ def test_32_clients_20_requests_each_mixed_lengths(server):
     # Mixed lengths were packed together: some executions held more than one sequence.
     singles = server.metric("dilattn_batch_size_bucket", model="dilated_attention", le="1")
     assert singles - singles_before < executions
+
+
+def test_cpu_engines_take_batches_side_by_side():
+    """--cpu-engines 2: two engine threads on the CPU, each computing batches of its own over one
+    host pool. Every answer is right, both threads computed, and each reports as cpu:N."""
+    from conftest import ServerProcess, wait_until
+    s = ServerProcess("--device", "cpu", "--cpu-engines", "2", "--cpu-threads", "2",
+                      name="cpu-engines")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            worst = list(pool.map(lambda i: _client_run(s, i), range(16)))
+        assert max(worst) <= reference.FP32, worst
+        assert s.metric("nv_inference_count", model="dilated_attention") == 16 * 20
+        started = {d: t for (d, p), t in engine_seconds(s).items() if p == "start"}
+        assert set(started) == {"cpu:0", "cpu:1"}, started
+        assert all(t > 0 for t in started.values()), started
+        assert wait_until(lambda: s.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
+    finally:
+        assert s.stop() == 0, s.log_path.read_text()

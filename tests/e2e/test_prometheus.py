@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import results_dir, wait_until
-from helpers import make_inputs
+from helpers import engine_seconds, make_inputs
 
 
 def _free_port():
@@ -172,38 +172,28 @@ def test_pool_events_help_names_every_event(server):
     assert events <= listed, (help_line, events - listed)
 
 
-def _engine_seconds(server):
-    """{(device, phase): seconds} from dilattn_engine_seconds_total."""
-    out = {}
-    for m in re.finditer(r'^dilattn_engine_seconds_total\{([^}]*)\} (\S+)$', server.metrics_text(),
-                         re.MULTILINE):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        out[(labels["device"], labels["phase"])] = float(m.group(2))
-    return out
-
-
 def test_engine_seconds_split_each_threads_time_into_phases(server, client):
     """Each device's engine thread reports its time by phase; the phases add up to the time
     between two scrapes, an idle thread's time goes to idle, and a request's computation (the
     CPU path's, in Start) to start."""
-    devices = {d for d, _ in _engine_seconds(server)}
+    devices = {d for d, _ in engine_seconds(server)}
     assert devices and all(d == "cpu" or re.fullmatch(r"cuda:\d+", d) for d in devices), devices
     for d in devices:
-        assert {p for dd, p in _engine_seconds(server) if dd == d} == {
+        assert {p for dd, p in engine_seconds(server) if dd == d} == {
             "idle", "start", "wait", "complete", "gang", "release", "other"}
-    t0, a = time.monotonic(), _engine_seconds(server)
+    t0, a = time.monotonic(), engine_seconds(server)
     time.sleep(1.0)
-    t1, b = time.monotonic(), _engine_seconds(server)
+    t1, b = time.monotonic(), engine_seconds(server)
     for d in devices:
         grew = sum(b[(d, p)] - a[(d, p)] for dd, p in a if dd == d)
         # Each scrape reads the clock once, within the HTTP round trip of the time taken here.
         assert abs(grew - (t1 - t0)) < 0.1, (d, grew, t1 - t0)
         assert b[(d, "idle")] - a[(d, "idle")] > 0.8 * (t1 - t0), (d, a, b)
     x = np.random.default_rng(7).standard_normal((1, 2048, 4, 32)).astype(np.float32)
-    before = _engine_seconds(server)
+    before = engine_seconds(server)
     client.infer("dilated_attention", make_inputs(x, x, x),
                  parameters={"segment_lengths": "512", "dilation_rates": "1"})
-    after = _engine_seconds(server)
+    after = engine_seconds(server)
     worked = sum(after[(d, p)] - before[(d, p)] for d, p in before if p in ("start", "wait"))
     assert worked > 0, (before, after)
 

@@ -130,6 +130,8 @@ def test_unimplemented_rpcs_answer_unimplemented(client):
     ("--device-pool-mib=17592186044416", "at most 1073741824 (1 PiB)"),
     ("--pool-idle-release-seconds=-1", "--pool-idle-release-seconds must be >= 0 (0: never)"),
     ("--pool-idle-release-seconds=2m", "--pool-idle-release-seconds='2m' is not an integer"),
+    ("--cpu-engines=0", "--cpu-engines must be in [1, 1024], got 0"),
+    ("--cpu-engines=two", "--cpu-engines='two' is not an integer"),
     ("--malloc-arenas=-1", "--malloc-arenas must be in [0, 1024] (0: glibc's default), got -1"),
     ("--malloc-arenas=1025", "--malloc-arenas must be in [0, 1024]"),
     ("--malloc-trim-threshold-mib=-1",

@@ -353,7 +353,7 @@ class EngineThreads : public ::testing::Test {
 
 TEST_F(EngineThreads, EveryBatchRunsOnceAndTheyShareTheDevices) {
   Start({0, 1});
-  EXPECT_EQ(engine_->num_devices(), 2);
+  EXPECT_EQ(engine_->num_workers(), 2);
   EXPECT_EQ(engine_->pools().size(), 1u);  // one shared pool, counted once
   for (int64_t id = 1; id <= 60; ++id) Submit(id, -1);
   engine_->Shutdown();  // runs every submitted batch first

@@ -114,11 +114,36 @@ TEST(EngineDevices, BadNamesAreRefusedAndCpuRunsOneThread) {
   o.executor.host_pool_bytes = size_t{1} << 20;
   absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(o);
   ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ((*e)->num_devices(), 1);
+  EXPECT_EQ((*e)->num_workers(), 1);
   EXPECT_EQ((*e)->cuda_device(), -1);
   EXPECT_NE((*e)->backend_name().find("cpu"), std::string::npos);
   EXPECT_EQ((*e)->pools().size(), 1u);
   (*e)->Shutdown();
+}
+
+// --cpu-engines: engine threads on the CPU, each with its share of the backend threads, over one
+// host pool; each reports its time as cpu:N. None is refused by name.
+TEST(EngineDevices, CpuEnginesShareTheThreadsAndOnePool) {
+  EngineOptions o;
+  o.device = "cpu";
+  o.cpu_engines = 3;
+  o.executor.cpu_threads = 4;
+  o.executor.host_pool_bytes = size_t{1} << 20;
+  absl::StatusOr<std::unique_ptr<Engine>> e = Engine::Create(o);
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_EQ((*e)->num_workers(), 3);
+  EXPECT_EQ((*e)->pools().size(), 1u);
+  EXPECT_EQ((*e)->backend_name().rfind("3 x cpu", 0), 0u) << (*e)->backend_name();
+  std::vector<std::string> labels;
+  for (const EngineThreadTimes& t : (*e)->ThreadTimes()) labels.push_back(t.device);
+  EXPECT_EQ(labels, (std::vector<std::string>{"cpu:0", "cpu:1", "cpu:2"}));
+  (*e)->Shutdown();
+
+  o.cpu_engines = 0;
+  e = Engine::Create(o);
+  ASSERT_FALSE(e.ok());
+  EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(e.status().message().find("--cpu-engines"), absl::string_view::npos) << e.status();
 }
 
 }  // namespace
