@@ -1,10 +1,10 @@
 #pragma once
 
-// The engine runs the batches the models' schedulers form, one thread per device: each thread
-// owns its device's executor (and, on a GPU, its streams), takes the next batch from the queue
-// all devices share, and starts it before waiting for its previous one, so that copies overlap
-// compute. Nothing else touches the devices. The GPUs' executors share the pinned staging pool,
-// so a request staged before a GPU takes it runs on any of them.
+// The engine runs the batches the models' schedulers form, one thread per GPU (on the CPU, one
+// per --cpu-engines): each thread owns its executor (and, on a GPU, its streams), takes the next
+// batch from the queue all threads share, and starts it before waiting for its previous one, so
+// that copies overlap compute. Nothing else touches the devices. The GPUs' executors share the
+// pinned staging pool, so a request staged before a GPU takes it runs on any of them.
 
 #include <array>
 #include <deque>
@@ -44,7 +44,7 @@ enum class EnginePhase { kIdle, kStart, kWait, kComplete, kGang, kRelease, kOthe
 inline constexpr int kEnginePhases = 7;
 const char* EnginePhaseName(EnginePhase p);  // "idle", "start", ...
 
-// Seconds one device's thread spent in each phase since the engine started.
+// Seconds one engine thread spent in each phase since the engine started.
 struct EngineThreadTimes {
   std::string device;                                 // "cpu", "cpu:I" or "cuda:N"
   std::array<absl::Duration, kEnginePhases> phase{};  // by EnginePhase
@@ -173,7 +173,7 @@ class Engine {
 
  private:
   Engine() = default;
-  // A device's thread: its executor and where its time goes.
+  // An engine thread: its executor and where its time goes.
   struct Worker {
     Executor* executor;
     PhaseClock clock;
@@ -204,11 +204,11 @@ class Engine {
   bool ReleaseDone(size_t freed);
   void TrimDone();
 
-  std::vector<std::unique_ptr<Executor>> executors_;  // one per device
+  std::vector<std::unique_ptr<Executor>> executors_;  // one per engine thread
   std::vector<std::unique_ptr<Worker>> workers_;      // one per executor, in the same order
   absl::Duration idle_release_;                       // EngineOptions::pool_idle_release
   absl::Mutex mu_;
-  int free_slots_ ABSL_GUARDED_BY(mu_) = 0;  // one per device to begin with
+  int free_slots_ ABSL_GUARDED_BY(mu_) = 0;  // one per engine thread to begin with
   std::deque<Batch> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<GangRunner> gang_;
