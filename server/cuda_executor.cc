@@ -1,10 +1,11 @@
 // The GPU executor: dilated and block-sparse attention in fp16/bf16 on the fused kernels, the
 // multihead module on cuBLASLt around them (fp32 requests are converted to fp16 on the device,
-// refused if a value overflows fp16), everything the GPU backends do not cover on the CPU path. Two
-// streams alternate between consecutive jobs, so a job's host-to-device copies overlap the previous
-// job's kernel; a long dilated-attention job runs in pieces, so that its copies in and out overlap
-// its own kernels too. Buffers come from a device pool and a pinned staging pool. A lone request
-// whose tensors all lie in CUDA shared memory on this device runs in place, on the client's ranges.
+// a request refused if one of its values overflows fp16), everything the GPU backends do not cover
+// on the CPU path. Two streams alternate between consecutive jobs, so a job's host-to-device copies
+// overlap the previous job's kernel; a long dilated-attention job runs in pieces, so that its
+// copies in and out overlap its own kernels too. Buffers come from a device pool and a pinned
+// staging pool. A lone request whose tensors all lie in CUDA shared memory on this device runs in
+// place, on the client's ranges.
 
 #include <cuda_runtime_api.h>
 
@@ -39,7 +40,8 @@ struct GpuJob {
   // piece's kernel is done, so its phases still add up to its time.
   cudaEvent_t begin = nullptr, copied = nullptr, computed = nullptr, done = nullptr;
   std::vector<cudaEvent_t> piece_events;  // per piece: inputs in, kernel done
-  int* overflow_host = nullptr;  // pinned
+  // Pinned: the job's FlagBlock, whose flags come back from the device after its conversions.
+  unsigned char* flags_host = nullptr;
   // The host's part of "input": planning, leases, issuing copies. In pieces it ends where the
   // copies begin: the rest of Start() waits for rows still being copied out of messages and
   // issues later pieces beside the GPU's work.
@@ -49,6 +51,55 @@ struct GpuJob {
       if (e != nullptr) cudaEventDestroy(e);
     }
     for (cudaEvent_t e : piece_events) cudaEventDestroy(e);
+  }
+};
+
+// How a job's fp32 <-> fp16 conversions report per request (attention::cuda::ConversionFlags):
+// one int per request, zeros on the way in and the conversions' bits on the way out, then the
+// requests' element bounds within each packed tensor. Written into a pinned lease, copied to the
+// device with the inputs; only the flags come back.
+struct FlagBlock {
+  static size_t BoundsOffset(size_t requests) { return (requests * sizeof(int) + 7) / 8 * 8; }
+  static size_t Bytes(size_t requests) {
+    return BoundsOffset(requests) + (requests + 1) * sizeof(int64_t);
+  }
+  static size_t FlagBytes(size_t requests) { return requests * sizeof(int); }
+  static void Write(const Job& job, size_t element_bytes, unsigned char* block) {
+    std::memset(block, 0, FlagBytes(job.requests.size()));
+    auto* bounds = reinterpret_cast<int64_t*>(block + BoundsOffset(job.requests.size()));
+    bounds[0] = 0;
+    for (size_t i = 0; i < job.requests.size(); ++i) {
+      bounds[i + 1] =
+          bounds[i] + static_cast<int64_t>(job.requests[i]->tensor_bytes / element_bytes);
+    }
+  }
+  // The block on the device, for a conversion of the packed tensors' elements from `first` on.
+  static attention::cuda::ConversionFlags OnDevice(const Job& job, void* block, int64_t first) {
+    auto* bytes = static_cast<unsigned char*>(block);
+    return {reinterpret_cast<int*>(bytes),
+            reinterpret_cast<const int64_t*>(bytes + BoundsOffset(job.requests.size())),
+            static_cast<int>(job.requests.size()), first};
+  }
+  // What the flags say of request i: refused when its fp32 inputs do not fit fp16, or when its
+  // output came out non-finite from finite inputs.
+  static absl::Status Verdict(const unsigned char* block, size_t i) {
+    int flags = 0;
+    std::memcpy(&flags, block + i * sizeof(int), sizeof(int));
+    if ((flags & attention::cuda::kFp16InputOverflow) != 0) {
+      return absl::InvalidArgumentError(
+          "an FP32 input holds a value beyond fp16's range (|x| > 65504); the GPU computes in "
+          "fp16 for FP32 requests: send FP16 or BF16, or scale the inputs");
+    }
+    // Finite inputs, yet inf or NaN out: a value between the steps (a projection of the
+    // multihead module) left fp16's range, where the request's own fp32 would have held it.
+    if ((flags & attention::cuda::kFp16NonFiniteOutput) != 0 &&
+        (flags & attention::cuda::kFp16NonFiniteInput) == 0) {
+      return absl::InvalidArgumentError(
+          "the GPU computes FP32 requests in fp16, and a value inside this computation exceeded "
+          "fp16's range (|x| > 65504), so the output would hold infinities: send BF16, or scale "
+          "the inputs or weights");
+    }
+    return absl::OkStatus();
   }
 };
 
@@ -96,9 +147,8 @@ class CopyBatch {
 
 // Bytes [begin, end) of the job's packed tensor `t` (0-2: Q, K, V) from the requests to `dst` +
 // begin, request by request.
-absl::Status CopyIn(const Job& job, int t, unsigned char* dst, size_t begin, size_t end,
-                    cudaStream_t stream) {
-  CopyBatch batch;
+void AddCopiesIn(CopyBatch& batch, const Job& job, int t, unsigned char* dst, size_t begin,
+                 size_t end) {
   size_t at = 0;
   for (const auto& r : job.requests) {
     const absl::string_view src = r->tensor(t);
@@ -106,14 +156,18 @@ absl::Status CopyIn(const Job& job, int t, unsigned char* dst, size_t begin, siz
     if (from < to) batch.Add(dst + from, src.data() + (from - at), to - from);
     at += src.size();
   }
+}
+absl::Status CopyIn(const Job& job, int t, unsigned char* dst, size_t begin, size_t end,
+                    cudaStream_t stream) {
+  CopyBatch batch;
+  AddCopiesIn(batch, job, t, dst, begin, end);
   return batch.Issue(stream, "copy to device");
 }
 
 // Bytes [begin, end) of the packed output `src` to the requests' outputs (their leases or
 // shared-memory targets).
-absl::Status CopyOut(const Job& job, const unsigned char* src, size_t begin, size_t end,
-                     cudaStream_t stream) {
-  CopyBatch batch;
+void AddCopiesOut(CopyBatch& batch, const Job& job, const unsigned char* src, size_t begin,
+                  size_t end) {
   size_t at = 0;
   for (const auto& r : job.requests) {
     const size_t from = std::max(begin, at), to = std::min(end, at + r->tensor_bytes);
@@ -125,6 +179,11 @@ absl::Status CopyOut(const Job& job, const unsigned char* src, size_t begin, siz
     }
     at += r->tensor_bytes;
   }
+}
+absl::Status CopyOut(const Job& job, const unsigned char* src, size_t begin, size_t end,
+                     cudaStream_t stream) {
+  CopyBatch batch;
+  AddCopiesOut(batch, job, src, begin, end);
   return batch.Issue(stream, "copy out");
 }
 
@@ -292,21 +351,27 @@ class CudaExecutor final : public Executor {
     const int inputs = job.requests.front()->inputs();
     const size_t in_bytes =
         dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
+    // A small fp32 job stages all its inputs side by side, so that they go in one batch of
+    // copies and one conversion; a large one stages them in turn through one tensor's room,
+    // where a few calls more cost nothing against its copies.
+    const bool stage_all = convert && static_cast<size_t>(inputs) * in_bytes <= kStageAllBytes;
     const absl::Time deadline = job.pool_deadline(options_.pool_wait);
     const size_t tensor_lease = in_place ? size_t{1} : dev_bytes;
     const size_t kv_lease = inputs == 3 ? tensor_lease : size_t{1};
 
     auto state = std::make_unique<GpuJob>();
     // Device: Q, K, V, O (X and Y for the multihead module) unless the job runs in place, the
-    // workspace, and for fp32 requests one fp32 tensor to convert through and the overflow
-    // flag. Host: each request's output lease (pinned), which the response sends without another
-    // copy; the inputs are already staged in pinned leases.
-    absl::StatusOr<memory::Buffer> flag = pinned_pool_->Acquire(sizeof(int), deadline);
+    // workspace, for fp32 requests the fp32 staging to convert through, and the flag block (it
+    // is pinned on the host too). Host: each request's output lease (pinned), which the response
+    // sends without another copy; the inputs are already staged in pinned leases.
+    const size_t flag_bytes = FlagBlock::Bytes(job.requests.size());
+    absl::StatusOr<memory::Buffer> flag = pinned_pool_->Acquire(flag_bytes, deadline);
     if (!flag.ok()) return flag.status();
     std::vector<memory::Buffer> dev;
     for (size_t bytes :
          {tensor_lease, kv_lease, kv_lease, tensor_lease, std::max<size_t>(1, workspace_bytes),
-          convert ? in_bytes : size_t{1}, size_t{sizeof(int)}}) {
+          convert ? (stage_all ? static_cast<size_t>(inputs) : size_t{1}) * in_bytes : size_t{1},
+          flag_bytes}) {
       absl::StatusOr<memory::Buffer> b = device_pool_->Acquire(bytes, deadline);
       if (!b.ok()) return b.status();
       dev.push_back(*std::move(b));
@@ -317,8 +382,8 @@ class CudaExecutor final : public Executor {
       if (!out.ok()) return out.status();
       r->output = *std::move(out);
     }
-    state->overflow_host = static_cast<int*>(flag->data());
-    *state->overflow_host = 0;
+    state->flags_host = static_cast<unsigned char*>(flag->data());
+    FlagBlock::Write(job, attention::DTypeSize(in_type), state->flags_host);
 
     job.stream = next_stream_;
     next_stream_ ^= 1;
@@ -337,18 +402,29 @@ class CudaExecutor final : public Executor {
     }
     WaitForInputs(job);
     absl::Status s = Cuda(cudaEventRecord(state->begin, stream), "event");
-    int* overflow_dev = static_cast<int*>(dev[6].data());
-    if (s.ok() && convert) s = Cuda(cudaMemsetAsync(overflow_dev, 0, sizeof(int), stream), "memset");
+    const attention::cuda::ConversionFlags flags = FlagBlock::OnDevice(job, dev[6].data(), 0);
     // Each request's tensors go straight to their place in the packed device tensors (through
-    // the fp32 buffer when converting). cudaMemcpyDefault lets the pointers say where they are:
-    // the pinned staging lease, a system shared-memory region, or a CUDA one on any device.
-    for (int t = 0; t < inputs && s.ok() && !in_place; ++t) {
-      auto* dst = static_cast<unsigned char*>(convert ? dev[5].data() : dev[t].data());
-      s = CopyIn(job, t, dst, 0, in_bytes, stream);
+    // the fp32 buffer when converting). The pointers say where they are: the pinned staging
+    // lease, a system shared-memory region, or a CUDA one on any device. All the inputs go in
+    // one batch, except a large fp32 job's, one tensor per batch and conversion.
+    const int per_batch = convert && !stage_all ? 1 : inputs;
+    auto* fp32 = static_cast<unsigned char*>(dev[5].data());
+    for (int first = 0; first < inputs && s.ok() && !in_place; first += per_batch) {
+      CopyBatch batch;
+      if (convert && first == 0) batch.Add(dev[6].data(), state->flags_host, flag_bytes);
+      void* halves[attention::cuda::kMaxConvertTensors] = {};
+      for (int t = first; t < first + per_batch; ++t) {
+        const size_t staged = stage_all ? static_cast<size_t>(t) * in_bytes : 0;
+        AddCopiesIn(batch, job, t,
+                    convert ? fp32 + staged : static_cast<unsigned char*>(dev[t].data()), 0,
+                    in_bytes);
+        halves[t - first] = dev[t].data();
+      }
+      s = batch.Issue(stream, "copy to device");
       if (s.ok() && convert) {
         s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
-                     static_cast<const float*>(dev[5].data()), dev[t].data(),
-                     static_cast<int64_t>(in_bytes / sizeof(float)), overflow_dev, stream)),
+                     reinterpret_cast<const float*>(fp32), halves, per_batch,
+                     static_cast<int64_t>(in_bytes / sizeof(float)), flags, stream)),
                  "fp32 to fp16");
       }
     }
@@ -382,17 +458,17 @@ class CudaExecutor final : public Executor {
     if (s.ok() && convert) {
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
                    dev[3].data(), static_cast<float*>(dev[5].data()),
-                   static_cast<int64_t>(in_bytes / sizeof(float)), overflow_dev, stream)),
+                   static_cast<int64_t>(in_bytes / sizeof(float)), flags, stream)),
                "fp16 to fp32");
     }
     if (s.ok() && !in_place) {
-      const auto* src = static_cast<const unsigned char*>(convert ? dev[5].data() : dev[3].data());
-      s = CopyOut(job, src, 0, in_bytes, stream);
-    }
-    if (s.ok() && convert) {
-      s = Cuda(cudaMemcpyAsync(state->overflow_host, overflow_dev, sizeof(int),
-                               cudaMemcpyDeviceToHost, stream),
-               "copy to host");
+      CopyBatch batch;
+      AddCopiesOut(batch, job, convert ? fp32 : static_cast<const unsigned char*>(dev[3].data()), 0,
+                   in_bytes);
+      if (convert) {
+        batch.Add(state->flags_host, dev[6].data(), FlagBlock::FlagBytes(job.requests.size()));
+      }
+      s = batch.Issue(stream, "copy out");
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->done, stream), "event");
     state->host_work = MonotonicNow() - job.start;
@@ -423,20 +499,12 @@ class CudaExecutor final : public Executor {
       LogError("GPU job failed: %s", s.ToString());
       return s;
     }
-    const int flags = *state->overflow_host;
-    if ((flags & attention::cuda::kFp16InputOverflow) != 0) {
-      return absl::InvalidArgumentError(
-          "an FP32 input holds a value beyond fp16's range (|x| > 65504); the GPU computes in "
-          "fp16 for FP32 requests: send FP16 or BF16, or scale the inputs");
-    }
-    // Finite inputs, yet inf or NaN out: a value between the steps (a projection of the
-    // multihead module) left fp16's range, where the request's own fp32 would have held it.
-    if ((flags & attention::cuda::kFp16NonFiniteOutput) != 0 &&
-        (flags & attention::cuda::kFp16NonFiniteInput) == 0) {
-      return absl::InvalidArgumentError(
-          "the GPU computes FP32 requests in fp16, and a value inside this computation exceeded "
-          "fp16's range (|x| > 65504), so the output would hold infinities: send BF16, or scale "
-          "the inputs or weights");
+    // A request whose values do not fit fp16 fails alone; the rest of its batch is answered.
+    for (size_t i = 0; i < job.requests.size(); ++i) {
+      InferenceRequest& r = *job.requests[i];
+      if (absl::Status v = FlagBlock::Verdict(state->flags_host, i); !v.ok() && r.failed.ok()) {
+        r.failed = std::move(v);
+      }
     }
     float copy_ms = 0, kernel_ms = 0, out_ms = 0;
     cudaEventElapsedTime(&copy_ms, state->begin, state->copied);
@@ -454,6 +522,7 @@ class CudaExecutor final : public Executor {
   }
 
   static constexpr int64_t kRowParts = 8;  // IssueRowParts: about as many as pieces
+  static constexpr size_t kStageAllBytes = size_t{64} << 20;  // fp32 inputs staged side by side
 
   // One piece of a job and the plan of its shape (pieces of one shape share a plan).
   struct Piece {
@@ -503,7 +572,10 @@ class CudaExecutor final : public Executor {
     size_t bytes(int64_t row) const { return static_cast<size_t>(row) * row_bytes; }
     size_t in_bytes(int64_t row) const { return static_cast<size_t>(row) * in_row_bytes; }
     unsigned char* fp32() const { return static_cast<unsigned char*>(dev[5].data()); }
-    int* flags() const { return static_cast<int*>(dev[6].data()); }
+    // The conversion of rows from `row` on reports through the job's flag block.
+    attention::cuda::ConversionFlags flags(int64_t row) const {
+      return FlagBlock::OnDevice(job, dev[6].data(), row * row_values);
+    }
   };
   JobRows RowsOf(const Job& job, const attention::AttentionPlan& plan,
                  const std::vector<memory::Buffer>& dev, bool convert) const {
@@ -521,9 +593,10 @@ class CudaExecutor final : public Executor {
     absl::Status s =
         CopyIn(r.job, t, r.convert ? r.fp32() : half, r.in_bytes(a), r.in_bytes(b), copy_in_);
     if (s.ok() && r.convert && b > a) {
+      void* out = half + r.bytes(a);
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
-                   reinterpret_cast<const float*>(r.fp32() + r.in_bytes(a)), half + r.bytes(a),
-                   (b - a) * r.row_values, r.flags(), copy_in_)),
+                   reinterpret_cast<const float*>(r.fp32() + r.in_bytes(a)), &out, 1,
+                   (b - a) * r.row_values, r.flags(a), copy_in_)),
                "fp32 to fp16");
     }
     return s;
@@ -536,7 +609,7 @@ class CudaExecutor final : public Executor {
     if (b > a) {
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
                    o + r.bytes(a), reinterpret_cast<float*>(r.fp32() + r.in_bytes(a)),
-                   (b - a) * r.row_values, r.flags(), copy_out_)),
+                   (b - a) * r.row_values, r.flags(a), copy_out_)),
                "fp16 to fp32");
     }
     return s.ok() ? CopyOut(r.job, r.fp32(), r.in_bytes(a), r.in_bytes(b), copy_out_) : s;
@@ -570,7 +643,10 @@ class CudaExecutor final : public Executor {
     state.host_work = MonotonicNow() - r.job.start;
     absl::Status s = Cuda(cudaEventRecord(state.begin, copy_in_), "event");
     if (s.ok() && r.convert) {
-      s = Cuda(cudaMemsetAsync(r.flags(), 0, sizeof(int), copy_in_), "memset");
+      s = Cuda(cudaMemcpyAsync(r.dev[6].data(), state.flags_host,
+                               FlagBlock::Bytes(r.job.requests.size()), cudaMemcpyHostToDevice,
+                               copy_in_),
+               "copy to device");
     }
     if (s.ok()) s = issue_inputs(0);
     for (size_t i = 0; i < parts && s.ok(); ++i) {
@@ -587,7 +663,8 @@ class CudaExecutor final : public Executor {
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state.computed, stream), "event");
     if (s.ok() && r.convert) {
-      s = Cuda(cudaMemcpyAsync(state.overflow_host, r.flags(), sizeof(int), cudaMemcpyDeviceToHost,
+      s = Cuda(cudaMemcpyAsync(state.flags_host, r.dev[6].data(),
+                               FlagBlock::FlagBytes(r.job.requests.size()), cudaMemcpyDeviceToHost,
                                copy_out_),
                "copy to host");
     }

@@ -82,24 +82,47 @@ int LaunchFusedForward(const FusedForwardParams& params, void* stream_ptr) {
 
 namespace {
 
-__global__ void FloatToHalfKernel(const float* in, __half* out, int64_t n, int* flags) {
+// Passed by value, so that one launch converts a job's Q, K and V: tensor blockIdx.y.
+struct HalfTargets {
+  __half* out[kMaxConvertTensors];
+};
+
+// Rare (a request about to be refused): the request that holds element i, by binary search.
+__device__ __noinline__ void FlagRequest(const ConversionFlags& f, int64_t i, int bit) {
+  const int64_t e = f.first + i;
+  int lo = 0, hi = f.requests - 1;  // the last request whose range starts at or before e
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (f.bounds[mid] <= e) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  atomicOr(f.flags + lo, bit);
+}
+
+__global__ void FloatToHalfKernel(const float* in, HalfTargets targets, int64_t n,
+                                  ConversionFlags flags) {
+  in += blockIdx.y * n;
+  __half* out = targets.out[blockIdx.y];
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float x = in[i];
     if (!isfinite(x)) {
-      atomicOr(flags, kFp16NonFiniteInput);
+      FlagRequest(flags, i, kFp16NonFiniteInput);
     } else if (fabsf(x) > 65504.f) {
-      atomicOr(flags, kFp16InputOverflow);
+      FlagRequest(flags, i, kFp16InputOverflow);
     }
     out[i] = __float2half_rn(x);
   }
 }
 
-__global__ void HalfToFloatKernel(const __half* in, float* out, int64_t n, int* flags) {
+__global__ void HalfToFloatKernel(const __half* in, float* out, int64_t n, ConversionFlags flags) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float x = __half2float(in[i]);
-    if (!isfinite(x)) atomicOr(flags, kFp16NonFiniteOutput);
+    if (!isfinite(x)) FlagRequest(flags, i, kFp16NonFiniteOutput);
     out[i] = x;
   }
 }
@@ -111,13 +134,21 @@ unsigned GridFor(int64_t n) {
 
 }  // namespace
 
-int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* flags, void* stream) {
-  FloatToHalfKernel<<<GridFor(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-      in, static_cast<__half*>(out), n, flags);
+int LaunchFloatToHalf(const float* in, void* const* outs, int tensors, int64_t n,
+                      const ConversionFlags& flags, void* stream) {
+  if (tensors < 1 || tensors > kMaxConvertTensors || flags.requests < 1) {
+    return cudaErrorInvalidValue;
+  }
+  HalfTargets targets{};
+  for (int t = 0; t < tensors; ++t) targets.out[t] = static_cast<__half*>(outs[t]);
+  const dim3 grid(GridFor(n), static_cast<unsigned>(tensors));
+  FloatToHalfKernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(in, targets, n, flags);
   return cudaGetLastError();
 }
 
-int LaunchHalfToFloat(const void* in, float* out, int64_t n, int* flags, void* stream) {
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, const ConversionFlags& flags,
+                      void* stream) {
+  if (flags.requests < 1) return cudaErrorInvalidValue;
   HalfToFloatKernel<<<GridFor(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(
       static_cast<const __half*>(in), out, n, flags);
   return cudaGetLastError();

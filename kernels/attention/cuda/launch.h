@@ -19,15 +19,29 @@ constexpr int FusedBlockM(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 // Launches the fused forward kernel for params.attn.dtype (fp16 or bf16) and head_dim.
 int LaunchFusedForward(const FusedForwardParams& params, void* stream);
 
-// Bits of the device int the fp32 <-> fp16 conversions set, so that the caller can refuse a
-// request instead of returning infinities its fp32 arithmetic would not have made.
+// Bits the fp32 <-> fp16 conversions set in a request's flag, so that the caller can refuse that
+// request (and only that one of a batch) instead of returning infinities its fp32 arithmetic
+// would not have made.
 inline constexpr int kFp16InputOverflow = 1;    // a finite input beyond fp16's range
 inline constexpr int kFp16NonFiniteOutput = 2;  // an output value is inf or NaN
 inline constexpr int kFp16NonFiniteInput = 4;   // an input was inf or NaN already
-// out[i] = fp16(in[i]) for n fp32 values, flagging kFp16InputOverflow / kFp16NonFiniteInput.
-int LaunchFloatToHalf(const float* in, void* out, int64_t n, int* flags, void* stream);
+// Where a conversion flags what it finds: element `first + i` of a packed tensor belongs to the
+// request r with bounds[r] <= first + i < bounds[r + 1], and its bits go to flags[r]. The bounds
+// are searched only when a value is flagged. Device pointers.
+struct ConversionFlags {
+  int* flags;             // one per request
+  const int64_t* bounds;  // requests + 1 ascending element offsets, from 0
+  int requests;
+  int64_t first;  // of the converted range within the packed tensor
+};
+// Up to three tensors of n fp32 values in one launch: tensor t's values at in + t * n go to
+// outs[t] in fp16, flagging kFp16InputOverflow / kFp16NonFiniteInput.
+inline constexpr int kMaxConvertTensors = 3;
+int LaunchFloatToHalf(const float* in, void* const* outs, int tensors, int64_t n,
+                      const ConversionFlags& flags, void* stream);
 // out[i] = float(in[i]) for n fp16 values, flagging kFp16NonFiniteOutput.
-int LaunchHalfToFloat(const void* in, float* out, int64_t n, int* flags, void* stream);
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, const ConversionFlags& flags,
+                      void* stream);
 
 // Rows of one head between a (tokens, H, D) tensor of 2-byte elements (row_stride elements per
 // token) and a packed array of D-element rows: `rows` holds n (token, head) pairs. gather:
