@@ -29,7 +29,7 @@ fi
 DILATTN_E2E_DEVICE=cuda DILATTN_SERVER_BIN="$PWD/.device/bin/dilattn-server" \
 DILATTN_CLIENT_BIN="$PWD/.device/bin/dilattn-client" DILATTN_PYTHON_PROTO="$PWD/.device/python" \
 DILATTN_PERF_ANALYZER_HOME="$PWD/.device/perf_analyzer" DILATTN_E2E_RESULTS="$out/e2e" \
-  timeout "${DILATTN_E2E_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfE ${DILATTN_E2E_FILES:-tests/e2e} 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15
+  timeout "${DILATTN_E2E_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -rfEs ${DILATTN_E2E_FILES:-tests/e2e} 2>&1 | grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" | tail -40
 [[ $all == 1 ]] || exit 0
 python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 2>&1 | tail -4
 python3 bench/server_overhead.py --server .device/bin/dilattn-server --ns 32768,131072 --shm cuda 2>&1 | tail -4

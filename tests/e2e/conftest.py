@@ -85,6 +85,15 @@ class ServerProcess:
         return self.proc.poll() is None
 
 
+
+def repository_server(root, models, name, *args):
+    """A server over a model repository written under `root` (a directory): `models` maps each
+    model's name to its config.pbtxt without the name line."""
+    for model, text in models.items():
+        (root / model).mkdir()
+        (root / model / "config.pbtxt").write_text(f'name: "{model}"\n{text}')
+    return ServerProcess("--model-repository", str(root), *args, name=name)
+
 @pytest.fixture(scope="module")
 def server():
     s = ServerProcess(name="default-models")

@@ -9,6 +9,12 @@ import tritonclient.grpc as grpcclient
 NUMPY_DTYPE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
+def random_qkv(shape, seed):
+    """Q, K and V of `shape`, uniform in [-1, 1), fp32."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3)]
+
+
 def to_wire(x, datatype):
     """The values the server will see for `x` sent as `datatype`."""
     return np.asarray(x, dtype=np.float32).astype(NUMPY_DTYPE[datatype]).astype(np.float32)

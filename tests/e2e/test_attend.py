@@ -12,14 +12,9 @@ import tritonclient.grpc as grpcclient
 import attend
 import reference
 from conftest import ServerProcess, wait_until
-from helpers import make_inputs, to_wire
+from helpers import make_inputs, random_qkv, to_wire
 
 SMALL = {"segment_lengths": "16,32,64", "dilation_rates": "1,2,4"}
-
-
-def _qkv(shape, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3)]
 
 
 def _run(server, messages, shape, datatype, timeout=60):
@@ -36,7 +31,7 @@ def _run(server, messages, shape, datatype, timeout=60):
 ])
 def test_stream_matches_the_reference(server, model, datatype, params, stretch):
     shape = (2, 200, 4, 16)  # stretches of 64: 64, 64, 64 and a short 8 per sequence
-    q, k, v = _qkv(shape, 1)
+    q, k, v = random_qkv(shape, 1)
     messages = [attend.header(model, shape, datatype, params)]
     messages += attend.chunks(q, k, v, datatype, tokens_per_chunk=24)
     accepted, o = _run(server, messages, shape, datatype)
@@ -53,7 +48,7 @@ def test_stream_matches_the_reference(server, model, datatype, params, stretch):
 
 def test_block_sparse_stream_equals_unary(server, client):
     shape = (1, 256, 2, 16)
-    q, k, v = _qkv(shape, 2)
+    q, k, v = random_qkv(shape, 2)
     params = {"block_size": "32", "pattern": "global_local", "global_blocks": "1", "window": "1"}
     messages = [attend.header("block_sparse_attention", shape, "FP32", params)]
     messages += attend.chunks(q, k, v, "FP32", tokens_per_chunk=100)
@@ -69,7 +64,7 @@ def test_output_streams_while_input_still_arrives(server):
     # The client holds back everything after the first stretch until that stretch's output has
     # come back: a server that waited for the whole input would never answer (the test's timeout).
     shape = (1, 512, 2, 8)
-    q, k, v = _qkv(shape, 3)
+    q, k, v = random_qkv(shape, 3)
     params = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
     first_output = threading.Event()
     outbox = attend.Outbox([attend.header("dilated_attention", shape, "FP32", params)] +
@@ -98,7 +93,7 @@ def test_problem_larger_than_any_message():
     s = ServerProcess("--max-message-bytes", str(256 << 10), name="small-messages")
     try:
         shape = (1, 4096, 4, 32)
-        q, k, v = _qkv(shape, 4)
+        q, k, v = random_qkv(shape, 4)
         params = {"segment_lengths": "1024,2048", "dilation_rates": "1,4"}
         messages = [attend.header("dilated_attention", shape, "FP32", params)]
         messages += attend.chunks(q, k, v, "FP32", tokens_per_chunk=256)  # 128 KiB each
@@ -169,7 +164,7 @@ def test_bad_streams(server, client, messages, code, needle):
 
 def test_cancelled_stream_leaves_nothing_behind(server, client):
     shape = (1, 4096, 8, 64)
-    q, k, v = _qkv(shape, 5)
+    q, k, v = random_qkv(shape, 5)
     params = {"segment_lengths": "512,1024", "dilation_rates": "1,2"}  # stretches of 1024
     outbox = attend.Outbox([attend.header("dilated_attention", shape, "FP32", params)] +
                            attend.chunks(q, k, v, "FP32", 512, last=2048))
@@ -220,7 +215,7 @@ def test_python_client_attend(server):
     import ml_dtypes
 
     shape = (1, 700, 4, 32)
-    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in _qkv(shape, 6))
+    q, k, v = (x.astype(ml_dtypes.bfloat16) for x in random_qkv(shape, 6))
     params = {"segment_lengths": "128,256", "dilation_rates": "1,2", "causal": "true"}
     with grpc.insecure_channel(server.url) as channel:
         o = attend.dilattn_stream.attend(channel, q, k, v, parameters=params,
@@ -262,7 +257,7 @@ def test_idle_stream_is_ended_and_its_memory_released():
     s = ServerProcess("--stream-idle-seconds", "1", name="stream-idle")
     try:
         shape = (1, 512, 2, 8)
-        q, k, v = _qkv(shape, 7)
+        q, k, v = random_qkv(shape, 7)
         params = {"segment_lengths": "64", "dilation_rates": "1"}
         first = [attend.header("dilated_attention", shape, "FP32", params)]
         outbox = attend.Outbox(first + attend.chunks(q, k, v, "FP32", 64, last=128))
@@ -290,7 +285,7 @@ def test_idle_stream_is_ended_and_its_memory_released():
             # All input sent at once, then a computation that may well outlast the idle limit
             # (about 1.5 s on two cores): the stream is waiting for the server, not idle.
             big = (1, 32768, 8, 64)
-            bq, bk, bv = _qkv(big, 8)
+            bq, bk, bv = random_qkv(big, 8)
             _, o = attend.collect(attend.stream(channel)(iter(
                 [attend.header("dilated_attention", big, "FP32")] +
                 attend.chunks(bq, bk, bv, "FP32", 4096)), timeout=120), big, "FP32")
@@ -332,7 +327,7 @@ def test_stream_that_stops_reading_is_ended_and_its_memory_released(all_input):
 
 def test_stream_metrics(server):
     shape = (1, 300, 2, 8)
-    q, k, v = _qkv(shape, 9)
+    q, k, v = random_qkv(shape, 9)
     before_in = server.metric("dilattn_native_stream_bytes_total", direction="in")
     before_out = server.metric("dilattn_native_stream_bytes_total", direction="out")
     messages = [attend.header("dilated_attention", shape, "FP32", SMALL)]
@@ -354,7 +349,7 @@ def test_concurrent_streams_stay_exact(server, client):
 
     params = {"segment_lengths": "32,64", "dilation_rates": "1,2"}
     shapes = [(1, n, 2, 8) for n in (200, 333, 512, 640, 1000, 1024, 64, 129)]
-    inputs = [_qkv(shape, 20 + i) for i, shape in enumerate(shapes)]
+    inputs = [random_qkv(shape, 20 + i) for i, shape in enumerate(shapes)]
     before = client.get_inference_statistics("dilated_attention").model_stats[0]
 
     def one(i):

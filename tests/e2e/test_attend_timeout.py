@@ -21,8 +21,8 @@ from tritonclient.utils import InferenceServerException
 
 import attend
 import reference
-from conftest import ServerProcess, wait_until
-from helpers import make_inputs
+from conftest import repository_server, wait_until
+from helpers import make_inputs, random_qkv
 
 BATCHER = """
 max_batch_size: 64
@@ -51,18 +51,13 @@ CLIENT = os.environ.get("DILATTN_CLIENT_BIN", str(
 
 @pytest.fixture(scope="module")
 def repo_server(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
-    for name, text in MODELS.items():
-        (repo / name).mkdir()
-        (repo / name / "config.pbtxt").write_text(f'name: "{name}"\n{text}')
-    s = ServerProcess("--model-repository", str(repo), name="attend-timeout")
+    s = repository_server(tmp_path_factory.mktemp("repo"), MODELS, "attend-timeout")
     yield s
     assert s.stop() == 0, s.log_path.read_text()
 
 
 def _qkv(seed):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(-1, 1, SHAPE).astype(np.float32) for _ in range(3)]
+    return random_qkv(SHAPE, seed)
 
 
 def _computed(server, model):

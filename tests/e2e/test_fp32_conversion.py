@@ -6,17 +6,15 @@ same refusals. On a CPU server everything here is computed in fp32 and answered.
 
 import concurrent.futures
 
-import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
 import reference
-from conftest import ServerProcess
-from helpers import make_inputs
+from conftest import repository_server
+from helpers import make_inputs, random_qkv
 
 # Three requests wait for each other (the preferred size, or a long delay): one job.
 TRIO_MODEL = """
-name: "trio"
 max_batch_size: 8
 dynamic_batching {
   preferred_batch_size: [ 3 ]
@@ -29,17 +27,10 @@ parameters { key: "dilation_rates" value { string_value: "1,2" } }
 
 @pytest.fixture(scope="module")
 def trio_server(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("trio_repo")
-    (repo / "trio").mkdir()
-    (repo / "trio" / "config.pbtxt").write_text(TRIO_MODEL)
-    s = ServerProcess("--model-repository", str(repo), name="fp32-trio")
+    s = repository_server(tmp_path_factory.mktemp("trio_repo"), {"trio": TRIO_MODEL},
+                          "fp32-trio")
     yield s
     assert s.stop() == 0, s.log_path.read_text()
-
-
-def _qkv(shape, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3)]
 
 
 def _refused_for_fp16(error):
@@ -54,7 +45,7 @@ def test_a_value_beyond_fp16_fails_only_its_own_request(trio_server, tensor, bad
     """Three FP32 requests of different lengths in one job; request `bad` holds 1e6 in Q, K or V.
     On a GPU it alone is refused, and the other two are answered correctly."""
     lengths = [40, 64, 100]
-    requests = [_qkv((1, n, 2, 16), seed=10 * tensor + i) for i, n in enumerate(lengths)]
+    requests = [random_qkv((1, n, 2, 16), seed=10 * tensor + i) for i, n in enumerate(lengths)]
     requests[bad][tensor][0, lengths[bad] // 2, 1, 3] = 1e6
     executions = trio_server.metric("nv_inference_exec_count", model="trio")
 
@@ -90,7 +81,7 @@ def test_a_large_fp32_job_converts_tensor_by_tensor(server):
     client = server.client()
     segments, rates = [2048, 4096], [1, 2]
     params = {"segment_lengths": "2048,4096", "dilation_rates": "1,2"}
-    q, k, v = _qkv(LARGE, seed=77)
+    q, k, v = random_qkv(LARGE, seed=77)
     out = client.infer("dilated_attention", make_inputs(q, k, v), parameters=params).as_numpy("O")
     expected = reference.dilated_attention(q, k, v, segments, rates)
     assert reference.relative_error(out, expected) <= reference.TOLERANCE["FP32"]

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 import reference
 from conftest import ServerProcess, wait_until
-from helpers import NUMPY_DTYPE, make_inputs, shared_memory_tensors, to_wire
+from helpers import NUMPY_DTYPE, make_inputs, random_qkv, shared_memory_tensors, to_wire
 
 MODEL = "dilated_attention"
 MIN_TOKENS = 2048  # pieces of >= 512 tokens, about an eighth of a job each
@@ -29,11 +29,6 @@ def piece_server():
     s = ServerProcess("--pipeline-min-tokens", str(MIN_TOKENS), name="pipeline")
     yield s
     assert s.stop() == 0, s.log_path.read_text()
-
-
-def _qkv(shape, seed):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(3)]
 
 
 def _params(segments, rates, mode="longnet", causal=False):
@@ -69,7 +64,7 @@ UNCUT = [
 @pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP32"])
 @pytest.mark.parametrize("shape,segments,rates,mode,causal", CASES + UNCUT)
 def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rates, mode, causal):
-    q, k, v = _qkv(shape, seed=sum(shape) + len(segments) + (datatype == "BF16"))
+    q, k, v = random_qkv(shape, seed=sum(shape) + len(segments) + (datatype == "BF16"))
     out = piece_server.client().infer(
         MODEL, make_inputs(q, k, v, datatype),
         parameters=_params(segments, rates, mode, causal)).as_numpy("O")
@@ -87,7 +82,7 @@ def test_pieces_match_the_reference(piece_server, datatype, shape, segments, rat
 def test_fp32_beyond_fp16_in_a_late_piece_is_refused(piece_server, segments, rates, tensor):
     """FP32 pieces (and parts) convert to fp16 on the GPU one at a time; a value beyond fp16's
     range in the last one is still refused by name (the CPU path computes in fp32 and answers)."""
-    qkv = _qkv((1, 8192, 2, 64), seed=9)
+    qkv = random_qkv((1, 8192, 2, 64), seed=9)
     qkv[tensor][0, -1, 1, 5] = 1e6
     client = piece_server.client()
     params = _params(segments, rates)
@@ -111,7 +106,7 @@ def test_concurrent_requests_batched_across_pieces(piece_server):
     lengths = [900, 1500, 2048, 640, 3000, 1100]
 
     def run(i):
-        q, k, v = _qkv((1, lengths[i % len(lengths)], 4, 64), seed=500 + i)
+        q, k, v = random_qkv((1, lengths[i % len(lengths)], 4, 64), seed=500 + i)
         out = piece_server.client().infer(MODEL, make_inputs(q, k, v, "FP16"),
                                           parameters=_params(segments, rates)).as_numpy("O")
         wire = [to_wire(x, "FP16") for x in (q, k, v)]
@@ -131,7 +126,7 @@ def test_pieces_through_system_shared_memory(piece_server, segments, rates, over
     (another mapping, another address): pieces would write early outputs over inputs that later
     pieces still have to copy, so such a job copies all its inputs first."""
     shape = (1, 8192, 4, 64)
-    q, k, v = _qkv(shape, seed=77)
+    q, k, v = random_qkv(shape, seed=77)
     tensors = [np.asarray(x, dtype=NUMPY_DTYPE["FP16"]) for x in (q, k, v)]
     size = tensors[0].nbytes
     client = piece_server.client()

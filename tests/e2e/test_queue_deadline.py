@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, repository_server, wait_until
 from helpers import make_inputs
 
 WAITING_MODEL = """
-name: "waiting"
 max_batch_size: 64
 dynamic_batching {
   preferred_batch_size: [ 64 ]
@@ -26,7 +25,6 @@ parameters { key: "dilation_rates" value { string_value: "1" } }
 """
 
 PRIORITY_MODEL = """
-name: "prioritised"
 max_batch_size: 4
 dynamic_batching {
   preferred_batch_size: [ 4 ]
@@ -43,11 +41,9 @@ X = np.full((1, 32, 2, 8), 0.25, dtype=np.float32)
 
 @pytest.fixture(scope="module")
 def repo_server(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("repo")
-    for name, text in (("waiting", WAITING_MODEL), ("prioritised", PRIORITY_MODEL)):
-        (repo / name).mkdir()
-        (repo / name / "config.pbtxt").write_text(text)
-    s = ServerProcess("--model-repository", str(repo), name="custom-repository")
+    s = repository_server(tmp_path_factory.mktemp("repo"),
+                          {"waiting": WAITING_MODEL, "prioritised": PRIORITY_MODEL},
+                          "custom-repository")
     yield s
     assert s.stop() == 0, s.log_path.read_text()
 

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 import cuda_ipc
 import reference
 from conftest import ServerProcess, wait_until
-from helpers import NUMPY_DTYPE, shared_memory_tensors, to_wire
+from helpers import NUMPY_DTYPE, random_qkv, shared_memory_tensors, to_wire
 
 MODEL = "dilated_attention"
 PARAMS = {"segment_lengths": "16,32", "dilation_rates": "1,2"}
@@ -51,8 +51,7 @@ def region():
 
 
 def _qkv(seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(-1, 1, SHAPE).astype(np.float32) for _ in range(3)]
+    return random_qkv(SHAPE, seed)
 
 
 def _expected(q, k, v, datatype):
