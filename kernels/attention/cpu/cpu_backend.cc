@@ -39,6 +39,19 @@ size_t AlignUp(size_t x) { return (x + kScratchAlign - 1) / kScratchAlign * kScr
 constexpr double kFlopsPerThread = 8e6;
 
 // How a plan runs on the CPU. The one selector: Supports(), WorkspaceBytes() and Run() all ask it.
+// O's rows [begin, end) = acc / l, in O's type as a template argument, so that the type is not
+// decided per element and the fp32 loop vectorises (O may be the accumulator itself).
+template <DType kType>
+void NormaliseRows(const cpu::RowState& state, int64_t begin, int64_t end, int64_t dim, void* o) {
+  for (int64_t row = begin; row < end; ++row) {
+    const float inv = state.l[row] > 0 ? 1.0f / state.l[row] : 0.0f;
+    const float* acc = state.acc + row * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      StoreFromFloat(o, kType, static_cast<size_t>(row * dim + d), acc[d] * inv);
+    }
+  }
+}
+
 struct CpuStrategy {
   bool multi_pass;     // longnet with several branches: running state across passes
   bool acc_in_output;  // the fp32 output doubles as the state's accumulator
@@ -246,12 +259,13 @@ absl::Status CpuBackend::Run(const AttentionPlan& plan, const AttentionTensors& 
   }
   pool.ParallelFor(chunks, [&](int64_t c, int) {
     auto [begin, end] = chunk_rows(c);
-    for (int64_t row = begin; row < end; ++row) {
-      const float inv = state.l[row] > 0 ? 1.0f / state.l[row] : 0.0f;
-      const float* acc = state.acc + row * dim;
-      for (int64_t d = 0; d < dim; ++d) {
-        StoreFromFloat(tensors.o.data, p.dtype, static_cast<size_t>(row * dim + d), acc[d] * inv);
-      }
+    switch (p.dtype) {
+      case DType::kFloat32:
+        return NormaliseRows<DType::kFloat32>(state, begin, end, dim, tensors.o.data);
+      case DType::kFloat16:
+        return NormaliseRows<DType::kFloat16>(state, begin, end, dim, tensors.o.data);
+      case DType::kBFloat16:
+        return NormaliseRows<DType::kBFloat16>(state, begin, end, dim, tensors.o.data);
     }
   });
   return absl::OkStatus();

@@ -31,7 +31,9 @@ inline Vf Load(const float* p) {
   return v;
 }
 inline void Store(float* p, Vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
-inline Vf Splat(float x) { return Vf{} + x; }
+// x - 0 is x for every x (-0 included), so GCC broadcasts straight from memory; 0 + x is not
+// (0 + -0 is +0), and costs an addition before every broadcast of the inner loops.
+inline Vf Splat(float x) { return x - Vf{}; }
 inline Vf Max(Vf a, Vf b) { return a > b ? a : b; }
 inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int RoundUp(int x, int m) { return (x + m - 1) / m * m; }
@@ -284,6 +286,9 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
     }
     for (int64_t k0 = 0; k0 < span_keys; k0 += kTileK) {
       const int keys = static_cast<int>(Min64(kTileK, span_keys - k0));
+      // Scores and probabilities in whole vectors up to the last key: a span of a short sequence
+      // or a high rate holds a few keys, and the full tile width would be mostly masked work.
+      const int width = RoundUp(keys, kVec);
       const int64_t key_first = span.first_row + k0 * stride;
       for (int j = 0; j < keys; ++j) {
         const int64_t token = key_first + j * stride;
@@ -293,22 +298,25 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
         LoadRow(p.v, p.dtype, token * p.v_row_stride + head_offset, dim, 1.0f, v_row);
         for (int d = dim; d < dim_pad; ++d) v_row[d] = 0;
       }
-      for (int j = keys; j < kTileK; ++j) {
-        for (int d = 0; d < dim; ++d) kt[d * kTileK + j] = 0;
-        for (int d = 0; d < dim_pad; ++d) v[j * dim_pad + d] = 0;
+      // Scores past the last key are masked below; these zeros only keep them finite. V's rows
+      // past it are never read.
+      for (int d = 0; d < dim; ++d) {
+        for (int j = keys; j < width; ++j) kt[d * kTileK + j] = 0;
       }
 
       for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
-        for (int j0 = 0; j0 < kTileK; j0 += DILATTN_QK_VECS * kVec) {
+        int j0 = 0;
+        for (; j0 + DILATTN_QK_VECS * kVec <= width; j0 += DILATTN_QK_VECS * kVec) {
           ScoreBlock<DILATTN_ROWS, DILATTN_QK_VECS>(q, dim_pad, kt, dim, s, i0, j0);
         }
+        for (; j0 < width; j0 += kVec) ScoreBlock<DILATTN_ROWS, 1>(q, dim_pad, kt, dim, s, i0, j0);
       }
 
       const int64_t key_last = key_first + (keys - 1) * stride;
       const bool masked = p.causal && key_last > q_first;
       for (int i = 0; i < rows; ++i) {
         float* s_row = s + i * kTileK;
-        for (int j = keys; j < kTileK; ++j) s_row[j] = kNegInf;
+        for (int j = keys; j < width; ++j) s_row[j] = kNegInf;
         if (masked) {
           const int64_t query = task.q_first_row + i * stride;
           for (int j = 0; j < keys; ++j) {
@@ -316,16 +324,16 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
           }
         }
         Vf vmax = Splat(kNegInf);
-        for (int j = 0; j < kTileK; j += kVec) vmax = Max(vmax, Load(s_row + j));
+        for (int j = 0; j < width; j += kVec) vmax = Max(vmax, Load(s_row + j));
         const float tile_max = HorizontalMax(vmax);
         const float m_new = tile_max > m[i] ? tile_max : m[i];
         if (m_new == kNegInf) {
-          for (int j = 0; j < kTileK; ++j) s_row[j] = 0;
+          for (int j = 0; j < width; ++j) s_row[j] = 0;
           continue;
         }
         const Vf m_splat = Splat(m_new);
         Vf vsum = Splat(0.0f);
-        for (int j = 0; j < kTileK; j += kVec) {
+        for (int j = 0; j < width; j += kVec) {
           const Vf e = Exp2(Load(s_row + j) - m_splat);
           Store(s_row + j, e);
           vsum += e;
