@@ -90,6 +90,8 @@ struct Config {
   Mode mode = Mode::kLongNet;
   bool causal = false;
   DType dtype = DType::kFloat32;
+  // The problem: `batch` sequences of `seq_len` tokens.
+  int64_t batch = 1, seq_len = 16384, heads = 8, dim = 64;
 };
 
 void RunAttention(benchmark::State& state, const Config& cfg) {
@@ -98,7 +100,7 @@ void RunAttention(benchmark::State& state, const Config& cfg) {
   options.dilation_rates = cfg.r;
   options.mode = cfg.mode;
   options.causal = cfg.causal;
-  const auto shape = attention::DenseShape(cfg.dtype, 1, 16384, 8, 64);
+  const auto shape = attention::DenseShape(cfg.dtype, cfg.batch, cfg.seq_len, cfg.heads, cfg.dim);
   auto plan = attention::PlanAttention(options, shape);
   auto backend = attention::CreateCpuBackend({Threads(), "auto"});
   if (!plan.ok() || !backend.ok()) {
@@ -237,6 +239,10 @@ int main(int argc, char** argv) {
       {"longnet/5branches/bf16", {w, r, Mode::kLongNet, false, DType::kBFloat16}},
       {"longnet/5branches/fp16", {w, r, Mode::kLongNet, false, DType::kFloat16}},
       {"head_groups/5branches/fp32", {w, r, Mode::kHeadGroups}},
+      // What a server batches from small requests: 16 sequences of 64 tokens, H = 4, D = 32, the
+      // default model's branches (every segment longer than the sequence, so w = 64).
+      {"short/16x64_tokens/fp32",
+       {{2048, 4096, 8192, 16384, 32768}, r, Mode::kLongNet, false, DType::kFloat32, 16, 64, 4, 32}},
   };
   for (size_t i = 0; i < w.size(); ++i) {
     configs.push_back({"branch/w" + std::to_string(w[i]) + "_r" + std::to_string(r[i]) + "/fp32",
