@@ -7,7 +7,6 @@ import threading
 import grpc
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 import attend
 import reference

@@ -5,7 +5,6 @@ import os
 import queue
 import time
 
-import grpc
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException

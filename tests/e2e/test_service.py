@@ -6,7 +6,6 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from helpers import make_inputs
