@@ -85,7 +85,6 @@ class ServerProcess:
         return self.proc.poll() is None
 
 
-
 def repository_server(root, models, name, *args):
     """A server over a model repository written under `root` (a directory): `models` maps each
     model's name to its config.pbtxt without the name line."""
