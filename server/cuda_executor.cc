@@ -187,6 +187,46 @@ absl::Status CopyOut(const Job& job, const unsigned char* src, size_t begin, siz
   return batch.Issue(stream, "copy out");
 }
 
+// Rows of `row` bytes `pitch` apart on the device (a padded head dim); the requests' rows are
+// packed.
+struct Pitch {
+  size_t row, pitch;
+};
+
+// The job's packed tensor `t` from the requests into the device tensor `dst` of pitched rows, one
+// 2-D copy per request (cudaMemcpyBatchAsync copies only contiguous ranges).
+absl::Status CopyPaddedIn(const Job& job, int t, unsigned char* dst, Pitch p, cudaStream_t stream) {
+  for (const auto& r : job.requests) {
+    const absl::string_view src = r->tensor(t);
+    const size_t rows = src.size() / p.row;
+    if (absl::Status s = Cuda(cudaMemcpy2DAsync(dst, p.pitch, src.data(), p.row, p.row, rows,
+                                                cudaMemcpyDefault, stream),
+                              "copy to device");
+        !s.ok()) {
+      return s;
+    }
+    dst += rows * p.pitch;
+  }
+  return absl::OkStatus();
+}
+
+// The pitched output rows back to the requests' outputs, one 2-D copy per request.
+absl::Status CopyPaddedOut(const Job& job, const unsigned char* src, Pitch p, cudaStream_t stream) {
+  for (const auto& r : job.requests) {
+    const size_t rows = r->tensor_bytes / p.row;
+    void* dst = r->output_target.data != nullptr ? static_cast<void*>(r->output_target.data)
+                                                 : r->output.data();
+    if (absl::Status s = Cuda(
+            cudaMemcpy2DAsync(dst, p.row, src, p.pitch, p.row, rows, cudaMemcpyDefault, stream),
+            "copy out");
+        !s.ok()) {
+      return s;
+    }
+    src += rows * p.pitch;
+  }
+  return absl::OkStatus();
+}
+
 class CudaExecutor final : public Executor {
  public:
   CudaExecutor(int device, const ExecutorOptions& options, SharedHostPools shared)
@@ -280,7 +320,7 @@ class CudaExecutor final : public Executor {
     if (absl::Status s = plans.status(kind); !s.ok()) return s;
     switch (kind) {
       case OperatorKind::kDilatedAttention:
-        return gpu_[0]->Supports(*plans.dilated).ok();
+        return gpu_[0]->Supports(*plans.dilated).ok() || PaddedPlan(*plans.dilated).ok();
       case OperatorKind::kBlockSparse:
         return sparse_gpu_[0]->Supports(*plans.sparse).ok();
       case OperatorKind::kMultihead:
@@ -288,6 +328,24 @@ class CudaExecutor final : public Executor {
                multihead_gpu_[0]->Supports(*plans.multihead).ok();
     }
     return absl::InternalError("unknown operator");
+  }
+
+  // A dilated-attention plan whose head dim D has no kernel (96, say) runs as the next head dim
+  // Dp that has one: the same problem with Dp - D zero columns in Q and K, which add nothing to a
+  // score, and D's softmax scale; O's extra columns are never copied out. NOT_FOUND when the
+  // plan runs as it is or no head dim takes it.
+  absl::StatusOr<attention::AttentionPlan> PaddedPlan(const attention::AttentionPlan& plan) const {
+    if (gpu_[0]->Supports(plan).ok()) return absl::NotFoundError("runs unpadded");
+    attention::AttentionOptions options = plan.options;
+    options.softmax_scale = plan.params.scale;
+    for (int64_t dim : {16, 32, 64, 128, 256}) {
+      if (dim <= plan.shape.head_dim) continue;
+      attention::ProblemShape shape = plan.shape;
+      shape.head_dim = dim;
+      absl::StatusOr<attention::AttentionPlan> padded = attention::PlanAttention(options, shape);
+      if (padded.ok() && gpu_[0]->Supports(*padded).ok()) return padded;
+    }
+    return absl::NotFoundError(absl::StrCat("no GPU kernel for head_dim ", plan.shape.head_dim));
   }
 
   absl::StatusOr<PlanFacts> Supports(const InferenceRequest& r) const override {
@@ -316,7 +374,24 @@ class CudaExecutor final : public Executor {
         !s.ok()) {
       return s;
     }
-    const bool in_place = RunsInPlace(job, convert, device_);
+    // The requests' packed tensors, in the computed type: the device tensors' size unless padded.
+    size_t job_bytes = 0;
+    int64_t pad_dim = 0;  // the head dim the GPU runs, when the job's has no kernel
+    if (kind == OperatorKind::kDilatedAttention) {
+      job_bytes = plans.dilated->tensor_bytes;
+      if (absl::StatusOr<attention::AttentionPlan> padded = PaddedPlan(*plans.dilated);
+          padded.ok()) {
+        pad_dim = padded->shape.head_dim;
+        plans.dilated = *std::move(padded);
+        if (!logged_padding_) {
+          LogInfo("cuda executor: device %d: head dims without a kernel run padded (the first: %d "
+                  "as %d)",
+                  device_, job.shape.head_dim, pad_dim);
+          logged_padding_ = true;
+        }
+      }
+    }
+    const bool in_place = pad_dim == 0 && RunsInPlace(job, convert, device_);
     size_t dev_bytes = 0, workspace_bytes = 0;
     std::vector<Piece> pieces;
     bool row_parts = false;
@@ -325,7 +400,7 @@ class CudaExecutor final : public Executor {
         dev_bytes = plans.dilated->tensor_bytes;
         // In pieces or row parts, outputs go back while later inputs are still to come: not
         // over them.
-        const bool in_launches = !in_place && !HostOutputOverlapsInputs(job);
+        const bool in_launches = !in_place && pad_dim == 0 && !HostOutputOverlapsInputs(job);
         if (in_launches) {
           absl::StatusOr<std::vector<Piece>> split = Pieces(*plans.dilated, &workspace_bytes);
           if (!split.ok()) return split.status();
@@ -340,17 +415,17 @@ class CudaExecutor final : public Executor {
         break;
       }
       case OperatorKind::kBlockSparse:
-        dev_bytes = plans.sparse->tensor_bytes;
+        dev_bytes = job_bytes = plans.sparse->tensor_bytes;
         workspace_bytes = sparse_gpu_[0]->WorkspaceBytes(*plans.sparse);
         break;
       case OperatorKind::kMultihead:
-        dev_bytes = plans.multihead->tensor_bytes;
+        dev_bytes = job_bytes = plans.multihead->tensor_bytes;
         workspace_bytes = multihead_gpu_[0]->WorkspaceBytes(*plans.multihead);
         break;
     }
     const int inputs = job.requests.front()->inputs();
     const size_t in_bytes =
-        dev_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
+        job_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
     // A small fp32 job stages all its inputs side by side, so that they go in one batch of
     // copies and one conversion; a large one stages them in turn through one tensor's room,
     // where a few calls more cost nothing against its copies.
@@ -409,7 +484,28 @@ class CudaExecutor final : public Executor {
     // one batch, except a large fp32 job's, one tensor per batch and conversion.
     const int per_batch = convert && !stage_all ? 1 : inputs;
     auto* fp32 = static_cast<unsigned char*>(dev[5].data());
+    // A padded head dim (PaddedPlan): rows of D values in the requests, of pad_dim on the device.
+    const int64_t head_dim = job.shape.head_dim;
+    const attention::cuda::HalfRows half_rows{head_dim, pad_dim > 0 ? pad_dim : head_dim};
+    const size_t compute_size = attention::DTypeSize(compute);
+    const Pitch pitch{static_cast<size_t>(half_rows.row) * compute_size,
+                      static_cast<size_t>(half_rows.pitch) * compute_size};
+    if (pad_dim > 0) {
+      // Q's and K's extra columns are zeros; V's, like O's, only reach O's extra columns.
+      const size_t rows = job_bytes / pitch.row;
+      for (int t = 0; t < 2 && s.ok(); ++t) {
+        s = Cuda(cudaMemset2DAsync(static_cast<unsigned char*>(dev[t].data()) + pitch.row,
+                                   pitch.pitch, 0, pitch.pitch - pitch.row, rows, stream),
+                 "memset");
+      }
+    }
     for (int first = 0; first < inputs && s.ok() && !in_place; first += per_batch) {
+      if (pad_dim > 0 && !convert) {
+        for (int t = first; t < first + per_batch && s.ok(); ++t) {
+          s = CopyPaddedIn(job, t, static_cast<unsigned char*>(dev[t].data()), pitch, stream);
+        }
+        continue;
+      }
       CopyBatch batch;
       if (convert && first == 0) batch.Add(dev[6].data(), state->flags_host, flag_bytes);
       void* halves[attention::cuda::kMaxConvertTensors] = {};
@@ -424,7 +520,7 @@ class CudaExecutor final : public Executor {
       if (s.ok() && convert) {
         s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
                      reinterpret_cast<const float*>(fp32), halves, per_batch,
-                     static_cast<int64_t>(in_bytes / sizeof(float)), flags, stream)),
+                     static_cast<int64_t>(in_bytes / sizeof(float)), half_rows, flags, stream)),
                  "fp32 to fp16");
       }
     }
@@ -458,10 +554,12 @@ class CudaExecutor final : public Executor {
     if (s.ok() && convert) {
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
                    dev[3].data(), static_cast<float*>(dev[5].data()),
-                   static_cast<int64_t>(in_bytes / sizeof(float)), flags, stream)),
+                   static_cast<int64_t>(in_bytes / sizeof(float)), half_rows, flags, stream)),
                "fp16 to fp32");
     }
-    if (s.ok() && !in_place) {
+    if (s.ok() && pad_dim > 0 && !convert) {
+      s = CopyPaddedOut(job, static_cast<const unsigned char*>(dev[3].data()), pitch, stream);
+    } else if (s.ok() && !in_place) {
       CopyBatch batch;
       AddCopiesOut(batch, job, convert ? fp32 : static_cast<const unsigned char*>(dev[3].data()), 0,
                    in_bytes);
@@ -522,6 +620,7 @@ class CudaExecutor final : public Executor {
   }
 
   static constexpr int64_t kRowParts = 8;  // IssueRowParts: about as many as pieces
+  static attention::cuda::HalfRows kPacked(int64_t row) { return {row, row}; }
   static constexpr size_t kStageAllBytes = size_t{64} << 20;  // fp32 inputs staged side by side
 
   // One piece of a job and the plan of its shape (pieces of one shape share a plan).
@@ -596,7 +695,7 @@ class CudaExecutor final : public Executor {
       void* out = half + r.bytes(a);
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
                    reinterpret_cast<const float*>(r.fp32() + r.in_bytes(a)), &out, 1,
-                   (b - a) * r.row_values, r.flags(a), copy_in_)),
+                   (b - a) * r.row_values, kPacked(r.row_values), r.flags(a), copy_in_)),
                "fp32 to fp16");
     }
     return s;
@@ -609,7 +708,7 @@ class CudaExecutor final : public Executor {
     if (b > a) {
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
                    o + r.bytes(a), reinterpret_cast<float*>(r.fp32() + r.in_bytes(a)),
-                   (b - a) * r.row_values, r.flags(a), copy_out_)),
+                   (b - a) * r.row_values, kPacked(r.row_values), r.flags(a), copy_out_)),
                "fp16 to fp32");
     }
     return s.ok() ? CopyOut(r.job, r.fp32(), r.in_bytes(a), r.in_bytes(b), copy_out_) : s;
@@ -786,6 +885,7 @@ class CudaExecutor final : public Executor {
   int next_stream_ = 0;
   bool logged_pieces_ = false;
   bool logged_row_parts_ = false;
+  bool logged_padding_ = false;
 };
 
 }  // namespace

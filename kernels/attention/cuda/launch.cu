@@ -102,7 +102,12 @@ __device__ __noinline__ void FlagRequest(const ConversionFlags& f, int64_t i, in
   atomicOr(f.flags + lo, bit);
 }
 
-__global__ void FloatToHalfKernel(const float* in, HalfTargets targets, int64_t n,
+// Where value i of a conversion sits on its fp16 side.
+__device__ __forceinline__ int64_t HalfIndex(int64_t i, HalfRows rows) {
+  return rows.row == rows.pitch ? i : i / rows.row * rows.pitch + i % rows.row;
+}
+
+__global__ void FloatToHalfKernel(const float* in, HalfTargets targets, int64_t n, HalfRows rows,
                                   ConversionFlags flags) {
   in += blockIdx.y * n;
   __half* out = targets.out[blockIdx.y];
@@ -114,14 +119,15 @@ __global__ void FloatToHalfKernel(const float* in, HalfTargets targets, int64_t 
     } else if (fabsf(x) > 65504.f) {
       FlagRequest(flags, i, kFp16InputOverflow);
     }
-    out[i] = __float2half_rn(x);
+    out[HalfIndex(i, rows)] = __float2half_rn(x);
   }
 }
 
-__global__ void HalfToFloatKernel(const __half* in, float* out, int64_t n, ConversionFlags flags) {
+__global__ void HalfToFloatKernel(const __half* in, float* out, int64_t n, HalfRows rows,
+                                  ConversionFlags flags) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float x = __half2float(in[i]);
+    const float x = __half2float(in[HalfIndex(i, rows)]);
     if (!isfinite(x)) FlagRequest(flags, i, kFp16NonFiniteOutput);
     out[i] = x;
   }
@@ -134,23 +140,25 @@ unsigned GridFor(int64_t n) {
 
 }  // namespace
 
-int LaunchFloatToHalf(const float* in, void* const* outs, int tensors, int64_t n,
+int LaunchFloatToHalf(const float* in, void* const* outs, int tensors, int64_t n, HalfRows rows,
                       const ConversionFlags& flags, void* stream) {
-  if (tensors < 1 || tensors > kMaxConvertTensors || flags.requests < 1) {
+  if (tensors < 1 || tensors > kMaxConvertTensors || flags.requests < 1 || rows.row < 1 ||
+      rows.pitch < rows.row) {
     return cudaErrorInvalidValue;
   }
   HalfTargets targets{};
   for (int t = 0; t < tensors; ++t) targets.out[t] = static_cast<__half*>(outs[t]);
   const dim3 grid(GridFor(n), static_cast<unsigned>(tensors));
-  FloatToHalfKernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(in, targets, n, flags);
+  FloatToHalfKernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(in, targets, n, rows,
+                                                                         flags);
   return cudaGetLastError();
 }
 
-int LaunchHalfToFloat(const void* in, float* out, int64_t n, const ConversionFlags& flags,
-                      void* stream) {
-  if (flags.requests < 1) return cudaErrorInvalidValue;
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, HalfRows rows,
+                      const ConversionFlags& flags, void* stream) {
+  if (flags.requests < 1 || rows.row < 1 || rows.pitch < rows.row) return cudaErrorInvalidValue;
   HalfToFloatKernel<<<GridFor(n), 256, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const __half*>(in), out, n, flags);
+      static_cast<const __half*>(in), out, n, rows, flags);
   return cudaGetLastError();
 }
 

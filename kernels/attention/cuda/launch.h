@@ -34,14 +34,21 @@ struct ConversionFlags {
   int requests;
   int64_t first;  // of the converted range within the packed tensor
 };
+// The fp16 side of a conversion in rows of `row` values `pitch` apart (pitch >= row; equal for
+// packed tensors): a head dim that runs padded (the executor's PaddedPlan) leaves the columns
+// past `row` to the caller.
+struct HalfRows {
+  int64_t row;
+  int64_t pitch;
+};
 // Up to three tensors of n fp32 values in one launch: tensor t's values at in + t * n go to
 // outs[t] in fp16, flagging kFp16InputOverflow / kFp16NonFiniteInput.
 inline constexpr int kMaxConvertTensors = 3;
-int LaunchFloatToHalf(const float* in, void* const* outs, int tensors, int64_t n,
+int LaunchFloatToHalf(const float* in, void* const* outs, int tensors, int64_t n, HalfRows rows,
                       const ConversionFlags& flags, void* stream);
 // out[i] = float(in[i]) for n fp16 values, flagging kFp16NonFiniteOutput.
-int LaunchHalfToFloat(const void* in, float* out, int64_t n, const ConversionFlags& flags,
-                      void* stream);
+int LaunchHalfToFloat(const void* in, float* out, int64_t n, HalfRows rows,
+                      const ConversionFlags& flags, void* stream);
 
 // Rows of one head between a (tokens, H, D) tensor of 2-byte elements (row_stride elements per
 // token) and a packed array of D-element rows: `rows` holds n (token, head) pairs. gather:
