@@ -1,10 +1,30 @@
 #include "kernels/attention/cpu/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/str_cat.h"
 
 namespace dilattn::attention::cpu {
+namespace {
+
+// Polls done() for about kSpin; whether it became true. The caller then sleeps on the mutex.
+template <class Done>
+bool SpinWait(Done&& done) {
+  constexpr auto kSpin = std::chrono::microseconds(20);
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  while (true) {
+    for (int i = 0; i < 64; ++i) {
+      if (done()) return true;
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (std::chrono::steady_clock::now() >= until) return done();
+  }
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<ThreadPool>> ThreadPool::Create(int num_threads) {
   if (num_threads < 1 || num_threads > 4096) {
@@ -37,6 +57,7 @@ void ThreadPool::Drain(int worker) {
 void ThreadPool::WorkerLoop(int worker) {
   uint64_t seen = 0;
   while (true) {
+    SpinWait([&] { return posted_.load(std::memory_order_acquire) != seen; });
     {
       absl::MutexLock lock(&mu_);
       struct Wake {
@@ -56,6 +77,7 @@ void ThreadPool::WorkerLoop(int worker) {
     Drain(worker);
     absl::MutexLock lock(&mu_);
     --busy_workers_;
+    unfinished_.fetch_sub(1, std::memory_order_release);
   }
 }
 
@@ -73,9 +95,12 @@ void ThreadPool::ParallelFor(int64_t count, absl::FunctionRef<void(int64_t, int)
     next_item_.store(0, std::memory_order_relaxed);
     active_workers_ = active;
     busy_workers_ = active - 1;
+    unfinished_.store(active - 1, std::memory_order_relaxed);
     ++generation_;
+    posted_.store(generation_, std::memory_order_release);
   }
   Drain(0);
+  SpinWait([&] { return unfinished_.load(std::memory_order_acquire) == 0; });
   absl::MutexLock lock(&mu_);
   mu_.Await(absl::Condition(
       +[](int* busy) { return *busy == 0; }, &busy_workers_));

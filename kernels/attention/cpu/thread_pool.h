@@ -63,6 +63,11 @@ class ThreadPool {
   const absl::FunctionRef<void(int64_t, int)>* job_ = nullptr;
   int64_t job_count_ = 0;
   std::atomic<int64_t> next_item_{0};
+  // Mirrors of generation_ and busy_workers_, which threads watch for a few microseconds before
+  // they sleep on mu_ (SpinWait): a job's fork-joins come back to back, and a thread still
+  // watching starts on the next at once, where waking a sleeping one costs a futex round trip.
+  std::atomic<uint64_t> posted_{0};
+  std::atomic<int> unfinished_{0};
   std::vector<std::thread> threads_;
 };
 
