@@ -322,7 +322,7 @@ class CudaExecutor final : public Executor {
       case OperatorKind::kDilatedAttention:
         return gpu_[0]->Supports(*plans.dilated).ok() || PaddedPlan(*plans.dilated).ok();
       case OperatorKind::kBlockSparse:
-        return sparse_gpu_[0]->Supports(*plans.sparse).ok();
+        return sparse_gpu_[0]->Supports(*plans.sparse).ok() || PaddedPlan(*plans.sparse).ok();
       case OperatorKind::kMultihead:
         return multihead_gpu_[0] != nullptr && multihead_gpu_[1] != nullptr &&
                multihead_gpu_[0]->Supports(*plans.multihead).ok();
@@ -330,20 +330,34 @@ class CudaExecutor final : public Executor {
     return absl::InternalError("unknown operator");
   }
 
-  // A dilated-attention plan whose head dim D has no kernel (96, say) runs as the next head dim
-  // Dp that has one: the same problem with Dp - D zero columns in Q and K, which add nothing to a
-  // score, and D's softmax scale; O's extra columns are never copied out. NOT_FOUND when the
+  // A dilated or block-sparse plan whose head dim D has no kernel (96, say) runs as the next head
+  // dim Dp that has one: the same problem with Dp - D zero columns in Q and K, which add nothing
+  // to a score, and D's softmax scale; O's extra columns are never copied out. NOT_FOUND when the
   // plan runs as it is or no head dim takes it.
   absl::StatusOr<attention::AttentionPlan> PaddedPlan(const attention::AttentionPlan& plan) const {
-    if (gpu_[0]->Supports(plan).ok()) return absl::NotFoundError("runs unpadded");
     attention::AttentionOptions options = plan.options;
     options.softmax_scale = plan.params.scale;
+    return Padded(plan, *gpu_[0], [&](const attention::ProblemShape& shape) {
+      return attention::PlanAttention(options, shape);
+    });
+  }
+  absl::StatusOr<block_sparse::BlockSparsePlan> PaddedPlan(
+      const block_sparse::BlockSparsePlan& plan) const {
+    block_sparse::BlockSparseOptions options = plan.options;
+    options.softmax_scale = plan.scale;
+    return Padded(plan, *sparse_gpu_[0], [&](const attention::ProblemShape& shape) {
+      return block_sparse::PlanBlockSparse(options, shape);
+    });
+  }
+  template <class Plan, class Backend, class Replan>
+  static absl::StatusOr<Plan> Padded(const Plan& plan, const Backend& backend, Replan&& replan) {
+    if (backend.Supports(plan).ok()) return absl::NotFoundError("runs unpadded");
     for (int64_t dim : {16, 32, 64, 128, 256}) {
       if (dim <= plan.shape.head_dim) continue;
       attention::ProblemShape shape = plan.shape;
       shape.head_dim = dim;
-      absl::StatusOr<attention::AttentionPlan> padded = attention::PlanAttention(options, shape);
-      if (padded.ok() && gpu_[0]->Supports(*padded).ok()) return padded;
+      absl::StatusOr<Plan> padded = replan(shape);
+      if (padded.ok() && backend.Supports(*padded).ok()) return padded;
     }
     return absl::NotFoundError(absl::StrCat("no GPU kernel for head_dim ", plan.shape.head_dim));
   }
@@ -377,19 +391,20 @@ class CudaExecutor final : public Executor {
     // The requests' packed tensors, in the computed type: the device tensors' size unless padded.
     size_t job_bytes = 0;
     int64_t pad_dim = 0;  // the head dim the GPU runs, when the job's has no kernel
-    if (kind == OperatorKind::kDilatedAttention) {
-      job_bytes = plans.dilated->tensor_bytes;
-      if (absl::StatusOr<attention::AttentionPlan> padded = PaddedPlan(*plans.dilated);
-          padded.ok()) {
+    auto pad = [&](auto& plan) {
+      job_bytes = plan->tensor_bytes;
+      if (auto padded = PaddedPlan(*plan); padded.ok()) {
         pad_dim = padded->shape.head_dim;
-        plans.dilated = *std::move(padded);
-        if (!logged_padding_) {
-          LogInfo("cuda executor: device %d: head dims without a kernel run padded (the first: %d "
-                  "as %d)",
-                  device_, job.shape.head_dim, pad_dim);
-          logged_padding_ = true;
-        }
+        plan = *std::move(padded);
       }
+    };
+    if (kind == OperatorKind::kDilatedAttention) pad(plans.dilated);
+    if (kind == OperatorKind::kBlockSparse) pad(plans.sparse);
+    if (pad_dim > 0 && !logged_padding_) {
+      LogInfo(
+          "cuda executor: device %d: head dims without a kernel run padded (the first: %d as %d)",
+          device_, job.shape.head_dim, pad_dim);
+      logged_padding_ = true;
     }
     const bool in_place = pad_dim == 0 && RunsInPlace(job, convert, device_);
     size_t dev_bytes = 0, workspace_bytes = 0;
@@ -415,7 +430,7 @@ class CudaExecutor final : public Executor {
         break;
       }
       case OperatorKind::kBlockSparse:
-        dev_bytes = job_bytes = plans.sparse->tensor_bytes;
+        dev_bytes = plans.sparse->tensor_bytes;
         workspace_bytes = sparse_gpu_[0]->WorkspaceBytes(*plans.sparse);
         break;
       case OperatorKind::kMultihead:

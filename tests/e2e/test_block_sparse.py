@@ -49,7 +49,8 @@ def test_explicit_pairs_and_empty_rows(client):
                                    "pairs": "1:0,2:2,0:2", "causal": True}).as_numpy("O")
     expected = reference.block_sparse_attention(q, k, v, 32, lambda i, j, nb: (i, j) in pairs,
                                                 causal=True)
-    assert reference.relative_error(out, expected) <= 1e-5  # D = 8: the CPU path everywhere
+    # D = 8: padded to 16 on a GPU server (FP32 computed in fp16 there), the CPU path elsewhere.
+    assert reference.relative_error(out, expected) <= reference.TOLERANCE["FP32"]
     assert np.all(out[0, :32] == 0)  # block 0 keeps only (0, 2), which causal removes
 
 

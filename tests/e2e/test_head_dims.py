@@ -1,7 +1,7 @@
-"""Head dims without a GPU kernel of their own (any up to 256 but 16, 32, 64, 128 and 256): a GPU
-server runs them as the next head dim that has one, with zero columns in Q and K and the real
-dim's softmax scale, copying only the real columns of O back; a CPU server computes them on the CPU
-path. Either way every answer equals the float64 reference."""
+"""Head dims without a GPU kernel of their own (any up to 256 but 16, 32, 64, 128 and 256), in
+dilated and block-sparse attention: a GPU server runs them as the next head dim that has one, with
+zero columns in Q and K and the real dim's softmax scale, copying only the real columns of O back;
+a CPU server computes them on the CPU path. Either way every answer equals the float64 reference."""
 
 import concurrent.futures
 
@@ -67,3 +67,24 @@ def test_padded_requests_batched_together(server):
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         errors = list(pool.map(run, range(24)))
     assert max(errors) <= reference.TOLERANCE["FP32"], errors
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16", "FP32"])
+@pytest.mark.parametrize("dim,causal", [(96, False), (40, True)])
+def test_padded_block_sparse_matches_the_reference(server, datatype, dim, causal):
+    """Block-sparse attention over explicit block pairs (one query block keeps none) at D = 96
+    and 40, blocks of 50 tokens and a short last one."""
+    qkv = random_qkv((2, 230, 2, dim), seed=dim + causal)
+    pairs = {(0, 0), (1, 0), (2, 1), (2, 2), (4, 3), (4, 4), (0, 4)}  # block 3 keeps none
+    params = {"block_size": "50", "pattern": "explicit", "causal": causal,
+              "pairs": ",".join(f"{i}:{j}" for i, j in sorted(pairs))}
+    out = server.client().infer("block_sparse_attention", make_inputs(*qkv, datatype),
+                                parameters=params).as_numpy("O").astype("float32")
+    wire = [to_wire(x, datatype) for x in qkv]
+    expected = reference.block_sparse_attention(*wire, 50, lambda i, j, nb: (i, j) in pairs,
+                                                causal)
+    assert reference.relative_error(out, expected) <= reference.TOLERANCE[datatype]
+    assert (out[:, 150:200] == 0).all()
+    if reference.ON_GPU:
+        assert wait_until(lambda: "head dims without a kernel run padded" in
+                          server.log_path.read_text())

@@ -65,7 +65,7 @@ def multihead_reference(x, w, causal=False, prefix="self_attn.", eps=1e-5):
 
 
 CONFIG = """
-name: "mha"
+name: "{name}"
 max_batch_size: 8
 parameters {{ key: "operator" value {{ string_value: "multihead_dilated_attention" }} }}
 parameters {{ key: "weights" value {{ string_value: "{weights}" }} }}
@@ -84,7 +84,13 @@ def repo(tmp_path_factory):
     weights = random_weights(np.random.default_rng(11))
     write_safetensors(root / "mha" / "weights.safetensors", weights)
     (root / "mha" / "config.pbtxt").write_text(
-        CONFIG.format(weights="weights.safetensors", heads=HEADS))
+        CONFIG.format(name="mha", weights="weights.safetensors", heads=HEADS))
+    # The same weights as eight heads of D = 8: a head dim no GPU kernel of the module takes, so
+    # a GPU server runs this model on the CPU path.
+    (root / "mha_d8").mkdir()
+    write_safetensors(root / "mha_d8" / "weights.safetensors", weights)
+    (root / "mha_d8" / "config.pbtxt").write_text(
+        CONFIG.format(name="mha_d8", weights="weights.safetensors", heads=8))
     return root, weights
 
 
@@ -178,7 +184,7 @@ def test_broken_weights_stop_the_start_with_the_reason(tmp_path):
     (tmp_path / "mha").mkdir()
     (tmp_path / "mha" / "weights.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     (tmp_path / "mha" / "config.pbtxt").write_text(
-        CONFIG.format(weights="weights.safetensors", heads=HEADS))
+        CONFIG.format(name="mha", weights="weights.safetensors", heads=HEADS))
     with pytest.raises(RuntimeError) as e:
         ServerProcess("--model-repository", str(tmp_path), name="multihead-broken")
     assert "not valid safetensors" in str(e.value)
@@ -246,6 +252,31 @@ def test_cuda_shared_memory_in_and_out(mh_server, repo, datatype):
         client.unregister_cuda_shared_memory("mh")
     finally:
         buf.free()
+
+
+def test_cuda_shared_memory_on_the_cpu_path_is_refused(mh_server):
+    """A model the GPU does not run (D = 8) computes on the CPU path, which cannot read device
+    memory: X in CUDA shared memory is refused by name, and the same X in the message is answered."""
+    cudart = cuda_ipc.load_cudart() if reference.ON_GPU else None
+    if cudart is None:
+        pytest.skip("CUDA shared memory needs a GPU server and the CUDA runtime on this side")
+    x = np.random.default_rng(10).uniform(-1, 1, (1, 64, E)).astype(np.float32)
+    client = mh_server.client()
+    buf = cuda_ipc.DeviceBuffer(cudart, x.nbytes)
+    try:
+        buf.write(x, offset=0)
+        client.register_cuda_shared_memory("mh_cpu", buf.raw_handle(), 0, x.nbytes)
+        t = grpcclient.InferInput("X", list(x.shape), "FP32")
+        t.set_shared_memory("mh_cpu", x.nbytes)
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("mha_d8", [t])
+        assert "CUDA shared memory" in e.value.message() and "CPU" in e.value.message()
+        client.unregister_cuda_shared_memory("mh_cpu")
+    finally:
+        buf.free()
+    t = grpcclient.InferInput("X", list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    assert np.all(np.isfinite(client.infer("mha_d8", [t]).as_numpy("Y")))
 
 
 def test_dilattn_client_sends_hidden_states(mh_server):

@@ -375,23 +375,6 @@ def test_cuda_region_errors(client, cudart):
         assert "device_id 99 does not exist" in e.value.message()
     finally:
         buf.free()
-    # D = 8 runs on the CPU path (no GPU kernel takes it), which cannot read device memory:
-    # refused, by name.
-    shape = (1, 64, 2, 8)
-    n = int(np.prod(shape)) * 4
-    buf = cuda_ipc.DeviceBuffer(cudart, n)
-    name = _unique("cpu_path")
-    try:
-        client.register_cuda_shared_memory(name, buf.raw_handle(), 0, n)
-        t = [grpcclient.InferInput(label, list(shape), "FP32") for label in "QKV"]
-        for x in t:
-            x.set_shared_memory(name, n)
-        with pytest.raises(InferenceServerException) as e:
-            client.infer("block_sparse_attention", t)
-        assert "CUDA shared memory" in e.value.message() and "CPU" in e.value.message()
-    finally:
-        client.unregister_cuda_shared_memory(name)
-        buf.free()
 
 
 def test_output_through_a_second_registration_of_the_inputs_object(client, region):
