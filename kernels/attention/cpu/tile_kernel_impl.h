@@ -342,16 +342,28 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
         for (int j = keys; j < width; ++j) kt[d * kTileK + j] = 0;
       }
 
-      for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
-        int j0 = 0;
-        for (; j0 + DILATTN_QK_VECS * kVec <= width; j0 += DILATTN_QK_VECS * kVec) {
-          ScoreBlock<DILATTN_ROWS, DILATTN_QK_VECS>(q, dim_pad, kt, dim, s, i0, j0);
-        }
-        for (; j0 < width; j0 += kVec) ScoreBlock<DILATTN_ROWS, 1>(q, dim_pad, kt, dim, s, i0, j0);
-      }
-
       const int64_t key_last = key_first + (keys - 1) * stride;
       const bool masked = p.causal && key_last > q_first;
+      // With causal, a block of rows sees the keys up to its last row only: its scores and its
+      // share of P V stop there (the mask below turns the rest of its scores to -inf).
+      auto visible = [&](int i0) {
+        if (!masked) return keys;
+        const int64_t last_query = task.q_first_row + (i0 + DILATTN_ROWS - 1) * stride;
+        if (last_query < key_first) return 0;
+        return static_cast<int>(Min64(keys, (last_query - key_first) / stride + 1));
+      };
+
+      for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
+        const int block_width = RoundUp(visible(i0), kVec);
+        int j0 = 0;
+        for (; j0 + DILATTN_QK_VECS * kVec <= block_width; j0 += DILATTN_QK_VECS * kVec) {
+          ScoreBlock<DILATTN_ROWS, DILATTN_QK_VECS>(q, dim_pad, kt, dim, s, i0, j0);
+        }
+        for (; j0 < block_width; j0 += kVec) {
+          ScoreBlock<DILATTN_ROWS, 1>(q, dim_pad, kt, dim, s, i0, j0);
+        }
+      }
+
       for (int i = 0; i < rows; ++i) {
         float* s_row = s + i * kTileK;
         for (int j = keys; j < width; ++j) s_row[j] = kNegInf;
@@ -387,12 +399,13 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
       }
 
       for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
+        const int block_keys = visible(i0);
         int d0 = 0;
         for (; d0 + DILATTN_PV_VECS * kVec <= dim_pad; d0 += DILATTN_PV_VECS * kVec) {
-          ValueBlock<DILATTN_ROWS, DILATTN_PV_VECS>(s, v, dim_pad, keys, acc, i0, d0);
+          ValueBlock<DILATTN_ROWS, DILATTN_PV_VECS>(s, v, dim_pad, block_keys, acc, i0, d0);
         }
         for (; d0 < dim_pad; d0 += kVec) {
-          ValueBlock<DILATTN_ROWS, 1>(s, v, dim_pad, keys, acc, i0, d0);
+          ValueBlock<DILATTN_ROWS, 1>(s, v, dim_pad, block_keys, acc, i0, d0);
         }
       }
     }
