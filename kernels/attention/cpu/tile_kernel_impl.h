@@ -368,10 +368,10 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
         float* s_row = s + i * kTileK;
         for (int j = keys; j < width; ++j) s_row[j] = kNegInf;
         if (masked) {
+          // Keys ascend, so those after the query are the tile's last ones.
           const int64_t query = task.q_first_row + i * stride;
-          for (int j = 0; j < keys; ++j) {
-            if (key_first + j * stride > query) s_row[j] = kNegInf;
-          }
+          const int64_t seen = query < key_first ? 0 : (query - key_first) / stride + 1;
+          for (int j = static_cast<int>(Min64(seen, keys)); j < keys; ++j) s_row[j] = kNegInf;
         }
         Vf vmax = Splat(kNegInf);
         for (int j = 0; j < width; j += kVec) vmax = Max(vmax, Load(s_row + j));
