@@ -164,6 +164,12 @@ absl::Status CopyIn(const Job& job, int t, unsigned char* dst, size_t begin, siz
   return batch.Issue(stream, "copy to device");
 }
 
+// Where a request's output goes: its shared-memory target, else its lease.
+void* OutputOf(InferenceRequest& r) {
+  return r.output_target.data != nullptr ? static_cast<void*>(r.output_target.data)
+                                         : r.output.data();
+}
+
 // Bytes [begin, end) of the packed output `src` to the requests' outputs (their leases or
 // shared-memory targets).
 void AddCopiesOut(CopyBatch& batch, const Job& job, const unsigned char* src, size_t begin,
@@ -172,10 +178,7 @@ void AddCopiesOut(CopyBatch& batch, const Job& job, const unsigned char* src, si
   for (const auto& r : job.requests) {
     const size_t from = std::max(begin, at), to = std::min(end, at + r->tensor_bytes);
     if (from < to) {
-      auto* dst = static_cast<unsigned char*>(r->output_target.data != nullptr
-                                                  ? static_cast<void*>(r->output_target.data)
-                                                  : r->output.data());
-      batch.Add(dst + (from - at), src + from, to - from);
+      batch.Add(static_cast<unsigned char*>(OutputOf(*r)) + (from - at), src + from, to - from);
     }
     at += r->tensor_bytes;
   }
@@ -214,11 +217,9 @@ absl::Status CopyPaddedIn(const Job& job, int t, unsigned char* dst, Pitch p, cu
 absl::Status CopyPaddedOut(const Job& job, const unsigned char* src, Pitch p, cudaStream_t stream) {
   for (const auto& r : job.requests) {
     const size_t rows = r->tensor_bytes / p.row;
-    void* dst = r->output_target.data != nullptr ? static_cast<void*>(r->output_target.data)
-                                                 : r->output.data();
-    if (absl::Status s = Cuda(
-            cudaMemcpy2DAsync(dst, p.row, src, p.pitch, p.row, rows, cudaMemcpyDefault, stream),
-            "copy out");
+    if (absl::Status s = Cuda(cudaMemcpy2DAsync(OutputOf(*r), p.row, src, p.pitch, p.row, rows,
+                                                cudaMemcpyDefault, stream),
+                              "copy out");
         !s.ok()) {
       return s;
     }
@@ -320,9 +321,9 @@ class CudaExecutor final : public Executor {
     if (absl::Status s = plans.status(kind); !s.ok()) return s;
     switch (kind) {
       case OperatorKind::kDilatedAttention:
-        return gpu_[0]->Supports(*plans.dilated).ok() || PaddedPlan(*plans.dilated).ok();
+        return gpu_[0]->Supports(*plans.dilated).ok();
       case OperatorKind::kBlockSparse:
-        return sparse_gpu_[0]->Supports(*plans.sparse).ok() || PaddedPlan(*plans.sparse).ok();
+        return sparse_gpu_[0]->Supports(*plans.sparse).ok();
       case OperatorKind::kMultihead:
         return multihead_gpu_[0] != nullptr && multihead_gpu_[1] != nullptr &&
                multihead_gpu_[0]->Supports(*plans.multihead).ok();
@@ -349,6 +350,20 @@ class CudaExecutor final : public Executor {
       return block_sparse::PlanBlockSparse(options, shape);
     });
   }
+  // Puts the padded plan in place of the job's dilated or block-sparse plan where one applies, so
+  // that the selector (OnGpu) and the run see it; returns the head dim it runs as, 0 if none.
+  int64_t PadToKernel(JobPlans& plans, OperatorKind kind) const {
+    auto pad = [this](auto& plan) -> int64_t {
+      if (!plan.ok()) return 0;
+      auto padded = PaddedPlan(*plan);
+      if (!padded.ok()) return 0;
+      plan = *std::move(padded);
+      return plan->shape.head_dim;
+    };
+    if (kind == OperatorKind::kDilatedAttention) return pad(plans.dilated);
+    if (kind == OperatorKind::kBlockSparse) return pad(plans.sparse);
+    return 0;
+  }
   template <class Plan, class Backend, class Replan>
   static absl::StatusOr<Plan> Padded(const Plan& plan, const Backend& backend, Replan&& replan) {
     if (backend.Supports(plan).ok()) return absl::NotFoundError("runs unpadded");
@@ -363,9 +378,9 @@ class CudaExecutor final : public Executor {
   }
 
   absl::StatusOr<PlanFacts> Supports(const InferenceRequest& r) const override {
-    const JobPlans plans = PlanOperator(
-        r.options,
-        attention::DenseShape(ComputeType(r.dtype), r.batch, r.seq_len, r.heads, r.head_dim));
+    JobPlans plans = PlanOperator(r.options, attention::DenseShape(ComputeType(r.dtype), r.batch,
+                                                                   r.seq_len, r.heads, r.head_dim));
+    PadToKernel(plans, r.options.kind);
     absl::StatusOr<bool> gpu = OnGpu(plans, r.options.kind);
     if (!gpu.ok()) return gpu.status();
     return *gpu ? plans.facts(r.options.kind) : cpu_->Supports(r);
@@ -378,6 +393,7 @@ class CudaExecutor final : public Executor {
     // Planned once for the job (a block-sparse layout is as long as its kept pairs).
     JobPlans plans = PlanJob(job, compute);
     const OperatorKind kind = job.requests.front()->options.kind;
+    const int64_t pad_dim = PadToKernel(plans, kind);  // 0: the job's own head dim has a kernel
     absl::StatusOr<bool> gpu = OnGpu(plans, kind);
     if (!gpu.ok()) return gpu.status();
     if (!*gpu) return cpu_->Start(job);
@@ -388,18 +404,6 @@ class CudaExecutor final : public Executor {
         !s.ok()) {
       return s;
     }
-    // The requests' packed tensors, in the computed type: the device tensors' size unless padded.
-    size_t job_bytes = 0;
-    int64_t pad_dim = 0;  // the head dim the GPU runs, when the job's has no kernel
-    auto pad = [&](auto& plan) {
-      job_bytes = plan->tensor_bytes;
-      if (auto padded = PaddedPlan(*plan); padded.ok()) {
-        pad_dim = padded->shape.head_dim;
-        plan = *std::move(padded);
-      }
-    };
-    if (kind == OperatorKind::kDilatedAttention) pad(plans.dilated);
-    if (kind == OperatorKind::kBlockSparse) pad(plans.sparse);
     if (pad_dim > 0 && !logged_padding_) {
       LogInfo(
           "cuda executor: device %d: head dims without a kernel run padded (the first: %d as %d)",
@@ -434,10 +438,13 @@ class CudaExecutor final : public Executor {
         workspace_bytes = sparse_gpu_[0]->WorkspaceBytes(*plans.sparse);
         break;
       case OperatorKind::kMultihead:
-        dev_bytes = job_bytes = plans.multihead->tensor_bytes;
+        dev_bytes = plans.multihead->tensor_bytes;
         workspace_bytes = multihead_gpu_[0]->WorkspaceBytes(*plans.multihead);
         break;
     }
+    // The requests' packed tensors, in the computed type: the device tensors less their padding.
+    const size_t job_bytes =
+        pad_dim > 0 ? dev_bytes / static_cast<size_t>(pad_dim) * job.shape.head_dim : dev_bytes;
     const int inputs = job.requests.front()->inputs();
     const size_t in_bytes =
         job_bytes / attention::DTypeSize(compute) * attention::DTypeSize(in_type);
@@ -635,7 +642,7 @@ class CudaExecutor final : public Executor {
   }
 
   static constexpr int64_t kRowParts = 8;  // IssueRowParts: about as many as pieces
-  static attention::cuda::HalfRows kPacked(int64_t row) { return {row, row}; }
+  static attention::cuda::HalfRows Packed(int64_t row) { return {row, row}; }
   static constexpr size_t kStageAllBytes = size_t{64} << 20;  // fp32 inputs staged side by side
 
   // One piece of a job and the plan of its shape (pieces of one shape share a plan).
@@ -710,7 +717,7 @@ class CudaExecutor final : public Executor {
       void* out = half + r.bytes(a);
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchFloatToHalf(
                    reinterpret_cast<const float*>(r.fp32() + r.in_bytes(a)), &out, 1,
-                   (b - a) * r.row_values, kPacked(r.row_values), r.flags(a), copy_in_)),
+                   (b - a) * r.row_values, Packed(r.row_values), r.flags(a), copy_in_)),
                "fp32 to fp16");
     }
     return s;
@@ -723,7 +730,7 @@ class CudaExecutor final : public Executor {
     if (b > a) {
       s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchHalfToFloat(
                    o + r.bytes(a), reinterpret_cast<float*>(r.fp32() + r.in_bytes(a)),
-                   (b - a) * r.row_values, kPacked(r.row_values), r.flags(a), copy_out_)),
+                   (b - a) * r.row_values, Packed(r.row_values), r.flags(a), copy_out_)),
                "fp16 to fp32");
     }
     return s.ok() ? CopyOut(r.job, r.fp32(), r.in_bytes(a), r.in_bytes(b), copy_out_) : s;
