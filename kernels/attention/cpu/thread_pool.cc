@@ -57,7 +57,7 @@ void ThreadPool::Drain(int worker) {
 void ThreadPool::WorkerLoop(int worker) {
   uint64_t seen = 0;
   while (true) {
-    SpinWait([&] { return posted_.load(std::memory_order_acquire) != seen; });
+    SpinWait([&] { return generation_.load(std::memory_order_acquire) != seen; });
     {
       absl::MutexLock lock(&mu_);
       struct Wake {
@@ -68,16 +68,16 @@ void ThreadPool::WorkerLoop(int worker) {
       mu_.Await(absl::Condition(
           +[](Wake* w) ABSL_NO_THREAD_SAFETY_ANALYSIS {
             return w->pool->stop_ ||
-                   (w->pool->generation_ != w->seen && w->worker < w->pool->active_workers_);
+                   (w->pool->generation_.load(std::memory_order_relaxed) != w->seen &&
+                    w->worker < w->pool->active_workers_);
           },
           &wake));
       if (stop_) return;
-      seen = generation_;
+      seen = generation_.load(std::memory_order_relaxed);
     }
     Drain(worker);
     absl::MutexLock lock(&mu_);
-    --busy_workers_;
-    unfinished_.fetch_sub(1, std::memory_order_release);
+    busy_workers_.fetch_sub(1, std::memory_order_release);
   }
 }
 
@@ -94,16 +94,15 @@ void ThreadPool::ParallelFor(int64_t count, absl::FunctionRef<void(int64_t, int)
     job_count_ = count;
     next_item_.store(0, std::memory_order_relaxed);
     active_workers_ = active;
-    busy_workers_ = active - 1;
-    unfinished_.store(active - 1, std::memory_order_relaxed);
-    ++generation_;
-    posted_.store(generation_, std::memory_order_release);
+    busy_workers_.store(active - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
   }
   Drain(0);
-  SpinWait([&] { return unfinished_.load(std::memory_order_acquire) == 0; });
+  SpinWait([&] { return busy_workers_.load(std::memory_order_acquire) == 0; });
   absl::MutexLock lock(&mu_);
   mu_.Await(absl::Condition(
-      +[](int* busy) { return *busy == 0; }, &busy_workers_));
+      +[](std::atomic<int>* busy) { return busy->load(std::memory_order_relaxed) == 0; },
+      &busy_workers_));
   job_ = nullptr;
 }
 

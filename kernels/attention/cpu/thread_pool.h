@@ -52,8 +52,12 @@ class ThreadPool {
   void Drain(int worker);
 
   absl::Mutex mu_;
-  uint64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
-  int busy_workers_ ABSL_GUARDED_BY(mu_) = 0;
+  // Changed only under mu_, so that threads sleeping on it wake; atomic, so that threads watch
+  // them for a few microseconds before they sleep (SpinWait): a job's fork-joins come back to
+  // back, and a thread still watching starts on the next at once, where waking a sleeping one
+  // costs a futex round trip.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> busy_workers_{0};
   // Workers [1, active_workers_) take part in the current generation; the others sleep through it.
   int active_workers_ ABSL_GUARDED_BY(mu_) = 0;
   int max_workers_ = 0;  // ScopedLimit's; set and read by the owner thread only
@@ -63,11 +67,6 @@ class ThreadPool {
   const absl::FunctionRef<void(int64_t, int)>* job_ = nullptr;
   int64_t job_count_ = 0;
   std::atomic<int64_t> next_item_{0};
-  // Mirrors of generation_ and busy_workers_, which threads watch for a few microseconds before
-  // they sleep on mu_ (SpinWait): a job's fork-joins come back to back, and a thread still
-  // watching starts on the next at once, where waking a sleeping one costs a futex round trip.
-  std::atomic<uint64_t> posted_{0};
-  std::atomic<int> unfinished_{0};
   std::vector<std::thread> threads_;
 };
 
