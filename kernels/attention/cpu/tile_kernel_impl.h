@@ -344,13 +344,15 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
 
       const int64_t key_last = key_first + (keys - 1) * stride;
       const bool masked = p.causal && key_last > q_first;
+      // The tile's keys at or before `query`: keys ascend, so they are its first ones.
+      auto seen_by = [&](int64_t query) {
+        if (query < key_first) return 0;
+        return static_cast<int>(Min64(keys, (query - key_first) / stride + 1));
+      };
       // With causal, a block of rows sees the keys up to its last row only: its scores and its
       // share of P V stop there (the mask below turns the rest of its scores to -inf).
       auto visible = [&](int i0) {
-        if (!masked) return keys;
-        const int64_t last_query = task.q_first_row + (i0 + DILATTN_ROWS - 1) * stride;
-        if (last_query < key_first) return 0;
-        return static_cast<int>(Min64(keys, (last_query - key_first) / stride + 1));
+        return masked ? seen_by(task.q_first_row + (i0 + DILATTN_ROWS - 1) * stride) : keys;
       };
 
       for (int i0 = 0; i0 < rows; i0 += DILATTN_ROWS) {
@@ -368,10 +370,7 @@ void RunTile(const TileContext& ctx, const TileTask& task, float* scratch) {
         float* s_row = s + i * kTileK;
         for (int j = keys; j < width; ++j) s_row[j] = kNegInf;
         if (masked) {
-          // Keys ascend, so those after the query are the tile's last ones.
-          const int64_t query = task.q_first_row + i * stride;
-          const int64_t seen = query < key_first ? 0 : (query - key_first) / stride + 1;
-          for (int j = static_cast<int>(Min64(seen, keys)); j < keys; ++j) s_row[j] = kNegInf;
+          for (int j = seen_by(task.q_first_row + i * stride); j < keys; ++j) s_row[j] = kNegInf;
         }
         Vf vmax = Splat(kNegInf);
         for (int j = 0; j < width; j += kVec) vmax = Max(vmax, Load(s_row + j));
