@@ -1,6 +1,7 @@
 // Times the GPU multihead module (projections on cuBLASLt, the fused attention between them) with
 // CUDA events, and the attention alone on the same shape, and prints one CSV line per N: where the
-// module's time goes. Random weights (xavier-scaled), bf16 or fp16.
+// module's time goes. Random weights (xavier-scaled), bf16 or fp16. A head dim without a kernel
+// (96, say) runs padded, in the module and in the attention timed alone.
 //
 //   cuda_multihead_bench --n 32768,131072 [--heads 16] [--dim 64] [--dtype bf16] [--norm 1]
 //       [--causal 0|1] [--segments 2048,...] [--rates 1,...] [--iters 20] [--warmup-ms 0]
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "bench/bench_util.h"
+#include "kernels/attention/padded_plan.h"
 #include "kernels/multihead/multihead.h"
 
 namespace {
@@ -109,21 +111,33 @@ int main(int argc, char** argv) {
           return (*module)->Run(*plan, {{x, bytes, dev}, {y, bytes, dev}}, {ws, ws_bytes, dev});
         },
         warmup_ms);
-    // The attention alone, on the module's own Q, K, V (the first three workspace slices).
-    const size_t step = (bytes + 255) / 256 * 256;
+    // The attention alone, on the module's own Q, K, V (the first three workspace slices), at
+    // the head dim the module runs it (padded where D has no kernel).
+    dilattn::attention::AttentionOptions fixed = o;
+    fixed.softmax_scale = plan->attention.params.scale;
+    absl::StatusOr<dilattn::attention::AttentionPlan> padded = dilattn::attention::PadHeadDim(
+        plan->attention,
+        [&](const dilattn::attention::AttentionPlan& p) { return (*attention)->Supports(p).ok(); },
+        [&](const dilattn::attention::ProblemShape& shape) {
+          return dilattn::attention::PlanAttention(fixed, shape);
+        });
+    const dilattn::attention::AttentionPlan& att_plan = padded.ok() ? *padded : plan->attention;
+    const size_t att_bytes = att_plan.tensor_bytes;
+    const size_t step = (att_bytes + 255) / 256 * 256;
     auto* base = static_cast<unsigned char*>(ws);
-    const size_t att_ws = (*attention)->WorkspaceBytes(plan->attention);
-    void* att_scratch;
+    const size_t att_ws = (*attention)->WorkspaceBytes(att_plan);
+    void *att_scratch, *att_out;
     CHECK_CUDA(cudaMalloc(&att_scratch, std::max<size_t>(1, att_ws)));
+    CHECK_CUDA(cudaMalloc(&att_out, att_bytes));
     const double att = TimeMs(
         stream, iters,
         [&] {
           return (*attention)
-              ->Run(plan->attention,
-                    {{base, bytes, dev},
-                     {base + step, bytes, dev},
-                     {base + 2 * step, bytes, dev},
-                     {y, bytes, dev}},
+              ->Run(att_plan,
+                    {{base, att_bytes, dev},
+                     {base + step, att_bytes, dev},
+                     {base + 2 * step, att_bytes, dev},
+                     {att_out, att_bytes, dev}},
                     {att_scratch, std::max<size_t>(1, att_ws), dev});
         },
         warmup_ms);
@@ -137,6 +151,7 @@ int main(int argc, char** argv) {
     cudaFree(y);
     cudaFree(ws);
     cudaFree(att_scratch);
+    cudaFree(att_out);
   }
   return 0;
 }

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/gpu_tiles.h"
+#include "kernels/attention/padded_plan.h"
 #include "kernels/common/clock.h"
 #include "kernels/memory/allocator.h"
 #include "server/executor.h"
@@ -331,27 +332,31 @@ class CudaExecutor final : public Executor {
     return absl::InternalError("unknown operator");
   }
 
-  // A dilated or block-sparse plan whose head dim D has no kernel (96, say) runs as the next head
-  // dim Dp that has one: the same problem with Dp - D zero columns in Q and K, which add nothing
-  // to a score, and D's softmax scale; O's extra columns are never copied out. NOT_FOUND when the
-  // plan runs as it is or no head dim takes it.
+  // A dilated or block-sparse plan whose head dim has no kernel runs padded (padded_plan.h).
+  // NOT_FOUND when the plan runs as it is or no head dim takes it.
   absl::StatusOr<attention::AttentionPlan> PaddedPlan(const attention::AttentionPlan& plan) const {
     attention::AttentionOptions options = plan.options;
     options.softmax_scale = plan.params.scale;
-    return Padded(plan, *gpu_[0], [&](const attention::ProblemShape& shape) {
-      return attention::PlanAttention(options, shape);
-    });
+    return attention::PadHeadDim(
+        plan, [&](const attention::AttentionPlan& p) { return gpu_[0]->Supports(p).ok(); },
+        [&](const attention::ProblemShape& shape) {
+          return attention::PlanAttention(options, shape);
+        });
   }
   absl::StatusOr<block_sparse::BlockSparsePlan> PaddedPlan(
       const block_sparse::BlockSparsePlan& plan) const {
     block_sparse::BlockSparseOptions options = plan.options;
     options.softmax_scale = plan.scale;
-    return Padded(plan, *sparse_gpu_[0], [&](const attention::ProblemShape& shape) {
-      return block_sparse::PlanBlockSparse(options, shape);
-    });
+    return attention::PadHeadDim(
+        plan,
+        [&](const block_sparse::BlockSparsePlan& p) { return sparse_gpu_[0]->Supports(p).ok(); },
+        [&](const attention::ProblemShape& shape) {
+          return block_sparse::PlanBlockSparse(options, shape);
+        });
   }
   // Puts the padded plan in place of the job's dilated or block-sparse plan where one applies, so
   // that the selector (OnGpu) and the run see it; returns the head dim it runs as, 0 if none.
+  // The multihead backend pads inside itself (its projections write the padded rows).
   int64_t PadToKernel(JobPlans& plans, OperatorKind kind) const {
     auto pad = [this](auto& plan) -> int64_t {
       if (!plan.ok()) return 0;
@@ -363,18 +368,6 @@ class CudaExecutor final : public Executor {
     if (kind == OperatorKind::kDilatedAttention) return pad(plans.dilated);
     if (kind == OperatorKind::kBlockSparse) return pad(plans.sparse);
     return 0;
-  }
-  template <class Plan, class Backend, class Replan>
-  static absl::StatusOr<Plan> Padded(const Plan& plan, const Backend& backend, Replan&& replan) {
-    if (backend.Supports(plan).ok()) return absl::NotFoundError("runs unpadded");
-    for (int64_t dim : {16, 32, 64, 128, 256}) {
-      if (dim <= plan.shape.head_dim) continue;
-      attention::ProblemShape shape = plan.shape;
-      shape.head_dim = dim;
-      absl::StatusOr<Plan> padded = replan(shape);
-      if (padded.ok() && backend.Supports(*padded).ok()) return padded;
-    }
-    return absl::NotFoundError(absl::StrCat("no GPU kernel for head_dim ", plan.shape.head_dim));
   }
 
   absl::StatusOr<PlanFacts> Supports(const InferenceRequest& r) const override {

@@ -40,23 +40,23 @@ def write_safetensors(path, tensors):
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
-def random_weights(rng, prefix="self_attn."):
+def random_weights(rng, prefix="self_attn.", e=E):
     w = {}
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        w[f"{prefix}{name}.weight"] = rng.uniform(-1, 1, (E, E)) * np.sqrt(3.0 / E)
-        w[f"{prefix}{name}.bias"] = rng.uniform(-0.5, 0.5, E)
-    w[f"{prefix}inner_attn_ln.weight"] = 1 + rng.uniform(-0.5, 0.5, E)
-    w[f"{prefix}inner_attn_ln.bias"] = rng.uniform(-0.5, 0.5, E)
+        w[f"{prefix}{name}.weight"] = rng.uniform(-1, 1, (e, e)) * np.sqrt(3.0 / e)
+        w[f"{prefix}{name}.bias"] = rng.uniform(-0.5, 0.5, e)
+    w[f"{prefix}inner_attn_ln.weight"] = 1 + rng.uniform(-0.5, 0.5, e)
+    w[f"{prefix}inner_attn_ln.bias"] = rng.uniform(-0.5, 0.5, e)
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
-def multihead_reference(x, w, causal=False, prefix="self_attn.", eps=1e-5):
+def multihead_reference(x, w, causal=False, prefix="self_attn.", eps=1e-5, heads=HEADS):
     """float64: y = out_proj(LN(attention(q_proj(x), k_proj(x), v_proj(x))))."""
     x = np.asarray(x, dtype=np.float64)
-    b, n, _ = x.shape
+    b, n, e = x.shape
     lin = lambda t, p: t @ w[f"{prefix}{p}.weight"].astype(np.float64).T + w[f"{prefix}{p}.bias"]
-    q, k, v = (lin(x, p).reshape(b, n, HEADS, E // HEADS) for p in ("q_proj", "k_proj", "v_proj"))
-    a = reference.dilated_attention(q, k, v, SEGMENTS, RATES, causal=causal).reshape(b, n, E)
+    q, k, v = (lin(x, p).reshape(b, n, heads, e // heads) for p in ("q_proj", "k_proj", "v_proj"))
+    a = reference.dilated_attention(q, k, v, SEGMENTS, RATES, causal=causal).reshape(b, n, e)
     mean = a.mean(axis=-1, keepdims=True)
     var = a.var(axis=-1, keepdims=True)
     a = (a - mean) / np.sqrt(var + eps) * w[f"{prefix}inner_attn_ln.weight"] + \
@@ -85,13 +85,19 @@ def repo(tmp_path_factory):
     write_safetensors(root / "mha" / "weights.safetensors", weights)
     (root / "mha" / "config.pbtxt").write_text(
         CONFIG.format(name="mha", weights="weights.safetensors", heads=HEADS))
-    # The same weights as eight heads of D = 8: a head dim no GPU kernel of the module takes, so
-    # a GPU server runs this model on the CPU path.
-    (root / "mha_d8").mkdir()
-    write_safetensors(root / "mha_d8" / "weights.safetensors", weights)
-    (root / "mha_d8" / "config.pbtxt").write_text(
-        CONFIG.format(name="mha_d8", weights="weights.safetensors", heads=8))
-    return root, weights
+    # Head dims without an attention kernel, which a GPU server runs padded to the next one: the
+    # same weights as eight heads of D = 8, and two heads of D = 24 (E = 48).
+    padded = {"mha_d8": (weights, 8),
+              "mha_d24": (random_weights(np.random.default_rng(12), e=48), 2)}
+    # E = 36 (three heads of 12): rows of X whose fp16 size is not a multiple of 16 bytes, which
+    # a GPU server leaves to the CPU path.
+    cpu_only = {"mha_e36": (random_weights(np.random.default_rng(13), e=36), 3)}
+    for name, (w, heads) in {**padded, **cpu_only}.items():
+        (root / name).mkdir()
+        write_safetensors(root / name / "weights.safetensors", w)
+        (root / name / "config.pbtxt").write_text(
+            CONFIG.format(name=name, weights="weights.safetensors", heads=heads))
+    return root, weights, padded
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +107,10 @@ def mh_server(repo):
     assert s.stop() == 0, s.log_path.read_text()
 
 
-def infer(client, x, datatype="FP32", **params):
+def infer(client, x, datatype="FP32", model="mha", **params):
     t = grpcclient.InferInput("X", list(x.shape), datatype)
     t.set_data_from_numpy(np.asarray(x, dtype=NUMPY_DTYPE[datatype]))
-    return client.infer("mha", [t], parameters=params or None).as_numpy("Y")
+    return client.infer(model, [t], parameters=params or None).as_numpy("Y")
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
@@ -117,6 +123,35 @@ def test_matches_the_float64_module(mh_server, repo, datatype, causal):
     expected = multihead_reference(to_wire(x, datatype), repo[1], causal=causal)
     err = reference.relative_error(y.astype(np.float32), expected)
     assert err <= SLACK * reference.TOLERANCE[datatype], err
+
+
+@pytest.mark.parametrize("model", ["mha_d8", "mha_d24"])
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_without_a_kernel_match_the_float64_module(mh_server, repo, model, datatype,
+                                                             causal):
+    weights, heads = repo[2][model]
+    e = weights["self_attn.q_proj.weight"].shape[0]
+    x = np.random.default_rng(5).uniform(-1, 1, (2, 130, e)).astype(np.float32)
+    y = infer(mh_server.client(), x, datatype, model=model, causal=causal)
+    assert y.shape == x.shape and y.dtype == NUMPY_DTYPE[datatype]
+    expected = multihead_reference(to_wire(x, datatype), weights, causal=causal, heads=heads)
+    err = reference.relative_error(y.astype(np.float32), expected)
+    assert err <= SLACK * reference.TOLERANCE[datatype], err
+
+
+@pytest.mark.parametrize("model", ["mha_d8", "mha_d24"])
+def test_head_dims_without_a_kernel_run_on_the_gpu(mh_server, repo, model):
+    """The fp16 range check only the GPU path has tells where a padded model ran: hidden states
+    of 50000 in FP32 are refused there, answered by the CPU path."""
+    e = repo[2][model][0]["self_attn.q_proj.weight"].shape[0]
+    x = np.full((1, 32, e), 50000.0, dtype=np.float32)
+    if reference.ON_GPU:
+        with pytest.raises(InferenceServerException) as err:
+            infer(mh_server.client(), x, model=model)
+        assert "exceeded fp16's range" in err.value.message()
+    else:
+        assert np.all(np.isfinite(infer(mh_server.client(), x, model=model)))
 
 
 def test_concurrent_requests_of_different_lengths_batch_and_stay_apart(mh_server, repo):
@@ -255,12 +290,12 @@ def test_cuda_shared_memory_in_and_out(mh_server, repo, datatype):
 
 
 def test_cuda_shared_memory_on_the_cpu_path_is_refused(mh_server):
-    """A model the GPU does not run (D = 8) computes on the CPU path, which cannot read device
+    """A model the GPU does not run (E = 36) computes on the CPU path, which cannot read device
     memory: X in CUDA shared memory is refused by name, and the same X in the message is answered."""
     cudart = cuda_ipc.load_cudart() if reference.ON_GPU else None
     if cudart is None:
         pytest.skip("CUDA shared memory needs a GPU server and the CUDA runtime on this side")
-    x = np.random.default_rng(10).uniform(-1, 1, (1, 64, E)).astype(np.float32)
+    x = np.random.default_rng(10).uniform(-1, 1, (1, 64, 36)).astype(np.float32)
     client = mh_server.client()
     buf = cuda_ipc.DeviceBuffer(cudart, x.nbytes)
     try:
@@ -269,14 +304,14 @@ def test_cuda_shared_memory_on_the_cpu_path_is_refused(mh_server):
         t = grpcclient.InferInput("X", list(x.shape), "FP32")
         t.set_shared_memory("mh_cpu", x.nbytes)
         with pytest.raises(InferenceServerException) as e:
-            client.infer("mha_d8", [t])
+            client.infer("mha_e36", [t])
         assert "CUDA shared memory" in e.value.message() and "CPU" in e.value.message()
         client.unregister_cuda_shared_memory("mh_cpu")
     finally:
         buf.free()
     t = grpcclient.InferInput("X", list(x.shape), "FP32")
     t.set_data_from_numpy(x)
-    assert np.all(np.isfinite(client.infer("mha_d8", [t]).as_numpy("Y")))
+    assert np.all(np.isfinite(client.infer("mha_e36", [t]).as_numpy("Y")))
 
 
 def test_dilattn_client_sends_hidden_states(mh_server):

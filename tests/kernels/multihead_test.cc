@@ -43,7 +43,7 @@ absl::Status RunOnGpu(MultiheadBackend& gpu, const MultiheadPlan& plan, const Ty
 }
 
 // `count` random problems of up to `max_seq_len` tokens per sequence; returns how many the GPU
-// path took (the rest have head dims without a fused kernel).
+// path took. Head dims without a fused kernel (8, 24, 40, 96) run padded to one.
 int CompareRandom(int count, int64_t max_seq_len) {
   absl::StatusOr<std::unique_ptr<MultiheadBackend>> gpu = CreateCudaMultiheadBackend({0, nullptr});
   EXPECT_TRUE(gpu.ok()) << gpu.status();
@@ -53,7 +53,7 @@ int CompareRandom(int count, int64_t max_seq_len) {
   testing::RandomCaseLimits lim;
   lim.max_seq_len = max_seq_len;
   lim.max_heads = 4;
-  lim.head_dims = {16, 32, 64, 128};
+  lim.head_dims = {16, 32, 64, 128, 8, 24, 40, 96};
   lim.dtypes = {attention::DType::kFloat16, attention::DType::kBFloat16};
   // A few weight sets, each reused across cases and dtypes (the backend caches its uploads).
   std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const MultiheadWeights>> weights;
@@ -151,11 +151,17 @@ TEST(CudaMultihead, SelectorRefusesWhatItCannotRun) {
       PlanMultihead(w, o, attention::DenseShape(attention::DType::kFloat32, 1, 64, 2, 64));
   ASSERT_TRUE(fp32.ok());
   EXPECT_THAT(std::string((*gpu)->Supports(*fp32).message()), ::testing::HasSubstr("fp16 or bf16"));
-  auto odd = testing::RandomWeights(rng, 12, 3, false, true);  // D = 4: no fused kernel
+  auto odd = testing::RandomWeights(rng, 12, 3, false, true);  // rows of 24 bytes
   absl::StatusOr<MultiheadPlan> small =
       PlanMultihead(odd, o, attention::DenseShape(attention::DType::kFloat16, 1, 64, 3, 4));
   ASSERT_TRUE(small.ok());
-  EXPECT_FALSE((*gpu)->Supports(*small).ok());
+  EXPECT_THAT(std::string((*gpu)->Supports(*small).message()),
+              ::testing::HasSubstr("not a multiple of 8"));
+  auto wide = testing::RandomWeights(rng, 528, 2, false, true);  // D = 264: above every kernel
+  absl::StatusOr<MultiheadPlan> big =
+      PlanMultihead(wide, o, attention::DenseShape(attention::DType::kFloat16, 1, 64, 2, 264));
+  ASSERT_TRUE(big.ok());
+  EXPECT_THAT(std::string((*gpu)->Supports(*big).message()), ::testing::HasSubstr("head_dim"));
 }
 
 }  // namespace

@@ -4,15 +4,19 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
+#include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "kernels/attention/dtype.h"
+#include "kernels/attention/padded_plan.h"
 #include "kernels/multihead/cuda/cublaslt_loader.h"
 #include "kernels/multihead/cuda/launch.h"
 #include "kernels/multihead/multihead.h"
@@ -45,8 +49,58 @@ absl::Status Lt(const cuda::CublasLt& lt, cublasStatus_t st, absl::string_view w
 
 cudaDataType_t CudaType(DType t) { return t == DType::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F; }
 
-// One set of weights on this device in one dtype: the four transposed projections and their
-// biases in the dtype (cuBLASLt's bias takes the output's type), the norm's parameters in fp32.
+// Where the heads' columns lie between the projections. A head dim D without an attention kernel
+// runs padded to one that has (kernels/attention/padded_plan.h): Q, K, V and O are (tokens, H, Dp)
+// with zero columns D..Dp-1 in every head, which the projections' weights put there (zero rows
+// of W_q, W_k, W_v and zero biases) and the output projection ignores (zero columns of W_out).
+struct Heads {
+  int64_t num_heads = 0;
+  int64_t head_dim = 0;  // D
+  int64_t pad_dim = 0;   // Dp >= D
+  int64_t width() const { return num_heads * pad_dim; }
+  bool padded() const { return pad_dim != head_dim; }
+};
+
+// `v` of H x D values (a bias, the norm's parameters) as H x Dp, zeros in the pads.
+std::vector<float> PadVector(const std::vector<float>& v, const Heads& h) {
+  if (!h.padded()) return v;
+  std::vector<float> out(static_cast<size_t>(h.width()), 0.0f);
+  for (int64_t head = 0; head < h.num_heads; ++head) {
+    std::copy_n(v.begin() + head * h.head_dim, h.head_dim, out.begin() + head * h.pad_dim);
+  }
+  return out;
+}
+
+// A projection into the heads, stored transposed as (E_in, E) row-major, as (E_in, H x Dp).
+std::vector<float> PadColumns(const std::vector<float>& wt, int64_t rows, const Heads& h) {
+  if (!h.padded()) return wt;
+  const int64_t e = h.num_heads * h.head_dim;
+  std::vector<float> out(static_cast<size_t>(rows * h.width()), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t head = 0; head < h.num_heads; ++head) {
+      std::copy_n(wt.begin() + r * e + head * h.head_dim, h.head_dim,
+                  out.begin() + r * h.width() + head * h.pad_dim);
+    }
+  }
+  return out;
+}
+
+// The output projection, stored transposed as (E, E_out) row-major, as (H x Dp, E_out).
+std::vector<float> PadRows(const std::vector<float>& wt, int64_t cols, const Heads& h) {
+  if (!h.padded()) return wt;
+  std::vector<float> out(static_cast<size_t>(h.width() * cols), 0.0f);
+  for (int64_t head = 0; head < h.num_heads; ++head) {
+    for (int64_t d = 0; d < h.head_dim; ++d) {
+      std::copy_n(wt.begin() + (head * h.head_dim + d) * cols, cols,
+                  out.begin() + (head * h.pad_dim + d) * cols);
+    }
+  }
+  return out;
+}
+
+// One set of weights on this device in one dtype and head layout: the four transposed
+// projections and their biases in the dtype (cuBLASLt's bias takes the output's type), the
+// norm's parameters in fp32.
 struct DeviceWeights {
   void* wt[4] = {};  // q, k, v, out
   void* bias[4] = {};
@@ -62,10 +116,12 @@ struct DeviceWeights {
   }
 };
 
-// Uploads `w` in `dtype` to the current device.
-absl::StatusOr<std::unique_ptr<DeviceWeights>> Upload(const MultiheadWeights& w, DType dtype) {
+// Uploads `w` in `dtype` and the layout `h` to the current device.
+absl::StatusOr<std::unique_ptr<DeviceWeights>> Upload(const MultiheadWeights& w, DType dtype,
+                                                      const Heads& h) {
   auto d = std::make_unique<DeviceWeights>();
-  const size_t e = static_cast<size_t>(w.embed_dim);
+  const int64_t e = w.embed_dim;
+  const size_t width = static_cast<size_t>(h.width());
   std::vector<uint16_t> host;
   auto upload = [&](const std::vector<float>& src, void** dst) -> absl::Status {
     host.resize(src.size());
@@ -77,22 +133,25 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> Upload(const MultiheadWeights& w,
     if (absl::Status s = Cuda(cudaMalloc(dst, bytes), "weights"); !s.ok()) return s;
     return Cuda(cudaMemcpy(*dst, host.data(), bytes, cudaMemcpyHostToDevice), "weights upload");
   };
-  const std::vector<float>* wts[4] = {&w.wt_q, &w.wt_k, &w.wt_v, &w.wt_out};
-  const std::vector<float>* bs[4] = {&w.b_q, &w.b_k, &w.b_v, &w.b_out};
-  for (int i = 0; i < 4; ++i) {
-    if (absl::Status s = upload(*wts[i], &d->wt[i]); !s.ok()) return s;
-    if (absl::Status s = upload(*bs[i], &d->bias[i]); !s.ok()) return s;
+  const std::vector<float>* wts[3] = {&w.wt_q, &w.wt_k, &w.wt_v};
+  const std::vector<float>* bs[3] = {&w.b_q, &w.b_k, &w.b_v};
+  for (int i = 0; i < 3; ++i) {
+    if (absl::Status s = upload(PadColumns(*wts[i], e, h), &d->wt[i]); !s.ok()) return s;
+    if (absl::Status s = upload(PadVector(*bs[i], h), &d->bias[i]); !s.ok()) return s;
   }
+  if (absl::Status s = upload(PadRows(w.wt_out, e, h), &d->wt[3]); !s.ok()) return s;
+  if (absl::Status s = upload(w.b_out, &d->bias[3]); !s.ok()) return s;
   if (w.layer_norm) {
     for (auto [src, dst] :
          {std::pair{&w.ln_weight, &d->ln_weight}, std::pair{&w.ln_bias, &d->ln_bias}}) {
+      const std::vector<float> padded = PadVector(*src, h);
       if (absl::Status s =
-              Cuda(cudaMalloc(reinterpret_cast<void**>(dst), e * sizeof(float)), "weights");
+              Cuda(cudaMalloc(reinterpret_cast<void**>(dst), width * sizeof(float)), "weights");
           !s.ok()) {
         return s;
       }
       if (absl::Status s =
-              Cuda(cudaMemcpy(*dst, src->data(), e * sizeof(float), cudaMemcpyHostToDevice),
+              Cuda(cudaMemcpy(*dst, padded.data(), width * sizeof(float), cudaMemcpyHostToDevice),
                    "weights upload");
           !s.ok()) {
         return s;
@@ -103,24 +162,25 @@ absl::StatusOr<std::unique_ptr<DeviceWeights>> Upload(const MultiheadWeights& w,
 }
 
 // The backends of one device (an executor has one per stream) share one upload of each set of
-// weights in each dtype; it is freed when the last of them lets go.
+// weights in each dtype and layout; it is freed when the last of them lets go.
 absl::StatusOr<std::shared_ptr<const DeviceWeights>> SharedUpload(int device,
                                                                   const MultiheadWeights& w,
-                                                                  DType dtype) {
+                                                                  DType dtype, const Heads& h) {
   static absl::Mutex mu(absl::kConstInit);
   static auto* uploads ABSL_GUARDED_BY(mu) =
-      new std::map<std::tuple<int, uint64_t, DType>, std::weak_ptr<const DeviceWeights>>();
+      new std::map<std::tuple<int, uint64_t, DType, int64_t>, std::weak_ptr<const DeviceWeights>>();
   absl::MutexLock lock(&mu);
-  std::weak_ptr<const DeviceWeights>& slot = (*uploads)[{device, w.id, dtype}];
+  std::weak_ptr<const DeviceWeights>& slot = (*uploads)[{device, w.id, dtype, h.pad_dim}];
   if (std::shared_ptr<const DeviceWeights> held = slot.lock()) return held;
-  absl::StatusOr<std::unique_ptr<DeviceWeights>> made = Upload(w, dtype);
+  absl::StatusOr<std::unique_ptr<DeviceWeights>> made = Upload(w, dtype, h);
   if (!made.ok()) return made.status();
   std::shared_ptr<const DeviceWeights> held(*std::move(made));
   slot = held;
   return held;
 }
 
-// cuBLASLt's description of the projection over `tokens` rows, with the algorithm it chose.
+// cuBLASLt's description of a projection of `tokens` rows of `in` features to `out` features, with
+// the algorithm it chose.
 struct LtShape {
   const cuda::CublasLt* lt = nullptr;
   cublasLtMatrixLayout_t w = nullptr, x = nullptr, y = nullptr;
@@ -175,8 +235,8 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   absl::string_view name() const override { return name_; }
   DeviceLoc location() const override { return DeviceLoc::Cuda(device_); }
 
-  // The one selector: fp16 / bf16, an E whose rows keep cuBLASLt's and the attention kernel's
-  // 16-byte alignment, and an attention the fused kernel runs.
+  // The one selector: fp16 / bf16, an E whose rows keep cuBLASLt's 16-byte vectors, and an
+  // attention the fused kernel runs at the weights' head dim or padded to one (Layout).
   absl::Status Supports(const MultiheadPlan& plan) const override {
     const DType t = plan.attention.shape.dtype;
     if (t != DType::kFloat16 && t != DType::kBFloat16) {
@@ -188,11 +248,14 @@ class CudaMultiheadBackend final : public MultiheadBackend {
                                                      " is not a multiple of 8 (GPU rows are read "
                                                      "16 bytes at a time)"));
     }
-    return attention_->Supports(plan.attention);
+    return LayoutOf(plan).status();
   }
 
   size_t WorkspaceBytes(const MultiheadPlan& plan) const override {
-    return OwnBytes(plan) + AlignUp(attention_->WorkspaceBytes(plan.attention));
+    absl::StatusOr<Layout> layout = LayoutOf(plan);
+    if (!layout.ok()) return 0;  // Supports() refuses the plan, and so does Run()
+    const attention::AttentionPlan& att = layout->attention(plan);
+    return OwnBytes(att) + AlignUp(attention_->WorkspaceBytes(att));
   }
 
   absl::Status Run(const MultiheadPlan& plan, const MultiheadTensors& t,
@@ -207,59 +270,96 @@ class CudaMultiheadBackend final : public MultiheadBackend {
       return absl::InvalidArgumentError(absl::StrCat(
           "X and Y must hold ", plan.tensor_bytes, " bytes; got ", t.x.bytes, " and ", t.y.bytes));
     }
+    absl::StatusOr<Layout> layout = LayoutOf(plan);
+    if (!layout.ok()) return layout.status();
+    const attention::AttentionPlan& att = layout->attention(plan);
     // The attention checks its own part when it runs (sizing it walks the tile list, which the
     // caller has just done to lease the workspace).
-    if (workspace.bytes < OwnBytes(plan)) {
+    if (workspace.bytes < OwnBytes(att)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "workspace of ", workspace.bytes, " bytes; the plan needs ", WorkspaceBytes(plan)));
     }
     if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
     const DType dtype = plan.attention.shape.dtype;
-    absl::StatusOr<const DeviceWeights*> w = Weights(*plan.weights, dtype);
+    absl::StatusOr<const DeviceWeights*> w = Weights(*plan.weights, dtype, layout->heads);
     if (!w.ok()) return w.status();
     const int64_t tokens = plan.attention.params.total_tokens;
-    absl::StatusOr<const LtShape*> shape = Shape(plan.weights->embed_dim, tokens, dtype);
-    if (!shape.ok()) return shape.status();
+    const int64_t e = plan.weights->embed_dim, width = layout->heads.width();
+    // Batches of many lengths would grow the descriptions without bound; they are cheap to
+    // remake. Cleared before a run asks for its two, which must both stay valid.
+    if (shapes_.size() >= 64) shapes_.clear();
+    absl::StatusOr<const LtShape*> into_heads = Shape(e, width, tokens, dtype);
+    if (!into_heads.ok()) return into_heads.status();
+    absl::StatusOr<const LtShape*> out_of_heads = Shape(width, e, tokens, dtype);
+    if (!out_of_heads.ok()) return out_of_heads.status();
 
     auto* base = static_cast<std::byte*>(workspace.data);
-    const size_t step = AlignUp(plan.tensor_bytes);
+    const size_t bytes = att.tensor_bytes;  // of each of Q, K, V, O: (tokens, H, Dp)
+    const size_t step = AlignUp(bytes);
     void* q = base;
     void* k = base + step;
     void* v = base + 2 * step;
     void* o = base + 3 * step;
     void* lt_ws = base + 4 * step;
-    attention::TensorRef att_ws{base + OwnBytes(plan), workspace.bytes - OwnBytes(plan), here};
-    auto project = [&](int which, const void* in, void* out) {
-      return Project(**shape, (*w)->wt[which], (*w)->bias[which], in, out, lt_ws);
-    };
+    attention::TensorRef att_ws{base + OwnBytes(att), workspace.bytes - OwnBytes(att), here};
     for (auto [which, out] : {std::pair{0, q}, std::pair{1, k}, std::pair{2, v}}) {
-      if (absl::Status s = project(which, t.x.data, out); !s.ok()) return s;
+      if (absl::Status s =
+              Project(**into_heads, (*w)->wt[which], (*w)->bias[which], t.x.data, out, lt_ws);
+          !s.ok()) {
+        return s;
+      }
     }
-    const size_t bytes = plan.tensor_bytes;
     if (absl::Status s = attention_->Run(
-            plan.attention,
-            {{q, bytes, here}, {k, bytes, here}, {v, bytes, here}, {o, bytes, here}}, att_ws);
+            att, {{q, bytes, here}, {k, bytes, here}, {v, bytes, here}, {o, bytes, here}}, att_ws);
         !s.ok()) {
       return s;
     }
     if (plan.weights->layer_norm) {
+      const Heads& h = layout->heads;
       if (absl::Status s =
               Cuda(static_cast<cudaError_t>(cuda::LaunchLayerNorm(
-                       o, tokens, plan.weights->embed_dim, dtype, (*w)->ln_weight, (*w)->ln_bias,
-                       static_cast<float>(plan.weights->layer_norm_eps), stream_)),
+                       o, tokens, {h.num_heads, h.head_dim, h.pad_dim}, dtype, (*w)->ln_weight,
+                       (*w)->ln_bias, static_cast<float>(plan.weights->layer_norm_eps), stream_)),
                    "layer norm");
           !s.ok()) {
         return s;
       }
     }
-    return project(3, o, t.y.data);
+    return Project(**out_of_heads, (*w)->wt[3], (*w)->bias[3], o, t.y.data, lt_ws);
   }
 
  private:
+  // How a plan's attention runs: at the weights' head dim, or padded to one with a kernel.
+  struct Layout {
+    Heads heads;
+    std::optional<attention::AttentionPlan> padded;
+    const attention::AttentionPlan& attention(const MultiheadPlan& plan) const {
+      return padded ? *padded : plan.attention;
+    }
+  };
+  absl::StatusOr<Layout> LayoutOf(const MultiheadPlan& plan) const {
+    const attention::AttentionPlan& att = plan.attention;
+    Layout layout;
+    layout.heads = {att.shape.num_heads, att.shape.head_dim, att.shape.head_dim};
+    absl::Status own = attention_->Supports(att);
+    if (own.ok()) return layout;
+    attention::AttentionOptions options = att.options;
+    options.softmax_scale = att.params.scale;
+    absl::StatusOr<attention::AttentionPlan> padded = attention::PadHeadDim(
+        att, [&](const attention::AttentionPlan& p) { return attention_->Supports(p).ok(); },
+        [&](const attention::ProblemShape& shape) {
+          return attention::PlanAttention(options, shape);
+        });
+    if (!padded.ok()) return own;
+    layout.heads.pad_dim = padded->shape.head_dim;
+    layout.padded = *std::move(padded);
+    return layout;
+  }
+
   // The module's part of the workspace, ahead of the attention's: Q, K, V, the attention's output
-  // and cuBLASLt's scratch.
-  static size_t OwnBytes(const MultiheadPlan& plan) {
-    return 4 * AlignUp(plan.tensor_bytes) + kLtWorkspace;
+  // (each in the heads' layout) and cuBLASLt's scratch.
+  static size_t OwnBytes(const attention::AttentionPlan& att) {
+    return 4 * AlignUp(att.tensor_bytes) + kLtWorkspace;
   }
 
   absl::Status Project(const LtShape& shape, const void* wt, const void* bias, const void* in,
@@ -272,7 +372,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
       return s;
     }
     const float alpha = 1, beta = 0;
-    // Column-major view: Y^T (E, tokens) = W (E, E) . X^T (E, tokens), W being wt read
+    // Column-major view: Y^T (out, tokens) = W (out, in) . X^T (in, tokens), W being wt read
     // column-major.
     return Lt(api_,
               api_.Matmul(lt_, op_, &alpha, wt, shape.w, in, shape.x, &beta, out, shape.y, out,
@@ -280,31 +380,30 @@ class CudaMultiheadBackend final : public MultiheadBackend {
               "cublasLtMatmul");
   }
 
-  absl::StatusOr<const DeviceWeights*> Weights(const MultiheadWeights& w, DType dtype) {
-    auto key = std::make_pair(w.id, dtype);
+  absl::StatusOr<const DeviceWeights*> Weights(const MultiheadWeights& w, DType dtype,
+                                               const Heads& h) {
+    auto key = std::make_tuple(w.id, dtype, h.pad_dim);
     if (auto it = weights_.find(key); it != weights_.end()) return it->second.get();
-    absl::StatusOr<std::shared_ptr<const DeviceWeights>> shared = SharedUpload(device_, w, dtype);
+    absl::StatusOr<std::shared_ptr<const DeviceWeights>> shared =
+        SharedUpload(device_, w, dtype, h);
     if (!shared.ok()) return shared.status();
     return (weights_[key] = *std::move(shared)).get();
   }
 
-  absl::StatusOr<const LtShape*> Shape(int64_t e, int64_t tokens, DType dtype) {
-    auto key = std::make_tuple(e, tokens, dtype);
+  // cuBLASLt's description of the projection; Run() clears them before it asks.
+  absl::StatusOr<const LtShape*> Shape(int64_t in, int64_t out, int64_t tokens, DType dtype) {
+    auto key = std::make_tuple(in, out, tokens, dtype);
     if (auto it = shapes_.find(key); it != shapes_.end()) return it->second.get();
-    // Batches of many lengths would grow this without bound; the descriptions are cheap to remake.
-    if (shapes_.size() >= 64) shapes_.clear();
     auto s = std::make_unique<LtShape>();
     s->lt = &api_;
     const cudaDataType_t type = CudaType(dtype);
-    const auto u = static_cast<uint64_t>(e), n = static_cast<uint64_t>(tokens);
-    if (absl::Status st =
-            Lt(api_, api_.MatrixLayoutCreate(&s->w, type, u, u, static_cast<int64_t>(u)), "layout");
-        !st.ok()) {
-      return st;
-    }
-    for (cublasLtMatrixLayout_t* l : {&s->x, &s->y}) {
+    const auto i = static_cast<uint64_t>(in), o = static_cast<uint64_t>(out),
+               n = static_cast<uint64_t>(tokens);
+    for (auto [l, rows, cols] :
+         {std::tuple{&s->w, o, i}, std::tuple{&s->x, i, n}, std::tuple{&s->y, o, n}}) {
       if (absl::Status st =
-              Lt(api_, api_.MatrixLayoutCreate(l, type, u, n, static_cast<int64_t>(u)), "layout");
+              Lt(api_, api_.MatrixLayoutCreate(l, type, rows, cols, static_cast<int64_t>(rows)),
+                 "layout");
           !st.ok()) {
         return st;
       }
@@ -320,7 +419,7 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     }
     if (found == 0) {
       return absl::InternalError(absl::StrCat("cuBLASLt has no algorithm for the projection of ",
-                                              tokens, " tokens of E=", e));
+                                              tokens, " tokens of ", in, " to ", out, " features"));
     }
     s->algo = result.algo;
     return (shapes_[key] = std::move(s)).get();
@@ -334,8 +433,8 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   cublasLtHandle_t lt_ = nullptr;
   cublasLtMatmulDesc_t op_ = nullptr;
   cublasLtMatmulPreference_t pref_ = nullptr;
-  std::map<std::pair<uint64_t, DType>, std::shared_ptr<const DeviceWeights>> weights_;
-  std::map<std::tuple<int64_t, int64_t, DType>, std::unique_ptr<LtShape>> shapes_;
+  std::map<std::tuple<uint64_t, DType, int64_t>, std::shared_ptr<const DeviceWeights>> weights_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, DType>, std::unique_ptr<LtShape>> shapes_;
 };
 
 }  // namespace
