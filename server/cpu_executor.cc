@@ -68,6 +68,7 @@ class CpuExecutor final : public Executor {
   // Also the CUDA executor's path for what its GPU kernels do not cover.
   absl::Status RunOnHost(Job& job) {
     job.on_host = true;
+    job.path = ExecutionPath::kCpu;
     WaitForInputs(job);
     const absl::Time deadline = job.pool_deadline(options_.pool_wait);
     if (absl::Status s = StageHostSharedMemory(job, *pool_, /*pinned_too=*/true, deadline);

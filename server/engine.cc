@@ -575,8 +575,8 @@ void Engine::CompleteJob(Worker& worker, Job& job, const absl::Status& s) {
   if (s.ok()) {
     int64_t sequences = 0;
     for (const auto& r : job.requests) sequences += r->batch;
-    job.model->stats().Executed(sequences, job.compute_input, job.compute_infer,
-                                job.compute_output);
+    job.model->stats().Executed(sequences, job.compute_input, job.compute_infer, job.compute_output,
+                                job.path);
   }
   std::vector<Completer::Item> items;
   items.reserve(job.requests.size());

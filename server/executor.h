@@ -34,6 +34,7 @@ struct Job {
   std::vector<memory::Buffer> leases;  // returned to their pools when the job is destroyed
   int stream = 0;                      // which of the executor's streams it runs on
   bool on_host = false;                // ran on the CPU path (no device work to wait for)
+  ExecutionPath path = ExecutionPath::kCpu;  // set by whichever runs it
   std::shared_ptr<void> device_state;  // the executor's own per-job state
   // Whether Start() may wait for pool memory (up to pool_wait). Not while the engine holds a job
   // in flight whose buffers come back only once it is waited for: Start() then fails at once

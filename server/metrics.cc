@@ -19,6 +19,8 @@ const prometheus::Histogram::BucketBoundaries kOverheadBuckets = {
 const prometheus::Histogram::BucketBoundaries kBatchBuckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
 
 const char* const kReasons[4] = {"REJECTED", "CANCELED", "BACKEND", "OTHER"};
+// By ExecutionPath.
+const char* const kPaths[kExecutionPaths] = {"gpu", "gpu_padded", "cpu", "split"};
 
 // The pool events exported, each with its count: the metric's help text is made from this list
 // too, so it names every event a scrape can show.
@@ -139,6 +141,11 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind
   m->failure_ = counter("nv_inference_request_failure", "Number of failed inference requests, all batch sizes");
   m->inference_count_ = counter("nv_inference_count", "Number of inferences performed (a request of batch B counts B)");
   m->exec_count_ = counter("nv_inference_exec_count", "Number of model executions performed (batches)");
+  m->executions_ = counter(
+      "dilattn_executions_total",
+      "Executions (batches) by where they computed: gpu; gpu_padded (a head dim without a kernel, "
+      "padded to the next that has one); cpu (the CPU path: a CPU server, or on a GPU server a "
+      "shape its kernels do not take); split (sequence parallelism across GPUs)");
   m->request_us_ = counter("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds");
   m->queue_us_ = counter("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds");
   m->compute_input_us_ = counter("nv_inference_compute_input_duration_us", "Cumulative compute input duration in microseconds");
@@ -206,6 +213,11 @@ ModelMetrics* Metrics::ForModel(const std::string& model, const std::string& ver
   }
   mm->inference_count = &inference_count_->Add(labels);
   mm->exec_count = &exec_count_->Add(labels);
+  for (int i = 0; i < kExecutionPaths; ++i) {
+    prometheus::Labels with_path = labels;
+    with_path["path"] = kPaths[i];
+    mm->executions[i] = &executions_->Add(with_path);
+  }
   mm->request_us = &request_us_->Add(labels);
   mm->queue_us = &queue_us_->Add(labels);
   mm->compute_input_us = &compute_input_us_->Add(labels);

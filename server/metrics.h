@@ -20,6 +20,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "server/request.h"
 
 namespace dilattn::server {
 
@@ -31,6 +32,7 @@ struct ModelMetrics {
   prometheus::Counter* failure[4];  // by FailureReason
   prometheus::Counter* inference_count;
   prometheus::Counter* exec_count;
+  prometheus::Counter* executions[kExecutionPaths];  // by ExecutionPath
   prometheus::Counter* request_us;
   prometheus::Counter* queue_us;
   prometheus::Counter* compute_input_us;
@@ -90,6 +92,7 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* failure_ = nullptr;
   prometheus::Family<prometheus::Counter>* inference_count_ = nullptr;
   prometheus::Family<prometheus::Counter>* exec_count_ = nullptr;
+  prometheus::Family<prometheus::Counter>* executions_ = nullptr;
   prometheus::Family<prometheus::Counter>* request_us_ = nullptr;
   prometheus::Family<prometheus::Counter>* queue_us_ = nullptr;
   prometheus::Family<prometheus::Counter>* compute_input_us_ = nullptr;

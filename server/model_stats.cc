@@ -48,7 +48,8 @@ void ModelStats::RequestFailed(absl::Duration total, FailureReason reason) {
 }
 
 void ModelStats::Executed(int64_t batch_size, absl::Duration compute_input,
-                          absl::Duration compute_infer, absl::Duration compute_output) {
+                          absl::Duration compute_infer, absl::Duration compute_output,
+                          ExecutionPath path) {
   {
     absl::MutexLock lock(&mu_);
     ++execution_count_;
@@ -58,6 +59,7 @@ void ModelStats::Executed(int64_t batch_size, absl::Duration compute_input,
     b.compute_output.Add(compute_output);
   }
   metrics_->exec_count->Increment();
+  metrics_->executions[static_cast<int>(path)]->Increment();
   metrics_->batch_size->Observe(static_cast<double>(batch_size));
   metrics_->compute_seconds->Observe(Seconds(compute_input + compute_infer + compute_output));
 }

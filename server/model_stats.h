@@ -27,7 +27,7 @@ class ModelStats {
   void RequestSucceeded(absl::Duration total, const RequestTimings& t, int64_t inferences);
   void RequestFailed(absl::Duration total, FailureReason reason);
   void Executed(int64_t batch_size, absl::Duration compute_input, absl::Duration compute_infer,
-                absl::Duration compute_output);
+                absl::Duration compute_output, ExecutionPath path);
   void AddPending(int64_t delta);
 
   void Fill(inference::ModelStatistics* out) const;

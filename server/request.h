@@ -24,6 +24,12 @@ namespace dilattn::server {
 
 class Model;
 
+// Where an execution computed (dilattn_executions_total's path label): on a GPU at the request's
+// head dim, on a GPU at a padded one (a head dim without a kernel), on the CPU path (a CPU server,
+// or a shape a GPU server's kernels do not take), or split across GPUs (sequence parallelism).
+enum class ExecutionPath { kGpu, kGpuPadded, kCpu, kSplit };
+inline constexpr int kExecutionPaths = 4;
+
 // Durations of one request for statistics (the batch's compute phases are shared by its members).
 struct RequestTimings {
   absl::Duration queue;

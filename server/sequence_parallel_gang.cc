@@ -92,6 +92,7 @@ class SequenceParallelGang final : public GangRunner {
     job.compute_input = begin - job.start;
     job.compute_infer = MonotonicNow() - begin;
     job.on_host = true;
+    job.path = ExecutionPath::kSplit;
     if (s.ok()) {
       LogInfo(
           "sequence-parallel run: %d tokens across %d GPUs in %.2f ms (queued %.2f ms after "

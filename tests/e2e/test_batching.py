@@ -28,6 +28,9 @@ def test_32_clients_20_requests_each_mixed_lengths(server):
     count_before = server.metric("nv_inference_count", model="dilated_attention")
     exec_before = server.metric("nv_inference_exec_count", model="dilated_attention")
     singles_before = server.metric("dilattn_batch_size_bucket", model="dilated_attention", le="1")
+    # Every one of them computes where the server's device is: D = 32 has a GPU kernel.
+    path = "gpu" if reference.ON_GPU else "cpu"
+    path_before = server.metric("dilattn_executions_total", model="dilated_attention", path=path)
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         worst = list(pool.map(lambda i: _client_run(server, i), range(32)))
     assert max(worst) <= reference.FP32, worst
@@ -35,6 +38,8 @@ def test_32_clients_20_requests_each_mixed_lengths(server):
     executions = server.metric("nv_inference_exec_count", model="dilated_attention") - exec_before
     assert count == 32 * 20
     assert executions < count, f"{executions} executions for {count} inferences: nothing batched"
+    assert server.metric("dilattn_executions_total", model="dilated_attention",
+                         path=path) - path_before == executions
     # Mixed lengths were packed together: some executions held more than one sequence.
     singles = server.metric("dilattn_batch_size_bucket", model="dilated_attention", le="1")
     assert singles - singles_before < executions

@@ -51,6 +51,18 @@ def test_padded_head_dims_match_the_reference(server, datatype, shape, segments,
                           server.log_path.read_text())
 
 
+def test_padded_executions_are_counted_as_such(server):
+    """dilattn_executions_total says where each batch computed: gpu_padded on a GPU server, cpu on
+    a CPU one, where every head dim up to 256 has its own kernel."""
+    path = "gpu_padded" if reference.ON_GPU else "cpu"
+    before = server.metric("dilattn_executions_total", model="dilated_attention", path=path)
+    qkv = random_qkv((1, 64, 2, 96), seed=1)
+    server.client().infer("dilated_attention", make_inputs(*qkv, "FP16"),
+                          parameters=_params([32, 64], [1, 2], "longnet", False, None))
+    assert wait_until(lambda: server.metric("dilattn_executions_total", model="dilated_attention",
+                                            path=path) == before + 1)
+
+
 def test_padded_requests_batched_together(server):
     """Requests of D = 96 and different lengths, sent at once: batched (packed end to end) and each
     answered with its own rows, FP32 converted on the way on a GPU."""

@@ -138,6 +138,9 @@ def test_head_dims_without_a_kernel_match_the_float64_module(mh_server, repo, mo
     expected = multihead_reference(to_wire(x, datatype), weights, causal=causal, heads=heads)
     err = reference.relative_error(y.astype(np.float32), expected)
     assert err <= SLACK * reference.TOLERANCE[datatype], err
+    path = "gpu_padded" if reference.ON_GPU else "cpu"
+    assert mh_server.metric("dilattn_executions_total", model=model, path=path) > 0
+    assert mh_server.metric("dilattn_executions_total", model=model, path="gpu") == 0
 
 
 @pytest.mark.parametrize("model", ["mha_d8", "mha_d24"])
@@ -312,6 +315,7 @@ def test_cuda_shared_memory_on_the_cpu_path_is_refused(mh_server):
     t = grpcclient.InferInput("X", list(x.shape), "FP32")
     t.set_data_from_numpy(x)
     assert np.all(np.isfinite(client.infer("mha_e36", [t]).as_numpy("Y")))
+    assert mh_server.metric("dilattn_executions_total", model="mha_e36", path="cpu") > 0
 
 
 def test_dilattn_client_sends_hidden_states(mh_server):
