@@ -154,6 +154,11 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
                 c.close()
                 if buf is not None:
                     buf.free()
+        # The metric tells the two apart: one split run, and the in-place one on a GPU.
+        assert split.metric("dilattn_executions_total", model="dilated_attention",
+                            path="split") == 1
+        assert split.metric("dilattn_executions_total", model="dilated_attention",
+                            path="gpu") == (1 if cudart is not None else 0)
         assert split.stop() == 0
         runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
         assert runs == 1, runs
