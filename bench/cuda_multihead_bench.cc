@@ -113,14 +113,8 @@ int main(int argc, char** argv) {
         warmup_ms);
     // The attention alone, on the module's own Q, K, V (the first three workspace slices), at
     // the head dim the module runs it (padded where D has no kernel).
-    dilattn::attention::AttentionOptions fixed = o;
-    fixed.softmax_scale = plan->attention.params.scale;
-    absl::StatusOr<dilattn::attention::AttentionPlan> padded = dilattn::attention::PadHeadDim(
-        plan->attention,
-        [&](const dilattn::attention::AttentionPlan& p) { return (*attention)->Supports(p).ok(); },
-        [&](const dilattn::attention::ProblemShape& shape) {
-          return dilattn::attention::PlanAttention(fixed, shape);
-        });
+    absl::StatusOr<dilattn::attention::AttentionPlan> padded =
+        dilattn::attention::PaddedAttentionPlan(plan->attention, **attention);
     const dilattn::attention::AttentionPlan& att_plan = padded.ok() ? *padded : plan->attention;
     const size_t att_bytes = att_plan.tensor_bytes;
     const size_t step = (att_bytes + 255) / 256 * 256;

@@ -335,13 +335,7 @@ class CudaExecutor final : public Executor {
   // A dilated or block-sparse plan whose head dim has no kernel runs padded (padded_plan.h).
   // NOT_FOUND when the plan runs as it is or no head dim takes it.
   absl::StatusOr<attention::AttentionPlan> PaddedPlan(const attention::AttentionPlan& plan) const {
-    attention::AttentionOptions options = plan.options;
-    options.softmax_scale = plan.params.scale;
-    return attention::PadHeadDim(
-        plan, [&](const attention::AttentionPlan& p) { return gpu_[0]->Supports(p).ok(); },
-        [&](const attention::ProblemShape& shape) {
-          return attention::PlanAttention(options, shape);
-        });
+    return attention::PaddedAttentionPlan(plan, *gpu_[0]);
   }
   absl::StatusOr<block_sparse::BlockSparsePlan> PaddedPlan(
       const block_sparse::BlockSparsePlan& plan) const {

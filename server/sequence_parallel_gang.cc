@@ -10,6 +10,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kernels/attention/cuda/launch.h"
 #include "kernels/attention/cuda/sequence_parallel_runner.h"
+#include "kernels/attention/padded_plan.h"
 #include "kernels/attention/sequence_parallel.h"
 #include "kernels/common/clock.h"
 #include "server/executor.h"
@@ -41,10 +42,10 @@ class SequenceParallelGang final : public GangRunner {
     // Each GPU copies its slice of O back while the others may still be reading their inputs:
     // an output over an input is left to one GPU's executor, which orders the copies for it.
     if (HostOutputOverlapsInputs(r)) return false;
-    absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
-        r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
-    // The single-GPU kernel's selector: what it runs, the split runs too.
-    if (!plan.ok() || !check_->Supports(*plan).ok()) return false;
+    // The single-GPU kernel's selector: what it runs, the split runs too, padded where it runs
+    // padded.
+    absl::StatusOr<attention::AttentionPlan> plan = PlanFor(r);
+    if (!plan.ok()) return false;
     // Planning the split takes a tile list of the whole sequence: asked once per shape (the pool
     // caps do not change), as the runner keeps its plan of the last shape.
     const std::string shape = absl::StrCat(r.batch_key, "|", r.seq_len);
@@ -64,8 +65,7 @@ class SequenceParallelGang final : public GangRunner {
       return absl::InternalError("a sequence-parallel job holds one request");
     }
     InferenceRequest& r = *job.requests.front();
-    absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
-        r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
+    absl::StatusOr<attention::AttentionPlan> plan = PlanFor(r);
     if (!plan.ok()) return plan.status();
     WaitForInputs(job);  // the runner copies each GPU's slice as one piece
     const absl::Time deadline = job.pool_deadline(pool_wait_);
@@ -84,10 +84,12 @@ class SequenceParallelGang final : public GangRunner {
     const DeviceLoc host = DeviceLoc::Host();
     const size_t bytes = r.tensor_bytes;
     const absl::Time begin = MonotonicNow();
-    absl::Status s = runner_->Run(*plan, {{r.q.data(), bytes, host},
-                                          {r.k.data(), bytes, host},
-                                          {r.v.data(), bytes, host},
-                                          {out, bytes, host}});
+    absl::Status s = runner_->Run(*plan,
+                                  {{r.q.data(), bytes, host},
+                                   {r.k.data(), bytes, host},
+                                   {r.v.data(), bytes, host},
+                                   {out, bytes, host}},
+                                  r.head_dim);
     // The copies in and out are inside the runner's time: all of it counts as compute.
     job.compute_input = begin - job.start;
     job.compute_infer = MonotonicNow() - begin;
@@ -110,6 +112,19 @@ class SequenceParallelGang final : public GangRunner {
   std::vector<const memory::BufferPool*> pools() const override { return runner_->pools(); }
 
  private:
+  // The request's plan as the GPUs run it: at its head dim, or padded to the next with a kernel.
+  absl::StatusOr<attention::AttentionPlan> PlanFor(const InferenceRequest& r) const {
+    absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
+        r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
+    if (!plan.ok()) return plan.status();
+    absl::Status own = check_->Supports(*plan);
+    if (own.ok()) return plan;
+    absl::StatusOr<attention::AttentionPlan> padded =
+        attention::PaddedAttentionPlan(*plan, *check_);
+    if (!padded.ok()) return own;
+    return padded;
+  }
+
   // Whether every GPU's leases fit its pool. A split can take more per GPU than the whole problem
   // on one GPU (a low-rate branch whose segments span slices has its keys packed on every GPU, and
   // the exchange's buffers come on top): such a request is left to one GPU, which may fit it,

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/attention/attention.h"
 
 namespace dilattn::attention {
 
@@ -31,6 +32,17 @@ absl::StatusOr<Plan> PadHeadDim(const Plan& plan, Supported&& supported, Replan&
     if (padded.ok() && supported(*padded)) return padded;
   }
   return absl::NotFoundError(absl::StrCat("no GPU kernel for head_dim ", plan.shape.head_dim));
+}
+
+// PadHeadDim for a dilated-attention plan on `backend`: the same options with the plan's
+// softmax scale fixed, the backend's Supports() as the selector.
+inline absl::StatusOr<AttentionPlan> PaddedAttentionPlan(const AttentionPlan& plan,
+                                                         const AttentionBackend& backend) {
+  AttentionOptions options = plan.options;
+  options.softmax_scale = plan.params.scale;
+  return PadHeadDim(
+      plan, [&](const AttentionPlan& p) { return backend.Supports(p).ok(); },
+      [&](const ProblemShape& shape) { return PlanAttention(options, shape); });
 }
 
 }  // namespace dilattn::attention

@@ -212,3 +212,36 @@ def test_split_with_unaligned_segments_and_outputs_over_inputs(client):
     finally:
         if split.alive():
             split.stop()
+
+
+def test_a_head_dim_without_a_kernel_splits_padded(client):
+    """D = 96 has no kernel of its own: split across the GPUs it runs as D = 128, each GPU's slice
+    copied in with zero columns after each head's 96 and only those copied back, and it answers
+    as one GPU does (which pads the same way) and as the float64 reference does."""
+    split = ServerProcess("--sequence-parallel-min-tokens", "65536", name="sequence-parallel-3")
+    try:
+        rng = np.random.default_rng(14)
+        shape = (1, 131072, 2, 96)
+        q, k, v = (rng.uniform(-1, 1, shape).astype(np.float16) for _ in range(3))
+        params = {"segment_lengths": "2048,8192,131072", "dilation_rates": "1,4,16",
+                  "causal": True}
+        out = split.client().infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                                   parameters=params).as_numpy("O")
+        alone = client.infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                             parameters=params).as_numpy("O")
+        assert np.all(np.isfinite(out))
+        assert reference.relative_error(out.astype(np.float32), alone.astype(np.float32)) <= 1e-3
+        part = slice(0, 8192)  # causal: the first 8192 tokens see only each other
+        expected = reference.dilated_attention(
+            *(x[:, part].astype(np.float32) for x in (q, k, v)), [2048, 8192, 131072], [1, 4, 16],
+            "longnet", True)
+        assert reference.relative_error(out[:, part].astype(np.float32),
+                                        expected) <= reference.TOLERANCE["FP16"]
+        assert split.metric("dilattn_executions_total", model="dilated_attention",
+                            path="split") == 1
+        assert split.stop() == 0
+        runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
+        assert runs == 1, runs
+    finally:
+        if split.alive():
+            split.stop()

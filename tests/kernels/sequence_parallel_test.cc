@@ -13,9 +13,11 @@
 #include "gtest/gtest.h"
 #include "kernels/attention/attention.h"
 #include "kernels/attention/cuda/sequence_parallel_runner.h"
+#include "kernels/attention/padded_plan.h"
 #include "kernels/memory/allocator.h"
 #include "tests/common/gpu_test_util.h"
 #include "tests/common/random_config.h"
+#include "tests/common/run_util.h"
 #include "tests/common/test_util.h"
 
 namespace dilattn::testing {
@@ -235,6 +237,52 @@ TEST(SequenceParallel, PoolBytesCapEachGpusPool) {
   auto uncapped = attention::cuda::SequenceParallelRunner::Create({0});
   ASSERT_TRUE(uncapped.ok()) << uncapped.status();
   for (const memory::BufferPool* pool : (*uncapped)->pools()) EXPECT_GT(pool->byte_cap(), kCap);
+}
+
+// Head dims without a kernel run padded (padded_plan.h): the runner takes the padded plan and the
+// request's own rows, and answers as the CPU path does at the real head dim. On every GPU there
+// is (one GPU: no split, the same copies).
+TEST(SequenceParallel, PaddedHeadDimsMatchTheCpuPath) {
+  REQUIRE_GPU();
+  auto runner = EveryGpu();
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  auto single = attention::CreateCudaBackend({0, nullptr});
+  auto cpu = attention::CreateCpuBackend({0, "auto"});
+  ASSERT_TRUE(single.ok() && cpu.ok());
+  SplitMix64 rng(TestSeed());
+  for (const RandomCase& c : {Case(DType::kBFloat16, 12000, 3, 96, attention::Mode::kLongNet, true,
+                                   {2048, 4096, 12000}, {1, 2, 8}),
+                              Case(DType::kFloat16, 9000, 2, 40, attention::Mode::kHeadGroups,
+                                   false, {1000, 9000}, {1, 4})}) {
+    SCOPED_TRACE(c.Describe());
+    auto plan = attention::PlanAttention(c.options, c.shape);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto padded = attention::PaddedAttentionPlan(*plan, **single);
+    ASSERT_TRUE(padded.ok()) << padded.status();
+    EXPECT_GT(padded->shape.head_dim, c.shape.head_dim);
+    const RandomInputs in = DrawInputs(rng, *plan, c.input_scale);
+    TypedBuffer expected(c.shape.dtype, in.q.count()), out(c.shape.dtype, in.q.count());
+    ASSERT_TRUE(
+        RunWithWorkspace(**cpu, *plan, {in.q.cref(), in.k.cref(), in.v.cref(), expected.ref()})
+            .ok());
+    out.Poison();
+    const absl::Status s = (*runner)->Run(
+        *padded, {in.q.cref(), in.k.cref(), in.v.cref(), out.ref()}, c.shape.head_dim);
+    ASSERT_TRUE(s.ok()) << s;
+    const ErrorReport err = RelativeError(out.ToFloats(), expected.ToFloats());
+    EXPECT_TRUE(err.ok(Tolerance(c.shape.dtype)))
+        << "rel " << err.relative << " non-finite " << err.nan_count;
+  }
+  // Rows of another head dim than the call names are refused by size.
+  auto plan = attention::PlanAttention(
+      Case(DType::kBFloat16, 4096, 2, 96, attention::Mode::kLongNet, false, {2048}, {1}).options,
+      attention::DenseShape(DType::kBFloat16, 1, 4096, 2, 96));
+  ASSERT_TRUE(plan.ok());
+  auto padded = attention::PaddedAttentionPlan(*plan, **single);
+  ASSERT_TRUE(padded.ok());
+  TypedBuffer t(DType::kBFloat16, 4096 * 2 * 96), o(DType::kBFloat16, 4096 * 2 * 96);
+  EXPECT_EQ((*runner)->Run(*padded, {t.cref(), t.cref(), t.cref(), o.ref()}, 80).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(SequenceParallel, RefusesWhatItCannotRun) {

@@ -144,11 +144,12 @@ class Runner final : public SequenceParallelRunner {
     return out;
   }
 
-  absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) override {
+  absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host,
+                   int64_t host_head_dim) override {
     // The caller's current device is theirs: restored on every way out.
     int caller_device = 0;
     cudaGetDevice(&caller_device);
-    const absl::Status s = RunOnDevices(plan, host);
+    const absl::Status s = RunOnDevices(plan, host, host_head_dim);
     cudaSetDevice(caller_device);
     return s;
   }
@@ -161,17 +162,25 @@ class Runner final : public SequenceParallelRunner {
     return absl::OkStatus();
   }
 
-  absl::Status RunOnDevices(const AttentionPlan& plan, const AttentionTensors& host) {
+  absl::Status RunOnDevices(const AttentionPlan& plan, const AttentionTensors& host,
+                            int64_t host_head_dim) {
     const DilatedAttentionParams& p = plan.params;
     if (!FusedForwardSupportsHeadDim(p.head_dim)) {
       return absl::InvalidArgumentError(
           absl::StrCat("head_dim D=", p.head_dim, " is not supported by the cuda kernels"));
     }
     if (absl::Status s = CheckCudaProblem(p); !s.ok()) return s;
+    const int64_t host_dim = host_head_dim == 0 ? p.head_dim : host_head_dim;
+    if (host_dim < 1 || host_dim > p.head_dim) {
+      return absl::InvalidArgumentError(absl::StrCat("host tensors of head dim ", host_dim,
+                                                     " for a plan of head dim ", p.head_dim));
+    }
+    const size_t host_bytes =
+        plan.tensor_bytes / static_cast<size_t>(p.head_dim) * static_cast<size_t>(host_dim);
     for (size_t bytes : {host.q.bytes, host.k.bytes, host.v.bytes, host.o.bytes}) {
-      if (bytes != plan.tensor_bytes) {
+      if (bytes != host_bytes) {
         return absl::InvalidArgumentError(
-            absl::StrCat("tensors of ", bytes, " bytes; the plan's are ", plan.tensor_bytes));
+            absl::StrCat("tensors of ", bytes, " bytes; the plan's are ", host_bytes));
       }
     }
     absl::StatusOr<const HostPlan*> planned = PlanFor(plan);
@@ -196,23 +205,37 @@ class Runner final : public SequenceParallelRunner {
     };
     last_run_bytes_.assign(static_cast<size_t>(ranks), 0);
     std::vector<PerGpu> gpu(static_cast<size_t>(ranks));
+    // A padded plan: each (token, head) row is host_dim values on the host and head_dim on the
+    // devices, whose extra columns are zeros in Q and K (they add nothing to a score) and in V.
+    const bool padded = host_dim != p.head_dim;
+    const size_t host_row = static_cast<size_t>(host_dim) * 2;
+    const size_t dev_row = static_cast<size_t>(p.head_dim) * 2;
+    const size_t host_row_bytes = static_cast<size_t>(p.num_heads) * host_row;
     // Rows [begin, end) of the chosen inputs (Q, K, V) from the host to GPU m's buffers, on `st`.
     enum Inputs { kQ = 1, kKV = 2, kQKV = 3 };
     auto copy_inputs = [&](const PerGpu& m, int64_t begin, int64_t end, cudaStream_t st,
                            int which = kQKV) -> absl::Status {
       const size_t at = static_cast<size_t>(begin) * row_bytes;
       const size_t bytes = static_cast<size_t>(end - begin) * row_bytes;
+      const size_t host_at = static_cast<size_t>(begin) * host_row_bytes;
+      const size_t head_rows = static_cast<size_t>(end - begin) * static_cast<size_t>(p.num_heads);
       for (auto [dst, src, kind] :
            {std::tuple{&m.q, host.q.data, kQ}, std::tuple{&m.k, host.k.data, kKV},
             std::tuple{&m.v, host.v.data, kKV}}) {
         if ((which & kind) == 0 || bytes == 0) continue;
-        if (absl::Status s = CudaErrorStatus(
-                cudaMemcpyAsync(m.at_0(*dst) + at, static_cast<const unsigned char*>(src) + at,
-                                bytes, cudaMemcpyDefault, st),
-                "copy to device");
-            !s.ok()) {
-          return s;
+        unsigned char* to = m.at_0(*dst) + at;
+        const auto* from = static_cast<const unsigned char*>(src) + host_at;
+        cudaError_t err;
+        if (padded) {
+          err = cudaMemset2DAsync(to + host_row, dev_row, 0, dev_row - host_row, head_rows, st);
+          if (err == cudaSuccess) {
+            err = cudaMemcpy2DAsync(to, dev_row, from, host_row, host_row, head_rows,
+                                    cudaMemcpyDefault, st);
+          }
+        } else {
+          err = cudaMemcpyAsync(to, from, bytes, cudaMemcpyDefault, st);
         }
+        if (absl::Status s = CudaErrorStatus(err, "copy to device"); !s.ok()) return s;
       }
       return absl::OkStatus();
     };
@@ -422,14 +445,16 @@ class Runner final : public SequenceParallelRunner {
           }
         }
         const size_t at = static_cast<size_t>(part.row_begin) * row_bytes;
-        if (absl::Status s = CudaErrorStatus(
-                cudaMemcpyAsync(static_cast<unsigned char*>(host.o.data) + at, m.at_0(m.o) + at,
-                                static_cast<size_t>(part.row_end - part.row_begin) * row_bytes,
-                                cudaMemcpyDefault, copy),
-                "copy to host");
-            !s.ok()) {
-          return s;
-        }
+        const size_t rows = static_cast<size_t>(part.row_end - part.row_begin);
+        auto* to = static_cast<unsigned char*>(host.o.data) +
+                   static_cast<size_t>(part.row_begin) * host_row_bytes;
+        const cudaError_t err =
+            padded
+                ? cudaMemcpy2DAsync(to, host_row, m.at_0(m.o) + at, dev_row, host_row,
+                                    rows * static_cast<size_t>(p.num_heads), cudaMemcpyDefault,
+                                    copy)
+                : cudaMemcpyAsync(to, m.at_0(m.o) + at, rows * row_bytes, cudaMemcpyDefault, copy);
+        if (absl::Status s = CudaErrorStatus(err, "copy to host"); !s.ok()) return s;
         if (c + 1 < parts.size()) {
           if (absl::Status s = copy_part_inputs(g, c + 1); !s.ok()) return s;
         }

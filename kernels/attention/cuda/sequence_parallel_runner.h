@@ -34,8 +34,11 @@ class SequenceParallelRunner {
   virtual int num_devices() const = 0;
   // `plan` must hold one sequence, fp16 or bf16; tensors in host memory (pinned for speed) or in
   // any GPU's memory (copied with cudaMemcpyDefault; their `location` is not consulted). Returns
-  // once O is written.
-  virtual absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) = 0;
+  // once O is written. A padded plan (padded_plan.h) takes tensors of `host_head_dim` <
+  // plan.shape.head_dim: their rows are copied in with zero columns after them, and only those
+  // columns of O come back; 0 means the plan's own head dim.
+  virtual absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host,
+                           int64_t host_head_dim = 0) = 0;
   // Frees the device buffers cached between runs, so that other users of these GPUs (a server's
   // executors) get the memory back.
   virtual void ReleaseCachedMemory() = 0;

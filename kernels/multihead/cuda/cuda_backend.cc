@@ -343,13 +343,8 @@ class CudaMultiheadBackend final : public MultiheadBackend {
     layout.heads = {att.shape.num_heads, att.shape.head_dim, att.shape.head_dim};
     absl::Status own = attention_->Supports(att);
     if (own.ok()) return layout;
-    attention::AttentionOptions options = att.options;
-    options.softmax_scale = att.params.scale;
-    absl::StatusOr<attention::AttentionPlan> padded = attention::PadHeadDim(
-        att, [&](const attention::AttentionPlan& p) { return attention_->Supports(p).ok(); },
-        [&](const attention::ProblemShape& shape) {
-          return attention::PlanAttention(options, shape);
-        });
+    absl::StatusOr<attention::AttentionPlan> padded =
+        attention::PaddedAttentionPlan(att, *attention_);
     if (!padded.ok()) return own;
     layout.heads.pad_dim = padded->shape.head_dim;
     layout.padded = *std::move(padded);
