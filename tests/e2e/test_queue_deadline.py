@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+import reference
 from conftest import ServerProcess, repository_server, wait_until
 from helpers import make_inputs
 
@@ -40,9 +41,12 @@ X = np.full((1, 32, 2, 8), 0.25, dtype=np.float32)
 
 @pytest.fixture(scope="module")
 def repo_server(tmp_path_factory):
+    # One engine thread: on two GPUs a high-priority batch and a low one would run side by side,
+    # one on each, and finish in either order (priority orders what starts, not what ends).
+    one_engine = ("--device", "cuda:0") if reference.ON_GPU else ()
     s = repository_server(tmp_path_factory.mktemp("repo"),
                           {"waiting": WAITING_MODEL, "prioritised": PRIORITY_MODEL},
-                          "custom-repository")
+                          "custom-repository", *one_engine)
     yield s
     assert s.stop() == 0, s.log_path.read_text()
 
