@@ -473,8 +473,12 @@ def test_a_stream_that_does_not_read_stops_taking_requests(server):
     sent = 40
     done = lambda: server.metric("nv_inference_request_success", model="dilated_attention")
     before = done()
-    with grpc.insecure_channel(server.url, options=[("grpc.max_receive_message_length", -1),
-                                                    ("grpc.max_send_message_length", -1)]) as channel:
+    # Without BDP probing the client's transport keeps its initial 64 KiB windows: left on, it may
+    # grow them while nothing reads and take in megabytes of responses, which the server then
+    # counts as written (this test once saw all 40 computed on a loaded machine).
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
+               ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(server.url, options=options) as channel:
         stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
                                        request_serializer=None, response_deserializer=None)
         call = stream(iter([good.SerializeToString()] * sent), timeout=300)
