@@ -112,31 +112,41 @@ def test_cuda_shared_memory_requests_run_on_the_gpu_that_holds_them():
                 buf.free()
 
 
+SPLIT_PARAMS = {"segment_lengths": "2048,8192,131072", "dilation_rates": "1,4,16",
+                "causal": True}
+
+
+def _split_matches_one_gpu(split, client, shape, seed):
+    """One FP16 sequence of `shape` with SPLIT_PARAMS through `split` (a server that splits it) and
+    through `client` (one GPU): the two agree, and the first 8192 tokens match the float64
+    reference. The whole-sequence branch spans the GPUs, so its dilated rows cross between them;
+    causal, the first 8192 tokens see only each other, so their reference is theirs alone.
+    Returns Q, K, V and the one-GPU answer."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.uniform(-1, 1, shape).astype(np.float16) for _ in range(3))
+    out = split.client().infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                               parameters=SPLIT_PARAMS).as_numpy("O")
+    alone = client.infer("dilated_attention", make_inputs(q, k, v, "FP16"),
+                         parameters=SPLIT_PARAMS).as_numpy("O")
+    assert np.all(np.isfinite(out))
+    err = reference.relative_error(out.astype(np.float32), alone.astype(np.float32))
+    assert err <= 1e-3, err
+    part = slice(0, 8192)
+    expected = reference.dilated_attention(
+        *(x[:, part].astype(np.float32) for x in (q, k, v)), [2048, 8192, 131072], [1, 4, 16],
+        "longnet", True)
+    assert reference.relative_error(out[:, part].astype(np.float32),
+                                    expected) <= reference.TOLERANCE["FP16"]
+    return q, k, v, alone
+
+
 def test_a_long_sequence_runs_split_across_the_gpus(client):
     """--sequence-parallel-min-tokens: one sequence over the threshold runs on every GPU at once
     (NCCL exchanges of the spanning branches' rows) and answers as one GPU does."""
     split = ServerProcess("--sequence-parallel-min-tokens", "65536", name="sequence-parallel")
     try:
-        rng = np.random.default_rng(12)
         shape = (1, 131072, 4, 64)
-        q, k, v = (rng.uniform(-1, 1, shape).astype(np.float16) for _ in range(3))
-        params = {"segment_lengths": "2048,8192,131072", "dilation_rates": "1,4,16",
-                  "causal": True}
-        out = split.client().infer("dilated_attention", make_inputs(q, k, v, "FP16"),
-                                   parameters=params).as_numpy("O")
-        alone = client.infer("dilated_attention", make_inputs(q, k, v, "FP16"),
-                             parameters=params).as_numpy("O")
-        err = reference.relative_error(out.astype(np.float32), alone.astype(np.float32))
-        assert err <= 1e-3, err
-        # The whole-sequence branch spans both GPUs, so its dilated rows cross between them.
-        # Causal: the first 8192 tokens see only each other, so their reference is that of the
-        # first 8192 tokens alone.
-        part = slice(0, 8192)
-        expected = reference.dilated_attention(
-            *(x[:, part].astype(np.float32) for x in (q, k, v)), [2048, 8192, 131072], [1, 4, 16],
-            "longnet", True)
-        assert reference.relative_error(out[:, part].astype(np.float32),
-                                        expected) <= reference.TOLERANCE["FP16"]
+        q, k, v, alone = _split_matches_one_gpu(split, client, shape, seed=12)
         # The same from CUDA shared memory on the last GPU: not split, since it runs in place
         # there with no copies, where a split would copy half of it to the other GPUs.
         cudart = cuda_ipc.load_cudart()
@@ -146,7 +156,7 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
             try:
                 buf, inputs, outputs = _in_cuda_shared_memory(c, cudart, _gpu_count() - 1, "sp",
                                                               q, k, v)
-                c.infer("dilated_attention", inputs, outputs=outputs, parameters=params)
+                c.infer("dilated_attention", inputs, outputs=outputs, parameters=SPLIT_PARAMS)
                 from_shm = buf.read(np.float16, shape, offset=3 * q.nbytes)
                 assert np.array_equal(from_shm, alone), "not the one-GPU answer"
                 c.unregister_cuda_shared_memory("sp")
@@ -220,23 +230,7 @@ def test_a_head_dim_without_a_kernel_splits_padded(client):
     as one GPU does (which pads the same way) and as the float64 reference does."""
     split = ServerProcess("--sequence-parallel-min-tokens", "65536", name="sequence-parallel-3")
     try:
-        rng = np.random.default_rng(14)
-        shape = (1, 131072, 2, 96)
-        q, k, v = (rng.uniform(-1, 1, shape).astype(np.float16) for _ in range(3))
-        params = {"segment_lengths": "2048,8192,131072", "dilation_rates": "1,4,16",
-                  "causal": True}
-        out = split.client().infer("dilated_attention", make_inputs(q, k, v, "FP16"),
-                                   parameters=params).as_numpy("O")
-        alone = client.infer("dilated_attention", make_inputs(q, k, v, "FP16"),
-                             parameters=params).as_numpy("O")
-        assert np.all(np.isfinite(out))
-        assert reference.relative_error(out.astype(np.float32), alone.astype(np.float32)) <= 1e-3
-        part = slice(0, 8192)  # causal: the first 8192 tokens see only each other
-        expected = reference.dilated_attention(
-            *(x[:, part].astype(np.float32) for x in (q, k, v)), [2048, 8192, 131072], [1, 4, 16],
-            "longnet", True)
-        assert reference.relative_error(out[:, part].astype(np.float32),
-                                        expected) <= reference.TOLERANCE["FP16"]
+        _split_matches_one_gpu(split, client, (1, 131072, 2, 96), seed=14)
         assert split.metric("dilattn_executions_total", model="dilated_attention",
                             path="split") == 1
         assert split.stop() == 0
