@@ -140,6 +140,14 @@ def _split_matches_one_gpu(split, client, shape, seed):
     return q, k, v, alone
 
 
+def _stops_after_one_split(split):
+    """The server computed one split run of 131072 tokens, by its metric and its log."""
+    assert split.metric("dilattn_executions_total", model="dilated_attention", path="split") == 1
+    assert split.stop() == 0
+    runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
+    assert runs == 1, runs
+
+
 def test_a_long_sequence_runs_split_across_the_gpus(client):
     """--sequence-parallel-min-tokens: one sequence over the threshold runs on every GPU at once
     (NCCL exchanges of the spanning branches' rows) and answers as one GPU does."""
@@ -164,14 +172,10 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
                 c.close()
                 if buf is not None:
                     buf.free()
-        # The metric tells the two apart: one split run, and the in-place one on a GPU.
-        assert split.metric("dilattn_executions_total", model="dilated_attention",
-                            path="split") == 1
+        # The metric tells the two apart: the in-place run on one GPU, and one split run.
         assert split.metric("dilattn_executions_total", model="dilated_attention",
                             path="gpu") == (1 if cudart is not None else 0)
-        assert split.stop() == 0
-        runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
-        assert runs == 1, runs
+        _stops_after_one_split(split)
     finally:
         if split.alive():
             split.stop()
@@ -231,11 +235,7 @@ def test_a_head_dim_without_a_kernel_splits_padded(client):
     split = ServerProcess("--sequence-parallel-min-tokens", "65536", name="sequence-parallel-3")
     try:
         _split_matches_one_gpu(split, client, (1, 131072, 2, 96), seed=14)
-        assert split.metric("dilattn_executions_total", model="dilated_attention",
-                            path="split") == 1
-        assert split.stop() == 0
-        runs = split.log_path.read_text().count("sequence-parallel run: 131072 tokens across")
-        assert runs == 1, runs
+        _stops_after_one_split(split)
     finally:
         if split.alive():
             split.stop()
