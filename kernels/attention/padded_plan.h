@@ -3,7 +3,8 @@
 // A problem whose head dim D has no GPU kernel (96, 48, 8, ...) runs as the next head dim Dp that
 // has one: Q and K get Dp - D zero columns, which add nothing to a score, the softmax keeps D's
 // scale, and O's extra columns are dropped. The server's executor pads dilated and block-sparse
-// plans this way, the multihead module its projections' outputs. Pure C++.
+// plans this way, the sequence-parallel runner each GPU's slice, the multihead module its
+// projections' outputs. Pure C++.
 
 #include <cstdint>
 #include <utility>

@@ -144,6 +144,7 @@ class Runner final : public SequenceParallelRunner {
     return out;
   }
 
+  using SequenceParallelRunner::Run;
   absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host,
                    int64_t host_head_dim) override {
     // The caller's current device is theirs: restored on every way out.
@@ -170,7 +171,7 @@ class Runner final : public SequenceParallelRunner {
           absl::StrCat("head_dim D=", p.head_dim, " is not supported by the cuda kernels"));
     }
     if (absl::Status s = CheckCudaProblem(p); !s.ok()) return s;
-    const int64_t host_dim = host_head_dim == 0 ? p.head_dim : host_head_dim;
+    const int64_t host_dim = host_head_dim;
     if (host_dim < 1 || host_dim > p.head_dim) {
       return absl::InvalidArgumentError(absl::StrCat("host tensors of head dim ", host_dim,
                                                      " for a plan of head dim ", p.head_dim));

@@ -36,9 +36,13 @@ class SequenceParallelRunner {
   // any GPU's memory (copied with cudaMemcpyDefault; their `location` is not consulted). Returns
   // once O is written. A padded plan (padded_plan.h) takes tensors of `host_head_dim` <
   // plan.shape.head_dim: their rows are copied in with zero columns after them, and only those
-  // columns of O come back; 0 means the plan's own head dim.
+  // columns of O come back.
   virtual absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host,
-                           int64_t host_head_dim = 0) = 0;
+                           int64_t host_head_dim) = 0;
+  // Tensors of the plan's own head dim.
+  absl::Status Run(const AttentionPlan& plan, const AttentionTensors& host) {
+    return Run(plan, host, plan.params.head_dim);
+  }
   // Frees the device buffers cached between runs, so that other users of these GPUs (a server's
   // executors) get the memory back.
   virtual void ReleaseCachedMemory() = 0;
