@@ -113,9 +113,13 @@ int main(int argc, char** argv) {
         warmup_ms);
     // The attention alone, on the module's own Q, K, V (the first three workspace slices), at
     // the head dim the module runs it (padded where D has no kernel).
-    absl::StatusOr<dilattn::attention::AttentionPlan> padded =
-        dilattn::attention::PaddedAttentionPlan(plan->attention, **attention);
-    const dilattn::attention::AttentionPlan& att_plan = padded.ok() ? *padded : plan->attention;
+    absl::StatusOr<dilattn::attention::AttentionPlan> as_run =
+        dilattn::attention::PlanAsRun(plan->attention, **attention);
+    if (!as_run.ok()) {
+      std::fprintf(stderr, "%s\n", as_run.status().ToString().c_str());
+      return 1;
+    }
+    const dilattn::attention::AttentionPlan& att_plan = *as_run;
     const size_t att_bytes = att_plan.tensor_bytes;
     const size_t step = (att_bytes + 255) / 256 * 256;
     auto* base = static_cast<unsigned char*>(ws);

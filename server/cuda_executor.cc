@@ -384,9 +384,9 @@ class CudaExecutor final : public Executor {
     absl::StatusOr<bool> gpu = OnGpu(plans, kind);
     if (!gpu.ok()) return gpu.status();
     if (!*gpu) return cpu_->Start(job);
-    // The multihead module pads inside itself, where its attention plan has no kernel.
+    // The multihead module pads inside itself.
     const bool padded = pad_dim > 0 || (kind == OperatorKind::kMultihead &&
-                                        !gpu_[0]->Supports(plans.multihead->attention).ok());
+                                        multihead_gpu_[0]->RunsPadded(*plans.multihead));
     job.path = padded ? ExecutionPath::kGpuPadded : ExecutionPath::kGpu;
     if (absl::Status s = Cuda(cudaSetDevice(device_), "cudaSetDevice"); !s.ok()) return s;
     // Pageable system regions: the driver would copy from them with the CPU.

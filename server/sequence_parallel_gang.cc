@@ -117,12 +117,7 @@ class SequenceParallelGang final : public GangRunner {
     absl::StatusOr<attention::AttentionPlan> plan = attention::PlanAttention(
         r.options.dilated, attention::DenseShape(r.dtype, 1, r.seq_len, r.heads, r.head_dim));
     if (!plan.ok()) return plan.status();
-    absl::Status own = check_->Supports(*plan);
-    if (own.ok()) return plan;
-    absl::StatusOr<attention::AttentionPlan> padded =
-        attention::PaddedAttentionPlan(*plan, *check_);
-    if (!padded.ok()) return own;
-    return padded;
+    return attention::PlanAsRun(*plan, *check_);
   }
 
   // Whether every GPU's leases fit its pool. A split can take more per GPU than the whole problem

@@ -46,4 +46,15 @@ inline absl::StatusOr<AttentionPlan> PaddedAttentionPlan(const AttentionPlan& pl
       [&](const ProblemShape& shape) { return PlanAttention(options, shape); });
 }
 
+// The plan as `backend` runs it: `plan` itself where the backend takes it, else padded
+// (PaddedAttentionPlan); otherwise the backend's own refusal of `plan`.
+inline absl::StatusOr<AttentionPlan> PlanAsRun(const AttentionPlan& plan,
+                                               const AttentionBackend& backend) {
+  absl::Status own = backend.Supports(plan);
+  if (own.ok()) return plan;
+  absl::StatusOr<AttentionPlan> padded = PaddedAttentionPlan(plan, backend);
+  if (!padded.ok()) return own;
+  return padded;
+}
+
 }  // namespace dilattn::attention

@@ -70,6 +70,9 @@ class MultiheadBackend {
   virtual DeviceLoc location() const = 0;
   // OK exactly when Run() would accept the plan (the same selector).
   virtual absl::Status Supports(const MultiheadPlan& plan) const = 0;
+  // Whether the backend runs the plan's attention at a padded head dim (the GPU's, for a head dim
+  // without a kernel), by the same selector.
+  virtual bool RunsPadded(const MultiheadPlan&) const { return false; }
   virtual size_t WorkspaceBytes(const MultiheadPlan& plan) const = 0;
   // X and Y may not overlap. On a GPU, enqueues on the backend's stream and returns.
   virtual absl::Status Run(const MultiheadPlan& plan, const MultiheadTensors& tensors,

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <map>
 #include <memory>
-#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -235,32 +234,24 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   absl::string_view name() const override { return name_; }
   DeviceLoc location() const override { return DeviceLoc::Cuda(device_); }
 
-  // The one selector: fp16 / bf16, an E whose rows keep cuBLASLt's 16-byte vectors, and an
-  // attention the fused kernel runs at the weights' head dim or padded to one (Layout).
-  absl::Status Supports(const MultiheadPlan& plan) const override {
-    const DType t = plan.attention.shape.dtype;
-    if (t != DType::kFloat16 && t != DType::kBFloat16) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "the GPU multihead path computes in fp16 or bf16, not ", attention::DTypeName(t)));
-    }
-    if (plan.weights->embed_dim % 8 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("embed dim E=", plan.weights->embed_dim,
-                                                     " is not a multiple of 8 (GPU rows are read "
-                                                     "16 bytes at a time)"));
-    }
-    return LayoutOf(plan).status();
+  absl::Status Supports(const MultiheadPlan& plan) const override { return Select(plan).status(); }
+
+  bool RunsPadded(const MultiheadPlan& plan) const override {
+    absl::StatusOr<Layout> layout = Select(plan);
+    return layout.ok() && layout->heads.padded();
   }
 
   size_t WorkspaceBytes(const MultiheadPlan& plan) const override {
-    absl::StatusOr<Layout> layout = LayoutOf(plan);
+    absl::StatusOr<Layout> layout = Select(plan);
     if (!layout.ok()) return 0;  // Supports() refuses the plan, and so does Run()
-    const attention::AttentionPlan& att = layout->attention(plan);
-    return OwnBytes(att) + AlignUp(attention_->WorkspaceBytes(att));
+    return OwnBytes(layout->attention) + AlignUp(attention_->WorkspaceBytes(layout->attention));
   }
 
   absl::Status Run(const MultiheadPlan& plan, const MultiheadTensors& t,
                    attention::TensorRef workspace) override {
-    if (absl::Status s = Supports(plan); !s.ok()) return s;
+    absl::StatusOr<Layout> layout = Select(plan);
+    if (!layout.ok()) return layout.status();
+    const attention::AttentionPlan& att = layout->attention;
     const DeviceLoc here = location();
     if (t.x.location != here || t.y.location != here || workspace.location != here) {
       return absl::InvalidArgumentError(
@@ -270,9 +261,6 @@ class CudaMultiheadBackend final : public MultiheadBackend {
       return absl::InvalidArgumentError(absl::StrCat(
           "X and Y must hold ", plan.tensor_bytes, " bytes; got ", t.x.bytes, " and ", t.y.bytes));
     }
-    absl::StatusOr<Layout> layout = LayoutOf(plan);
-    if (!layout.ok()) return layout.status();
-    const attention::AttentionPlan& att = layout->attention(plan);
     // The attention checks its own part when it runs (sizing it walks the tile list, which the
     // caller has just done to lease the workspace).
     if (workspace.bytes < OwnBytes(att)) {
@@ -329,26 +317,30 @@ class CudaMultiheadBackend final : public MultiheadBackend {
   }
 
  private:
-  // How a plan's attention runs: at the weights' head dim, or padded to one with a kernel.
+  // How a plan runs: its heads' layout and the attention plan the fused kernel takes, at the
+  // weights' head dim or padded to one (padded_plan.h).
   struct Layout {
     Heads heads;
-    std::optional<attention::AttentionPlan> padded;
-    const attention::AttentionPlan& attention(const MultiheadPlan& plan) const {
-      return padded ? *padded : plan.attention;
-    }
+    attention::AttentionPlan attention;
   };
-  absl::StatusOr<Layout> LayoutOf(const MultiheadPlan& plan) const {
-    const attention::AttentionPlan& att = plan.attention;
-    Layout layout;
-    layout.heads = {att.shape.num_heads, att.shape.head_dim, att.shape.head_dim};
-    absl::Status own = attention_->Supports(att);
-    if (own.ok()) return layout;
-    absl::StatusOr<attention::AttentionPlan> padded =
-        attention::PaddedAttentionPlan(att, *attention_);
-    if (!padded.ok()) return own;
-    layout.heads.pad_dim = padded->shape.head_dim;
-    layout.padded = *std::move(padded);
-    return layout;
+  // The one selector: fp16 / bf16, an E whose rows keep cuBLASLt's 16-byte vectors, and an
+  // attention the fused kernel runs, padded or not.
+  absl::StatusOr<Layout> Select(const MultiheadPlan& plan) const {
+    const DType t = plan.attention.shape.dtype;
+    if (t != DType::kFloat16 && t != DType::kBFloat16) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the GPU multihead path computes in fp16 or bf16, not ", attention::DTypeName(t)));
+    }
+    if (plan.weights->embed_dim % 8 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("embed dim E=", plan.weights->embed_dim,
+                                                     " is not a multiple of 8 (GPU rows are read "
+                                                     "16 bytes at a time)"));
+    }
+    absl::StatusOr<attention::AttentionPlan> att =
+        attention::PlanAsRun(plan.attention, *attention_);
+    if (!att.ok()) return att.status();
+    const attention::ProblemShape& shape = plan.attention.shape;
+    return Layout{{shape.num_heads, shape.head_dim, att->shape.head_dim}, *std::move(att)};
   }
 
   // The module's part of the workspace, ahead of the attention's: Q, K, V, the attention's output
