@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -300,7 +301,27 @@ class CudaExecutor final : public Executor {
     }
     LogInfo("cuda executor: device %d, %s, device pool cap %d MiB", device_,
             std::string(gpu_[0]->name()), static_cast<int>(device_cap >> 20));
+    if (const char* trap = std::getenv("DILATTN_TEST_TRAP_DEVICE");
+        trap != nullptr && trap == std::to_string(device_)) {
+      trap_next_job_ = true;
+      LogWarning(
+          "cuda executor: device %d: DILATTN_TEST_TRAP_DEVICE is set: its first GPU job launches "
+          "a kernel that traps, leaving the device unusable (fault injection, for tests)",
+          device_);
+    }
     return absl::OkStatus();
+  }
+
+  // A failed job's error may have left the context corrupted (sticky): every later call then
+  // fails with it, a synchronisation included, where a non-sticky error (a refused launch, out of
+  // memory) is cleared by cudaGetLastError and the synchronisation succeeds.
+  absl::Status CheckDevice() override {
+    cudaSetDevice(device_);
+    cudaGetLastError();
+    const cudaError_t err = cudaDeviceSynchronize();
+    if (err == cudaSuccess) return absl::OkStatus();
+    return absl::InternalError(
+        absl::StrCat(cudaGetErrorName(err), " (", cudaGetErrorString(err), ")"));
   }
 
   std::string name() const override {
@@ -476,6 +497,14 @@ class CudaExecutor final : public Executor {
     job.stream = next_stream_;
     next_stream_ ^= 1;
     cudaStream_t stream = streams_[job.stream];
+    if (trap_next_job_) {
+      trap_next_job_ = false;
+      if (absl::Status s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchTrap(stream)),
+                                "fault injection");
+          !s.ok()) {
+        return s;
+      }
+    }
     for (cudaEvent_t* e : {&state->begin, &state->copied, &state->computed, &state->done}) {
       if (absl::Status s = Cuda(cudaEventCreate(e), "event"); !s.ok()) return s;
     }
@@ -899,6 +928,7 @@ class CudaExecutor final : public Executor {
   bool logged_pieces_ = false;
   bool logged_row_parts_ = false;
   bool logged_padding_ = false;
+  bool trap_next_job_ = false;  // DILATTN_TEST_TRAP_DEVICE names this device
 };
 
 }  // namespace

@@ -230,6 +230,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
   for (const auto& executor : e->executors_) {
     e->workers_.push_back(std::make_unique<Worker>());
     e->workers_.back()->executor = executor.get();
+    e->workers_.back()->index = static_cast<int>(e->workers_.size()) - 1;
+  }
+  {
+    absl::MutexLock lock(&e->mu_);
+    e->failures_.assign(e->workers_.size(), absl::OkStatus());
   }
   for (const auto& worker : e->workers_) {
     e->threads_.emplace_back([engine = e.get(), w = worker.get()] { engine->Loop(*w); });
@@ -250,7 +255,62 @@ std::vector<EngineThreadTimes> Engine::ThreadTimes() const {
                                          : "cpu";
     out.push_back({std::move(label), worker->clock.Read()});
   }
+  absl::MutexLock lock(&mu_);
+  for (size_t i = 0; i < out.size(); ++i) out[i].failed = !failures_[i].ok();
   return out;
+}
+
+std::vector<std::pair<std::string, absl::Status>> Engine::FailedDevices() const {
+  std::vector<std::pair<std::string, absl::Status>> out;
+  absl::MutexLock lock(&mu_);
+  for (const auto& worker : workers_) {
+    if (Failed(*worker)) {
+      out.emplace_back(absl::StrCat("cuda:", worker->executor->cuda_device()),
+                       failures_[worker->index]);
+    }
+  }
+  return out;
+}
+
+void Engine::SetDeviceFailureHandler(DeviceFailureHandler handler) {
+  absl::MutexLock lock(&mu_);
+  on_failure_ = std::move(handler);
+}
+
+void Engine::CheckDevice(const Worker& worker, const absl::Status& s) {
+  // Only faults inside the server can mean a lost device: not a client's error, a deadline, a
+  // cancellation or memory the pools could not give.
+  if (s.ok() || (!absl::IsInternal(s) && !absl::IsUnknown(s))) return;
+  absl::Status device = worker.executor->CheckDevice();
+  if (device.ok()) return;
+  const std::string name = absl::StrCat("cuda:", worker.executor->cuda_device());
+  DeviceFailureHandler handler;
+  int left = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (Failed(worker)) return;
+    failures_[worker.index] = device;
+    ++failed_workers_;
+    left = static_cast<int>(workers_.size()) - failed_workers_;
+    handler = on_failure_;
+  }
+  LogError("device %s failed: %s. Its engine thread takes no more batches; %d device(s) left%s",
+           name, device.ToString(), left,
+           left == 0 ? " (every request is answered UNAVAILABLE)" : "");
+  if (handler != nullptr) handler(name, device);
+}
+
+void Engine::RefuseBatch(Worker& worker, Batch batch) {
+  std::string why;
+  for (const auto& [device, error] : FailedDevices()) {
+    absl::StrAppend(&why, why.empty() ? "" : "; ", device, ": ", error.message());
+  }
+  const absl::Status s = absl::UnavailableError(
+      absl::StrCat("every GPU of this server has failed (", why, "); retry on another replica"));
+  PhaseScope phase(worker.clock, EnginePhase::kComplete);
+  std::vector<Completer::Item> items;
+  for (auto& r : batch.requests) items.push_back({std::move(r), s, {}});
+  worker.completer.Add(std::move(items));
 }
 
 std::string Engine::backend_name() const {
@@ -297,6 +357,7 @@ void Engine::ReleaseSlot() {
 
 void Engine::Submit(Batch batch) {
   batch.device = -1;
+  // A failed device leaves the gang (TakeFor runs the batch on one GPU then).
   batch.gang =
       gang_ != nullptr && batch.requests.size() == 1 && gang_->Takes(*batch.requests.front());
   if (!batch.requests.empty()) {
@@ -313,26 +374,31 @@ void Engine::Submit(Batch batch) {
   queue_.push_back(std::move(batch));
 }
 
-bool Engine::Eligible(const Batch& batch, const Executor& executor) const {
-  if (batch.device < 0 || batch.device == executor.cuda_device()) return true;
-  // Tensors on a GPU no thread here runs: any thread takes it.
-  return std::none_of(executors_.begin(), executors_.end(),
-                      [&](const auto& e) { return e->cuda_device() == batch.device; });
+bool Engine::Eligible(const Batch& batch, const Worker& worker) const {
+  // A failed device's thread only answers batches once no device works.
+  if (Failed(worker)) return failed_workers_ == static_cast<int>(workers_.size());
+  if (batch.device < 0 || batch.device == worker.executor->cuda_device()) return true;
+  // Tensors on a GPU no working thread here runs: any thread takes it.
+  return std::none_of(workers_.begin(), workers_.end(), [&](const auto& w) {
+    return !Failed(*w) && w->executor->cuda_device() == batch.device;
+  });
 }
 
-bool Engine::HasWorkFor(const Executor& executor) const {
+bool Engine::HasWorkFor(const Worker& worker) const {
   if (gang_active_) return false;
   return std::any_of(queue_.begin(), queue_.end(),
-                     [&](const Batch& b) { return Eligible(b, executor); });
+                     [&](const Batch& b) { return Eligible(b, worker); });
 }
 
-std::unique_ptr<Batch> Engine::TakeFor(const Executor& executor) {
+std::unique_ptr<Batch> Engine::TakeFor(const Worker& worker) {
   if (gang_active_) return nullptr;
   const auto it = std::find_if(queue_.begin(), queue_.end(),
-                               [&](const Batch& b) { return Eligible(b, executor); });
+                               [&](const Batch& b) { return Eligible(b, worker); });
   if (it == queue_.end()) return nullptr;
   auto batch = std::make_unique<Batch>(std::move(*it));
   queue_.erase(it);
+  // The split runs across every GPU: with one failed, the sequence runs on one.
+  if (failed_workers_ > 0) batch->gang = false;
   if (batch->gang) {
     gang_active_ = true;
   } else {
@@ -398,12 +464,12 @@ void Engine::Loop(Worker& worker) {
       idle_release_ > absl::ZeroDuration() ? MonotonicNow() + look_every : absl::InfiniteFuture();
   while (true) {
     std::unique_ptr<Batch> next;
-    bool idle = false, release = false;
+    bool idle = false, release = false, refuse = false;
     {
       absl::MutexLock lock(&mu_);
       if (in_flight == nullptr) {
-        auto ready = [this, &executor]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return HasWorkFor(executor) || (stopping_ && queue_.empty());
+        auto ready = [this, &worker]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+          return HasWorkFor(worker) || (stopping_ && queue_.empty());
         };
         // Work and shutdown still wake it at once.
         bool woken = false;
@@ -416,18 +482,20 @@ void Engine::Loop(Worker& worker) {
           // Not while a gang run holds every GPU: a cudaFree would wait for it (and the run
           // trims the executors' device pools itself). Counted as a job, so that a gang run
           // waits for it in turn.
-          release = !gang_active_;
+          // Nor on a failed device, whose memory cannot be freed.
+          release = !gang_active_ && !Failed(worker);
           if (release) {
             ++jobs_running_;
             ++releasing_;
           }
-        } else if (!HasWorkFor(executor)) {
+        } else if (!HasWorkFor(worker)) {
           return;  // stopping, nothing left
         }
       }
       if (!idle) {
-        next = TakeFor(executor);
+        next = TakeFor(worker);
         if (next != nullptr) ++free_slots_;  // the next batch may form while this one runs
+        refuse = next != nullptr && Failed(worker);
       }
     }
     if (idle) {
@@ -443,6 +511,11 @@ void Engine::Loop(Worker& worker) {
         }
       }
       next_look = MonotonicNow() + look_every;
+      continue;
+    }
+    if (refuse) {
+      RefuseBatch(worker, std::move(*next));
+      JobsDone(1);
       continue;
     }
     if (next != nullptr && next->gang) {
@@ -492,6 +565,9 @@ void Engine::RunGang(Worker& worker, Batch batch) {
       LogError("sequence-parallel run for %s failed: %s", job->model->name(), s.ToString());
     }
     CompleteJob(worker, *job, s);
+    // Every executor is idle still (no thread takes a batch during the run): each device may be
+    // asked.
+    for (const auto& w : workers_) CheckDevice(*w, s);
   }
   gang_->ReleaseCachedMemory();
   absl::MutexLock lock(&mu_);
@@ -525,8 +601,11 @@ std::unique_ptr<Job> Engine::StartJob(Worker& worker, Batch batch,
       LogError("starting %d request(s) for %s failed: %s", static_cast<int>(job->requests.size()),
                job->model->name(), s.ToString());
     }
-    PhaseScope phase(worker.clock, EnginePhase::kComplete);
-    for (auto& r : job->requests) CompleteRequest(std::move(r), s);
+    {
+      PhaseScope phase(worker.clock, EnginePhase::kComplete);
+      for (auto& r : job->requests) CompleteRequest(std::move(r), s);
+    }
+    CheckDevice(worker, s);
     return nullptr;
   }
   return job;
@@ -568,6 +647,7 @@ void Engine::FinishJob(Worker& worker, std::unique_ptr<Job> job) {
     s = Guarded([&] { return worker.executor->Wait(*job); });
   }
   CompleteJob(worker, *job, s);
+  CheckDevice(worker, s);
 }
 
 void Engine::CompleteJob(Worker& worker, Job& job, const absl::Status& s) {

@@ -66,6 +66,11 @@ class Executor {
   virtual memory::BufferPool& staging_pool() = 0;
   virtual absl::Status Start(Job& job) = 0;
   virtual absl::Status Wait(Job& job) = 0;
+  // After Start() or Wait() failed: OK while the device still works, else the error that left
+  // it unusable for the rest of the process (a CUDA error that corrupts its context: an illegal
+  // address, a kernel trap, an uncorrectable ECC error, a device fallen off the bus). The
+  // engine thread; it waits for the device's work in flight.
+  virtual absl::Status CheckDevice() { return absl::OkStatus(); }
   // Frees the device memory its pools cache between jobs (a job across every GPU is about to
   // need it). Only while it runs no job.
   virtual void ReleaseCachedMemory() {}

@@ -110,6 +110,12 @@ class Metrics::SourceCollector : public prometheus::Collectable {
           "memory and heap trims), other",
           prometheus::MetricType::Counter,
           {}};
+      prometheus::MetricFamily failed{
+          "dilattn_device_failed",
+          "1 once a device failed (a CUDA error left it unusable for the rest of the process): "
+          "its engine thread takes no more batches and the server reports NOT_SERVING; else 0",
+          prometheus::MetricType::Gauge,
+          {}};
       for (const EngineThreadSeconds& t : engine_()) {
         for (const auto& [phase, seconds] : t.phases) {
           prometheus::ClientMetric m;
@@ -117,8 +123,13 @@ class Metrics::SourceCollector : public prometheus::Collectable {
           m.counter.value = seconds;
           engine.metric.push_back(m);
         }
+        prometheus::ClientMetric m;
+        m.label = {{"device", t.device}};
+        m.gauge.value = t.failed ? 1 : 0;
+        failed.metric.push_back(m);
       }
       out.push_back(engine);
+      out.push_back(failed);
     }
     return out;
   }

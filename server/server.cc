@@ -40,12 +40,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options.engine);
   if (!engine.ok()) return engine.status();
   s->engine_ = *std::move(engine);
+  s->engine_->SetDeviceFailureHandler(
+      [server = s.get()](const std::string&, const absl::Status&) { server->DeviceFailed(); });
   for (const memory::BufferPool* pool : s->engine_->pools()) s->metrics_->AddPool(pool);
   s->metrics_->SetEngineTimes([engine = s->engine_.get()] {
     std::vector<EngineThreadSeconds> out;
     for (const EngineThreadTimes& t : engine->ThreadTimes()) {
       EngineThreadSeconds& o = out.emplace_back();
       o.device = t.device;
+      o.failed = t.failed;
       for (int p = 0; p < kEnginePhases; ++p) {
         o.phases.emplace_back(EnginePhaseName(static_cast<EnginePhase>(p)),
                               absl::ToDoubleSeconds(t.phase[p]));
@@ -81,10 +84,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     return absl::UnavailableError(absl::StrCat("cannot listen for gRPC on ",
                                                options.bind_address, ":", options.grpc_port));
   }
-  grpc::HealthCheckServiceInterface* health = s->grpc_->GetHealthCheckService();
-  health->SetServingStatus(true);
-  for (const auto& m : s->registry_->models()) health->SetServingStatus(m->name(), true);
-  s->state_.ready.store(true);
+  {
+    absl::MutexLock lock(&s->mu_);
+    s->health_ = s->grpc_->GetHealthCheckService();
+    // A device may have failed already, on a request that came in before this point.
+    const bool serving = !s->device_failed_;
+    s->health_->SetServingStatus(serving);
+    for (const auto& m : s->registry_->models()) s->health_->SetServingStatus(m->name(), serving);
+    s->state_.ready.store(serving);
+  }
   const int metrics_port = s->metrics_->port();
   LogInfo("dilattn-server: backend %s, %d models, gRPC on %s:%d, %s", s->engine_->backend_name(),
           static_cast<int>(s->registry_->models().size()), options.bind_address, s->grpc_port_,
@@ -104,6 +112,16 @@ void Server::Wait() {
   if (grpc_ != nullptr) grpc_->Wait();
 }
 
+void Server::DeviceFailed() {
+  LogError(
+      "dilattn-server: health and readiness report NOT_SERVING from now on, so that this replica "
+      "is taken out of service and restarted");
+  absl::MutexLock lock(&mu_);
+  device_failed_ = true;
+  state_.ready.store(false);
+  if (health_ != nullptr && !shut_down_) health_->SetServingStatus(false);
+}
+
 void Server::Shutdown() {
   {
     absl::MutexLock lock(&mu_);
@@ -111,7 +129,10 @@ void Server::Shutdown() {
     shut_down_ = true;
   }
   state_.ready.store(false);
-  if (grpc_ != nullptr) grpc_->GetHealthCheckService()->SetServingStatus(false);
+  {
+    absl::MutexLock lock(&mu_);
+    if (health_ != nullptr) health_->SetServingStatus(false);
+  }
   // Schedulers stop waiting for batching delays. New inference RPCs are refused while the
   // in-flight ones finish, up to the grace period; streams among them (a native stream's later
   // stretches, a ModelStreamInfer client's next request) are still scheduled. Only then does

@@ -7,7 +7,9 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
 #include "server/engine.h"
 #include "server/grpc/attend_service.h"
@@ -64,6 +66,12 @@ class Server {
   int grpc_port_ = 0;
   absl::Mutex mu_;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  // A GPU failed (Engine::FailedDevices): health and readiness stay NOT_SERVING, so that the
+  // orchestrator takes the replica out of service and restarts it. Any thread.
+  void DeviceFailed();
+  bool device_failed_ ABSL_GUARDED_BY(mu_) = false;
+  // Written under mu_ too, where DeviceFailed (on an engine thread) may read it.
+  grpc::HealthCheckServiceInterface* health_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 
 }  // namespace dilattn::server

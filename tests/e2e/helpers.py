@@ -1,12 +1,23 @@
 """Building requests with tritonclient the way users do."""
 
 import re
+import subprocess
 
 import ml_dtypes
 import numpy as np
 import tritonclient.grpc as grpcclient
 
 NUMPY_DTYPE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+def gpu_count():
+    """GPUs on this machine (nvidia-smi), 0 without any."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def random_qkv(shape, seed):

@@ -2,7 +2,6 @@
 to whichever GPU is free, and every GPU gives the right answer."""
 
 import concurrent.futures
-import subprocess
 import uuid
 
 import numpy as np
@@ -12,16 +11,7 @@ import tritonclient.utils.shared_memory as shm
 import cuda_ipc
 import reference
 from conftest import ServerProcess
-from helpers import make_inputs, shared_memory_tensors
-
-
-def _gpu_count():
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+from helpers import gpu_count, make_inputs, shared_memory_tensors
 
 
 def _in_cuda_shared_memory(client, cudart, gpu, name, q, k, v):
@@ -36,7 +26,7 @@ def _in_cuda_shared_memory(client, cudart, gpu, name, q, k, v):
 
 
 pytestmark = pytest.mark.skipif(
-    not reference.ON_GPU or _gpu_count() < 2,
+    not reference.ON_GPU or gpu_count() < 2,
     reason="needs a GPU server (DILATTN_E2E_DEVICE=cuda) on a machine with two or more GPUs")
 
 
@@ -69,7 +59,7 @@ def test_requests_spread_over_every_gpu_with_the_same_answers(server, client):
                 assert np.array_equal(outputs[shape], out), f"{shape}: answers differ"
             outputs[shape] = out
     used = [server.metric("dilattn_buffer_pool_bytes", pool=f"cuda:{g}", state="high_water")
-            for g in range(_gpu_count())]
+            for g in range(gpu_count())]
     assert all(u is not None and u > 0 for u in used), f"per-GPU pool high water: {used}"
 
 
@@ -87,7 +77,7 @@ def test_cuda_shared_memory_requests_run_on_the_gpu_that_holds_them():
     params = {"segment_lengths": "2048,8192", "dilation_rates": "1,4"}
     expected = reference.dilated_attention(*(x[:, :8192].astype(np.float32) for x in (q, k, v)),
                                            [2048, 8192], [1, 4])
-    for gpu in range(_gpu_count()):
+    for gpu in range(gpu_count()):
         server = ServerProcess(name=f"multi-gpu-shm-{gpu}")
         client = server.client()
         buf = None
@@ -97,7 +87,7 @@ def test_cuda_shared_memory_requests_run_on_the_gpu_that_holds_them():
                 client.infer("dilated_attention", inputs, outputs=outputs, parameters=params)
             o = buf.read(np.float16, shape, offset=3 * n)[:, :8192].astype(np.float32)
             assert reference.relative_error(o, expected) <= reference.TOLERANCE["FP16"]
-            for other in range(_gpu_count()):
+            for other in range(gpu_count()):
                 leased = server.metric("dilattn_buffer_pool_bytes", pool=f"cuda:{other}",
                                        state="high_water")
                 if other == gpu:
@@ -162,7 +152,7 @@ def test_a_long_sequence_runs_split_across_the_gpus(client):
             c = split.client()
             buf = None
             try:
-                buf, inputs, outputs = _in_cuda_shared_memory(c, cudart, _gpu_count() - 1, "sp",
+                buf, inputs, outputs = _in_cuda_shared_memory(c, cudart, gpu_count() - 1, "sp",
                                                               q, k, v)
                 c.infer("dilated_attention", inputs, outputs=outputs, parameters=SPLIT_PARAMS)
                 from_shm = buf.read(np.float16, shape, offset=3 * q.nbytes)

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "absl/random/random.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
@@ -45,16 +47,25 @@ struct RunLog {
   std::atomic<int64_t> max_kept_pairs{0};  // the most block pairs one job held
 };
 
+// Faults a RecordingExecutor's device shows, by its jobs' numbers (from 1; 0: none).
+struct DeviceFaults {
+  int lost_at = 0;       // that job's Wait fails and the device is lost, as a GPU's sticky error
+  int transient_at = 0;  // that job's Wait fails and the device still works
+};
+
 class RecordingExecutor final : public Executor {
  public:
-  RecordingExecutor(int device, RunLog* log, memory::BufferPool* pool)
-      : device_(device), log_(log), pool_(pool) {}
+  RecordingExecutor(int device, RunLog* log, memory::BufferPool* pool, DeviceFaults faults = {})
+      : device_(device), log_(log), pool_(pool), faults_(faults) {}
   std::string name() const override { return "recording"; }
   int cuda_device() const override { return device_; }
   absl::StatusOr<PlanFacts> Supports(const InferenceRequest&) const override { return PlanFacts{}; }
   std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
   memory::BufferPool& staging_pool() override { return *pool_; }
   absl::Status Start(Job& job) override {
+    // Every call on a lost device fails, as on a GPU whose context a sticky error corrupted.
+    if (lost_) return absl::InternalError("cudaErrorIllegalAddress (an illegal memory access)");
+    started_.push_back(++jobs_);
     WaitForInputs(job);  // as every executor does before it reads them
     {
       absl::MutexLock lock(&log_->mu);
@@ -80,7 +91,17 @@ class RecordingExecutor final : public Executor {
   absl::Status Wait(Job&) override {
     absl::SleepFor(absl::Microseconds(500));
     log_->active.fetch_sub(1);
+    const int job = started_.front();
+    started_.pop_front();
+    if (job == faults_.lost_at) lost_ = true;
+    if (lost_ || job == faults_.transient_at) {
+      return absl::InternalError("cudaErrorIllegalAddress (an illegal memory access)");
+    }
     return absl::OkStatus();
+  }
+  absl::Status CheckDevice() override {
+    return lost_ ? absl::InternalError("cudaErrorIllegalAddress (an illegal memory access)")
+                 : absl::OkStatus();
   }
   void ReleaseCachedMemory() override { log_->released.fetch_add(1); }
 
@@ -88,6 +109,10 @@ class RecordingExecutor final : public Executor {
   const int device_;
   RunLog* const log_;
   memory::BufferPool* const pool_;
+  const DeviceFaults faults_;
+  int jobs_ = 0;
+  std::deque<int> started_;  // numbers of the jobs started and not yet waited for
+  bool lost_ = false;
 };
 
 // A GPU-like executor (Start issues, Wait finishes) whose jobs each hold most of the pool from
@@ -266,10 +291,13 @@ class EngineThreads : public ::testing::Test {
     return r;
   }
 
-  void Start(std::vector<int> devices, bool gang = false, absl::string_view batching = "") {
+  void Start(std::vector<int> devices, bool gang = false, absl::string_view batching = "",
+             const std::map<int, DeviceFaults>& faults = {}) {
     std::vector<std::unique_ptr<Executor>> executors;
     for (int d : devices) {
-      executors.push_back(std::make_unique<RecordingExecutor>(d, &log_, pool_.get()));
+      const auto f = faults.find(d);
+      executors.push_back(std::make_unique<RecordingExecutor>(
+          d, &log_, pool_.get(), f == faults.end() ? DeviceFaults{} : f->second));
     }
     std::unique_ptr<GangRunner> runner;
     if (gang) {
@@ -322,8 +350,10 @@ class EngineThreads : public ::testing::Test {
     r->seq_len = tokens;
     r->fill = std::move(fill);
     for (int& d : r->input_device) d = device;
-    r->done = [this](InferenceRequest&, const absl::Status& s, const RequestTimings&) {
+    r->done = [this](InferenceRequest& done, const absl::Status& s, const RequestTimings&) {
       (s.ok() ? ok_ : failed_).fetch_add(1);
+      absl::MutexLock lock(&status_mu_);
+      status_of_[done.batch] = s;
     };
     SubmitAlone(std::move(r));
   }
@@ -349,6 +379,8 @@ class EngineThreads : public ::testing::Test {
   std::unique_ptr<Model> model_;
   RecordingGang* gang_ = nullptr;
   std::atomic<int> ok_{0}, failed_{0};
+  absl::Mutex status_mu_;
+  std::map<int64_t, absl::Status> status_of_ ABSL_GUARDED_BY(status_mu_);  // Submit's, by id
 };
 
 TEST_F(EngineThreads, EveryBatchRunsOnceAndTheyShareTheDevices) {
@@ -437,6 +469,102 @@ TEST_F(EngineThreads, GangBatchesRunAloneOnEveryDevice) {
   for (int64_t id = 1; id <= 120; ++id) {
     EXPECT_EQ(log_.runs[id], 1) << "request " << id;
     EXPECT_EQ(log_.device_of[id] == -2, id % 10 == 0) << "request " << id;
+  }
+}
+
+// A device whose job leaves it unusable (a sticky CUDA error) takes no more batches: the other
+// device runs every later one, those whose tensors lie on the failed GPU too; the failure is
+// reported once, to the handler, in FailedDevices and in the thread times.
+TEST_F(EngineThreads, AFailedDeviceTakesNoMoreBatchesAndTheOthersTakeItsShare) {
+  Start({0, 1}, false, "", {{1, DeviceFaults{.lost_at = 1}}});
+  absl::Mutex mu;
+  std::vector<std::string> reported;
+  engine_->SetDeviceFailureHandler([&](const std::string& device, const absl::Status& error) {
+    absl::MutexLock lock(&mu);
+    reported.push_back(absl::StrCat(device, " ", error.message()));
+  });
+  Submit(1, 1);  // its tensors on GPU 1, whose thread takes it and fails
+  ASSERT_TRUE(WaitFor([&] { return !engine_->FailedDevices().empty(); }));
+  for (int64_t id = 2; id <= 61; ++id) Submit(id, id % 2 == 0 ? 1 : -1);
+  engine_->Shutdown();
+  EXPECT_EQ(failed_.load(), 1);
+  EXPECT_EQ(ok_.load(), 60);
+  {
+    absl::MutexLock lock(&status_mu_);
+    EXPECT_TRUE(absl::IsInternal(status_of_[1])) << status_of_[1];
+  }
+  {
+    absl::MutexLock lock(&log_.mu);
+    for (int64_t id = 2; id <= 61; ++id) {
+      EXPECT_EQ(log_.device_of[id], 0) << "request " << id;
+      EXPECT_EQ(log_.runs[id], 1) << "request " << id;
+    }
+  }
+  const auto failed = engine_->FailedDevices();
+  ASSERT_EQ(failed.size(), 1u);
+  EXPECT_EQ(failed[0].first, "cuda:1");
+  EXPECT_TRUE(absl::StrContains(failed[0].second.message(), "illegal memory access"));
+  {
+    absl::MutexLock lock(&mu);
+    ASSERT_EQ(reported.size(), 1u);
+    EXPECT_TRUE(absl::StartsWith(reported[0], "cuda:1 cudaErrorIllegalAddress")) << reported[0];
+  }
+  const std::vector<EngineThreadTimes> times = engine_->ThreadTimes();
+  ASSERT_EQ(times.size(), 2u);
+  EXPECT_FALSE(times[0].failed);
+  EXPECT_TRUE(times[1].failed);
+}
+
+// An error after which the device still works (a refused launch, say) fails its job alone.
+TEST_F(EngineThreads, AnErrorThatLeavesTheDeviceWorkingKeepsItInService) {
+  Start({0}, false, "", {{0, DeviceFaults{.transient_at = 1}}});
+  Submit(1, -1);
+  ASSERT_TRUE(WaitFor([&] { return failed_.load() == 1; }));
+  for (int64_t id = 2; id <= 11; ++id) Submit(id, -1);
+  engine_->Shutdown();
+  EXPECT_EQ(failed_.load(), 1);
+  EXPECT_EQ(ok_.load(), 10);
+  EXPECT_TRUE(engine_->FailedDevices().empty());
+  EXPECT_FALSE(engine_->ThreadTimes()[0].failed);
+}
+
+// With every device failed, each batch is answered UNAVAILABLE at once (clients retry on
+// another replica), naming the failure; none is lost, and the engine still shuts down.
+TEST_F(EngineThreads, WithEveryDeviceFailedRequestsAreAnsweredUnavailable) {
+  Start({0, 1}, false, "", {{0, DeviceFaults{.lost_at = 1}}, {1, DeviceFaults{.lost_at = 1}}});
+  Submit(1, 0);
+  Submit(2, 1);
+  ASSERT_TRUE(WaitFor([&] { return engine_->FailedDevices().size() == 2; }));
+  for (int64_t id = 3; id <= 22; ++id) Submit(id, id % 3 - 1);
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 0);
+  EXPECT_EQ(failed_.load(), 22);
+  absl::MutexLock lock(&status_mu_);
+  ASSERT_EQ(status_of_.size(), 22u);
+  for (int64_t id = 3; id <= 22; ++id) {
+    const absl::Status& s = status_of_[id];
+    EXPECT_TRUE(absl::IsUnavailable(s)) << "request " << id << ": " << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "every GPU of this server has failed (cuda:0: "))
+        << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "; cuda:1: ")) << s;
+  }
+  absl::MutexLock log_lock(&log_.mu);
+  EXPECT_EQ(log_.runs.size(), 2u);  // only the two that failed the devices ever started
+}
+
+// Sequence parallelism needs every GPU: once one fails, long sequences run on one of the others.
+TEST_F(EngineThreads, AFailedDeviceLeavesTheGang) {
+  Start({0, 1, 2}, /*gang=*/true, "", {{2, DeviceFaults{.lost_at = 1}}});
+  Submit(1, 2);
+  ASSERT_TRUE(WaitFor([&] { return !engine_->FailedDevices().empty(); }));
+  for (int64_t id = 2; id <= 21; ++id) Submit(id, -1, id % 2 == 0 ? 500 : 1);
+  engine_->Shutdown();
+  EXPECT_EQ(failed_.load(), 1);
+  EXPECT_EQ(ok_.load(), 20);
+  absl::MutexLock lock(&log_.mu);
+  for (int64_t id = 2; id <= 21; ++id) {
+    EXPECT_TRUE(log_.device_of[id] == 0 || log_.device_of[id] == 1)
+        << "request " << id << " ran on " << log_.device_of[id];
   }
 }
 

@@ -203,4 +203,11 @@ int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_d
   return cudaGetLastError();
 }
 
+__global__ void TrapKernel() { __trap(); }
+
+int LaunchTrap(void* stream) {
+  TrapKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>();
+  return cudaGetLastError();
+}
+
 }  // namespace dilattn::attention::cuda

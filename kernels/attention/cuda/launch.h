@@ -57,4 +57,9 @@ int LaunchHalfToFloat(const void* in, float* out, int64_t n, HalfRows rows,
 int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_dim,
                        const int32_t* rows, int64_t n, void* packed, void* stream);
 
+// A kernel that traps, which leaves the device's context unusable for the rest of the process as
+// a hardware fault or an illegal address does: the fault-injection tests of the server's handling
+// of a failed device (DILATTN_TEST_TRAP_DEVICE).
+int LaunchTrap(void* stream);
+
 }  // namespace dilattn::attention::cuda
