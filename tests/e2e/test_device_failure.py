@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 import cuda_ipc
 import reference
-from conftest import ServerProcess, wait_until
+from conftest import ServerProcess, results_dir, wait_until
 from helpers import gpu_count, make_inputs, shared_memory_tensors
 
 pytestmark = pytest.mark.skipif(not reference.ON_GPU,
@@ -127,9 +127,10 @@ def test_the_other_gpus_serve_after_one_fails(failed):
         try:
             client.infer("dilated_attention", inputs, outputs=outputs, parameters=PARAMS)
             _check(buf.read(np.float16, q.shape, offset=3 * n), q, k, v)
-            print("a request in the failed GPU's memory: answered")
+            outcome = "answered, right"
         except InferenceServerException as again:
-            print(f"a request in the failed GPU's memory: {again.status()} {again.message()}")
+            outcome = f"{again.status()} {again.message()}"
+        (results_dir() / f"device-failure-gpu{failed}-shm.txt").write_text(outcome + "\n")
         # The working GPUs answer everything from now on, right: rounds of requests of different
         # shapes (no two batched together) at once.
         for round_ in range(3):
