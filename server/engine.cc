@@ -300,6 +300,41 @@ void Engine::CheckDevice(const Worker& worker, const absl::Status& s) {
   if (handler != nullptr) handler(name, device);
 }
 
+void Engine::RefuseOnFailedDevices(Worker& worker, Batch& batch) {
+  std::vector<int> failed;
+  {
+    absl::MutexLock lock(&mu_);
+    if (failed_workers_ == 0) return;
+    for (const auto& w : workers_) {
+      if (Failed(*w)) failed.push_back(w->executor->cuda_device());
+    }
+  }
+  auto failed_device_of = [&](const InferenceRequest& r) {
+    for (int d :
+         {r.input_device[0], r.input_device[1], r.input_device[2], r.output_target.device}) {
+      if (d >= 0 && std::find(failed.begin(), failed.end(), d) != failed.end()) return d;
+    }
+    return -1;
+  };
+  std::vector<Completer::Item> items;
+  std::vector<std::unique_ptr<InferenceRequest>> kept;
+  for (auto& r : batch.requests) {
+    if (const int d = failed_device_of(*r); d >= 0) {
+      items.push_back({std::move(r),
+                       absl::UnavailableError(absl::StrCat(
+                           "the request's tensors lie in CUDA shared memory on cuda:", d,
+                           ", which failed on this server; retry on another replica")),
+                       {}});
+    } else {
+      kept.push_back(std::move(r));
+    }
+  }
+  batch.requests = std::move(kept);
+  if (items.empty()) return;
+  PhaseScope phase(worker.clock, EnginePhase::kComplete);
+  worker.completer.Add(std::move(items));
+}
+
 void Engine::RefuseBatch(Worker& worker, Batch batch) {
   std::string why;
   for (const auto& [device, error] : FailedDevices()) {
@@ -517,6 +552,13 @@ void Engine::Loop(Worker& worker) {
       RefuseBatch(worker, std::move(*next));
       JobsDone(1);
       continue;
+    }
+    if (next != nullptr && !next->gang) {
+      RefuseOnFailedDevices(worker, *next);
+      if (next->requests.empty()) {
+        JobsDone(1);
+        continue;
+      }
     }
     if (next != nullptr && next->gang) {
       if (in_flight != nullptr) {

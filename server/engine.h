@@ -211,6 +211,10 @@ class Engine {
   // Every request of a batch taken once every device has failed: UNAVAILABLE, so that clients
   // retry on another replica.
   void RefuseBatch(Worker& worker, Batch batch);
+  // Takes out of `batch` the requests with a tensor in CUDA shared memory on a failed GPU and
+  // answers them UNAVAILABLE: this process's mapping of that memory went with the GPU's
+  // context, and another GPU reading it would fault as well.
+  void RefuseOnFailedDevices(Worker& worker, Batch& batch);
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
   // Starts `batch`; a job still `in_flight` is finished first where its buffers stand in the way
   // (and moved from then).

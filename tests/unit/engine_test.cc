@@ -473,8 +473,9 @@ TEST_F(EngineThreads, GangBatchesRunAloneOnEveryDevice) {
 }
 
 // A device whose job leaves it unusable (a sticky CUDA error) takes no more batches: the other
-// device runs every later one, those whose tensors lie on the failed GPU too; the failure is
-// reported once, to the handler, in FailedDevices and in the thread times.
+// device runs every later one; those whose tensors lie in CUDA shared memory on the failed GPU
+// are answered UNAVAILABLE instead (another GPU reading that GPU's mapping would fault too). The
+// failure is reported once, to the handler, in FailedDevices and in the thread times.
 TEST_F(EngineThreads, AFailedDeviceTakesNoMoreBatchesAndTheOthersTakeItsShare) {
   Start({0, 1}, false, "", {{1, DeviceFaults{.lost_at = 1}}});
   absl::Mutex mu;
@@ -485,19 +486,29 @@ TEST_F(EngineThreads, AFailedDeviceTakesNoMoreBatchesAndTheOthersTakeItsShare) {
   });
   Submit(1, 1);  // its tensors on GPU 1, whose thread takes it and fails
   ASSERT_TRUE(WaitFor([&] { return !engine_->FailedDevices().empty(); }));
-  for (int64_t id = 2; id <= 61; ++id) Submit(id, id % 2 == 0 ? 1 : -1);
+  for (int64_t id = 2; id <= 61; ++id) Submit(id, id % 3 == 0 ? 1 : id % 3 - 1);
   engine_->Shutdown();
-  EXPECT_EQ(failed_.load(), 1);
-  EXPECT_EQ(ok_.load(), 60);
+  EXPECT_EQ(failed_.load(), 1 + 20);
+  EXPECT_EQ(ok_.load(), 40);
   {
     absl::MutexLock lock(&status_mu_);
     EXPECT_TRUE(absl::IsInternal(status_of_[1])) << status_of_[1];
+    for (int64_t id = 3; id <= 61; id += 3) {
+      const absl::Status& s = status_of_[id];
+      EXPECT_TRUE(absl::IsUnavailable(s)) << "request " << id << ": " << s;
+      EXPECT_TRUE(absl::StrContains(s.message(), "CUDA shared memory on cuda:1, which failed"))
+          << s;
+    }
   }
   {
     absl::MutexLock lock(&log_.mu);
     for (int64_t id = 2; id <= 61; ++id) {
-      EXPECT_EQ(log_.device_of[id], 0) << "request " << id;
-      EXPECT_EQ(log_.runs[id], 1) << "request " << id;
+      if (id % 3 == 0) {
+        EXPECT_EQ(log_.runs.count(id), 0u) << "request " << id;
+      } else {
+        EXPECT_EQ(log_.device_of[id], 0) << "request " << id;
+        EXPECT_EQ(log_.runs[id], 1) << "request " << id;
+      }
     }
   }
   const auto failed = engine_->FailedDevices();
