@@ -230,11 +230,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
   for (const auto& executor : e->executors_) {
     e->workers_.push_back(std::make_unique<Worker>());
     e->workers_.back()->executor = executor.get();
-    e->workers_.back()->index = static_cast<int>(e->workers_.size()) - 1;
-  }
-  {
-    absl::MutexLock lock(&e->mu_);
-    e->failures_.assign(e->workers_.size(), absl::OkStatus());
   }
   for (const auto& worker : e->workers_) {
     e->threads_.emplace_back([engine = e.get(), w = worker.get()] { engine->Loop(*w); });
@@ -256,92 +251,53 @@ std::vector<EngineThreadTimes> Engine::ThreadTimes() const {
     out.push_back({std::move(label), worker->clock.Read()});
   }
   absl::MutexLock lock(&mu_);
-  for (size_t i = 0; i < out.size(); ++i) out[i].failed = !failures_[i].ok();
-  return out;
-}
-
-std::vector<std::pair<std::string, absl::Status>> Engine::FailedDevices() const {
-  std::vector<std::pair<std::string, absl::Status>> out;
-  absl::MutexLock lock(&mu_);
-  for (const auto& worker : workers_) {
-    if (Failed(*worker)) {
-      out.emplace_back(absl::StrCat("cuda:", worker->executor->cuda_device()),
-                       failures_[worker->index]);
-    }
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i].failed = lost_device_ >= 0 && workers_[i]->executor->cuda_device() == lost_device_;
   }
   return out;
 }
 
-void Engine::SetDeviceFailureHandler(DeviceFailureHandler handler) {
+absl::Status Engine::DeviceLost() const {
   absl::MutexLock lock(&mu_);
-  on_failure_ = std::move(handler);
+  return lost_;
 }
 
-void Engine::CheckDevice(const Worker& worker, const absl::Status& s) {
+void Engine::SetDeviceLostHandler(std::function<void(const absl::Status& error)> handler) {
+  absl::MutexLock lock(&mu_);
+  on_lost_ = std::move(handler);
+}
+
+void Engine::CheckDevice(Executor& executor, const absl::Status& s) {
   // Only faults inside the server can mean a lost device: not a client's error, a deadline, a
   // cancellation or memory the pools could not give.
   if (s.ok() || (!absl::IsInternal(s) && !absl::IsUnknown(s))) return;
-  absl::Status device = worker.executor->CheckDevice();
+  {
+    absl::MutexLock lock(&mu_);
+    if (!lost_.ok()) return;  // stopped already
+  }
+  const absl::Status device = executor.CheckDevice();
   if (device.ok()) return;
-  const std::string name = absl::StrCat("cuda:", worker.executor->cuda_device());
-  DeviceFailureHandler handler;
-  int left = 0;
+  const absl::Status lost(device.code(),
+                          absl::StrCat("cuda:", executor.cuda_device(), ": ", device.message()));
+  std::function<void(const absl::Status&)> handler;
   {
     absl::MutexLock lock(&mu_);
-    if (Failed(worker)) return;
-    failures_[worker.index] = device;
-    ++failed_workers_;
-    left = static_cast<int>(workers_.size()) - failed_workers_;
-    handler = on_failure_;
+    if (!lost_.ok()) return;
+    lost_ = lost;
+    lost_device_ = executor.cuda_device();
+    handler = on_lost_;
   }
-  LogError("device %s failed: %s. Its engine thread takes no more batches; %d device(s) left%s",
-           name, device.ToString(), left,
-           left == 0 ? " (every request is answered UNAVAILABLE)" : "");
-  if (handler != nullptr) handler(name, device);
-}
-
-void Engine::RefuseOnFailedDevices(Worker& worker, Batch& batch) {
-  std::vector<int> failed;
-  {
-    absl::MutexLock lock(&mu_);
-    if (failed_workers_ == 0) return;
-    for (const auto& w : workers_) {
-      if (Failed(*w)) failed.push_back(w->executor->cuda_device());
-    }
-  }
-  auto failed_device_of = [&](const InferenceRequest& r) {
-    for (int d :
-         {r.input_device[0], r.input_device[1], r.input_device[2], r.output_target.device}) {
-      if (d >= 0 && std::find(failed.begin(), failed.end(), d) != failed.end()) return d;
-    }
-    return -1;
-  };
-  std::vector<Completer::Item> items;
-  std::vector<std::unique_ptr<InferenceRequest>> kept;
-  for (auto& r : batch.requests) {
-    if (const int d = failed_device_of(*r); d >= 0) {
-      items.push_back({std::move(r),
-                       absl::UnavailableError(absl::StrCat(
-                           "the request's tensors lie in CUDA shared memory on cuda:", d,
-                           ", which failed on this server; retry on another replica")),
-                       {}});
-    } else {
-      kept.push_back(std::move(r));
-    }
-  }
-  batch.requests = std::move(kept);
-  if (items.empty()) return;
-  PhaseScope phase(worker.clock, EnginePhase::kComplete);
-  worker.completer.Add(std::move(items));
+  LogError(
+      "%s: a CUDA error after which the process's GPUs cannot be used; every GPU stops, and each "
+      "request is answered UNAVAILABLE until the server is restarted",
+      lost.message());
+  if (handler != nullptr) handler(lost);
 }
 
 void Engine::RefuseBatch(Worker& worker, Batch batch) {
-  std::string why;
-  for (const auto& [device, error] : FailedDevices()) {
-    absl::StrAppend(&why, why.empty() ? "" : "; ", device, ": ", error.message());
-  }
-  const absl::Status s = absl::UnavailableError(
-      absl::StrCat("every GPU of this server has failed (", why, "); retry on another replica"));
+  const absl::Status s =
+      absl::UnavailableError(absl::StrCat("this server's GPUs stopped after a device error (",
+                                          DeviceLost().message(), "); retry on another replica"));
   PhaseScope phase(worker.clock, EnginePhase::kComplete);
   std::vector<Completer::Item> items;
   for (auto& r : batch.requests) items.push_back({std::move(r), s, {}});
@@ -392,7 +348,6 @@ void Engine::ReleaseSlot() {
 
 void Engine::Submit(Batch batch) {
   batch.device = -1;
-  // A failed device leaves the gang (TakeFor runs the batch on one GPU then).
   batch.gang =
       gang_ != nullptr && batch.requests.size() == 1 && gang_->Takes(*batch.requests.front());
   if (!batch.requests.empty()) {
@@ -409,31 +364,29 @@ void Engine::Submit(Batch batch) {
   queue_.push_back(std::move(batch));
 }
 
-bool Engine::Eligible(const Batch& batch, const Worker& worker) const {
-  // A failed device's thread only answers batches once no device works.
-  if (Failed(worker)) return failed_workers_ == static_cast<int>(workers_.size());
-  if (batch.device < 0 || batch.device == worker.executor->cuda_device()) return true;
-  // Tensors on a GPU no working thread here runs: any thread takes it.
-  return std::none_of(workers_.begin(), workers_.end(), [&](const auto& w) {
-    return !Failed(*w) && w->executor->cuda_device() == batch.device;
-  });
+bool Engine::Eligible(const Batch& batch, const Executor& executor) const {
+  if (batch.device < 0 || batch.device == executor.cuda_device()) return true;
+  // Tensors on a GPU no thread here runs: any thread takes it.
+  return std::none_of(executors_.begin(), executors_.end(),
+                      [&](const auto& e) { return e->cuda_device() == batch.device; });
 }
 
-bool Engine::HasWorkFor(const Worker& worker) const {
+bool Engine::HasWorkFor(const Executor& executor) const {
   if (gang_active_) return false;
+  if (!lost_.ok()) return !queue_.empty();  // any thread refuses any batch
   return std::any_of(queue_.begin(), queue_.end(),
-                     [&](const Batch& b) { return Eligible(b, worker); });
+                     [&](const Batch& b) { return Eligible(b, executor); });
 }
 
-std::unique_ptr<Batch> Engine::TakeFor(const Worker& worker) {
+std::unique_ptr<Batch> Engine::TakeFor(const Executor& executor) {
   if (gang_active_) return nullptr;
-  const auto it = std::find_if(queue_.begin(), queue_.end(),
-                               [&](const Batch& b) { return Eligible(b, worker); });
+  const auto it = !lost_.ok() ? queue_.begin()
+                              : std::find_if(queue_.begin(), queue_.end(),
+                                             [&](const Batch& b) { return Eligible(b, executor); });
   if (it == queue_.end()) return nullptr;
   auto batch = std::make_unique<Batch>(std::move(*it));
   queue_.erase(it);
-  // The split runs across every GPU: with one failed, the sequence runs on one.
-  if (failed_workers_ > 0) batch->gang = false;
+  if (!lost_.ok()) batch->gang = false;  // refused by the thread that took it
   if (batch->gang) {
     gang_active_ = true;
   } else {
@@ -503,8 +456,8 @@ void Engine::Loop(Worker& worker) {
     {
       absl::MutexLock lock(&mu_);
       if (in_flight == nullptr) {
-        auto ready = [this, &worker]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-          return HasWorkFor(worker) || (stopping_ && queue_.empty());
+        auto ready = [this, &executor]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+          return HasWorkFor(executor) || (stopping_ && queue_.empty());
         };
         // Work and shutdown still wake it at once.
         bool woken = false;
@@ -517,20 +470,20 @@ void Engine::Loop(Worker& worker) {
           // Not while a gang run holds every GPU: a cudaFree would wait for it (and the run
           // trims the executors' device pools itself). Counted as a job, so that a gang run
           // waits for it in turn.
-          // Nor on a failed device, whose memory cannot be freed.
-          release = !gang_active_ && !Failed(worker);
+          // Nor once the GPUs stopped: freeing their memory fails.
+          release = !gang_active_ && lost_.ok();
           if (release) {
             ++jobs_running_;
             ++releasing_;
           }
-        } else if (!HasWorkFor(worker)) {
+        } else if (!HasWorkFor(executor)) {
           return;  // stopping, nothing left
         }
       }
       if (!idle) {
-        next = TakeFor(worker);
+        next = TakeFor(executor);
         if (next != nullptr) ++free_slots_;  // the next batch may form while this one runs
-        refuse = next != nullptr && Failed(worker);
+        refuse = next != nullptr && !lost_.ok();
       }
     }
     if (idle) {
@@ -552,13 +505,6 @@ void Engine::Loop(Worker& worker) {
       RefuseBatch(worker, std::move(*next));
       JobsDone(1);
       continue;
-    }
-    if (next != nullptr && !next->gang) {
-      RefuseOnFailedDevices(worker, *next);
-      if (next->requests.empty()) {
-        JobsDone(1);
-        continue;
-      }
     }
     if (next != nullptr && next->gang) {
       if (in_flight != nullptr) {
@@ -607,9 +553,8 @@ void Engine::RunGang(Worker& worker, Batch batch) {
       LogError("sequence-parallel run for %s failed: %s", job->model->name(), s.ToString());
     }
     CompleteJob(worker, *job, s);
-    // Every executor is idle still (no thread takes a batch during the run): each device may be
-    // asked.
-    for (const auto& w : workers_) CheckDevice(*w, s);
+    // Every executor is idle still (no thread takes a batch during the run): each may be asked.
+    for (const auto& e : executors_) CheckDevice(*e, s);
   }
   gang_->ReleaseCachedMemory();
   absl::MutexLock lock(&mu_);
@@ -647,7 +592,7 @@ std::unique_ptr<Job> Engine::StartJob(Worker& worker, Batch batch,
       PhaseScope phase(worker.clock, EnginePhase::kComplete);
       for (auto& r : job->requests) CompleteRequest(std::move(r), s);
     }
-    CheckDevice(worker, s);
+    CheckDevice(*worker.executor, s);
     return nullptr;
   }
   return job;
@@ -689,7 +634,7 @@ void Engine::FinishJob(Worker& worker, std::unique_ptr<Job> job) {
     s = Guarded([&] { return worker.executor->Wait(*job); });
   }
   CompleteJob(worker, *job, s);
-  CheckDevice(worker, s);
+  CheckDevice(*worker.executor, s);
 }
 
 void Engine::CompleteJob(Worker& worker, Job& job, const absl::Status& s) {

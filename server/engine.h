@@ -12,7 +12,6 @@
 #include <memory>
 #include <string>
 #include <thread>
-#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -49,7 +48,7 @@ const char* EnginePhaseName(EnginePhase p);  // "idle", "start", ...
 struct EngineThreadTimes {
   std::string device;                                 // "cpu", "cpu:I" or "cuda:N"
   std::array<absl::Duration, kEnginePhases> phase{};  // by EnginePhase
-  bool failed = false;                                // its device failed (Engine::FailedDevices)
+  bool failed = false;  // its device showed the error that stopped the GPUs (Engine::DeviceLost)
 };
 
 // One thread's phase times. The thread moves between phases; any thread may read them, the
@@ -156,17 +155,16 @@ class Engine {
   // device: "cuda:N", "cpu", or "cpu:I" where several threads share the CPU. Any thread.
   std::vector<EngineThreadTimes> ThreadTimes() const;
 
-  // The devices that failed (a CUDA error that leaves the device's context unusable for the rest
-  // of the process: an illegal address, a hardware fault, a lost device), each with its error. A
-  // failed device's thread takes no more batches; the other devices take its share and the
-  // batches that would have gone to it. With every device failed, queued and new batches are
-  // answered UNAVAILABLE at once. Any thread.
-  std::vector<std::pair<std::string, absl::Status>> FailedDevices() const;
-  // Called on the failed device's engine thread, once per device, after it stops taking
-  // batches (the server reports itself NOT_SERVING, so that it is restarted). Any thread.
-  using DeviceFailureHandler =
-      std::function<void(const std::string& device, const absl::Status& error)>;
-  void SetDeviceFailureHandler(DeviceFailureHandler handler);
+  // The error that stopped the GPUs, naming the device it showed on; OK until then. A CUDA error
+  // that corrupts a device's context (an illegal address, a kernel trap, an uncorrectable ECC
+  // error, a device fallen off the bus) is, in CUDA's words, one after which the process must be
+  // restarted: on two H200s, the other GPU's next allocation failed with it too. So the engine
+  // stops using every GPU at once, and from then on answers each batch UNAVAILABLE, so that
+  // clients retry on another replica. Any thread.
+  absl::Status DeviceLost() const;
+  // Called once, on the thread that found the error, when the GPUs stop (the server then reports
+  // NOT_SERVING, so that it is restarted). Any thread.
+  void SetDeviceLostHandler(std::function<void(const absl::Status& error)> handler);
 
   // Whether this engine can run `r`, asked of the same selector execution uses (every device's
   // executor is of one kind), and what planning it found. Any thread.
@@ -190,36 +188,27 @@ class Engine {
   // An engine thread: its executor and where its time goes.
   struct Worker {
     Executor* executor;
-    int index;  // in workers_ and failures_
     PhaseClock clock;
     Completer completer;  // stopped after the thread, in Shutdown()
   };
   void Loop(Worker& worker);
-  // The next batch `worker` may take: the oldest with no preferred GPU, preferring its GPU, or
-  // preferring a GPU no working thread here runs. A failed device's thread takes none while
-  // another device works, and every batch once none does. Null when there is none.
-  std::unique_ptr<Batch> TakeFor(const Worker& worker) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  bool HasWorkFor(const Worker& worker) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Whether `worker` may run `batch` (TakeFor's rule).
-  bool Eligible(const Batch& batch, const Worker& worker) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  bool Failed(const Worker& worker) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return !failures_[worker.index].ok();
-  }
-  // After a job or gang run failed with `s`: asks the executor whether its device still works,
-  // and takes the device out of service when it does not.
-  void CheckDevice(const Worker& worker, const absl::Status& s);
-  // Every request of a batch taken once every device has failed: UNAVAILABLE, so that clients
-  // retry on another replica.
-  void RefuseBatch(Worker& worker, Batch batch);
-  // Takes out of `batch` the requests with a tensor in CUDA shared memory on a failed GPU and
-  // answers them UNAVAILABLE: this process's mapping of that memory went with the GPU's
-  // context, and another GPU reading it would fault as well.
-  void RefuseOnFailedDevices(Worker& worker, Batch& batch);
+  // The next batch `executor` may take: the oldest with no preferred GPU, preferring its GPU, or
+  // preferring a GPU no thread here runs; once the GPUs stopped, the oldest (to refuse it). Null
+  // when there is none.
+  std::unique_ptr<Batch> TakeFor(const Executor& executor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool HasWorkFor(const Executor& executor) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether `executor`'s thread may run `batch` (TakeFor's rule).
+  bool Eligible(const Batch& batch, const Executor& executor) const;
   // Drops cancelled and expired requests, then starts the rest; null when nothing was started.
   // Starts `batch`; a job still `in_flight` is finished first where its buffers stand in the way
   // (and moved from then).
   std::unique_ptr<Job> StartJob(Worker& worker, Batch batch, std::unique_ptr<Job>& in_flight);
   void FinishJob(Worker& worker, std::unique_ptr<Job> job);
+  // After a job or gang run on `executor` failed with `s`: asks it whether its device still
+  // works, and stops the GPUs when it does not.
+  void CheckDevice(Executor& executor, const absl::Status& s);
+  // A batch taken once the GPUs stopped: each request answered UNAVAILABLE.
+  void RefuseBatch(Worker& worker, Batch batch);
   // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
   static std::unique_ptr<Job> MakeJob(PhaseClock& clock, Batch batch);
   // Completes the job's requests with `s` (on the worker's completion thread), and with its
@@ -241,10 +230,10 @@ class Engine {
   std::deque<Batch> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<GangRunner> gang_;
-  // Per worker: OK, or the error its device failed with.
-  std::vector<absl::Status> failures_ ABSL_GUARDED_BY(mu_);
-  int failed_workers_ ABSL_GUARDED_BY(mu_) = 0;
-  DeviceFailureHandler on_failure_ ABSL_GUARDED_BY(mu_);
+  // DeviceLost(); once set, every thread takes any batch and refuses it.
+  absl::Status lost_ ABSL_GUARDED_BY(mu_);
+  int lost_device_ ABSL_GUARDED_BY(mu_) = -1;
+  std::function<void(const absl::Status&)> on_lost_ ABSL_GUARDED_BY(mu_);
   // Jobs taken from the queue and not yet finished, counted from the moment they are taken, so
   // that a gang batch can wait for every one of them; an idle thread's ReleaseIdleMemory counts.
   int jobs_running_ ABSL_GUARDED_BY(mu_) = 0;

@@ -112,8 +112,9 @@ class Metrics::SourceCollector : public prometheus::Collectable {
           {}};
       prometheus::MetricFamily failed{
           "dilattn_device_failed",
-          "1 once a device failed (a CUDA error left it unusable for the rest of the process): "
-          "its engine thread takes no more batches and the server reports NOT_SERVING; else 0",
+          "1 once a CUDA error that leaves the process's GPUs unusable showed on this device: "
+          "the server stopped using every GPU, answers UNAVAILABLE and reports NOT_SERVING "
+          "until it is restarted; else 0",
           prometheus::MetricType::Gauge,
           {}};
       for (const EngineThreadSeconds& t : engine_()) {

@@ -57,7 +57,7 @@ struct StreamMetrics {
 struct EngineThreadSeconds {
   std::string device;
   std::vector<std::pair<std::string, double>> phases;  // phase name, seconds
-  bool failed = false;                                 // the device failed (Engine::FailedDevices)
+  bool failed = false;  // the error that stopped the GPUs showed here (Engine::DeviceLost)
 };
 
 class Metrics {

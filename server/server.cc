@@ -40,8 +40,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   absl::StatusOr<std::unique_ptr<Engine>> engine = Engine::Create(options.engine);
   if (!engine.ok()) return engine.status();
   s->engine_ = *std::move(engine);
-  s->engine_->SetDeviceFailureHandler(
-      [server = s.get()](const std::string&, const absl::Status&) { server->DeviceFailed(); });
+  s->engine_->SetDeviceLostHandler(
+      [server = s.get()](const absl::Status&) { server->DeviceFailed(); });
   for (const memory::BufferPool* pool : s->engine_->pools()) s->metrics_->AddPool(pool);
   s->metrics_->SetEngineTimes([engine = s->engine_.get()] {
     std::vector<EngineThreadSeconds> out;

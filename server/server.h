@@ -66,7 +66,7 @@ class Server {
   int grpc_port_ = 0;
   absl::Mutex mu_;
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
-  // A GPU failed (Engine::FailedDevices): health and readiness stay NOT_SERVING, so that the
+  // The GPUs stopped (Engine::DeviceLost): health and readiness stay NOT_SERVING, so that the
   // orchestrator takes the replica out of service and restarts it. Any thread.
   void DeviceFailed();
   bool device_failed_ ABSL_GUARDED_BY(mu_) = false;

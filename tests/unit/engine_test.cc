@@ -472,53 +472,48 @@ TEST_F(EngineThreads, GangBatchesRunAloneOnEveryDevice) {
   }
 }
 
-// A device whose job leaves it unusable (a sticky CUDA error) takes no more batches: the other
-// device runs every later one; those whose tensors lie in CUDA shared memory on the failed GPU
-// are answered UNAVAILABLE instead (another GPU reading that GPU's mapping would fault too). The
-// failure is reported once, to the handler, in FailedDevices and in the thread times.
-TEST_F(EngineThreads, AFailedDeviceTakesNoMoreBatchesAndTheOthersTakeItsShare) {
-  Start({0, 1}, false, "", {{1, DeviceFaults{.lost_at = 1}}});
+// A device whose job leaves it unusable (a sticky CUDA error, which CUDA reports for every device
+// of the process from then on) stops every GPU: each later batch, a long sequence's for the gang
+// included, is answered UNAVAILABLE at once, naming the error, and none is run or lost; the
+// handler hears of it once, and the thread times name the device.
+TEST_F(EngineThreads, ALostDeviceStopsEveryGpuAndEachRequestIsAnsweredUnavailable) {
+  Start({0, 1}, /*gang=*/true, "", {{1, DeviceFaults{.lost_at = 1}}});
   absl::Mutex mu;
   std::vector<std::string> reported;
-  engine_->SetDeviceFailureHandler([&](const std::string& device, const absl::Status& error) {
+  engine_->SetDeviceLostHandler([&](const absl::Status& error) {
     absl::MutexLock lock(&mu);
-    reported.push_back(absl::StrCat(device, " ", error.message()));
+    reported.push_back(std::string(error.message()));
   });
+  EXPECT_TRUE(engine_->DeviceLost().ok());
   Submit(1, 1);  // its tensors on GPU 1, whose thread takes it and fails
-  ASSERT_TRUE(WaitFor([&] { return !engine_->FailedDevices().empty(); }));
-  for (int64_t id = 2; id <= 61; ++id) Submit(id, id % 3 == 0 ? 1 : id % 3 - 1);
+  ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }));
+  for (int64_t id = 2; id <= 31; ++id) Submit(id, id % 3 - 1, id % 5 == 0 ? 500 : 1);
   engine_->Shutdown();
-  EXPECT_EQ(failed_.load(), 1 + 20);
-  EXPECT_EQ(ok_.load(), 40);
+  EXPECT_EQ(ok_.load(), 0);
+  EXPECT_EQ(failed_.load(), 31);
   {
     absl::MutexLock lock(&status_mu_);
+    ASSERT_EQ(status_of_.size(), 31u);
     EXPECT_TRUE(absl::IsInternal(status_of_[1])) << status_of_[1];
-    for (int64_t id = 3; id <= 61; id += 3) {
+    for (int64_t id = 2; id <= 31; ++id) {
       const absl::Status& s = status_of_[id];
       EXPECT_TRUE(absl::IsUnavailable(s)) << "request " << id << ": " << s;
-      EXPECT_TRUE(absl::StrContains(s.message(), "CUDA shared memory on cuda:1, which failed"))
+      EXPECT_TRUE(absl::StrContains(
+          s.message(), "this server's GPUs stopped after a device error (cuda:1: cudaError"))
           << s;
+      EXPECT_TRUE(absl::EndsWith(s.message(), "retry on another replica")) << s;
     }
   }
   {
     absl::MutexLock lock(&log_.mu);
-    for (int64_t id = 2; id <= 61; ++id) {
-      if (id % 3 == 0) {
-        EXPECT_EQ(log_.runs.count(id), 0u) << "request " << id;
-      } else {
-        EXPECT_EQ(log_.device_of[id], 0) << "request " << id;
-        EXPECT_EQ(log_.runs[id], 1) << "request " << id;
-      }
-    }
+    EXPECT_EQ(log_.runs.size(), 1u);  // only the request that lost the device ever started
   }
-  const auto failed = engine_->FailedDevices();
-  ASSERT_EQ(failed.size(), 1u);
-  EXPECT_EQ(failed[0].first, "cuda:1");
-  EXPECT_TRUE(absl::StrContains(failed[0].second.message(), "illegal memory access"));
+  const absl::Status lost = engine_->DeviceLost();
+  EXPECT_TRUE(absl::StartsWith(lost.message(), "cuda:1: cudaErrorIllegalAddress")) << lost;
   {
     absl::MutexLock lock(&mu);
     ASSERT_EQ(reported.size(), 1u);
-    EXPECT_TRUE(absl::StartsWith(reported[0], "cuda:1 cudaErrorIllegalAddress")) << reported[0];
+    EXPECT_EQ(reported[0], lost.message());
   }
   const std::vector<EngineThreadTimes> times = engine_->ThreadTimes();
   ASSERT_EQ(times.size(), 2u);
@@ -535,48 +530,8 @@ TEST_F(EngineThreads, AnErrorThatLeavesTheDeviceWorkingKeepsItInService) {
   engine_->Shutdown();
   EXPECT_EQ(failed_.load(), 1);
   EXPECT_EQ(ok_.load(), 10);
-  EXPECT_TRUE(engine_->FailedDevices().empty());
+  EXPECT_TRUE(engine_->DeviceLost().ok());
   EXPECT_FALSE(engine_->ThreadTimes()[0].failed);
-}
-
-// With every device failed, each batch is answered UNAVAILABLE at once (clients retry on
-// another replica), naming the failure; none is lost, and the engine still shuts down.
-TEST_F(EngineThreads, WithEveryDeviceFailedRequestsAreAnsweredUnavailable) {
-  Start({0, 1}, false, "", {{0, DeviceFaults{.lost_at = 1}}, {1, DeviceFaults{.lost_at = 1}}});
-  Submit(1, 0);
-  Submit(2, 1);
-  ASSERT_TRUE(WaitFor([&] { return engine_->FailedDevices().size() == 2; }));
-  for (int64_t id = 3; id <= 22; ++id) Submit(id, id % 3 - 1);
-  engine_->Shutdown();
-  EXPECT_EQ(ok_.load(), 0);
-  EXPECT_EQ(failed_.load(), 22);
-  absl::MutexLock lock(&status_mu_);
-  ASSERT_EQ(status_of_.size(), 22u);
-  for (int64_t id = 3; id <= 22; ++id) {
-    const absl::Status& s = status_of_[id];
-    EXPECT_TRUE(absl::IsUnavailable(s)) << "request " << id << ": " << s;
-    EXPECT_TRUE(absl::StrContains(s.message(), "every GPU of this server has failed (cuda:0: "))
-        << s;
-    EXPECT_TRUE(absl::StrContains(s.message(), "; cuda:1: ")) << s;
-  }
-  absl::MutexLock log_lock(&log_.mu);
-  EXPECT_EQ(log_.runs.size(), 2u);  // only the two that failed the devices ever started
-}
-
-// Sequence parallelism needs every GPU: once one fails, long sequences run on one of the others.
-TEST_F(EngineThreads, AFailedDeviceLeavesTheGang) {
-  Start({0, 1, 2}, /*gang=*/true, "", {{2, DeviceFaults{.lost_at = 1}}});
-  Submit(1, 2);
-  ASSERT_TRUE(WaitFor([&] { return !engine_->FailedDevices().empty(); }));
-  for (int64_t id = 2; id <= 21; ++id) Submit(id, -1, id % 2 == 0 ? 500 : 1);
-  engine_->Shutdown();
-  EXPECT_EQ(failed_.load(), 1);
-  EXPECT_EQ(ok_.load(), 20);
-  absl::MutexLock lock(&log_.mu);
-  for (int64_t id = 2; id <= 21; ++id) {
-    EXPECT_TRUE(log_.device_of[id] == 0 || log_.device_of[id] == 1)
-        << "request " << id << " ran on " << log_.device_of[id];
-  }
 }
 
 // Several threads enqueue into one model's batcher at once (three batch keys, two priorities,
