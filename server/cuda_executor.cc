@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <tuple>
 
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
@@ -301,13 +302,19 @@ class CudaExecutor final : public Executor {
     }
     LogInfo("cuda executor: device %d, %s, device pool cap %d MiB", device_,
             std::string(gpu_[0]->name()), static_cast<int>(device_cap >> 20));
-    if (const char* trap = std::getenv("DILATTN_TEST_TRAP_DEVICE");
-        trap != nullptr && trap == std::to_string(device_)) {
-      trap_next_job_ = true;
-      LogWarning(
-          "cuda executor: device %d: DILATTN_TEST_TRAP_DEVICE is set: its first GPU job launches "
-          "a kernel that traps, leaving the device unusable (fault injection, for tests)",
-          device_);
+    for (const auto& [variable, fault, what] :
+         {std::tuple{"DILATTN_TEST_TRAP_DEVICE", Fault::kTrap,
+                     "traps, leaving the device unusable"},
+          std::tuple{"DILATTN_TEST_HANG_DEVICE", Fault::kHang,
+                     "runs for 20 seconds, as on a hung device"}}) {
+      if (const char* named = std::getenv(variable);
+          named != nullptr && named == std::to_string(device_)) {
+        fault_ = fault;
+        LogWarning(
+            "cuda executor: device %d: %s is set: its first GPU job launches a kernel that %s "
+            "(fault injection, for tests)",
+            device_, variable, what);
+      }
     }
     return absl::OkStatus();
   }
@@ -497,11 +504,12 @@ class CudaExecutor final : public Executor {
     job.stream = next_stream_;
     next_stream_ ^= 1;
     cudaStream_t stream = streams_[job.stream];
-    if (trap_next_job_) {
-      trap_next_job_ = false;
-      if (absl::Status s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchTrap(stream)),
-                                "fault injection");
-          !s.ok()) {
+    if (fault_ != Fault::kNone) {
+      const int err = fault_ == Fault::kTrap
+                          ? attention::cuda::LaunchTrap(stream)
+                          : attention::cuda::LaunchSpin(int64_t{20'000'000'000}, stream);
+      fault_ = Fault::kNone;
+      if (absl::Status s = Cuda(static_cast<cudaError_t>(err), "fault injection"); !s.ok()) {
         return s;
       }
     }
@@ -928,7 +936,10 @@ class CudaExecutor final : public Executor {
   bool logged_pieces_ = false;
   bool logged_row_parts_ = false;
   bool logged_padding_ = false;
-  bool trap_next_job_ = false;  // DILATTN_TEST_TRAP_DEVICE names this device
+  // DILATTN_TEST_TRAP_DEVICE or DILATTN_TEST_HANG_DEVICE names this device: its next GPU job
+  // starts with that fault.
+  enum class Fault { kNone, kTrap, kHang };
+  Fault fault_ = Fault::kNone;
 };
 
 }  // namespace

@@ -79,6 +79,11 @@ EnginePhase PhaseClock::Enter(EnginePhase p) {
   return ended;
 }
 
+std::pair<EnginePhase, absl::Time> PhaseClock::Current() const {
+  absl::MutexLock lock(&mu_);
+  return {current_, since_};
+}
+
 std::array<absl::Duration, kEnginePhases> PhaseClock::Read() const {
   const absl::Time now = MonotonicNow();
   absl::MutexLock lock(&mu_);
@@ -211,16 +216,19 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     LogInfo("sequence parallelism: sequences of >= %d tokens run across %d GPUs",
             static_cast<int>(options.sequence_parallel_min_tokens), static_cast<int>(gpus.size()));
   }
-  return CreateWith(std::move(executors), std::move(gang), options.pool_idle_release);
+  return CreateWith(std::move(executors), std::move(gang), options.pool_idle_release, nullptr,
+                    options.gpu_job_timeout);
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
     std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang,
-    absl::Duration pool_idle_release, std::function<void()> trim_heap) {
+    absl::Duration pool_idle_release, std::function<void()> trim_heap,
+    absl::Duration gpu_job_timeout) {
   if (executors.empty()) return absl::InvalidArgumentError("an engine needs an executor");
   std::unique_ptr<Engine> e(new Engine());
   e->executors_ = std::move(executors);
   e->idle_release_ = pool_idle_release;
+  e->gpu_job_timeout_ = gpu_job_timeout;
   e->trim_heap_ = trim_heap != nullptr ? std::move(trim_heap) : memory::TrimMallocHeap;
   e->gang_ = std::move(gang);
   {
@@ -233,6 +241,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateWith(
   }
   for (const auto& worker : e->workers_) {
     e->threads_.emplace_back([engine = e.get(), w = worker.get()] { engine->Loop(*w); });
+  }
+  const bool on_gpus = std::any_of(e->executors_.begin(), e->executors_.end(),
+                                   [](const auto& x) { return x->cuda_device() >= 0; });
+  if (gpu_job_timeout > absl::ZeroDuration() && on_gpus) {
+    e->watchdog_ = std::thread([engine = e.get()] { engine->Watch(); });
   }
   return e;
 }
@@ -277,21 +290,56 @@ void Engine::CheckDevice(Executor& executor, const absl::Status& s) {
   }
   const absl::Status device = executor.CheckDevice();
   if (device.ok()) return;
-  const absl::Status lost(device.code(),
-                          absl::StrCat("cuda:", executor.cuda_device(), ": ", device.message()));
+  StopGpus(executor.cuda_device(),
+           absl::Status(device.code(),
+                        absl::StrCat("cuda:", executor.cuda_device(), ": ", device.message(),
+                                     ", a CUDA error after which the process's "
+                                     "GPUs cannot be used")));
+}
+
+void Engine::StopGpus(int device, const absl::Status& error) {
   std::function<void(const absl::Status&)> handler;
   {
     absl::MutexLock lock(&mu_);
     if (!lost_.ok()) return;
-    lost_ = lost;
-    lost_device_ = executor.cuda_device();
+    lost_ = error;
+    lost_device_ = device;
     handler = on_lost_;
   }
   LogError(
-      "%s: a CUDA error after which the process's GPUs cannot be used; every GPU stops, and each "
-      "request is answered UNAVAILABLE until the server is restarted",
-      lost.message());
-  if (handler != nullptr) handler(lost);
+      "%s: every GPU stops, and each request is answered UNAVAILABLE until the server is "
+      "restarted",
+      error.message());
+  if (handler != nullptr) handler(error);
+}
+
+void Engine::Watch() {
+  // Looks often enough that a hang is found within a tenth of the timeout past it (at most a
+  // second).
+  const absl::Duration step = std::min(gpu_job_timeout_ / 10, absl::Seconds(1));
+  absl::MutexLock lock(&mu_);
+  auto stop = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stopping_ || !lost_.ok(); };
+  while (!mu_.AwaitWithTimeout(absl::Condition(&stop), step)) {
+    const absl::Time now = MonotonicNow();
+    for (const auto& worker : workers_) {
+      const int device = worker->executor->cuda_device();
+      if (device < 0) continue;
+      const auto [phase, since] = worker->clock.Current();
+      if ((phase != EnginePhase::kWait && phase != EnginePhase::kGang) ||
+          now - since <= gpu_job_timeout_) {
+        continue;
+      }
+      const absl::Status hung = absl::DeadlineExceededError(absl::StrCat(
+          "cuda:", device, ": a GPU ",
+          phase == EnginePhase::kGang ? "sequence-parallel run" : "job", " has not finished in ",
+          absl::FormatDuration(now - since), " (--gpu-job-timeout-seconds ",
+          absl::ToInt64Seconds(gpu_job_timeout_), "); the device is taken as hung"));
+      mu_.Unlock();
+      StopGpus(device, hung);
+      mu_.Lock();
+      break;
+    }
+  }
 }
 
 void Engine::RefuseBatch(Worker& worker, Batch batch) {
@@ -433,6 +481,7 @@ void Engine::Shutdown() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
+  if (watchdog_.joinable()) watchdog_.join();
   for (std::thread& t : threads_) {
     if (t.joinable()) t.join();
   }

@@ -59,6 +59,8 @@ class PhaseClock {
   // Ends the current phase now and starts `p`; returns the phase it ended.
   EnginePhase Enter(EnginePhase p);
   std::array<absl::Duration, kEnginePhases> Read() const;
+  // The current phase and when it began.
+  std::pair<EnginePhase, absl::Time> Current() const;
 
  private:
   mutable absl::Mutex mu_;
@@ -130,6 +132,9 @@ struct EngineOptions {
   // (Executor::ReleaseIdleMemory), and, when no job runs on any device, hands the C heap's free
   // pages back (memory::TrimMallocHeap); zero does neither.
   absl::Duration pool_idle_release = absl::Seconds(120);
+  // A GPU job (or sequence-parallel run) the device has not finished after this long is taken
+  // for a hung device: the GPUs stop as for a lost device (Engine::DeviceLost). Zero: never.
+  absl::Duration gpu_job_timeout = absl::Seconds(300);
 };
 
 class Engine {
@@ -141,7 +146,8 @@ class Engine {
   static absl::StatusOr<std::unique_ptr<Engine>> CreateWith(
       std::vector<std::unique_ptr<Executor>> executors, std::unique_ptr<GangRunner> gang = nullptr,
       absl::Duration pool_idle_release = absl::ZeroDuration(),
-      std::function<void()> trim_heap = nullptr);
+      std::function<void()> trim_heap = nullptr,
+      absl::Duration gpu_job_timeout = absl::ZeroDuration());
   ~Engine();
 
   std::string backend_name() const;
@@ -209,6 +215,11 @@ class Engine {
   void CheckDevice(Executor& executor, const absl::Status& s);
   // A batch taken once the GPUs stopped: each request answered UNAVAILABLE.
   void RefuseBatch(Worker& worker, Batch batch);
+  // Stops the GPUs with `error` (on `device`), once.
+  void StopGpus(int device, const absl::Status& error);
+  // The watchdog thread: stops the GPUs when a GPU thread has waited for its device longer than
+  // gpu_job_timeout_.
+  void Watch();
   // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
   static std::unique_ptr<Job> MakeJob(PhaseClock& clock, Batch batch);
   // Completes the job's requests with `s` (on the worker's completion thread), and with its
@@ -234,6 +245,8 @@ class Engine {
   absl::Status lost_ ABSL_GUARDED_BY(mu_);
   int lost_device_ ABSL_GUARDED_BY(mu_) = -1;
   std::function<void(const absl::Status&)> on_lost_ ABSL_GUARDED_BY(mu_);
+  absl::Duration gpu_job_timeout_;
+  std::thread watchdog_;
   // Jobs taken from the queue and not yet finished, counted from the moment they are taken, so
   // that a gang batch can wait for every one of them; an idle thread's ReleaseIdleMemory counts.
   int jobs_running_ ABSL_GUARDED_BY(mu_) = 0;

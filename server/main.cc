@@ -44,6 +44,10 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
                             0: never)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
   --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
+  --gpu-job-timeout-seconds N
+                            take a GPU whose job has not finished after this long for hung:
+                            the server stops using its GPUs, answers UNAVAILABLE and reports
+                            NOT_SERVING, so that it is restarted (300; 0: never)
   --stream-idle-seconds N   end a native stream that sends nothing this long before its input
                             is complete, or reads none of its output this long, releasing its
                             memory (60; 0: never)
@@ -82,6 +86,7 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
   int64_t grace = 30;
   int64_t stream_idle = 60;
   int64_t pool_idle_release = 120;
+  int64_t gpu_job_timeout = 300;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
@@ -131,6 +136,8 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
       error = integer(&stream_idle);
     } else if (name == "pool-idle-release-seconds") {
       error = integer(&pool_idle_release);
+    } else if (name == "gpu-job-timeout-seconds") {
+      error = integer(&gpu_job_timeout);
     } else if (name == "pipeline-min-tokens") {
       error = integer(&o->engine.executor.pipeline_min_tokens);
     } else if (name == "sequence-parallel-min-tokens") {
@@ -176,6 +183,11 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
     return absl::StrCat("--pool-idle-release-seconds must be >= 0 (0: never), got ",
                         pool_idle_release);
   }
+  // A year bounds it far from absl::Duration's range.
+  if (gpu_job_timeout < 0 || gpu_job_timeout > 366 * 86400) {
+    return absl::StrCat("--gpu-job-timeout-seconds must be in [0, 31622400] (0: never), got ",
+                        gpu_job_timeout);
+  }
   // A pool past a pebibyte is a typo; the byte counts must not wrap (to a tiny pool or to 0,
   // which means "90% of free memory" for the device pool).
   constexpr int64_t kMaxPoolMib = int64_t{1} << 30;
@@ -188,6 +200,7 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
   o->grace_period = absl::Seconds(grace);
   o->stream_idle = absl::Seconds(stream_idle);
   o->engine.pool_idle_release = absl::Seconds(pool_idle_release);
+  o->engine.gpu_job_timeout = absl::Seconds(gpu_job_timeout);
   return "";
 }
 

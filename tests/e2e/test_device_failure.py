@@ -3,12 +3,14 @@ kernel trap, an uncorrectable ECC error, a device fallen off the bus), after whi
 the error for every GPU of the process. The server stops using its GPUs, answers every later
 request UNAVAILABLE at once (clients retry on another replica), reports NOT_SERVING so that
 Kubernetes takes the replica out of service and restarts it, exports dilattn_device_failed for
-the GPU the error showed on, and still shuts down cleanly. DILATTN_TEST_TRAP_DEVICE=N makes GPU
-N's first job launch a kernel that traps."""
+the GPU the error showed on, and still shuts down cleanly; likewise for a GPU whose job does not
+finish within --gpu-job-timeout-seconds (hung). DILATTN_TEST_TRAP_DEVICE=N makes GPU N's first
+job launch a kernel that traps, DILATTN_TEST_HANG_DEVICE=N one that runs for 20 seconds."""
 
 import concurrent.futures
 import os
 import signal
+import time
 
 import grpc
 import numpy as np
@@ -36,9 +38,9 @@ def _health(server, service=""):
         return call(request, timeout=10)
 
 
-def _trap_server(gpu, name, *args):
+def _trap_server(gpu, name, *args, fault="TRAP"):
     return ServerProcess(*args, name=name,
-                         env=dict(os.environ, DILATTN_TEST_TRAP_DEVICE=str(gpu)))
+                         env=dict(os.environ, **{f"DILATTN_TEST_{fault}_DEVICE": str(gpu)}))
 
 
 def _inputs(heads, seed):
@@ -91,6 +93,29 @@ def test_a_failed_gpu_takes_the_server_out_of_service():
     log = server.log_path.read_text()
     assert "DILATTN_TEST_TRAP_DEVICE is set" in log
     assert "cuda:0: cudaErrorLaunchFailure" in log, log
+
+
+def test_a_hung_gpu_takes_the_server_out_of_service():
+    server = _trap_server(0, "device-hang", "--device", "cuda:0", "--gpu-job-timeout-seconds", "2",
+                          "--grace-period-seconds", "1", fault="HANG")
+    client = server.client()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        began = time.monotonic()
+        hung = pool.submit(_infer, client, 2, 1)  # GPU 0's first job runs for 20 s
+        assert wait_until(lambda: _health(server) == NOT_SERVING, timeout=15)
+        assert time.monotonic() - began >= 2  # not before the timeout
+        assert not hung.done()
+        assert server.metric("dilattn_device_failed", device="cuda:0") == 1
+        code, message, _ = _infer(client, 2, 2)
+        assert code == "StatusCode.UNAVAILABLE", (code, message)
+        assert "cuda:0: a GPU job has not finished in" in message, message
+        assert "(--gpu-job-timeout-seconds 2); the device is taken as hung" in message, message
+    finally:
+        assert server.stop(signal.SIGTERM, timeout=90) == 0, server.log_path.read_text()
+        hung.result(timeout=60)
+        pool.shutdown()
+    assert "the device is taken as hung" in server.log_path.read_text()
 
 
 @pytest.mark.skipif(gpu_count() < 2, reason="needs two or more GPUs")

@@ -534,6 +534,54 @@ TEST_F(EngineThreads, AnErrorThatLeavesTheDeviceWorkingKeepsItInService) {
   EXPECT_FALSE(engine_->ThreadTimes()[0].failed);
 }
 
+// A GPU job the device has not finished after gpu_job_timeout is taken for a hung device: the
+// GPUs stop (later requests UNAVAILABLE at once) while that job is still waited for; it still
+// completes when the device does. Jobs within the timeout never trip it.
+TEST_F(EngineThreads, AJobPastTheTimeoutStopsTheGpus) {
+  IdleLog idle;
+  std::vector<std::unique_ptr<Executor>> executors;
+  executors.push_back(
+      std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(1500)));
+  auto engine = Engine::CreateWith(std::move(executors), nullptr, absl::ZeroDuration(), nullptr,
+                                   absl::Milliseconds(300));
+  ASSERT_TRUE(engine.ok());
+  engine_ = *std::move(engine);
+  absl::StatusOr<ModelSpec> spec = Spec("m", "");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  Submit(1, -1);
+  ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }, absl::Seconds(5)));
+  EXPECT_EQ(idle.in_flight.load(), 1) << "stopped only once the job had finished";
+  const absl::Status lost = engine_->DeviceLost();
+  EXPECT_TRUE(absl::IsDeadlineExceeded(lost)) << lost;
+  EXPECT_TRUE(absl::StrContains(lost.message(), "cuda:0: a GPU job has not finished in")) << lost;
+  EXPECT_TRUE(absl::StrContains(lost.message(), "the device is taken as hung")) << lost;
+  Submit(2, -1);
+  engine_->Shutdown();
+  absl::MutexLock lock(&status_mu_);
+  EXPECT_TRUE(status_of_[1].ok()) << status_of_[1];
+  EXPECT_TRUE(absl::IsUnavailable(status_of_[2])) << status_of_[2];
+  EXPECT_TRUE(engine_->ThreadTimes()[0].failed);
+}
+
+TEST_F(EngineThreads, JobsWithinTheTimeoutKeepTheGpusServing) {
+  IdleLog idle;
+  std::vector<std::unique_ptr<Executor>> executors;
+  executors.push_back(
+      std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(100)));
+  auto engine = Engine::CreateWith(std::move(executors), nullptr, absl::ZeroDuration(), nullptr,
+                                   absl::Milliseconds(300));
+  ASSERT_TRUE(engine.ok());
+  engine_ = *std::move(engine);
+  absl::StatusOr<ModelSpec> spec = Spec("m", "");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  for (int64_t id = 1; id <= 8; ++id) Submit(id, -1);
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 8);
+  EXPECT_TRUE(engine_->DeviceLost().ok()) << engine_->DeviceLost();
+}
+
 // Several threads enqueue into one model's batcher at once (three batch keys, two priorities,
 // sequences long enough for the gang runner among them) while another cancels queued requests;
 // some requests arrive already expired. Every request completes exactly once: OK, or CANCELLED

@@ -210,4 +210,18 @@ int LaunchTrap(void* stream) {
   return cudaGetLastError();
 }
 
+__global__ void SpinKernel(int64_t nanoseconds) {
+  uint64_t start = 0, now = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  do {
+    __nanosleep(1000000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  } while (now - start < static_cast<uint64_t>(nanoseconds));
+}
+
+int LaunchSpin(int64_t nanoseconds, void* stream) {
+  SpinKernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>(nanoseconds);
+  return cudaGetLastError();
+}
+
 }  // namespace dilattn::attention::cuda

@@ -57,9 +57,11 @@ int LaunchHalfToFloat(const void* in, float* out, int64_t n, HalfRows rows,
 int LaunchMoveHeadRows(bool gather, void* tensor, int64_t row_stride, int head_dim,
                        const int32_t* rows, int64_t n, void* packed, void* stream);
 
-// A kernel that traps, which leaves the device's context unusable for the rest of the process as
-// a hardware fault or an illegal address does: the fault-injection tests of the server's handling
-// of a failed device (DILATTN_TEST_TRAP_DEVICE).
+// Fault injection for the server's tests. A kernel that traps, which leaves the device unusable
+// for the rest of the process as a hardware fault or an illegal address does
+// (DILATTN_TEST_TRAP_DEVICE); one that runs for `nanoseconds`, as a hung device would
+// (DILATTN_TEST_HANG_DEVICE).
 int LaunchTrap(void* stream);
+int LaunchSpin(int64_t nanoseconds, void* stream);
 
 }  // namespace dilattn::attention::cuda
