@@ -504,12 +504,12 @@ class CudaExecutor final : public Executor {
     job.stream = next_stream_;
     next_stream_ ^= 1;
     cudaStream_t stream = streams_[job.stream];
-    if (fault_ != Fault::kNone) {
-      const int err = fault_ == Fault::kTrap
-                          ? attention::cuda::LaunchTrap(stream)
-                          : attention::cuda::LaunchSpin(int64_t{20'000'000'000}, stream);
+    // A trap before the job's work, so that the job fails with it.
+    if (fault_ == Fault::kTrap) {
       fault_ = Fault::kNone;
-      if (absl::Status s = Cuda(static_cast<cudaError_t>(err), "fault injection"); !s.ok()) {
+      if (absl::Status s = Cuda(static_cast<cudaError_t>(attention::cuda::LaunchTrap(stream)),
+                                "fault injection");
+          !s.ok()) {
         return s;
       }
     }
@@ -617,6 +617,15 @@ class CudaExecutor final : public Executor {
         batch.Add(state->flags_host, dev[6].data(), FlagBlock::FlagBytes(job.requests.size()));
       }
       s = batch.Issue(stream, "copy out");
+    }
+    // A hang after the job's work is issued, where a hung kernel of its own would hold the
+    // stream; earlier, a later call of this Start() could wait for the device (a first pinned
+    // allocation does).
+    if (s.ok() && fault_ == Fault::kHang) {
+      fault_ = Fault::kNone;
+      s = Cuda(
+          static_cast<cudaError_t>(attention::cuda::LaunchSpin(int64_t{20'000'000'000}, stream)),
+          "fault injection");
     }
     if (s.ok()) s = Cuda(cudaEventRecord(state->done, stream), "event");
     state->host_work = MonotonicNow() - job.start;

@@ -324,16 +324,17 @@ void Engine::Watch() {
     for (const auto& worker : workers_) {
       const int device = worker->executor->cuda_device();
       if (device < 0) continue;
-      const auto [phase, since] = worker->clock.Current();
-      if ((phase != EnginePhase::kWait && phase != EnginePhase::kGang) ||
-          now - since <= gpu_job_timeout_) {
-        continue;
-      }
-      const absl::Status hung = absl::DeadlineExceededError(absl::StrCat(
-          "cuda:", device, ": a GPU ",
-          phase == EnginePhase::kGang ? "sequence-parallel run" : "job", " has not finished in ",
-          absl::FormatDuration(now - since), " (--gpu-job-timeout-seconds ",
-          absl::ToInt64Seconds(gpu_job_timeout_), "); the device is taken as hung"));
+      const auto [phase, phase_since] = worker->clock.Current();
+      const bool gang = phase == EnginePhase::kGang;
+      const absl::Time since =
+          gang ? phase_since : absl::FromUnixNanos(worker->in_flight_since.load());
+      if (since >= now || now - since <= gpu_job_timeout_) continue;
+      const absl::Status hung = absl::DeadlineExceededError(
+          absl::StrCat("cuda:", device, ": a GPU ", gang ? "sequence-parallel run" : "job",
+                       " has not finished in ",
+                       absl::FormatDuration(absl::Trunc(now - since, absl::Milliseconds(100))),
+                       " (--gpu-job-timeout-seconds ", absl::ToInt64Seconds(gpu_job_timeout_),
+                       "); the device is taken as hung"));
       mu_.Unlock();
       StopGpus(device, hung);
       mu_.Lock();
@@ -582,6 +583,7 @@ void Engine::Loop(Worker& worker) {
     }
     JobsDone(done);
     in_flight = std::move(started);
+    if (in_flight != nullptr) worker.in_flight_since.store(absl::ToUnixNanos(in_flight->issued));
   }
 }
 
@@ -644,6 +646,7 @@ std::unique_ptr<Job> Engine::StartJob(Worker& worker, Batch batch,
     CheckDevice(*worker.executor, s);
     return nullptr;
   }
+  job->issued = MonotonicNow();
   return job;
 }
 
@@ -682,6 +685,7 @@ void Engine::FinishJob(Worker& worker, std::unique_ptr<Job> job) {
     PhaseScope phase(worker.clock, EnginePhase::kWait);
     s = Guarded([&] { return worker.executor->Wait(*job); });
   }
+  worker.in_flight_since.store(std::numeric_limits<int64_t>::max());
   CompleteJob(worker, *job, s);
   CheckDevice(*worker.executor, s);
 }

@@ -7,8 +7,10 @@
 // pinned staging pool, so a request staged before a GPU takes it runs on any of them.
 
 #include <array>
+#include <atomic>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <thread>
@@ -195,6 +197,11 @@ class Engine {
   struct Worker {
     Executor* executor;
     PhaseClock clock;
+    // When the job in flight (started, not yet waited for) was issued to the device, as unix
+    // nanoseconds of MonotonicNow(); none: INT64_MAX. The watchdog reads it: a device that does
+    // not finish that job holds the thread in its wait, or in the next job's start where a CUDA
+    // call waits for the device.
+    std::atomic<int64_t> in_flight_since{std::numeric_limits<int64_t>::max()};
     Completer completer;  // stopped after the thread, in Shutdown()
   };
   void Loop(Worker& worker);
@@ -217,8 +224,8 @@ class Engine {
   void RefuseBatch(Worker& worker, Batch batch);
   // Stops the GPUs with `error` (on `device`), once.
   void StopGpus(int device, const absl::Status& error);
-  // The watchdog thread: stops the GPUs when a GPU thread has waited for its device longer than
-  // gpu_job_timeout_.
+  // The watchdog thread: stops the GPUs when a GPU thread's job in flight, or its sequence-parallel
+  // run, has not finished within gpu_job_timeout_.
   void Watch();
   // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
   static std::unique_ptr<Job> MakeJob(PhaseClock& clock, Batch batch);

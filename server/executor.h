@@ -28,7 +28,8 @@ struct Job {
   Model* model = nullptr;
   std::vector<std::unique_ptr<InferenceRequest>> requests;  // all share one batch key
   attention::ProblemShape shape;  // the packed problem, in the requests' dtype
-  absl::Time start;  // the engine began the job
+  absl::Time start;               // the engine began the job
+  absl::Time issued;  // Start() returned: the device has the job from here (the CPU path: done)
   // The job's phases, shared by its requests in their statistics.
   absl::Duration compute_input, compute_infer, compute_output;
   std::vector<memory::Buffer> leases;  // returned to their pools when the job is destroyed

@@ -5,7 +5,8 @@ request UNAVAILABLE at once (clients retry on another replica), reports NOT_SERV
 Kubernetes takes the replica out of service and restarts it, exports dilattn_device_failed for
 the GPU the error showed on, and still shuts down cleanly; likewise for a GPU whose job does not
 finish within --gpu-job-timeout-seconds (hung). DILATTN_TEST_TRAP_DEVICE=N makes GPU N's first
-job launch a kernel that traps, DILATTN_TEST_HANG_DEVICE=N one that runs for 20 seconds."""
+job launch a kernel that traps, DILATTN_TEST_HANG_DEVICE=N one that runs for 20 seconds after
+its work."""
 
 import concurrent.futures
 import os
