@@ -324,14 +324,22 @@ class EngineThreads : public ::testing::Test {
   }
 
   void StartWithAll(std::vector<std::unique_ptr<Executor>> executors, absl::Duration idle_release,
-                    std::function<void()> trim_heap = nullptr) {
-    auto engine =
-        Engine::CreateWith(std::move(executors), nullptr, idle_release, std::move(trim_heap));
+                    std::function<void()> trim_heap = nullptr,
+                    absl::Duration gpu_job_timeout = absl::ZeroDuration()) {
+    auto engine = Engine::CreateWith(std::move(executors), nullptr, idle_release,
+                                     std::move(trim_heap), gpu_job_timeout);
     ASSERT_TRUE(engine.ok());
     engine_ = *std::move(engine);
     absl::StatusOr<ModelSpec> spec = Spec("m", "");
     ASSERT_TRUE(spec.ok()) << spec.status();
     model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  }
+
+  // One GPU-like executor whose jobs take `job_time` on the device.
+  std::vector<std::unique_ptr<Executor>> TimedJobs(IdleLog* log, absl::Duration job_time) {
+    std::vector<std::unique_ptr<Executor>> executors;
+    executors.push_back(std::make_unique<IdleRecordingExecutor>(log, pool_.get(), job_time));
+    return executors;
   }
 
   bool WaitFor(const std::function<bool()>& done, absl::Duration timeout = absl::Seconds(10)) {
@@ -539,16 +547,8 @@ TEST_F(EngineThreads, AnErrorThatLeavesTheDeviceWorkingKeepsItInService) {
 // completes when the device does. Jobs within the timeout never trip it.
 TEST_F(EngineThreads, AJobPastTheTimeoutStopsTheGpus) {
   IdleLog idle;
-  std::vector<std::unique_ptr<Executor>> executors;
-  executors.push_back(
-      std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(1500)));
-  auto engine = Engine::CreateWith(std::move(executors), nullptr, absl::ZeroDuration(), nullptr,
-                                   absl::Milliseconds(300));
-  ASSERT_TRUE(engine.ok());
-  engine_ = *std::move(engine);
-  absl::StatusOr<ModelSpec> spec = Spec("m", "");
-  ASSERT_TRUE(spec.ok()) << spec.status();
-  model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  StartWithAll(TimedJobs(&idle, absl::Milliseconds(1500)), absl::ZeroDuration(), nullptr,
+               absl::Milliseconds(300));
   Submit(1, -1);
   ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }, absl::Seconds(5)));
   EXPECT_EQ(idle.in_flight.load(), 1) << "stopped only once the job had finished";
@@ -566,16 +566,8 @@ TEST_F(EngineThreads, AJobPastTheTimeoutStopsTheGpus) {
 
 TEST_F(EngineThreads, JobsWithinTheTimeoutKeepTheGpusServing) {
   IdleLog idle;
-  std::vector<std::unique_ptr<Executor>> executors;
-  executors.push_back(
-      std::make_unique<IdleRecordingExecutor>(&idle, pool_.get(), absl::Milliseconds(100)));
-  auto engine = Engine::CreateWith(std::move(executors), nullptr, absl::ZeroDuration(), nullptr,
-                                   absl::Milliseconds(300));
-  ASSERT_TRUE(engine.ok());
-  engine_ = *std::move(engine);
-  absl::StatusOr<ModelSpec> spec = Spec("m", "");
-  ASSERT_TRUE(spec.ok()) << spec.status();
-  model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  StartWithAll(TimedJobs(&idle, absl::Milliseconds(100)), absl::ZeroDuration(), nullptr,
+               absl::Milliseconds(300));
   for (int64_t id = 1; id <= 8; ++id) Submit(id, -1);
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 8);
