@@ -333,7 +333,11 @@ void Engine::Watch() {
           absl::StrCat("cuda:", device, ": a GPU ", gang ? "sequence-parallel run" : "job",
                        " has not finished in ",
                        absl::FormatDuration(absl::Trunc(now - since, absl::Milliseconds(100))),
-                       " (--gpu-job-timeout-seconds ", absl::ToInt64Seconds(gpu_job_timeout_),
+                       " (--gpu-job-timeout-seconds ",
+                       // Whole seconds as the flag gives them; a test's shorter timeout as it is.
+                       gpu_job_timeout_ % absl::Seconds(1) == absl::ZeroDuration()
+                           ? absl::StrCat(absl::ToInt64Seconds(gpu_job_timeout_))
+                           : absl::FormatDuration(gpu_job_timeout_),
                        "); the device is taken as hung"));
       mu_.Unlock();
       StopGpus(device, hung);

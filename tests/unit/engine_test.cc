@@ -224,6 +224,40 @@ class SlowExecutor final : public Executor {
   std::atomic<int>* const ran_;
 };
 
+// A GPU whose first job hangs: its Wait takes `hang`, and the next job's Start, which the engine
+// issues before that Wait, takes as long too, as a CUDA call that waits for the device would.
+// `in_second_start` is set while that Start runs.
+class HangingExecutor final : public Executor {
+ public:
+  HangingExecutor(memory::BufferPool* pool, absl::Duration hang) : pool_(pool), hang_(hang) {}
+  std::string name() const override { return "hanging"; }
+  int cuda_device() const override { return 0; }
+  absl::StatusOr<PlanFacts> Supports(const InferenceRequest&) const override { return PlanFacts{}; }
+  std::vector<const memory::BufferPool*> pools() const override { return {pool_}; }
+  memory::BufferPool& staging_pool() override { return *pool_; }
+  absl::Status Start(Job&) override {
+    // Long enough for the second request to be queued, so that it starts before the first is
+    // waited for.
+    if (starts_ == 0) absl::SleepFor(absl::Milliseconds(50));
+    if (++starts_ == 2) {
+      in_second_start.store(true);
+      absl::SleepFor(hang_);
+      in_second_start.store(false);
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Wait(Job&) override {
+    if (++waits_ == 1) absl::SleepFor(hang_);
+    return absl::OkStatus();
+  }
+  std::atomic<bool> in_second_start{false};
+
+ private:
+  memory::BufferPool* const pool_;
+  const absl::Duration hang_;
+  int starts_ = 0, waits_ = 0;
+};
+
 // Takes requests of at least 100 tokens; checks, while it runs one, that no executor runs a job.
 // Has a pool of its own, as the sequence-parallel runner has one per GPU.
 class RecordingGang final : public GangRunner {
@@ -562,6 +596,27 @@ TEST_F(EngineThreads, AJobPastTheTimeoutStopsTheGpus) {
   EXPECT_TRUE(status_of_[1].ok()) << status_of_[1];
   EXPECT_TRUE(absl::IsUnavailable(status_of_[2])) << status_of_[2];
   EXPECT_TRUE(engine_->ThreadTimes()[0].failed);
+}
+
+// A hung device can hold the engine thread in the next job's start instead of its wait for the
+// hung one (a CUDA call there waits for the device): the watchdog times the job in flight, so it
+// finds the hang there too.
+TEST_F(EngineThreads, AHangFoundWhileTheNextJobStarts) {
+  auto executor = std::make_unique<HangingExecutor>(pool_.get(), absl::Seconds(2));
+  HangingExecutor* hanging = executor.get();
+  std::vector<std::unique_ptr<Executor>> executors;
+  executors.push_back(std::move(executor));
+  StartWithAll(std::move(executors), absl::ZeroDuration(), nullptr, absl::Milliseconds(300));
+  Submit(1, -1);
+  Submit(2, -1);
+  ASSERT_TRUE(WaitFor([&] { return hanging->in_second_start.load(); }));
+  ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }, absl::Seconds(1)));
+  EXPECT_TRUE(hanging->in_second_start.load()) << "found only once the start had returned";
+  EXPECT_TRUE(absl::StrContains(engine_->DeviceLost().message(), "a GPU job has not finished in"));
+  EXPECT_TRUE(
+      absl::StrContains(engine_->DeviceLost().message(), "(--gpu-job-timeout-seconds 300ms)"));
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 2);
 }
 
 TEST_F(EngineThreads, JobsWithinTheTimeoutKeepTheGpusServing) {
