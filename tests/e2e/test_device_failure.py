@@ -39,7 +39,8 @@ def _health(server, service=""):
         return call(request, timeout=10)
 
 
-def _trap_server(gpu, name, *args, fault="TRAP"):
+def _faulty_server(fault, gpu, name, *args):
+    """A server whose GPU `gpu` has DILATTN_TEST_{fault}_DEVICE's fault (TRAP or HANG)."""
     return ServerProcess(*args, name=name,
                          env=dict(os.environ, **{f"DILATTN_TEST_{fault}_DEVICE": str(gpu)}))
 
@@ -71,7 +72,7 @@ def _infer(client, heads, seed):
 
 
 def test_a_failed_gpu_takes_the_server_out_of_service():
-    server = _trap_server(0, "device-failure-one", "--device", "cuda:0")
+    server = _faulty_server("TRAP", 0, "device-failure-one", "--device", "cuda:0")
     client = server.client()
     try:
         assert _health(server) == SERVING
@@ -97,8 +98,8 @@ def test_a_failed_gpu_takes_the_server_out_of_service():
 
 
 def test_a_hung_gpu_takes_the_server_out_of_service():
-    server = _trap_server(0, "device-hang", "--device", "cuda:0", "--gpu-job-timeout-seconds", "2",
-                          "--grace-period-seconds", "1", fault="HANG")
+    server = _faulty_server("HANG", 0, "device-hang", "--device", "cuda:0",
+                            "--gpu-job-timeout-seconds", "2", "--grace-period-seconds", "1")
     client = server.client()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
@@ -123,7 +124,7 @@ def test_a_hung_gpu_takes_the_server_out_of_service():
 @pytest.mark.parametrize("failed", [0, 1])
 def test_an_error_on_one_gpu_stops_them_all(failed):
     gpus = gpu_count()
-    server = _trap_server(failed, f"device-failure-gpu{failed}", "--device", "cuda")
+    server = _faulty_server("TRAP", failed, f"device-failure-gpu{failed}", "--device", "cuda")
     client = server.client()
     try:
         # Rounds of requests of different shapes (no two batched together) at once, until the

@@ -164,14 +164,13 @@ class Runner final : public SequenceParallelRunner {
   }
 
   absl::Status RunOnDevices(const AttentionPlan& plan, const AttentionTensors& host,
-                            int64_t host_head_dim) {
+                            int64_t host_dim) {
     const DilatedAttentionParams& p = plan.params;
     if (!FusedForwardSupportsHeadDim(p.head_dim)) {
       return absl::InvalidArgumentError(
           absl::StrCat("head_dim D=", p.head_dim, " is not supported by the cuda kernels"));
     }
     if (absl::Status s = CheckCudaProblem(p); !s.ok()) return s;
-    const int64_t host_dim = host_head_dim;
     if (host_dim < 1 || host_dim > p.head_dim) {
       return absl::InvalidArgumentError(absl::StrCat("host tensors of head dim ", host_dim,
                                                      " for a plan of head dim ", p.head_dim));
