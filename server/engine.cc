@@ -313,6 +313,31 @@ void Engine::StopGpus(int device, const absl::Status& error) {
   if (handler != nullptr) handler(error);
 }
 
+absl::Time Engine::BusySince(const Worker& worker, bool* gang) {
+  const auto [phase, phase_since] = worker.clock.Current();
+  const bool in_gang = phase == EnginePhase::kGang;
+  if (gang != nullptr) *gang = in_gang;
+  if (in_gang) return phase_since;
+  const int64_t issued = worker.in_flight_since.load();
+  return issued == std::numeric_limits<int64_t>::max() ? absl::InfiniteFuture()
+                                                       : absl::FromUnixNanos(issued);
+}
+
+int Engine::HungRequests() const {
+  {
+    absl::MutexLock lock(&mu_);
+    if (lost_.ok() || gpu_job_timeout_ <= absl::ZeroDuration()) return 0;
+  }
+  const absl::Time now = MonotonicNow();
+  int held = 0;
+  for (const auto& worker : workers_) {
+    if (worker->executor->cuda_device() < 0) continue;
+    const absl::Time since = BusySince(*worker, nullptr);
+    if (since < now && now - since > gpu_job_timeout_) held += worker->held.load();
+  }
+  return held;
+}
+
 void Engine::Watch() {
   // Looks often enough that a hang is found within a tenth of the timeout past it (at most a
   // second).
@@ -324,10 +349,8 @@ void Engine::Watch() {
     for (const auto& worker : workers_) {
       const int device = worker->executor->cuda_device();
       if (device < 0) continue;
-      const auto [phase, phase_since] = worker->clock.Current();
-      const bool gang = phase == EnginePhase::kGang;
-      const absl::Time since =
-          gang ? phase_since : absl::FromUnixNanos(worker->in_flight_since.load());
+      bool gang = false;
+      const absl::Time since = BusySince(*worker, &gang);
       if (since >= now || now - since <= gpu_job_timeout_) continue;
       const absl::Status hung = absl::DeadlineExceededError(
           absl::StrCat("cuda:", device, ": a GPU ", gang ? "sequence-parallel run" : "job",
@@ -601,7 +624,7 @@ void Engine::RunGang(Worker& worker, Batch batch) {
   // Every executor is idle: their cached device memory goes back for the split run, and the
   // run's own goes back after it.
   for (const auto& e : executors_) e->ReleaseCachedMemory();
-  std::unique_ptr<Job> job = MakeJob(worker.clock, std::move(batch));
+  std::unique_ptr<Job> job = MakeJob(worker, std::move(batch));
   if (job != nullptr) {
     const absl::Status s = Guarded([&] { return gang_->Run(*job); });
     if (!s.ok()) {
@@ -619,7 +642,7 @@ void Engine::RunGang(Worker& worker, Batch batch) {
 
 std::unique_ptr<Job> Engine::StartJob(Worker& worker, Batch batch,
                                       std::unique_ptr<Job>& in_flight) {
-  std::unique_ptr<Job> job = MakeJob(worker.clock, std::move(batch));
+  std::unique_ptr<Job> job = MakeJob(worker, std::move(batch));
   if (job == nullptr) return nullptr;
   job->may_wait = in_flight == nullptr;
   auto start = [&] {
@@ -645,6 +668,7 @@ std::unique_ptr<Job> Engine::StartJob(Worker& worker, Batch batch,
     }
     {
       PhaseScope phase(worker.clock, EnginePhase::kComplete);
+      worker.held.fetch_sub(static_cast<int>(job->requests.size()));
       for (auto& r : job->requests) CompleteRequest(std::move(r), s);
     }
     CheckDevice(*worker.executor, s);
@@ -654,7 +678,8 @@ std::unique_ptr<Job> Engine::StartJob(Worker& worker, Batch batch,
   return job;
 }
 
-std::unique_ptr<Job> Engine::MakeJob(PhaseClock& clock, Batch batch) {
+std::unique_ptr<Job> Engine::MakeJob(Worker& worker, Batch batch) {
+  PhaseClock& clock = worker.clock;
   auto job = std::make_unique<Job>();
   job->model = batch.model;
   job->start = MonotonicNow();
@@ -673,6 +698,7 @@ std::unique_ptr<Job> Engine::MakeJob(PhaseClock& clock, Batch batch) {
     }
   }
   if (job->requests.empty()) return nullptr;
+  worker.held.fetch_add(static_cast<int>(job->requests.size()));
   const InferenceRequest& first = *job->requests.front();
   job->shape.dtype = first.dtype;
   job->shape.num_heads = first.heads;
@@ -702,6 +728,7 @@ void Engine::CompleteJob(Worker& worker, Job& job, const absl::Status& s) {
     job.model->stats().Executed(sequences, job.compute_input, job.compute_infer, job.compute_output,
                                 job.path);
   }
+  worker.held.fetch_sub(static_cast<int>(job.requests.size()));
   std::vector<Completer::Item> items;
   items.reserve(job.requests.size());
   for (auto& r : job.requests) {

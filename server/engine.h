@@ -174,6 +174,11 @@ class Engine {
   // Called once, on the thread that found the error, when the GPUs stop (the server then reports
   // NOT_SERVING, so that it is restarted). Any thread.
   void SetDeviceLostHandler(std::function<void(const absl::Status& error)> handler);
+  // The requests a hung device holds: those of the jobs (or sequence-parallel run) of GPU threads
+  // still waiting for a device past gpu_job_timeout, once the GPUs were stopped. They can never
+  // be answered, and the threads holding them never return, so a shutdown cannot wait for them
+  // (Server::Shutdown). 0 while no device is hung. Any thread.
+  int HungRequests() const;
 
   // Whether this engine can run `r`, asked of the same selector execution uses (every device's
   // executor is of one kind), and what planning it found. Any thread.
@@ -203,6 +208,9 @@ class Engine {
     // not finish that job holds the thread in its wait, or in the next job's start where a CUDA
     // call waits for the device.
     std::atomic<int64_t> in_flight_since{std::numeric_limits<int64_t>::max()};
+    // Requests of the jobs this thread has made and not completed: the one in flight, one it is
+    // starting, a sequence-parallel run's.
+    std::atomic<int> held{0};
     Completer completer;  // stopped after the thread, in Shutdown()
   };
   void Loop(Worker& worker);
@@ -228,8 +236,12 @@ class Engine {
   // The watchdog thread: stops the GPUs when a GPU thread's job in flight, or its sequence-parallel
   // run, has not finished within gpu_job_timeout_.
   void Watch();
-  // The job of a batch's requests still wanted (not cancelled, not expired); null if none is.
-  static std::unique_ptr<Job> MakeJob(PhaseClock& clock, Batch batch);
+  // When the work `worker` has on its device began (its job in flight as issued, or its
+  // sequence-parallel run); the infinite future when it has none. `gang`: which of the two.
+  static absl::Time BusySince(const Worker& worker, bool* gang);
+  // The job of a batch's requests still wanted (not cancelled, not expired), counted in the
+  // worker's `held`; null if none is.
+  static std::unique_ptr<Job> MakeJob(Worker& worker, Batch batch);
   // Completes the job's requests with `s` (on the worker's completion thread), and with its
   // statistics when it is OK.
   static void CompleteJob(Worker& worker, Job& job, const absl::Status& s);

@@ -263,7 +263,12 @@ int main(int argc, char** argv) {
     int signal = 0;
     sigwait(&stop_signals, &signal);
     LogInfo("dilattn-server: signal %d, finishing in-flight requests", signal);
-    (*server)->Shutdown();
+    if (const absl::Status s = (*server)->Shutdown(); !s.ok()) {
+      // Nothing can wait for a hung device: not gRPC's shutdown, not the engine thread in a CUDA
+      // call, not CUDA's teardown at exit. The process ends here; the driver reclaims the GPU.
+      LogError("dilattn-server: %s; exiting without waiting for them", s.message());
+      std::_Exit(1);
+    }
   });
   (*server)->Wait();
   signals.join();

@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -102,7 +103,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
 }
 
 Server::~Server() {
-  Shutdown();
+  Shutdown().IgnoreError();  // a hung GPU's: the owner exits first (main.cc)
   // The engine, which owns the pools, is destroyed before the metrics (whose counters it and
   // the models update to the end), and a scrape may come in between.
   if (metrics_ != nullptr) metrics_->RemoveSources();
@@ -122,10 +123,10 @@ void Server::DeviceFailed() {
   if (health_ != nullptr && !shut_down_) health_->SetServingStatus(false);
 }
 
-void Server::Shutdown() {
+absl::Status Server::Shutdown() {
   {
     absl::MutexLock lock(&mu_);
-    if (shut_down_) return;
+    if (shut_down_) return absl::OkStatus();
     shut_down_ = true;
   }
   state_.ready.store(false);
@@ -140,7 +141,14 @@ void Server::Shutdown() {
   // left, and the schedulers, then the engine, stop once everything they hold is done.
   const absl::Time grace_end = MonotonicNow() + options_.grace_period;
   if (registry_ != nullptr) registry_->Flush();
-  if (const int running = gate_.Drain(grace_end); running > 0) {
+  const std::function<int()> hung = [this] { return engine_->HungRequests(); };
+  const int running = gate_.Drain(grace_end, engine_ != nullptr ? hung : nullptr);
+  if (const int held = engine_ != nullptr ? engine_->HungRequests() : 0; held > 0) {
+    return absl::UnavailableError(absl::StrCat(engine_->DeviceLost().message(), "; ", held,
+                                               " request(s) the hung GPU holds can never be "
+                                               "answered"));
+  }
+  if (running > 0) {
     LogWarning("dilattn-server: %d RPC(s) still running after the grace period; cancelling them",
                running);
   }
@@ -152,6 +160,7 @@ void Server::Shutdown() {
   if (registry_ != nullptr) registry_->Shutdown();
   if (engine_ != nullptr) engine_->Shutdown();
   LogInfo("dilattn-server: shut down");
+  return absl::OkStatus();
 }
 
 }  // namespace dilattn::server

@@ -48,7 +48,10 @@ class Server {
   // Health NOT_SERVING; new inference RPCs are refused (UNAVAILABLE) while those in flight,
   // streams included, finish within the grace period; then gRPC shuts down (GOAWAY), and the
   // schedulers and the engine stop. Safe from any thread, once.
-  void Shutdown();
+  // An error when a hung GPU (Engine::HungRequests) holds requests: the drain ends once only
+  // those are left, and nothing further is stopped, since gRPC's shutdown and the engine's would
+  // wait for them for ever; the caller ends the process (its clients see the connection close).
+  absl::Status Shutdown();
 
  private:
   Server() = default;

@@ -1,5 +1,7 @@
 #include "server/grpc/rpc_gate.h"
 
+#include <algorithm>
+
 #include "absl/status/status.h"
 #include "kernels/common/clock.h"
 #include "kernels/memory/allocator.h"
@@ -35,12 +37,23 @@ void RpcGate::Leave() {
   --in_flight_;
 }
 
-int RpcGate::Drain(absl::Time deadline) {
-  absl::MutexLock lock(&mu_);
-  draining_ = true;
-  auto idle = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return in_flight_ == 0; };
-  AwaitUntil(mu_, absl::Condition(&idle), deadline);
-  return in_flight_;
+int RpcGate::Drain(absl::Time deadline, const std::function<int()>& unfinishable) {
+  // `unfinishable` is asked between waits, outside the lock (it takes the engine's).
+  const absl::Duration look_every = absl::Milliseconds(100);
+  while (true) {
+    int running;
+    {
+      absl::MutexLock lock(&mu_);
+      draining_ = true;
+      auto idle = [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return in_flight_ == 0; };
+      AwaitUntil(
+          mu_, absl::Condition(&idle),
+          unfinishable != nullptr ? std::min(deadline, MonotonicNow() + look_every) : deadline);
+      running = in_flight_;
+    }
+    if (running == 0 || MonotonicNow() >= deadline) return running;
+    if (unfinishable != nullptr && running <= unfinishable()) return running;
+  }
 }
 
 int RpcGate::in_flight() const {

@@ -11,6 +11,7 @@
 // requests computed and answered fail as UNAVAILABLE. Draining first means every response was
 // written before GOAWAY, and the client answers GOAWAY's ping only after reading them.
 
+#include <functional>
 #include <utility>
 
 #include "absl/base/thread_annotations.h"
@@ -44,9 +45,9 @@ class RpcGate {
   // A pass for a new RPC; UNAVAILABLE once the server drains.
   absl::StatusOr<Pass> Enter();
   // Refuses new RPCs from now on and waits until every pass is returned or `deadline`
-  // (monotonic) passes.
-  // Returns the number of RPCs still running.
-  int Drain(absl::Time deadline);
+  // (monotonic) passes, or no more RPCs run than `unfinishable` (when given) says can never
+  // finish: those a hung GPU holds. Returns the number of RPCs still running.
+  int Drain(absl::Time deadline, const std::function<int()>& unfinishable = nullptr);
   int in_flight() const;
 
  private:

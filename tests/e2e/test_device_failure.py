@@ -4,7 +4,8 @@ the error for every GPU of the process. The server stops using its GPUs, answers
 request UNAVAILABLE at once (clients retry on another replica), reports NOT_SERVING so that
 Kubernetes takes the replica out of service and restarts it, exports dilattn_device_failed for
 the GPU the error showed on, and still shuts down cleanly; likewise for a GPU whose job does not
-finish within --gpu-job-timeout-seconds (hung). DILATTN_TEST_TRAP_DEVICE=N makes GPU N's first
+finish within --gpu-job-timeout-seconds (hung), except that on SIGTERM the process exits at once
+(status 1) rather than wait for the hung job. DILATTN_TEST_TRAP_DEVICE=N makes GPU N's first
 job launch a kernel that traps, DILATTN_TEST_HANG_DEVICE=N one that runs for 20 seconds after
 its work."""
 
@@ -114,10 +115,20 @@ def test_a_hung_gpu_takes_the_server_out_of_service():
         assert "cuda:0: a GPU job has not finished in" in message, message
         assert "(--gpu-job-timeout-seconds 2); the device is taken as hung" in message, message
     finally:
-        assert server.stop(signal.SIGTERM, timeout=90) == 0, server.log_path.read_text()
-        hung.result(timeout=60)
+        stopping = time.monotonic()
+        exit_code = server.stop(signal.SIGTERM, timeout=90)
+        stopped_in = time.monotonic() - stopping
+        hung_code, hung_message, _ = hung.result(timeout=60)
         pool.shutdown()
-    assert "the device is taken as hung" in server.log_path.read_text()
+    log = server.log_path.read_text()
+    assert "the device is taken as hung" in log
+    # Nothing waits for a hung device: the process ends at once, long before the 20 s kernel
+    # would, and says so; the hung request's client sees the connection close.
+    assert exit_code == 1, log
+    assert stopped_in < 10, (stopped_in, log)
+    assert ("1 request(s) the hung GPU holds can never be answered; exiting without waiting for "
+            "them") in log, log
+    assert hung_code == "StatusCode.UNAVAILABLE", (hung_code, hung_message)
 
 
 @pytest.mark.skipif(gpu_count() < 2, reason="needs two or more GPUs")

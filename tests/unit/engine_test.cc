@@ -590,7 +590,10 @@ TEST_F(EngineThreads, AJobPastTheTimeoutStopsTheGpus) {
   EXPECT_TRUE(absl::IsDeadlineExceeded(lost)) << lost;
   EXPECT_TRUE(absl::StrContains(lost.message(), "cuda:0: a GPU job has not finished in")) << lost;
   EXPECT_TRUE(absl::StrContains(lost.message(), "the device is taken as hung")) << lost;
-  Submit(2, -1);
+  EXPECT_EQ(engine_->HungRequests(), 1);
+  Submit(2, -1);  // refused: held by no job
+  ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
+  EXPECT_EQ(engine_->HungRequests(), 0) << "the device finished the job after all";
   engine_->Shutdown();
   absl::MutexLock lock(&status_mu_);
   EXPECT_TRUE(status_of_[1].ok()) << status_of_[1];
@@ -615,8 +618,10 @@ TEST_F(EngineThreads, AHangFoundWhileTheNextJobStarts) {
   EXPECT_TRUE(absl::StrContains(engine_->DeviceLost().message(), "a GPU job has not finished in"));
   EXPECT_TRUE(
       absl::StrContains(engine_->DeviceLost().message(), "(--gpu-job-timeout-seconds 300ms)"));
+  EXPECT_EQ(engine_->HungRequests(), 2) << "the job in flight's and the one starting";
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 2);
+  EXPECT_EQ(engine_->HungRequests(), 0);
 }
 
 TEST_F(EngineThreads, JobsWithinTheTimeoutKeepTheGpusServing) {

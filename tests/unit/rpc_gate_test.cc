@@ -58,5 +58,28 @@ TEST(RpcGate, DrainReturnsAtItsDeadlineWithTheCountStillRunning) {
   EXPECT_LT(MonotonicNow() - start, absl::Seconds(10));
 }
 
+// A hung GPU's RPCs never finish: the drain ends once only those are left, long before its
+// deadline.
+TEST(RpcGate, DrainEndsWhenOnlyUnfinishableRpcsAreLeft) {
+  RpcGate gate;
+  absl::StatusOr<RpcGate::Pass> stuck = gate.Enter();
+  std::optional<RpcGate::Pass> held;
+  {
+    absl::StatusOr<RpcGate::Pass> pass = gate.Enter();
+    ASSERT_TRUE(stuck.ok() && pass.ok());
+    held.emplace(*std::move(pass));
+  }
+  std::thread finisher([&] {
+    absl::SleepFor(absl::Milliseconds(100));
+    held.reset();
+  });
+  const absl::Time start = MonotonicNow();
+  EXPECT_EQ(gate.Drain(MonotonicNow() + absl::Seconds(30), [] { return 1; }), 1);
+  const absl::Duration took = MonotonicNow() - start;
+  EXPECT_GE(took, absl::Milliseconds(90)) << "the other RPC was waited for";
+  EXPECT_LT(took, absl::Seconds(10));
+  finisher.join();
+}
+
 }  // namespace
 }  // namespace dilattn::server
