@@ -299,18 +299,24 @@ void Engine::CheckDevice(Executor& executor, const absl::Status& s) {
 
 void Engine::StopGpus(int device, const absl::Status& error) {
   std::function<void(const absl::Status&)> handler;
+  std::deque<Batch> queued;
   {
     absl::MutexLock lock(&mu_);
     if (!lost_.ok()) return;
     lost_ = error;
     lost_device_ = device;
     handler = on_lost_;
+    // Refused here, and from now on in Submit, rather than by the engine threads: a hung device
+    // holds its thread for good, and the only thread of a one-GPU server.
+    queued.swap(queue_);
+    free_slots_ += static_cast<int>(queued.size());
   }
   LogError(
       "%s: every GPU stops, and each request is answered UNAVAILABLE until the server is "
       "restarted",
       error.message());
   if (handler != nullptr) handler(error);
+  for (Batch& batch : queued) Refuse(std::move(batch));
 }
 
 absl::Time Engine::BusySince(const Worker& worker, bool* gang) {
@@ -370,14 +376,11 @@ void Engine::Watch() {
   }
 }
 
-void Engine::RefuseBatch(Worker& worker, Batch batch) {
+void Engine::Refuse(Batch batch) {
   const absl::Status s =
       absl::UnavailableError(absl::StrCat("this server's GPUs stopped after a device error (",
                                           DeviceLost().message(), "); retry on another replica"));
-  PhaseScope phase(worker.clock, EnginePhase::kComplete);
-  std::vector<Completer::Item> items;
-  for (auto& r : batch.requests) items.push_back({std::move(r), s, {}});
-  worker.completer.Add(std::move(items));
+  for (auto& r : batch.requests) CompleteRequest(std::move(r), s);
 }
 
 std::string Engine::backend_name() const {
@@ -436,8 +439,15 @@ void Engine::Submit(Batch batch) {
       }
     }
   }
-  absl::MutexLock lock(&mu_);
-  queue_.push_back(std::move(batch));
+  {
+    absl::MutexLock lock(&mu_);
+    if (lost_.ok()) {
+      queue_.push_back(std::move(batch));
+      return;
+    }
+    ++free_slots_;  // the slot its scheduler reserved: no engine thread takes this batch
+  }
+  Refuse(std::move(batch));
 }
 
 bool Engine::Eligible(const Batch& batch, const Executor& executor) const {
@@ -449,20 +459,17 @@ bool Engine::Eligible(const Batch& batch, const Executor& executor) const {
 
 bool Engine::HasWorkFor(const Executor& executor) const {
   if (gang_active_) return false;
-  if (!lost_.ok()) return !queue_.empty();  // any thread refuses any batch
   return std::any_of(queue_.begin(), queue_.end(),
                      [&](const Batch& b) { return Eligible(b, executor); });
 }
 
 std::unique_ptr<Batch> Engine::TakeFor(const Executor& executor) {
   if (gang_active_) return nullptr;
-  const auto it = !lost_.ok() ? queue_.begin()
-                              : std::find_if(queue_.begin(), queue_.end(),
-                                             [&](const Batch& b) { return Eligible(b, executor); });
+  const auto it = std::find_if(queue_.begin(), queue_.end(),
+                               [&](const Batch& b) { return Eligible(b, executor); });
   if (it == queue_.end()) return nullptr;
   auto batch = std::make_unique<Batch>(std::move(*it));
   queue_.erase(it);
-  if (!lost_.ok()) batch->gang = false;  // refused by the thread that took it
   if (batch->gang) {
     gang_active_ = true;
   } else {
@@ -529,7 +536,7 @@ void Engine::Loop(Worker& worker) {
       idle_release_ > absl::ZeroDuration() ? MonotonicNow() + look_every : absl::InfiniteFuture();
   while (true) {
     std::unique_ptr<Batch> next;
-    bool idle = false, release = false, refuse = false;
+    bool idle = false, release = false;
     {
       absl::MutexLock lock(&mu_);
       if (in_flight == nullptr) {
@@ -560,7 +567,6 @@ void Engine::Loop(Worker& worker) {
       if (!idle) {
         next = TakeFor(executor);
         if (next != nullptr) ++free_slots_;  // the next batch may form while this one runs
-        refuse = next != nullptr && !lost_.ok();
       }
     }
     if (idle) {
@@ -576,11 +582,6 @@ void Engine::Loop(Worker& worker) {
         }
       }
       next_look = MonotonicNow() + look_every;
-      continue;
-    }
-    if (refuse) {
-      RefuseBatch(worker, std::move(*next));
-      JobsDone(1);
       continue;
     }
     if (next != nullptr && next->gang) {

@@ -215,8 +215,7 @@ class Engine {
   };
   void Loop(Worker& worker);
   // The next batch `executor` may take: the oldest with no preferred GPU, preferring its GPU, or
-  // preferring a GPU no thread here runs; once the GPUs stopped, the oldest (to refuse it). Null
-  // when there is none.
+  // preferring a GPU no thread here runs. Null when there is none.
   std::unique_ptr<Batch> TakeFor(const Executor& executor) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool HasWorkFor(const Executor& executor) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether `executor`'s thread may run `batch` (TakeFor's rule).
@@ -229,9 +228,10 @@ class Engine {
   // After a job or gang run on `executor` failed with `s`: asks it whether its device still
   // works, and stops the GPUs when it does not.
   void CheckDevice(Executor& executor, const absl::Status& s);
-  // A batch taken once the GPUs stopped: each request answered UNAVAILABLE.
-  void RefuseBatch(Worker& worker, Batch batch);
-  // Stops the GPUs with `error` (on `device`), once.
+  // A batch submitted or queued once the GPUs stopped: each request answered UNAVAILABLE, on the
+  // calling thread.
+  void Refuse(Batch batch);
+  // Stops the GPUs with `error` (on `device`), once, and refuses the batches queued.
   void StopGpus(int device, const absl::Status& error);
   // The watchdog thread: stops the GPUs when a GPU thread's job in flight, or its sequence-parallel
   // run, has not finished within gpu_job_timeout_.
@@ -261,7 +261,7 @@ class Engine {
   std::deque<Batch> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<GangRunner> gang_;
-  // DeviceLost(); once set, every thread takes any batch and refuses it.
+  // DeviceLost(); once set, no batch is queued (Submit refuses it).
   absl::Status lost_ ABSL_GUARDED_BY(mu_);
   int lost_device_ ABSL_GUARDED_BY(mu_) = -1;
   std::function<void(const absl::Status&)> on_lost_ ABSL_GUARDED_BY(mu_);

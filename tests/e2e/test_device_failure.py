@@ -110,7 +110,11 @@ def test_a_hung_gpu_takes_the_server_out_of_service():
         assert time.monotonic() - began >= 2  # not before the timeout
         assert not hung.done()
         assert server.metric("dilattn_device_failed", device="cuda:0") == 1
+        # Refused at once, though the hung device holds the server's only engine thread.
+        asked = time.monotonic()
         code, message, _ = _infer(client, 2, 2)
+        assert time.monotonic() - asked < 5
+        assert not hung.done()
         assert code == "StatusCode.UNAVAILABLE", (code, message)
         assert "cuda:0: a GPU job has not finished in" in message, message
         assert "(--gpu-job-timeout-seconds 2); the device is taken as hung" in message, message

@@ -601,6 +601,28 @@ TEST_F(EngineThreads, AJobPastTheTimeoutStopsTheGpus) {
   EXPECT_TRUE(engine_->ThreadTimes()[0].failed);
 }
 
+// A hung device holds its engine thread, on a one-GPU server the only one: the batch queued when
+// the GPUs stop and each one after are refused at once all the same, not when (if ever) the
+// device lets the thread go.
+TEST_F(EngineThreads, RequestsAreRefusedWhileTheHungDeviceHoldsItsThread) {
+  IdleLog idle;
+  StartWithAll(TimedJobs(&idle, absl::Milliseconds(1500)), absl::ZeroDuration(), nullptr,
+               absl::Milliseconds(300));
+  for (int64_t id = 1; id <= 3; ++id) Submit(id, -1);  // 1 in flight, 2 started, 3 queued
+  ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }, absl::Seconds(5)));
+  Submit(4, -1);
+  ASSERT_TRUE(WaitFor([&] { return failed_.load() == 2; }, absl::Milliseconds(500)));
+  EXPECT_EQ(ok_.load(), 0) << "refused only once the thread was free";
+  EXPECT_EQ(engine_->HungRequests(), 2);
+  {
+    absl::MutexLock lock(&status_mu_);
+    EXPECT_TRUE(absl::IsUnavailable(status_of_[3])) << status_of_[3];
+    EXPECT_TRUE(absl::IsUnavailable(status_of_[4])) << status_of_[4];
+  }
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 2);  // the device finished them after all
+}
+
 // A hung device can hold the engine thread in the next job's start instead of its wait for the
 // hung one (a CUDA call there waits for the device): the watchdog times the job in flight, so it
 // finds the hang there too.
