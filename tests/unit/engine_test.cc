@@ -259,16 +259,18 @@ class HangingExecutor final : public Executor {
 };
 
 // Takes requests of at least 100 tokens; checks, while it runs one, that no executor runs a job.
-// Has a pool of its own, as the sequence-parallel runner has one per GPU.
+// Has a pool of its own, as the sequence-parallel runner has one per GPU. Each run takes
+// `run_time`.
 class RecordingGang final : public GangRunner {
  public:
-  explicit RecordingGang(RunLog* log)
+  explicit RecordingGang(RunLog* log, absl::Duration run_time = absl::Milliseconds(2))
       : log_(log),
+        run_time_(run_time),
         pool_(*memory::BufferPool::Create({"gang", size_t{1} << 20}, memory::NewHostAllocator())) {}
   bool Takes(const InferenceRequest& r) const override { return r.seq_len >= 100; }
   absl::Status Run(Job& job) override {
     if (log_->active.load() != 0) overlapped_.fetch_add(1);
-    absl::SleepFor(absl::Milliseconds(2));
+    absl::SleepFor(run_time_);
     if (log_->active.load() != 0) overlapped_.fetch_add(1);
     absl::MutexLock lock(&log_->mu);
     for (const auto& r : job.requests) {
@@ -283,6 +285,7 @@ class RecordingGang final : public GangRunner {
 
  private:
   RunLog* const log_;
+  const absl::Duration run_time_;
   const std::unique_ptr<memory::BufferPool> pool_;
   std::atomic<int> overlapped_{0};
 };
@@ -359,8 +362,9 @@ class EngineThreads : public ::testing::Test {
 
   void StartWithAll(std::vector<std::unique_ptr<Executor>> executors, absl::Duration idle_release,
                     std::function<void()> trim_heap = nullptr,
-                    absl::Duration gpu_job_timeout = absl::ZeroDuration()) {
-    auto engine = Engine::CreateWith(std::move(executors), nullptr, idle_release,
+                    absl::Duration gpu_job_timeout = absl::ZeroDuration(),
+                    std::unique_ptr<GangRunner> gang = nullptr) {
+    auto engine = Engine::CreateWith(std::move(executors), std::move(gang), idle_release,
                                      std::move(trim_heap), gpu_job_timeout);
     ASSERT_TRUE(engine.ok());
     engine_ = *std::move(engine);
@@ -621,6 +625,31 @@ TEST_F(EngineThreads, RequestsAreRefusedWhileTheHungDeviceHoldsItsThread) {
   }
   engine_->Shutdown();
   EXPECT_EQ(ok_.load(), 2);  // the device finished them after all
+}
+
+// A sequence-parallel run that does not finish is found as a job is: the GPUs stop, later
+// requests (another one for the gang among them) are refused at once, and the run's request is
+// held by the hung devices until it ends.
+TEST_F(EngineThreads, AHungSequenceParallelRunStopsTheGpus) {
+  std::vector<std::unique_ptr<Executor>> executors;
+  for (int d : {0, 1}) {
+    executors.push_back(std::make_unique<RecordingExecutor>(d, &log_, pool_.get(), DeviceFaults{}));
+  }
+  StartWithAll(std::move(executors), absl::ZeroDuration(), nullptr, absl::Milliseconds(300),
+               std::make_unique<RecordingGang>(&log_, absl::Milliseconds(1500)));
+  Submit(1, -1, 500);  // long enough for the gang
+  ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }, absl::Seconds(5)));
+  const absl::Status lost = engine_->DeviceLost();
+  EXPECT_TRUE(absl::StrContains(lost.message(), "a GPU sequence-parallel run has not finished in"))
+      << lost;
+  EXPECT_EQ(engine_->HungRequests(), 1);
+  Submit(2, -1, 500);
+  Submit(3, 0);
+  ASSERT_TRUE(WaitFor([&] { return failed_.load() == 2; }, absl::Milliseconds(500)));
+  EXPECT_EQ(ok_.load(), 0);
+  engine_->Shutdown();
+  EXPECT_EQ(ok_.load(), 1);
+  EXPECT_EQ(engine_->HungRequests(), 0);
 }
 
 // A hung device can hold the engine thread in the next job's start instead of its wait for the
