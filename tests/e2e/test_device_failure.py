@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+import attend
 import reference
 from conftest import ServerProcess, wait_until
-from helpers import gpu_count, make_inputs
+from helpers import gpu_count, make_inputs, random_qkv
 
 pytestmark = pytest.mark.skipif(not reference.ON_GPU,
                                 reason="needs a GPU server (DILATTN_E2E_DEVICE=cuda)")
@@ -96,6 +97,38 @@ def test_a_failed_gpu_takes_the_server_out_of_service():
     log = server.log_path.read_text()
     assert "DILATTN_TEST_TRAP_DEVICE is set" in log
     assert "cuda:0: cudaErrorLaunchFailure" in log, log
+
+
+def _attend_error(server, shape, seed):
+    """The status a native stream of `shape` (FP16, stretches of 1024 tokens) ends with."""
+    q, k, v = random_qkv(shape, seed)
+    messages = [attend.header("dilated_attention", shape, "FP16",
+                              {"segment_lengths": "512,1024", "dilation_rates": "1,2"})]
+    messages += attend.chunks(q, k, v, "FP16", 512)
+    with grpc.insecure_channel(server.url) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in attend.stream(channel)(iter(messages), timeout=60):
+                pass
+    return e.value.code(), e.value.details()
+
+
+def test_a_native_stream_on_a_failed_gpu_ends_with_the_error():
+    server = _faulty_server("TRAP", 0, "device-failure-stream", "--device", "cuda:0")
+    try:
+        # Its first stretch traps; the others fail or are refused, and the stream ends with the
+        # first error to come back (the trap's, or a refusal naming it) rather than waiting for
+        # its deadline.
+        code, details = _attend_error(server, (1, 4096, 2, 64), 1)
+        assert code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE), (code, details)
+        assert "cudaErrorLaunchFailure" in details, details
+        code, details = _attend_error(server, (1, 2048, 2, 64), 2)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "this server's GPUs stopped after a device error (cuda:0: " in details, details
+        assert server.client().is_server_live()
+        # Nothing of either stream is left behind.
+        assert wait_until(lambda: server.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
+    finally:
+        assert server.stop(signal.SIGTERM, timeout=60) == 0, server.log_path.read_text()
 
 
 def test_a_hung_gpu_takes_the_server_out_of_service():
