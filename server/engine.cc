@@ -376,10 +376,15 @@ void Engine::Watch() {
   }
 }
 
+absl::Status Engine::Available() const {
+  const absl::Status lost = DeviceLost();
+  if (lost.ok()) return lost;
+  return absl::UnavailableError(absl::StrCat("this server's GPUs stopped after a device error (",
+                                             lost.message(), "); retry on another replica"));
+}
+
 void Engine::Refuse(Batch batch) {
-  const absl::Status s =
-      absl::UnavailableError(absl::StrCat("this server's GPUs stopped after a device error (",
-                                          DeviceLost().message(), "); retry on another replica"));
+  const absl::Status s = Available();
   for (auto& r : batch.requests) CompleteRequest(std::move(r), s);
 }
 

@@ -171,6 +171,9 @@ class Engine {
   // stops using every GPU at once, and from then on answers each batch UNAVAILABLE, so that
   // clients retry on another replica. Any thread.
   absl::Status DeviceLost() const;
+  // OK while the engine takes work; once the GPUs stopped, the UNAVAILABLE every request gets
+  // (naming DeviceLost()), which handlers answer before leasing anything. Any thread.
+  absl::Status Available() const;
   // Called once, on the thread that found the error, when the GPUs stop (the server then reports
   // NOT_SERVING, so that it is restarted). Any thread.
   void SetDeviceLostHandler(std::function<void(const absl::Status& error)> handler);

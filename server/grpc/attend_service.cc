@@ -292,6 +292,11 @@ class AttendReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       CountRefusedRequest(*model, arrival, p.status());
       return p.status();
     }
+    // Once the GPUs stopped, their pinned pool cannot grow: refused as every request then is.
+    if (absl::Status s = p->model->engine().Available(); !s.ok()) {
+      CountRefusedRequest(p->model, arrival, s);
+      return s;
+    }
     absl::StatusOr<memory::Buffer> lease =
         p->model->engine().staging_pool().Acquire(4 * p->tensor_bytes);
     if (!lease.ok()) {

@@ -419,6 +419,9 @@ absl::StatusOr<std::unique_ptr<InferenceRequest>> ParseForModel(
   if (!facts.ok()) return facts.status();
   r->kept_pairs = facts->kept_pairs;
 
+  // Once the GPUs stopped, before anything is leased (their pinned pool cannot grow) or copied.
+  if (absl::Status s = model->engine().Available(); !s.ok()) return s;
+
   if (raw.raw_count() > 0) {
     // One copy, from gRPC's buffers into staging memory (pinned on a GPU server). Large contents
     // are copied on threads of their own while the request already waits in its queue, so that

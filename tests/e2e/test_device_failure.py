@@ -86,9 +86,10 @@ def test_a_failed_gpu_takes_the_server_out_of_service():
         assert not client.is_server_ready()
         assert client.is_server_live()  # the process works: the orchestrator restarts it
         assert server.metric("dilattn_device_failed", device="cuda:0") == 1
-        # Every later request: UNAVAILABLE, naming the failure, at once.
+        # Every later request: UNAVAILABLE, naming the failure, at once (whatever its size: none
+        # needs the pinned pool, which cannot grow now).
         for seed in range(2, 6):
-            code, message, _ = _infer(client, 2, seed)
+            code, message, _ = _infer(client, seed, seed)
             assert code == "StatusCode.UNAVAILABLE", (code, message)
             assert "this server's GPUs stopped after a device error (cuda:0: " in message, message
             assert "retry on another replica" in message, message

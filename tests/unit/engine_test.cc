@@ -531,6 +531,7 @@ TEST_F(EngineThreads, ALostDeviceStopsEveryGpuAndEachRequestIsAnsweredUnavailabl
     reported.push_back(std::string(error.message()));
   });
   EXPECT_TRUE(engine_->DeviceLost().ok());
+  EXPECT_TRUE(engine_->Available().ok());
   Submit(1, 1);  // its tensors on GPU 1, whose thread takes it and fails
   ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }));
   for (int64_t id = 2; id <= 31; ++id) Submit(id, id % 3 - 1, id % 5 == 0 ? 500 : 1);
@@ -556,6 +557,11 @@ TEST_F(EngineThreads, ALostDeviceStopsEveryGpuAndEachRequestIsAnsweredUnavailabl
   }
   const absl::Status lost = engine_->DeviceLost();
   EXPECT_TRUE(absl::StartsWith(lost.message(), "cuda:1: cudaErrorIllegalAddress")) << lost;
+  // What the handlers answer before leasing anything: the refusals' status.
+  {
+    absl::MutexLock lock(&status_mu_);
+    EXPECT_EQ(engine_->Available(), status_of_[2]);
+  }
   {
     absl::MutexLock lock(&mu);
     ASSERT_EQ(reported.size(), 1u);
