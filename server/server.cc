@@ -64,6 +64,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   s->registry_ = *std::move(registry);
   SharedMemoryOptions shm = options.shared_memory;
   shm.pin_for_device = s->engine_->cuda_device();
+  shm.gpus_available = [engine = s->engine_.get()] { return engine->Available(); };
   s->shared_memory_ = std::make_unique<SharedMemoryManager>(shm);
   s->service_ = std::make_unique<InferenceService>(s->registry_.get(), s->shared_memory_.get(),
                                                    &s->state_, &s->gate_);

@@ -216,6 +216,9 @@ absl::Status SharedMemoryManager::RegisterCuda(absl::string_view name,
                                                absl::string_view raw_handle, int64_t device,
                                                uint64_t byte_size) {
   if (!options_.enabled) return absl::UnavailableError("shared memory is switched off here");
+  if (options_.gpus_available != nullptr) {
+    if (absl::Status s = options_.gpus_available(); !s.ok()) return s;
+  }
   if (absl::Status s = CheckName(name); !s.ok()) return s;
   if (byte_size == 0) return Invalid(absl::StrCat("region ", Quote(name), ": byte_size is 0"));
   if (byte_size > std::numeric_limits<size_t>::max() / 2) {

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -89,6 +90,10 @@ struct SharedMemoryOptions {
   // Page-lock system regions for this CUDA device (the server's GPU), so its copies from and to
   // them run asynchronously; -1 leaves them pageable.
   int pin_for_device = -1;
+  // Where set, a CUDA region's registration is refused with its status when that is not OK: once
+  // the server's GPUs stopped (Engine::Available), opening a handle fails with the sticky CUDA
+  // error, which would read as a bad handle.
+  std::function<absl::Status()> gpus_available;
 };
 
 class SharedMemoryManager {
@@ -98,7 +103,8 @@ class SharedMemoryManager {
   bool enabled() const { return options_.enabled; }
 
   // INVALID_ARGUMENT for a bad name, key, range or handle (naming it); ALREADY_EXISTS when the
-  // name is taken; UNAVAILABLE when shared memory is switched off.
+  // name is taken; UNAVAILABLE when shared memory is switched off, or for a CUDA region once the
+  // GPUs stopped.
   absl::Status RegisterSystem(absl::string_view name, absl::string_view key, uint64_t offset,
                               uint64_t byte_size);
   absl::Status RegisterCuda(absl::string_view name, absl::string_view raw_handle, int64_t device,

@@ -9,6 +9,7 @@ finish within --gpu-job-timeout-seconds (hung), except that on SIGTERM the proce
 job launch a kernel that traps, DILATTN_TEST_HANG_DEVICE=N one that runs for 20 seconds after
 its work."""
 
+import base64
 import concurrent.futures
 import os
 import signal
@@ -93,6 +94,11 @@ def test_a_failed_gpu_takes_the_server_out_of_service():
             assert code == "StatusCode.UNAVAILABLE", (code, message)
             assert "this server's GPUs stopped after a device error (cuda:0: " in message, message
             assert "retry on another replica" in message, message
+        # A CUDA region too: refused as the requests are, not as a bad handle.
+        with pytest.raises(InferenceServerException) as e:
+            client.register_cuda_shared_memory("c", base64.b64encode(b"\0" * 64), 0, 1024)
+        assert e.value.status() == "StatusCode.UNAVAILABLE", e.value
+        assert "this server's GPUs stopped after a device error" in e.value.message()
     finally:
         assert server.stop(signal.SIGTERM, timeout=60) == 0, server.log_path.read_text()
     log = server.log_path.read_text()

@@ -242,6 +242,19 @@ TEST(SharedMemory, SwitchedOff) {
               HasSubstr("shared memory is switched off"));
 }
 
+// Once the GPUs stopped, a CUDA region is refused with the engine's status before any CUDA call
+// (whose sticky error would read as a bad handle); system regions still register.
+TEST(SharedMemory, CudaRegionsRefusedOnceTheGpusStopped) {
+  ShmObject object(4096);
+  SharedMemoryManager m({.gpus_available = [] {
+    return absl::UnavailableError("this server's GPUs stopped after a device error");
+  }});
+  const absl::Status s = m.RegisterCuda("c", std::string(64, '\0'), 0, 4096);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  EXPECT_THAT(s.message(), HasSubstr("GPUs stopped")) << s;
+  EXPECT_TRUE(m.RegisterSystem("r", object.key(), 0, 16).ok());
+}
+
 // Registrations, lookups and unregistrations from many threads: every lookup either finds a
 // fully mapped region or none.
 TEST(SharedMemory, ConcurrentUse) {
