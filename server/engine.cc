@@ -319,14 +319,14 @@ void Engine::StopGpus(int device, const absl::Status& error) {
   for (Batch& batch : queued) Refuse(std::move(batch));
 }
 
-absl::Time Engine::BusySince(const Worker& worker, bool* gang) {
+absl::Duration Engine::BusyFor(const Worker& worker, absl::Time now, bool* gang) {
   const auto [phase, phase_since] = worker.clock.Current();
   const bool in_gang = phase == EnginePhase::kGang;
   if (gang != nullptr) *gang = in_gang;
-  if (in_gang) return phase_since;
   const int64_t issued = worker.in_flight_since.load();
-  return issued == std::numeric_limits<int64_t>::max() ? absl::InfiniteFuture()
-                                                       : absl::FromUnixNanos(issued);
+  if (!in_gang && issued == std::numeric_limits<int64_t>::max()) return absl::ZeroDuration();
+  return std::max(now - (in_gang ? phase_since : absl::FromUnixNanos(issued)),
+                  absl::ZeroDuration());
 }
 
 int Engine::HungRequests() const {
@@ -338,8 +338,7 @@ int Engine::HungRequests() const {
   int held = 0;
   for (const auto& worker : workers_) {
     if (worker->executor->cuda_device() < 0) continue;
-    const absl::Time since = BusySince(*worker, nullptr);
-    if (since < now && now - since > gpu_job_timeout_) held += worker->held.load();
+    if (BusyFor(*worker, now, nullptr) > gpu_job_timeout_) held += worker->held.load();
   }
   return held;
 }
@@ -356,18 +355,17 @@ void Engine::Watch() {
       const int device = worker->executor->cuda_device();
       if (device < 0) continue;
       bool gang = false;
-      const absl::Time since = BusySince(*worker, &gang);
-      if (since >= now || now - since <= gpu_job_timeout_) continue;
-      const absl::Status hung = absl::DeadlineExceededError(
-          absl::StrCat("cuda:", device, ": a GPU ", gang ? "sequence-parallel run" : "job",
-                       " has not finished in ",
-                       absl::FormatDuration(absl::Trunc(now - since, absl::Milliseconds(100))),
-                       " (--gpu-job-timeout-seconds ",
-                       // Whole seconds as the flag gives them; a test's shorter timeout as it is.
-                       gpu_job_timeout_ % absl::Seconds(1) == absl::ZeroDuration()
-                           ? absl::StrCat(absl::ToInt64Seconds(gpu_job_timeout_))
-                           : absl::FormatDuration(gpu_job_timeout_),
-                       "); the device is taken as hung"));
+      const absl::Duration busy = BusyFor(*worker, now, &gang);
+      if (busy <= gpu_job_timeout_) continue;
+      const absl::Status hung = absl::DeadlineExceededError(absl::StrCat(
+          "cuda:", device, ": a GPU ", gang ? "sequence-parallel run" : "job",
+          " has not finished in ", absl::FormatDuration(absl::Trunc(busy, absl::Milliseconds(100))),
+          " (--gpu-job-timeout-seconds ",
+          // Whole seconds as the flag gives them; a test's shorter timeout as it is.
+          gpu_job_timeout_ % absl::Seconds(1) == absl::ZeroDuration()
+              ? absl::StrCat(absl::ToInt64Seconds(gpu_job_timeout_))
+              : absl::FormatDuration(gpu_job_timeout_),
+          "); the device is taken as hung"));
       mu_.Unlock();
       StopGpus(device, hung);
       mu_.Lock();

@@ -239,9 +239,9 @@ class Engine {
   // The watchdog thread: stops the GPUs when a GPU thread's job in flight, or its sequence-parallel
   // run, has not finished within gpu_job_timeout_.
   void Watch();
-  // When the work `worker` has on its device began (its job in flight as issued, or its
-  // sequence-parallel run); the infinite future when it has none. `gang`: which of the two.
-  static absl::Time BusySince(const Worker& worker, bool* gang);
+  // How long, at `now`, the work `worker` has on its device has run (its job in flight since it
+  // was issued, or its sequence-parallel run); zero when it has none. `gang`: which of the two.
+  static absl::Duration BusyFor(const Worker& worker, absl::Time now, bool* gang);
   // The job of a batch's requests still wanted (not cancelled, not expired), counted in the
   // worker's `held`; null if none is.
   static std::unique_ptr<Job> MakeJob(Worker& worker, Batch batch);

@@ -129,10 +129,7 @@ absl::Status Server::Shutdown() {
     absl::MutexLock lock(&mu_);
     if (shut_down_) return absl::OkStatus();
     shut_down_ = true;
-  }
-  state_.ready.store(false);
-  {
-    absl::MutexLock lock(&mu_);
+    state_.ready.store(false);
     if (health_ != nullptr) health_->SetServingStatus(false);
   }
   // Schedulers stop waiting for batching delays. New inference RPCs are refused while the

@@ -330,12 +330,7 @@ class EngineThreads : public ::testing::Test {
 
   void Start(std::vector<int> devices, bool gang = false, absl::string_view batching = "",
              const std::map<int, DeviceFaults>& faults = {}) {
-    std::vector<std::unique_ptr<Executor>> executors;
-    for (int d : devices) {
-      const auto f = faults.find(d);
-      executors.push_back(std::make_unique<RecordingExecutor>(
-          d, &log_, pool_.get(), f == faults.end() ? DeviceFaults{} : f->second));
-    }
+    std::vector<std::unique_ptr<Executor>> executors = Recorders(devices, faults);
     std::unique_ptr<GangRunner> runner;
     if (gang) {
       auto g = std::make_unique<RecordingGang>(&log_);
@@ -371,6 +366,18 @@ class EngineThreads : public ::testing::Test {
     absl::StatusOr<ModelSpec> spec = Spec("m", "");
     ASSERT_TRUE(spec.ok()) << spec.status();
     model_ = std::make_unique<Model>(*std::move(spec), engine_.get(), metrics_.get());
+  }
+
+  // A RecordingExecutor for each of `devices`, with its faults.
+  std::vector<std::unique_ptr<Executor>> Recorders(const std::vector<int>& devices,
+                                                   const std::map<int, DeviceFaults>& faults = {}) {
+    std::vector<std::unique_ptr<Executor>> executors;
+    for (int d : devices) {
+      const auto f = faults.find(d);
+      executors.push_back(std::make_unique<RecordingExecutor>(
+          d, &log_, pool_.get(), f == faults.end() ? DeviceFaults{} : f->second));
+    }
+    return executors;
   }
 
   // One GPU-like executor whose jobs take `job_time` on the device.
@@ -637,11 +644,7 @@ TEST_F(EngineThreads, RequestsAreRefusedWhileTheHungDeviceHoldsItsThread) {
 // requests (another one for the gang among them) are refused at once, and the run's request is
 // held by the hung devices until it ends.
 TEST_F(EngineThreads, AHungSequenceParallelRunStopsTheGpus) {
-  std::vector<std::unique_ptr<Executor>> executors;
-  for (int d : {0, 1}) {
-    executors.push_back(std::make_unique<RecordingExecutor>(d, &log_, pool_.get(), DeviceFaults{}));
-  }
-  StartWithAll(std::move(executors), absl::ZeroDuration(), nullptr, absl::Milliseconds(300),
+  StartWithAll(Recorders({0, 1}), absl::ZeroDuration(), nullptr, absl::Milliseconds(300),
                std::make_unique<RecordingGang>(&log_, absl::Milliseconds(1500)));
   Submit(1, -1, 500);  // long enough for the gang
   ASSERT_TRUE(WaitFor([&] { return !engine_->DeviceLost().ok(); }, absl::Seconds(5)));
