@@ -343,6 +343,23 @@ int Engine::HungRequests() const {
   return held;
 }
 
+std::string Engine::GpuWork() const {
+  const absl::Time now = MonotonicNow();
+  std::vector<std::string> busy;
+  for (const auto& worker : workers_) {
+    const int device = worker->executor->cuda_device();
+    if (device < 0) continue;
+    bool gang = false;
+    const absl::Duration d = BusyFor(*worker, now, &gang);
+    if (d <= absl::ZeroDuration()) continue;
+    busy.push_back(absl::StrCat("cuda:", device, ": a ", gang ? "sequence-parallel run" : "job",
+                                " running for ",
+                                absl::FormatDuration(absl::Trunc(d, absl::Milliseconds(100))), ", ",
+                                worker->held.load(), " request(s)"));
+  }
+  return absl::StrJoin(busy, "; ");
+}
+
 void Engine::Watch() {
   // Looks often enough that a hang is found within a tenth of the timeout past it (at most a
   // second).

@@ -13,6 +13,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
 #include "google/protobuf/stubs/logging.h"
 #include "kernels/memory/allocator.h"
 #include "server/log.h"
@@ -21,6 +23,13 @@
 namespace {
 
 using dilattn::server::ServerOptions;
+
+// How long past its grace period a shutdown may still take before the process ends without it.
+// Past the grace period every call is cancelled, and what can still be running is a GPU batch,
+// which cannot be interrupted: milliseconds to a few seconds, or for ever on a device that hangs
+// before --gpu-job-timeout-seconds has found it out. Its clients are gone by then; ending here
+// (with a log line saying what was left) beats the orchestrator's SIGKILL, which says nothing.
+constexpr absl::Duration kShutdownPastGrace = absl::Seconds(5);
 
 constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --grpc-port N             gRPC port: KServe v2 inference, health, reflection (8001; 0 picks one)
@@ -263,7 +272,21 @@ int main(int argc, char** argv) {
     int signal = 0;
     sigwait(&stop_signals, &signal);
     LogInfo("dilattn-server: signal %d, finishing in-flight requests", signal);
-    if (const absl::Status s = (*server)->Shutdown(); !s.ok()) {
+    absl::Notification shut_down;
+    std::thread deadline([&] {
+      if (shut_down.WaitForNotificationWithTimeout(options.grace_period + kShutdownPastGrace)) {
+        return;
+      }
+      LogError(
+          "dilattn-server: still shutting down %s after the grace period (%s); exiting "
+          "without waiting",
+          absl::FormatDuration(kShutdownPastGrace), (*server)->Unfinished());
+      std::_Exit(1);
+    });
+    const absl::Status s = (*server)->Shutdown();
+    shut_down.Notify();
+    deadline.join();
+    if (!s.ok()) {
       // Nothing can wait for a hung device: not gRPC's shutdown, not the engine thread in a CUDA
       // call, not CUDA's teardown at exit. The process ends here; the driver reclaims the GPU.
       LogError("dilattn-server: %s; exiting without waiting for them", s.message());

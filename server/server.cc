@@ -161,4 +161,12 @@ absl::Status Server::Shutdown() {
   return absl::OkStatus();
 }
 
+std::string Server::Unfinished() const {
+  std::string out = absl::StrCat(gate_.in_flight(), " RPC(s) still open");
+  if (engine_ != nullptr) {
+    if (const std::string gpu = engine_->GpuWork(); !gpu.empty()) absl::StrAppend(&out, "; ", gpu);
+  }
+  return out;
+}
+
 }  // namespace dilattn::server

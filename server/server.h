@@ -52,6 +52,9 @@ class Server {
   // those are left, and nothing further is stopped, since gRPC's shutdown and the engine's would
   // wait for them for ever; the caller ends the process (its clients see the connection close).
   absl::Status Shutdown();
+  // What a shutdown still waits for, for its log: "N RPC(s) still open", and what each GPU still
+  // runs (Engine::GpuWork). Any thread.
+  std::string Unfinished() const;
 
  private:
   Server() = default;

@@ -5,7 +5,8 @@ request UNAVAILABLE at once (clients retry on another replica), reports NOT_SERV
 Kubernetes takes the replica out of service and restarts it, exports dilattn_device_failed for
 the GPU the error showed on, and still shuts down cleanly; likewise for a GPU whose job does not
 finish within --gpu-job-timeout-seconds (hung), except that on SIGTERM the process exits at once
-(status 1) rather than wait for the hung job. DILATTN_TEST_TRAP_DEVICE=N makes GPU N's first
+(status 1) rather than wait for the hung job, and 5 s after its grace period when the hang was not
+yet found. DILATTN_TEST_TRAP_DEVICE=N makes GPU N's first
 job launch a kernel that traps, DILATTN_TEST_HANG_DEVICE=N one that runs for 20 seconds after
 its work."""
 
@@ -171,6 +172,36 @@ def test_a_hung_gpu_takes_the_server_out_of_service():
     assert ("1 request(s) the hung GPU holds can never be answered; exiting without waiting for "
             "them") in log, log
     assert hung_code == "StatusCode.UNAVAILABLE", (hung_code, hung_message)
+
+
+def test_sigterm_does_not_wait_for_a_hang_not_yet_found():
+    # The 20 s job is not yet past --gpu-job-timeout-seconds when SIGTERM comes, so nothing
+    # knows the device is hung: the shutdown waits for it through the grace period and 5 s more,
+    # then the process ends, saying what it left, long before the job would end.
+    server = _faulty_server("HANG", 0, "device-hang-sigterm", "--device", "cuda:0",
+                            "--gpu-job-timeout-seconds", "120", "--grace-period-seconds", "1")
+    client = server.client()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        hung = pool.submit(_infer, client, 2, 1)
+        # On the device: its thread waits for it.
+        assert wait_until(lambda: server.metric("dilattn_engine_seconds_total", device="cuda:0",
+                                                phase="wait") > 1, timeout=15)
+    finally:
+        stopping = time.monotonic()
+        exit_code = server.stop(signal.SIGTERM, timeout=90)
+        stopped_in = time.monotonic() - stopping
+        hung_code, hung_message, _ = hung.result(timeout=60)
+        pool.shutdown()
+    log = server.log_path.read_text()
+    assert exit_code == 1, log
+    assert 5.5 < stopped_in < 12, (stopped_in, log)
+    assert "the device is taken as hung" not in log, log
+    assert ("still shutting down 5s after the grace period (1 RPC(s) still open; cuda:0: a job "
+            "running for ") in log, log
+    assert ", 1 request(s)); exiting without waiting" in log, log
+    assert hung_code in ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED"), (hung_code,
+                                                                             hung_message)
 
 
 @pytest.mark.skipif(gpu_count() < 2, reason="needs two or more GPUs")

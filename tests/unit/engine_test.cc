@@ -608,9 +608,13 @@ TEST_F(EngineThreads, AJobPastTheTimeoutStopsTheGpus) {
   EXPECT_TRUE(absl::StrContains(lost.message(), "cuda:0: a GPU job has not finished in")) << lost;
   EXPECT_TRUE(absl::StrContains(lost.message(), "the device is taken as hung")) << lost;
   EXPECT_EQ(engine_->HungRequests(), 1);
+  const std::string work = engine_->GpuWork();
+  EXPECT_TRUE(absl::StrContains(work, "cuda:0: a job running for ")) << work;
+  EXPECT_TRUE(absl::EndsWith(work, ", 1 request(s)")) << work;
   Submit(2, -1);  // refused: held by no job
   ASSERT_TRUE(WaitFor([&] { return ok_.load() == 1; }));
   EXPECT_EQ(engine_->HungRequests(), 0) << "the device finished the job after all";
+  EXPECT_EQ(engine_->GpuWork(), "");
   engine_->Shutdown();
   absl::MutexLock lock(&status_mu_);
   EXPECT_TRUE(status_of_[1].ok()) << status_of_[1];
@@ -652,6 +656,8 @@ TEST_F(EngineThreads, AHungSequenceParallelRunStopsTheGpus) {
   EXPECT_TRUE(absl::StrContains(lost.message(), "a GPU sequence-parallel run has not finished in"))
       << lost;
   EXPECT_EQ(engine_->HungRequests(), 1);
+  const std::string work = engine_->GpuWork();
+  EXPECT_TRUE(absl::StrContains(work, "a sequence-parallel run running for ")) << work;
   Submit(2, -1, 500);
   Submit(3, 0);
   ASSERT_TRUE(WaitFor([&] { return failed_.load() == 2; }, absl::Milliseconds(500)));
