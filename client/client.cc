@@ -1,8 +1,11 @@
 #include "client/client.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/numbers.h"
@@ -10,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
 #include "kernels/common/clock.h"
 
 namespace dilattn::client {
@@ -229,12 +233,48 @@ absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& r
   return t;
 }
 
-absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target) {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(absl::string_view what, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " ", path, ": cannot be read (", std::strerror(errno), ")"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const ChannelOptions& o) {
+  if (!o.tls) return grpc::InsecureChannelCredentials();
+  if (o.cert.empty() != o.key.empty()) {
+    return absl::InvalidArgumentError(
+        "a client certificate and its key go together (mutual TLS needs both)");
+  }
+  grpc::SslCredentialsOptions ssl;
+  for (auto [what, path, out] : {std::tuple{"CA file", &o.ca, &ssl.pem_root_certs},
+                                 std::tuple{"certificate", &o.cert, &ssl.pem_cert_chain},
+                                 std::tuple{"key", &o.key, &ssl.pem_private_key}}) {
+    if (path->empty()) continue;
+    absl::StatusOr<std::string> text = ReadFile(what, *path);
+    if (!text.ok()) return text.status();
+    *out = *std::move(text);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Create(const std::string& target,
+                                                       const ChannelOptions& channel) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials = Credentials(channel);
+  if (!credentials.ok()) return credentials.status();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(INT_MAX);
   args.SetMaxSendMessageSize(INT_MAX);
   auto c = std::unique_ptr<Client>(new Client());
-  c->channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  c->channel_ = grpc::CreateCustomChannel(target, *credentials, args);
   if (c->channel_ == nullptr) {
     return absl::InvalidArgumentError("cannot create a channel to " + target);
   }

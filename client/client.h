@@ -97,9 +97,20 @@ struct AttendStats {
   absl::Duration total;
 };
 
+// How the channel reaches the server: plaintext unless `tls`; the files are PEM.
+struct ChannelOptions {
+  bool tls = false;
+  std::string ca;    // CAs the server's certificate must chain to; empty: the system's
+  std::string cert;  // mutual TLS: this client's certificate chain, and
+  std::string key;   // its private key
+};
+
 class Client {
  public:
-  static absl::StatusOr<std::unique_ptr<Client>> Create(const std::string& target);
+  // INVALID_ARGUMENT, naming the file, when a TLS file cannot be read, or only one of the
+  // client's certificate and key is given.
+  static absl::StatusOr<std::unique_ptr<Client>> Create(const std::string& target,
+                                                        const ChannelOptions& channel = {});
 
   absl::StatusOr<bool> ServerLive();
   absl::StatusOr<bool> ServerReady();

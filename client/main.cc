@@ -1,6 +1,6 @@
 // dilattn-client: health, metadata, one inference, or a load benchmark against dilattn-server.
 //
-//   dilattn-client health   [--url localhost:8001]
+//   dilattn-client health   [--url localhost:8001] [--tls] [--tls-ca F] [--tls-cert F --tls-key F]
 //   dilattn-client metadata [--url ...] [--model M]
 //   dilattn-client infer    [--url ...] [--model M] [--shape B,N,H,D | B,N,E]
 //                           [--dtype fp32|fp16|bf16]
@@ -40,6 +40,7 @@ using dilattn::client::Tensor;
 struct Flags {
   std::string command;
   std::string url = "localhost:8001";
+  dilattn::client::ChannelOptions channel;
   std::string model = "dilated_attention";
   std::vector<int64_t> shape = {1, 4096, 8, 64};
   dilattn::attention::DType dtype = dilattn::attention::DType::kFloat32;
@@ -67,6 +68,10 @@ commands:
              then throughput and latency percentiles
 flags:
   --url HOST:PORT        server (localhost:8001)
+  --tls                  connect over TLS, trusting the system's CAs
+  --tls-ca FILE          connect over TLS, trusting these CAs (PEM)
+  --tls-cert FILE        mutual TLS: this client's certificate chain (PEM), and
+  --tls-key FILE         its private key (PEM)
   --model NAME           model (dilated_attention)
   --shape B,N,H,D        Q, K and V of this shape (1,4096,8,64); B,N,E sends hidden states X
                          instead (multihead models; not with attend)
@@ -99,10 +104,23 @@ std::string Parse(int argc, char** argv, Flags* f) {
       f->stream = true;
       continue;
     }
+    if (name == "--tls") {
+      f->channel.tls = true;
+      continue;
+    }
     if (i + 1 >= argc) return absl::StrCat(name, " needs a value");
     const std::string value = argv[++i];
     if (name == "--url") {
       f->url = value;
+    } else if (name == "--tls-ca") {
+      f->channel.tls = true;
+      f->channel.ca = value;
+    } else if (name == "--tls-cert") {
+      f->channel.tls = true;
+      f->channel.cert = value;
+    } else if (name == "--tls-key") {
+      f->channel.tls = true;
+      f->channel.key = value;
     } else if (name == "--model") {
       f->model = value;
     } else if (name == "--shape") {
@@ -351,7 +369,7 @@ int Bench(const Flags& f) {
   std::vector<std::thread> workers;
   for (int w = 0; w < f.concurrency; ++w) {
     workers.emplace_back([&] {
-      auto c = Client::Create(f.url);
+      auto c = Client::Create(f.url, f.channel);
       if (!c.ok()) return record(0, c.status());
       if (!f.stream) {
         while (!stop.load()) {
@@ -441,7 +459,7 @@ int main(int argc, char** argv) {
   bool model_given = false;
   for (int i = 2; i < argc; ++i) model_given |= std::string(argv[i]) == "--model";
   if (f.command == "bench") return Bench(f);
-  auto c = Client::Create(f.url);
+  auto c = Client::Create(f.url, f.channel);
   if (!c.ok()) {
     std::cerr << c.status() << "\n";
     return 1;

@@ -8,7 +8,7 @@ DILATTN_DEBIAN_PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcivetweb-dev civetweb
   libcurl4-openssl-dev zlib1g-dev libopenblas-dev
-  prometheus libb64-0d unzip
+  prometheus libb64-0d unzip openssl
 )
 
 # prometheus-cpp is packaged from Debian 13 on; core and pull need nothing Debian 12 lacks, so the

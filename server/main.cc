@@ -51,6 +51,10 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
                             for a minute or two keeps its buffers and does not pay to allocate
                             and pin them again, yet a burst's memory is back within 3 minutes;
                             0: never)
+  --grpc-server-cert FILE   serve gRPC over TLS with this certificate chain (PEM), and
+  --grpc-server-key FILE    its private key (PEM); both files are read again every 10 s, so a
+                            rotated certificate serves new connections without a restart
+  --grpc-root-cert FILE     mutual TLS: clients must show a certificate these CAs (PEM) signed
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
   --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
   --gpu-job-timeout-seconds N
@@ -155,6 +159,12 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
       error = integer(&malloc_flags->arenas);
     } else if (name == "malloc-trim-threshold-mib") {
       error = integer(&malloc_flags->trim_threshold_mib);
+    } else if (name == "grpc-server-cert") {
+      o->tls.cert = value;
+    } else if (name == "grpc-server-key") {
+      o->tls.key = value;
+    } else if (name == "grpc-root-cert") {
+      o->tls.client_ca = value;
     } else if (name == "shared-memory") {
       if (value != "on" && value != "off") {
         return absl::StrCat("flag --shared-memory='", value, "' is not on or off");

@@ -2,7 +2,12 @@
 
 #include <string>
 
+#include "CivetServer.h"
+#include "absl/base/const_init.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "civetweb.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
 
@@ -17,6 +22,59 @@ const prometheus::Histogram::BucketBoundaries kOverheadBuckets = {
     0.000025, 0.00005, 0.000075, 0.0001, 0.00015, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005,
     0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0};
 const prometheus::Histogram::BucketBoundaries kBatchBuckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
+
+// The health answers of each metrics port, by port: civetweb's begin_request hook is a plain
+// function, and the only user data its context carries is prometheus-cpp's.
+struct HealthChecks {
+  std::function<bool()> live;
+  std::function<bool()> ready;
+};
+absl::Mutex health_mu(absl::kConstInit);
+absl::flat_hash_map<int, HealthChecks>* health_by_port ABSL_GUARDED_BY(health_mu) = nullptr;
+
+void SetHealthChecks(int port, HealthChecks checks) {
+  absl::MutexLock lock(&health_mu);
+  if (health_by_port == nullptr) health_by_port = new absl::flat_hash_map<int, HealthChecks>();
+  if (checks.live == nullptr) {
+    health_by_port->erase(port);
+  } else {
+    (*health_by_port)[port] = std::move(checks);
+  }
+}
+
+// KServe's HTTP health paths; every other request goes on to prometheus-cpp's handlers.
+int AnswerHealth(mg_connection* conn) {
+  const mg_request_info* request = mg_get_request_info(conn);
+  const absl::string_view path = request->local_uri != nullptr ? request->local_uri : "";
+  const bool live_path = path == "/v2/health/live";
+  if (!live_path && path != "/v2/health/ready") return 0;
+  const absl::string_view method = request->request_method;
+  if (method != "GET" && method != "HEAD") {
+    mg_printf(conn,
+              "HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Length: 0\r\n\r\n");
+    return 405;
+  }
+  bool yes = false;
+  {
+    // Held through the call, so that RemoveSources (which takes it) returns only once no check
+    // of the server being torn down runs.
+    absl::MutexLock lock(&health_mu);
+    if (health_by_port != nullptr) {
+      if (auto it = health_by_port->find(request->server_port); it != health_by_port->end()) {
+        yes = live_path ? it->second.live() : it->second.ready();
+      }
+    }
+  }
+  const absl::string_view body =
+      yes ? (live_path ? "live\n" : "ready\n") : (live_path ? "not live\n" : "not ready\n");
+  const int status = yes ? 200 : 400;
+  mg_printf(conn,
+            "HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            "Cache-Control: no-store\r\n\r\n",
+            status, yes ? "OK" : "Bad Request", static_cast<int>(body.size()));
+  if (method == "GET") mg_write(conn, body.data(), body.size());
+  return status;
+}
 
 const char* const kReasons[4] = {"REJECTED", "CANCELED", "BACKEND", "OTHER"};
 // By ExecutionPath.
@@ -186,7 +244,10 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind
   m->streams_.bytes_out = &stream_bytes->Add({{"direction", "out"}});
   if (!bind_address.empty()) {
     try {
-      m->exposer_ = std::make_unique<prometheus::Exposer>(bind_address);
+      // CivetServer copies them.
+      CivetCallbacks callbacks;
+      callbacks.begin_request = AnswerHealth;
+      m->exposer_ = std::make_unique<prometheus::Exposer>(bind_address, 2, &callbacks);
     } catch (const std::exception& e) {
       return absl::UnavailableError(
           absl::StrCat("cannot serve metrics on ", bind_address, ": ", e.what()));
@@ -197,7 +258,9 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const std::string& bind
   return m;
 }
 
-Metrics::~Metrics() = default;
+Metrics::~Metrics() {
+  if (exposer_ != nullptr) SetHealthChecks(port(), {});
+}
 
 int Metrics::port() const {
   // Not 0, which --metrics-port reads as "pick a free port".
@@ -212,7 +275,14 @@ void Metrics::SetEngineTimes(std::function<std::vector<EngineThreadSeconds>()> r
   sources_->SetEngine(std::move(read));
 }
 
-void Metrics::RemoveSources() { sources_->Clear(); }
+void Metrics::RemoveSources() {
+  sources_->Clear();
+  if (exposer_ != nullptr) SetHealthChecks(port(), {});
+}
+
+void Metrics::SetHealth(std::function<bool()> live, std::function<bool()> ready) {
+  if (exposer_ != nullptr) SetHealthChecks(port(), {std::move(live), std::move(ready)});
+}
 
 ModelMetrics* Metrics::ForModel(const std::string& model, const std::string& version) {
   const prometheus::Labels labels = {{"model", model}, {"version", version}};

@@ -73,8 +73,13 @@ class Metrics {
   // Read at every scrape; replaces the reader set before.
   void SetEngineTimes(std::function<std::vector<EngineThreadSeconds>()> read);
   // Before the engine and its pools are destroyed: /metrics keeps serving while the server is
-  // torn down.
+  // torn down. Health answers "not live" from then on.
   void RemoveSources();
+  // Answers KServe's HTTP health paths on the metrics port, for HTTP probes (Kubernetes' gRPC
+  // probe cannot speak TLS): GET /v2/health/live and /v2/health/ready, 200 while `live()` or
+  // `ready()` is true, 400 otherwise (KServe: a 4xx is false). Both are called on civetweb's
+  // threads, until RemoveSources. Before this is set, both answer 400.
+  void SetHealth(std::function<bool()> live, std::function<bool()> ready);
   StreamMetrics* streams() { return &streams_; }
   prometheus::Registry& registry() { return *registry_; }
 

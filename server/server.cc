@@ -12,8 +12,19 @@
 #include "server/log.h"
 
 namespace dilattn::server {
+namespace {
+
+// How often the TLS files are read again for a rotated certificate: a Secret's update reaches
+// the pod within a minute or two, and reading a few KiB this often costs nothing.
+constexpr absl::Duration kTlsRefresh = absl::Seconds(10);
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
+  // Before anything slow starts (a GPU's context, the models): a wrong file fails at once.
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      GrpcServerCredentials(options.tls, kTlsRefresh);
+  if (!credentials.ok()) return credentials.status();
   std::unique_ptr<Server> s(new Server());
   s->options_ = options;
 
@@ -75,8 +86,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(absl::StrCat(options.bind_address, ":", options.grpc_port),
-                           grpc::InsecureServerCredentials(), &s->grpc_port_);
+  builder.AddListeningPort(absl::StrCat(options.bind_address, ":", options.grpc_port), *credentials,
+                           &s->grpc_port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
   builder.RegisterService(s->service_.get());
@@ -95,9 +106,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
     for (const auto& m : s->registry_->models()) s->health_->SetServingStatus(m->name(), serving);
     s->state_.ready.store(serving);
   }
+  // As ServerLive and ServerReady say: live until the GPUs stop (a restart is then the cure),
+  // through a shutdown's drain too, which a restart would cut short.
+  s->metrics_->SetHealth([state = &s->state_] { return state->live.load(); },
+                         [state = &s->state_] { return state->ready.load(); });
   const int metrics_port = s->metrics_->port();
-  LogInfo("dilattn-server: backend %s, %d models, gRPC on %s:%d, %s", s->engine_->backend_name(),
-          static_cast<int>(s->registry_->models().size()), options.bind_address, s->grpc_port_,
+  LogInfo("dilattn-server: backend %s, %d models, gRPC%s on %s:%d, %s", s->engine_->backend_name(),
+          static_cast<int>(s->registry_->models().size()),
+          options.tls.cert.empty()        ? ""
+          : options.tls.client_ca.empty() ? " (TLS)"
+                                          : " (mutual TLS: clients show certificates)",
+          options.bind_address, s->grpc_port_,
           metrics_port < 0 ? "metrics off (--metrics-port -1)"
                            : absl::StrCat("metrics on port ", metrics_port));
   return s;
@@ -121,6 +140,7 @@ void Server::DeviceFailed() {
   absl::MutexLock lock(&mu_);
   device_failed_ = true;
   state_.ready.store(false);
+  state_.live.store(false);
   if (health_ != nullptr && !shut_down_) health_->SetServingStatus(false);
 }
 
@@ -157,7 +177,7 @@ absl::Status Server::Shutdown() {
   }
   if (registry_ != nullptr) registry_->Shutdown();
   if (engine_ != nullptr) engine_->Shutdown();
-  LogInfo("dilattn-server: shut down");
+  if (grpc_ != nullptr) LogInfo("dilattn-server: shut down");  // else it never started
   return absl::OkStatus();
 }
 

@@ -14,6 +14,7 @@
 #include "server/engine.h"
 #include "server/grpc/attend_service.h"
 #include "server/grpc/inference_service.h"
+#include "server/grpc/tls.h"
 #include "server/metrics.h"
 #include "server/model_registry.h"
 #include "server/shared_memory.h"
@@ -27,6 +28,7 @@ struct ServerOptions {
   std::string model_repository;  // empty: the built-in models
   EngineOptions engine;
   SharedMemoryOptions shared_memory;  // pin_for_device is set from the engine's device
+  TlsFiles tls;                       // no certificate: plaintext gRPC
   int max_message_bytes = 2147483647;
   absl::Duration grace_period = absl::Seconds(30);
   // A native stream with input still to come that sends nothing this long is ended (zero: never).

@@ -268,7 +268,7 @@ absl::Time RpcDeadline(const grpc::CallbackServerContext& ctx) {
 grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerContext* ctx,
                                                        const inference::ServerLiveRequest*,
                                                        inference::ServerLiveResponse* resp) {
-  resp->set_live(true);
+  resp->set_live(state_->live.load());
   return Reply(ctx, absl::OkStatus());
 }
 

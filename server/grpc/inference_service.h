@@ -16,6 +16,8 @@ namespace dilattn::server {
 
 struct ServerState {
   std::atomic<bool> ready{false};
+  // False once the GPUs stopped after a device error: only a restart cures that.
+  std::atomic<bool> live{true};
 };
 
 // ModelInfer and ModelStreamInfer take raw bytes and parse them here, so that a malformed or

@@ -110,12 +110,15 @@ def test_k8s_manifests_build_and_agree_with_the_server():
     args = re.findall(r"^\s+- (--[a-z-]+)=(\S+)", deployment, re.M)
     flags = dict(args)
     assert set(flags) <= _server_flags(), sorted(set(flags) - _server_flags())
-    # Container ports by name (kustomize sorts keys), the probes on the gRPC port, the Service and
-    # the ServiceMonitor by port name.
+    # Container ports by name (kustomize sorts keys), the probes on the metrics port's health
+    # paths, the Service and the ServiceMonitor by port name.
     ports = {name: port for port, name in
              re.findall(r"- containerPort: (\d+)\n\s+name: (\w+)", deployment)}
     assert ports == {"grpc": flags["--grpc-port"], "metrics": flags["--metrics-port"]}
-    assert set(re.findall(r"grpc:\n\s+port: (\d+)", deployment)) == {flags["--grpc-port"]}
+    probe = r"(\w+Probe):\n(?:\s+failureThreshold: \d+\n)?\s+httpGet:\n\s+path: (\S+)\n\s+port: metrics\n"
+    probes = dict(re.findall(probe, deployment))
+    assert probes == {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
+                      "livenessProbe": "/v2/health/live"}, probes
     assert set(re.findall(r"targetPort: (\w+)", docs["Service"])) == set(ports)
     assert re.findall(r"^\s+port: (\w+)", docs["ServiceMonitor"], re.M) == ["metrics"]
     grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", deployment).group(1))
@@ -131,10 +134,13 @@ def test_server_starts_with_the_deployments_arguments_and_reports_serving():
             if f not in ("--grpc-port", "--metrics-port")]  # free ports instead, here
     server = ServerProcess(*args, name="deployment-args")
     try:
+        # What the probes ask.
+        assert server.http_get("/v2/health/ready") == (200, "ready\n")
+        assert server.http_get("/v2/health/live") == (200, "live\n")
         with grpc.insecure_channel(server.url) as channel:
             check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
                                         response_deserializer=None)
-            assert check(b"", timeout=10) == b"\x08\x01"  # SERVING: what the probes ask
+            assert check(b"", timeout=10) == b"\x08\x01"  # SERVING
     finally:
         server.stop()
 

@@ -84,7 +84,9 @@ def test_a_failed_gpu_takes_the_server_out_of_service():
         assert wait_until(lambda: _health(server) == NOT_SERVING)
         assert _health(server, "dilated_attention") == NOT_SERVING
         assert not client.is_server_ready()
-        assert client.is_server_live()  # the process works: the orchestrator restarts it
+        # Not live either: only a restart cures it (HTTP probes ask the metrics port).
+        assert not client.is_server_live()
+        assert server.http_get("/v2/health/live") == (400, "not live\n")
         assert server.metric("dilattn_device_failed", device="cuda:0") == 1
         # Every later request: UNAVAILABLE, naming the failure, at once (whatever its size: none
         # needs the pinned pool, which cannot grow now).
@@ -130,7 +132,7 @@ def test_a_native_stream_on_a_failed_gpu_ends_with_the_error():
         code, details = _attend_error(server, (1, 2048, 2, 64), 2)
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
         assert "this server's GPUs stopped after a device error (cuda:0: " in details, details
-        assert server.client().is_server_live()
+        assert not server.client().is_server_live()  # answers, and asks for a restart
         # Nothing of either stream is left behind.
         assert wait_until(lambda: server.metric("dilattn_buffer_pool_leases") == 0, timeout=30)
     finally:
@@ -149,6 +151,8 @@ def test_a_hung_gpu_takes_the_server_out_of_service():
         assert time.monotonic() - began >= 2  # not before the timeout
         assert not hung.done()
         assert server.metric("dilattn_device_failed", device="cuda:0") == 1
+        assert server.http_get("/v2/health/live") == (400, "not live\n")
+        assert server.http_get("/v2/health/ready") == (400, "not ready\n")
         # Refused at once, though the hung device holds the server's only engine thread.
         asked = time.monotonic()
         code, message, _ = _infer(client, 2, 2)

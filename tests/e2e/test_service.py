@@ -2,6 +2,8 @@
 
 import os
 import subprocess
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -100,6 +102,21 @@ def test_grpc_health_overall_and_per_model(server):
     with pytest.raises(grpc.RpcError) as e:
         _raw_call(server, "/grpc.health.v1.Health/Check", _encode_string_field(1, "nope"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_http_health_on_the_metrics_port(server):
+    # KServe's HTTP health paths, for HTTP probes: 200 is true, a 4xx false.
+    assert server.http_get("/v2/health/live") == (200, "live\n")
+    assert server.http_get("/v2/health/ready") == (200, "ready\n")
+    url = f"http://127.0.0.1:{server.metrics_port}/v2/health/ready"
+    head = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as r:
+        assert r.status == 200 and r.read() == b""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(url, data=b"x", method="POST"), timeout=10)
+    assert e.value.code == 405 and e.value.headers["Allow"] == "GET, HEAD"
+    assert server.http_get("/v2/health/other")[0] == 404
+    assert server.http_get("/metrics")[0] == 200
 
 
 def test_server_reflection_lists_the_services(server):

@@ -86,6 +86,9 @@ def test_sigterm_refuses_new_requests_while_open_streams_finish(tmp_path):
         s.proc.send_signal(signal.SIGTERM)
         assert wait_until(lambda: "finishing in-flight requests" in s.log_path.read_text())
         assert not c.is_server_ready()
+        # Out of the Service's endpoints, but not to be restarted while it drains.
+        assert s.http_get("/v2/health/ready") == (400, "not ready\n")
+        assert s.http_get("/v2/health/live") == (200, "live\n")
         other = s.client()
         q, k, v, _ = small_problem(rng, 128)
         with pytest.raises(InferenceServerException) as refused:
