@@ -16,6 +16,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "google/protobuf/stubs/logging.h"
+#include "grpc/support/log.h"
 #include "kernels/memory/allocator.h"
 #include "server/log.h"
 #include "server/server.h"
@@ -30,6 +31,17 @@ using dilattn::server::ServerOptions;
 // before --gpu-job-timeout-seconds has found it out. Its clients are gone by then; ending here
 // (with a log line saying what was left) beats the orchestrator's SIGKILL, which says nothing.
 constexpr absl::Duration kShutdownPastGrace = absl::Seconds(5);
+
+void GrpcLog(gpr_log_func_args* args) {
+  const absl::string_view file = args->file != nullptr ? args->file : "";
+  const size_t slash = file.rfind('/');
+  dilattn::server::LogLine(
+      args->severity == GPR_LOG_SEVERITY_ERROR ? dilattn::server::LogLevel::kError
+                                               : dilattn::server::LogLevel::kInfo,
+      absl::StrCat("grpc: ", args->message != nullptr ? args->message : "", " (",
+                   slash == absl::string_view::npos ? file : file.substr(slash + 1), ":",
+                   args->line, ")"));
+}
 
 constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --grpc-port N             gRPC port: KServe v2 inference, health, reflection (8001; 0 picks one)
@@ -55,6 +67,8 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --grpc-server-key FILE    its private key (PEM); both files are read again every 10 s, so a
                             rotated certificate serves new connections without a restart
   --grpc-root-cert FILE     mutual TLS: clients must show a certificate these CAs (PEM) signed
+  --log-format text|json    log records as text lines, or as one JSON object per line
+                            ({"time", "severity", "message"}), gRPC's own records included (text)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
   --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
   --gpu-job-timeout-seconds N
@@ -93,7 +107,7 @@ struct MallocFlags {
 
 // Parses argv into options; an error message on failure.
 std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* malloc_flags,
-                       bool* help) {
+                       bool* json_logs, bool* help) {
   int64_t host_pool_mib = 16384;
   int64_t device_pool_mib = 0;
   int64_t grace = 30;
@@ -165,6 +179,11 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
       o->tls.key = value;
     } else if (name == "grpc-root-cert") {
       o->tls.client_ca = value;
+    } else if (name == "log-format") {
+      if (value != "text" && value != "json") {
+        return absl::StrCat("flag --log-format='", value, "' is not text or json");
+      }
+      *json_logs = value == "json";
     } else if (name == "shared-memory") {
       if (value != "on" && value != "off") {
         return absl::StrCat("flag --shared-memory='", value, "' is not on or off");
@@ -230,8 +249,10 @@ int main(int argc, char** argv) {
   using dilattn::server::LogInfo;
   ServerOptions options;
   bool help = false;
+  bool json_logs = false;
   MallocFlags malloc_flags;
-  if (std::string error = ParseFlags(argc, argv, &options, &malloc_flags, &help); !error.empty()) {
+  if (std::string error = ParseFlags(argc, argv, &options, &malloc_flags, &json_logs, &help);
+      !error.empty()) {
     std::cerr << "dilattn-server: " << error << "\n" << kUsage;
     return 2;
   }
@@ -239,6 +260,11 @@ int main(int argc, char** argv) {
     std::cout << kUsage;
     return 0;
   }
+  dilattn::server::SetLogFormat(json_logs ? dilattn::server::LogFormat::kJson
+                                          : dilattn::server::LogFormat::kText);
+  // gRPC's own records (a failed TLS handshake, say) in the same format, so that a log collector
+  // parses every line.
+  gpr_set_log_function(GrpcLog);
 
   // Debian builds Abseil without NDEBUG, which leaves absl::Mutex's deadlock detection on: every
   // Lock of every mutex, gRPC's included, then updates one process-wide lock graph under one

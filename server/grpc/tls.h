@@ -21,9 +21,10 @@ struct TlsFiles {
 
 // Plaintext when `files.cert` is empty. Otherwise TLS whose files are read again every `refresh`,
 // so that a rotated certificate (a Kubernetes Secret that cert-manager renews, say) takes effect
-// on new connections without a restart; a rotation to files that do not make a valid pair keeps
-// the last valid ones (gRPC logs why). INVALID_ARGUMENT, naming the flag and the file, when a file
-// cannot be read, holds no PEM block of its kind, or the key is not the certificate's.
+// on new connections without a restart. gRPC does not keep the last good pair: after a rotation
+// to files it cannot load, new handshakes fail (it logs why) until the files are good again.
+// INVALID_ARGUMENT, naming the flag and the file, when a file cannot be read, holds no PEM block
+// of its kind, or the key is not the certificate's.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> GrpcServerCredentials(
     const TlsFiles& files, absl::Duration refresh);
 

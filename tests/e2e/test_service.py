@@ -157,6 +157,7 @@ def test_unimplemented_rpcs_answer_unimplemented(client):
      "--malloc-trim-threshold-mib must be in [0, 1024] (0: glibc's rising thresholds), got -1"),
     ("--malloc-trim-threshold-mib=4096", "--malloc-trim-threshold-mib must be in [0, 1024]"),
     ("--malloc-trim-threshold-mib=8M", "--malloc-trim-threshold-mib='8M' is not an integer"),
+    ("--log-format=xml", "--log-format='xml' is not text or json"),
 ])
 def test_bad_flags_stop_the_server_with_their_reason(flag, needle):
     from conftest import server_binary

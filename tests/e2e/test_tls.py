@@ -2,6 +2,7 @@
 the clients users run: tritonclient, perf_analyzer, the native stream's Python client and
 dilattn-client. Certificates come from openssl, made fresh for each run."""
 
+import json
 import os
 import pathlib
 import shutil
@@ -178,22 +179,35 @@ def test_a_rotated_certificate_serves_new_connections_without_a_restart(pki, tmp
     server = _tls_server("tls-rotation", live / "tls.crt", live / "tls.key")
     try:
         _infer_and_check(_client(server, ca.ca), 4)
-        second = tmp_path / "second"
-        second.mkdir()
         cert, key = other.server()
-        shutil.copy(cert, second / "tls.crt")
-        shutil.copy(key, second / "tls.key")
-        swap = tmp_path / "swap"
-        swap.symlink_to(second)
-        os.replace(swap, live)
+        _rotate(tmp_path, live, "second", cert, key)
         began = time.monotonic()
         # Read again within the 10 s refresh; a new channel each time, as new connections.
         assert wait_until(lambda: _live(_client(server, other.ca)), timeout=30, interval=0.5)
         assert time.monotonic() - began < 25
         _infer_and_check(_client(server, other.ca), 5)
         assert "UNAVAILABLE" in _refused(_client(server, ca.ca))
+        # A rotation to a pair gRPC cannot load (the key of another certificate) fails new
+        # handshakes, saying why, until good files are back.
+        _rotate(tmp_path, live, "bad", cert, ca.server()[1])
+        assert wait_until(lambda: "grpc: Invalid private key" in server.log_path.read_text(),
+                          timeout=30, interval=0.5)
+        assert "UNAVAILABLE" in _refused(_client(server, other.ca))
+        _rotate(tmp_path, live, "good", *ca.server())
+        assert wait_until(lambda: _live(_client(server, ca.ca)), timeout=30, interval=0.5)
     finally:
         assert server.stop() == 0, server.log_path.read_text()
+
+
+def _rotate(tmp_path, live, name, cert, key):
+    """Points the symlink `live` at a new directory holding `cert` and `key`, at once."""
+    new = tmp_path / name
+    new.mkdir()
+    shutil.copy(cert, new / "tls.crt")
+    shutil.copy(key, new / "tls.key")
+    swap = tmp_path / "swap"
+    swap.symlink_to(new)
+    os.replace(swap, live)
 
 
 def _live(client):
@@ -229,3 +243,23 @@ def test_bad_tls_files_stop_the_server_at_start_naming_them(pki, tmp_path):
     log = _start_error("--grpc-server-cert", str(cert), "--grpc-server-key", str(key),
                        "--grpc-root-cert", str(key))
     assert "--grpc-root-cert" in log and "holds no PEM certificate" in log, log
+
+
+def test_json_logs_carry_grpcs_own_records_too(pki):
+    # A log collector parses every line: the server's records and gRPC's (here, the failed
+    # handshake of a plaintext client) are JSON objects alike.
+    ca, _ = pki
+    cert, key = ca.server()
+    server = _tls_server("tls-json-log", cert, key, "--log-format", "json")
+    try:
+        assert "UNAVAILABLE" in _refused(grpcclient.InferenceServerClient(server.url))
+        assert wait_until(lambda: "Handshake failed" in server.log_path.read_text())
+    finally:
+        assert server.stop() == 0, server.log_path.read_text()
+    records = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    assert all(set(r) == {"time", "severity", "message"} for r in records), records
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("dilattn-server: backend ") for m in messages), messages
+    handshake = [r for r in records if r["message"].startswith("grpc: Handshake failed")]
+    assert handshake and handshake[0]["severity"] == "ERROR", records
+    assert records[-1]["message"] == "dilattn-server: shut down", records
