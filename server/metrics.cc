@@ -24,7 +24,8 @@ const prometheus::Histogram::BucketBoundaries kOverheadBuckets = {
 const prometheus::Histogram::BucketBoundaries kBatchBuckets = {1, 2, 4, 8, 16, 32, 64, 128, 256};
 
 // The health answers of each metrics port, by port: civetweb's begin_request hook is a plain
-// function, and the only user data its context carries is prometheus-cpp's.
+// function, and the only user data its context carries is prometheus-cpp's. The map is never
+// freed, so that no civetweb thread still answering at exit finds it destroyed.
 struct HealthChecks {
   std::function<bool()> live;
   std::function<bool()> ready;
@@ -48,7 +49,8 @@ int AnswerHealth(mg_connection* conn) {
   const absl::string_view path = request->local_uri != nullptr ? request->local_uri : "";
   const bool live_path = path == "/v2/health/live";
   if (!live_path && path != "/v2/health/ready") return 0;
-  const absl::string_view method = request->request_method;
+  const absl::string_view method =
+      request->request_method != nullptr ? request->request_method : "";
   if (method != "GET" && method != "HEAD") {
     mg_printf(conn,
               "HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Length: 0\r\n\r\n");

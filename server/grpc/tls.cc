@@ -17,7 +17,8 @@
 namespace dilattn::server {
 namespace {
 
-// A file's text; `flag` names it in the error.
+// The file's text, refused unless it holds `block` (so that a key given for a certificate, say,
+// is named as such rather than as a failed handshake later).
 absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path,
                                     absl::string_view block, absl::string_view what) {
   std::ifstream in(path, std::ios::binary);
