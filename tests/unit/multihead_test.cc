@@ -240,8 +240,11 @@ TEST(CpuMultihead, MatchesTheReferenceOnRandomProblems) {
   for (int i = 0; i < 60; ++i) {
     testing::RandomCase c = testing::DrawCase(rng, lim);
     const int64_t e = c.shape.num_heads * c.shape.head_dim;
-    auto w = testing::RandomWeights(rng, e, c.shape.num_heads, rng.Uniform(0, 1) == 1,
-                                    rng.Uniform(0, 2) != 0);
+    // The sub-layer norm only where E >= 8: over two values it gives +-1 whatever their
+    // difference, so where they nearly agree fp32's rounding of them comes out amplified past
+    // fp32's tolerance (seen at E = 2, about once in 2000 runs), which no implementation avoids.
+    const bool norm = rng.Uniform(0, 1) == 1 && e >= 8;
+    auto w = testing::RandomWeights(rng, e, c.shape.num_heads, norm, rng.Uniform(0, 2) != 0);
     ASSERT_NE(w, nullptr);
     absl::StatusOr<MultiheadPlan> plan = PlanMultihead(w, c.options, c.shape);
     ASSERT_TRUE(plan.ok()) << plan.status() << " " << c.Describe();

@@ -106,10 +106,9 @@ class CpuMultiheadBackend final : public MultiheadBackend {
         mean /= static_cast<double>(e);
         for (int64_t j = 0; j < e; ++j) var += (r[j] - mean) * (r[j] - mean);
         var /= static_cast<double>(e);
-        const float inv = static_cast<float>(1.0 / std::sqrt(var + w.layer_norm_eps));
-        const float m = static_cast<float>(mean);
+        const double inv = 1.0 / std::sqrt(var + w.layer_norm_eps);
         for (int64_t j = 0; j < e; ++j) {
-          r[j] = (r[j] - m) * inv * w.ln_weight[static_cast<size_t>(j)] +
+          r[j] = static_cast<float>((r[j] - mean) * inv) * w.ln_weight[static_cast<size_t>(j)] +
                  w.ln_bias[static_cast<size_t>(j)];
         }
       });
