@@ -139,6 +139,17 @@ def test_a_native_stream_on_a_failed_gpu_ends_with_the_error():
         assert server.stop(signal.SIGTERM, timeout=60) == 0, server.log_path.read_text()
 
 
+def _stop(server, hung, pool):
+    """SIGTERM while `hung` (a future of _infer on `pool`) waits: the exit status, the seconds the
+    process took to end, the hung request's _infer result, and the log."""
+    stopping = time.monotonic()
+    exit_code = server.stop(signal.SIGTERM, timeout=90)
+    stopped_in = time.monotonic() - stopping
+    result = hung.result(timeout=60)
+    pool.shutdown()
+    return exit_code, stopped_in, result, server.log_path.read_text()
+
+
 def test_a_hung_gpu_takes_the_server_out_of_service():
     server = _faulty_server("HANG", 0, "device-hang", "--device", "cuda:0",
                             "--gpu-job-timeout-seconds", "2", "--grace-period-seconds", "1")
@@ -162,12 +173,7 @@ def test_a_hung_gpu_takes_the_server_out_of_service():
         assert "cuda:0: a GPU job has not finished in" in message, message
         assert "(--gpu-job-timeout-seconds 2); the device is taken as hung" in message, message
     finally:
-        stopping = time.monotonic()
-        exit_code = server.stop(signal.SIGTERM, timeout=90)
-        stopped_in = time.monotonic() - stopping
-        hung_code, hung_message, _ = hung.result(timeout=60)
-        pool.shutdown()
-    log = server.log_path.read_text()
+        exit_code, stopped_in, (hung_code, hung_message, _), log = _stop(server, hung, pool)
     assert "the device is taken as hung" in log
     # Nothing waits for a hung device: the process ends at once, long before the 20 s kernel
     # would, and says so; the hung request's client sees the connection close.
@@ -192,12 +198,7 @@ def test_sigterm_does_not_wait_for_a_hang_not_yet_found():
         assert wait_until(lambda: server.metric("dilattn_engine_seconds_total", device="cuda:0",
                                                 phase="wait") > 1, timeout=15)
     finally:
-        stopping = time.monotonic()
-        exit_code = server.stop(signal.SIGTERM, timeout=90)
-        stopped_in = time.monotonic() - stopping
-        hung_code, hung_message, _ = hung.result(timeout=60)
-        pool.shutdown()
-    log = server.log_path.read_text()
+        exit_code, stopped_in, (hung_code, hung_message, _), log = _stop(server, hung, pool)
     assert exit_code == 1, log
     assert 5.5 < stopped_in < 12, (stopped_in, log)
     assert "the device is taken as hung" not in log, log
