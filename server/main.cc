@@ -45,7 +45,8 @@ void GrpcLog(gpr_log_func_args* args) {
 
 constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --grpc-port N             gRPC port: KServe v2 inference, health, reflection (8001; 0 picks one)
-  --metrics-port N          Prometheus /metrics port (8002; 0 picks one; -1 disables)
+  --metrics-port N          Prometheus /metrics and HTTP health (/v2/health/live, /ready) port
+                            (8002; 0 picks one; -1 disables)
   --bind-address A          address both ports bind to (0.0.0.0)
   --model-repository DIR    directory of <model>/config.pbtxt (default: the built-in models)
   --device D                auto (every GPU, or the CPU without one), cpu, cuda (every GPU),
