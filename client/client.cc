@@ -5,7 +5,6 @@
 #include <climits>
 #include <cstring>
 #include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/numbers.h"
@@ -235,15 +234,22 @@ absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& r
 
 namespace {
 
+// A TLS file's text; capped, since a path such as /dev/zero would otherwise be read until memory
+// ran out (PEM files are kilobytes).
 absl::StatusOr<std::string> ReadFile(absl::string_view what, const std::string& path) {
+  constexpr size_t kMaxBytes = size_t{1} << 20;
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, " ", path, ": cannot be read (", std::strerror(errno), ")"));
   }
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
+  std::string text(kMaxBytes + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<size_t>(in.gcount()));
+  if (text.size() > kMaxBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": larger than 1 MiB"));
+  }
+  return text;
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const ChannelOptions& o) {

@@ -4,7 +4,6 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-#include <sstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -17,6 +16,9 @@
 namespace dilattn::server {
 namespace {
 
+// Certificate chains and CA bundles are kilobytes; the system's whole bundle is about 200 KiB.
+constexpr size_t kMaxPemBytes = size_t{1} << 20;
+
 // The file's text, refused unless it holds `block` (so that a key given for a certificate, say,
 // is named as such rather than as a failed handshake later).
 absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path,
@@ -26,13 +28,19 @@ absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& 
     return absl::InvalidArgumentError(
         absl::StrCat(flag, " ", path, ": cannot be read (", std::strerror(errno), ")"));
   }
-  std::stringstream text;
-  text << in.rdbuf();
-  if (!absl::StrContains(text.str(), block)) {
+  // Read with a cap: a path such as /dev/zero would otherwise be read until memory ran out.
+  std::string text(kMaxPemBytes + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<size_t>(in.gcount()));
+  if (text.size() > kMaxPemBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": larger than ",
+                                                   kMaxPemBytes >> 20, " MiB, so no PEM ", what));
+  }
+  if (!absl::StrContains(text, block)) {
     return absl::InvalidArgumentError(
         absl::StrCat(flag, " ", path, ": holds no PEM ", what, " (no \"", block, "\" line)"));
   }
-  return text.str();
+  return text;
 }
 
 // gRPC's file watcher only reads the files once the server runs, and a pair it cannot use then

@@ -160,6 +160,11 @@ def test_mutual_tls_takes_only_clients_the_ca_signed(pki):
                                "--tls-cert", str(good_cert)],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode != 0 and "go together" in done.stderr, done.stderr
+        for ca_file, needle in (("/dev/zero", "CA file /dev/zero: larger than 1 MiB"),
+                                ("/nonexistent.pem", "CA file /nonexistent.pem: cannot be read")):
+            done = subprocess.run([CLIENT, "health", "--url", server.url, "--tls-ca", ca_file],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and needle in done.stderr, done.stderr
     finally:
         assert server.stop() == 0, server.log_path.read_text()
     assert "gRPC (mutual TLS: clients show certificates) on" in server.log_path.read_text()

@@ -55,6 +55,7 @@ TEST_F(TlsFilesTest, EachRefusalNamesTheFlagAndTheFile) {
            {{key, key, ""}, "--grpc-server-cert " + key + ": holds no PEM certificate"},
            {{cert, cert, ""}, "--grpc-server-key " + cert + ": holds no PEM private key"},
            {{cert, key, key}, "--grpc-root-cert " + key + ": holds no PEM certificate"},
+           {{"/dev/zero", key, ""}, "--grpc-server-cert /dev/zero: larger than 1 MiB"},
            // PEM markers around what is no certificate: gRPC's own loading refuses it.
            {{cert, key, ""}, "--grpc-server-key " + key + " is not the private key of"},
        }) {
