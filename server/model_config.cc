@@ -16,6 +16,9 @@
 namespace dilattn::server {
 namespace {
 
+// Triton's largest configs (ensembles of many steps) are tens of KiB.
+constexpr uintmax_t kMaxConfigBytes = uintmax_t{1} << 20;
+
 using inference::DataType;
 
 class CollectErrors : public google::protobuf::io::ErrorCollector {
@@ -448,11 +451,26 @@ absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& di
   }
   std::vector<ModelSpec> specs;
   for (const fs::path& p : model_dirs) {
-    std::ifstream in(p / "config.pbtxt");
+    const fs::path file = p / "config.pbtxt";
+    // A config is text of a few KiB; anything else (a directory, a FIFO, /dev/zero behind a
+    // link) would hang the start-up or exhaust memory rather than fail to parse.
+    if (!fs::is_regular_file(file, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat(file.string(), " is not a regular file"));
+    }
+    if (const uintmax_t size = fs::file_size(file, ec); ec || size > kMaxConfigBytes) {
+      return absl::InvalidArgumentError(
+          ec ? absl::StrCat(file.string(), " cannot be read: ", ec.message())
+             : absl::StrCat(file.string(), " holds ", size, " bytes, more than a model config's ",
+                            kMaxConfigBytes >> 20, " MiB"));
+    }
+    std::ifstream in(file);
     std::stringstream text;
     text << in.rdbuf();
-    absl::StatusOr<ModelSpec> spec = ParseModelConfig(text.str(), (p / "config.pbtxt").string(),
-                                                      p.filename().string(), p.string());
+    if (!in) {
+      return absl::InvalidArgumentError(absl::StrCat(file.string(), " cannot be read"));
+    }
+    absl::StatusOr<ModelSpec> spec =
+        ParseModelConfig(text.str(), file.string(), p.filename().string(), p.string());
     if (!spec.ok()) return spec.status();
     specs.push_back(*std::move(spec));
   }

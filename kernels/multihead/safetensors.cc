@@ -3,6 +3,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -261,6 +262,18 @@ std::string ShapeText(const std::vector<int64_t>& shape) {
 }  // namespace
 
 absl::StatusOr<SafetensorsFile> SafetensorsFile::Read(const std::string& path) {
+  // Read to its end: a FIFO or a device (/dev/zero) would hang the start-up or exhaust memory.
+  std::error_code ec;
+  const std::filesystem::file_status status = std::filesystem::status(path, ec);
+  if (ec || status.type() == std::filesystem::file_type::not_found) {
+    return absl::InvalidArgumentError(absl::StrCat("weights file ", Quote(path),
+                                                   " cannot be opened",
+                                                   ec ? absl::StrCat(": ", ec.message()) : ""));
+  }
+  if (status.type() != std::filesystem::file_type::regular) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights file ", Quote(path), " is not a regular file"));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     return absl::InvalidArgumentError(

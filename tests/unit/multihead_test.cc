@@ -204,6 +204,11 @@ TEST(MultiheadWeights, RejectsInconsistentFilesByName) {
   EXPECT_THAT(
       std::string(LoadWeightsFile("/nonexistent/w.safetensors", {2, "", 1e-5}).status().message()),
       HasSubstr("cannot be opened"));
+  // Read to its end, a device would never end (or end memory first); a directory never parses.
+  for (const char* special : {"/dev/zero", "/"}) {
+    EXPECT_THAT(std::string(LoadWeightsFile(special, {2, "", 1e-5}).status().message()),
+                HasSubstr("is not a regular file"));
+  }
 }
 
 TEST(MultiheadPlan, ChecksHeadsAndEmbedDimAgainstTheWeights) {

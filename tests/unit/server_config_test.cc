@@ -227,6 +227,28 @@ TEST(ModelConfig, BatchingIsDynamicOnlyWithDynamicBatching) {
   EXPECT_TRUE(sparse.ok()) << sparse.status();
 }
 
+// A config.pbtxt that is no small regular file is refused by name before it is read: read to its
+// end, /dev/zero would exhaust memory and a FIFO would hang the start-up.
+TEST(ModelRepository, RefusesConfigsThatAreNoSmallRegularFile) {
+  namespace fs = std::filesystem;
+  const fs::path dir =
+      fs::path(::testing::TempDir()) /
+      absl::StrCat("repo_special_", ::testing::UnitTest::GetInstance()->random_seed());
+  fs::remove_all(dir);
+  fs::create_directories(dir / "m");
+  const fs::path config = dir / "m" / "config.pbtxt";
+  fs::create_symlink("/dev/zero", config);
+  absl::Status s = LoadModelRepository(dir.string()).status();
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("config.pbtxt is not a regular file"));
+  fs::remove(config);
+  std::ofstream(config) << std::string((1 << 20) + 1, ' ');
+  s = LoadModelRepository(dir.string()).status();
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("config.pbtxt holds 1048577 bytes, more than a model config's 1 MiB"));
+  fs::remove_all(dir);
+}
+
 // A model repository of one multihead model with random weights, in a fresh directory.
 class MultiheadRepository : public ::testing::Test {
  protected:
