@@ -71,7 +71,8 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --log-format text|json    log records as text lines, or as one JSON object per line
                             ({"time", "severity", "message"}), gRPC's own records included (text)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
-  --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish (30)
+  --grace-period-seconds N  on SIGTERM, time in-flight requests get to finish; the process
+                            ends at most 5 s after it (30)
   --gpu-job-timeout-seconds N
                             take a GPU whose job has not finished after this long for hung:
                             the server stops using its GPUs, answers UNAVAILABLE and reports
