@@ -1,10 +1,8 @@
 #include "client/client.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <climits>
 #include <cstring>
-#include <fstream>
 #include <thread>
 
 #include "absl/strings/numbers.h"
@@ -14,6 +12,7 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "kernels/common/clock.h"
+#include "kernels/common/small_file.h"
 
 namespace dilattn::client {
 namespace {
@@ -234,24 +233,6 @@ absl::StatusOr<Tensor> OutputFromResponse(const inference::ModelInferResponse& r
 
 namespace {
 
-// A TLS file's text; capped, since a path such as /dev/zero would otherwise be read until memory
-// ran out (PEM files are kilobytes).
-absl::StatusOr<std::string> ReadFile(absl::string_view what, const std::string& path) {
-  constexpr size_t kMaxBytes = size_t{1} << 20;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, " ", path, ": cannot be read (", std::strerror(errno), ")"));
-  }
-  std::string text(kMaxBytes + 1, '\0');
-  in.read(text.data(), static_cast<std::streamsize>(text.size()));
-  text.resize(static_cast<size_t>(in.gcount()));
-  if (text.size() > kMaxBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, ": larger than 1 MiB"));
-  }
-  return text;
-}
-
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const ChannelOptions& o) {
   if (!o.tls) return grpc::InsecureChannelCredentials();
   if (o.cert.empty() != o.key.empty()) {
@@ -263,7 +244,7 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const Chan
                                  std::tuple{"certificate", &o.cert, &ssl.pem_cert_chain},
                                  std::tuple{"key", &o.key, &ssl.pem_private_key}}) {
     if (path->empty()) continue;
-    absl::StatusOr<std::string> text = ReadFile(what, *path);
+    absl::StatusOr<std::string> text = ReadSmallFile(what, *path);
     if (!text.ok()) return text.status();
     *out = *std::move(text);
   }

@@ -1,9 +1,6 @@
 #include "server/grpc/tls.h"
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
-#include <fstream>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -12,31 +9,18 @@
 #include "grpcpp/security/tls_credentials_options.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
+#include "kernels/common/small_file.h"
 
 namespace dilattn::server {
 namespace {
-
-// Certificate chains and CA bundles are kilobytes; the system's whole bundle is about 200 KiB.
-constexpr size_t kMaxPemBytes = size_t{1} << 20;
 
 // The file's text, refused unless it holds `block` (so that a key given for a certificate, say,
 // is named as such rather than as a failed handshake later).
 absl::StatusOr<std::string> ReadPem(const std::string& flag, const std::string& path,
                                     absl::string_view block, absl::string_view what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(flag, " ", path, ": cannot be read (", std::strerror(errno), ")"));
-  }
-  // Read with a cap: a path such as /dev/zero would otherwise be read until memory ran out.
-  std::string text(kMaxPemBytes + 1, '\0');
-  in.read(text.data(), static_cast<std::streamsize>(text.size()));
-  text.resize(static_cast<size_t>(in.gcount()));
-  if (text.size() > kMaxPemBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, ": larger than ",
-                                                   kMaxPemBytes >> 20, " MiB, so no PEM ", what));
-  }
-  if (!absl::StrContains(text, block)) {
+  absl::StatusOr<std::string> text = ReadSmallFile(flag, path);
+  if (!text.ok()) return text.status();
+  if (!absl::StrContains(*text, block)) {
     return absl::InvalidArgumentError(
         absl::StrCat(flag, " ", path, ": holds no PEM ", what, " (no \"", block, "\" line)"));
   }
