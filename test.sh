@@ -51,6 +51,7 @@ DILATTN_PYTHON_PROTO="$root/build-asan/python" DILATTN_E2E_RESULTS="$root/build-
   "$root/tests/e2e/test_conformance.py" "$root/tests/e2e/test_sigterm.py" \
   "$root/tests/e2e/test_shared_memory.py" "$root/tests/e2e/test_hostile.py" \
   "$root/tests/e2e/test_attend.py" "$root/tests/e2e/test_multihead.py" \
+  "$root/tests/e2e/test_tls.py" \
   "$root/tests/e2e/test_batching.py::test_cpu_engines_take_batches_side_by_side"
 unset ASAN_OPTIONS UBSAN_OPTIONS
 
@@ -65,6 +66,6 @@ configure_and_build "$root/build-tsan" -DDILATTN_SANITIZE=thread \
 # Quoted inside the options: a checkout path with a space would otherwise split them.
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions='$root/tests/sanitizers/tsan.supp'" \
   ctest --test-dir "$root/build-tsan" --output-on-failure -j"$jobs" \
-  -R 'BufferPool|ThreadPool|EngineThreads|EngineDevices|InPlace|InputFill|LayoutCache'
+  -R 'BufferPool|ThreadPool|EngineThreads|EngineDevices|InPlace|InputFill|LayoutCache|MetricsHealth'
 
 stage "all test stages passed"
