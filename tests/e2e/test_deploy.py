@@ -172,3 +172,46 @@ def test_k8s_hpa_needs_no_adapter_unless_its_component_is_added(tmp_path):
     without = _kustomize()
     assert {k: v for k, v in _docs(with_adapter).items() if k != "HorizontalPodAutoscaler"} == \
         {k: v for k, v in _docs(without).items() if k != "HorizontalPodAutoscaler"}
+
+
+def test_k8s_tls_component_mounts_the_secret_and_the_server_serves_tls_from_it(tmp_path):
+    """components/grpc-tls changes the Deployment alone: the Secret's volume, its read-only mount,
+    and the two flags naming its tls.crt and tls.key, with which the server serves TLS."""
+    from test_tls import Pki  # noqa: E402  (openssl-made certificates)
+    import tritonclient.grpc as grpcclient
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = pathlib.Path(os.path.relpath(ROOT / "deploy" / "k8s", overlay))
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {base}\ncomponents:\n  - {base / 'components/grpc-tls'}\n")
+    with_tls = _docs(_kustomize(overlay))
+    without = _docs(_kustomize())
+    assert {k: v for k, v in with_tls.items() if k != "Deployment"} == \
+        {k: v for k, v in without.items() if k != "Deployment"}
+    deployment = with_tls["Deployment"]
+    assert re.search(r"volumeMounts:\n\s+- mountPath: /etc/dilattn/tls\n\s+name: tls\n"
+                     r"\s+readOnly: true\n", deployment), deployment
+    assert re.search(r"volumes:\n\s+- name: tls\n\s+secret:\n\s+secretName: dilattn-tls$",
+                     deployment, re.M), deployment
+    flags = dict(re.findall(r"^\s+- (--[a-z-]+)=(\S+)", deployment, re.M))
+    assert flags["--grpc-server-cert"] == "/etc/dilattn/tls/tls.crt"
+    assert flags["--grpc-server-key"] == "/etc/dilattn/tls/tls.key"
+    # The Secret's files as the kubelet mounts them, here under tmp_path.
+    pki = Pki(tmp_path, "deploy")
+    cert, key = pki.server()
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    shutil.copy(cert, secret / "tls.crt")
+    shutil.copy(key, secret / "tls.key")
+    args = [f"{f}={v.replace('/etc/dilattn/tls', str(secret))}" for f, v in flags.items()
+            if f not in ("--grpc-port", "--metrics-port")]
+    server = ServerProcess(*args, name="deployment-tls")
+    try:
+        assert server.http_get("/v2/health/ready") == (200, "ready\n")  # what the probes ask
+        client = grpcclient.InferenceServerClient(server.url, ssl=True,
+                                                  root_certificates=str(pki.ca))
+        assert client.is_server_ready()
+    finally:
+        assert server.stop() == 0, server.log_path.read_text()
