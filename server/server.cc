@@ -100,8 +100,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   {
     absl::MutexLock lock(&s->mu_);
     s->health_ = s->grpc_->GetHealthCheckService();
-    // A device may have failed already, on a request that came in before this point.
-    const bool serving = !s->device_failed_;
+    // A device may have failed already, on a request that came in before this point
+    // (DeviceFailed turns `live` false under the same lock).
+    const bool serving = s->state_.live.load();
     s->health_->SetServingStatus(serving);
     for (const auto& m : s->registry_->models()) s->health_->SetServingStatus(m->name(), serving);
     s->state_.ready.store(serving);
@@ -138,7 +139,6 @@ void Server::DeviceFailed() {
       "dilattn-server: health and readiness report NOT_SERVING from now on, so that this replica "
       "is taken out of service and restarted");
   absl::MutexLock lock(&mu_);
-  device_failed_ = true;
   state_.ready.store(false);
   state_.live.store(false);
   if (health_ != nullptr && !shut_down_) health_->SetServingStatus(false);

@@ -77,7 +77,6 @@ class Server {
   // The GPUs stopped (Engine::DeviceLost): health and readiness stay NOT_SERVING, so that the
   // orchestrator takes the replica out of service and restarts it. Any thread.
   void DeviceFailed();
-  bool device_failed_ ABSL_GUARDED_BY(mu_) = false;
   // Written under mu_ too, where DeviceFailed (on an engine thread) may read it.
   grpc::HealthCheckServiceInterface* health_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
