@@ -18,21 +18,10 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from pki import Pki  # noqa: E402  (the TLS tests' certificates)
+
 HEADS, DIM = 8, 64
-
-
-def make_certificates(directory):
-    def openssl(*args):
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=bench CA")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
-            "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "san.ext")
-    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
 
 
 def start_server(args, extra):
@@ -69,7 +58,9 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        ca, cert, key = make_certificates(pathlib.Path(tmp))
+        pki = Pki(pathlib.Path(tmp), "bench")
+        ca = pki.ca
+        cert, key = pki.server()
         results = {}
         for mode, extra, client_tls in (
                 ("plaintext", [], []),

@@ -15,6 +15,7 @@ import pytest
 import reference
 from conftest import ROOT, ServerProcess, server_binary
 from helpers import make_inputs
+from pki import Pki
 
 # What the image's base (Ubuntu 24.04) has in newer versions; scripts/runtime_libs.sh leaves
 # them out.
@@ -177,7 +178,6 @@ def test_k8s_hpa_needs_no_adapter_unless_its_component_is_added(tmp_path):
 def test_k8s_tls_component_mounts_the_secret_and_the_server_serves_tls_from_it(tmp_path):
     """components/grpc-tls changes the Deployment alone: the Secret's volume, its read-only mount,
     and the two flags naming its tls.crt and tls.key, with which the server serves TLS."""
-    from test_tls import Pki  # noqa: E402  (openssl-made certificates)
     import tritonclient.grpc as grpcclient
 
     overlay = tmp_path / "overlay"

@@ -150,14 +150,20 @@ def _stop(server, hung, pool):
     return exit_code, stopped_in, result, server.log_path.read_text()
 
 
-def test_a_hung_gpu_takes_the_server_out_of_service():
-    server = _faulty_server("HANG", 0, "device-hang", "--device", "cuda:0",
-                            "--gpu-job-timeout-seconds", "2", "--grace-period-seconds", "1")
+def _hang(name, job_timeout):
+    """A one-GPU server (grace period 1 s) whose first job runs for 20 s, and that job's request
+    sent: (server, its client, the pool, the request's future, when it was sent)."""
+    server = _faulty_server("HANG", 0, name, "--device", "cuda:0", "--gpu-job-timeout-seconds",
+                            str(job_timeout), "--grace-period-seconds", "1")
     client = server.client()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    began = time.monotonic()
+    return server, client, pool, pool.submit(_infer, client, 2, 1), began
+
+
+def test_a_hung_gpu_takes_the_server_out_of_service():
+    server, client, pool, hung, began = _hang("device-hang", 2)
     try:
-        began = time.monotonic()
-        hung = pool.submit(_infer, client, 2, 1)  # GPU 0's first job runs for 20 s
         assert wait_until(lambda: _health(server) == NOT_SERVING, timeout=15)
         assert time.monotonic() - began >= 2  # not before the timeout
         assert not hung.done()
@@ -188,12 +194,8 @@ def test_sigterm_does_not_wait_for_a_hang_not_yet_found():
     # The 20 s job is not yet past --gpu-job-timeout-seconds when SIGTERM comes, so nothing
     # knows the device is hung: the shutdown waits for it through the grace period and 5 s more,
     # then the process ends, saying what it left, long before the job would end.
-    server = _faulty_server("HANG", 0, "device-hang-sigterm", "--device", "cuda:0",
-                            "--gpu-job-timeout-seconds", "120", "--grace-period-seconds", "1")
-    client = server.client()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    server, _, pool, hung, _ = _hang("device-hang-sigterm", 120)
     try:
-        hung = pool.submit(_infer, client, 2, 1)
         # On the device: its thread waits for it.
         assert wait_until(lambda: server.metric("dilattn_engine_seconds_total", device="cuda:0",
                                                 phase="wait") > 1, timeout=15)
