@@ -51,7 +51,7 @@ DILATTN_PYTHON_PROTO="$root/build-asan/python" DILATTN_E2E_RESULTS="$root/build-
   "$root/tests/e2e/test_conformance.py" "$root/tests/e2e/test_sigterm.py" \
   "$root/tests/e2e/test_shared_memory.py" "$root/tests/e2e/test_hostile.py" \
   "$root/tests/e2e/test_attend.py" "$root/tests/e2e/test_multihead.py" \
-  "$root/tests/e2e/test_tls.py" \
+  "$root/tests/e2e/test_tls.py" "$root/tests/e2e/test_connections.py" \
   "$root/tests/e2e/test_batching.py::test_cpu_engines_take_batches_side_by_side"
 unset ASAN_OPTIONS UBSAN_OPTIONS
 

@@ -68,6 +68,19 @@ constexpr const char* kUsage = R"(usage: dilattn-server [flags]
   --grpc-server-key FILE    its private key (PEM); both files are read again every 10 s, so a
                             rotated certificate serves new connections without a restart
   --grpc-root-cert FILE     mutual TLS: clients must show a certificate these CAs (PEM) signed
+  --grpc-keepalive-time MS  ping a connection silent this long (7200000)
+  --grpc-keepalive-timeout MS
+                            close a connection whose ping has no answer within this (20000)
+  --grpc-keepalive-permit-without-calls 0|1
+                            allow pings on connections with no call open, sent and received (0)
+  --grpc-http2-max-pings-without-data N
+                            pings sent with no data in between (2; 0: no limit)
+  --grpc-http2-min-recv-ping-interval-without-data MS
+                            a client's ping sooner than this after its last, with no data sent,
+                            is a strike (300000); at least the clients' keepalive time
+  --grpc-http2-max-ping-strikes N
+                            strikes after which a connection is closed, "too_many_pings"
+                            (2; 0: no limit)
   --log-format text|json    log records as text lines, or as one JSON object per line
                             ({"time", "severity", "message"}), gRPC's own records included (text)
   --max-message-bytes N     largest gRPC message accepted or sent (2147483647)
@@ -181,6 +194,21 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
       o->tls.key = value;
     } else if (name == "grpc-root-cert") {
       o->tls.client_ca = value;
+    } else if (name == "grpc-keepalive-time") {
+      error = integer(&o->connections.keepalive_time_ms);
+    } else if (name == "grpc-keepalive-timeout") {
+      error = integer(&o->connections.keepalive_timeout_ms);
+    } else if (name == "grpc-keepalive-permit-without-calls") {
+      if (value != "0" && value != "1" && value != "true" && value != "false") {
+        return absl::StrCat("flag --", name, "='", value, "' is not 0, 1, true or false");
+      }
+      o->connections.keepalive_permit_without_calls = value == "1" || value == "true";
+    } else if (name == "grpc-http2-max-pings-without-data") {
+      error = integer(&o->connections.http2_max_pings_without_data);
+    } else if (name == "grpc-http2-min-recv-ping-interval-without-data") {
+      error = integer(&o->connections.http2_min_recv_ping_interval_without_data_ms);
+    } else if (name == "grpc-http2-max-ping-strikes") {
+      error = integer(&o->connections.http2_max_ping_strikes);
     } else if (name == "log-format") {
       if (value != "text" && value != "json") {
         return absl::StrCat("flag --log-format='", value, "' is not text or json");
@@ -234,6 +262,9 @@ std::string ParseFlags(int argc, char** argv, ServerOptions* o, MallocFlags* mal
   if (host_pool_mib > kMaxPoolMib || device_pool_mib > kMaxPoolMib) {
     return absl::StrCat("--host-pool-mib and --device-pool-mib must be at most ", kMaxPoolMib,
                         " (1 PiB)");
+  }
+  if (absl::Status s = dilattn::server::ValidateGrpcConnectionOptions(o->connections); !s.ok()) {
+    return std::string(s.message());
   }
   o->engine.executor.host_pool_bytes = static_cast<size_t>(host_pool_mib) << 20;
   o->engine.executor.device_pool_bytes = static_cast<size_t>(device_pool_mib) << 20;

@@ -22,6 +22,7 @@ constexpr absl::Duration kTlsRefresh = absl::Seconds(10);
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
   // Before anything slow starts (a GPU's context, the models): a wrong file fails at once.
+  if (absl::Status s = ValidateGrpcConnectionOptions(options.connections); !s.ok()) return s;
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       GrpcServerCredentials(options.tls, kTlsRefresh);
   if (!credentials.ok()) return credentials.status();
@@ -90,6 +91,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
                            &s->grpc_port_);
   builder.SetMaxReceiveMessageSize(options.max_message_bytes);
   builder.SetMaxSendMessageSize(options.max_message_bytes);
+  for (const auto& [name, value] : GrpcConnectionArgs(options.connections)) {
+    builder.AddChannelArgument(name, value);
+  }
   builder.RegisterService(s->service_.get());
   builder.RegisterService(s->attend_.get());
   s->grpc_ = builder.BuildAndStart();

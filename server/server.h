@@ -13,6 +13,7 @@
 #include "grpcpp/server.h"
 #include "server/engine.h"
 #include "server/grpc/attend_service.h"
+#include "server/grpc/connection_options.h"
 #include "server/grpc/inference_service.h"
 #include "server/grpc/tls.h"
 #include "server/metrics.h"
@@ -29,6 +30,7 @@ struct ServerOptions {
   EngineOptions engine;
   SharedMemoryOptions shared_memory;  // pin_for_device is set from the engine's device
   TlsFiles tls;                       // no certificate: plaintext gRPC
+  GrpcConnectionOptions connections;  // keepalive and ping policy
   int max_message_bytes = 2147483647;
   absl::Duration grace_period = absl::Seconds(30);
   // A native stream with input still to come that sends nothing this long is ended (zero: never).
