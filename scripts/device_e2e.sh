@@ -22,7 +22,7 @@ if [[ $all == 1 ]]; then
   ./.device/bin/kernel_tests --gtest_brief=1 2>&1 | tail -1
   for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 ./.device/bin/kernel_tests \
-      --gtest_filter='FusedForward.SanitizerSet:BlockSparseGpu.SanitizerSet:CudaMultihead.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
+      --gtest_filter='FusedForward.SanitizerSet:FusedForward.ScoresRising*:BlockSparseGpu.SanitizerSet:CudaMultihead.SanitizerSet' > "$out/sanitizer_$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $?; $(grep -h 'SUMMARY' "$out/sanitizer_$tool.log")"
   done
   # Two GPUs: the sequence-parallel runner's copies and exchange. NCCL probes kernel images with

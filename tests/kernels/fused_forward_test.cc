@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,14 +65,17 @@ TEST(FusedForward, ConformanceCases) {
   }
 }
 
-// One case on both paths with fresh inputs; returns whether the GPU's output matched.
+// One case on both paths with fresh inputs (reshaped by `shape_inputs` where given); returns
+// whether the GPU's output matched.
 bool CompareCase(attention::AttentionBackend& gpu, attention::AttentionBackend& cpu,
-                 SplitMix64& rng, const RandomCase& c, size_t o_offset = 0) {
+                 SplitMix64& rng, const RandomCase& c, size_t o_offset = 0,
+                 const std::function<void(RandomInputs*)>& shape_inputs = nullptr) {
   SCOPED_TRACE(c.Describe());
   auto plan = attention::PlanAttention(c.options, c.shape);
   EXPECT_TRUE(plan.ok()) << plan.status();
   if (!plan.ok()) return false;
-  const RandomInputs in = DrawInputs(rng, *plan, c.input_scale);
+  RandomInputs in = DrawInputs(rng, *plan, c.input_scale);
+  if (shape_inputs) shape_inputs(&in);
   TypedBuffer expected(c.shape.dtype, in.q.count());
   expected.Poison();
   const absl::Status cs =
@@ -127,13 +131,43 @@ TEST(FusedForward, LongSequencesMatchTheCpuPath) {
 }
 
 // Fixed cases on both paths, fresh inputs each; O placed `o_offset` bytes into its allocation.
-void CompareCases(const std::vector<RandomCase>& cases, size_t o_offset = 0) {
+void CompareCases(const std::vector<RandomCase>& cases, size_t o_offset = 0,
+                  const std::function<void(RandomInputs*)>& shape_inputs = nullptr) {
   auto gpu = Gpu();
   ASSERT_NE(gpu, nullptr);
   auto cpu = attention::CreateCpuBackend({0, "auto"});
   ASSERT_TRUE(cpu.ok());
   SplitMix64 rng(TestSeed());
-  for (const RandomCase& c : cases) CompareCase(*gpu, **cpu, rng, c, o_offset);
+  for (const RandomCase& c : cases) CompareCase(*gpu, **cpu, rng, c, o_offset, shape_inputs);
+}
+
+// Keys whose scores rise far above every earlier key's along each walk: the second half of every
+// 256 tokens has its keys scaled by 200, so that key tiles there fail the softmax against the
+// stale max, most with exponents far past fp32's range (infinite probabilities), and each failing
+// warp recomputes its own scores (WarpScores) while the other warps of its warpgroup go on.
+TEST(FusedForward, ScoresRisingFarAboveEarlierKeys) {
+  REQUIRE_GPU();
+  std::vector<RandomCase> cases;
+  for (int64_t dim : {64, 128}) {
+    for (attention::Mode mode : {attention::Mode::kLongNet, attention::Mode::kHeadGroups}) {
+      for (bool causal : {false, true}) {
+        for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+          RandomCase& c = cases.emplace_back();
+          c.options.mode = mode;
+          c.options.causal = causal;
+          c.options.segment_lengths = {256, 512, 1024};
+          c.options.dilation_rates = {1, 2, 4};
+          c.shape = attention::DenseShape(dtype, 1, 1024, 3, dim);
+        }
+      }
+    }
+  }
+  CompareCases(cases, 0, [](RandomInputs* in) {
+    const size_t row = in->k.count() / 1024;  // one token's H * D elements
+    for (size_t i = 0; i < in->k.count(); ++i) {
+      if ((i / row) % 256 >= 128) in->k.Set(i, in->k.Get(i) * 200.f);
+    }
+  });
 }
 
 // Segments and rates far beyond the sequence (the kernel plans spans in 32 bits, clamping them):

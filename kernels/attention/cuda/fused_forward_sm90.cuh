@@ -133,6 +133,39 @@ __device__ __forceinline__ void FenceProxyAsync() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// S = Q K^T for one warp's 16 query rows and kKeys keys through mma.sync, from the shared tiles
+// the warpgroup's wgmma products read (64-column panels of kQRows and kKRows rows, PanelOffset),
+// into the wgmma accumulator layout, which per warp is mma.sync's. The rare recomputation of a
+// warp whose softmax against the stale max failed: done by the warp alone, so that the other
+// warps of its warpgroup need not learn of it, where a wgmma recomputation needed all four to
+// agree on it at every key tile.
+template <typename T, int D, int kKeys, int kQRows, int kKRows>
+__device__ __forceinline__ void WarpScores(float* s, uint32_t q_tile, int warp_row,
+                                           uint32_t k_stage, int lane) {
+  // ldmatrix: lane supplies row lane % 8 of matrix lane / 8. Q as the A operand: matrices (rows
+  // 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15); K as the B operand
+  // per pair of 8-key column tiles: (keys 0-7, k 0-7), (keys 0-7, k 8-15), (keys 8-15, k 0-7),
+  // (keys 8-15, k 8-15).
+  const int lm_row = lane % 8;
+  const int lm_mat = lane / 8;
+  const int q_row = warp_row + (lm_mat & 1) * 8 + lm_row;
+  const int k_row = (lm_mat >> 1) * 8 + lm_row;
+#pragma unroll
+  for (int e = 0; e < kKeys / 2; ++e) s[e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t a[4];
+    LdMatrixX4(a, q_tile + 2 * PanelOffset<64, kQRows>(q_row, ks * 2 + (lm_mat >> 1)));
+#pragma unroll
+    for (int jp = 0; jp < kKeys / 16; ++jp) {
+      uint32_t b[4];
+      LdMatrixX4(b, k_stage + 2 * PanelOffset<64, kKRows>(jp * 16 + k_row, ks * 2 + (lm_mat & 1)));
+      MmaType<T>::Mma(&s[8 * jp], a, b[0], b[1]);
+      MmaType<T>::Mma(&s[8 * jp + 4], a, b[2], b[3]);
+    }
+  }
+}
+
 // A consumer warp's share of a warpgroup's 64 query rows, for both Hopper kernels: its scores,
 // probabilities, O accumulator (kAcc floats: 16 rows x kAcc / 2 columns) and online softmax
 // state, and the step that folds one key tile in. The kernels supply how the products are
@@ -141,7 +174,10 @@ __device__ __forceinline__ void FenceProxyAsync() {
 // before the exponentials; forcing them ahead of it measured slower: BENCHMARKS.md); its
 // rescale factors are applied to O once that product is done. Nothing is in flight across
 // iterations, so ptxas keeps every wgmma asynchronous.
-template <typename T, int kAcc, int kKeyTiles = 1>
+// kWarpRecompute: a warp whose softmax against the stale max fails recomputes its own scores
+// (WarpScores); otherwise the warpgroup votes on it at every key tile and recomputes them with
+// wgmma (the D = 128 kernel, see Stale).
+template <typename T, int kAcc, int kKeyTiles = 1, bool kWarpRecompute = true>
 struct WarpgroupRows {
   // kKeyTiles 64-key tiles per step (two: one n128 product for the scores).
   static constexpr int kKeys = 64 * kKeyTiles;
@@ -153,7 +189,7 @@ struct WarpgroupRows {
   int64_t pos[2];      // positions of this thread's rows lane / 4 and lane / 4 + 8
   int warp_first_pos;  // positions within a sequence fit 32 bits (kGpuMaxSeqLen)
   int lane;
-  int vote_barrier;    // the warpgroup's named barrier (128 threads) for the stale-max vote
+  int vote_barrier;  // without kWarpRecompute: the warpgroup's named barrier (128 threads)
   bool causal;
   float scale_log2;
 
@@ -184,21 +220,30 @@ struct WarpgroupRows {
                                      scale_log2, alpha, &hi, kKeyTiles == 2 && NeedCausal(hi));
   }
   // The common case: exponents against the current max, no max reduction (see
-  // SoftmaxAgainstStaleMax). The warpgroup agrees on the outcome, since a recomputation of the
-  // scores is a product all four warps issue.
+  // SoftmaxAgainstStaleMax). With kWarpRecompute the warp decides alone (the recomputation's
+  // shuffles need every lane): a warp that fails recomputes its own scores (WarpScores). A vote
+  // of the whole warpgroup, which a wgmma recomputation needs, holds its four warps in step at
+  // every key tile: 4-5% of the D = 64 kernel's sustained rate (docs/BENCHMARKS.md). The D = 128
+  // kernel keeps the vote: there only lane 0 of a warp frees a K stage, through the producer's
+  // mbarrier, and compute-sanitizer's racecheck reported the recomputation's reads against the
+  // producer's copies into the stage (unresolved; the vote costs that kernel about 1.5%).
   __device__ bool Stale(const KeyTile& kt, const KeyTile& hi) {
     float sums[2];
     const bool ok = SoftmaxAgainstStaleMax<kKeys / 8>(s, row_max, sums, lane, kt, NeedCausal(kt),
                                                       pos, scale_log2, &hi,
                                                       kKeyTiles == 2 && NeedCausal(hi));
-    int any_failed;
-    asm volatile(
-        "{\n.reg .pred failed, any;\nsetp.eq.u32 failed, %1, 0;\n"
-        "bar.red.or.pred any, %2, 128, failed;\nselp.u32 %0, 1, 0, any;\n}\n"
-        : "=r"(any_failed)
-        : "r"(static_cast<int>(ok)), "r"(vote_barrier)
-        : "memory");
-    if (any_failed != 0) return false;
+    if constexpr (kWarpRecompute) {
+      if (!__all_sync(0xffffffffu, ok)) return false;
+    } else {
+      int any_failed;
+      asm volatile(
+          "{\n.reg .pred failed, any;\nsetp.eq.u32 failed, %1, 0;\n"
+          "bar.red.or.pred any, %2, 128, failed;\nselp.u32 %0, 1, 0, any;\n}\n"
+          : "=r"(any_failed)
+          : "r"(static_cast<int>(ok)), "r"(vote_barrier)
+          : "memory");
+      if (any_failed != 0) return false;
+    }
     row_sum[0] += sums[0];
     row_sum[1] += sums[1];
     return true;
@@ -250,9 +295,11 @@ struct WarpgroupRows {
     Pack();
   }
   // Scores of `next` with O += P V of the previous tile; `done` runs once both products are.
-  template <class IssueScores, class IssuePv, class Done>
+  // With kWarpRecompute, `warp_scores` recomputes this warp's scores of `next` alone
+  // (WarpScores); otherwise the warpgroup issues them again.
+  template <class IssueScores, class IssuePv, class WarpScoresFn, class Done>
   __device__ void Step(const KeyTile& next, const KeyTile& next_hi, IssueScores&& issue_scores,
-                       IssuePv&& issue_pv, Done&& done) {
+                       IssuePv&& issue_pv, WarpScoresFn&& warp_scores, Done&& done) {
     issue_scores();
     issue_pv();
     WgmmaWait1();  // the scores; O += P V may still run
@@ -262,8 +309,12 @@ struct WarpgroupRows {
     float alpha[2];
     bool rescale = false;
     if (!settled) {  // some score rose too far above the max: again, with the tile's max
-      issue_scores();
-      WgmmaWait0();
+      if constexpr (kWarpRecompute) {
+        warp_scores();
+      } else {
+        issue_scores();
+        WgmmaWait0();
+      }
       rescale = Full(next, next_hi, alpha);
     }
     if (rescale) {
@@ -362,6 +413,10 @@ struct HopperForwardKernel {
       rows.template IssueScores<D, kBlockM * D * 2>(q_desc, k_desc + ((stage * kTileBytes) >> 4));
     };
     auto issue_pv = [&](int stage) { rows.IssuePv(v_desc + ((stage * kTileBytes) >> 4)); };
+    auto warp_scores = [&](int stage) {
+      WarpScores<T, D, kBlockN, kBlockM, kBlockN>(rows.s, smem.q, warp_row,
+                                                  smem.k + stage * kTileBytes, lane);
+    };
 
     if (total_tiles > 0) {
       CpAsyncWait<kPrefetch - 1>();  // Q and tile 0
@@ -385,7 +440,7 @@ struct HopperForwardKernel {
       const int next_stage = (stage + 1) % kStages;
       rows.Step(
           next_tile, next_tile, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); },
-          [] {});
+          [&] { warp_scores(next_stage); }, [] {});
     }
     if (group_tiles > 0) {
       issue_pv((group_tiles - 1) % kStages);

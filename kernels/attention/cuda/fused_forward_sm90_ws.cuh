@@ -149,7 +149,7 @@ struct HopperWsForwardKernel {
     auto release = [&](int t) {
       if (lane == 0) MbarrierArrive(empty(t % kStages), t < walk_min ? 1 : 2);
     };
-    WarpgroupRows<T, 64, kKeyTiles> rows(params, tile, warp_row, lane, 1 + group);
+    WarpgroupRows<T, 64, kKeyTiles, false> rows(params, tile, warp_row, lane, 1 + group);
     const uint32_t q_desc = WgmmaDescriptorLow(smem.q + group * 64 * 64 * 2);
     const uint32_t k_desc = WgmmaDescriptorLow(smem.k);
     // V as the B operand of n128 products: the leading byte offset steps between its panels.
@@ -183,7 +183,7 @@ struct HopperWsForwardKernel {
                                          static_cast<unsigned>(kStages));
       const int next_stage = (stage + 1) % kStages;
       rows.Step(
-          lo, hi, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); },
+          lo, hi, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); }, [] {},
           [&] { release(t); });
     }
     if (walk > 0) {
