@@ -73,7 +73,7 @@ def _pinging_client(server):
 @pytest.mark.parametrize("permissive", [False, True])
 def test_keepalive_ping_policy(permissive):
     args = (["--grpc-keepalive-permit-without-calls", "1",
-             "--grpc-http2-min-recv-ping-interval-without-data", "100"] if permissive else [])
+             "--grpc-http2-min-recv-ping-interval-without-data", "10"] if permissive else [])
     server = ServerProcess(*args, name=f"keepalive-{'permissive' if permissive else 'default'}")
     try:
         client = _pinging_client(server)
@@ -81,7 +81,8 @@ def test_keepalive_ping_policy(permissive):
         assert client.is_server_live()
         assert watch.connections() == 1, watch.states
         if permissive:
-            # The pings are within the policy: the idle connection stays.
+            # The pings are within the policy (10 ms, not 200: a server busy elsewhere may read
+            # two pings at once): the idle connection stays.
             time.sleep(2.0)
             assert watch.state() == grpc.ChannelConnectivity.READY, watch.states
         else:
