@@ -224,9 +224,10 @@ struct WarpgroupRows {
   // shuffles need every lane): a warp that fails recomputes its own scores (WarpScores). A vote
   // of the whole warpgroup, which a wgmma recomputation needs, holds its four warps in step at
   // every key tile: 4-5% of the D = 64 kernel's sustained rate (docs/BENCHMARKS.md). The D = 128
-  // kernel keeps the vote: there only lane 0 of a warp frees a K stage, through the producer's
-  // mbarrier, and compute-sanitizer's racecheck reported the recomputation's reads against the
-  // producer's copies into the stage (unresolved; the vote costs that kernel about 1.5%).
+  // kernel keeps the vote: there lane 0 of a warp alone frees a K stage for the producer, and
+  // compute-sanitizer's racecheck does not take that arrival as releasing the other lanes'
+  // reads of the recomputation; every lane arriving would, at 32 times the arrivals, for the
+  // 1.5% the vote costs that kernel.
   __device__ bool Stale(const KeyTile& kt, const KeyTile& hi) {
     float sums[2];
     const bool ok = SoftmaxAgainstStaleMax<kKeys / 8>(s, row_max, sums, lane, kt, NeedCausal(kt),
