@@ -174,10 +174,7 @@ __device__ __forceinline__ void WarpScores(float* s, uint32_t q_tile, int warp_r
 // before the exponentials; forcing them ahead of it measured slower: BENCHMARKS.md); its
 // rescale factors are applied to O once that product is done. Nothing is in flight across
 // iterations, so ptxas keeps every wgmma asynchronous.
-// kWarpRecompute: a warp whose softmax against the stale max fails recomputes its own scores
-// (WarpScores); otherwise the warpgroup votes on it at every key tile and recomputes them with
-// wgmma (the D = 128 kernel, see Stale).
-template <typename T, int kAcc, int kKeyTiles = 1, bool kWarpRecompute = true>
+template <typename T, int kAcc, int kKeyTiles = 1>
 struct WarpgroupRows {
   // kKeyTiles 64-key tiles per step (two: one n128 product for the scores).
   static constexpr int kKeys = 64 * kKeyTiles;
@@ -189,16 +186,12 @@ struct WarpgroupRows {
   int64_t pos[2];      // positions of this thread's rows lane / 4 and lane / 4 + 8
   int warp_first_pos;  // positions within a sequence fit 32 bits (kGpuMaxSeqLen)
   int lane;
-  int vote_barrier;  // without kWarpRecompute: the warpgroup's named barrier (128 threads)
   bool causal;
   float scale_log2;
 
   __device__ WarpgroupRows(const FusedForwardParams& params, const GpuTile& tile, int warp_row,
-                           int lane_index, int barrier)
-      : lane(lane_index),
-        vote_barrier(barrier),
-        causal(params.attn.causal),
-        scale_log2(params.scale_log2) {
+                           int lane_index)
+      : lane(lane_index), causal(params.attn.causal), scale_log2(params.scale_log2) {
     const int64_t q_first = tile.q_pos;
     const int64_t q_stride = tile.q_stride;
 #pragma unroll
@@ -220,31 +213,17 @@ struct WarpgroupRows {
                                      scale_log2, alpha, &hi, kKeyTiles == 2 && NeedCausal(hi));
   }
   // The common case: exponents against the current max, no max reduction (see
-  // SoftmaxAgainstStaleMax). With kWarpRecompute the warp decides alone (the recomputation's
-  // shuffles need every lane): a warp that fails recomputes its own scores (WarpScores). A vote
-  // of the whole warpgroup, which a wgmma recomputation needs, holds its four warps in step at
-  // every key tile: 4-5% of the D = 64 kernel's sustained rate (docs/BENCHMARKS.md). The D = 128
-  // kernel keeps the vote: there lane 0 of a warp alone frees a K stage for the producer, and
-  // compute-sanitizer's racecheck does not take that arrival as releasing the other lanes'
-  // reads of the recomputation; every lane arriving would, at 32 times the arrivals, for the
-  // 1.5% the vote costs that kernel.
+  // SoftmaxAgainstStaleMax). The warp decides alone (the recomputation's shuffles need every
+  // lane): a warp that fails recomputes its own scores (WarpScores). A vote of the whole
+  // warpgroup, which a wgmma recomputation needed, held its four warps in step at every key
+  // tile: 4-5% of the D = 64 kernel's sustained rate, and up to 9% of the D = 128 kernel's with
+  // causal (docs/BENCHMARKS.md).
   __device__ bool Stale(const KeyTile& kt, const KeyTile& hi) {
     float sums[2];
     const bool ok = SoftmaxAgainstStaleMax<kKeys / 8>(s, row_max, sums, lane, kt, NeedCausal(kt),
                                                       pos, scale_log2, &hi,
                                                       kKeyTiles == 2 && NeedCausal(hi));
-    if constexpr (kWarpRecompute) {
-      if (!__all_sync(0xffffffffu, ok)) return false;
-    } else {
-      int any_failed;
-      asm volatile(
-          "{\n.reg .pred failed, any;\nsetp.eq.u32 failed, %1, 0;\n"
-          "bar.red.or.pred any, %2, 128, failed;\nselp.u32 %0, 1, 0, any;\n}\n"
-          : "=r"(any_failed)
-          : "r"(static_cast<int>(ok)), "r"(vote_barrier)
-          : "memory");
-      if (any_failed != 0) return false;
-    }
+    if (!__all_sync(0xffffffffu, ok)) return false;
     row_sum[0] += sums[0];
     row_sum[1] += sums[1];
     return true;
@@ -296,8 +275,7 @@ struct WarpgroupRows {
     Pack();
   }
   // Scores of `next` with O += P V of the previous tile; `done` runs once both products are.
-  // With kWarpRecompute, `warp_scores` recomputes this warp's scores of `next` alone
-  // (WarpScores); otherwise the warpgroup issues them again.
+  // `warp_scores` recomputes this warp's scores of `next` alone (WarpScores).
   template <class IssueScores, class IssuePv, class WarpScoresFn, class Done>
   __device__ void Step(const KeyTile& next, const KeyTile& next_hi, IssueScores&& issue_scores,
                        IssuePv&& issue_pv, WarpScoresFn&& warp_scores, Done&& done) {
@@ -310,12 +288,7 @@ struct WarpgroupRows {
     float alpha[2];
     bool rescale = false;
     if (!settled) {  // some score rose too far above the max: again, with the tile's max
-      if constexpr (kWarpRecompute) {
-        warp_scores();
-      } else {
-        issue_scores();
-        WgmmaWait0();
-      }
+      warp_scores();
       rescale = Full(next, next_hi, alpha);
     }
     if (rescale) {
@@ -397,7 +370,7 @@ struct HopperForwardKernel {
     // fewer. It keeps loading and syncing with the other until the walk ends.
     const int group_tiles =
         group == 0 ? spans.split_tiles : (tile.count > kBlockM / 2 ? total_tiles : 0);
-    WarpgroupRows<T, 32> rows(params, tile, warp_row, lane, 1 + group);
+    WarpgroupRows<T, 32> rows(params, tile, warp_row, lane);
     // The warpgroup's 64 Q rows start 8 KiB into the Q tile; a k16 step is 32 bytes along a row.
     const uint32_t q_group = smem.q + group * 64 * D * 2;
 

@@ -66,9 +66,9 @@ struct HopperWsForwardKernel {
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
   static constexpr int kSmemBytes =
       kBlockM * D * 2 + 2 * kStages * kTileBytes + 1024 + kBarrierBytes;
-  // Arrivals that free a stage: lane 0 of each of the eight consumer warps, once per tile it
-  // computed; a warpgroup whose walk is longer than the other's counts for both.
-  static constexpr uint32_t kEmptyArrivals = 8;
+  // Arrivals that free a stage: every lane of each of the eight consumer warps, once per tile
+  // it computed; a warpgroup whose walk is longer than the other's counts for both.
+  static constexpr uint32_t kEmptyArrivals = 8 * 32;
   // Registers per thread: the launch gives every thread kLaunchRegs (the most 384 threads can
   // have); setmaxnreg then moves them from the producer to the consumers. A consumer's
   // setmaxnreg.inc waits until the CTA's pool holds its request, so a build whose kernel got
@@ -144,12 +144,12 @@ struct HopperWsForwardKernel {
     const int group = __shfl_sync(0xffffffffu, (warp - 4) / 4, 0);  // query rows 64 * group ...
     const int warp_row = (warp - 4) * 16;  // this warp's 16 rows within the tile
     const int walk = group == 0 ? walk0 : walk1;
-    // Lane 0 of each warp frees a stage once its products are done with it; where only this
-    // warpgroup computes the tile, its arrival stands for the other's too.
-    auto release = [&](int t) {
-      if (lane == 0) MbarrierArrive(empty(t % kStages), t < walk_min ? 1 : 2);
-    };
-    WarpgroupRows<T, 64, kKeyTiles, false> rows(params, tile, warp_row, lane, 1 + group);
+    // Every lane of each warp frees a stage once its products are done with it (its own reads
+    // too: a warp's recomputation reads the stage with ldmatrix, and racecheck takes no lane's
+    // arrival for another's reads); where only this warpgroup computes the tile, its arrival
+    // stands for the other's too.
+    auto release = [&](int t) { MbarrierArrive(empty(t % kStages), t < walk_min ? 1 : 2); };
+    WarpgroupRows<T, 64, kKeyTiles> rows(params, tile, warp_row, lane);
     const uint32_t q_desc = WgmmaDescriptorLow(smem.q + group * 64 * 64 * 2);
     const uint32_t k_desc = WgmmaDescriptorLow(smem.k);
     // V as the B operand of n128 products: the leading byte offset steps between its panels.
@@ -159,6 +159,10 @@ struct HopperWsForwardKernel {
       rows.template IssueScores<D, kQPanelBytes>(q_desc, k_desc + ((stage * kTileBytes) >> 4));
     };
     auto issue_pv = [&](int stage) { rows.IssuePv(v_desc + ((stage * kTileBytes) >> 4)); };
+    auto warp_scores = [&](int stage) {
+      WarpScores<T, D, kKeyTiles * kBlockN, kBlockM, kKeyTiles * kBlockN>(
+          rows.s, smem.q, warp_row, smem.k + stage * kTileBytes, lane);
+    };
     // Waits for key tile t's stage to be full; cp.async wrote it through the generic proxy.
     auto wait_full = [&](int t) {
       MbarrierWait(full(t % kStages), (t / kStages) & 1);
@@ -183,8 +187,8 @@ struct HopperWsForwardKernel {
                                          static_cast<unsigned>(kStages));
       const int next_stage = (stage + 1) % kStages;
       rows.Step(
-          lo, hi, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); }, [] {},
-          [&] { release(t); });
+          lo, hi, [&] { issue_scores(next_stage); }, [&] { issue_pv(stage); },
+          [&] { warp_scores(next_stage); }, [&] { release(t); });
     }
     if (walk > 0) {
       issue_pv((walk - 1) % kStages);
