@@ -12,12 +12,10 @@
 #include "absl/strings/str_join.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
+#include "kernels/common/small_file.h"
 
 namespace dilattn::server {
 namespace {
-
-// Triton's largest configs (ensembles of many steps) are tens of KiB.
-constexpr uintmax_t kMaxConfigBytes = uintmax_t{1} << 20;
 
 using inference::DataType;
 
@@ -452,16 +450,17 @@ absl::StatusOr<std::vector<ModelSpec>> LoadModelRepository(const std::string& di
   std::vector<ModelSpec> specs;
   for (const fs::path& p : model_dirs) {
     const fs::path file = p / "config.pbtxt";
-    // A config is text of a few KiB; anything else (a directory, a FIFO, /dev/zero behind a
+    // A config is text of a few KiB (Triton's largest, ensembles of many steps, are tens of
+    // KiB), a small file's cap at most; anything else (a directory, a FIFO, /dev/zero behind a
     // link) would hang the start-up or exhaust memory rather than fail to parse.
     if (!fs::is_regular_file(file, ec)) {
       return absl::InvalidArgumentError(absl::StrCat(file.string(), " is not a regular file"));
     }
-    if (const uintmax_t size = fs::file_size(file, ec); ec || size > kMaxConfigBytes) {
+    if (const uintmax_t size = fs::file_size(file, ec); ec || size > kMaxSmallFileBytes) {
       return absl::InvalidArgumentError(
           ec ? absl::StrCat(file.string(), " cannot be read: ", ec.message())
              : absl::StrCat(file.string(), " holds ", size, " bytes, more than a model config's ",
-                            kMaxConfigBytes >> 20, " MiB"));
+                            kMaxSmallFileBytes >> 20, " MiB"));
     }
     std::ifstream in(file);
     std::stringstream text;

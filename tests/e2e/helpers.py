@@ -7,6 +7,8 @@ import ml_dtypes
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+import reference
+
 NUMPY_DTYPE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
@@ -75,3 +77,16 @@ def engine_seconds(server):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         out[(labels["device"], labels["phase"])] = float(m.group(2))
     return out
+
+
+def infer_and_check(client, seed):
+    """One small dilated_attention request (fresh fp32 inputs of (1, 256, 2, 16), branches 64 and
+    128 at rates 1 and 2) through `client`, its answer checked against the reference: for tests
+    whose subject is the connection, not the operator."""
+    q, k, v = random_qkv((1, 256, 2, 16), seed)
+    result = client.infer("dilated_attention", make_inputs(q, k, v),
+                          parameters={"segment_lengths": "64,128", "dilation_rates": "1,2"},
+                          client_timeout=60)
+    expected = reference.dilated_attention(q, k, v, [64, 128], [1, 2])
+    err = reference.relative_error(result.as_numpy("O").astype(np.float32), expected)
+    assert err <= reference.TOLERANCE["FP32"], err

@@ -9,17 +9,11 @@ import threading
 import time
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-import reference
 from conftest import ServerProcess, wait_until
-from helpers import make_inputs, random_qkv
-
-PARAMS = {"segment_lengths": "64,128", "dilation_rates": "1,2"}
-SHAPE = (1, 256, 2, 16)
-
+from helpers import infer_and_check
 
 class ConnectionWatch:
     """Counts the connections a client's channel makes: the times it turns READY. (The kernel's
@@ -48,17 +42,6 @@ class ConnectionWatch:
     def stop(self):
         self._channel.unsubscribe(self._on_change)
         return self.connections()
-
-
-def _case(seed):
-    """An input and its expected output."""
-    q, k, v = random_qkv(SHAPE, seed)
-    return (q, k, v), reference.dilated_attention(q, k, v, [64, 128], [1, 2])
-
-
-def _check(result, expected):
-    err = reference.relative_error(result.as_numpy("O").astype(np.float32), expected)
-    assert err <= reference.TOLERANCE["FP32"], err
 
 
 def _pinging_client(server):
@@ -91,9 +74,7 @@ def test_keepalive_ping_policy(permissive):
             # connection (GOAWAY "too_many_pings") within a few pings.
             assert wait_until(lambda: watch.state() != grpc.ChannelConnectivity.READY,
                               timeout=10), watch.states
-        (q, k, v), expected = _case(3)
-        _check(client.infer("dilated_attention", make_inputs(q, k, v), parameters=PARAMS,
-                            client_timeout=60), expected)
+        infer_and_check(client, 3)
         connections = 1 if permissive else 2
         assert wait_until(lambda: watch.connections() == connections), watch.states
         assert watch.stop() == connections, watch.states

@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -18,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 import attend
 import reference
 from conftest import ServerProcess, wait_until
-from helpers import make_inputs, random_qkv
+from helpers import infer_and_check, random_qkv
 from pki import Pki
 from test_perf_analyzer import perf_analyzer, write_input_data
 
@@ -45,15 +44,6 @@ def _client(server, ca, cert=None, key=None):
         certificate_chain=None if cert is None else str(cert))
 
 
-def _infer_and_check(client, seed):
-    q, k, v = random_qkv((1, 256, 2, 16), seed)
-    result = client.infer("dilated_attention", make_inputs(q, k, v), parameters=PARAMS,
-                          client_timeout=60)
-    expected = reference.dilated_attention(q, k, v, [64, 128], [1, 2])
-    err = reference.relative_error(result.as_numpy("O").astype(np.float32), expected)
-    assert err <= reference.TOLERANCE["FP32"], err
-
-
 def _refused(client):
     """The handshake fails: tritonclient's call ends UNAVAILABLE."""
     with pytest.raises(InferenceServerException) as e:
@@ -68,7 +58,7 @@ def test_tls_serves_every_client(pki, tmp_path):
     try:
         client = _client(server, ca.ca)
         assert client.is_server_live()
-        _infer_and_check(client, 1)
+        infer_and_check(client, 1)
         # The native stream, through the Python client users get.
         q, k, v = random_qkv((1, 300, 2, 16), 2)
         creds = grpc.ssl_channel_credentials(root_certificates=ca.ca.read_bytes())
@@ -117,7 +107,7 @@ def test_mutual_tls_takes_only_clients_the_ca_signed(pki):
     server = _tls_server("mtls", cert, key, "--grpc-root-cert", str(ca.ca))
     try:
         good_cert, good_key = ca.issue("client")
-        _infer_and_check(_client(server, ca.ca, good_cert, good_key), 3)
+        infer_and_check(_client(server, ca.ca, good_cert, good_key), 3)
         assert "UNAVAILABLE" in _refused(_client(server, ca.ca))  # shows no certificate
         stranger_cert, stranger_key = other.issue("client")
         assert "UNAVAILABLE" in _refused(_client(server, ca.ca, stranger_cert, stranger_key))
@@ -152,14 +142,14 @@ def test_a_rotated_certificate_serves_new_connections_without_a_restart(pki, tmp
     live.symlink_to(first)
     server = _tls_server("tls-rotation", live / "tls.crt", live / "tls.key")
     try:
-        _infer_and_check(_client(server, ca.ca), 4)
+        infer_and_check(_client(server, ca.ca), 4)
         cert, key = other.server()
         _rotate(tmp_path, live, "second", cert, key)
         began = time.monotonic()
         # Read again within the 10 s refresh; a new channel each time, as new connections.
         assert wait_until(lambda: _live(_client(server, other.ca)), timeout=30, interval=0.5)
         assert time.monotonic() - began < 25
-        _infer_and_check(_client(server, other.ca), 5)
+        infer_and_check(_client(server, other.ca), 5)
         assert "UNAVAILABLE" in _refused(_client(server, ca.ca))
         # A rotation to a pair gRPC cannot load (the key of another certificate) fails new
         # handshakes, saying why, until good files are back.
